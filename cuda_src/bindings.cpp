@@ -1,0 +1,332 @@
+// Torch bindings: argument checks, allocation, device dispatch (CUDA launchers or their CPU
+// twins) and streams. The only file of cuda_src/ that includes torch. Python callers live in
+// flexdispatch/_kernels.py, which does the user-facing validation; the checks here guard
+// the raw pointers.
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cpu/ops_cpu.h"
+#include "flexdispatch.h"
+
+#ifdef FLEXDISPATCH_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "launch.h"
+#define FD_CUDA_CHECK(expr)                                                               \
+  do {                                                                                    \
+    const cudaError_t fd_err = (expr);                                                    \
+    TORCH_CHECK(fd_err == cudaSuccess, "flexdispatch CUDA error: ", cudaGetErrorString(fd_err)); \
+  } while (0)
+#endif
+
+namespace fd = flexdispatch;
+using torch::Tensor;
+
+namespace {
+
+void check_same_device(const Tensor& a, const Tensor& b, const char* name) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), name, " must be on ", a.device(), ", got ", b.device());
+}
+
+void check_contiguous(const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+fd::DType dtype_of(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return fd::kFloat32;
+    case at::kHalf: return fd::kFloat16;
+    case at::kBFloat16: return fd::kBFloat16;
+    case at::kDouble: return fd::kFloat64;
+    default: TORCH_CHECK_TYPE(false, name, " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+  }
+  return fd::kFloat32;
+}
+
+fd::DType prob_dtype_of(const Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+                   " must be float32 or float64, got ", t.scalar_type());
+  return dtype_of(t, name);
+}
+
+fd::Route route_of(const Tensor& route, int64_t num_experts) {
+  TORCH_CHECK_VALUE(route.dim() == 2, "route must be 2-D [rows, slots], got ", route.dim(), "-D");
+  check_contiguous(route, "route");
+  TORCH_CHECK_VALUE(num_experts > 0 && fd::chunk_rows_for(static_cast<int32_t>(num_experts)) > 0,
+                    "num_experts must be in [1, 12288], got ", num_experts);
+  int32_t kind;
+  switch (route.scalar_type()) {
+    case at::kInt: kind = fd::kRouteIndex32; break;
+    case at::kLong: kind = fd::kRouteIndex64; break;
+    case at::kBool:
+    case at::kByte:
+      kind = fd::kRouteMultihot;
+      TORCH_CHECK_VALUE(route.size(1) == num_experts, "a multihot route needs [rows, num_experts=",
+                        num_experts, "], got ", route.sizes());
+      break;
+    default: TORCH_CHECK_TYPE(false, "route must be int32, int64 or bool, got ", route.scalar_type());
+  }
+  TORCH_CHECK_VALUE(route.size(0) < (int64_t(1) << 31), "at most 2^31 - 1 rows are supported");
+  return fd::Route{route.data_ptr(), kind, route.size(0), static_cast<int32_t>(route.size(1)),
+                   static_cast<int32_t>(num_experts)};
+}
+
+void check_row_id_map(const Tensor& map, const Tensor& like) {
+  TORCH_CHECK_TYPE(map.scalar_type() == at::kInt, "row_id_map must be int32, got ", map.scalar_type());
+  TORCH_CHECK_VALUE(map.dim() == 2, "row_id_map must be 2-D [rows, slots]");
+  check_contiguous(map, "row_id_map");
+  check_same_device(like, map, "row_id_map");
+}
+
+Tensor as_rows(const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D [rows, hidden], got ", t.sizes());
+  check_contiguous(t, name);
+  return t;
+}
+
+// ---- ops ------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor> indices_to_multihot(const Tensor& indices, const Tensor& probs,
+                                                      int64_t num_experts) {
+  TORCH_CHECK_VALUE(indices.dim() == 2 && probs.sizes() == indices.sizes(),
+                    "indices and probs must both be [rows, topk]; got ", indices.sizes(), " and ", probs.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
+                   "indices must be int32 or int64, got ", indices.scalar_type());
+  prob_dtype_of(probs, "probs");
+  check_contiguous(indices, "indices");
+  check_contiguous(probs, "probs");
+  check_same_device(indices, probs, "probs");
+  const int64_t rows = indices.size(0);
+  const int32_t slots = static_cast<int32_t>(indices.size(1));
+  auto map = torch::empty({rows, num_experts}, indices.options().dtype(at::kBool));
+  auto probs_out = torch::empty({rows, num_experts}, probs.options());
+  auto error = torch::zeros({1}, indices.options().dtype(at::kLong));
+  const bool is64 = indices.scalar_type() == at::kLong;
+  if (indices.is_cuda()) {
+#ifdef FLEXDISPATCH_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(indices.device());
+    FD_CUDA_CHECK(fd::cuda::indices_to_multihot(
+        indices.data_ptr(), is64, probs.data_ptr(), static_cast<int>(probs.element_size()), rows, slots,
+        static_cast<int32_t>(num_experts), reinterpret_cast<uint8_t*>(map.data_ptr()), probs_out.data_ptr(),
+        error.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK(false, "flexdispatch was built without CUDA");
+#endif
+  } else {
+    error.fill_(fd::cpu::indices_to_multihot(indices.data_ptr(), is64, probs.data_ptr(),
+                                             static_cast<int>(probs.element_size()), rows, slots,
+                                             static_cast<int32_t>(num_experts),
+                                             reinterpret_cast<uint8_t*>(map.data_ptr()), probs_out.data_ptr()));
+  }
+  return {map, probs_out, error};
+}
+
+// Count and scan: returns (chunk_offsets [chunks, E] int32, layout [3E + 2] int64).
+std::tuple<Tensor, Tensor> route_plan(const Tensor& route, int64_t num_experts, int64_t pad_multiple) {
+  const fd::Route r = route_of(route, num_experts);
+  TORCH_CHECK_VALUE(pad_multiple >= 1, "pad_multiple must be >= 1, got ", pad_multiple);
+  const int64_t chunks = fd::num_chunks_for(r.rows, r.num_experts);
+  auto chunk_offsets = torch::empty({chunks, num_experts}, route.options().dtype(at::kInt));
+  auto layout = torch::zeros({fd::layout_size(r.num_experts)}, route.options().dtype(at::kLong));
+  if (route.is_cuda()) {
+#ifdef FLEXDISPATCH_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(route.device());
+    FD_CUDA_CHECK(fd::cuda::route_plan(r, pad_multiple, chunk_offsets.data_ptr<int32_t>(),
+                                       layout.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK(false, "flexdispatch was built without CUDA");
+#endif
+  } else {
+    fd::cpu::route_plan(r, pad_multiple, chunk_offsets.data_ptr<int32_t>(), layout.data_ptr<int64_t>());
+  }
+  return {chunk_offsets, layout};
+}
+
+// Returns (row_id_map [rows, slots] int32, probs_out [num_out] or None).
+std::tuple<Tensor, std::optional<Tensor>> route_map(const Tensor& route, int64_t num_experts,
+                                                     const Tensor& chunk_offsets, const Tensor& layout,
+                                                     const std::optional<Tensor>& probs, int64_t num_out) {
+  const fd::Route r = route_of(route, num_experts);
+  TORCH_CHECK_VALUE(num_out >= 0 && num_out < (int64_t(1) << 31), "num_out must be in [0, 2^31), got ", num_out);
+  TORCH_CHECK_VALUE(layout.numel() == fd::layout_size(r.num_experts) && layout.scalar_type() == at::kLong,
+                    "layout does not match num_experts");
+  check_same_device(route, layout, "layout");
+  check_same_device(route, chunk_offsets, "chunk_offsets");
+  auto row_id_map = torch::empty({r.rows, r.slots}, route.options().dtype(at::kInt));
+  std::optional<Tensor> probs_out;
+  const void* p = nullptr;
+  int prob_bytes = 4;
+  if (probs.has_value()) {
+    prob_dtype_of(*probs, "probs");
+    check_contiguous(*probs, "probs");
+    check_same_device(route, *probs, "probs");
+    TORCH_CHECK_VALUE(probs->sizes() == route.sizes(), "probs must have the route's shape ", route.sizes(),
+                      ", got ", probs->sizes());
+    probs_out = torch::empty({num_out}, probs->options());
+    p = probs->data_ptr();
+    prob_bytes = static_cast<int>(probs->element_size());
+  }
+  void* po = probs_out.has_value() ? probs_out->data_ptr() : nullptr;
+  if (route.is_cuda()) {
+#ifdef FLEXDISPATCH_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(route.device());
+    FD_CUDA_CHECK(fd::cuda::route_map(r, chunk_offsets.data_ptr<int32_t>(), layout.data_ptr<int64_t>(), p,
+                                      prob_bytes, num_out, row_id_map.data_ptr<int32_t>(), po,
+                                      at::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK(false, "flexdispatch was built without CUDA");
+#endif
+  } else {
+    fd::cpu::route_map(r, chunk_offsets.data_ptr<int32_t>(), layout.data_ptr<int64_t>(), p, prob_bytes,
+                       num_out, row_id_map.data_ptr<int32_t>(), po);
+  }
+  return {row_id_map, probs_out};
+}
+
+// dst [num_out, hidden] with dst[row_id_map[r, s]] = src[r]; rows no slot names are left as
+// allocated (see zero_unused_rows).
+Tensor scatter_rows(const Tensor& src, const Tensor& row_id_map, int64_t num_out) {
+  as_rows(src, "src");
+  check_row_id_map(row_id_map, src);
+  TORCH_CHECK_VALUE(row_id_map.size(0) == src.size(0), "row_id_map has ", row_id_map.size(0),
+                    " rows but src has ", src.size(0));
+  auto dst = torch::empty({num_out, src.size(1)}, src.options());
+  const int64_t row_bytes = src.size(1) * src.element_size();
+  const int32_t slots = static_cast<int32_t>(row_id_map.size(1));
+  if (src.is_cuda()) {
+#ifdef FLEXDISPATCH_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(src.device());
+    FD_CUDA_CHECK(fd::cuda::scatter_rows(src.data_ptr(), src.size(0), row_bytes, row_id_map.data_ptr<int32_t>(),
+                                         slots, dst.data_ptr(), at::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK(false, "flexdispatch was built without CUDA");
+#endif
+  } else {
+    fd::cpu::scatter_rows(src.data_ptr(), src.size(0), row_bytes, row_id_map.data_ptr<int32_t>(), slots,
+                          dst.data_ptr());
+  }
+  return dst;
+}
+
+void zero_unused_rows(Tensor& dst, const std::optional<Tensor>& probs_out, const Tensor& layout,
+                      int64_t num_experts, bool padded, bool tail) {
+  as_rows(dst, "dst");
+  check_same_device(dst, layout, "layout");
+  TORCH_CHECK_VALUE(layout.numel() == fd::layout_size(static_cast<int32_t>(num_experts)),
+                    "layout does not match num_experts");
+  void* po = nullptr;
+  int prob_bytes = 4;
+  if (probs_out.has_value()) {
+    TORCH_CHECK_VALUE(probs_out->numel() == dst.size(0), "probs_out must have one entry per row");
+    po = probs_out->data_ptr();
+    prob_bytes = static_cast<int>(probs_out->element_size());
+  }
+  const int64_t row_bytes = dst.size(1) * dst.element_size();
+  if (dst.is_cuda()) {
+#ifdef FLEXDISPATCH_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(dst.device());
+    FD_CUDA_CHECK(fd::cuda::zero_unused_rows(layout.data_ptr<int64_t>(), static_cast<int32_t>(num_experts), padded,
+                                             tail, dst.data_ptr(), dst.size(0), row_bytes, po, prob_bytes,
+                                             at::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK(false, "flexdispatch was built without CUDA");
+#endif
+  } else {
+    fd::cpu::zero_unused_rows(layout.data_ptr<int64_t>(), static_cast<int32_t>(num_experts), padded, tail,
+                              dst.data_ptr(), dst.size(0), row_bytes, po, prob_bytes);
+  }
+}
+
+// dst [rows, hidden]: dst[r] = sum over valid slots (in order) of probs[r, s] * src[map[r, s]].
+Tensor gather_rows(const Tensor& src, const Tensor& row_id_map, const std::optional<Tensor>& probs) {
+  as_rows(src, "src");
+  const fd::DType dtype = dtype_of(src, "src");
+  check_row_id_map(row_id_map, src);
+  const void* p = nullptr;
+  int32_t prob_dtype = -1;
+  if (probs.has_value()) {
+    prob_dtype = prob_dtype_of(*probs, "probs");
+    check_contiguous(*probs, "probs");
+    check_same_device(src, *probs, "probs");
+    TORCH_CHECK_VALUE(probs->sizes() == row_id_map.sizes(), "probs must have row_id_map's shape ",
+                      row_id_map.sizes(), ", got ", probs->sizes());
+    p = probs->data_ptr();
+  }
+  const int64_t rows = row_id_map.size(0);
+  const int32_t slots = static_cast<int32_t>(row_id_map.size(1));
+  auto dst = torch::empty({rows, src.size(1)}, src.options());
+  if (src.is_cuda()) {
+#ifdef FLEXDISPATCH_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(src.device());
+    FD_CUDA_CHECK(fd::cuda::gather_rows(dtype, src.data_ptr(), src.size(1), row_id_map.data_ptr<int32_t>(), slots,
+                                        p, prob_dtype, dst.data_ptr(), rows, at::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK(false, "flexdispatch was built without CUDA");
+#endif
+  } else {
+    fd::cpu::gather_rows(dtype, src.data_ptr(), src.size(1), row_id_map.data_ptr<int32_t>(), slots, p, prob_dtype,
+                         dst.data_ptr(), rows);
+  }
+  return dst;
+}
+
+// Backward of gather_rows with probs: (grad_src [src rows, hidden], grad_probs [rows, slots]).
+// Rows of grad_src that no slot names are left as allocated (see zero_unused_rows).
+std::tuple<Tensor, Tensor> gather_rows_backward(const Tensor& grad_out, const Tensor& src,
+                                                const Tensor& row_id_map, const Tensor& probs) {
+  as_rows(grad_out, "grad_out");
+  as_rows(src, "src");
+  const fd::DType dtype = dtype_of(src, "src");
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == src.scalar_type(), "grad_out must have src's dtype");
+  check_row_id_map(row_id_map, src);
+  const fd::DType prob_dtype = prob_dtype_of(probs, "probs");
+  check_contiguous(probs, "probs");
+  TORCH_CHECK_VALUE(probs.sizes() == row_id_map.sizes(), "probs must have row_id_map's shape");
+  TORCH_CHECK_VALUE(grad_out.size(0) == row_id_map.size(0) && grad_out.size(1) == src.size(1),
+                    "grad_out must be [rows of row_id_map, hidden]");
+  auto grad_src = torch::empty_like(src);
+  auto grad_probs = torch::zeros_like(probs);
+  const int64_t rows = row_id_map.size(0);
+  const int32_t slots = static_cast<int32_t>(row_id_map.size(1));
+  if (src.is_cuda()) {
+#ifdef FLEXDISPATCH_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(src.device());
+    FD_CUDA_CHECK(fd::cuda::gather_rows_backward(dtype, grad_out.data_ptr(), src.data_ptr(), src.size(1),
+                                                 row_id_map.data_ptr<int32_t>(), slots, probs.data_ptr(),
+                                                 prob_dtype, rows, grad_src.data_ptr(), grad_probs.data_ptr(),
+                                                 at::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK(false, "flexdispatch was built without CUDA");
+#endif
+  } else {
+    fd::cpu::gather_rows_backward(dtype, grad_out.data_ptr(), src.data_ptr(), src.size(1),
+                                  row_id_map.data_ptr<int32_t>(), slots, probs.data_ptr(), prob_dtype, rows,
+                                  grad_src.data_ptr(), grad_probs.data_ptr());
+  }
+  return {grad_src, grad_probs};
+}
+
+bool with_cuda() {
+#ifdef FLEXDISPATCH_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "flexdispatch kernels (see flexdispatch/_kernels.py for the Python-facing wrappers)";
+  m.def("indices_to_multihot", &indices_to_multihot);
+  m.def("route_plan", &route_plan);
+  m.def("route_map", &route_map);
+  m.def("scatter_rows", &scatter_rows);
+  m.def("zero_unused_rows", &zero_unused_rows);
+  m.def("gather_rows", &gather_rows);
+  m.def("gather_rows_backward", &gather_rows_backward);
+  m.def("with_cuda", &with_cuda);
+}

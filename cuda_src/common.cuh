@@ -1,0 +1,148 @@
+// Device helpers shared by the kernels: element conversion, vector types, route reading.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "flexdispatch.h"
+
+namespace flexdispatch {
+namespace cuda {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Accumulation type: float64 when either operand is float64, float32 otherwise.
+template <typename T>
+struct Num;
+template <>
+struct Num<float> {
+  __device__ static float to_float(float x) { return x; }
+  __device__ static double to_double(float x) { return x; }
+  __device__ static float from(float x) { return x; }
+  __device__ static float from(double x) { return static_cast<float>(x); }
+};
+template <>
+struct Num<double> {
+  __device__ static float to_float(double x) { return static_cast<float>(x); }
+  __device__ static double to_double(double x) { return x; }
+  __device__ static double from(float x) { return x; }
+  __device__ static double from(double x) { return x; }
+};
+template <>
+struct Num<__half> {
+  __device__ static float to_float(__half x) { return __half2float(x); }
+  __device__ static double to_double(__half x) { return __half2float(x); }
+  __device__ static __half from(float x) { return __float2half_rn(x); }
+  __device__ static __half from(double x) { return __double2half(x); }
+};
+template <>
+struct Num<__nv_bfloat16> {
+  __device__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ static double to_double(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ static __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
+  __device__ static __nv_bfloat16 from(double x) { return __double2bfloat16(x); }
+};
+
+template <typename Acc, typename T>
+__device__ __forceinline__ Acc to_acc(T x) {
+  if constexpr (sizeof(Acc) == 8) {
+    return Num<T>::to_double(x);
+  } else {
+    return Num<T>::to_float(x);
+  }
+}
+
+// N elements of T moved as one aligned access (16 bytes when sizeof(T) * N == 16).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// Opaque byte vectors for kernels that only move rows.
+template <int Bytes>
+struct Bytes_;
+template <>
+struct Bytes_<16> {
+  using type = uint4;
+};
+template <>
+struct Bytes_<8> {
+  using type = uint2;
+};
+template <>
+struct Bytes_<4> {
+  using type = uint32_t;
+};
+template <>
+struct Bytes_<2> {
+  using type = uint16_t;
+};
+template <>
+struct Bytes_<1> {
+  using type = uint8_t;
+};
+
+// Largest access width (16, 8, 4, 2 or 1 bytes) that divides the row and every base pointer.
+inline int vector_bytes(int64_t row_bytes, const void* a, const void* b) {
+  const uintptr_t bits = reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b);
+  for (int w = 16; w > 1; w /= 2) {
+    if (row_bytes % w == 0 && bits % w == 0) return w;
+  }
+  return 1;
+}
+
+// Expert of (row, slot), -1 for an unused slot. No range check here: route_plan validates.
+template <int Kind>
+__device__ __forceinline__ int64_t route_at(const Route& route, int64_t row, int32_t slot) {
+  const int64_t i = row * route.slots + slot;
+  if constexpr (Kind == kRouteIndex32) {
+    return static_cast<const int32_t*>(route.data)[i];
+  } else if constexpr (Kind == kRouteIndex64) {
+    return static_cast<const int64_t*>(route.data)[i];
+  } else {
+    return static_cast<const uint8_t*>(route.data)[i] ? slot : -1;
+  }
+}
+
+__device__ __forceinline__ void or_error(int64_t* error, int64_t bits) {
+  atomicOr(reinterpret_cast<unsigned long long*>(error), static_cast<unsigned long long>(bits));
+}
+
+// Exclusive scan of one value per thread over the block (blockDim.x a multiple of 32, at most
+// 1024). `scratch` holds 32 ints of shared memory. Returns the block total through *total.
+__device__ __forceinline__ int64_t block_exclusive_scan(int64_t value, int64_t* scratch, int64_t* total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  int64_t x = value;
+#pragma unroll
+  for (int o = 1; o < 32; o *= 2) {
+    const int64_t y = __shfl_up_sync(kFullMask, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) scratch[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    int64_t w = lane < warps ? scratch[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+      const int64_t y = __shfl_up_sync(kFullMask, w, o);
+      if (lane >= o) w += y;
+    }
+    if (lane < warps) scratch[lane] = w;  // inclusive warp totals
+  }
+  __syncthreads();
+  const int64_t before = (warp > 0 ? scratch[warp - 1] : 0) + x - value;
+  *total = scratch[warps - 1];
+  __syncthreads();  // scratch may be reused by the caller
+  return before;
+}
+
+inline unsigned grid_for(int64_t n, int per_block) {
+  return static_cast<unsigned>((n + per_block - 1) / per_block);
+}
+
+}  // namespace cuda
+}  // namespace flexdispatch

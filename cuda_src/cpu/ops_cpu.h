@@ -1,0 +1,36 @@
+// CPU implementations of the kernels in ../launch.h: the same algorithms (chunked counts,
+// prefix sums, stable expert-major order, fixed-order float32 sums), parallel with OpenMP.
+// Error bits are returned (indices_to_multihot) or OR-ed into the layout, as on the GPU.
+#pragma once
+
+#include <cstdint>
+
+#include "../flexdispatch.h"
+
+namespace flexdispatch {
+namespace cpu {
+
+int64_t indices_to_multihot(const void* indices, bool indices_are_64bit, const void* probs,
+                            int prob_bytes, int64_t rows, int32_t slots, int32_t num_experts,
+                            uint8_t* map, void* probs_out);
+
+void route_plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets, int64_t* layout);
+
+void route_map(const Route& route, const int32_t* chunk_offsets, int64_t* layout, const void* probs,
+               int prob_bytes, int64_t num_out, int32_t* row_id_map, void* probs_out);
+
+void scatter_rows(const void* src, int64_t rows, int64_t row_bytes, const int32_t* row_id_map,
+                  int32_t slots, void* dst);
+
+void zero_unused_rows(const int64_t* layout, int32_t num_experts, bool padded, bool tail, void* dst,
+                      int64_t num_out, int64_t row_bytes, void* probs_out, int prob_bytes);
+
+void gather_rows(DType dtype, const void* src, int64_t hidden, const int32_t* row_id_map,
+                 int32_t slots, const void* probs, int32_t prob_dtype, void* dst, int64_t rows);
+
+void gather_rows_backward(DType dtype, const void* grad_out, const void* src, int64_t hidden,
+                          const int32_t* row_id_map, int32_t slots, const void* probs,
+                          DType prob_dtype, int64_t rows, void* grad_src, void* grad_probs);
+
+}  // namespace cpu
+}  // namespace flexdispatch

@@ -1,0 +1,140 @@
+// CPU twin of ../route.cu and ../multihot.cu: the same chunked counts and prefix sums; inside
+// a chunk, rows are visited in order, so a running counter per expert gives the stable rank.
+#include <algorithm>
+#include <vector>
+
+#include "ops_cpu.h"
+
+namespace flexdispatch {
+namespace cpu {
+namespace {
+
+int64_t raw_expert(const Route& route, int64_t row, int32_t slot) {
+  const int64_t i = row * route.slots + slot;
+  switch (route.kind) {
+    case kRouteIndex32: return static_cast<const int32_t*>(route.data)[i];
+    case kRouteIndex64: return static_cast<const int64_t*>(route.data)[i];
+    default: return static_cast<const uint8_t*>(route.data)[i] ? slot : -1;
+  }
+}
+
+// -1 for an unused, out-of-range or repeated slot (with the reason in *bad), as on the GPU.
+int64_t checked_expert(const Route& route, int64_t row, int32_t slot, int64_t* bad) {
+  const int64_t e = raw_expert(route, row, slot);
+  if (e == -1) return -1;
+  if (e < -1 || e >= route.num_experts) {
+    *bad |= kIndexOutOfRange;
+    return -1;
+  }
+  if (route.kind != kRouteMultihot) {
+    for (int32_t j = 0; j < slot; ++j) {
+      if (raw_expert(route, row, j) == e) {
+        *bad |= kDuplicateIndex;
+        return -1;
+      }
+    }
+  }
+  return e;
+}
+
+}  // namespace
+
+int64_t indices_to_multihot(const void* indices, bool indices_are_64bit, const void* probs,
+                            int prob_bytes, int64_t rows, int32_t slots, int32_t num_experts,
+                            uint8_t* map, void* probs_out) {
+  const Route route{indices, indices_are_64bit ? kRouteIndex64 : kRouteIndex32, rows, slots,
+                    num_experts};
+  const char* p = static_cast<const char*>(probs);
+  char* out = static_cast<char*>(probs_out);
+  int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(| : bad)
+  for (int64_t r = 0; r < rows; ++r) {
+    std::fill(map + r * num_experts, map + (r + 1) * num_experts, uint8_t(0));
+    std::fill(out + r * num_experts * prob_bytes, out + (r + 1) * num_experts * prob_bytes, char(0));
+    for (int32_t s = 0; s < slots; ++s) {
+      const int64_t e = checked_expert(route, r, s, &bad);
+      if (e < 0) continue;
+      map[r * num_experts + e] = 1;
+      std::copy_n(p + (r * slots + s) * prob_bytes, prob_bytes, out + (r * num_experts + e) * prob_bytes);
+    }
+  }
+  return bad;
+}
+
+void route_plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets, int64_t* layout) {
+  const int32_t experts = route.num_experts;
+  const int64_t chunk_rows = chunk_rows_for(experts);
+  const int64_t chunks = num_chunks_for(route.rows, experts);
+  int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(| : bad)
+  for (int64_t c = 0; c < chunks; ++c) {
+    int32_t* counts = chunk_offsets + c * experts;
+    std::fill(counts, counts + experts, 0);
+    const int64_t end = std::min(route.rows, (c + 1) * chunk_rows);
+    for (int64_t r = c * chunk_rows; r < end; ++r) {
+      for (int32_t s = 0; s < route.slots; ++s) {
+        const int64_t e = checked_expert(route, r, s, &bad);
+        if (e >= 0) ++counts[e];
+      }
+    }
+  }
+  int64_t* counts = layout + layout_counts(experts);
+  int64_t* padded = layout + layout_padded(experts);
+  int64_t* offsets = layout + layout_offsets(experts);
+#pragma omp parallel for schedule(static)
+  for (int32_t e = 0; e < experts; ++e) {
+    int64_t running = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int32_t n = chunk_offsets[c * experts + e];
+      chunk_offsets[c * experts + e] = static_cast<int32_t>(running);
+      running += n;
+    }
+    counts[e] = running;
+    padded[e] = round_up(running, pad_multiple);
+  }
+  int64_t total = 0;
+  for (int32_t e = 0; e < experts; ++e) {
+    offsets[e] = total;
+    total += padded[e];
+  }
+  offsets[experts] = total;
+  layout[layout_error(experts)] |= bad;
+}
+
+void route_map(const Route& route, const int32_t* chunk_offsets, int64_t* layout, const void* probs,
+               int prob_bytes, int64_t num_out, int32_t* row_id_map, void* probs_out) {
+  const int32_t experts = route.num_experts;
+  const int64_t chunk_rows = chunk_rows_for(experts);
+  const int64_t chunks = num_chunks_for(route.rows, experts);
+  const int64_t* offsets = layout + layout_offsets(experts);
+  const char* p = static_cast<const char*>(probs);
+  char* out = static_cast<char*>(probs_out);
+  int64_t bad = 0;
+#pragma omp parallel reduction(| : bad)
+  {
+    std::vector<int64_t> next(experts);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int32_t e = 0; e < experts; ++e) next[e] = offsets[e] + chunk_offsets[c * experts + e];
+      const int64_t end = std::min(route.rows, (c + 1) * chunk_rows);
+      for (int64_t r = c * chunk_rows; r < end; ++r) {
+        for (int32_t s = 0; s < route.slots; ++s) {
+          int64_t unused = 0;
+          const int64_t e = checked_expert(route, r, s, &unused);
+          int64_t dest = e >= 0 ? next[e]++ : -1;
+          if (dest >= num_out) {
+            bad |= kOutputOverflow;
+            dest = -1;
+          } else if (dest >= 0 && p != nullptr) {
+            std::copy_n(p + (r * route.slots + s) * prob_bytes, prob_bytes, out + dest * prob_bytes);
+          }
+          row_id_map[r * route.slots + s] = static_cast<int32_t>(dest);
+        }
+      }
+    }
+  }
+  layout[layout_error(experts)] |= bad;
+}
+
+}  // namespace cpu
+}  // namespace flexdispatch

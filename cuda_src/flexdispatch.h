@@ -1,0 +1,76 @@
+// Declarations shared by the CUDA kernels, their CPU twins and the torch bindings.
+// Nothing here includes torch or CUDA headers: every .cu file compiles on its own with nvcc,
+// and every cpu/*.cpp file with a plain C++ compiler.
+//
+// Vocabulary (see DESIGN.md):
+//   R  rows in (tokens), S routing slots per row (top-k K, or E for a multihot map),
+//   E  experts, N rows out (sum of per-expert counts, padded), H hidden elements per row.
+//
+// A "route" is R rows of S slots naming experts: int32/int64 indices in [-1, E) (-1 = unused
+// slot), or a bool multihot map [R, E] (slot s names expert s when set).
+//
+// The permutation plan lives in one int64 "layout" array of 3E + 2 entries:
+//   [0, E)        counts[e]   rows routed to expert e
+//   [E, 2E)       padded[e]   counts rounded up to the pad multiple (tokens_per_expert)
+//   [2E, 3E+1)    offsets[e]  first output row of expert e; offsets[E] = rows used in total
+//   [3E+1]        error bits  (ErrorBits below), OR-ed by the kernels
+// so one small device-to-host copy returns both the size of the output and any error.
+#pragma once
+
+#include <cstdint>
+
+// Helpers below run on the host and, when nvcc compiles them, on the device.
+#if defined(__CUDACC__)
+#define FD_HOST_DEVICE __host__ __device__
+#else
+#define FD_HOST_DEVICE
+#endif
+
+namespace flexdispatch {
+
+enum ErrorBits : int64_t {
+  kIndexOutOfRange = 1,   // an index < -1 or >= E
+  kDuplicateIndex = 2,    // the same expert twice in one row
+  kOutputOverflow = 4,    // more rows than the num_out_tokens the caller allowed
+};
+
+enum RouteKind : int32_t {
+  kRouteIndex32 = 0,
+  kRouteIndex64 = 1,
+  kRouteMultihot = 2,  // uint8/bool map, S == E
+};
+
+// Element types of token rows and probabilities.
+enum DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+struct Route {
+  const void* data;  // [rows, slots], row-major, contiguous
+  int32_t kind;      // RouteKind
+  int64_t rows;
+  int32_t slots;
+  int32_t num_experts;
+};
+
+FD_HOST_DEVICE inline int64_t layout_size(int32_t num_experts) { return 3 * int64_t(num_experts) + 2; }
+FD_HOST_DEVICE inline int64_t layout_counts(int32_t) { return 0; }
+FD_HOST_DEVICE inline int64_t layout_padded(int32_t e) { return e; }
+FD_HOST_DEVICE inline int64_t layout_offsets(int32_t e) { return 2 * int64_t(e); }
+FD_HOST_DEVICE inline int64_t layout_error(int32_t e) { return 3 * int64_t(e) + 1; }
+
+// Rows per chunk of the counting passes: a chunk keeps one bit per (expert, row) in shared
+// memory (E * rows / 8 bytes), so many experts get smaller chunks. Returns 0 when E is too
+// large for the kernels (the bindings turn that into a ValueError).
+inline int32_t chunk_rows_for(int32_t num_experts) {
+  if (num_experts <= 1536) return 256;   // <= 48 KiB of masks
+  if (num_experts <= 12288) return 32;   // <= 48 KiB of masks
+  return 0;
+}
+
+inline int64_t num_chunks_for(int64_t rows, int32_t num_experts) {
+  const int32_t c = chunk_rows_for(num_experts);
+  return c == 0 ? 0 : (rows + c - 1) / c;
+}
+
+FD_HOST_DEVICE inline int64_t round_up(int64_t x, int64_t m) { return m > 1 ? (x + m - 1) / m * m : x; }
+
+}  // namespace flexdispatch

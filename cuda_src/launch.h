@@ -1,0 +1,56 @@
+// CUDA launchers: raw pointers and a stream in, a cudaError_t out. Implemented in *.cu;
+// called by bindings.cpp, which owns argument checks, allocation and streams.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "flexdispatch.h"
+
+namespace flexdispatch {
+namespace cuda {
+
+// indices [rows, slots] (int32 or int64), probs [rows, slots] of prob_bytes (4 or 8) ->
+// map [rows, E] (bool as uint8) and probs_out [rows, E] (zero where unset). Bad indices OR
+// ErrorBits into *error.
+cudaError_t indices_to_multihot(const void* indices, bool indices_are_64bit, const void* probs,
+                                int prob_bytes, int64_t rows, int32_t slots, int32_t num_experts,
+                                uint8_t* map, void* probs_out, int64_t* error, cudaStream_t stream);
+
+// Count and scan. chunk_offsets [num_chunks, E] receives, for every chunk of rows and expert,
+// the rows of that expert in earlier chunks; layout (3E + 2) the counts, padded counts,
+// offsets and error bits. Validates indices.
+cudaError_t route_plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets,
+                       int64_t* layout, cudaStream_t stream);
+
+// row_id_map [rows, slots]: the output row of each (row, slot), -1 for an unused slot. Also
+// moves probs [rows, slots] (nullable) to probs_out [num_out]. Slots past num_out set
+// kOutputOverflow in the layout's error word and map to -1.
+cudaError_t route_map(const Route& route, const int32_t* chunk_offsets, int64_t* layout,
+                      const void* probs, int prob_bytes, int64_t num_out, int32_t* row_id_map,
+                      void* probs_out, cudaStream_t stream);
+
+// dst[row_id_map[r, s]] = src[r] for every valid slot: each source row is read once.
+cudaError_t scatter_rows(const void* src, int64_t rows, int64_t row_bytes,
+                         const int32_t* row_id_map, int32_t slots, void* dst, cudaStream_t stream);
+
+// Zeroes the output rows no source row fills: pad rows of each expert (when padded) and the
+// rows past offsets[E] (when tail); probs_out (nullable) gets 0 there too.
+cudaError_t zero_unused_rows(const int64_t* layout, int32_t num_experts, bool padded, bool tail,
+                             void* dst, int64_t num_out, int64_t row_bytes, void* probs_out,
+                             int prob_bytes, cudaStream_t stream);
+
+// dst[r] = sum over valid slots s, in slot order, of probs[r, s] * src[row_id_map[r, s]]
+// (probs nullable: weight 1). Accumulates in float32 (float64 for float64 data or probs).
+cudaError_t gather_rows(DType dtype, const void* src, int64_t hidden, const int32_t* row_id_map,
+                        int32_t slots, const void* probs, int32_t prob_dtype, void* dst,
+                        int64_t rows, cudaStream_t stream);
+
+// Backward of gather_rows with probs: grad_src[row_id_map[r, s]] = probs[r, s] * grad_out[r]
+// and grad_probs[r, s] = <grad_out[r], src[row_id_map[r, s]]> (0 for unused slots).
+cudaError_t gather_rows_backward(DType dtype, const void* grad_out, const void* src, int64_t hidden,
+                                 const int32_t* row_id_map, int32_t slots, const void* probs,
+                                 DType prob_dtype, int64_t rows, void* grad_src, void* grad_probs,
+                                 cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace flexdispatch

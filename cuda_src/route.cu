@@ -1,0 +1,241 @@
+// The permutation plan: which output row each (row, slot) goes to, in stable expert-major
+// order (expert 0's rows, then expert 1's, ...; ascending source row inside an expert),
+// computed from counts and prefix sums, with no sort and no atomics on the order.
+//
+// Rows are cut into chunks. Pass 1 (count) marks one bit per (expert, row of the chunk) in
+// shared memory and writes each chunk's per-expert count. Pass 2 (scan, one block) turns
+// those into per-chunk offsets and the layout (counts, padded counts, expert offsets).
+// Pass 3 (map) rebuilds the chunk's bits and ranks each row among the earlier rows of its
+// chunk with popcounts: dest = offsets[e] + chunk_offset[chunk, e] + rank.
+#include "common.cuh"
+#include "launch.h"
+
+namespace flexdispatch {
+namespace cuda {
+namespace {
+
+constexpr int kScanThreads = 1024;
+
+// Expert of a slot after validation: -1 for an unused, out-of-range or repeated slot, so
+// that count and map agree and nothing is ever written out of bounds; *bad gets the reason.
+template <int Kind>
+__device__ __forceinline__ int64_t checked_expert(const Route& route, int64_t row, int32_t slot,
+                                                  int64_t* bad) {
+  const int64_t e = route_at<Kind>(route, row, slot);
+  if (e == -1) return -1;
+  if (e < -1 || e >= route.num_experts) {
+    *bad |= kIndexOutOfRange;
+    return -1;
+  }
+  if constexpr (Kind != kRouteMultihot) {
+    for (int32_t j = 0; j < slot; ++j) {
+      if (route_at<Kind>(route, row, j) == e) {
+        *bad |= kDuplicateIndex;
+        return -1;
+      }
+    }
+  }
+  return e;
+}
+
+// Sets bit (e, c) of the chunk's masks for every valid slot of its rows.
+template <int Kind>
+__device__ void mark_chunk(const Route& route, int64_t row0, int chunk_rows, uint32_t* masks,
+                           int words, int64_t* bad) {
+  for (int c = threadIdx.x; c < chunk_rows; c += blockDim.x) {
+    const int64_t row = row0 + c;
+    if (row >= route.rows) break;
+    for (int32_t s = 0; s < route.slots; ++s) {
+      const int64_t e = checked_expert<Kind>(route, row, s, bad);
+      if (e >= 0) atomicOr(&masks[e * words + c / 32], 1u << (c % 32));
+    }
+  }
+}
+
+__device__ void clear_masks(uint32_t* masks, int n) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) masks[i] = 0;
+  __syncthreads();
+}
+
+template <int Kind>
+__global__ void route_count_kernel(Route route, int chunk_rows, int32_t* chunk_counts,
+                                   int64_t* error) {
+  extern __shared__ uint32_t masks[];
+  const int words = chunk_rows / 32;
+  const int experts = route.num_experts;
+  clear_masks(masks, experts * words);
+  int64_t bad = 0;
+  mark_chunk<Kind>(route, int64_t(blockIdx.x) * chunk_rows, chunk_rows, masks, words, &bad);
+  if (bad) or_error(error, bad);
+  __syncthreads();
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    int n = 0;
+    for (int w = 0; w < words; ++w) n += __popc(masks[e * words + w]);
+    chunk_counts[int64_t(blockIdx.x) * experts + e] = n;
+  }
+}
+
+// One block: per expert, an exclusive scan over chunks (in place: counts in, offsets out);
+// then the padded counts and an exclusive scan over experts.
+__global__ void route_scan_kernel(int32_t* chunk_offsets, int64_t num_chunks, int experts,
+                                  int64_t pad_multiple, int64_t* layout) {
+  __shared__ int64_t scratch[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  for (int e = warp; e < experts; e += warps) {
+    int64_t running = 0;
+    for (int64_t base = 0; base < num_chunks; base += 32) {
+      const int64_t c = base + lane;
+      const int64_t v = c < num_chunks ? chunk_offsets[c * experts + e] : 0;
+      int64_t x = v;
+#pragma unroll
+      for (int o = 1; o < 32; o *= 2) {
+        const int64_t y = __shfl_up_sync(kFullMask, x, o);
+        if (lane >= o) x += y;
+      }
+      if (c < num_chunks) chunk_offsets[c * experts + e] = static_cast<int32_t>(running + x - v);
+      running += __shfl_sync(kFullMask, x, 31);
+    }
+    if (lane == 0) {
+      layout[layout_counts(experts) + e] = running;
+      layout[layout_padded(experts) + e] = round_up(running, pad_multiple);
+    }
+  }
+  __syncthreads();
+
+  // Each thread sums a contiguous segment of experts, then one block scan.
+  const int seg = (experts + blockDim.x - 1) / blockDim.x;
+  const int begin = min(experts, int(threadIdx.x) * seg), end = min(experts, begin + seg);
+  const int64_t* padded = layout + layout_padded(experts);
+  int64_t mine = 0;
+  for (int e = begin; e < end; ++e) mine += padded[e];
+  int64_t total = 0;
+  int64_t running = block_exclusive_scan(mine, scratch, &total);
+  int64_t* offsets = layout + layout_offsets(experts);
+  for (int e = begin; e < end; ++e) {
+    offsets[e] = running;
+    running += padded[e];
+  }
+  if (threadIdx.x == 0) offsets[experts] = total;
+}
+
+template <int Kind, typename ProbBits>
+__global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chunk_offsets,
+                                 int64_t* layout, const ProbBits* probs, int64_t num_out,
+                                 int32_t* row_id_map, ProbBits* probs_out) {
+  extern __shared__ uint32_t masks[];
+  const int words = chunk_rows / 32;
+  const int experts = route.num_experts;
+  clear_masks(masks, experts * words);
+  int64_t bad = 0;
+  const int64_t row0 = int64_t(blockIdx.x) * chunk_rows;
+  mark_chunk<Kind>(route, row0, chunk_rows, masks, words, &bad);
+  __syncthreads();
+
+  const int64_t* offsets = layout + layout_offsets(experts);
+  const int32_t* chunk_base = chunk_offsets + int64_t(blockIdx.x) * experts;
+  int64_t overflow = 0;
+  for (int c = threadIdx.x; c < chunk_rows; c += blockDim.x) {
+    const int64_t row = row0 + c;
+    if (row >= route.rows) break;
+    for (int32_t s = 0; s < route.slots; ++s) {
+      const int64_t e = checked_expert<Kind>(route, row, s, &bad);
+      int64_t dest = -1;
+      if (e >= 0) {
+        const uint32_t* m = masks + e * words;
+        int rank = __popc(m[c / 32] & ((1u << (c % 32)) - 1u));
+        for (int w = 0; w < c / 32; ++w) rank += __popc(m[w]);
+        dest = offsets[e] + chunk_base[e] + rank;
+        if (dest >= num_out) {
+          overflow = kOutputOverflow;
+          dest = -1;
+        } else if (probs != nullptr) {
+          probs_out[dest] = probs[row * route.slots + s];
+        }
+      }
+      row_id_map[row * route.slots + s] = static_cast<int32_t>(dest);
+    }
+  }
+  if (overflow) or_error(layout + layout_error(experts), overflow);
+}
+
+size_t mask_bytes(int experts, int chunk_rows) { return size_t(experts) * (chunk_rows / 32) * 4; }
+
+template <int Kind>
+cudaError_t plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets,
+                 int64_t* layout, cudaStream_t stream) {
+  const int chunk_rows = chunk_rows_for(route.num_experts);
+  const int64_t chunks = num_chunks_for(route.rows, route.num_experts);
+  if (chunks > 0) {
+    route_count_kernel<Kind><<<static_cast<unsigned>(chunks), chunk_rows,
+                               mask_bytes(route.num_experts, chunk_rows), stream>>>(
+        route, chunk_rows, chunk_offsets, layout + layout_error(route.num_experts));
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  route_scan_kernel<<<1, kScanThreads, 0, stream>>>(chunk_offsets, chunks, route.num_experts,
+                                                    pad_multiple, layout);
+  return cudaGetLastError();
+}
+
+template <int Kind, typename ProbBits>
+cudaError_t map(const Route& route, const int32_t* chunk_offsets, int64_t* layout,
+                const void* probs, int64_t num_out, int32_t* row_id_map, void* probs_out,
+                cudaStream_t stream) {
+  const int chunk_rows = chunk_rows_for(route.num_experts);
+  const int64_t chunks = num_chunks_for(route.rows, route.num_experts);
+  if (chunks == 0) return cudaSuccess;
+  route_map_kernel<Kind, ProbBits><<<static_cast<unsigned>(chunks), chunk_rows,
+                                     mask_bytes(route.num_experts, chunk_rows), stream>>>(
+      route, chunk_rows, chunk_offsets, layout, static_cast<const ProbBits*>(probs), num_out,
+      row_id_map, static_cast<ProbBits*>(probs_out));
+  return cudaGetLastError();
+}
+
+template <typename ProbBits>
+cudaError_t map_by_kind(const Route& route, const int32_t* chunk_offsets, int64_t* layout,
+                        const void* probs, int64_t num_out, int32_t* row_id_map, void* probs_out,
+                        cudaStream_t stream) {
+  switch (route.kind) {
+    case kRouteIndex32:
+      return map<kRouteIndex32, ProbBits>(route, chunk_offsets, layout, probs, num_out,
+                                          row_id_map, probs_out, stream);
+    case kRouteIndex64:
+      return map<kRouteIndex64, ProbBits>(route, chunk_offsets, layout, probs, num_out,
+                                          row_id_map, probs_out, stream);
+    case kRouteMultihot:
+      return map<kRouteMultihot, ProbBits>(route, chunk_offsets, layout, probs, num_out,
+                                           row_id_map, probs_out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t route_plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets,
+                       int64_t* layout, cudaStream_t stream) {
+  if (chunk_rows_for(route.num_experts) == 0) return cudaErrorInvalidValue;
+  switch (route.kind) {
+    case kRouteIndex32:
+      return plan<kRouteIndex32>(route, pad_multiple, chunk_offsets, layout, stream);
+    case kRouteIndex64:
+      return plan<kRouteIndex64>(route, pad_multiple, chunk_offsets, layout, stream);
+    case kRouteMultihot:
+      return plan<kRouteMultihot>(route, pad_multiple, chunk_offsets, layout, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t route_map(const Route& route, const int32_t* chunk_offsets, int64_t* layout,
+                      const void* probs, int prob_bytes, int64_t num_out, int32_t* row_id_map,
+                      void* probs_out, cudaStream_t stream) {
+  if (probs != nullptr && prob_bytes == 8) {
+    return map_by_kind<uint64_t>(route, chunk_offsets, layout, probs, num_out, row_id_map,
+                                 probs_out, stream);
+  }
+  if (probs != nullptr && prob_bytes != 4) return cudaErrorInvalidValue;
+  return map_by_kind<uint32_t>(route, chunk_offsets, layout, probs, num_out, row_id_map,
+                               probs_out, stream);
+}
+
+}  // namespace cuda
+}  // namespace flexdispatch

@@ -1,0 +1,354 @@
+// Row movers: scatter (permute), gather (unpermute, deterministic sum), the gather's
+// backward with probs, and zeroing of rows that no source fills (padding, unused tail).
+#include "common.cuh"
+#include "launch.h"
+
+namespace flexdispatch {
+namespace cuda {
+namespace {
+
+constexpr int kRowThreads = 128;  // threads on one row of a large-row kernel
+constexpr int kUnroll = 4;        // independent 16-byte loads in flight per thread
+constexpr int kSmallRowVecs = 64; // rows of fewer vectors use one thread per vector
+
+// Warp 0 packs the valid slots of `row` (slot order kept) into shared arrays; returns their
+// number to the whole block. `weights` (nullable) receives probs[row, slot] as Acc.
+template <typename Acc, typename P>
+__device__ int compact_slots(const int32_t* row_id_map, int32_t slots, int64_t row,
+                             const P* probs, int32_t* dest, int32_t* slot_of, Acc* weights) {
+  __shared__ int count;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int base = 0;
+    for (int32_t s0 = 0; s0 < slots; s0 += 32) {
+      const int32_t s = s0 + lane;
+      const int32_t d = s < slots ? row_id_map[row * slots + s] : -1;
+      const unsigned ballot = __ballot_sync(kFullMask, d >= 0);
+      if (d >= 0) {
+        const int at = base + __popc(ballot & ((1u << lane) - 1u));
+        dest[at] = d;
+        if (slot_of != nullptr) slot_of[at] = s;
+        if (weights != nullptr) weights[at] = probs ? to_acc<Acc>(probs[row * slots + s]) : Acc(1);
+      }
+      base += __popc(ballot);
+    }
+    if (lane == 0) count = base;
+  }
+  __syncthreads();
+  return count;
+}
+
+template <typename V>
+__global__ void scatter_rows_kernel(const char* __restrict__ src, int64_t row_bytes,
+                                    const int32_t* __restrict__ row_id_map, int32_t slots,
+                                    char* __restrict__ dst) {
+  extern __shared__ int32_t dest[];
+  const int64_t row = blockIdx.x;
+  const int n = compact_slots<float, float>(row_id_map, slots, row, nullptr, dest, nullptr, nullptr);
+  if (n == 0) return;
+  const int64_t vecs = row_bytes / int64_t(sizeof(V));
+  const V* in = reinterpret_cast<const V*>(src + row * row_bytes);
+  for (int64_t v0 = threadIdx.x; v0 < vecs; v0 += int64_t(blockDim.x) * kUnroll) {
+    V buf[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + int64_t(u) * blockDim.x;
+      if (v < vecs) buf[u] = in[v];
+    }
+    for (int i = 0; i < n; ++i) {
+      V* out = reinterpret_cast<V*>(dst + int64_t(dest[i]) * row_bytes);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + int64_t(u) * blockDim.x;
+        if (v < vecs) out[v] = buf[u];
+      }
+    }
+  }
+}
+
+// Small rows (routing metadata, tiny hidden sizes): one thread per vector of the input.
+template <typename V>
+__global__ void scatter_small_rows_kernel(const char* __restrict__ src, int64_t rows,
+                                          int64_t row_bytes, const int32_t* __restrict__ row_id_map,
+                                          int32_t slots, char* __restrict__ dst) {
+  const int64_t vecs = row_bytes / int64_t(sizeof(V));
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * vecs) return;
+  const int64_t row = i / vecs, v = i % vecs;
+  const V x = reinterpret_cast<const V*>(src + row * row_bytes)[v];
+  for (int32_t s = 0; s < slots; ++s) {
+    const int32_t d = row_id_map[row * slots + s];
+    if (d >= 0) reinterpret_cast<V*>(dst + int64_t(d) * row_bytes)[v] = x;
+  }
+}
+
+template <typename V>
+__device__ void zero_row(char* dst, int64_t row, int64_t row_bytes, char* probs_out, int prob_bytes) {
+  V* out = reinterpret_cast<V*>(dst + row * row_bytes);
+  const int64_t vecs = row_bytes / int64_t(sizeof(V));
+  for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x) out[v] = V{};
+  if (probs_out != nullptr && threadIdx.x == 0) {
+    if (prob_bytes == 8) {
+      reinterpret_cast<uint64_t*>(probs_out)[row] = 0;
+    } else {
+      reinterpret_cast<uint32_t*>(probs_out)[row] = 0;
+    }
+  }
+}
+
+// Block (e, y) zeroes pad rows y, y + gridDim.y, ... of expert e.
+template <typename V>
+__global__ void zero_pad_rows_kernel(const int64_t* layout, int32_t experts, char* dst,
+                                     int64_t row_bytes, char* probs_out, int prob_bytes) {
+  const int e = blockIdx.x;
+  const int64_t start = layout[layout_offsets(experts) + e] + layout[layout_counts(experts) + e];
+  const int64_t end = layout[layout_offsets(experts) + e] + layout[layout_padded(experts) + e];
+  for (int64_t row = start + blockIdx.y; row < end; row += gridDim.y) {
+    zero_row<V>(dst, row, row_bytes, probs_out, prob_bytes);
+  }
+}
+
+template <typename V>
+__global__ void zero_tail_rows_kernel(const int64_t* layout, int32_t experts, int64_t num_out,
+                                      char* dst, int64_t row_bytes, char* probs_out, int prob_bytes) {
+  for (int64_t row = layout[layout_offsets(experts) + experts] + blockIdx.x; row < num_out;
+       row += gridDim.x) {
+    zero_row<V>(dst, row, row_bytes, probs_out, prob_bytes);
+  }
+}
+
+template <typename T, typename P, typename Acc, int VecN>
+__global__ void gather_rows_kernel(const T* __restrict__ src, int64_t hidden,
+                                   const int32_t* __restrict__ row_id_map, int32_t slots,
+                                   const P* __restrict__ probs, T* __restrict__ dst) {
+  extern __shared__ int32_t dest[];
+  Acc* weights = reinterpret_cast<Acc*>(dest + ((slots + 1) & ~1));  // 8-byte aligned
+  const int64_t row = blockIdx.x;
+  const int n = compact_slots<Acc, P>(row_id_map, slots, row, probs, dest, nullptr, weights);
+  using VT = Vec<T, VecN>;
+  const int64_t vecs = hidden / VecN;
+  VT* out = reinterpret_cast<VT*>(dst + row * hidden);
+  for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x) {
+    Acc acc[VecN];
+#pragma unroll
+    for (int j = 0; j < VecN; ++j) acc[j] = Acc(0);
+    // Fixed slot order: the sum is the same on every run. Loads of kUnroll slots are issued
+    // before their additions.
+    for (int i0 = 0; i0 < n; i0 += kUnroll) {
+      VT x[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i0 + u < n) x[u] = reinterpret_cast<const VT*>(src + int64_t(dest[i0 + u]) * hidden)[v];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i0 + u < n) {
+          const Acc w = weights[i0 + u];
+#pragma unroll
+          for (int j = 0; j < VecN; ++j) acc[j] += w * to_acc<Acc>(x[u].v[j]);
+        }
+      }
+    }
+    VT y;
+#pragma unroll
+    for (int j = 0; j < VecN; ++j) y.v[j] = Num<T>::from(acc[j]);
+    out[v] = y;
+  }
+}
+
+template <typename Acc>
+__device__ Acc block_sum(Acc x, Acc* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) x += __shfl_down_sync(kFullMask, x, o);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  Acc total = Acc(0);
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < int(blockDim.x / 32); ++w) total += scratch[w];  // fixed order
+  }
+  __syncthreads();
+  return total;
+}
+
+template <typename T, typename P, typename Acc, int VecN>
+__global__ void gather_rows_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ src,
+                                            int64_t hidden, const int32_t* __restrict__ row_id_map,
+                                            int32_t slots, const P* __restrict__ probs,
+                                            T* __restrict__ grad_src, P* __restrict__ grad_probs) {
+  extern __shared__ int32_t dest[];
+  int32_t* slot_of = dest + slots;
+  Acc* weights = reinterpret_cast<Acc*>(dest + ((2 * slots + 1) & ~1));
+  __shared__ Acc scratch[32];
+  const int64_t row = blockIdx.x;
+  const int n = compact_slots<Acc, P>(row_id_map, slots, row, probs, dest, slot_of, weights);
+  using VT = Vec<T, VecN>;
+  const int64_t vecs = hidden / VecN;
+  const VT* g = reinterpret_cast<const VT*>(grad_out + row * hidden);
+  for (int i = 0; i < n; ++i) {
+    const VT* x = reinterpret_cast<const VT*>(src + int64_t(dest[i]) * hidden);
+    VT* gx = reinterpret_cast<VT*>(grad_src + int64_t(dest[i]) * hidden);
+    const Acc w = weights[i];
+    Acc partial = Acc(0);
+    for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x) {
+      const VT gv = g[v], xv = x[v];
+      VT y;
+#pragma unroll
+      for (int j = 0; j < VecN; ++j) {
+        const Acc gj = to_acc<Acc>(gv.v[j]);
+        y.v[j] = Num<T>::from(w * gj);
+        partial += gj * to_acc<Acc>(xv.v[j]);
+      }
+      gx[v] = y;
+    }
+    const Acc total = block_sum(partial, scratch);
+    if (threadIdx.x == 0) grad_probs[row * slots + slot_of[i]] = static_cast<P>(total);
+  }
+}
+
+// ---- launch helpers ---------------------------------------------------------------------
+
+template <typename V>
+cudaError_t scatter_as(const void* src, int64_t rows, int64_t row_bytes, const int32_t* row_id_map,
+                       int32_t slots, void* dst, cudaStream_t stream) {
+  const int64_t vecs = row_bytes / int64_t(sizeof(V));
+  if (vecs < kSmallRowVecs) {
+    scatter_small_rows_kernel<V><<<grid_for(rows * vecs, 256), 256, 0, stream>>>(
+        static_cast<const char*>(src), rows, row_bytes, row_id_map, slots, static_cast<char*>(dst));
+  } else {
+    scatter_rows_kernel<V><<<static_cast<unsigned>(rows), kRowThreads, slots * sizeof(int32_t), stream>>>(
+        static_cast<const char*>(src), row_bytes, row_id_map, slots, static_cast<char*>(dst));
+  }
+  return cudaGetLastError();
+}
+
+template <typename V>
+cudaError_t zero_as(const int64_t* layout, int32_t experts, bool padded, bool tail, void* dst,
+                    int64_t num_out, int64_t row_bytes, void* probs_out, int prob_bytes,
+                    cudaStream_t stream) {
+  char* d = static_cast<char*>(dst);
+  char* p = static_cast<char*>(probs_out);
+  if (padded && experts > 0) {
+    zero_pad_rows_kernel<V><<<dim3(experts, 8), kRowThreads, 0, stream>>>(layout, experts, d,
+                                                                          row_bytes, p, prob_bytes);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (tail && num_out > 0) {
+    const unsigned blocks = static_cast<unsigned>(num_out < 1024 ? num_out : 1024);
+    zero_tail_rows_kernel<V><<<blocks, kRowThreads, 0, stream>>>(layout, experts, num_out, d,
+                                                                 row_bytes, p, prob_bytes);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, typename P>
+cudaError_t gather_typed(const void* src, int64_t hidden, const int32_t* row_id_map, int32_t slots,
+                         const void* probs, void* dst, int64_t rows, cudaStream_t stream) {
+  using Acc = typename std::conditional<sizeof(T) == 8 || sizeof(P) == 8, double, float>::type;
+  constexpr int kVec = 16 / sizeof(T);
+  const size_t smem = ((slots + 1) & ~1) * sizeof(int32_t) + slots * sizeof(Acc);
+  const bool vec = hidden % kVec == 0 && vector_bytes(16, src, dst) == 16;
+  if (vec) {
+    gather_rows_kernel<T, P, Acc, kVec><<<static_cast<unsigned>(rows), kRowThreads, smem, stream>>>(
+        static_cast<const T*>(src), hidden, row_id_map, slots, static_cast<const P*>(probs),
+        static_cast<T*>(dst));
+  } else {
+    gather_rows_kernel<T, P, Acc, 1><<<static_cast<unsigned>(rows), kRowThreads, smem, stream>>>(
+        static_cast<const T*>(src), hidden, row_id_map, slots, static_cast<const P*>(probs),
+        static_cast<T*>(dst));
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, typename P>
+cudaError_t gather_backward_typed(const void* grad_out, const void* src, int64_t hidden,
+                                  const int32_t* row_id_map, int32_t slots, const void* probs,
+                                  int64_t rows, void* grad_src, void* grad_probs, cudaStream_t stream) {
+  using Acc = typename std::conditional<sizeof(T) == 8 || sizeof(P) == 8, double, float>::type;
+  constexpr int kVec = 16 / sizeof(T);
+  const size_t smem = ((2 * slots + 1) & ~1) * sizeof(int32_t) + slots * sizeof(Acc);
+  const bool vec = hidden % kVec == 0 && vector_bytes(16, grad_out, src) == 16 &&
+                   vector_bytes(16, grad_src, grad_src) == 16;
+  if (vec) {
+    gather_rows_backward_kernel<T, P, Acc, kVec><<<static_cast<unsigned>(rows), kRowThreads, smem, stream>>>(
+        static_cast<const T*>(grad_out), static_cast<const T*>(src), hidden, row_id_map, slots,
+        static_cast<const P*>(probs), static_cast<T*>(grad_src), static_cast<P*>(grad_probs));
+  } else {
+    gather_rows_backward_kernel<T, P, Acc, 1><<<static_cast<unsigned>(rows), kRowThreads, smem, stream>>>(
+        static_cast<const T*>(grad_out), static_cast<const T*>(src), hidden, row_id_map, slots,
+        static_cast<const P*>(probs), static_cast<T*>(grad_src), static_cast<P*>(grad_probs));
+  }
+  return cudaGetLastError();
+}
+
+// Calls f.template operator()<T>() for the element type named by dtype.
+template <typename F>
+cudaError_t with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: return f(float{});
+    case kFloat16: return f(__half{});
+    case kBFloat16: return f(__nv_bfloat16{});
+    case kFloat64: return f(double{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t scatter_rows(const void* src, int64_t rows, int64_t row_bytes, const int32_t* row_id_map,
+                         int32_t slots, void* dst, cudaStream_t stream) {
+  if (rows == 0 || row_bytes == 0) return cudaSuccess;
+  switch (vector_bytes(row_bytes, src, dst)) {
+    case 16: return scatter_as<uint4>(src, rows, row_bytes, row_id_map, slots, dst, stream);
+    case 8: return scatter_as<uint2>(src, rows, row_bytes, row_id_map, slots, dst, stream);
+    case 4: return scatter_as<uint32_t>(src, rows, row_bytes, row_id_map, slots, dst, stream);
+    case 2: return scatter_as<uint16_t>(src, rows, row_bytes, row_id_map, slots, dst, stream);
+    default: return scatter_as<uint8_t>(src, rows, row_bytes, row_id_map, slots, dst, stream);
+  }
+}
+
+cudaError_t zero_unused_rows(const int64_t* layout, int32_t num_experts, bool padded, bool tail,
+                             void* dst, int64_t num_out, int64_t row_bytes, void* probs_out,
+                             int prob_bytes, cudaStream_t stream) {
+  if (num_out == 0 || (!padded && !tail)) return cudaSuccess;
+  switch (vector_bytes(row_bytes, dst, dst)) {
+    case 16: return zero_as<uint4>(layout, num_experts, padded, tail, dst, num_out, row_bytes, probs_out, prob_bytes, stream);
+    case 8: return zero_as<uint2>(layout, num_experts, padded, tail, dst, num_out, row_bytes, probs_out, prob_bytes, stream);
+    case 4: return zero_as<uint32_t>(layout, num_experts, padded, tail, dst, num_out, row_bytes, probs_out, prob_bytes, stream);
+    case 2: return zero_as<uint16_t>(layout, num_experts, padded, tail, dst, num_out, row_bytes, probs_out, prob_bytes, stream);
+    default: return zero_as<uint8_t>(layout, num_experts, padded, tail, dst, num_out, row_bytes, probs_out, prob_bytes, stream);
+  }
+}
+
+cudaError_t gather_rows(DType dtype, const void* src, int64_t hidden, const int32_t* row_id_map,
+                        int32_t slots, const void* probs, int32_t prob_dtype, void* dst,
+                        int64_t rows, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  if (probs != nullptr && prob_dtype != kFloat32 && prob_dtype != kFloat64) return cudaErrorInvalidValue;
+  const bool probs64 = probs != nullptr && prob_dtype == kFloat64;
+  return with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return probs64 ? gather_typed<T, double>(src, hidden, row_id_map, slots, probs, dst, rows, stream)
+                   : gather_typed<T, float>(src, hidden, row_id_map, slots, probs, dst, rows, stream);
+  });
+}
+
+cudaError_t gather_rows_backward(DType dtype, const void* grad_out, const void* src, int64_t hidden,
+                                 const int32_t* row_id_map, int32_t slots, const void* probs,
+                                 DType prob_dtype, int64_t rows, void* grad_src, void* grad_probs,
+                                 cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  if (prob_dtype != kFloat32 && prob_dtype != kFloat64) return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return prob_dtype == kFloat64
+               ? gather_backward_typed<T, double>(grad_out, src, hidden, row_id_map, slots, probs,
+                                                  rows, grad_src, grad_probs, stream)
+               : gather_backward_typed<T, float>(grad_out, src, hidden, row_id_map, slots, probs,
+                                                 rows, grad_src, grad_probs, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace flexdispatch

@@ -1,0 +1,377 @@
+"""Token permutation ops on the fused kernels, as autograd functions.
+
+Every op has the same signature and result as its plain-PyTorch twin in
+:mod:`flexdispatch.reference`, which serves whenever the kernels are not built for the
+tensors' device. Shapes: ``R`` input rows, ``K`` top-k, ``E`` experts, ``N`` output rows,
+``H`` hidden. Tokens may be float32, float16, bfloat16 or float64 (permutation moves bytes,
+so any dtype works there); probs float32 or float64 (others are converted to float32).
+
+Host syncs: :func:`permute` and :func:`permute_by_indices` make exactly one, to size their
+output, when ``num_out_tokens`` is None; none otherwise. On CUDA, invalid routing found by a
+kernel is raised as ValueError at the next such sync (or at :func:`check_pending_errors`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _jit, reference
+from .rowmap import RowIdMap, routing_error
+
+_C = _jit.load_kernels()
+
+# CUDA error flags not yet read: (error tensor, route, num_experts, argument name, num_out).
+_pending: list[tuple[torch.Tensor, torch.Tensor, int, str, Optional[int]]] = []
+_MAX_PENDING = 64
+
+
+def kernels_loaded() -> bool:
+    """True when the compiled kernels are in use (False: plain PyTorch ops)."""
+    return _C is not None
+
+
+def _use_kernels(t: torch.Tensor) -> bool:
+    if _C is None:
+        return False
+    return t.device.type == "cpu" or (t.device.type == "cuda" and _C.with_cuda())
+
+
+def check_pending_errors() -> None:
+    """Read the error flags of earlier CUDA calls (syncs once) and raise the first error."""
+    if not _pending:
+        return
+    entries = list(_pending)
+    _pending.clear()
+    bits = torch.stack([e[0].reshape(()) for e in entries]).cpu()
+    for value, (_, route, num_experts, name, num_out) in zip(bits.tolist(), entries):
+        if value:
+            raise routing_error(value, route, num_experts, name, num_out)
+
+
+def _defer_or_raise(error: torch.Tensor, route: torch.Tensor, num_experts: int, name: str,
+                    num_out: Optional[int] = None) -> None:
+    """Raise now for CPU tensors (reading the flag costs nothing); on CUDA, keep the flag for
+    the next sync point instead of adding one."""
+    if error.device.type == "cpu":
+        bits = int(error.reshape(-1)[0])
+        if bits:
+            raise routing_error(bits, route, num_experts, name, num_out)
+        return
+    _pending.append((error, route, num_experts, name, num_out))
+    if len(_pending) > _MAX_PENDING:
+        check_pending_errors()
+
+
+# ---- argument checks (host side, no sync) ------------------------------------------------
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_rows(tokens: torch.Tensor, name: str = "tokens") -> None:
+    _check_tensor(tokens, name)
+    if tokens.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor [rows, hidden], got shape {tuple(tokens.shape)}")
+
+
+def _check_probs(probs, like: torch.Tensor, name: str = "probs") -> Optional[torch.Tensor]:
+    if probs is None:
+        return None
+    _check_tensor(probs, name)
+    if tuple(probs.shape) != tuple(like.shape):
+        raise ValueError(f"{name}: expected shape {tuple(like.shape)}, got {tuple(probs.shape)}")
+    if not probs.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {probs.dtype}")
+    if probs.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device}, got {probs.device}")
+    return probs if probs.dtype in (torch.float32, torch.float64) else probs.float()
+
+
+def _check_index_route(indices, num_experts, rows: Optional[int], name: str = "indices") -> None:
+    _check_tensor(indices, name)
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected int32 or int64, got {indices.dtype}")
+    if indices.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor [rows, topk], got shape {tuple(indices.shape)}")
+    if rows is not None and indices.shape[0] != rows:
+        raise ValueError(f"{name}: expected {rows} rows (one per token), got {indices.shape[0]}")
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or not 1 <= num_experts <= 12288:
+        raise ValueError(f"num_experts: expected an int in [1, 12288], got {num_experts!r}")
+
+
+def _check_sizes(num_out_tokens, pad_multiple) -> None:
+    if num_out_tokens is not None and (not isinstance(num_out_tokens, int) or num_out_tokens < 0):
+        raise ValueError(f"num_out_tokens: expected None or an int >= 0, got {num_out_tokens!r}")
+    if pad_multiple is not None and (not isinstance(pad_multiple, int) or pad_multiple < 1):
+        raise ValueError(f"pad_multiple: expected None or an int >= 1, got {pad_multiple!r}")
+
+
+# ---- kernel-backed primitives --------------------------------------------------------------
+
+
+def _scatter(src: torch.Tensor, plan: RowIdMap, probs_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[N, H]`` with every source row at its planned rows; pad and tail rows zero."""
+    out = _C.scatter_rows(src.contiguous(), plan.map, plan.num_out)
+    if plan.pad_multiple > 1 or plan.has_tail:
+        _C.zero_unused_rows(out, probs_out, plan.layout, plan.num_experts, plan.pad_multiple > 1, plan.has_tail)
+    return out
+
+
+def _gather_slots(values: torch.Tensor, plan: RowIdMap) -> torch.Tensor:
+    """``[R, S]``: values[map[r, s]] (0 for unused slots) for a per-output-row vector ``[N]``."""
+    spare = values.shape[0]
+    padded = torch.cat([values, values.new_zeros(1)])
+    index = torch.where(plan.map >= 0, plan.map.long(), spare)
+    return padded[index]
+
+
+def _plan(route: torch.Tensor, num_experts: int, num_out_tokens: Optional[int], pad_multiple: Optional[int],
+          name: str):
+    chunk_offsets, layout = _C.route_plan(route, num_experts, pad_multiple or 1)
+    host = None
+    if num_out_tokens is None:
+        host = layout.cpu()  # the one sync: sizes the output and reads the error bits
+        check_pending_errors()
+        bits = int(host[3 * num_experts + 1])
+        if bits:
+            raise routing_error(bits, route, num_experts, name)
+        num_out = int(host[3 * num_experts])
+    else:
+        num_out = num_out_tokens
+    plan = RowIdMap(map=None, layout=layout, num_experts=num_experts, num_out=num_out,
+                    pad_multiple=pad_multiple or 1, has_tail=num_out_tokens is not None, host_layout=host)
+    return plan, chunk_offsets
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens, probs, route, plan, chunk_offsets, name):
+        p = probs.detach().contiguous() if probs is not None else None
+        plan.map, out_probs = _C.route_map(route, plan.num_experts, chunk_offsets, plan.layout, p, plan.num_out)
+        out = _scatter(tokens, plan, out_probs)
+        if plan.host_layout is None:  # no sync was made: overflow or bad routing is read later
+            _defer_or_raise(plan.layout[3 * plan.num_experts + 1], route, plan.num_experts, name, plan.num_out)
+        ctx.plan = plan
+        return out, out_probs
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_out_probs):
+        plan = ctx.plan
+        grad_tokens = grad_probs = None
+        if ctx.needs_input_grad[0] and grad_out is not None:
+            grad_tokens = _C.gather_rows(grad_out.contiguous(), plan.map, None)
+        if ctx.needs_input_grad[1] and grad_out_probs is not None:
+            grad_probs = _gather_slots(grad_out_probs, plan)
+        return grad_tokens, grad_probs, None, None, None, None
+
+
+class _ApplyPermutation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens, plan):
+        ctx.plan = plan
+        return _scatter(tokens, plan)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _C.gather_rows(grad_out.contiguous(), ctx.plan.map, None), None
+
+
+class _Unpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, permuted, probs, plan):
+        x = permuted.contiguous()
+        p = probs.detach().contiguous() if probs is not None else None
+        ctx.plan = plan
+        ctx.save_for_backward(x if p is not None else None, p)
+        return _C.gather_rows(x, plan.map, p)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        plan = ctx.plan
+        x, p = ctx.saved_tensors
+        g = grad_out.contiguous()
+        if p is None:
+            return _scatter(g, plan), None, None
+        grad_x, grad_p = _C.gather_rows_backward(g, x, plan.map, p)
+        if plan.pad_multiple > 1 or plan.has_tail:
+            _C.zero_unused_rows(grad_x, None, plan.layout, plan.num_experts, plan.pad_multiple > 1, plan.has_tail)
+        return grad_x, (grad_p if ctx.needs_input_grad[1] else None), None
+
+
+class _IndicesToMultihot(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, indices, probs, num_experts):
+        idx = indices.contiguous()
+        routing_map, multihot, error = _C.indices_to_multihot(idx, probs.detach().contiguous(), num_experts)
+        _defer_or_raise(error, idx, num_experts, "indices")
+        ctx.save_for_backward(idx)
+        ctx.mark_non_differentiable(routing_map)
+        return routing_map, multihot
+
+    @staticmethod
+    def backward(ctx, grad_map, grad_multihot):
+        (idx,) = ctx.saved_tensors
+        if grad_multihot is None:
+            return None, None, None
+        column = torch.where(idx >= 0, idx.long(), grad_multihot.shape[1])
+        padded = torch.cat([grad_multihot, grad_multihot.new_zeros(grad_multihot.shape[0], 1)], dim=1)
+        return None, padded.gather(1, column), None
+
+
+# ---- public ops ----------------------------------------------------------------------------
+
+
+def indices_to_multihot(indices: torch.Tensor, probs: torch.Tensor, num_experts: int):
+    """Top-k routing to multihot form.
+
+    Args:
+        indices: int32/int64 ``[R, K]`` expert ids; -1 marks an unused slot.
+        probs: float ``[R, K]``.
+        num_experts: ``E``.
+
+    Returns:
+        ``(routing_map, multihot_probs)``: bool ``[R, E]`` and ``[R, E]`` in probs' dtype (zero
+        where unset). Gradients flow to ``probs``.
+
+    Raises:
+        ValueError: an index >= E or < -1, or one expert twice in a row (at once on the CPU;
+            on CUDA at the next sync point, see :func:`check_pending_errors`).
+    """
+    _check_index_route(indices, num_experts, None)
+    probs = _check_probs(probs, indices)
+    if not _use_kernels(indices):
+        return reference.indices_to_multihot(indices, probs, num_experts)
+    return _IndicesToMultihot.apply(indices, probs, num_experts)
+
+
+def permute(tokens: torch.Tensor, routing_map: torch.Tensor, probs: Optional[torch.Tensor] = None,
+            num_out_tokens: Optional[int] = None, pad_multiple: Optional[int] = None):
+    """Expert-major permutation by a multihot map.
+
+    Args:
+        tokens: ``[R, H]``.
+        routing_map: bool ``[R, E]``.
+        probs: optional float ``[R, E]``, moved along with the rows.
+        num_out_tokens: rows of the output; None sizes it exactly (one host sync). Rows past
+            those used are zero; too few rows raise ValueError (never a silent drop).
+        pad_multiple: round every expert's rows up to a multiple of this; pad rows are zero
+            with prob 0.
+
+    Returns:
+        ``(out [N, H], out_probs [N] or None, row_id_map, tokens_per_expert [E] int64)``:
+        expert 0's rows first, ascending source row inside an expert; ``row_id_map`` is a
+        :class:`~flexdispatch.rowmap.RowIdMap` for :func:`unpermute`; ``tokens_per_expert``
+        (padded counts) is on the tokens' device.
+    """
+    _check_rows(tokens)
+    _check_tensor(routing_map, "routing_map")
+    if routing_map.dtype != torch.bool:
+        raise TypeError(f"routing_map: expected torch.bool, got {routing_map.dtype}")
+    if routing_map.dim() != 2 or routing_map.shape[0] != tokens.shape[0]:
+        raise ValueError(f"routing_map: expected [{tokens.shape[0]}, num_experts], got {tuple(routing_map.shape)}")
+    probs = _check_probs(probs, routing_map)
+    _check_sizes(num_out_tokens, pad_multiple)
+    if not _use_kernels(tokens):
+        return reference.permute(tokens, routing_map, probs, num_out_tokens, pad_multiple)
+    route = routing_map.contiguous()
+    plan, chunk_offsets = _plan(route, route.shape[1], num_out_tokens, pad_multiple, "routing_map")
+    out, out_probs = _Permute.apply(tokens, probs, route, plan, chunk_offsets, "routing_map")
+    return out, out_probs, plan, plan.tokens_per_expert
+
+
+def permute_by_indices(tokens: torch.Tensor, indices: torch.Tensor, probs: Optional[torch.Tensor] = None,
+                       num_experts: Optional[int] = None, num_out_tokens: Optional[int] = None,
+                       pad_multiple: Optional[int] = None):
+    """Expert-major permutation read straight from top-k routing (no multihot map in memory).
+
+    Args:
+        tokens: ``[R, H]``.
+        indices: int32/int64 ``[R, K]``, -1 for an unused slot.
+        probs: optional float ``[R, K]``.
+        num_experts: ``E`` (required).
+        num_out_tokens, pad_multiple: as in :func:`permute`.
+
+    Returns:
+        As :func:`permute`; ``row_id_map.map`` is ``[R, K]``.
+    """
+    _check_rows(tokens)
+    _check_index_route(indices, num_experts, tokens.shape[0])
+    probs = _check_probs(probs, indices)
+    _check_sizes(num_out_tokens, pad_multiple)
+    if not _use_kernels(tokens):
+        return reference.permute_by_indices(tokens, indices, probs, num_experts, num_out_tokens, pad_multiple)
+    route = indices.contiguous()
+    plan, chunk_offsets = _plan(route, num_experts, num_out_tokens, pad_multiple, "indices")
+    out, out_probs = _Permute.apply(tokens, probs, route, plan, chunk_offsets, "indices")
+    return out, out_probs, plan, plan.tokens_per_expert
+
+
+def make_plan(route: torch.Tensor, num_experts: int, num_out_tokens: Optional[int] = None,
+              pad_multiple: Optional[int] = None) -> RowIdMap:
+    """The permutation plan of a route without moving any rows (for :func:`apply_permutation`).
+
+    Args:
+        route: bool ``[R, E]`` multihot map, or int32/int64 ``[R, K]`` indices (-1 unused).
+        num_experts, num_out_tokens, pad_multiple: as in :func:`permute_by_indices`.
+    """
+    _check_tensor(route, "route")
+    if route.dtype == torch.bool:
+        if route.dim() != 2 or route.shape[1] != num_experts:
+            raise ValueError(f"route: expected a bool [rows, num_experts={num_experts}] map, got {tuple(route.shape)}")
+    else:
+        _check_index_route(route, num_experts, None, "route")
+    _check_sizes(num_out_tokens, pad_multiple)
+    if not _use_kernels(route):
+        return reference.make_plan(route, num_experts, num_out_tokens, pad_multiple)
+    route = route.contiguous()
+    plan, chunk_offsets = _plan(route, num_experts, num_out_tokens, pad_multiple, "route")
+    plan.map, _ = _C.route_map(route, num_experts, chunk_offsets, plan.layout, None, plan.num_out)
+    if plan.host_layout is None:
+        _defer_or_raise(plan.layout[3 * num_experts + 1], route, num_experts, "route", plan.num_out)
+    return plan
+
+
+def apply_permutation(tokens: torch.Tensor, row_id_map: RowIdMap) -> torch.Tensor:
+    """Move ``tokens [R, H]`` to the rows of an existing plan: ``[N, H]``, differentiable."""
+    _check_rows(tokens)
+    if tokens.shape[0] != row_id_map.num_rows:
+        raise ValueError(f"tokens: expected {row_id_map.num_rows} rows (the plan's), got {tokens.shape[0]}")
+    if not _use_kernels(tokens):
+        return reference.apply_permutation(tokens, row_id_map)
+    return _ApplyPermutation.apply(tokens, row_id_map)
+
+
+def unpermute(permuted: torch.Tensor, row_id_map: RowIdMap, probs: Optional[torch.Tensor] = None,
+              restore_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Inverse of :func:`permute`: every input row sums its copies.
+
+    ``out[r] = sum over slots s, in slot order, of probs[r, s] * permuted[map[r, s]]`` (weight 1
+    without probs), accumulated in float32 (float64 for float64 operands), with no atomics:
+    the same bits on every run. Pad rows are ignored.
+
+    Args:
+        permuted: ``[N, H]`` with the plan's ``N``.
+        row_id_map: the plan returned by :func:`permute` / :func:`permute_by_indices`.
+        probs: optional float ``[R, S]`` merging weights (shape of ``row_id_map.map``).
+        restore_shape: optional shape to view the ``[R, H]`` result as.
+
+    Returns:
+        ``[R, H]`` (or ``restore_shape``) in ``permuted``'s dtype.
+    """
+    _check_rows(permuted, "permuted")
+    if not isinstance(row_id_map, RowIdMap):
+        raise TypeError(f"row_id_map: expected the RowIdMap returned by permute, got {type(row_id_map).__name__}")
+    if permuted.shape[0] != row_id_map.num_out:
+        raise ValueError(f"permuted: expected {row_id_map.num_out} rows (the permutation's output), "
+                         f"got {permuted.shape[0]}")
+    probs = _check_probs(probs, row_id_map.map) if probs is not None else None
+    if not permuted.is_floating_point():
+        raise TypeError(f"permuted: expected a floating-point tensor, got {permuted.dtype}")
+    if not _use_kernels(permuted):
+        return reference.unpermute(permuted, row_id_map, probs, restore_shape)
+    out = _Unpermute.apply(permuted, probs, row_id_map)
+    return out.view(tuple(restore_shape)) if restore_shape is not None else out

@@ -1,0 +1,112 @@
+"""The permutation plan shared by the kernels (:mod:`flexdispatch.ops`) and the plain
+PyTorch ops (:mod:`flexdispatch.reference`), and the routing errors both report."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+# Error bits, as in cuda_src/flexdispatch.h.
+INDEX_OUT_OF_RANGE = 1
+DUPLICATE_INDEX = 2
+OUTPUT_OVERFLOW = 4
+
+
+@dataclasses.dataclass
+class RowIdMap:
+    """Where every (row, slot) of a permutation went.
+
+    Attributes:
+        map: int32 ``[R, S]``, the output row of slot ``s`` of input row ``r``, or -1 (unused
+            slot). ``S`` is the top-k for index routes, ``E`` for multihot routes.
+        layout: int64 ``[3E + 2]`` on the tokens' device: counts ``[E]``, padded counts ``[E]``,
+            expert offsets ``[E + 1]`` (the last is the number of rows used) and error bits.
+        num_experts: ``E``.
+        num_out: ``N``, the rows of the permuted tensor (rows used, or the caller's
+            ``num_out_tokens``; rows past those used are zero).
+        pad_multiple: every expert's rows were padded to a multiple of this (1: no padding).
+        host_layout: a CPU copy of ``layout`` when one was made (it costs a sync on GPUs).
+    """
+
+    map: torch.Tensor
+    layout: torch.Tensor
+    num_experts: int
+    num_out: int
+    pad_multiple: int = 1
+    has_tail: bool = False
+    host_layout: Optional[torch.Tensor] = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.map.shape[0]
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        """int64 ``[E]`` on the tokens' device: rows per expert, padding included."""
+        e = self.num_experts
+        return self.layout[e:2 * e]
+
+    def host_tokens_per_expert(self) -> torch.Tensor:
+        """int64 ``[E]`` on the CPU (one device sync unless a host copy exists)."""
+        e = self.num_experts
+        return self._host()[e:2 * e].clone()
+
+    def _host(self) -> torch.Tensor:
+        if self.host_layout is None or self.host_layout is self.layout:
+            self.host_layout = self.layout.cpu()
+        return self.host_layout
+
+    def error_bits(self) -> int:
+        return int(self._host()[3 * self.num_experts + 1])
+
+    def check(self, route: Optional[torch.Tensor] = None, name: str = "indices") -> None:
+        """Raise ValueError if the kernels flagged bad routing or an output overflow (syncs)."""
+        bits = self.error_bits()
+        if bits:
+            raise routing_error(bits, route, self.num_experts, name, self.num_out)
+
+
+def first_bad_slot(route: torch.Tensor, num_experts: int) -> str:
+    """Describe the first invalid entry of an index route ``[R, K]`` (for error messages)."""
+    r = route.detach().to("cpu", torch.int64)
+    bad = (r < -1) | (r >= num_experts)
+    if bad.any():
+        row, slot = (int(v) for v in bad.nonzero()[0])
+        return (f"value {int(r[row, slot])} at row {row}, slot {slot} is out of range; expected -1 "
+                f"(unused) or an expert id in [0, {num_experts})")
+    srt = r.sort(dim=1).values
+    dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+    if dup.any():
+        row = int(dup.nonzero()[0, 0])
+        return f"row {row} names an expert twice ({r[row].tolist()}); each row must name distinct experts"
+    return "no invalid entry found"
+
+
+def routing_error(bits: int, route: Optional[torch.Tensor], num_experts: int, name: str = "indices",
+                  num_out: Optional[int] = None) -> ValueError:
+    if bits & (INDEX_OUT_OF_RANGE | DUPLICATE_INDEX):
+        detail = first_bad_slot(route, num_experts) if route is not None and route.dtype != torch.bool else ""
+        return ValueError(f"{name}: invalid routing: {detail}".rstrip(": "))
+    if bits & OUTPUT_OVERFLOW:
+        return ValueError(f"num_out_tokens={num_out} is smaller than the rows the routing needs; nothing "
+                          f"was dropped silently: pass None to size the output exactly")
+    return ValueError(f"{name}: kernel reported error bits {bits}")
+
+
+def check_index_route(indices: torch.Tensor, num_experts: int, name: str = "indices") -> None:
+    """Raise ValueError for an out-of-range or repeated index (syncs on GPUs)."""
+    bits = index_route_error_bits(indices, num_experts)
+    if int(bits):
+        raise routing_error(int(bits), indices, num_experts, name)
+
+
+def index_route_error_bits(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """0-d int64 tensor of error bits for an index route, computed on its device (no sync)."""
+    if indices.numel() == 0:
+        return torch.zeros((), dtype=torch.int64, device=indices.device)
+    out_of_range = ((indices < -1) | (indices >= num_experts)).any()
+    srt = indices.sort(dim=1).values
+    duplicate = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()
+    return out_of_range.long() * INDEX_OUT_OF_RANGE + duplicate.long() * DUPLICATE_INDEX

@@ -1,0 +1,39 @@
+"""Shared test setup: strict kernel builds, device parameters, GPU/DeepEP skips."""
+
+import os
+
+# A failed kernel build must fail the tests, not fall back quietly.
+os.environ.setdefault("FLEXDISPATCH_JIT", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _deepep_ready() -> bool:
+    try:
+        import deep_ep  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return HAS_CUDA and torch.cuda.device_count() >= 2
+
+
+def pytest_collection_modifyitems(config, items):
+    deepep_ok = _deepep_ready()
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "deepep" in item.keywords and not deepep_ok:
+            item.add_marker(pytest.mark.skip(reason="needs deep_ep and >= 2 GPUs"))
+
+
+@pytest.fixture
+def poison():
+    """Fill freed allocator memory with NaN so that rows a kernel forgets to write show up."""
+    def _poison(device):
+        if device == "cuda":
+            junk = torch.full((64 << 20,), float("nan"), device="cuda")
+            del junk
+    return _poison

@@ -1,0 +1,250 @@
+"""The fused ops against flexdispatch.reference, on random inputs of many shapes and dtypes."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexdispatch import ops, reference
+from routing import random_indices, random_probs, random_tokens
+from conftest import DEVICES
+
+# (rows, hidden, experts, topk): empty, one row, odd hidden, experts not a power of two,
+# top-1, top-k = E, a hidden size with a scalar tail, many experts.
+SHAPES = [(0, 8, 4, 2), (1, 8, 4, 1), (37, 33, 7, 3), (256, 64, 16, 4), (513, 130, 5, 5),
+          (1000, 8, 64, 8), (300, 16, 3, 1), (70, 4096, 12, 2), (260, 24, 300, 6)]
+TOKEN_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def assert_plans_equal(a, b):
+    assert torch.equal(a.map.cpu(), b.map.cpu())
+    assert torch.equal(a.tokens_per_expert.cpu(), b.tokens_per_expert.cpu())
+    assert a.num_out == b.num_out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows,hidden,experts,topk", SHAPES)
+@pytest.mark.parametrize("pad", [None, 4])
+def test_permute_by_indices_matches_reference(device, rows, hidden, experts, topk, pad, poison):
+    idx = random_indices(rows, experts, topk, seed=rows + experts, device=device)
+    x = random_tokens(rows, hidden, torch.bfloat16, device=device)
+    p = random_probs(rows, topk, device=device)
+    poison(device)
+    out, out_p, plan, tpe = ops.permute_by_indices(x, idx, p, num_experts=experts, pad_multiple=pad)
+    ref, ref_p, ref_plan, ref_tpe = reference.permute_by_indices(x, idx, p, num_experts=experts, pad_multiple=pad)
+    assert torch.equal(out, ref)  # rows only move: bit-exact
+    assert torch.equal(out_p, ref_p)
+    assert_plans_equal(plan, ref_plan)
+    assert int(tpe.sum()) == out.shape[0]
+    back = ops.unpermute(out, plan)
+    assert torch.equal(back, reference.unpermute(ref, ref_plan))  # fixed-order float32 sums
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", TOKEN_DTYPES)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_dtypes(device, dtype, index_dtype, poison):
+    rows, hidden, experts, topk = 333, 72, 10, 3
+    idx = random_indices(rows, experts, topk, seed=5, dtype=index_dtype, device=device)
+    x = random_tokens(rows, hidden, dtype, device=device)
+    for prob_dtype in (torch.float32, torch.float64):
+        p = random_probs(rows, topk, prob_dtype, device=device)
+        poison(device)
+        out, out_p, plan, _ = ops.permute_by_indices(x, idx, p, num_experts=experts)
+        ref, ref_p, ref_plan, _ = reference.permute_by_indices(x, idx, p, num_experts=experts)
+        assert out.dtype == dtype and out_p.dtype == prob_dtype
+        assert torch.equal(out, ref) and torch.equal(out_p, ref_p)
+        weighted = ops.unpermute(out, plan, p)
+        expected = reference.unpermute(ref, ref_plan, p)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
+        torch.testing.assert_close(weighted.double(), expected.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows,hidden,experts,topk", [(0, 8, 4, 2), (129, 40, 9, 3), (777, 128, 32, 8)])
+def test_multihot_and_permute_by_map(device, rows, hidden, experts, topk, poison):
+    idx = random_indices(rows, experts, topk, seed=7, device=device)
+    p = random_probs(rows, topk, device=device)
+    routing_map, multihot = ops.indices_to_multihot(idx, p, experts)
+    ref_map, ref_multihot = reference.indices_to_multihot(idx, p, experts)
+    assert torch.equal(routing_map, ref_map) and torch.equal(multihot, ref_multihot)
+    x = random_tokens(rows, hidden, torch.float16, device=device)
+    poison(device)
+    out, out_p, plan, _ = ops.permute(x, routing_map, multihot, pad_multiple=3)
+    ref, ref_p, ref_plan, _ = reference.permute(x, ref_map, ref_multihot, pad_multiple=3)
+    assert torch.equal(out, ref) and torch.equal(out_p, ref_p)
+    assert_plans_equal(plan, ref_plan)
+    # The map form and the index form give the same rows in the same order.
+    by_idx = ops.permute_by_indices(x, idx, p, num_experts=experts, pad_multiple=3)[0]
+    assert torch.equal(out, by_idx)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_num_out_tokens_tail_is_zero_and_overflow_raises(device, poison):
+    rows, experts, topk = 200, 6, 2
+    idx = random_indices(rows, experts, topk, seed=3, device=device)
+    x = random_tokens(rows, 16, torch.float32, device=device)
+    p = random_probs(rows, topk, device=device)
+    exact = ops.permute_by_indices(x, idx, p, num_experts=experts)[0].shape[0]
+    poison(device)
+    out, out_p, plan, tpe = ops.permute_by_indices(x, idx, p, num_experts=experts, num_out_tokens=exact + 50)
+    assert out.shape[0] == exact + 50
+    assert torch.count_nonzero(out[exact:]) == 0 and torch.count_nonzero(out_p[exact:]) == 0
+    assert int(tpe.sum()) == exact
+    with pytest.raises(ValueError, match="num_out_tokens"):
+        ops.permute_by_indices(x, idx, p, num_experts=experts, num_out_tokens=exact - 1)
+        ops.check_pending_errors()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padding_rows_are_zero_with_zero_prob(device, poison):
+    rows, experts, topk, pad = 301, 7, 3, 8
+    idx = random_indices(rows, experts, topk, seed=11, device=device)
+    x = random_tokens(rows, 24, torch.bfloat16, device=device) + 1  # no zero rows among real ones
+    p = random_probs(rows, topk, device=device) + 0.5
+    poison(device)
+    out, out_p, plan, tpe = ops.permute_by_indices(x, idx, p, num_experts=experts, pad_multiple=pad)
+    counts = torch.bincount(idx[idx >= 0].cpu(), minlength=experts)
+    assert torch.equal(tpe.cpu(), (counts + pad - 1) // pad * pad)
+    start = 0
+    for e in range(experts):
+        real, total = int(counts[e]), int(tpe[e])
+        assert torch.count_nonzero(out[start + real:start + total]) == 0
+        assert torch.count_nonzero(out_p[start + real:start + total]) == 0
+        assert (out_p[start:start + real] > 0).all()
+        start += total
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unpermute_is_deterministic(device):
+    rows, experts, topk = 4000, 16, 8
+    idx = random_indices(rows, experts, topk, drop=0.0, seed=13, device=device)
+    x = random_tokens(rows, 256, torch.bfloat16, device=device)
+    p = random_probs(rows, topk, device=device)
+    out, _, plan, _ = ops.permute_by_indices(x, idx, num_experts=experts)
+    first = ops.unpermute(out, plan, p)
+    for _ in range(3):
+        assert torch.equal(ops.unpermute(out, plan, p), first)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(0, 120), hidden=st.integers(1, 40), experts=st.integers(1, 24),
+       k=st.integers(1, 8), pad=st.sampled_from([None, 1, 2, 5]), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+def test_permutation_properties(rows, hidden, experts, k, pad, seed, dtype):
+    """Expert-major, ascending source row inside an expert, every copy at its row, counts
+    consistent with the rows, and the same as the reference."""
+    topk = min(k, experts)
+    idx = random_indices(rows, experts, topk, seed=seed)
+    x = random_tokens(rows, hidden, dtype, seed=seed + 1)
+    out, _, plan, tpe = ops.permute_by_indices(x, idx, num_experts=experts, pad_multiple=pad)
+    assert out.shape[0] == int(tpe.sum())
+    offsets = torch.cumsum(tpe, 0) - tpe
+    seen = set()
+    for e in range(experts):
+        src = sorted(r for r in range(rows) if e in idx[r].tolist())
+        for rank, r in enumerate(src):
+            slot = idx[r].tolist().index(e)
+            dest = int(plan.map[r, slot])
+            assert dest == int(offsets[e]) + rank
+            assert torch.equal(out[dest], x[r])
+            seen.add(dest)
+    assert all(int(d) < 0 for r in range(rows) for d, i in zip(plan.map[r], idx[r]) if i < 0)
+    assert len(seen) == int((idx >= 0).sum())
+    assert torch.equal(out, reference.permute_by_indices(x, idx, num_experts=experts, pad_multiple=pad)[0])
+
+
+def test_gradients_float64():
+    rows, hidden, experts, topk = 23, 5, 6, 3
+    idx = random_indices(rows, experts, topk, seed=17)
+    x = random_tokens(rows, hidden, torch.float64).requires_grad_()
+    p = random_probs(rows, topk, torch.float64).requires_grad_()
+    scale = torch.linspace(0.5, 2.0, hidden, dtype=torch.float64)
+
+    def layer(x, p):
+        out, out_p, plan, _ = ops.permute_by_indices(x, idx, p, num_experts=experts, pad_multiple=4)
+        y = out * out_p[:, None] * scale
+        return ops.unpermute(y, plan), ops.unpermute(out * scale, plan, p)
+
+    assert torch.autograd.gradcheck(layer, (x, p))
+    multihot_p = random_probs(rows, topk, torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q: ops.indices_to_multihot(idx, q, experts)[1], (multihot_p,))
+
+    def by_map(x, q):
+        routing_map, multihot = ops.indices_to_multihot(idx, q, experts)
+        out, out_p, plan, _ = ops.permute(x, routing_map, multihot)
+        return ops.unpermute(out * out_p[:, None], plan)
+
+    assert torch.autograd.gradcheck(by_map, (x, multihot_p))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_match_reference(device):
+    rows, hidden, experts, topk = 500, 64, 12, 4
+    idx = random_indices(rows, experts, topk, seed=19, device=device)
+    w = random_tokens(1, hidden, torch.float32, seed=4, device=device)
+    grads = []
+    for impl in (ops, reference):
+        x = random_tokens(rows, hidden, torch.float32, device=device).requires_grad_()
+        p = random_probs(rows, topk, device=device).requires_grad_()
+        out, out_p, plan, _ = impl.permute_by_indices(x, idx, p, num_experts=experts, pad_multiple=2)
+        y = impl.unpermute(out * out_p[:, None] * w, plan) + impl.unpermute(out.sin(), plan, p)
+        y.square().sum().backward()
+        grads.append((x.grad, p.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-5)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+def test_invalid_routing_raises_value_error():
+    x = random_tokens(10, 4, torch.float32)
+    idx = random_indices(10, 5, 2, drop=0.0)
+    bad = idx.clone()
+    bad[3, 1] = 5
+    with pytest.raises(ValueError, match=r"indices: .*value 5 at row 3, slot 1 .*\[0, 5\)"):
+        ops.permute_by_indices(x, bad, num_experts=5)
+    bad[3, 1] = -2
+    with pytest.raises(ValueError, match="value -2"):
+        ops.indices_to_multihot(bad, random_probs(10, 2), 5)
+    dup = idx.clone()
+    dup[7, 1] = dup[7, 0]
+    with pytest.raises(ValueError, match="row 7 names an expert twice"):
+        ops.permute_by_indices(x, dup, num_experts=5)
+    with pytest.raises(ValueError, match="twice"):
+        ops.indices_to_multihot(dup, random_probs(10, 2), 5)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, i, p: ops.permute_by_indices(x, i.float(), num_experts=5), TypeError, "indices: expected int32"),
+    (lambda x, i, p: ops.permute_by_indices(x[0], i, num_experts=5), ValueError, "tokens: expected a 2-D"),
+    (lambda x, i, p: ops.permute_by_indices(x, i[:5], num_experts=5), ValueError, "indices: expected 10 rows"),
+    (lambda x, i, p: ops.permute_by_indices(x, i, p[:, :1], num_experts=5), ValueError, "probs: expected shape"),
+    (lambda x, i, p: ops.permute_by_indices(x, i, num_experts=0), ValueError, "num_experts"),
+    (lambda x, i, p: ops.permute_by_indices(x, i, num_experts=5, pad_multiple=0), ValueError, "pad_multiple"),
+    (lambda x, i, p: ops.permute(x, i, None), TypeError, "routing_map: expected torch.bool"),
+    (lambda x, i, p: ops.unpermute(x, "map"), TypeError, "row_id_map"),
+])
+def test_bad_arguments(call, error, match):
+    x = random_tokens(10, 4, torch.float32)
+    idx = random_indices(10, 5, 2)
+    with pytest.raises(error, match=match):
+        call(x, idx, random_probs(10, 2))
+
+
+def test_unpermute_row_count_checked():
+    x = random_tokens(10, 4, torch.float32)
+    out, _, plan, _ = ops.permute_by_indices(x, random_indices(10, 5, 2), num_experts=5)
+    with pytest.raises(ValueError, match=f"expected {out.shape[0]} rows"):
+        ops.unpermute(out[1:], plan)
+
+
+@pytest.mark.gpu
+def test_cuda_routing_error_raised_at_next_sync():
+    idx = random_indices(64, 8, 2, drop=0.0, device="cuda")
+    idx[5, 0] = 99
+    probs = random_probs(64, 2, device="cuda")
+    ops.indices_to_multihot(idx, probs, 8)  # no sync here
+    with pytest.raises(ValueError, match="value 99 at row 5"):
+        ops.check_pending_errors()
