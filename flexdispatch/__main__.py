@@ -1,0 +1,85 @@
+"""``python -m flexdispatch info | build [--arch ...] | clear-cache | demo [...]``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from typing import Optional
+
+
+def _info() -> int:
+    import torch
+
+    from . import _jit
+    from ._version import __version__
+    from .managers.deepep import deepep_available
+
+    archs = _jit.gpu_archs()
+    print(f"flexdispatch {__version__}")
+    print(f"python       {platform.python_version()} ({sys.implementation.cache_tag})")
+    print(f"torch        {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    print(f"arch key     {'-'.join(archs) if archs else 'cpu'}")
+    print(f"cache        {_jit.cache_root()}")
+    print(f"sources      {_jit.sources_dir()}")
+    builds = _jit.built_variants()
+    if not builds:
+        print("built        nothing yet (the first import builds)")
+    for b in builds:
+        arch = ", ".join(b.get("archs") or ["cpu"])
+        print(f"built        {arch}: torch {b.get('torch')}, {b.get('build_seconds')} s, {b.get('built_at')} "
+              f"-> {b['folder']}")
+    ok, detail = deepep_available()
+    print(f"deep_ep      {'available, ' + detail if ok else 'not available: ' + detail}")
+    return 0
+
+
+def _build(archs: Optional[list[str]]) -> int:
+    import os
+
+    from . import _jit
+
+    os.environ.setdefault("FLEXDISPATCH_JIT", "1")
+    spec = _jit.kernel_spec(archs)
+    _jit.load(spec)
+    info = _jit.last_load
+    state = f"built in {info.seconds:.1f} s" if info.built else "already cached"
+    print(f"{spec.arch_tag}: {state} at {info.path}")
+    return 0
+
+
+def _clear_cache() -> int:
+    from . import _jit
+
+    removed = _jit.clear_cache()
+    print(f"removed {removed} cached build(s) from {_jit.cache_root()}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m flexdispatch", description="flexdispatch command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, architecture key, cache contents, DeepEP availability")
+    build = sub.add_parser("build", help="compile the kernels now (e.g. in an image build step)")
+    build.add_argument("--arch", action="append", help="target architecture, e.g. 9.0 or sm_90 (repeatable); "
+                       "default: the visible GPUs, or CPU-only")
+    sub.add_parser("clear-cache", help="remove every cached build")
+    sub.add_parser("demo", help="a real MoE layer over several local ranks, checked against a dense computation",
+                   add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "info":
+        return _info()
+    if args.command == "build":
+        return _build(args.arch)
+    return _clear_cache()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""MoEConfig: the reference's fields with its defaults, plus flexdispatch's own, validated."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+BACKENDS = ("auto", "deepep", "alltoall", "local")
+ROUTER_DTYPES = (None, "fp32", "fp64")
+
+
+@dataclasses.dataclass
+class MoEConfig:
+    """Configuration of the flex token dispatcher.
+
+    The first seven fields are the reference's, with its defaults. The rest are flexdispatch's,
+    with defaults that keep existing configs working.
+
+    Capacity: with ``moe_expert_capacity_factor = c``, each expert keeps at most
+    ``ceil(num_local_tokens * moe_router_topk / num_moe_experts * c)`` of a rank's
+    (token, expert) assignments; the lowest-probability ones are dropped first (ties: the later
+    token), deterministically. Assignments whose probability is 0 are dropped too.
+
+    Precision: routing probabilities travel in float64 through the local and all-to-all
+    managers when ``moe_router_dtype="fp64"``, float32 otherwise; DeepEP carries them in
+    float32 (its kernels require it) and the permuted probs are returned in float64.
+    """
+
+    moe_enable_deepep: bool = True
+    """Prefer DeepEP where it is usable (``moe_flex_backend="auto"`` falls back with one warning)."""
+    moe_permute_fusion: bool = False
+    """Accepted for compatibility; flexdispatch always uses its fused kernels when they are built."""
+    moe_expert_capacity_factor: Optional[float] = None
+    """Per-expert capacity factor; None drops nothing."""
+    moe_router_topk: int = 2
+    """Experts per token (K)."""
+    moe_router_expert_pad_multiple: Optional[int] = None
+    """Pad every local expert's rows to a multiple of this; pad rows are zero with prob 0."""
+    num_moe_experts: int = 64
+    """Experts in the layer (E), across all expert-parallel ranks."""
+    moe_router_dtype: Optional[str] = "fp32"
+    """Precision of routing probabilities: "fp32", "fp64" or None (keep the router's dtype)."""
+
+    moe_flex_backend: str = "auto"
+    """"auto" (DeepEP where usable, else all-to-all, or local for one rank), "deepep",
+    "alltoall" or "local". An explicit choice that cannot be met raises ValueError."""
+    moe_deepep_num_sms: int = 20
+    """SMs DeepEP's normal kernels may use (even)."""
+    moe_sync_free: bool = False
+    """No host sync in dispatch or permutation: outputs sized for the worst case (DeepEP on one
+    node, or one rank), tokens_per_expert stays on the GPU; lets a layer be captured in a CUDA
+    graph. Routing values are then not validated (shapes and dtypes still are)."""
+    moe_validate_routing: bool = True
+    """Check routing indices (range, duplicates) before the first collective; every rank raises
+    together. Costs one small reduction and sync on the DeepEP path."""
+
+    def __post_init__(self) -> None:
+        _int_at_least("num_moe_experts", self.num_moe_experts, 1)
+        _int_at_least("moe_router_topk", self.moe_router_topk, 1)
+        if self.moe_router_topk > self.num_moe_experts:
+            raise ValueError(f"moe_router_topk: expected at most num_moe_experts={self.num_moe_experts}, "
+                             f"got {self.moe_router_topk}")
+        if self.moe_expert_capacity_factor is not None:
+            cf = self.moe_expert_capacity_factor
+            if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not (cf > 0 and math.isfinite(cf)):
+                raise ValueError(f"moe_expert_capacity_factor: expected None or a finite number > 0, got {cf!r}")
+        if self.moe_router_expert_pad_multiple is not None:
+            _int_at_least("moe_router_expert_pad_multiple", self.moe_router_expert_pad_multiple, 1)
+        if self.moe_router_dtype not in ROUTER_DTYPES:
+            raise ValueError(f"moe_router_dtype: expected one of {ROUTER_DTYPES}, got {self.moe_router_dtype!r}")
+        if self.moe_flex_backend not in BACKENDS:
+            raise ValueError(f"moe_flex_backend: expected one of {BACKENDS}, got {self.moe_flex_backend!r}")
+        _int_at_least("moe_deepep_num_sms", self.moe_deepep_num_sms, 2)
+        if self.moe_deepep_num_sms % 2:
+            raise ValueError(f"moe_deepep_num_sms: DeepEP needs an even SM count, got {self.moe_deepep_num_sms}")
+
+
+def _int_at_least(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+
+def expert_capacity(num_tokens: int, topk: int, num_experts: int, capacity_factor: float) -> int:
+    """Assignments one expert keeps: ``ceil(num_tokens * topk / num_experts * capacity_factor)``."""
+    return math.ceil(num_tokens * topk / num_experts * capacity_factor)

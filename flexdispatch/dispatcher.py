@@ -1,0 +1,266 @@
+"""MoEFlexTokenDispatcher: the reference's facade, one manager per dispatcher.
+
+Notation: H hidden, B micro batch, S sequence, TP tensor-parallel size (1), EP expert-parallel
+size, num_local_tokens = S * B / TP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ._log import logger
+from .config import MoEConfig
+from .managers import _AllToAllManager, _DeepepManager, _LocalManager, _ManagerBase, deepep
+from .managers.base import _group_size_rank
+
+SHARING_DEEPEP_MANAGER = True
+"""Dispatchers of one expert-parallel group share the DeepEP communication buffer. Unlike the
+reference, they share nothing else: each dispatcher keeps its own per-call state."""
+
+_logged_choices: set = set()
+
+
+def _as_config(config) -> MoEConfig:
+    """Accept a MoEConfig or any object with its fields (e.g. the reference's config)."""
+    if isinstance(config, MoEConfig):
+        return config
+    if config is None:
+        raise TypeError("config: expected a MoEConfig, got None")
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(MoEConfig) if hasattr(config, f.name)}
+    return MoEConfig(**values)
+
+
+class MoEFlexTokenDispatcher:
+    """Flex token dispatcher: DeepEP on NVLink nodes, torch.distributed all-to-all elsewhere,
+    no communication for one rank.
+
+    Args:
+        num_local_experts: experts on this rank, ``num_moe_experts / EP``.
+        local_expert_indices: their global ids, ``range(rank * E_local, (rank + 1) * E_local)``.
+        config: :class:`~flexdispatch.MoEConfig` (or an object with its fields).
+        ep_group: the expert-parallel process group; None (or a group of one) runs on one rank
+            without torch.distributed.
+
+    Backend (``config.moe_flex_backend``): ``auto`` picks DeepEP when ``deep_ep`` imports, the
+    tensors are CUDA bfloat16 and the group size is one DeepEP supports (decided at the first
+    dispatch, identically on every rank), else all-to-all, or local for one rank; the choice is
+    logged once per group. ``moe_enable_deepep=True`` without a usable DeepEP falls back with
+    one warning. An explicit backend that cannot be met raises ValueError saying why.
+    """
+
+    shared_comm_manager = None
+    """Kept for compatibility with the reference; flexdispatch shares no manager."""
+
+    def __init__(self, num_local_experts: int, local_expert_indices: List[int], config: MoEConfig,
+                 ep_group: Optional[dist.ProcessGroup] = None):
+        self.config = _as_config(config)
+        self.group = ep_group
+        self.ep_size, self.ep_rank = _group_size_rank(ep_group)
+        self.tp_size = 1
+        experts = self.config.num_moe_experts
+        if experts % self.ep_size:
+            raise ValueError(f"config.num_moe_experts: {experts} experts cannot be split evenly over "
+                             f"{self.ep_size} expert-parallel ranks")
+        expected_local = experts // self.ep_size
+        if num_local_experts != expected_local:
+            raise ValueError(f"num_local_experts: expected num_moe_experts / EP size = {experts} / {self.ep_size} "
+                             f"= {expected_local}, got {num_local_experts!r}")
+        expected_ids = list(range(self.ep_rank * expected_local, (self.ep_rank + 1) * expected_local))
+        if [int(i) for i in local_expert_indices] != expected_ids:
+            raise ValueError(f"local_expert_indices: rank {self.ep_rank} of {self.ep_size} holds experts "
+                             f"{expected_ids[0]}..{expected_ids[-1]}, got {list(local_expert_indices)}")
+        self.num_local_experts = num_local_experts
+        self.local_expert_indices = list(local_expert_indices)
+        self.shared_experts = None
+        self.hidden_shape: Optional[torch.Size] = None
+        self._manager: Optional[_ManagerBase] = None
+        backend = self.config.moe_flex_backend
+        if backend == "local" and self.ep_size > 1:
+            raise ValueError(f"config.moe_flex_backend: 'local' needs a group of one rank, got {self.ep_size}")
+        if backend == "deepep":
+            reason = deepep.unusable_reason(ep_group, topk=self.config.moe_router_topk)
+            if reason is not None:
+                raise ValueError(f"config.moe_flex_backend='deepep': {reason}")
+        # With "auto", DeepEP's usability also depends on the tensors: decide at the first dispatch.
+        lazy = (backend == "auto" and self.ep_size > 1 and self.config.moe_enable_deepep
+                and deepep.unusable_reason(ep_group) is None)
+        if not lazy:
+            self._manager = self._make_manager(self._static_choice())
+
+    # ---- manager choice ---------------------------------------------------------------------
+
+    def _static_choice(self) -> str:
+        backend = self.config.moe_flex_backend
+        if backend != "auto":
+            return backend
+        if self.ep_size == 1:
+            return "local"
+        if self.config.moe_enable_deepep:
+            logger.warning("DeepEP is not usable here (%s); using the all-to-all manager",
+                           deepep.unusable_reason(self.group))
+        return "alltoall"
+
+    def _make_manager(self, choice: str) -> _ManagerBase:
+        cfg = self.config
+        kwargs = dict(
+            group=self.group, router_topk=self.tp_size * cfg.moe_router_topk, permute_fusion=cfg.moe_permute_fusion,
+            capacity_factor=cfg.moe_expert_capacity_factor, num_experts=self.tp_size * cfg.num_moe_experts,
+            num_local_experts=self.num_local_experts, router_dtype=cfg.moe_router_dtype,
+            moe_router_expert_pad_multiple=cfg.moe_router_expert_pad_multiple, sync_free=cfg.moe_sync_free,
+            validate_routing=cfg.moe_validate_routing,
+        )
+        if choice == "deepep":
+            manager = _DeepepManager(**kwargs, num_sms=cfg.moe_deepep_num_sms)
+        elif choice == "alltoall":
+            manager = _AllToAllManager(**kwargs)
+        else:
+            manager = _LocalManager(**kwargs)
+        key = (id(self.group), choice)
+        if key not in _logged_choices:
+            _logged_choices.add(key)
+            logger.info("expert-parallel group of %d rank(s): %s manager", self.ep_size, choice)
+        return manager
+
+    def _manager_for(self, hidden: torch.Tensor) -> _ManagerBase:
+        """The manager, chosen at the first dispatch when ``auto`` depends on the tensors."""
+        if self._manager is None:
+            reason = deepep.unusable_reason(self.group, hidden.device, hidden.dtype, hidden.shape[-1],
+                                            self.config.moe_router_topk)
+            if reason is None and self.config.moe_enable_deepep:
+                self._manager = self._make_manager("deepep")
+            else:
+                if self.config.moe_enable_deepep:
+                    logger.warning("DeepEP cannot serve this layer (%s); using the all-to-all manager", reason)
+                self._manager = self._make_manager("alltoall")
+        return self._manager
+
+    @property
+    def _comm_manager(self) -> Optional[_ManagerBase]:
+        """The manager (None until the first dispatch when ``auto`` still has to choose)."""
+        return self._manager
+
+    @property
+    def backend(self) -> Optional[str]:
+        """"local", "alltoall" or "deepep" (None until chosen)."""
+        return None if self._manager is None else self._manager.name
+
+    # ---- the reference's API ----------------------------------------------------------------
+
+    def _initialize_metadata(self, num_local_tokens: int, probs: torch.Tensor) -> torch.Tensor:
+        """Routing probs in the unified ``[T, TP * EP, E_local]`` layout (each expert block
+        repeated for every TP rank), so the communication is agnostic of TP and EP sizes."""
+        world = self.tp_size * self.ep_size
+        if probs.numel() != num_local_tokens * self.config.num_moe_experts:
+            raise ValueError(f"probs: expected num_local_tokens * num_moe_experts = {num_local_tokens} * "
+                             f"{self.config.num_moe_experts} elements, got shape {tuple(probs.shape)}")
+        return (probs.reshape(num_local_tokens, self.ep_size, 1, self.num_local_experts)
+                .expand(-1, -1, self.tp_size, -1)
+                .reshape(num_local_tokens, world, self.num_local_experts)).contiguous()
+
+    def _flatten_hidden(self, hidden_states: torch.Tensor, num_local_tokens: int) -> torch.Tensor:
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() < 2:
+            raise ValueError("hidden_states: expected a tensor [..., hidden] with at least 2 dims")
+        if isinstance(num_local_tokens, bool) or not isinstance(num_local_tokens, int) or num_local_tokens < 0:
+            raise ValueError(f"num_local_tokens: expected an int >= 0, got {num_local_tokens!r}")
+        rows = hidden_states.numel() // max(hidden_states.shape[-1], 1)
+        if rows != num_local_tokens:
+            raise ValueError(f"num_local_tokens: {num_local_tokens} does not match hidden_states "
+                             f"{tuple(hidden_states.shape)} ({rows} tokens)")
+        self.hidden_shape = hidden_states.shape
+        return hidden_states.reshape(-1, hidden_states.shape[-1])
+
+    def dispatch_preprocess(self, hidden_states: torch.Tensor, num_local_tokens: int, probs: torch.Tensor):
+        """Flatten ``hidden_states [..., H]`` to ``[T, H]`` and take the top-K of ``probs [T, E]``.
+
+        Returns:
+            ``(hidden [T, H], token_probs [T, K])``.
+        """
+        hidden = self._flatten_hidden(hidden_states, num_local_tokens)
+        manager = self._manager_for(hidden)
+        manager.setup_metadata(num_local_tokens, self._initialize_metadata(num_local_tokens, probs))
+        return hidden, manager.token_probs
+
+    def dispatch_preprocess2(self, hidden_states: torch.Tensor, num_local_tokens: int, token_probs: torch.Tensor,
+                             token_indices: torch.Tensor):
+        """As :meth:`dispatch_preprocess`, with routing given as top-K ``token_probs [T, K]`` and
+        ``token_indices [T, K]`` (global expert ids, -1 for none)."""
+        hidden = self._flatten_hidden(hidden_states, num_local_tokens)
+        manager = self._manager_for(hidden)
+        manager.set_routing(token_probs, token_indices, num_local_tokens)
+        return hidden, manager.token_probs
+
+    def dispatch_all_to_all(self, hidden_states: torch.Tensor, probs: torch.Tensor = None, async_finish: bool = True,
+                            allocate_on_comm_stream: bool = True):
+        """Send tokens to their experts' ranks: ``(hidden [R, H], dispatched_probs [R, K])``.
+
+        With ``async_finish`` the transfer may still be in flight: :meth:`dispatch_postprocess`
+        waits for it; any other use of the results needs :meth:`wait` first.
+        """
+        manager = self._comm_manager
+        if manager is None:
+            raise RuntimeError("dispatch_all_to_all called out of order: the next step of this dispatcher is "
+                               "dispatch_preprocess")
+        out = manager.dispatch(hidden_states, async_finish, allocate_on_comm_stream)
+        return out, manager.dispatched_probs
+
+    def dispatch_postprocess(self, hidden_states: torch.Tensor):
+        """Expert-major permutation: ``(tokens [N, H], tokens_per_expert [E_local] int64 (CPU;
+        GPU when sync-free), permuted_probs [N])``."""
+        manager = self._require_manager("dispatch_postprocess")
+        tokens, permuted_probs = manager.get_permuted_hidden_states_by_experts(hidden_states)
+        return tokens, manager.get_number_of_tokens_per_expert(), permuted_probs
+
+    def token_permutation(self, hidden_states: torch.Tensor, num_local_tokens: int,
+                          probs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Preprocess, dispatch and permute: ``(tokens [N, H], tokens_per_expert [E_local], permuted_probs [N])``."""
+        hidden, _ = self.dispatch_preprocess(hidden_states, num_local_tokens, probs)
+        hidden, _ = self.dispatch_all_to_all(hidden)
+        return self.dispatch_postprocess(hidden)
+
+    def token_permutation2(self, hidden_states: torch.Tensor, num_local_tokens: int, token_probs: torch.Tensor,
+                           token_indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As :meth:`token_permutation`, with top-K ``token_probs`` and ``token_indices``."""
+        hidden, _ = self.dispatch_preprocess2(hidden_states, num_local_tokens, token_probs, token_indices)
+        hidden, _ = self.dispatch_all_to_all(hidden)
+        return self.dispatch_postprocess(hidden)
+
+    def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Undo the expert-major permutation: ``[N, H] -> [R, H]``."""
+        return self._require_manager("combine_preprocess").get_restored_hidden_states_by_experts(hidden_states)
+
+    def combine_all_to_all(self, hidden_states: torch.Tensor, async_finish: bool = True,
+                           allocate_on_comm_stream: bool = True) -> torch.Tensor:
+        """Return rows to their home ranks and sum them: ``[R, H] -> [T, H]``; with
+        ``async_finish``, :meth:`combine_postprocess` (or :meth:`wait`) waits for it."""
+        return self._require_manager("combine_all_to_all").combine(hidden_states, async_finish,
+                                                                   allocate_on_comm_stream)
+
+    def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Wait for an async combine and restore the input's leading dims: ``[T, H] -> [..., H]``."""
+        self._require_manager("combine_postprocess").wait()
+        return hidden_states.view(tuple(self.hidden_shape[:-1]) + (hidden_states.shape[-1],))
+
+    def token_unpermutation(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Restore, combine and reshape: ``[N, H] -> [..., H]``."""
+        hidden = self.combine_preprocess(hidden_states)
+        hidden = self.combine_all_to_all(hidden)
+        return self.combine_postprocess(hidden)
+
+    def wait(self) -> None:
+        """Make the current stream wait for an async dispatch or combine of this dispatcher."""
+        if self._manager is not None:
+            self._manager.wait()
+
+    def reset(self) -> None:
+        """Abandon a half-finished call (after an exception, say)."""
+        if self._manager is not None:
+            self._manager.reset()
+
+    def _require_manager(self, step: str) -> _ManagerBase:
+        if self._manager is None:
+            raise RuntimeError(f"{step} called out of order: the next step of this dispatcher is dispatch_preprocess")
+        return self._manager

@@ -1,0 +1,158 @@
+"""Any number of ranks over ``torch.distributed.all_to_all_single`` (NCCL on GPUs, gloo on
+the CPU): for EP sizes DeepEP lacks, clusters without DeepEP, and CPU-only runs.
+
+Dispatch, for T local tokens on W ranks:
+
+1. Each token goes once to every rank holding one of its experts (not once per expert):
+   a bool ``[T, W]`` token-to-rank map and its stable rank-major plan.
+2. One small collective exchanges, per destination rank, the row count, this rank's routing
+   error bits and the per-expert counts. It is the only host sync; it sizes every buffer
+   (tokens_per_expert is known on the host without another sync), and if any rank's routing
+   is invalid every rank raises ValueError here, before the payload, so no rank hangs.
+3. The routing (global expert ids and probs, packed as float64) and the hidden rows follow.
+   With ``async_finish=True`` the hidden rows' transfer is left in flight; the next step of
+   the manager (or :meth:`wait`) makes the current stream wait for it, so work issued in
+   between (shared experts, say) overlaps with it.
+
+Combine sends every row back and sums a token's copies in rank order with the deterministic
+unpermute kernel. Backward of dispatch is a combine (probs' gradients included), backward of
+combine is a dispatch with the cached plan. Every collective runs on every rank, also for
+T = 0, in backward too, so an empty rank never leaves the others waiting.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import ops
+from ..rowmap import index_route_error_bits, routing_error
+from .base import _ManagerBase
+
+
+def _exchange(output: torch.Tensor, input_: torch.Tensor, output_splits, input_splits, group, async_op=False):
+    return dist.all_to_all_single(output, input_.contiguous(), output_splits, input_splits, group=group,
+                                  async_op=async_op)
+
+
+class _AllToAllDispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, meta, plan, send_splits, recv_splits, group, async_finish, pending):
+        ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group = plan, send_splits, recv_splits, group
+        received = sum(recv_splits)
+        send_meta = ops.apply_permutation(meta, plan)
+        recv_meta = meta.new_empty(received, meta.shape[1])
+        _exchange(recv_meta, send_meta, recv_splits, send_splits, group)
+        send = ops.apply_permutation(hidden, plan)
+        recv = hidden.new_empty(received, hidden.shape[1])
+        work = _exchange(recv, send, recv_splits, send_splits, group, async_op=async_finish)
+        if async_finish:
+            pending.append((work, send))  # `send` must live until the transfer is done
+        return recv, recv_meta
+
+    @staticmethod
+    def backward(ctx, grad_recv, grad_recv_meta):
+        # Both collectives run on every rank, whatever this rank needs.
+        grads = []
+        for grad in (grad_recv, grad_recv_meta):
+            back = grad.new_empty(sum(ctx.send_splits), grad.shape[1])
+            _exchange(back, grad, ctx.send_splits, ctx.recv_splits, ctx.group)
+            grads.append(ops.unpermute(back, ctx.plan))
+        return grads[0], grads[1], None, None, None, None, None, None
+
+
+class _AllToAllCombine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, plan, send_splits, recv_splits, group):
+        ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group = plan, send_splits, recv_splits, group
+        back = hidden.new_empty(sum(send_splits), hidden.shape[1])
+        _exchange(back, hidden, send_splits, recv_splits, group)
+        return ops.unpermute(back, plan)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        send = ops.apply_permutation(grad_out.contiguous(), ctx.plan)
+        grad = grad_out.new_empty(sum(ctx.recv_splits), grad_out.shape[1])
+        _exchange(grad, send, ctx.recv_splits, ctx.send_splits, ctx.group)
+        return grad, None, None, None, None
+
+
+class _AllToAllManager(_ManagerBase):
+    """The manager over ``torch.distributed`` all-to-all; any group size, GPU or CPU."""
+
+    name = "alltoall"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending: list = []
+        self._send_splits: list[int] = []
+        self._recv_splits: list[int] = []
+        self._rank_plan = None
+
+    def wait(self) -> None:
+        while self._pending:
+            work, _ = self._pending.pop()
+            work.wait()
+
+    def _release(self) -> None:
+        super()._release()
+        self._rank_plan = None
+
+    def _dispatch(self, hidden_states: torch.Tensor, async_finish: bool,
+                  allocate_on_comm_stream: bool) -> torch.Tensor:
+        world, experts, local = self.world_size, self.num_experts, self.num_local_experts
+        indices = self.token_indices
+        tokens, topk = indices.shape
+        device = indices.device
+        valid = (indices >= 0) & (indices < experts)
+        rank_of = torch.where(valid, indices // local, world)
+        in_rank = torch.zeros(tokens, world + 1, dtype=torch.bool, device=device)
+        in_rank = in_rank.scatter_(1, rank_of, True)[:, :world].contiguous()
+        expert_counts = torch.zeros(experts + 1, dtype=torch.int64, device=device).scatter_add_(
+            0, torch.where(valid, indices, experts).flatten(),
+            torch.ones(tokens * topk, dtype=torch.int64, device=device))[:experts].view(world, local)
+        if self.validate_routing:
+            error = index_route_error_bits(indices, experts)
+        else:
+            error = torch.zeros((), dtype=torch.int64, device=device)
+        message = torch.cat([in_rank.sum(0, dtype=torch.int64)[:, None], error.expand(world)[:, None],
+                             expert_counts], dim=1)
+        received = torch.empty_like(message)
+        _exchange(received, message, None, None, self.group)
+        host = torch.stack([message, received]).cpu()  # the one host sync of dispatch
+        if host[1, :, 1].any():
+            self._raise_agreed_error(host[1, :, 1], indices)
+
+        self._send_splits = host[0, :, 0].tolist()
+        self._recv_splits = host[1, :, 0].tolist()
+        pad = self.moe_router_expert_pad_multiple or 1
+        counts = host[1, :, 2:].sum(0)
+        self.tokens_per_expert = (counts + pad - 1) // pad * pad
+        self._num_out = int(self.tokens_per_expert.sum())
+
+        plan = ops.make_plan(in_rank, world, num_out_tokens=sum(self._send_splits))
+        self._rank_plan = plan
+        meta = torch.cat([indices.to(torch.float64), self.token_probs.to(torch.float64)], dim=1)
+        recv, recv_meta = _AllToAllDispatch.apply(hidden_states, meta, plan, self._send_splits,
+                                                  self._recv_splits, self.group, async_finish, self._pending)
+        global_ids = recv_meta[:, :topk].detach().long()
+        local_ids = global_ids - self.rank * local
+        mine = (global_ids >= 0) & (local_ids >= 0) & (local_ids < local)
+        self.dispatched_indices = torch.where(mine, local_ids, -1)
+        prob_dtype = torch.float64 if self.router_dtype == "fp64" else torch.float32
+        self.dispatched_probs = self._masked_probs(self.dispatched_indices, recv_meta[:, topk:].to(prob_dtype))
+        return recv
+
+    def _raise_agreed_error(self, flags: torch.Tensor, indices: torch.Tensor) -> None:
+        bad_ranks = [w for w, f in enumerate(flags.tolist()) if f]
+        detail = ""
+        if int(flags[self.rank]):
+            detail = ": " + str(routing_error(int(flags[self.rank]), indices, self.num_experts, "token_indices"))
+        self._release()
+        raise ValueError(f"token_indices: invalid routing on rank(s) {bad_ranks} of the expert-parallel group; "
+                         f"every rank raises before any token moved{detail}")
+
+    def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
+                 allocate_on_comm_stream: bool) -> torch.Tensor:
+        return _AllToAllCombine.apply(hidden_states, self._rank_plan, self._send_splits, self._recv_splits,
+                                      self.group)

@@ -1,0 +1,365 @@
+"""The manager interface and the state machine every manager shares.
+
+A manager moves one layer's tokens between ranks: ``setup_metadata`` (top-k of the router's
+probs, capacity) -> ``dispatch`` (tokens to the ranks of their experts) ->
+``get_permuted_hidden_states_by_experts`` (expert-major rows) -> experts ->
+``get_restored_hidden_states_by_experts`` -> ``combine`` (sums back to the home rank).
+Subclasses implement only ``_dispatch`` and ``_combine``; the rest lives here.
+
+All state belongs to one manager instance (one per dispatcher), is released after combine,
+and a step called out of order raises RuntimeError naming the step expected.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import ops
+from ..config import ROUTER_DTYPES, expert_capacity
+from ..rowmap import RowIdMap
+
+_NEXT_STEP = {
+    "idle": "setup_metadata (or the dispatcher's dispatch_preprocess / token_permutation)",
+    "routed": "dispatch",
+    "dispatched": "get_permuted_hidden_states_by_experts",
+    "permuted": "get_restored_hidden_states_by_experts",
+    "restored": "combine",
+}
+
+
+class _DispatchManager(abc.ABC):
+    """A manager class to handle dispatch and combine processes for MoE models (the
+    reference's abstract interface)."""
+
+    @abc.abstractmethod
+    def setup_metadata(self, num_local_tokens: int, probs: torch.Tensor):
+        """Set up metadata of routing and probs."""
+
+    @abc.abstractmethod
+    def dispatch(self, hidden_states: torch.Tensor, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False) -> torch.Tensor:
+        """Dispatch the hidden_states according to the routing."""
+
+    @abc.abstractmethod
+    def combine(self, hidden_states: torch.Tensor, async_finish: bool = False,
+                allocate_on_comm_stream: bool = False) -> torch.Tensor:
+        """Combine the hidden_states after expert processing."""
+
+    @abc.abstractmethod
+    def get_dispached_metadata(self):
+        """Get the metadata of the dispatched hidden_states (the reference's spelling)."""
+
+    def get_dispatched_metadata(self):
+        """Alias of :meth:`get_dispached_metadata`."""
+        return self.get_dispached_metadata()
+
+    @abc.abstractmethod
+    def get_permuted_hidden_states_by_experts(self, hidden_states: torch.Tensor):
+        """Get the permuted hidden states by experts."""
+
+    @abc.abstractmethod
+    def get_restored_hidden_states_by_experts(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Get the restored hidden states by experts."""
+
+
+def _group_size_rank(group) -> tuple[int, int]:
+    if group is None:
+        return 1, 0
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("group: a process group was given but torch.distributed is not initialized; "
+                         "pass None to run on one rank without torch.distributed")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _int_at_least(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    return value
+
+
+class _ManagerBase(_DispatchManager):
+    """Shared state machine. Subclasses implement ``_dispatch`` and ``_combine``.
+
+    Args:
+        group: expert-parallel process group, or None for one rank.
+        router_topk: K.
+        permute_fusion: accepted for compatibility (the fused kernels are always used).
+        capacity_factor: per-expert capacity factor (see :class:`~flexdispatch.MoEConfig`).
+        num_experts: E across the group.
+        num_local_experts: E / W.
+        router_dtype: "fp32", "fp64" or None.
+        moe_router_expert_pad_multiple: pad every local expert's rows to this multiple.
+        sync_free: worst-case sized outputs, no host sync (managers that support it).
+        validate_routing: check routing values before the first collective.
+    """
+
+    name = "base"
+    supports_sync_free = False
+
+    def __init__(self, group, router_topk: int, permute_fusion: bool = False,
+                 capacity_factor: Optional[float] = None, num_experts: Optional[int] = None,
+                 num_local_experts: Optional[int] = None, router_dtype: Optional[str] = None,
+                 moe_router_expert_pad_multiple: Optional[int] = None, *, sync_free: bool = False,
+                 validate_routing: bool = True):
+        self.group = group
+        self.world_size, self.rank = _group_size_rank(group)
+        self.router_topk = _int_at_least("router_topk", router_topk, 1)
+        if num_experts is None:
+            raise ValueError("num_experts: required")
+        self.num_experts = _int_at_least("num_experts", num_experts, 1)
+        if self.router_topk > self.num_experts:
+            raise ValueError(f"router_topk: expected at most num_experts={num_experts}, got {router_topk}")
+        if self.num_experts % self.world_size:
+            raise ValueError(f"num_experts: {num_experts} experts cannot be split evenly over "
+                             f"{self.world_size} expert-parallel ranks")
+        expected_local = self.num_experts // self.world_size
+        if num_local_experts is None:
+            num_local_experts = expected_local
+        if num_local_experts != expected_local:
+            raise ValueError(f"num_local_experts: expected num_experts / group size = {expected_local}, "
+                             f"got {num_local_experts!r}")
+        self.num_local_experts = num_local_experts
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor: expected None or > 0, got {capacity_factor!r}")
+        self.capacity_factor = capacity_factor
+        if router_dtype not in ROUTER_DTYPES:
+            raise ValueError(f"router_dtype: expected one of {ROUTER_DTYPES}, got {router_dtype!r}")
+        self.router_dtype = router_dtype
+        if moe_router_expert_pad_multiple is not None:
+            _int_at_least("moe_router_expert_pad_multiple", moe_router_expert_pad_multiple, 1)
+        self.moe_router_expert_pad_multiple = moe_router_expert_pad_multiple
+        self.permute_fusion = permute_fusion
+        if sync_free and not self.supports_sync_free:
+            raise ValueError(f"sync_free: the {self.name} manager needs host-side counts for its "
+                             f"collectives; use the DeepEP manager (one node) or one rank")
+        self.sync_free = sync_free
+        self.validate_routing = validate_routing
+        self.tokens_per_expert: Optional[torch.Tensor] = None
+        self._release()
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        """Drop every per-call tensor (autograd keeps what backward needs)."""
+        self.token_probs: Optional[torch.Tensor] = None
+        self.token_indices: Optional[torch.Tensor] = None
+        self.dispatched_indices: Optional[torch.Tensor] = None
+        self.dispatched_probs: Optional[torch.Tensor] = None
+        self.handle = None
+        self._plan: Optional[RowIdMap] = None
+        self._num_tokens = 0
+        self._num_dispatched = 0
+        self._num_out: Optional[int] = None
+        self._stage = "idle"
+
+    def reset(self) -> None:
+        """Forget a half-finished call (for example after an exception in the experts)."""
+        self.wait()
+        self._release()
+
+    def _expect(self, step: str, *stages: str) -> None:
+        if self._stage not in stages:
+            raise RuntimeError(f"{step} called out of order: the next step of this dispatcher is "
+                               f"{_NEXT_STEP[self._stage]} (call reset() to abandon a call in progress)")
+
+    def wait(self) -> None:
+        """Block the current stream until an async dispatch or combine has landed (no-op here)."""
+
+    # ---- routing ----------------------------------------------------------------------------
+
+    def setup_metadata(self, num_local_tokens: int, probs: torch.Tensor):
+        """Top-K of the router's dense ``probs`` (``[T, E]`` after reshape).
+
+        Sets ``token_probs [T, K]`` (router dtype) and ``token_indices [T, K]`` int64, with -1
+        for assignments dropped by capacity.
+        """
+        self._expect("setup_metadata", "idle", "routed")
+        tokens = _int_at_least("num_local_tokens", num_local_tokens, 0)
+        if not isinstance(probs, torch.Tensor) or not probs.is_floating_point():
+            raise TypeError(f"probs: expected a floating-point tensor, got "
+                            f"{probs.dtype if isinstance(probs, torch.Tensor) else type(probs).__name__}")
+        if probs.numel() != tokens * self.num_experts:
+            raise ValueError(f"probs: expected num_local_tokens * num_experts = {tokens} * {self.num_experts} "
+                             f"elements, got shape {tuple(probs.shape)}")
+        dense = probs.reshape(tokens, self.num_experts)
+        token_probs, token_indices = torch.topk(dense, self.router_topk, dim=-1)
+        self._set_routing(token_probs, token_indices)
+
+    def set_routing(self, token_probs: torch.Tensor, token_indices: torch.Tensor,
+                    num_local_tokens: Optional[int] = None) -> None:
+        """Routing given as top-K ``token_probs [T, K]`` and ``token_indices [T, K]`` (-1 = none)."""
+        self._expect("set_routing", "idle", "routed")
+        if not isinstance(token_probs, torch.Tensor) or not token_probs.is_floating_point():
+            raise TypeError("token_probs: expected a floating-point tensor")
+        if not isinstance(token_indices, torch.Tensor) or token_indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"token_indices: expected an int32 or int64 tensor, got "
+                            f"{getattr(token_indices, 'dtype', type(token_indices).__name__)}")
+        if token_indices.dim() != 2 or token_indices.shape[1] != self.router_topk:
+            raise ValueError(f"token_indices: expected [num_tokens, topk={self.router_topk}], "
+                             f"got {tuple(token_indices.shape)}")
+        if token_probs.shape != token_indices.shape:
+            raise ValueError(f"token_probs: expected the shape of token_indices {tuple(token_indices.shape)}, "
+                             f"got {tuple(token_probs.shape)}")
+        if token_probs.device != token_indices.device:
+            raise ValueError(f"token_indices: expected token_probs' device {token_probs.device}, "
+                             f"got {token_indices.device}")
+        if num_local_tokens is not None and token_indices.shape[0] != num_local_tokens:
+            raise ValueError(f"num_local_tokens: {num_local_tokens} does not match the {token_indices.shape[0]} "
+                             f"rows of token_indices")
+        self._set_routing(token_probs, token_indices)
+
+    def _set_routing(self, token_probs: torch.Tensor, token_indices: torch.Tensor) -> None:
+        indices = token_indices.long()
+        if self.capacity_factor is not None:
+            indices = self._apply_capacity(token_probs, indices)
+        if self.router_dtype == "fp64":
+            token_probs = token_probs.double()
+        elif self.router_dtype == "fp32" or token_probs.dtype not in (torch.float32, torch.float64):
+            token_probs = token_probs.float()
+        self.token_probs = token_probs
+        self.token_indices = indices.contiguous()
+        self._num_tokens = indices.shape[0]
+        self._stage = "routed"
+
+    def _apply_capacity(self, probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Drop (index -> -1) zero-probability assignments and, per expert, those past its
+        capacity, lowest probability first (ties: the later token). No host sync."""
+        tokens, k = indices.shape
+        experts = self.num_experts
+        capacity = expert_capacity(tokens, k, experts, self.capacity_factor)
+        p = probs.detach().float().flatten()
+        valid = (indices >= 0) & (indices < experts) & (probs.detach() != 0)
+        flat = torch.where(valid, indices, experts).flatten()
+        by_prob = torch.argsort(p, descending=True, stable=True)  # ties keep token order
+        order = by_prob[torch.argsort(flat[by_prob], stable=True)]
+        sorted_experts = flat[order]
+        counts = torch.bincount(flat, minlength=experts + 1)
+        rank = torch.arange(flat.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
+        keep = torch.empty_like(valid.flatten())
+        keep[order] = (rank < capacity) & (sorted_experts < experts)
+        # Out-of-range indices stay as they are, for validation to report.
+        bad = (indices < -1) | (indices >= experts)
+        return torch.where(keep.view(tokens, k) | bad, indices, -1)
+
+    def _masked_probs(self, indices: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        return torch.where(indices >= 0, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
+
+    # ---- the steps --------------------------------------------------------------------------
+
+    def dispatch(self, hidden_states: torch.Tensor, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False) -> torch.Tensor:
+        """Send every token to each rank that holds one of its experts.
+
+        Args:
+            hidden_states: ``[T, H]``.
+            async_finish: return before the transfer lands where the manager supports it; the
+                next step (or :meth:`wait`) waits for it.
+            allocate_on_comm_stream: DeepEP only (allocate outputs on its stream).
+
+        Returns:
+            ``[R, H]``, one row per (token, destination rank). Sets ``dispatched_indices [R, K]``
+            (local expert or -1), ``dispatched_probs [R, K]`` (0 where -1) and, unless
+            sync-free, ``tokens_per_expert [E_local]`` int64 on the CPU.
+        """
+        self._expect("dispatch", "routed")
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
+            raise ValueError(f"hidden_states: expected a 2-D tensor [num_tokens, hidden], got "
+                             f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__}")
+        if hidden_states.shape[0] != self._num_tokens:
+            raise ValueError(f"hidden_states: expected {self._num_tokens} rows (the routed tokens), "
+                             f"got {hidden_states.shape[0]}")
+        if hidden_states.device != self.token_indices.device:
+            raise ValueError(f"hidden_states: expected the routing's device {self.token_indices.device}, "
+                             f"got {hidden_states.device}")
+        out = self._dispatch(hidden_states, async_finish, allocate_on_comm_stream)
+        self._num_dispatched = self.dispatched_indices.shape[0]
+        self._stage = "dispatched"
+        return out
+
+    def get_permuted_hidden_states_by_experts(self, hidden_states: torch.Tensor):
+        """Expert-major rows of the dispatched tokens.
+
+        Returns:
+            ``(tokens [N, H], permuted_probs [N])``: expert 0's rows first, ascending dispatched
+            row inside an expert; ``permuted_probs`` float64 when ``router_dtype="fp64"``. With
+            a pad multiple, pad rows are zero with prob 0 and ``tokens_per_expert`` counts them.
+        """
+        self._expect("get_permuted_hidden_states_by_experts", "dispatched")
+        self.wait()
+        self._check_rows(hidden_states, self._num_dispatched, "the dispatched rows")
+        try:
+            out, probs, plan, device_counts = ops.permute_by_indices(
+                hidden_states, self.dispatched_indices, self.dispatched_probs,
+                num_experts=self.num_local_experts, num_out_tokens=self._num_out,
+                pad_multiple=self.moe_router_expert_pad_multiple)
+        except ValueError:
+            self._release()  # bad routing found by the kernels: the dispatcher stays usable
+            raise
+        if self.sync_free:
+            self.tokens_per_expert = device_counts
+        elif self.tokens_per_expert is None:
+            self.tokens_per_expert = plan.host_tokens_per_expert()
+        if self.router_dtype == "fp64":
+            probs = probs.double()
+        self._plan = plan
+        self._stage = "permuted"
+        return out, probs
+
+    def get_restored_hidden_states_by_experts(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Inverse permutation: ``[N, H] -> [R, H]``, the copies of a row summed in a fixed order
+        (unweighted: the experts applied the probs); pad rows dropped."""
+        self._expect("get_restored_hidden_states_by_experts", "permuted")
+        self._check_rows(hidden_states, self._plan.num_out, "the permuted rows")
+        out = ops.unpermute(hidden_states, self._plan)
+        self._plan = None
+        self._stage = "restored"
+        return out
+
+    def combine(self, hidden_states: torch.Tensor, async_finish: bool = False,
+                allocate_on_comm_stream: bool = False) -> torch.Tensor:
+        """Sum every token's rows back on its home rank: ``[R, H] -> [T, H]``; releases the
+        call's metadata."""
+        self._expect("combine", "restored")
+        self._check_rows(hidden_states, self._num_dispatched, "the dispatched rows")
+        out = self._combine(hidden_states, async_finish, allocate_on_comm_stream)
+        tokens_per_expert = self.tokens_per_expert
+        self._release()
+        self.tokens_per_expert = tokens_per_expert
+        return out
+
+    def get_dispached_metadata(self):
+        """``(dispatched_indices [R, K], dispatched_probs [R, K])``."""
+        return self.dispatched_indices, self.dispatched_probs
+
+    def get_number_of_tokens_per_expert(self) -> Optional[torch.Tensor]:
+        """int64 ``[E_local]`` rows per local expert, padding included (CPU; GPU when sync-free)."""
+        return self.tokens_per_expert
+
+    @staticmethod
+    def _check_rows(hidden_states, rows: int, what: str) -> None:
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
+            raise ValueError("hidden_states: expected a 2-D tensor [rows, hidden]")
+        if hidden_states.shape[0] != rows:
+            raise ValueError(f"hidden_states: expected {rows} rows ({what}), got {hidden_states.shape[0]}")
+
+    # ---- for subclasses ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _dispatch(self, hidden_states: torch.Tensor, async_finish: bool,
+                  allocate_on_comm_stream: bool) -> torch.Tensor:
+        """Move tokens; set dispatched_indices/probs and, when known, _num_out and tokens_per_expert."""
+
+    @abc.abstractmethod
+    def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
+                 allocate_on_comm_stream: bool) -> torch.Tensor:
+        """Move rows home and sum them."""
+
+    def _worst_case_rows(self, received_rows: int) -> int:
+        """Rows of the permuted tensor that no routing can exceed (sync-free sizing)."""
+        pad = self.moe_router_expert_pad_multiple or 1
+        per_row = min(self.router_topk, self.num_local_experts)
+        return received_rows * per_row + self.num_local_experts * (pad - 1)

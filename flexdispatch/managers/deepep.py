@@ -1,0 +1,283 @@
+"""DeepEP on NVLink nodes: fused dispatch/combine kernels, one communication buffer per group.
+
+* Buffers: created lazily at the first dispatch, sized from the hidden size in bytes and the
+  group size with DeepEP's own size hints (dispatch and combine configs; the RDMA hint when
+  the group spans nodes), grown when a larger hidden size arrives, shared by every dispatcher
+  of one group (only the buffer is shared: per-call state stays with each dispatcher), and
+  destroyed explicitly and once (``explicitly_destroy=True``): at interpreter exit, or by
+  :func:`shutdown`, which every rank of the group must call (DeepEP's destroy is collective).
+* Async (``async_finish=True``): dispatch and combine return as soon as DeepEP's kernels are
+  queued on its communication stream; the event is kept and the current stream waits on it at
+  the next step of the manager (or at :meth:`_DeepepManager.wait`). Work issued in between
+  overlaps with the transfer. Do not read the returned tensors before that wait.
+* Sync-free (``sync_free=True``, one node): DeepEP's ``num_worst_tokens`` sizes the received
+  tensor for the worst case (every rank's tokens; all ranks must pass the same number of
+  tokens), and the permutation is sized for the worst case too, so no host sync happens and
+  a layer can be captured in a CUDA graph. Routing values are then not validated.
+
+DeepEP's limits are checked before any collective: bfloat16 hidden states, a row of a
+multiple of 16 bytes, a group size its config tables know (2, 4, 8 on one node), top-k <= 128,
+an even SM count.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .._log import logger
+from ..rowmap import index_route_error_bits, routing_error
+from .base import _ManagerBase
+
+MAX_TOPK = 128  # DeepEP's buffer-size assumption (csrc/config.hpp)
+INTRANODE_SIZES = (2, 4, 8)
+
+_deep_ep = None
+_import_error: Optional[str] = None
+
+
+def _import_deep_ep():
+    """Import ``deep_ep`` once; remember why it failed."""
+    global _deep_ep, _import_error
+    if _deep_ep is None and _import_error is None:
+        try:
+            _deep_ep = importlib.import_module("deep_ep")
+            _deep_ep.Buffer  # noqa: B018 - DeepEP 1.x and 2.x both export Buffer
+        except Exception as exc:  # noqa: BLE001 - any import failure means "not usable"
+            _deep_ep, _import_error = None, f"deep_ep does not import ({type(exc).__name__}: {exc})"
+    return _deep_ep
+
+
+def deepep_available() -> tuple[bool, str]:
+    """``(True, version)`` when ``deep_ep`` imports, else ``(False, reason)``."""
+    module = _import_deep_ep()
+    if module is None:
+        return False, _import_error or "deep_ep does not import"
+    return True, getattr(module, "__version__", "unknown version")
+
+
+def supported_group_sizes() -> tuple[int, ...]:
+    """Group sizes DeepEP's tables know; beyond one node only with its NVSHMEM build."""
+    module = _import_deep_ep()
+    if module is None:
+        return ()
+    sizes = list(INTRANODE_SIZES)
+    try:
+        if module.Buffer.is_sm90_compiled():
+            sizes += [16, 24, 32, 64, 128, 144, 160]
+    except AttributeError:
+        pass
+    return tuple(sizes)
+
+
+def unusable_reason(group, device: Optional[torch.device] = None, hidden_dtype: Optional[torch.dtype] = None,
+                    hidden_size: Optional[int] = None, topk: Optional[int] = None) -> Optional[str]:
+    """Why DeepEP cannot serve this call (None when it can)."""
+    ok, reason = deepep_available()
+    if not ok:
+        return reason
+    size = 1 if group is None else dist.get_world_size(group)
+    if size not in supported_group_sizes():
+        return f"DeepEP supports expert-parallel group sizes {supported_group_sizes()}, not {size}"
+    if device is not None and device.type != "cuda":
+        return f"DeepEP needs CUDA tensors, got {device}"
+    if hidden_dtype is not None and hidden_dtype != torch.bfloat16:
+        return f"DeepEP's combine needs bfloat16 hidden states, got {hidden_dtype}"
+    if hidden_size is not None and hidden_dtype is not None and (hidden_size * 2) % 16:
+        return f"DeepEP needs rows of a multiple of 16 bytes; hidden size {hidden_size} in bf16 is not"
+    if topk is not None and topk > MAX_TOPK:
+        return f"DeepEP supports top-k <= {MAX_TOPK}, got {topk}"
+    return None
+
+
+# ---- the buffer registry ------------------------------------------------------------------
+
+
+class _BufferRegistry:
+    """One DeepEP buffer per process group, grown on demand, destroyed once."""
+
+    def __init__(self):
+        self._entries: list[tuple[object, object]] = []  # (group, Buffer), compared by identity
+
+    def get(self, group, hidden_bytes: int, num_sms: int):
+        deep_ep = _import_deep_ep()
+        deep_ep.Buffer.set_num_sms(num_sms)
+        size = dist.get_world_size(group)
+        nvl_bytes = rdma_bytes = 0
+        for config in (deep_ep.Buffer.get_dispatch_config(size), deep_ep.Buffer.get_combine_config(size)):
+            nvl_bytes = max(nvl_bytes, config.get_nvl_buffer_size_hint(hidden_bytes, size))
+            if size > 8:
+                rdma_bytes = max(rdma_bytes, config.get_rdma_buffer_size_hint(hidden_bytes, size))
+        for i, (g, buffer) in enumerate(self._entries):
+            if g is group:
+                if buffer.num_nvl_bytes >= nvl_bytes and buffer.num_rdma_bytes >= rdma_bytes:
+                    return buffer
+                logger.info("growing the DeepEP buffer of a group of %d for %d-byte rows", size, hidden_bytes)
+                torch.cuda.synchronize()
+                buffer.destroy()
+                del self._entries[i]
+                break
+        else:
+            logger.info("creating a DeepEP buffer for a group of %d (%.1f MiB NVLink)", size, nvl_bytes / 2**20)
+        buffer = deep_ep.Buffer(group, nvl_bytes, rdma_bytes, explicitly_destroy=True)
+        self._entries.append((group, buffer))
+        return buffer
+
+    def destroy_all(self) -> int:
+        destroyed = 0
+        if self._entries and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        while self._entries:
+            _, buffer = self._entries.pop()
+            buffer.destroy()
+            destroyed += 1
+        return destroyed
+
+
+_registry = _BufferRegistry()
+
+
+def shutdown() -> int:
+    """Destroy every DeepEP buffer of this process (collective: call it on every rank, before
+    ``torch.distributed.destroy_process_group``). Returns how many were destroyed; calling it
+    again is harmless."""
+    return _registry.destroy_all()
+
+
+atexit.register(shutdown)
+
+
+# ---- autograd functions ---------------------------------------------------------------------
+
+
+class _DeepepDispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, token_indices, token_probs, num_experts, buffer, async_finish, allocate_on_comm_stream,
+                num_worst_tokens, side):
+        layout = buffer.get_dispatch_layout(token_indices, num_experts, async_finish=async_finish,
+                                            allocate_on_comm_stream=allocate_on_comm_stream)
+        per_rank, per_rdma_rank, per_expert, in_rank, event = layout
+        recv_x, recv_idx, recv_probs, counts, handle, after = buffer.dispatch(
+            x, topk_idx=token_indices, topk_weights=token_probs, num_tokens_per_rank=per_rank,
+            num_tokens_per_rdma_rank=per_rdma_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            num_worst_tokens=num_worst_tokens, previous_event=event, async_finish=async_finish,
+            allocate_on_comm_stream=allocate_on_comm_stream)
+        side["handle"], side["counts"] = handle, counts
+        if async_finish:
+            side["events"].append(after)
+        ctx.buffer, ctx.handle = buffer, handle
+        ctx.mark_non_differentiable(recv_idx)
+        return recv_x, recv_idx, recv_probs
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_idx, grad_probs):
+        grad_x, grad_probs, _ = ctx.buffer.combine(grad_x.contiguous(), ctx.handle,
+                                                   topk_weights=grad_probs.float().contiguous())
+        return grad_x, None, grad_probs, None, None, None, None, None, None
+
+
+class _DeepepCombine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, buffer, handle, async_finish, allocate_on_comm_stream, side):
+        combined, _, event = buffer.combine(x.contiguous(), handle, async_finish=async_finish,
+                                            allocate_on_comm_stream=allocate_on_comm_stream)
+        if async_finish:
+            side["events"].append(event)
+        ctx.buffer, ctx.handle = buffer, handle
+        return combined
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x, _, _, _, _, _ = ctx.buffer.dispatch(grad.contiguous(), handle=ctx.handle)
+        return grad_x, None, None, None, None, None
+
+
+class _DeepepManager(_ManagerBase):
+    """The DeepEP implementation of the manager (the reference's constructor, plus
+    ``sync_free``, ``validate_routing`` and ``num_sms``)."""
+
+    name = "deepep"
+    supports_sync_free = True
+
+    def __init__(self, group, router_topk: int, permute_fusion: bool = False,
+                 capacity_factor: Optional[float] = None, num_experts: Optional[int] = None,
+                 num_local_experts: Optional[int] = None, router_dtype: Optional[str] = None,
+                 moe_router_expert_pad_multiple: Optional[int] = None, *, sync_free: bool = False,
+                 validate_routing: bool = True, num_sms: int = 20):
+        reason = unusable_reason(group, topk=router_topk)
+        if reason is not None:
+            raise ValueError(f"DeepEP manager: {reason}")
+        if num_sms < 2 or num_sms % 2:
+            raise ValueError(f"num_sms: DeepEP needs an even SM count >= 2, got {num_sms}")
+        super().__init__(group, router_topk, permute_fusion, capacity_factor, num_experts, num_local_experts,
+                         router_dtype, moe_router_expert_pad_multiple, sync_free=sync_free,
+                         validate_routing=validate_routing)
+        if sync_free and self.world_size > 8:
+            raise ValueError("sync_free: DeepEP's worst-case mode works on one node (group size <= 8)")
+        self.num_sms = num_sms
+        self._events: list = []
+
+    def wait(self) -> None:
+        while self._events:
+            self._events.pop().current_stream_wait()
+
+    def _check_hidden(self, hidden_states: torch.Tensor) -> None:
+        reason = unusable_reason(self.group, hidden_states.device, hidden_states.dtype, hidden_states.shape[1])
+        if reason is not None:
+            raise TypeError(f"hidden_states: {reason}") if "bfloat16" in reason else ValueError(f"hidden_states: {reason}")
+
+    def _validate_agreed(self, indices: torch.Tensor) -> None:
+        bits = index_route_error_bits(indices, self.num_experts).reshape(1)
+        every = bits.clone()
+        dist.all_reduce(every, op=dist.ReduceOp.MAX, group=self.group)
+        host = torch.cat([bits, every]).cpu()
+        if int(host[1]):
+            detail = ""
+            if int(host[0]):
+                detail = ": " + str(routing_error(int(host[0]), indices, self.num_experts, "token_indices"))
+            self._release()
+            raise ValueError("token_indices: invalid routing on a rank of the expert-parallel group; every rank "
+                             f"raises before any token moved{detail}")
+
+    def _dispatch(self, hidden_states: torch.Tensor, async_finish: bool,
+                  allocate_on_comm_stream: bool) -> torch.Tensor:
+        self._check_hidden(hidden_states)
+        indices = self.token_indices
+        if self.validate_routing and not self.sync_free:
+            self._validate_agreed(indices)
+        buffer = _registry.get(self.group, hidden_states.shape[1] * hidden_states.element_size(), self.num_sms)
+        worst = hidden_states.shape[0] * self.world_size if self.sync_free else 0
+        side = {"events": self._events}
+        recv_x, recv_idx, recv_probs = _DeepepDispatch.apply(
+            hidden_states.contiguous(), indices, self.token_probs.float().contiguous(), self.num_experts, buffer,
+            async_finish, allocate_on_comm_stream, worst, side)
+        self.handle = side["handle"]
+        self._buffer = buffer
+        # No op reads the received tensors here, so an async transfer stays in flight. DeepEP
+        # already zeroes the probs of slots whose expert lives elsewhere; only the worst-case
+        # padding rows of sync-free mode need masking.
+        self.dispatched_indices = recv_idx
+        self.dispatched_probs = self._masked_probs(recv_idx, recv_probs) if self.sync_free else recv_probs
+        pad = self.moe_router_expert_pad_multiple or 1
+        if self.sync_free:
+            self._num_out = self._worst_case_rows(worst)
+        else:
+            counts = torch.tensor(side["counts"], dtype=torch.int64)
+            self.tokens_per_expert = (counts + pad - 1) // pad * pad
+            self._num_out = int(self.tokens_per_expert.sum())
+        return recv_x
+
+    def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
+                 allocate_on_comm_stream: bool) -> torch.Tensor:
+        if hidden_states.dtype != torch.bfloat16:
+            raise TypeError(f"hidden_states: DeepEP's combine needs bfloat16, got {hidden_states.dtype}")
+        return _DeepepCombine.apply(hidden_states, self._buffer, self.handle, async_finish,
+                                    allocate_on_comm_stream, {"events": self._events})
+
+    def _release(self) -> None:
+        super()._release()
+        self._buffer = None

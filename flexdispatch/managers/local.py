@@ -1,0 +1,32 @@
+"""One rank: no communication at all. Dispatch and combine are identities, so a notebook on
+one GPU or a laptop runs the same code as a cluster."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import _ManagerBase
+
+
+class _LocalManager(_ManagerBase):
+    """The manager for an expert-parallel group of one rank (or no group at all).
+
+    Routing values are validated by the permutation kernels (at the one host sync that sizes
+    the permuted tensor; in sync-free mode, at the next sync, see
+    :func:`flexdispatch.ops.check_pending_errors`).
+    """
+
+    name = "local"
+    supports_sync_free = True
+
+    def _dispatch(self, hidden_states: torch.Tensor, async_finish: bool,
+                  allocate_on_comm_stream: bool) -> torch.Tensor:
+        self.dispatched_indices = self.token_indices
+        self.dispatched_probs = self._masked_probs(self.token_indices, self.token_probs)
+        if self.sync_free:
+            self._num_out = self._worst_case_rows(hidden_states.shape[0])
+        return hidden_states
+
+    def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
+                 allocate_on_comm_stream: bool) -> torch.Tensor:
+        return hidden_states

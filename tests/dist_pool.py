@@ -1,0 +1,83 @@
+"""A pool of spawned processes forming one gloo group, reused across tests. Each call runs a
+function of dist_scenarios.py on every rank and returns the per-rank results; a call that
+does not finish in time kills the pool and fails the test (a hang is a failure)."""
+
+import datetime
+import os
+import queue
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    import dist_scenarios
+
+    while True:
+        item = inbox.get()
+        if item is None:
+            break
+        name, kwargs = item
+        try:
+            outbox.put((rank, "ok", getattr(dist_scenarios, name)(rank, world, **kwargs)))
+        except BaseException:  # noqa: BLE001 - reported to the test
+            outbox.put((rank, "error", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class DistPool:
+    def __init__(self, world: int):
+        ctx = mp.get_context("spawn")
+        self.world = world
+        port = _free_port()
+        self.inboxes = [ctx.Queue() for _ in range(world)]
+        self.outbox = ctx.Queue()
+        self.procs = [ctx.Process(target=_worker, args=(r, world, port, self.inboxes[r], self.outbox), daemon=True)
+                      for r in range(world)]
+        for p in self.procs:
+            p.start()
+
+    @property
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
+
+    def run(self, name: str, timeout: float = 180.0, **kwargs) -> list:
+        for inbox in self.inboxes:
+            inbox.put((name, kwargs))
+        results = {}
+        while len(results) < self.world:
+            try:
+                rank, status, payload = self.outbox.get(timeout=timeout)
+            except queue.Empty:
+                missing = sorted(set(range(self.world)) - set(results))
+                self.close()
+                raise TimeoutError(f"{name}: rank(s) {missing} did not finish within {timeout:.0f} s (hang)")
+            results[rank] = (status, payload)
+        errors = [f"rank {r}:\n{p}" for r, (s, p) in sorted(results.items()) if s == "error"]
+        if errors:
+            raise AssertionError(f"{name} failed\n" + "\n".join(errors))
+        return [results[r][1] for r in range(self.world)]
+
+    def close(self) -> None:
+        for inbox in self.inboxes:
+            try:
+                inbox.put(None)
+            except (OSError, ValueError):
+                pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()

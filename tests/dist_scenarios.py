@@ -1,0 +1,183 @@
+"""Scenarios run on every rank of a process group (see dist_pool.py), or on one process with
+``group=None``. Each returns plain data for the test to assert on, or raises."""
+
+import weakref
+
+import torch
+import torch.distributed as dist
+
+import flexdispatch as fd
+from moe_math import TOLERANCE, apply_experts, capacity_drop, dense_layer, make_problem, rel_err
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _group():
+    return dist.group.WORLD if dist.is_initialized() else None
+
+
+def _dispatcher(rank, world, experts, topk, device="cpu", **config):
+    local = experts // world
+    cfg = fd.MoEConfig(num_moe_experts=experts, moe_router_topk=topk, **config)
+    return fd.MoEFlexTokenDispatcher(local, list(range(rank * local, (rank + 1) * local)), cfg, _group())
+
+
+def _routing(logits, topk, experts, capacity, router_dtype):
+    probs = torch.softmax(logits, dim=-1)
+    token_probs, token_indices = torch.topk(probs, topk, dim=-1)
+    if capacity is not None:
+        token_indices = capacity_drop(token_probs, token_indices, experts, capacity)
+    return probs, token_probs, token_indices
+
+
+def moe_matches_dense(rank, world, *, entry="probs", tokens_per_rank=None, hidden=16, experts=12, topk=3,
+                      pad=None, capacity=None, router_dtype="fp32", dtype="float32", seed=0, device="cpu",
+                      backend="auto", repeat=2):
+    """A layer through the dispatcher against the dense formula: outputs and gradients of the
+    hidden states, the router logits and the experts' weights."""
+    dtype = DTYPES[dtype]
+    tokens_per_rank = tokens_per_rank or [20 + 7 * r for r in range(world)]
+    xs, logits, weights = make_problem(seed, tokens_per_rank, hidden, experts)
+    local = experts // world
+    mine = slice(rank * local, (rank + 1) * local)
+    d = _dispatcher(rank, world, experts, topk, moe_router_expert_pad_multiple=pad,
+                    moe_expert_capacity_factor=capacity, moe_router_dtype=router_dtype, moe_flex_backend=backend)
+
+    outs = []
+    for _ in range(repeat):  # the same bits every time
+        x = xs[rank].to(dtype).to(device).reshape(-1, 1, hidden).requires_grad_()
+        lg = logits[rank].to(device).clone().requires_grad_()
+        w = weights[mine].to(dtype).to(device).clone().requires_grad_()
+        probs, token_probs, token_indices = _routing(lg, topk, experts, None, router_dtype)
+        if entry == "probs":
+            tokens, tpe, pprobs = d.token_permutation(x, x.shape[0], probs)
+        else:
+            if capacity is not None:
+                token_indices = capacity_drop(token_probs.detach(), token_indices, experts, capacity)
+            tokens, tpe, pprobs = d.token_permutation2(x, x.shape[0], token_probs, token_indices)
+        assert tokens.shape[0] == int(tpe.sum()), "rows produced must match tokens_per_expert"
+        if pad:
+            assert all(int(c) % pad == 0 for c in tpe)
+        if router_dtype == "fp64":
+            assert pprobs.dtype == torch.float64
+        out = d.token_unpermutation(apply_experts(tokens, tpe, pprobs, w))
+        assert out.shape == x.shape
+        (out.double() * torch.cos(x.detach().double())).sum().backward()
+        outs.append((out.detach().clone(), x.grad, lg.grad, w.grad))
+    identical = all(torch.equal(a, b) for a, b in zip(outs[0], outs[-1]))
+
+    # Dense: every rank's tokens, capacity applied per rank; loss = sum of every rank's loss.
+    xd = [xi.clone().requires_grad_() for xi in xs]
+    ld = [li.clone().requires_grad_() for li in logits]
+    wd = weights.clone().requires_grad_()
+    loss = 0
+    dense_out = None
+    for r in range(world):
+        _, tp, ti = _routing(ld[r], topk, experts, capacity, router_dtype)
+        o = dense_layer(xd[r], tp, ti, wd)
+        loss = loss + (o * torch.cos(xd[r].detach())).sum()
+        if r == rank:
+            dense_out = o
+    gx, gl, gw = torch.autograd.grad(loss, [xd[rank], ld[rank], wd])
+    out, x_grad, lg_grad, w_grad = outs[-1]
+    return {
+        "output": rel_err(out.reshape(-1, hidden), dense_out), "grad_x": rel_err(x_grad.reshape(-1, hidden), gx),
+        "grad_logits": rel_err(lg_grad, gl), "grad_experts": rel_err(w_grad, gw[mine]),
+        "tolerance": TOLERANCE[dtype], "identical_reruns": identical, "backend": d.backend,
+    }
+
+
+def two_dispatchers_interleaved(rank, world, device="cpu"):
+    """Layers A and B in flight at once (dispatch A, dispatch B, combine B, combine A), with
+    different E, K and H, each against its dense formula."""
+    specs = {"A": (4 * world, 2, 16, 1), "B": (3 * world, 3, 24, 2)}
+    state = {}
+    for name, (experts, topk, hidden, seed) in specs.items():
+        xs, logits, weights = make_problem(seed, [9 + 4 * r for r in range(world)], hidden, experts)
+        d = _dispatcher(rank, world, experts, topk)
+        local = experts // world
+        w = weights[rank * local:(rank + 1) * local]
+        _, tp, ti = _routing(logits[rank], topk, experts, None, "fp32")
+        state[name] = dict(d=d, x=xs[rank].float(), tp=tp, ti=ti, w=w.float(), dense=dense_layer(xs[rank], tp, ti, weights))
+    a, b = state["A"], state["B"]
+    ta = a["d"].token_permutation2(a["x"], a["x"].shape[0], a["tp"], a["ti"])
+    tb = b["d"].token_permutation2(b["x"], b["x"].shape[0], b["tp"], b["ti"])
+    out_b = b["d"].token_unpermutation(apply_experts(*tb, b["w"]))
+    out_a = a["d"].token_unpermutation(apply_experts(*ta, a["w"]))
+    return {"A": rel_err(out_a, a["dense"]), "B": rel_err(out_b, b["dense"])}
+
+
+def invalid_routing_all_ranks_raise(rank, world, bad_rank=0):
+    """A bad index on one rank: every rank raises ValueError, nobody hangs, and the
+    dispatcher works again afterwards."""
+    experts, topk = 4 * world, 2
+    d = _dispatcher(rank, world, experts, topk)
+    x = torch.randn(6, 8)
+    tp, ti = torch.topk(torch.rand(6, experts), topk)
+    bad = ti.clone()
+    if rank == bad_rank:
+        bad[2, 1] = experts + 3
+    message = None
+    try:
+        d.token_permutation2(x, 6, tp, bad)
+    except ValueError as exc:
+        message = str(exc)
+    tokens, tpe, pprobs = d.token_permutation2(x, 6, tp, ti)
+    out = d.token_unpermutation(tokens * pprobs[:, None])
+    return {"message": message, "recovered": tuple(out.shape) == (6, 8)}
+
+
+def out_of_order_steps(rank, world):
+    """Steps called out of order raise RuntimeError naming the step expected (no collective)."""
+    d = _dispatcher(rank, world, 2 * world, 2)
+    messages = []
+    for call in (lambda: d.combine_preprocess(torch.zeros(1, 4)),
+                 lambda: (d.dispatch_preprocess(torch.zeros(3, 4), 3, torch.rand(3, 2 * world)),
+                          d.dispatch_postprocess(torch.zeros(3, 4)))):
+        try:
+            call()
+        except RuntimeError as exc:
+            messages.append(str(exc))
+    d.reset()
+    return messages
+
+
+def metadata_released(rank, world):
+    """After combine (and backward) the dispatcher holds no per-call tensor."""
+    experts = 2 * world
+    d = _dispatcher(rank, world, experts, 2)
+    x = torch.randn(10, 8, requires_grad=True)
+    probs = torch.softmax(torch.randn(10, experts, requires_grad=True), -1)
+    tokens, tpe, pprobs = d.token_permutation(x, 10, probs)
+    m = d._comm_manager
+    probe = weakref.ref(m.dispatched_probs)
+    out = d.token_unpermutation(tokens * pprobs[:, None])
+    out.sum().backward()
+    del tokens, pprobs, out
+    held = {name: getattr(m, name) is not None
+            for name in ("token_probs", "token_indices", "dispatched_indices", "dispatched_probs", "handle", "_plan")}
+    return {"held": held, "freed": probe() is None}
+
+
+def constructor_errors(rank, world):
+    """Bad constructor arguments raise ValueError naming the argument (no collective)."""
+    group = _group()
+    messages = {}
+    attempts = {
+        "num_local_experts": lambda: fd.MoEFlexTokenDispatcher(
+            3, [0, 1, 2], fd.MoEConfig(num_moe_experts=4 * world), group),
+        "local_expert_indices": lambda: fd.MoEFlexTokenDispatcher(
+            4, [100, 101, 102, 103], fd.MoEConfig(num_moe_experts=4 * world), group),
+        "divisible": lambda: fd.MoEFlexTokenDispatcher(
+            1, [rank], fd.MoEConfig(num_moe_experts=world + 1, moe_router_topk=1), group),
+        "local_backend": lambda: _dispatcher(rank, world, 2 * world, 1, moe_flex_backend="local"),
+        "sync_free_alltoall": lambda: _dispatcher(rank, world, 2 * world, 1, moe_flex_backend="alltoall",
+                                                  moe_sync_free=True),
+    }
+    for name, make in attempts.items():
+        try:
+            make()
+            messages[name] = None
+        except ValueError as exc:
+            messages[name] = str(exc)
+    return messages

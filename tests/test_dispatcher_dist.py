@@ -1,0 +1,96 @@
+"""The dispatcher through the reference's public API on gloo groups of 1 to 4 CPU ranks,
+against the dense single-process formula: outputs and gradients (hidden states, router
+logits, experts), both entry points, padding, capacity, fp64 routing, empty ranks."""
+
+import pytest
+
+from dist_pool import DistPool
+
+WORLDS = [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"W{w}")
+def pool(request):
+    p = DistPool(request.param)
+    yield p
+    p.close()
+
+
+def check(results):
+    for r, res in enumerate(results):
+        tol = res.pop("tolerance")
+        assert res.pop("identical_reruns"), f"rank {r}: two identical runs gave different bits"
+        res.pop("backend")
+        bad = {k: v for k, v in res.items() if not v <= tol}
+        assert not bad, f"rank {r}: relative errors above {tol:g}: {bad}"
+
+
+CASES = {
+    "probs-fp32": dict(entry="probs"),
+    "indices-fp32": dict(entry="indices"),
+    "probs-pad4": dict(entry="probs", pad=4),
+    "indices-capacity": dict(entry="indices", capacity=1.0, pad=2),
+    "probs-capacity": dict(entry="probs", capacity=0.75),
+    "fp64-routing": dict(entry="probs", router_dtype="fp64", dtype="float64"),
+    "bf16": dict(entry="indices", dtype="bfloat16", hidden=32),
+    "top1": dict(entry="probs", topk=1),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer_matches_dense(pool, case):
+    results = pool.run("moe_matches_dense", **CASES[case])
+    assert {r["backend"] for r in results} == {"local" if pool.world == 1 else "alltoall"}
+    check(results)
+
+
+@pytest.mark.timeout(300)
+def test_ranks_without_tokens(pool):
+    tokens = [0 if r % 2 == 0 else 11 * r for r in range(pool.world)]
+    check(pool.run("moe_matches_dense", tokens_per_rank=tokens, entry="indices", pad=3))
+
+
+@pytest.mark.timeout(300)
+def test_two_dispatchers_in_flight(pool):
+    for res in pool.run("two_dispatchers_interleaved"):
+        assert res["A"] < 2e-5 and res["B"] < 2e-5, res
+
+
+@pytest.mark.timeout(300)
+def test_invalid_routing_raises_on_every_rank(pool):
+    bad_rank = pool.world - 1
+    results = pool.run("invalid_routing_all_ranks_raise", bad_rank=bad_rank)
+    for r, res in enumerate(results):
+        assert res["message"] is not None, f"rank {r} did not raise"
+        assert res["recovered"]
+        if r == bad_rank:
+            assert "out of range" in res["message"]
+        if pool.world > 1:
+            assert f"rank(s) [{bad_rank}]" in res["message"]
+
+
+@pytest.mark.timeout(300)
+def test_out_of_order_steps(pool):
+    for messages in pool.run("out_of_order_steps"):
+        assert len(messages) == 2
+        assert "next step of this dispatcher is setup_metadata" in messages[0]
+        assert "next step of this dispatcher is dispatch" in messages[1]
+
+
+@pytest.mark.timeout(300)
+def test_metadata_released_after_combine(pool):
+    for res in pool.run("metadata_released"):
+        assert not any(res["held"].values()), res
+        assert res["freed"]
+
+
+@pytest.mark.timeout(300)
+def test_constructor_errors(pool):
+    for messages in pool.run("constructor_errors"):
+        assert "num_local_experts" in messages["num_local_experts"]
+        assert "local_expert_indices" in messages["local_expert_indices"]
+        if pool.world > 1:
+            assert "cannot be split evenly" in messages["divisible"]
+            assert "'local' needs a group of one rank" in messages["local_backend"]
+            assert "sync_free" in messages["sync_free_alltoall"]

@@ -1,0 +1,154 @@
+"""The dispatcher on one process with no torch.distributed at all (ep_group=None): the
+reference's API, semantics against the dense formula, validation, state, sync-free mode."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import flexdispatch as fd
+from dist_scenarios import metadata_released, moe_matches_dense, out_of_order_steps, two_dispatchers_interleaved
+from moe_math import TOLERANCE, apply_experts, dense_layer, make_problem, rel_err
+from conftest import DEVICES
+
+
+def assert_close_to_dense(res):
+    tol = res.pop("tolerance")
+    assert res.pop("identical_reruns")
+    assert res.pop("backend") == "local"
+    assert all(v <= tol for v in res.values()), res
+
+
+def make(experts=8, topk=2, **config):
+    return fd.MoEFlexTokenDispatcher(experts, list(range(experts)),
+                                     fd.MoEConfig(num_moe_experts=experts, moe_router_topk=topk, **config), None)
+
+
+def test_public_names():
+    assert fd.SHARING_DEEPEP_MANAGER is True
+    assert issubclass(fd._DeepepManager, fd._DispatchManager)
+    for name in ("setup_metadata", "dispatch", "combine", "get_dispached_metadata", "get_dispatched_metadata",
+                 "get_permuted_hidden_states_by_experts", "get_restored_hidden_states_by_experts"):
+        assert hasattr(fd._DispatchManager, name)
+    for name in ("_initialize_metadata", "dispatch_preprocess", "dispatch_preprocess2", "dispatch_all_to_all",
+                 "dispatch_postprocess", "token_permutation", "token_permutation2", "combine_preprocess",
+                 "combine_all_to_all", "combine_postprocess", "token_unpermutation"):
+        assert callable(getattr(fd.MoEFlexTokenDispatcher, name))
+    with pytest.raises(TypeError):
+        fd._DispatchManager()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [dict(entry="probs"), dict(entry="indices", pad=4),
+                                  dict(entry="probs", capacity=0.5), dict(entry="indices", capacity=1.25),
+                                  dict(entry="probs", router_dtype="fp64", dtype="float64"),
+                                  dict(entry="indices", dtype="bfloat16", hidden=32, router_dtype=None)])
+def test_one_rank_without_torch_distributed(device, case):
+    assert not dist.is_initialized()
+    assert_close_to_dense(moe_matches_dense(0, 1, tokens_per_rank=[57], device=device, **case))
+
+
+def test_empty_batch_and_shared_state():
+    assert_close_to_dense(moe_matches_dense(0, 1, tokens_per_rank=[0]))
+    res = two_dispatchers_interleaved(0, 1)
+    assert res["A"] < 2e-5 and res["B"] < 2e-5
+    held = metadata_released(0, 1)
+    assert not any(held["held"].values()) and held["freed"]
+    messages = out_of_order_steps(0, 1)
+    assert "setup_metadata" in messages[0] and "is dispatch" in messages[1]
+
+
+def test_leading_dims_restored_and_step_by_step_api():
+    xs, logits, weights = make_problem(3, [24], 16, 8)
+    d = make(8, 2)
+    x = xs[0].float().reshape(6, 4, 16)
+    probs = torch.softmax(logits[0], -1).float()
+    hidden, token_probs = d.dispatch_preprocess(x, 24, probs.reshape(6, 4, 8))
+    assert hidden.shape == (24, 16) and token_probs.shape == (24, 2)
+    hidden, dispatched_probs = d.dispatch_all_to_all(hidden)
+    indices, probs_again = d._comm_manager.get_dispached_metadata()
+    assert probs_again is dispatched_probs and indices.dtype == torch.int64
+    tokens, tpe, pprobs = d.dispatch_postprocess(hidden)
+    assert tpe.device.type == "cpu" and tpe.dtype == torch.int64
+    y = apply_experts(tokens, tpe, pprobs, weights.float())
+    out = d.combine_postprocess(d.combine_all_to_all(d.combine_preprocess(y)))
+    assert out.shape == (6, 4, 16)
+    token_probs, token_indices = torch.topk(torch.softmax(logits[0], -1), 2)
+    expected = dense_layer(xs[0], token_probs, token_indices, weights)
+    assert rel_err(out.reshape(24, 16), expected) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sync_free_mode(device):
+    xs, logits, weights = make_problem(4, [40], 16, 8)
+    d = make(8, 3, moe_sync_free=True, moe_router_expert_pad_multiple=4)
+    x = xs[0].float().to(device)
+    tokens, tpe, pprobs = d.token_permutation(x, 40, torch.softmax(logits[0], -1).float().to(device))
+    assert tpe.device.type == device  # no host copy
+    assert tokens.shape[0] == 40 * 3 + 8 * 3  # worst case: T * min(K, E) + E * (pad - 1)
+    assert int(tpe.sum()) <= tokens.shape[0] and int(tpe.sum()) % 4 == 0
+    assert torch.count_nonzero(tokens[int(tpe.sum()):]) == 0
+    w = weights.float().to(device)
+    counts = tpe.tolist()
+    used = sum(counts)
+    y = torch.cat([apply_experts(tokens[:used], tpe, pprobs[:used], w), tokens[used:]])
+    out = d.token_unpermutation(y)
+    token_probs, token_indices = torch.topk(torch.softmax(logits[0], -1), 3)
+    assert rel_err(out, dense_layer(xs[0], token_probs, token_indices, weights)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda d, x, p: d.token_permutation(x, 9, p), ValueError, "num_local_tokens: 9 does not match"),
+    (lambda d, x, p: d.token_permutation(x, 10, p[:, :5]), ValueError, r"probs: expected num_local_tokens \* num_moe_experts"),
+    (lambda d, x, p: d.token_permutation(x, 10, p.long()), TypeError, "probs: expected a floating-point"),
+    (lambda d, x, p: d.token_permutation2(x, 10, *torch.topk(p, 3)), ValueError, "token_indices: expected .*topk=2"),
+    (lambda d, x, p: d.token_permutation2(x, 10, p[:, :2], torch.topk(p, 2)[1].float()), TypeError, "token_indices: expected an int32 or int64"),
+    (lambda d, x, p: d.token_permutation2(x, 10, p[:, :2], torch.full((10, 2), 9)), ValueError, "value 9 .* out of range"),
+    (lambda d, x, p: d.token_permutation2(x, 10, p[:, :2], torch.zeros(10, 2, dtype=torch.long)), ValueError, "names an expert twice"),
+    (lambda d, x, p: d.token_permutation(x[0], 10, p), ValueError, "hidden_states: expected a tensor"),
+])
+def test_bad_input(call, error, match):
+    d = make(8, 2)
+    with pytest.raises(error, match=match):
+        call(d, torch.randn(10, 4), torch.rand(10, 8))
+    d.reset()
+    tokens, tpe, pprobs = d.token_permutation(torch.randn(10, 4), 10, torch.rand(10, 8))  # still usable
+    assert d.token_unpermutation(tokens).shape == (10, 4)
+
+
+def test_constructor_validation():
+    cfg = fd.MoEConfig(num_moe_experts=8)
+    with pytest.raises(ValueError, match="num_local_experts"):
+        fd.MoEFlexTokenDispatcher(4, list(range(4)), cfg, None)
+    with pytest.raises(ValueError, match="local_expert_indices"):
+        fd.MoEFlexTokenDispatcher(8, list(range(1, 9)), cfg, None)
+    with pytest.raises(ValueError, match="moe_flex_backend='deepep'"):
+        fd.MoEFlexTokenDispatcher(8, list(range(8)), fd.MoEConfig(num_moe_experts=8, moe_flex_backend="deepep"), None)
+
+
+class ForeignConfig:
+    """A config object of another class with the reference's field names."""
+    num_moe_experts = 8
+    moe_router_topk = 3
+    moe_enable_deepep = True
+    moe_expert_capacity_factor = None
+
+
+def test_foreign_config_accepted():
+    d = fd.MoEFlexTokenDispatcher(8, list(range(8)), ForeignConfig(), None)
+    assert d.config.moe_router_topk == 3 and d.backend == "local"
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("moe_router_topk", 0, "moe_router_topk"), ("moe_router_topk", 65, "at most num_moe_experts"),
+    ("num_moe_experts", 0, "num_moe_experts"), ("moe_expert_capacity_factor", -1.0, "capacity_factor"),
+    ("moe_router_expert_pad_multiple", 0, "pad_multiple"), ("moe_router_dtype", "bf16", "moe_router_dtype"),
+    ("moe_flex_backend", "nccl", "moe_flex_backend"), ("moe_deepep_num_sms", 21, "even"),
+])
+def test_config_validation(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        fd.MoEConfig(**{field: value})
+
+
+def test_capacity_formula():
+    assert fd.expert_capacity(num_tokens=100, topk=2, num_experts=8, capacity_factor=1.0) == 25
+    assert fd.expert_capacity(num_tokens=10, topk=3, num_experts=4, capacity_factor=1.1) == 9
