@@ -11,7 +11,7 @@
 #include "flexdispatch.h"
 
 #ifdef FLEXDISPATCH_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "launch.h"
@@ -111,7 +111,7 @@ std::tuple<Tensor, Tensor, Tensor> indices_to_multihot(const Tensor& indices, co
     FD_CUDA_CHECK(fd::cuda::indices_to_multihot(
         indices.data_ptr(), is64, probs.data_ptr(), static_cast<int>(probs.element_size()), rows, slots,
         static_cast<int32_t>(num_experts), reinterpret_cast<uint8_t*>(map.data_ptr()), probs_out.data_ptr(),
-        error.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream()));
+        error.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()));
 #else
     TORCH_CHECK(false, "flexdispatch was built without CUDA");
 #endif
@@ -124,18 +124,19 @@ std::tuple<Tensor, Tensor, Tensor> indices_to_multihot(const Tensor& indices, co
   return {map, probs_out, error};
 }
 
-// Count and scan: returns (chunk_offsets [chunks, E] int32, layout [3E + 2] int64).
-std::tuple<Tensor, Tensor> route_plan(const Tensor& route, int64_t num_experts, int64_t pad_multiple) {
-  const fd::Route r = route_of(route, num_experts);
+// ---- the permutation plan and the row movers --------------------------------------------
+
+// Count and scan: (chunk_offsets [chunks, E + 1] int32, layout [3E + 2] int64), no sync.
+std::tuple<Tensor, Tensor> route_plan(const fd::Route& r, const Tensor& route, int64_t pad_multiple) {
   TORCH_CHECK_VALUE(pad_multiple >= 1, "pad_multiple must be >= 1, got ", pad_multiple);
   const int64_t chunks = fd::num_chunks_for(r.rows, r.num_experts);
-  auto chunk_offsets = torch::empty({chunks, num_experts}, route.options().dtype(at::kInt));
-  auto layout = torch::zeros({fd::layout_size(r.num_experts)}, route.options().dtype(at::kLong));
+  auto chunk_offsets = torch::empty({chunks, int64_t(r.num_experts) + 1}, route.options().dtype(at::kInt));
+  auto layout = torch::empty({fd::layout_size(r.num_experts)}, route.options().dtype(at::kLong));
   if (route.is_cuda()) {
 #ifdef FLEXDISPATCH_WITH_CUDA
     const c10::cuda::CUDAGuard guard(route.device());
     FD_CUDA_CHECK(fd::cuda::route_plan(r, pad_multiple, chunk_offsets.data_ptr<int32_t>(),
-                                       layout.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream()));
+                                       layout.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()));
 #else
     TORCH_CHECK(false, "flexdispatch was built without CUDA");
 #endif
@@ -145,16 +146,9 @@ std::tuple<Tensor, Tensor> route_plan(const Tensor& route, int64_t num_experts, 
   return {chunk_offsets, layout};
 }
 
-// Returns (row_id_map [rows, slots] int32, probs_out [num_out] or None).
-std::tuple<Tensor, std::optional<Tensor>> route_map(const Tensor& route, int64_t num_experts,
-                                                     const Tensor& chunk_offsets, const Tensor& layout,
-                                                     const std::optional<Tensor>& probs, int64_t num_out) {
-  const fd::Route r = route_of(route, num_experts);
-  TORCH_CHECK_VALUE(num_out >= 0 && num_out < (int64_t(1) << 31), "num_out must be in [0, 2^31), got ", num_out);
-  TORCH_CHECK_VALUE(layout.numel() == fd::layout_size(r.num_experts) && layout.scalar_type() == at::kLong,
-                    "layout does not match num_experts");
-  check_same_device(route, layout, "layout");
-  check_same_device(route, chunk_offsets, "chunk_offsets");
+// row_id_map [rows, slots] and the probs moved to [num_out] (when given).
+std::tuple<Tensor, std::optional<Tensor>> route_map(const fd::Route& r, const Tensor& route, const Tensor& chunk_offsets,
+                                                     Tensor& layout, const std::optional<Tensor>& probs, int64_t num_out) {
   auto row_id_map = torch::empty({r.rows, r.slots}, route.options().dtype(at::kInt));
   std::optional<Tensor> probs_out;
   const void* p = nullptr;
@@ -172,12 +166,9 @@ std::tuple<Tensor, std::optional<Tensor>> route_map(const Tensor& route, int64_t
   void* po = probs_out.has_value() ? probs_out->data_ptr() : nullptr;
   if (route.is_cuda()) {
 #ifdef FLEXDISPATCH_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(route.device());
     FD_CUDA_CHECK(fd::cuda::route_map(r, chunk_offsets.data_ptr<int32_t>(), layout.data_ptr<int64_t>(), p,
                                       prob_bytes, num_out, row_id_map.data_ptr<int32_t>(), po,
-                                      at::cuda::getCurrentCUDAStream()));
-#else
-    TORCH_CHECK(false, "flexdispatch was built without CUDA");
+                                      c10::cuda::getCurrentCUDAStream()));
 #endif
   } else {
     fd::cpu::route_map(r, chunk_offsets.data_ptr<int32_t>(), layout.data_ptr<int64_t>(), p, prob_bytes,
@@ -186,58 +177,99 @@ std::tuple<Tensor, std::optional<Tensor>> route_map(const Tensor& route, int64_t
   return {row_id_map, probs_out};
 }
 
-// dst [num_out, hidden] with dst[row_id_map[r, s]] = src[r]; rows no slot names are left as
-// allocated (see zero_unused_rows).
-Tensor scatter_rows(const Tensor& src, const Tensor& row_id_map, int64_t num_out) {
-  as_rows(src, "src");
-  check_row_id_map(row_id_map, src);
-  TORCH_CHECK_VALUE(row_id_map.size(0) == src.size(0), "row_id_map has ", row_id_map.size(0),
-                    " rows but src has ", src.size(0));
-  auto dst = torch::empty({num_out, src.size(1)}, src.options());
-  const int64_t row_bytes = src.size(1) * src.element_size();
-  const int32_t slots = static_cast<int32_t>(row_id_map.size(1));
-  if (src.is_cuda()) {
-#ifdef FLEXDISPATCH_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(src.device());
-    FD_CUDA_CHECK(fd::cuda::scatter_rows(src.data_ptr(), src.size(0), row_bytes, row_id_map.data_ptr<int32_t>(),
-                                         slots, dst.data_ptr(), at::cuda::getCurrentCUDAStream()));
-#else
-    TORCH_CHECK(false, "flexdispatch was built without CUDA");
-#endif
-  } else {
-    fd::cpu::scatter_rows(src.data_ptr(), src.size(0), row_bytes, row_id_map.data_ptr<int32_t>(), slots,
-                          dst.data_ptr());
-  }
-  return dst;
-}
-
+// Zeroes the rows of dst (and probs_out) that no source row fills: pad rows and the tail.
 void zero_unused_rows(Tensor& dst, const std::optional<Tensor>& probs_out, const Tensor& layout,
                       int64_t num_experts, bool padded, bool tail) {
-  as_rows(dst, "dst");
-  check_same_device(dst, layout, "layout");
-  TORCH_CHECK_VALUE(layout.numel() == fd::layout_size(static_cast<int32_t>(num_experts)),
-                    "layout does not match num_experts");
-  void* po = nullptr;
-  int prob_bytes = 4;
-  if (probs_out.has_value()) {
-    TORCH_CHECK_VALUE(probs_out->numel() == dst.size(0), "probs_out must have one entry per row");
-    po = probs_out->data_ptr();
-    prob_bytes = static_cast<int>(probs_out->element_size());
-  }
-  const int64_t row_bytes = dst.size(1) * dst.element_size();
+  if (!padded && !tail) return;
+  void* po = probs_out.has_value() ? probs_out->data_ptr() : nullptr;
+  const int prob_bytes = probs_out.has_value() ? static_cast<int>(probs_out->element_size()) : 4;
+  const int64_t row_bytes = dst.numel() == 0 ? 0 : dst.size(1) * dst.element_size();
   if (dst.is_cuda()) {
 #ifdef FLEXDISPATCH_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(dst.device());
     FD_CUDA_CHECK(fd::cuda::zero_unused_rows(layout.data_ptr<int64_t>(), static_cast<int32_t>(num_experts), padded,
                                              tail, dst.data_ptr(), dst.size(0), row_bytes, po, prob_bytes,
-                                             at::cuda::getCurrentCUDAStream()));
-#else
-    TORCH_CHECK(false, "flexdispatch was built without CUDA");
+                                             c10::cuda::getCurrentCUDAStream()));
 #endif
   } else {
     fd::cpu::zero_unused_rows(layout.data_ptr<int64_t>(), static_cast<int32_t>(num_experts), padded, tail,
                               dst.data_ptr(), dst.size(0), row_bytes, po, prob_bytes);
   }
+}
+
+// dst [num_out, hidden] with dst[row_id_map[r, s]] = src[r]; pad and tail rows zeroed.
+Tensor scatter_into(const Tensor& src, const Tensor& row_id_map, int64_t num_out, const Tensor& layout,
+                    int64_t num_experts, bool padded, bool tail, const std::optional<Tensor>& probs_out) {
+  auto dst = torch::empty({num_out, src.size(1)}, src.options());
+  const int64_t row_bytes = src.size(1) * src.element_size();
+  const int32_t slots = static_cast<int32_t>(row_id_map.size(1));
+  if (src.is_cuda()) {
+#ifdef FLEXDISPATCH_WITH_CUDA
+    FD_CUDA_CHECK(fd::cuda::scatter_rows(src.data_ptr(), src.size(0), row_bytes, row_id_map.data_ptr<int32_t>(),
+                                         slots, dst.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+#endif
+  } else {
+    fd::cpu::scatter_rows(src.data_ptr(), src.size(0), row_bytes, row_id_map.data_ptr<int32_t>(), slots,
+                          dst.data_ptr());
+  }
+  zero_unused_rows(dst, probs_out, layout, num_experts, padded, tail);
+  return dst;
+}
+
+// The whole permutation in one call: plan, (sync when num_out < 0), map, rows, zero fill.
+// Returns (out [N, H], out_probs [N] or None, row_id_map [R, S], layout, host_layout or None).
+// When the sync finds bad routing, returns early with empty out and row_id_map; the caller
+// reads the error bits from host_layout.
+std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>> permute(
+    const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& tokens,
+    const std::optional<Tensor>& probs) {
+  const fd::Route r = route_of(route, num_experts);
+  as_rows(tokens, "tokens");
+  check_same_device(route, tokens, "tokens");
+  TORCH_CHECK_VALUE(tokens.size(0) == r.rows, "tokens has ", tokens.size(0), " rows, the route ", r.rows);
+  const c10::OptionalDeviceGuard guard(at::device_of(route));
+  auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple);
+  std::optional<Tensor> host;
+  const bool tail = num_out >= 0;
+  if (num_out < 0) {
+    host = layout.to(at::kCPU);  // the one sync: output size and error bits
+    if (host->data_ptr<int64_t>()[fd::layout_error(r.num_experts)] != 0) {
+      return {tokens.new_empty({0, tokens.size(1)}), std::nullopt, route.new_empty({0}, at::kInt), layout, host};
+    }
+    num_out = host->data_ptr<int64_t>()[fd::layout_offsets(r.num_experts) + r.num_experts];
+  }
+  TORCH_CHECK_VALUE(num_out < (int64_t(1) << 31), "at most 2^31 - 1 output rows are supported");
+  auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out);
+  auto out = scatter_into(tokens, row_id_map, num_out, layout, num_experts, pad_multiple > 1, tail, probs_out);
+  return {out, probs_out, row_id_map, layout, host};
+}
+
+// The plan alone: (row_id_map, layout, host_layout or None); sizes itself when num_out < 0.
+std::tuple<Tensor, Tensor, std::optional<Tensor>> plan(const Tensor& route, int64_t num_experts,
+                                                       int64_t pad_multiple, int64_t num_out) {
+  const fd::Route r = route_of(route, num_experts);
+  const c10::OptionalDeviceGuard guard(at::device_of(route));
+  auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple);
+  std::optional<Tensor> host;
+  if (num_out < 0) {
+    host = layout.to(at::kCPU);
+    if (host->data_ptr<int64_t>()[fd::layout_error(r.num_experts)] != 0) {
+      return {route.new_empty({0}, at::kInt), layout, host};
+    }
+    num_out = host->data_ptr<int64_t>()[fd::layout_offsets(r.num_experts) + r.num_experts];
+  }
+  auto [row_id_map, unused] = route_map(r, route, chunk_offsets, layout, std::nullopt, num_out);
+  return {row_id_map, layout, host};
+}
+
+// Rows moved along an existing plan (backward of unpermute, apply_permutation).
+Tensor scatter_rows(const Tensor& src, const Tensor& row_id_map, int64_t num_out, const Tensor& layout,
+                    int64_t num_experts, bool padded, bool tail) {
+  as_rows(src, "src");
+  check_row_id_map(row_id_map, src);
+  TORCH_CHECK_VALUE(row_id_map.size(0) == src.size(0), "row_id_map has ", row_id_map.size(0),
+                    " rows but src has ", src.size(0));
+  const c10::OptionalDeviceGuard guard(at::device_of(src));
+  return scatter_into(src, row_id_map, num_out, layout, num_experts, padded, tail, std::nullopt);
 }
 
 // dst [rows, hidden]: dst[r] = sum over valid slots (in order) of probs[r, s] * src[map[r, s]].
@@ -262,7 +294,7 @@ Tensor gather_rows(const Tensor& src, const Tensor& row_id_map, const std::optio
 #ifdef FLEXDISPATCH_WITH_CUDA
     const c10::cuda::CUDAGuard guard(src.device());
     FD_CUDA_CHECK(fd::cuda::gather_rows(dtype, src.data_ptr(), src.size(1), row_id_map.data_ptr<int32_t>(), slots,
-                                        p, prob_dtype, dst.data_ptr(), rows, at::cuda::getCurrentCUDAStream()));
+                                        p, prob_dtype, dst.data_ptr(), rows, c10::cuda::getCurrentCUDAStream()));
 #else
     TORCH_CHECK(false, "flexdispatch was built without CUDA");
 #endif
@@ -273,10 +305,11 @@ Tensor gather_rows(const Tensor& src, const Tensor& row_id_map, const std::optio
   return dst;
 }
 
-// Backward of gather_rows with probs: (grad_src [src rows, hidden], grad_probs [rows, slots]).
-// Rows of grad_src that no slot names are left as allocated (see zero_unused_rows).
+// Backward of gather_rows with probs: (grad_src [src rows, hidden], grad_probs [rows, slots]);
+// pad and tail rows of grad_src zeroed.
 std::tuple<Tensor, Tensor> gather_rows_backward(const Tensor& grad_out, const Tensor& src,
-                                                const Tensor& row_id_map, const Tensor& probs) {
+                                                const Tensor& row_id_map, const Tensor& probs, const Tensor& layout,
+                                                int64_t num_experts, bool padded, bool tail) {
   as_rows(grad_out, "grad_out");
   as_rows(src, "src");
   const fd::DType dtype = dtype_of(src, "src");
@@ -297,7 +330,7 @@ std::tuple<Tensor, Tensor> gather_rows_backward(const Tensor& grad_out, const Te
     FD_CUDA_CHECK(fd::cuda::gather_rows_backward(dtype, grad_out.data_ptr(), src.data_ptr(), src.size(1),
                                                  row_id_map.data_ptr<int32_t>(), slots, probs.data_ptr(),
                                                  prob_dtype, rows, grad_src.data_ptr(), grad_probs.data_ptr(),
-                                                 at::cuda::getCurrentCUDAStream()));
+                                                 c10::cuda::getCurrentCUDAStream()));
 #else
     TORCH_CHECK(false, "flexdispatch was built without CUDA");
 #endif
@@ -306,6 +339,7 @@ std::tuple<Tensor, Tensor> gather_rows_backward(const Tensor& grad_out, const Te
                                   row_id_map.data_ptr<int32_t>(), slots, probs.data_ptr(), prob_dtype, rows,
                                   grad_src.data_ptr(), grad_probs.data_ptr());
   }
+  zero_unused_rows(grad_src, std::nullopt, layout, num_experts, padded, tail);
   return {grad_src, grad_probs};
 }
 
@@ -322,10 +356,9 @@ bool with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flexdispatch kernels (see flexdispatch/_kernels.py for the Python-facing wrappers)";
   m.def("indices_to_multihot", &indices_to_multihot);
-  m.def("route_plan", &route_plan);
-  m.def("route_map", &route_map);
+  m.def("permute", &permute);
+  m.def("plan", &plan);
   m.def("scatter_rows", &scatter_rows);
-  m.def("zero_unused_rows", &zero_unused_rows);
   m.def("gather_rows", &gather_rows);
   m.def("gather_rows_backward", &gather_rows_backward);
   m.def("with_cuda", &with_cuda);

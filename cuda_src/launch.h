@@ -16,9 +16,9 @@ cudaError_t indices_to_multihot(const void* indices, bool indices_are_64bit, con
                                 int prob_bytes, int64_t rows, int32_t slots, int32_t num_experts,
                                 uint8_t* map, void* probs_out, int64_t* error, cudaStream_t stream);
 
-// Count and scan. chunk_offsets [num_chunks, E] receives, for every chunk of rows and expert,
-// the rows of that expert in earlier chunks; layout (3E + 2) the counts, padded counts,
-// offsets and error bits. Validates indices.
+// Count and scan. chunk_offsets [num_chunks, E + 1] receives, for every chunk of rows and
+// expert, the rows of that expert in earlier chunks (column E: scratch); layout (3E + 2), all
+// of it, the counts, padded counts, offsets and error bits. Validates indices.
 cudaError_t route_plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets,
                        int64_t* layout, cudaStream_t stream);
 

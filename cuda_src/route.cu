@@ -57,42 +57,55 @@ __device__ void clear_masks(uint32_t* masks, int n) {
   __syncthreads();
 }
 
+// Row c of chunk_counts [chunks, E + 1]: the chunk's count per expert, then its error bits,
+// so that no buffer needs clearing before the launch.
 template <int Kind>
-__global__ void route_count_kernel(Route route, int chunk_rows, int32_t* chunk_counts,
-                                   int64_t* error) {
+__global__ void route_count_kernel(Route route, int chunk_rows, int32_t* chunk_counts) {
   extern __shared__ uint32_t masks[];
+  __shared__ int chunk_bad;
   const int words = chunk_rows / 32;
   const int experts = route.num_experts;
+  if (threadIdx.x == 0) chunk_bad = 0;
   clear_masks(masks, experts * words);
   int64_t bad = 0;
   mark_chunk<Kind>(route, int64_t(blockIdx.x) * chunk_rows, chunk_rows, masks, words, &bad);
-  if (bad) or_error(error, bad);
+  if (bad) atomicOr(&chunk_bad, static_cast<int>(bad));
   __syncthreads();
+  int32_t* row = chunk_counts + int64_t(blockIdx.x) * (experts + 1);
   for (int e = threadIdx.x; e < experts; e += blockDim.x) {
     int n = 0;
     for (int w = 0; w < words; ++w) n += __popc(masks[e * words + w]);
-    chunk_counts[int64_t(blockIdx.x) * experts + e] = n;
+    row[e] = n;
   }
+  if (threadIdx.x == 0) row[experts] = chunk_bad;
 }
 
 // One block: per expert, an exclusive scan over chunks (in place: counts in, offsets out);
-// then the padded counts and an exclusive scan over experts.
+// then the padded counts, an exclusive scan over experts, and the chunks' error bits OR-ed
+// into the layout. Writes every entry of the layout.
 __global__ void route_scan_kernel(int32_t* chunk_offsets, int64_t num_chunks, int experts,
                                   int64_t pad_multiple, int64_t* layout) {
   __shared__ int64_t scratch[32];
+  __shared__ int errors;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int stride = experts + 1;
+  if (threadIdx.x == 0) errors = 0;
+  __syncthreads();
+  int bad = 0;
+  for (int64_t c = threadIdx.x; c < num_chunks; c += blockDim.x) bad |= chunk_offsets[c * stride + experts];
+  if (bad) atomicOr(&errors, bad);
   for (int e = warp; e < experts; e += warps) {
     int64_t running = 0;
     for (int64_t base = 0; base < num_chunks; base += 32) {
       const int64_t c = base + lane;
-      const int64_t v = c < num_chunks ? chunk_offsets[c * experts + e] : 0;
+      const int64_t v = c < num_chunks ? chunk_offsets[c * stride + e] : 0;
       int64_t x = v;
 #pragma unroll
       for (int o = 1; o < 32; o *= 2) {
         const int64_t y = __shfl_up_sync(kFullMask, x, o);
         if (lane >= o) x += y;
       }
-      if (c < num_chunks) chunk_offsets[c * experts + e] = static_cast<int32_t>(running + x - v);
+      if (c < num_chunks) chunk_offsets[c * stride + e] = static_cast<int32_t>(running + x - v);
       running += __shfl_sync(kFullMask, x, 31);
     }
     if (lane == 0) {
@@ -115,7 +128,10 @@ __global__ void route_scan_kernel(int32_t* chunk_offsets, int64_t num_chunks, in
     offsets[e] = running;
     running += padded[e];
   }
-  if (threadIdx.x == 0) offsets[experts] = total;
+  if (threadIdx.x == 0) {
+    offsets[experts] = total;
+    layout[layout_error(experts)] = errors;
+  }
 }
 
 template <int Kind, typename ProbBits>
@@ -132,7 +148,7 @@ __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chu
   __syncthreads();
 
   const int64_t* offsets = layout + layout_offsets(experts);
-  const int32_t* chunk_base = chunk_offsets + int64_t(blockIdx.x) * experts;
+  const int32_t* chunk_base = chunk_offsets + int64_t(blockIdx.x) * (experts + 1);
   int64_t overflow = 0;
   for (int c = threadIdx.x; c < chunk_rows; c += blockDim.x) {
     const int64_t row = row0 + c;
@@ -168,7 +184,7 @@ cudaError_t plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offset
   if (chunks > 0) {
     route_count_kernel<Kind><<<static_cast<unsigned>(chunks), chunk_rows,
                                mask_bytes(route.num_experts, chunk_rows), stream>>>(
-        route, chunk_rows, chunk_offsets, layout + layout_error(route.num_experts));
+        route, chunk_rows, chunk_offsets);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -186,12 +186,12 @@ def kernel_spec(archs: Optional[Sequence[str]] = None, src: Optional[Path] = Non
     archs = tuple(sorted(parse_arch(a) for a in (gpu_archs() if archs is None else archs)))
     cpu_sources = sorted((src / "cpu").glob("*.cpp"))
     sources = [src / "bindings.cpp", *cpu_sources]
-    cflags = ["-O3", "-std=c++17", "-fopenmp"]
+    cflags = ["-O3", "-fopenmp"]  # torch picks the C++ standard its headers need
     cuda_cflags: list[str] = []
     if archs:
         sources += sorted(src.glob("*.cu"))
         cflags.append("-DFLEXDISPATCH_WITH_CUDA")
-        cuda_cflags = ["-O3", "-std=c++17", "-lineinfo"]
+        cuda_cflags = ["-O3", "-lineinfo"]
     headers = sorted([*src.glob("*.h"), *src.glob("*.cuh"), *(src / "cpu").glob("*.h")])
     return BuildSpec(
         name=EXTENSION_NAME, sources=tuple(sources), headers=tuple(headers), archs=archs,

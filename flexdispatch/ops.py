@@ -22,8 +22,8 @@ from .rowmap import RowIdMap, routing_error
 
 _C = _jit.load_kernels()
 
-# CUDA error flags not yet read: (error tensor, route, num_experts, argument name, num_out).
-_pending: list[tuple[torch.Tensor, torch.Tensor, int, str, Optional[int]]] = []
+# CUDA error flags not yet read: (layout, index of its error word, route, num_experts, name, num_out).
+_pending: list = []
 _MAX_PENDING = 64
 
 
@@ -38,30 +38,50 @@ def _use_kernels(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or (t.device.type == "cuda" and _C.with_cuda())
 
 
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def check_pending_errors() -> None:
     """Read the error flags of earlier CUDA calls (syncs once) and raise the first error."""
     if not _pending:
         return
     entries = list(_pending)
     _pending.clear()
-    bits = torch.stack([e[0].reshape(()) for e in entries]).cpu()
-    for value, (_, route, num_experts, name, num_out) in zip(bits.tolist(), entries):
+    bits = torch.stack([e[0][e[1]] for e in entries]).cpu()
+    for value, (_, _, route, num_experts, name, num_out) in zip(bits.tolist(), entries):
         if value:
             raise routing_error(value, route, num_experts, name, num_out)
 
 
-def _defer_or_raise(error: torch.Tensor, route: torch.Tensor, num_experts: int, name: str,
+def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_experts: int, name: str,
                     num_out: Optional[int] = None) -> None:
     """Raise now for CPU tensors (reading the flag costs nothing); on CUDA, keep the flag for
     the next sync point instead of adding one."""
-    if error.device.type == "cpu":
-        bits = int(error.reshape(-1)[0])
+    if flags.device.type == "cpu":
+        bits = int(flags[index])
         if bits:
             raise routing_error(bits, route, num_experts, name, num_out)
         return
-    _pending.append((error, route, num_experts, name, num_out))
+    if flags.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # a graph being captured may not sync; its sizes are the caller's (sync-free mode)
+    _pending.append((flags, index, route, num_experts, name, num_out))
     if len(_pending) > _MAX_PENDING:
         check_pending_errors()
+
+
+def _finish_plan(row_id_map, layout, host, route, num_experts, num_out, pad_multiple, sized, name) -> RowIdMap:
+    """Wrap the kernels' outputs; raise (or defer) the error bits they found."""
+    error_index = 3 * num_experts + 1
+    if host is not None:
+        check_pending_errors()  # a sync just happened: read the earlier flags too
+        bits = int(host[error_index])
+        if bits:
+            raise routing_error(bits, route, num_experts, name)
+    else:
+        _defer_or_raise(layout, error_index, route, num_experts, name, num_out)
+    return RowIdMap(map=row_id_map, layout=layout, num_experts=num_experts, num_out=num_out,
+                    pad_multiple=pad_multiple or 1, has_tail=sized, host_layout=host)
 
 
 # ---- argument checks (host side, no sync) ------------------------------------------------
@@ -113,12 +133,10 @@ def _check_sizes(num_out_tokens, pad_multiple) -> None:
 # ---- kernel-backed primitives --------------------------------------------------------------
 
 
-def _scatter(src: torch.Tensor, plan: RowIdMap, probs_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _scatter(src: torch.Tensor, plan: RowIdMap) -> torch.Tensor:
     """``[N, H]`` with every source row at its planned rows; pad and tail rows zero."""
-    out = _C.scatter_rows(src.contiguous(), plan.map, plan.num_out)
-    if plan.pad_multiple > 1 or plan.has_tail:
-        _C.zero_unused_rows(out, probs_out, plan.layout, plan.num_experts, plan.pad_multiple > 1, plan.has_tail)
-    return out
+    return _C.scatter_rows(src.contiguous(), plan.map, plan.num_out, plan.layout, plan.num_experts,
+                           plan.pad_multiple > 1, plan.has_tail)
 
 
 def _gather_slots(values: torch.Tensor, plan: RowIdMap) -> torch.Tensor:
@@ -129,44 +147,34 @@ def _gather_slots(values: torch.Tensor, plan: RowIdMap) -> torch.Tensor:
     return padded[index]
 
 
-def _plan(route: torch.Tensor, num_experts: int, num_out_tokens: Optional[int], pad_multiple: Optional[int],
-          name: str):
-    chunk_offsets, layout = _C.route_plan(route, num_experts, pad_multiple or 1)
-    host = None
-    if num_out_tokens is None:
-        host = layout.cpu()  # the one sync: sizes the output and reads the error bits
-        check_pending_errors()
-        bits = int(host[3 * num_experts + 1])
-        if bits:
-            raise routing_error(bits, route, num_experts, name)
-        num_out = int(host[3 * num_experts])
-    else:
-        num_out = num_out_tokens
-    plan = RowIdMap(map=None, layout=layout, num_experts=num_experts, num_out=num_out,
-                    pad_multiple=pad_multiple or 1, has_tail=num_out_tokens is not None, host_layout=host)
-    return plan, chunk_offsets
+def _permute(tokens, probs, route, num_experts, num_out_tokens, pad_multiple, name):
+    """One kernel call: plan, size (one sync when num_out_tokens is None), map, rows."""
+    p = probs.detach().contiguous() if probs is not None else None
+    out, out_probs, row_id_map, layout, host = _C.permute(
+        route, num_experts, pad_multiple or 1, -1 if num_out_tokens is None else num_out_tokens,
+        tokens.detach().contiguous(), p)
+    plan = _finish_plan(row_id_map, layout, host, route, num_experts, out.shape[0], pad_multiple,
+                        num_out_tokens is not None, name)
+    return out, out_probs, plan
 
 
 class _Permute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tokens, probs, route, plan, chunk_offsets, name):
-        p = probs.detach().contiguous() if probs is not None else None
-        plan.map, out_probs = _C.route_map(route, plan.num_experts, chunk_offsets, plan.layout, p, plan.num_out)
-        out = _scatter(tokens, plan, out_probs)
-        if plan.host_layout is None:  # no sync was made: overflow or bad routing is read later
-            _defer_or_raise(plan.layout[3 * plan.num_experts + 1], route, plan.num_experts, name, plan.num_out)
+    def forward(ctx, tokens, probs, route, num_experts, num_out_tokens, pad_multiple, name):
+        out, out_probs, plan = _permute(tokens, probs, route, num_experts, num_out_tokens, pad_multiple, name)
         ctx.plan = plan
-        return out, out_probs
+        ctx.set_materialize_grads(False)
+        return out, out_probs, plan
 
     @staticmethod
-    def backward(ctx, grad_out, grad_out_probs):
+    def backward(ctx, grad_out, grad_out_probs, _grad_plan):
         plan = ctx.plan
         grad_tokens = grad_probs = None
         if ctx.needs_input_grad[0] and grad_out is not None:
             grad_tokens = _C.gather_rows(grad_out.contiguous(), plan.map, None)
         if ctx.needs_input_grad[1] and grad_out_probs is not None:
             grad_probs = _gather_slots(grad_out_probs, plan)
-        return grad_tokens, grad_probs, None, None, None, None
+        return grad_tokens, grad_probs, None, None, None, None, None
 
 
 class _ApplyPermutation(torch.autograd.Function):
@@ -196,9 +204,8 @@ class _Unpermute(torch.autograd.Function):
         g = grad_out.contiguous()
         if p is None:
             return _scatter(g, plan), None, None
-        grad_x, grad_p = _C.gather_rows_backward(g, x, plan.map, p)
-        if plan.pad_multiple > 1 or plan.has_tail:
-            _C.zero_unused_rows(grad_x, None, plan.layout, plan.num_experts, plan.pad_multiple > 1, plan.has_tail)
+        grad_x, grad_p = _C.gather_rows_backward(g, x, plan.map, p, plan.layout, plan.num_experts,
+                                                 plan.pad_multiple > 1, plan.has_tail)
         return grad_x, (grad_p if ctx.needs_input_grad[1] else None), None
 
 
@@ -207,7 +214,7 @@ class _IndicesToMultihot(torch.autograd.Function):
     def forward(ctx, indices, probs, num_experts):
         idx = indices.contiguous()
         routing_map, multihot, error = _C.indices_to_multihot(idx, probs.detach().contiguous(), num_experts)
-        _defer_or_raise(error, idx, num_experts, "indices")
+        _defer_or_raise(error, 0, idx, num_experts, "indices")
         ctx.save_for_backward(idx)
         ctx.mark_non_differentiable(routing_map)
         return routing_map, multihot
@@ -277,10 +284,8 @@ def permute(tokens: torch.Tensor, routing_map: torch.Tensor, probs: Optional[tor
     _check_sizes(num_out_tokens, pad_multiple)
     if not _use_kernels(tokens):
         return reference.permute(tokens, routing_map, probs, num_out_tokens, pad_multiple)
-    route = routing_map.contiguous()
-    plan, chunk_offsets = _plan(route, route.shape[1], num_out_tokens, pad_multiple, "routing_map")
-    out, out_probs = _Permute.apply(tokens, probs, route, plan, chunk_offsets, "routing_map")
-    return out, out_probs, plan, plan.tokens_per_expert
+    return _permute_public(tokens, routing_map.contiguous(), probs, routing_map.shape[1], num_out_tokens,
+                           pad_multiple, "routing_map")
 
 
 def permute_by_indices(tokens: torch.Tensor, indices: torch.Tensor, probs: Optional[torch.Tensor] = None,
@@ -304,9 +309,14 @@ def permute_by_indices(tokens: torch.Tensor, indices: torch.Tensor, probs: Optio
     _check_sizes(num_out_tokens, pad_multiple)
     if not _use_kernels(tokens):
         return reference.permute_by_indices(tokens, indices, probs, num_experts, num_out_tokens, pad_multiple)
-    route = indices.contiguous()
-    plan, chunk_offsets = _plan(route, num_experts, num_out_tokens, pad_multiple, "indices")
-    out, out_probs = _Permute.apply(tokens, probs, route, plan, chunk_offsets, "indices")
+    return _permute_public(tokens, indices.contiguous(), probs, num_experts, num_out_tokens, pad_multiple, "indices")
+
+
+def _permute_public(tokens, route, probs, num_experts, num_out_tokens, pad_multiple, name):
+    if _needs_grad(tokens, probs):
+        out, out_probs, plan = _Permute.apply(tokens, probs, route, num_experts, num_out_tokens, pad_multiple, name)
+    else:
+        out, out_probs, plan = _permute(tokens, probs, route, num_experts, num_out_tokens, pad_multiple, name)
     return out, out_probs, plan, plan.tokens_per_expert
 
 
@@ -328,11 +338,11 @@ def make_plan(route: torch.Tensor, num_experts: int, num_out_tokens: Optional[in
     if not _use_kernels(route):
         return reference.make_plan(route, num_experts, num_out_tokens, pad_multiple)
     route = route.contiguous()
-    plan, chunk_offsets = _plan(route, num_experts, num_out_tokens, pad_multiple, "route")
-    plan.map, _ = _C.route_map(route, num_experts, chunk_offsets, plan.layout, None, plan.num_out)
-    if plan.host_layout is None:
-        _defer_or_raise(plan.layout[3 * num_experts + 1], route, num_experts, "route", plan.num_out)
-    return plan
+    row_id_map, layout, host = _C.plan(route, num_experts, pad_multiple or 1,
+                                       -1 if num_out_tokens is None else num_out_tokens)
+    num_out = num_out_tokens if host is None else int(host[3 * num_experts])
+    return _finish_plan(row_id_map, layout, host, route, num_experts, num_out, pad_multiple,
+                        num_out_tokens is not None, "route")
 
 
 def apply_permutation(tokens: torch.Tensor, row_id_map: RowIdMap) -> torch.Tensor:
@@ -342,7 +352,9 @@ def apply_permutation(tokens: torch.Tensor, row_id_map: RowIdMap) -> torch.Tenso
         raise ValueError(f"tokens: expected {row_id_map.num_rows} rows (the plan's), got {tokens.shape[0]}")
     if not _use_kernels(tokens):
         return reference.apply_permutation(tokens, row_id_map)
-    return _ApplyPermutation.apply(tokens, row_id_map)
+    if _needs_grad(tokens):
+        return _ApplyPermutation.apply(tokens, row_id_map)
+    return _scatter(tokens, row_id_map)
 
 
 def unpermute(permuted: torch.Tensor, row_id_map: RowIdMap, probs: Optional[torch.Tensor] = None,
@@ -373,5 +385,9 @@ def unpermute(permuted: torch.Tensor, row_id_map: RowIdMap, probs: Optional[torc
         raise TypeError(f"permuted: expected a floating-point tensor, got {permuted.dtype}")
     if not _use_kernels(permuted):
         return reference.unpermute(permuted, row_id_map, probs, restore_shape)
-    out = _Unpermute.apply(permuted, probs, row_id_map)
+    if _needs_grad(permuted, probs):
+        out = _Unpermute.apply(permuted, probs, row_id_map)
+    else:
+        out = _C.gather_rows(permuted.contiguous(), row_id_map.map,
+                             probs.contiguous() if probs is not None else None)
     return out.view(tuple(restore_shape)) if restore_shape is not None else out

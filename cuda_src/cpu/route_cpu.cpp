@@ -65,10 +65,11 @@ void route_plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets
   const int32_t experts = route.num_experts;
   const int64_t chunk_rows = chunk_rows_for(experts);
   const int64_t chunks = num_chunks_for(route.rows, experts);
+  const int64_t stride = experts + 1;  // column E is scratch, as on the GPU
   int64_t bad = 0;
 #pragma omp parallel for schedule(static) reduction(| : bad)
   for (int64_t c = 0; c < chunks; ++c) {
-    int32_t* counts = chunk_offsets + c * experts;
+    int32_t* counts = chunk_offsets + c * stride;
     std::fill(counts, counts + experts, 0);
     const int64_t end = std::min(route.rows, (c + 1) * chunk_rows);
     for (int64_t r = c * chunk_rows; r < end; ++r) {
@@ -85,8 +86,8 @@ void route_plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets
   for (int32_t e = 0; e < experts; ++e) {
     int64_t running = 0;
     for (int64_t c = 0; c < chunks; ++c) {
-      const int32_t n = chunk_offsets[c * experts + e];
-      chunk_offsets[c * experts + e] = static_cast<int32_t>(running);
+      const int32_t n = chunk_offsets[c * stride + e];
+      chunk_offsets[c * stride + e] = static_cast<int32_t>(running);
       running += n;
     }
     counts[e] = running;
@@ -98,7 +99,7 @@ void route_plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets
     total += padded[e];
   }
   offsets[experts] = total;
-  layout[layout_error(experts)] |= bad;
+  layout[layout_error(experts)] = bad;
 }
 
 void route_map(const Route& route, const int32_t* chunk_offsets, int64_t* layout, const void* probs,
@@ -115,7 +116,7 @@ void route_map(const Route& route, const int32_t* chunk_offsets, int64_t* layout
     std::vector<int64_t> next(experts);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
-      for (int32_t e = 0; e < experts; ++e) next[e] = offsets[e] + chunk_offsets[c * experts + e];
+      for (int32_t e = 0; e < experts; ++e) next[e] = offsets[e] + chunk_offsets[c * (experts + 1) + e];
       const int64_t end = std::min(route.rows, (c + 1) * chunk_rows);
       for (int64_t r = c * chunk_rows; r < end; ++r) {
         for (int32_t s = 0; s < route.slots; ++s) {

@@ -1,0 +1,178 @@
+"""Benchmark the fused ops on one GPU against their byte floor and flexdispatch.reference.
+
+For each shape (R rows, H hidden, E experts, K top-k; bf16 tokens, fp32 probs, every slot
+used) it times, with CUDA events after warm-up (median of --iters runs):
+
+  multihot      indices_to_multihot
+  permute       permute_by_indices with the output size known (as in the managers)
+  permute+sync  permute_by_indices sizing its output itself (one host sync)
+  unpermute     unpermute without probs (the restore step)
+  unpermute_w   unpermute merging probs
+  permute_bwd   backward of permute (a gather)
+  unperm_bwd    backward of unpermute (a scatter)
+
+Floor: permute and unpermute move 2*H*(R + N) bytes (N = R*K); GB/s is that over the time,
+and "of copy" is the ratio to a measured device-to-device copy (bytes read + written). A
+permute reads a row once and writes it K times, so a fill's write-only bandwidth is printed
+too: write-heavy ops are bounded by it more than by the copy.
+
+    python tools/bench_ops.py --json out.json --png out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flexdispatch import ops, reference  # noqa: E402
+
+SHAPES = [(16384, 7168, 64, 8), (32768, 2048, 32, 8), (1024, 1024, 8, 4)]
+
+
+def time_ms(fn, iters: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(iters: int) -> tuple[float, float]:
+    """GB/s of a 2 GiB device-to-device copy (bytes read + written) and of a 2 GiB fill
+    (bytes written): the floors of read-heavy and write-heavy ops."""
+    src = torch.randn(1 << 29, device="cuda")  # 2 GiB of float32
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), iters)
+    fill_ms = time_ms(lambda: dst.fill_(1.5), iters)
+    return 2 * src.numel() * 4 / copy_ms / 1e6, src.numel() * 4 / fill_ms / 1e6
+
+
+def routing(rows: int, experts: int, topk: int, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    idx = torch.rand(rows, experts, device="cuda", generator=g).argsort(dim=1)[:, :topk].contiguous()
+    probs = torch.rand(rows, topk, device="cuda", generator=g)
+    return idx, probs
+
+
+def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps):
+    idx, probs = routing(rows, experts, topk)
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    n = rows * topk
+    floor_bytes = 2 * hidden * (rows + n)
+    out, _, plan, _ = ops.permute_by_indices(x, idx, probs, num_experts=experts)
+    results = {}
+
+    def record(name, fn, ref_fn=None, bytes_moved=None):
+        ms = time_ms(fn, iters)
+        entry = {"ms": ms}
+        if bytes_moved:
+            entry["gbps"] = bytes_moved / ms / 1e6
+            entry["of_copy"] = entry["gbps"] / copy_gbps
+        if ref_fn is not None:
+            ref_ms = time_ms(ref_fn, ref_iters, warmup=1)
+            entry["ref_ms"] = ref_ms
+            entry["speedup"] = ref_ms / ms
+        results[name] = entry
+        torch.cuda.empty_cache()
+
+    record("multihot", lambda: ops.indices_to_multihot(idx, probs, experts),
+           lambda: reference.indices_to_multihot(idx, probs, experts))
+    record("permute", lambda: ops.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=n),
+           lambda: reference.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=n), floor_bytes)
+    record("permute+sync", lambda: ops.permute_by_indices(x, idx, probs, num_experts=experts), None, floor_bytes)
+    ref_out, _, ref_plan, _ = reference.permute_by_indices(x, idx, probs, num_experts=experts)
+    record("unpermute", lambda: ops.unpermute(out, plan), lambda: reference.unpermute(ref_out, ref_plan), floor_bytes)
+    record("unpermute_w", lambda: ops.unpermute(out, plan, probs), lambda: reference.unpermute(ref_out, ref_plan, probs),
+           floor_bytes)
+
+    # Backward passes, timed through autograd with a fixed upstream gradient.
+    xg = x.clone().requires_grad_()
+    pout = ops.permute_by_indices(xg, idx, probs, num_experts=experts, num_out_tokens=n)[0]
+    gout = torch.randn_like(pout)
+    xr = x.clone().requires_grad_()
+    rout = reference.permute_by_indices(xr, idx, probs, num_experts=experts, num_out_tokens=n)[0]
+    record("permute_bwd", lambda: torch.autograd.grad(pout, xg, gout, retain_graph=True),
+           lambda: torch.autograd.grad(rout, xr, gout, retain_graph=True), floor_bytes)
+    del pout, rout, gout
+    og = out.clone().requires_grad_()
+    uout = ops.unpermute(og, plan)
+    gu = torch.randn_like(uout)
+    orf = ref_out.clone().requires_grad_()
+    ruout = reference.unpermute(orf, ref_plan)
+    record("unperm_bwd", lambda: torch.autograd.grad(uout, og, gu, retain_graph=True),
+           lambda: torch.autograd.grad(ruout, orf, gu, retain_graph=True), floor_bytes)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--ref-iters", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--png", type=Path)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_ops needs a CUDA GPU", file=sys.stderr)
+        return 2
+    assert ops.kernels_loaded(), "kernels not built"
+    copy_gbps, write_gbps = copy_bandwidth(args.iters)
+    device = torch.cuda.get_device_name()
+    print(f"device: {device}; torch {torch.__version__}; device-to-device copy {copy_gbps:.0f} GB/s (read+write); "
+          f"fill {write_gbps:.0f} GB/s (write only)")
+    report = {"device": device, "torch": torch.__version__, "copy_gbps": copy_gbps, "write_gbps": write_gbps,
+              "shapes": []}
+    header = "| R | H | E | K | op | ms | GB/s | of copy | reference ms | speed-up |"
+    print(header)
+    print("|" + "---|" * 10)
+    for shape in SHAPES:
+        results = bench_shape(*shape, args.iters, args.ref_iters, copy_gbps)
+        report["shapes"].append({"shape": shape, "results": results})
+        for name, r in results.items():
+            print(f"| {' | '.join(map(str, shape))} | {name} | {r['ms']:.3f} | {r.get('gbps', float('nan')):.0f} | "
+                  f"{r.get('of_copy', float('nan')):.0%} | {r.get('ref_ms', float('nan')):.3f} | "
+                  f"{r.get('speedup', float('nan')):.1f}x |")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    if args.png:
+        plot(report, args.png)
+    return 0
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops_with_floor = ["permute", "unpermute", "unpermute_w", "permute_bwd", "unperm_bwd"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(report["shapes"])
+    for i, entry in enumerate(report["shapes"]):
+        values = [entry["results"][o]["of_copy"] * 100 for o in ops_with_floor]
+        ax.bar([j + i * width for j in range(len(ops_with_floor))], values, width,
+               label="R={} H={} E={} K={}".format(*entry["shape"]))
+    ax.axhline(100, color="gray", lw=0.8)
+    ax.set_xticks([j + width for j in range(len(ops_with_floor))], ops_with_floor)
+    ax.set_ylabel("% of device-to-device copy bandwidth")
+    ax.set_title(f"flexdispatch ops on {report['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
