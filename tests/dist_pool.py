@@ -1,4 +1,4 @@
-"""A pool of spawned processes forming one gloo group, reused across tests. Each call runs a
+"""A pool of spawned processes forming one gloo (CPU) or NCCL (one GPU a rank) group, reused across tests. Each call runs a
 function of dist_scenarios.py on every rank and returns the per-rank results; a call that
 does not finish in time kills the pool and fails the test (a hang is a failure)."""
 
@@ -17,13 +17,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
+def _worker(rank: int, world: int, port: int, backend: str, inbox, outbox) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    device_id = None
+    if backend == "nccl":  # one GPU per rank
+        torch.cuda.set_device(rank)
+        device_id = torch.device("cuda", rank)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120),
+                            device_id=device_id)
     import dist_scenarios
 
     while True:
@@ -35,17 +40,21 @@ def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
             outbox.put((rank, "ok", getattr(dist_scenarios, name)(rank, world, **kwargs)))
         except BaseException:  # noqa: BLE001 - reported to the test
             outbox.put((rank, "error", traceback.format_exc()))
+    import flexdispatch
+
+    flexdispatch.shutdown()
     dist.destroy_process_group()
 
 
 class DistPool:
-    def __init__(self, world: int):
+    def __init__(self, world: int, backend: str = "gloo"):
         ctx = mp.get_context("spawn")
         self.world = world
         port = _free_port()
         self.inboxes = [ctx.Queue() for _ in range(world)]
         self.outbox = ctx.Queue()
-        self.procs = [ctx.Process(target=_worker, args=(r, world, port, self.inboxes[r], self.outbox), daemon=True)
+        self.procs = [ctx.Process(target=_worker, args=(r, world, port, backend, self.inboxes[r], self.outbox),
+                                  daemon=True)
                       for r in range(world)]
         for p in self.procs:
             p.start()

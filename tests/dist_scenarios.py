@@ -87,18 +87,21 @@ def moe_matches_dense(rank, world, *, entry="probs", tokens_per_rank=None, hidde
     }
 
 
-def two_dispatchers_interleaved(rank, world, device="cpu"):
+def two_dispatchers_interleaved(rank, world, device="cpu", backend="auto", dtype="float32"):
     """Layers A and B in flight at once (dispatch A, dispatch B, combine B, combine A), with
-    different E, K and H, each against its dense formula."""
+    different E, K and H (B's rows are wider: a DeepEP buffer grows under A), each against
+    its dense formula."""
+    dtype = DTYPES[dtype]
     specs = {"A": (4 * world, 2, 16, 1), "B": (3 * world, 3, 24, 2)}
     state = {}
     for name, (experts, topk, hidden, seed) in specs.items():
         xs, logits, weights = make_problem(seed, [9 + 4 * r for r in range(world)], hidden, experts)
-        d = _dispatcher(rank, world, experts, topk)
+        d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend)
         local = experts // world
         w = weights[rank * local:(rank + 1) * local]
         _, tp, ti = _routing(logits[rank], topk, experts, None, "fp32")
-        state[name] = dict(d=d, x=xs[rank].float(), tp=tp, ti=ti, w=w.float(), dense=dense_layer(xs[rank], tp, ti, weights))
+        state[name] = dict(d=d, x=xs[rank].to(dtype).to(device), tp=tp.float().to(device), ti=ti.to(device),
+                           w=w.to(dtype).to(device), dense=dense_layer(xs[rank], tp, ti, weights))
     a, b = state["A"], state["B"]
     ta = a["d"].token_permutation2(a["x"], a["x"].shape[0], a["tp"], a["ti"])
     tb = b["d"].token_permutation2(b["x"], b["x"].shape[0], b["tp"], b["ti"])
@@ -107,13 +110,13 @@ def two_dispatchers_interleaved(rank, world, device="cpu"):
     return {"A": rel_err(out_a, a["dense"]), "B": rel_err(out_b, b["dense"])}
 
 
-def invalid_routing_all_ranks_raise(rank, world, bad_rank=0):
+def invalid_routing_all_ranks_raise(rank, world, bad_rank=0, device="cpu", backend="auto", dtype="float32"):
     """A bad index on one rank: every rank raises ValueError, nobody hangs, and the
     dispatcher works again afterwards."""
     experts, topk = 4 * world, 2
-    d = _dispatcher(rank, world, experts, topk)
-    x = torch.randn(6, 8)
-    tp, ti = torch.topk(torch.rand(6, experts), topk)
+    d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend)
+    x = torch.randn(6, 8).to(DTYPES[dtype]).to(device)
+    tp, ti = torch.topk(torch.rand(6, experts, device=device), topk)
     bad = ti.clone()
     if rank == bad_rank:
         bad[2, 1] = experts + 3
@@ -181,3 +184,99 @@ def constructor_errors(rank, world):
         except ValueError as exc:
             messages[name] = str(exc)
     return messages
+
+
+# ---- GPU scenarios ------------------------------------------------------------------------------
+
+
+def _layer_inputs(rank, world, tokens, hidden, experts, topk, seed=0):
+    xs, logits, weights = make_problem(seed, [tokens] * world, hidden, experts)
+    probs = torch.softmax(logits[rank], -1)
+    tp, ti = torch.topk(probs, topk)
+    local = experts // world
+    return xs[rank], tp, ti, weights[rank * local:(rank + 1) * local], (xs, logits, weights)
+
+
+def deepep_matches_alltoall(rank, world, tokens=64, hidden=128, experts=None, topk=4, pad=None):
+    """The same bf16 inputs through DeepEP and through NCCL all-to-all: identical permuted
+    rows and counts, outputs and gradients within bf16 rounding."""
+    experts = experts or 8 * world
+    x0, tp, ti, w0, _ = _layer_inputs(rank, world, tokens, hidden, experts, topk)
+    results = {}
+    for backend in ("deepep", "alltoall"):
+        d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend, moe_router_expert_pad_multiple=pad)
+        x = x0.to(torch.bfloat16).cuda().requires_grad_()
+        p = tp.float().cuda().requires_grad_()
+        w = w0.to(torch.bfloat16).cuda()
+        tokens_, tpe, pprobs = d.token_permutation2(x, tokens, p, ti.cuda())
+        out = d.token_unpermutation(apply_experts(tokens_, tpe, pprobs, w))
+        out.float().square().sum().backward()
+        results[backend] = dict(tokens=tokens_.detach(), tpe=tpe.cpu(), out=out.detach(), gx=x.grad, gp=p.grad,
+                                backend=d.backend)
+    a, b = results["deepep"], results["alltoall"]
+    return {"backends": (a["backend"], b["backend"]), "same_tokens": torch.equal(a["tokens"], b["tokens"]),
+            "same_counts": torch.equal(a["tpe"], b["tpe"]), "out": rel_err(a["out"], b["out"]),
+            "grad_x": rel_err(a["gx"], b["gx"]), "grad_probs": rel_err(a["gp"], b["gp"])}
+
+
+def async_overlap(rank, world, backend="deepep", tokens=256, hidden=256, topk=4):
+    """async_finish: work issued between dispatch and the next step overlaps with the
+    transfer; the next step waits, so results equal the synchronous run bit for bit."""
+    experts = 4 * world
+    x0, tp, ti, w0, _ = _layer_inputs(rank, world, tokens, hidden, experts, topk, seed=5)
+    x, p, ti, w = x0.to(torch.bfloat16).cuda(), tp.float().cuda(), ti.cuda(), w0.to(torch.bfloat16).cuda()
+    shared = torch.randn(hidden, hidden, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    for async_finish in (False, True):
+        d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend)
+        h, _ = d.dispatch_preprocess2(x, tokens, p, ti)
+        h, _ = d.dispatch_all_to_all(h, async_finish=async_finish, allocate_on_comm_stream=async_finish)
+        side = (x @ shared).float().sum()  # overlaps with the transfer when async
+        t, tpe, pp = d.dispatch_postprocess(h)
+        y = d.combine_preprocess(apply_experts(t, tpe, pp, w))
+        y = d.combine_all_to_all(y, async_finish=async_finish, allocate_on_comm_stream=async_finish)
+        outs[async_finish] = (d.combine_postprocess(y).clone(), float(side))
+    return {"identical": torch.equal(outs[False][0], outs[True][0]), "side": outs[True][1] == outs[False][1]}
+
+
+def _graph_layer(d, x, probs, scale, tokens):
+    """A layer with nothing that syncs: per-row expert found on the device, a per-expert scale."""
+    t, tpe, pp = d.token_permutation(x, tokens, probs)
+    ends = torch.cumsum(tpe, 0)
+    row_expert = torch.searchsorted(ends, torch.arange(t.shape[0], device=t.device), right=True)
+    row_scale = scale[row_expert.clamp(max=scale.shape[0] - 1)]
+    return d.token_unpermutation(t * (row_scale * pp)[:, None].to(t.dtype))
+
+
+def cuda_graph_sync_free(rank, world, backend="auto", tokens=128, hidden=128, topk=4):
+    """moe_sync_free: one layer forward captured in a CUDA graph and replayed on new inputs
+    gives the eager results."""
+    experts = 4 * world
+    d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend, moe_sync_free=True,
+                    moe_router_expert_pad_multiple=2)
+    local = experts // world
+    scale = torch.linspace(0.5, 1.5, experts, device="cuda")[rank * local:(rank + 1) * local]
+    g = torch.Generator(device="cuda").manual_seed(100 + rank)
+    def inputs():
+        x = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
+        return x, torch.softmax(torch.randn(tokens, experts, device="cuda", generator=g), -1)
+    static_x, static_p = inputs()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm up: buffers, allocator pools
+            _graph_layer(d, static_x, static_p, scale, tokens)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = _graph_layer(d, static_x, static_p, scale, tokens)
+    errors = []
+    for _ in range(3):
+        x, p = inputs()
+        static_x.copy_(x)
+        static_p.copy_(p)
+        graph.replay()
+        eager = _graph_layer(d, x, p, scale, tokens)
+        errors.append(rel_err(static_out, eager))
+    torch.cuda.synchronize()
+    return {"errors": errors, "backend": d.backend}

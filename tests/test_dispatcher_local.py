@@ -152,3 +152,11 @@ def test_config_validation(field, value, match):
 def test_capacity_formula():
     assert fd.expert_capacity(num_tokens=100, topk=2, num_experts=8, capacity_factor=1.0) == 25
     assert fd.expert_capacity(num_tokens=10, topk=3, num_experts=4, capacity_factor=1.1) == 9
+
+
+@pytest.mark.gpu
+def test_one_gpu_sync_free_layer_replays_in_cuda_graph():
+    from dist_scenarios import cuda_graph_sync_free
+
+    res = cuda_graph_sync_free(0, 1)
+    assert res["backend"] == "local" and max(res["errors"]) < 1e-6, res

@@ -120,6 +120,7 @@ class _AllToAllManager(_ManagerBase):
         received = torch.empty_like(message)
         _exchange(received, message, None, None, self.group)
         host = torch.stack([message, received]).cpu()  # the one host sync of dispatch
+        ops.check_pending_errors()  # earlier calls' flags are ready now, for free
         if host[1, :, 1].any():
             self._raise_agreed_error(host[1, :, 1], indices)
 

@@ -2,9 +2,10 @@
 
 * Buffers: created lazily at the first dispatch, sized from the hidden size in bytes and the
   group size with DeepEP's own size hints (dispatch and combine configs; the RDMA hint when
-  the group spans nodes), grown when a larger hidden size arrives, shared by every dispatcher
-  of one group (only the buffer is shared: per-call state stays with each dispatcher), and
-  destroyed explicitly and once (``explicitly_destroy=True``): at interpreter exit, or by
+  the group spans nodes), grown when a larger hidden size arrives (the outgrown one is kept
+  until shutdown, since calls in flight may hold it), shared by every dispatcher of one group
+  (only the buffer is shared: per-call state stays with each dispatcher), and destroyed
+  explicitly and once (``explicitly_destroy=True``): at interpreter exit, or by
   :func:`shutdown`, which every rank of the group must call (DeepEP's destroy is collective).
 * Async (``async_finish=True``): dispatch and combine return as soon as DeepEP's kernels are
   queued on its communication stream; the event is kept and the current stream waits on it at
@@ -13,7 +14,8 @@
 * Sync-free (``sync_free=True``, one node): DeepEP's ``num_worst_tokens`` sizes the received
   tensor for the worst case (every rank's tokens; all ranks must pass the same number of
   tokens), and the permutation is sized for the worst case too, so no host sync happens and
-  a layer can be captured in a CUDA graph. Routing values are then not validated.
+  a layer can be captured in a CUDA graph (inside capture, dispatch and combine run
+  stream-ordered whatever ``async_finish`` says). Routing values are then not validated.
 
 DeepEP's limits are checked before any collective: bfloat16 hidden states, a row of a
 multiple of 16 bytes, a group size its config tables know (2, 4, 8 on one node), top-k <= 128,
@@ -29,6 +31,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .. import ops
 from .._log import logger
 from ..rowmap import index_route_error_bits, routing_error
 from .base import _ManagerBase
@@ -98,10 +101,16 @@ def unusable_reason(group, device: Optional[torch.device] = None, hidden_dtype: 
 
 
 class _BufferRegistry:
-    """One DeepEP buffer per process group, grown on demand, destroyed once."""
+    """One DeepEP buffer per process group, grown on demand, destroyed once.
+
+    A buffer outgrown by a larger hidden size is retired, not destroyed: a call in flight or
+    an autograd graph may still hold its handle. Retired buffers are destroyed with the rest
+    at :func:`shutdown` (growth happens a few times per run at most).
+    """
 
     def __init__(self):
         self._entries: list[tuple[object, object]] = []  # (group, Buffer), compared by identity
+        self._retired: list[object] = []
 
     def get(self, group, hidden_bytes: int, num_sms: int):
         deep_ep = _import_deep_ep()
@@ -117,8 +126,7 @@ class _BufferRegistry:
                 if buffer.num_nvl_bytes >= nvl_bytes and buffer.num_rdma_bytes >= rdma_bytes:
                     return buffer
                 logger.info("growing the DeepEP buffer of a group of %d for %d-byte rows", size, hidden_bytes)
-                torch.cuda.synchronize()
-                buffer.destroy()
+                self._retired.append(buffer)
                 del self._entries[i]
                 break
         else:
@@ -128,14 +136,13 @@ class _BufferRegistry:
         return buffer
 
     def destroy_all(self) -> int:
-        destroyed = 0
-        if self._entries and torch.cuda.is_initialized():
+        buffers = [b for _, b in self._entries] + self._retired
+        self._entries, self._retired = [], []
+        if buffers and torch.cuda.is_initialized():
             torch.cuda.synchronize()
-        while self._entries:
-            _, buffer = self._entries.pop()
+        for buffer in buffers:
             buffer.destroy()
-            destroyed += 1
-        return destroyed
+        return len(buffers)
 
 
 _registry = _BufferRegistry()
@@ -235,6 +242,7 @@ class _DeepepManager(_ManagerBase):
         every = bits.clone()
         dist.all_reduce(every, op=dist.ReduceOp.MAX, group=self.group)
         host = torch.cat([bits, every]).cpu()
+        ops.check_pending_errors()  # flags of earlier calls are ready: this was a sync anyway
         if int(host[1]):
             detail = ""
             if int(host[0]):
@@ -243,8 +251,17 @@ class _DeepepManager(_ManagerBase):
             raise ValueError("token_indices: invalid routing on a rank of the expert-parallel group; every rank "
                              f"raises before any token moved{detail}")
 
+    @staticmethod
+    def _stream_ordered(async_finish: bool, allocate_on_comm_stream: bool) -> tuple[bool, bool]:
+        """Inside CUDA-graph capture the graph orders the work: no async events, no
+        allocations on DeepEP's stream."""
+        if torch.cuda.is_current_stream_capturing():
+            return False, False
+        return async_finish, allocate_on_comm_stream
+
     def _dispatch(self, hidden_states: torch.Tensor, async_finish: bool,
                   allocate_on_comm_stream: bool) -> torch.Tensor:
+        async_finish, allocate_on_comm_stream = self._stream_ordered(async_finish, allocate_on_comm_stream)
         self._check_hidden(hidden_states)
         indices = self.token_indices
         if self.validate_routing and not self.sync_free:
@@ -275,6 +292,7 @@ class _DeepepManager(_ManagerBase):
                  allocate_on_comm_stream: bool) -> torch.Tensor:
         if hidden_states.dtype != torch.bfloat16:
             raise TypeError(f"hidden_states: DeepEP's combine needs bfloat16, got {hidden_states.dtype}")
+        async_finish, allocate_on_comm_stream = self._stream_ordered(async_finish, allocate_on_comm_stream)
         return _DeepepCombine.apply(hidden_states, self._buffer, self.handle, async_finish,
                                     allocate_on_comm_stream, {"events": self._events})
 

@@ -1,0 +1,106 @@
+"""The dispatcher on 2 and 4 GPUs of one node: all-to-all over NCCL, and DeepEP (marked
+``deepep``): the same semantics checks as on the CPU, DeepEP against all-to-all on the same
+inputs, async ordering, and a sync-free layer replayed in a CUDA graph."""
+
+import pytest
+import torch
+
+from dist_pool import DistPool
+
+pytestmark = pytest.mark.gpu
+
+
+def _gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W{w}")
+def pool(request):
+    if _gpu_count() < request.param:
+        pytest.skip(f"needs {request.param} GPUs")
+    p = DistPool(request.param, backend="nccl")
+    yield p
+    p.close()
+
+
+def check(results):
+    for r, res in enumerate(results):
+        tol = res.pop("tolerance")
+        assert res.pop("identical_reruns"), f"rank {r}: reruns differ"
+        res.pop("backend")
+        assert all(v <= tol for v in res.values()), f"rank {r}: {res} (tolerance {tol})"
+
+
+NCCL_CASES = {
+    "probs-fp32": dict(entry="probs"), "indices-pad": dict(entry="indices", pad=4),
+    "capacity": dict(entry="probs", capacity=0.8), "fp64": dict(entry="probs", router_dtype="fp64", dtype="float64"),
+    "bf16": dict(entry="indices", dtype="bfloat16", hidden=64),
+    "empty-rank": dict(entry="indices", tokens_per_rank=[0, 40, 0, 17]),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", list(NCCL_CASES))
+def test_alltoall_over_nccl(pool, case):
+    kwargs = dict(NCCL_CASES[case])
+    if "tokens_per_rank" in kwargs:
+        kwargs["tokens_per_rank"] = kwargs["tokens_per_rank"][:pool.world]
+    results = pool.run("moe_matches_dense", device="cuda", backend="alltoall", **kwargs)
+    assert {r["backend"] for r in results} == {"alltoall"}
+    check(results)
+
+
+@pytest.mark.timeout(300)
+def test_alltoall_nccl_errors_and_interleaving(pool):
+    for res in pool.run("invalid_routing_all_ranks_raise", bad_rank=1, device="cuda", backend="alltoall"):
+        assert res["message"] and "rank(s) [1]" in res["message"] and res["recovered"]
+    for res in pool.run("two_dispatchers_interleaved", device="cuda", backend="alltoall"):
+        assert res["A"] < 2e-5 and res["B"] < 2e-5
+
+
+DEEPEP_CASES = {
+    "probs": dict(entry="probs"), "indices-pad": dict(entry="indices", pad=4),
+    "capacity": dict(entry="indices", capacity=0.8), "fp64-routing": dict(entry="probs", router_dtype="fp64"),
+    "top1": dict(entry="probs", topk=1), "empty-rank": dict(entry="indices", tokens_per_rank=[0, 40, 0, 17]),
+}
+
+
+@pytest.mark.deepep
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", list(DEEPEP_CASES))
+def test_deepep_matches_dense(pool, case):
+    kwargs = dict(DEEPEP_CASES[case])
+    if "tokens_per_rank" in kwargs:
+        kwargs["tokens_per_rank"] = kwargs["tokens_per_rank"][:pool.world]
+    results = pool.run("moe_matches_dense", device="cuda", backend="deepep", dtype="bfloat16", hidden=64, **kwargs)
+    assert {r["backend"] for r in results} == {"deepep"}
+    check(results)
+
+
+@pytest.mark.deepep
+@pytest.mark.timeout(300)
+def test_deepep_equals_alltoall(pool):
+    for res in pool.run("deepep_matches_alltoall", pad=2):
+        assert res["backends"] == ("deepep", "alltoall")
+        assert res["same_tokens"] and res["same_counts"], res
+        assert res["out"] < 1e-2 and res["grad_x"] < 1e-2 and res["grad_probs"] < 1e-2, res
+
+
+@pytest.mark.deepep
+@pytest.mark.timeout(300)
+def test_deepep_errors_interleaving_async(pool):
+    for res in pool.run("invalid_routing_all_ranks_raise", bad_rank=0, device="cuda", backend="deepep",
+                        dtype="bfloat16"):
+        assert res["message"] and "every rank raises" in res["message"] and res["recovered"]
+    for res in pool.run("two_dispatchers_interleaved", device="cuda", backend="deepep", dtype="bfloat16"):
+        assert res["A"] < 3e-2 and res["B"] < 3e-2
+    for res in pool.run("async_overlap", backend="deepep"):
+        assert res["identical"] and res["side"]
+
+
+@pytest.mark.deepep
+@pytest.mark.timeout(300)
+def test_deepep_sync_free_cuda_graph(pool):
+    for res in pool.run("cuda_graph_sync_free", backend="deepep"):
+        assert res["backend"] == "deepep"
+        assert max(res["errors"]) < 1e-6, res
