@@ -66,6 +66,50 @@ __global__ void scatter_rows_kernel(const char* __restrict__ src, int64_t row_by
   }
 }
 
+// One warp per source row: every lane reads the row's few destinations itself (a broadcast
+// load), so there is no shared memory and no block barrier before the first row load, and
+// each lane keeps kUnroll 16-byte loads in flight. kStream marks the stores evict-first: the
+// permuted rows are not read again by this kernel.
+constexpr int kWarpRowsPerBlock = 4;
+
+template <typename V, bool kStream>
+__global__ void scatter_rows_warp_kernel(const char* __restrict__ src, int64_t rows, int64_t row_bytes,
+                                         const int32_t* __restrict__ row_id_map, int32_t slots,
+                                         char* __restrict__ dst) {
+  const int64_t row = int64_t(blockIdx.x) * kWarpRowsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int32_t* dests = row_id_map + row * slots;
+  const int64_t vecs = row_bytes / int64_t(sizeof(V));
+  const V* in = reinterpret_cast<const V*>(src + row * row_bytes);
+  for (int64_t v0 = lane; v0 < vecs; v0 += 32 * kUnroll) {
+    V buf[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + 32 * u;
+      if (v < vecs) buf[u] = in[v];
+    }
+    for (int32_t s = 0; s < slots; ++s) {
+      const int32_t d = __ldg(dests + s);
+      if (d < 0) continue;
+      V* out = reinterpret_cast<V*>(dst + int64_t(d) * row_bytes);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + 32 * u;
+        if (v < vecs) {
+          if constexpr (kStream) {
+            __stcs(out + v, buf[u]);
+          } else {
+            out[v] = buf[u];
+          }
+        }
+      }
+    }
+  }
+}
+
+int g_scatter_variant = 1;  // 0: block per row, 1: warp per row, 2: warp per row + streaming stores
+
 // Small rows (routing metadata, tiny hidden sizes): one thread per vector of the input.
 template <typename V>
 __global__ void scatter_small_rows_kernel(const char* __restrict__ src, int64_t rows,
@@ -215,9 +259,20 @@ cudaError_t scatter_as(const void* src, int64_t rows, int64_t row_bytes, const i
   if (vecs < kSmallRowVecs) {
     scatter_small_rows_kernel<V><<<grid_for(rows * vecs, 256), 256, 0, stream>>>(
         static_cast<const char*>(src), rows, row_bytes, row_id_map, slots, static_cast<char*>(dst));
-  } else {
+  } else if (g_scatter_variant == 0) {
     scatter_rows_kernel<V><<<static_cast<unsigned>(rows), kRowThreads, slots * sizeof(int32_t), stream>>>(
         static_cast<const char*>(src), row_bytes, row_id_map, slots, static_cast<char*>(dst));
+  } else {
+    const unsigned blocks = grid_for(rows, kWarpRowsPerBlock);
+    const char* s = static_cast<const char*>(src);
+    char* d = static_cast<char*>(dst);
+    if (g_scatter_variant == 2) {
+      scatter_rows_warp_kernel<V, true><<<blocks, kWarpRowsPerBlock * 32, 0, stream>>>(s, rows, row_bytes, row_id_map,
+                                                                                      slots, d);
+    } else {
+      scatter_rows_warp_kernel<V, false><<<blocks, kWarpRowsPerBlock * 32, 0, stream>>>(s, rows, row_bytes, row_id_map,
+                                                                                       slots, d);
+    }
   }
   return cudaGetLastError();
 }
@@ -295,6 +350,8 @@ cudaError_t with_dtype(DType dtype, F&& f) {
 }
 
 }  // namespace
+
+void set_scatter_variant(int variant) { g_scatter_variant = variant; }
 
 cudaError_t scatter_rows(const void* src, int64_t rows, int64_t row_bytes, const int32_t* row_id_map,
                          int32_t slots, void* dst, cudaStream_t stream) {

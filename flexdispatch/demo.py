@@ -228,7 +228,8 @@ def format_report(args: DemoArgs, result: dict) -> str:
 
 
 def tolerance(result: dict) -> float:
-    return 3e-2 if result["dtype"] == "bfloat16" else 1e-4
+    """bf16 expert matmuls against a float64 reference land near 3e-2; routing mistakes give O(1)."""
+    return 6e-2 if result["dtype"] == "bfloat16" else 1e-4
 
 
 def main(argv: Optional[list[str]] = None) -> int:

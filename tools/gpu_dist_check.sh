@@ -20,8 +20,8 @@ step machine
 
 step "deepep build"
 s=$(ms)
-(cd .deepep && TORCH_CUDA_ARCH_LIST=9.0 timeout 300 python3 setup.py build_ext --inplace > "$OUT/deepep_build.txt" 2>&1)
-echo "deepep build rc=$? in $(( $(ms) - s )) ms" | tee -a "$LOG"
+(cd .deepep && TORCH_CUDA_ARCH_LIST=9.0 timeout 300 python3 setup.py build_ext --inplace > /tmp/deepep_build.txt 2>&1)
+echo "deepep build rc=$? in $(( $(ms) - s )) ms" | tee -a "$LOG"; tail -3 /tmp/deepep_build.txt >> "$LOG"
 python3 -c "import deep_ep, flexdispatch; print('deep_ep', deep_ep.__file__, flexdispatch.deepep_available())" 2>&1 \
   | tail -2 | tee -a "$LOG"
 
@@ -41,7 +41,8 @@ timeout 400 python3 tools/bench_dispatch.py --world-size 4 --json "$OUT/bench_di
   --png "$OUT/bench_dispatch.png" 2>&1 | grep -v "^\[flexdispatch\]" | tee -a "$LOG"
 
 step "bench_ops"
-timeout 300 python3 tools/bench_ops.py --json "$OUT/bench_ops.json" 2>&1 | tee -a "$LOG"
+timeout 300 python3 tools/bench_ops.py --scatter-variants --json "$OUT/bench_ops.json" --png "$OUT/bench_ops.png" \
+  2>&1 | tee -a "$LOG"
 
 step "demo"
 timeout 200 python3 -m flexdispatch demo --world-size 4 --device cuda 2>&1 | grep -v "^\[flexdispatch\]" | tee -a "$LOG"

@@ -161,12 +161,18 @@ atexit.register(shutdown)
 # ---- autograd functions ---------------------------------------------------------------------
 
 
+def _previous_event(buffer, allocate_on_comm_stream: bool):
+    """DeepEP allocates on its stream only after an event of the current stream (its contract)."""
+    return buffer.capture() if allocate_on_comm_stream else None
+
+
 class _DeepepDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, buffer, async_finish, allocate_on_comm_stream,
                 num_worst_tokens, side):
-        layout = buffer.get_dispatch_layout(token_indices, num_experts, async_finish=async_finish,
-                                            allocate_on_comm_stream=allocate_on_comm_stream)
+        layout = buffer.get_dispatch_layout(token_indices, num_experts,
+                                            previous_event=_previous_event(buffer, allocate_on_comm_stream),
+                                            async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
         per_rank, per_rdma_rank, per_expert, in_rank, event = layout
         recv_x, recv_idx, recv_probs, counts, handle, after = buffer.dispatch(
             x, topk_idx=token_indices, topk_weights=token_probs, num_tokens_per_rank=per_rank,
@@ -190,8 +196,9 @@ class _DeepepDispatch(torch.autograd.Function):
 class _DeepepCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, buffer, handle, async_finish, allocate_on_comm_stream, side):
-        combined, _, event = buffer.combine(x.contiguous(), handle, async_finish=async_finish,
-                                            allocate_on_comm_stream=allocate_on_comm_stream)
+        combined, _, event = buffer.combine(x.contiguous(), handle,
+                                            previous_event=_previous_event(buffer, allocate_on_comm_stream),
+                                            async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
         if async_finish:
             side["events"].append(event)
         ctx.buffer, ctx.handle = buffer, handle
@@ -254,10 +261,10 @@ class _DeepepManager(_ManagerBase):
     @staticmethod
     def _stream_ordered(async_finish: bool, allocate_on_comm_stream: bool) -> tuple[bool, bool]:
         """Inside CUDA-graph capture the graph orders the work: no async events, no
-        allocations on DeepEP's stream."""
+        allocations on DeepEP's stream. DeepEP allocates on its stream only for async calls."""
         if torch.cuda.is_current_stream_capturing():
             return False, False
-        return async_finish, allocate_on_comm_stream
+        return async_finish, allocate_on_comm_stream and async_finish
 
     def _dispatch(self, hidden_states: torch.Tensor, async_finish: bool,
                   allocate_on_comm_stream: bool) -> torch.Tensor:
