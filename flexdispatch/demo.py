@@ -158,9 +158,9 @@ def _worker(rank: int, args: DemoArgs, device_type: str, port: int, results) -> 
                 "grad_router": _rel(router_grad.cpu(), grads[1]),
                 "grad_experts": max(_rel(layer.w1.grad.cpu(), grads[2][mine]), _rel(layer.w2.grad.cpu(), grads[3][mine])),
             }
-            worst = {k: max(worst[k], v) for k, v in errors.items()}
+            worst = {k: v if v != v else max(worst[k], v) for k, v in errors.items()}  # keep a NaN
         summary = torch.tensor([worst[k] for k in worst] + [layer.times[s] for s in STAGES], dtype=torch.float64,
-                               device=device)
+                               device=device).nan_to_num(nan=float("inf"))  # a NaN must not hide in MAX
         dist.all_reduce(summary, op=dist.ReduceOp.MAX, group=dist.group.WORLD)
         if rank == 0:
             values = summary.cpu().tolist()

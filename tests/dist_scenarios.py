@@ -115,7 +115,7 @@ def invalid_routing_all_ranks_raise(rank, world, bad_rank=0, device="cpu", backe
     dispatcher works again afterwards."""
     experts, topk = 4 * world, 2
     d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend)
-    x = torch.randn(6, 8).to(DTYPES[dtype]).to(device)
+    x = torch.randn(6, 16).to(DTYPES[dtype]).to(device)  # 32-byte bf16 rows: DeepEP's smallest
     tp, ti = torch.topk(torch.rand(6, experts, device=device), topk)
     bad = ti.clone()
     if rank == bad_rank:
@@ -126,8 +126,8 @@ def invalid_routing_all_ranks_raise(rank, world, bad_rank=0, device="cpu", backe
     except ValueError as exc:
         message = str(exc)
     tokens, tpe, pprobs = d.token_permutation2(x, 6, tp, ti)
-    out = d.token_unpermutation(tokens * pprobs[:, None])
-    return {"message": message, "recovered": tuple(out.shape) == (6, 8)}
+    out = d.token_unpermutation((tokens * pprobs[:, None]).to(tokens.dtype))
+    return {"message": message, "recovered": tuple(out.shape) == (6, 16)}
 
 
 def out_of_order_steps(rank, world):
@@ -280,3 +280,30 @@ def cuda_graph_sync_free(rank, world, backend="auto", tokens=128, hidden=128, to
         errors.append(rel_err(static_out, eager))
     torch.cuda.synchronize()
     return {"errors": errors, "backend": d.backend}
+
+
+def deepep_stage_diff(rank, world, tokens=512, hidden=128, topk=4, async_finish=False):
+    """DeepEP against NCCL all-to-all stage by stage on the same bf16 inputs (experts: rows
+    times probs), and both against ``x[t] * sum of its probs``: where do they part?"""
+    experts = 4 * world
+    x0, tp, ti, _, _ = _layer_inputs(rank, world, tokens, hidden, experts, topk, seed=9)
+    x, p, ti = x0.to(torch.bfloat16).cuda(), tp.float().cuda(), ti.cuda()
+    stages = {}
+    for backend in ("deepep", "alltoall"):
+        d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend)
+        h, _ = d.dispatch_preprocess2(x, tokens, p, ti)
+        recv, _ = d.dispatch_all_to_all(h, async_finish=async_finish, allocate_on_comm_stream=async_finish)
+        rows, tpe, pp = d.dispatch_postprocess(recv)
+        restored = d.combine_preprocess((rows * pp[:, None]).to(rows.dtype))
+        combined = d.combine_all_to_all(restored, async_finish=async_finish, allocate_on_comm_stream=async_finish)
+        out = d.combine_postprocess(combined)
+        torch.cuda.synchronize()
+        stages[backend] = dict(recv=recv.clone(), rows=rows.clone(), tpe=tpe.clone(), restored=restored.clone(),
+                               out=out.clone())
+    a, b = stages["deepep"], stages["alltoall"]
+    expected = (x.float() * p.sum(1, keepdim=True))
+    return {"tokens": tokens, "async": async_finish,
+            "recv_equal": torch.equal(a["recv"], b["recv"]), "rows_equal": torch.equal(a["rows"], b["rows"]),
+            "tpe_equal": torch.equal(a["tpe"], b["tpe"]), "restored_equal": torch.equal(a["restored"], b["restored"]),
+            "deepep_out_err": rel_err(a["out"].float(), expected), "alltoall_out_err": rel_err(b["out"].float(), expected),
+            "nan_rows_deepep": int(torch.isnan(a["out"].float()).any(1).sum())}

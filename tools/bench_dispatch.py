@@ -135,12 +135,33 @@ def raw_deepep_ms(layer, experts, iters, warmup):
     return _median_ms(run, iters, warmup)
 
 
+def profile_forward(rank, world, manager, args):
+    """torch.profiler over a few forwards of the first shape; rank 0 prints where time goes."""
+    layer = Layer(rank, world, *SHAPES[0], manager)
+    for _ in range(3):
+        layer.forward(layer.x, layer.probs)
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(3):
+            layer.forward(layer.x, layer.probs)
+        torch.cuda.synchronize()
+    if rank == 0:
+        print(f"profile: {manager}, shape {SHAPES[0]}, 3 forwards", flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=60), flush=True)
+    del layer
+    torch.cuda.empty_cache()
+
+
 def _worker(rank, world, port, args, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
     report = []
     managers = [m for m in args.managers if m != "deepep" or deepep.unusable_reason(dist.group.WORLD) is None]
+    if args.profile:
+        profile_forward(rank, world, managers[0], args)
     for tokens, hidden, experts, topk in SHAPES:
         entry = {"shape": [tokens, hidden, experts, topk], "managers": {}}
         values = []
@@ -229,6 +250,7 @@ def main() -> int:
     parser.add_argument("--managers", default="deepep,alltoall")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the first shape")
     args = parser.parse_args()
     args.managers = args.managers.split(",")
     if torch.cuda.device_count() < args.world_size:

@@ -129,6 +129,8 @@ class _AllToAllManager(_ManagerBase):
         pad = self.moe_router_expert_pad_multiple or 1
         counts = host[1, :, 2:].sum(0)
         self.tokens_per_expert = (counts + pad - 1) // pad * pad
+        if device.type == "cuda":  # pinned: the experts can copy it to the GPU without a sync
+            self.tokens_per_expert = self.tokens_per_expert.pin_memory()
         self._num_out = int(self.tokens_per_expert.sum())
 
         plan = ops.make_plan(in_rank, world, num_out_tokens=sum(self._send_splits))

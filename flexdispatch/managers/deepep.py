@@ -17,9 +17,9 @@
   a layer can be captured in a CUDA graph (inside capture, dispatch and combine run
   stream-ordered whatever ``async_finish`` says). Routing values are then not validated.
 
-DeepEP's limits are checked before any collective: bfloat16 hidden states, a row of a
-multiple of 16 bytes, a group size its config tables know (2, 4, 8 on one node), top-k <= 128,
-an even SM count.
+DeepEP's limits are checked before any collective: bfloat16 hidden states, rows of a multiple
+of 32 bytes and at most 16368 bytes (its SM90 build; 16 bytes otherwise), a group size its
+config tables know (2, 4, 8 on one node), top-k <= 128, an even SM count.
 """
 
 from __future__ import annotations
@@ -63,17 +63,22 @@ def deepep_available() -> tuple[bool, str]:
     return True, getattr(module, "__version__", "unknown version")
 
 
+def _sm90_build() -> bool:
+    module = _import_deep_ep()
+    try:
+        return bool(module.Buffer.is_sm90_compiled())
+    except AttributeError:
+        return False
+
+
 def supported_group_sizes() -> tuple[int, ...]:
     """Group sizes DeepEP's tables know; beyond one node only with its NVSHMEM build."""
     module = _import_deep_ep()
     if module is None:
         return ()
     sizes = list(INTRANODE_SIZES)
-    try:
-        if module.Buffer.is_sm90_compiled():
-            sizes += [16, 24, 32, 64, 128, 144, 160]
-    except AttributeError:
-        pass
+    if _sm90_build():  # the NVSHMEM (internode) kernels come with the SM90 build
+        sizes += [16, 24, 32, 64, 128, 144, 160]
     return tuple(sizes)
 
 
@@ -90,8 +95,15 @@ def unusable_reason(group, device: Optional[torch.device] = None, hidden_dtype: 
         return f"DeepEP needs CUDA tensors, got {device}"
     if hidden_dtype is not None and hidden_dtype != torch.bfloat16:
         return f"DeepEP's combine needs bfloat16 hidden states, got {hidden_dtype}"
-    if hidden_size is not None and hidden_dtype is not None and (hidden_size * 2) % 16:
-        return f"DeepEP needs rows of a multiple of 16 bytes; hidden size {hidden_size} in bf16 is not"
+    if hidden_size is not None:
+        row_bytes = hidden_size * 2
+        # Its SM90 kernels move half rows through 8 KiB TMA slots: an even count of 16-byte
+        # vectors, at most 16 KiB - 16 bytes a row (a device assertion otherwise).
+        multiple, largest = (32, 16368) if _sm90_build() else (16, None)
+        if row_bytes % multiple or (largest is not None and row_bytes > largest):
+            limit = f" and at most {largest} bytes" if largest else ""
+            return (f"DeepEP needs bf16 rows of a multiple of {multiple} bytes{limit}; hidden size {hidden_size} "
+                    f"gives {row_bytes}")
     if topk is not None and topk > MAX_TOPK:
         return f"DeepEP supports top-k <= {MAX_TOPK}, got {topk}"
     return None
@@ -291,7 +303,7 @@ class _DeepepManager(_ManagerBase):
             self._num_out = self._worst_case_rows(worst)
         else:
             counts = torch.tensor(side["counts"], dtype=torch.int64)
-            self.tokens_per_expert = (counts + pad - 1) // pad * pad
+            self.tokens_per_expert = ((counts + pad - 1) // pad * pad).pin_memory()
             self._num_out = int(self.tokens_per_expert.sum())
         return recv_x
 
