@@ -282,7 +282,7 @@ def cuda_graph_sync_free(rank, world, backend="auto", tokens=128, hidden=128, to
     return {"errors": errors, "backend": d.backend}
 
 
-def deepep_stage_diff(rank, world, tokens=512, hidden=128, topk=4, async_finish=False):
+def deepep_stage_diff(rank, world, tokens=512, hidden=128, topk=4, async_finish=False):  # noqa: PLR0913
     """DeepEP against NCCL all-to-all stage by stage on the same bf16 inputs (experts: rows
     times probs), and both against ``x[t] * sum of its probs``: where do they part?"""
     experts = 4 * world
@@ -302,7 +302,7 @@ def deepep_stage_diff(rank, world, tokens=512, hidden=128, topk=4, async_finish=
                                out=out.clone())
     a, b = stages["deepep"], stages["alltoall"]
     expected = (x.float() * p.sum(1, keepdim=True))
-    return {"tokens": tokens, "async": async_finish,
+    return {"tokens": tokens, "hidden": hidden, "async": async_finish,
             "recv_equal": torch.equal(a["recv"], b["recv"]), "rows_equal": torch.equal(a["rows"], b["rows"]),
             "tpe_equal": torch.equal(a["tpe"], b["tpe"]), "restored_equal": torch.equal(a["restored"], b["restored"]),
             "deepep_out_err": rel_err(a["out"].float(), expected), "alltoall_out_err": rel_err(b["out"].float(), expected),

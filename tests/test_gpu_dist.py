@@ -108,9 +108,10 @@ def test_deepep_sync_free_cuda_graph(pool):
 
 @pytest.mark.deepep
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("tokens", [64, 512, 1024])
+@pytest.mark.parametrize("hidden", [128, 2048])
+@pytest.mark.parametrize("tokens", [64, 512, 4096])
 @pytest.mark.parametrize("async_finish", [False, True], ids=["sync", "async"])
-def test_deepep_stages_agree_with_alltoall(pool, tokens, async_finish):
-    for res in pool.run("deepep_stage_diff", tokens=tokens, async_finish=async_finish):
+def test_deepep_stages_agree_with_alltoall(pool, tokens, hidden, async_finish):
+    for res in pool.run("deepep_stage_diff", tokens=tokens, hidden=hidden, async_finish=async_finish):
         assert res["recv_equal"] and res["rows_equal"] and res["tpe_equal"] and res["restored_equal"], res
         assert res["nan_rows_deepep"] == 0 and res["deepep_out_err"] < 1e-2 and res["alltoall_out_err"] < 1e-2, res

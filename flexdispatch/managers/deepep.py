@@ -11,6 +11,9 @@
   queued on its communication stream; the event is kept and the current stream waits on it at
   the next step of the manager (or at :meth:`_DeepepManager.wait`). Work issued in between
   overlaps with the transfer. Do not read the returned tensors before that wait.
+* Routing validation adds no host sync: bad indices are dropped on the device before DeepEP
+  sees them, the ranks' error bits are all-reduced on the GPU, and their pinned host copy is
+  read after DeepEP's own host wait for the counts; then every rank raises together.
 * Sync-free (``sync_free=True``, one node): DeepEP's ``num_worst_tokens`` sizes the received
   tensor for the worst case (every rank's tokens; all ranks must pass the same number of
   tokens), and the permutation is sized for the worst case too, so no host sync happens and
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import os
 from typing import Optional
 
 import torch
@@ -133,6 +137,8 @@ class _BufferRegistry:
             nvl_bytes = max(nvl_bytes, config.get_nvl_buffer_size_hint(hidden_bytes, size))
             if size > 8:
                 rdma_bytes = max(rdma_bytes, config.get_rdma_buffer_size_hint(hidden_bytes, size))
+        # Diagnostics: a floor on the NVLink buffer, to rule its size in or out of a problem.
+        nvl_bytes = max(nvl_bytes, int(float(os.environ.get("FLEXDISPATCH_DEEPEP_MIN_NVL_BYTES", "0"))) // 128 * 128)
         for i, (g, buffer) in enumerate(self._entries):
             if g is group:
                 if buffer.num_nvl_bytes >= nvl_bytes and buffer.num_rdma_bytes >= rdma_bytes:
@@ -246,6 +252,7 @@ class _DeepepManager(_ManagerBase):
             raise ValueError("sync_free: DeepEP's worst-case mode works on one node (group size <= 8)")
         self.num_sms = num_sms
         self._events: list = []
+        self._flags = None  # pinned host copy of the routing error bits
 
     def wait(self) -> None:
         while self._events:
@@ -256,19 +263,30 @@ class _DeepepManager(_ManagerBase):
         if reason is not None:
             raise TypeError(f"hidden_states: {reason}") if "bfloat16" in reason else ValueError(f"hidden_states: {reason}")
 
-    def _validate_agreed(self, indices: torch.Tensor) -> None:
-        bits = index_route_error_bits(indices, self.num_experts).reshape(1)
+    def _start_validation(self, indices: torch.Tensor):
+        """Routing checks that add no host sync: out-of-range indices become -1 on the device
+        (DeepEP never sees them), every rank's error bits are all-reduced on the GPU, and a
+        pinned host copy is queued before DeepEP's layout, so it has landed by the time
+        DeepEP's own host wait for the counts returns. Read it with _finish_validation."""
+        experts = self.num_experts
+        bits = index_route_error_bits(indices, experts).reshape(1)
         every = bits.clone()
-        dist.all_reduce(every, op=dist.ReduceOp.MAX, group=self.group)
-        host = torch.cat([bits, every]).cpu()
-        ops.check_pending_errors()  # flags of earlier calls are ready: this was a sync anyway
-        if int(host[1]):
+        dist.all_reduce(every, op=dist.ReduceOp.MAX, group=self.group, async_op=True).wait()  # stream wait only
+        if self._flags is None:
+            self._flags = torch.zeros(2, dtype=torch.int64, pin_memory=True)
+        self._flags.copy_(torch.cat([bits, every]), non_blocking=True)
+        return torch.where((indices >= -1) & (indices < experts), indices, -1)
+
+    def _finish_validation(self, indices: torch.Tensor) -> None:
+        local, anywhere = (int(v) for v in self._flags)
+        ops.check_pending_errors()  # earlier calls' flags are ready too: DeepEP just synced
+        if anywhere:
             detail = ""
-            if int(host[0]):
-                detail = ": " + str(routing_error(int(host[0]), indices, self.num_experts, "token_indices"))
+            if local:
+                detail = ": " + str(routing_error(local, indices, self.num_experts, "token_indices"))
             self._release()
             raise ValueError("token_indices: invalid routing on a rank of the expert-parallel group; every rank "
-                             f"raises before any token moved{detail}")
+                             f"raises (DeepEP moved the tokens with the bad slots dropped){detail}")
 
     @staticmethod
     def _stream_ordered(async_finish: bool, allocate_on_comm_stream: bool) -> tuple[bool, bool]:
@@ -283,14 +301,16 @@ class _DeepepManager(_ManagerBase):
         async_finish, allocate_on_comm_stream = self._stream_ordered(async_finish, allocate_on_comm_stream)
         self._check_hidden(hidden_states)
         indices = self.token_indices
-        if self.validate_routing and not self.sync_free:
-            self._validate_agreed(indices)
+        validate = self.validate_routing and not self.sync_free  # needs DeepEP's host wait
+        routed = self._start_validation(indices) if validate else indices
         buffer = _registry.get(self.group, hidden_states.shape[1] * hidden_states.element_size(), self.num_sms)
         worst = hidden_states.shape[0] * self.world_size if self.sync_free else 0
         side = {"events": self._events}
         recv_x, recv_idx, recv_probs = _DeepepDispatch.apply(
-            hidden_states.contiguous(), indices, self.token_probs.float().contiguous(), self.num_experts, buffer,
+            hidden_states.contiguous(), routed, self.token_probs.float().contiguous(), self.num_experts, buffer,
             async_finish, allocate_on_comm_stream, worst, side)
+        if validate:
+            self._finish_validation(indices)
         self.handle = side["handle"]
         self._buffer = buffer
         # No op reads the received tensors here, so an async transfer stays in flight. DeepEP
