@@ -92,7 +92,8 @@ def two_dispatchers_interleaved(rank, world, device="cpu", backend="auto", dtype
     different E, K and H (B's rows are wider: a DeepEP buffer grows under A), each against
     its dense formula."""
     dtype = DTYPES[dtype]
-    specs = {"A": (4 * world, 2, 16, 1), "B": (3 * world, 3, 24, 2)}
+    wide = 1024 if backend == "deepep" else 16  # DeepEP: rows of its verified widths
+    specs = {"A": (4 * world, 2, wide, 1), "B": (3 * world, 3, wide + 16, 2)}
     state = {}
     for name, (experts, topk, hidden, seed) in specs.items():
         xs, logits, weights = make_problem(seed, [9 + 4 * r for r in range(world)], hidden, experts)
@@ -115,7 +116,8 @@ def invalid_routing_all_ranks_raise(rank, world, bad_rank=0, device="cpu", backe
     dispatcher works again afterwards."""
     experts, topk = 4 * world, 2
     d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend)
-    x = torch.randn(6, 16).to(DTYPES[dtype]).to(device)  # 32-byte bf16 rows: DeepEP's smallest
+    hidden = 1024 if backend == "deepep" else 16  # DeepEP: rows of its verified widths
+    x = torch.randn(6, hidden).to(DTYPES[dtype]).to(device)
     tp, ti = torch.topk(torch.rand(6, experts, device=device), topk)
     bad = ti.clone()
     if rank == bad_rank:
@@ -127,7 +129,7 @@ def invalid_routing_all_ranks_raise(rank, world, bad_rank=0, device="cpu", backe
         message = str(exc)
     tokens, tpe, pprobs = d.token_permutation2(x, 6, tp, ti)
     out = d.token_unpermutation((tokens * pprobs[:, None]).to(tokens.dtype))
-    return {"message": message, "recovered": tuple(out.shape) == (6, 16)}
+    return {"message": message, "recovered": tuple(out.shape) == (6, hidden)}
 
 
 def out_of_order_steps(rank, world):
@@ -197,7 +199,7 @@ def _layer_inputs(rank, world, tokens, hidden, experts, topk, seed=0):
     return xs[rank], tp, ti, weights[rank * local:(rank + 1) * local], (xs, logits, weights)
 
 
-def deepep_matches_alltoall(rank, world, tokens=64, hidden=128, experts=None, topk=4, pad=None):
+def deepep_matches_alltoall(rank, world, tokens=256, hidden=1024, experts=None, topk=4, pad=None):
     """The same bf16 inputs through DeepEP and through NCCL all-to-all: identical permuted
     rows and counts, outputs and gradients within bf16 rounding."""
     experts = experts or 8 * world
@@ -248,7 +250,7 @@ def _graph_layer(d, x, probs, scale, tokens):
     return d.token_unpermutation(t * (row_scale * pp)[:, None].to(t.dtype))
 
 
-def cuda_graph_sync_free(rank, world, backend="auto", tokens=128, hidden=128, topk=4):
+def cuda_graph_sync_free(rank, world, backend="auto", tokens=128, hidden=1024, topk=4):
     """moe_sync_free: one layer forward captured in a CUDA graph and replayed on new inputs
     gives the eager results."""
     experts = 4 * world

@@ -72,7 +72,7 @@ def test_deepep_matches_dense(pool, case):
     kwargs = dict(DEEPEP_CASES[case])
     if "tokens_per_rank" in kwargs:
         kwargs["tokens_per_rank"] = kwargs["tokens_per_rank"][:pool.world]
-    results = pool.run("moe_matches_dense", device="cuda", backend="deepep", dtype="bfloat16", hidden=64, **kwargs)
+    results = pool.run("moe_matches_dense", device="cuda", backend="deepep", dtype="bfloat16", hidden=1024, **kwargs)
     assert {r["backend"] for r in results} == {"deepep"}
     check(results)
 
@@ -93,7 +93,7 @@ def test_deepep_errors_interleaving_async(pool):
                         dtype="bfloat16"):
         assert res["message"] and "every rank raises" in res["message"] and res["recovered"]
     for res in pool.run("two_dispatchers_interleaved", device="cuda", backend="deepep", dtype="bfloat16"):
-        assert res["A"] < 3e-2 and res["B"] < 3e-2
+        assert res["A"] < 4e-2 and res["B"] < 4e-2
     for res in pool.run("async_overlap", backend="deepep"):
         assert res["identical"] and res["side"]
 
@@ -108,7 +108,7 @@ def test_deepep_sync_free_cuda_graph(pool):
 
 @pytest.mark.deepep
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("hidden", [128, 2048])
+@pytest.mark.parametrize("hidden", [1024, 2048])
 @pytest.mark.parametrize("tokens", [64, 512, 4096])
 @pytest.mark.parametrize("async_finish", [False, True], ids=["sync", "async"])
 def test_deepep_stages_agree_with_alltoall(pool, tokens, hidden, async_finish):

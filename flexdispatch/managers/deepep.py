@@ -41,6 +41,11 @@ from ..rowmap import index_route_error_bits, routing_error
 from .base import _ManagerBase
 
 MAX_TOPK = 128  # DeepEP's buffer-size assumption (csrc/config.hpp)
+# DeepEP v1.2.1's intranode combine returned wrong sums for 256-byte rows (hidden 128, bf16)
+# from 512 tokens a rank on 4 x H200, whatever the buffer size, while its dispatch and our
+# steps matched the all-to-all manager bit for bit; 2048- and 4096-byte rows were right up
+# to 4096 tokens (docs/PERFORMANCE.md). Narrower rows than verified are not sent to it.
+MIN_VERIFIED_ROW_BYTES = 2048
 INTRANODE_SIZES = (2, 4, 8)
 
 _deep_ep = None
@@ -108,6 +113,9 @@ def unusable_reason(group, device: Optional[torch.device] = None, hidden_dtype: 
             limit = f" and at most {largest} bytes" if largest else ""
             return (f"DeepEP needs bf16 rows of a multiple of {multiple} bytes{limit}; hidden size {hidden_size} "
                     f"gives {row_bytes}")
+        if row_bytes < MIN_VERIFIED_ROW_BYTES:
+            return (f"DeepEP's combine was seen to return wrong sums for narrow rows; rows of {row_bytes} bytes "
+                    f"(hidden {hidden_size}) are below the {MIN_VERIFIED_ROW_BYTES} verified")
     if topk is not None and topk > MAX_TOPK:
         return f"DeepEP supports top-k <= {MAX_TOPK}, got {topk}"
     return None
