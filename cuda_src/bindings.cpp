@@ -343,14 +343,6 @@ std::tuple<Tensor, Tensor> gather_rows_backward(const Tensor& grad_out, const Te
   return {grad_src, grad_probs};
 }
 
-// Benchmarking hook (tools/bench_ops.py): pick the scatter kernel variant.
-void set_scatter_variant(int64_t variant) {
-  TORCH_CHECK_VALUE(variant >= 0 && variant <= 2, "scatter variant must be 0, 1 or 2");
-#ifdef FLEXDISPATCH_WITH_CUDA
-  fd::cuda::set_scatter_variant(static_cast<int>(variant));
-#endif
-}
-
 bool with_cuda() {
 #ifdef FLEXDISPATCH_WITH_CUDA
   return true;
@@ -370,5 +362,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_rows", &gather_rows);
   m.def("gather_rows_backward", &gather_rows_backward);
   m.def("with_cuda", &with_cuda);
-  m.def("_set_scatter_variant", &set_scatter_variant);
 }

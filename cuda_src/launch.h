@@ -33,10 +33,6 @@ cudaError_t route_map(const Route& route, const int32_t* chunk_offsets, int64_t*
 cudaError_t scatter_rows(const void* src, int64_t rows, int64_t row_bytes,
                          const int32_t* row_id_map, int32_t slots, void* dst, cudaStream_t stream);
 
-// Benchmarking hook: which scatter kernel large rows use (0 block per row, 1 warp per row,
-// 2 warp per row with streaming stores).
-void set_scatter_variant(int variant);
-
 // Zeroes the output rows no source row fills: pad rows of each expert (when padded) and the
 // rows past offsets[E] (when tail); probs_out (nullable) gets 0 there too.
 cudaError_t zero_unused_rows(const int64_t* layout, int32_t num_experts, bool padded, bool tail,

@@ -38,41 +38,13 @@ __device__ int compact_slots(const int32_t* row_id_map, int32_t slots, int64_t r
   return count;
 }
 
-template <typename V>
-__global__ void scatter_rows_kernel(const char* __restrict__ src, int64_t row_bytes,
-                                    const int32_t* __restrict__ row_id_map, int32_t slots,
-                                    char* __restrict__ dst) {
-  extern __shared__ int32_t dest[];
-  const int64_t row = blockIdx.x;
-  const int n = compact_slots<float, float>(row_id_map, slots, row, nullptr, dest, nullptr, nullptr);
-  if (n == 0) return;
-  const int64_t vecs = row_bytes / int64_t(sizeof(V));
-  const V* in = reinterpret_cast<const V*>(src + row * row_bytes);
-  for (int64_t v0 = threadIdx.x; v0 < vecs; v0 += int64_t(blockDim.x) * kUnroll) {
-    V buf[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = v0 + int64_t(u) * blockDim.x;
-      if (v < vecs) buf[u] = in[v];
-    }
-    for (int i = 0; i < n; ++i) {
-      V* out = reinterpret_cast<V*>(dst + int64_t(dest[i]) * row_bytes);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = v0 + int64_t(u) * blockDim.x;
-        if (v < vecs) out[v] = buf[u];
-      }
-    }
-  }
-}
-
 // One warp per source row: every lane reads the row's few destinations itself (a broadcast
 // load), so there is no shared memory and no block barrier before the first row load, and
-// each lane keeps kUnroll 16-byte loads in flight. kStream marks the stores evict-first: the
-// permuted rows are not read again by this kernel.
+// each lane keeps kUnroll 16-byte loads in flight. (A block-per-row kernel with compacted
+// destinations, and evict-first stores, measured the same on an H200: docs/PERFORMANCE.md.)
 constexpr int kWarpRowsPerBlock = 4;
 
-template <typename V, bool kStream>
+template <typename V>
 __global__ void scatter_rows_warp_kernel(const char* __restrict__ src, int64_t rows, int64_t row_bytes,
                                          const int32_t* __restrict__ row_id_map, int32_t slots,
                                          char* __restrict__ dst) {
@@ -96,19 +68,11 @@ __global__ void scatter_rows_warp_kernel(const char* __restrict__ src, int64_t r
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t v = v0 + 32 * u;
-        if (v < vecs) {
-          if constexpr (kStream) {
-            __stcs(out + v, buf[u]);
-          } else {
-            out[v] = buf[u];
-          }
-        }
+        if (v < vecs) out[v] = buf[u];
       }
     }
   }
 }
-
-int g_scatter_variant = 1;  // 0: block per row, 1: warp per row, 2: warp per row + streaming stores
 
 // Small rows (routing metadata, tiny hidden sizes): one thread per vector of the input.
 template <typename V>
@@ -259,20 +223,9 @@ cudaError_t scatter_as(const void* src, int64_t rows, int64_t row_bytes, const i
   if (vecs < kSmallRowVecs) {
     scatter_small_rows_kernel<V><<<grid_for(rows * vecs, 256), 256, 0, stream>>>(
         static_cast<const char*>(src), rows, row_bytes, row_id_map, slots, static_cast<char*>(dst));
-  } else if (g_scatter_variant == 0) {
-    scatter_rows_kernel<V><<<static_cast<unsigned>(rows), kRowThreads, slots * sizeof(int32_t), stream>>>(
-        static_cast<const char*>(src), row_bytes, row_id_map, slots, static_cast<char*>(dst));
   } else {
-    const unsigned blocks = grid_for(rows, kWarpRowsPerBlock);
-    const char* s = static_cast<const char*>(src);
-    char* d = static_cast<char*>(dst);
-    if (g_scatter_variant == 2) {
-      scatter_rows_warp_kernel<V, true><<<blocks, kWarpRowsPerBlock * 32, 0, stream>>>(s, rows, row_bytes, row_id_map,
-                                                                                      slots, d);
-    } else {
-      scatter_rows_warp_kernel<V, false><<<blocks, kWarpRowsPerBlock * 32, 0, stream>>>(s, rows, row_bytes, row_id_map,
-                                                                                       slots, d);
-    }
+    scatter_rows_warp_kernel<V><<<grid_for(rows, kWarpRowsPerBlock), kWarpRowsPerBlock * 32, 0, stream>>>(
+        static_cast<const char*>(src), rows, row_bytes, row_id_map, slots, static_cast<char*>(dst));
   }
   return cudaGetLastError();
 }
@@ -350,8 +303,6 @@ cudaError_t with_dtype(DType dtype, F&& f) {
 }
 
 }  // namespace
-
-void set_scatter_variant(int variant) { g_scatter_variant = variant; }
 
 cudaError_t scatter_rows(const void* src, int64_t rows, int64_t row_bytes, const int32_t* row_id_map,
                          int32_t slots, void* dst, cudaStream_t stream) {

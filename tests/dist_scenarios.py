@@ -221,7 +221,7 @@ def deepep_matches_alltoall(rank, world, tokens=256, hidden=1024, experts=None, 
             "grad_x": rel_err(a["gx"], b["gx"]), "grad_probs": rel_err(a["gp"], b["gp"])}
 
 
-def async_overlap(rank, world, backend="deepep", tokens=256, hidden=256, topk=4):
+def async_overlap(rank, world, backend="deepep", tokens=256, hidden=1024, topk=4):
     """async_finish: work issued between dispatch and the next step overlaps with the
     transfer; the next step waits, so results equal the synchronous run bit for bit."""
     experts = 4 * world
@@ -250,9 +250,13 @@ def _graph_layer(d, x, probs, scale, tokens):
     return d.token_unpermutation(t * (row_scale * pp)[:, None].to(t.dtype))
 
 
-def cuda_graph_sync_free(rank, world, backend="auto", tokens=128, hidden=1024, topk=4):
+def cuda_graph_sync_free(rank, world, backend="auto", tokens=128, hidden=1024, topk=4, experimental=False):
     """moe_sync_free: one layer forward captured in a CUDA graph and replayed on new inputs
     gives the eager results."""
+    if experimental:
+        import os
+
+        os.environ["FLEXDISPATCH_EXPERIMENTAL_DEEPEP_SYNC_FREE"] = "1"
     experts = 4 * world
     d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend, moe_sync_free=True,
                     moe_router_expert_pad_multiple=2)

@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flexdispatch import ops, reference  # noqa: E402
 
 SHAPES = [(16384, 7168, 64, 8), (32768, 2048, 32, 8), (1024, 1024, 8, 4)]
-DEFAULT_SCATTER_VARIANT = 1  # must match g_scatter_variant in cuda_src/rows.cu
 
 
 def time_ms(fn, iters: int, warmup: int = 3) -> float:
@@ -69,7 +68,7 @@ def routing(rows: int, experts: int, topk: int, seed: int = 0):
     return idx, probs
 
 
-def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps, scatter_variants=False):
+def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps):
     idx, probs = routing(rows, experts, topk)
     x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
     n = rows * topk
@@ -100,14 +99,6 @@ def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps, scatte
     record("unpermute_w", lambda: ops.unpermute(out, plan, probs), lambda: reference.unpermute(ref_out, ref_plan, probs),
            floor_bytes)
 
-    if scatter_variants and hidden >= 1024:
-        for variant, label in ((0, "block/row"), (1, "warp/row"), (2, "warp/row+stcs")):
-            ops._C._set_scatter_variant(variant)
-            record(f"permute[{label}]",
-                   lambda: ops.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=n), None,
-                   floor_bytes)
-        ops._C._set_scatter_variant(DEFAULT_SCATTER_VARIANT)
-
     # Backward passes, timed through autograd with a fixed upstream gradient.
     xg = x.clone().requires_grad_()
     pout = ops.permute_by_indices(xg, idx, probs, num_experts=experts, num_out_tokens=n)[0]
@@ -133,7 +124,6 @@ def main() -> int:
     parser.add_argument("--ref-iters", type=int, default=5)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
-    parser.add_argument("--scatter-variants", action="store_true", help="also time each scatter kernel variant")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_ops needs a CUDA GPU", file=sys.stderr)
@@ -149,7 +139,7 @@ def main() -> int:
     print(header)
     print("|" + "---|" * 10)
     for shape in SHAPES:
-        results = bench_shape(*shape, args.iters, args.ref_iters, copy_gbps, args.scatter_variants)
+        results = bench_shape(*shape, args.iters, args.ref_iters, copy_gbps)
         report["shapes"].append({"shape": shape, "results": results})
         for name, r in results.items():
             print(f"| {' | '.join(map(str, shape))} | {name} | {r['ms']:.3f} | {r.get('gbps', float('nan')):.0f} | "

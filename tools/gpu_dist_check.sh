@@ -41,7 +41,7 @@ timeout 400 python3 tools/bench_dispatch.py --world-size 4 --json "$OUT/bench_di
   --png "$OUT/bench_dispatch.png" 2>&1 | grep -v "^\[flexdispatch\]" | tee -a "$LOG"
 
 step "bench_ops"
-timeout 300 python3 tools/bench_ops.py --scatter-variants --json "$OUT/bench_ops.json" --png "$OUT/bench_ops.png" \
+timeout 300 python3 tools/bench_ops.py --json "$OUT/bench_ops.json" --png "$OUT/bench_ops.png" \
   2>&1 | tee -a "$LOG"
 
 step "demo"

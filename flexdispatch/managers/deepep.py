@@ -14,7 +14,9 @@
 * Routing validation adds no host sync: bad indices are dropped on the device before DeepEP
   sees them, the ranks' error bits are all-reduced on the GPU, and their pinned host copy is
   read after DeepEP's own host wait for the counts; then every rank raises together.
-* Sync-free (``sync_free=True``, one node): DeepEP's ``num_worst_tokens`` sizes the received
+* Sync-free (``sync_free=True``, one node; experimental, refused unless
+  FLEXDISPATCH_EXPERIMENTAL_DEEPEP_SYNC_FREE=1, since a captured layer replayed to results
+  that differed from eager runs in our tests): DeepEP's ``num_worst_tokens`` sizes the received
   tensor for the worst case (every rank's tokens; all ranks must pass the same number of
   tokens), and the permutation is sized for the worst case too, so no host sync happens and
   a layer can be captured in a CUDA graph (inside capture, dispatch and combine run
@@ -256,6 +258,13 @@ class _DeepepManager(_ManagerBase):
         super().__init__(group, router_topk, permute_fusion, capacity_factor, num_experts, num_local_experts,
                          router_dtype, moe_router_expert_pad_multiple, sync_free=sync_free,
                          validate_routing=validate_routing)
+        if sync_free and os.environ.get("FLEXDISPATCH_EXPERIMENTAL_DEEPEP_SYNC_FREE") != "1":
+            # On 4 x H200 with DeepEP v1.2.1, a captured sync-free layer replayed to results
+            # that differed from the same layer run eagerly (docs/PERFORMANCE.md). Until that
+            # is understood, the mode is refused rather than trusted.
+            raise ValueError("sync_free: not verified with DeepEP (graph replay disagreed with eager runs on "
+                             "4 x H200); use the local manager on one GPU, or set "
+                             "FLEXDISPATCH_EXPERIMENTAL_DEEPEP_SYNC_FREE=1 to try it")
         if sync_free and self.world_size > 8:
             raise ValueError("sync_free: DeepEP's worst-case mode works on one node (group size <= 8)")
         self.num_sms = num_sms
