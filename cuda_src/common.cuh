@@ -62,30 +62,6 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
-// Opaque byte vectors for kernels that only move rows.
-template <int Bytes>
-struct Bytes_;
-template <>
-struct Bytes_<16> {
-  using type = uint4;
-};
-template <>
-struct Bytes_<8> {
-  using type = uint2;
-};
-template <>
-struct Bytes_<4> {
-  using type = uint32_t;
-};
-template <>
-struct Bytes_<2> {
-  using type = uint16_t;
-};
-template <>
-struct Bytes_<1> {
-  using type = uint8_t;
-};
-
 // Largest access width (16, 8, 4, 2 or 1 bytes) that divides the row and every base pointer.
 inline int vector_bytes(int64_t row_bytes, const void* a, const void* b) {
   const uintptr_t bits = reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b);

@@ -48,9 +48,11 @@ class MoEConfig:
     moe_deepep_num_sms: int = 20
     """SMs DeepEP's normal kernels may use (even)."""
     moe_sync_free: bool = False
-    """No host sync in dispatch or permutation: outputs sized for the worst case (DeepEP on one
-    node, or one rank), tokens_per_expert stays on the GPU; lets a layer be captured in a CUDA
-    graph. Routing values are then not validated (shapes and dtypes still are)."""
+    """No host sync in dispatch or permutation: outputs sized for the worst case,
+    tokens_per_expert stays on the GPU; lets a layer be captured in a CUDA graph. Verified for
+    one rank (local manager); refused with DeepEP until its graph replay is verified (see
+    docs/PERFORMANCE.md) and impossible with all-to-all. Routing values are then not validated
+    (shapes and dtypes still are)."""
     moe_validate_routing: bool = True
     """Check routing indices (range, duplicates) before the first collective; every rank raises
     together. Costs one small reduction and sync on the DeepEP path."""

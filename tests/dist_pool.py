@@ -90,3 +90,14 @@ class DistPool:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+
+
+def check_dense_results(results) -> None:
+    """Assert every rank's moe_matches_dense result: reruns bit-identical, errors in tolerance."""
+    for r, res in enumerate(results):
+        res = dict(res)
+        tol = res.pop("tolerance")
+        assert res.pop("identical_reruns"), f"rank {r}: two identical runs gave different bits"
+        res.pop("backend")
+        bad = {k: v for k, v in res.items() if not v <= tol}
+        assert not bad, f"rank {r}: relative errors above {tol:g}: {bad}"

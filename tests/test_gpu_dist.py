@@ -5,7 +5,7 @@ inputs, async ordering, and a sync-free layer replayed in a CUDA graph."""
 import pytest
 import torch
 
-from dist_pool import DistPool
+from dist_pool import DistPool, check_dense_results as check
 
 pytestmark = pytest.mark.gpu
 
@@ -23,12 +23,6 @@ def pool(request):
     p.close()
 
 
-def check(results):
-    for r, res in enumerate(results):
-        tol = res.pop("tolerance")
-        assert res.pop("identical_reruns"), f"rank {r}: reruns differ"
-        res.pop("backend")
-        assert all(v <= tol for v in res.values()), f"rank {r}: {res} (tolerance {tol})"
 
 
 NCCL_CASES = {

@@ -30,29 +30,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import flexdispatch as fd  # noqa: E402
 from flexdispatch.managers import deepep  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 SHAPES = [(4096, 7168, 256, 8), (8192, 2048, 128, 8), (1024, 1024, 32, 4)]
 STAGES = ("preprocess", "dispatch", "permute", "experts", "restore", "combine")
 
 
 def _median_ms(fn, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(fn, iters, warmup, before_each=dist.barrier)  # ranks start together
 
 
 class Layer:

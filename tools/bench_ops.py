@@ -23,32 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from flexdispatch import ops, reference  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 SHAPES = [(16384, 7168, 64, 8), (32768, 2048, 32, 8), (1024, 1024, 8, 4)]
-
-
-def time_ms(fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def copy_bandwidth(iters: int) -> tuple[float, float]:
@@ -56,8 +41,8 @@ def copy_bandwidth(iters: int) -> tuple[float, float]:
     (bytes written): the floors of read-heavy and write-heavy ops."""
     src = torch.randn(1 << 29, device="cuda")  # 2 GiB of float32
     dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src), iters)
-    fill_ms = time_ms(lambda: dst.fill_(1.5), iters)
+    copy_ms = median_ms(lambda: dst.copy_(src), iters)
+    fill_ms = median_ms(lambda: dst.fill_(1.5), iters)
     return 2 * src.numel() * 4 / copy_ms / 1e6, src.numel() * 4 / fill_ms / 1e6
 
 
@@ -77,13 +62,13 @@ def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps):
     results = {}
 
     def record(name, fn, ref_fn=None, bytes_moved=None):
-        ms = time_ms(fn, iters)
+        ms = median_ms(fn, iters)
         entry = {"ms": ms}
         if bytes_moved:
             entry["gbps"] = bytes_moved / ms / 1e6
             entry["of_copy"] = entry["gbps"] / copy_gbps
         if ref_fn is not None:
-            ref_ms = time_ms(ref_fn, ref_iters, warmup=1)
+            ref_ms = median_ms(ref_fn, ref_iters, warmup=1)
             entry["ref_ms"] = ref_ms
             entry["speedup"] = ref_ms / ms
         results[name] = entry

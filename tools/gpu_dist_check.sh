@@ -3,14 +3,7 @@
 # and the kernels, then the GPU tests (1, 2 and 4 ranks; NCCL and DeepEP), the dispatch and
 # op benchmarks, the demo, and the notebook. Everything lands under $OUT.
 set -uo pipefail
-OUT=${OUT:-$(mktemp -d)}
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export CPATH=/usr/local/cuda/include/cccl:${CPATH:-}
-export PYTHONPATH=$PWD:$PWD/.deepep FLEXDISPATCH_CACHE_DIR=$(mktemp -d) PYTHONUNBUFFERED=1 MAX_JOBS=$(nproc)
-export FLEXDISPATCH_JIT=1
-LOG=$OUT/log.txt
-ms() { echo $(( $(date +%s%N) / 1000000 )); }
-step() { echo "=== $1 ($(date +%T))" | tee -a "$LOG"; }
+. "$(dirname "$0")/gpu_env.sh"
 
 step machine
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -19,9 +12,7 @@ step machine
 } 2>&1 | tee -a "$LOG"
 
 step "deepep build"
-s=$(ms)
-(cd .deepep && TORCH_CUDA_ARCH_LIST=9.0 timeout 300 python3 setup.py build_ext --inplace > /tmp/deepep_build.txt 2>&1)
-echo "deepep build rc=$? in $(( $(ms) - s )) ms" | tee -a "$LOG"; tail -3 /tmp/deepep_build.txt >> "$LOG"
+s=$(ms); build_deepep; echo "deepep build took $(( $(ms) - s )) ms" | tee -a "$LOG"
 python3 -c "import deep_ep, flexdispatch; print('deep_ep', deep_ep.__file__, flexdispatch.deepep_available())" 2>&1 \
   | tail -2 | tee -a "$LOG"
 

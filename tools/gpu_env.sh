@@ -1,0 +1,15 @@
+# Sourced by the tools/gpu_*.sh scripts run on lent GPU machines: where logs go, and the
+# environment every run needs (NVLink multicast off, DeepEP's headers and module, a fresh
+# kernel cache, strict kernel builds).
+OUT=${OUT:-$(mktemp -d)}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export CPATH=/usr/local/cuda/include/cccl:${CPATH:-}
+export PYTHONPATH=$PWD:$PWD/.deepep FLEXDISPATCH_CACHE_DIR=$(mktemp -d) PYTHONUNBUFFERED=1 MAX_JOBS=$(nproc)
+export FLEXDISPATCH_JIT=1
+LOG=$OUT/log.txt
+step() { echo "=== $1 ($(date +%T))" | tee -a "$LOG"; }
+ms() { echo $(( $(date +%s%N) / 1000000 )); }
+build_deepep() {
+  (cd .deepep && TORCH_CUDA_ARCH_LIST=9.0 timeout 300 python3 setup.py build_ext --inplace > /tmp/deepep_build.txt 2>&1)
+  echo "deepep build rc=$?" | tee -a "$LOG"; tail -3 /tmp/deepep_build.txt >> "$LOG"
+}
