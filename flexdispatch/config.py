@@ -58,8 +58,8 @@ class MoEConfig:
     together. Costs one small reduction and sync on the DeepEP path."""
 
     def __post_init__(self) -> None:
-        _int_at_least("num_moe_experts", self.num_moe_experts, 1)
-        _int_at_least("moe_router_topk", self.moe_router_topk, 1)
+        int_at_least("num_moe_experts", self.num_moe_experts, 1)
+        int_at_least("moe_router_topk", self.moe_router_topk, 1)
         if self.moe_router_topk > self.num_moe_experts:
             raise ValueError(f"moe_router_topk: expected at most num_moe_experts={self.num_moe_experts}, "
                              f"got {self.moe_router_topk}")
@@ -68,19 +68,21 @@ class MoEConfig:
             if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not (cf > 0 and math.isfinite(cf)):
                 raise ValueError(f"moe_expert_capacity_factor: expected None or a finite number > 0, got {cf!r}")
         if self.moe_router_expert_pad_multiple is not None:
-            _int_at_least("moe_router_expert_pad_multiple", self.moe_router_expert_pad_multiple, 1)
+            int_at_least("moe_router_expert_pad_multiple", self.moe_router_expert_pad_multiple, 1)
         if self.moe_router_dtype not in ROUTER_DTYPES:
             raise ValueError(f"moe_router_dtype: expected one of {ROUTER_DTYPES}, got {self.moe_router_dtype!r}")
         if self.moe_flex_backend not in BACKENDS:
             raise ValueError(f"moe_flex_backend: expected one of {BACKENDS}, got {self.moe_flex_backend!r}")
-        _int_at_least("moe_deepep_num_sms", self.moe_deepep_num_sms, 2)
+        int_at_least("moe_deepep_num_sms", self.moe_deepep_num_sms, 2)
         if self.moe_deepep_num_sms % 2:
             raise ValueError(f"moe_deepep_num_sms: DeepEP needs an even SM count, got {self.moe_deepep_num_sms}")
 
 
-def _int_at_least(name: str, value, low: int) -> None:
+def int_at_least(name: str, value, low: int) -> int:
+    """``value`` if it is an int >= ``low`` (bools excluded), else ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    return value
 
 
 def expert_capacity(num_tokens: int, topk: int, num_experts: int, capacity_factor: float) -> int:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from ..config import ROUTER_DTYPES, expert_capacity
+from ..config import ROUTER_DTYPES, expert_capacity, int_at_least
 from ..rowmap import RowIdMap
 
 _NEXT_STEP = {
@@ -75,12 +75,6 @@ def _group_size_rank(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _int_at_least(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
-
-
 class _ManagerBase(_DispatchManager):
     """Shared state machine. Subclasses implement ``_dispatch`` and ``_combine``.
 
@@ -107,10 +101,10 @@ class _ManagerBase(_DispatchManager):
                  validate_routing: bool = True):
         self.group = group
         self.world_size, self.rank = _group_size_rank(group)
-        self.router_topk = _int_at_least("router_topk", router_topk, 1)
+        self.router_topk = int_at_least("router_topk", router_topk, 1)
         if num_experts is None:
             raise ValueError("num_experts: required")
-        self.num_experts = _int_at_least("num_experts", num_experts, 1)
+        self.num_experts = int_at_least("num_experts", num_experts, 1)
         if self.router_topk > self.num_experts:
             raise ValueError(f"router_topk: expected at most num_experts={num_experts}, got {router_topk}")
         if self.num_experts % self.world_size:
@@ -130,7 +124,7 @@ class _ManagerBase(_DispatchManager):
             raise ValueError(f"router_dtype: expected one of {ROUTER_DTYPES}, got {router_dtype!r}")
         self.router_dtype = router_dtype
         if moe_router_expert_pad_multiple is not None:
-            _int_at_least("moe_router_expert_pad_multiple", moe_router_expert_pad_multiple, 1)
+            int_at_least("moe_router_expert_pad_multiple", moe_router_expert_pad_multiple, 1)
         self.moe_router_expert_pad_multiple = moe_router_expert_pad_multiple
         self.permute_fusion = permute_fusion
         if sync_free and not self.supports_sync_free:
@@ -178,7 +172,7 @@ class _ManagerBase(_DispatchManager):
         for assignments dropped by capacity.
         """
         self._expect("setup_metadata", "idle", "routed")
-        tokens = _int_at_least("num_local_tokens", num_local_tokens, 0)
+        tokens = int_at_least("num_local_tokens", num_local_tokens, 0)
         if not isinstance(probs, torch.Tensor) or not probs.is_floating_point():
             raise TypeError(f"probs: expected a floating-point tensor, got "
                             f"{probs.dtype if isinstance(probs, torch.Tensor) else type(probs).__name__}")
