@@ -215,6 +215,20 @@ Tensor scatter_into(const Tensor& src, const Tensor& row_id_map, int64_t num_out
   return dst;
 }
 
+// Sizes the output: num_out when given (>= 0); otherwise the one sync, which copies the layout
+// to the host and reads the rows used. Returns false, with host set, when the layout's error
+// bits are set (the caller returns early and Python raises from host).
+bool size_output(const fd::Route& r, const Tensor& layout, int64_t& num_out, std::optional<Tensor>& host) {
+  if (num_out < 0) {
+    host = layout.to(at::kCPU);
+    const int64_t* h = host->data_ptr<int64_t>();
+    if (h[fd::layout_error(r.num_experts)] != 0) return false;
+    num_out = h[fd::layout_offsets(r.num_experts) + r.num_experts];
+  }
+  TORCH_CHECK_VALUE(num_out < (int64_t(1) << 31), "at most 2^31 - 1 output rows are supported");
+  return true;
+}
+
 // The whole permutation in one call: plan, (sync when num_out < 0), map, rows, zero fill.
 // Returns (out [N, H], out_probs [N] or None, row_id_map [R, S], layout, host_layout or None).
 // When the sync finds bad routing, returns early with empty out and row_id_map; the caller
@@ -230,14 +244,9 @@ std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>>
   auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple);
   std::optional<Tensor> host;
   const bool tail = num_out >= 0;
-  if (num_out < 0) {
-    host = layout.to(at::kCPU);  // the one sync: output size and error bits
-    if (host->data_ptr<int64_t>()[fd::layout_error(r.num_experts)] != 0) {
-      return {tokens.new_empty({0, tokens.size(1)}), std::nullopt, route.new_empty({0}, at::kInt), layout, host};
-    }
-    num_out = host->data_ptr<int64_t>()[fd::layout_offsets(r.num_experts) + r.num_experts];
+  if (!size_output(r, layout, num_out, host)) {
+    return {tokens.new_empty({0, tokens.size(1)}), std::nullopt, route.new_empty({0}, at::kInt), layout, host};
   }
-  TORCH_CHECK_VALUE(num_out < (int64_t(1) << 31), "at most 2^31 - 1 output rows are supported");
   auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out);
   auto out = scatter_into(tokens, row_id_map, num_out, layout, num_experts, pad_multiple > 1, tail, probs_out);
   return {out, probs_out, row_id_map, layout, host};
@@ -250,13 +259,7 @@ std::tuple<Tensor, Tensor, std::optional<Tensor>> plan(const Tensor& route, int6
   const c10::OptionalDeviceGuard guard(at::device_of(route));
   auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple);
   std::optional<Tensor> host;
-  if (num_out < 0) {
-    host = layout.to(at::kCPU);
-    if (host->data_ptr<int64_t>()[fd::layout_error(r.num_experts)] != 0) {
-      return {route.new_empty({0}, at::kInt), layout, host};
-    }
-    num_out = host->data_ptr<int64_t>()[fd::layout_offsets(r.num_experts) + r.num_experts];
-  }
+  if (!size_output(r, layout, num_out, host)) return {route.new_empty({0}, at::kInt), layout, host};
   auto [row_id_map, unused] = route_map(r, route, chunk_offsets, layout, std::nullopt, num_out);
   return {row_id_map, layout, host};
 }

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _jit, reference
-from .rowmap import RowIdMap, routing_error
+from .rowmap import RowIdMap, layout_error_index, layout_total_index, routing_error
 
 _C = _jit.load_kernels()
 
@@ -72,7 +72,7 @@ def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_ex
 
 def _finish_plan(row_id_map, layout, host, route, num_experts, num_out, pad_multiple, sized, name) -> RowIdMap:
     """Wrap the kernels' outputs; raise (or defer) the error bits they found."""
-    error_index = 3 * num_experts + 1
+    error_index = layout_error_index(num_experts)
     if host is not None:
         check_pending_errors()  # a sync just happened: read the earlier flags too
         bits = int(host[error_index])
@@ -340,7 +340,7 @@ def make_plan(route: torch.Tensor, num_experts: int, num_out_tokens: Optional[in
     route = route.contiguous()
     row_id_map, layout, host = _C.plan(route, num_experts, pad_multiple or 1,
                                        -1 if num_out_tokens is None else num_out_tokens)
-    num_out = num_out_tokens if host is None else int(host[3 * num_experts])
+    num_out = num_out_tokens if host is None else int(host[layout_total_index(num_experts)])
     return _finish_plan(row_id_map, layout, host, route, num_experts, num_out, pad_multiple,
                         num_out_tokens is not None, "route")
 

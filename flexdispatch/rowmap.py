@@ -14,6 +14,17 @@ DUPLICATE_INDEX = 2
 OUTPUT_OVERFLOW = 4
 
 
+# Where things sit in a layout of 3E + 2 entries, as in cuda_src/flexdispatch.h.
+def layout_total_index(num_experts: int) -> int:
+    """Index of the number of rows used (the last expert offset)."""
+    return 3 * num_experts
+
+
+def layout_error_index(num_experts: int) -> int:
+    """Index of the error bits."""
+    return 3 * num_experts + 1
+
+
 @dataclasses.dataclass
 class RowIdMap:
     """Where every (row, slot) of a permutation went.
@@ -59,7 +70,7 @@ class RowIdMap:
         return self.host_layout
 
     def error_bits(self) -> int:
-        return int(self._host()[3 * self.num_experts + 1])
+        return int(self._host()[layout_error_index(self.num_experts)])
 
     def check(self, route: Optional[torch.Tensor] = None, name: str = "indices") -> None:
         """Raise ValueError if the kernels flagged bad routing or an output overflow (syncs)."""

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from ..rowmap import index_route_error_bits, routing_error
+from ..rowmap import index_route_error_bits
 from .base import _ManagerBase
 
 
@@ -121,17 +121,14 @@ class _AllToAllManager(_ManagerBase):
         _exchange(received, message, None, None, self.group)
         host = torch.stack([message, received]).cpu()  # the one host sync of dispatch
         ops.check_pending_errors()  # earlier calls' flags are ready now, for free
-        if host[1, :, 1].any():
-            self._raise_agreed_error(host[1, :, 1], indices)
+        flags = host[1, :, 1]
+        if flags.any():
+            bad_ranks = [w for w, f in enumerate(flags.tolist()) if f]
+            self._raise_agreed_routing_error(int(flags[self.rank]), f"rank(s) {bad_ranks}", "before any token moved")
 
         self._send_splits = host[0, :, 0].tolist()
         self._recv_splits = host[1, :, 0].tolist()
-        pad = self.moe_router_expert_pad_multiple or 1
-        counts = host[1, :, 2:].sum(0)
-        self.tokens_per_expert = (counts + pad - 1) // pad * pad
-        if device.type == "cuda":  # pinned: the experts can copy it to the GPU without a sync
-            self.tokens_per_expert = self.tokens_per_expert.pin_memory()
-        self._num_out = int(self.tokens_per_expert.sum())
+        self._set_received_counts(host[1, :, 2:].sum(0))
 
         plan = ops.make_plan(in_rank, world, num_out_tokens=sum(self._send_splits))
         self._rank_plan = plan
@@ -145,15 +142,6 @@ class _AllToAllManager(_ManagerBase):
         prob_dtype = torch.float64 if self.router_dtype == "fp64" else torch.float32
         self.dispatched_probs = self._masked_probs(self.dispatched_indices, recv_meta[:, topk:].to(prob_dtype))
         return recv
-
-    def _raise_agreed_error(self, flags: torch.Tensor, indices: torch.Tensor) -> None:
-        bad_ranks = [w for w, f in enumerate(flags.tolist()) if f]
-        detail = ""
-        if int(flags[self.rank]):
-            detail = ": " + str(routing_error(int(flags[self.rank]), indices, self.num_experts, "token_indices"))
-        self._release()
-        raise ValueError(f"token_indices: invalid routing on rank(s) {bad_ranks} of the expert-parallel group; "
-                         f"every rank raises before any token moved{detail}")
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
                  allocate_on_comm_stream: bool) -> torch.Tensor:

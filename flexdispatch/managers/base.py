@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from .. import ops
 from ..config import ROUTER_DTYPES, expert_capacity, int_at_least
-from ..rowmap import RowIdMap
+from ..rowmap import RowIdMap, routing_error
 
 _NEXT_STEP = {
     "idle": "setup_metadata (or the dispatcher's dispatch_preprocess / token_permutation)",
@@ -238,6 +238,24 @@ class _ManagerBase(_DispatchManager):
         # Out-of-range indices stay as they are, for validation to report.
         bad = (indices < -1) | (indices >= experts)
         return torch.where(keep.view(tokens, k) | bad, indices, -1)
+
+    def _set_received_counts(self, counts: torch.Tensor) -> None:
+        """Host-side ``tokens_per_expert`` (padded, pinned where a GPU will read it) and the
+        permuted tensor's size, from per-local-expert counts known on the host."""
+        pad = self.moe_router_expert_pad_multiple or 1
+        padded = (counts + pad - 1) // pad * pad
+        self.tokens_per_expert = padded.pin_memory() if self.token_indices.is_cuda else padded
+        self._num_out = int(padded.sum())
+
+    def _raise_agreed_routing_error(self, local_bits: int, where: str, when: str) -> None:
+        """Raise the ValueError every rank raises together when some rank's routing is bad;
+        the bad rank's message says what is wrong."""
+        detail = ""
+        if local_bits:
+            detail = ": " + str(routing_error(local_bits, self.token_indices, self.num_experts, "token_indices"))
+        self._release()
+        raise ValueError(f"token_indices: invalid routing on {where} of the expert-parallel group; every rank "
+                         f"raises {when}{detail}")
 
     def _masked_probs(self, indices: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         return torch.where(indices >= 0, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from .. import ops
 from .._log import logger
-from ..rowmap import index_route_error_bits, routing_error
+from ..rowmap import index_route_error_bits
 from .base import _ManagerBase
 
 MAX_TOPK = 128  # DeepEP's buffer-size assumption (csrc/config.hpp)
@@ -276,9 +276,11 @@ class _DeepepManager(_ManagerBase):
             self._events.pop().current_stream_wait()
 
     def _check_hidden(self, hidden_states: torch.Tensor) -> None:
+        if hidden_states.dtype != torch.bfloat16:
+            raise TypeError(f"hidden_states: DeepEP's combine needs bfloat16 hidden states, got {hidden_states.dtype}")
         reason = unusable_reason(self.group, hidden_states.device, hidden_states.dtype, hidden_states.shape[1])
         if reason is not None:
-            raise TypeError(f"hidden_states: {reason}") if "bfloat16" in reason else ValueError(f"hidden_states: {reason}")
+            raise ValueError(f"hidden_states: {reason}")
 
     def _start_validation(self, indices: torch.Tensor):
         """Routing checks that add no host sync: out-of-range indices become -1 on the device
@@ -294,16 +296,11 @@ class _DeepepManager(_ManagerBase):
         self._flags.copy_(torch.cat([bits, every]), non_blocking=True)
         return torch.where((indices >= -1) & (indices < experts), indices, -1)
 
-    def _finish_validation(self, indices: torch.Tensor) -> None:
+    def _finish_validation(self) -> None:
         local, anywhere = (int(v) for v in self._flags)
         ops.check_pending_errors()  # earlier calls' flags are ready too: DeepEP just synced
         if anywhere:
-            detail = ""
-            if local:
-                detail = ": " + str(routing_error(local, indices, self.num_experts, "token_indices"))
-            self._release()
-            raise ValueError("token_indices: invalid routing on a rank of the expert-parallel group; every rank "
-                             f"raises (DeepEP moved the tokens with the bad slots dropped){detail}")
+            self._raise_agreed_routing_error(local, "a rank", "(DeepEP moved the tokens with the bad slots dropped)")
 
     @staticmethod
     def _stream_ordered(async_finish: bool, allocate_on_comm_stream: bool) -> tuple[bool, bool]:
@@ -327,7 +324,7 @@ class _DeepepManager(_ManagerBase):
             hidden_states.contiguous(), routed, self.token_probs.float().contiguous(), self.num_experts, buffer,
             async_finish, allocate_on_comm_stream, worst, side)
         if validate:
-            self._finish_validation(indices)
+            self._finish_validation()
         self.handle = side["handle"]
         self._buffer = buffer
         # No op reads the received tensors here, so an async transfer stays in flight. DeepEP
@@ -335,13 +332,10 @@ class _DeepepManager(_ManagerBase):
         # padding rows of sync-free mode need masking.
         self.dispatched_indices = recv_idx
         self.dispatched_probs = self._masked_probs(recv_idx, recv_probs) if self.sync_free else recv_probs
-        pad = self.moe_router_expert_pad_multiple or 1
         if self.sync_free:
             self._num_out = self._worst_case_rows(worst)
         else:
-            counts = torch.tensor(side["counts"], dtype=torch.int64)
-            self.tokens_per_expert = ((counts + pad - 1) // pad * pad).pin_memory()
-            self._num_out = int(self.tokens_per_expert.sum())
+            self._set_received_counts(torch.tensor(side["counts"], dtype=torch.int64))
         return recv_x
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
