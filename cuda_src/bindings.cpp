@@ -124,6 +124,38 @@ std::tuple<Tensor, Tensor, Tensor> indices_to_multihot(const Tensor& indices, co
   return {map, probs_out, error};
 }
 
+// (clean [rows, slots] int64 with out-of-range entries -1, status [2] int32: error bits, and
+// `flag` if any bit is set), no sync.
+std::tuple<Tensor, Tensor> check_route(const Tensor& indices, int64_t num_experts, int64_t flag) {
+  TORCH_CHECK_VALUE(indices.dim() == 2, "indices must be 2-D [rows, topk], got ", indices.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
+                   "indices must be int32 or int64, got ", indices.scalar_type());
+  check_contiguous(indices, "indices");
+  TORCH_CHECK_VALUE(num_experts > 0 && num_experts < (int64_t(1) << 31), "num_experts out of range: ", num_experts);
+  TORCH_CHECK_VALUE(flag >= 0 && flag < (int64_t(1) << 31), "flag must fit in int32, got ", flag);
+  const int64_t rows = indices.size(0);
+  const int32_t slots = static_cast<int32_t>(indices.size(1));
+  const bool is64 = indices.scalar_type() == at::kLong;
+  auto clean = torch::empty({rows, slots}, indices.options().dtype(at::kLong));
+  auto status = torch::zeros({2}, indices.options().dtype(at::kInt));
+  if (indices.is_cuda()) {
+#ifdef FLEXDISPATCH_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(indices.device());
+    FD_CUDA_CHECK(fd::cuda::check_route(indices.data_ptr(), is64, rows, slots, static_cast<int32_t>(num_experts),
+                                        static_cast<int32_t>(flag), clean.data_ptr<int64_t>(),
+                                        status.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK(false, "flexdispatch was built without CUDA");
+#endif
+  } else {
+    const int32_t bits = fd::cpu::check_route(indices.data_ptr(), is64, rows, slots,
+                                              static_cast<int32_t>(num_experts), clean.data_ptr<int64_t>());
+    status[0] = bits;
+    status[1] = bits ? flag : 0;
+  }
+  return {clean, status};
+}
+
 // ---- the permutation plan and the row movers --------------------------------------------
 
 // Count and scan: (chunk_offsets [chunks, E + 1] int32, layout [3E + 2] int64), no sync.
@@ -359,6 +391,7 @@ bool with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flexdispatch kernels (see flexdispatch/_kernels.py for the Python-facing wrappers)";
   m.def("indices_to_multihot", &indices_to_multihot);
+  m.def("check_route", &check_route);
   m.def("permute", &permute);
   m.def("plan", &plan);
   m.def("scatter_rows", &scatter_rows);

@@ -8,7 +8,8 @@ so any dtype works there); probs float32 or float64 (others are converted to flo
 
 Host syncs: :func:`permute` and :func:`permute_by_indices` make exactly one, to size their
 output, when ``num_out_tokens`` is None; none otherwise. On CUDA, invalid routing found by a
-kernel is raised as ValueError at the next such sync (or at :func:`check_pending_errors`).
+kernel without a sync is raised as ValueError by a later op once its error word has landed in
+pinned memory, or by :func:`check_pending_errors` (which waits for that small copy only).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from typing import Optional, Sequence
 import torch
 
 from . import _jit, reference
-from .rowmap import RowIdMap, layout_error_index, layout_total_index, routing_error
+from .rowmap import RowIdMap, index_route_error_bits, layout_error_index, layout_total_index, routing_error
 
 _C = _jit.load_kernels()
 
-# CUDA error flags not yet read: (layout, index of its error word, route, num_experts, name, num_out).
+# CUDA error words not yet read: (pinned host copy, its event, route, num_experts, name, num_out).
 _pending: list = []
 _MAX_PENDING = 64
 
@@ -43,29 +44,44 @@ def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
 
 
 def check_pending_errors() -> None:
-    """Read the error flags of earlier CUDA calls (syncs once) and raise the first error."""
-    if not _pending:
-        return
+    """Raise the first routing error flagged by earlier CUDA calls. Waits only for their small
+    error-word copies to land (not for the whole device), so it costs nothing once the GPU
+    has passed them."""
     entries = list(_pending)
     _pending.clear()
-    bits = torch.stack([e[0][e[1]] for e in entries]).cpu()
-    for value, (_, _, route, num_experts, name, num_out) in zip(bits.tolist(), entries):
-        if value:
-            raise routing_error(value, route, num_experts, name, num_out)
+    for host, event, route, num_experts, name, num_out in entries:
+        event.synchronize()
+        if int(host[0]):
+            raise routing_error(int(host[0]), route, num_experts, name, num_out)
+
+
+def _poll_pending_errors() -> None:
+    """Read, without waiting, the error words that have already landed; raise the first error."""
+    while _pending and _pending[0][1].query():
+        host, _, route, num_experts, name, num_out = _pending.pop(0)
+        if int(host[0]):
+            _pending.clear()
+            raise routing_error(int(host[0]), route, num_experts, name, num_out)
 
 
 def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_experts: int, name: str,
                     num_out: Optional[int] = None) -> None:
-    """Raise now for CPU tensors (reading the flag costs nothing); on CUDA, keep the flag for
-    the next sync point instead of adding one."""
+    """Raise now for CPU tensors (reading the flag costs nothing); on CUDA, queue a copy of the
+    error word to pinned memory and read it once it has landed (at a later call, or at
+    :func:`check_pending_errors`) instead of adding a host sync."""
     if flags.device.type == "cpu":
         bits = int(flags[index])
         if bits:
             raise routing_error(bits, route, num_experts, name, num_out)
         return
-    if flags.is_cuda and torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_current_stream_capturing():
         return  # a graph being captured may not sync; its sizes are the caller's (sync-free mode)
-    _pending.append((flags, index, route, num_experts, name, num_out))
+    _poll_pending_errors()
+    host = torch.empty(1, dtype=flags.dtype, pin_memory=True)
+    host.copy_(flags[index:index + 1], non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    _pending.append((host, event, route, num_experts, name, num_out))
     if len(_pending) > _MAX_PENDING:
         check_pending_errors()
 
@@ -253,6 +269,30 @@ def indices_to_multihot(indices: torch.Tensor, probs: torch.Tensor, num_experts:
     if not _use_kernels(indices):
         return reference.indices_to_multihot(indices, probs, num_experts)
     return _IndicesToMultihot.apply(indices, probs, num_experts)
+
+
+def check_route(indices: torch.Tensor, num_experts: int, flag: int = 0):
+    """Validate top-k routing on its device in one pass, without a host sync.
+
+    Args:
+        indices: int32/int64 ``[R, K]`` expert ids, -1 for an unused slot.
+        num_experts: ``E``.
+        flag: an int32 value reported in ``status[1]`` when anything is wrong (0 otherwise),
+            for a caller that adds it to a later computation without asking the host.
+
+    Returns:
+        ``(clean, status)``: int64 ``[R, K]`` with out-of-range entries replaced by -1 (a
+        repeated expert is kept), and int32 ``[2]``: the error bits (1 out of range, 2 repeated
+        expert in a row; see :mod:`flexdispatch.rowmap`) and ``flag`` or 0.
+    """
+    _check_index_route(indices, num_experts, None)
+    if isinstance(flag, bool) or not isinstance(flag, int) or not 0 <= flag < 2**31:
+        raise ValueError(f"flag: expected an int in [0, 2**31), got {flag!r}")
+    if _use_kernels(indices):
+        return _C.check_route(indices.contiguous(), num_experts, flag)
+    bits = index_route_error_bits(indices, num_experts).to(torch.int32)
+    clean = torch.where((indices >= -1) & (indices < num_experts), indices.long(), -1)
+    return clean, torch.stack([bits, (bits != 0).to(torch.int32) * flag])
 
 
 def permute(tokens: torch.Tensor, routing_map: torch.Tensor, probs: Optional[torch.Tensor] = None,

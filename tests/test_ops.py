@@ -248,3 +248,56 @@ def test_cuda_routing_error_raised_at_next_sync():
     ops.indices_to_multihot(idx, probs, 8)  # no sync here
     with pytest.raises(ValueError, match="value 99 at row 5"):
         ops.check_pending_errors()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("rows,experts,topk", [(0, 4, 2), (1, 3, 1), (517, 12, 4), (3000, 64, 8)])
+@pytest.mark.parametrize("fault", ["none", "range", "duplicate", "both"])
+def test_check_route_matches_dense_rules(device, index_dtype, rows, experts, topk, fault):
+    idx = random_indices(rows, experts, topk, seed=rows + topk).to(index_dtype)
+    g = torch.Generator().manual_seed(11)
+    expected_bits = 0
+    if rows and fault in ("range", "both"):
+        at = torch.randint(0, rows * topk, (3,), generator=g)
+        idx.view(-1)[at] = torch.tensor([experts, -2, experts + 7], dtype=index_dtype)
+        expected_bits |= 1
+    if rows and topk > 1 and fault in ("duplicate", "both"):
+        row = int(torch.randint(0, rows, (1,), generator=g))
+        idx[row, :2] = torch.tensor([experts - 1, experts - 1], dtype=index_dtype)
+        expected_bits |= 2
+    clean, status = ops.check_route(idx.to(device), experts, flag=12345)
+    in_range = (idx >= -1) & (idx < experts)
+    assert clean.dtype == torch.int64 and status.dtype == torch.int32
+    assert torch.equal(clean.cpu(), torch.where(in_range, idx.long(), -1))
+    assert status.tolist() == [expected_bits, 12345 if expected_bits else 0]
+    assert int(status[0]) == int(reference_bits(idx, experts))
+
+
+def reference_bits(idx, experts):
+    from flexdispatch.rowmap import index_route_error_bits
+
+    return index_route_error_bits(idx, experts)
+
+
+def test_check_route_rejects_bad_arguments():
+    idx = random_indices(8, 4, 2)
+    with pytest.raises(TypeError, match="indices"):
+        ops.check_route(idx.float(), 4)
+    with pytest.raises(ValueError, match="flag"):
+        ops.check_route(idx, 4, flag=-1)
+    with pytest.raises(ValueError, match="num_experts"):
+        ops.check_route(idx, 0)
+
+
+@pytest.mark.gpu
+def test_cuda_routing_error_raised_by_a_later_op_without_sync():
+    idx = random_indices(64, 8, 2, drop=0.0, device="cuda")
+    idx[3, 1] = 50
+    probs = random_probs(64, 2, device="cuda")
+    ops.indices_to_multihot(idx, probs, 8)  # flags the error, no sync
+    torch.cuda.synchronize()  # the error word has landed: the next op reads it without waiting
+    good = random_indices(64, 8, 2, drop=0.0, device="cuda")
+    with pytest.raises(ValueError, match="value 50 at row 3"):
+        ops.indices_to_multihot(good, probs, 8)
+    ops.check_pending_errors()  # nothing left over

@@ -61,6 +61,22 @@ int64_t indices_to_multihot(const void* indices, bool indices_are_64bit, const v
   return bad;
 }
 
+int32_t check_route(const void* indices, bool indices_are_64bit, int64_t rows, int32_t slots,
+                    int32_t num_experts, int64_t* clean) {
+  const Route route{indices, indices_are_64bit ? kRouteIndex64 : kRouteIndex32, rows, slots, num_experts};
+  int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(| : bad)
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int32_t s = 0; s < slots; ++s) {
+      const int64_t e = raw_expert(route, r, s);
+      const bool in_range = e >= -1 && e < num_experts;
+      checked_expert(route, r, s, &bad);  // records range and duplicate errors
+      clean[r * slots + s] = in_range ? e : -1;
+    }
+  }
+  return static_cast<int32_t>(bad);
+}
+
 void route_plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets, int64_t* layout) {
   const int32_t experts = route.num_experts;
   const int64_t chunk_rows = chunk_rows_for(experts);

@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from ..rowmap import index_route_error_bits
 from .base import _ManagerBase
 
 
@@ -112,7 +111,7 @@ class _AllToAllManager(_ManagerBase):
             0, torch.where(valid, indices, experts).flatten(),
             torch.ones(tokens * topk, dtype=torch.int64, device=device))[:experts].view(world, local)
         if self.validate_routing:
-            error = index_route_error_bits(indices, experts)
+            error = ops.check_route(indices, experts)[1][0].long()
         else:
             error = torch.zeros((), dtype=torch.int64, device=device)
         message = torch.cat([in_rank.sum(0, dtype=torch.int64)[:, None], error.expand(world)[:, None],

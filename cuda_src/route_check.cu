@@ -1,0 +1,67 @@
+// Route validation in one pass, with no host sync: indices [R, K] -> a copy with out-of-range
+// entries replaced by -1, and a status word pair: OR of the ErrorBits found, and a caller's
+// flag value written when anything was found (so a later kernel can add it somewhere without
+// a branch on the host).
+#include <algorithm>
+
+#include "common.cuh"
+#include "launch.h"
+
+namespace flexdispatch {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename Index>
+__global__ void check_route_kernel(const Index* __restrict__ indices, int64_t rows, int32_t slots,
+                                   int32_t num_experts, int32_t flag, int64_t* __restrict__ clean,
+                                   int32_t* __restrict__ status) {
+  // One element per thread, grid-stride: coalesced reads and writes; the duplicate scan reads
+  // the earlier slots of the same row, which sit in the same or a neighbouring cache line.
+  int32_t bad = 0;
+  const int64_t total = rows * slots;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t e = indices[i];
+    if (e < -1 || e >= num_experts) {
+      bad |= kIndexOutOfRange;
+      e = -1;
+    } else if (e >= 0) {
+      const int64_t first = i - i % slots;
+      for (int64_t j = first; j < i; ++j) {
+        if (indices[j] == e) bad |= kDuplicateIndex;
+      }
+    }
+    clean[i] = e;
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) bad |= __shfl_xor_sync(kFullMask, bad, offset);
+  if (bad && threadIdx.x % 32 == 0) {
+    atomicOr(status, bad);
+    status[1] = flag;  // every writer stores the same value
+  }
+}
+
+template <typename Index>
+cudaError_t launch(const void* indices, int64_t rows, int32_t slots, int32_t num_experts,
+                   int32_t flag, int64_t* clean, int32_t* status, cudaStream_t stream) {
+  const int64_t total = rows * slots;
+  if (total == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(grid_for(total, kThreads), 4096));
+  check_route_kernel<Index><<<blocks, kThreads, 0, stream>>>(static_cast<const Index*>(indices), rows,
+                                                             slots, num_experts, flag, clean, status);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t check_route(const void* indices, bool indices_are_64bit, int64_t rows, int32_t slots,
+                        int32_t num_experts, int32_t flag, int64_t* clean, int32_t* status,
+                        cudaStream_t stream) {
+  return indices_are_64bit
+             ? launch<int64_t>(indices, rows, slots, num_experts, flag, clean, status, stream)
+             : launch<int32_t>(indices, rows, slots, num_experts, flag, clean, status, stream);
+}
+
+}  // namespace cuda
+}  // namespace flexdispatch
