@@ -49,13 +49,13 @@ class MoEConfig:
     """SMs DeepEP's normal kernels may use (even)."""
     moe_sync_free: bool = False
     """No host sync in dispatch or permutation: outputs sized for the worst case,
-    tokens_per_expert stays on the GPU; lets a layer be captured in a CUDA graph. Verified for
-    one rank (local manager); refused with DeepEP until its graph replay is verified (see
-    docs/PERFORMANCE.md) and impossible with all-to-all. Routing values are then not validated
-    (shapes and dtypes still are)."""
+    tokens_per_expert stays on the GPU; lets a layer be captured in a CUDA graph. For one rank
+    (local manager) and DeepEP on one node (every rank must pass the same number of tokens);
+    impossible with all-to-all, which needs host-side counts. Routing values are then not
+    validated (shapes and dtypes still are)."""
     moe_validate_routing: bool = True
-    """Check routing indices (range, duplicates) before the first collective; every rank raises
-    together. Costs one small reduction and sync on the DeepEP path."""
+    """Check routing indices (range, duplicates) before tokens move; every rank raises
+    together. One small kernel; no extra collective or host sync on DeepEP within a node."""
 
     def __post_init__(self) -> None:
         int_at_least("num_moe_experts", self.num_moe_experts, 1)

@@ -160,3 +160,4 @@ def test_one_gpu_sync_free_layer_replays_in_cuda_graph():
 
     res = cuda_graph_sync_free(0, 1)
     assert res["backend"] == "local" and max(res["errors"]) < 1e-6, res
+    assert max(res["eager_vs_exact"]) < 1e-6, res

@@ -94,12 +94,10 @@ def test_deepep_errors_interleaving_async(pool):
 
 @pytest.mark.deepep
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(reason="on 4 x H200 with DeepEP v1.2.1 the replay differed from eager runs; the mode is "
-                          "refused unless FLEXDISPATCH_EXPERIMENTAL_DEEPEP_SYNC_FREE=1", strict=False)
 def test_deepep_sync_free_cuda_graph(pool):
-    for res in pool.run("cuda_graph_sync_free", backend="deepep", experimental=True):
+    for res in pool.run("cuda_graph_sync_free", backend="deepep"):
         assert res["backend"] == "deepep"
-        assert max(res["errors"]) < 1e-6, res
+        assert max(res["errors"]) < 1e-6 and max(res["eager_vs_exact"]) < 1e-6, res
 
 
 @pytest.mark.deepep

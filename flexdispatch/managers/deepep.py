@@ -11,16 +11,17 @@
   queued on its communication stream; the event is kept and the current stream waits on it at
   the next step of the manager (or at :meth:`_DeepepManager.wait`). Work issued in between
   overlaps with the transfer. Do not read the returned tensors before that wait.
-* Routing validation adds no host sync: bad indices are dropped on the device before DeepEP
-  sees them, the ranks' error bits are all-reduced on the GPU, and their pinned host copy is
-  read after DeepEP's own host wait for the counts; then every rank raises together.
-* Sync-free (``sync_free=True``, one node; experimental, refused unless
-  FLEXDISPATCH_EXPERIMENTAL_DEEPEP_SYNC_FREE=1, since a captured layer replayed to results
-  that differed from eager runs in our tests): DeepEP's ``num_worst_tokens`` sizes the received
+* Routing validation adds no host sync and no collective: one kernel checks the indices and
+  drops bad ones (DeepEP never sees them); a rank that found an error adds a sentinel to every
+  per-expert count it sends in DeepEP's own notify step, so every rank learns of it from the
+  counts DeepEP's host wait already returns, and all raise together. (Beyond one node, where
+  DeepEP's notify differs, the error bits are all-reduced over NCCL instead.)
+* Sync-free (``sync_free=True``, one node): DeepEP's ``num_worst_tokens`` sizes the received
   tensor for the worst case (every rank's tokens; all ranks must pass the same number of
   tokens), and the permutation is sized for the worst case too, so no host sync happens and
   a layer can be captured in a CUDA graph (inside capture, dispatch and combine run
-  stream-ordered whatever ``async_finish`` says). Routing values are then not validated.
+  stream-ordered whatever ``async_finish`` says). Routing values are then not validated. The
+  padding rows' probs are zeroed at the wait, after the transfer has landed.
 
 DeepEP's limits are checked before any collective: bfloat16 hidden states, rows of a multiple
 of 32 bytes and at most 16368 bytes (its SM90 build; 16 bytes otherwise), a group size its
@@ -39,10 +40,14 @@ import torch.distributed as dist
 
 from .. import ops
 from .._log import logger
-from ..rowmap import index_route_error_bits
 from .base import _ManagerBase
 
 MAX_TOPK = 128  # DeepEP's buffer-size assumption (csrc/config.hpp)
+# Added by a rank with bad routing to every per-expert count it sends: each receiver gets the
+# sum over ranks of its experts' counts, so a sum at or above this means some rank is bad.
+# Real sums stay below it while every rank's tokens * group size do; 8 senders' sentinels and
+# counts still fit DeepEP's int32 sums.
+ERROR_SENTINEL = 1 << 24
 # DeepEP v1.2.1's intranode combine returned wrong sums for 256-byte rows (hidden 128, bf16)
 # from 512 tokens a rank on 4 x H200, whatever the buffer size, while its dispatch and our
 # steps matched the all-to-all manager bit for bit; 2048- and 4096-byte rows were right up
@@ -137,10 +142,21 @@ class _BufferRegistry:
     def __init__(self):
         self._entries: list[tuple[object, object]] = []  # (group, Buffer), compared by identity
         self._retired: list[object] = []
+        self._recent: dict = {}  # (id(group), hidden_bytes, num_sms) -> (group, Buffer): no size hints per call
 
     def get(self, group, hidden_bytes: int, num_sms: int):
         deep_ep = _import_deep_ep()
-        deep_ep.Buffer.set_num_sms(num_sms)
+        if deep_ep.Buffer.num_sms != num_sms:  # class-wide: the default configs of every call read it
+            deep_ep.Buffer.set_num_sms(num_sms)
+        hit = self._recent.get((id(group), hidden_bytes, num_sms))
+        if hit is not None and hit[0] is group:
+            return hit[1]
+        buffer = self._get(deep_ep, group, hidden_bytes)
+        self._recent = {k: v for k, v in self._recent.items() if v[0] is not group}
+        self._recent[(id(group), hidden_bytes, num_sms)] = (group, buffer)
+        return buffer
+
+    def _get(self, deep_ep, group, hidden_bytes: int):
         size = dist.get_world_size(group)
         nvl_bytes = rdma_bytes = 0
         for config in (deep_ep.Buffer.get_dispatch_config(size), deep_ep.Buffer.get_combine_config(size)):
@@ -165,7 +181,7 @@ class _BufferRegistry:
 
     def destroy_all(self) -> int:
         buffers = [b for _, b in self._entries] + self._retired
-        self._entries, self._retired = [], []
+        self._entries, self._retired, self._recent = [], [], {}
         if buffers and torch.cuda.is_initialized():
             torch.cuda.synchronize()
         for buffer in buffers:
@@ -198,10 +214,19 @@ class _DeepepDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, buffer, async_finish, allocate_on_comm_stream,
                 num_worst_tokens, side):
-        layout = buffer.get_dispatch_layout(token_indices, num_experts,
-                                            previous_event=_previous_event(buffer, allocate_on_comm_stream),
-                                            async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
-        per_rank, per_rdma_rank, per_expert, in_rank, event = layout
+        poison = side.get("poison")
+        if poison is None:
+            layout = buffer.get_dispatch_layout(token_indices, num_experts,
+                                                previous_event=_previous_event(buffer, allocate_on_comm_stream),
+                                                async_finish=async_finish,
+                                                allocate_on_comm_stream=allocate_on_comm_stream)
+            per_rank, per_rdma_rank, per_expert, in_rank, event = layout
+        else:
+            # Stream-ordered layout (a 30 us kernel, no host wait), then the sentinel (0 unless
+            # this rank's routing is bad) added to the per-expert counts DeepEP is about to send.
+            per_rank, per_rdma_rank, per_expert, in_rank, _ = buffer.get_dispatch_layout(token_indices, num_experts)
+            per_expert.add_(poison)
+            event = _previous_event(buffer, allocate_on_comm_stream)
         recv_x, recv_idx, recv_probs, counts, handle, after = buffer.dispatch(
             x, topk_idx=token_indices, topk_weights=token_probs, num_tokens_per_rank=per_rank,
             num_tokens_per_rdma_rank=per_rdma_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
@@ -258,22 +283,27 @@ class _DeepepManager(_ManagerBase):
         super().__init__(group, router_topk, permute_fusion, capacity_factor, num_experts, num_local_experts,
                          router_dtype, moe_router_expert_pad_multiple, sync_free=sync_free,
                          validate_routing=validate_routing)
-        if sync_free and os.environ.get("FLEXDISPATCH_EXPERIMENTAL_DEEPEP_SYNC_FREE") != "1":
-            # On 4 x H200 with DeepEP v1.2.1, a captured sync-free layer replayed to results
-            # that differed from the same layer run eagerly (docs/PERFORMANCE.md). Until that
-            # is understood, the mode is refused rather than trusted.
-            raise ValueError("sync_free: not verified with DeepEP (graph replay disagreed with eager runs on "
-                             "4 x H200); use the local manager on one GPU, or set "
-                             "FLEXDISPATCH_EXPERIMENTAL_DEEPEP_SYNC_FREE=1 to try it")
         if sync_free and self.world_size > 8:
             raise ValueError("sync_free: DeepEP's worst-case mode works on one node (group size <= 8)")
         self.num_sms = num_sms
         self._events: list = []
+        self._mask_after_wait = False
         self._flags = None  # pinned host copy of the routing error bits
 
     def wait(self) -> None:
         while self._events:
             self._events.pop().current_stream_wait()
+        if self._mask_after_wait:
+            # Sync-free: the worst-case padding rows' probs are whatever DeepEP's buffer held;
+            # zero them only now that the (possibly async) transfer has landed.
+            self._mask_after_wait = False
+            self.dispatched_probs = self._masked_probs(self.dispatched_indices, self.dispatched_probs)
+
+    def get_dispached_metadata(self):
+        """``(dispatched_indices [R, K], dispatched_probs [R, K])``, after waiting for an async
+        dispatch to land."""
+        self.wait()
+        return super().get_dispached_metadata()
 
     def _check_hidden(self, hidden_states: torch.Tensor) -> None:
         if hidden_states.dtype != torch.bfloat16:
@@ -282,24 +312,37 @@ class _DeepepManager(_ManagerBase):
         if reason is not None:
             raise ValueError(f"hidden_states: {reason}")
 
-    def _start_validation(self, indices: torch.Tensor):
-        """Routing checks that add no host sync: out-of-range indices become -1 on the device
-        (DeepEP never sees them), every rank's error bits are all-reduced on the GPU, and a
-        pinned host copy is queued before DeepEP's layout, so it has landed by the time
-        DeepEP's own host wait for the counts returns. Read it with _finish_validation."""
-        experts = self.num_experts
-        bits = index_route_error_bits(indices, experts).reshape(1)
-        every = bits.clone()
-        dist.all_reduce(every, op=dist.ReduceOp.MAX, group=self.group, async_op=True).wait()  # stream wait only
-        if self._flags is None:
-            self._flags = torch.zeros(2, dtype=torch.int64, pin_memory=True)
-        self._flags.copy_(torch.cat([bits, every]), non_blocking=True)
-        return torch.where((indices >= -1) & (indices < experts), indices, -1)
+    def _start_validation(self, indices: torch.Tensor, side: dict) -> torch.Tensor:
+        """Check the routing on the device (no host sync) and return it with bad indices as -1.
 
-    def _finish_validation(self) -> None:
-        local, anywhere = (int(v) for v in self._flags)
-        ops.check_pending_errors()  # earlier calls' flags are ready too: DeepEP just synced
-        if anywhere:
+        The status is copied to pinned memory before DeepEP's layout, so it has landed when
+        DeepEP's host wait for the counts returns. One node: a bad rank's sentinel rides in the
+        per-expert counts (``side["poison"]``). Beyond: the bits are all-reduced over NCCL.
+        """
+        tokens = indices.shape[0]
+        by_counts = self.world_size <= 8 and tokens * self.world_size < ERROR_SENTINEL
+        clean, status = ops.check_route(indices, self.num_experts, ERROR_SENTINEL if by_counts else 0)
+        if by_counts:
+            side["poison"] = status[1]
+            host = status
+        else:
+            anywhere = status[:1].clone()
+            dist.all_reduce(anywhere, op=dist.ReduceOp.MAX, group=self.group, async_op=True).wait()  # stream wait
+            host = torch.cat([status[:1], (anywhere != 0).to(torch.int32) * ERROR_SENTINEL])
+        if self._flags is None:
+            self._flags = torch.zeros(2, dtype=torch.int32, pin_memory=True)
+        self._flags.copy_(host, non_blocking=True)
+        side["by_counts"] = by_counts
+        return clean
+
+    def _finish_validation(self, side: dict) -> None:
+        local = int(self._flags[0])
+        if side["by_counts"]:
+            anywhere = any(count >= ERROR_SENTINEL for count in side["counts"])
+        else:
+            anywhere = int(self._flags[1]) != 0
+        ops.check_pending_errors()  # earlier calls' flags have landed too: DeepEP just waited
+        if local or anywhere:
             self._raise_agreed_routing_error(local, "a rank", "(DeepEP moved the tokens with the bad slots dropped)")
 
     @staticmethod
@@ -316,22 +359,23 @@ class _DeepepManager(_ManagerBase):
         self._check_hidden(hidden_states)
         indices = self.token_indices
         validate = self.validate_routing and not self.sync_free  # needs DeepEP's host wait
-        routed = self._start_validation(indices) if validate else indices
+        side = {"events": self._events}
+        routed = self._start_validation(indices, side) if validate else indices
         buffer = _registry.get(self.group, hidden_states.shape[1] * hidden_states.element_size(), self.num_sms)
         worst = hidden_states.shape[0] * self.world_size if self.sync_free else 0
-        side = {"events": self._events}
         recv_x, recv_idx, recv_probs = _DeepepDispatch.apply(
             hidden_states.contiguous(), routed, self.token_probs.float().contiguous(), self.num_experts, buffer,
             async_finish, allocate_on_comm_stream, worst, side)
         if validate:
-            self._finish_validation()
+            self._finish_validation(side)
         self.handle = side["handle"]
         self._buffer = buffer
-        # No op reads the received tensors here, so an async transfer stays in flight. DeepEP
-        # already zeroes the probs of slots whose expert lives elsewhere; only the worst-case
-        # padding rows of sync-free mode need masking.
+        # No op may read the received tensors before wait(): an async transfer is still in
+        # flight. DeepEP already zeroes the probs of slots whose expert lives elsewhere; only the
+        # worst-case padding rows of sync-free mode need masking, which wait() does.
         self.dispatched_indices = recv_idx
-        self.dispatched_probs = self._masked_probs(recv_idx, recv_probs) if self.sync_free else recv_probs
+        self.dispatched_probs = recv_probs
+        self._mask_after_wait = self.sync_free
         if self.sync_free:
             self._num_out = self._worst_case_rows(worst)
         else:
@@ -349,3 +393,4 @@ class _DeepepManager(_ManagerBase):
     def _release(self) -> None:
         super()._release()
         self._buffer = None
+        self._mask_after_wait = False
