@@ -9,11 +9,18 @@ the slowest rank reported:
   raw        DeepEP get_dispatch_layout + dispatch + combine alone (no permutation, no autograd)
   forward    token_permutation2 + experts + token_unpermutation (async dispatch/combine as the
              facade does by default), stages timed in a separate synchronous pass
-  fwd+bwd    the same plus backward of sum(out^2) to the hidden states and the probs
+  fwd+bwd    the same plus backward, from a fixed random upstream gradient of the output, to
+             the hidden states and the probs
   peak       torch allocator peak over fwd+bwd, minus what was allocated before (DeepEP's own
              communication buffer is outside the allocator and not counted)
 
     python tools/bench_dispatch.py --world-size 4 --json out.json --png out.png
+
+Variants for A/B runs in the same process: ``--managers deepep,deepep:novalidate,alltoall``;
+options after the colon: ``novalidate`` (moe_validate_routing=False), ``torchexperts`` (the
+broadcast-multiply experts instead of the fused Triton ones). ``--trace DIR`` writes a
+torch.profiler chrome trace of rank 0 for three forwards of the first shape per variant and
+for raw DeepEP (see tools/trace_summary.py).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import flexdispatch as fd  # noqa: E402
 from flexdispatch.managers import deepep  # noqa: E402
+from bench_experts import scale_rows, triton_available  # noqa: E402
 from timing import median_ms  # noqa: E402
 
 SHAPES = [(4096, 7168, 256, 8), (8192, 2048, 128, 8), (1024, 1024, 32, 4)]
@@ -47,16 +55,24 @@ def _median_ms(fn, iters: int, warmup: int) -> float:
 class Layer:
     """Inputs of one rank and the layer on a dispatcher."""
 
-    def __init__(self, rank, world, tokens, hidden, experts, topk, backend):
+    def __init__(self, rank, world, tokens, hidden, experts, topk, variant):
+        backend, _, options = variant.partition(":")
+        options = set(filter(None, options.split(",")))
+        unknown = options - {"novalidate", "torchexperts"}
+        if unknown:
+            raise ValueError(f"--managers: unknown options {sorted(unknown)} in {variant!r}")
+        self.experts_impl = "torch" if "torchexperts" in options else "triton"
         g = torch.Generator(device="cuda").manual_seed(1234 + rank)
         self.tokens = tokens
         self.x = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
         self.idx = torch.rand(tokens, experts, device="cuda", generator=g).argsort(1)[:, :topk].contiguous()
         self.probs = torch.rand(tokens, topk, device="cuda", generator=g)
+        self.grad_out = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
         local = experts // world
         self.scale = torch.linspace(0.5, 1.5, experts, device="cuda")[rank * local:(rank + 1) * local]
         self.local = local
-        config = fd.MoEConfig(num_moe_experts=experts, moe_router_topk=topk, moe_flex_backend=backend)
+        config = fd.MoEConfig(num_moe_experts=experts, moe_router_topk=topk, moe_flex_backend=backend,
+                              moe_validate_routing="novalidate" not in options)
         self.d = fd.MoEFlexTokenDispatcher(local, list(range(rank * local, (rank + 1) * local)), config,
                                            dist.group.WORLD)
 
@@ -64,7 +80,7 @@ class Layer:
         counts = tokens_per_expert.to("cuda", non_blocking=True)
         row_expert = torch.repeat_interleave(torch.arange(self.local, device="cuda"), counts,
                                              output_size=rows.shape[0])
-        return rows * (self.scale[row_expert] * permuted_probs)[:, None].to(rows.dtype)
+        return scale_rows(rows, self.scale[row_expert] * permuted_probs, self.experts_impl)
 
     def forward(self, x, probs, async_finish=True, marks=None):
         d = self.d
@@ -107,11 +123,11 @@ class Layer:
     def fwd_bwd(self):
         x = self.x.detach().requires_grad_()
         p = self.probs.detach().requires_grad_()
-        out = self.forward(x, p)
-        out.float().square().sum().backward()
+        self.forward(x, p).backward(self.grad_out)
 
 
-def raw_deepep_ms(layer, experts, iters, warmup):
+def raw_deepep(layer, experts):
+    """DeepEP's layout, dispatch and combine alone, on the layer's inputs (a callable)."""
     buffer = deepep._registry.get(dist.group.WORLD, layer.x.shape[1] * 2, 20)
 
     def run():
@@ -121,26 +137,45 @@ def raw_deepep_ms(layer, experts, iters, warmup):
                                                      is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
         buffer.combine(recv_x, handle)
 
-    return _median_ms(run, iters, warmup)
+    return run
 
 
-def profile_forward(rank, world, manager, args):
-    """torch.profiler over a few forwards of the first shape; rank 0 prints where time goes."""
-    layer = Layer(rank, world, *SHAPES[0], manager)
+def _profiled(fn, path: Path, rank: int, repeats: int = 3) -> None:
+    """Run fn a few times under torch.profiler on rank 0 (plainly elsewhere); write a chrome
+    trace in which each run is annotated "forward" (tools/trace_summary.py reads them)."""
     for _ in range(3):
-        layer.forward(layer.x, layer.probs)
+        fn()
     torch.cuda.synchronize()
+    dist.barrier()
+    if rank != 0:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+        return
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(3):
-            layer.forward(layer.x, layer.probs)
+        for _ in range(repeats):
+            with torch.profiler.record_function("forward"):
+                fn()
         torch.cuda.synchronize()
-    if rank == 0:
-        print(f"profile: {manager}, shape {SHAPES[0]}, 3 forwards", flush=True)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=60), flush=True)
-    del layer
-    torch.cuda.empty_cache()
+    prof.export_chrome_trace(str(path))
+    print(f"trace: {path}", flush=True)
+
+
+def trace_forwards(rank, world, variants, args):
+    """Chrome traces of rank 0: raw DeepEP and each variant's forward on the first shape."""
+    args.trace.mkdir(parents=True, exist_ok=True)
+    tokens, hidden, experts, topk = args.shapes[0]
+    if any(v.startswith("deepep") for v in variants):
+        layer = Layer(rank, world, tokens, hidden, experts, topk, "deepep")
+        _profiled(raw_deepep(layer, experts), args.trace / "raw_deepep.json", rank)
+    for variant in variants:
+        layer = Layer(rank, world, tokens, hidden, experts, topk, variant)
+        name = variant.replace(":", "_")
+        _profiled(lambda: layer.forward(layer.x, layer.probs), args.trace / f"{name}.json", rank)
+        _profiled(layer.fwd_bwd, args.trace / f"{name}_fwd_bwd.json", rank)
+        del layer
+        torch.cuda.empty_cache()
 
 
 def _worker(rank, world, port, args, results):
@@ -148,16 +183,17 @@ def _worker(rank, world, port, args, results):
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
     report = []
-    managers = [m for m in args.managers if m != "deepep" or deepep.unusable_reason(dist.group.WORLD) is None]
-    if args.profile:
-        profile_forward(rank, world, managers[0], args)
-    for tokens, hidden, experts, topk in SHAPES:
+    managers = [m for m in args.managers
+                if not m.startswith("deepep") or deepep.unusable_reason(dist.group.WORLD) is None]
+    if args.trace:
+        trace_forwards(rank, world, managers, args)
+    for tokens, hidden, experts, topk in args.shapes:
         entry = {"shape": [tokens, hidden, experts, topk], "managers": {}}
         values = []
-        if "deepep" in managers:
+        if any(m.startswith("deepep") for m in managers):
             layer = Layer(rank, world, tokens, hidden, experts, topk, "deepep")
             entry["raw_deepep_ms"] = len(values)
-            values.append(raw_deepep_ms(layer, experts, args.iters, args.warmup))
+            values.append(_median_ms(raw_deepep(layer, experts), args.iters, args.warmup))
         for manager in managers:
             layer = Layer(rank, world, tokens, hidden, experts, topk, manager)
             fwd = _median_ms(lambda: layer.forward(layer.x, layer.probs), args.iters, args.warmup)
@@ -239,9 +275,12 @@ def main() -> int:
     parser.add_argument("--managers", default="deepep,alltoall")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
-    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the first shape")
+    parser.add_argument("--shapes", default="0,1,2", help="which of the three shapes (indices)")
+    parser.add_argument("--trace", type=Path, help="write chrome traces of the first shape's forwards here")
     args = parser.parse_args()
     args.managers = args.managers.split(",")
+    args.shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+    print(f"experts: {'fused Triton' if triton_available() else 'torch broadcast multiply (no Triton)'}", flush=True)
     if torch.cuda.device_count() < args.world_size:
         print(f"needs {args.world_size} GPUs, found {torch.cuda.device_count()}", file=sys.stderr)
         return 2
