@@ -288,6 +288,7 @@ class _DeepepManager(_ManagerBase):
         self.num_sms = num_sms
         self._events: list = []
         self._mask_after_wait = False
+        self._hidden_ok = None  # (device, dtype, hidden) that passed _check_hidden
         self._flags = None  # pinned host copy of the routing error bits
 
     def wait(self) -> None:
@@ -306,11 +307,15 @@ class _DeepepManager(_ManagerBase):
         return super().get_dispached_metadata()
 
     def _check_hidden(self, hidden_states: torch.Tensor) -> None:
+        key = (hidden_states.device, hidden_states.dtype, hidden_states.shape[1])
+        if key == self._hidden_ok:
+            return  # checked before: keep the host path to DeepEP's notify short
         if hidden_states.dtype != torch.bfloat16:
             raise TypeError(f"hidden_states: DeepEP's combine needs bfloat16 hidden states, got {hidden_states.dtype}")
-        reason = unusable_reason(self.group, hidden_states.device, hidden_states.dtype, hidden_states.shape[1])
+        reason = unusable_reason(self.group, *key)
         if reason is not None:
             raise ValueError(f"hidden_states: {reason}")
+        self._hidden_ok = key
 
     def _start_validation(self, indices: torch.Tensor, side: dict) -> torch.Tensor:
         """Check the routing on the device (no host sync) and return it with bad indices as -1.
