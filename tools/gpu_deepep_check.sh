@@ -8,7 +8,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tee -a "$LOG"
 build_deepep
 python3 -c "import flexdispatch" 2>&1 | tee -a "$LOG"
 step "deepep tests"
-timeout 200 python3 -m pytest -q -m deepep -p no:cacheprovider -rf tests/test_gpu_dist.py -k "not (stages and async)" \
+timeout 300 python3 -m pytest -q -m deepep -p no:cacheprovider -rf tests/test_gpu_dist.py \
   > "$OUT/gpu_tests.txt" 2>&1
 grep -E "^(FAILED|PASSED)|passed|failed" "$OUT/gpu_tests.txt" | sed 's/ - .*//' | tee -a "$LOG"
 step done
