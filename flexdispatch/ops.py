@@ -47,21 +47,19 @@ def check_pending_errors() -> None:
     """Raise the first routing error flagged by earlier CUDA calls. Waits only for their small
     error-word copies to land (not for the whole device), so it costs nothing once the GPU
     has passed them."""
-    entries = list(_pending)
-    _pending.clear()
-    for host, event, route, num_experts, name, num_out in entries:
-        event.synchronize()
-        if int(host[0]):
-            raise routing_error(int(host[0]), route, num_experts, name, num_out)
+    _read_pending_errors(wait=True)
 
 
-def _poll_pending_errors() -> None:
-    """Read, without waiting, the error words that have already landed; raise the first error."""
-    while _pending and _pending[0][1].query():
-        host, _, route, num_experts, name, num_out = _pending.pop(0)
-        if int(host[0]):
+def _read_pending_errors(wait: bool) -> None:
+    """Read the queued error words in order (all of them, or without waiting only those that
+    have landed); raise the first error and forget the rest."""
+    while _pending and (wait or _pending[0][1].query()):
+        host, event, route, num_experts, name, num_out = _pending.pop(0)
+        event.synchronize()  # returns at once unless waiting was asked for
+        bits = int(host[0])
+        if bits:
             _pending.clear()
-            raise routing_error(int(host[0]), route, num_experts, name, num_out)
+            raise routing_error(bits, route, num_experts, name, num_out)
 
 
 def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_experts: int, name: str,
@@ -76,7 +74,7 @@ def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_ex
         return
     if torch.cuda.is_current_stream_capturing():
         return  # a graph being captured may not sync; its sizes are the caller's (sync-free mode)
-    _poll_pending_errors()
+    _read_pending_errors(wait=False)
     host = torch.empty(1, dtype=flags.dtype, pin_memory=True)
     host.copy_(flags[index:index + 1], non_blocking=True)
     event = torch.cuda.Event()

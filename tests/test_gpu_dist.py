@@ -23,6 +23,12 @@ def pool(request):
     p.close()
 
 
+def _case(cases, name, world):
+    """A case's arguments, per-rank token counts cut to the group size."""
+    kwargs = dict(cases[name])
+    if "tokens_per_rank" in kwargs:
+        kwargs["tokens_per_rank"] = kwargs["tokens_per_rank"][:world]
+    return kwargs
 
 
 NCCL_CASES = {
@@ -36,10 +42,7 @@ NCCL_CASES = {
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", list(NCCL_CASES))
 def test_alltoall_over_nccl(pool, case):
-    kwargs = dict(NCCL_CASES[case])
-    if "tokens_per_rank" in kwargs:
-        kwargs["tokens_per_rank"] = kwargs["tokens_per_rank"][:pool.world]
-    results = pool.run("moe_matches_dense", device="cuda", backend="alltoall", **kwargs)
+    results = pool.run("moe_matches_dense", device="cuda", backend="alltoall", **_case(NCCL_CASES, case, pool.world))
     assert {r["backend"] for r in results} == {"alltoall"}
     check(results)
 
@@ -63,10 +66,8 @@ DEEPEP_CASES = {
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", list(DEEPEP_CASES))
 def test_deepep_matches_dense(pool, case):
-    kwargs = dict(DEEPEP_CASES[case])
-    if "tokens_per_rank" in kwargs:
-        kwargs["tokens_per_rank"] = kwargs["tokens_per_rank"][:pool.world]
-    results = pool.run("moe_matches_dense", device="cuda", backend="deepep", dtype="bfloat16", hidden=1024, **kwargs)
+    results = pool.run("moe_matches_dense", device="cuda", backend="deepep", dtype="bfloat16", hidden=1024,
+                       **_case(DEEPEP_CASES, case, pool.world))
     assert {r["backend"] for r in results} == {"deepep"}
     check(results)
 

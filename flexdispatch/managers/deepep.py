@@ -214,19 +214,12 @@ class _DeepepDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, buffer, async_finish, allocate_on_comm_stream,
                 num_worst_tokens, side):
-        poison = side.get("poison")
-        if poison is None:
-            layout = buffer.get_dispatch_layout(token_indices, num_experts,
-                                                previous_event=_previous_event(buffer, allocate_on_comm_stream),
-                                                async_finish=async_finish,
-                                                allocate_on_comm_stream=allocate_on_comm_stream)
-            per_rank, per_rdma_rank, per_expert, in_rank, event = layout
-        else:
-            # Stream-ordered layout (a 30 us kernel, no host wait), then the sentinel (0 unless
-            # this rank's routing is bad) added to the per-expert counts DeepEP is about to send.
-            per_rank, per_rdma_rank, per_expert, in_rank, _ = buffer.get_dispatch_layout(token_indices, num_experts)
-            per_expert.add_(poison)
-            event = _previous_event(buffer, allocate_on_comm_stream)
+        # Stream-ordered layout (a 30 us kernel, no host wait), then the sentinel (0 unless this
+        # rank's routing is bad) added to the per-expert counts DeepEP is about to send.
+        per_rank, per_rdma_rank, per_expert, in_rank, _ = buffer.get_dispatch_layout(token_indices, num_experts)
+        if side.get("poison") is not None:
+            per_expert.add_(side["poison"])
+        event = _previous_event(buffer, allocate_on_comm_stream)
         recv_x, recv_idx, recv_probs, counts, handle, after = buffer.dispatch(
             x, topk_idx=token_indices, topk_weights=token_probs, num_tokens_per_rank=per_rank,
             num_tokens_per_rdma_rank=per_rdma_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
@@ -264,26 +257,20 @@ class _DeepepCombine(torch.autograd.Function):
 
 
 class _DeepepManager(_ManagerBase):
-    """The DeepEP implementation of the manager (the reference's constructor, plus
-    ``sync_free``, ``validate_routing`` and ``num_sms``)."""
+    """The DeepEP implementation of the manager: :class:`_ManagerBase`'s arguments (the
+    reference's constructor, plus ``sync_free`` and ``validate_routing``) and ``num_sms``."""
 
     name = "deepep"
     supports_sync_free = True
 
-    def __init__(self, group, router_topk: int, permute_fusion: bool = False,
-                 capacity_factor: Optional[float] = None, num_experts: Optional[int] = None,
-                 num_local_experts: Optional[int] = None, router_dtype: Optional[str] = None,
-                 moe_router_expert_pad_multiple: Optional[int] = None, *, sync_free: bool = False,
-                 validate_routing: bool = True, num_sms: int = 20):
+    def __init__(self, group, router_topk: int, *args, num_sms: int = 20, **kwargs):
         reason = unusable_reason(group, topk=router_topk)
         if reason is not None:
             raise ValueError(f"DeepEP manager: {reason}")
         if num_sms < 2 or num_sms % 2:
             raise ValueError(f"num_sms: DeepEP needs an even SM count >= 2, got {num_sms}")
-        super().__init__(group, router_topk, permute_fusion, capacity_factor, num_experts, num_local_experts,
-                         router_dtype, moe_router_expert_pad_multiple, sync_free=sync_free,
-                         validate_routing=validate_routing)
-        if sync_free and self.world_size > 8:
+        super().__init__(group, router_topk, *args, **kwargs)
+        if self.sync_free and self.world_size > 8:
             raise ValueError("sync_free: DeepEP's worst-case mode works on one node (group size <= 8)")
         self.num_sms = num_sms
         self._events: list = []
@@ -333,7 +320,7 @@ class _DeepepManager(_ManagerBase):
         else:
             anywhere = status[:1].clone()
             dist.all_reduce(anywhere, op=dist.ReduceOp.MAX, group=self.group, async_op=True).wait()  # stream wait
-            host = torch.cat([status[:1], (anywhere != 0).to(torch.int32) * ERROR_SENTINEL])
+            host = torch.cat([status[:1], anywhere])
         if self._flags is None:
             self._flags = torch.zeros(2, dtype=torch.int32, pin_memory=True)
         self._flags.copy_(host, non_blocking=True)
