@@ -126,7 +126,8 @@ std::tuple<Tensor, Tensor, Tensor> indices_to_multihot(const Tensor& indices, co
 
 // (clean [rows, slots] int64 with out-of-range entries -1, status [2] int32: error bits, and
 // `flag` if any bit is set), no sync.
-std::tuple<Tensor, Tensor> check_route(const Tensor& indices, int64_t num_experts, int64_t flag) {
+std::tuple<Tensor, Tensor> check_route(const Tensor& indices, int64_t num_experts, int64_t flag,
+                                       const std::optional<Tensor>& probs) {
   TORCH_CHECK_VALUE(indices.dim() == 2, "indices must be 2-D [rows, topk], got ", indices.sizes());
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
                    "indices must be int32 or int64, got ", indices.scalar_type());
@@ -136,19 +137,32 @@ std::tuple<Tensor, Tensor> check_route(const Tensor& indices, int64_t num_expert
   const int64_t rows = indices.size(0);
   const int32_t slots = static_cast<int32_t>(indices.size(1));
   const bool is64 = indices.scalar_type() == at::kLong;
+  int32_t prob_kind = 0;
+  const void* prob_ptr = nullptr;
+  if (probs.has_value()) {
+    TORCH_CHECK_VALUE(probs->sizes() == indices.sizes(), "probs must have the shape of indices ", indices.sizes(),
+                      ", got ", probs->sizes());
+    TORCH_CHECK_TYPE(probs->scalar_type() == at::kFloat || probs->scalar_type() == at::kDouble,
+                     "probs must be float32 or float64, got ", probs->scalar_type());
+    TORCH_CHECK_VALUE(probs->device() == indices.device(), "probs must be on the device of indices");
+    check_contiguous(*probs, "probs");
+    prob_kind = probs->scalar_type() == at::kFloat ? 1 : 2;
+    prob_ptr = probs->data_ptr();
+  }
   auto clean = torch::empty({rows, slots}, indices.options().dtype(at::kLong));
   auto status = torch::zeros({2}, indices.options().dtype(at::kInt));
   if (indices.is_cuda()) {
 #ifdef FLEXDISPATCH_WITH_CUDA
     const c10::cuda::CUDAGuard guard(indices.device());
-    FD_CUDA_CHECK(fd::cuda::check_route(indices.data_ptr(), is64, rows, slots, static_cast<int32_t>(num_experts),
-                                        static_cast<int32_t>(flag), clean.data_ptr<int64_t>(),
-                                        status.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream()));
+    FD_CUDA_CHECK(fd::cuda::check_route(indices.data_ptr(), is64, prob_ptr, prob_kind, rows, slots,
+                                        static_cast<int32_t>(num_experts), static_cast<int32_t>(flag),
+                                        clean.data_ptr<int64_t>(), status.data_ptr<int32_t>(),
+                                        c10::cuda::getCurrentCUDAStream()));
 #else
     TORCH_CHECK(false, "flexdispatch was built without CUDA");
 #endif
   } else {
-    const int32_t bits = fd::cpu::check_route(indices.data_ptr(), is64, rows, slots,
+    const int32_t bits = fd::cpu::check_route(indices.data_ptr(), is64, prob_ptr, prob_kind, rows, slots,
                                               static_cast<int32_t>(num_experts), clean.data_ptr<int64_t>());
     status[0] = bits;
     status[1] = bits ? flag : 0;

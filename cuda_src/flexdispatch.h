@@ -32,6 +32,7 @@ enum ErrorBits : int64_t {
   kIndexOutOfRange = 1,   // an index < -1 or >= E
   kDuplicateIndex = 2,    // the same expert twice in one row
   kOutputOverflow = 4,    // more rows than the num_out_tokens the caller allowed
+  kNonFiniteProb = 8,     // a NaN or infinite probability of a selected expert (route check)
 };
 
 enum RouteKind : int32_t {

@@ -17,11 +17,13 @@ cudaError_t indices_to_multihot(const void* indices, bool indices_are_64bit, con
                                 uint8_t* map, void* probs_out, int64_t* error, cudaStream_t stream);
 
 // Validation of indices [rows, slots] (int32 or int64) in one pass: clean [rows, slots] int64
-// gets them with out-of-range entries set to -1; status[0] (zeroed by the caller) gets the
-// ErrorBits found (range, duplicates) OR-ed in, and status[1] gets `flag` if any were found.
-cudaError_t check_route(const void* indices, bool indices_are_64bit, int64_t rows, int32_t slots,
-                        int32_t num_experts, int32_t flag, int64_t* clean, int32_t* status,
-                        cudaStream_t stream);
+// gets them with out-of-range entries, and entries whose prob is not finite, set to -1;
+// status[0] (zeroed by the caller) gets the ErrorBits found (range, duplicates, non-finite
+// probs) OR-ed in, and status[1] gets `flag` if any were found. probs [rows, slots] is
+// optional (prob_kind 0: none, 1: float32, 2: float64).
+cudaError_t check_route(const void* indices, bool indices_are_64bit, const void* probs, int32_t prob_kind,
+                        int64_t rows, int32_t slots, int32_t num_experts, int32_t flag, int64_t* clean,
+                        int32_t* status, cudaStream_t stream);
 
 // Count and scan. chunk_offsets [num_chunks, E + 1] receives, for every chunk of rows and
 // expert, the rows of that expert in earlier chunks (column E: scratch); layout (3E + 2), all

@@ -1,7 +1,7 @@
-// Route validation in one pass, with no host sync: indices [R, K] -> a copy with out-of-range
-// entries replaced by -1, and a status word pair: OR of the ErrorBits found, and a caller's
-// flag value written when anything was found (so a later kernel can add it somewhere without
-// a branch on the host).
+// Route validation in one pass, with no host sync: indices [R, K] (and, optionally, their probs
+// [R, K]) -> a copy with out-of-range entries and entries with a non-finite prob replaced by -1,
+// and a status word pair: OR of the ErrorBits found, and a caller's flag value written when
+// anything was found (so a later kernel can add it somewhere without a branch on the host).
 #include <algorithm>
 
 #include "common.cuh"
@@ -13,10 +13,16 @@ namespace {
 
 constexpr int kThreads = 256;
 
+template <typename Prob>
+__device__ __forceinline__ bool finite_at(const void* probs, int64_t i) {
+  return isfinite(static_cast<const Prob*>(probs)[i]);
+}
+
+// prob_kind: 0 no probs, 1 float32, 2 float64.
 template <typename Index>
-__global__ void check_route_kernel(const Index* __restrict__ indices, int64_t rows, int32_t slots,
-                                   int32_t num_experts, int32_t flag, int64_t* __restrict__ clean,
-                                   int32_t* __restrict__ status) {
+__global__ void check_route_kernel(const Index* __restrict__ indices, const void* __restrict__ probs,
+                                   int32_t prob_kind, int64_t rows, int32_t slots, int32_t num_experts,
+                                   int32_t flag, int64_t* __restrict__ clean, int32_t* __restrict__ status) {
   // One element per thread, grid-stride: coalesced reads and writes; the duplicate scan reads
   // the earlier slots of the same row, which sit in the same or a neighbouring cache line.
   int32_t bad = 0;
@@ -32,6 +38,11 @@ __global__ void check_route_kernel(const Index* __restrict__ indices, int64_t ro
       for (int64_t j = first; j < i; ++j) {
         if (indices[j] == e) bad |= kDuplicateIndex;
       }
+      const bool finite = prob_kind == 0 || (prob_kind == 1 ? finite_at<float>(probs, i) : finite_at<double>(probs, i));
+      if (!finite) {
+        bad |= kNonFiniteProb;
+        e = -1;
+      }
     }
     clean[i] = e;
   }
@@ -43,24 +54,25 @@ __global__ void check_route_kernel(const Index* __restrict__ indices, int64_t ro
 }
 
 template <typename Index>
-cudaError_t launch(const void* indices, int64_t rows, int32_t slots, int32_t num_experts,
-                   int32_t flag, int64_t* clean, int32_t* status, cudaStream_t stream) {
+cudaError_t launch(const void* indices, const void* probs, int32_t prob_kind, int64_t rows, int32_t slots,
+                   int32_t num_experts, int32_t flag, int64_t* clean, int32_t* status, cudaStream_t stream) {
   const int64_t total = rows * slots;
   if (total == 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(grid_for(total, kThreads), 4096));
-  check_route_kernel<Index><<<blocks, kThreads, 0, stream>>>(static_cast<const Index*>(indices), rows,
-                                                             slots, num_experts, flag, clean, status);
+  check_route_kernel<Index><<<blocks, kThreads, 0, stream>>>(static_cast<const Index*>(indices), probs,
+                                                             prob_kind, rows, slots, num_experts, flag,
+                                                             clean, status);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t check_route(const void* indices, bool indices_are_64bit, int64_t rows, int32_t slots,
-                        int32_t num_experts, int32_t flag, int64_t* clean, int32_t* status,
-                        cudaStream_t stream) {
+cudaError_t check_route(const void* indices, bool indices_are_64bit, const void* probs, int32_t prob_kind,
+                        int64_t rows, int32_t slots, int32_t num_experts, int32_t flag, int64_t* clean,
+                        int32_t* status, cudaStream_t stream) {
   return indices_are_64bit
-             ? launch<int64_t>(indices, rows, slots, num_experts, flag, clean, status, stream)
-             : launch<int32_t>(indices, rows, slots, num_experts, flag, clean, status, stream);
+             ? launch<int64_t>(indices, probs, prob_kind, rows, slots, num_experts, flag, clean, status, stream)
+             : launch<int32_t>(indices, probs, prob_kind, rows, slots, num_experts, flag, clean, status, stream);
 }
 
 }  // namespace cuda

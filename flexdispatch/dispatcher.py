@@ -22,6 +22,14 @@ SHARING_DEEPEP_MANAGER = True
 reference, they share nothing else: each dispatcher keeps its own per-call state."""
 
 _logged_choices: set = set()
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    """A fallback warning, once per process and reason (not once per layer and rank)."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
 
 
 def _as_config(config) -> MoEConfig:
@@ -100,8 +108,8 @@ class MoEFlexTokenDispatcher:
         if self.ep_size == 1:
             return "local"
         if self.config.moe_enable_deepep:
-            logger.warning("DeepEP is not usable here (%s); using the all-to-all manager",
-                           deepep.unusable_reason(self.group))
+            _warn_once(f"DeepEP is not usable here ({deepep.unusable_reason(self.group)}); using the all-to-all "
+                       f"manager")
         return "alltoall"
 
     def _make_manager(self, choice: str) -> _ManagerBase:
@@ -125,17 +133,32 @@ class MoEFlexTokenDispatcher:
             logger.info("expert-parallel group of %d rank(s): %s manager", self.ep_size, choice)
         return manager
 
-    def _manager_for(self, hidden: torch.Tensor) -> _ManagerBase:
-        """The manager, chosen at the first dispatch when ``auto`` depends on the tensors."""
-        if self._manager is None:
+    def _manager_for(self, hidden: Optional[torch.Tensor], error: Optional[BaseException]) -> _ManagerBase:
+        """The manager, chosen at the first dispatch when ``auto`` depends on the tensors.
+
+        That choice is the call's first exchange: every rank says whether DeepEP can serve its
+        tensors and whether its own checks failed; all take the same choice, or all raise.
+        """
+        if self._manager is not None:
+            return self._manager
+        reason = error and "this rank's inputs were invalid"
+        if reason is None:
             reason = deepep.unusable_reason(self.group, hidden.device, hidden.dtype, hidden.shape[-1],
                                             self.config.moe_router_topk)
-            if reason is None and self.config.moe_enable_deepep:
-                self._manager = self._make_manager("deepep")
-            else:
-                if self.config.moe_enable_deepep:
-                    logger.warning("DeepEP cannot serve this layer (%s); using the all-to-all manager", reason)
-                self._manager = self._make_manager("alltoall")
+        votes = [None] * self.ep_size
+        dist.all_gather_object(votes, (reason, None if error is None else str(error)), group=self.group)
+        failed = [r for r, (_, message) in enumerate(votes) if message is not None]
+        if failed:
+            if error is not None:
+                raise type(error)(f"{error} (every rank of the expert-parallel group raises before any token moved)")
+            raise ValueError(f"hidden_states: invalid input on rank(s) {failed} of the expert-parallel group; every "
+                             f"rank raises before any token moved ({votes[failed[0]][1]})")
+        reasons = [r for r, _ in votes if r is not None]
+        if not reasons:
+            self._manager = self._make_manager("deepep")
+        else:
+            _warn_once(f"DeepEP cannot serve this layer ({reasons[0]}); using the all-to-all manager")
+            self._manager = self._make_manager("alltoall")
         return self._manager
 
     @property
@@ -154,9 +177,16 @@ class MoEFlexTokenDispatcher:
         """Routing probs in the unified ``[T, TP * EP, E_local]`` layout (each expert block
         repeated for every TP rank), so the communication is agnostic of TP and EP sizes."""
         world = self.tp_size * self.ep_size
-        if probs.numel() != num_local_tokens * self.config.num_moe_experts:
-            raise ValueError(f"probs: expected num_local_tokens * num_moe_experts = {num_local_tokens} * "
-                             f"{self.config.num_moe_experts} elements, got shape {tuple(probs.shape)}")
+        experts = self.config.num_moe_experts
+        if not isinstance(probs, torch.Tensor) or not probs.is_floating_point():
+            raise TypeError(f"probs: expected a floating-point tensor, got "
+                            f"{probs.dtype if isinstance(probs, torch.Tensor) else type(probs).__name__}")
+        # [T, E], or [..., E] with leading dims of T tokens; a transposed [E, T] or flat
+        # [T * E] tensor has the right element count but would be misread.
+        if probs.dim() < 1 or probs.shape[-1] != experts or probs.numel() != num_local_tokens * experts:
+            raise ValueError(f"probs: expected shape [num_local_tokens, num_moe_experts] = [{num_local_tokens}, "
+                             f"{experts}] (or [..., {experts}] with {num_local_tokens} tokens), got "
+                             f"{tuple(probs.shape)}")
         return (probs.reshape(num_local_tokens, self.ep_size, 1, self.num_local_experts)
                 .expand(-1, -1, self.tp_size, -1)
                 .reshape(num_local_tokens, world, self.num_local_experts)).contiguous()
@@ -164,9 +194,13 @@ class MoEFlexTokenDispatcher:
     def _flatten_hidden(self, hidden_states: torch.Tensor, num_local_tokens: int) -> torch.Tensor:
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() < 2:
             raise ValueError("hidden_states: expected a tensor [..., hidden] with at least 2 dims")
+        if not hidden_states.is_floating_point():
+            raise TypeError(f"hidden_states: expected a floating-point tensor, got {hidden_states.dtype}")
+        if hidden_states.shape[-1] == 0:
+            raise ValueError(f"hidden_states: expected a hidden size >= 1, got shape {tuple(hidden_states.shape)}")
         if isinstance(num_local_tokens, bool) or not isinstance(num_local_tokens, int) or num_local_tokens < 0:
             raise ValueError(f"num_local_tokens: expected an int >= 0, got {num_local_tokens!r}")
-        rows = hidden_states.numel() // max(hidden_states.shape[-1], 1)
+        rows = hidden_states.numel() // hidden_states.shape[-1]
         if rows != num_local_tokens:
             raise ValueError(f"num_local_tokens: {num_local_tokens} does not match hidden_states "
                              f"{tuple(hidden_states.shape)} ({rows} tokens)")
@@ -179,19 +213,36 @@ class MoEFlexTokenDispatcher:
         Returns:
             ``(hidden [T, H], token_probs [T, K])``.
         """
-        hidden = self._flatten_hidden(hidden_states, num_local_tokens)
-        manager = self._manager_for(hidden)
-        manager.setup_metadata(num_local_tokens, self._initialize_metadata(num_local_tokens, probs))
+        return self._preprocess(hidden_states, num_local_tokens, lambda manager: manager.setup_metadata(
+            num_local_tokens, self._initialize_metadata(num_local_tokens, probs)))
+
+    def _preprocess(self, hidden_states, num_local_tokens, route):
+        """Flatten and route. On a group, a failed check is held until the call's first exchange
+        (:meth:`dispatch_all_to_all`), where every rank raises it together; alone, it raises here."""
+        hidden = error = None
+        try:
+            hidden = self._flatten_hidden(hidden_states, num_local_tokens)
+        except (ValueError, TypeError) as exc:
+            if self.ep_size == 1:
+                raise
+            error = exc
+        manager = self._manager_for(hidden, error)
+        if error is None:
+            try:
+                route(manager)
+            except (ValueError, TypeError) as exc:
+                error = exc
+        if error is not None:
+            manager.defer(error)  # raises at once for a group of one
+            return hidden_states, None
         return hidden, manager.token_probs
 
     def dispatch_preprocess2(self, hidden_states: torch.Tensor, num_local_tokens: int, token_probs: torch.Tensor,
                              token_indices: torch.Tensor):
         """As :meth:`dispatch_preprocess`, with routing given as top-K ``token_probs [T, K]`` and
         ``token_indices [T, K]`` (global expert ids, -1 for none)."""
-        hidden = self._flatten_hidden(hidden_states, num_local_tokens)
-        manager = self._manager_for(hidden)
-        manager.set_routing(token_probs, token_indices, num_local_tokens)
-        return hidden, manager.token_probs
+        return self._preprocess(hidden_states, num_local_tokens, lambda manager: manager.set_routing(
+            token_probs, token_indices, num_local_tokens))
 
     def dispatch_all_to_all(self, hidden_states: torch.Tensor, probs: torch.Tensor = None, async_finish: bool = True,
                             allocate_on_comm_stream: bool = True):

@@ -23,7 +23,7 @@ from .rowmap import RowIdMap, index_route_error_bits, layout_error_index, layout
 
 _C = _jit.load_kernels()
 
-# CUDA error words not yet read: (pinned host copy, its event, route, num_experts, name, num_out).
+# CUDA error words not yet read: (pinned host copy, its event, route, num_experts, name, num_out, probs).
 _pending: list = []
 _MAX_PENDING = 64
 
@@ -54,23 +54,30 @@ def _read_pending_errors(wait: bool) -> None:
     """Read the queued error words in order (all of them, or without waiting only those that
     have landed); raise the first error and forget the rest."""
     while _pending and (wait or _pending[0][1].query()):
-        host, event, route, num_experts, name, num_out = _pending.pop(0)
+        host, event, route, num_experts, name, num_out, probs = _pending.pop(0)
         event.synchronize()  # returns at once unless waiting was asked for
         bits = int(host[0])
         if bits:
             _pending.clear()
-            raise routing_error(bits, route, num_experts, name, num_out)
+            raise routing_error(bits, route, num_experts, name, num_out, probs)
+
+
+def defer_routing_error(status: torch.Tensor, route: torch.Tensor, num_experts: int, name: str,
+                        probs: Optional[torch.Tensor] = None) -> None:
+    """Raise the error bits of :func:`check_route`'s ``status`` now on the CPU; on CUDA read
+    them once they have landed (at the next sync point), without adding a sync."""
+    _defer_or_raise(status, 0, route, num_experts, name, probs=probs)
 
 
 def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_experts: int, name: str,
-                    num_out: Optional[int] = None) -> None:
+                    num_out: Optional[int] = None, probs: Optional[torch.Tensor] = None) -> None:
     """Raise now for CPU tensors (reading the flag costs nothing); on CUDA, queue a copy of the
     error word to pinned memory and read it once it has landed (at a later call, or at
     :func:`check_pending_errors`) instead of adding a host sync."""
     if flags.device.type == "cpu":
         bits = int(flags[index])
         if bits:
-            raise routing_error(bits, route, num_experts, name, num_out)
+            raise routing_error(bits, route, num_experts, name, num_out, probs)
         return
     if torch.cuda.is_current_stream_capturing():
         return  # a graph being captured may not sync; its sizes are the caller's (sync-free mode)
@@ -79,7 +86,7 @@ def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_ex
     host.copy_(flags[index:index + 1], non_blocking=True)
     event = torch.cuda.Event()
     event.record()
-    _pending.append((host, event, route, num_experts, name, num_out))
+    _pending.append((host, event, route, num_experts, name, num_out, probs))
     if len(_pending) > _MAX_PENDING:
         check_pending_errors()
 
@@ -269,7 +276,7 @@ def indices_to_multihot(indices: torch.Tensor, probs: torch.Tensor, num_experts:
     return _IndicesToMultihot.apply(indices, probs, num_experts)
 
 
-def check_route(indices: torch.Tensor, num_experts: int, flag: int = 0):
+def check_route(indices: torch.Tensor, num_experts: int, flag: int = 0, probs: Optional[torch.Tensor] = None):
     """Validate top-k routing on its device in one pass, without a host sync.
 
     Args:
@@ -277,19 +284,25 @@ def check_route(indices: torch.Tensor, num_experts: int, flag: int = 0):
         num_experts: ``E``.
         flag: an int32 value reported in ``status[1]`` when anything is wrong (0 otherwise),
             for a caller that adds it to a later computation without asking the host.
+        probs: optional float ``[R, K]``: a NaN or infinite prob of a selected expert is an error.
 
     Returns:
-        ``(clean, status)``: int64 ``[R, K]`` with out-of-range entries replaced by -1 (a
-        repeated expert is kept), and int32 ``[2]``: the error bits (1 out of range, 2 repeated
-        expert in a row; see :mod:`flexdispatch.rowmap`) and ``flag`` or 0.
+        ``(clean, status)``: int64 ``[R, K]`` with out-of-range entries and entries whose prob
+        is not finite replaced by -1 (a repeated expert is kept), and int32 ``[2]``: the error
+        bits (1 out of range, 2 repeated expert in a row, 8 non-finite prob; see
+        :mod:`flexdispatch.rowmap`) and ``flag`` or 0.
     """
     _check_index_route(indices, num_experts, None)
     if isinstance(flag, bool) or not isinstance(flag, int) or not 0 <= flag < 2**31:
         raise ValueError(f"flag: expected an int in [0, 2**31), got {flag!r}")
+    probs = _check_probs(probs, indices)
     if _use_kernels(indices):
-        return _C.check_route(indices.contiguous(), num_experts, flag)
-    bits = index_route_error_bits(indices, num_experts).to(torch.int32)
+        return _C.check_route(indices.contiguous(), num_experts, flag,
+                              None if probs is None else probs.detach().contiguous())
+    bits = index_route_error_bits(indices, num_experts, probs).to(torch.int32)
     clean = torch.where((indices >= -1) & (indices < num_experts), indices.long(), -1)
+    if probs is not None:
+        clean = torch.where(torch.isfinite(probs.detach()), clean, -1)
     return clean, torch.stack([bits, (bits != 0).to(torch.int32) * flag])
 
 

@@ -12,6 +12,7 @@ import torch
 INDEX_OUT_OF_RANGE = 1
 DUPLICATE_INDEX = 2
 OUTPUT_OVERFLOW = 4
+NONFINITE_PROB = 8
 
 
 # Where things sit in a layout of 3E + 2 entries, as in cuda_src/flexdispatch.h.
@@ -79,7 +80,7 @@ class RowIdMap:
             raise routing_error(bits, route, self.num_experts, name, self.num_out)
 
 
-def first_bad_slot(route: torch.Tensor, num_experts: int) -> str:
+def first_bad_slot(route: torch.Tensor, num_experts: int, probs: Optional[torch.Tensor] = None) -> str:
     """Describe the first invalid entry of an index route ``[R, K]`` (for error messages)."""
     r = route.detach().to("cpu", torch.int64)
     bad = (r < -1) | (r >= num_experts)
@@ -92,14 +93,25 @@ def first_bad_slot(route: torch.Tensor, num_experts: int) -> str:
     if dup.any():
         row = int(dup.nonzero()[0, 0])
         return f"row {row} names an expert twice ({r[row].tolist()}); each row must name distinct experts"
+    if probs is not None:
+        p = probs.detach().to("cpu", torch.float64)
+        nonfinite = ~torch.isfinite(p) & (r >= 0)
+        if nonfinite.any():
+            row, slot = (int(v) for v in nonfinite.nonzero()[0])
+            return (f"the probability of expert {int(r[row, slot])} at row {row}, slot {slot} is "
+                    f"{float(p[row, slot])}; routing probabilities must be finite")
     return "no invalid entry found"
 
 
 def routing_error(bits: int, route: Optional[torch.Tensor], num_experts: int, name: str = "indices",
-                  num_out: Optional[int] = None) -> ValueError:
+                  num_out: Optional[int] = None, probs: Optional[torch.Tensor] = None,
+                  probs_name: str = "token_probs") -> ValueError:
     if bits & (INDEX_OUT_OF_RANGE | DUPLICATE_INDEX):
         detail = first_bad_slot(route, num_experts) if route is not None and route.dtype != torch.bool else ""
         return ValueError(f"{name}: invalid routing: {detail}".rstrip(": "))
+    if bits & NONFINITE_PROB:
+        detail = first_bad_slot(route, num_experts, probs) if route is not None and probs is not None else ""
+        return ValueError(f"{probs_name}: non-finite routing probability: {detail}".rstrip(": "))
     if bits & OUTPUT_OVERFLOW:
         return ValueError(f"num_out_tokens={num_out} is smaller than the rows the routing needs; nothing "
                           f"was dropped silently: pass None to size the output exactly")
@@ -113,11 +125,16 @@ def check_index_route(indices: torch.Tensor, num_experts: int, name: str = "indi
         raise routing_error(int(bits), indices, num_experts, name)
 
 
-def index_route_error_bits(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """0-d int64 tensor of error bits for an index route, computed on its device (no sync)."""
+def index_route_error_bits(indices: torch.Tensor, num_experts: int,
+                           probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """0-d int64 tensor of error bits for an index route (and its probs), on its device (no sync)."""
     if indices.numel() == 0:
         return torch.zeros((), dtype=torch.int64, device=indices.device)
     out_of_range = ((indices < -1) | (indices >= num_experts)).any()
     srt = indices.sort(dim=1).values
     duplicate = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()
-    return out_of_range.long() * INDEX_OUT_OF_RANGE + duplicate.long() * DUPLICATE_INDEX
+    bits = out_of_range.long() * INDEX_OUT_OF_RANGE + duplicate.long() * DUPLICATE_INDEX
+    if probs is not None:
+        in_range = (indices >= 0) & (indices < num_experts)
+        bits = bits + (in_range & ~torch.isfinite(probs.detach())).any().long() * NONFINITE_PROB
+    return bits

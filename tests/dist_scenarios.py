@@ -337,3 +337,17 @@ def deepep_stage_diff(rank, world, tokens=512, hidden=128, topk=4, async_finish=
             "tpe_equal": torch.equal(a["tpe"], b["tpe"]), "restored_equal": torch.equal(a["restored"], b["restored"]),
             "deepep_out_err": rel_err(a["out"].float(), expected), "alltoall_out_err": rel_err(b["out"].float(), expected),
             "nan_rows_deepep": int(torch.isnan(a["out"].float()).any(1).sum())}
+
+
+def stateful_programs(rank, world, seeds, steps, device="cpu", backend="auto", **options):
+    """Run the stateful programs of ``seeds`` (tests/stateful.py) on this rank; returns, per
+    program, the steps and checks done and the steps at which this rank raised."""
+    import stateful
+
+    results = []
+    for seed in seeds:
+        program = stateful.generate_program(seed, world, steps, **options)
+        res = stateful.Runner(program, rank, _group(), device=device, backend=backend).run()
+        results.append({"seed": seed, "steps": res["steps"], "checks": res["checks"],
+                        "raised_at": [s for s, _ in res["raised"]]})
+    return results

@@ -98,7 +98,13 @@ def test_sync_free_mode(device):
 
 @pytest.mark.parametrize("call,error,match", [
     (lambda d, x, p: d.token_permutation(x, 9, p), ValueError, "num_local_tokens: 9 does not match"),
-    (lambda d, x, p: d.token_permutation(x, 10, p[:, :5]), ValueError, r"probs: expected num_local_tokens \* num_moe_experts"),
+    (lambda d, x, p: d.token_permutation(x, 10, p[:, :5]), ValueError, r"probs: expected shape \[num_local_tokens, num_moe_experts\]"),
+    (lambda d, x, p: d.token_permutation(x, 10, p.t().contiguous().reshape(8, 10)), ValueError, r"probs: expected shape"),
+    (lambda d, x, p: d.token_permutation(x, 10, p.flatten()), ValueError, r"probs: expected shape"),
+    (lambda d, x, p: d.token_permutation(x.long(), 10, p), TypeError, "hidden_states: expected a floating-point"),
+    (lambda d, x, p: d.token_permutation(x[:, :0], 10, p), ValueError, "hidden_states: expected a hidden size >= 1"),
+    (lambda d, x, p: d.token_permutation(x, 10, torch.where(p > 0.5, float("nan"), p)), ValueError, "probs: non-finite"),
+    (lambda d, x, p: d.token_permutation2(x, 10, torch.full((10, 2), float("inf")), torch.topk(p, 2)[1]), ValueError, "token_probs: non-finite"),
     (lambda d, x, p: d.token_permutation(x, 10, p.long()), TypeError, "probs: expected a floating-point"),
     (lambda d, x, p: d.token_permutation2(x, 10, *torch.topk(p, 3)), ValueError, "token_indices: expected .*topk=2"),
     (lambda d, x, p: d.token_permutation2(x, 10, p[:, :2], torch.topk(p, 2)[1].float()), TypeError, "token_indices: expected an int32 or int64"),

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dist_pool import DistPool, check_dense_results as check
+from test_stateful import check_agreed
 
 pytestmark = pytest.mark.gpu
 
@@ -99,6 +100,41 @@ def test_deepep_sync_free_cuda_graph(pool):
     for res in pool.run("cuda_graph_sync_free", backend="deepep"):
         assert res["backend"] == "deepep"
         assert max(res["errors"]) < 1e-6 and max(res["eager_vs_exact"]) < 1e-6, res
+
+
+@pytest.mark.timeout(900)
+def test_stateful_alltoall_nccl(pool):
+    """The stateful multi-step programs (tests/stateful.py) over NCCL, float32 on the GPUs."""
+    seeds = [7000 + 10 * pool.world + i for i in range(4)]
+    results = pool.run("stateful_programs", timeout=800, seeds=seeds, steps=40, device="cuda", backend="alltoall",
+                       hidden_sizes=(8, 16))
+    assert check_agreed(results) == 160
+
+
+@pytest.mark.deepep
+@pytest.mark.timeout(900)
+def test_stateful_deepep(pool):
+    """The stateful programs on DeepEP: bf16 rows of a width every DeepEP build serves; no
+    mid-call reset on one rank (DeepEP's combine has no header to agree at)."""
+    seeds = [8000 + 10 * pool.world + i for i in range(4)]
+    results = pool.run("stateful_programs", timeout=800, seeds=seeds, steps=40, device="cuda", backend="deepep",
+                       dtypes=("bfloat16",), hidden_sizes=(1024,), max_tokens=96, expert_error=False)
+    assert check_agreed(results) == 160
+
+
+@pytest.mark.deepep
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tokens", [512, 4096])
+def test_deepep_narrow_rows_on_fixed_builds(pool, tokens):
+    """256-byte rows (hidden 128): DeepEP builds with its narrow-row fix serve them and agree
+    with all-to-all stage by stage; older builds are refused before any collective."""
+    from flexdispatch.managers import deepep
+
+    if not deepep.narrow_rows_fixed():
+        pytest.skip("this DeepEP build predates its narrow-row fix")
+    for res in pool.run("deepep_stage_diff", tokens=tokens, hidden=128):
+        assert res["recv_equal"] and res["rows_equal"] and res["tpe_equal"] and res["restored_equal"], res
+        assert res["nan_rows_deepep"] == 0 and res["deepep_out_err"] < 1e-2 and res["alltoall_out_err"] < 1e-2, res
 
 
 @pytest.mark.deepep

@@ -14,9 +14,10 @@ int64_t indices_to_multihot(const void* indices, bool indices_are_64bit, const v
                             int prob_bytes, int64_t rows, int32_t slots, int32_t num_experts,
                             uint8_t* map, void* probs_out);
 
-// Returns the error bits; writes clean (out-of-range entries -1), as check_route on the GPU.
-int32_t check_route(const void* indices, bool indices_are_64bit, int64_t rows, int32_t slots,
-                    int32_t num_experts, int64_t* clean);
+// Returns the error bits; writes clean (out-of-range entries and non-finite probs -1), as
+// check_route on the GPU (prob_kind 0: no probs, 1: float32, 2: float64).
+int32_t check_route(const void* indices, bool indices_are_64bit, const void* probs, int32_t prob_kind,
+                    int64_t rows, int32_t slots, int32_t num_experts, int64_t* clean);
 
 void route_plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets, int64_t* layout);
 

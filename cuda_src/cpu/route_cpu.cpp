@@ -1,6 +1,7 @@
 // CPU twin of ../route.cu and ../multihot.cu: the same chunked counts and prefix sums; inside
 // a chunk, rows are visited in order, so a running counter per expert gives the stable rank.
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "ops_cpu.h"
@@ -61,17 +62,26 @@ int64_t indices_to_multihot(const void* indices, bool indices_are_64bit, const v
   return bad;
 }
 
-int32_t check_route(const void* indices, bool indices_are_64bit, int64_t rows, int32_t slots,
-                    int32_t num_experts, int64_t* clean) {
+int32_t check_route(const void* indices, bool indices_are_64bit, const void* probs, int32_t prob_kind,
+                    int64_t rows, int32_t slots, int32_t num_experts, int64_t* clean) {
   const Route route{indices, indices_are_64bit ? kRouteIndex64 : kRouteIndex32, rows, slots, num_experts};
   int64_t bad = 0;
 #pragma omp parallel for schedule(static) reduction(| : bad)
   for (int64_t r = 0; r < rows; ++r) {
     for (int32_t s = 0; s < slots; ++s) {
-      const int64_t e = raw_expert(route, r, s);
-      const bool in_range = e >= -1 && e < num_experts;
+      const int64_t i = r * slots + s;
+      int64_t e = raw_expert(route, r, s);
       checked_expert(route, r, s, &bad);  // records range and duplicate errors
-      clean[r * slots + s] = in_range ? e : -1;
+      if (e < -1 || e >= num_experts) e = -1;
+      if (e >= 0 && prob_kind != 0) {
+        const bool finite = prob_kind == 1 ? std::isfinite(static_cast<const float*>(probs)[i])
+                                           : std::isfinite(static_cast<const double*>(probs)[i]);
+        if (!finite) {
+          bad |= kNonFiniteProb;
+          e = -1;
+        }
+      }
+      clean[i] = e;
     }
   }
   return static_cast<int32_t>(bad);

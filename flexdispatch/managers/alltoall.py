@@ -5,17 +5,21 @@ Dispatch, for T local tokens on W ranks:
 
 1. Each token goes once to every rank holding one of its experts (not once per expert):
    a bool ``[T, W]`` token-to-rank map and its stable rank-major plan.
-2. One small collective exchanges, per destination rank, the row count, this rank's routing
-   error bits and the per-expert counts. It is the only host sync; it sizes every buffer
-   (tokens_per_expert is known on the host without another sync), and if any rank's routing
-   is invalid every rank raises ValueError here, before the payload, so no rank hangs.
+2. One small collective exchanges, per destination rank, the call's header (row count, phase
+   and step, this rank's failed checks and routing error bits, hidden size, dtype, top-k; see
+   :mod:`.agreement`) and the per-expert counts. It is the only host sync; it sizes every
+   buffer (tokens_per_expert is known on the host without another sync), and if any rank's
+   inputs are invalid, or the ranks disagree on the call, every rank raises here, before the
+   payload, so no rank hangs or aborts.
 3. The routing (global expert ids and probs, packed as float64) and the hidden rows follow.
    With ``async_finish=True`` the hidden rows' transfer is left in flight; the next step of
    the manager (or :meth:`wait`) makes the current stream wait for it, so work issued in
    between (shared experts, say) overlaps with it.
 
-Combine sends every row back and sums a token's copies in rank order with the deterministic
-unpermute kernel. Backward of dispatch is a combine (probs' gradients included), backward of
+Combine first exchanges a header of the same width (phase "combine"), so a rank that abandoned
+a call and started the next one meets its peers' combine with an agreed error rather than a
+mismatched transfer; then it sends every row back and sums a token's copies in rank order with
+the deterministic unpermute kernel. Backward of dispatch is a combine (probs' gradients included), backward of
 combine is a dispatch with the cached plan. Every collective runs on every rank, also for
 T = 0, in backward too, so an empty rank never leaves the others waiting.
 """
@@ -26,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
+from . import agreement
 from .base import _ManagerBase
 
 
@@ -80,6 +85,7 @@ class _AllToAllManager(_ManagerBase):
     """The manager over ``torch.distributed`` all-to-all; any group size, GPU or CPU."""
 
     name = "alltoall"
+    exchanges_in_combine = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -97,8 +103,36 @@ class _AllToAllManager(_ManagerBase):
         super()._release()
         self._rank_plan = None
 
-    def _dispatch(self, hidden_states: torch.Tensor, async_finish: bool,
-                  allocate_on_comm_stream: bool) -> torch.Tensor:
+    def _exchange_headers(self, message: torch.Tensor, when: str) -> torch.Tensor:
+        """Send row w of ``message [W, WIDTH + E_local]`` to rank w; every rank checks every
+        rank's header (see :mod:`.agreement`) and raises together. Returns ``[2, W, ...]`` on
+        the host: what this rank sent and what it received."""
+        received = torch.empty_like(message)
+        _exchange(received, message, None, None, self.group)
+        host = torch.stack([message, received]).cpu()  # the one host sync of the call's first exchange
+        self._agree(host[1, :, :agreement.WIDTH], when)
+        return host
+
+    def _comm_device(self) -> torch.device:
+        """Where this group's tensors live: NCCL needs CUDA, gloo takes the CPU."""
+        if self.token_indices is not None:
+            return self.token_indices.device
+        if "nccl" in str(dist.get_backend(self.group)).lower():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _blank_message(self, phase: int, hidden) -> torch.Tensor:
+        device = self._comm_device()
+        header = torch.tensor(self._header(phase, hidden), dtype=torch.int64)
+        message = torch.zeros(self.world_size, agreement.WIDTH + self.num_local_experts, dtype=torch.int64)
+        message[:, :agreement.WIDTH] = header
+        return message.to(device)
+
+    def _dispatch(self, hidden_states, async_finish: bool, allocate_on_comm_stream: bool) -> torch.Tensor:
+        when = "before any token moved"
+        if hidden_states is None or self.token_indices is None:  # a failed check on this rank
+            self._exchange_headers(self._blank_message(agreement.DISPATCH, None), when)
+            raise AssertionError("unreachable: the agreement raises on every rank")  # pragma: no cover
         world, experts, local = self.world_size, self.num_experts, self.num_local_experts
         indices = self.token_indices
         tokens, topk = indices.shape
@@ -110,24 +144,17 @@ class _AllToAllManager(_ManagerBase):
         expert_counts = torch.zeros(experts + 1, dtype=torch.int64, device=device).scatter_add_(
             0, torch.where(valid, indices, experts).flatten(),
             torch.ones(tokens * topk, dtype=torch.int64, device=device))[:experts].view(world, local)
-        if self.validate_routing:
-            error = ops.check_route(indices, experts)[1][0].long()
-        else:
-            error = torch.zeros((), dtype=torch.int64, device=device)
-        message = torch.cat([in_rank.sum(0, dtype=torch.int64)[:, None], error.expand(world)[:, None],
-                             expert_counts], dim=1)
-        received = torch.empty_like(message)
-        _exchange(received, message, None, None, self.group)
-        host = torch.stack([message, received]).cpu()  # the one host sync of dispatch
+        header = torch.tensor(self._header(agreement.DISPATCH, hidden_states), dtype=torch.int64).to(device)
+        header = header.expand(world, -1).clone()
+        header[:, agreement.ROWS] = in_rank.sum(0, dtype=torch.int64)
+        if self._route_status is not None:
+            header[:, agreement.ERROR] = self._route_status[0].long()
+        host = self._exchange_headers(torch.cat([header, expert_counts], dim=1), when)
         ops.check_pending_errors()  # earlier calls' flags are ready now, for free
-        flags = host[1, :, 1]
-        if flags.any():
-            bad_ranks = [w for w, f in enumerate(flags.tolist()) if f]
-            self._raise_agreed_routing_error(int(flags[self.rank]), f"rank(s) {bad_ranks}", "before any token moved")
 
-        self._send_splits = host[0, :, 0].tolist()
-        self._recv_splits = host[1, :, 0].tolist()
-        self._set_received_counts(host[1, :, 2:].sum(0))
+        self._send_splits = host[0, :, agreement.ROWS].tolist()
+        self._recv_splits = host[1, :, agreement.ROWS].tolist()
+        self._set_received_counts(host[1, :, agreement.WIDTH:].sum(0))
 
         plan = ops.make_plan(in_rank, world, num_out_tokens=sum(self._send_splits))
         self._rank_plan = plan
@@ -144,5 +171,7 @@ class _AllToAllManager(_ManagerBase):
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
                  allocate_on_comm_stream: bool) -> torch.Tensor:
+        self._exchange_headers(self._blank_message(agreement.COMBINE, None if self._deferred else hidden_states),
+                               "before any row moved back")
         return _AllToAllCombine.apply(hidden_states, self._rank_plan, self._send_splits, self._recv_splits,
                                       self.group)

@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from .. import ops
 from ..config import ROUTER_DTYPES, expert_capacity, int_at_least
-from ..rowmap import RowIdMap, routing_error
+from ..rowmap import RowIdMap
+from . import agreement
 
 _NEXT_STEP = {
     "idle": "setup_metadata (or the dispatcher's dispatch_preprocess / token_permutation)",
@@ -93,6 +94,7 @@ class _ManagerBase(_DispatchManager):
 
     name = "base"
     supports_sync_free = False
+    exchanges_in_combine = False  # whether combine starts with a header exchange (see agreement)
 
     def __init__(self, group, router_topk: int, permute_fusion: bool = False,
                  capacity_factor: Optional[float] = None, num_experts: Optional[int] = None,
@@ -132,13 +134,23 @@ class _ManagerBase(_DispatchManager):
                              f"collectives; use the DeepEP manager (one node) or one rank")
         self.sync_free = sync_free
         self.validate_routing = validate_routing
+        # Calls this manager finished or abandoned: carried in every header, so ranks that are
+        # at different calls of this layer raise instead of mixing their exchanges.
+        self._step = 0
+        # The last permutation's counts: readable after combine (the reference's API), and
+        # cleared by the next call's routing, so no call ever reports another's counts.
         self.tokens_per_expert: Optional[torch.Tensor] = None
         self._release()
 
     # ---- state ------------------------------------------------------------------------------
 
     def _release(self) -> None:
-        """Drop every per-call tensor (autograd keeps what backward needs)."""
+        """Drop every per-call tensor (autograd keeps what backward needs).
+
+        Ownership: everything set here belongs to one call (routing -> combine) and is set
+        again by that call before it is read; ``tokens_per_expert`` is set by the call's
+        permutation and cleared by the next call's routing (:meth:`_set_routing`).
+        """
         self.token_probs: Optional[torch.Tensor] = None
         self.token_indices: Optional[torch.Tensor] = None
         self.dispatched_indices: Optional[torch.Tensor] = None
@@ -147,13 +159,58 @@ class _ManagerBase(_DispatchManager):
         self._plan: Optional[RowIdMap] = None
         self._num_tokens = 0
         self._num_dispatched = 0
-        self._num_out: Optional[int] = None
+        self._num_out: Optional[int] = None  # permuted rows when known before permuting
+        self._received_counts: Optional[torch.Tensor] = None  # host counts from this call's exchange
+        self._route_status: Optional[torch.Tensor] = None  # the route check's int32 [2] on the device
+        self._checked_route = None  # (indices, probs) as given, to describe a routing error
+        self._deferred: Optional[BaseException] = None  # this rank's failed check, raised at the exchange
         self._stage = "idle"
 
     def reset(self) -> None:
-        """Forget a half-finished call (for example after an exception in the experts)."""
+        """Forget a half-finished call (for example after an exception in the experts).
+
+        Within a group, reset() is local: if this rank abandons a call that its peers go on
+        with, the next exchange of this layer on every rank sees ranks at different steps and
+        raises RuntimeError on every rank (no hang, no mixed data; the DeepEP manager's combine
+        is the exception, see its docs); after every rank has called reset(), the layer's next
+        call realigns the steps and runs normally.
+        """
         self.wait()
+        if self._stage != "idle":
+            self._step += 1
         self._release()
+        self.tokens_per_expert = None
+
+    def defer(self, error: BaseException) -> None:
+        """Hold this rank's failed check of the current call until the call's first exchange,
+        where every rank of the group learns of it and raises (groups of one raise at once)."""
+        if self.world_size == 1:
+            raise error
+        self._release()
+        self.tokens_per_expert = None
+        self._deferred = error
+        self._stage = "routed"
+
+    def _header(self, phase: int, hidden: Optional[torch.Tensor], error: int = 0, rows: int = 0) -> list[int]:
+        arg = 0
+        if self._deferred is not None:
+            error |= agreement.INPUT_ERROR
+            arg = agreement.argument_code(self._deferred)
+        return agreement.make_header(phase, self._step, hidden if self._deferred is None else None,
+                                     self.router_topk, error, arg, rows)
+
+    def _agree(self, headers, when: str) -> None:
+        """Go on if every rank's header agrees; else every rank releases the call, realigns its
+        step and raises the same error."""
+        decision = agreement.Agreement(headers)
+        try:
+            route, probs = self._checked_route or (self.token_indices, self.token_probs)
+            decision.check(self.rank, self._deferred, route, probs, self.num_experts, when)
+        except Exception:
+            self._step = decision.next_step()
+            self.wait()
+            self._release()
+            raise
 
     def _expect(self, step: str, *stages: str) -> None:
         if self._stage not in stages:
@@ -207,17 +264,35 @@ class _ManagerBase(_DispatchManager):
         self._set_routing(token_probs, token_indices)
 
     def _set_routing(self, token_probs: torch.Tensor, token_indices: torch.Tensor) -> None:
-        indices = token_indices.long()
+        indices, status = token_indices.long(), None
+        if self.validate_routing and (not self.sync_free or self.world_size == 1):
+            # Before capacity, which could drop a repeated expert's copy or rank a NaN first.
+            # (Sync-free groups have no host wait to agree on an error at: not validated.)
+            indices, status = self._check_route(indices, token_probs)
         if self.capacity_factor is not None:
             indices = self._apply_capacity(token_probs, indices)
         if self.router_dtype == "fp64":
             token_probs = token_probs.double()
         elif self.router_dtype == "fp32" or token_probs.dtype not in (torch.float32, torch.float64):
             token_probs = token_probs.float()
+        self.tokens_per_expert = None  # the previous call's counts must never leak into this one
         self.token_probs = token_probs
         self.token_indices = indices.contiguous()
+        self._route_status = status
         self._num_tokens = indices.shape[0]
         self._stage = "routed"
+
+    def _check_route(self, indices: torch.Tensor, probs: torch.Tensor):
+        """``(indices with bad entries -1, status)``: one kernel, no host sync. Groups of one on
+        the CPU raise here; elsewhere the status travels in the first exchange (or, on one GPU,
+        is read at the permutation's sizing sync)."""
+        p = probs.detach()
+        clean, status = ops.check_route(indices, self.num_experts, 0, p if p.dtype in (torch.float32, torch.float64)
+                                        else p.float())
+        if self.world_size == 1:
+            ops.defer_routing_error(status, indices, self.num_experts, "token_indices", p)
+        self._checked_route = (indices, p)
+        return clean, status
 
     def _apply_capacity(self, probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Drop (index -> -1) zero-probability assignments and, per expert, those past its
@@ -244,18 +319,8 @@ class _ManagerBase(_DispatchManager):
         permuted tensor's size, from per-local-expert counts known on the host."""
         pad = self.moe_router_expert_pad_multiple or 1
         padded = (counts + pad - 1) // pad * pad
-        self.tokens_per_expert = padded.pin_memory() if self.token_indices.is_cuda else padded
+        self._received_counts = padded.pin_memory() if self.token_indices.is_cuda else padded
         self._num_out = int(padded.sum())
-
-    def _raise_agreed_routing_error(self, local_bits: int, where: str, when: str) -> None:
-        """Raise the ValueError every rank raises together when some rank's routing is bad;
-        the bad rank's message says what is wrong."""
-        detail = ""
-        if local_bits:
-            detail = ": " + str(routing_error(local_bits, self.token_indices, self.num_experts, "token_indices"))
-        self._release()
-        raise ValueError(f"token_indices: invalid routing on {where} of the expert-parallel group; every rank "
-                         f"raises {when}{detail}")
 
     def _masked_probs(self, indices: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         return torch.where(indices >= 0, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
@@ -278,19 +343,29 @@ class _ManagerBase(_DispatchManager):
             sync-free, ``tokens_per_expert [E_local]`` int64 on the CPU.
         """
         self._expect("dispatch", "routed")
+        if self._deferred is None:
+            try:
+                self._check_dispatch_input(hidden_states)
+            except (ValueError, TypeError) as exc:
+                self.defer(exc)  # groups of one raise here
+        out = self._dispatch(None if self._deferred is not None else hidden_states, async_finish,
+                             allocate_on_comm_stream)
+        self._num_dispatched = self.dispatched_indices.shape[0]
+        self._stage = "dispatched"
+        return out
+
+    def _check_dispatch_input(self, hidden_states) -> None:
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
             raise ValueError(f"hidden_states: expected a 2-D tensor [num_tokens, hidden], got "
                              f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__}")
+        if not hidden_states.is_floating_point():
+            raise TypeError(f"hidden_states: expected a floating-point tensor, got {hidden_states.dtype}")
         if hidden_states.shape[0] != self._num_tokens:
             raise ValueError(f"hidden_states: expected {self._num_tokens} rows (the routed tokens), "
                              f"got {hidden_states.shape[0]}")
         if hidden_states.device != self.token_indices.device:
             raise ValueError(f"hidden_states: expected the routing's device {self.token_indices.device}, "
                              f"got {hidden_states.device}")
-        out = self._dispatch(hidden_states, async_finish, allocate_on_comm_stream)
-        self._num_dispatched = self.dispatched_indices.shape[0]
-        self._stage = "dispatched"
-        return out
 
     def get_permuted_hidden_states_by_experts(self, hidden_states: torch.Tensor):
         """Expert-major rows of the dispatched tokens.
@@ -313,7 +388,9 @@ class _ManagerBase(_DispatchManager):
             raise
         if self.sync_free:
             self.tokens_per_expert = device_counts
-        elif self.tokens_per_expert is None:
+        elif self._received_counts is not None:  # known from this call's exchange: no sync
+            self.tokens_per_expert = self._received_counts
+        else:
             self.tokens_per_expert = plan.host_tokens_per_expert()
         if self.router_dtype == "fp64":
             probs = probs.double()
@@ -336,12 +413,24 @@ class _ManagerBase(_DispatchManager):
         """Sum every token's rows back on its home rank: ``[R, H] -> [T, H]``; releases the
         call's metadata."""
         self._expect("combine", "restored")
-        self._check_rows(hidden_states, self._num_dispatched, "the dispatched rows")
+        try:
+            self._check_rows(hidden_states, self._num_dispatched, "the dispatched rows")
+        except ValueError as exc:
+            self.defer_combine(exc)
         out = self._combine(hidden_states, async_finish, allocate_on_comm_stream)
         tokens_per_expert = self.tokens_per_expert
         self._release()
+        self._step += 1
         self.tokens_per_expert = tokens_per_expert
         return out
+
+    def defer_combine(self, error: BaseException) -> None:
+        """A failed check of combine's input: raised at once by a group of one, else carried in
+        the combine's first exchange (managers that have one) so that every rank raises."""
+        if self.world_size == 1 or not self.exchanges_in_combine:
+            self.reset()
+            raise error
+        self._deferred = error
 
     def get_dispached_metadata(self):
         """``(dispatched_indices [R, K], dispatched_probs [R, K])``."""

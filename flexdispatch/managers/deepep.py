@@ -11,11 +11,16 @@
   queued on its communication stream; the event is kept and the current stream waits on it at
   the next step of the manager (or at :meth:`_DeepepManager.wait`). Work issued in between
   overlaps with the transfer. Do not read the returned tensors before that wait.
-* Routing validation adds no host sync and no collective: one kernel checks the indices and
-  drops bad ones (DeepEP never sees them); a rank that found an error adds a sentinel to every
-  per-expert count it sends in DeepEP's own notify step, so every rank learns of it from the
-  counts DeepEP's host wait already returns, and all raise together. (Beyond one node, where
-  DeepEP's notify differs, the error bits are all-reduced over NCCL instead.)
+* Agreement without an added host sync: every call starts with a small NCCL all-gather of each
+  rank's header (step, failed checks and routing error bits, hidden size, dtype, top-k; see
+  :mod:`.agreement`), stream-ordered before DeepEP's layout. If any rank's header shows an
+  error or disagrees, every rank empties its routing on the device, so DeepEP moves no token,
+  and after DeepEP's own host wait for its counts (when the gathered headers have landed in
+  pinned memory) every rank raises the same error. Routing is validated by one kernel (range,
+  duplicates, non-finite probs) that also drops bad entries, so DeepEP never sees them.
+  Limits: DeepEP's combine has no header (a rank that abandons a call while its peers combine
+  leaves them in DeepEP's kernels until its timeout); a hidden size that differs across ranks
+  is caught unless one rank's DeepEP buffer must also grow for it (buffer growth is collective).
 * Sync-free (``sync_free=True``, one node): DeepEP's ``num_worst_tokens`` sizes the received
   tensor for the worst case (every rank's tokens; all ranks must pass the same number of
   tokens), and the permutation is sized for the worst case too, so no host sync happens and
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import importlib.util
 import os
 from typing import Optional
 
@@ -40,18 +46,19 @@ import torch.distributed as dist
 
 from .. import ops
 from .._log import logger
+from . import agreement
 from .base import _ManagerBase
 
 MAX_TOPK = 128  # DeepEP's buffer-size assumption (csrc/config.hpp)
-# Added by a rank with bad routing to every per-expert count it sends: each receiver gets the
-# sum over ranks of its experts' counts, so a sum at or above this means some rank is bad.
-# Real sums stay below it while every rank's tokens * group size do; 8 senders' sentinels and
-# counts still fit DeepEP's int32 sums.
-ERROR_SENTINEL = 1 << 24
 # DeepEP v1.2.1's intranode combine returned wrong sums for 256-byte rows (hidden 128, bf16)
 # from 512 tokens a rank on 4 x H200, whatever the buffer size, while its dispatch and our
 # steps matched the all-to-all manager bit for bit; 2048- and 4096-byte rows were right up
-# to 4096 tokens (docs/PERFORMANCE.md). Narrower rows than verified are not sent to it.
+# to 4096 tokens (docs/PERFORMANCE.md). DeepEP fixed it after v1.2.1 (PR #413, commit abba6ad,
+# "Fix hidden_size % 128 != 0 in intranode kernels"); builds with the defect get no rows
+# narrower than verified. Its version string did not change (still 1.2.1), so the fix is
+# recognised by a feature that arrived a week after it: the configurable index type
+# ``topk_idx_t`` (commit da6ca24), or the 2.x package layout (``deep_ep._C``). A build between
+# the two commits is treated as defective (narrow rows go to all-to-all: safe, slower).
 MIN_VERIFIED_ROW_BYTES = 2048
 INTRANODE_SIZES = (2, 4, 8)
 
@@ -77,6 +84,28 @@ def deepep_available() -> tuple[bool, str]:
     if module is None:
         return False, _import_error or "deep_ep does not import"
     return True, getattr(module, "__version__", "unknown version")
+
+
+def narrow_rows_fixed() -> bool:
+    """Whether this DeepEP build has the fix for narrow rows (see MIN_VERIFIED_ROW_BYTES)."""
+    module = _import_deep_ep()
+    if module is None:
+        return False
+    if hasattr(module, "topk_idx_t"):
+        return True
+    try:
+        if importlib.util.find_spec("deep_ep._C") is not None:
+            return True
+        return hasattr(importlib.import_module("deep_ep_cpp"), "topk_idx_t")
+    except (ImportError, ValueError, AttributeError):
+        return False
+
+
+def topk_index_dtype() -> torch.dtype:
+    """The index dtype this DeepEP build takes (``deep_ep.topk_idx_t``; int64 before it existed)."""
+    module = _import_deep_ep()
+    dtype = getattr(module, "topk_idx_t", torch.int64)
+    return dtype if isinstance(dtype, torch.dtype) else torch.int64
 
 
 def _sm90_build() -> bool:
@@ -120,9 +149,10 @@ def unusable_reason(group, device: Optional[torch.device] = None, hidden_dtype: 
             limit = f" and at most {largest} bytes" if largest else ""
             return (f"DeepEP needs bf16 rows of a multiple of {multiple} bytes{limit}; hidden size {hidden_size} "
                     f"gives {row_bytes}")
-        if row_bytes < MIN_VERIFIED_ROW_BYTES:
-            return (f"DeepEP's combine was seen to return wrong sums for narrow rows; rows of {row_bytes} bytes "
-                    f"(hidden {hidden_size}) are below the {MIN_VERIFIED_ROW_BYTES} verified")
+        if row_bytes < MIN_VERIFIED_ROW_BYTES and not narrow_rows_fixed():
+            return (f"this DeepEP build predates its fix for narrow rows (wrong combine sums, fixed in DeepEP "
+                    f"commit abba6ad); rows of {row_bytes} bytes (hidden {hidden_size}) are below the "
+                    f"{MIN_VERIFIED_ROW_BYTES} verified")
     if topk is not None and topk > MAX_TOPK:
         return f"DeepEP supports top-k <= {MAX_TOPK}, got {topk}"
     return None
@@ -141,6 +171,7 @@ class _BufferRegistry:
 
     def __init__(self):
         self._entries: list[tuple[object, object]] = []  # (group, Buffer), compared by identity
+        self._widths: dict = {}  # id(Buffer) -> the bf16 row width it was sized for
         self._retired: list[object] = []
         self._recent: dict = {}  # (id(group), hidden_bytes, num_sms) -> (group, Buffer): no size hints per call
 
@@ -177,7 +208,15 @@ class _BufferRegistry:
             logger.info("creating a DeepEP buffer for a group of %d (%.1f MiB NVLink)", size, nvl_bytes / 2**20)
         buffer = deep_ep.Buffer(group, nvl_bytes, rdma_bytes, explicitly_destroy=True)
         self._entries.append((group, buffer))
+        self._widths[id(buffer)] = hidden_bytes // 2
         return buffer
+
+    def width(self, group) -> Optional[int]:
+        """The bf16 row width the group's current buffer was sized for (None: no buffer yet)."""
+        for g, buffer in self._entries:
+            if g is group:
+                return self._widths.get(id(buffer))
+        return None
 
     def destroy_all(self) -> int:
         buffers = [b for _, b in self._entries] + self._retired
@@ -214,11 +253,8 @@ class _DeepepDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, buffer, async_finish, allocate_on_comm_stream,
                 num_worst_tokens, side):
-        # Stream-ordered layout (a 30 us kernel, no host wait), then the sentinel (0 unless this
-        # rank's routing is bad) added to the per-expert counts DeepEP is about to send.
+        # Stream-ordered layout (a 30 us kernel, no host wait).
         per_rank, per_rdma_rank, per_expert, in_rank, _ = buffer.get_dispatch_layout(token_indices, num_experts)
-        if side.get("poison") is not None:
-            per_expert.add_(side["poison"])
         event = _previous_event(buffer, allocate_on_comm_stream)
         recv_x, recv_idx, recv_probs, counts, handle, after = buffer.dispatch(
             x, topk_idx=token_indices, topk_weights=token_probs, num_tokens_per_rank=per_rank,
@@ -276,7 +312,7 @@ class _DeepepManager(_ManagerBase):
         self._events: list = []
         self._mask_after_wait = False
         self._hidden_ok = None  # (device, dtype, hidden) that passed _check_hidden
-        self._flags = None  # pinned host copy of the routing error bits
+        self._headers = None  # pinned host copy of the gathered headers [W, WIDTH]
 
     def wait(self) -> None:
         while self._events:
@@ -304,38 +340,31 @@ class _DeepepManager(_ManagerBase):
             raise ValueError(f"hidden_states: {reason}")
         self._hidden_ok = key
 
-    def _start_validation(self, indices: torch.Tensor, side: dict) -> torch.Tensor:
-        """Check the routing on the device (no host sync) and return it with bad indices as -1.
+    def _gather_headers(self, hidden_states: Optional[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
+        """All-gather every rank's header on the device (stream-ordered, no host sync), start
+        its copy to pinned memory, and return ``indices`` emptied (all -1) if any rank's header
+        shows an error or disagrees, so that DeepEP then moves nothing."""
+        header = torch.tensor(self._header(agreement.DISPATCH, hidden_states), dtype=torch.int64).pin_memory()
+        header = header.to(indices.device, non_blocking=True)
+        if self._route_status is not None:
+            header[agreement.ERROR] |= self._route_status[0].long()
+        gathered = torch.empty(self.world_size, agreement.WIDTH, dtype=torch.int64, device=indices.device)
+        dist.all_gather_into_tensor(gathered, header, group=self.group)
+        if self._headers is None:
+            self._headers = torch.zeros(self.world_size, agreement.WIDTH, dtype=torch.int64, pin_memory=True)
+        self._headers.copy_(gathered, non_blocking=True)  # landed once DeepEP's host wait returns
+        signature = gathered[:, agreement.PHASE:]
+        bad = (gathered[:, agreement.ERROR] != 0).any() | (signature != signature[:1]).any()
+        return torch.where(bad, -1, indices)
 
-        The status is copied to pinned memory before DeepEP's layout, so it has landed when
-        DeepEP's host wait for the counts returns. One node: a bad rank's sentinel rides in the
-        per-expert counts (``side["poison"]``). Beyond: the bits are all-reduced over NCCL.
-        """
-        tokens = indices.shape[0]
-        by_counts = self.world_size <= 8 and tokens * self.world_size < ERROR_SENTINEL
-        clean, status = ops.check_route(indices, self.num_experts, ERROR_SENTINEL if by_counts else 0)
-        if by_counts:
-            side["poison"] = status[1]
-            host = status
-        else:
-            anywhere = status[:1].clone()
-            dist.all_reduce(anywhere, op=dist.ReduceOp.MAX, group=self.group, async_op=True).wait()  # stream wait
-            host = torch.cat([status[:1], anywhere])
-        if self._flags is None:
-            self._flags = torch.zeros(2, dtype=torch.int32, pin_memory=True)
-        self._flags.copy_(host, non_blocking=True)
-        side["by_counts"] = by_counts
-        return clean
-
-    def _finish_validation(self, side: dict) -> None:
-        local = int(self._flags[0])
-        if side["by_counts"]:
-            anywhere = any(count >= ERROR_SENTINEL for count in side["counts"])
-        else:
-            anywhere = int(self._flags[1]) != 0
-        ops.check_pending_errors()  # earlier calls' flags have landed too: DeepEP just waited
-        if local or anywhere:
-            self._raise_agreed_routing_error(local, "a rank", "(DeepEP moved the tokens with the bad slots dropped)")
+    def _placeholder(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Zero tokens for a rank whose own check failed: it still takes part in DeepEP's
+        exchange (its peers wait for it there), with rows of its group's buffer width."""
+        device = torch.device("cuda", torch.cuda.current_device())
+        width = _registry.width(self.group) or MIN_VERIFIED_ROW_BYTES // 2
+        return (torch.empty(0, width, dtype=torch.bfloat16, device=device),
+                torch.empty(0, self.router_topk, dtype=torch.int64, device=device),
+                torch.empty(0, self.router_topk, dtype=torch.float32, device=device))
 
     @staticmethod
     def _stream_ordered(async_finish: bool, allocate_on_comm_stream: bool) -> tuple[bool, bool]:
@@ -345,21 +374,35 @@ class _DeepepManager(_ManagerBase):
             return False, False
         return async_finish, allocate_on_comm_stream and async_finish
 
-    def _dispatch(self, hidden_states: torch.Tensor, async_finish: bool,
+    def _dispatch(self, hidden_states: Optional[torch.Tensor], async_finish: bool,
                   allocate_on_comm_stream: bool) -> torch.Tensor:
         async_finish, allocate_on_comm_stream = self._stream_ordered(async_finish, allocate_on_comm_stream)
-        self._check_hidden(hidden_states)
-        indices = self.token_indices
-        validate = self.validate_routing and not self.sync_free  # needs DeepEP's host wait
+        if hidden_states is not None:
+            try:
+                self._check_hidden(hidden_states)
+            except (ValueError, TypeError) as exc:
+                self.defer(exc)
+                hidden_states = None
+        if self.sync_free and hidden_states is None:
+            # No host wait to agree at: a rank's failed check cannot reach its peers here.
+            error, self._deferred = self._deferred, None
+            self.reset()
+            raise error
+        if hidden_states is None:
+            x, indices, probs = self._placeholder()
+        else:
+            x, indices, probs = hidden_states.contiguous(), self.token_indices, self.token_probs.float().contiguous()
+        agree = not self.sync_free  # needs DeepEP's host wait
+        routed = self._gather_headers(hidden_states, indices) if agree else indices
+        routed = routed.to(topk_index_dtype())
         side = {"events": self._events}
-        routed = self._start_validation(indices, side) if validate else indices
-        buffer = _registry.get(self.group, hidden_states.shape[1] * hidden_states.element_size(), self.num_sms)
-        worst = hidden_states.shape[0] * self.world_size if self.sync_free else 0
+        buffer = _registry.get(self.group, x.shape[1] * x.element_size(), self.num_sms)
+        worst = x.shape[0] * self.world_size if self.sync_free else 0
         recv_x, recv_idx, recv_probs = _DeepepDispatch.apply(
-            hidden_states.contiguous(), routed, self.token_probs.float().contiguous(), self.num_experts, buffer,
-            async_finish, allocate_on_comm_stream, worst, side)
-        if validate:
-            self._finish_validation(side)
+            x, routed, probs, self.num_experts, buffer, async_finish, allocate_on_comm_stream, worst, side)
+        if agree:
+            ops.check_pending_errors()  # earlier calls' flags have landed too: DeepEP just waited
+            self._agree(self._headers.clone(), "(DeepEP moved no token)")
         self.handle = side["handle"]
         self._buffer = buffer
         # No op may read the received tensors before wait(): an async transfer is still in

@@ -1,0 +1,104 @@
+"""What the ranks of a group agree on in the first exchange of every call.
+
+Every manager of a group of several ranks sends, in the first exchange of a dispatch (and the
+all-to-all manager also in its combine), a fixed-width header per rank: which phase of which
+call it is in, whether its own checks failed (and on which argument), and the call's
+signature (hidden size, dtype, top-k). Every rank reads every rank's header and takes the same
+decision: go on, or raise the same error. A check that fails on one rank therefore never
+leaves its peers blocked in a collective, and ranks that disagree on shapes, dtypes or the
+step raise a clear error instead of aborting inside the communication library.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..rowmap import NONFINITE_PROB, routing_error
+
+# Header fields, in order.
+ROWS, PHASE, STEP, ERROR, ARG, HIDDEN, DTYPE, TOPK = range(8)
+WIDTH = 8
+
+DISPATCH, COMBINE = 1, 2
+PHASE_NAMES = {DISPATCH: "dispatch", COMBINE: "combine"}
+
+# Error bits beyond the routing ones of rowmap (1 range, 2 duplicate, 8 non-finite prob).
+INPUT_ERROR = 1 << 8  # a local argument check failed; ARG names the argument
+
+ARGUMENTS = ("", "hidden_states", "probs", "token_probs", "token_indices", "num_local_tokens", "config")
+DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def argument_code(exc: BaseException) -> int:
+    """Index in ARGUMENTS of the argument an error message starts with (0: unknown)."""
+    head = str(exc).split(":", 1)[0].strip()
+    return ARGUMENTS.index(head) if head in ARGUMENTS else 0
+
+
+def dtype_code(dtype: Optional[torch.dtype]) -> int:
+    return DTYPES.index(dtype) if dtype in DTYPES else len(DTYPES)
+
+
+def make_header(phase: int, step: int, hidden: Optional[torch.Tensor], topk: int, error: int = 0,
+                arg: int = 0, rows: int = 0) -> list[int]:
+    """One rank's header; ``hidden`` is the call's ``[T, H]`` tensor (None after a failed check)."""
+    header = [0] * WIDTH
+    header[ROWS], header[PHASE], header[STEP], header[ERROR], header[ARG] = rows, phase, step, error, arg
+    if hidden is not None:
+        header[HIDDEN], header[DTYPE] = hidden.shape[-1], dtype_code(hidden.dtype)
+    header[TOPK] = topk
+    return header
+
+
+class Agreement:
+    """The decision every rank takes from all headers ``[W, WIDTH]`` (the same on every rank)."""
+
+    def __init__(self, headers: Sequence[Sequence[int]]):
+        self.rows = [list(map(int, h[:WIDTH])) for h in headers]
+
+    def next_step(self) -> int:
+        """The step every rank continues from after a failed call (the same on every rank)."""
+        return max(h[STEP] for h in self.rows) + 1
+
+    def check(self, rank: int, deferred: Optional[BaseException], route: Optional[torch.Tensor],
+              probs: Optional[torch.Tensor], num_experts: int, when: str) -> None:
+        """Return if every rank may go on; else raise the error every rank raises.
+
+        ``deferred``: this rank's own failed check, raised as it is (its message names the
+        argument). ``route``/``probs``: this rank's routing, to describe a routing error.
+        """
+        rows = self.rows
+        where = lambda ranks: f"rank(s) {ranks} of the expert-parallel group"  # noqa: E731
+        if len({(h[PHASE], h[STEP]) for h in rows}) > 1:
+            states = ", ".join(f"rank {w}: step {h[STEP]} {PHASE_NAMES.get(h[PHASE], '?')}" for w, h in enumerate(rows))
+            raise RuntimeError(f"dispatcher: the ranks of the expert-parallel group are at different steps of this "
+                               f"layer ({states}): a rank abandoned a call (reset() after an exception) while its "
+                               f"peers went on. Every rank raises {when}; call reset() on every rank, and the layer's "
+                               f"next call realigns the steps")
+        bad = [w for w, h in enumerate(rows) if h[ERROR]]
+        if bad:
+            mine = rows[rank][ERROR]
+            if deferred is not None:
+                raise type(deferred)(f"{deferred} (every rank of the expert-parallel group raises {when})")
+            if mine:
+                detail = routing_error(mine, route, num_experts, "token_indices", probs=probs)
+                raise ValueError(f"{str(detail).split(':', 1)[0]}: invalid routing on {where(bad)}; every rank raises "
+                                 f"{when}: {detail}")
+            first = rows[bad[0]]
+            if first[ERROR] & INPUT_ERROR:
+                kind, arg = "invalid input", ARGUMENTS[first[ARG]] or "inputs"
+            else:
+                kind = "invalid routing"
+                arg = "token_probs" if first[ERROR] == NONFINITE_PROB else "token_indices"
+            raise ValueError(f"{arg}: {kind} on {where(bad)}; every rank raises {when} (that rank's error says "
+                             f"what is wrong)")
+        for field, name, arg in ((HIDDEN, "hidden size", "hidden_states"), (DTYPE, "dtype", "hidden_states"),
+                                 (TOPK, "top-k", "config")):
+            values = [h[field] for h in rows]
+            if len(set(values)) > 1:
+                shown = [str(DTYPES[v]).replace("torch.", "") if field == DTYPE and v < len(DTYPES) else v
+                         for v in values]
+                raise ValueError(f"{arg}: the ranks of the expert-parallel group disagree on the {name} of this "
+                                 f"call (per rank: {shown}); every rank raises {when}")

@@ -1,0 +1,443 @@
+"""Model-based, multi-step test of the dispatcher: seeded random programs over several layers.
+
+A *program* is a list of steps generated from one seed, identically on every rank; each rank
+runs it on its own dispatchers and checks every step against the dense float64 formula
+``out[t] = sum over k with i_k >= 0 of p_k * f_{i_k}(x[t])`` (``f_e(x) = tanh(x @ W_e)``),
+computed from every rank's inputs, which every rank can rebuild from the seed:
+
+* the output, ``tokens_per_expert`` (per expert, padded, and its sum equal to the rows),
+  the permuted probs (their exact values and order), and, when the step runs backward, the
+  gradients of the hidden states, of the routing probs and of the experts' weights;
+* injected bad inputs: every rank raises, nobody hangs, and after ``reset()`` the next step
+  is right again.
+
+Steps vary the token count (0 included), the routing, the entry point (dense probs or top-k
+indices with -1 slots), the one-shot or step-by-step methods, the async flags, forward only
+or forward and backward, and two layers in flight in either order. Layers differ in experts,
+top-k, hidden size, padding, capacity, router precision, hidden dtype and sync-free mode.
+
+Replay a failure with the seed its message prints (``FLEXDISPATCH_STATEFUL_SEED``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from typing import Optional
+
+import torch
+
+import flexdispatch as fd
+from moe_math import capacity_drop, rel_err
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+TOL = {torch.float64: 1e-9, torch.float32: 5e-5, torch.bfloat16: 4e-2}
+
+# Bad inputs a step may inject on one rank. Every kind must raise ValueError/TypeError on every
+# rank of the group (agreed in the call's first exchange), then reset() makes the layer usable.
+BAD_KINDS = ("index_out_of_range", "duplicate_index", "probs_transposed", "nan_prob", "int_hidden",
+             "hidden_width", "token_count", "topk_width")
+# The argument the error must name, on every rank.
+NAMED = {"index_out_of_range": ("token_indices",), "duplicate_index": ("token_indices",),
+         "probs_transposed": ("probs",), "nan_prob": ("probs", "token_probs"), "int_hidden": ("hidden_states",),
+         "hidden_width": ("hidden_states",), "token_count": ("probs", "num_local_tokens"),
+         "topk_width": ("token_indices", "token_probs")}
+
+
+@dataclasses.dataclass
+class Layer:
+    experts: int
+    topk: int
+    hidden: int
+    pad: Optional[int]
+    capacity: Optional[float]
+    router_dtype: str
+    dtype: str
+    sync_free: bool = False
+
+
+def generate_program(seed: int, world: int, steps: int, *, dtypes=("float32", "float64"), hidden_sizes=(4, 8, 12),
+                     max_tokens: int = 24, sync_free: bool = False, bad_kinds=BAD_KINDS, expert_error: bool = True,
+                     num_layers: int = 3) -> dict:
+    """The program of ``seed``: its layers and steps (plain data, the same on every rank)."""
+    rng = random.Random(seed)
+    if world == 1:  # a hidden size differing "across ranks" needs two ranks
+        bad_kinds = tuple(k for k in bad_kinds if k != "hidden_width")
+    layers = []
+    for _ in range(num_layers):
+        experts = world * rng.choice([1, 2, 3])
+        topk = rng.randint(1, min(3, experts))
+        layers.append(Layer(experts=experts, topk=topk, hidden=rng.choice(hidden_sizes),
+                            pad=rng.choice([None, None, 2, 3]), capacity=rng.choice([None, None, 0.75, 1.5]),
+                            router_dtype=rng.choice(["fp32", "fp32", "fp64"]), dtype=rng.choice(dtypes),
+                            sync_free=sync_free and rng.random() < 0.5))
+    program = []
+    for s in range(steps):
+        r = rng.random()
+        tokens = [rng.choice([0, 1, rng.randint(2, max_tokens), rng.randint(2, max_tokens)]) for _ in range(world)]
+        base = dict(step=s, seed=rng.randrange(1 << 30), tokens=tokens, layer=rng.randrange(num_layers),
+                    entry=rng.choice(["probs", "indices"]), backward=rng.random() < 0.6)
+        if r < 0.35:
+            program.append(dict(base, kind="oneshot"))
+        elif r < 0.65:
+            program.append(dict(base, kind="stepwise", async_dispatch=rng.random() < 0.5,
+                                async_combine=rng.random() < 0.5))
+        elif r < 0.85 and num_layers > 1:
+            other = rng.choice([i for i in range(num_layers) if i != base["layer"]])
+            program.append(dict(base, kind="pair", other=other, other_entry=rng.choice(["probs", "indices"]),
+                                other_seed=rng.randrange(1 << 30),
+                                other_tokens=[rng.randint(0, max_tokens) for _ in range(world)],
+                                reverse=rng.random() < 0.5))
+        elif r < 0.95 and bad_kinds:
+            program.append(dict(base, kind="bad", bad=rng.choice(list(bad_kinds)), bad_rank=rng.randrange(world)))
+        elif expert_error:
+            program.append(dict(base, kind="expert_error", bad_rank=rng.randrange(world)))
+        else:
+            program.append(dict(base, kind="oneshot"))
+    return {"seed": seed, "world": world, "layers": [dataclasses.asdict(l) for l in layers], "steps": program}
+
+
+# ---- inputs every rank can rebuild ---------------------------------------------------------------
+
+
+def layer_weights(program_seed: int, index: int, layer: Layer) -> torch.Tensor:
+    g = torch.Generator().manual_seed(program_seed * 31 + index)
+    return torch.randn(layer.experts, layer.hidden, layer.hidden, generator=g, dtype=torch.float64) / math.sqrt(layer.hidden)
+
+
+def step_inputs(seed: int, tokens: list, layer: Layer, entry: str):
+    """Every rank's inputs of one layer call, float64: ``[(x, router, grad_out)]``; ``router``
+    is dense probs ``[T, E]`` or ``(token_probs [T, K], token_indices [T, K])``."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in tokens:
+        x = torch.randn(t, layer.hidden, generator=g, dtype=torch.float64)
+        probs = torch.softmax(torch.randn(t, layer.experts, generator=g, dtype=torch.float64) * 2, -1)
+        grad = torch.randn(t, layer.hidden, generator=g, dtype=torch.float64)
+        if entry == "indices":
+            tp, ti = torch.topk(probs, layer.topk, dim=-1)
+            ti = torch.where(torch.rand(t, layer.topk, generator=g) < 0.2, -1, ti)
+            out.append((x, (tp, ti), grad))
+        else:
+            out.append((x, probs, grad))
+    return out
+
+
+def _router_dtype(layer: Layer):
+    return torch.float64 if layer.router_dtype == "fp64" else torch.float32
+
+
+def _routing(layer: Layer, router, entry: str):
+    """Top-k routing of one rank, as the dispatcher sees it (router precision, capacity)."""
+    if entry == "probs":
+        tp, ti = torch.topk(router.to(_router_dtype(layer)), layer.topk, dim=-1)
+    else:
+        tp, ti = router[0].to(_router_dtype(layer)), router[1]
+    if layer.capacity is not None:
+        ti = capacity_drop(tp, ti, layer.experts, layer.capacity)
+    return tp, ti
+
+
+# ---- the dense model -----------------------------------------------------------------------------
+
+
+def expected(layer: Layer, weights: torch.Tensor, inputs, entry: str, rank: int, world: int, backward: bool):
+    """The dense float64 results of this rank: output, counts, permuted probs and gradients."""
+    local = layer.experts // world
+    mine = slice(rank * local, (rank + 1) * local)
+    wd = weights.clone().requires_grad_()
+    loss = 0
+    res = {}
+    received = []  # per source rank: (token_probs, token_indices) after capacity
+    for r, (x, router, grad) in enumerate(inputs):
+        xd = x.clone().requires_grad_()
+        rd = (router.to(_router_dtype(layer)).double().clone().requires_grad_() if entry == "probs"
+              else router[0].to(_router_dtype(layer)).double().clone().requires_grad_())
+        tp, ti = _routing(layer, rd if entry == "probs" else (rd, router[1]), entry)
+        out = torch.zeros_like(xd)
+        for k in range(ti.shape[1]):
+            valid = ti[:, k] >= 0
+            y = torch.tanh(torch.einsum("th,thg->tg", xd, wd[ti[:, k].clamp(min=0)]))
+            out = out + torch.where(valid[:, None], tp[:, k, None] * y, 0)
+        loss = loss + (out * grad).sum()
+        received.append((tp.detach(), ti))
+        if r == rank:
+            res["out"], res["x"], res["router"] = out.detach(), xd, rd
+    if backward:
+        gx, gr, gw = torch.autograd.grad(loss, [res["x"], res["router"], wd], allow_unused=True)
+        res["grad_x"], res["grad_router"], res["grad_w"] = gx, gr, gw[mine]
+    # Expert-major order: local expert, then source rank, then token; pad rows prob 0.
+    counts, probs = [], []
+    for e in range(rank * local, (rank + 1) * local):
+        column = []
+        for tp, ti in received:
+            hit = (ti == e)
+            column += [float(tp[t, k]) for t, k in hit.nonzero().tolist()]
+        pad = layer.pad or 1
+        padded = -(-len(column) // pad) * pad
+        counts.append(padded)
+        probs += column + [0.0] * (padded - len(column))
+    res["counts"], res["probs"] = counts, probs
+    return res
+
+
+# ---- running a program ---------------------------------------------------------------------------
+
+
+class StepFailure(AssertionError):
+    pass
+
+
+class Runner:
+    """Runs one program on one rank of ``group`` (None: one process, no torch.distributed)."""
+
+    def __init__(self, program: dict, rank: int, group, device: str = "cpu", backend: str = "auto"):
+        self.program, self.rank, self.group, self.device = program, rank, group, device
+        self.world = program["world"]
+        self.layers = [Layer(**l) for l in program["layers"]]
+        self.dispatchers = []
+        self.weights = []
+        for i, layer in enumerate(self.layers):
+            local = layer.experts // self.world
+            cfg = fd.MoEConfig(num_moe_experts=layer.experts, moe_router_topk=layer.topk,
+                               moe_router_expert_pad_multiple=layer.pad, moe_expert_capacity_factor=layer.capacity,
+                               moe_router_dtype=layer.router_dtype, moe_sync_free=layer.sync_free,
+                               moe_flex_backend=backend)
+            self.dispatchers.append(fd.MoEFlexTokenDispatcher(
+                local, list(range(rank * local, (rank + 1) * local)), cfg, group))
+            self.weights.append(layer_weights(program["seed"], i, layer))
+        self.checks = 0
+        self.raised = []  # (step, message) of every agreed error this rank saw
+
+    def fail(self, step: dict, what: str) -> None:
+        raise StepFailure(f"stateful program seed={self.program['seed']} world={self.world} rank={self.rank} "
+                          f"step {step['step']} ({step['kind']}, layer {step['layer']}): {what}. Replay: "
+                          f"FLEXDISPATCH_STATEFUL_SEED={self.program['seed']}")
+
+    # -- one layer call, in pieces ----------------------------------------------------------------
+
+    def _prepare(self, index: int, seed: int, tokens: list, entry: str):
+        layer = self.layers[index]
+        inputs = step_inputs(seed, tokens, layer, entry)
+        x, router, _ = inputs[self.rank]
+        dtype = DTYPES[layer.dtype]
+        xl = x.to(dtype).to(self.device).reshape(-1, 1, layer.hidden).requires_grad_()
+        local = layer.experts // self.world
+        w = self.weights[index][self.rank * local:(self.rank + 1) * local].to(dtype).to(self.device).requires_grad_()
+        if entry == "probs":
+            rl = router.to(_router_dtype(layer)).to(self.device).requires_grad_()
+        else:
+            rl = (router[0].to(_router_dtype(layer)).to(self.device).requires_grad_(), router[1].to(self.device))
+        return dict(index=index, layer=layer, inputs=inputs, x=xl, router=rl, w=w, entry=entry)
+
+    def _permute(self, call: dict, stepwise: bool = False, async_dispatch: bool = True):
+        d = self.dispatchers[call["index"]]
+        x, router = call["x"], call["router"]
+        tokens = x.shape[0]
+        if not stepwise:
+            if call["entry"] == "probs":
+                return d.token_permutation(x, tokens, router)
+            return d.token_permutation2(x, tokens, router[0], router[1])
+        if call["entry"] == "probs":
+            h, _ = d.dispatch_preprocess(x, tokens, router)
+        else:
+            h, _ = d.dispatch_preprocess2(x, tokens, router[0], router[1])
+        h, _ = d.dispatch_all_to_all(h, async_finish=async_dispatch, allocate_on_comm_stream=async_dispatch)
+        return d.dispatch_postprocess(h)
+
+    def _experts(self, call: dict, rows: torch.Tensor, tpe: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        counts = [int(c) for c in tpe.tolist()]
+        used = sum(counts)
+        chunks = torch.split(rows[:used], counts)
+        ys = [torch.tanh(c @ call["w"][e]) for e, c in enumerate(chunks)]
+        y = torch.cat(ys + [rows[used:]]) if ys else rows
+        return y * probs[:, None].to(y.dtype)
+
+    def _unpermute(self, call: dict, y: torch.Tensor, stepwise: bool = False, async_combine: bool = True):
+        d = self.dispatchers[call["index"]]
+        if not stepwise:
+            return d.token_unpermutation(y)
+        h = d.combine_preprocess(y)
+        h = d.combine_all_to_all(h, async_finish=async_combine, allocate_on_comm_stream=async_combine)
+        return d.combine_postprocess(h)
+
+    def _check_permuted(self, step, call, want, tokens, tpe, probs) -> None:
+        layer = call["layer"]
+        counts = [int(c) for c in tpe.tolist()]
+        if layer.sync_free:
+            if tokens.shape[0] < sum(counts):
+                self.fail(step, f"sync-free rows {tokens.shape[0]} < counted {sum(counts)}")
+        elif sum(counts) != tokens.shape[0]:
+            self.fail(step, f"sum(tokens_per_expert)={sum(counts)} != rows {tokens.shape[0]}")
+        if counts != want["counts"]:
+            self.fail(step, f"tokens_per_expert {counts} != expected {want['counts']}")
+        got = probs.detach().double().cpu()[:sum(counts)]
+        if layer.sync_free and not bool((probs.detach()[sum(counts):] == 0).all()):
+            self.fail(step, "sync-free tail rows have non-zero probs")
+        exp = torch.tensor(want["probs"], dtype=torch.float64)
+        if got.shape != exp.shape or not torch.allclose(got, exp, rtol=1e-6, atol=0):
+            self.fail(step, f"permuted probs differ from the expert-major order: {got.tolist()[:8]} vs "
+                            f"{exp.tolist()[:8]}")
+        if layer.router_dtype == "fp64" and probs.dtype != torch.float64:
+            self.fail(step, f"fp64 routing returned {probs.dtype} permuted probs")
+        self.checks += 3
+
+    def _check_result(self, step, call, want, out, backward: bool) -> None:
+        layer = call["layer"]
+        tol = TOL[DTYPES[layer.dtype]]
+        if tuple(out.shape) != tuple(call["x"].shape):
+            self.fail(step, f"output shape {tuple(out.shape)} != input shape {tuple(call['x'].shape)}")
+        err = rel_err(out.reshape(-1, layer.hidden), want["out"])
+        if not err <= tol:
+            self.fail(step, f"output relative error {err:.3g} > {tol:g}")
+        self.checks += 1
+        if not backward:
+            return
+        router_grad = call["router"].grad if call["entry"] == "probs" else call["router"][0].grad
+        pairs = {"grad_x": (call["x"].grad, want["grad_x"]), "grad_router": (router_grad, want["grad_router"]),
+                 "grad_experts": (call["w"].grad, want["grad_w"])}
+        for name, (got, exp) in pairs.items():
+            if exp is None or exp.numel() == 0:
+                continue
+            if got is None:
+                got = torch.zeros_like(exp)
+            e = rel_err(got.reshape(exp.shape), exp)
+            if not e <= tol:
+                self.fail(step, f"{name} relative error {e:.3g} > {tol:g}")
+            self.checks += 1
+
+    def _want(self, call: dict, backward: bool):
+        return expected(call["layer"], self.weights[call["index"]], call["inputs"], call["entry"], self.rank,
+                        self.world, backward)
+
+    def _loss(self, call: dict, out: torch.Tensor) -> torch.Tensor:
+        grad = call["inputs"][self.rank][2].to(out.dtype).to(self.device)
+        return (out.reshape(grad.shape) * grad).sum()
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        for step in self.program["steps"]:
+            getattr(self, "_step_" + step["kind"])(step)
+        return {"steps": len(self.program["steps"]), "checks": self.checks, "raised": self.raised}
+
+    def _step_oneshot(self, step: dict, stepwise: bool = False) -> None:
+        call = self._prepare(step["layer"], step["seed"], step["tokens"], step["entry"])
+        tokens, tpe, probs = self._permute(call, stepwise, step.get("async_dispatch", True))
+        want = self._want(call, step["backward"])
+        self._check_permuted(step, call, want, tokens, tpe, probs)
+        out = self._unpermute(call, self._experts(call, tokens, tpe, probs), stepwise, step.get("async_combine", True))
+        if step["backward"]:
+            self._loss(call, out).backward()
+        self._check_result(step, call, want, out, step["backward"])
+
+    def _step_stepwise(self, step: dict) -> None:
+        self._step_oneshot(step, stepwise=True)
+
+    def _step_pair(self, step: dict) -> None:
+        a = self._prepare(step["layer"], step["seed"], step["tokens"], step["entry"])
+        b = self._prepare(step["other"], step["other_seed"], step["other_tokens"], step["other_entry"])
+        permuted = [self._permute(a), self._permute(b)]
+        wants = [self._want(a, step["backward"]), self._want(b, step["backward"])]
+        for call, want, (tokens, tpe, probs) in zip((a, b), wants, permuted):
+            self._check_permuted(step, call, want, tokens, tpe, probs)
+        ys = [self._experts(call, *p) for call, p in zip((a, b), permuted)]
+        order = (1, 0) if step["reverse"] else (0, 1)
+        outs = [None, None]
+        for i in order:
+            outs[i] = self._unpermute((a, b)[i], ys[i])
+        if step["backward"]:
+            (self._loss(a, outs[0]) + self._loss(b, outs[1])).backward()
+        for call, want, out in zip((a, b), wants, outs):
+            self._check_result(step, call, want, out, step["backward"])
+
+    def _expect_raise(self, step: dict, action, what: str, errors=(ValueError, TypeError), names=()) -> str:
+        try:
+            action()
+        except errors as exc:
+            message = str(exc)
+            if names and not any(message.startswith(n + ":") or f" {n}:" in message for n in names):
+                self.fail(step, f"{what}: the error does not name {' or '.join(names)}: {message}")
+            self.raised.append((step["step"], message))
+            return message
+        self.fail(step, f"{what}: no error raised")
+
+    def _step_bad(self, step: dict) -> None:
+        call = self._prepare(step["layer"], step["seed"], step["tokens"], "indices" if step["bad"] in (
+            "index_out_of_range", "duplicate_index", "topk_width") else "probs")
+        if self.rank == step["bad_rank"]:
+            corrupt(call, step["bad"], self.layers[call["index"]])
+        d = self.dispatchers[call["index"]]
+        self._expect_raise(step, lambda: self._permute(call), f"bad input {step['bad']} on rank {step['bad_rank']}",
+                           names=NAMED[step["bad"]])
+        d.reset()
+        self._step_oneshot(dict(step, kind="oneshot", backward=False))  # usable again at once
+
+    def _step_expert_error(self, step: dict) -> None:
+        """An expert raises on one rank, which resets and starts its next call while its peers
+        finish this one: every rank raises once (at that exchange), all reset, all recover."""
+        call = self._prepare(step["layer"], step["seed"], step["tokens"], step["entry"])
+        d = self.dispatchers[call["index"]]
+        tokens, tpe, probs = self._permute(call)
+        if self.rank == step["bad_rank"]:
+            d.reset()  # the expert raised here
+            if self.world > 1:
+                again = self._prepare(step["layer"], step["seed"] + 1, step["tokens"], step["entry"])
+                self._expect_raise(step, lambda: self._permute(again), "next call after a peer's mid-call reset",
+                                   errors=(RuntimeError,), names=("dispatcher",))
+        elif self.world > 1:
+            y = self._experts(call, tokens, tpe, probs)
+            self._expect_raise(step, lambda: self._unpermute(call, y), "combine while a peer reset mid-call",
+                               errors=(RuntimeError,), names=("dispatcher",))
+        d.reset()
+        self._step_oneshot(dict(step, kind="oneshot", backward=False))
+
+
+def corrupt(call: dict, kind: str, layer: Layer) -> None:
+    """Make one rank's inputs of a call bad in the way ``kind`` names (in place)."""
+    x, router = call["x"], call["router"]
+    t = x.shape[0]
+    if kind == "index_out_of_range":
+        tp, ti = router
+        ti = (torch.cat([ti, torch.full((1, layer.topk), layer.experts + 2, dtype=ti.dtype, device=ti.device)])
+              if t == 0 else ti.clone())
+        ti[-1, 0] = layer.experts + 2
+        if t == 0:
+            tp = torch.cat([tp.detach(), tp.new_ones(1, layer.topk)]).requires_grad_()
+            call["x"] = torch.cat([x.detach(), x.new_zeros(1, 1, layer.hidden)]).requires_grad_()
+        call["router"] = (tp, ti)
+    elif kind == "duplicate_index":
+        tp, ti = router
+        if layer.topk == 1:  # no duplicate possible: fall back to a negative index below -1
+            ti = ti.clone() if t else torch.full((1, 1), -5, dtype=ti.dtype, device=ti.device)
+            if t:
+                ti[0, 0] = -5
+        else:
+            ti = ti.clone() if t else torch.arange(layer.topk, device=ti.device).reshape(1, -1)
+            ti[0, 1] = ti[0, 0] = 0
+        if t == 0:
+            tp = tp.new_ones(1, layer.topk).requires_grad_()
+            call["x"] = x.new_zeros(1, 1, layer.hidden).requires_grad_()
+        call["router"] = (tp, ti)
+    elif kind == "topk_width":
+        tp, ti = router
+        call["router"] = (torch.cat([tp.detach(), tp.detach()[:, :1]], 1), torch.cat([ti, ti[:, :1]], 1))
+    elif kind == "probs_transposed":
+        flipped = router.detach().t().contiguous()
+        call["router"] = flipped if flipped.shape != router.shape else router.detach()[:, :-1]
+    elif kind == "nan_prob":
+        p = router.detach().clone()
+        if t == 0:
+            p = p.new_full((1, layer.experts), 1.0 / layer.experts)
+            call["x"] = x.new_zeros(1, 1, layer.hidden).requires_grad_()
+        p[0] = float("nan")
+        call["router"] = p
+    elif kind == "int_hidden":
+        call["x"] = x.detach().round().long()
+    elif kind == "hidden_width":
+        call["x"] = torch.cat([x.detach(), x.detach()[..., :1]], -1)
+    elif kind == "token_count":  # probs for one token more than the hidden states hold
+        call["router"] = torch.cat([router.detach(), router.new_full((1, layer.experts), 1.0 / layer.experts)])
+    else:
+        raise ValueError(kind)

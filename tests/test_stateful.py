@@ -1,0 +1,68 @@
+"""The stateful, multi-step test (tests/stateful.py) on every manager CI can run: the local
+manager in this process, and the all-to-all manager over gloo at EP 2, 3 and 4. Each runs at
+least 1000 steps per CI run; ``FLEXDISPATCH_STATEFUL_SEED`` replays one program and
+``FLEXDISPATCH_STATEFUL_PROGRAMS`` runs more of them."""
+
+import os
+
+import pytest
+
+import stateful
+from dist_pool import DistPool
+
+STEPS = 60
+PROGRAMS = int(os.environ.get("FLEXDISPATCH_STATEFUL_PROGRAMS", "17"))  # 17 * 60 = 1020 steps a manager
+
+
+def seeds(world: int) -> list[int]:
+    replay = os.environ.get("FLEXDISPATCH_STATEFUL_SEED")
+    if replay:
+        return [int(replay)]
+    return [1000 * world + i for i in range(PROGRAMS)]
+
+
+def test_stateful_local_manager():
+    total = 0
+    for seed in seeds(1):
+        program = stateful.generate_program(seed, 1, STEPS, sync_free=True)
+        total += stateful.Runner(program, 0, None).run()["steps"]
+    assert total >= STEPS * len(seeds(1))
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda w: f"W{w}")
+def pool(request):
+    p = DistPool(request.param)
+    yield p
+    p.close()
+
+
+def check_agreed(results) -> int:
+    """Every rank ran every step and raised at the same steps; returns the steps run."""
+    first = results[0]
+    for rank, res in enumerate(results):
+        for a, b in zip(res, first):
+            assert a["raised_at"] == b["raised_at"], (
+                f"seed {a['seed']}: rank {rank} raised at steps {a['raised_at']}, rank 0 at {b['raised_at']}. "
+                f"Replay: FLEXDISPATCH_STATEFUL_SEED={a['seed']}")
+            assert a["checks"] > 0
+    return sum(r["steps"] for r in first)
+
+
+@pytest.mark.timeout(900)
+def test_stateful_alltoall_gloo(pool):
+    results = pool.run("stateful_programs", timeout=600, seeds=seeds(pool.world), steps=STEPS)
+    assert check_agreed(results) >= STEPS * len(seeds(pool.world))
+
+
+def test_tokens_per_expert_of_every_call():
+    """The repro of the stale-counts defect: the second call's counts are its own."""
+    import torch
+    import flexdispatch as fd
+
+    d = fd.MoEFlexTokenDispatcher(4, [0, 1, 2, 3], fd.MoEConfig(num_moe_experts=4, moe_router_topk=1))
+    seen = []
+    for expert in (0, 3, 3, 1):
+        tokens, tpe, _ = d.token_permutation2(torch.ones(6, 2), 6, torch.ones(6, 1), torch.full((6, 1), expert))
+        seen.append(tpe.tolist())
+        d.token_unpermutation(tokens)
+    assert seen == [[6, 0, 0, 0], [0, 0, 0, 6], [0, 0, 0, 6], [0, 6, 0, 0]]
