@@ -1,8 +1,9 @@
 """flexdispatch: a drop-in, faster and safer MoE flex token dispatcher for PyTorch.
 
 The public names of the reference module (NeMo Automodel's port of Megatron-Core's flex
-token dispatcher) plus the permutation ops. Importing compiles the kernels on first use on a
-machine (cached per architecture) and creates no CUDA context.
+token dispatcher) plus the permutation ops. Importing builds nothing and creates no CUDA
+context; the first use of the kernels compiles them (once per machine and architecture,
+cached; :func:`flexdispatch.ops.load_kernels` does it on request).
 """
 
 from . import _log  # noqa: F401  (configures the "flexdispatch" logger)

@@ -31,6 +31,12 @@ def _info() -> int:
               f"-> {b['folder']}")
     ok, detail = deepep_available()
     print(f"deep_ep      {'available, ' + detail if ok else 'not available: ' + detail}")
+    if ok:
+        from .managers.deepep import narrow_rows_fixed
+
+        print("deep_ep rows " + ("any width its kernels take (this build has the narrow-row fix, DeepEP abba6ad)"
+                                 if narrow_rows_fixed() else "at least 2048 bytes (this build predates DeepEP's "
+                                 "narrow-row fix, abba6ad; judged by the absence of deep_ep.topk_idx_t)"))
     return 0
 
 
@@ -39,8 +45,19 @@ def _build(archs: Optional[list[str]]) -> int:
 
     from . import _jit
 
+    import torch
+
     os.environ.setdefault("FLEXDISPATCH_JIT", "1")
-    spec = _jit.kernel_spec(archs)
+    if archs and torch.version.cuda is None:
+        print(f"error: --arch {' '.join(archs)}: this torch ({torch.__version__}) is a CPU build and cannot compile "
+              f"CUDA kernels; install a CUDA build of torch, or run 'build' without --arch for the CPU kernels",
+              file=sys.stderr)
+        return 2
+    try:
+        spec = _jit.kernel_spec(archs)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     _jit.load(spec)
     info = _jit.last_load
     state = f"built in {info.seconds:.1f} s" if info.built else "already cached"
@@ -51,9 +68,11 @@ def _build(archs: Optional[list[str]]) -> int:
 def _clear_cache() -> int:
     from . import _jit
 
-    removed = _jit.clear_cache()
+    removed, kept = _jit.clear_cache()
     print(f"removed {removed} cached build(s) from {_jit.cache_root()}")
-    return 0
+    for path, why in kept:
+        print(f"kept {path}: {why}")
+    return 0 if not kept else 1
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -16,6 +16,15 @@ Finding the GPU architecture uses NVML (or ``nvidia-smi``), never the CUDA runti
 
 ``FLEXDISPATCH_JIT``: ``auto`` (default; a failed build warns and falls back to the plain
 PyTorch ops), ``1`` (a failed build raises), ``0`` (build nothing, use the PyTorch ops).
+
+Shared machines: the cache folder is created private (0700); a folder, library or manifest
+that another user owns, that others may write, or that is a symlink to another user's file is
+never loaded (:class:`UnsafeCacheError`: the kernels are then built in a private temporary
+folder for this process). A build lock held by another process is waited for at most
+``FLEXDISPATCH_LOCK_TIMEOUT`` seconds (default 900), then :class:`LockTimeoutError` names the
+holder (pid, host). A failed build is not retried by the processes waiting behind it for
+``FLEXDISPATCH_BUILD_RETRY_S`` seconds (default 600; a full disk would fail each of them again).
+Folders of killed builds (``.tmp-*``) are removed by the next build of the same key.
 """
 
 from __future__ import annotations
@@ -27,9 +36,12 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -41,7 +53,45 @@ from ._log import logger
 from ._version import __version__
 
 EXTENSION_NAME = "flexdispatch_C"
-_LOCK_TIMEOUT_S = 3600.0
+
+
+class UnsafeCacheError(RuntimeError):
+    """A cached file or folder another user could have planted or changed: never loaded."""
+
+
+class LockTimeoutError(RuntimeError):
+    """Another process held a build lock for longer than ``FLEXDISPATCH_LOCK_TIMEOUT``."""
+
+
+class BuildFailedRecentlyError(RuntimeError):
+    """A build of the same key failed moments ago; not retried (see ``FLEXDISPATCH_BUILD_RETRY_S``)."""
+
+
+def _env_seconds(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name}: expected a number of seconds, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"{name}: expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def check_private(path: Path, what: str) -> None:
+    """Raise UnsafeCacheError unless ``path`` (and, for a symlink, what it points to) is owned
+    by this user and not writable by group or others."""
+    if not hasattr(os, "getuid"):  # Windows: no POSIX owners to check
+        return
+    uid = os.getuid()
+    for st, kind in ((os.lstat(path), "is"), (os.stat(path), "points to a file that is")):
+        if st.st_uid != uid:
+            raise UnsafeCacheError(f"{what} {path} {kind} owned by uid {st.st_uid}, not by this user (uid {uid})")
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafeCacheError(f"{what} {path} {kind} writable by others (mode {oct(st.st_mode & 0o777)}); "
+                                   f"run chmod go-w on it")
 
 
 # ---- where files go ------------------------------------------------------------------------
@@ -239,11 +289,15 @@ def _import_library(path: Path, name: str):
 
 
 def _try_cached(folder: Path, spec: BuildSpec, *, warn: bool):
-    """The cached module, or None when absent, incomplete, corrupt or not importable."""
+    """The cached module, or None when absent, incomplete, corrupt or not importable. Raises
+    UnsafeCacheError for files another user could have planted."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         return None
     library = _library_file(folder, spec.name)
+    for path, what in ((folder, "cached build folder"), (manifest_path, "cached manifest"), (library, "cached library")):
+        if path.exists() or path.is_symlink():
+            check_private(path, what)
     try:
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("key") != spec.key() or manifest.get("sha256") != _sha256(library):
@@ -305,35 +359,140 @@ def _build(spec: BuildSpec, folder: Path):
     return module  # loaded from the temporary path; the mapping survives the rename
 
 
+def prepare_root(root: Path) -> Path:
+    """Create the cache folder private to this user (0700) if needed; raise UnsafeCacheError
+    if it is not this user's, is writable by others, or is a symlink to another user's folder."""
+    if not root.exists() and not root.is_symlink():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(mode=0o700)
+        except FileExistsError:  # another process made it first: checked below
+            pass
+    check_private(root, "kernel cache folder")
+    return root
+
+
+def _holder(owner_file: Path) -> str:
+    try:
+        data = json.loads(owner_file.read_text())
+        return f"pid {data['pid']} on host {data['host']}, since {data['since']}"
+    except (OSError, ValueError, KeyError):
+        return "a process that left no owner note"
+
+
+class _BuildLock:
+    """The per-key file lock, with a note of who holds it and a bounded wait."""
+
+    def __init__(self, root: Path, name: str):
+        from filelock import FileLock
+
+        self.path = root / f"{name}.lock"
+        self.owner = root / f"{name}.owner"
+        self.lock = FileLock(str(self.path))
+
+    def try_acquire(self) -> bool:
+        from filelock import Timeout
+
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        self._note()
+        return True
+
+    def acquire(self, timeout: float) -> None:
+        from filelock import Timeout
+
+        try:
+            self.lock.acquire(timeout=timeout)
+        except Timeout:
+            raise LockTimeoutError(
+                f"the kernel build lock {self.path} is held by {_holder(self.owner)} for more than {timeout:.0f} s "
+                f"(FLEXDISPATCH_LOCK_TIMEOUT); if that process is gone, delete the lock file") from None
+        self._note()
+
+    def _note(self) -> None:
+        try:
+            self.owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                              "since": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        except OSError:
+            pass  # the note is for messages only
+
+    def release(self) -> None:
+        try:
+            self.owner.unlink()
+        except OSError:
+            pass
+        self.lock.release()
+
+
+def _remove_killed_builds(root: Path, name: str) -> None:
+    """Temporary folders of killed builds of this key (we hold its lock: nobody writes one)."""
+    for tmp in root.glob(f".tmp-{name}-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _recent_failure(marker: Path) -> Optional[str]:
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    age = time.time() - float(data.get("at", 0))
+    if age > _env_seconds("FLEXDISPATCH_BUILD_RETRY_S", 600.0):
+        return None
+    return f"{age:.0f} s ago in pid {data.get('pid')}: {data.get('error')}"
+
+
 def load(spec: Optional[BuildSpec] = None):
     """Load ``spec``'s library from the cache, building it first if needed (once per key
-    across processes). Returns the extension module."""
-    from filelock import FileLock, Timeout
+    across processes). Returns the extension module.
 
+    Raises UnsafeCacheError (then :func:`load_kernels` builds privately), LockTimeoutError,
+    BuildFailedRecentlyError, or the build's own error."""
     global last_load
     last_load = LoadInfo()
     spec = spec or kernel_spec()
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
+    root = prepare_root(cache_root())
     folder = root / spec.folder_name()
     last_load.path = _library_file(folder, spec.name)
     module = _try_cached(folder, spec, warn=False)
     if module is not None:
         return module
-    lock = FileLock(str(root / f"{folder.name}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        logger.info("waiting for another process to finish building %s ...", folder.name)
+    lock = _BuildLock(root, folder.name)
+    if not lock.try_acquire():
+        logger.info("waiting for another process (%s) to finish building %s ...", _holder(lock.owner), folder.name)
         last_load.waited = True
-        lock.acquire(timeout=_LOCK_TIMEOUT_S)
+        lock.acquire(_env_seconds("FLEXDISPATCH_LOCK_TIMEOUT", 900.0))
     try:
         module = _try_cached(folder, spec, warn=folder.exists())  # built while we waited?
         if module is not None:
             return module
-        return _build(spec, folder)
+        marker = root / f"{folder.name}.failed"
+        failed = _recent_failure(marker)
+        if failed is not None:
+            raise BuildFailedRecentlyError(f"the build of {folder.name} failed {failed}; not retried (remove "
+                                           f"{marker} or set FLEXDISPATCH_BUILD_RETRY_S=0 to retry now)")
+        _remove_killed_builds(root, folder.name)
+        try:
+            module = _build(spec, folder)
+        except Exception as exc:
+            try:
+                tail = " | ".join(str(exc).strip().splitlines()[-3:])
+                marker.write_text(json.dumps({"at": time.time(), "pid": os.getpid(), "error": tail}))
+            except OSError:
+                pass  # a full disk may refuse even this note
+            raise
+        marker.unlink(missing_ok=True)
+        return module
     finally:
         lock.release()
+
+
+def load_private(spec: Optional[BuildSpec] = None):
+    """Build into a fresh private temporary folder (when the shared cache is unsafe)."""
+    spec = spec or kernel_spec()
+    folder = Path(tempfile.mkdtemp(prefix="flexdispatch-private-")) / spec.folder_name()
+    return _build(spec, folder)
 
 
 def built_variants() -> list[dict]:
@@ -351,16 +510,31 @@ def built_variants() -> list[dict]:
     return found
 
 
-def clear_cache() -> int:
-    """Remove every cached build (not the lock files, which other processes may hold)."""
+def clear_cache() -> tuple[int, list[tuple[Path, str]]]:
+    """Remove every cached build that no process is building (lock files stay: other
+    processes may hold them). Returns ``(removed, [(path, why it was kept)])``."""
     root = cache_root()
-    removed = 0
-    if root.is_dir():
-        for entry in root.iterdir():
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-                removed += 1
-    return removed
+    removed, kept = 0, []
+    if not root.is_dir():
+        return removed, kept
+    for entry in sorted(root.iterdir()):
+        if not entry.is_dir() or entry.is_symlink():
+            continue
+        name = entry.name
+        if name.startswith(".tmp-"):
+            name = name[len(".tmp-"):].rsplit("-", 2)[0]
+        lock = _BuildLock(root, name)
+        if not lock.try_acquire():
+            kept.append((entry, f"a build is in progress ({_holder(lock.owner)})"))
+            continue
+        try:
+            shutil.rmtree(entry)
+            removed += 1
+        except OSError as exc:
+            kept.append((entry, f"{type(exc).__name__}: {exc}"))
+        finally:
+            lock.release()
+    return removed, kept
 
 
 def jit_mode() -> str:
@@ -378,10 +552,20 @@ def load_kernels():
         logger.warning("FLEXDISPATCH_JIT=0: using the plain PyTorch ops (slower; no kernels built)")
         return None
     try:
-        return load()
+        try:
+            return load()
+        except UnsafeCacheError as exc:
+            logger.warning("not using the kernel cache: %s. Building privately for this process instead", exc)
+            return load_private()
     except Exception as exc:  # noqa: BLE001 - any build failure falls back in auto mode
         if mode == "1":
             raise
+        labels = {LockTimeoutError: "kernel build lock", BuildFailedRecentlyError: "kernel build",
+                  UnsafeCacheError: "kernel cache", PermissionError: "kernel cache permissions"}
+        label = next((v for k, v in labels.items() if isinstance(exc, k)), None)
+        if label is not None:  # said as what it is, not as a failed compile
+            logger.warning("%s: %s; using the plain PyTorch ops", label, exc)
+            return None
         tail = str(exc).strip().splitlines()[-5:]
         logger.warning("kernel build failed; using the plain PyTorch ops. Set FLEXDISPATCH_JIT=1 to "
                        "raise instead. Last lines: %s", " | ".join(tail))

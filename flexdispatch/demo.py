@@ -244,6 +244,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--experts {args.experts} must be divisible by --world-size {args.world_size}")
     if args.tokens < 4 or args.tokens % 4 or not 1 <= args.topk <= args.experts:
         parser.error("--tokens must be a positive multiple of 4 and --topk in [1, --experts]")
+    if args.device not in ("auto", "cpu", "cuda"):
+        parser.error(f"--device must be auto, cpu or cuda, got {args.device!r}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.device == "cuda" and gpus < args.world_size:
+        parser.error(f"--device cuda needs one GPU per rank ({args.world_size}); this machine has {gpus}. "
+                     f"Use --device cpu, or a smaller --world-size")
     result = run_demo(args)
     print(format_report(args, result))
     worst = max(result["errors"].values())

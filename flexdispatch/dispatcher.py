@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from . import ops
 from ._log import logger
 from .config import MoEConfig
 from .managers import _AllToAllManager, _DeepepManager, _LocalManager, _ManagerBase, deepep
@@ -66,6 +67,7 @@ class MoEFlexTokenDispatcher:
     def __init__(self, num_local_experts: int, local_expert_indices: List[int], config: MoEConfig,
                  ep_group: Optional[dist.ProcessGroup] = None):
         self.config = _as_config(config)
+        ops.load_kernels()  # build them (cold cache) with the model, not inside its first step
         self.group = ep_group
         self.ep_size, self.ep_rank = _group_size_rank(ep_group)
         self.tp_size = 1
@@ -86,7 +88,11 @@ class MoEFlexTokenDispatcher:
         self.shared_experts = None
         self.hidden_shape: Optional[torch.Size] = None
         self._manager: Optional[_ManagerBase] = None
+        self._fallback_reason: Optional[str] = None
         backend = self.config.moe_flex_backend
+        if backend == "alltoall" and ep_group is None:
+            raise ValueError("config.moe_flex_backend: 'alltoall' needs an expert-parallel process group (ep_group); "
+                             "with ep_group=None there is one rank: use 'local' or 'auto'")
         if backend == "local" and self.ep_size > 1:
             raise ValueError(f"config.moe_flex_backend: 'local' needs a group of one rank, got {self.ep_size}")
         if backend == "deepep":
@@ -107,9 +113,8 @@ class MoEFlexTokenDispatcher:
             return backend
         if self.ep_size == 1:
             return "local"
-        if self.config.moe_enable_deepep:
-            _warn_once(f"DeepEP is not usable here ({deepep.unusable_reason(self.group)}); using the all-to-all "
-                       f"manager")
+        if self.config.moe_enable_deepep:  # said at the first dispatch of CUDA tensors (never for CPU ones)
+            self._fallback_reason = deepep.unusable_reason(self.group)
         return "alltoall"
 
     def _make_manager(self, choice: str) -> _ManagerBase:
@@ -227,6 +232,9 @@ class MoEFlexTokenDispatcher:
                 raise
             error = exc
         manager = self._manager_for(hidden, error)
+        if self._fallback_reason is not None and hidden is not None and hidden.is_cuda:
+            _warn_once(f"DeepEP is not usable here ({self._fallback_reason}); using the all-to-all manager")
+            self._fallback_reason = None
         if error is None:
             try:
                 route(manager)

@@ -21,20 +21,36 @@ import torch
 from . import _jit, reference
 from .rowmap import RowIdMap, index_route_error_bits, layout_error_index, layout_total_index, routing_error
 
-_C = _jit.load_kernels()
+# The compiled kernels, loaded (built on a cold cache) at the first op that needs them, or by
+# load_kernels(): importing flexdispatch builds nothing, so commands that need no kernels
+# (``python -m flexdispatch info``, ``clear-cache``) answer at once.
+_C = None
+_loaded = False
 
 # CUDA error words not yet read: (pinned host copy, its event, route, num_experts, name, num_out, probs).
 _pending: list = []
 _MAX_PENDING = 64
 
 
-def kernels_loaded() -> bool:
-    """True when the compiled kernels are in use (False: plain PyTorch ops)."""
+def load_kernels() -> bool:
+    """Load the kernels now (building them on a cold cache, once per machine); True when the
+    compiled kernels are in use, False when the plain PyTorch ops serve (FLEXDISPATCH_JIT=0, or
+    a failed build in ``auto`` mode). The first op calls this; a dispatcher's constructor does
+    too, so the build happens when a model is built rather than inside its first step."""
+    global _C, _loaded
+    if not _loaded:
+        _C = _jit.load_kernels()  # raises with FLEXDISPATCH_JIT=1; then the next call tries again
+        _loaded = True
     return _C is not None
 
 
+def kernels_loaded() -> bool:
+    """True when the compiled kernels are in use (False: plain PyTorch ops); loads them."""
+    return load_kernels()
+
+
 def _use_kernels(t: torch.Tensor) -> bool:
-    if _C is None:
+    if not load_kernels():
         return False
     return t.device.type == "cpu" or (t.device.type == "cuda" and _C.with_cuda())
 
