@@ -26,12 +26,27 @@ T = 0, in backward too, so an empty rank never leaves the others waiting.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 
 from .. import ops
 from . import agreement
 from .base import _ManagerBase
+
+
+def _drain(pending: list) -> None:
+    """Wait for async transfers nobody waited for. A gloo work still in flight when its
+    manager is collected or the interpreter exits aborts the process ("terminate called
+    without an active exception", at every such exit here), so each manager's list is drained
+    by a finalizer, which also runs at exit."""
+    while pending:
+        work, _ = pending.pop()
+        try:
+            work.wait()
+        except Exception:  # noqa: BLE001 - a peer that is gone: nothing left to wait for
+            pass
 
 
 def _exchange(output: torch.Tensor, input_: torch.Tensor, output_splits, input_splits, group, async_op=False):
@@ -41,7 +56,8 @@ def _exchange(output: torch.Tensor, input_: torch.Tensor, output_splits, input_s
 
 class _AllToAllDispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, meta, plan, send_splits, recv_splits, group, async_finish, pending):
+    def forward(ctx, hidden, meta, plan, send_splits, recv_splits, group, async_finish, manager):
+        pending = manager._pending
         ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group = plan, send_splits, recv_splits, group
         received = sum(recv_splits)
         send_meta = ops.apply_permutation(meta, plan)
@@ -90,6 +106,7 @@ class _AllToAllManager(_ManagerBase):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._pending: list = []
+        weakref.finalize(self, _drain, self._pending)  # also at exit: no gloo work outlives Python
         self._send_splits: list[int] = []
         self._recv_splits: list[int] = []
         self._rank_plan = None
@@ -160,7 +177,7 @@ class _AllToAllManager(_ManagerBase):
         self._rank_plan = plan
         meta = torch.cat([indices.to(torch.float64), self.token_probs.to(torch.float64)], dim=1)
         recv, recv_meta = _AllToAllDispatch.apply(hidden_states, meta, plan, self._send_splits,
-                                                  self._recv_splits, self.group, async_finish, self._pending)
+                                                  self._recv_splits, self.group, async_finish, self)
         global_ids = recv_meta[:, :topk].detach().long()
         local_ids = global_ids - self.rank * local
         mine = (global_ids >= 0) & (local_ids >= 0) & (local_ids < local)
