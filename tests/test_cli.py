@@ -46,6 +46,16 @@ def test_demo_two_ranks():
     assert "alltoall manager" in format_report(args, result)
 
 
+@pytest.mark.timeout(600)
+def test_demo_one_rank():
+    """The notebook and laptop path: one rank, several steps of one dispatcher (it failed its
+    own check from the second step on when tokens_per_expert leaked between calls)."""
+    args = DemoArgs(world_size=1, steps=3, tokens=64, hidden=32, ffn=48, experts=6, topk=2, device="cpu")
+    result = run_demo(args)
+    assert result["backend"] == "local"
+    assert max(result["errors"].values()) < tolerance(result)
+
+
 def test_demo_command_line_rejects_bad_sizes():
     out = cli("demo", "--experts", "5", "--world-size", "2")
     assert out.returncode != 0 and "divisible" in out.stderr
