@@ -85,10 +85,11 @@ class MoEFlexTokenDispatcher:
                              f"{expected_ids[0]}..{expected_ids[-1]}, got {list(local_expert_indices)}")
         self.num_local_experts = num_local_experts
         self.local_expert_indices = list(local_expert_indices)
-        self.shared_experts = None
-        self.hidden_shape: Optional[torch.Size] = None
-        self._manager: Optional[_ManagerBase] = None
-        self._fallback_reason: Optional[str] = None
+        # Owners: everything above is the constructor's and never changes.
+        self.shared_experts = None  # the reference's attribute; unused
+        self.hidden_shape: Optional[torch.Size] = None  # each call's preprocess; read by its combine_postprocess
+        self._manager: Optional[_ManagerBase] = None  # the constructor's, or the first dispatch's (auto)
+        self._fallback_reason: Optional[str] = None  # constructor -> said at the first CUDA dispatch
         backend = self.config.moe_flex_backend
         if backend == "alltoall" and ep_group is None:
             raise ValueError("config.moe_flex_backend: 'alltoall' needs an expert-parallel process group (ep_group); "

@@ -105,6 +105,9 @@ class _AllToAllManager(_ManagerBase):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # Owners: all of these belong to the call in flight: _pending to its async transfer
+        # (wait() drains it), the splits and the rank plan to its combine (_release clears them;
+        # autograd keeps its own copies for backward).
         self._pending: list = []
         weakref.finalize(self, _drain, self._pending)  # also at exit: no gloo work outlives Python
         self._send_splits: list[int] = []
@@ -118,6 +121,7 @@ class _AllToAllManager(_ManagerBase):
 
     def _release(self) -> None:
         super()._release()
+        self._send_splits, self._recv_splits = [], []
         self._rank_plan = None
 
     def _exchange_headers(self, message: torch.Tensor, when: str) -> torch.Tensor:

@@ -309,6 +309,9 @@ class _DeepepManager(_ManagerBase):
         if self.sync_free and self.world_size > 8:
             raise ValueError("sync_free: DeepEP's worst-case mode works on one node (group size <= 8)")
         self.num_sms = num_sms
+        # Owners: _events and _mask_after_wait belong to the call in flight (wait() consumes
+        # them, _release clears them); _hidden_ok and _headers are per-manager caches (a checked
+        # signature; a pinned buffer each call's dispatch overwrites before reading it).
         self._events: list = []
         self._mask_after_wait = False
         self._hidden_ok = None  # (device, dtype, hidden) that passed _check_hidden
