@@ -53,6 +53,17 @@ class MoEConfig:
     (local manager) and DeepEP on one node (every rank must pass the same number of tokens);
     impossible with all-to-all, which needs host-side counts. Routing values are then not
     validated (shapes and dtypes still are)."""
+    moe_max_tokens_per_expert: Optional[int] = None
+    """Sync-free mode only: at most this many rows per local expert (before padding) in the
+    permuted tensor, which then has ``E_local * round_up(bound, pad multiple)`` rows instead of
+    the worst case (received rows x min(K, E_local)). Assignments past the bound are dropped,
+    keeping each expert's first rows in expert-major order (ascending dispatched row: source
+    rank, then token), and counted on the device: :meth:`MoEFlexTokenDispatcher.dropped_tokens`
+    (no sync) and :meth:`MoEFlexTokenDispatcher.report_dropped_tokens` (one sync). Every rank
+    of a group must use the same bound."""
+    moe_dropped_tokens: str = "warn"
+    """What :meth:`MoEFlexTokenDispatcher.report_dropped_tokens` does when the bound dropped
+    assignments: "warn" (one warning a report), "raise" (ValueError) or "ignore"."""
     moe_validate_routing: bool = True
     """Check routing indices (range, duplicates) before tokens move; every rank raises
     together. One small kernel; no extra collective or host sync on DeepEP within a node."""
@@ -73,6 +84,14 @@ class MoEConfig:
             raise ValueError(f"moe_router_dtype: expected one of {ROUTER_DTYPES}, got {self.moe_router_dtype!r}")
         if self.moe_flex_backend not in BACKENDS:
             raise ValueError(f"moe_flex_backend: expected one of {BACKENDS}, got {self.moe_flex_backend!r}")
+        if self.moe_max_tokens_per_expert is not None:
+            int_at_least("moe_max_tokens_per_expert", self.moe_max_tokens_per_expert, 1)
+            if not self.moe_sync_free:
+                raise ValueError("moe_max_tokens_per_expert: bounds the sync-free mode's permuted tensor; set "
+                                 "moe_sync_free=True (outside it the permuted tensor is sized exactly; use "
+                                 "moe_expert_capacity_factor to drop tokens there)")
+        if self.moe_dropped_tokens not in ("warn", "raise", "ignore"):
+            raise ValueError(f"moe_dropped_tokens: expected 'warn', 'raise' or 'ignore', got {self.moe_dropped_tokens!r}")
         int_at_least("moe_deepep_num_sms", self.moe_deepep_num_sms, 2)
         if self.moe_deepep_num_sms % 2:
             raise ValueError(f"moe_deepep_num_sms: DeepEP needs an even SM count, got {self.moe_deepep_num_sms}")

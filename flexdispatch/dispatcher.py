@@ -125,6 +125,7 @@ class MoEFlexTokenDispatcher:
             capacity_factor=cfg.moe_expert_capacity_factor, num_experts=self.tp_size * cfg.num_moe_experts,
             num_local_experts=self.num_local_experts, router_dtype=cfg.moe_router_dtype,
             moe_router_expert_pad_multiple=cfg.moe_router_expert_pad_multiple, sync_free=cfg.moe_sync_free,
+            max_tokens_per_expert=cfg.moe_max_tokens_per_expert,
             validate_routing=cfg.moe_validate_routing,
         )
         if choice == "deepep":
@@ -314,6 +315,29 @@ class MoEFlexTokenDispatcher:
         """Make the current stream wait for an async dispatch or combine of this dispatcher."""
         if self._manager is not None:
             self._manager.wait()
+
+    def dropped_tokens(self) -> Optional[torch.Tensor]:
+        """Assignments dropped by ``moe_max_tokens_per_expert`` since the last report: a 0-d
+        int64 tensor on the tokens' device (reading it needs no sync until you ask for its value),
+        or None before any bounded permutation."""
+        return None if self._manager is None else self._manager.dropped_tokens
+
+    def report_dropped_tokens(self) -> int:
+        """Read (one host sync) and clear the count of assignments the bound dropped, and warn
+        or raise as ``config.moe_dropped_tokens`` says. Call it where a sync is cheap (after the
+        optimizer step, say), outside a CUDA-graph capture. Returns the count."""
+        counted = self.dropped_tokens()
+        if counted is None:
+            return 0
+        dropped = int(counted)
+        counted.zero_()
+        if dropped and self.config.moe_dropped_tokens == "raise":
+            raise ValueError(f"config.moe_max_tokens_per_expert: {dropped} assignment(s) exceeded the bound of "
+                             f"{self.config.moe_max_tokens_per_expert} rows per expert and were dropped")
+        if dropped and self.config.moe_dropped_tokens == "warn":
+            logger.warning("moe_max_tokens_per_expert=%d dropped %d assignment(s) since the last report",
+                           self.config.moe_max_tokens_per_expert, dropped)
+        return dropped
 
     def reset(self) -> None:
         """Abandon a half-finished call (after an exception, say)."""

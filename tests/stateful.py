@@ -55,6 +55,7 @@ class Layer:
     router_dtype: str
     dtype: str
     sync_free: bool = False
+    bound: Optional[int] = None  # moe_max_tokens_per_expert (sync-free layers)
 
 
 def generate_program(seed: int, world: int, steps: int, *, dtypes=("float32", "float64"), hidden_sizes=(4, 8, 12),
@@ -72,6 +73,8 @@ def generate_program(seed: int, world: int, steps: int, *, dtypes=("float32", "f
                             pad=rng.choice([None, None, 2, 3]), capacity=rng.choice([None, None, 0.75, 1.5]),
                             router_dtype=rng.choice(["fp32", "fp32", "fp64"]), dtype=rng.choice(dtypes),
                             sync_free=sync_free and rng.random() < 0.5))
+        if layers[-1].sync_free and rng.random() < 0.6:
+            layers[-1].bound = rng.choice([1, 2, 3, 5, 8])
     program = []
     for s in range(steps):
         r = rng.random()
@@ -128,6 +131,27 @@ def _router_dtype(layer: Layer):
     return torch.float64 if layer.router_dtype == "fp64" else torch.float32
 
 
+def bounded(layer: Layer, routes: list, world: int) -> list:
+    """``routes`` (every rank's (token_probs, token_indices)) with each expert's assignments
+    past ``layer.bound`` dropped: an expert keeps its first rows in dispatched order (source
+    rank, then token), as ``moe_max_tokens_per_expert`` documents."""
+    if layer.bound is None:
+        return routes
+    seen = {}
+    out = []
+    for tp, ti in routes:
+        ti = ti.clone()
+        for t in range(ti.shape[0]):
+            for k in range(ti.shape[1]):
+                e = int(ti[t, k])
+                if e >= 0:
+                    seen[e] = seen.get(e, 0) + 1
+                    if seen[e] > layer.bound:
+                        ti[t, k] = -1
+        out.append((tp, ti))
+    return out
+
+
 def _routing(layer: Layer, router, entry: str):
     """Top-k routing of one rank, as the dispatcher sees it (router precision, capacity)."""
     if entry == "probs":
@@ -149,12 +173,16 @@ def expected(layer: Layer, weights: torch.Tensor, inputs, entry: str, rank: int,
     wd = weights.clone().requires_grad_()
     loss = loss_abs = 0
     res = {}
-    received = []  # per source rank: (token_probs, token_indices) after capacity
-    for r, (x, router, grad) in enumerate(inputs):
+    leaves, routes = [], []
+    for x, router, _ in inputs:
         xd = x.clone().requires_grad_()
         rd = (router.to(_router_dtype(layer)).double().clone().requires_grad_() if entry == "probs"
               else router[0].to(_router_dtype(layer)).double().clone().requires_grad_())
-        tp, ti = _routing(layer, rd if entry == "probs" else (rd, router[1]), entry)
+        leaves.append((xd, rd))
+        routes.append(_routing(layer, rd if entry == "probs" else (rd, router[1]), entry))
+    routes = bounded(layer, routes, world)
+    received = []  # per source rank: (token_probs, token_indices) after capacity and bound
+    for r, ((xd, rd), (tp, ti), (_, _, grad)) in enumerate(zip(leaves, routes, inputs)):
         out = torch.zeros_like(xd)
         out_abs = torch.zeros_like(xd)
         for k in range(ti.shape[1]):
@@ -209,7 +237,7 @@ class Runner:
             cfg = fd.MoEConfig(num_moe_experts=layer.experts, moe_router_topk=layer.topk,
                                moe_router_expert_pad_multiple=layer.pad, moe_expert_capacity_factor=layer.capacity,
                                moe_router_dtype=layer.router_dtype, moe_sync_free=layer.sync_free,
-                               moe_flex_backend=backend)
+                               moe_max_tokens_per_expert=layer.bound, moe_flex_backend=backend)
             self.dispatchers.append(fd.MoEFlexTokenDispatcher(
                 local, list(range(rank * local, (rank + 1) * local)), cfg, group))
             self.weights.append(layer_weights(program["seed"], i, layer))

@@ -149,10 +149,32 @@ def test_foreign_config_accepted():
     ("num_moe_experts", 0, "num_moe_experts"), ("moe_expert_capacity_factor", -1.0, "capacity_factor"),
     ("moe_router_expert_pad_multiple", 0, "pad_multiple"), ("moe_router_dtype", "bf16", "moe_router_dtype"),
     ("moe_flex_backend", "nccl", "moe_flex_backend"), ("moe_deepep_num_sms", 21, "even"),
+    ("moe_max_tokens_per_expert", 4, "set moe_sync_free=True"), ("moe_dropped_tokens", "drop", "moe_dropped_tokens"),
 ])
 def test_config_validation(field, value, match):
     with pytest.raises(ValueError, match=match):
         fd.MoEConfig(**{field: value})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bounded_sync_free_mode(device):
+    """moe_max_tokens_per_expert: E_local * round_up(bound, pad) rows, each expert's first rows
+    kept, the rest counted on the device and reported as the config says."""
+    idx = torch.tensor([[0, 1], [0, 2], [0, 1], [0, 3], [1, 0], [2, 3]], device=device)
+    x, p = torch.randn(6, 5, device=device), torch.rand(6, 2, device=device)
+    d = make(4, 2, moe_sync_free=True, moe_max_tokens_per_expert=3, moe_router_expert_pad_multiple=2,
+             moe_dropped_tokens="raise")
+    tokens, tpe, pprobs = d.token_permutation2(x, 6, p, idx)
+    assert tokens.shape[0] == 4 * 4 and tpe.tolist() == [4, 4, 2, 2] and tpe.device.type == device
+    assert torch.equal(tokens[:3], x[:3]) and torch.count_nonzero(tokens[3]) == 0  # expert 0: rows 0-2, one pad
+    assert torch.equal(pprobs[:3], p[:3, 0])
+    out = d.token_unpermutation(tokens * pprobs[:, None])
+    kept = torch.tensor([[1, 1], [1, 1], [1, 1], [0, 1], [1, 0], [1, 1]], device=device)  # rows 3, 4 lost expert 0
+    assert torch.allclose(out, x * (p * kept).sum(1, keepdim=True))
+    assert int(d.dropped_tokens()) == 2
+    with pytest.raises(ValueError, match="2 assignment"):
+        d.report_dropped_tokens()
+    assert int(d.dropped_tokens()) == 0
 
 
 def test_capacity_formula():

@@ -100,7 +100,7 @@ class _ManagerBase(_DispatchManager):
                  capacity_factor: Optional[float] = None, num_experts: Optional[int] = None,
                  num_local_experts: Optional[int] = None, router_dtype: Optional[str] = None,
                  moe_router_expert_pad_multiple: Optional[int] = None, *, sync_free: bool = False,
-                 validate_routing: bool = True):
+                 validate_routing: bool = True, max_tokens_per_expert: Optional[int] = None):
         self.group = group
         self.world_size, self.rank = _group_size_rank(group)
         self.router_topk = int_at_least("router_topk", router_topk, 1)
@@ -133,6 +133,14 @@ class _ManagerBase(_DispatchManager):
             raise ValueError(f"sync_free: the {self.name} manager needs host-side counts for its "
                              f"collectives; use the DeepEP manager (one node) or one rank")
         self.sync_free = sync_free
+        if max_tokens_per_expert is not None:
+            int_at_least("max_tokens_per_expert", max_tokens_per_expert, 1)
+            if not sync_free:
+                raise ValueError("max_tokens_per_expert: bounds the sync-free mode only (sync_free=True)")
+        self.max_tokens_per_expert = max_tokens_per_expert
+        # Assignments the bound dropped, summed on the device over calls (no sync to add one);
+        # owned by the manager, read and cleared by the dispatcher's report_dropped_tokens.
+        self.dropped_tokens: Optional[torch.Tensor] = None
         self.validate_routing = validate_routing
         # Calls this manager finished or abandoned: carried in every header, so ranks that are
         # at different calls of this layer raise instead of mixing their exchanges.
@@ -378,10 +386,15 @@ class _ManagerBase(_DispatchManager):
         self._expect("get_permuted_hidden_states_by_experts", "dispatched")
         self.wait()
         self._check_rows(hidden_states, self._num_dispatched, "the dispatched rows")
+        indices, num_out = self.dispatched_indices, self._num_out
+        if self.max_tokens_per_expert is not None:
+            indices = self._apply_bound(indices)
+            pad = self.moe_router_expert_pad_multiple or 1
+            num_out = self.num_local_experts * (-(-self.max_tokens_per_expert // pad) * pad)
         try:
             out, probs, plan, device_counts = ops.permute_by_indices(
-                hidden_states, self.dispatched_indices, self.dispatched_probs,
-                num_experts=self.num_local_experts, num_out_tokens=self._num_out,
+                hidden_states, indices, self.dispatched_probs,
+                num_experts=self.num_local_experts, num_out_tokens=num_out,
                 pad_multiple=self.moe_router_expert_pad_multiple)
         except ValueError:
             self._release()  # bad routing found by the kernels: the dispatcher stays usable
@@ -458,6 +471,24 @@ class _ManagerBase(_DispatchManager):
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
                  allocate_on_comm_stream: bool) -> torch.Tensor:
         """Move rows home and sum them."""
+
+    def _apply_bound(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices [R, K]`` (local experts, -1 unused) with every expert's assignments past
+        ``max_tokens_per_expert`` set to -1, keeping each expert's first rows in ascending row
+        order (the permutation's order); the count dropped is added to ``dropped_tokens``.
+        Stream-ordered torch ops only: no host sync, capturable in a CUDA graph."""
+        experts, bound = self.num_local_experts, self.max_tokens_per_expert
+        key = torch.where(indices >= 0, indices, experts).flatten()
+        order = torch.argsort(key, stable=True)  # a row's slots name distinct experts: row order
+        counts = torch.zeros(experts + 1, dtype=torch.int64, device=key.device).scatter_add_(
+            0, key, torch.ones_like(key))
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(key)
+        rank[order] = torch.arange(key.numel(), device=key.device) - starts[key[order]]
+        drop = (rank >= bound) & (key < experts)
+        dropped = drop.sum()
+        self.dropped_tokens = dropped if self.dropped_tokens is None else self.dropped_tokens.add_(dropped)
+        return torch.where(drop.view_as(indices), -1, indices)
 
     def _worst_case_rows(self, received_rows: int) -> int:
         """Rows of the permuted tensor that no routing can exceed (sync-free sizing)."""
