@@ -49,7 +49,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._log import logger
+from ._log import logger, progress
 from ._version import __version__
 
 EXTENSION_NAME = "flexdispatch_C"
@@ -317,7 +317,7 @@ def _build(spec: BuildSpec, folder: Path):
     tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     what = f"CUDA kernels for {', '.join(spec.archs)}" if spec.with_cuda else "CPU kernels"
-    logger.info("building %s (first use on this machine) in %s ...", what, folder)
+    progress("building %s (first use on this machine) in %s ...", what, folder)
     start = time.perf_counter()
     saved_arch_env = os.environ.get("TORCH_CUDA_ARCH_LIST")
     try:
@@ -354,7 +354,7 @@ def _build(spec: BuildSpec, folder: Path):
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = saved_arch_env
-    logger.info("built %s in %.1f s", what, seconds)
+    progress("built %s in %.1f s", what, seconds)
     last_load.built, last_load.seconds = True, seconds
     return module  # loaded from the temporary path; the mapping survives the rename
 
@@ -460,7 +460,7 @@ def load(spec: Optional[BuildSpec] = None):
         return module
     lock = _BuildLock(root, folder.name)
     if not lock.try_acquire():
-        logger.info("waiting for another process (%s) to finish building %s ...", _holder(lock.owner), folder.name)
+        progress("waiting for another process (%s) to finish building %s ...", _holder(lock.owner), folder.name)
         last_load.waited = True
         lock.acquire(_env_seconds("FLEXDISPATCH_LOCK_TIMEOUT", 900.0))
     try:

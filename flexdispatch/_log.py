@@ -1,8 +1,12 @@
 """The package logger, ``logging.getLogger("flexdispatch")``.
 
-It prints to stderr by itself (a kernel build that takes a minute should not be silent), at
-the level named by ``FLEXDISPATCH_LOG_LEVEL`` (default ``INFO``). Applications that configure
-logging themselves can remove that handler with :func:`use_application_logging`.
+flexdispatch attaches no handler: where records go is the application's choice (a library
+that prints by itself cannot be silenced or redirected properly). Warnings still reach stderr
+when nothing is configured (Python's last-resort handler). Long work that must not look like
+a hang, the first kernel build (tens of seconds) and the wait for another process's build, is
+said by :func:`progress`: through the logger at INFO when the application configured logging,
+else as one line on stderr. ``FLEXDISPATCH_LOG_LEVEL`` sets the logger's level (default: the
+application's).
 """
 
 import logging
@@ -10,24 +14,19 @@ import os
 import sys
 
 logger = logging.getLogger("flexdispatch")
+_level = os.environ.get("FLEXDISPATCH_LOG_LEVEL")
+if _level:
+    logger.setLevel(getattr(logging, _level.upper(), logging.INFO))
 
-_handler = logging.StreamHandler(sys.stderr)
-_handler.setFormatter(logging.Formatter("[flexdispatch] %(message)s"))
 
-
-def _configure() -> None:
-    if _handler not in logger.handlers:
-        logger.addHandler(_handler)
-    level = os.environ.get("FLEXDISPATCH_LOG_LEVEL", "INFO").upper()
-    logger.setLevel(getattr(logging, level, logging.INFO))
-    logger.propagate = False
+def progress(message: str, *args) -> None:
+    """Say what long work is under way: an INFO record when logging is configured, else one
+    stderr line (so a cold kernel build is never silent)."""
+    if logger.hasHandlers():
+        logger.info(message, *args)
+    elif logger.isEnabledFor(logging.INFO) or not _level:
+        print("[flexdispatch] " + (message % args if args else message), file=sys.stderr, flush=True)
 
 
 def use_application_logging() -> None:
-    """Hand flexdispatch's records to the application's handlers instead of stderr."""
-    logger.removeHandler(_handler)
-    logger.propagate = True
-    logger.setLevel(logging.NOTSET)
-
-
-_configure()
+    """Kept for compatibility: flexdispatch's records always go to the application's handlers."""

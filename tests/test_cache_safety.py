@@ -135,3 +135,25 @@ def test_clear_sentences_instead_of_tracebacks(tmp_path):
 
     with pytest.raises(ValueError, match="'alltoall' needs an expert-parallel process group"):
         fd.MoEFlexTokenDispatcher(4, [0, 1, 2, 3], fd.MoEConfig(num_moe_experts=4, moe_flex_backend="alltoall"), None)
+
+
+def test_logging_is_the_applications():
+    """No handler of flexdispatch's own; build progress reaches stderr only while logging is
+    unconfigured, and a configured application gets it as an INFO record instead."""
+    code = """
+        import logging, sys
+        from flexdispatch import _log
+        assert _log.logger.handlers == [] and _log.logger.propagate
+        _log.progress("building %s", "x")
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="record %(name)s %(message)s")
+        _log.progress("building %s", "y")
+    """
+    import textwrap
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("FLEXDISPATCH_LOG_LEVEL", None)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "[flexdispatch] building x" in out.stderr and "building y" not in out.stderr
+    assert "record flexdispatch building y" in out.stdout
