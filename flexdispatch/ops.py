@@ -14,6 +14,7 @@ pinned memory, or by :func:`check_pending_errors` (which waits for that small co
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -27,8 +28,25 @@ from .rowmap import RowIdMap, index_route_error_bits, layout_error_index, layout
 _C = None
 _loaded = False
 
-# CUDA error words not yet read: (pinned host copy, its event, route, num_experts, name, num_out, probs).
-_pending: list = []
+@dataclasses.dataclass
+class _PendingError:
+    """A CUDA error word on its way to pinned memory, with what its message needs."""
+
+    host: torch.Tensor  # pinned copy of the word
+    event: "torch.cuda.Event"  # recorded after the copy
+    route: torch.Tensor
+    num_experts: int
+    name: str
+    num_out: Optional[int]
+    probs: Optional[torch.Tensor]
+
+    def error(self) -> Optional[ValueError]:
+        bits = int(self.host[0])
+        return routing_error(bits, self.route, self.num_experts, self.name, self.num_out, self.probs) if bits else None
+
+
+# CUDA error words not yet read, oldest first (process-wide: a later op of any layer reads them).
+_pending: list[_PendingError] = []
 _MAX_PENDING = 64
 
 
@@ -69,13 +87,13 @@ def check_pending_errors() -> None:
 def _read_pending_errors(wait: bool) -> None:
     """Read the queued error words in order (all of them, or without waiting only those that
     have landed); raise the first error and forget the rest."""
-    while _pending and (wait or _pending[0][1].query()):
-        host, event, route, num_experts, name, num_out, probs = _pending.pop(0)
-        event.synchronize()  # returns at once unless waiting was asked for
-        bits = int(host[0])
-        if bits:
+    while _pending and (wait or _pending[0].event.query()):
+        entry = _pending.pop(0)
+        entry.event.synchronize()  # returns at once unless waiting was asked for
+        error = entry.error()
+        if error is not None:
             _pending.clear()
-            raise routing_error(bits, route, num_experts, name, num_out, probs)
+            raise error
 
 
 def defer_routing_error(status: torch.Tensor, route: torch.Tensor, num_experts: int, name: str,
@@ -102,7 +120,7 @@ def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_ex
     host.copy_(flags[index:index + 1], non_blocking=True)
     event = torch.cuda.Event()
     event.record()
-    _pending.append((host, event, route, num_experts, name, num_out, probs))
+    _pending.append(_PendingError(host, event, route, num_experts, name, num_out, probs))
     if len(_pending) > _MAX_PENDING:
         check_pending_errors()
 

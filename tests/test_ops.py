@@ -296,3 +296,25 @@ def test_cuda_routing_error_raised_by_a_later_op_without_sync():
     with pytest.raises(ValueError, match="value 50 at row 3"):
         ops.indices_to_multihot(good, probs, 8)
     ops.check_pending_errors()  # nothing left over
+
+
+def test_python_constants_match_the_kernel_header():
+    """Error bits and layout positions are written in cuda_src/flexdispatch.h and in
+    flexdispatch/rowmap.py; they must agree (and the agreement header's own bits stay clear)."""
+    import re
+    from pathlib import Path
+
+    from flexdispatch import rowmap
+    from flexdispatch.managers import agreement
+
+    header = (Path(__file__).resolve().parents[1] / "cuda_src" / "flexdispatch.h").read_text()
+    bits = {name: int(value) for name, value in re.findall(r"k(\w+)\s*=\s*(\d+),\s*//", header)}
+    assert bits["IndexOutOfRange"] == rowmap.INDEX_OUT_OF_RANGE
+    assert bits["DuplicateIndex"] == rowmap.DUPLICATE_INDEX
+    assert bits["OutputOverflow"] == rowmap.OUTPUT_OVERFLOW
+    assert bits["NonFiniteProb"] == rowmap.NONFINITE_PROB
+    assert agreement.INPUT_ERROR & sum(v for k, v in bits.items() if k in (
+        "IndexOutOfRange", "DuplicateIndex", "OutputOverflow", "NonFiniteProb")) == 0
+    assert "layout_error(int32_t e) { return 3 * int64_t(e) + 1; }" in header
+    assert rowmap.layout_error_index(7) == 22 and rowmap.layout_total_index(7) == 21
+    assert "layout_offsets(int32_t e) { return 2 * int64_t(e); }" in header
