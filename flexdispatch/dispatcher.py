@@ -164,7 +164,8 @@ class MoEFlexTokenDispatcher:
         if not reasons:
             self._manager = self._make_manager("deepep")
         else:
-            _warn_once(f"DeepEP cannot serve this layer ({reasons[0]}); using the all-to-all manager")
+            if hidden.is_cuda:  # CPU tensors never go to DeepEP: nothing to warn about
+                _warn_once(f"DeepEP cannot serve this layer ({reasons[0]}); using the all-to-all manager")
             self._manager = self._make_manager("alltoall")
         return self._manager
 
