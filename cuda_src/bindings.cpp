@@ -1,6 +1,6 @@
 // Torch bindings: argument checks, allocation, device dispatch (CUDA launchers or their CPU
 // twins) and streams. The only file of cuda_src/ that includes torch. Python callers live in
-// flexdispatch/_kernels.py, which does the user-facing validation; the checks here guard
+// flexdispatch/ops.py, which does the user-facing validation; the checks here guard
 // the raw pointers.
 #include <torch/extension.h>
 
@@ -403,7 +403,7 @@ bool with_cuda() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "flexdispatch kernels (see flexdispatch/_kernels.py for the Python-facing wrappers)";
+  m.doc() = "flexdispatch kernels (see flexdispatch/ops.py for the Python-facing wrappers)";
   m.def("indices_to_multihot", &indices_to_multihot);
   m.def("check_route", &check_route);
   m.def("permute", &permute);
