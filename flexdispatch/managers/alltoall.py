@@ -147,6 +147,8 @@ class _AllToAllManager(_ManagerBase):
         return torch.device("cpu")
 
     def _blank_message(self, phase: int, hidden) -> torch.Tensor:
+        """``[W, WIDTH + E_local]`` int64 on the group's device: this rank's header in every
+        row, the counts zero (the dispatch fills rows, error bits and counts in)."""
         device = self._comm_device()
         header = torch.tensor(self._header(phase, hidden), dtype=torch.int64)
         message = torch.zeros(self.world_size, agreement.WIDTH + self.num_local_experts, dtype=torch.int64)
@@ -169,12 +171,12 @@ class _AllToAllManager(_ManagerBase):
         expert_counts = torch.zeros(experts + 1, dtype=torch.int64, device=device).scatter_add_(
             0, torch.where(valid, indices, experts).flatten(),
             torch.ones(tokens * topk, dtype=torch.int64, device=device))[:experts].view(world, local)
-        header = torch.tensor(self._header(agreement.DISPATCH, hidden_states), dtype=torch.int64).to(device)
-        header = header.expand(world, -1).clone()
-        header[:, agreement.ROWS] = in_rank.sum(0, dtype=torch.int64)
+        message = self._blank_message(agreement.DISPATCH, hidden_states)
+        message[:, agreement.ROWS] = in_rank.sum(0, dtype=torch.int64)
         if self._route_status is not None:
-            header[:, agreement.ERROR] = self._route_status[0].long()
-        host = self._exchange_headers(torch.cat([header, expert_counts], dim=1), when)
+            message[:, agreement.ERROR] = self._route_status[0].long()
+        message[:, agreement.WIDTH:] = expert_counts
+        host = self._exchange_headers(message, when)
         ops.check_pending_errors()  # earlier calls' flags are ready now, for free
 
         self._send_splits = host[0, :, agreement.ROWS].tolist()

@@ -295,8 +295,7 @@ class _ManagerBase(_DispatchManager):
         the CPU raise here; elsewhere the status travels in the first exchange (or, on one GPU,
         is read at the permutation's sizing sync)."""
         p = probs.detach()
-        clean, status = ops.check_route(indices, self.num_experts, 0, p if p.dtype in (torch.float32, torch.float64)
-                                        else p.float())
+        clean, status = ops.check_route(indices, self.num_experts, 0, p)  # converts other float dtypes
         if self.world_size == 1:
             ops.defer_routing_error(status, indices, self.num_experts, "token_indices", p)
         self._checked_route = (indices, p)
