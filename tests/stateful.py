@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
+import time
 from typing import Optional
 
 import torch
@@ -140,7 +142,7 @@ def bounded(layer: Layer, routes: list, world: int) -> list:
     seen = {}
     out = []
     for tp, ti in routes:
-        ti = ti.clone()
+        device, ti = ti.device, ti.cpu().clone()  # element by element: no GPU sync per entry
         for t in range(ti.shape[0]):
             for k in range(ti.shape[1]):
                 e = int(ti[t, k])
@@ -148,7 +150,7 @@ def bounded(layer: Layer, routes: list, world: int) -> list:
                     seen[e] = seen.get(e, 0) + 1
                     if seen[e] > layer.bound:
                         ti[t, k] = -1
-        out.append((tp, ti))
+        out.append((tp, ti.to(device)))
     return out
 
 
@@ -159,7 +161,7 @@ def _routing(layer: Layer, router, entry: str):
     else:
         tp, ti = router[0].to(_router_dtype(layer)), router[1]
     if layer.capacity is not None:
-        ti = capacity_drop(tp, ti, layer.experts, layer.capacity)
+        ti = capacity_drop(tp.detach().cpu(), ti.cpu(), layer.experts, layer.capacity).to(ti.device)
     return tp, ti
 
 
@@ -167,40 +169,47 @@ def _routing(layer: Layer, router, entry: str):
 
 
 def expected(layer: Layer, weights: torch.Tensor, inputs, entry: str, rank: int, world: int, backward: bool):
-    """The dense float64 results of this rank: output, counts, permuted probs and gradients."""
+    """The dense float64 results of this rank: output, counts, permuted probs and gradients
+    (on the CPU). The math runs where ``weights`` live: on the GPU for GPU runs, whose wide
+    layers would take seconds a step on one CPU thread."""
     local = layer.experts // world
     mine = slice(rank * local, (rank + 1) * local)
+    device = weights.device
     wd = weights.clone().requires_grad_()
     loss = loss_abs = 0
     res = {}
     leaves, routes = [], []
     for x, router, _ in inputs:
-        xd = x.clone().requires_grad_()
-        rd = (router.to(_router_dtype(layer)).double().clone().requires_grad_() if entry == "probs"
-              else router[0].to(_router_dtype(layer)).double().clone().requires_grad_())
+        xd = x.to(device).clone().requires_grad_()
+        rd = (router.to(_router_dtype(layer)).double().to(device).clone().requires_grad_() if entry == "probs"
+              else router[0].to(_router_dtype(layer)).double().to(device).clone().requires_grad_())
         leaves.append((xd, rd))
-        routes.append(_routing(layer, rd if entry == "probs" else (rd, router[1]), entry))
+        routes.append(_routing(layer, rd if entry == "probs" else (rd, router[1].to(device)), entry))
     routes = bounded(layer, routes, world)
     received = []  # per source rank: (token_probs, token_indices) after capacity and bound
     for r, ((xd, rd), (tp, ti), (_, _, grad)) in enumerate(zip(leaves, routes, inputs)):
         out = torch.zeros_like(xd)
         out_abs = torch.zeros_like(xd)
+        every = torch.tanh(torch.einsum("th,ehg->etg", xd, wd))  # every expert on every token
+        rows = torch.arange(xd.shape[0], device=device)
         for k in range(ti.shape[1]):
             valid = ti[:, k] >= 0
-            y = torch.tanh(torch.einsum("th,thg->tg", xd, wd[ti[:, k].clamp(min=0)]))
+            y = every[ti[:, k].clamp(min=0), rows]
             out = out + torch.where(valid[:, None], tp[:, k, None] * y, 0)
             out_abs = out_abs + torch.where(valid[:, None], tp[:, k, None] * y.detach().abs(), 0)
+        grad = grad.to(device)
         loss = loss + (out * grad).sum()
         loss_abs = loss_abs + (out_abs * grad.abs()).sum()
-        received.append((tp.detach(), ti))
+        received.append((tp.detach().cpu(), ti.cpu()))
         if r == rank:
-            res["out"], res["x"], res["router"] = out.detach(), xd, rd
+            res["out"], res["x"], res["router"] = out.detach().cpu(), xd, rd
     if backward:
         gx, gr, gw = torch.autograd.grad(loss, [res["x"], res["router"], wd], allow_unused=True, retain_graph=True)
-        res["grad_x"], res["grad_router"], res["grad_w"] = gx, gr, gw[mine]
+        res["grad_x"], res["grad_router"], res["grad_w"] = (None if g is None else g.cpu() for g in (gx, gr, gw[mine]))
         # A router gradient is a dot product over the hidden size; its size before cancellation
         # (the same sums of |terms|) bounds what rounding in a narrow dtype can do to it.
-        res["scale_router"] = torch.autograd.grad(loss_abs, [res["router"]], allow_unused=True)[0]
+        scale = torch.autograd.grad(loss_abs, [res["router"]], allow_unused=True)[0]
+        res["scale_router"] = None if scale is None else scale.cpu()
     # Expert-major order: local expert, then source rank, then token; pad rows prob 0.
     counts, probs = [], []
     for e in range(rank * local, (rank + 1) * local):
@@ -240,7 +249,7 @@ class Runner:
                                moe_max_tokens_per_expert=layer.bound, moe_flex_backend=backend)
             self.dispatchers.append(fd.MoEFlexTokenDispatcher(
                 local, list(range(rank * local, (rank + 1) * local)), cfg, group))
-            self.weights.append(layer_weights(program["seed"], i, layer))
+            self.weights.append(layer_weights(program["seed"], i, layer).to(device))
         self.checks = 0
         self.raised = []  # (step, message) of every agreed error this rank saw
 
@@ -359,8 +368,20 @@ class Runner:
     # -- steps ------------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        for step in self.program["steps"]:
-            getattr(self, "_step_" + step["kind"])(step)
+        # FLEXDISPATCH_STATEFUL_TRACE=<folder>: one line per step and rank, written before the
+        # step runs, so that a run killed by a timeout shows where each rank stood.
+        trace = os.environ.get("FLEXDISPATCH_STATEFUL_TRACE")
+        log = open(os.path.join(trace, f"rank{self.rank}.txt"), "a", buffering=1) if trace else None
+        start = time.monotonic()
+        try:
+            for step in self.program["steps"]:
+                if log:
+                    log.write(f"{time.monotonic() - start:8.2f}s seed={self.program['seed']} step={step['step']} "
+                              f"{step['kind']} {step.get('bad', '')} layer={step['layer']} tokens={step['tokens']}\n")
+                getattr(self, "_step_" + step["kind"])(step)
+        finally:
+            if log:
+                log.close()
         return {"steps": len(self.program["steps"]), "checks": self.checks, "raised": self.raised}
 
     def _step_oneshot(self, step: dict, stepwise: bool = False) -> None:
