@@ -27,6 +27,7 @@ from .rowmap import RowIdMap, index_route_error_bits, layout_error_index, layout
 # (``python -m flexdispatch info``, ``clear-cache``) answer at once.
 _C = None
 _loaded = False
+_with_cuda = False  # whether _C has CUDA kernels (a plain bool: torch.compile reads it while tracing)
 
 @dataclasses.dataclass
 class _PendingError:
@@ -55,9 +56,10 @@ def load_kernels() -> bool:
     compiled kernels are in use, False when the plain PyTorch ops serve (FLEXDISPATCH_JIT=0, or
     a failed build in ``auto`` mode). The first op calls this; a dispatcher's constructor does
     too, so the build happens when a model is built rather than inside its first step."""
-    global _C, _loaded
+    global _C, _loaded, _with_cuda
     if not _loaded:
         _C = _jit.load_kernels()  # raises with FLEXDISPATCH_JIT=1; then the next call tries again
+        _with_cuda = _C is not None and bool(_C.with_cuda())
         _loaded = True
     return _C is not None
 
@@ -70,7 +72,7 @@ def kernels_loaded() -> bool:
 def _use_kernels(t: torch.Tensor) -> bool:
     if not load_kernels():
         return False
-    return t.device.type == "cpu" or (t.device.type == "cuda" and _C.with_cuda())
+    return t.device.type == "cpu" or (t.device.type == "cuda" and _with_cuda)
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -195,11 +197,40 @@ def _scatter(src: torch.Tensor, plan: RowIdMap) -> torch.Tensor:
 
 
 def _gather_slots(values: torch.Tensor, plan: RowIdMap) -> torch.Tensor:
+    return _gather_slots_by_map(values, plan.map)
+
+
+def _gather_slots_by_map(values: torch.Tensor, row_map: torch.Tensor) -> torch.Tensor:
     """``[R, S]``: values[map[r, s]] (0 for unused slots) for a per-output-row vector ``[N]``."""
     spare = values.shape[0]
     padded = torch.cat([values, values.new_zeros(1)])
-    index = torch.where(plan.map >= 0, plan.map.long(), spare)
+    index = torch.where(row_map >= 0, row_map.long(), spare)
     return padded[index]
+
+
+def _multihot_impl(indices: torch.Tensor, probs: torch.Tensor, num_experts: int):
+    """``(routing_map, multihot)`` of contiguous ``indices`` and detached ``probs``; routing
+    errors raised (CPU) or queued (CUDA)."""
+    routing_map, multihot, error = _C.indices_to_multihot(indices, probs, num_experts)
+    _defer_or_raise(error, 0, indices, num_experts, "indices")
+    return routing_map, multihot
+
+
+def _multihot_grad(indices: torch.Tensor, grad_multihot: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The gradient of the top-k probs: ``grad_multihot`` read back at the chosen experts."""
+    if grad_multihot is None:
+        return None
+    column = torch.where(indices >= 0, indices.long(), grad_multihot.shape[1])
+    padded = torch.cat([grad_multihot, grad_multihot.new_zeros(grad_multihot.shape[0], 1)], dim=1)
+    return padded.gather(1, column)
+
+
+def _plan_impl(route, num_experts, num_out_tokens, pad_multiple, name) -> RowIdMap:
+    row_id_map, layout, host = _C.plan(route, num_experts, pad_multiple or 1,
+                                       -1 if num_out_tokens is None else num_out_tokens)
+    num_out = num_out_tokens if host is None else int(host[layout_total_index(num_experts)])
+    return _finish_plan(row_id_map, layout, host, route, num_experts, num_out, pad_multiple,
+                        num_out_tokens is not None, name)
 
 
 def _permute(tokens, probs, route, num_experts, num_out_tokens, pad_multiple, name):
@@ -268,8 +299,7 @@ class _IndicesToMultihot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, indices, probs, num_experts):
         idx = indices.contiguous()
-        routing_map, multihot, error = _C.indices_to_multihot(idx, probs.detach().contiguous(), num_experts)
-        _defer_or_raise(error, 0, idx, num_experts, "indices")
+        routing_map, multihot = _multihot_impl(idx, probs.detach().contiguous(), num_experts)
         ctx.save_for_backward(idx)
         ctx.mark_non_differentiable(routing_map)
         return routing_map, multihot
@@ -277,11 +307,7 @@ class _IndicesToMultihot(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_map, grad_multihot):
         (idx,) = ctx.saved_tensors
-        if grad_multihot is None:
-            return None, None, None
-        column = torch.where(idx >= 0, idx.long(), grad_multihot.shape[1])
-        padded = torch.cat([grad_multihot, grad_multihot.new_zeros(grad_multihot.shape[0], 1)], dim=1)
-        return None, padded.gather(1, column), None
+        return None, _multihot_grad(idx, grad_multihot), None
 
 
 # ---- public ops ----------------------------------------------------------------------------
@@ -307,6 +333,8 @@ def indices_to_multihot(indices: torch.Tensor, probs: torch.Tensor, num_experts:
     probs = _check_probs(probs, indices)
     if not _use_kernels(indices):
         return reference.indices_to_multihot(indices, probs, num_experts)
+    if torch.compiler.is_compiling():
+        return _library.indices_to_multihot(indices, probs, num_experts)
     return _IndicesToMultihot.apply(indices, probs, num_experts)
 
 
@@ -331,8 +359,10 @@ def check_route(indices: torch.Tensor, num_experts: int, flag: int = 0, probs: O
         raise ValueError(f"flag: expected an int in [0, 2**31), got {flag!r}")
     probs = _check_probs(probs, indices)
     if _use_kernels(indices):
-        return _C.check_route(indices.contiguous(), num_experts, flag,
-                              None if probs is None else probs.detach().contiguous())
+        p = None if probs is None else probs.detach().contiguous()
+        if torch.compiler.is_compiling():
+            return _library.check_route(indices, num_experts, flag, p, None)
+        return _C.check_route(indices.contiguous(), num_experts, flag, p)
     bits = index_route_error_bits(indices, num_experts, probs).to(torch.int32)
     clean = torch.where((indices >= -1) & (indices < num_experts), indices.long(), -1)
     if probs is not None:
@@ -398,6 +428,14 @@ def permute_by_indices(tokens: torch.Tensor, indices: torch.Tensor, probs: Optio
 
 
 def _permute_public(tokens, route, probs, num_experts, num_out_tokens, pad_multiple, name):
+    if torch.compiler.is_compiling():
+        out, out_probs, row_map, layout, host = _library.permute(
+            route, num_experts, pad_multiple or 1, -1 if num_out_tokens is None else num_out_tokens, tokens, probs,
+            name)
+        plan = RowIdMap(map=row_map, layout=layout, num_experts=num_experts, num_out=out.shape[0],
+                        pad_multiple=pad_multiple or 1, has_tail=num_out_tokens is not None,
+                        host_layout=None if num_out_tokens is not None else host)
+        return out, (None if probs is None else out_probs), plan, plan.tokens_per_expert
     if _needs_grad(tokens, probs):
         out, out_probs, plan = _Permute.apply(tokens, probs, route, num_experts, num_out_tokens, pad_multiple, name)
     else:
@@ -422,12 +460,16 @@ def make_plan(route: torch.Tensor, num_experts: int, num_out_tokens: Optional[in
     _check_sizes(num_out_tokens, pad_multiple)
     if not _use_kernels(route):
         return reference.make_plan(route, num_experts, num_out_tokens, pad_multiple)
-    route = route.contiguous()
-    row_id_map, layout, host = _C.plan(route, num_experts, pad_multiple or 1,
-                                       -1 if num_out_tokens is None else num_out_tokens)
-    num_out = num_out_tokens if host is None else int(host[layout_total_index(num_experts)])
-    return _finish_plan(row_id_map, layout, host, route, num_experts, num_out, pad_multiple,
-                        num_out_tokens is not None, "route")
+    if torch.compiler.is_compiling():
+        row_map, layout, host = _library.plan(route, num_experts, pad_multiple or 1,
+                                              -1 if num_out_tokens is None else num_out_tokens, "route")
+        num_out = num_out_tokens
+        if num_out is None:  # the rows used, read from the host copy the op's one sync made
+            num_out = host[layout_total_index(num_experts)].item()
+        return RowIdMap(map=row_map, layout=layout, num_experts=num_experts, num_out=num_out,
+                        pad_multiple=pad_multiple or 1, has_tail=num_out_tokens is not None,
+                        host_layout=None if num_out_tokens is not None else host)
+    return _plan_impl(route.contiguous(), num_experts, num_out_tokens, pad_multiple, "route")
 
 
 def apply_permutation(tokens: torch.Tensor, row_id_map: RowIdMap) -> torch.Tensor:
@@ -437,6 +479,9 @@ def apply_permutation(tokens: torch.Tensor, row_id_map: RowIdMap) -> torch.Tenso
         raise ValueError(f"tokens: expected {row_id_map.num_rows} rows (the plan's), got {tokens.shape[0]}")
     if not _use_kernels(tokens):
         return reference.apply_permutation(tokens, row_id_map)
+    if torch.compiler.is_compiling():
+        p = row_id_map
+        return _library.scatter_rows(tokens, p.map, p.num_out, p.layout, p.num_experts, p.pad_multiple > 1, p.has_tail)
     if _needs_grad(tokens):
         return _ApplyPermutation.apply(tokens, row_id_map)
     return _scatter(tokens, row_id_map)
@@ -470,9 +515,27 @@ def unpermute(permuted: torch.Tensor, row_id_map: RowIdMap, probs: Optional[torc
         raise TypeError(f"permuted: expected a floating-point tensor, got {permuted.dtype}")
     if not _use_kernels(permuted):
         return reference.unpermute(permuted, row_id_map, probs, restore_shape)
-    if _needs_grad(permuted, probs):
+    if torch.compiler.is_compiling():
+        p = row_id_map
+        out = _library.unpermute(permuted, probs, p.map, p.layout, p.num_experts, p.pad_multiple > 1, p.has_tail)
+    elif _needs_grad(permuted, probs):
         out = _Unpermute.apply(permuted, probs, row_id_map)
     else:
         out = _C.gather_rows(permuted.contiguous(), row_id_map.map,
                              probs.contiguous() if probs is not None else None)
     return out.view(tuple(restore_shape)) if restore_shape is not None else out
+
+
+def check_route_reported(indices: torch.Tensor, num_experts: int, probs: Optional[torch.Tensor], name: str):
+    """:func:`check_route`, with its error bits raised at once (CPU) or at the next sync point
+    (CUDA) under the argument name ``name``: the check of a group of one, which has no
+    exchange to agree at. Returns ``(clean, status)``."""
+    if torch.compiler.is_compiling() and _use_kernels(indices):
+        p = None if probs is None else _check_probs(probs, indices).detach().contiguous()
+        return _library.check_route(indices, num_experts, 0, p, name)
+    clean, status = check_route(indices, num_experts, 0, probs)
+    defer_routing_error(status, indices, num_experts, name, probs)
+    return clean, status
+
+
+from . import _library  # noqa: E402  (registers the custom ops, which call back into this module)
