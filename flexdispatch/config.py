@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
-BACKENDS = ("auto", "deepep", "alltoall", "local")
-ROUTER_DTYPES = (None, "fp32", "fp64")
+from .spec import CONFIG_NAMES, DROPPED_TOKEN_ACTIONS, ROUTER_DTYPES, check_fields, expert_capacity, int_at_least  # noqa: F401
+
 
 
 @dataclasses.dataclass
@@ -69,41 +68,14 @@ class MoEConfig:
     together. One small kernel; no extra collective or host sync on DeepEP within a node."""
 
     def __post_init__(self) -> None:
-        int_at_least("num_moe_experts", self.num_moe_experts, 1)
-        int_at_least("moe_router_topk", self.moe_router_topk, 1)
-        if self.moe_router_topk > self.num_moe_experts:
-            raise ValueError(f"moe_router_topk: expected at most num_moe_experts={self.num_moe_experts}, "
-                             f"got {self.moe_router_topk}")
-        if self.moe_expert_capacity_factor is not None:
-            cf = self.moe_expert_capacity_factor
-            if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not (cf > 0 and math.isfinite(cf)):
-                raise ValueError(f"moe_expert_capacity_factor: expected None or a finite number > 0, got {cf!r}")
-        if self.moe_router_expert_pad_multiple is not None:
-            int_at_least("moe_router_expert_pad_multiple", self.moe_router_expert_pad_multiple, 1)
-        if self.moe_router_dtype not in ROUTER_DTYPES:
-            raise ValueError(f"moe_router_dtype: expected one of {ROUTER_DTYPES}, got {self.moe_router_dtype!r}")
-        if self.moe_flex_backend not in BACKENDS:
-            raise ValueError(f"moe_flex_backend: expected one of {BACKENDS}, got {self.moe_flex_backend!r}")
-        if self.moe_max_tokens_per_expert is not None:
-            int_at_least("moe_max_tokens_per_expert", self.moe_max_tokens_per_expert, 1)
-            if not self.moe_sync_free:
-                raise ValueError("moe_max_tokens_per_expert: bounds the sync-free mode's permuted tensor; set "
-                                 "moe_sync_free=True (outside it the permuted tensor is sized exactly; use "
-                                 "moe_expert_capacity_factor to drop tokens there)")
-        if self.moe_dropped_tokens not in ("warn", "raise", "ignore"):
-            raise ValueError(f"moe_dropped_tokens: expected 'warn', 'raise' or 'ignore', got {self.moe_dropped_tokens!r}")
-        int_at_least("moe_deepep_num_sms", self.moe_deepep_num_sms, 2)
-        if self.moe_deepep_num_sms % 2:
-            raise ValueError(f"moe_deepep_num_sms: DeepEP needs an even SM count, got {self.moe_deepep_num_sms}")
+        check_fields(names=CONFIG_NAMES, num_experts=self.num_moe_experts, topk=self.moe_router_topk,
+                     capacity_factor=self.moe_expert_capacity_factor, router_dtype=self.moe_router_dtype,
+                     pad_multiple=self.moe_router_expert_pad_multiple, sync_free=self.moe_sync_free,
+                     max_tokens_per_expert=self.moe_max_tokens_per_expert, num_sms=self.moe_deepep_num_sms)
+        from .managers.registry import backend_names  # (the registry imports the managers, which import this)
 
-
-def int_at_least(name: str, value, low: int) -> int:
-    """``value`` if it is an int >= ``low`` (bools excluded), else ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
-
-
-def expert_capacity(num_tokens: int, topk: int, num_experts: int, capacity_factor: float) -> int:
-    """Assignments one expert keeps: ``ceil(num_tokens * topk / num_experts * capacity_factor)``."""
-    return math.ceil(num_tokens * topk / num_experts * capacity_factor)
+        if self.moe_flex_backend not in backend_names():
+            raise ValueError(f"moe_flex_backend: expected one of {backend_names()}, got {self.moe_flex_backend!r}")
+        if self.moe_dropped_tokens not in DROPPED_TOKEN_ACTIONS:
+            raise ValueError(f"moe_dropped_tokens: expected one of {DROPPED_TOKEN_ACTIONS}, "
+                             f"got {self.moe_dropped_tokens!r}")

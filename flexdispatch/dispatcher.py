@@ -15,14 +15,14 @@ import torch.distributed as dist
 from . import ops
 from ._log import logger
 from .config import MoEConfig
-from .managers import _AllToAllManager, _DeepepManager, _LocalManager, _ManagerBase, deepep
+from .managers import _ManagerBase, registry
 from .managers.base import _group_size_rank
+from .spec import CONFIG_NAMES, LayerSpec
 
 SHARING_DEEPEP_MANAGER = True
 """Dispatchers of one expert-parallel group share the DeepEP communication buffer. Unlike the
 reference, they share nothing else: each dispatcher keeps its own per-call state."""
 
-_logged_choices: set = set()
 _warned: set = set()
 
 
@@ -66,20 +66,22 @@ class MoEFlexTokenDispatcher:
 
     def __init__(self, num_local_experts: int, local_expert_indices: List[int], config: MoEConfig,
                  ep_group: Optional[dist.ProcessGroup] = None):
-        self.config = _as_config(config)
+        self.config = cfg = _as_config(config)  # its fields were checked when it was built
         ops.load_kernels()  # build them (cold cache) with the model, not inside its first step
         self.group = ep_group
         self.ep_size, self.ep_rank = _group_size_rank(ep_group)
         self.tp_size = 1
-        experts = self.config.num_moe_experts
-        if experts % self.ep_size:
-            raise ValueError(f"config.num_moe_experts: {experts} experts cannot be split evenly over "
-                             f"{self.ep_size} expert-parallel ranks")
-        expected_local = experts // self.ep_size
-        if num_local_experts != expected_local:
-            raise ValueError(f"num_local_experts: expected num_moe_experts / EP size = {experts} / {self.ep_size} "
-                             f"= {expected_local}, got {num_local_experts!r}")
-        expected_ids = list(range(self.ep_rank * expected_local, (self.ep_rank + 1) * expected_local))
+        # What depends on the group is checked here, once; managers get the frozen result.
+        self.spec = LayerSpec.checked(
+            names=dict(CONFIG_NAMES, num_experts="config.num_moe_experts"), world_size=self.ep_size,
+            num_experts=self.tp_size * cfg.num_moe_experts, num_local_experts=num_local_experts,
+            topk=self.tp_size * cfg.moe_router_topk, capacity_factor=cfg.moe_expert_capacity_factor,
+            router_dtype=cfg.moe_router_dtype, pad_multiple=cfg.moe_router_expert_pad_multiple,
+            sync_free=cfg.moe_sync_free, max_tokens_per_expert=cfg.moe_max_tokens_per_expert,
+            validate_routing=cfg.moe_validate_routing, num_sms=cfg.moe_deepep_num_sms,
+            permute_fusion=cfg.moe_permute_fusion)
+        local = self.spec.num_local_experts
+        expected_ids = list(range(self.ep_rank * local, (self.ep_rank + 1) * local))
         if [int(i) for i in local_expert_indices] != expected_ids:
             raise ValueError(f"local_expert_indices: rank {self.ep_rank} of {self.ep_size} holds experts "
                              f"{expected_ids[0]}..{expected_ids[-1]}, got {list(local_expert_indices)}")
@@ -89,69 +91,29 @@ class MoEFlexTokenDispatcher:
         self.shared_experts = None  # the reference's attribute; unused
         self.hidden_shape: Optional[torch.Size] = None  # each call's preprocess; read by its combine_postprocess
         self._manager: Optional[_ManagerBase] = None  # the constructor's, or the first dispatch's (auto)
-        self._fallback_reason: Optional[str] = None  # constructor -> said at the first CUDA dispatch
-        backend = self.config.moe_flex_backend
-        if backend == "alltoall" and ep_group is None:
-            raise ValueError("config.moe_flex_backend: 'alltoall' needs an expert-parallel process group (ep_group); "
-                             "with ep_group=None there is one rank: use 'local' or 'auto'")
-        if backend == "local" and self.ep_size > 1:
-            raise ValueError(f"config.moe_flex_backend: 'local' needs a group of one rank, got {self.ep_size}")
-        if backend == "deepep":
-            reason = deepep.unusable_reason(ep_group, topk=self.config.moe_router_topk)
-            if reason is not None:
-                raise ValueError(f"config.moe_flex_backend='deepep': {reason}")
-        # With "auto", DeepEP's usability also depends on the tensors: decide at the first dispatch.
-        lazy = (backend == "auto" and self.ep_size > 1 and self.config.moe_enable_deepep
-                and deepep.unusable_reason(ep_group) is None)
-        if not lazy:
-            self._manager = self._make_manager(self._static_choice())
+        # The constructor's choice: a backend, or the candidate auto probes at the first dispatch,
+        # and why auto passed a better one over (said at the first CUDA dispatch).
+        self._choice = registry.choose(cfg.moe_flex_backend, ep_group, cfg.moe_router_topk, cfg.moe_enable_deepep)
+        self._fallback_reason: Optional[str] = self._choice.passed_over
+        if self._choice.name is not None:
+            self._manager = registry.make_manager(self._choice.name, ep_group, self.spec)
 
     # ---- manager choice ---------------------------------------------------------------------
-
-    def _static_choice(self) -> str:
-        backend = self.config.moe_flex_backend
-        if backend != "auto":
-            return backend
-        if self.ep_size == 1:
-            return "local"
-        if self.config.moe_enable_deepep:  # said at the first dispatch of CUDA tensors (never for CPU ones)
-            self._fallback_reason = deepep.unusable_reason(self.group)
-        return "alltoall"
-
-    def _make_manager(self, choice: str) -> _ManagerBase:
-        cfg = self.config
-        kwargs = dict(
-            group=self.group, router_topk=self.tp_size * cfg.moe_router_topk, permute_fusion=cfg.moe_permute_fusion,
-            capacity_factor=cfg.moe_expert_capacity_factor, num_experts=self.tp_size * cfg.num_moe_experts,
-            num_local_experts=self.num_local_experts, router_dtype=cfg.moe_router_dtype,
-            moe_router_expert_pad_multiple=cfg.moe_router_expert_pad_multiple, sync_free=cfg.moe_sync_free,
-            max_tokens_per_expert=cfg.moe_max_tokens_per_expert,
-            validate_routing=cfg.moe_validate_routing,
-        )
-        if choice == "deepep":
-            manager = _DeepepManager(**kwargs, num_sms=cfg.moe_deepep_num_sms)
-        elif choice == "alltoall":
-            manager = _AllToAllManager(**kwargs)
-        else:
-            manager = _LocalManager(**kwargs)
-        key = (id(self.group), choice)
-        if key not in _logged_choices:
-            _logged_choices.add(key)
-            logger.info("expert-parallel group of %d rank(s): %s manager", self.ep_size, choice)
-        return manager
 
     def _manager_for(self, hidden: Optional[torch.Tensor], error: Optional[BaseException]) -> _ManagerBase:
         """The manager, chosen at the first dispatch when ``auto`` depends on the tensors.
 
-        That choice is the call's first exchange: every rank says whether DeepEP can serve its
-        tensors and whether its own checks failed; all take the same choice, or all raise.
+        That choice is the call's first exchange: every rank says whether the candidate backend
+        can serve its tensors and whether its own checks failed; all take the same choice, or
+        all raise.
         """
         if self._manager is not None:
             return self._manager
+        candidate = self._choice.candidate
         reason = error and "this rank's inputs were invalid"
         if reason is None:
-            reason = deepep.unusable_reason(self.group, hidden.device, hidden.dtype, hidden.shape[-1],
-                                            self.config.moe_router_topk)
+            reason = registry.unusable_reason(candidate, self.group, device=hidden.device, dtype=hidden.dtype,
+                                              hidden=hidden.shape[-1], topk=self.config.moe_router_topk)
         votes = [None] * self.ep_size
         dist.all_gather_object(votes, (reason, None if error is None else str(error)), group=self.group)
         failed = [r for r, (_, message) in enumerate(votes) if message is not None]
@@ -162,11 +124,11 @@ class MoEFlexTokenDispatcher:
                              f"rank raises before any token moved ({votes[failed[0]][1]})")
         reasons = [r for r, _ in votes if r is not None]
         if not reasons:
-            self._manager = self._make_manager("deepep")
+            self._manager = registry.make_manager(candidate, self.group, self.spec)
         else:
             if hidden.is_cuda:  # CPU tensors never go to DeepEP: nothing to warn about
                 _warn_once(f"DeepEP cannot serve this layer ({reasons[0]}); using the all-to-all manager")
-            self._manager = self._make_manager("alltoall")
+            self._manager = registry.make_manager("alltoall", self.group, self.spec)
         return self._manager
 
     @property

@@ -133,7 +133,7 @@ def test_clear_sentences_instead_of_tracebacks(tmp_path):
         assert demo.returncode != 0 and "needs one GPU per rank" in demo.stderr and "Traceback" not in demo.stderr
     import flexdispatch as fd
 
-    with pytest.raises(ValueError, match="'alltoall' needs an expert-parallel process group"):
+    with pytest.raises(ValueError, match="moe_flex_backend='alltoall': needs an expert-parallel process group"):
         fd.MoEFlexTokenDispatcher(4, [0, 1, 2, 3], fd.MoEConfig(num_moe_experts=4, moe_flex_backend="alltoall"), None)
 
 

@@ -85,5 +85,5 @@ def test_constructor_errors(pool):
         assert "local_expert_indices" in messages["local_expert_indices"]
         if pool.world > 1:
             assert "cannot be split evenly" in messages["divisible"]
-            assert "'local' needs a group of one rank" in messages["local_backend"]
+            assert "moe_flex_backend='local': the local manager serves a group of one rank" in messages["local_backend"]
             assert "sync_free" in messages["sync_free_alltoall"]

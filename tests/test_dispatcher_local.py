@@ -189,3 +189,43 @@ def test_one_gpu_sync_free_layer_replays_in_cuda_graph():
     res = cuda_graph_sync_free(0, 1)
     assert res["backend"] == "local" and max(res["errors"]) < 1e-6, res
     assert max(res["eager_vs_exact"]) < 1e-6, res
+
+
+@pytest.mark.parametrize("field,config_name,manager_name,value", [
+    ("topk", "moe_router_topk", "router_topk", 0),
+    ("pad_multiple", "moe_router_expert_pad_multiple", "moe_router_expert_pad_multiple", 0),
+    ("capacity_factor", "moe_expert_capacity_factor", "capacity_factor", -1.0),
+    ("router_dtype", "moe_router_dtype", "router_dtype", "bf16"),
+])
+def test_one_validator_for_config_and_managers(field, config_name, manager_name, value):
+    """The config and a manager built with the reference's arguments run the same checks
+    (flexdispatch/spec.py), each naming the argument its caller wrote."""
+    with pytest.raises(ValueError, match=f"^{config_name}:"):
+        fd.MoEConfig(num_moe_experts=8, **{config_name: value})
+    kwargs = {"router_topk": 2, "num_experts": 8, manager_name: value}
+    with pytest.raises(ValueError, match=f"^{manager_name}:"):
+        fd._LocalManager(None, **kwargs)
+    manager = fd._LocalManager(None, router_topk=2, num_experts=8, capacity_factor=1.5)
+    assert manager.spec.topk == 2 and manager.num_local_experts == 8 and manager.capacity_factor == 1.5
+
+
+def test_a_new_backend_is_one_registry_entry(monkeypatch):
+    """A backend registered in managers/registry.py is accepted by the config and chosen, with
+    no other change."""
+    from flexdispatch.managers import registry
+
+    class _EchoManager(fd._LocalManager):
+        name = "echo"
+
+    entry = registry.Backend("echo", _EchoManager, lambda group, **call: None)
+    monkeypatch.setitem(registry.BACKENDS, "echo", entry)
+    d = fd.MoEFlexTokenDispatcher(4, list(range(4)), fd.MoEConfig(num_moe_experts=4, moe_flex_backend="echo"))
+    assert d.backend == "echo"
+    x, p = torch.randn(6, 3), torch.rand(6, 4)
+    tokens, tpe, probs = d.token_permutation(x, 6, p)
+    out = d.token_unpermutation(tokens * probs[:, None])
+    top = torch.topk(p, 2).values.sum(1, keepdim=True)
+    assert torch.allclose(out, x * top)
+    monkeypatch.delitem(registry.BACKENDS, "echo")
+    with pytest.raises(ValueError, match="moe_flex_backend"):
+        fd.MoEConfig(moe_flex_backend="echo")

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from .. import ops
 from . import agreement
-from .base import _ManagerBase
+from .base import Dispatched, _ManagerBase
 
 
 def _drain(pending: list) -> None:
@@ -57,8 +57,9 @@ def _exchange(output: torch.Tensor, input_: torch.Tensor, output_splits, input_s
 
 class _AllToAllDispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, meta, plan, send_splits, recv_splits, group, async_finish, manager):
-        pending = manager._pending
+    def forward(ctx, hidden, meta, plan, send_splits, recv_splits, group, async_finish):
+        """``(recv, recv_meta, in_flight)``: ``in_flight`` is ``(work, send)`` for an async
+        transfer (the caller waits; ``send`` must live until then), else None."""
         ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group = plan, send_splits, recv_splits, group
         received = sum(recv_splits)
         send_meta = ops.apply_permutation(meta, plan)
@@ -70,19 +71,17 @@ class _AllToAllDispatch(torch.autograd.Function):
         # exit after clean runs (1 of 8 in CI, about 13% in the issue's count; 0 of 30 sync).
         async_finish = async_finish and hidden.is_cuda
         work = _exchange(recv, send, recv_splits, send_splits, group, async_op=async_finish)
-        if async_finish:
-            pending.append((work, send))  # `send` must live until the transfer is done
-        return recv, recv_meta
+        return recv, recv_meta, ((work, send) if async_finish else None)
 
     @staticmethod
-    def backward(ctx, grad_recv, grad_recv_meta):
+    def backward(ctx, grad_recv, grad_recv_meta, _in_flight):
         # Both collectives run on every rank, whatever this rank needs.
         grads = []
         for grad in (grad_recv, grad_recv_meta):
             back = grad.new_empty(sum(ctx.send_splits), grad.shape[1])
             _exchange(back, grad, ctx.send_splits, ctx.recv_splits, ctx.group)
             grads.append(ops.unpermute(back, ctx.plan))
-        return grads[0], grads[1], None, None, None, None, None, None
+        return grads[0], grads[1], None, None, None, None, None
 
 
 class _AllToAllCombine(torch.autograd.Function):
@@ -155,7 +154,7 @@ class _AllToAllManager(_ManagerBase):
         message[:, :agreement.WIDTH] = header
         return message.to(device)
 
-    def _dispatch(self, hidden_states, async_finish: bool, allocate_on_comm_stream: bool) -> torch.Tensor:
+    def _dispatch(self, hidden_states, async_finish: bool, allocate_on_comm_stream: bool) -> Dispatched:
         when = "before any token moved"
         if hidden_states is None or self.token_indices is None:  # a failed check on this rank
             self._exchange_headers(self._blank_message(agreement.DISPATCH, None), when)
@@ -181,20 +180,21 @@ class _AllToAllManager(_ManagerBase):
 
         self._send_splits = host[0, :, agreement.ROWS].tolist()
         self._recv_splits = host[1, :, agreement.ROWS].tolist()
-        self._set_received_counts(host[1, :, agreement.WIDTH:].sum(0))
 
         plan = ops.make_plan(in_rank, world, num_out_tokens=sum(self._send_splits))
         self._rank_plan = plan
         meta = torch.cat([indices.to(torch.float64), self.token_probs.to(torch.float64)], dim=1)
-        recv, recv_meta = _AllToAllDispatch.apply(hidden_states, meta, plan, self._send_splits,
-                                                  self._recv_splits, self.group, async_finish, self)
+        recv, recv_meta, in_flight = _AllToAllDispatch.apply(hidden_states, meta, plan, self._send_splits,
+                                                             self._recv_splits, self.group, async_finish)
+        if in_flight is not None:
+            self._pending.append(in_flight)
         global_ids = recv_meta[:, :topk].detach().long()
         local_ids = global_ids - self.rank * local
         mine = (global_ids >= 0) & (local_ids >= 0) & (local_ids < local)
-        self.dispatched_indices = torch.where(mine, local_ids, -1)
+        dispatched = torch.where(mine, local_ids, -1)
         prob_dtype = torch.float64 if self.router_dtype == "fp64" else torch.float32
-        self.dispatched_probs = self._masked_probs(self.dispatched_indices, recv_meta[:, topk:].to(prob_dtype))
-        return recv
+        return Dispatched(recv, dispatched, self._masked_probs(dispatched, recv_meta[:, topk:].to(prob_dtype)),
+                          received_counts=host[1, :, agreement.WIDTH:].sum(0))
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
                  allocate_on_comm_stream: bool) -> torch.Tensor:

@@ -13,13 +13,14 @@ and a step called out of order raises RuntimeError naming the step expected.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from .. import ops
-from ..config import ROUTER_DTYPES, expert_capacity, int_at_least
+from ..spec import MANAGER_NAMES, LayerSpec, expert_capacity, int_at_least
 from ..rowmap import RowIdMap
 from . import agreement
 
@@ -30,6 +31,27 @@ _NEXT_STEP = {
     "permuted": "get_restored_hidden_states_by_experts",
     "restored": "combine",
 }
+
+
+@dataclasses.dataclass
+class Dispatched:
+    """What a backend's ``_dispatch`` produces; the base keeps it as the call's state.
+
+    Attributes:
+        hidden: ``[R, H]`` the received rows (with ``async_finish``, possibly in flight until
+            :meth:`_ManagerBase.wait`).
+        indices: int64 ``[R, K]``: the local expert of each slot, -1 for none.
+        probs: ``[R, K]``: their probs, 0 where the index is -1.
+        received_counts: int64 ``[E_local]`` on the host, rows per local expert before padding,
+            when the call's exchange told them (no sync needed to size the permutation).
+        num_out: rows of the permuted tensor when fixed in advance (sync-free worst case).
+    """
+
+    hidden: torch.Tensor
+    indices: torch.Tensor
+    probs: torch.Tensor
+    received_counts: Optional[torch.Tensor] = None
+    num_out: Optional[int] = None
 
 
 class _DispatchManager(abc.ABC):
@@ -90,58 +112,53 @@ class _ManagerBase(_DispatchManager):
         moe_router_expert_pad_multiple: pad every local expert's rows to this multiple.
         sync_free: worst-case sized outputs, no host sync (managers that support it).
         validate_routing: check routing values before the first collective.
+        max_tokens_per_expert: the sync-free mode's bound on rows per local expert.
+        num_sms: SMs for DeepEP's kernels (the DeepEP manager).
+        spec: the settings above already checked (:class:`~flexdispatch.spec.LayerSpec`, as the
+            dispatcher passes them); the other arguments are then ignored.
     """
 
     name = "base"
     supports_sync_free = False
     exchanges_in_combine = False  # whether combine starts with a header exchange (see agreement)
 
-    def __init__(self, group, router_topk: int, permute_fusion: bool = False,
+    def __init__(self, group, router_topk: Optional[int] = None, permute_fusion: bool = False,
                  capacity_factor: Optional[float] = None, num_experts: Optional[int] = None,
                  num_local_experts: Optional[int] = None, router_dtype: Optional[str] = None,
                  moe_router_expert_pad_multiple: Optional[int] = None, *, sync_free: bool = False,
-                 validate_routing: bool = True, max_tokens_per_expert: Optional[int] = None):
+                 validate_routing: bool = True, max_tokens_per_expert: Optional[int] = None,
+                 num_sms: int = 20, spec: Optional[LayerSpec] = None):
         self.group = group
         self.world_size, self.rank = _group_size_rank(group)
-        self.router_topk = int_at_least("router_topk", router_topk, 1)
-        if num_experts is None:
-            raise ValueError("num_experts: required")
-        self.num_experts = int_at_least("num_experts", num_experts, 1)
-        if self.router_topk > self.num_experts:
-            raise ValueError(f"router_topk: expected at most num_experts={num_experts}, got {router_topk}")
-        if self.num_experts % self.world_size:
-            raise ValueError(f"num_experts: {num_experts} experts cannot be split evenly over "
-                             f"{self.world_size} expert-parallel ranks")
-        expected_local = self.num_experts // self.world_size
-        if num_local_experts is None:
-            num_local_experts = expected_local
-        if num_local_experts != expected_local:
-            raise ValueError(f"num_local_experts: expected num_experts / group size = {expected_local}, "
-                             f"got {num_local_experts!r}")
-        self.num_local_experts = num_local_experts
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"capacity_factor: expected None or > 0, got {capacity_factor!r}")
-        self.capacity_factor = capacity_factor
-        if router_dtype not in ROUTER_DTYPES:
-            raise ValueError(f"router_dtype: expected one of {ROUTER_DTYPES}, got {router_dtype!r}")
-        self.router_dtype = router_dtype
-        if moe_router_expert_pad_multiple is not None:
-            int_at_least("moe_router_expert_pad_multiple", moe_router_expert_pad_multiple, 1)
-        self.moe_router_expert_pad_multiple = moe_router_expert_pad_multiple
-        self.permute_fusion = permute_fusion
-        if sync_free and not self.supports_sync_free:
+        if spec is None:  # built directly with the reference's arguments: check them here
+            spec = LayerSpec.checked(
+                names=MANAGER_NAMES, num_experts=num_experts, world_size=self.world_size,
+                num_local_experts=(num_experts // self.world_size
+                                   if num_local_experts is None and isinstance(num_experts, int) else num_local_experts),
+                topk=router_topk, capacity_factor=capacity_factor, router_dtype=router_dtype,
+                pad_multiple=moe_router_expert_pad_multiple, sync_free=sync_free,
+                max_tokens_per_expert=max_tokens_per_expert, validate_routing=validate_routing, num_sms=num_sms,
+                permute_fusion=permute_fusion)
+        elif spec.world_size != self.world_size:
+            raise ValueError(f"spec: made for a group of {spec.world_size}, got a group of {self.world_size}")
+        if spec.sync_free and not self.supports_sync_free:
             raise ValueError(f"sync_free: the {self.name} manager needs host-side counts for its "
                              f"collectives; use the DeepEP manager (one node) or one rank")
-        self.sync_free = sync_free
-        if max_tokens_per_expert is not None:
-            int_at_least("max_tokens_per_expert", max_tokens_per_expert, 1)
-            if not sync_free:
-                raise ValueError("max_tokens_per_expert: bounds the sync-free mode only (sync_free=True)")
-        self.max_tokens_per_expert = max_tokens_per_expert
+        self.spec = spec
+        # The reference's attribute names, read from the spec (never changed after this).
+        self.router_topk = spec.topk
+        self.num_experts = spec.num_experts
+        self.num_local_experts = spec.num_local_experts
+        self.capacity_factor = spec.capacity_factor
+        self.router_dtype = spec.router_dtype
+        self.moe_router_expert_pad_multiple = spec.pad_multiple
+        self.permute_fusion = spec.permute_fusion
+        self.sync_free = spec.sync_free
+        self.max_tokens_per_expert = spec.max_tokens_per_expert
+        self.validate_routing = spec.validate_routing
         # Assignments the bound dropped, summed on the device over calls (no sync to add one);
         # owned by the manager, read and cleared by the dispatcher's report_dropped_tokens.
         self.dropped_tokens: Optional[torch.Tensor] = None
-        self.validate_routing = validate_routing
         # Calls this manager finished or abandoned: carried in every header, so ranks that are
         # at different calls of this layer raise instead of mixing their exchanges.
         self._step = 0
@@ -185,9 +202,16 @@ class _ManagerBase(_DispatchManager):
         """
         self.wait()
         if self._stage != "idle":
-            self._step += 1
+            self._advance_step()
         self._release()
         self.tokens_per_expert = None
+
+    def _advance_step(self) -> None:
+        """Count a finished or abandoned call, for the headers of groups. A group of one has no
+        exchange and does not count (torch.compile would specialize on the count and compile
+        the layer again at every step)."""
+        if self.world_size > 1:
+            self._step += 1
 
     def defer(self, error: BaseException) -> None:
         """Hold this rank's failed check of the current call until the call's first exchange,
@@ -295,9 +319,10 @@ class _ManagerBase(_DispatchManager):
         the CPU raise here; elsewhere the status travels in the first exchange (or, on one GPU,
         is read at the permutation's sizing sync)."""
         p = probs.detach()
-        clean, status = ops.check_route(indices, self.num_experts, 0, p)  # converts other float dtypes
         if self.world_size == 1:
-            ops.defer_routing_error(status, indices, self.num_experts, "token_indices", p)
+            clean, status = ops.check_route_reported(indices, self.num_experts, p, "token_indices")
+        else:
+            clean, status = ops.check_route(indices, self.num_experts, 0, p)  # converts other float dtypes
         self._checked_route = (indices, p)
         return clean, status
 
@@ -313,7 +338,9 @@ class _ManagerBase(_DispatchManager):
         by_prob = torch.argsort(p, descending=True, stable=True)  # ties keep token order
         order = by_prob[torch.argsort(flat[by_prob], stable=True)]
         sorted_experts = flat[order]
-        counts = torch.bincount(flat, minlength=experts + 1)
+        # (not bincount, whose output size depends on the values: torch.compile would break there)
+        counts = torch.zeros(experts + 1, dtype=torch.int64, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
         rank = torch.arange(flat.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
         keep = torch.empty_like(valid.flatten())
         keep[order] = (rank < capacity) & (sorted_experts < experts)
@@ -355,11 +382,16 @@ class _ManagerBase(_DispatchManager):
                 self._check_dispatch_input(hidden_states)
             except (ValueError, TypeError) as exc:
                 self.defer(exc)  # groups of one raise here
-        out = self._dispatch(None if self._deferred is not None else hidden_states, async_finish,
-                             allocate_on_comm_stream)
-        self._num_dispatched = self.dispatched_indices.shape[0]
+        result = self._dispatch(None if self._deferred is not None else hidden_states, async_finish,
+                                allocate_on_comm_stream)
+        self.dispatched_indices, self.dispatched_probs = result.indices, result.probs
+        if result.received_counts is not None:
+            self._set_received_counts(result.received_counts)
+        if result.num_out is not None:
+            self._num_out = result.num_out
+        self._num_dispatched = result.indices.shape[0]
         self._stage = "dispatched"
-        return out
+        return result.hidden
 
     def _check_dispatch_input(self, hidden_states) -> None:
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
@@ -432,7 +464,7 @@ class _ManagerBase(_DispatchManager):
         out = self._combine(hidden_states, async_finish, allocate_on_comm_stream)
         tokens_per_expert = self.tokens_per_expert
         self._release()
-        self._step += 1
+        self._advance_step()
         self.tokens_per_expert = tokens_per_expert
         return out
 
@@ -462,9 +494,10 @@ class _ManagerBase(_DispatchManager):
     # ---- for subclasses ---------------------------------------------------------------------
 
     @abc.abstractmethod
-    def _dispatch(self, hidden_states: torch.Tensor, async_finish: bool,
-                  allocate_on_comm_stream: bool) -> torch.Tensor:
-        """Move tokens; set dispatched_indices/probs and, when known, _num_out and tokens_per_expert."""
+    def _dispatch(self, hidden_states: Optional[torch.Tensor], async_finish: bool,
+                  allocate_on_comm_stream: bool) -> Dispatched:
+        """Move this call's routed tokens (``hidden_states`` None: this rank's check failed;
+        take part in the first exchange, where every rank raises)."""
 
     @abc.abstractmethod
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,

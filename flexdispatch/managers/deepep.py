@@ -47,7 +47,7 @@ import torch.distributed as dist
 from .. import ops
 from .._log import logger
 from . import agreement
-from .base import _ManagerBase
+from .base import Dispatched, _ManagerBase
 
 MAX_TOPK = 128  # DeepEP's buffer-size assumption (csrc/config.hpp)
 # DeepEP v1.2.1's intranode combine returned wrong sums for 256-byte rows (hidden 128, bf16)
@@ -252,7 +252,10 @@ def _previous_event(buffer, allocate_on_comm_stream: bool):
 class _DeepepDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, buffer, async_finish, allocate_on_comm_stream,
-                num_worst_tokens, side):
+                num_worst_tokens):
+        """``(recv_x, recv_idx, recv_probs, handle, counts, event)``: DeepEP's handle (for the
+        combine), its received counts per local expert (a list), and the event of an async
+        transfer (None otherwise)."""
         # Stream-ordered layout (a 30 us kernel, no host wait).
         per_rank, per_rdma_rank, per_expert, in_rank, _ = buffer.get_dispatch_layout(token_indices, num_experts)
         event = _previous_event(buffer, allocate_on_comm_stream)
@@ -261,35 +264,31 @@ class _DeepepDispatch(torch.autograd.Function):
             num_tokens_per_rdma_rank=per_rdma_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
             num_worst_tokens=num_worst_tokens, previous_event=event, async_finish=async_finish,
             allocate_on_comm_stream=allocate_on_comm_stream)
-        side["handle"], side["counts"] = handle, counts
-        if async_finish:
-            side["events"].append(after)
         ctx.buffer, ctx.handle = buffer, handle
         ctx.mark_non_differentiable(recv_idx)
-        return recv_x, recv_idx, recv_probs
+        return recv_x, recv_idx, recv_probs, handle, counts, (after if async_finish else None)
 
     @staticmethod
-    def backward(ctx, grad_x, grad_idx, grad_probs):
+    def backward(ctx, grad_x, grad_idx, grad_probs, _handle, _counts, _event):
         grad_x, grad_probs, _ = ctx.buffer.combine(grad_x.contiguous(), ctx.handle,
                                                    topk_weights=grad_probs.float().contiguous())
-        return grad_x, None, grad_probs, None, None, None, None, None, None
+        return grad_x, None, grad_probs, None, None, None, None, None
 
 
 class _DeepepCombine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, buffer, handle, async_finish, allocate_on_comm_stream, side):
+    def forward(ctx, x, buffer, handle, async_finish, allocate_on_comm_stream):
+        """``(combined, event)``: the event of an async transfer (None otherwise)."""
         combined, _, event = buffer.combine(x.contiguous(), handle,
                                             previous_event=_previous_event(buffer, allocate_on_comm_stream),
                                             async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
-        if async_finish:
-            side["events"].append(event)
         ctx.buffer, ctx.handle = buffer, handle
-        return combined
+        return combined, (event if async_finish else None)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _event):
         grad_x, _, _, _, _, _ = ctx.buffer.dispatch(grad.contiguous(), handle=ctx.handle)
-        return grad_x, None, None, None, None, None
+        return grad_x, None, None, None, None
 
 
 class _DeepepManager(_ManagerBase):
@@ -299,16 +298,14 @@ class _DeepepManager(_ManagerBase):
     name = "deepep"
     supports_sync_free = True
 
-    def __init__(self, group, router_topk: int, *args, num_sms: int = 20, **kwargs):
-        reason = unusable_reason(group, topk=router_topk)
+    def __init__(self, group, router_topk: Optional[int] = None, *args, **kwargs):
+        super().__init__(group, router_topk, *args, **kwargs)
+        reason = unusable_reason(group, topk=self.router_topk)
         if reason is not None:
             raise ValueError(f"DeepEP manager: {reason}")
-        if num_sms < 2 or num_sms % 2:
-            raise ValueError(f"num_sms: DeepEP needs an even SM count >= 2, got {num_sms}")
-        super().__init__(group, router_topk, *args, **kwargs)
         if self.sync_free and self.world_size > 8:
             raise ValueError("sync_free: DeepEP's worst-case mode works on one node (group size <= 8)")
-        self.num_sms = num_sms
+        self.num_sms = self.spec.num_sms
         # Owners: _events and _mask_after_wait belong to the call in flight (wait() consumes
         # them, _release clears them); _hidden_ok and _headers are per-manager caches (a checked
         # signature; a pinned buffer each call's dispatch overwrites before reading it).
@@ -378,7 +375,7 @@ class _DeepepManager(_ManagerBase):
         return async_finish, allocate_on_comm_stream and async_finish
 
     def _dispatch(self, hidden_states: Optional[torch.Tensor], async_finish: bool,
-                  allocate_on_comm_stream: bool) -> torch.Tensor:
+                  allocate_on_comm_stream: bool) -> Dispatched:
         async_finish, allocate_on_comm_stream = self._stream_ordered(async_finish, allocate_on_comm_stream)
         if hidden_states is not None:
             try:
@@ -398,35 +395,35 @@ class _DeepepManager(_ManagerBase):
         agree = not self.sync_free  # needs DeepEP's host wait
         routed = self._gather_headers(hidden_states, indices) if agree else indices
         routed = routed.to(topk_index_dtype())
-        side = {"events": self._events}
         buffer = _registry.get(self.group, x.shape[1] * x.element_size(), self.num_sms)
         worst = x.shape[0] * self.world_size if self.sync_free else 0
-        recv_x, recv_idx, recv_probs = _DeepepDispatch.apply(
-            x, routed, probs, self.num_experts, buffer, async_finish, allocate_on_comm_stream, worst, side)
+        recv_x, recv_idx, recv_probs, handle, counts, event = _DeepepDispatch.apply(
+            x, routed, probs, self.num_experts, buffer, async_finish, allocate_on_comm_stream, worst)
+        if event is not None:
+            self._events.append(event)
         if agree:
             ops.check_pending_errors()  # earlier calls' flags have landed too: DeepEP just waited
             self._agree(self._headers.clone(), "(DeepEP moved no token)")
-        self.handle = side["handle"]
+        self.handle = handle
         self._buffer = buffer
         # No op may read the received tensors before wait(): an async transfer is still in
         # flight. DeepEP already zeroes the probs of slots whose expert lives elsewhere; only the
         # worst-case padding rows of sync-free mode need masking, which wait() does.
-        self.dispatched_indices = recv_idx
-        self.dispatched_probs = recv_probs
         self._mask_after_wait = self.sync_free
         if self.sync_free:
-            self._num_out = self._worst_case_rows(worst)
-        else:
-            self._set_received_counts(torch.tensor(side["counts"], dtype=torch.int64))
-        return recv_x
+            return Dispatched(recv_x, recv_idx, recv_probs, num_out=self._worst_case_rows(worst))
+        return Dispatched(recv_x, recv_idx, recv_probs, received_counts=torch.tensor(counts, dtype=torch.int64))
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
                  allocate_on_comm_stream: bool) -> torch.Tensor:
         if hidden_states.dtype != torch.bfloat16:
             raise TypeError(f"hidden_states: DeepEP's combine needs bfloat16, got {hidden_states.dtype}")
         async_finish, allocate_on_comm_stream = self._stream_ordered(async_finish, allocate_on_comm_stream)
-        return _DeepepCombine.apply(hidden_states, self._buffer, self.handle, async_finish,
-                                    allocate_on_comm_stream, {"events": self._events})
+        combined, event = _DeepepCombine.apply(hidden_states, self._buffer, self.handle, async_finish,
+                                               allocate_on_comm_stream)
+        if event is not None:
+            self._events.append(event)
+        return combined
 
     def _release(self) -> None:
         super()._release()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import _ManagerBase
+from .base import Dispatched, _ManagerBase
 
 
 class _LocalManager(_ManagerBase):
@@ -20,12 +20,10 @@ class _LocalManager(_ManagerBase):
     supports_sync_free = True
 
     def _dispatch(self, hidden_states: torch.Tensor, async_finish: bool,
-                  allocate_on_comm_stream: bool) -> torch.Tensor:
-        self.dispatched_indices = self.token_indices
-        self.dispatched_probs = self._masked_probs(self.token_indices, self.token_probs)
-        if self.sync_free:
-            self._num_out = self._worst_case_rows(hidden_states.shape[0])
-        return hidden_states
+                  allocate_on_comm_stream: bool) -> Dispatched:
+        return Dispatched(hidden_states, self.token_indices,
+                          self._masked_probs(self.token_indices, self.token_probs),
+                          num_out=self._worst_case_rows(hidden_states.shape[0]) if self.sync_free else None)
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
                  allocate_on_comm_stream: bool) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""The backends, one entry each, and the one function that chooses among them.
+
+Adding a backend: write its manager (a :class:`~.base._ManagerBase` subclass with
+``_dispatch`` and ``_combine``) in a module of its own, give it a probe (why it cannot serve
+a group or a call; None when it can), and add one :class:`Backend` line to ``BACKENDS``.
+``moe_flex_backend`` then accepts its name, and ``auto`` considers it in ``AUTO_ORDER``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .._log import logger
+from ..spec import LayerSpec
+from . import deepep
+from .alltoall import _AllToAllManager
+from .base import _ManagerBase
+from .local import _LocalManager
+
+
+def _group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _local_probe(group, **call) -> Optional[str]:
+    size = _group_size(group)
+    return None if size == 1 else f"the local manager serves a group of one rank, got {size}"
+
+
+def _alltoall_probe(group, **call) -> Optional[str]:
+    if group is None:
+        return ("needs an expert-parallel process group (ep_group); with ep_group=None there is one "
+                "rank: use 'local' or 'auto'")
+    return None
+
+
+def _deepep_probe(group, *, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+                  hidden: Optional[int] = None, topk: Optional[int] = None) -> Optional[str]:
+    return deepep.unusable_reason(group, device, dtype, hidden, topk)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A way of moving tokens.
+
+    Attributes:
+        name: the ``moe_flex_backend`` value.
+        manager: its manager class.
+        probe: ``probe(group, *, device, dtype, hidden, topk)``: why it cannot serve (None: it
+            can); arguments left out are not judged.
+        needs_tensors: whether ``auto`` must see a call's tensors before it can choose this one.
+    """
+
+    name: str
+    manager: type
+    probe: Callable[..., Optional[str]]
+    needs_tensors: bool = False
+
+
+BACKENDS = {b.name: b for b in (
+    Backend("local", _LocalManager, _local_probe),
+    Backend("alltoall", _AllToAllManager, _alltoall_probe),
+    Backend("deepep", deepep._DeepepManager, _deepep_probe, needs_tensors=True),
+)}
+AUTO_ORDER = ("deepep", "alltoall")
+"""What ``auto`` tries for a group of several ranks, best first (one rank: always local)."""
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every value ``moe_flex_backend`` accepts."""
+    return ("auto",) + tuple(BACKENDS)
+
+
+def unusable_reason(name: str, group, **call) -> Optional[str]:
+    """Why backend ``name`` cannot serve ``group`` (and the call described by ``call``)."""
+    return BACKENDS[name].probe(group, **call)
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """What :func:`choose` decided.
+
+    Attributes:
+        name: the backend, or None when ``auto`` must first see a call's tensors
+            (``candidate`` names the one it will probe then).
+        candidate: the backend to probe at the first dispatch (with ``name`` None).
+        passed_over: why ``auto`` did not take a better backend (said once, at the first
+            dispatch of CUDA tensors), or None.
+    """
+
+    name: Optional[str]
+    candidate: Optional[str] = None
+    passed_over: Optional[str] = None
+
+
+def choose(requested: str, group, topk: int, prefer_deepep: bool = True) -> Choice:
+    """The backend of a layer from what is known before its first call.
+
+    An explicit backend that cannot serve raises ValueError saying why. ``auto``: local for one
+    rank; else the first of ``AUTO_ORDER`` whose probe passes (DeepEP only when
+    ``prefer_deepep``), deferred to the first dispatch when that one needs the tensors.
+    """
+    if requested != "auto":
+        reason = unusable_reason(requested, group, topk=topk)
+        if reason is not None:
+            raise ValueError(f"config.moe_flex_backend={requested!r}: {reason}")
+        return Choice(requested)
+    if _group_size(group) == 1:
+        return Choice("local")
+    passed_over = None
+    for name in AUTO_ORDER:
+        if name == "deepep" and not prefer_deepep:
+            continue
+        reason = unusable_reason(name, group)
+        if reason is None:
+            if BACKENDS[name].needs_tensors:
+                return Choice(None, candidate=name)
+            return Choice(name, passed_over=passed_over)
+        passed_over = passed_over or reason
+    raise ValueError(f"config.moe_flex_backend='auto': no backend can serve this group ({passed_over})")
+
+
+_logged: set = set()
+
+
+def make_manager(name: str, group, spec: LayerSpec) -> _ManagerBase:
+    """A new manager of backend ``name`` for ``group`` (the choice is logged once per group)."""
+    manager = BACKENDS[name].manager(group, spec=spec)
+    key = (id(group), name)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("expert-parallel group of %d rank(s): %s manager", _group_size(group), name)
+    return manager
