@@ -56,7 +56,7 @@ fd::Route route_of(const Tensor& route, int64_t num_experts) {
   TORCH_CHECK_VALUE(route.dim() == 2, "route must be 2-D [rows, slots], got ", route.dim(), "-D");
   check_contiguous(route, "route");
   TORCH_CHECK_VALUE(num_experts > 0 && fd::chunk_rows_for(static_cast<int32_t>(num_experts)) > 0,
-                    "num_experts must be in [1, 12288], got ", num_experts);
+                    "num_experts must be in [1, ", fd::kMaxExperts, "], got ", num_experts);
   int32_t kind;
   switch (route.scalar_type()) {
     case at::kInt: kind = fd::kRouteIndex32; break;

@@ -28,6 +28,7 @@
 
 namespace flexdispatch {
 
+// Error bits (flexdispatch/rowmap.py reads these lines: the Python names are generated from them).
 enum ErrorBits : int64_t {
   kIndexOutOfRange = 1,   // an index < -1 or >= E
   kDuplicateIndex = 2,    // the same expert twice in one row
@@ -58,12 +59,15 @@ FD_HOST_DEVICE inline int64_t layout_padded(int32_t e) { return e; }
 FD_HOST_DEVICE inline int64_t layout_offsets(int32_t e) { return 2 * int64_t(e); }
 FD_HOST_DEVICE inline int64_t layout_error(int32_t e) { return 3 * int64_t(e) + 1; }
 
+// The most experts one permutation serves (flexdispatch/rowmap.py reads this line).
+constexpr int32_t kMaxExperts = 12288;
+
 // Rows per chunk of the counting passes: a chunk keeps one bit per (expert, row) in shared
 // memory (E * rows / 8 bytes), so many experts get smaller chunks. Returns 0 when E is too
 // large for the kernels (the bindings turn that into a ValueError).
 inline int32_t chunk_rows_for(int32_t num_experts) {
-  if (num_experts <= 1536) return 256;   // <= 48 KiB of masks
-  if (num_experts <= 12288) return 32;   // <= 48 KiB of masks
+  if (num_experts <= 1536) return 256;        // <= 48 KiB of masks
+  if (num_experts <= kMaxExperts) return 32;  // <= 48 KiB of masks
   return 0;
 }
 

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import _jit, reference
-from .rowmap import RowIdMap, index_route_error_bits, layout_error_index, layout_total_index, routing_error
+from .rowmap import (MAX_EXPERTS, RowIdMap, index_route_error_bits, layout_error_index, layout_total_index,
+                     routing_error)
 
 # The compiled kernels, loaded (built on a cold cache) at the first op that needs them, or by
 # load_kernels(): importing flexdispatch builds nothing, so commands that need no kernels
@@ -176,8 +177,8 @@ def _check_index_route(indices, num_experts, rows: Optional[int], name: str = "i
         raise ValueError(f"{name}: expected a 2-D tensor [rows, topk], got shape {tuple(indices.shape)}")
     if rows is not None and indices.shape[0] != rows:
         raise ValueError(f"{name}: expected {rows} rows (one per token), got {indices.shape[0]}")
-    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or not 1 <= num_experts <= 12288:
-        raise ValueError(f"num_experts: expected an int in [1, 12288], got {num_experts!r}")
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"num_experts: expected an int in [1, {MAX_EXPERTS}], got {num_experts!r}")
 
 
 def _check_sizes(num_out_tokens, pad_multiple) -> None:

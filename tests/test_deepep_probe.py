@@ -10,9 +10,18 @@ from flexdispatch.managers import deepep
 
 
 class FakeBuffer:
+    sizes = (2, 4, 8, 16, 48)  # a config table with a size flexdispatch never listed (48)
+
     @staticmethod
     def is_sm90_compiled():
         return True
+
+    @classmethod
+    def get_dispatch_config(cls, num_ranks):
+        assert num_ranks in cls.sizes, f"Unsupported number of EP ranks: {num_ranks}"
+        return object()
+
+    get_combine_config = get_dispatch_config
 
 
 @pytest.fixture
@@ -26,6 +35,7 @@ def fake_deep_ep(monkeypatch):
         monkeypatch.setitem(sys.modules, "deep_ep_cpp", types.ModuleType("deep_ep_cpp"))
         monkeypatch.setattr(deepep, "_deep_ep", module)
         monkeypatch.setattr(deepep, "_import_error", None)
+        monkeypatch.setattr(deepep, "_group_sizes", {})
         monkeypatch.setattr(deepep.dist, "get_world_size", lambda group: 2)
     return install
 
@@ -46,3 +56,16 @@ def test_fixed_build_serves_narrow_rows(fake_deep_ep):
     assert deepep.unusable_reason(GROUP, hidden_size=128) is None
     assert deepep.topk_index_dtype() == torch.int64
     assert "multiple of 32" in deepep.unusable_reason(GROUP, hidden_size=120)  # SM90 TMA limit stays
+
+
+def test_group_sizes_are_asked_of_deepep(fake_deep_ep):
+    """The sizes come from DeepEP's own config tables (they differ across versions), not from
+    a list of ours."""
+    fake_deep_ep(with_topk_idx_t=True)
+    assert deepep.supported_group_sizes() == (2, 4, 8, 16, 48)
+    FakeBuffer.is_sm90_compiled = staticmethod(lambda: False)  # no NVSHMEM: one node only
+    try:
+        deepep._group_sizes.clear()
+        assert deepep.supported_group_sizes() == (2, 4, 8)
+    finally:
+        FakeBuffer.is_sm90_compiled = staticmethod(lambda: True)

@@ -299,8 +299,9 @@ def test_cuda_routing_error_raised_by_a_later_op_without_sync():
 
 
 def test_python_constants_match_the_kernel_header():
-    """Error bits and layout positions are written in cuda_src/flexdispatch.h and in
-    flexdispatch/rowmap.py; they must agree (and the agreement header's own bits stay clear)."""
+    """rowmap.py reads the error bits and the expert limit from cuda_src/flexdispatch.h and
+    writes the layout positions as formulas; both must agree with the header (and the
+    agreement header's own bits stay clear)."""
     import re
     from pathlib import Path
 
@@ -317,4 +318,7 @@ def test_python_constants_match_the_kernel_header():
         "IndexOutOfRange", "DuplicateIndex", "OutputOverflow", "NonFiniteProb")) == 0
     assert "layout_error(int32_t e) { return 3 * int64_t(e) + 1; }" in header
     assert rowmap.layout_error_index(7) == 22 and rowmap.layout_total_index(7) == 21
+    assert f"constexpr int32_t kMaxExperts = {rowmap.MAX_EXPERTS};" in header
+    with pytest.raises(ValueError, match=f"expected an int in \\[1, {rowmap.MAX_EXPERTS}\\]"):
+        ops.check_route(torch.zeros(1, 1, dtype=torch.long), rowmap.MAX_EXPERTS + 1)
     assert "layout_offsets(int32_t e) { return 2 * int64_t(e); }" in header

@@ -60,7 +60,7 @@ MAX_TOPK = 128  # DeepEP's buffer-size assumption (csrc/config.hpp)
 # ``topk_idx_t`` (commit da6ca24), or the 2.x package layout (``deep_ep._C``). A build between
 # the two commits is treated as defective (narrow rows go to all-to-all: safe, slower).
 MIN_VERIFIED_ROW_BYTES = 2048
-INTRANODE_SIZES = (2, 4, 8)
+NVL_MAX_RANKS = 8  # ranks of one NVLink domain DeepEP's intranode kernels serve
 
 _deep_ep = None
 _import_error: Optional[str] = None
@@ -116,15 +116,28 @@ def _sm90_build() -> bool:
         return False
 
 
+_group_sizes: dict = {}  # id(deep_ep module) -> its sizes (asked once per module)
+
+
 def supported_group_sizes() -> tuple[int, ...]:
-    """Group sizes DeepEP's tables know; beyond one node only with its NVSHMEM build."""
+    """Group sizes this DeepEP build has dispatch and combine configs for (DeepEP is asked:
+    its tables differ across versions); beyond one node only with its NVSHMEM (SM90) build."""
     module = _import_deep_ep()
     if module is None:
         return ()
-    sizes = list(INTRANODE_SIZES)
-    if _sm90_build():  # the NVSHMEM (internode) kernels come with the SM90 build
-        sizes += [16, 24, 32, 64, 128, 144, 160]
-    return tuple(sizes)
+    if id(module) not in _group_sizes:
+        sizes = []
+        for size in range(2, 1025):
+            if size > NVL_MAX_RANKS and (size % NVL_MAX_RANKS or not _sm90_build()):
+                continue
+            try:
+                module.Buffer.get_dispatch_config(size)
+                module.Buffer.get_combine_config(size)
+            except Exception:  # noqa: BLE001 - DeepEP asserts on sizes it has no config for
+                continue
+            sizes.append(size)
+        _group_sizes[id(module)] = tuple(sizes)
+    return _group_sizes[id(module)]
 
 
 def unusable_reason(group, device: Optional[torch.device] = None, hidden_dtype: Optional[torch.dtype] = None,
@@ -192,7 +205,7 @@ class _BufferRegistry:
         nvl_bytes = rdma_bytes = 0
         for config in (deep_ep.Buffer.get_dispatch_config(size), deep_ep.Buffer.get_combine_config(size)):
             nvl_bytes = max(nvl_bytes, config.get_nvl_buffer_size_hint(hidden_bytes, size))
-            if size > 8:
+            if size > NVL_MAX_RANKS:
                 rdma_bytes = max(rdma_bytes, config.get_rdma_buffer_size_hint(hidden_bytes, size))
         # Diagnostics: a floor on the NVLink buffer, to rule its size in or out of a problem.
         nvl_bytes = max(nvl_bytes, int(float(os.environ.get("FLEXDISPATCH_DEEPEP_MIN_NVL_BYTES", "0"))) // 128 * 128)
@@ -303,7 +316,7 @@ class _DeepepManager(_ManagerBase):
         reason = unusable_reason(group, topk=self.router_topk)
         if reason is not None:
             raise ValueError(f"DeepEP manager: {reason}")
-        if self.sync_free and self.world_size > 8:
+        if self.sync_free and self.world_size > NVL_MAX_RANKS:
             raise ValueError("sync_free: DeepEP's worst-case mode works on one node (group size <= 8)")
         self.num_sms = self.spec.num_sms
         # Owners: _events and _mask_after_wait belong to the call in flight (wait() consumes
