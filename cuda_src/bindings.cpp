@@ -392,6 +392,69 @@ std::tuple<Tensor, Tensor> gather_rows_backward(const Tensor& grad_out, const Te
   return {grad_src, grad_probs};
 }
 
+// ---- FP8 rows ---------------------------------------------------------------------------
+
+// Kernels read rows as 16-byte vectors: a view that starts off that alignment is copied first.
+Tensor aligned(const Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
+}
+
+// x [rows, hidden] (float32, float16 or bfloat16; hidden a multiple of 128) ->
+// (q [rows, hidden] uint8 e4m3fn bits, scales [rows, hidden / 128] float32).
+std::tuple<Tensor, Tensor> quantize_fp8(const Tensor& x_in) {
+  as_rows(x_in, "x");
+  const fd::DType dtype = dtype_of(x_in, "x");
+  TORCH_CHECK_TYPE(dtype != fd::kFloat64, "x must be float32, float16 or bfloat16 for FP8, got float64");
+  TORCH_CHECK_VALUE(x_in.size(1) % fd::kFp8Group == 0, "x's hidden size must be a multiple of ", fd::kFp8Group,
+                    ", got ", x_in.size(1));
+  const Tensor x = aligned(x_in);
+  const int64_t groups = x.size(0) * (x.size(1) / fd::kFp8Group);
+  auto q = torch::empty({x.size(0), x.size(1)}, x.options().dtype(at::kByte));
+  auto scales = torch::empty({x.size(0), x.size(1) / fd::kFp8Group}, x.options().dtype(at::kFloat));
+  if (x.is_cuda()) {
+#ifdef FLEXDISPATCH_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    FD_CUDA_CHECK(fd::cuda::quantize_fp8(dtype, x.data_ptr(), groups, q.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                                         c10::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK(false, "flexdispatch was built without CUDA");
+#endif
+  } else {
+    fd::cpu::quantize_fp8(dtype, x.data_ptr(), groups, q.data_ptr<uint8_t>(), scales.data_ptr<float>());
+  }
+  return {q, scales};
+}
+
+// (q [rows, hidden] uint8, scales [rows, hidden / 128] float32) -> [rows, hidden] of `like`'s dtype.
+Tensor dequantize_fp8(const Tensor& q_in, const Tensor& scales_in, const Tensor& like) {
+  as_rows(q_in, "q");
+  TORCH_CHECK_TYPE(q_in.scalar_type() == at::kByte, "q must hold e4m3fn bits as uint8, got ", q_in.scalar_type());
+  TORCH_CHECK_VALUE(q_in.size(1) % fd::kFp8Group == 0, "q's hidden size must be a multiple of ", fd::kFp8Group);
+  TORCH_CHECK_TYPE(scales_in.scalar_type() == at::kFloat, "scales must be float32, got ", scales_in.scalar_type());
+  TORCH_CHECK_VALUE(scales_in.dim() == 2 && scales_in.size(0) == q_in.size(0) &&
+                        scales_in.size(1) == q_in.size(1) / fd::kFp8Group,
+                    "scales must be [rows, hidden / ", fd::kFp8Group, "], got ", scales_in.sizes());
+  check_contiguous(scales_in, "scales");
+  check_same_device(q_in, scales_in, "scales");
+  const fd::DType dtype = dtype_of(like, "dtype");
+  TORCH_CHECK_TYPE(dtype != fd::kFloat64, "FP8 rows dequantize to float32, float16 or bfloat16, not float64");
+  const Tensor q = aligned(q_in);
+  const int64_t groups = q.size(0) * (q.size(1) / fd::kFp8Group);
+  auto out = torch::empty({q.size(0), q.size(1)}, q.options().dtype(like.scalar_type()));
+  if (q.is_cuda()) {
+#ifdef FLEXDISPATCH_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(q.device());
+    FD_CUDA_CHECK(fd::cuda::dequantize_fp8(dtype, q.data_ptr<uint8_t>(), scales_in.data_ptr<float>(), groups,
+                                           out.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK(false, "flexdispatch was built without CUDA");
+#endif
+  } else {
+    fd::cpu::dequantize_fp8(dtype, q.data_ptr<uint8_t>(), scales_in.data_ptr<float>(), groups, out.data_ptr());
+  }
+  return out;
+}
+
 bool with_cuda() {
 #ifdef FLEXDISPATCH_WITH_CUDA
   return true;
@@ -411,5 +474,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scatter_rows", &scatter_rows);
   m.def("gather_rows", &gather_rows);
   m.def("gather_rows_backward", &gather_rows_backward);
+  m.def("quantize_fp8", &quantize_fp8);
+  m.def("dequantize_fp8", &dequantize_fp8);
   m.def("with_cuda", &with_cuda);
 }

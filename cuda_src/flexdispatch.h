@@ -17,7 +17,9 @@
 // so one small device-to-host copy returns both the size of the output and any error.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 // Helpers below run on the host and, when nvcc compiles them, on the device.
 #if defined(__CUDACC__)
@@ -77,5 +79,48 @@ inline int64_t num_chunks_for(int64_t rows, int32_t num_experts) {
 }
 
 FD_HOST_DEVICE inline int64_t round_up(int64_t x, int64_t m) { return m > 1 ? (x + m - 1) / m * m : x; }
+
+// ---- FP8 dispatch: float8 e4m3fn values, one float32 scale per kFp8Group values of a row ----
+// (DeepEP's and DeepSeek-V3's format.) A group's scale is max(amax, kFp8MinAmax) / kFp8Max, so
+// its largest value lands on 448 and an all-zero group stays zero.
+constexpr int32_t kFp8Group = 128;
+constexpr float kFp8Max = 448.0f;      // the largest finite e4m3fn value
+constexpr float kFp8MinAmax = 1e-4f;   // the smallest amax a scale is made from
+
+FD_HOST_DEVICE inline uint32_t float_bits(float x) {
+  uint32_t u;
+  memcpy(&u, &x, 4);
+  return u;
+}
+
+FD_HOST_DEVICE inline float bits_float(uint32_t u) {
+  float x;
+  memcpy(&x, &u, 4);
+  return x;
+}
+
+// float -> e4m3fn bits: round to nearest even (as torch's conversion), saturating at +-448
+// (torch gives NaN from 464 up; quantized values never get there); NaN -> 0x7f with its sign.
+FD_HOST_DEVICE inline uint8_t fp8_e4m3_from_float(float x) {
+  const uint32_t u = float_bits(x);
+  const uint32_t sign = (u >> 24) & 0x80u;
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint8_t>(sign | 0x7fu);  // NaN
+  if (a >= 0x43e80000u) return static_cast<uint8_t>(sign | 0x7eu);  // >= 464: saturate
+  if (a < 0x3c800000u) {  // below 2^-6: subnormal steps of 2^-9 (8 steps round up to 2^-6)
+    return static_cast<uint8_t>(sign | static_cast<uint32_t>(rintf(bits_float(a) * 512.0f)));
+  }
+  const uint32_t rounded = (a + 0x7ffffu + ((a >> 20) & 1u)) >> 20;  // 3 mantissa bits, to even
+  const uint32_t code = rounded - ((127u - 7u) << 3);                // exponent bias 127 -> 7
+  return static_cast<uint8_t>(sign | (code > 0x7eu ? 0x7eu : code));
+}
+
+FD_HOST_DEVICE inline float fp8_e4m3_to_float(uint8_t v) {
+  const uint32_t sign = static_cast<uint32_t>(v & 0x80u) << 24;
+  const uint32_t e = (v >> 3) & 0xfu, m = v & 7u;
+  if ((v & 0x7fu) == 0x7fu) return bits_float(sign | 0x7fc00000u);  // NaN
+  if (e == 0) return bits_float(sign | float_bits(static_cast<float>(m) * 0.001953125f));  // m * 2^-9
+  return bits_float(sign | ((e + 120u) << 23) | (m << 20));
+}
 
 }  // namespace flexdispatch

@@ -61,5 +61,12 @@ cudaError_t gather_rows_backward(DType dtype, const void* grad_out, const void* 
                                  DType prob_dtype, int64_t rows, void* grad_src, void* grad_probs,
                                  cudaStream_t stream);
 
+// FP8 rows in groups of kFp8Group values (dtype: float32, float16 or bfloat16), one warp
+// per group: q [groups * 128] e4m3fn bits and scales [groups]; and back.
+cudaError_t quantize_fp8(DType dtype, const void* x, int64_t groups, uint8_t* q, float* scales,
+                         cudaStream_t stream);
+cudaError_t dequantize_fp8(DType dtype, const uint8_t* q, const float* scales, int64_t groups, void* out,
+                           cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace flexdispatch

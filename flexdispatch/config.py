@@ -63,6 +63,15 @@ class MoEConfig:
     moe_dropped_tokens: str = "warn"
     """What :meth:`MoEFlexTokenDispatcher.report_dropped_tokens` does when the bound dropped
     assignments: "warn" (one warning a report), "raise" (ValueError) or "ignore"."""
+    moe_fp8_dispatch: bool = False
+    """Send hidden states to the experts' ranks as float8 e4m3fn with one float32 scale per
+    128 values of a row (DeepEP's and DeepSeek-V3's format: half the bytes of bf16 on the
+    wire). The hidden size must be a multiple of 128 and the hidden states float32, float16
+    or bfloat16. The receiver dequantizes to the hidden dtype, so experts see what they saw
+    before, rounded through FP8 (relative error about 2-3% per value, see README); every
+    manager applies the same rounding (one rank too), so results do not depend on the
+    backend. Combine and every backward transfer stay in the hidden dtype; gradients pass
+    the rounding unchanged (straight-through). Experimental: untested on GPUs so far."""
     moe_validate_routing: bool = True
     """Check routing indices (range, duplicates) before tokens move; every rank raises
     together. One small kernel; no extra collective or host sync on DeepEP within a node."""
@@ -71,7 +80,8 @@ class MoEConfig:
         check_fields(names=CONFIG_NAMES, num_experts=self.num_moe_experts, topk=self.moe_router_topk,
                      capacity_factor=self.moe_expert_capacity_factor, router_dtype=self.moe_router_dtype,
                      pad_multiple=self.moe_router_expert_pad_multiple, sync_free=self.moe_sync_free,
-                     max_tokens_per_expert=self.moe_max_tokens_per_expert, num_sms=self.moe_deepep_num_sms)
+                     max_tokens_per_expert=self.moe_max_tokens_per_expert, num_sms=self.moe_deepep_num_sms,
+                     fp8_dispatch=self.moe_fp8_dispatch)
         from .managers.registry import backend_names  # (the registry imports the managers, which import this)
 
         if self.moe_flex_backend not in backend_names():

@@ -539,4 +539,75 @@ def check_route_reported(indices: torch.Tensor, num_experts: int, probs: Optiona
     return clean, status
 
 
+# ---- FP8 rows ------------------------------------------------------------------------------
+
+FP8_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_fp8_rows(x, name: str) -> None:
+    _check_rows(x, name)
+    if x.shape[1] % reference.FP8_GROUP:
+        raise ValueError(f"{name}: FP8 needs a hidden size that is a multiple of {reference.FP8_GROUP}, "
+                         f"got {x.shape[1]}")
+
+
+def quantize_fp8(x: torch.Tensor):
+    """Quantize rows to float8 e4m3fn with one float32 scale per 128 values (DeepEP's and
+    DeepSeek-V3's format), in one kernel pass.
+
+    Args:
+        x: ``[R, H]`` float32, float16 or bfloat16, ``H`` a multiple of 128.
+
+    Returns:
+        ``(q [R, H] torch.float8_e4m3fn, scales [R, H / 128] float32)``: per group of 128
+        values ``scale = max(amax, 1e-4) / 448`` and ``q = x / scale`` rounded to nearest even
+        (so the group's largest magnitude becomes 448 and an all-zero group stays zero).
+        Values below the e4m3 subnormal step (2^-9 of the scale) round to zero. A group holding
+        NaN gets a NaN scale and NaN values; one holding inf gets an inf scale (its finite
+        values become 0, the inf NaN). Not differentiable (see :func:`fp8_round_trip`).
+    """
+    _check_fp8_rows(x, "x")
+    if x.dtype not in FP8_DTYPES:
+        raise TypeError(f"x: FP8 quantization takes float32, float16 or bfloat16, got {x.dtype}")
+    x = x.detach().contiguous()
+    if not _use_kernels(x) or torch.compiler.is_compiling():
+        return reference.quantize_fp8(x)
+    q, scales = _C.quantize_fp8(x)
+    return q.view(torch.float8_e4m3fn), scales
+
+
+def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Inverse of :func:`quantize_fp8`: ``q [R, H]`` float8_e4m3fn (or its uint8 bits) and
+    ``scales [R, H / 128]`` float32 -> ``[R, H]`` of ``dtype`` (float32, float16 or bfloat16),
+    ``q * scale`` computed in float32 and rounded to nearest even."""
+    _check_fp8_rows(q, "q")
+    if q.dtype not in (torch.float8_e4m3fn, torch.uint8):
+        raise TypeError(f"q: expected torch.float8_e4m3fn (or uint8 bits), got {q.dtype}")
+    _check_tensor(scales, "scales")
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (q.shape[0], q.shape[1] // reference.FP8_GROUP):
+        raise ValueError(f"scales: expected float32 [{q.shape[0]}, {q.shape[1] // reference.FP8_GROUP}], "
+                         f"got {scales.dtype} {tuple(scales.shape)}")
+    if dtype not in FP8_DTYPES:
+        raise TypeError(f"dtype: FP8 rows dequantize to float32, float16 or bfloat16, got {dtype}")
+    if not _use_kernels(q) or torch.compiler.is_compiling():
+        return reference.dequantize_fp8(q.view(torch.float8_e4m3fn), scales, dtype)
+    return _C.dequantize_fp8(q.contiguous().view(torch.uint8), scales.contiguous(), torch.empty(0, dtype=dtype))
+
+
+class _Fp8RoundTrip(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return dequantize_fp8(*quantize_fp8(x), dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """``dequantize_fp8(quantize_fp8(x))`` in ``x``'s dtype, with the identity as its gradient
+    (straight-through): what a row looks like after an FP8 dispatch."""
+    return _Fp8RoundTrip.apply(x)
+
+
 from . import _library  # noqa: E402  (registers the custom ops, which call back into this module)

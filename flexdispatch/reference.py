@@ -128,3 +128,29 @@ def unpermute(permuted: torch.Tensor, row_id_map: RowIdMap, probs: Optional[torc
         out = out + term
     out = out.to(permuted.dtype)
     return out.view(tuple(restore_shape)) if restore_shape is not None else out
+
+
+# ---- FP8 rows --------------------------------------------------------------------------------
+
+FP8_GROUP = 128  # values per scale (cuda_src/flexdispatch.h: kFp8Group)
+FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
+FP8_MIN_AMAX = 1e-4  # a group's amax is clamped up to this, so an all-zero group stays zero
+
+
+def quantize_fp8(x: torch.Tensor):
+    """``x [R, H]`` (float32/16, bfloat16; H a multiple of 128) -> ``(q [R, H]
+    float8_e4m3fn, scales [R, H / 128] float32)`` with ``scale = max(amax, 1e-4) / 448`` per
+    group of 128 values and ``q = x / scale`` rounded to nearest even."""
+    rows, hidden = x.shape
+    g = x.float().reshape(rows, hidden // FP8_GROUP, FP8_GROUP)
+    scales = g.abs().amax(-1).clamp(min=FP8_MIN_AMAX) / FP8_MAX
+    q = (g / scales[..., None]).to(torch.float8_e4m3fn)
+    return q.reshape(rows, hidden), scales
+
+
+def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``q [R, H]`` float8_e4m3fn and ``scales [R, H / 128]`` -> ``[R, H]`` of ``dtype``:
+    ``q * scale`` in float32, rounded to ``dtype``."""
+    rows, hidden = q.shape
+    g = q.float().reshape(rows, hidden // FP8_GROUP, FP8_GROUP) * scales[..., None]
+    return g.reshape(rows, hidden).to(dtype)

@@ -32,16 +32,19 @@ def _routing(logits, topk, experts, capacity, router_dtype):
 
 def moe_matches_dense(rank, world, *, entry="probs", tokens_per_rank=None, hidden=16, experts=12, topk=3,
                       pad=None, capacity=None, router_dtype="fp32", dtype="float32", seed=0, device="cpu",
-                      backend="auto", repeat=2):
+                      backend="auto", repeat=2, fp8=False):
     """A layer through the dispatcher against the dense formula: outputs and gradients of the
-    hidden states, the router logits and the experts' weights."""
+    hidden states, the router logits and the experts' weights. With ``fp8`` the dense formula
+    sees every rank's tokens rounded through reference.quantize_fp8 / dequantize_fp8 (in the
+    hidden dtype), with the identity as that rounding's gradient."""
     dtype = DTYPES[dtype]
     tokens_per_rank = tokens_per_rank or [20 + 7 * r for r in range(world)]
     xs, logits, weights = make_problem(seed, tokens_per_rank, hidden, experts)
     local = experts // world
     mine = slice(rank * local, (rank + 1) * local)
     d = _dispatcher(rank, world, experts, topk, moe_router_expert_pad_multiple=pad,
-                    moe_expert_capacity_factor=capacity, moe_router_dtype=router_dtype, moe_flex_backend=backend)
+                    moe_expert_capacity_factor=capacity, moe_router_dtype=router_dtype, moe_flex_backend=backend,
+                    moe_fp8_dispatch=fp8)
 
     outs = []
     for _ in range(repeat):  # the same bits every time
@@ -74,7 +77,10 @@ def moe_matches_dense(rank, world, *, entry="probs", tokens_per_rank=None, hidde
     dense_out = None
     for r in range(world):
         _, tp, ti = _routing(ld[r], topk, experts, capacity, router_dtype)
-        o = dense_layer(xd[r], tp, ti, wd)
+        xr = xd[r]
+        if fp8:  # what the experts receive: the tokens rounded through FP8 (straight-through)
+            xr = xr + (fp8_round_trip_reference(xr.detach().to(dtype)).double() - xr.detach())
+        o = dense_layer(xr, tp, ti, wd)
         loss = loss + (o * torch.cos(xd[r].detach())).sum()
         if r == rank:
             dense_out = o
@@ -85,6 +91,11 @@ def moe_matches_dense(rank, world, *, entry="probs", tokens_per_rank=None, hidde
         "grad_logits": rel_err(lg_grad, gl), "grad_experts": rel_err(w_grad, gw[mine]),
         "tolerance": TOLERANCE[dtype], "identical_reruns": identical, "backend": d.backend,
     }
+
+
+def fp8_round_trip_reference(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded through FP8 by the plain-PyTorch twins, in ``x``'s dtype."""
+    return fd.reference.dequantize_fp8(*fd.reference.quantize_fp8(x), dtype=x.dtype)
 
 
 def two_dispatchers_interleaved(rank, world, device="cpu", backend="auto", dtype="float32"):

@@ -14,7 +14,8 @@ computed from every rank's inputs, which every rank can rebuild from the seed:
 Steps vary the token count (0 included), the routing, the entry point (dense probs or top-k
 indices with -1 slots), the one-shot or step-by-step methods, the async flags, forward only
 or forward and backward, and two layers in flight in either order. Layers differ in experts,
-top-k, hidden size, padding, capacity, router precision, hidden dtype and sync-free mode.
+top-k, hidden size, padding, capacity, router precision, hidden dtype, sync-free mode and
+FP8 dispatch (hidden 128, the dense formula rounding the tokens through FP8).
 
 Replay a failure with the seed its message prints (``FLEXDISPATCH_STATEFUL_SEED``).
 """
@@ -58,11 +59,12 @@ class Layer:
     dtype: str
     sync_free: bool = False
     bound: Optional[int] = None  # moe_max_tokens_per_expert (sync-free layers)
+    fp8: bool = False  # moe_fp8_dispatch (hidden a multiple of 128, not float64)
 
 
 def generate_program(seed: int, world: int, steps: int, *, dtypes=("float32", "float64"), hidden_sizes=(4, 8, 12),
                      max_tokens: int = 24, sync_free: bool = False, bad_kinds=BAD_KINDS, expert_error: bool = True,
-                     num_layers: int = 3) -> dict:
+                     num_layers: int = 3, fp8: bool = True) -> dict:
     """The program of ``seed``: its layers and steps (plain data, the same on every rank)."""
     rng = random.Random(seed)
     if world == 1:  # a hidden size differing "across ranks" needs two ranks
@@ -77,6 +79,10 @@ def generate_program(seed: int, world: int, steps: int, *, dtypes=("float32", "f
                             sync_free=sync_free and rng.random() < 0.5))
         if layers[-1].sync_free and rng.random() < 0.6:
             layers[-1].bound = rng.choice([1, 2, 3, 5, 8])
+        if fp8 and rng.random() < 0.3:  # FP8 dispatch: rows of whole 128-value groups
+            layers[-1].fp8 = True
+            layers[-1].hidden = layers[-1].hidden if layers[-1].hidden % 128 == 0 else 128
+            layers[-1].dtype = "float32" if layers[-1].dtype == "float64" else layers[-1].dtype
     program = []
     for s in range(steps):
         r = rng.random()
@@ -190,7 +196,12 @@ def expected(layer: Layer, weights: torch.Tensor, inputs, entry: str, rank: int,
     for r, ((xd, rd), (tp, ti), (_, _, grad)) in enumerate(zip(leaves, routes, inputs)):
         out = torch.zeros_like(xd)
         out_abs = torch.zeros_like(xd)
-        every = torch.tanh(torch.einsum("th,ehg->etg", xd, wd))  # every expert on every token
+        xe = xd
+        if layer.fp8:  # the experts see the tokens rounded through FP8; its gradient is the identity
+            rounded = fd.reference.dequantize_fp8(*fd.reference.quantize_fp8(xd.detach().to(DTYPES[layer.dtype])),
+                                                  dtype=DTYPES[layer.dtype])
+            xe = xd + (rounded.double() - xd.detach())
+        every = torch.tanh(torch.einsum("th,ehg->etg", xe, wd))  # every expert on every token
         rows = torch.arange(xd.shape[0], device=device)
         for k in range(ti.shape[1]):
             valid = ti[:, k] >= 0
@@ -246,7 +257,8 @@ class Runner:
             cfg = fd.MoEConfig(num_moe_experts=layer.experts, moe_router_topk=layer.topk,
                                moe_router_expert_pad_multiple=layer.pad, moe_expert_capacity_factor=layer.capacity,
                                moe_router_dtype=layer.router_dtype, moe_sync_free=layer.sync_free,
-                               moe_max_tokens_per_expert=layer.bound, moe_flex_backend=backend)
+                               moe_max_tokens_per_expert=layer.bound, moe_flex_backend=backend,
+                               moe_fp8_dispatch=layer.fp8)
             self.dispatchers.append(fd.MoEFlexTokenDispatcher(
                 local, list(range(rank * local, (rank + 1) * local)), cfg, group))
             self.weights.append(layer_weights(program["seed"], i, layer).to(device))

@@ -27,6 +27,8 @@ CASES = {
     "fp64-routing": dict(entry="probs", router_dtype="fp64", dtype="float64"),
     "bf16": dict(entry="indices", dtype="bfloat16", hidden=32),
     "top1": dict(entry="probs", topk=1),
+    "fp8-dispatch": dict(entry="indices", hidden=256, fp8=True, pad=2),
+    "fp8-dispatch-bf16": dict(entry="probs", hidden=128, fp8=True, dtype="bfloat16", capacity=1.0),
 }
 
 

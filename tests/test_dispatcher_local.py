@@ -41,7 +41,9 @@ def test_public_names():
 @pytest.mark.parametrize("case", [dict(entry="probs"), dict(entry="indices", pad=4),
                                   dict(entry="probs", capacity=0.5), dict(entry="indices", capacity=1.25),
                                   dict(entry="probs", router_dtype="fp64", dtype="float64"),
-                                  dict(entry="indices", dtype="bfloat16", hidden=32, router_dtype=None)])
+                                  dict(entry="indices", dtype="bfloat16", hidden=32, router_dtype=None),
+                                  dict(entry="probs", hidden=256, fp8=True),
+                                  dict(entry="indices", dtype="bfloat16", hidden=128, fp8=True, pad=2)])
 def test_one_rank_without_torch_distributed(device, case):
     assert not dist.is_initialized()
     assert_close_to_dense(moe_matches_dense(0, 1, tokens_per_rank=[57], device=device, **case))
@@ -229,3 +231,24 @@ def test_a_new_backend_is_one_registry_entry(monkeypatch):
     monkeypatch.delitem(registry.BACKENDS, "echo")
     with pytest.raises(ValueError, match="moe_flex_backend"):
         fd.MoEConfig(moe_flex_backend="echo")
+
+
+def test_fp8_dispatch_rounds_and_checks_its_input():
+    """One rank: the experts see the tokens rounded through FP8 (not the tokens themselves),
+    the gradient passes the rounding unchanged, and unsuitable hidden states are refused."""
+    d = make(4, 2, moe_fp8_dispatch=True)
+    x = torch.randn(9, 256) * torch.logspace(-3, 3, 9)[:, None]
+    x.requires_grad_()
+    p = torch.rand(9, 4)
+    tokens, tpe, probs = d.token_permutation(x, 9, p)
+    rounded = fd.reference.dequantize_fp8(*fd.reference.quantize_fp8(x.detach()), dtype=torch.float32)
+    rows = torch.cat([rounded[(torch.topk(p, 2).indices == e).any(1)] for e in range(4)])
+    assert torch.equal(tokens, rows) and not torch.equal(rounded, x.detach())
+    out = d.token_unpermutation(tokens * probs[:, None])
+    out.backward(torch.ones_like(out))
+    assert torch.allclose(x.grad, torch.topk(p, 2).values.sum(1, keepdim=True).expand(9, 256))
+    with pytest.raises(ValueError, match="hidden_states: FP8 dispatch needs a hidden size that is a multiple of 128"):
+        d.token_permutation(torch.randn(9, 200), 9, p)
+    d.reset()
+    with pytest.raises(TypeError, match="hidden_states: FP8 dispatch takes float32, float16 or bfloat16"):
+        d.token_permutation(torch.randn(9, 128, dtype=torch.float64), 9, p)

@@ -37,6 +37,7 @@ NCCL_CASES = {
     "capacity": dict(entry="probs", capacity=0.8), "fp64": dict(entry="probs", router_dtype="fp64", dtype="float64"),
     "bf16": dict(entry="indices", dtype="bfloat16", hidden=64),
     "empty-rank": dict(entry="indices", tokens_per_rank=[0, 40, 0, 17]),
+    "fp8-dispatch": dict(entry="indices", hidden=256, fp8=True, pad=2),
 }
 
 
@@ -60,6 +61,7 @@ DEEPEP_CASES = {
     "probs": dict(entry="probs"), "indices-pad": dict(entry="indices", pad=4),
     "capacity": dict(entry="indices", capacity=0.8), "fp64-routing": dict(entry="probs", router_dtype="fp64"),
     "top1": dict(entry="probs", topk=1), "empty-rank": dict(entry="indices", tokens_per_rank=[0, 40, 0, 17]),
+    "fp8-dispatch": dict(entry="indices", fp8=True), "fp8-dispatch-capacity": dict(entry="probs", fp8=True, capacity=0.8),
 }
 
 

@@ -322,3 +322,79 @@ def test_python_constants_match_the_kernel_header():
     with pytest.raises(ValueError, match=f"expected an int in \\[1, {rowmap.MAX_EXPERTS}\\]"):
         ops.check_route(torch.zeros(1, 1, dtype=torch.long), rowmap.MAX_EXPERTS + 1)
     assert "layout_offsets(int32_t e) { return 2 * int64_t(e); }" in header
+
+
+# ---- FP8 rows --------------------------------------------------------------------------------
+
+
+def _fp8_rows(dtype, device, rows=24, hidden=384):
+    """Rows spanning 11 orders of magnitude, with a zero row, a row with one huge value, a row
+    of values far below its group's largest (e4m3 subnormals), and groups whose largest value
+    is the e4m3 maximum itself."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, hidden, generator=g) * torch.logspace(-6, 4, rows)[:, None]
+    x[0] = 0
+    x[1, 7] = 3e4
+    x[2] = torch.randn(hidden, generator=g) * 1e-3
+    x[2, ::128] = 1.0  # the rest of each group sits near 2^-9 of the group's largest
+    x[3] = torch.linspace(-448, 448, hidden)
+    return x.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_kernels_equal_the_reference_bit_for_bit(device, dtype):
+    x = _fp8_rows(dtype, device)
+    q, scales = ops.quantize_fp8(x)
+    q_ref, scales_ref = reference.quantize_fp8(x)
+    assert q.dtype == torch.float8_e4m3fn and scales.dtype == torch.float32 and scales.shape == (24, 3)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(scales, scales_ref)
+    back = ops.dequantize_fp8(q, scales, dtype)
+    assert back.dtype == dtype and torch.equal(back, reference.dequantize_fp8(q_ref, scales_ref, dtype))
+    # Documented behaviour: zero rows stay zero, a group's largest value comes back within
+    # e4m3's half step (1/16), and the e4m3 maximum is exact with scale 1.
+    assert torch.count_nonzero(back[0]) == 0
+    assert abs(float(back[1, 7]) - 3e4) <= 3e4 / 16
+    assert float(scales[3, 0]) == 1.0 and float(back[3, 0]) == -448.0
+    err = (back.double() - x.double()).norm() / x.double().norm()
+    assert 0 < err < 0.05
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_rounding_is_torchs_on_every_code_and_tie(device):
+    """Scale 1 (a group whose largest value is 448): every e4m3 value, every midpoint between
+    neighbours (ties to even) and values just beside them convert as torch converts them."""
+    codes = torch.arange(0, 0x7f, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # finite, >= 0
+    mids = (codes[1:] + codes[:-1]) / 2
+    near = torch.cat([mids * (1 + 2 ** -20), mids * (1 - 2 ** -20)])
+    values = torch.cat([codes, mids, near, -codes, -mids, -near])
+    hidden = 128 * ((values.numel() + 126) // 127)
+    x = torch.zeros(hidden)
+    x[: values.numel()] = values
+    x = x.reshape(-1, 128)
+    x[:, -1] = 448.0  # every group's largest value: scale exactly 1
+    q, scales = ops.quantize_fp8(x.to(device))
+    assert torch.all(scales == 1.0)
+    assert torch.equal(q.view(torch.uint8).cpu(), x.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def test_fp8_bad_arguments():
+    with pytest.raises(ValueError, match="x: FP8 needs a hidden size that is a multiple of 128"):
+        ops.quantize_fp8(torch.randn(4, 100))
+    with pytest.raises(TypeError, match="x: FP8 quantization takes"):
+        ops.quantize_fp8(torch.randn(4, 128, dtype=torch.float64))
+    q, scales = ops.quantize_fp8(torch.randn(4, 256))
+    with pytest.raises(ValueError, match=r"scales: expected float32 \[4, 2\]"):
+        ops.dequantize_fp8(q, scales[:, :1])
+    with pytest.raises(TypeError, match="dtype: FP8 rows dequantize to"):
+        ops.dequantize_fp8(q, scales, torch.float64)
+    assert ops.dequantize_fp8(q.view(torch.uint8), scales, torch.float32).shape == (4, 256)
+
+
+def test_fp8_round_trip_is_straight_through():
+    x = torch.randn(3, 128, requires_grad=True)
+    y = ops.fp8_round_trip(x)
+    assert torch.equal(y.detach(), reference.dequantize_fp8(*reference.quantize_fp8(x.detach()), dtype=torch.float32))
+    g = torch.randn(3, 128)
+    y.backward(g)
+    assert torch.equal(x.grad, g)

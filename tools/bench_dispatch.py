@@ -18,7 +18,9 @@ the slowest rank reported:
 
 Variants for A/B runs in the same process: ``--managers deepep,deepep:novalidate,alltoall``;
 options after the colon: ``novalidate`` (moe_validate_routing=False), ``torchexperts`` (the
-broadcast-multiply experts instead of the fused Triton ones). ``--trace DIR`` writes a
+broadcast-multiply experts instead of the fused Triton ones), ``fp8`` (moe_fp8_dispatch=True:
+then raw DeepEP with FP8 dispatch is timed too, quantization included, and the variant's
+output is compared with the same manager's bf16 output: ``rel_err_vs_bf16``). ``--trace DIR`` writes a
 torch.profiler chrome trace of rank 0 for three forwards of the first shape per variant and
 for raw DeepEP (see tools/trace_summary.py).
 """
@@ -58,7 +60,7 @@ class Layer:
     def __init__(self, rank, world, tokens, hidden, experts, topk, variant):
         backend, _, options = variant.partition(":")
         options = set(filter(None, options.split(",")))
-        unknown = options - {"novalidate", "torchexperts"}
+        unknown = options - {"novalidate", "torchexperts", "fp8"}
         if unknown:
             raise ValueError(f"--managers: unknown options {sorted(unknown)} in {variant!r}")
         self.experts_impl = "torch" if "torchexperts" in options else "triton"
@@ -72,7 +74,7 @@ class Layer:
         self.scale = torch.linspace(0.5, 1.5, experts, device="cuda")[rank * local:(rank + 1) * local]
         self.local = local
         config = fd.MoEConfig(num_moe_experts=experts, moe_router_topk=topk, moe_flex_backend=backend,
-                              moe_validate_routing="novalidate" not in options)
+                              moe_validate_routing="novalidate" not in options, moe_fp8_dispatch="fp8" in options)
         self.d = fd.MoEFlexTokenDispatcher(local, list(range(rank * local, (rank + 1) * local)), config,
                                            dist.group.WORLD)
 
@@ -126,18 +128,31 @@ class Layer:
         self.forward(x, p).backward(self.grad_out)
 
 
-def raw_deepep(layer, experts):
-    """DeepEP's layout, dispatch and combine alone, on the layer's inputs (a callable)."""
+def raw_deepep(layer, experts, fp8=False):
+    """DeepEP's layout, dispatch and combine alone, on the layer's inputs (a callable). With
+    ``fp8`` the rows are quantized (flexdispatch's kernel) and dispatched as FP8; the combine
+    sends bf16 rows of the received shape, as a layer's combine would."""
     buffer = deepep._registry.get(dist.group.WORLD, layer.x.shape[1] * 2, 20)
 
     def run():
         per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(layer.idx, experts)
-        recv_x, _, _, _, handle, _ = buffer.dispatch(layer.x, topk_idx=layer.idx, topk_weights=layer.probs,
+        sent = fd.ops.quantize_fp8(layer.x) if fp8 else layer.x
+        recv_x, _, _, _, handle, _ = buffer.dispatch(sent, topk_idx=layer.idx, topk_weights=layer.probs,
                                                      num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
                                                      is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+        if fp8:
+            recv_x = torch.empty(recv_x[0].shape, dtype=torch.bfloat16, device="cuda")
         buffer.combine(recv_x, handle)
 
     return run
+
+
+def fp8_error(layer, rank, world, tokens, hidden, experts, topk, variant) -> float:
+    """Relative error of an FP8 variant's forward against the same manager without FP8."""
+    plain = Layer(rank, world, tokens, hidden, experts, topk, variant.replace("fp8", "").rstrip(":,"))
+    want = plain.forward(plain.x, plain.probs).float()
+    got = layer.forward(layer.x, layer.probs).float()
+    return float((got - want).norm() / want.norm())
 
 
 def _profiled(fn, path: Path, rank: int, repeats: int = 3) -> None:
@@ -194,6 +209,9 @@ def _worker(rank, world, port, args, results):
             layer = Layer(rank, world, tokens, hidden, experts, topk, "deepep")
             entry["raw_deepep_ms"] = len(values)
             values.append(_median_ms(raw_deepep(layer, experts), args.iters, args.warmup))
+            if any("fp8" in m for m in managers) and hidden % 128 == 0:
+                entry["raw_deepep_fp8_ms"] = len(values)
+                values.append(_median_ms(raw_deepep(layer, experts, fp8=True), args.iters, args.warmup))
         for manager in managers:
             layer = Layer(rank, world, tokens, hidden, experts, topk, manager)
             fwd = _median_ms(lambda: layer.forward(layer.x, layer.probs), args.iters, args.warmup)
@@ -206,17 +224,20 @@ def _worker(rank, world, port, args, results):
             peak = torch.cuda.max_memory_allocated() - base
             both = _median_ms(layer.fwd_bwd, args.iters, args.warmup)
             entry["managers"][manager] = len(values)
-            values += [fwd, both, peak / 2**30, *stages]
+            err = fp8_error(layer, rank, world, tokens, hidden, experts, topk, manager) if "fp8" in manager else 0.0
+            values += [fwd, both, peak / 2**30, *stages, err]
             del layer
             torch.cuda.empty_cache()
         slowest = torch.tensor(values, dtype=torch.float64, device="cuda")
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         v = slowest.tolist()
-        if "raw_deepep_ms" in entry:
-            entry["raw_deepep_ms"] = v[entry["raw_deepep_ms"]]
+        for key in ("raw_deepep_ms", "raw_deepep_fp8_ms"):
+            if key in entry:
+                entry[key] = v[entry[key]]
         for manager, at in entry["managers"].items():
             entry["managers"][manager] = {"forward_ms": v[at], "fwd_bwd_ms": v[at + 1], "peak_gib": v[at + 2],
-                                          "stages_ms": dict(zip(STAGES, v[at + 3:at + 3 + len(STAGES)]))}
+                                          "stages_ms": dict(zip(STAGES, v[at + 3:at + 3 + len(STAGES)])),
+                                          "rel_err_vs_bf16": v[at + 3 + len(STAGES)]}
         report.append(entry)
     if rank == 0:
         results.put(report)
@@ -233,9 +254,15 @@ def format_table(report, world, device) -> str:
         for manager, r in entry["managers"].items():
             ratio = (lambda v: f"{v / raw:.2f}x") if raw else (lambda v: "-")
             stages = ", ".join(f"{k} {v:.3f}" for k, v in r["stages_ms"].items())
+            if "fp8" in manager:
+                stages += f"; rel. error vs bf16 {r['rel_err_vs_bf16']:.4f}"
             lines.append(f"| {' | '.join(map(str, entry['shape']))} | {manager} | {r['forward_ms']:.3f} | "
                          f"{r['fwd_bwd_ms']:.3f} | {r['peak_gib']:.2f} | {raw if raw else float('nan'):.3f} | "
                          f"{ratio(r['forward_ms'])} | {ratio(r['fwd_bwd_ms'])} | {stages} |")
+    for entry in report:
+        if "raw_deepep_fp8_ms" in entry:
+            lines.append(f"raw DeepEP with FP8 dispatch (quantization included), shape {entry['shape']}: "
+                         f"{entry['raw_deepep_fp8_ms']:.3f} ms")
     return "\n".join(lines)
 
 

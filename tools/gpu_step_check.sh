@@ -19,5 +19,5 @@ step "demo"
 timeout 120 python3 -m flexdispatch demo --world-size 4 --device cuda --hidden 1024 2>&1 | grep -v "^\[flexdispatch\]" | tee -a "$LOG"
 timeout 60 python3 -m flexdispatch demo --world-size 1 --device cuda 2>&1 | grep -v "^\[flexdispatch\]" | tee -a "$LOG"
 step "bench_dispatch W=4"
-timeout ${BENCH_TIMEOUT:-150} python3 tools/bench_dispatch.py --world-size 4 --shapes ${BENCH_SHAPES:-0,2} --iters 20 --json "$OUT/bench_dispatch.json" 2>&1 | grep -v "^\[flexdispatch\]" | tee -a "$LOG"
+timeout ${BENCH_TIMEOUT:-150} python3 tools/bench_dispatch.py --world-size 4 --shapes ${BENCH_SHAPES:-0,2} --iters 20 --managers ${BENCH_MANAGERS:-deepep,deepep:fp8,alltoall} --json "$OUT/bench_dispatch.json" 2>&1 | grep -v "^\[flexdispatch\]" | tee -a "$LOG"
 step done

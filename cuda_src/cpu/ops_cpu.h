@@ -37,5 +37,10 @@ void gather_rows_backward(DType dtype, const void* grad_out, const void* src, in
                           const int32_t* row_id_map, int32_t slots, const void* probs,
                           DType prob_dtype, int64_t rows, void* grad_src, void* grad_probs);
 
+// FP8 rows in groups of kFp8Group values (dtype: float32, float16 or bfloat16): q and one
+// scale per group, and back (see flexdispatch.h).
+void quantize_fp8(DType dtype, const void* x, int64_t groups, uint8_t* q, float* scales);
+void dequantize_fp8(DType dtype, const uint8_t* q, const float* scales, int64_t groups, void* out);
+
 }  // namespace cpu
 }  // namespace flexdispatch

@@ -11,7 +11,10 @@ Dispatch, for T local tokens on W ranks:
    buffer (tokens_per_expert is known on the host without another sync), and if any rank's
    inputs are invalid, or the ranks disagree on the call, every rank raises here, before the
    payload, so no rank hangs or aborts.
-3. The routing (global expert ids and probs, packed as float64) and the hidden rows follow.
+3. The routing (global expert ids and probs, packed as float64) and the hidden rows follow
+   (with ``fp8_dispatch``, as one uint8 row each: the FP8 bytes and the float32 scales of
+   every 128 values, dequantized to the hidden dtype on arrival; backward stays in the
+   hidden dtype).
    With ``async_finish=True`` and CUDA tensors the hidden rows' transfer is left in flight;
    the next step of the manager (or :meth:`wait`) makes the current stream wait for it, so
    work issued in between (shared experts, say) overlaps with it. CPU tensors (gloo) move
@@ -43,7 +46,7 @@ def _drain(pending: list) -> None:
     without an active exception", at every such exit here), so each manager's list is drained
     by a finalizer, which also runs at exit."""
     while pending:
-        work, _ = pending.pop()
+        work = pending.pop()[0]
         try:
             work.wait()
         except Exception:  # noqa: BLE001 - a peer that is gone: nothing left to wait for
@@ -55,23 +58,47 @@ def _exchange(output: torch.Tensor, input_: torch.Tensor, output_splits, input_s
                                   async_op=async_op)
 
 
+def _fp8_payload(hidden: torch.Tensor) -> torch.Tensor:
+    """``[T, H + H / 32]`` uint8 rows: the FP8 bytes, then the float32 scales' bytes (one
+    transfer carries both)."""
+    q, scales = ops.quantize_fp8(hidden)
+    return torch.cat([q.view(torch.uint8), scales.view(torch.uint8)], dim=1)
+
+
+def _fp8_unpack(payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    q = payload[:, :hidden].contiguous().view(torch.float8_e4m3fn)
+    scales = payload[:, hidden:].contiguous().view(torch.float32)
+    return ops.dequantize_fp8(q, scales, dtype)
+
+
 class _AllToAllDispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, meta, plan, send_splits, recv_splits, group, async_finish):
-        """``(recv, recv_meta, in_flight)``: ``in_flight`` is ``(work, send)`` for an async
-        transfer (the caller waits; ``send`` must live until then), else None."""
+    def forward(ctx, hidden, meta, plan, send_splits, recv_splits, group, async_finish, fp8):
+        """``(recv, recv_meta, in_flight)``: ``in_flight`` is ``(work, send, finish)`` for an
+        async transfer (the caller waits, then calls ``finish`` if it is not None; ``send`` must
+        live until then), else None. With ``fp8`` the rows travel as FP8 bytes and scales and
+        are dequantized into ``recv`` once they have landed."""
         ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group = plan, send_splits, recv_splits, group
         received = sum(recv_splits)
         send_meta = ops.apply_permutation(meta, plan)
         recv_meta = meta.new_empty(received, meta.shape[1])
         _exchange(recv_meta, send_meta, recv_splits, send_splits, group)
-        send = ops.apply_permutation(hidden, plan)
-        recv = hidden.new_empty(received, hidden.shape[1])
+        rows = _fp8_payload(hidden) if fp8 else hidden
+        send = ops.apply_permutation(rows, plan)
+        landing = rows.new_empty(received, rows.shape[1])
+        recv = hidden.new_empty(received, hidden.shape[1]) if fp8 else landing
         # CPU tensors (gloo) move synchronously: with gloo's async work, processes aborted at
         # exit after clean runs (1 of 8 in CI, about 13% in the issue's count; 0 of 30 sync).
         async_finish = async_finish and hidden.is_cuda
-        work = _exchange(recv, send, recv_splits, send_splits, group, async_op=async_finish)
-        return recv, recv_meta, ((work, send) if async_finish else None)
+        work = _exchange(landing, send, recv_splits, send_splits, group, async_op=async_finish)
+
+        def finish():  # stream-ordered after the transfer (work.wait() on NCCL)
+            recv.copy_(_fp8_unpack(landing, hidden.shape[1], hidden.dtype))
+
+        if fp8 and not async_finish:
+            finish()
+        in_flight = (work, (send, landing), finish if fp8 else None) if async_finish else None
+        return recv, recv_meta, in_flight
 
     @staticmethod
     def backward(ctx, grad_recv, grad_recv_meta, _in_flight):
@@ -81,7 +108,7 @@ class _AllToAllDispatch(torch.autograd.Function):
             back = grad.new_empty(sum(ctx.send_splits), grad.shape[1])
             _exchange(back, grad, ctx.send_splits, ctx.recv_splits, ctx.group)
             grads.append(ops.unpermute(back, ctx.plan))
-        return grads[0], grads[1], None, None, None, None, None
+        return grads[0], grads[1], None, None, None, None, None, None
 
 
 class _AllToAllCombine(torch.autograd.Function):
@@ -119,8 +146,11 @@ class _AllToAllManager(_ManagerBase):
 
     def wait(self) -> None:
         while self._pending:
-            work, _ = self._pending.pop()
+            work, _, finish = self._pending.pop()
             work.wait()
+            if finish is not None:
+                with torch.no_grad():
+                    finish()
 
     def _release(self) -> None:
         super()._release()
@@ -185,7 +215,8 @@ class _AllToAllManager(_ManagerBase):
         self._rank_plan = plan
         meta = torch.cat([indices.to(torch.float64), self.token_probs.to(torch.float64)], dim=1)
         recv, recv_meta, in_flight = _AllToAllDispatch.apply(hidden_states, meta, plan, self._send_splits,
-                                                             self._recv_splits, self.group, async_finish)
+                                                             self._recv_splits, self.group, async_finish,
+                                                             self.fp8_dispatch)
         if in_flight is not None:
             self._pending.append(in_flight)
         global_ids = recv_meta[:, :topk].detach().long()

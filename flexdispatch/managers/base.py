@@ -114,6 +114,7 @@ class _ManagerBase(_DispatchManager):
         validate_routing: check routing values before the first collective.
         max_tokens_per_expert: the sync-free mode's bound on rows per local expert.
         num_sms: SMs for DeepEP's kernels (the DeepEP manager).
+        fp8_dispatch: hidden states travel as FP8 (see ``MoEConfig.moe_fp8_dispatch``).
         spec: the settings above already checked (:class:`~flexdispatch.spec.LayerSpec`, as the
             dispatcher passes them); the other arguments are then ignored.
     """
@@ -127,7 +128,7 @@ class _ManagerBase(_DispatchManager):
                  num_local_experts: Optional[int] = None, router_dtype: Optional[str] = None,
                  moe_router_expert_pad_multiple: Optional[int] = None, *, sync_free: bool = False,
                  validate_routing: bool = True, max_tokens_per_expert: Optional[int] = None,
-                 num_sms: int = 20, spec: Optional[LayerSpec] = None):
+                 num_sms: int = 20, fp8_dispatch: bool = False, spec: Optional[LayerSpec] = None):
         self.group = group
         self.world_size, self.rank = _group_size_rank(group)
         if spec is None:  # built directly with the reference's arguments: check them here
@@ -138,7 +139,7 @@ class _ManagerBase(_DispatchManager):
                 topk=router_topk, capacity_factor=capacity_factor, router_dtype=router_dtype,
                 pad_multiple=moe_router_expert_pad_multiple, sync_free=sync_free,
                 max_tokens_per_expert=max_tokens_per_expert, validate_routing=validate_routing, num_sms=num_sms,
-                permute_fusion=permute_fusion)
+                permute_fusion=permute_fusion, fp8_dispatch=fp8_dispatch)
         elif spec.world_size != self.world_size:
             raise ValueError(f"spec: made for a group of {spec.world_size}, got a group of {self.world_size}")
         if spec.sync_free and not self.supports_sync_free:
@@ -156,6 +157,7 @@ class _ManagerBase(_DispatchManager):
         self.sync_free = spec.sync_free
         self.max_tokens_per_expert = spec.max_tokens_per_expert
         self.validate_routing = spec.validate_routing
+        self.fp8_dispatch = spec.fp8_dispatch
         # Assignments the bound dropped, summed on the device over calls (no sync to add one);
         # owned by the manager, read and cleared by the dispatcher's report_dropped_tokens.
         self.dropped_tokens: Optional[torch.Tensor] = None
@@ -405,6 +407,13 @@ class _ManagerBase(_DispatchManager):
         if hidden_states.device != self.token_indices.device:
             raise ValueError(f"hidden_states: expected the routing's device {self.token_indices.device}, "
                              f"got {hidden_states.device}")
+        if self.fp8_dispatch:
+            if hidden_states.dtype not in ops.FP8_DTYPES:
+                raise TypeError(f"hidden_states: FP8 dispatch takes float32, float16 or bfloat16, got "
+                                f"{hidden_states.dtype}")
+            if hidden_states.shape[1] % 128:
+                raise ValueError(f"hidden_states: FP8 dispatch needs a hidden size that is a multiple of 128, "
+                                 f"got {hidden_states.shape[1]}")
 
     def get_permuted_hidden_states_by_experts(self, hidden_states: torch.Tensor):
         """Expert-major rows of the dispatched tokens.

@@ -265,27 +265,41 @@ def _previous_event(buffer, allocate_on_comm_stream: bool):
 class _DeepepDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, buffer, async_finish, allocate_on_comm_stream,
-                num_worst_tokens):
-        """``(recv_x, recv_idx, recv_probs, handle, counts, event)``: DeepEP's handle (for the
-        combine), its received counts per local expert (a list), and the event of an async
-        transfer (None otherwise)."""
+                num_worst_tokens, fp8):
+        """``(recv_x, recv_idx, recv_probs, handle, counts, event, finish)``: DeepEP's handle (for
+        the combine), its received counts per local expert (a list), the event of an async
+        transfer (None otherwise), and with ``fp8`` of an async transfer the call that
+        dequantizes the received FP8 rows into ``recv_x`` once the event has been waited on
+        (None otherwise)."""
         # Stream-ordered layout (a 30 us kernel, no host wait).
         per_rank, per_rdma_rank, per_expert, in_rank, _ = buffer.get_dispatch_layout(token_indices, num_experts)
         event = _previous_event(buffer, allocate_on_comm_stream)
+        sent = ops.quantize_fp8(x) if fp8 else x  # DeepEP's FP8 input: (e4m3fn rows, scales [T, H / 128])
         recv_x, recv_idx, recv_probs, counts, handle, after = buffer.dispatch(
-            x, topk_idx=token_indices, topk_weights=token_probs, num_tokens_per_rank=per_rank,
+            sent, topk_idx=token_indices, topk_weights=token_probs, num_tokens_per_rank=per_rank,
             num_tokens_per_rdma_rank=per_rdma_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
             num_worst_tokens=num_worst_tokens, previous_event=event, async_finish=async_finish,
             allocate_on_comm_stream=allocate_on_comm_stream)
         ctx.buffer, ctx.handle = buffer, handle
         ctx.mark_non_differentiable(recv_idx)
-        return recv_x, recv_idx, recv_probs, handle, counts, (after if async_finish else None)
+        finish = None
+        if fp8:
+            recv_q, recv_scales = recv_x
+            recv_x = torch.empty(recv_q.shape, dtype=x.dtype, device=recv_q.device)
+
+            def finish():
+                recv_x.copy_(ops.dequantize_fp8(recv_q, recv_scales.contiguous(), x.dtype))
+
+            if not async_finish:
+                finish()
+                finish = None
+        return recv_x, recv_idx, recv_probs, handle, counts, (after if async_finish else None), finish
 
     @staticmethod
-    def backward(ctx, grad_x, grad_idx, grad_probs, _handle, _counts, _event):
+    def backward(ctx, grad_x, grad_idx, grad_probs, _handle, _counts, _event, _finish):
         grad_x, grad_probs, _ = ctx.buffer.combine(grad_x.contiguous(), ctx.handle,
                                                    topk_weights=grad_probs.float().contiguous())
-        return grad_x, None, grad_probs, None, None, None, None, None
+        return grad_x, None, grad_probs, None, None, None, None, None, None
 
 
 class _DeepepCombine(torch.autograd.Function):
@@ -323,6 +337,7 @@ class _DeepepManager(_ManagerBase):
         # them, _release clears them); _hidden_ok and _headers are per-manager caches (a checked
         # signature; a pinned buffer each call's dispatch overwrites before reading it).
         self._events: list = []
+        self._finish: list = []  # FP8 dequantization of an async dispatch, run by wait()
         self._mask_after_wait = False
         self._hidden_ok = None  # (device, dtype, hidden) that passed _check_hidden
         self._headers = None  # pinned host copy of the gathered headers [W, WIDTH]
@@ -330,6 +345,9 @@ class _DeepepManager(_ManagerBase):
     def wait(self) -> None:
         while self._events:
             self._events.pop().current_stream_wait()
+        while self._finish:  # FP8 rows of an async dispatch: dequantize now that they have landed
+            with torch.no_grad():
+                self._finish.pop()()
         if self._mask_after_wait:
             # Sync-free: the worst-case padding rows' probs are whatever DeepEP's buffer held;
             # zero them only now that the (possibly async) transfer has landed.
@@ -349,6 +367,9 @@ class _DeepepManager(_ManagerBase):
         if hidden_states.dtype != torch.bfloat16:
             raise TypeError(f"hidden_states: DeepEP's combine needs bfloat16 hidden states, got {hidden_states.dtype}")
         reason = unusable_reason(self.group, *key)
+        if reason is None and self.fp8_dispatch and key[2] < MIN_VERIFIED_ROW_BYTES and not narrow_rows_fixed():
+            reason = (f"FP8 rows of {key[2]} bytes are below the {MIN_VERIFIED_ROW_BYTES} verified on this DeepEP "
+                      f"build, which predates its fix for narrow rows (commit abba6ad)")
         if reason is not None:
             raise ValueError(f"hidden_states: {reason}")
         self._hidden_ok = key
@@ -410,10 +431,13 @@ class _DeepepManager(_ManagerBase):
         routed = routed.to(topk_index_dtype())
         buffer = _registry.get(self.group, x.shape[1] * x.element_size(), self.num_sms)
         worst = x.shape[0] * self.world_size if self.sync_free else 0
-        recv_x, recv_idx, recv_probs, handle, counts, event = _DeepepDispatch.apply(
-            x, routed, probs, self.num_experts, buffer, async_finish, allocate_on_comm_stream, worst)
+        recv_x, recv_idx, recv_probs, handle, counts, event, finish = _DeepepDispatch.apply(
+            x, routed, probs, self.num_experts, buffer, async_finish, allocate_on_comm_stream, worst,
+            self.fp8_dispatch)
         if event is not None:
             self._events.append(event)
+        if finish is not None:
+            self._finish.append(finish)
         if agree:
             ops.check_pending_errors()  # earlier calls' flags have landed too: DeepEP just waited
             self._agree(self._headers.clone(), "(DeepEP moved no token)")
@@ -442,3 +466,4 @@ class _DeepepManager(_ManagerBase):
         super()._release()
         self._buffer = None
         self._mask_after_wait = False
+        self._finish = []

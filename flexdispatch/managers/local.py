@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from .base import Dispatched, _ManagerBase
 
 
@@ -21,6 +22,8 @@ class _LocalManager(_ManagerBase):
 
     def _dispatch(self, hidden_states: torch.Tensor, async_finish: bool,
                   allocate_on_comm_stream: bool) -> Dispatched:
+        if self.fp8_dispatch:  # the same rounding as a transfer, so results do not depend on the backend
+            hidden_states = ops.fp8_round_trip(hidden_states)
         return Dispatched(hidden_states, self.token_indices,
                           self._masked_probs(self.token_indices, self.token_probs),
                           num_out=self._worst_case_rows(hidden_states.shape[0]) if self.sync_free else None)
