@@ -15,10 +15,28 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "launch.h"
-#define FD_CUDA_CHECK(expr)                                                               \
-  do {                                                                                    \
-    const cudaError_t fd_err = (expr);                                                    \
-    TORCH_CHECK(fd_err == cudaSuccess, "flexdispatch CUDA error: ", cudaGetErrorString(fd_err)); \
+#endif
+
+// The one CUDA/CPU switch: for a CUDA `tensor`, CUDA_CALL (a launcher returning cudaError_t,
+// which may name the current `stream`) under a guard of the tensor's device, its error
+// raised; otherwise CPU_BLOCK. In CPU-only builds the CUDA call is not compiled at all.
+#ifdef FLEXDISPATCH_WITH_CUDA
+#define FD_ON_DEVICE(tensor, CUDA_CALL, CPU_BLOCK)                                                \
+  do {                                                                                          \
+    if ((tensor).is_cuda()) {                                                                   \
+      const c10::cuda::CUDAGuard fd_guard((tensor).device());                                   \
+      const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();                            \
+      const cudaError_t fd_err = (CUDA_CALL);                                                   \
+      TORCH_CHECK(fd_err == cudaSuccess, "flexdispatch CUDA error: ", cudaGetErrorString(fd_err)); \
+    } else {                                                                                    \
+      CPU_BLOCK                                                                                 \
+    }                                                                                           \
+  } while (0)
+#else
+#define FD_ON_DEVICE(tensor, CUDA_CALL, CPU_BLOCK)                                         \
+  do {                                                                                   \
+    TORCH_CHECK(!(tensor).is_cuda(), "flexdispatch was built without CUDA");             \
+    CPU_BLOCK                                                                            \
   } while (0)
 #endif
 
@@ -105,22 +123,15 @@ std::tuple<Tensor, Tensor, Tensor> indices_to_multihot(const Tensor& indices, co
   auto probs_out = torch::empty({rows, num_experts}, probs.options());
   auto error = torch::zeros({1}, indices.options().dtype(at::kLong));
   const bool is64 = indices.scalar_type() == at::kLong;
-  if (indices.is_cuda()) {
-#ifdef FLEXDISPATCH_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(indices.device());
-    FD_CUDA_CHECK(fd::cuda::indices_to_multihot(
+  FD_ON_DEVICE(indices, fd::cuda::indices_to_multihot(
         indices.data_ptr(), is64, probs.data_ptr(), static_cast<int>(probs.element_size()), rows, slots,
         static_cast<int32_t>(num_experts), reinterpret_cast<uint8_t*>(map.data_ptr()), probs_out.data_ptr(),
-        error.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()));
-#else
-    TORCH_CHECK(false, "flexdispatch was built without CUDA");
-#endif
-  } else {
+        error.data_ptr<int64_t>(), stream), {
     error.fill_(fd::cpu::indices_to_multihot(indices.data_ptr(), is64, probs.data_ptr(),
                                              static_cast<int>(probs.element_size()), rows, slots,
                                              static_cast<int32_t>(num_experts),
                                              reinterpret_cast<uint8_t*>(map.data_ptr()), probs_out.data_ptr()));
-  }
+  });
   return {map, probs_out, error};
 }
 
@@ -151,22 +162,15 @@ std::tuple<Tensor, Tensor> check_route(const Tensor& indices, int64_t num_expert
   }
   auto clean = torch::empty({rows, slots}, indices.options().dtype(at::kLong));
   auto status = torch::zeros({2}, indices.options().dtype(at::kInt));
-  if (indices.is_cuda()) {
-#ifdef FLEXDISPATCH_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(indices.device());
-    FD_CUDA_CHECK(fd::cuda::check_route(indices.data_ptr(), is64, prob_ptr, prob_kind, rows, slots,
+  FD_ON_DEVICE(indices, fd::cuda::check_route(indices.data_ptr(), is64, prob_ptr, prob_kind, rows, slots,
                                         static_cast<int32_t>(num_experts), static_cast<int32_t>(flag),
                                         clean.data_ptr<int64_t>(), status.data_ptr<int32_t>(),
-                                        c10::cuda::getCurrentCUDAStream()));
-#else
-    TORCH_CHECK(false, "flexdispatch was built without CUDA");
-#endif
-  } else {
+                                        stream), {
     const int32_t bits = fd::cpu::check_route(indices.data_ptr(), is64, prob_ptr, prob_kind, rows, slots,
                                               static_cast<int32_t>(num_experts), clean.data_ptr<int64_t>());
     status[0] = bits;
     status[1] = bits ? flag : 0;
-  }
+  });
   return {clean, status};
 }
 
@@ -178,17 +182,10 @@ std::tuple<Tensor, Tensor> route_plan(const fd::Route& r, const Tensor& route, i
   const int64_t chunks = fd::num_chunks_for(r.rows, r.num_experts);
   auto chunk_offsets = torch::empty({chunks, int64_t(r.num_experts) + 1}, route.options().dtype(at::kInt));
   auto layout = torch::empty({fd::layout_size(r.num_experts)}, route.options().dtype(at::kLong));
-  if (route.is_cuda()) {
-#ifdef FLEXDISPATCH_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(route.device());
-    FD_CUDA_CHECK(fd::cuda::route_plan(r, pad_multiple, chunk_offsets.data_ptr<int32_t>(),
-                                       layout.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()));
-#else
-    TORCH_CHECK(false, "flexdispatch was built without CUDA");
-#endif
-  } else {
+  FD_ON_DEVICE(route, fd::cuda::route_plan(r, pad_multiple, chunk_offsets.data_ptr<int32_t>(),
+                                       layout.data_ptr<int64_t>(), stream), {
     fd::cpu::route_plan(r, pad_multiple, chunk_offsets.data_ptr<int32_t>(), layout.data_ptr<int64_t>());
-  }
+  });
   return {chunk_offsets, layout};
 }
 
@@ -210,16 +207,12 @@ std::tuple<Tensor, std::optional<Tensor>> route_map(const fd::Route& r, const Te
     prob_bytes = static_cast<int>(probs->element_size());
   }
   void* po = probs_out.has_value() ? probs_out->data_ptr() : nullptr;
-  if (route.is_cuda()) {
-#ifdef FLEXDISPATCH_WITH_CUDA
-    FD_CUDA_CHECK(fd::cuda::route_map(r, chunk_offsets.data_ptr<int32_t>(), layout.data_ptr<int64_t>(), p,
+  FD_ON_DEVICE(route, fd::cuda::route_map(r, chunk_offsets.data_ptr<int32_t>(), layout.data_ptr<int64_t>(), p,
                                       prob_bytes, num_out, row_id_map.data_ptr<int32_t>(), po,
-                                      c10::cuda::getCurrentCUDAStream()));
-#endif
-  } else {
+                                      stream), {
     fd::cpu::route_map(r, chunk_offsets.data_ptr<int32_t>(), layout.data_ptr<int64_t>(), p, prob_bytes,
                        num_out, row_id_map.data_ptr<int32_t>(), po);
-  }
+  });
   return {row_id_map, probs_out};
 }
 
@@ -230,16 +223,12 @@ void zero_unused_rows(Tensor& dst, const std::optional<Tensor>& probs_out, const
   void* po = probs_out.has_value() ? probs_out->data_ptr() : nullptr;
   const int prob_bytes = probs_out.has_value() ? static_cast<int>(probs_out->element_size()) : 4;
   const int64_t row_bytes = dst.numel() == 0 ? 0 : dst.size(1) * dst.element_size();
-  if (dst.is_cuda()) {
-#ifdef FLEXDISPATCH_WITH_CUDA
-    FD_CUDA_CHECK(fd::cuda::zero_unused_rows(layout.data_ptr<int64_t>(), static_cast<int32_t>(num_experts), padded,
+  FD_ON_DEVICE(dst, fd::cuda::zero_unused_rows(layout.data_ptr<int64_t>(), static_cast<int32_t>(num_experts), padded,
                                              tail, dst.data_ptr(), dst.size(0), row_bytes, po, prob_bytes,
-                                             c10::cuda::getCurrentCUDAStream()));
-#endif
-  } else {
+                                             stream), {
     fd::cpu::zero_unused_rows(layout.data_ptr<int64_t>(), static_cast<int32_t>(num_experts), padded, tail,
                               dst.data_ptr(), dst.size(0), row_bytes, po, prob_bytes);
-  }
+  });
 }
 
 // dst [num_out, hidden] with dst[row_id_map[r, s]] = src[r]; pad and tail rows zeroed.
@@ -248,15 +237,11 @@ Tensor scatter_into(const Tensor& src, const Tensor& row_id_map, int64_t num_out
   auto dst = torch::empty({num_out, src.size(1)}, src.options());
   const int64_t row_bytes = src.size(1) * src.element_size();
   const int32_t slots = static_cast<int32_t>(row_id_map.size(1));
-  if (src.is_cuda()) {
-#ifdef FLEXDISPATCH_WITH_CUDA
-    FD_CUDA_CHECK(fd::cuda::scatter_rows(src.data_ptr(), src.size(0), row_bytes, row_id_map.data_ptr<int32_t>(),
-                                         slots, dst.data_ptr(), c10::cuda::getCurrentCUDAStream()));
-#endif
-  } else {
+  FD_ON_DEVICE(src, fd::cuda::scatter_rows(src.data_ptr(), src.size(0), row_bytes, row_id_map.data_ptr<int32_t>(),
+                                         slots, dst.data_ptr(), stream), {
     fd::cpu::scatter_rows(src.data_ptr(), src.size(0), row_bytes, row_id_map.data_ptr<int32_t>(), slots,
                           dst.data_ptr());
-  }
+  });
   zero_unused_rows(dst, probs_out, layout, num_experts, padded, tail);
   return dst;
 }
@@ -286,7 +271,6 @@ std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>>
   as_rows(tokens, "tokens");
   check_same_device(route, tokens, "tokens");
   TORCH_CHECK_VALUE(tokens.size(0) == r.rows, "tokens has ", tokens.size(0), " rows, the route ", r.rows);
-  const c10::OptionalDeviceGuard guard(at::device_of(route));
   auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple);
   std::optional<Tensor> host;
   const bool tail = num_out >= 0;
@@ -302,7 +286,6 @@ std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>>
 std::tuple<Tensor, Tensor, std::optional<Tensor>> plan(const Tensor& route, int64_t num_experts,
                                                        int64_t pad_multiple, int64_t num_out) {
   const fd::Route r = route_of(route, num_experts);
-  const c10::OptionalDeviceGuard guard(at::device_of(route));
   auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple);
   std::optional<Tensor> host;
   if (!size_output(r, layout, num_out, host)) return {route.new_empty({0}, at::kInt), layout, host};
@@ -317,7 +300,6 @@ Tensor scatter_rows(const Tensor& src, const Tensor& row_id_map, int64_t num_out
   check_row_id_map(row_id_map, src);
   TORCH_CHECK_VALUE(row_id_map.size(0) == src.size(0), "row_id_map has ", row_id_map.size(0),
                     " rows but src has ", src.size(0));
-  const c10::OptionalDeviceGuard guard(at::device_of(src));
   return scatter_into(src, row_id_map, num_out, layout, num_experts, padded, tail, std::nullopt);
 }
 
@@ -339,18 +321,11 @@ Tensor gather_rows(const Tensor& src, const Tensor& row_id_map, const std::optio
   const int64_t rows = row_id_map.size(0);
   const int32_t slots = static_cast<int32_t>(row_id_map.size(1));
   auto dst = torch::empty({rows, src.size(1)}, src.options());
-  if (src.is_cuda()) {
-#ifdef FLEXDISPATCH_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(src.device());
-    FD_CUDA_CHECK(fd::cuda::gather_rows(dtype, src.data_ptr(), src.size(1), row_id_map.data_ptr<int32_t>(), slots,
-                                        p, prob_dtype, dst.data_ptr(), rows, c10::cuda::getCurrentCUDAStream()));
-#else
-    TORCH_CHECK(false, "flexdispatch was built without CUDA");
-#endif
-  } else {
+  FD_ON_DEVICE(src, fd::cuda::gather_rows(dtype, src.data_ptr(), src.size(1), row_id_map.data_ptr<int32_t>(), slots,
+                                        p, prob_dtype, dst.data_ptr(), rows, stream), {
     fd::cpu::gather_rows(dtype, src.data_ptr(), src.size(1), row_id_map.data_ptr<int32_t>(), slots, p, prob_dtype,
                          dst.data_ptr(), rows);
-  }
+  });
   return dst;
 }
 
@@ -373,21 +348,14 @@ std::tuple<Tensor, Tensor> gather_rows_backward(const Tensor& grad_out, const Te
   auto grad_probs = torch::zeros_like(probs);
   const int64_t rows = row_id_map.size(0);
   const int32_t slots = static_cast<int32_t>(row_id_map.size(1));
-  if (src.is_cuda()) {
-#ifdef FLEXDISPATCH_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(src.device());
-    FD_CUDA_CHECK(fd::cuda::gather_rows_backward(dtype, grad_out.data_ptr(), src.data_ptr(), src.size(1),
+  FD_ON_DEVICE(src, fd::cuda::gather_rows_backward(dtype, grad_out.data_ptr(), src.data_ptr(), src.size(1),
                                                  row_id_map.data_ptr<int32_t>(), slots, probs.data_ptr(),
                                                  prob_dtype, rows, grad_src.data_ptr(), grad_probs.data_ptr(),
-                                                 c10::cuda::getCurrentCUDAStream()));
-#else
-    TORCH_CHECK(false, "flexdispatch was built without CUDA");
-#endif
-  } else {
+                                                 stream), {
     fd::cpu::gather_rows_backward(dtype, grad_out.data_ptr(), src.data_ptr(), src.size(1),
                                   row_id_map.data_ptr<int32_t>(), slots, probs.data_ptr(), prob_dtype, rows,
                                   grad_src.data_ptr(), grad_probs.data_ptr());
-  }
+  });
   zero_unused_rows(grad_src, std::nullopt, layout, num_experts, padded, tail);
   return {grad_src, grad_probs};
 }
@@ -411,17 +379,10 @@ std::tuple<Tensor, Tensor> quantize_fp8(const Tensor& x_in) {
   const int64_t groups = x.size(0) * (x.size(1) / fd::kFp8Group);
   auto q = torch::empty({x.size(0), x.size(1)}, x.options().dtype(at::kByte));
   auto scales = torch::empty({x.size(0), x.size(1) / fd::kFp8Group}, x.options().dtype(at::kFloat));
-  if (x.is_cuda()) {
-#ifdef FLEXDISPATCH_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    FD_CUDA_CHECK(fd::cuda::quantize_fp8(dtype, x.data_ptr(), groups, q.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-                                         c10::cuda::getCurrentCUDAStream()));
-#else
-    TORCH_CHECK(false, "flexdispatch was built without CUDA");
-#endif
-  } else {
+  FD_ON_DEVICE(x, fd::cuda::quantize_fp8(dtype, x.data_ptr(), groups, q.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                                         stream), {
     fd::cpu::quantize_fp8(dtype, x.data_ptr(), groups, q.data_ptr<uint8_t>(), scales.data_ptr<float>());
-  }
+  });
   return {q, scales};
 }
 
@@ -441,17 +402,10 @@ Tensor dequantize_fp8(const Tensor& q_in, const Tensor& scales_in, const Tensor&
   const Tensor q = aligned(q_in);
   const int64_t groups = q.size(0) * (q.size(1) / fd::kFp8Group);
   auto out = torch::empty({q.size(0), q.size(1)}, q.options().dtype(like.scalar_type()));
-  if (q.is_cuda()) {
-#ifdef FLEXDISPATCH_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(q.device());
-    FD_CUDA_CHECK(fd::cuda::dequantize_fp8(dtype, q.data_ptr<uint8_t>(), scales_in.data_ptr<float>(), groups,
-                                           out.data_ptr(), c10::cuda::getCurrentCUDAStream()));
-#else
-    TORCH_CHECK(false, "flexdispatch was built without CUDA");
-#endif
-  } else {
+  FD_ON_DEVICE(q, fd::cuda::dequantize_fp8(dtype, q.data_ptr<uint8_t>(), scales_in.data_ptr<float>(), groups,
+                                           out.data_ptr(), stream), {
     fd::cpu::dequantize_fp8(dtype, q.data_ptr<uint8_t>(), scales_in.data_ptr<float>(), groups, out.data_ptr());
-  }
+  });
   return out;
 }
 

@@ -302,31 +302,37 @@ cudaError_t with_dtype(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// Calls f(V{}) with V the unsigned type of the widest access (16, 8, 4, 2 or 1 bytes) that
+// divides the row and both base pointers.
+template <typename F>
+cudaError_t with_vector(int64_t row_bytes, const void* a, const void* b, F&& f) {
+  switch (vector_bytes(row_bytes, a, b)) {
+    case 16: return f(uint4{});
+    case 8: return f(uint2{});
+    case 4: return f(uint32_t{});
+    case 2: return f(uint16_t{});
+    default: return f(uint8_t{});
+  }
+}
+
 }  // namespace
 
 cudaError_t scatter_rows(const void* src, int64_t rows, int64_t row_bytes, const int32_t* row_id_map,
                          int32_t slots, void* dst, cudaStream_t stream) {
   if (rows == 0 || row_bytes == 0) return cudaSuccess;
-  switch (vector_bytes(row_bytes, src, dst)) {
-    case 16: return scatter_as<uint4>(src, rows, row_bytes, row_id_map, slots, dst, stream);
-    case 8: return scatter_as<uint2>(src, rows, row_bytes, row_id_map, slots, dst, stream);
-    case 4: return scatter_as<uint32_t>(src, rows, row_bytes, row_id_map, slots, dst, stream);
-    case 2: return scatter_as<uint16_t>(src, rows, row_bytes, row_id_map, slots, dst, stream);
-    default: return scatter_as<uint8_t>(src, rows, row_bytes, row_id_map, slots, dst, stream);
-  }
+  return with_vector(row_bytes, src, dst, [&](auto v) {
+    return scatter_as<decltype(v)>(src, rows, row_bytes, row_id_map, slots, dst, stream);
+  });
 }
 
 cudaError_t zero_unused_rows(const int64_t* layout, int32_t num_experts, bool padded, bool tail,
                              void* dst, int64_t num_out, int64_t row_bytes, void* probs_out,
                              int prob_bytes, cudaStream_t stream) {
   if (num_out == 0 || (!padded && !tail)) return cudaSuccess;
-  switch (vector_bytes(row_bytes, dst, dst)) {
-    case 16: return zero_as<uint4>(layout, num_experts, padded, tail, dst, num_out, row_bytes, probs_out, prob_bytes, stream);
-    case 8: return zero_as<uint2>(layout, num_experts, padded, tail, dst, num_out, row_bytes, probs_out, prob_bytes, stream);
-    case 4: return zero_as<uint32_t>(layout, num_experts, padded, tail, dst, num_out, row_bytes, probs_out, prob_bytes, stream);
-    case 2: return zero_as<uint16_t>(layout, num_experts, padded, tail, dst, num_out, row_bytes, probs_out, prob_bytes, stream);
-    default: return zero_as<uint8_t>(layout, num_experts, padded, tail, dst, num_out, row_bytes, probs_out, prob_bytes, stream);
-  }
+  return with_vector(row_bytes, dst, dst, [&](auto v) {
+    return zero_as<decltype(v)>(layout, num_experts, padded, tail, dst, num_out, row_bytes, probs_out, prob_bytes,
+                                stream);
+  });
 }
 
 cudaError_t gather_rows(DType dtype, const void* src, int64_t hidden, const int32_t* row_id_map,
