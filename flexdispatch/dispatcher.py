@@ -126,9 +126,10 @@ class MoEFlexTokenDispatcher:
         if not reasons:
             self._manager = registry.make_manager(candidate, self.group, self.spec)
         else:
+            chosen = registry.fallback(candidate, self.group)
             if hidden.is_cuda:  # CPU tensors never go to DeepEP: nothing to warn about
-                _warn_once(f"DeepEP cannot serve this layer ({reasons[0]}); using the all-to-all manager")
-            self._manager = registry.make_manager("alltoall", self.group, self.spec)
+                _warn_once(f"the {candidate} manager cannot serve this layer ({reasons[0]}); using the {chosen} manager")
+            self._manager = registry.make_manager(chosen, self.group, self.spec)
         return self._manager
 
     @property

@@ -252,3 +252,23 @@ def test_fp8_dispatch_rounds_and_checks_its_input():
     d.reset()
     with pytest.raises(TypeError, match="hidden_states: FP8 dispatch takes float32, float16 or bfloat16"):
         d.token_permutation(torch.randn(9, 128, dtype=torch.float64), 9, p)
+
+
+def test_auto_choice_and_fallback_come_from_the_registry(monkeypatch):
+    """auto on a group: the first backend of AUTO_ORDER whose probe passes, deferred to the first
+    dispatch when it needs the tensors; the fallback is the next one that passes."""
+    from flexdispatch.managers import registry
+
+    group = object()  # a stand-in group of two ranks
+    monkeypatch.setattr(registry, "_group_size", lambda g: 1 if g is None else 2)
+    monkeypatch.setitem(registry.BACKENDS, "deepep", registry.Backend(
+        "deepep", fd._DeepepManager, lambda g, **call: None if call.get("device") is None else "no", needs_tensors=True))
+    assert registry.choose("auto", group, 2) == registry.Choice(None, candidate="deepep")
+    assert registry.choose("auto", group, 2, prefer_deepep=False) == registry.Choice("alltoall")
+    assert registry.choose("auto", None, 2) == registry.Choice("local")
+    assert registry.fallback("deepep", group) == "alltoall"
+    monkeypatch.setitem(registry.BACKENDS, "deepep", registry.Backend(
+        "deepep", fd._DeepepManager, lambda g, **call: "deep_ep does not import", needs_tensors=True))
+    assert registry.choose("auto", group, 2) == registry.Choice("alltoall", passed_over="deep_ep does not import")
+    with pytest.raises(ValueError, match="moe_flex_backend='deepep': deep_ep does not import"):
+        registry.choose("deepep", group, 2)

@@ -124,6 +124,15 @@ def choose(requested: str, group, topk: int, prefer_deepep: bool = True) -> Choi
     raise ValueError(f"config.moe_flex_backend='auto': no backend can serve this group ({passed_over})")
 
 
+def fallback(name: str, group) -> str:
+    """The backend ``auto`` takes when ``name`` (its candidate) cannot serve a call: the next
+    of ``AUTO_ORDER`` whose probe passes for the group."""
+    for other in AUTO_ORDER[AUTO_ORDER.index(name) + 1:]:
+        if unusable_reason(other, group) is None:
+            return other
+    raise ValueError(f"config.moe_flex_backend='auto': no backend after {name!r} can serve this group")
+
+
 _logged: set = set()
 
 
