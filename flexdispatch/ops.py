@@ -355,20 +355,35 @@ def check_route(indices: torch.Tensor, num_experts: int, flag: int = 0, probs: O
         bits (1 out of range, 2 repeated expert in a row, 8 non-finite prob; see
         :mod:`flexdispatch.rowmap`) and ``flag`` or 0.
     """
+    return _check_route(indices, num_experts, flag, probs, None)
+
+
+def check_route_reported(indices: torch.Tensor, num_experts: int, probs: Optional[torch.Tensor], name: str):
+    """:func:`check_route`, with its error bits raised at once (CPU) or at the next sync point
+    (CUDA) under the argument name ``name``: the check of a group of one, which has no
+    exchange to agree at. Returns ``(clean, status)``."""
+    return _check_route(indices, num_experts, 0, probs, name)
+
+
+def _check_route(indices, num_experts, flag, probs, report_as: Optional[str]):
     _check_index_route(indices, num_experts, None)
     if isinstance(flag, bool) or not isinstance(flag, int) or not 0 <= flag < 2**31:
         raise ValueError(f"flag: expected an int in [0, 2**31), got {flag!r}")
     probs = _check_probs(probs, indices)
+    p = None if probs is None else probs.detach().contiguous()
+    if _use_kernels(indices) and torch.compiler.is_compiling():
+        return _library.check_route(indices, num_experts, flag, p, report_as)  # reports inside the op
     if _use_kernels(indices):
-        p = None if probs is None else probs.detach().contiguous()
-        if torch.compiler.is_compiling():
-            return _library.check_route(indices, num_experts, flag, p, None)
-        return _C.check_route(indices.contiguous(), num_experts, flag, p)
-    bits = index_route_error_bits(indices, num_experts, probs).to(torch.int32)
-    clean = torch.where((indices >= -1) & (indices < num_experts), indices.long(), -1)
-    if probs is not None:
-        clean = torch.where(torch.isfinite(probs.detach()), clean, -1)
-    return clean, torch.stack([bits, (bits != 0).to(torch.int32) * flag])
+        clean, status = _C.check_route(indices.contiguous(), num_experts, flag, p)
+    else:
+        bits = index_route_error_bits(indices, num_experts, p).to(torch.int32)
+        clean = torch.where((indices >= -1) & (indices < num_experts), indices.long(), -1)
+        if p is not None:
+            clean = torch.where(torch.isfinite(p), clean, -1)
+        status = torch.stack([bits, (bits != 0).to(torch.int32) * flag])
+    if report_as is not None:
+        defer_routing_error(status, indices, num_experts, report_as, p)
+    return clean, status
 
 
 def permute(tokens: torch.Tensor, routing_map: torch.Tensor, probs: Optional[torch.Tensor] = None,
@@ -428,14 +443,20 @@ def permute_by_indices(tokens: torch.Tensor, indices: torch.Tensor, probs: Optio
     return _permute_public(tokens, indices.contiguous(), probs, num_experts, num_out_tokens, pad_multiple, "indices")
 
 
+def _compiled_plan(row_map, layout, host, num_experts, num_out, num_out_tokens, pad_multiple) -> RowIdMap:
+    """The plan of a registered op's outputs (under torch.compile); ``host`` is the op's host
+    layout, which exists only when the op sized its output (``num_out_tokens`` None)."""
+    return RowIdMap(map=row_map, layout=layout, num_experts=num_experts, num_out=num_out,
+                    pad_multiple=pad_multiple or 1, has_tail=num_out_tokens is not None,
+                    host_layout=None if num_out_tokens is not None else host)
+
+
 def _permute_public(tokens, route, probs, num_experts, num_out_tokens, pad_multiple, name):
     if torch.compiler.is_compiling():
         out, out_probs, row_map, layout, host = _library.permute(
             route, num_experts, pad_multiple or 1, -1 if num_out_tokens is None else num_out_tokens, tokens, probs,
             name)
-        plan = RowIdMap(map=row_map, layout=layout, num_experts=num_experts, num_out=out.shape[0],
-                        pad_multiple=pad_multiple or 1, has_tail=num_out_tokens is not None,
-                        host_layout=None if num_out_tokens is not None else host)
+        plan = _compiled_plan(row_map, layout, host, num_experts, out.shape[0], num_out_tokens, pad_multiple)
         return out, (None if probs is None else out_probs), plan, plan.tokens_per_expert
     if _needs_grad(tokens, probs):
         out, out_probs, plan = _Permute.apply(tokens, probs, route, num_experts, num_out_tokens, pad_multiple, name)
@@ -467,9 +488,7 @@ def make_plan(route: torch.Tensor, num_experts: int, num_out_tokens: Optional[in
         num_out = num_out_tokens
         if num_out is None:  # the rows used, read from the host copy the op's one sync made
             num_out = host[layout_total_index(num_experts)].item()
-        return RowIdMap(map=row_map, layout=layout, num_experts=num_experts, num_out=num_out,
-                        pad_multiple=pad_multiple or 1, has_tail=num_out_tokens is not None,
-                        host_layout=None if num_out_tokens is not None else host)
+        return _compiled_plan(row_map, layout, host, num_experts, num_out, num_out_tokens, pad_multiple)
     return _plan_impl(route.contiguous(), num_experts, num_out_tokens, pad_multiple, "route")
 
 
@@ -525,18 +544,6 @@ def unpermute(permuted: torch.Tensor, row_id_map: RowIdMap, probs: Optional[torc
         out = _C.gather_rows(permuted.contiguous(), row_id_map.map,
                              probs.contiguous() if probs is not None else None)
     return out.view(tuple(restore_shape)) if restore_shape is not None else out
-
-
-def check_route_reported(indices: torch.Tensor, num_experts: int, probs: Optional[torch.Tensor], name: str):
-    """:func:`check_route`, with its error bits raised at once (CPU) or at the next sync point
-    (CUDA) under the argument name ``name``: the check of a group of one, which has no
-    exchange to agree at. Returns ``(clean, status)``."""
-    if torch.compiler.is_compiling() and _use_kernels(indices):
-        p = None if probs is None else _check_probs(probs, indices).detach().contiguous()
-        return _library.check_route(indices, num_experts, 0, p, name)
-    clean, status = check_route(indices, num_experts, 0, probs)
-    defer_routing_error(status, indices, num_experts, name, probs)
-    return clean, status
 
 
 # ---- FP8 rows ------------------------------------------------------------------------------

@@ -154,3 +154,9 @@ def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = t
     rows, hidden = q.shape
     g = q.float().reshape(rows, hidden // FP8_GROUP, FP8_GROUP) * scales[..., None]
     return g.reshape(rows, hidden).to(dtype)
+
+
+def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded through FP8 (quantize, then dequantize to ``x``'s dtype): what the experts
+    receive under ``moe_fp8_dispatch``. Plain values, no straight-through gradient."""
+    return dequantize_fp8(*quantize_fp8(x), dtype=x.dtype)

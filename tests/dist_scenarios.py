@@ -79,7 +79,7 @@ def moe_matches_dense(rank, world, *, entry="probs", tokens_per_rank=None, hidde
         _, tp, ti = _routing(ld[r], topk, experts, capacity, router_dtype)
         xr = xd[r]
         if fp8:  # what the experts receive: the tokens rounded through FP8 (straight-through)
-            xr = xr + (fp8_round_trip_reference(xr.detach().to(dtype)).double() - xr.detach())
+            xr = xr + (fd.reference.fp8_round_trip(xr.detach().to(dtype)).double() - xr.detach())
         o = dense_layer(xr, tp, ti, wd)
         loss = loss + (o * torch.cos(xd[r].detach())).sum()
         if r == rank:
@@ -91,11 +91,6 @@ def moe_matches_dense(rank, world, *, entry="probs", tokens_per_rank=None, hidde
         "grad_logits": rel_err(lg_grad, gl), "grad_experts": rel_err(w_grad, gw[mine]),
         "tolerance": TOLERANCE[dtype], "identical_reruns": identical, "backend": d.backend,
     }
-
-
-def fp8_round_trip_reference(x: torch.Tensor) -> torch.Tensor:
-    """``x`` rounded through FP8 by the plain-PyTorch twins, in ``x``'s dtype."""
-    return fd.reference.dequantize_fp8(*fd.reference.quantize_fp8(x), dtype=x.dtype)
 
 
 def two_dispatchers_interleaved(rank, world, device="cpu", backend="auto", dtype="float32"):

@@ -198,8 +198,7 @@ def expected(layer: Layer, weights: torch.Tensor, inputs, entry: str, rank: int,
         out_abs = torch.zeros_like(xd)
         xe = xd
         if layer.fp8:  # the experts see the tokens rounded through FP8; its gradient is the identity
-            rounded = fd.reference.dequantize_fp8(*fd.reference.quantize_fp8(xd.detach().to(DTYPES[layer.dtype])),
-                                                  dtype=DTYPES[layer.dtype])
+            rounded = fd.reference.fp8_round_trip(xd.detach().to(DTYPES[layer.dtype]))
             xe = xd + (rounded.double() - xd.detach())
         every = torch.tanh(torch.einsum("th,ehg->etg", xe, wd))  # every expert on every token
         rows = torch.arange(xd.shape[0], device=device)

@@ -86,19 +86,22 @@ class _AllToAllDispatch(torch.autograd.Function):
         rows = _fp8_payload(hidden) if fp8 else hidden
         send = ops.apply_permutation(rows, plan)
         landing = rows.new_empty(received, rows.shape[1])
-        recv = hidden.new_empty(received, hidden.shape[1]) if fp8 else landing
         # CPU tensors (gloo) move synchronously: with gloo's async work, processes aborted at
         # exit after clean runs (1 of 8 in CI, about 13% in the count; 0 of 30 sync).
         async_finish = async_finish and hidden.is_cuda
         work = _exchange(landing, send, recv_splits, send_splits, group, async_op=async_finish)
+        if not async_finish:
+            recv = _fp8_unpack(landing, hidden.shape[1], hidden.dtype) if fp8 else landing
+            return recv, recv_meta, None
+        finish = None
+        recv = landing
+        if fp8:  # the rows land later: dequantize into the returned tensor at wait()
+            recv = hidden.new_empty(received, hidden.shape[1])
 
-        def finish():  # stream-ordered after the transfer (work.wait() on NCCL)
-            recv.copy_(_fp8_unpack(landing, hidden.shape[1], hidden.dtype))
+            def finish():  # stream-ordered after the transfer (work.wait() on NCCL)
+                recv.copy_(_fp8_unpack(landing, hidden.shape[1], hidden.dtype))
 
-        if fp8 and not async_finish:
-            finish()
-        in_flight = (work, (send, landing), finish if fp8 else None) if async_finish else None
-        return recv, recv_meta, in_flight
+        return recv, recv_meta, (work, (send, landing), finish)
 
     @staticmethod
     def backward(ctx, grad_recv, grad_recv_meta, _in_flight):

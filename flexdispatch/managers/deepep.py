@@ -285,14 +285,13 @@ class _DeepepDispatch(torch.autograd.Function):
         finish = None
         if fp8:
             recv_q, recv_scales = recv_x
-            recv_x = torch.empty(recv_q.shape, dtype=x.dtype, device=recv_q.device)
-
-            def finish():
-                recv_x.copy_(ops.dequantize_fp8(recv_q, recv_scales.contiguous(), x.dtype))
-
             if not async_finish:
-                finish()
-                finish = None
+                recv_x = ops.dequantize_fp8(recv_q, recv_scales.contiguous(), x.dtype)
+            else:  # the rows land later: dequantize into the returned tensor at wait()
+                recv_x = torch.empty(recv_q.shape, dtype=x.dtype, device=recv_q.device)
+
+                def finish():
+                    recv_x.copy_(ops.dequantize_fp8(recv_q, recv_scales.contiguous(), x.dtype))
         return recv_x, recv_idx, recv_probs, handle, counts, (after if async_finish else None), finish
 
     @staticmethod
