@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import _kernel_header
 from .rowmap import RowIdMap, check_index_route
 
 
@@ -143,7 +144,10 @@ def quantize_fp8(x: torch.Tensor):
     group of 128 values and ``q = x / scale`` rounded to nearest even."""
     rows, hidden = x.shape
     g = x.float().reshape(rows, hidden // FP8_GROUP, FP8_GROUP)
-    scales = g.abs().amax(-1).clamp(min=FP8_MIN_AMAX) / FP8_MAX
+    amax = g.abs().amax(-1).clamp(min=FP8_MIN_AMAX)
+    # A tensor divisor: torch on CUDA turns division by a Python number into a multiplication
+    # by its reciprocal, which differs in the last bit from the kernels' IEEE division.
+    scales = amax / torch.full_like(amax, FP8_MAX)
     q = (g / scales[..., None]).to(torch.float8_e4m3fn)
     return q.reshape(rows, hidden), scales
 
@@ -160,3 +164,25 @@ def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
     """``x`` rounded through FP8 (quantize, then dequantize to ``x``'s dtype): what the experts
     receive under ``moe_fp8_dispatch``. Plain values, no straight-through gradient."""
     return dequantize_fp8(*quantize_fp8(x), dtype=x.dtype)
+
+
+# ---- the agreement of a call (flexdispatch/managers/agreement.py) ----------------------------
+
+_HEADER = _kernel_header.enum("HeaderField")  # the header's fields, as the kernels define them
+
+
+def make_header(device, values, status: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One rank's header ``[WIDTH]`` int64 on ``device``: ``values``, with ``status[0]`` (the
+    error bits of :func:`flexdispatch.ops.check_route`) OR-ed into the error field."""
+    header = torch.tensor(list(values), dtype=torch.int64, device=device)
+    if status is not None:
+        header[_HEADER["HeaderError"]] |= status[0].long()
+    return header
+
+
+def mask_unless_agreed(headers: torch.Tensor, indices: torch.Tensor, index_dtype=torch.int64) -> torch.Tensor:
+    """``indices`` as ``index_dtype``, or all -1 unless every row of ``headers [W, WIDTH]`` has
+    no error bits and equals row 0 from the phase field on."""
+    phase = _HEADER["HeaderPhase"]
+    breaks = (headers[:, _HEADER["HeaderError"]] != 0).any() | (headers[:, phase:] != headers[:1, phase:]).any()
+    return torch.where(breaks, -1, indices).to(index_dtype)
