@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "cpu/ops_cpu.h"
 #include "flexdispatch.h"
@@ -409,6 +410,50 @@ Tensor dequantize_fp8(const Tensor& q_in, const Tensor& scales_in, const Tensor&
   return out;
 }
 
+// ---- the agreement of a call -------------------------------------------------------------
+
+// One rank's header [kHeaderWidth] int64 on `like`'s device: `values`, with status[0] (int32
+// [2] from check_route, optional) OR-ed into the error field. No host-to-device copy.
+Tensor make_header(const Tensor& like, const std::vector<int64_t>& values, const std::optional<Tensor>& status) {
+  TORCH_CHECK_VALUE(values.size() == fd::kHeaderWidth, "a header has ", int(fd::kHeaderWidth), " fields, got ",
+                    values.size());
+  fd::Header header_values;
+  for (int f = 0; f < fd::kHeaderWidth; ++f) header_values.field[f] = values[f];
+  const int32_t* status_ptr = nullptr;
+  if (status.has_value()) {
+    TORCH_CHECK_TYPE(status->scalar_type() == at::kInt && status->numel() >= 1, "status must be int32 [2]");
+    check_same_device(like, *status, "status");
+    status_ptr = status->data_ptr<int32_t>();
+  }
+  auto header = torch::empty({fd::kHeaderWidth}, like.options().dtype(at::kLong));
+  FD_ON_DEVICE(like, fd::cuda::make_header(header_values, status_ptr, header.data_ptr<int64_t>(), stream), {
+    fd::cpu::make_header(header_values, status_ptr, header.data_ptr<int64_t>());
+  });
+  return header;
+}
+
+// indices (int64, any shape) as `index_dtype` (int32 or int64), or -1 everywhere unless every
+// header of headers [ranks, kHeaderWidth] agrees (flexdispatch.h: header_breaks_agreement).
+Tensor mask_unless_agreed(const Tensor& headers, const Tensor& indices, at::ScalarType index_dtype) {
+  TORCH_CHECK_VALUE(headers.dim() == 2 && headers.size(1) == fd::kHeaderWidth, "headers must be [ranks, ",
+                    int(fd::kHeaderWidth), "], got ", headers.sizes());
+  TORCH_CHECK_TYPE(headers.scalar_type() == at::kLong && indices.scalar_type() == at::kLong,
+                   "headers and indices must be int64");
+  TORCH_CHECK_TYPE(index_dtype == at::kLong || index_dtype == at::kInt, "index_dtype must be int32 or int64");
+  check_contiguous(headers, "headers");
+  check_contiguous(indices, "indices");
+  check_same_device(headers, indices, "indices");
+  const int32_t ranks = static_cast<int32_t>(headers.size(0));
+  const bool out64 = index_dtype == at::kLong;
+  auto out = torch::empty(indices.sizes(), indices.options().dtype(index_dtype));
+  FD_ON_DEVICE(indices, fd::cuda::mask_unless_agreed(headers.data_ptr<int64_t>(), ranks, indices.data_ptr<int64_t>(),
+                                                     indices.numel(), out.data_ptr(), out64, stream), {
+    fd::cpu::mask_unless_agreed(headers.data_ptr<int64_t>(), ranks, indices.data_ptr<int64_t>(), indices.numel(),
+                                out.data_ptr(), out64);
+  });
+  return out;
+}
+
 bool with_cuda() {
 #ifdef FLEXDISPATCH_WITH_CUDA
   return true;
@@ -430,5 +475,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_rows_backward", &gather_rows_backward);
   m.def("quantize_fp8", &quantize_fp8);
   m.def("dequantize_fp8", &dequantize_fp8);
+  m.def("make_header", &make_header);
+  m.def("mask_unless_agreed", &mask_unless_agreed);
   m.def("with_cuda", &with_cuda);
 }

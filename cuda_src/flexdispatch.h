@@ -38,6 +38,33 @@ enum ErrorBits : int64_t {
   kNonFiniteProb = 8,     // a NaN or infinite probability of a selected expert (route check)
 };
 
+// The header every rank of a group sends in the first exchange of a call, kHeaderWidth int64
+// fields in this order (flexdispatch/managers/agreement.py reads these lines). Ranks agree
+// when no header has error bits and every field from kHeaderPhase on equals rank 0's.
+enum HeaderField : int32_t {
+  kHeaderRows = 0,    // rows this rank sends to the reader (all-to-all)
+  kHeaderPhase = 1,   // dispatch or combine
+  kHeaderStep = 2,    // calls of this layer finished before this one
+  kHeaderError = 3,   // routing error bits and the failed-argument bit
+  kHeaderArg = 4,     // which argument failed
+  kHeaderHidden = 5,  // the call's signature: hidden size, dtype, top-k
+  kHeaderDtype = 6,
+  kHeaderTopk = 7,
+  kHeaderWidth = 8,
+};
+
+struct Header {
+  int64_t field[kHeaderWidth];
+};
+
+// Whether element i of headers [ranks, kHeaderWidth] breaks the agreement: error bits, or a
+// field from kHeaderPhase on that differs from rank 0's.
+FD_HOST_DEVICE inline bool header_breaks_agreement(const int64_t* headers, int64_t i) {
+  const int64_t field = i % kHeaderWidth;
+  if (field == kHeaderError) return headers[i] != 0;
+  return field >= kHeaderPhase && headers[i] != headers[field];
+}
+
 enum RouteKind : int32_t {
   kRouteIndex32 = 0,
   kRouteIndex64 = 1,

@@ -68,5 +68,13 @@ cudaError_t quantize_fp8(DType dtype, const void* x, int64_t groups, uint8_t* q,
 cudaError_t dequantize_fp8(DType dtype, const uint8_t* q, const float* scales, int64_t groups, void* out,
                            cudaStream_t stream);
 
+// The agreement of a call on the device (no host sync): header [kHeaderWidth] = values, with
+// status[0] (nullable: check_route's error bits) OR-ed into kHeaderError; and out [n] (int64 or
+// int32) = indices [n] where every header of headers [ranks, kHeaderWidth] agrees (see
+// flexdispatch.h), else -1 everywhere, so that a transfer then moves nothing.
+cudaError_t make_header(Header values, const int32_t* status, int64_t* header, cudaStream_t stream);
+cudaError_t mask_unless_agreed(const int64_t* headers, int32_t ranks, const int64_t* indices, int64_t n,
+                               void* out, bool out_is_64bit, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace flexdispatch

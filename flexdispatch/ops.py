@@ -618,3 +618,26 @@ def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
 
 
 from . import _library  # noqa: E402  (registers the custom ops, which call back into this module)
+
+
+# ---- the agreement of a call (flexdispatch/managers/agreement.py) ----------------------------
+
+
+def make_header(like: torch.Tensor, values: Sequence[int], status: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One rank's agreement header: int64 ``[WIDTH]`` on ``like``'s device holding ``values``,
+    with ``status[0]`` (:func:`check_route`'s int32 ``[2]``, optional) OR-ed into the error
+    field. One small kernel on CUDA: no host-to-device copy, no sync."""
+    if _use_kernels(like):
+        return _C.make_header(like, list(values), status)
+    return reference.make_header(like.device, values, status)
+
+
+def mask_unless_agreed(headers: torch.Tensor, indices: torch.Tensor, index_dtype: torch.dtype = torch.int64):
+    """``indices`` (int64) as ``index_dtype`` (int32 or int64), or -1 everywhere unless every
+    rank's header in ``headers [W, WIDTH]`` (int64, gathered on ``indices``' device) has no
+    error bits and equals rank 0's from the phase field on: the device side of
+    :class:`~flexdispatch.managers.agreement.Agreement`, so that a transfer started before
+    the host has read the headers moves nothing when the call must fail. One kernel, no sync."""
+    if _use_kernels(indices):
+        return _C.mask_unless_agreed(headers.contiguous(), indices.contiguous(), index_dtype)
+    return reference.mask_unless_agreed(headers, indices, index_dtype)

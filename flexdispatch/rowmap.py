@@ -4,31 +4,18 @@ PyTorch ops (:mod:`flexdispatch.reference`), and the routing errors both report.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Optional
 
 import torch
 
-from . import _jit
+from . import _kernel_header
 
-
-def _header_constants() -> dict:
-    """The error bits and the expert limit, read from the kernels' own header
-    (cuda_src/flexdispatch.h), so that the two sides cannot drift apart."""
-    text = (_jit.sources_dir() / "flexdispatch.h").read_text()
-    bits = text[text.index("enum ErrorBits"):]
-    bits = bits[:bits.index("};")]
-    found = {name: int(value) for name, value in re.findall(r"\bk(\w+)\s*=\s*(\d+)", bits)}
-    found["MaxExperts"] = int(re.search(r"constexpr int32_t kMaxExperts = (\d+);", text).group(1))
-    return found
-
-
-_HEADER = _header_constants()
-INDEX_OUT_OF_RANGE = _HEADER["IndexOutOfRange"]  # an index < -1 or >= E
-DUPLICATE_INDEX = _HEADER["DuplicateIndex"]  # the same expert twice in one row
-OUTPUT_OVERFLOW = _HEADER["OutputOverflow"]  # more rows than num_out_tokens allowed
-NONFINITE_PROB = _HEADER["NonFiniteProb"]  # a NaN or infinite prob of a selected expert
-MAX_EXPERTS = _HEADER["MaxExperts"]  # the most experts one permutation serves
+_ERROR_BITS = _kernel_header.enum("ErrorBits")  # read from cuda_src/flexdispatch.h
+INDEX_OUT_OF_RANGE = _ERROR_BITS["IndexOutOfRange"]  # an index < -1 or >= E
+DUPLICATE_INDEX = _ERROR_BITS["DuplicateIndex"]  # the same expert twice in one row
+OUTPUT_OVERFLOW = _ERROR_BITS["OutputOverflow"]  # more rows than num_out_tokens allowed
+NONFINITE_PROB = _ERROR_BITS["NonFiniteProb"]  # a NaN or infinite prob of a selected expert
+MAX_EXPERTS = _kernel_header.constant("MaxExperts")  # the most experts one permutation serves
 
 
 # Where things sit in a layout of 3E + 2 entries, as in cuda_src/flexdispatch.h.

@@ -324,6 +324,54 @@ def test_python_constants_match_the_kernel_header():
     assert "layout_offsets(int32_t e) { return 2 * int64_t(e); }" in header
 
 
+# ---- the agreement of a call --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ranks", [1, 2, 5])
+@pytest.mark.parametrize("fault", ["none", "route-error", "input-error", "step", "hidden", "rows-only"])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_agreement_kernels_take_the_hosts_decision(device, ranks, fault, index_dtype):
+    """make_header and mask_unless_agreed equal their reference twins, and the device's
+    decision (indices kept or emptied) is the host's Agreement.agreed() on the same headers."""
+    from flexdispatch.managers import agreement
+
+    g = torch.Generator().manual_seed(ranks * 7 + len(fault))
+    hidden = torch.empty(3, 64, dtype=torch.bfloat16)
+    rows = torch.randint(0, 100, (ranks,), generator=g).tolist()  # differ across ranks: never a fault
+    headers = []
+    for rank in range(ranks):
+        bad = rank == ranks - 1
+        step = 4 if fault == "step" and bad and ranks > 1 else 3
+        values = agreement.make_header(agreement.DISPATCH, step, torch.empty(3, 32) if fault == "hidden" and bad else hidden,
+                                       4, error=agreement.INPUT_ERROR if fault == "input-error" and bad else 0, rows=rows[rank])
+        status = torch.tensor([2 if fault == "route-error" and bad else 0, 0], dtype=torch.int32, device=device)
+        like = torch.empty(0, device=device)
+        got = ops.make_header(like, values, status)
+        assert got.dtype == torch.int64 and got.device.type == device
+        assert torch.equal(got, reference.make_header(like.device, values, status))
+        headers.append(got)
+    gathered = torch.stack(headers)
+    indices = random_indices(41, 9, 3, seed=ranks).to(device)
+    masked = ops.mask_unless_agreed(gathered, indices, index_dtype)
+    assert masked.dtype == index_dtype
+    assert torch.equal(masked, reference.mask_unless_agreed(gathered, indices, index_dtype))
+    agreed = agreement.Agreement(gathered.cpu()).agreed()
+    assert agreed == (fault in ("none", "rows-only") or ranks == 1 and fault in ("step", "hidden"))
+    assert torch.equal(masked.long().cpu(), indices.cpu() if agreed else torch.full_like(indices.cpu(), -1))
+
+
+def test_agreement_fields_are_the_kernel_headers():
+    from pathlib import Path
+
+    from flexdispatch.managers import agreement
+
+    header = (Path(__file__).resolve().parents[1] / "cuda_src" / "flexdispatch.h").read_text()
+    for name, index in (("Rows", agreement.ROWS), ("Phase", agreement.PHASE), ("Step", agreement.STEP),
+                        ("Error", agreement.ERROR), ("Topk", agreement.TOPK), ("Width", agreement.WIDTH)):
+        assert f"kHeader{name} = {index}," in header
+
+
 # ---- FP8 rows --------------------------------------------------------------------------------
 
 

@@ -42,5 +42,11 @@ void gather_rows_backward(DType dtype, const void* grad_out, const void* src, in
 void quantize_fp8(DType dtype, const void* x, int64_t groups, uint8_t* q, float* scales);
 void dequantize_fp8(DType dtype, const uint8_t* q, const float* scales, int64_t groups, void* out);
 
+// The agreement of a call (see ../launch.h): a header with status's error bits, and indices
+// masked to -1 unless every header agrees.
+void make_header(Header values, const int32_t* status, int64_t* header);
+void mask_unless_agreed(const int64_t* headers, int32_t ranks, const int64_t* indices, int64_t n, void* out,
+                        bool out_is_64bit);
+
 }  // namespace cpu
 }  // namespace flexdispatch

@@ -11,15 +11,18 @@ step raise a clear error instead of aborting inside the communication library.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
+from .. import _kernel_header
 from ..rowmap import NONFINITE_PROB, routing_error
 
-# Header fields, in order.
-ROWS, PHASE, STEP, ERROR, ARG, HIDDEN, DTYPE, TOPK = range(8)
-WIDTH = 8
+# Header fields, in order, as the kernels define them (cuda_src/flexdispatch.h, HeaderField).
+_FIELDS = _kernel_header.enum("HeaderField")
+ROWS, PHASE, STEP, ERROR, ARG, HIDDEN, DTYPE, TOPK = (_FIELDS[f"Header{name}"] for name in
+                                                      ("Rows", "Phase", "Step", "Error", "Arg", "Hidden", "Dtype", "Topk"))
+WIDTH = _FIELDS["HeaderWidth"]
 
 DISPATCH, COMBINE = 1, 2
 PHASE_NAMES = {DISPATCH: "dispatch", COMBINE: "combine"}
@@ -55,8 +58,16 @@ def make_header(phase: int, step: int, hidden: Optional[torch.Tensor], topk: int
 class Agreement:
     """The decision every rank takes from all headers ``[W, WIDTH]`` (the same on every rank)."""
 
-    def __init__(self, headers: Sequence[Sequence[int]]):
-        self.rows = [list(map(int, h[:WIDTH])) for h in headers]
+    def __init__(self, headers):
+        """``headers``: ``[W, WIDTH]`` int64 (a CPU tensor, or nested sequences of ints)."""
+        rows = headers.tolist() if isinstance(headers, torch.Tensor) else [list(map(int, h)) for h in headers]
+        self.rows = [h[:WIDTH] for h in rows]
+
+    def agreed(self) -> bool:
+        """Whether every rank may go on: no error bits, and every field from PHASE on equal to
+        rank 0's (the rule the kernels apply on the device: header_breaks_agreement)."""
+        first = self.rows[0][PHASE:]
+        return all(not h[ERROR] and h[PHASE:] == first for h in self.rows)
 
     def next_step(self) -> int:
         """The step every rank continues from after a failed call (the same on every rank)."""
@@ -69,6 +80,8 @@ class Agreement:
         ``deferred``: this rank's own failed check, raised as it is (its message names the
         argument). ``route``/``probs``: this rank's routing, to describe a routing error.
         """
+        if self.agreed():
+            return
         rows = self.rows
         where = lambda ranks: f"rank(s) {ranks} of the expert-parallel group"  # noqa: E731
         if len({(h[PHASE], h[STEP]) for h in rows}) > 1:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -42,15 +42,16 @@ class Dispatched:
             :meth:`_ManagerBase.wait`).
         indices: int64 ``[R, K]``: the local expert of each slot, -1 for none.
         probs: ``[R, K]``: their probs, 0 where the index is -1.
-        received_counts: int64 ``[E_local]`` on the host, rows per local expert before padding,
-            when the call's exchange told them (no sync needed to size the permutation).
+        received_counts: rows per local expert before padding (``E_local`` ints, or an int64
+            CPU tensor), when the call's exchange told them (no sync needed to size the
+            permutation).
         num_out: rows of the permuted tensor when fixed in advance (sync-free worst case).
     """
 
     hidden: torch.Tensor
     indices: torch.Tensor
     probs: torch.Tensor
-    received_counts: Optional[torch.Tensor] = None
+    received_counts: Optional[Union[torch.Tensor, list]] = None
     num_out: Optional[int] = None
 
 
@@ -350,13 +351,14 @@ class _ManagerBase(_DispatchManager):
         bad = (indices < -1) | (indices >= experts)
         return torch.where(keep.view(tokens, k) | bad, indices, -1)
 
-    def _set_received_counts(self, counts: torch.Tensor) -> None:
+    def _set_received_counts(self, counts) -> None:
         """Host-side ``tokens_per_expert`` (padded, pinned where a GPU will read it) and the
-        permuted tensor's size, from per-local-expert counts known on the host."""
+        permuted tensor's size, from per-local-expert counts known on the host (a list of ints
+        or a CPU tensor). Plain Python arithmetic: a handful of ints, no tensor ops."""
         pad = self.moe_router_expert_pad_multiple or 1
-        padded = (counts + pad - 1) // pad * pad
-        self._received_counts = padded.pin_memory() if self.token_indices.is_cuda else padded
-        self._num_out = int(padded.sum())
+        padded = [(int(c) + pad - 1) // pad * pad for c in (counts.tolist() if isinstance(counts, torch.Tensor) else counts)]
+        self._received_counts = torch.tensor(padded, dtype=torch.int64, pin_memory=self.token_indices.is_cuda)
+        self._num_out = sum(padded)
 
     def _masked_probs(self, indices: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         return torch.where(indices >= 0, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))

@@ -340,6 +340,7 @@ class _DeepepManager(_ManagerBase):
         self._mask_after_wait = False
         self._hidden_ok = None  # (device, dtype, hidden) that passed _check_hidden
         self._headers = None  # pinned host copy of the gathered headers [W, WIDTH]
+        self._index_dtype = topk_index_dtype()  # asked of DeepEP once
 
     def wait(self) -> None:
         while self._events:
@@ -375,20 +376,18 @@ class _DeepepManager(_ManagerBase):
 
     def _gather_headers(self, hidden_states: Optional[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
         """All-gather every rank's header on the device (stream-ordered, no host sync), start
-        its copy to pinned memory, and return ``indices`` emptied (all -1) if any rank's header
-        shows an error or disagrees, so that DeepEP then moves nothing."""
-        header = torch.tensor(self._header(agreement.DISPATCH, hidden_states), dtype=torch.int64).pin_memory()
-        header = header.to(indices.device, non_blocking=True)
-        if self._route_status is not None:
-            header[agreement.ERROR] |= self._route_status[0].long()
+        its copy to pinned memory, and return ``indices`` in DeepEP's index dtype, emptied (all
+        -1) if any rank's header shows an error or disagrees, so that DeepEP then moves nothing.
+        Three small kernels and the all-gather: the header is written on the device from
+        kernel arguments (no host-to-device copy), and one kernel decides and masks."""
+        header = ops.make_header(indices, self._header(agreement.DISPATCH, hidden_states), self._route_status)
         gathered = torch.empty(self.world_size, agreement.WIDTH, dtype=torch.int64, device=indices.device)
         dist.all_gather_into_tensor(gathered, header, group=self.group)
         if self._headers is None:
             self._headers = torch.zeros(self.world_size, agreement.WIDTH, dtype=torch.int64, pin_memory=True)
-        self._headers.copy_(gathered, non_blocking=True)  # landed once DeepEP's host wait returns
-        signature = gathered[:, agreement.PHASE:]
-        bad = (gathered[:, agreement.ERROR] != 0).any() | (signature != signature[:1]).any()
-        return torch.where(bad, -1, indices)
+        # Landed once DeepEP's host wait returns; the previous call read it after its own wait.
+        self._headers.copy_(gathered, non_blocking=True)
+        return ops.mask_unless_agreed(gathered, indices, self._index_dtype)
 
     def _placeholder(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Zero tokens for a rank whose own check failed: it still takes part in DeepEP's
@@ -426,8 +425,7 @@ class _DeepepManager(_ManagerBase):
         else:
             x, indices, probs = hidden_states.contiguous(), self.token_indices, self.token_probs.float().contiguous()
         agree = not self.sync_free  # needs DeepEP's host wait
-        routed = self._gather_headers(hidden_states, indices) if agree else indices
-        routed = routed.to(topk_index_dtype())
+        routed = self._gather_headers(hidden_states, indices) if agree else indices.to(self._index_dtype)
         buffer = _registry.get(self.group, x.shape[1] * x.element_size(), self.num_sms)
         worst = x.shape[0] * self.world_size if self.sync_free else 0
         recv_x, recv_idx, recv_probs, handle, counts, event, finish = _DeepepDispatch.apply(
@@ -439,7 +437,7 @@ class _DeepepManager(_ManagerBase):
             self._finish.append(finish)
         if agree:
             ops.check_pending_errors()  # earlier calls' flags have landed too: DeepEP just waited
-            self._agree(self._headers.clone(), "(DeepEP moved no token)")
+            self._agree(self._headers, "(DeepEP moved no token)")  # read at once (Agreement copies it)
         self.handle = handle
         self._buffer = buffer
         # No op may read the received tensors before wait(): an async transfer is still in
@@ -448,7 +446,7 @@ class _DeepepManager(_ManagerBase):
         self._mask_after_wait = self.sync_free
         if self.sync_free:
             return Dispatched(recv_x, recv_idx, recv_probs, num_out=self._worst_case_rows(worst))
-        return Dispatched(recv_x, recv_idx, recv_probs, received_counts=torch.tensor(counts, dtype=torch.int64))
+        return Dispatched(recv_x, recv_idx, recv_probs, received_counts=counts)
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
                  allocate_on_comm_stream: bool) -> torch.Tensor:
