@@ -318,6 +318,70 @@ def cuda_graph_sync_free(rank, world, backend="auto", tokens=128, hidden=1024, t
     return {"errors": errors, "backend": d.backend, "stages": stages, "eager_vs_exact": eager_vs_exact}
 
 
+def _trained_layer(d, x, logits, scale, tokens, grad_out):
+    """Forward and backward of a layer with nothing that syncs: softmax router, dispatch,
+    experts ``tanh(row) * scale[expert] * prob`` (the expert found on the device), combine,
+    then the gradients of the tokens and the router logits for ``grad_out``."""
+    probs = torch.softmax(logits, -1)
+    h, _ = d.dispatch_preprocess(x, tokens, probs)
+    recv, _ = d.dispatch_all_to_all(h)
+    t, tpe, pp = d.dispatch_postprocess(recv)
+    ends = torch.cumsum(tpe.to(t.device), 0)
+    row_expert = torch.searchsorted(ends, torch.arange(t.shape[0], device=t.device), right=True)
+    y = torch.tanh(t.float()) * (scale[row_expert.clamp(max=scale.shape[0] - 1)] * pp)[:, None]
+    out = d.combine_postprocess(d.combine_all_to_all(d.combine_preprocess(y.to(t.dtype))))
+    grad_x, grad_logits = torch.autograd.grad(out, (x, logits), grad_out)
+    return dict(out=out, grad_x=grad_x, grad_logits=grad_logits)
+
+
+def cuda_graph_fwd_bwd(rank, world, backend="auto", tokens=128, hidden=1024, topk=4, bound=None, fp8=False,
+                       replays=3):
+    """moe_sync_free: forward and backward of a layer captured in one CUDA graph, replayed on
+    new inputs, equal bit for bit to the eager run of the same dispatcher on those inputs
+    (optionally with ``moe_max_tokens_per_expert=bound`` and FP8 dispatch)."""
+    experts = 4 * world
+    d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend, moe_sync_free=True,
+                    moe_router_expert_pad_multiple=2, moe_max_tokens_per_expert=bound, moe_fp8_dispatch=fp8,
+                    moe_dropped_tokens="ignore")
+    local = experts // world
+    scale = torch.linspace(0.5, 1.5, experts, device="cuda")[rank * local:(rank + 1) * local]
+    g = torch.Generator(device="cuda").manual_seed(300 + rank)
+
+    def inputs():
+        x = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
+        logits = torch.randn(tokens, experts, device="cuda", generator=g) * 2
+        return x, logits, torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
+
+    sx, sl, sg = inputs()
+    sx.requires_grad_()
+    sl.requires_grad_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm up: buffers, allocator pools, autograd's streams
+            _trained_layer(d, sx, sl, scale, tokens, sg)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = _trained_layer(d, sx, sl, scale, tokens, sg)
+    same, norms, dropped = [], [], []
+    for _ in range(replays):
+        x, logits, grad = inputs()
+        with torch.no_grad():
+            sx.copy_(x)
+            sl.copy_(logits)
+            sg.copy_(grad)
+        before = d.report_dropped_tokens() if bound else 0  # noqa: F841 - clears the count
+        graph.replay()
+        replayed = d.report_dropped_tokens() if bound else 0
+        eager = _trained_layer(d, x.requires_grad_(), logits.requires_grad_(), scale, tokens, grad)
+        torch.cuda.synchronize()
+        same.append({k: torch.equal(static[k], eager[k]) for k in static})
+        norms.append({k: float(v.float().norm()) for k, v in eager.items()})
+        dropped.append((replayed, d.report_dropped_tokens() if bound else 0))
+    return {"same": same, "norms": norms, "dropped": dropped, "backend": d.backend}
+
+
 def deepep_stage_diff(rank, world, tokens=512, hidden=128, topk=4, async_finish=False):  # noqa: PLR0913
     """DeepEP against NCCL all-to-all stage by stage on the same bf16 inputs (experts: rows
     times probs), and both against ``x[t] * sum of its probs``: where do they part?"""

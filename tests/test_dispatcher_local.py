@@ -193,6 +193,17 @@ def test_one_gpu_sync_free_layer_replays_in_cuda_graph():
     assert max(res["eager_vs_exact"]) < 1e-6, res
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("bound", [None, 20])
+def test_one_gpu_captured_forward_backward(bound):
+    from dist_scenarios import cuda_graph_fwd_bwd
+
+    res = cuda_graph_fwd_bwd(0, 1, bound=bound)
+    assert all(all(step.values()) for step in res["same"]), res
+    assert all(min(n.values()) > 0 for n in res["norms"]), res
+    assert all(a == b and (a > 0) == (bound is not None) for a, b in res["dropped"]), res
+
+
 @pytest.mark.parametrize("field,config_name,manager_name,value", [
     ("topk", "moe_router_topk", "router_topk", 0),
     ("pad_multiple", "moe_router_expert_pad_multiple", "moe_router_expert_pad_multiple", 0),

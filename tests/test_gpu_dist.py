@@ -104,6 +104,22 @@ def test_deepep_sync_free_cuda_graph(pool):
         assert max(res["errors"]) < 1e-6 and max(res["eager_vs_exact"]) < 1e-6, res
 
 
+@pytest.mark.deepep
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["plain", "bounded", "fp8"])
+def test_deepep_captured_forward_backward(pool, case):
+    """Forward and backward of a sync-free layer in one CUDA graph, replayed on new inputs:
+    bit for bit the eager run's output and gradients (with a bound that drops assignments,
+    dropped counts equal too; and with FP8 dispatch)."""
+    options = {"plain": {}, "bounded": {"bound": 20}, "fp8": {"fp8": True}}[case]
+    for res in pool.run("cuda_graph_fwd_bwd", backend="deepep", **options):
+        assert res["backend"] == "deepep"
+        assert all(all(step.values()) for step in res["same"]), res
+        assert all(min(n.values()) > 0 for n in res["norms"]), res
+        for replayed, eager in res["dropped"]:
+            assert replayed == eager and (replayed > 0) == (case == "bounded"), res
+
+
 @pytest.mark.timeout(900)
 def test_stateful_alltoall_nccl(pool):
     """The stateful multi-step programs (tests/stateful.py) over NCCL, float32 on the GPUs."""
