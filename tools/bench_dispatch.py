@@ -20,7 +20,13 @@ Variants for A/B runs in the same process: ``--managers deepep,deepep:novalidate
 options after the colon: ``novalidate`` (moe_validate_routing=False), ``torchexperts`` (the
 broadcast-multiply experts instead of the fused Triton ones), ``fp8`` (moe_fp8_dispatch=True:
 then raw DeepEP with FP8 dispatch is timed too, quantization included, and the variant's
-output is compared with the same manager's bf16 output: ``rel_err_vs_bf16``). ``--trace DIR`` writes a
+output is compared with the same manager's bf16 output: ``rel_err_vs_bf16``), ``syncfree``
+(moe_sync_free=True), ``bound=F`` (sync-free with moe_max_tokens_per_expert = F times the mean
+rows per local expert, T * W * K / E), ``graph`` (sync-free, and the forward and the
+forward+backward each captured in a CUDA graph and timed as replays; peak = the memory the
+forward+backward graph's pool took; its gradients are checked equal to an eager run's; stages
+are those of the same layer run eagerly). Host ms: the median time from the call to its return
+with the GPU idle at the start. ``--trace DIR`` writes a
 torch.profiler chrome trace of rank 0 for three forwards of the first shape per variant and
 for raw DeepEP (see tools/trace_summary.py).
 """
@@ -29,10 +35,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,15 +62,37 @@ def _median_ms(fn, iters: int, warmup: int) -> float:
     return median_ms(fn, iters, warmup, before_each=dist.barrier)  # ranks start together
 
 
+def _host_ms(fn, iters: int) -> float:
+    """Median host milliseconds from calling ``fn`` to its return, the GPU idle at the start
+    (what a step costs the CPU; includes the host waits inside, e.g. DeepEP's for its counts)."""
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 class Layer:
     """Inputs of one rank and the layer on a dispatcher."""
 
     def __init__(self, rank, world, tokens, hidden, experts, topk, variant):
         backend, _, options = variant.partition(":")
         options = set(filter(None, options.split(",")))
-        unknown = options - {"novalidate", "torchexperts", "fp8"}
+        bound_factor = None
+        for option in [o for o in options if o.startswith("bound=")]:
+            options.remove(option)
+            bound_factor = float(option.split("=", 1)[1])
+        unknown = options - {"novalidate", "torchexperts", "fp8", "syncfree", "graph"}
         if unknown:
             raise ValueError(f"--managers: unknown options {sorted(unknown)} in {variant!r}")
+        self.graph = "graph" in options
+        # The bound: a factor of the mean rows per local expert (T * W * K / E).
+        bound = None if bound_factor is None else math.ceil(bound_factor * tokens * world * topk / experts)
+        sync_free = self.graph or "syncfree" in options or bound is not None
         self.experts_impl = "torch" if "torchexperts" in options else "triton"
         g = torch.Generator(device="cuda").manual_seed(1234 + rank)
         self.tokens = tokens
@@ -74,14 +104,17 @@ class Layer:
         self.scale = torch.linspace(0.5, 1.5, experts, device="cuda")[rank * local:(rank + 1) * local]
         self.local = local
         config = fd.MoEConfig(num_moe_experts=experts, moe_router_topk=topk, moe_flex_backend=backend,
-                              moe_validate_routing="novalidate" not in options, moe_fp8_dispatch="fp8" in options)
+                              moe_validate_routing="novalidate" not in options, moe_fp8_dispatch="fp8" in options,
+                              moe_sync_free=sync_free, moe_max_tokens_per_expert=bound, moe_dropped_tokens="ignore")
         self.d = fd.MoEFlexTokenDispatcher(local, list(range(rank * local, (rank + 1) * local)), config,
                                            dist.group.WORLD)
 
     def experts(self, rows, tokens_per_expert, permuted_probs):
-        counts = tokens_per_expert.to("cuda", non_blocking=True)
-        row_expert = torch.repeat_interleave(torch.arange(self.local, device="cuda"), counts,
-                                             output_size=rows.shape[0])
+        # Each row's expert found on the device, with no sync: the counts may live on the GPU
+        # (sync-free) and then sum to fewer rows than the worst-case tensor holds (zero rows).
+        ends = torch.cumsum(tokens_per_expert.to("cuda", non_blocking=True), 0)
+        row_expert = torch.searchsorted(ends, torch.arange(rows.shape[0], device="cuda"), right=True)
+        row_expert = row_expert.clamp_(max=self.local - 1)
         return scale_rows(rows, self.scale[row_expert] * permuted_probs, self.experts_impl)
 
     def forward(self, x, probs, async_finish=True, marks=None):
@@ -126,6 +159,40 @@ class Layer:
         x = self.x.detach().requires_grad_()
         p = self.probs.detach().requires_grad_()
         self.forward(x, p).backward(self.grad_out)
+
+    def _fwd_bwd_grads(self):
+        return torch.autograd.grad(self.forward(self.leaf_x, self.leaf_p), (self.leaf_x, self.leaf_p), self.grad_out)
+
+    def capture(self):
+        """Capture the forward, and forward+backward, in two CUDA graphs (sync-free mode); returns
+        the bytes the forward+backward graph's memory pool took."""
+        self.leaf_x = self.x.detach().clone().requires_grad_()
+        self.leaf_p = self.probs.detach().clone().requires_grad_()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.forward(self.x, self.probs)
+                self._fwd_bwd_grads()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.graph_fwd, self.graph_fwd_bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph_fwd):
+            self.static_out = self.forward(self.x, self.probs)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved()
+        with torch.cuda.graph(self.graph_fwd_bwd):
+            self.static_grads = self._fwd_bwd_grads()
+        torch.cuda.synchronize()
+        return torch.cuda.memory_reserved() - before
+
+    def replay_matches_eager(self) -> bool:
+        """The captured forward+backward's output gradients equal an eager run's, bit for bit."""
+        self.graph_fwd_bwd.replay()
+        eager = self._fwd_bwd_grads()
+        torch.cuda.synchronize()
+        return all(torch.equal(a, b) for a, b in zip(self.static_grads, eager))
 
 
 def raw_deepep(layer, experts, fp8=False):
@@ -214,18 +281,26 @@ def _worker(rank, world, port, args, results):
                 values.append(_median_ms(raw_deepep(layer, experts, fp8=True), args.iters, args.warmup))
         for manager in managers:
             layer = Layer(rank, world, tokens, hidden, experts, topk, manager)
-            fwd = _median_ms(lambda: layer.forward(layer.x, layer.probs), args.iters, args.warmup)
-            stages = layer.stage_ms(args.iters, args.warmup)
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            layer.fwd_bwd()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-            both = _median_ms(layer.fwd_bwd, args.iters, args.warmup)
+            stages = layer.stage_ms(args.iters, args.warmup)  # eager, also for a captured variant
+            if layer.graph:
+                peak = layer.capture()
+                equal = float(layer.replay_matches_eager())
+                fwd_fn, both_fn = layer.graph_fwd.replay, layer.graph_fwd_bwd.replay
+            else:
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                layer.fwd_bwd()
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - base
+                equal = float("nan")
+                fwd_fn, both_fn = (lambda: layer.forward(layer.x, layer.probs)), layer.fwd_bwd
+            fwd = _median_ms(fwd_fn, args.iters, args.warmup)
+            both = _median_ms(both_fn, args.iters, args.warmup)
+            host = [_host_ms(fwd_fn, args.iters), _host_ms(both_fn, args.iters)]
             entry["managers"][manager] = len(values)
             err = fp8_error(layer, rank, world, tokens, hidden, experts, topk, manager) if "fp8" in manager else 0.0
-            values += [fwd, both, peak / 2**30, *stages, err]
+            values += [fwd, both, peak / 2**30, *stages, err, *host, 1.0 - equal]  # (max over ranks: any mismatch)
             del layer
             torch.cuda.empty_cache()
         slowest = torch.tensor(values, dtype=torch.float64, device="cuda")
@@ -237,7 +312,10 @@ def _worker(rank, world, port, args, results):
         for manager, at in entry["managers"].items():
             entry["managers"][manager] = {"forward_ms": v[at], "fwd_bwd_ms": v[at + 1], "peak_gib": v[at + 2],
                                           "stages_ms": dict(zip(STAGES, v[at + 3:at + 3 + len(STAGES)])),
-                                          "rel_err_vs_bf16": v[at + 3 + len(STAGES)]}
+                                          "rel_err_vs_bf16": v[at + 3 + len(STAGES)],
+                                          "host_forward_ms": v[at + 4 + len(STAGES)],
+                                          "host_fwd_bwd_ms": v[at + 5 + len(STAGES)],
+                                          "replay_equals_eager": 1.0 - v[at + 6 + len(STAGES)]}
         report.append(entry)
     if rank == 0:
         results.put(report)
@@ -248,7 +326,7 @@ def _worker(rank, world, port, args, results):
 def format_table(report, world, device) -> str:
     lines = [f"{world} x {device}",
              "| T | H | E | K | manager | forward ms | fwd+bwd ms | peak GiB | raw DeepEP ms | fwd / raw | "
-             "fwd+bwd / raw | stages (ms, synchronous pass) |", "|" + "---|" * 12]
+             "fwd+bwd / raw | host ms fwd, fwd+bwd | stages (ms, synchronous pass) |", "|" + "---|" * 13]
     for entry in report:
         raw = entry.get("raw_deepep_ms")
         for manager, r in entry["managers"].items():
@@ -256,9 +334,12 @@ def format_table(report, world, device) -> str:
             stages = ", ".join(f"{k} {v:.3f}" for k, v in r["stages_ms"].items())
             if "fp8" in manager:
                 stages += f"; rel. error vs bf16 {r['rel_err_vs_bf16']:.4f}"
+            if r["replay_equals_eager"] == r["replay_equals_eager"]:  # a captured variant
+                stages += f"; replay == eager (all ranks): {bool(r['replay_equals_eager'])}"
             lines.append(f"| {' | '.join(map(str, entry['shape']))} | {manager} | {r['forward_ms']:.3f} | "
                          f"{r['fwd_bwd_ms']:.3f} | {r['peak_gib']:.2f} | {raw if raw else float('nan'):.3f} | "
-                         f"{ratio(r['forward_ms'])} | {ratio(r['fwd_bwd_ms'])} | {stages} |")
+                         f"{ratio(r['forward_ms'])} | {ratio(r['fwd_bwd_ms'])} | {r['host_forward_ms']:.3f}, "
+                         f"{r['host_fwd_bwd_ms']:.3f} | {stages} |")
     for entry in report:
         if "raw_deepep_fp8_ms" in entry:
             lines.append(f"raw DeepEP with FP8 dispatch (quantization included), shape {entry['shape']}: "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a lent 4-GPU machine for the multi-step work: build DeepEP (carried in .deepep/,
+# One call on a lent 2- or 4-GPU machine (WORLD, default 4) for the multi-step work: build DeepEP (carried in .deepep/,
 # never committed) and the kernels, then the GPU tests (ops, one GPU, NCCL and DeepEP at 2 and
 # 4 ranks, the stateful programs included), the demo, and a short dispatch benchmark.
 set -uo pipefail
@@ -15,9 +15,12 @@ step "gpu tests"
 timeout ${GPU_TEST_TIMEOUT:-420} python3 -m pytest -q -m gpu -p no:cacheprovider -rfs --durations=15 -k "${PYTEST_K:-not nothing}" ${GPU_TESTS:-tests/test_ops.py tests/test_dispatcher_local.py tests/test_gpu_dist.py} \
   > "$OUT/gpu_tests.txt" 2>&1
 echo "gpu tests rc=$?" | tee -a "$LOG"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.txt" | tail -25 | tee -a "$LOG"
+if [ -z "${SKIP_DEMO:-}" ]; then
 step "demo"
-timeout 120 python3 -m flexdispatch demo --world-size 4 --device cuda --hidden 1024 2>&1 | grep -v "^\[flexdispatch\]" | tee -a "$LOG"
+timeout 120 python3 -m flexdispatch demo --world-size ${WORLD:-4} --device cuda --hidden 1024 2>&1 | grep -v "^\[flexdispatch\]" | tee -a "$LOG"
 timeout 60 python3 -m flexdispatch demo --world-size 1 --device cuda 2>&1 | grep -v "^\[flexdispatch\]" | tee -a "$LOG"
-step "bench_dispatch W=4"
-timeout ${BENCH_TIMEOUT:-150} python3 tools/bench_dispatch.py --world-size 4 --shapes ${BENCH_SHAPES:-0,2} --iters 20 --managers ${BENCH_MANAGERS:-deepep,deepep:fp8,alltoall} --json "$OUT/bench_dispatch.json" 2>&1 | grep -v "^\[flexdispatch\]" | tee -a "$LOG"
+fi
+step "bench_dispatch W=${WORLD:-4}"
+timeout ${BENCH_TIMEOUT:-150} python3 tools/bench_dispatch.py --world-size ${WORLD:-4} --shapes ${BENCH_SHAPES:-0,2} --iters ${BENCH_ITERS:-20} --managers ${BENCH_MANAGERS:-deepep,deepep:fp8,alltoall} --json "$OUT/bench_dispatch.json" ${BENCH_ARGS:-} 2>&1 | grep -v "^\[flexdispatch\]" | tee -a "$LOG"
+[ -d "$OUT/trace" ] && python3 tools/trace_summary.py "$OUT"/trace/*.json > "$OUT/trace_summary.txt" 2>&1
 step done
