@@ -20,7 +20,9 @@ step "demo"
 timeout 120 python3 -m flexdispatch demo --world-size ${WORLD:-4} --device cuda --hidden 1024 2>&1 | grep -v "^\[flexdispatch\]" | tee -a "$LOG"
 timeout 60 python3 -m flexdispatch demo --world-size 1 --device cuda 2>&1 | grep -v "^\[flexdispatch\]" | tee -a "$LOG"
 fi
+if [ -z "${SKIP_BENCH:-}" ]; then
 step "bench_dispatch W=${WORLD:-4}"
 timeout ${BENCH_TIMEOUT:-150} python3 tools/bench_dispatch.py --world-size ${WORLD:-4} --shapes ${BENCH_SHAPES:-0,2} --iters ${BENCH_ITERS:-20} --managers ${BENCH_MANAGERS:-deepep,deepep:fp8,alltoall} --json "$OUT/bench_dispatch.json" ${BENCH_ARGS:-} 2>&1 | grep -v "^\[flexdispatch\]" | tee -a "$LOG"
+fi
 [ -d "$OUT/trace" ] && python3 tools/trace_summary.py "$OUT"/trace/*.json > "$OUT/trace_summary.txt" 2>&1
 step done
