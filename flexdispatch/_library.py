@@ -216,3 +216,24 @@ def _unpermute_backward(ctx, grad):
 
 
 unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+
+
+# ---- FP8 rows --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(f"{_LIB}::fp8_round_trip", mutates_args=())
+def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """Rows rounded through FP8 (the kernels); straight-through gradient."""
+    return ops.dequantize_fp8(*ops.quantize_fp8(x), dtype=x.dtype)
+
+
+@fp8_round_trip.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _fp8_round_trip_backward(ctx, grad):
+    return grad
+
+
+fp8_round_trip.register_autograd(_fp8_round_trip_backward)

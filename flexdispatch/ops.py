@@ -614,6 +614,8 @@ class _Fp8RoundTrip(torch.autograd.Function):
 def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
     """``dequantize_fp8(quantize_fp8(x))`` in ``x``'s dtype, with the identity as its gradient
     (straight-through): what a row looks like after an FP8 dispatch."""
+    if _use_kernels(x) and torch.compiler.is_compiling():
+        return _library.fp8_round_trip(x)  # an op with its own backward (Dynamo keeps it whole)
     return _Fp8RoundTrip.apply(x)
 
 

@@ -382,6 +382,8 @@ class Runner:
         # FLEXDISPATCH_STATEFUL_TRACE=<folder>: one line per step and rank, written before the
         # step runs, so that a run killed by a timeout shows where each rank stood.
         trace = os.environ.get("FLEXDISPATCH_STATEFUL_TRACE")
+        if trace:
+            os.makedirs(trace, exist_ok=True)
         log = open(os.path.join(trace, f"rank{self.rank}.txt"), "a", buffering=1) if trace else None
         start = time.monotonic()
         try:

@@ -194,7 +194,7 @@ def test_one_gpu_sync_free_layer_replays_in_cuda_graph():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bound", [None, 20])
+@pytest.mark.parametrize("bound", [None, 120])
 def test_one_gpu_captured_forward_backward(bound):
     from dist_scenarios import cuda_graph_fwd_bwd
 

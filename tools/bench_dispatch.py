@@ -17,7 +17,7 @@ the slowest rank reported:
     python tools/bench_dispatch.py --world-size 4 --json out.json --png out.png
 
 Variants for A/B runs in the same process: ``--managers deepep,deepep:novalidate,alltoall``;
-options after the colon: ``novalidate`` (moe_validate_routing=False), ``torchexperts`` (the
+options after the colon, joined by ``+``: ``novalidate`` (moe_validate_routing=False), ``torchexperts`` (the
 broadcast-multiply experts instead of the fused Triton ones), ``fp8`` (moe_fp8_dispatch=True:
 then raw DeepEP with FP8 dispatch is timed too, quantization included, and the variant's
 output is compared with the same manager's bf16 output: ``rel_err_vs_bf16``), ``syncfree``
@@ -81,7 +81,7 @@ class Layer:
 
     def __init__(self, rank, world, tokens, hidden, experts, topk, variant):
         backend, _, options = variant.partition(":")
-        options = set(filter(None, options.split(",")))
+        options = set(filter(None, options.split("+")))  # (commas separate the variants)
         bound_factor = None
         for option in [o for o in options if o.startswith("bound=")]:
             options.remove(option)
@@ -216,7 +216,7 @@ def raw_deepep(layer, experts, fp8=False):
 
 def fp8_error(layer, rank, world, tokens, hidden, experts, topk, variant) -> float:
     """Relative error of an FP8 variant's forward against the same manager without FP8."""
-    plain = Layer(rank, world, tokens, hidden, experts, topk, variant.replace("fp8", "").rstrip(":,"))
+    plain = Layer(rank, world, tokens, hidden, experts, topk, variant.replace("fp8", "").replace("++", "+").strip(":+"))
     want = plain.forward(plain.x, plain.probs).float()
     got = layer.forward(layer.x, layer.probs).float()
     return float((got - want).norm() / want.norm())
@@ -253,7 +253,7 @@ def trace_forwards(rank, world, variants, args):
         _profiled(raw_deepep(layer, experts), args.trace / "raw_deepep.json", rank)
     for variant in variants:
         layer = Layer(rank, world, tokens, hidden, experts, topk, variant)
-        name = variant.replace(":", "_")
+        name = variant.replace(":", "_").replace("+", "_").replace("=", "")
         _profiled(lambda: layer.forward(layer.x, layer.probs), args.trace / f"{name}.json", rank)
         _profiled(layer.fwd_bwd, args.trace / f"{name}_fwd_bwd.json", rank)
         del layer
