@@ -23,8 +23,8 @@ then raw DeepEP with FP8 dispatch is timed too, quantization included, and the v
 output is compared with the same manager's bf16 output: ``rel_err_vs_bf16``), ``syncfree``
 (moe_sync_free=True), ``bound=F`` (sync-free with moe_max_tokens_per_expert = F times the mean
 rows per local expert, T * W * K / E), ``graph`` (sync-free, and the forward and the
-forward+backward each captured in a CUDA graph and timed as replays; peak = the memory the
-forward+backward graph's pool took; its gradients are checked equal to an eager run's; stages
+forward+backward each captured in a CUDA graph and timed as replays; peak = the live bytes at
+the peak of the forward+backward capture, and the graph pool's kept segments are shown; its gradients are checked equal to an eager run's; stages
 are those of the same layer run eagerly). Host ms: the median time from the call to its return
 with the GPU idle at the start. ``--trace DIR`` writes a
 torch.profiler chrome trace of rank 0 for three forwards of the first shape per variant and
@@ -165,7 +165,7 @@ class Layer:
 
     def capture(self):
         """Capture the forward, and forward+backward, in two CUDA graphs (sync-free mode); returns
-        the bytes the forward+backward graph's memory pool took."""
+        ``(peak live bytes during the forward+backward capture, bytes its memory pool kept)``."""
         self.leaf_x = self.x.detach().clone().requires_grad_()
         self.leaf_p = self.probs.detach().clone().requires_grad_()
         side = torch.cuda.Stream()
@@ -181,11 +181,14 @@ class Layer:
             self.static_out = self.forward(self.x, self.probs)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        before = torch.cuda.memory_reserved()
+        reserved, allocated = torch.cuda.memory_reserved(), torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         with torch.cuda.graph(self.graph_fwd_bwd):
             self.static_grads = self._fwd_bwd_grads()
         torch.cuda.synchronize()
-        return torch.cuda.memory_reserved() - before
+        # (peak of live bytes while capturing, as the eager figure; the pool's segments, which
+        # the graph keeps, are its footprint)
+        return torch.cuda.max_memory_allocated() - allocated, torch.cuda.memory_reserved() - reserved
 
     def replay_matches_eager(self) -> bool:
         """The captured forward+backward's output gradients equal an eager run's, bit for bit."""
@@ -282,8 +285,9 @@ def _worker(rank, world, port, args, results):
         for manager in managers:
             layer = Layer(rank, world, tokens, hidden, experts, topk, manager)
             stages = layer.stage_ms(args.iters, args.warmup)  # eager, also for a captured variant
+            pool = float("nan")
             if layer.graph:
-                peak = layer.capture()
+                peak, pool = layer.capture()
                 equal = float(layer.replay_matches_eager())
                 fwd_fn, both_fn = layer.graph_fwd.replay, layer.graph_fwd_bwd.replay
             else:
@@ -300,7 +304,8 @@ def _worker(rank, world, port, args, results):
             host = [_host_ms(fwd_fn, args.iters), _host_ms(both_fn, args.iters)]
             entry["managers"][manager] = len(values)
             err = fp8_error(layer, rank, world, tokens, hidden, experts, topk, manager) if "fp8" in manager else 0.0
-            values += [fwd, both, peak / 2**30, *stages, err, *host, 1.0 - equal]  # (max over ranks: any mismatch)
+            values += [fwd, both, peak / 2**30, *stages, err, *host, 1.0 - equal,  # (max over ranks: any mismatch)
+                       pool / 2**30]
             del layer
             torch.cuda.empty_cache()
         slowest = torch.tensor(values, dtype=torch.float64, device="cuda")
@@ -315,7 +320,8 @@ def _worker(rank, world, port, args, results):
                                           "rel_err_vs_bf16": v[at + 3 + len(STAGES)],
                                           "host_forward_ms": v[at + 4 + len(STAGES)],
                                           "host_fwd_bwd_ms": v[at + 5 + len(STAGES)],
-                                          "replay_equals_eager": 1.0 - v[at + 6 + len(STAGES)]}
+                                          "replay_equals_eager": 1.0 - v[at + 6 + len(STAGES)],
+                                          "graph_pool_gib": v[at + 7 + len(STAGES)]}
         report.append(entry)
     if rank == 0:
         results.put(report)
@@ -335,7 +341,8 @@ def format_table(report, world, device) -> str:
             if "fp8" in manager:
                 stages += f"; rel. error vs bf16 {r['rel_err_vs_bf16']:.4f}"
             if r["replay_equals_eager"] == r["replay_equals_eager"]:  # a captured variant
-                stages += f"; replay == eager (all ranks): {bool(r['replay_equals_eager'])}"
+                stages += (f"; replay == eager (all ranks): {bool(r['replay_equals_eager'])}; graph pool "
+                           f"{r['graph_pool_gib']:.2f} GiB")
             lines.append(f"| {' | '.join(map(str, entry['shape']))} | {manager} | {r['forward_ms']:.3f} | "
                          f"{r['fwd_bwd_ms']:.3f} | {r['peak_gib']:.2f} | {raw if raw else float('nan'):.3f} | "
                          f"{ratio(r['forward_ms'])} | {ratio(r['fwd_bwd_ms'])} | {r['host_forward_ms']:.3f}, "
