@@ -10,6 +10,8 @@ used) it times, with CUDA events after warm-up (median of --iters runs):
   unpermute_w   unpermute merging probs
   permute_bwd   backward of permute (a gather)
   unperm_bwd    backward of unpermute (a scatter)
+  quantize_fp8  bf16 rows -> e4m3 bytes + a float32 scale per 128 values (3 bytes a value moved)
+  dequantize_fp8  and back
 
 Floor: permute and unpermute move 2*H*(R + N) bytes (N = R*K); GB/s is that over the time,
 and "of copy" is the ratio to a measured device-to-device copy (bytes read + written). A
@@ -100,6 +102,15 @@ def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps):
     ruout = reference.unpermute(orf, ref_plan)
     record("unperm_bwd", lambda: torch.autograd.grad(uout, og, gu, retain_graph=True),
            lambda: torch.autograd.grad(ruout, orf, gu, retain_graph=True), floor_bytes)
+    del uout, ruout, gu, og, orf
+
+    # FP8 rows: bf16 in, e4m3 bytes and one float32 scale per 128 values out, and back.
+    if hidden % reference.FP8_GROUP == 0:
+        fp8_bytes = rows * hidden * 3 + rows * hidden // reference.FP8_GROUP * 4
+        q, scales = ops.quantize_fp8(x)
+        record("quantize_fp8", lambda: ops.quantize_fp8(x), lambda: reference.quantize_fp8(x), fp8_bytes)
+        record("dequantize_fp8", lambda: ops.dequantize_fp8(q, scales), lambda: reference.dequantize_fp8(q, scales),
+               fp8_bytes)
     return results
 
 
