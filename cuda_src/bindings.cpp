@@ -454,6 +454,53 @@ Tensor mask_unless_agreed(const Tensor& headers, const Tensor& indices, at::Scal
   return out;
 }
 
+// The dequantizing permutation in one call, as permute: plan, (sync when num_out < 0), map, then
+// FP8 rows q [R, H] (uint8 e4m3 bits; rows may be a strided view, e.g. a slice of a packed
+// payload) and scales [R, H / 128] float32 written dequantized to `like`'s dtype at their
+// planned rows, pad and tail rows zeroed. Returns as permute.
+std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>> permute_fp8(
+    const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& q_in,
+    const Tensor& scales_in, const std::optional<Tensor>& probs, const Tensor& like) {
+  const fd::Route r = route_of(route, num_experts);
+  TORCH_CHECK_VALUE(q_in.dim() == 2, "q must be 2-D [rows, hidden], got ", q_in.sizes());
+  TORCH_CHECK_TYPE(q_in.scalar_type() == at::kByte, "q must hold e4m3fn bits as uint8, got ", q_in.scalar_type());
+  TORCH_CHECK_VALUE(q_in.size(1) % fd::kFp8Group == 0, "q's hidden size must be a multiple of ", fd::kFp8Group);
+  TORCH_CHECK_VALUE(q_in.size(0) == r.rows, "q has ", q_in.size(0), " rows, the route ", r.rows);
+  TORCH_CHECK_TYPE(scales_in.scalar_type() == at::kFloat, "scales must be float32, got ", scales_in.scalar_type());
+  TORCH_CHECK_VALUE(scales_in.dim() == 2 && scales_in.size(0) == q_in.size(0) &&
+                        scales_in.size(1) == q_in.size(1) / fd::kFp8Group,
+                    "scales must be [rows, hidden / ", fd::kFp8Group, "], got ", scales_in.sizes());
+  check_same_device(route, q_in, "q");
+  check_same_device(q_in, scales_in, "scales");
+  const fd::DType dtype = dtype_of(like, "dtype");
+  TORCH_CHECK_TYPE(dtype != fd::kFloat64, "FP8 rows dequantize to float32, float16 or bfloat16, not float64");
+  // Rows are read as 16-byte vectors: a pitch or base off that alignment gets a packed copy.
+  const bool q_ok = q_in.stride(1) == 1 && q_in.stride(0) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(q_in.data_ptr()) % 16 == 0;
+  const Tensor q = q_ok || q_in.size(0) == 0 ? q_in : q_in.contiguous().clone();
+  const Tensor scales = scales_in.stride(1) == 1 ? scales_in : scales_in.contiguous();
+  const int64_t hidden = q.size(1);
+  auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple);
+  std::optional<Tensor> host;
+  const bool tail = num_out >= 0;
+  if (!size_output(r, layout, num_out, host)) {
+    return {like.new_empty({0, hidden}), std::nullopt, route.new_empty({0}, at::kInt), layout, host};
+  }
+  auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out);
+  auto out = torch::empty({num_out, hidden}, q.options().dtype(like.scalar_type()));
+  const int32_t slots = static_cast<int32_t>(row_id_map.size(1));
+  const int64_t q_pitch = q.size(0) > 1 ? q.stride(0) : hidden;
+  const int64_t scale_pitch = scales.size(0) > 1 ? scales.stride(0) : hidden / fd::kFp8Group;
+  FD_ON_DEVICE(q, fd::cuda::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(), scale_pitch,
+                                             q.size(0), hidden, row_id_map.data_ptr<int32_t>(), slots, out.data_ptr(),
+                                             stream), {
+    fd::cpu::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(), scale_pitch, q.size(0),
+                              hidden, row_id_map.data_ptr<int32_t>(), slots, out.data_ptr());
+  });
+  zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail);
+  return {out, probs_out, row_id_map, layout, host};
+}
+
 bool with_cuda() {
 #ifdef FLEXDISPATCH_WITH_CUDA
   return true;
@@ -475,6 +522,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_rows_backward", &gather_rows_backward);
   m.def("quantize_fp8", &quantize_fp8);
   m.def("dequantize_fp8", &dequantize_fp8);
+  m.def("permute_fp8", &permute_fp8);
   m.def("make_header", &make_header);
   m.def("mask_unless_agreed", &mask_unless_agreed);
   m.def("with_cuda", &with_cuda);

@@ -67,6 +67,13 @@ cudaError_t quantize_fp8(DType dtype, const void* x, int64_t groups, uint8_t* q,
                          cudaStream_t stream);
 cudaError_t dequantize_fp8(DType dtype, const uint8_t* q, const float* scales, int64_t groups, void* out,
                            cudaStream_t stream);
+// The dequantizing permutation: dst [num_out, hidden] of dtype gets, at row_id_map[r, s] for
+// every valid slot, FP8 row r dequantized (q: rows of e4m3 bytes, q_pitch bytes apart, 16-byte
+// aligned; scales: rows of hidden / 128 floats, scale_pitch floats apart). Each q row is read
+// once; the values equal dequantize_fp8's.
+cudaError_t scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
+                             int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots, void* dst,
+                             cudaStream_t stream);
 
 // The agreement of a call on the device (no host sync): header [kHeaderWidth] = values, with
 // status[0] (nullable: check_route's error bits) OR-ed into kHeaderError; and out [n] (int64 or

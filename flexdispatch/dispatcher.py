@@ -243,15 +243,23 @@ class MoEFlexTokenDispatcher:
                           probs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Preprocess, dispatch and permute: ``(tokens [N, H], tokens_per_expert [E_local], permuted_probs [N])``."""
         hidden, _ = self.dispatch_preprocess(hidden_states, num_local_tokens, probs)
-        hidden, _ = self.dispatch_all_to_all(hidden)
-        return self.dispatch_postprocess(hidden)
+        return self.dispatch_postprocess(self._dispatch_for_permutation(hidden))
 
     def token_permutation2(self, hidden_states: torch.Tensor, num_local_tokens: int, token_probs: torch.Tensor,
                            token_indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As :meth:`token_permutation`, with top-K ``token_probs`` and ``token_indices``."""
         hidden, _ = self.dispatch_preprocess2(hidden_states, num_local_tokens, token_probs, token_indices)
-        hidden, _ = self.dispatch_all_to_all(hidden)
-        return self.dispatch_postprocess(hidden)
+        return self.dispatch_postprocess(self._dispatch_for_permutation(hidden))
+
+    def _dispatch_for_permutation(self, hidden: torch.Tensor) -> torch.Tensor:
+        """dispatch_all_to_all's transfer (async, as its defaults) for a permutation that follows
+        at once: with FP8 dispatch the received rows stay in FP8 and the permutation dequantizes
+        them as it moves them (``keep_fp8``): one pass over the received rows instead of two."""
+        manager = self._comm_manager
+        if manager is None:
+            raise RuntimeError("token_permutation called out of order: the next step of this dispatcher is "
+                               "dispatch_preprocess")
+        return manager.dispatch(hidden, True, True, keep_fp8=True)
 
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Undo the expert-major permutation: ``[N, H] -> [R, H]``."""

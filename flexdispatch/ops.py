@@ -601,6 +601,93 @@ def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = t
     return _C.dequantize_fp8(q.contiguous().view(torch.uint8), scales.contiguous(), torch.empty(0, dtype=dtype))
 
 
+class _PermuteFp8(torch.autograd.Function):
+    """The dequantizing permutation; differentiable in ``rows`` (a stand-in of the dequantized
+    rows, ``[R, H]``, whose values are not read: its gradient is the permutation's gather, as for
+    :func:`permute_by_indices`) and in ``probs``."""
+
+    @staticmethod
+    def forward(ctx, rows, probs, q, scales, route, num_experts, num_out_tokens, pad_multiple, dtype):
+        p = probs.detach().contiguous() if probs is not None else None
+        out, out_probs, row_id_map, layout, host = _C.permute_fp8(
+            route, num_experts, pad_multiple or 1, -1 if num_out_tokens is None else num_out_tokens,
+            q.view(torch.uint8), scales, p, torch.empty(0, dtype=dtype))
+        plan = _finish_plan(row_id_map, layout, host, route, num_experts, out.shape[0], pad_multiple,
+                            num_out_tokens is not None, "indices")
+        ctx.plan = plan
+        ctx.set_materialize_grads(False)
+        return out, out_probs, plan
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_out_probs, _grad_plan):
+        plan = ctx.plan
+        grad_rows = grad_probs = None
+        if ctx.needs_input_grad[0] and grad_out is not None:
+            grad_rows = _C.gather_rows(grad_out.contiguous(), plan.map, None)
+        if ctx.needs_input_grad[1] and grad_out_probs is not None:
+            grad_probs = _gather_slots(grad_out_probs, plan)
+        return grad_rows, grad_probs, None, None, None, None, None, None, None
+
+
+class _StandIn(torch.autograd.Function):
+    """``values``, with the gradient going to ``rows`` (whose values are not read)."""
+
+    @staticmethod
+    def forward(ctx, rows, values):
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def permute_fp8_by_indices(q: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor,
+                           probs: Optional[torch.Tensor] = None, num_experts: Optional[int] = None,
+                           num_out_tokens: Optional[int] = None, pad_multiple: Optional[int] = None,
+                           dtype: torch.dtype = torch.bfloat16, rows: Optional[torch.Tensor] = None):
+    """The expert-major permutation of FP8 rows, dequantized in the same pass: each FP8 row is
+    read once and written to its experts' rows in ``dtype``; no dequantized copy of the input
+    is made. Equal bit for bit to ``permute_by_indices(dequantize_fp8(q, scales, dtype), ...)``.
+
+    Args:
+        q: ``[R, H]`` float8_e4m3fn (or its uint8 bits); rows may be a strided view (a slice
+            of a packed buffer).
+        scales: ``[R, H / 128]`` float32.
+        indices, probs, num_experts, num_out_tokens, pad_multiple: as in
+            :func:`permute_by_indices`.
+        dtype: float32, float16 or bfloat16.
+        rows: optional ``[R, H]`` tensor of ``dtype`` that stands for the dequantized rows in
+            autograd (its values are not read): the gradient of the output flows to it as it
+            would to the tokens of :func:`permute_by_indices` (a transfer's backward, say).
+
+    Returns:
+        As :func:`permute_by_indices`: ``(out [N, H] dtype, permuted_probs, plan,
+        tokens_per_expert)``. ``q`` and ``scales`` get no gradient.
+    """
+    _check_fp8_rows(q, "q")
+    if q.dtype not in (torch.float8_e4m3fn, torch.uint8):
+        raise TypeError(f"q: expected torch.float8_e4m3fn (or uint8 bits), got {q.dtype}")
+    _check_tensor(scales, "scales")
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (q.shape[0], q.shape[1] // reference.FP8_GROUP):
+        raise ValueError(f"scales: expected float32 [{q.shape[0]}, {q.shape[1] // reference.FP8_GROUP}], "
+                         f"got {scales.dtype} {tuple(scales.shape)}")
+    if dtype not in FP8_DTYPES:
+        raise TypeError(f"dtype: FP8 rows dequantize to float32, float16 or bfloat16, got {dtype}")
+    if rows is not None and (tuple(rows.shape) != tuple(q.shape) or rows.dtype != dtype):
+        raise ValueError(f"rows: expected {dtype} {tuple(q.shape)}, got {rows.dtype} {tuple(rows.shape)}")
+    _check_index_route(indices, num_experts, q.shape[0])
+    probs = _check_probs(probs, indices)
+    _check_sizes(num_out_tokens, pad_multiple)
+    if not _use_kernels(q) or torch.compiler.is_compiling():
+        dense = dequantize_fp8(q, scales, dtype)
+        if rows is not None:  # the dequantized values, with the stand-in's gradient path
+            dense = _StandIn.apply(rows, dense)
+        return permute_by_indices(dense, indices, probs, num_experts, num_out_tokens, pad_multiple)
+    out, out_probs, plan = _PermuteFp8.apply(rows, probs, q, scales, indices.contiguous(), num_experts,
+                                             num_out_tokens, pad_multiple, dtype)
+    return out, out_probs, plan, plan.tokens_per_expert
+
+
 class _Fp8RoundTrip(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

@@ -186,3 +186,13 @@ def mask_unless_agreed(headers: torch.Tensor, indices: torch.Tensor, index_dtype
     phase = _HEADER["HeaderPhase"]
     breaks = (headers[:, _HEADER["HeaderError"]] != 0).any() | (headers[:, phase:] != headers[:1, phase:]).any()
     return torch.where(breaks, -1, indices).to(index_dtype)
+
+
+def permute_fp8_by_indices(q: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor,
+                           probs: Optional[torch.Tensor] = None, num_experts: Optional[int] = None,
+                           num_out_tokens: Optional[int] = None, pad_multiple: Optional[int] = None,
+                           dtype: torch.dtype = torch.bfloat16):
+    """The expert-major permutation of FP8 rows ``q [R, H]`` with ``scales [R, H / 128]``, in
+    ``dtype``: :func:`permute_by_indices` of :func:`dequantize_fp8`."""
+    return permute_by_indices(dequantize_fp8(q.view(torch.float8_e4m3fn), scales, dtype), indices, probs,
+                              num_experts, num_out_tokens, pad_multiple)

@@ -93,6 +93,35 @@ def moe_matches_dense(rank, world, *, entry="probs", tokens_per_rank=None, hidde
     }
 
 
+def fp8_one_call_equals_steps(rank, world, device="cpu", backend="auto", dtype="float32", hidden=256, tokens=24):
+    """FP8 dispatch through the one-call entry (the received FP8 rows dequantized inside the
+    permutation) and through the three steps (dequantized first, then permuted): the same
+    permuted rows, output and gradients, bit for bit."""
+    experts, topk = 4 * world, 3
+    dtype = DTYPES[dtype]
+    xs, logits, weights = make_problem(11, [tokens] * world, hidden, experts)
+    local = experts // world
+    w = weights[rank * local:(rank + 1) * local].to(dtype).to(device)
+    runs = []
+    for one_call in (True, False):
+        d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend, moe_fp8_dispatch=True,
+                        moe_router_expert_pad_multiple=2)
+        x = xs[rank].to(dtype).to(device).requires_grad_()
+        tp, ti = torch.topk(torch.softmax(logits[rank].to(device), -1), topk)
+        tp = tp.float().requires_grad_()
+        if one_call:
+            rows, tpe, pp = d.token_permutation2(x, tokens, tp, ti)
+        else:
+            h, _ = d.dispatch_preprocess2(x, tokens, tp, ti)
+            h, _ = d.dispatch_all_to_all(h)
+            rows, tpe, pp = d.dispatch_postprocess(h)
+        out = d.token_unpermutation(apply_experts(rows, tpe, pp, w))
+        out.float().square().sum().backward()
+        runs.append((rows.detach(), out.detach(), x.grad, tp.grad))
+    return {"equal": [torch.equal(a, b) for a, b in zip(*runs)], "backend": d.backend,
+            "nonzero": all(float(t.abs().sum()) > 0 for t in runs[0] if t.numel())}
+
+
 def two_dispatchers_interleaved(rank, world, device="cpu", backend="auto", dtype="float32"):
     """Layers A and B in flight at once (dispatch A, dispatch B, combine B, combine A), with
     different E, K and H (B's rows are wider: a DeepEP buffer grows under A), each against

@@ -41,6 +41,15 @@ def test_layer_matches_dense(pool, case):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype,hidden", [("float32", 256), ("bfloat16", 512)])
+def test_fp8_one_call_equals_the_three_steps(pool, dtype, hidden):
+    """token_permutation2 dequantizes the received FP8 rows inside the permutation (one pass);
+    the three steps dequantize first: the same bits either way (rows, output, gradients)."""
+    for res in pool.run("fp8_one_call_equals_steps", dtype=dtype, hidden=hidden):
+        assert all(res["equal"]) and res["nonzero"], res
+
+
+@pytest.mark.timeout(300)
 def test_ranks_without_tokens(pool):
     tokens = [0 if r % 2 == 0 else 11 * r for r in range(pool.world)]
     check(pool.run("moe_matches_dense", tokens_per_rank=tokens, entry="indices", pad=3))

@@ -104,6 +104,13 @@ def test_deepep_sync_free_cuda_graph(pool):
         assert max(res["errors"]) < 1e-6 and max(res["eager_vs_exact"]) < 1e-6, res
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", ["alltoall", pytest.param("deepep", marks=pytest.mark.deepep)])
+def test_fp8_one_call_equals_the_three_steps_on_gpus(pool, backend):
+    for res in pool.run("fp8_one_call_equals_steps", device="cuda", backend=backend, dtype="bfloat16", hidden=1024):
+        assert res["backend"] == backend and all(res["equal"]) and res["nonzero"], res
+
+
 @pytest.mark.deepep
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", ["plain", "bounded", "fp8"])

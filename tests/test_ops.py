@@ -446,3 +446,53 @@ def test_fp8_round_trip_is_straight_through():
     g = torch.randn(3, 128)
     y.backward(g)
     assert torch.equal(x.grad, g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("pad,sized", [(None, False), (4, False), (3, True)])
+@pytest.mark.parametrize("hidden,packed", [(256, False), (256, True), (512, True)])
+def test_fp8_permutation_equals_dequantize_then_permute(device, dtype, pad, sized, hidden, packed):
+    """The dequantizing permutation against the reference and against the two passes it
+    replaces, bit for bit; FP8 rows also read as slices of a packed payload (aligned rows at
+    hidden 512, rows copied first at 256)."""
+    rows, experts, topk = 77, 6, 3
+    q, scales = ops.quantize_fp8(_fp8_rows(dtype, device, rows=rows, hidden=hidden))
+    if packed:  # the all-to-all manager's payload: FP8 bytes, then the scales' bytes
+        payload = torch.cat([q.view(torch.uint8), scales.view(torch.uint8)], dim=1)
+        q, scales = payload[:, :hidden], payload[:, hidden:].view(torch.float32)
+    idx = random_indices(rows, experts, topk, seed=hidden + rows).to(device)
+    probs = random_probs(rows, topk, device=device)
+    num_out = rows * topk + experts * 4 if sized else None
+    got = ops.permute_fp8_by_indices(q, scales, idx, probs, num_experts=experts, num_out_tokens=num_out,
+                                     pad_multiple=pad, dtype=dtype)
+    want = reference.permute_fp8_by_indices(q, scales, idx, probs, experts, num_out, pad, dtype)
+    two_pass = ops.permute_by_indices(ops.dequantize_fp8(q.contiguous(), scales.contiguous(), dtype), idx, probs,
+                                      num_experts=experts, num_out_tokens=num_out, pad_multiple=pad)
+    for other in (want, two_pass):
+        assert got[0].dtype == dtype and torch.equal(got[0], other[0]) and torch.equal(got[1], other[1])
+        assert_plans_equal(got[2], other[2])
+        assert torch.equal(got[3].cpu(), other[3].cpu())
+    assert got[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_permutation_gradients_go_to_the_stand_in_rows(device):
+    """The gradient of the output reaches ``rows`` (a stand-in for the dequantized rows, as a
+    transfer's backward needs) as permute_by_indices' reaches its tokens; probs likewise."""
+    rows, hidden, experts, topk, dtype = 40, 256, 5, 2, torch.float32
+    q, scales = ops.quantize_fp8(_fp8_rows(dtype, device, rows=rows, hidden=hidden))
+    idx = random_indices(rows, experts, topk, seed=5).to(device)
+    probs = random_probs(rows, topk, device=device)
+    stand_in = torch.zeros(rows, hidden, dtype=dtype, device=device).expand(rows, hidden).requires_grad_()
+    p1 = probs.clone().requires_grad_()
+    out, pp, _, _ = ops.permute_fp8_by_indices(q, scales, idx, p1, num_experts=experts, pad_multiple=2, dtype=dtype,
+                                               rows=stand_in)
+    dense = ops.dequantize_fp8(q, scales, dtype).requires_grad_()
+    p2 = probs.clone().requires_grad_()
+    out2, pp2, _, _ = ops.permute_by_indices(dense, idx, p2, num_experts=experts, pad_multiple=2)
+    g, gp = torch.randn_like(out), torch.randn_like(pp)
+    torch.autograd.backward([out, pp], [g, gp])
+    torch.autograd.backward([out2, pp2], [g, gp])
+    assert torch.equal(out, out2) and torch.equal(stand_in.grad, dense.grad) and torch.equal(p1.grad, p2.grad)
+    assert dense.grad.abs().sum() > 0

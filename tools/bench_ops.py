@@ -12,6 +12,8 @@ used) it times, with CUDA events after warm-up (median of --iters runs):
   unperm_bwd    backward of unpermute (a scatter)
   quantize_fp8  bf16 rows -> e4m3 bytes + a float32 scale per 128 values (3 bytes a value moved)
   dequantize_fp8  and back
+  permute_fp8   permute_fp8_by_indices: FP8 rows dequantized as they are permuted (its
+                "reference" column: dequantize, then permute, the two passes it replaces)
 
 Floor: permute and unpermute move 2*H*(R + N) bytes (N = R*K); GB/s is that over the time,
 and "of copy" is the ratio to a measured device-to-device copy (bytes read + written). A
@@ -111,6 +113,12 @@ def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps):
         record("quantize_fp8", lambda: ops.quantize_fp8(x), lambda: reference.quantize_fp8(x), fp8_bytes)
         record("dequantize_fp8", lambda: ops.dequantize_fp8(q, scales), lambda: reference.dequantize_fp8(q, scales),
                fp8_bytes)
+        # The dequantizing permutation: FP8 rows and scales read once, N bf16 rows written.
+        permute_fp8_bytes = rows * hidden + rows * hidden // reference.FP8_GROUP * 4 + n * hidden * 2
+        record("permute_fp8", lambda: ops.permute_fp8_by_indices(q, scales, idx, probs, num_experts=experts,
+                                                                 num_out_tokens=n),
+               lambda: ops.permute_by_indices(ops.dequantize_fp8(q, scales), idx, probs, num_experts=experts,
+                                              num_out_tokens=n), permute_fp8_bytes)
     return results
 
 
@@ -120,6 +128,7 @@ def main() -> int:
     parser.add_argument("--ref-iters", type=int, default=5)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
+    parser.add_argument("--shapes", default=",".join(map(str, range(len(SHAPES)))), help="which shapes (indices)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_ops needs a CUDA GPU", file=sys.stderr)
@@ -134,7 +143,7 @@ def main() -> int:
     header = "| R | H | E | K | op | ms | GB/s | of copy | reference ms | speed-up |"
     print(header)
     print("|" + "---|" * 10)
-    for shape in SHAPES:
+    for shape in [SHAPES[int(i)] for i in args.shapes.split(",")]:
         results = bench_shape(*shape, args.iters, args.ref_iters, copy_gbps)
         report["shapes"].append({"shape": shape, "results": results})
         for name, r in results.items():

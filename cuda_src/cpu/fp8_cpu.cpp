@@ -1,5 +1,5 @@
-// FP8 quantization of rows and its inverse on the CPU: the same arithmetic as fp8.cu, so both
-// give the bits of flexdispatch/reference.py's quantize_fp8 / dequantize_fp8.
+// FP8 quantization of rows, its inverse, and the dequantizing permutation on the CPU: the same
+// arithmetic as fp8.cu, so both give the bits of flexdispatch/reference.py's quantize_fp8 / dequantize_fp8.
 #include <cmath>
 
 #include "half.h"
@@ -37,7 +37,35 @@ void dequantize_groups(const uint8_t* q, const float* scales, int64_t groups, T*
   }
 }
 
+template <typename T>
+void scatter_fp8(const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch, int64_t rows,
+                 int64_t hidden, const int32_t* row_id_map, int32_t slots, T* dst) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* in = q + r * q_pitch;
+    const float* row_scales = scales + r * scale_pitch;
+    for (int32_t s = 0; s < slots; ++s) {
+      const int32_t d = row_id_map[r * slots + s];
+      if (d < 0) continue;
+      T* out = dst + static_cast<int64_t>(d) * hidden;
+      for (int64_t i = 0; i < hidden; ++i) out[i] = from_float<T>(fp8_e4m3_to_float(in[i]) * row_scales[i / kFp8Group]);
+    }
+  }
+}
+
 }  // namespace
+
+void scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
+                      int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots, void* dst) {
+  switch (dtype) {
+    case kFloat32: return scatter_fp8(q, q_pitch, scales, scale_pitch, rows, hidden, row_id_map, slots, static_cast<float*>(dst));
+    case kFloat16:
+      return scatter_fp8(q, q_pitch, scales, scale_pitch, rows, hidden, row_id_map, slots, static_cast<Float16*>(dst));
+    case kBFloat16:
+      return scatter_fp8(q, q_pitch, scales, scale_pitch, rows, hidden, row_id_map, slots, static_cast<BFloat16*>(dst));
+    default: return;
+  }
+}
 
 void quantize_fp8(DType dtype, const void* x, int64_t groups, uint8_t* q, float* scales) {
   switch (dtype) {

@@ -41,6 +41,9 @@ void gather_rows_backward(DType dtype, const void* grad_out, const void* src, in
 // scale per group, and back (see flexdispatch.h).
 void quantize_fp8(DType dtype, const void* x, int64_t groups, uint8_t* q, float* scales);
 void dequantize_fp8(DType dtype, const uint8_t* q, const float* scales, int64_t groups, void* out);
+// The dequantizing permutation (see ../launch.h: scatter_fp8_rows).
+void scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
+                      int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots, void* dst);
 
 // The agreement of a call (see ../launch.h): a header with status's error bits, and indices
 // masked to -1 unless every header agrees.

@@ -73,11 +73,13 @@ def _fp8_unpack(payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch
 
 class _AllToAllDispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, meta, plan, send_splits, recv_splits, group, async_finish, fp8):
-        """``(recv, recv_meta, in_flight)``: ``in_flight`` is ``(work, send, finish)`` for an
+    def forward(ctx, hidden, meta, plan, send_splits, recv_splits, group, async_finish, fp8, keep_fp8):
+        """``(recv, recv_meta, in_flight, kept)``: ``in_flight`` is ``(work, send, finish)`` for an
         async transfer (the caller waits, then calls ``finish`` if it is not None; ``send`` must
         live until then), else None. With ``fp8`` the rows travel as FP8 bytes and scales and
-        are dequantized into ``recv`` once they have landed."""
+        are dequantized into ``recv`` once they have landed, unless ``keep_fp8``: then ``kept``
+        is ``(rows, scales)``, views of the landing payload, and ``recv`` a zero-stride
+        stand-in (the permutation dequantizes them); else ``kept`` is None."""
         ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group = plan, send_splits, recv_splits, group
         received = sum(recv_splits)
         send_meta = ops.apply_permutation(meta, plan)
@@ -90,9 +92,15 @@ class _AllToAllDispatch(torch.autograd.Function):
         # exit after clean runs (1 of 8 in CI, about 13% in the issue's count; 0 of 30 sync).
         async_finish = async_finish and hidden.is_cuda
         work = _exchange(landing, send, recv_splits, send_splits, group, async_op=async_finish)
+        kept = None
+        if fp8 and keep_fp8:
+            width = hidden.shape[1]
+            kept = (landing[:, :width], landing[:, width:].view(torch.float32))
+            recv = hidden.new_zeros(()).expand(received, width)
+            return recv, recv_meta, ((work, (send, landing), None) if async_finish else None), kept
         if not async_finish:
             recv = _fp8_unpack(landing, hidden.shape[1], hidden.dtype) if fp8 else landing
-            return recv, recv_meta, None
+            return recv, recv_meta, None, kept
         finish = None
         recv = landing
         if fp8:  # the rows land later: dequantize into the returned tensor at wait()
@@ -101,17 +109,17 @@ class _AllToAllDispatch(torch.autograd.Function):
             def finish():  # stream-ordered after the transfer (work.wait() on NCCL)
                 recv.copy_(_fp8_unpack(landing, hidden.shape[1], hidden.dtype))
 
-        return recv, recv_meta, (work, (send, landing), finish)
+        return recv, recv_meta, (work, (send, landing), finish), kept
 
     @staticmethod
-    def backward(ctx, grad_recv, grad_recv_meta, _in_flight):
+    def backward(ctx, grad_recv, grad_recv_meta, _in_flight, _kept):
         # Both collectives run on every rank, whatever this rank needs.
         grads = []
         for grad in (grad_recv, grad_recv_meta):
             back = grad.new_empty(sum(ctx.send_splits), grad.shape[1])
             _exchange(back, grad, ctx.send_splits, ctx.recv_splits, ctx.group)
             grads.append(ops.unpermute(back, ctx.plan))
-        return grads[0], grads[1], None, None, None, None, None, None
+        return grads[0], grads[1], None, None, None, None, None, None, None
 
 
 class _AllToAllCombine(torch.autograd.Function):
@@ -217,9 +225,9 @@ class _AllToAllManager(_ManagerBase):
         plan = ops.make_plan(in_rank, world, num_out_tokens=sum(self._send_splits))
         self._rank_plan = plan
         meta = torch.cat([indices.to(torch.float64), self.token_probs.to(torch.float64)], dim=1)
-        recv, recv_meta, in_flight = _AllToAllDispatch.apply(hidden_states, meta, plan, self._send_splits,
-                                                             self._recv_splits, self.group, async_finish,
-                                                             self.fp8_dispatch)
+        recv, recv_meta, in_flight, kept = _AllToAllDispatch.apply(hidden_states, meta, plan, self._send_splits,
+                                                                   self._recv_splits, self.group, async_finish,
+                                                                   self.fp8_dispatch, self._keep_fp8)
         if in_flight is not None:
             self._pending.append(in_flight)
         global_ids = recv_meta[:, :topk].detach().long()
@@ -228,7 +236,7 @@ class _AllToAllManager(_ManagerBase):
         dispatched = torch.where(mine, local_ids, -1)
         prob_dtype = torch.float64 if self.router_dtype == "fp64" else torch.float32
         return Dispatched(recv, dispatched, self._masked_probs(dispatched, recv_meta[:, topk:].to(prob_dtype)),
-                          received_counts=host[1, :, agreement.WIDTH:].sum(0))
+                          received_counts=host[1, :, agreement.WIDTH:].sum(0), fp8=kept)
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
                  allocate_on_comm_stream: bool) -> torch.Tensor:

@@ -46,6 +46,9 @@ class Dispatched:
             CPU tensor), when the call's exchange told them (no sync needed to size the
             permutation).
         num_out: rows of the permuted tensor when fixed in advance (sync-free worst case).
+        fp8: ``(q [R, H] e4m3 bytes, scales [R, H / 128] float32)``: the received rows kept in
+            FP8 (``keep_fp8``); ``hidden`` is then a stand-in of their shape and dtype that
+            carries autograd, and the permutation dequantizes the rows as it moves them.
     """
 
     hidden: torch.Tensor
@@ -53,6 +56,7 @@ class Dispatched:
     probs: torch.Tensor
     received_counts: Optional[Union[torch.Tensor, list]] = None
     num_out: Optional[int] = None
+    fp8: Optional[tuple] = None
 
 
 class _DispatchManager(abc.ABC):
@@ -192,6 +196,9 @@ class _ManagerBase(_DispatchManager):
         self._route_status: Optional[torch.Tensor] = None  # the route check's int32 [2] on the device
         self._checked_route = None  # (indices, probs) as given, to describe a routing error
         self._deferred: Optional[BaseException] = None  # this rank's failed check, raised at the exchange
+        self._keep_fp8 = False  # this call's dispatch leaves the received rows in FP8 (keep_fp8)
+        self._kept_fp8: Optional[tuple] = None  # those rows (q, scales), for the permutation
+        self._fp8_stand_in: Optional[torch.Tensor] = None  # what dispatch returned in their place
         self._stage = "idle"
 
     def reset(self) -> None:
@@ -366,7 +373,7 @@ class _ManagerBase(_DispatchManager):
     # ---- the steps --------------------------------------------------------------------------
 
     def dispatch(self, hidden_states: torch.Tensor, async_finish: bool = False,
-                 allocate_on_comm_stream: bool = False) -> torch.Tensor:
+                 allocate_on_comm_stream: bool = False, *, keep_fp8: bool = False) -> torch.Tensor:
         """Send every token to each rank that holds one of its experts.
 
         Args:
@@ -374,6 +381,11 @@ class _ManagerBase(_DispatchManager):
             async_finish: return before the transfer lands where the manager supports it; the
                 next step (or :meth:`wait`) waits for it.
             allocate_on_comm_stream: DeepEP only (allocate outputs on its stream).
+            keep_fp8: with FP8 dispatch, leave the received rows in FP8 and dequantize them in
+                the permutation, one pass instead of two (the all-to-all and DeepEP managers).
+                The returned tensor is then a stand-in (zeros, no memory of its own) that must
+                be passed on to :meth:`get_permuted_hidden_states_by_experts` unread. The
+                dispatcher's one-call entry points (``token_permutation``) use it.
 
         Returns:
             ``[R, H]``, one row per (token, destination rank). Sets ``dispatched_indices [R, K]``
@@ -386,9 +398,15 @@ class _ManagerBase(_DispatchManager):
                 self._check_dispatch_input(hidden_states)
             except (ValueError, TypeError) as exc:
                 self.defer(exc)  # groups of one raise here
-        result = self._dispatch(None if self._deferred is not None else hidden_states, async_finish,
-                                allocate_on_comm_stream)
+        self._keep_fp8 = keep_fp8 and self.fp8_dispatch and not torch.compiler.is_compiling()
+        try:
+            result = self._dispatch(None if self._deferred is not None else hidden_states, async_finish,
+                                    allocate_on_comm_stream)
+        finally:
+            self._keep_fp8 = False
         self.dispatched_indices, self.dispatched_probs = result.indices, result.probs
+        self._kept_fp8 = result.fp8
+        self._fp8_stand_in = result.hidden if result.fp8 is not None else None
         if result.received_counts is not None:
             self._set_received_counts(result.received_counts)
         if result.num_out is not None:
@@ -434,10 +452,20 @@ class _ManagerBase(_DispatchManager):
             pad = self.moe_router_expert_pad_multiple or 1
             num_out = self.num_local_experts * (-(-self.max_tokens_per_expert // pad) * pad)
         try:
-            out, probs, plan, device_counts = ops.permute_by_indices(
-                hidden_states, indices, self.dispatched_probs,
-                num_experts=self.num_local_experts, num_out_tokens=num_out,
-                pad_multiple=self.moe_router_expert_pad_multiple)
+            if self._kept_fp8 is not None:  # FP8 rows: dequantized as they are moved
+                if hidden_states is not self._fp8_stand_in:
+                    raise ValueError("hidden_states: expected the tensor this call's dispatch returned (with "
+                                     "keep_fp8 its rows stay in FP8 until the permutation)")
+                q, scales = self._kept_fp8
+                out, probs, plan, device_counts = ops.permute_fp8_by_indices(
+                    q, scales, indices, self.dispatched_probs, num_experts=self.num_local_experts,
+                    num_out_tokens=num_out, pad_multiple=self.moe_router_expert_pad_multiple,
+                    dtype=hidden_states.dtype, rows=hidden_states)
+            else:
+                out, probs, plan, device_counts = ops.permute_by_indices(
+                    hidden_states, indices, self.dispatched_probs,
+                    num_experts=self.num_local_experts, num_out_tokens=num_out,
+                    pad_multiple=self.moe_router_expert_pad_multiple)
         except ValueError:
             self._release()  # bad routing found by the kernels: the dispatcher stays usable
             raise

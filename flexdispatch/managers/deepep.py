@@ -265,12 +265,13 @@ def _previous_event(buffer, allocate_on_comm_stream: bool):
 class _DeepepDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, buffer, async_finish, allocate_on_comm_stream,
-                num_worst_tokens, fp8):
-        """``(recv_x, recv_idx, recv_probs, handle, counts, event, finish)``: DeepEP's handle (for
-        the combine), its received counts per local expert (a list), the event of an async
-        transfer (None otherwise), and with ``fp8`` of an async transfer the call that
-        dequantizes the received FP8 rows into ``recv_x`` once the event has been waited on
-        (None otherwise)."""
+                num_worst_tokens, fp8, keep_fp8):
+        """``(recv_x, recv_idx, recv_probs, handle, counts, event, finish, kept)``: DeepEP's handle
+        (for the combine), its received counts per local expert (a list), the event of an async
+        transfer (None otherwise), with ``fp8`` of an async transfer the call that dequantizes
+        the received FP8 rows into ``recv_x`` once the event has been waited on (None
+        otherwise), and with ``keep_fp8`` the received ``(rows, scales)`` in FP8 (``recv_x`` is
+        then a zero-stride stand-in: the permutation dequantizes them)."""
         # Stream-ordered layout (a 30 us kernel, no host wait).
         per_rank, per_rdma_rank, per_expert, in_rank, _ = buffer.get_dispatch_layout(token_indices, num_experts)
         event = _previous_event(buffer, allocate_on_comm_stream)
@@ -282,23 +283,26 @@ class _DeepepDispatch(torch.autograd.Function):
             allocate_on_comm_stream=allocate_on_comm_stream)
         ctx.buffer, ctx.handle = buffer, handle
         ctx.mark_non_differentiable(recv_idx)
-        finish = None
+        finish = kept = None
         if fp8:
             recv_q, recv_scales = recv_x
-            if not async_finish:
+            if keep_fp8:
+                kept = (recv_q, recv_scales)
+                recv_x = torch.zeros((), dtype=x.dtype, device=recv_q.device).expand(recv_q.shape)
+            elif not async_finish:
                 recv_x = ops.dequantize_fp8(recv_q, recv_scales.contiguous(), x.dtype)
             else:  # the rows land later: dequantize into the returned tensor at wait()
                 recv_x = torch.empty(recv_q.shape, dtype=x.dtype, device=recv_q.device)
 
                 def finish():
                     recv_x.copy_(ops.dequantize_fp8(recv_q, recv_scales.contiguous(), x.dtype))
-        return recv_x, recv_idx, recv_probs, handle, counts, (after if async_finish else None), finish
+        return recv_x, recv_idx, recv_probs, handle, counts, (after if async_finish else None), finish, kept
 
     @staticmethod
-    def backward(ctx, grad_x, grad_idx, grad_probs, _handle, _counts, _event, _finish):
+    def backward(ctx, grad_x, grad_idx, grad_probs, _handle, _counts, _event, _finish, _kept):
         grad_x, grad_probs, _ = ctx.buffer.combine(grad_x.contiguous(), ctx.handle,
                                                    topk_weights=grad_probs.float().contiguous())
-        return grad_x, None, grad_probs, None, None, None, None, None, None
+        return grad_x, None, grad_probs, None, None, None, None, None, None, None
 
 
 class _DeepepCombine(torch.autograd.Function):
@@ -428,9 +432,9 @@ class _DeepepManager(_ManagerBase):
         routed = self._gather_headers(hidden_states, indices) if agree else indices.to(self._index_dtype)
         buffer = _registry.get(self.group, x.shape[1] * x.element_size(), self.num_sms)
         worst = x.shape[0] * self.world_size if self.sync_free else 0
-        recv_x, recv_idx, recv_probs, handle, counts, event, finish = _DeepepDispatch.apply(
+        recv_x, recv_idx, recv_probs, handle, counts, event, finish, kept = _DeepepDispatch.apply(
             x, routed, probs, self.num_experts, buffer, async_finish, allocate_on_comm_stream, worst,
-            self.fp8_dispatch)
+            self.fp8_dispatch, self._keep_fp8)
         if event is not None:
             self._events.append(event)
         if finish is not None:
@@ -445,8 +449,8 @@ class _DeepepManager(_ManagerBase):
         # worst-case padding rows of sync-free mode need masking, which wait() does.
         self._mask_after_wait = self.sync_free
         if self.sync_free:
-            return Dispatched(recv_x, recv_idx, recv_probs, num_out=self._worst_case_rows(worst))
-        return Dispatched(recv_x, recv_idx, recv_probs, received_counts=counts)
+            return Dispatched(recv_x, recv_idx, recv_probs, num_out=self._worst_case_rows(worst), fp8=kept)
+        return Dispatched(recv_x, recv_idx, recv_probs, received_counts=counts, fp8=kept)
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
                  allocate_on_comm_stream: bool) -> torch.Tensor:
