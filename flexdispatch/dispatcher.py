@@ -253,13 +253,13 @@ class MoEFlexTokenDispatcher:
 
     def _dispatch_for_permutation(self, hidden: torch.Tensor) -> torch.Tensor:
         """dispatch_all_to_all's transfer (async, as its defaults) for a permutation that follows
-        at once: with FP8 dispatch the received rows stay in FP8 and the permutation dequantizes
-        them as it moves them (``keep_fp8``): one pass over the received rows instead of two."""
+        at once: with ``moe_fp8_fused_permutation`` the received FP8 rows stay in FP8 and the
+        permutation dequantizes them as it moves them (``keep_fp8``)."""
         manager = self._comm_manager
         if manager is None:
             raise RuntimeError("token_permutation called out of order: the next step of this dispatcher is "
                                "dispatch_preprocess")
-        return manager.dispatch(hidden, True, True, keep_fp8=True)
+        return manager.dispatch(hidden, True, True, keep_fp8=self.config.moe_fp8_fused_permutation)
 
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Undo the expert-major permutation: ``[N, H] -> [R, H]``."""

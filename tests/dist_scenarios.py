@@ -94,8 +94,8 @@ def moe_matches_dense(rank, world, *, entry="probs", tokens_per_rank=None, hidde
 
 
 def fp8_one_call_equals_steps(rank, world, device="cpu", backend="auto", dtype="float32", hidden=256, tokens=24):
-    """FP8 dispatch through the one-call entry (the received FP8 rows dequantized inside the
-    permutation) and through the three steps (dequantized first, then permuted): the same
+    """FP8 dispatch through the one-call entry with moe_fp8_fused_permutation (the received FP8
+    rows dequantized inside the permutation) and through the three steps (dequantized first, then permuted): the same
     permuted rows, output and gradients, bit for bit."""
     experts, topk = 4 * world, 3
     dtype = DTYPES[dtype]
@@ -105,7 +105,7 @@ def fp8_one_call_equals_steps(rank, world, device="cpu", backend="auto", dtype="
     runs = []
     for one_call in (True, False):
         d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend, moe_fp8_dispatch=True,
-                        moe_router_expert_pad_multiple=2)
+                        moe_router_expert_pad_multiple=2, moe_fp8_fused_permutation=one_call)
         x = xs[rank].to(dtype).to(device).requires_grad_()
         tp, ti = torch.topk(torch.softmax(logits[rank].to(device), -1), topk)
         tp = tp.float().requires_grad_()

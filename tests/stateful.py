@@ -60,6 +60,7 @@ class Layer:
     sync_free: bool = False
     bound: Optional[int] = None  # moe_max_tokens_per_expert (sync-free layers)
     fp8: bool = False  # moe_fp8_dispatch (hidden a multiple of 128, not float64)
+    fp8_fused: bool = False  # moe_fp8_fused_permutation (one-shot steps dequantize in the permutation)
 
 
 def generate_program(seed: int, world: int, steps: int, *, dtypes=("float32", "float64"), hidden_sizes=(4, 8, 12),
@@ -81,6 +82,7 @@ def generate_program(seed: int, world: int, steps: int, *, dtypes=("float32", "f
             layers[-1].bound = rng.choice([1, 2, 3, 5, 8])
         if fp8 and rng.random() < 0.3:  # FP8 dispatch: rows of whole 128-value groups
             layers[-1].fp8 = True
+            layers[-1].fp8_fused = len(layers) % 2 == 1  # both paths (no draw: the programs stay as they were)
             layers[-1].hidden = layers[-1].hidden if layers[-1].hidden % 128 == 0 else 128
             layers[-1].dtype = "float32" if layers[-1].dtype == "float64" else layers[-1].dtype
     program = []
@@ -257,7 +259,7 @@ class Runner:
                                moe_router_expert_pad_multiple=layer.pad, moe_expert_capacity_factor=layer.capacity,
                                moe_router_dtype=layer.router_dtype, moe_sync_free=layer.sync_free,
                                moe_max_tokens_per_expert=layer.bound, moe_flex_backend=backend,
-                               moe_fp8_dispatch=layer.fp8)
+                               moe_fp8_dispatch=layer.fp8, moe_fp8_fused_permutation=layer.fp8_fused)
             self.dispatchers.append(fd.MoEFlexTokenDispatcher(
                 local, list(range(rank * local, (rank + 1) * local)), cfg, group))
             self.weights.append(layer_weights(program["seed"], i, layer).to(device))
