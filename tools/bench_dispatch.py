@@ -362,19 +362,30 @@ def plot(report, path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, len(report), figsize=(5 * len(report), 4), squeeze=False)
     for ax, entry in zip(axes[0], report):
-        names, bottoms = [], []
+        names, bottoms, labelled = [], [], set()
+
+        def label(name):  # each legend entry once
+            first = name not in labelled
+            labelled.add(name)
+            return name if first else None
+
         for i, (manager, r) in enumerate(entry["managers"].items()):
             bottom = 0.0
-            for stage, ms in r["stages_ms"].items():
-                ax.bar(i, ms, bottom=bottom, label=stage if i == 0 else None, color=f"C{STAGES.index(stage)}")
-                bottom += ms
+            if r["replay_equals_eager"] == r["replay_equals_eager"]:  # captured: one bar, the replay
+                ax.bar(i, r["forward_ms"], color="black", label=label("captured forward (replay)"))
+                bottom = r["forward_ms"]
+            else:
+                for stage, ms in r["stages_ms"].items():
+                    ax.bar(i, ms, bottom=bottom, label=label(stage), color=f"C{STAGES.index(stage)}")
+                    bottom += ms
+            ax.plot(i, r["host_forward_ms"], "rx", label=label("host ms of a forward"))
             names.append(manager)
             bottoms.append(bottom)
         if entry.get("raw_deepep_ms"):
             ax.bar(len(names), entry["raw_deepep_ms"], color="gray", label="raw DeepEP d+c")
             names.append("raw DeepEP")
-        ax.set_xticks(range(len(names)), names)
-        ax.set_ylabel("forward ms (stages, synchronous)")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("forward ms (eager: stages of a synchronous pass)")
         ax.set_title("T={} H={} E={} K={}".format(*entry["shape"]), fontsize=9)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
