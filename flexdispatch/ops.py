@@ -255,13 +255,18 @@ class _Permute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_out_probs, _grad_plan):
-        plan = ctx.plan
-        grad_tokens = grad_probs = None
-        if ctx.needs_input_grad[0] and grad_out is not None:
-            grad_tokens = _C.gather_rows(grad_out.contiguous(), plan.map, None)
-        if ctx.needs_input_grad[1] and grad_out_probs is not None:
-            grad_probs = _gather_slots(grad_out_probs, plan)
-        return grad_tokens, grad_probs, None, None, None, None, None
+        return (*_permutation_grads(ctx, grad_out, grad_out_probs), None, None, None, None, None)
+
+
+def _permutation_grads(ctx, grad_out, grad_out_probs):
+    """Gradients of a permutation's first two inputs (rows, probs) from its outputs': a
+    gather along ``ctx.plan`` each (None where not needed)."""
+    grad_rows = grad_probs = None
+    if ctx.needs_input_grad[0] and grad_out is not None:
+        grad_rows = _C.gather_rows(grad_out.contiguous(), ctx.plan.map, None)
+    if ctx.needs_input_grad[1] and grad_out_probs is not None:
+        grad_probs = _gather_slots(grad_out_probs, ctx.plan)
+    return grad_rows, grad_probs
 
 
 class _ApplyPermutation(torch.autograd.Function):
@@ -558,6 +563,20 @@ def _check_fp8_rows(x, name: str) -> None:
                          f"got {x.shape[1]}")
 
 
+def _check_fp8_input(q, scales, dtype) -> None:
+    """FP8 rows to dequantize: ``q [R, H]`` e4m3 (or uint8 bits), ``scales [R, H / 128]``
+    float32, and a target dtype of FP8_DTYPES."""
+    _check_fp8_rows(q, "q")
+    if q.dtype not in (torch.float8_e4m3fn, torch.uint8):
+        raise TypeError(f"q: expected torch.float8_e4m3fn (or uint8 bits), got {q.dtype}")
+    _check_tensor(scales, "scales")
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (q.shape[0], q.shape[1] // reference.FP8_GROUP):
+        raise ValueError(f"scales: expected float32 [{q.shape[0]}, {q.shape[1] // reference.FP8_GROUP}], "
+                         f"got {scales.dtype} {tuple(scales.shape)}")
+    if dtype not in FP8_DTYPES:
+        raise TypeError(f"dtype: FP8 rows dequantize to float32, float16 or bfloat16, got {dtype}")
+
+
 def quantize_fp8(x: torch.Tensor):
     """Quantize rows to float8 e4m3fn with one float32 scale per 128 values (DeepEP's and
     DeepSeek-V3's format), in one kernel pass.
@@ -587,15 +606,7 @@ def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = t
     """Inverse of :func:`quantize_fp8`: ``q [R, H]`` float8_e4m3fn (or its uint8 bits) and
     ``scales [R, H / 128]`` float32 -> ``[R, H]`` of ``dtype`` (float32, float16 or bfloat16),
     ``q * scale`` computed in float32 and rounded to nearest even."""
-    _check_fp8_rows(q, "q")
-    if q.dtype not in (torch.float8_e4m3fn, torch.uint8):
-        raise TypeError(f"q: expected torch.float8_e4m3fn (or uint8 bits), got {q.dtype}")
-    _check_tensor(scales, "scales")
-    if scales.dtype != torch.float32 or tuple(scales.shape) != (q.shape[0], q.shape[1] // reference.FP8_GROUP):
-        raise ValueError(f"scales: expected float32 [{q.shape[0]}, {q.shape[1] // reference.FP8_GROUP}], "
-                         f"got {scales.dtype} {tuple(scales.shape)}")
-    if dtype not in FP8_DTYPES:
-        raise TypeError(f"dtype: FP8 rows dequantize to float32, float16 or bfloat16, got {dtype}")
+    _check_fp8_input(q, scales, dtype)
     if not _use_kernels(q) or torch.compiler.is_compiling():
         return reference.dequantize_fp8(q.view(torch.float8_e4m3fn), scales, dtype)
     return _C.dequantize_fp8(q.contiguous().view(torch.uint8), scales.contiguous(), torch.empty(0, dtype=dtype))
@@ -620,13 +631,7 @@ class _PermuteFp8(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_out_probs, _grad_plan):
-        plan = ctx.plan
-        grad_rows = grad_probs = None
-        if ctx.needs_input_grad[0] and grad_out is not None:
-            grad_rows = _C.gather_rows(grad_out.contiguous(), plan.map, None)
-        if ctx.needs_input_grad[1] and grad_out_probs is not None:
-            grad_probs = _gather_slots(grad_out_probs, plan)
-        return grad_rows, grad_probs, None, None, None, None, None, None, None
+        return (*_permutation_grads(ctx, grad_out, grad_out_probs), None, None, None, None, None, None, None)
 
 
 class _StandIn(torch.autograd.Function):
@@ -664,15 +669,7 @@ def permute_fp8_by_indices(q: torch.Tensor, scales: torch.Tensor, indices: torch
         As :func:`permute_by_indices`: ``(out [N, H] dtype, permuted_probs, plan,
         tokens_per_expert)``. ``q`` and ``scales`` get no gradient.
     """
-    _check_fp8_rows(q, "q")
-    if q.dtype not in (torch.float8_e4m3fn, torch.uint8):
-        raise TypeError(f"q: expected torch.float8_e4m3fn (or uint8 bits), got {q.dtype}")
-    _check_tensor(scales, "scales")
-    if scales.dtype != torch.float32 or tuple(scales.shape) != (q.shape[0], q.shape[1] // reference.FP8_GROUP):
-        raise ValueError(f"scales: expected float32 [{q.shape[0]}, {q.shape[1] // reference.FP8_GROUP}], "
-                         f"got {scales.dtype} {tuple(scales.shape)}")
-    if dtype not in FP8_DTYPES:
-        raise TypeError(f"dtype: FP8 rows dequantize to float32, float16 or bfloat16, got {dtype}")
+    _check_fp8_input(q, scales, dtype)
     if rows is not None and (tuple(rows.shape) != tuple(q.shape) or rows.dtype != dtype):
         raise ValueError(f"rows: expected {dtype} {tuple(q.shape)}, got {rows.dtype} {tuple(rows.shape)}")
     _check_index_route(indices, num_experts, q.shape[0])
