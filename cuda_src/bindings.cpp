@@ -491,9 +491,9 @@ std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>>
   const int32_t slots = static_cast<int32_t>(row_id_map.size(1));
   const int64_t q_pitch = q.size(0) > 1 ? q.stride(0) : hidden;
   const int64_t scale_pitch = scales.size(0) > 1 ? scales.stride(0) : hidden / fd::kFp8Group;
-  FD_ON_DEVICE(q, fd::cuda::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(), scale_pitch,
-                                             q.size(0), hidden, row_id_map.data_ptr<int32_t>(), slots, out.data_ptr(),
-                                             stream), {
+  FD_ON_DEVICE(q, fd::cuda::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(),
+                                             scale_pitch, q.size(0), hidden, row_id_map.data_ptr<int32_t>(), slots,
+                                             out.data_ptr(), stream), {
     fd::cpu::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(), scale_pitch, q.size(0),
                               hidden, row_id_map.data_ptr<int32_t>(), slots, out.data_ptr());
   });

@@ -58,7 +58,8 @@ void scatter_fp8(const uint8_t* q, int64_t q_pitch, const float* scales, int64_t
 void scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
                       int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots, void* dst) {
   switch (dtype) {
-    case kFloat32: return scatter_fp8(q, q_pitch, scales, scale_pitch, rows, hidden, row_id_map, slots, static_cast<float*>(dst));
+    case kFloat32:
+      return scatter_fp8(q, q_pitch, scales, scale_pitch, rows, hidden, row_id_map, slots, static_cast<float*>(dst));
     case kFloat16:
       return scatter_fp8(q, q_pitch, scales, scale_pitch, rows, hidden, row_id_map, slots, static_cast<Float16*>(dst));
     case kBFloat16:

@@ -363,7 +363,8 @@ class _ManagerBase(_DispatchManager):
         permuted tensor's size, from per-local-expert counts known on the host (a list of ints
         or a CPU tensor). Plain Python arithmetic: a handful of ints, no tensor ops."""
         pad = self.moe_router_expert_pad_multiple or 1
-        padded = [(int(c) + pad - 1) // pad * pad for c in (counts.tolist() if isinstance(counts, torch.Tensor) else counts)]
+        counts = counts.tolist() if isinstance(counts, torch.Tensor) else counts
+        padded = [(int(c) + pad - 1) // pad * pad for c in counts]
         self._received_counts = torch.tensor(padded, dtype=torch.int64, pin_memory=self.token_indices.is_cuda)
         self._num_out = sum(padded)
 
