@@ -57,7 +57,7 @@ def routing(rows: int, experts: int, topk: int, seed: int = 0):
     return idx, probs
 
 
-def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps):
+def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps, only=None):
     idx, probs = routing(rows, experts, topk)
     x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
     n = rows * topk
@@ -66,6 +66,8 @@ def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps):
     results = {}
 
     def record(name, fn, ref_fn=None, bytes_moved=None):
+        if only and name not in only:
+            return
         ms = median_ms(fn, iters)
         entry = {"ms": ms}
         if bytes_moved:
@@ -129,6 +131,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     parser.add_argument("--shapes", default=",".join(map(str, range(len(SHAPES)))), help="which shapes (indices)")
+    parser.add_argument("--ops", help="time only these ops (comma-separated names, e.g. quantize_fp8,permute_fp8)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_ops needs a CUDA GPU", file=sys.stderr)
@@ -144,7 +147,7 @@ def main() -> int:
     print(header)
     print("|" + "---|" * 10)
     for shape in [SHAPES[int(i)] for i in args.shapes.split(",")]:
-        results = bench_shape(*shape, args.iters, args.ref_iters, copy_gbps)
+        results = bench_shape(*shape, args.iters, args.ref_iters, copy_gbps, args.ops and set(args.ops.split(",")))
         report["shapes"].append({"shape": shape, "results": results})
         for name, r in results.items():
             print(f"| {' | '.join(map(str, shape))} | {name} | {r['ms']:.3f} | {r.get('gbps', float('nan')):.0f} | "
