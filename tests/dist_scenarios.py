@@ -122,6 +122,32 @@ def fp8_one_call_equals_steps(rank, world, device="cpu", backend="auto", dtype="
             "nonzero": all(float(t.abs().sum()) > 0 for t in runs[0] if t.numel())}
 
 
+def fp8_kept_rows_misuse_then_recovery(rank, world, hidden=256, tokens=16):
+    """A manager asked to keep_fp8 raises ValueError (naming hidden_states) when its
+    permutation gets another tensor than the stand-in dispatch returned, releases the call,
+    and the next call runs normally and keeps the FP8 rows again."""
+    experts, topk = 2 * world, 2
+    d = _dispatcher(rank, world, experts, topk, moe_fp8_dispatch=True)
+    m = d._comm_manager
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(tokens, hidden, generator=g)
+    tp, ti = torch.topk(torch.softmax(torch.randn(tokens, experts, generator=g), -1), topk)
+    m.set_routing(tp, ti)
+    stand_in = m.dispatch(x, keep_fp8=True)
+    kept = m._kept_fp8 is not None
+    message = None
+    try:
+        m.get_permuted_hidden_states_by_experts(stand_in.clone())
+    except ValueError as exc:
+        message = str(exc)
+    m.set_routing(tp, ti)  # the failed call was released: a new one starts
+    stand_in = m.dispatch(x, keep_fp8=True)
+    rows, _ = m.get_permuted_hidden_states_by_experts(stand_in)
+    out = m.combine(m.get_restored_hidden_states_by_experts(rows))
+    return {"kept": kept, "message": message, "finite": bool(torch.isfinite(out).all()),
+            "nonzero": float(out.abs().sum()) > 0}
+
+
 def two_dispatchers_interleaved(rank, world, device="cpu", backend="auto", dtype="float32"):
     """Layers A and B in flight at once (dispatch A, dispatch B, combine B, combine A), with
     different E, K and H (B's rows are wider: a DeepEP buffer grows under A), each against

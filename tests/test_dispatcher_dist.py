@@ -50,6 +50,15 @@ def test_fp8_one_call_equals_the_three_steps(pool, dtype, hidden):
 
 
 @pytest.mark.timeout(300)
+def test_fp8_kept_rows_misuse_is_a_clear_error(pool):
+    if pool.world == 1:
+        pytest.skip("the local manager keeps no FP8 rows (nothing travels)")
+    for res in pool.run("fp8_kept_rows_misuse_then_recovery"):
+        assert res["kept"] and res["message"] and res["message"].startswith("hidden_states:"), res
+        assert res["finite"] and res["nonzero"], res
+
+
+@pytest.mark.timeout(300)
 def test_ranks_without_tokens(pool):
     tokens = [0 if r % 2 == 0 else 11 * r for r in range(pool.world)]
     check(pool.run("moe_matches_dense", tokens_per_rank=tokens, entry="indices", pad=3))
