@@ -496,3 +496,23 @@ def test_fp8_permutation_gradients_go_to_the_stand_in_rows(device):
     torch.autograd.backward([out2, pp2], [g, gp])
     assert torch.equal(out, out2) and torch.equal(stand_in.grad, dense.grad) and torch.equal(p1.grad, p2.grad)
     assert dense.grad.abs().sum() > 0
+
+
+def test_fp8_permutation_without_kernels_is_the_same(monkeypatch):
+    """The plain-PyTorch path (FLEXDISPATCH_JIT=0, or no kernels for the device) gives the
+    kernels' rows, probs and gradients."""
+    rows, hidden, experts, topk, dtype = 30, 256, 4, 2, torch.bfloat16
+    q, scales = ops.quantize_fp8(_fp8_rows(dtype, "cpu", rows=rows, hidden=hidden))
+    idx = random_indices(rows, experts, topk, seed=8)
+    probs = random_probs(rows, topk)
+    results = []
+    for kernels in (True, False):
+        monkeypatch.setattr(ops, "_use_kernels", lambda t, k=kernels: k)
+        stand_in = torch.zeros(rows, hidden, dtype=dtype).requires_grad_()
+        p = probs.clone().requires_grad_()
+        out, pp, _, tpe = ops.permute_fp8_by_indices(q, scales, idx, p, num_experts=experts, pad_multiple=2,
+                                                     dtype=dtype, rows=stand_in)
+        torch.autograd.backward([out, pp], [torch.ones_like(out), torch.ones_like(pp)])
+        results.append((out, pp, tpe, stand_in.grad, p.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
