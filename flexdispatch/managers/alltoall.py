@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from .. import ops
 from . import agreement
-from .base import Dispatched, _ManagerBase
+from .base import Dispatched, _ManagerBase, received_fp8_rows
 
 
 def _drain(pending: list) -> None:
@@ -65,12 +65,6 @@ def _fp8_payload(hidden: torch.Tensor) -> torch.Tensor:
     return torch.cat([q.view(torch.uint8), scales.view(torch.uint8)], dim=1)
 
 
-def _fp8_unpack(payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
-    q = payload[:, :hidden].contiguous().view(torch.float8_e4m3fn)
-    scales = payload[:, hidden:].contiguous().view(torch.float32)
-    return ops.dequantize_fp8(q, scales, dtype)
-
-
 class _AllToAllDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, meta, plan, send_splits, recv_splits, group, async_finish, fp8, keep_fp8):
@@ -92,24 +86,12 @@ class _AllToAllDispatch(torch.autograd.Function):
         # exit after clean runs (1 of 8 in CI, about 13% in the count; 0 of 30 sync).
         async_finish = async_finish and hidden.is_cuda
         work = _exchange(landing, send, recv_splits, send_splits, group, async_op=async_finish)
-        kept = None
-        if fp8 and keep_fp8:
+        recv, finish, kept = landing, None, None
+        if fp8:  # (an async finish runs stream-ordered after the transfer: work.wait() on NCCL)
             width = hidden.shape[1]
-            kept = (landing[:, :width], landing[:, width:].view(torch.float32))
-            recv = hidden.new_zeros(()).expand(received, width)
-            return recv, recv_meta, ((work, (send, landing), None) if async_finish else None), kept
-        if not async_finish:
-            recv = _fp8_unpack(landing, hidden.shape[1], hidden.dtype) if fp8 else landing
-            return recv, recv_meta, None, kept
-        finish = None
-        recv = landing
-        if fp8:  # the rows land later: dequantize into the returned tensor at wait()
-            recv = hidden.new_empty(received, hidden.shape[1])
-
-            def finish():  # stream-ordered after the transfer (work.wait() on NCCL)
-                recv.copy_(_fp8_unpack(landing, hidden.shape[1], hidden.dtype))
-
-        return recv, recv_meta, (work, (send, landing), finish), kept
+            q, scales = landing[:, :width], landing[:, width:].view(torch.float32)
+            recv, finish, kept = received_fp8_rows(q, scales, hidden.dtype, keep_fp8, async_finish)
+        return recv, recv_meta, ((work, (send, landing), finish) if async_finish else None), kept
 
     @staticmethod
     def backward(ctx, grad_recv, grad_recv_meta, _in_flight, _kept):
@@ -195,7 +177,8 @@ class _AllToAllManager(_ManagerBase):
         message[:, :agreement.WIDTH] = header
         return message.to(device)
 
-    def _dispatch(self, hidden_states, async_finish: bool, allocate_on_comm_stream: bool) -> Dispatched:
+    def _dispatch(self, hidden_states, async_finish: bool, allocate_on_comm_stream: bool,
+                  keep_fp8: bool) -> Dispatched:
         when = "before any token moved"
         if hidden_states is None or self.token_indices is None:  # a failed check on this rank
             self._exchange_headers(self._blank_message(agreement.DISPATCH, None), when)
@@ -227,7 +210,7 @@ class _AllToAllManager(_ManagerBase):
         meta = torch.cat([indices.to(torch.float64), self.token_probs.to(torch.float64)], dim=1)
         recv, recv_meta, in_flight, kept = _AllToAllDispatch.apply(hidden_states, meta, plan, self._send_splits,
                                                                    self._recv_splits, self.group, async_finish,
-                                                                   self.fp8_dispatch, self._keep_fp8)
+                                                                   self.fp8_dispatch, keep_fp8)
         if in_flight is not None:
             self._pending.append(in_flight)
         global_ids = recv_meta[:, :topk].detach().long()

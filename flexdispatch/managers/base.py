@@ -59,6 +59,24 @@ class Dispatched:
     fp8: Optional[tuple] = None
 
 
+def received_fp8_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, keep: bool, later: bool):
+    """What a dispatch returns for received FP8 rows ``q [R, H]`` and ``scales [R, H / 128]``:
+    ``(rows, finish, kept)``. ``keep``: ``rows`` is a zero-stride stand-in of dtype ``dtype``
+    (no memory) and ``kept = (q, scales)`` for the dequantizing permutation. Else ``rows`` are
+    dequantized to ``dtype``: now, or, when the transfer lands ``later``, by ``finish()`` (to
+    call once it has landed; ``rows`` is allocated now and filled then)."""
+    if keep:
+        return torch.zeros((), dtype=dtype, device=q.device).expand(q.shape), None, (q, scales)
+    if not later:
+        return ops.dequantize_fp8(q, scales, dtype), None, None
+    rows = torch.empty(q.shape, dtype=dtype, device=q.device)
+
+    def finish():
+        rows.copy_(ops.dequantize_fp8(q, scales, dtype))
+
+    return rows, finish, None
+
+
 class _DispatchManager(abc.ABC):
     """A manager class to handle dispatch and combine processes for MoE models (the
     reference's abstract interface)."""
@@ -196,7 +214,6 @@ class _ManagerBase(_DispatchManager):
         self._route_status: Optional[torch.Tensor] = None  # the route check's int32 [2] on the device
         self._checked_route = None  # (indices, probs) as given, to describe a routing error
         self._deferred: Optional[BaseException] = None  # this rank's failed check, raised at the exchange
-        self._keep_fp8 = False  # this call's dispatch leaves the received rows in FP8 (keep_fp8)
         self._kept_fp8: Optional[tuple] = None  # those rows (q, scales), for the permutation
         self._fp8_stand_in: Optional[torch.Tensor] = None  # what dispatch returned in their place
         self._stage = "idle"
@@ -399,12 +416,9 @@ class _ManagerBase(_DispatchManager):
                 self._check_dispatch_input(hidden_states)
             except (ValueError, TypeError) as exc:
                 self.defer(exc)  # groups of one raise here
-        self._keep_fp8 = keep_fp8 and self.fp8_dispatch and not torch.compiler.is_compiling()
-        try:
-            result = self._dispatch(None if self._deferred is not None else hidden_states, async_finish,
-                                    allocate_on_comm_stream)
-        finally:
-            self._keep_fp8 = False
+        keep_fp8 = keep_fp8 and self.fp8_dispatch and not torch.compiler.is_compiling()
+        result = self._dispatch(None if self._deferred is not None else hidden_states, async_finish,
+                                allocate_on_comm_stream, keep_fp8)
         self.dispatched_indices, self.dispatched_probs = result.indices, result.probs
         self._kept_fp8 = result.fp8
         self._fp8_stand_in = result.hidden if result.fp8 is not None else None
@@ -535,9 +549,10 @@ class _ManagerBase(_DispatchManager):
 
     @abc.abstractmethod
     def _dispatch(self, hidden_states: Optional[torch.Tensor], async_finish: bool,
-                  allocate_on_comm_stream: bool) -> Dispatched:
+                  allocate_on_comm_stream: bool, keep_fp8: bool) -> Dispatched:
         """Move this call's routed tokens (``hidden_states`` None: this rank's check failed;
-        take part in the first exchange, where every rank raises)."""
+        take part in the first exchange, where every rank raises). ``keep_fp8``: FP8 rows may
+        be returned undequantized in ``Dispatched.fp8`` (see :func:`received_fp8_rows`)."""
 
     @abc.abstractmethod
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from .. import ops
 from .._log import logger
 from . import agreement
-from .base import Dispatched, _ManagerBase
+from .base import Dispatched, _ManagerBase, received_fp8_rows
 
 MAX_TOPK = 128  # DeepEP's buffer-size assumption (csrc/config.hpp)
 # DeepEP v1.2.1's intranode combine returned wrong sums for 256-byte rows (hidden 128, bf16)
@@ -285,17 +285,7 @@ class _DeepepDispatch(torch.autograd.Function):
         ctx.mark_non_differentiable(recv_idx)
         finish = kept = None
         if fp8:
-            recv_q, recv_scales = recv_x
-            if keep_fp8:
-                kept = (recv_q, recv_scales)
-                recv_x = torch.zeros((), dtype=x.dtype, device=recv_q.device).expand(recv_q.shape)
-            elif not async_finish:
-                recv_x = ops.dequantize_fp8(recv_q, recv_scales.contiguous(), x.dtype)
-            else:  # the rows land later: dequantize into the returned tensor at wait()
-                recv_x = torch.empty(recv_q.shape, dtype=x.dtype, device=recv_q.device)
-
-                def finish():
-                    recv_x.copy_(ops.dequantize_fp8(recv_q, recv_scales.contiguous(), x.dtype))
+            recv_x, finish, kept = received_fp8_rows(*recv_x, x.dtype, keep_fp8, async_finish)
         return recv_x, recv_idx, recv_probs, handle, counts, (after if async_finish else None), finish, kept
 
     @staticmethod
@@ -411,7 +401,7 @@ class _DeepepManager(_ManagerBase):
         return async_finish, allocate_on_comm_stream and async_finish
 
     def _dispatch(self, hidden_states: Optional[torch.Tensor], async_finish: bool,
-                  allocate_on_comm_stream: bool) -> Dispatched:
+                  allocate_on_comm_stream: bool, keep_fp8: bool) -> Dispatched:
         async_finish, allocate_on_comm_stream = self._stream_ordered(async_finish, allocate_on_comm_stream)
         if hidden_states is not None:
             try:
@@ -434,7 +424,7 @@ class _DeepepManager(_ManagerBase):
         worst = x.shape[0] * self.world_size if self.sync_free else 0
         recv_x, recv_idx, recv_probs, handle, counts, event, finish, kept = _DeepepDispatch.apply(
             x, routed, probs, self.num_experts, buffer, async_finish, allocate_on_comm_stream, worst,
-            self.fp8_dispatch, self._keep_fp8)
+            self.fp8_dispatch, keep_fp8)
         if event is not None:
             self._events.append(event)
         if finish is not None:
