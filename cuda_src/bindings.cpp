@@ -501,6 +501,85 @@ std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>>
   return {out, probs_out, row_id_map, layout, host};
 }
 
+// ---- rows read through addresses (the NVLink manager's transfers) ----------------------------
+
+void check_addrs(const Tensor& addrs, const Tensor& out, int64_t rows, int64_t slots) {
+  TORCH_CHECK_TYPE(addrs.scalar_type() == at::kLong, "addrs must be int64, got ", addrs.scalar_type());
+  check_contiguous(addrs, "addrs");
+  check_same_device(out, addrs, "addrs");
+  TORCH_CHECK_VALUE(addrs.numel() == rows * slots, "addrs must have ", rows * slots, " entries, got ", addrs.numel());
+}
+
+int32_t checked_align(int64_t align) {
+  TORCH_CHECK_VALUE(align >= 1 && align <= 4096 && (align & (align - 1)) == 0,
+                    "align must be a power of two in [1, 4096], got ", align);
+  return static_cast<int32_t>(align);
+}
+
+// out [N, W] (contiguous, any dtype) gets the row of N * W * element bytes at addrs[r] for every r
+// (addrs [N] int64, every address aligned to `align` bytes), or, with row_id_map [N, S], at its
+// rows map[r, s] (-1: none; other rows of out untouched).
+void copy_rows_from(const Tensor& addrs, int64_t align, Tensor& out, const std::optional<Tensor>& row_id_map,
+                    int64_t max_blocks) {
+  TORCH_CHECK_VALUE(out.dim() == 2, "out must be 2-D, got ", out.sizes());
+  check_contiguous(out, "out");
+  const int64_t row_bytes = out.size(1) * out.element_size();
+  const int64_t rows = row_id_map.has_value() ? row_id_map->size(0) : out.size(0);
+  check_addrs(addrs, out, rows, 1);
+  const int32_t* map = nullptr;
+  int32_t slots = 0;
+  if (row_id_map.has_value()) {
+    check_row_id_map(*row_id_map, out);
+    map = row_id_map->data_ptr<int32_t>();
+    slots = static_cast<int32_t>(row_id_map->size(1));
+  }
+  const int32_t a = checked_align(align);
+  FD_ON_DEVICE(out, fd::cuda::copy_rows_from(addrs.data_ptr<int64_t>(), rows, row_bytes, a, map, slots,
+                                             out.data_ptr(), max_blocks, stream), {
+    fd::cpu::copy_rows_from(addrs.data_ptr<int64_t>(), rows, row_bytes, map, slots, out.data_ptr());
+  });
+}
+
+// out [T, H] (float dtype, contiguous): out[t] = sum over s in order of the row at addrs[t, s]
+// (addrs [T, S] int64, 0: none), float32 accumulation (float64 for float64).
+void sum_rows_from(const Tensor& addrs, int64_t align, Tensor& out, int64_t max_blocks) {
+  as_rows(out, "out");
+  const fd::DType dtype = dtype_of(out, "out");
+  TORCH_CHECK_VALUE(addrs.dim() == 2 && addrs.size(0) == out.size(0), "addrs must be [", out.size(0),
+                    ", slots], got ", addrs.sizes());
+  check_addrs(addrs, out, addrs.size(0), addrs.size(1));
+  const int32_t a = checked_align(align);
+  const int32_t slots = static_cast<int32_t>(addrs.size(1));
+  FD_ON_DEVICE(out, fd::cuda::sum_rows_from(dtype, addrs.data_ptr<int64_t>(), out.size(0), slots, out.size(1), a,
+                                            out.data_ptr(), max_blocks, stream), {
+    fd::cpu::sum_rows_from(dtype, addrs.data_ptr<int64_t>(), out.size(0), slots, out.size(1), out.data_ptr());
+  });
+}
+
+// The permutation of rows read through addresses, as permute: plan, (sync when num_out < 0),
+// map, then row r of `like` ([R, H], only its shape, dtype and device are read) read at addrs[r]
+// once and written to its planned rows; pad and tail rows zeroed. Returns as permute.
+std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>> permute_from(
+    const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& addrs,
+    int64_t align, const Tensor& like, const std::optional<Tensor>& probs, int64_t max_blocks) {
+  const fd::Route r = route_of(route, num_experts);
+  TORCH_CHECK_VALUE(like.dim() == 2 && like.size(0) == r.rows, "like must be [", r.rows, ", hidden], got ",
+                    like.sizes());
+  check_same_device(route, like, "like");
+  check_addrs(addrs, like, r.rows, 1);
+  auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple);
+  std::optional<Tensor> host;
+  const bool tail = num_out >= 0;
+  if (!size_output(r, layout, num_out, host)) {
+    return {like.new_empty({0, like.size(1)}), std::nullopt, route.new_empty({0}, at::kInt), layout, host};
+  }
+  auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out);
+  auto out = torch::empty({num_out, like.size(1)}, like.options());
+  copy_rows_from(addrs, align, out, row_id_map, max_blocks);
+  zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail);
+  return {out, probs_out, row_id_map, layout, host};
+}
+
 bool with_cuda() {
 #ifdef FLEXDISPATCH_WITH_CUDA
   return true;
@@ -525,5 +604,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("permute_fp8", &permute_fp8);
   m.def("make_header", &make_header);
   m.def("mask_unless_agreed", &mask_unless_agreed);
+  m.def("copy_rows_from", &copy_rows_from);
+  m.def("sum_rows_from", &sum_rows_from);
+  m.def("permute_from", &permute_from);
   m.def("with_cuda", &with_cuda);
 }

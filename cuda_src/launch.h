@@ -75,6 +75,18 @@ cudaError_t scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, con
                              int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots, void* dst,
                              cudaStream_t stream);
 
+// Rows read through addresses (the NVLink manager's transfers; peers' buffers mapped by
+// symmetric memory): row r (row_bytes) at addrs[r] goes to dst rows map[r, 0..slots) (-1:
+// none), or to dst row r when map is null. `align`: the alignment every addrs[r] shares
+// (bytes, a power of two). At most max_blocks blocks (0: no cap).
+cudaError_t copy_rows_from(const int64_t* addrs, int64_t rows, int64_t row_bytes, int32_t align,
+                           const int32_t* map, int32_t slots, void* dst, int64_t max_blocks,
+                           cudaStream_t stream);
+// dst [rows, hidden] (dtype): dst[r] = sum over s in slot order of the row at addrs[r, s]
+// (0: none), accumulated in float32 (float64 for float64); a row without a slot is zero.
+cudaError_t sum_rows_from(DType dtype, const int64_t* addrs, int64_t rows, int32_t slots, int64_t hidden,
+                          int32_t align, void* dst, int64_t max_blocks, cudaStream_t stream);
+
 // The agreement of a call on the device (no host sync): header [kHeaderWidth] = values, with
 // status[0] (nullable: check_route's error bits) OR-ed into kHeaderError; and out [n] (int64 or
 // int32) = indices [n] where every header of headers [ranks, kHeaderWidth] agrees (see

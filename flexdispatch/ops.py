@@ -612,17 +612,17 @@ def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = t
     return _C.dequantize_fp8(q.contiguous().view(torch.uint8), scales.contiguous(), torch.empty(0, dtype=dtype))
 
 
-class _PermuteFp8(torch.autograd.Function):
-    """The dequantizing permutation; differentiable in ``rows`` (a stand-in of the dequantized
-    rows, ``[R, H]``, whose values are not read: its gradient is the permutation's gather, as for
-    :func:`permute_by_indices`) and in ``probs``."""
+class _KernelPermutation(torch.autograd.Function):
+    """A permutation made by one kernel call, ``kernel(probs) -> (out, out_probs, row_id_map,
+    layout, host)`` (the dequantizing permutation, the one that reads rows through addresses);
+    differentiable in ``rows`` (a stand-in ``[R, H]`` of the rows it reads, whose values are not
+    read: its gradient is the permutation's gather, as for :func:`permute_by_indices`) and in
+    ``probs``."""
 
     @staticmethod
-    def forward(ctx, rows, probs, q, scales, route, num_experts, num_out_tokens, pad_multiple, dtype):
+    def forward(ctx, rows, probs, kernel, route, num_experts, num_out_tokens, pad_multiple):
         p = probs.detach().contiguous() if probs is not None else None
-        out, out_probs, row_id_map, layout, host = _C.permute_fp8(
-            route, num_experts, pad_multiple or 1, -1 if num_out_tokens is None else num_out_tokens,
-            q.view(torch.uint8), scales, p, torch.empty(0, dtype=dtype))
+        out, out_probs, row_id_map, layout, host = kernel(p)
         plan = _finish_plan(row_id_map, layout, host, route, num_experts, out.shape[0], pad_multiple,
                             num_out_tokens is not None, "indices")
         ctx.plan = plan
@@ -631,7 +631,12 @@ class _PermuteFp8(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_out_probs, _grad_plan):
-        return (*_permutation_grads(ctx, grad_out, grad_out_probs), None, None, None, None, None, None, None)
+        return (*_permutation_grads(ctx, grad_out, grad_out_probs), None, None, None, None, None)
+
+
+def kernel_permutation(rows, probs, kernel, route, num_experts, num_out_tokens, pad_multiple):
+    """``(out, out_probs, plan)`` of :class:`_KernelPermutation`."""
+    return _KernelPermutation.apply(rows, probs, kernel, route, num_experts, num_out_tokens, pad_multiple)
 
 
 class _StandIn(torch.autograd.Function):
@@ -680,8 +685,13 @@ def permute_fp8_by_indices(q: torch.Tensor, scales: torch.Tensor, indices: torch
         if rows is not None:  # the dequantized values, with the stand-in's gradient path
             dense = _StandIn.apply(rows, dense)
         return permute_by_indices(dense, indices, probs, num_experts, num_out_tokens, pad_multiple)
-    out, out_probs, plan = _PermuteFp8.apply(rows, probs, q, scales, indices.contiguous(), num_experts,
-                                             num_out_tokens, pad_multiple, dtype)
+    route = indices.contiguous()
+    like = torch.empty(0, dtype=dtype)
+    out, out_probs, plan = kernel_permutation(
+        rows, probs, lambda p: _C.permute_fp8(route, num_experts, pad_multiple or 1,
+                                              -1 if num_out_tokens is None else num_out_tokens,
+                                              q.view(torch.uint8), scales, p, like),
+        route, num_experts, num_out_tokens, pad_multiple)
     return out, out_probs, plan, plan.tokens_per_expert
 
 

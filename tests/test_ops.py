@@ -516,3 +516,87 @@ def test_fp8_permutation_without_kernels_is_the_same(monkeypatch):
         results.append((out, pp, tpe, stand_in.grad, p.grad))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# ---- rows read through addresses (the NVLink manager's transfers) ---------------------------
+
+
+def _row_addrs(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Addresses of rows ``rows`` of the contiguous 2-D ``t`` (0 where ``rows`` is -1)."""
+    row_bytes = t.shape[1] * t.element_size()
+    return torch.where(rows >= 0, t.data_ptr() + rows * row_bytes, 0).to(t.device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,width", [(torch.bfloat16, 7168), (torch.float32, 33), (torch.uint8, 7),
+                                         (torch.float64, 17), (torch.bfloat16, 64)])
+def test_copy_rows_from_addresses_equals_indexing(device, dtype, width):
+    from flexdispatch import peer_ops
+    from flexdispatch.managers.peer_buffers import row_align
+
+    g = torch.Generator().manual_seed(width)
+    # Two "peers": separate tensors, rows picked from either, repeats included.
+    peers = [random_tokens(50, width, torch.float32, device="cpu").to(dtype).to(device) for _ in range(2)]
+    pick = torch.randint(0, 50, (80,), generator=g)
+    which = torch.randint(0, 2, (80,), generator=g)
+    addrs = torch.where(which == 0, _row_addrs(peers[0], pick.to(device)).cpu(), _row_addrs(peers[1], pick.to(device)).cpu())
+    expected = torch.where((which == 0)[:, None].to(device), peers[0][pick.to(device)], peers[1][pick.to(device)])
+    align = row_align(width * peers[0].element_size())
+    out = torch.empty(80, width, dtype=dtype, device=device)
+    assert torch.equal(peer_ops.copy_rows_from(addrs.to(device), out, align), expected)
+    # Through a row map: row r to rows map[r, :] (-1 none); rows nobody fills keep their values.
+    row_map = torch.full((80, 2), -1, dtype=torch.int32)
+    row_map[:, 0] = torch.randperm(160, generator=g)[:80].int()
+    row_map[::3, 1] = torch.arange(160, 160 + len(range(0, 80, 3)), dtype=torch.int32)
+    sentinel = random_tokens(200, width, torch.float32, device="cpu").to(dtype).to(device)
+    out = sentinel.clone()
+    peer_ops.copy_rows_from(addrs.to(device), out, align, row_map.to(device))
+    want = sentinel.clone()
+    for s in range(2):
+        keep = row_map[:, s] >= 0
+        want[row_map[keep, s].long().to(device)] = expected[keep.to(device)]
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("slots,width", [(4, 7168), (3, 9), (8, 256), (1, 64)])
+def test_sum_rows_from_addresses_is_the_fixed_order_sum(device, dtype, slots, width):
+    from flexdispatch import peer_ops
+    from flexdispatch.managers.peer_buffers import row_align
+
+    g = torch.Generator().manual_seed(slots * width)
+    src = random_tokens(40, width, torch.float32, device="cpu").to(dtype).to(device)
+    rows = torch.randint(-1, 40, (25, slots), generator=g)  # -1: no row in that slot
+    rows[0] = -1  # a row without any slot is zero
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = torch.zeros(25, width, dtype=acc, device=device)
+    for s in range(slots):  # the slot order of the kernels
+        r = rows[:, s].to(device)
+        expected += torch.where((r >= 0)[:, None], src[r.clamp(min=0)].to(acc), 0)
+    out = torch.empty(25, width, dtype=dtype, device=device)
+    peer_ops.sum_rows_from(_row_addrs(src, rows.to(device)), out, row_align(width * src.element_size()))
+    assert torch.equal(out, expected.to(dtype))
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pad,sized", [(None, False), (4, False), (None, True)])
+def test_permute_from_addresses_equals_permute_by_indices(device, pad, sized):
+    from flexdispatch import peer_ops
+
+    rows, hidden, experts, topk = 300, 96, 6, 3
+    idx = random_indices(rows, experts, topk, seed=3, device=device)
+    x = random_tokens(rows, hidden, torch.bfloat16, device=device)
+    p = random_probs(rows, topk, device=device)
+    num_out = rows * topk + experts * 3 if sized else None
+    stand_in = torch.zeros((), dtype=x.dtype, device=device).expand(rows, hidden).requires_grad_()
+    addrs = _row_addrs(x, torch.arange(rows, device=device))
+    out, out_p, plan, tpe = peer_ops.permute_from(stand_in, addrs, 16, idx, p, experts, num_out, pad)
+    ref, ref_p, ref_plan, ref_tpe = reference.permute_by_indices(x, idx, p, num_experts=experts,
+                                                                 num_out_tokens=num_out, pad_multiple=pad)
+    assert torch.equal(out, ref) and torch.equal(out_p, ref_p)
+    assert_plans_equal(plan, ref_plan)
+    grad = random_tokens(out.shape[0], hidden, torch.bfloat16, device=device)
+    out.backward(grad)  # the stand-in gets the permutation's gather of the gradient
+    assert torch.equal(stand_in.grad, reference.unpermute(grad, ref_plan))

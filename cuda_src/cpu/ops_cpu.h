@@ -45,6 +45,11 @@ void dequantize_fp8(DType dtype, const uint8_t* q, const float* scales, int64_t 
 void scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
                       int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots, void* dst);
 
+// Rows read through addresses (see ../launch.h: copy_rows_from, sum_rows_from).
+void copy_rows_from(const int64_t* addrs, int64_t rows, int64_t row_bytes, const int32_t* map, int32_t slots,
+                    void* dst);
+void sum_rows_from(DType dtype, const int64_t* addrs, int64_t rows, int32_t slots, int64_t hidden, void* dst);
+
 // The agreement of a call (see ../launch.h): a header with status's error bits, and indices
 // masked to -1 unless every header agrees.
 void make_header(Header values, const int32_t* status, int64_t* header);

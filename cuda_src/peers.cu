@@ -1,0 +1,157 @@
+// Rows read through addresses: the transfers of the NVLink manager. Row r of a transfer lives
+// at addrs[r], in a peer's buffer that symmetric memory mapped into this process (read over
+// NVLink), or, with the emulated transport, in a local tensor: the kernels do not know which.
+// Each kernel takes max_blocks (0: no cap) so that a transfer can leave SMs to compute.
+#include "common.cuh"
+#include "launch.h"
+
+namespace flexdispatch {
+namespace cuda {
+namespace {
+
+constexpr int kUnroll = 4;         // independent 16-byte loads in flight per thread
+constexpr int kWarpsPerBlock = 4;  // rows of the copy kernel per block (one warp each)
+constexpr int kSumThreads = 128;   // threads on one row of the sum kernel
+
+unsigned capped_grid(int64_t blocks, int64_t max_blocks) {
+  if (blocks < 1) blocks = 1;
+  if (max_blocks > 0 && blocks > max_blocks) blocks = max_blocks;
+  return static_cast<unsigned>(blocks < (int64_t(1) << 30) ? blocks : (int64_t(1) << 30));
+}
+
+// One warp per source row, rows grid-strided: the row (row_bytes at addrs[row]) is read once,
+// with kUnroll loads in flight per lane (remote reads are latency-bound), and written to
+// dst rows map[row, 0..slots) (-1: none), or to dst row `row` when map is null.
+template <typename V>
+__global__ void copy_rows_from_kernel(const int64_t* __restrict__ addrs, int64_t rows, int64_t row_bytes,
+                                      const int32_t* __restrict__ map, int32_t slots, char* __restrict__ dst) {
+  const int lane = threadIdx.x % 32;
+  const int64_t vecs = row_bytes / int64_t(sizeof(V));
+  for (int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; row < rows;
+       row += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const V* in = reinterpret_cast<const V*>(addrs[row]);
+    for (int64_t v0 = lane; v0 < vecs; v0 += 32 * kUnroll) {
+      V buf[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + 32 * u;
+        if (v < vecs) buf[u] = in[v];
+      }
+      if (map == nullptr) {
+        V* out = reinterpret_cast<V*>(dst + row * row_bytes);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t v = v0 + 32 * u;
+          if (v < vecs) out[v] = buf[u];
+        }
+        continue;
+      }
+      for (int32_t s = 0; s < slots; ++s) {
+        const int32_t d = map[row * slots + s];
+        if (d < 0) continue;
+        V* out = reinterpret_cast<V*>(dst + int64_t(d) * row_bytes);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t v = v0 + 32 * u;
+          if (v < vecs) out[v] = buf[u];
+        }
+      }
+    }
+  }
+}
+
+// One block per output row, rows grid-strided: dst[row] = sum over slots s, in slot order, of
+// the row at addrs[row, s] (0: none), accumulated in Acc; a row with no slot is zero.
+template <typename T, typename Acc, int VecN>
+__global__ void sum_rows_from_kernel(const int64_t* __restrict__ addrs, int64_t rows, int32_t slots,
+                                     int64_t hidden, T* __restrict__ dst) {
+  using VT = Vec<T, VecN>;
+  const int64_t vecs = hidden / VecN;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t* a = addrs + row * slots;
+    VT* out = reinterpret_cast<VT*>(dst + row * hidden);
+    for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x) {
+      Acc acc[VecN];
+#pragma unroll
+      for (int j = 0; j < VecN; ++j) acc[j] = Acc(0);
+      for (int32_t s0 = 0; s0 < slots; s0 += kUnroll) {
+        VT x[kUnroll];
+        bool has[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {  // the loads of kUnroll slots first, then their sums
+          const int64_t addr = s0 + u < slots ? a[s0 + u] : 0;
+          has[u] = addr != 0;
+          if (has[u]) x[u] = reinterpret_cast<const VT*>(addr)[v];
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (has[u]) {
+#pragma unroll
+            for (int j = 0; j < VecN; ++j) acc[j] += to_acc<Acc>(x[u].v[j]);
+          }
+        }
+      }
+      VT y;
+#pragma unroll
+      for (int j = 0; j < VecN; ++j) y.v[j] = Num<T>::from(acc[j]);
+      out[v] = y;
+    }
+  }
+}
+
+template <typename V>
+cudaError_t copy_as(const int64_t* addrs, int64_t rows, int64_t row_bytes, const int32_t* map, int32_t slots,
+                    void* dst, int64_t max_blocks, cudaStream_t stream) {
+  copy_rows_from_kernel<V><<<capped_grid(grid_for(rows, kWarpsPerBlock), max_blocks), kWarpsPerBlock * 32, 0,
+                             stream>>>(addrs, rows, row_bytes, map, slots, static_cast<char*>(dst));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t sum_typed(const int64_t* addrs, int64_t rows, int32_t slots, int64_t hidden, int32_t align,
+                      void* dst, int64_t max_blocks, cudaStream_t stream) {
+  using Acc = typename std::conditional<sizeof(T) == 8, double, float>::type;
+  constexpr int kVec = 16 / sizeof(T);
+  const unsigned grid = capped_grid(rows, max_blocks);
+  if (hidden % kVec == 0 && align >= 16 && vector_bytes(16, dst, dst) == 16) {
+    sum_rows_from_kernel<T, Acc, kVec><<<grid, kSumThreads, 0, stream>>>(addrs, rows, slots, hidden,
+                                                                         static_cast<T*>(dst));
+  } else {
+    sum_rows_from_kernel<T, Acc, 1><<<grid, kSumThreads, 0, stream>>>(addrs, rows, slots, hidden,
+                                                                      static_cast<T*>(dst));
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t copy_rows_from(const int64_t* addrs, int64_t rows, int64_t row_bytes, int32_t align,
+                           const int32_t* map, int32_t slots, void* dst, int64_t max_blocks,
+                           cudaStream_t stream) {
+  if (rows == 0 || row_bytes == 0) return cudaSuccess;
+  // The widest access that divides the row, the destination and the sources' alignment.
+  int width = vector_bytes(row_bytes, dst, dst);
+  while (width > align) width /= 2;
+  switch (width) {
+    case 16: return copy_as<uint4>(addrs, rows, row_bytes, map, slots, dst, max_blocks, stream);
+    case 8: return copy_as<uint2>(addrs, rows, row_bytes, map, slots, dst, max_blocks, stream);
+    case 4: return copy_as<uint32_t>(addrs, rows, row_bytes, map, slots, dst, max_blocks, stream);
+    case 2: return copy_as<uint16_t>(addrs, rows, row_bytes, map, slots, dst, max_blocks, stream);
+    default: return copy_as<uint8_t>(addrs, rows, row_bytes, map, slots, dst, max_blocks, stream);
+  }
+}
+
+cudaError_t sum_rows_from(DType dtype, const int64_t* addrs, int64_t rows, int32_t slots, int64_t hidden,
+                          int32_t align, void* dst, int64_t max_blocks, cudaStream_t stream) {
+  if (rows == 0 || hidden == 0) return cudaSuccess;
+  switch (dtype) {
+    case kFloat32: return sum_typed<float>(addrs, rows, slots, hidden, align, dst, max_blocks, stream);
+    case kFloat16: return sum_typed<__half>(addrs, rows, slots, hidden, align, dst, max_blocks, stream);
+    case kBFloat16: return sum_typed<__nv_bfloat16>(addrs, rows, slots, hidden, align, dst, max_blocks, stream);
+    case kFloat64: return sum_typed<double>(addrs, rows, slots, hidden, align, dst, max_blocks, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace flexdispatch

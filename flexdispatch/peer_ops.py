@@ -1,0 +1,64 @@
+"""Rows read through addresses: the kernels of the NVLink manager's transfers.
+
+A transfer names each source row by its address (int64): on CUDA, a row of a peer's symmetric
+buffer, which the kernels read over NVLink; on the CPU, a row of a local tensor
+(:mod:`flexdispatch.managers.peer_buffers`). These ops trust the addresses they are given:
+they are the manager's internals, not a public API. ``align`` is the alignment (bytes, a power
+of two) that every address shares; ``max_blocks`` caps the thread blocks a kernel launches
+(0: no cap), so that a transfer can leave SMs to concurrent compute.
+
+The plain-PyTorch twins of these ops cannot read raw addresses; the tests compare them with
+indexing of the tensors the addresses point into.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import ops
+
+
+def _kernels():
+    if not ops.load_kernels():
+        raise RuntimeError("the NVLink manager needs flexdispatch's compiled kernels (FLEXDISPATCH_JIT=0 or a "
+                           "failed build left only the plain PyTorch ops); see `python -m flexdispatch info`")
+    return ops._C
+
+
+def copy_rows_from(addrs: torch.Tensor, out: torch.Tensor, align: int, row_id_map: Optional[torch.Tensor] = None,
+                   max_blocks: int = 0) -> torch.Tensor:
+    """Fill ``out [N, ...]`` (contiguous) with the rows at ``addrs [N]`` (each of ``out``'s row
+    size in bytes); with ``row_id_map [N, S]``, row ``r`` goes to ``out`` rows ``map[r, s]``
+    (-1: none) and other rows are left as they are. Returns ``out``."""
+    _kernels().copy_rows_from(addrs.contiguous(), align, out, row_id_map, max_blocks)
+    return out
+
+
+def sum_rows_from(addrs: torch.Tensor, out: torch.Tensor, align: int, max_blocks: int = 0) -> torch.Tensor:
+    """``out [T, H]`` (float dtype) = the sum, in slot order, of the rows at ``addrs [T, S]``
+    (0: none), accumulated in float32 (float64 for float64); a row without a slot is zero."""
+    _kernels().sum_rows_from(addrs.contiguous(), align, out, max_blocks)
+    return out
+
+
+def permute_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indices: torch.Tensor,
+                 probs: Optional[torch.Tensor], num_experts: int, num_out_tokens: Optional[int] = None,
+                 pad_multiple: Optional[int] = None, max_blocks: int = 0):
+    """The expert-major permutation (as :func:`flexdispatch.ops.permute_by_indices`) of rows
+    that are read at ``addrs [R]`` as they are moved: each row is read once (over NVLink for a
+    peer's row) and written to its experts' rows. ``rows`` ``[R, H]`` stands for them in shape,
+    dtype and autograd (its values are not read).
+
+    Returns ``(out [N, H], permuted_probs [N], plan, tokens_per_expert)``."""
+    ops._check_index_route(indices, num_experts, rows.shape[0])
+    probs = ops._check_probs(probs, indices)
+    ops._check_sizes(num_out_tokens, pad_multiple)
+    route, addrs = indices.contiguous(), addrs.contiguous()
+    out, out_probs, plan = ops.kernel_permutation(
+        rows, probs, lambda p: _kernels().permute_from(route, num_experts, pad_multiple or 1,
+                                                       -1 if num_out_tokens is None else num_out_tokens,
+                                                       addrs, align, rows, p, max_blocks),
+        route, num_experts, num_out_tokens, pad_multiple)
+    return out, out_probs, plan, plan.tokens_per_expert
