@@ -12,12 +12,12 @@ from ._version import __version__
 from . import ops, reference
 from .config import MoEConfig, expert_capacity
 from .dispatcher import SHARING_DEEPEP_MANAGER, MoEFlexTokenDispatcher
-from .managers import (_AllToAllManager, _DeepepManager, _DispatchManager, _LocalManager, deepep_available,
-                       shutdown)
+from .managers import (_AllToAllManager, _DeepepManager, _DispatchManager, _LocalManager, _NvlinkManager,
+                       deepep_available, shutdown)
 from .rowmap import RowIdMap
 
 __all__ = [
     "SHARING_DEEPEP_MANAGER", "MoEConfig", "MoEFlexTokenDispatcher", "_DispatchManager", "_DeepepManager",
-    "_AllToAllManager", "_LocalManager", "RowIdMap", "ops", "reference", "deepep_available", "shutdown",
+    "_AllToAllManager", "_LocalManager", "_NvlinkManager", "RowIdMap", "ops", "reference", "deepep_available", "shutdown",
     "expert_capacity", "use_application_logging", "__version__",
 ]

@@ -43,7 +43,8 @@ class MoEConfig:
 
     moe_flex_backend: str = "auto"
     """"auto" (DeepEP where usable, else all-to-all, or local for one rank), "deepep",
-    "alltoall" or "local". An explicit choice that cannot be met raises ValueError."""
+    "alltoall", "nvlink" (one node, symmetric memory, no DeepEP needed; opt-in, see README) or
+    "local". An explicit choice that cannot be met raises ValueError."""
     moe_deepep_num_sms: int = 20
     """SMs DeepEP's normal kernels may use (even)."""
     moe_sync_free: bool = False
@@ -80,6 +81,10 @@ class MoEConfig:
     dequantized copy). Bit for bit the same results. Off by default: on an H200 today's kernel
     is slower than the two passes it replaces (1.26 vs 0.80 ms at 16384 rows, H = 7168, K = 8;
     docs/PERFORMANCE.md)."""
+    moe_nvlink_max_blocks: int = 0
+    """The NVLink backend (``moe_flex_backend="nvlink"``): thread blocks each of its transfer
+    kernels may launch (0: as many as the rows need). A cap leaves SMs to compute that runs
+    concurrently on other streams; the transfers then take longer."""
     moe_validate_routing: bool = True
     """Check routing indices (range, duplicates) before tokens move; every rank raises
     together. One small kernel; no extra collective or host sync on DeepEP within a node."""
@@ -89,7 +94,7 @@ class MoEConfig:
                      capacity_factor=self.moe_expert_capacity_factor, router_dtype=self.moe_router_dtype,
                      pad_multiple=self.moe_router_expert_pad_multiple, sync_free=self.moe_sync_free,
                      max_tokens_per_expert=self.moe_max_tokens_per_expert, num_sms=self.moe_deepep_num_sms,
-                     fp8_dispatch=self.moe_fp8_dispatch)
+                     fp8_dispatch=self.moe_fp8_dispatch, nvlink_max_blocks=self.moe_nvlink_max_blocks)
         from .managers.registry import backend_names  # (the registry imports the managers, which import this)
 
         if self.moe_flex_backend not in backend_names():

@@ -79,7 +79,8 @@ class MoEFlexTokenDispatcher:
             router_dtype=cfg.moe_router_dtype, pad_multiple=cfg.moe_router_expert_pad_multiple,
             sync_free=cfg.moe_sync_free, max_tokens_per_expert=cfg.moe_max_tokens_per_expert,
             validate_routing=cfg.moe_validate_routing, num_sms=cfg.moe_deepep_num_sms,
-            permute_fusion=cfg.moe_permute_fusion, fp8_dispatch=cfg.moe_fp8_dispatch)
+            permute_fusion=cfg.moe_permute_fusion, fp8_dispatch=cfg.moe_fp8_dispatch,
+            nvlink_max_blocks=cfg.moe_nvlink_max_blocks)
         local = self.spec.num_local_experts
         expected_ids = list(range(self.ep_rank * local, (self.ep_rank + 1) * local))
         if [int(i) for i in local_expert_indices] != expected_ids:
@@ -259,7 +260,8 @@ class MoEFlexTokenDispatcher:
         if manager is None:
             raise RuntimeError("token_permutation called out of order: the next step of this dispatcher is "
                                "dispatch_preprocess")
-        return manager.dispatch(hidden, True, True, keep_fp8=self.config.moe_fp8_fused_permutation)
+        return manager.dispatch(hidden, True, True, keep_fp8=self.config.moe_fp8_fused_permutation,
+                                permute_next=True)
 
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Undo the expert-major permutation: ``[N, H] -> [R, H]``."""

@@ -47,6 +47,7 @@ class LayerSpec:
         num_sms: SMs DeepEP's kernels may use.
         permute_fusion: the reference's flag (accepted, unused).
         fp8_dispatch: hidden states travel as float8 e4m3fn with per-128 scales.
+        nvlink_max_blocks: thread blocks each NVLink transfer kernel may launch (0: no cap).
     """
 
     num_experts: int
@@ -62,6 +63,7 @@ class LayerSpec:
     num_sms: int = 20
     permute_fusion: bool = False
     fp8_dispatch: bool = False
+    nvlink_max_blocks: int = 0
 
     @classmethod
     def checked(cls, *, names: Optional[dict] = None, **fields) -> "LayerSpec":
@@ -75,7 +77,7 @@ CONFIG_NAMES = {"num_experts": "num_moe_experts", "topk": "moe_router_topk",
                  "capacity_factor": "moe_expert_capacity_factor", "router_dtype": "moe_router_dtype",
                  "pad_multiple": "moe_router_expert_pad_multiple", "sync_free": "moe_sync_free",
                  "max_tokens_per_expert": "moe_max_tokens_per_expert", "num_sms": "moe_deepep_num_sms",
-                 "fp8_dispatch": "moe_fp8_dispatch"}
+                 "fp8_dispatch": "moe_fp8_dispatch", "nvlink_max_blocks": "moe_nvlink_max_blocks"}
 """The MoEConfig field of every spec field (error messages name what the user wrote)."""
 
 MANAGER_NAMES = {"topk": "router_topk", "pad_multiple": "moe_router_expert_pad_multiple"}
@@ -85,7 +87,7 @@ MANAGER_NAMES = {"topk": "router_topk", "pad_multiple": "moe_router_expert_pad_m
 def check_fields(*, names: Optional[dict] = None, num_experts=None, topk=None, world_size: int = 1,
                  num_local_experts=None, capacity_factor=None, router_dtype="fp32", pad_multiple=None,
                  sync_free: bool = False, max_tokens_per_expert=None, num_sms: int = 20, fp8_dispatch: bool = False,
-                 **_ignored) -> None:
+                 nvlink_max_blocks: int = 0, **_ignored) -> None:
     """Every check of a layer's settings, in one place. ``names`` maps field names to the
     caller's (config fields, the reference's manager arguments)."""
     names = names or {}
@@ -121,6 +123,7 @@ def check_fields(*, names: Optional[dict] = None, num_experts=None, topk=None, w
                              f"{name('capacity_factor')} to drop tokens there)")
     if not isinstance(fp8_dispatch, bool):
         raise ValueError(f"{name('fp8_dispatch')}: expected a bool, got {fp8_dispatch!r}")
+    int_at_least(name("nvlink_max_blocks"), nvlink_max_blocks, 0)
     int_at_least(name("num_sms"), num_sms, 2)
     if num_sms % 2:
         raise ValueError(f"{name('num_sms')}: DeepEP needs an even SM count, got {num_sms}")

@@ -107,3 +107,41 @@ def test_constructor_errors(pool):
             assert "cannot be split evenly" in messages["divisible"]
             assert "moe_flex_backend='local': the local manager serves a group of one rank" in messages["local_backend"]
             assert "sync_free" in messages["sync_free_alltoall"]
+
+
+# ---- the NVLink manager (peer buffers emulated with all-gathers on gloo) ----------------------
+
+NVLINK_CASES = ["probs-fp32", "indices-capacity", "probs-pad4", "fp64-routing", "bf16", "fp8-dispatch"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", NVLINK_CASES)
+def test_nvlink_layer_matches_dense(pool, case):
+    results = pool.run("moe_matches_dense", backend="nvlink", **CASES[case])
+    assert {r["backend"] for r in results} == {"nvlink"}
+    check(results)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("options", [dict(), dict(pad=4, dtype="bfloat16", hidden=128),
+                                     dict(fp8=True, hidden=256, pad=2), dict(dtype="float64")],
+                         ids=["fp32", "bf16-pad", "fp8", "fp64"])
+def test_nvlink_equals_alltoall_bit_for_bit(pool, options):
+    """Every stage, both entry points, three calls (an empty rank in one): the same bits as the
+    all-to-all manager, whose order and sums the NVLink manager reproduces."""
+    if pool.world == 1:
+        pytest.skip("the all-to-all manager needs two ranks to compare with")
+    for res in pool.run("backends_bitwise_equal", **options):
+        assert res["backends"] == ("alltoall", "nvlink") and res["nonzero"], res
+        assert res["differ"] == [], res
+
+
+@pytest.mark.timeout(300)
+def test_nvlink_errors_and_interleaving(pool):
+    bad_rank = pool.world - 1
+    for r, res in enumerate(pool.run("invalid_routing_all_ranks_raise", bad_rank=bad_rank, backend="nvlink")):
+        assert res["message"] is not None and res["recovered"], res
+        if pool.world > 1:
+            assert f"rank(s) [{bad_rank}]" in res["message"], res
+    for res in pool.run("two_dispatchers_interleaved", backend="nvlink"):
+        assert res["A"] < 2e-5 and res["B"] < 2e-5, res

@@ -173,3 +173,61 @@ def test_deepep_stages_agree_with_alltoall(pool, tokens, hidden, async_finish):
     for res in pool.run("deepep_stage_diff", tokens=tokens, hidden=hidden, async_finish=async_finish):
         assert res["recv_equal"] and res["rows_equal"] and res["tpe_equal"] and res["restored_equal"], res
         assert res["nan_rows_deepep"] == 0 and res["deepep_out_err"] < 1e-2 and res["alltoall_out_err"] < 1e-2, res
+
+
+# ---- the NVLink manager on symmetric memory ----------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", list(NCCL_CASES))
+def test_nvlink_matches_dense(pool, case):
+    results = pool.run("moe_matches_dense", device="cuda", backend="nvlink", **_case(NCCL_CASES, case, pool.world))
+    assert {r["backend"] for r in results} == {"nvlink"}
+    check(results)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("options", [dict(dtype="bfloat16", hidden=7168, tokens=512, topk=8),
+                                     dict(dtype="bfloat16", hidden=2048, tokens=256, pad=4),
+                                     dict(dtype="float32", hidden=36), dict(fp8=True, dtype="bfloat16", hidden=1024)],
+                         ids=["wide", "pad", "narrow-fp32", "fp8"])
+@pytest.mark.parametrize("transport", ["symmetric", "gather"])
+def test_nvlink_equals_alltoall_bit_for_bit_on_gpus(pool, options, transport):
+    """Over symmetric memory (rows read over NVLink) and over the gather transport on NCCL:
+    every stage, both entry points, the same bits as the all-to-all manager."""
+    results = pool.run("backends_bitwise_equal", device="cuda", transport=transport, **options)
+    for res in results:
+        assert res["backends"] == ("alltoall", "nvlink") and res["nonzero"], res
+        assert res["differ"] == [], res
+
+
+@pytest.mark.timeout(300)
+def test_nvlink_errors_and_interleaving_on_gpus(pool):
+    for res in pool.run("invalid_routing_all_ranks_raise", bad_rank=1, device="cuda", backend="nvlink"):
+        assert res["message"] and "rank(s) [1]" in res["message"] and res["recovered"], res
+    for res in pool.run("two_dispatchers_interleaved", device="cuda", backend="nvlink"):
+        assert res["A"] < 2e-5 and res["B"] < 2e-5, res
+
+
+@pytest.mark.timeout(900)
+def test_stateful_nvlink(pool):
+    """The stateful programs on the NVLink manager (symmetric memory), float32."""
+    seeds = [9000 + 10 * pool.world + i for i in range(4)]
+    results = pool.run("stateful_programs", timeout=800, seeds=seeds, steps=40, device="cuda", backend="nvlink",
+                       hidden_sizes=(8, 16))
+    assert check_agreed(results) == 160
+
+
+@pytest.mark.timeout(300)
+def test_nvlink_group_of_one_on_a_gpu():
+    """Symmetric memory with a group of one rank (allocation, rendezvous, barrier, tables):
+    the dense formula, and the all-to-all manager's bits."""
+    if _gpu_count() < 1:
+        pytest.skip("needs a GPU")
+    p = DistPool(1, backend="nccl")
+    try:
+        check(p.run("moe_matches_dense", device="cuda", backend="nvlink", entry="indices", pad=4))
+        for res in p.run("backends_bitwise_equal", device="cuda", dtype="bfloat16", hidden=2048, tokens=256):
+            assert res["backends"] == ("alltoall", "nvlink") and res["nonzero"] and res["differ"] == [], res
+    finally:
+        p.close()

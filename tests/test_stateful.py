@@ -1,5 +1,5 @@
 """The stateful, multi-step test (tests/stateful.py) on every manager CI can run: the local
-manager in this process, and the all-to-all manager over gloo at EP 2, 3 and 4. Each runs at
+manager in this process, and the all-to-all and NVLink managers over gloo at EP 2, 3 and 4. Each runs at
 least 1000 steps per CI run; ``FLEXDISPATCH_STATEFUL_SEED`` replays one program and
 ``FLEXDISPATCH_STATEFUL_PROGRAMS`` runs more of them."""
 
@@ -51,6 +51,13 @@ def check_agreed(results) -> int:
 @pytest.mark.timeout(900)
 def test_stateful_alltoall_gloo(pool):
     results = pool.run("stateful_programs", timeout=600, seeds=seeds(pool.world), steps=STEPS)
+    assert check_agreed(results) >= STEPS * len(seeds(pool.world))
+
+
+@pytest.mark.timeout(900)
+def test_stateful_nvlink_gloo(pool):
+    """The NVLink manager's algorithm (its peer buffers emulated with all-gathers on gloo)."""
+    results = pool.run("stateful_programs", timeout=600, seeds=seeds(pool.world), steps=STEPS, backend="nvlink")
     assert check_agreed(results) >= STEPS * len(seeds(pool.world))
 
 

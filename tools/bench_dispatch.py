@@ -21,7 +21,9 @@ options after the colon, joined by ``+``: ``novalidate`` (moe_validate_routing=F
 broadcast-multiply experts instead of the fused Triton ones), ``fp8`` (moe_fp8_dispatch=True:
 then raw DeepEP with FP8 dispatch is timed too, quantization included, and the variant's
 output is compared with the same manager's bf16 output: ``rel_err_vs_bf16``), ``syncfree``
-(moe_sync_free=True), ``bound=F`` (sync-free with moe_max_tokens_per_expert = F times the mean
+(moe_sync_free=True), ``onecall`` (the forward through token_permutation2 and
+token_unpermutation, where managers may fuse steps: the NVLink manager's permutation reads the
+rows from its peers' buffers; stages are still timed step by step), ``bound=F`` (sync-free with moe_max_tokens_per_expert = F times the mean
 rows per local expert, T * W * K / E), ``graph`` (sync-free, and the forward and the
 forward+backward each captured in a CUDA graph and timed as replays; peak = the live bytes at
 the peak of the forward+backward capture, and the graph pool's kept segments are shown; its gradients are checked equal to an eager run's; stages
@@ -86,10 +88,11 @@ class Layer:
         for option in [o for o in options if o.startswith("bound=")]:
             options.remove(option)
             bound_factor = float(option.split("=", 1)[1])
-        unknown = options - {"novalidate", "torchexperts", "fp8", "syncfree", "graph"}
+        unknown = options - {"novalidate", "torchexperts", "fp8", "syncfree", "graph", "onecall"}
         if unknown:
             raise ValueError(f"--managers: unknown options {sorted(unknown)} in {variant!r}")
         self.graph = "graph" in options
+        self.onecall = "onecall" in options  # token_permutation2 / token_unpermutation
         # The bound: a factor of the mean rows per local expert (T * W * K / E).
         bound = None if bound_factor is None else math.ceil(bound_factor * tokens * world * topk / experts)
         sync_free = self.graph or "syncfree" in options or bound is not None
@@ -119,6 +122,9 @@ class Layer:
 
     def forward(self, x, probs, async_finish=True, marks=None):
         d = self.d
+        if self.onecall and marks is None:
+            rows, tpe, pp = d.token_permutation2(x, self.tokens, probs, self.idx)
+            return d.token_unpermutation(self.experts(rows, tpe, pp))
         h, _ = d.dispatch_preprocess2(x, self.tokens, probs, self.idx)
         self._mark(marks)
         h, _ = d.dispatch_all_to_all(h, async_finish=async_finish, allocate_on_comm_stream=async_finish)

@@ -2,9 +2,21 @@
 
 from .alltoall import _AllToAllManager
 from .base import _DispatchManager, _ManagerBase
-from .deepep import _DeepepManager, deepep_available, shutdown
+from . import deepep, peer_buffers
+from .deepep import _DeepepManager, deepep_available
 from .local import _LocalManager
+from .nvlink import _NvlinkManager
 from . import registry  # noqa: E402  (imports the managers above)
 
+
+
+def shutdown() -> int:
+    """Free every communication buffer of this process: DeepEP's and the NVLink manager's peer
+    buffers (collective: call it on every rank, before
+    ``torch.distributed.destroy_process_group``). Returns how many were freed; calling it again
+    is harmless."""
+    return deepep.shutdown() + peer_buffers.release()
+
+
 __all__ = ["_DispatchManager", "_ManagerBase", "_LocalManager", "_AllToAllManager", "_DeepepManager",
-           "deepep_available", "shutdown", "registry"]
+           "_NvlinkManager", "deepep_available", "shutdown", "registry"]

@@ -65,6 +65,22 @@ def _fp8_payload(hidden: torch.Tensor) -> torch.Tensor:
     return torch.cat([q.view(torch.uint8), scales.view(torch.uint8)], dim=1)
 
 
+def routing_by_rank(indices: torch.Tensor, world: int, local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(in_rank [T, W] bool, expert_counts [W, E_local] int64)`` of top-k ``indices [T, K]``
+    (-1 unused): whether token t goes to rank w (once, whatever its experts there), and the
+    assignments per expert. No host sync."""
+    tokens, topk = indices.shape
+    experts, device = world * local, indices.device
+    valid = (indices >= 0) & (indices < experts)
+    rank_of = torch.where(valid, indices // local, world)
+    in_rank = torch.zeros(tokens, world + 1, dtype=torch.bool, device=device)
+    in_rank = in_rank.scatter_(1, rank_of, True)[:, :world].contiguous()
+    expert_counts = torch.zeros(experts + 1, dtype=torch.int64, device=device).scatter_add_(
+        0, torch.where(valid, indices, experts).flatten(),
+        torch.ones(tokens * topk, dtype=torch.int64, device=device))[:experts].view(world, local)
+    return in_rank, expert_counts
+
+
 class _AllToAllDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, meta, plan, send_splits, recv_splits, group, async_finish, fp8, keep_fp8):
@@ -178,22 +194,15 @@ class _AllToAllManager(_ManagerBase):
         return message.to(device)
 
     def _dispatch(self, hidden_states, async_finish: bool, allocate_on_comm_stream: bool,
-                  keep_fp8: bool) -> Dispatched:
+                  keep_fp8: bool, permute_next: bool = False) -> Dispatched:
         when = "before any token moved"
         if hidden_states is None or self.token_indices is None:  # a failed check on this rank
             self._exchange_headers(self._blank_message(agreement.DISPATCH, None), when)
             raise AssertionError("unreachable: the agreement raises on every rank")  # pragma: no cover
-        world, experts, local = self.world_size, self.num_experts, self.num_local_experts
+        world, local = self.world_size, self.num_local_experts
         indices = self.token_indices
-        tokens, topk = indices.shape
-        device = indices.device
-        valid = (indices >= 0) & (indices < experts)
-        rank_of = torch.where(valid, indices // local, world)
-        in_rank = torch.zeros(tokens, world + 1, dtype=torch.bool, device=device)
-        in_rank = in_rank.scatter_(1, rank_of, True)[:, :world].contiguous()
-        expert_counts = torch.zeros(experts + 1, dtype=torch.int64, device=device).scatter_add_(
-            0, torch.where(valid, indices, experts).flatten(),
-            torch.ones(tokens * topk, dtype=torch.int64, device=device))[:experts].view(world, local)
+        topk = indices.shape[1]
+        in_rank, expert_counts = routing_by_rank(indices, world, local)
         message = self._blank_message(agreement.DISPATCH, hidden_states)
         message[:, agreement.ROWS] = in_rank.sum(0, dtype=torch.int64)
         if self._route_status is not None:

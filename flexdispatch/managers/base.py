@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from .. import ops
+from .. import ops, peer_ops
 from ..spec import MANAGER_NAMES, LayerSpec, expert_capacity, int_at_least
 from ..rowmap import RowIdMap
 from . import agreement
@@ -49,6 +49,9 @@ class Dispatched:
         fp8: ``(q [R, H] e4m3 bytes, scales [R, H / 128] float32)``: the received rows kept in
             FP8 (``keep_fp8``); ``hidden`` is then a stand-in of their shape and dtype that
             carries autograd, and the permutation dequantizes the rows as it moves them.
+        pulled: ``(addrs [R] int64, align)``: the received rows not moved yet but readable at
+            these addresses (a peer's buffer; ``permute_next``); ``hidden`` is then a stand-in
+            and the permutation reads the rows as it moves them.
     """
 
     hidden: torch.Tensor
@@ -57,6 +60,7 @@ class Dispatched:
     received_counts: Optional[Union[torch.Tensor, list]] = None
     num_out: Optional[int] = None
     fp8: Optional[tuple] = None
+    pulled: Optional[tuple] = None
 
 
 def received_fp8_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, keep: bool, later: bool):
@@ -215,7 +219,8 @@ class _ManagerBase(_DispatchManager):
         self._checked_route = None  # (indices, probs) as given, to describe a routing error
         self._deferred: Optional[BaseException] = None  # this rank's failed check, raised at the exchange
         self._kept_fp8: Optional[tuple] = None  # those rows (q, scales), for the permutation
-        self._fp8_stand_in: Optional[torch.Tensor] = None  # what dispatch returned in their place
+        self._pulled: Optional[tuple] = None  # (addrs, align) of rows the permutation reads
+        self._stand_in: Optional[torch.Tensor] = None  # what dispatch returned in place of either
         self._stage = "idle"
 
     def reset(self) -> None:
@@ -391,7 +396,8 @@ class _ManagerBase(_DispatchManager):
     # ---- the steps --------------------------------------------------------------------------
 
     def dispatch(self, hidden_states: torch.Tensor, async_finish: bool = False,
-                 allocate_on_comm_stream: bool = False, *, keep_fp8: bool = False) -> torch.Tensor:
+                 allocate_on_comm_stream: bool = False, *, keep_fp8: bool = False,
+                 permute_next: bool = False) -> torch.Tensor:
         """Send every token to each rank that holds one of its experts.
 
         Args:
@@ -404,6 +410,11 @@ class _ManagerBase(_DispatchManager):
                 The returned tensor is then a stand-in (zeros, no memory of its own) that must
                 be passed on to :meth:`get_permuted_hidden_states_by_experts` unread. The
                 dispatcher's one-call entry points (``token_permutation``) use it.
+            permute_next: the permutation follows at once, with nothing in between (the
+                dispatcher's one-call entry points): a manager may then leave the rows where
+                they landed and let the permutation read them (the NVLink manager's rows stay
+                in its peers' buffers). The same contract as ``keep_fp8`` for the returned
+                tensor.
 
         Returns:
             ``[R, H]``, one row per (token, destination rank). Sets ``dispatched_indices [R, K]``
@@ -418,10 +429,10 @@ class _ManagerBase(_DispatchManager):
                 self.defer(exc)  # groups of one raise here
         keep_fp8 = keep_fp8 and self.fp8_dispatch and not torch.compiler.is_compiling()
         result = self._dispatch(None if self._deferred is not None else hidden_states, async_finish,
-                                allocate_on_comm_stream, keep_fp8)
+                                allocate_on_comm_stream, keep_fp8, permute_next)
         self.dispatched_indices, self.dispatched_probs = result.indices, result.probs
-        self._kept_fp8 = result.fp8
-        self._fp8_stand_in = result.hidden if result.fp8 is not None else None
+        self._kept_fp8, self._pulled = result.fp8, result.pulled
+        self._stand_in = result.hidden if result.fp8 is not None or result.pulled is not None else None
         if result.received_counts is not None:
             self._set_received_counts(result.received_counts)
         if result.num_out is not None:
@@ -467,10 +478,15 @@ class _ManagerBase(_DispatchManager):
             pad = self.moe_router_expert_pad_multiple or 1
             num_out = self.num_local_experts * (-(-self.max_tokens_per_expert // pad) * pad)
         try:
-            if self._kept_fp8 is not None:  # FP8 rows: dequantized as they are moved
-                if hidden_states is not self._fp8_stand_in:
-                    raise ValueError("hidden_states: expected the tensor this call's dispatch returned (with "
-                                     "keep_fp8 its rows stay in FP8 until the permutation)")
+            if self._stand_in is not None and hidden_states is not self._stand_in:
+                raise ValueError("hidden_states: expected the tensor this call's dispatch returned (with "
+                                 "keep_fp8 or permute_next its rows stay where they landed until the permutation)")
+            if self._pulled is not None:  # rows read where they landed as they are moved
+                addrs, align = self._pulled
+                out, probs, plan, device_counts = peer_ops.permute_from(
+                    hidden_states, addrs, align, indices, self.dispatched_probs, num_experts=self.num_local_experts,
+                    num_out_tokens=num_out, pad_multiple=self.moe_router_expert_pad_multiple)
+            elif self._kept_fp8 is not None:  # FP8 rows: dequantized as they are moved
                 q, scales = self._kept_fp8
                 out, probs, plan, device_counts = ops.permute_fp8_by_indices(
                     q, scales, indices, self.dispatched_probs, num_experts=self.num_local_experts,
@@ -549,10 +565,11 @@ class _ManagerBase(_DispatchManager):
 
     @abc.abstractmethod
     def _dispatch(self, hidden_states: Optional[torch.Tensor], async_finish: bool,
-                  allocate_on_comm_stream: bool, keep_fp8: bool) -> Dispatched:
+                  allocate_on_comm_stream: bool, keep_fp8: bool, permute_next: bool) -> Dispatched:
         """Move this call's routed tokens (``hidden_states`` None: this rank's check failed;
         take part in the first exchange, where every rank raises). ``keep_fp8``: FP8 rows may
-        be returned undequantized in ``Dispatched.fp8`` (see :func:`received_fp8_rows`)."""
+        be returned undequantized in ``Dispatched.fp8`` (see :func:`received_fp8_rows`);
+        ``permute_next``: rows may be left where they landed (``Dispatched.pulled``)."""
 
     @abc.abstractmethod
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,

@@ -401,7 +401,7 @@ class _DeepepManager(_ManagerBase):
         return async_finish, allocate_on_comm_stream and async_finish
 
     def _dispatch(self, hidden_states: Optional[torch.Tensor], async_finish: bool,
-                  allocate_on_comm_stream: bool, keep_fp8: bool) -> Dispatched:
+                  allocate_on_comm_stream: bool, keep_fp8: bool, permute_next: bool = False) -> Dispatched:
         async_finish, allocate_on_comm_stream = self._stream_ordered(async_finish, allocate_on_comm_stream)
         if hidden_states is not None:
             try:

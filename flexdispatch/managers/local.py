@@ -21,7 +21,7 @@ class _LocalManager(_ManagerBase):
     supports_sync_free = True
 
     def _dispatch(self, hidden_states: torch.Tensor, async_finish: bool, allocate_on_comm_stream: bool,
-                  keep_fp8: bool) -> Dispatched:  # (nothing travels: no FP8 rows to keep)
+                  keep_fp8: bool, permute_next: bool = False) -> Dispatched:  # (nothing travels: no FP8 rows to keep)
         if self.fp8_dispatch:  # the same rounding as a transfer, so results do not depend on the backend
             hidden_states = ops.fp8_round_trip(hidden_states)
         return Dispatched(hidden_states, self.token_indices,

@@ -20,6 +20,7 @@ from . import deepep
 from .alltoall import _AllToAllManager
 from .base import _ManagerBase
 from .local import _LocalManager
+from .nvlink import _NvlinkManager
 
 
 def _group_size(group) -> int:
@@ -41,6 +42,13 @@ def _alltoall_probe(group, **call) -> Optional[str]:
 def _deepep_probe(group, *, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
                   hidden: Optional[int] = None, topk: Optional[int] = None) -> Optional[str]:
     return deepep.unusable_reason(group, device, dtype, hidden, topk)
+
+
+def _nvlink_probe(group, *, device: Optional[torch.device] = None, **call) -> Optional[str]:
+    if group is None:
+        return ("needs an expert-parallel process group (ep_group); with ep_group=None there is one "
+                "rank: use 'local' or 'auto'")
+    return None  # one node is checked at the first call (the group's hosts are compared)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +73,7 @@ BACKENDS = {b.name: b for b in (
     Backend("local", _LocalManager, _local_probe),
     Backend("alltoall", _AllToAllManager, _alltoall_probe),
     Backend("deepep", deepep._DeepepManager, _deepep_probe, needs_tensors=True),
+    Backend("nvlink", _NvlinkManager, _nvlink_probe),
 )}
 AUTO_ORDER = ("deepep", "alltoall")
 """What ``auto`` tries for a group of several ranks, best first (one rank: always local)."""

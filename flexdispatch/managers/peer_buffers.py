@@ -1,0 +1,257 @@
+"""Peer buffers: how the NVLink manager makes each rank's rows readable by its peers.
+
+An *exchange* publishes a few 2-D tensors (its *parts*) from every rank of a group at once and
+returns, for each part, a table of W addresses: where row 0 of that part lies on each rank.
+Kernels then read any peer's row ``j`` of a part at ``table[w] + j * row_bytes``
+(:mod:`flexdispatch.peer_ops`). Every rank passes, for each part, the same capacity in rows
+(a number the ranks agreed on); a part may hold fewer rows.
+
+Two transports give the same tables:
+
+* :class:`SymmetricTransport` (CUDA, one node): one buffer from PyTorch's symmetric memory
+  (``torch.distributed._symmetric_memory``), mapped into every rank's address space, so a
+  kernel reads a peer's rows over NVLink with plain loads. An exchange copies the parts into
+  this rank's half of the buffer and runs the symmetric-memory barrier on the current stream:
+  one copy and one barrier, stream-ordered, no host sync. The two halves alternate between
+  exchanges, so a rank that has passed exchange n + 1's barrier knows that every peer has
+  finished reading exchange n - 1's half (its reads precede its arrival at that barrier):
+  nobody overwrites rows a peer may still read, with one barrier per exchange.
+* :class:`GatherTransport` (any group, gloo or NCCL): every part is all-gathered into a local
+  tensor and the table points into it. It moves W times the bytes and serves the CPU (tests,
+  laptops) and cross-checks of the symmetric transport.
+
+Every exchange may carry a header (the call's agreement words, see :mod:`.agreement`), read
+by every rank on the host before any part is read: the one host sync of an exchange that has
+one. The gather transport exchanges the header first, and the parts only when every header
+agrees, so ranks in different phases never meet in collectives of different sizes.
+
+Buffers belong to a group and are shared by every NVLink manager of it; they grow (a collective
+rendezvous, decided from numbers every rank knows) and are released by :func:`release`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import socket
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .._log import logger
+
+# (torch 2.13 renamed all_gather_into_tensor; the lent GPU machines run 2.11)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+REGION_ALIGN = 256  # bytes between the start of one part's region and the next
+MIN_BYTES = 1 << 20  # the smallest buffer half (every call's first exchange fits in it)
+
+
+def row_align(row_bytes: int) -> int:
+    """The alignment (bytes, at most 16) every row of a part of ``row_bytes`` shares."""
+    return min(16, row_bytes & -row_bytes) if row_bytes else 16
+
+
+def _as_bytes(part: torch.Tensor) -> torch.Tensor:
+    """``[rows, row_bytes]`` uint8 view of a 2-D tensor (contiguous copy if needed)."""
+    part = part.contiguous()
+    return part.view(torch.uint8).view(part.shape[0], -1) if part.numel() else part.new_empty(
+        (part.shape[0], part.shape[1] * part.element_size()), dtype=torch.uint8)
+
+
+def _region_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
+    offsets, at = [], 0
+    for size in sizes:
+        offsets.append(at)
+        at += -(-size // REGION_ALIGN) * REGION_ALIGN
+    return offsets, at
+
+
+class Transport:
+    """The interface both transports implement."""
+
+    world_size: int
+    rank: int
+
+    def exchange(self, header: Optional[torch.Tensor], parts: Sequence[tuple[torch.Tensor, int]]):
+        """Publish ``parts`` (``(tensor [rows, ...], capacity rows)``, the capacities equal on
+        every rank) and return ``(headers, tables)``: ``headers`` ``[W, len(header)]`` int64 on
+        the host (None without a header), ``tables`` one int64 ``[W]`` tensor of addresses per
+        part, on the parts' device. When the headers disagree the tables may be None: the
+        caller raises without reading any part."""
+        raise NotImplementedError
+
+    def ensure(self, nbytes: int) -> None:
+        """Make room for exchanges of ``nbytes`` (every rank passes the same number)."""
+
+    def capacity(self) -> int:
+        """Bytes an exchange may publish now, without :meth:`ensure`."""
+        return 1 << 62
+
+
+class GatherTransport(Transport):
+    """Peer rows emulated with all-gathers (any process group; see the module docs)."""
+
+    def __init__(self, group):
+        self.group = group
+        self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self._alive: list = [None, None]  # each exchange's gathered tensors, kept two exchanges
+        self._count = 0
+
+    def _gather(self, part: torch.Tensor) -> torch.Tensor:
+        out = part.new_empty((self.world_size * part.shape[0],) + tuple(part.shape[1:]))
+        _all_gather(out, part, group=self.group)
+        return out
+
+    def exchange(self, header, parts):
+        headers = None
+        if header is not None:  # the fixed-width words first: ranks in other phases stop here
+            from .agreement import WIDTH
+
+            headers = self._gather(header[:WIDTH].view(1, -1)).cpu()
+            if not _headers_agree(headers):
+                return headers, None
+            if header.numel() > WIDTH:
+                headers = self._gather(header.view(1, -1)).cpu()
+        tables, alive = [], []
+        for part, capacity in parts:
+            rows = _as_bytes(part)
+            padded = rows.new_zeros(max(capacity, 1), rows.shape[1])
+            padded[:rows.shape[0]] = rows
+            gathered = self._gather(padded)
+            stride = padded.numel()
+            tables.append(gathered.data_ptr() + stride * torch.arange(self.world_size, device=part.device))
+            alive.append(gathered)
+        self._alive[self._count % 2] = alive  # read until the exchange after next
+        self._count += 1
+        return headers, tables
+
+
+class SymmetricTransport(Transport):
+    """Peer rows in PyTorch's symmetric memory, read over NVLink (see the module docs)."""
+
+    def __init__(self, group, device: torch.device):
+        self.group = group
+        self.device = device
+        self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self._half = 0  # bytes of one half of the buffer
+        self._buffer: Optional[torch.Tensor] = None
+        self._handle = None
+        self._bases: Optional[torch.Tensor] = None  # int64 [W]: every rank's buffer address
+        self._count = 0
+        self._check_one_node()
+
+    def _check_one_node(self) -> None:
+        hosts: list = [None] * self.world_size
+        dist.all_gather_object(hosts, socket.gethostname(), group=self.group)
+        if len(set(hosts)) > 1:
+            raise ValueError(f"config.moe_flex_backend='nvlink': the expert-parallel group spans {len(set(hosts))} "
+                             f"hosts ({sorted(set(hosts))}); the NVLink backend serves the ranks of one node. "
+                             f"Use 'deepep' or 'alltoall' for groups that span nodes")
+
+    def capacity(self) -> int:
+        return self._half
+
+    def ensure(self, nbytes: int) -> None:
+        nbytes = max(MIN_BYTES, -(-nbytes // REGION_ALIGN) * REGION_ALIGN)
+        if nbytes <= self._half:
+            return
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        half = max(nbytes, 2 * self._half)  # grow geometrically: a few rendezvous per run
+        if self._handle is not None:
+            # Peers may still read the old buffer (their last exchange's reads): wait for every
+            # rank's stream to pass a barrier on it before it is freed. Growth is rare.
+            self._handle.barrier(channel=0)
+            torch.cuda.current_stream(self.device).synchronize()
+        name = self.group.group_name
+        if hasattr(symm_mem, "is_symm_mem_enabled_for_group") and not symm_mem.is_symm_mem_enabled_for_group(name):
+            symm_mem.enable_symm_mem_for_group(name)
+        buffer = symm_mem.empty(2 * half, dtype=torch.uint8, device=self.device)
+        handle = symm_mem.rendezvous(buffer, name)
+        self._buffer, self._handle, self._half = buffer, handle, half
+        self._bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=self.device)
+        logger.info("nvlink peer buffer: 2 x %.1f MiB on %s, %d ranks", half / 2**20, self.device, self.world_size)
+
+    def exchange(self, header, parts):
+        entries = ([_as_bytes(header.view(1, -1))] if header is not None else []) + [_as_bytes(p) for p, _ in parts]
+        caps = ([1] if header is not None else []) + [c for _, c in parts]
+        offsets, total = _region_offsets([c * e.shape[1] for e, c in zip(entries, caps)])
+        if total > self._half:
+            raise RuntimeError(f"nvlink peer buffer: an exchange needs {total} bytes, the buffer half holds "
+                               f"{self._half}; the manager sizes it before each call (please report this)")
+        base = (self._count % 2) * self._half
+        self._count += 1
+        for entry, offset, cap in zip(entries, offsets, caps):
+            if entry.shape[0] > cap:
+                raise RuntimeError(f"nvlink peer buffer: a part of {entry.shape[0]} rows exceeds its agreed {cap}")
+            if entry.numel():
+                self._buffer[base + offset: base + offset + entry.numel()].view_as(entry).copy_(entry)
+        self._handle.barrier(channel=0)
+        tables = [self._bases + (base + offset) for offset in offsets]
+        headers = None
+        if header is not None:
+            from .. import peer_ops
+
+            width = header.numel()
+            got = torch.empty(self.world_size, width, dtype=torch.int64, device=self.device)
+            peer_ops.copy_rows_from(tables[0], got, 8)
+            headers = got.cpu()  # the exchange's one host sync
+            tables = tables[1:]
+        return headers, tables
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.barrier(channel=0)
+            torch.cuda.current_stream(self.device).synchronize()
+        self._buffer = self._handle = self._bases = None
+        self._half = 0
+
+
+def _headers_agree(headers: torch.Tensor) -> bool:
+    from .agreement import Agreement
+
+    return Agreement(headers).agreed()
+
+
+_transports: dict = {}
+
+
+def symmetric_memory_reason(group, device: torch.device) -> Optional[str]:
+    """Why symmetric memory cannot serve ``group`` on ``device`` (None: it can)."""
+    if device.type != "cuda":
+        return None  # the gather transport serves CPU groups
+    try:
+        from torch.distributed import _symmetric_memory  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - every supported torch has it
+        return f"torch.distributed._symmetric_memory does not import ({exc})"
+    return None
+
+
+def transport_for(group, device: torch.device, emulate: bool = False) -> Transport:
+    """The group's transport for tensors on ``device`` (made at the first call; shared)."""
+    kind = "gather" if emulate or device.type != "cuda" else "symmetric"
+    key = (id(group), kind, str(device))
+    transport = _transports.get(key)
+    if transport is None:
+        transport = GatherTransport(group) if kind == "gather" else SymmetricTransport(group, device)
+        _transports[key] = transport
+    return transport
+
+
+def release() -> int:
+    """Free every peer buffer of this process (collective: every rank of each group must call
+    it, after its last NVLink call; the next call makes new ones). Returns the number freed."""
+    freed = 0
+    for transport in list(_transports.values()):
+        if isinstance(transport, SymmetricTransport) and transport._handle is not None:
+            transport.release()
+            freed += 1
+    _transports.clear()
+    return freed
+
+
+def _drop_at_exit() -> None:
+    _transports.clear()  # no collective at exit: peers may be gone; the driver frees the memory
+
+
+atexit.register(_drop_at_exit)
