@@ -77,7 +77,8 @@ cudaError_t scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, con
 
 // Rows read through addresses (the NVLink manager's transfers; peers' buffers mapped by
 // symmetric memory): row r (row_bytes) at addrs[r] goes to dst rows map[r, 0..slots) (-1:
-// none), or to dst row r when map is null. `align`: the alignment every addrs[r] shares
+// none), or to dst row r when map is null; address 0: no row (zeros without a map, nothing
+// with one). `align`: the alignment every addrs[r] shares
 // (bytes, a power of two). At most max_blocks blocks (0: no cap).
 cudaError_t copy_rows_from(const int64_t* addrs, int64_t rows, int64_t row_bytes, int32_t align,
                            const int32_t* map, int32_t slots, void* dst, int64_t max_blocks,

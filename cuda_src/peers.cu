@@ -21,7 +21,8 @@ unsigned capped_grid(int64_t blocks, int64_t max_blocks) {
 
 // One warp per source row, rows grid-strided: the row (row_bytes at addrs[row]) is read once,
 // with kUnroll loads in flight per lane (remote reads are latency-bound), and written to
-// dst rows map[row, 0..slots) (-1: none), or to dst row `row` when map is null.
+// dst rows map[row, 0..slots) (-1: none), or to dst row `row` when map is null. Address 0:
+// no source row (a zero row without a map; nothing with one).
 template <typename V>
 __global__ void copy_rows_from_kernel(const int64_t* __restrict__ addrs, int64_t rows, int64_t row_bytes,
                                       const int32_t* __restrict__ map, int32_t slots, char* __restrict__ dst) {
@@ -30,6 +31,13 @@ __global__ void copy_rows_from_kernel(const int64_t* __restrict__ addrs, int64_t
   for (int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; row < rows;
        row += int64_t(gridDim.x) * kWarpsPerBlock) {
     const V* in = reinterpret_cast<const V*>(addrs[row]);
+    if (in == nullptr) {  // no source row: a zero row (identity), nothing (map)
+      if (map == nullptr) {
+        V* out = reinterpret_cast<V*>(dst + row * row_bytes);
+        for (int64_t v = lane; v < vecs; v += 32) out[v] = V{};
+      }
+      continue;
+    }
     for (int64_t v0 = lane; v0 < vecs; v0 += 32 * kUnroll) {
       V buf[kUnroll];
 #pragma unroll

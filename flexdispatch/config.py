@@ -50,9 +50,10 @@ class MoEConfig:
     moe_sync_free: bool = False
     """No host sync in dispatch or permutation: outputs sized for the worst case,
     tokens_per_expert stays on the GPU; lets a layer be captured in a CUDA graph. For one rank
-    (local manager) and DeepEP on one node (every rank must pass the same number of tokens);
-    impossible with all-to-all, which needs host-side counts. Routing values are then not
-    validated (shapes and dtypes still are)."""
+    (local manager), DeepEP and the NVLink backend on one node (every rank must pass the same
+    number of tokens); impossible with all-to-all, which needs host-side counts. Routing values
+    are then not validated by DeepEP (shapes and dtypes still are); the NVLink backend checks
+    them on the device and reports a failed call at report_dropped_tokens()."""
     moe_max_tokens_per_expert: Optional[int] = None
     """Sync-free mode only: at most this many rows per local expert (before padding) in the
     permuted tensor, which then has ``E_local * round_up(bound, pad multiple)`` rows instead of

@@ -299,7 +299,18 @@ class MoEFlexTokenDispatcher:
     def report_dropped_tokens(self) -> int:
         """Read (one host sync) and clear the count of assignments the bound dropped, and warn
         or raise as ``config.moe_dropped_tokens`` says. Call it where a sync is cheap (after the
-        optimizer step, say), outside a CUDA-graph capture. Returns the count."""
+        optimizer step, say), outside a CUDA-graph capture. Returns the count. Also raises
+        RuntimeError if, in sync-free mode on a group (NVLink manager), the ranks disagreed in a
+        call since the last report (found on the device; such calls move no token)."""
+        faults = getattr(self._manager, "sync_free_faults", None)
+        if faults is not None and int(faults):
+            calls = int(faults)
+            faults.zero_()
+            raise RuntimeError(f"config.moe_sync_free: in {calls} call(s) since the last report the ranks of the "
+                               f"expert-parallel group disagreed (a check failed on a rank, or they passed different "
+                               f"token counts, hidden sizes, dtypes or top-k, or were at different steps); those calls "
+                               f"moved no token and their results are invalid. Call reset() and "
+                               f"flexdispatch.shutdown() on every rank before the next call")
         counted = self.dropped_tokens()
         if counted is None:
             return 0

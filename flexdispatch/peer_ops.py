@@ -31,7 +31,8 @@ def copy_rows_from(addrs: torch.Tensor, out: torch.Tensor, align: int, row_id_ma
                    max_blocks: int = 0) -> torch.Tensor:
     """Fill ``out [N, ...]`` (contiguous) with the rows at ``addrs [N]`` (each of ``out``'s row
     size in bytes); with ``row_id_map [N, S]``, row ``r`` goes to ``out`` rows ``map[r, s]``
-    (-1: none) and other rows are left as they are. Returns ``out``."""
+    (-1: none) and other rows are left as they are. Address 0: no row (a zero row without a
+    map, nothing with one). Returns ``out``."""
     _kernels().copy_rows_from(addrs.contiguous(), align, out, row_id_map, max_blocks)
     return out
 

@@ -525,3 +525,34 @@ def backends_bitwise_equal(rank, world, backends=("alltoall", "nvlink"), device=
               if not torch.equal(ra[k].cpu(), rb[k].cpu())]
     nonzero = all(float(r["out"].float().abs().sum()) > 0 for r in a if r["out"].numel())
     return {"backends": (name_a, name_b), "differ": differ, "nonzero": nonzero}
+
+
+def nvlink_sync_free_fault(rank, world, device="cpu", hidden=32, topk=2):
+    """Sync-free NVLink layer: a call whose ranks pass different token counts moves no token
+    (found on the device, no sync), report_dropped_tokens then raises on every rank; after
+    reset() and shutdown() on every rank the next calls are right again (checked against the
+    step-by-step all-to-all results of the same inputs)."""
+    experts = 2 * world
+    d = _dispatcher(rank, world, experts, topk, moe_flex_backend="nvlink", moe_sync_free=True)
+    exact = _dispatcher(rank, world, experts, topk, moe_flex_backend="alltoall")
+    dev = torch.device(device)
+
+    def call(disp, tokens, seed):
+        x0, tp, ti, w0, _ = _layer_inputs(rank, world, tokens, hidden, experts, topk, seed=seed)
+        rows, _, pp = disp.token_permutation2(x0.to(dev), tokens, tp.float().to(dev), ti.to(dev))
+        return disp.token_unpermutation(rows * pp[:, None].to(rows.dtype))  # (worst-case rows: no counts)
+
+    out_bad = call(d, 12 + rank, 1)  # different T on every rank
+    try:
+        d.report_dropped_tokens()
+        message = None
+    except RuntimeError as exc:
+        message = str(exc)
+    d.reset()
+    fd.shutdown()
+    errors = []
+    for seed in (2, 3):
+        out, want = call(d, 16, seed), call(exact, 16, seed)
+        errors.append(float((out - want).abs().max()))
+    d.report_dropped_tokens()  # nothing to report now
+    return {"message": message, "bad_is_zero": bool((out_bad == 0).all()), "errors": errors}

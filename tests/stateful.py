@@ -108,7 +108,24 @@ def generate_program(seed: int, world: int, steps: int, *, dtypes=("float32", "f
             program.append(dict(base, kind="expert_error", bad_rank=rng.randrange(world)))
         else:
             program.append(dict(base, kind="oneshot"))
+        if world > 1:  # (no draw: programs without sync-free layers stay as they were)
+            _sync_free_on_a_group(program[-1], layers)
     return {"seed": seed, "world": world, "layers": [dataclasses.asdict(l) for l in layers], "steps": program}
+
+
+def _sync_free_on_a_group(step: dict, layers: list) -> None:
+    """A sync-free layer on a group (the NVLink manager) takes the same token count on every
+    rank and has no per-call agreement on the host (a check failing on one rank raises there
+    only, as with DeepEP): its steps pass rank 0's count everywhere, and its bad or failing
+    steps become plain ones."""
+    touched = [step["layer"]] + ([step["other"]] if step["kind"] == "pair" else [])
+    if not any(layers[i].sync_free for i in touched):
+        return
+    if step["kind"] in ("bad", "expert_error"):
+        step["kind"] = "oneshot"
+    step["tokens"] = [step["tokens"][0]] * len(step["tokens"])
+    if step["kind"] == "pair":
+        step["other_tokens"] = [step["other_tokens"][0]] * len(step["other_tokens"])
 
 
 # ---- inputs every rank can rebuild ---------------------------------------------------------------

@@ -145,3 +145,13 @@ def test_nvlink_errors_and_interleaving(pool):
             assert f"rank(s) [{bad_rank}]" in res["message"], res
     for res in pool.run("two_dispatchers_interleaved", backend="nvlink"):
         assert res["A"] < 2e-5 and res["B"] < 2e-5, res
+
+
+@pytest.mark.timeout(300)
+def test_nvlink_sync_free_disagreement_is_reported_then_recovered(pool):
+    if pool.world == 1:
+        pytest.skip("one rank cannot disagree with itself")
+    for res in pool.run("nvlink_sync_free_fault"):
+        assert res["message"] and "disagreed" in res["message"] and "shutdown" in res["message"], res
+        assert res["bad_is_zero"], res
+        assert max(res["errors"]) < 1e-6, res

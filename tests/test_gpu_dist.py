@@ -209,12 +209,27 @@ def test_nvlink_errors_and_interleaving_on_gpus(pool):
         assert res["A"] < 2e-5 and res["B"] < 2e-5, res
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["plain", "bounded", "fp8"])
+def test_nvlink_captured_forward_backward(pool, case):
+    """Sync-free NVLink layer: forward and backward in one CUDA graph, replayed on new inputs,
+    bit for bit the eager run (as for DeepEP)."""
+    options = {"plain": {}, "bounded": {"bound": 120}, "fp8": {"fp8": True}}[case]
+    for res in pool.run("cuda_graph_fwd_bwd", backend="nvlink", **options):
+        assert res["backend"] == "nvlink"
+        assert all(all(step.values()) for step in res["same"]), res
+        assert all(min(n.values()) > 0 for n in res["norms"]), res
+        for replayed, eager in res["dropped"]:
+            assert replayed == eager and (replayed > 0) == (case == "bounded"), res
+
+
 @pytest.mark.timeout(900)
 def test_stateful_nvlink(pool):
-    """The stateful programs on the NVLink manager (symmetric memory), float32."""
+    """The stateful programs on the NVLink manager (symmetric memory), float32, half the layers
+    sync-free."""
     seeds = [9000 + 10 * pool.world + i for i in range(4)]
     results = pool.run("stateful_programs", timeout=800, seeds=seeds, steps=40, device="cuda", backend="nvlink",
-                       hidden_sizes=(8, 16))
+                       hidden_sizes=(8, 16), sync_free=True)
     assert check_agreed(results) == 160
 
 
@@ -229,5 +244,8 @@ def test_nvlink_group_of_one_on_a_gpu():
         check(p.run("moe_matches_dense", device="cuda", backend="nvlink", entry="indices", pad=4))
         for res in p.run("backends_bitwise_equal", device="cuda", dtype="bfloat16", hidden=2048, tokens=256):
             assert res["backends"] == ("alltoall", "nvlink") and res["nonzero"] and res["differ"] == [], res
+        for bound in (None, 60):  # sync-free, captured forward and backward
+            for res in p.run("cuda_graph_fwd_bwd", backend="nvlink", bound=bound):
+                assert res["backend"] == "nvlink" and all(all(step.values()) for step in res["same"]), res
     finally:
         p.close()

@@ -541,6 +541,8 @@ def test_copy_rows_from_addresses_equals_indexing(device, dtype, width):
     which = torch.randint(0, 2, (80,), generator=g)
     addrs = torch.where(which == 0, _row_addrs(peers[0], pick.to(device)).cpu(), _row_addrs(peers[1], pick.to(device)).cpu())
     expected = torch.where((which == 0)[:, None].to(device), peers[0][pick.to(device)], peers[1][pick.to(device)])
+    addrs[::7] = 0  # no source row: zeros (or, through a row map, nothing written)
+    expected[::7] = 0
     align = row_align(width * peers[0].element_size())
     out = torch.empty(80, width, dtype=dtype, device=device)
     assert torch.equal(peer_ops.copy_rows_from(addrs.to(device), out, align), expected)
@@ -553,7 +555,7 @@ def test_copy_rows_from_addresses_equals_indexing(device, dtype, width):
     peer_ops.copy_rows_from(addrs.to(device), out, align, row_map.to(device))
     want = sentinel.clone()
     for s in range(2):
-        keep = row_map[:, s] >= 0
+        keep = (row_map[:, s] >= 0) & (addrs != 0)
         want[row_map[keep, s].long().to(device)] = expected[keep.to(device)]
     assert torch.equal(out, want)
 

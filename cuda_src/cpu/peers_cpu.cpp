@@ -40,6 +40,10 @@ void copy_rows_from(const int64_t* addrs, int64_t rows, int64_t row_bytes, const
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const char* in = reinterpret_cast<const char*>(addrs[r]);
+    if (in == nullptr) {  // no source row: a zero row (identity), nothing (map)
+      if (map == nullptr) std::memset(out + r * row_bytes, 0, row_bytes);
+      continue;
+    }
     if (map == nullptr) {
       std::memcpy(out + r * row_bytes, in, row_bytes);
       continue;

@@ -171,7 +171,7 @@ class _ManagerBase(_DispatchManager):
             raise ValueError(f"spec: made for a group of {spec.world_size}, got a group of {self.world_size}")
         if spec.sync_free and not self.supports_sync_free:
             raise ValueError(f"sync_free: the {self.name} manager needs host-side counts for its "
-                             f"collectives; use the DeepEP manager (one node) or one rank")
+                             f"collectives; use the DeepEP or NVLink manager (one node) or one rank")
         self.spec = spec
         # The reference's attribute names, read from the spec (never changed after this).
         self.router_topk = spec.topk

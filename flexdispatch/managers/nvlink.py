@@ -27,12 +27,22 @@ combine's backward a dispatch. Transfers run stream-ordered on the current strea
 ``async_finish`` returns tensors that are ready in stream order (there is nothing to wait
 for); a transfer overlaps with work on other streams only.
 
-Limits: one node (the group's hosts are compared at the first call); no sync-free mode yet
-(the counts are read on the host); the compiled kernels are required. On CPU process groups
-(gloo) the peer buffers are emulated with all-gathers (:class:`.peer_buffers.GatherTransport`):
-the same algorithm, for tests and development, not speed. Every rank must use the same
-configuration (experts, top-k, FP8); a hidden size or dtype that differs is caught by the
-header.
+Sync-free (``sync_free=True``): nothing is read on the host, so a layer can be captured in a
+CUDA graph (forward and backward). Every rank must pass the same number of tokens T; tensors
+are sized for the worst case (every rank's tokens received), rows past the real ones have no
+source and stay empty. The headers are checked on the device: if they disagree (a check that
+failed on a rank, different token counts, hidden sizes, dtypes, top-k, or steps) every rank
+empties the call's routing, so no token moves, and counts a fault that
+``report_dropped_tokens()`` raises as RuntimeError at the application's next sync. As with
+DeepEP's sync-free mode, a rank whose own check fails raises alone (after taking part in the
+dispatch's exchanges) while its peers go on: stop the step everywhere, then call ``reset()``
+and :func:`flexdispatch.shutdown` on every rank, which realigns the group's exchanges.
+
+Limits: one node (the group's hosts are compared at the first call); the compiled kernels
+are required. On CPU process groups (gloo) the peer buffers are emulated with all-gathers
+(:class:`.peer_buffers.GatherTransport`): the same algorithm, for tests and development, not
+speed. Every rank must use the same configuration (experts, top-k, FP8); a hidden size or
+dtype that differs is caught by the header.
 """
 
 from __future__ import annotations
@@ -53,8 +63,10 @@ _META_ALIGN = 8  # float64 rows
 
 @dataclasses.dataclass
 class _Route:
-    """Where every row of one call goes: host numbers agreed by every rank, and device index
-    tensors; what the call's four transfers (two forward, two backward) read."""
+    """Where every row of one call goes, from every rank's counts (read on the host, or, in
+    sync-free mode, only on the device): what the call's four transfers (two forward, two
+    backward) read. Row counts are exact, or the worst case in sync-free mode, where rows past
+    the real ones have no source (address 0)."""
 
     tokens: int  # T: this rank's tokens
     sent: int  # S: rows of this rank's send list (one per token and destination rank)
@@ -63,57 +75,61 @@ class _Route:
     sent_cap: int
     received_cap: int
     plan: object  # the send list's RowIdMap (token -> row of the rank-major send list)
-    src_rank: torch.Tensor  # int64 [R]: the source rank of each received row
+    src_rank: torch.Tensor  # int64 [R]: the source rank of each received row (clamped)
+    has_source: torch.Tensor  # bool [R]: whether the row is a real one (sync-free: the first ones)
     meta_row: torch.Tensor  # int64 [R]: its row in the source's send list
     home_row: torch.Tensor  # int64 [T, W]: row of token t in rank w's received rows, -1 if not sent
-    consts: torch.Tensor  # int64 [5, W] on the device: per-rank counts and offsets (see _make_route)
+    sent_end: torch.Tensor  # int64 [W]: end of each destination's block in the send list
+    home_delta: torch.Tensor  # int64 [W]: a send-list row's row at its destination, minus it
     token_row: Optional[torch.Tensor] = None  # int64 [R]: each received row's token on its source
 
-    def send_peer_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(dest [S], row [S])``: each send-list row's destination and its row among the
-        destination's received rows (dispatch's backward only: made then, not in forward)."""
-        dest = torch.repeat_interleave(torch.arange(len(self.consts[1]), device=self.consts.device), self.consts[1],
-                                       output_size=self.sent)
-        return dest, torch.arange(self.sent, device=dest.device) + self.consts[3][dest]
+    def send_peer_addrs(self, table: torch.Tensor, row_bytes: int) -> torch.Tensor:
+        """``[S]`` addresses of the send list's rows among their destinations' published rows
+        (dispatch's backward only: made then, not in forward)."""
+        i = torch.arange(self.sent, device=table.device)
+        dest = torch.searchsorted(self.sent_end, i, right=True)
+        real = dest < len(self.sent_end)
+        dest = dest.clamp(max=len(self.sent_end) - 1)
+        return torch.where(real, table[dest] + (i + self.home_delta[dest]) * row_bytes, 0)
 
     def home_addrs(self, table: torch.Tensor, row_bytes: int) -> torch.Tensor:
         """``[T, W]`` addresses of this rank's tokens' rows in each rank's published rows (0: none)."""
         return torch.where(self.home_row >= 0, table + self.home_row * row_bytes, 0)
 
-    def source_addrs(self, table: torch.Tensor, row_bytes: int) -> torch.Tensor:
-        """``[R]`` addresses of the received rows' tokens in their sources' published tokens."""
-        return table[self.src_rank] + self.token_row * row_bytes
+    def source_addrs(self, table: torch.Tensor, row_bytes: int, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[R]`` addresses of the received rows in their sources' published rows (``rows``:
+        their rows there; default: their tokens), 0 for rows without a source."""
+        rows = self.token_row if rows is None else rows
+        return torch.where(self.has_source, table[self.src_rank] + rows * row_bytes, 0)
 
 
 def _region(rows: int, row_bytes: int) -> int:
     return -(-rows * row_bytes // peer_buffers.REGION_ALIGN) * peer_buffers.REGION_ALIGN
 
 
-def _make_route(counts: list, tokens: list, rank: int, in_rank: torch.Tensor) -> _Route:
-    """The call's routing from every rank's counts: ``counts[s][d]`` rows rank s sends rank d,
-    ``tokens[s]`` the tokens of rank s; ``in_rank [T, W]`` this rank's token-to-rank map."""
-    world, device = len(counts), in_rank.device
+def _make_route(counts: torch.Tensor, rank: int, in_rank: torch.Tensor, sizes: dict) -> _Route:
+    """The call's routing from ``counts [W, W]`` (int64 on the tokens' device: rows rank s
+    sends rank d), this rank's token-to-rank map ``in_rank [T, W]`` and the row counts
+    ``sizes`` (tokens, sent, received and the caps; exact, or worst cases). Device ops only:
+    no host sync, capturable."""
+    world, device = counts.shape[0], in_rank.device
+    recv_from = counts[:, rank]
+    recv_end = torch.cumsum(recv_from, 0)
+    r = torch.arange(sizes["received"], device=device)
+    src = torch.searchsorted(recv_end, r, right=True)  # W past the real rows
+    has_source = src < world
+    src = src.clamp(max=world - 1)
+    their_send_off = torch.cumsum(counts, 1)[:, rank] - recv_from  # my block in each source's send list
+    meta_row = r - (recv_end - recv_from)[src] + their_send_off[src]
     sent_to = counts[rank]
-    recv_from = [counts[s][rank] for s in range(world)]
-    sent, received = sum(sent_to), sum(recv_from)
-    # Per-rank constants (host ints): where blocks start in send lists and received lists.
-    recv_block = [sum(recv_from[:s]) for s in range(world)]  # my received rows from s start here
-    their_send_off = [sum(counts[s][:rank]) for s in range(world)]  # my block in s's send list
-    send_off = [sum(sent_to[:d]) for d in range(world)]  # d's block in my send list
-    my_recv_start = [sum(counts[s][d] for s in range(rank)) for d in range(world)]  # my block in d's rows
-    consts = torch.tensor([recv_from, sent_to, [a - b for a, b in zip(their_send_off, recv_block)],
-                           [a - b for a, b in zip(my_recv_start, send_off)], send_off], dtype=torch.int64)
-    consts = consts.to(device, non_blocking=True)
-    ranks = torch.arange(world, device=device)
-    src_rank = torch.repeat_interleave(ranks, consts[0], output_size=received)
-    meta_row = torch.arange(received, device=device) + consts[2][src_rank]
-    plan = ops.make_plan(in_rank, world, num_out_tokens=sent)
+    sent_end = torch.cumsum(sent_to, 0)
+    my_recv_start = torch.cumsum(counts, 0)[rank] - sent_to  # my block among each destination's rows
+    home_delta = my_recv_start - (sent_end - sent_to)
+    plan = ops.make_plan(in_rank, world, num_out_tokens=sizes["sent"])
     row_map = plan.map.long()
-    home_row = torch.where(row_map >= 0, row_map + consts[3], -1)
-    received_by = [sum(counts[s][d] for s in range(world)) for d in range(world)]
-    return _Route(tokens=tokens[rank], sent=sent, received=received, token_cap=max(tokens),
-                  sent_cap=max(sum(c) for c in counts), received_cap=max(received_by), plan=plan,
-                  src_rank=src_rank, meta_row=meta_row, home_row=home_row, consts=consts)
+    home_row = torch.where(row_map >= 0, row_map + home_delta, -1)
+    return _Route(plan=plan, src_rank=src, has_source=has_source, meta_row=meta_row, home_row=home_row,
+                  sent_end=sent_end, home_delta=home_delta, **sizes)
 
 
 class _NvlinkDispatch(torch.autograd.Function):
@@ -127,8 +143,8 @@ class _NvlinkDispatch(torch.autograd.Function):
         _, (tokens, meta) = transport.exchange(None, [(payload, route.token_cap), (send_meta, route.sent_cap)])
         meta_bytes = send_meta.shape[1] * send_meta.element_size()
         recv_meta = send_meta.new_empty(route.received, send_meta.shape[1])
-        peer_ops.copy_rows_from(meta[route.src_rank] + route.meta_row * meta_bytes, recv_meta, _META_ALIGN,
-                                max_blocks=max_blocks)
+        peer_ops.copy_rows_from(route.source_addrs(meta, meta_bytes, route.meta_row), recv_meta, _META_ALIGN,
+                                max_blocks=max_blocks)  # (rows without a source: zeros)
         route.token_row = recv_meta[:, 0].long()
         row_bytes = payload.shape[1] * payload.element_size()
         addrs = route.source_addrs(tokens, row_bytes)
@@ -156,9 +172,8 @@ class _NvlinkDispatch(torch.autograd.Function):
                                ctx.max_blocks)
         meta_bytes = grad_meta.shape[1] * grad_meta.element_size()
         grad_send_meta = grad_meta.new_empty(route.sent, grad_meta.shape[1])
-        send_dest, send_peer_row = route.send_peer_rows()
-        peer_ops.copy_rows_from(meta[send_dest] + send_peer_row * meta_bytes, grad_send_meta,
-                                _META_ALIGN, max_blocks=ctx.max_blocks)
+        peer_ops.copy_rows_from(route.send_peer_addrs(meta, meta_bytes), grad_send_meta, _META_ALIGN,
+                                max_blocks=ctx.max_blocks)
         return grad_hidden, grad_send_meta, None, None, None, None, None, None
 
 
@@ -168,19 +183,25 @@ class _NvlinkCombine(torch.autograd.Function):
         ctx.route, ctx.transport, ctx.max_blocks = route, transport, max_blocks
         hidden = hidden.contiguous()
         row_bytes = hidden.shape[1] * hidden.element_size()
-        need = _region(1, agreement.WIDTH * 8) + _region(route.received_cap, row_bytes)
-        fits = need <= transport.capacity()
-        part = hidden if fits else hidden[:0]
-        header = manager._header_tensor(agreement.COMBINE, hidden, hidden.device)
-        headers, tables = transport.exchange(header, [(part, route.received_cap)])
-        manager._agree(headers, "before any row moved back")
-        if not fits:  # the same on every rank once the headers agree: grow, then send the rows
-            transport.ensure(need)
-            _, tables = transport.exchange(None, [(hidden, route.received_cap)])
+        if manager.sync_free:  # the header checked on the device only (sized at dispatch)
+            transport.ensure(_region(1, agreement.WIDTH * 8) + _region(route.received_cap, row_bytes))
+            header = manager._header_tensor(agreement.COMBINE, hidden, hidden.device)
+            headers, tables = transport.exchange(header, [(hidden, route.received_cap)])
+            manager._count_fault(manager._agreed_on_device(headers))
+        else:
+            need = _region(1, agreement.WIDTH * 8) + _region(route.received_cap, row_bytes)
+            fits = need <= transport.capacity()
+            header = manager._header_tensor(agreement.COMBINE, hidden, hidden.device)
+            headers, tables = transport.exchange(header, [(hidden if fits else hidden[:0], route.received_cap)])
+            manager._agree(headers.cpu(), "before any row moved back")  # (the combine's one host sync)
+            if not fits:  # the same on every rank once the headers agree: grow, then send the rows
+                transport.ensure(need)
+                _, tables = transport.exchange(None, [(hidden, route.received_cap)])
         out = hidden.new_empty(route.tokens, hidden.shape[1])
         peer_ops.sum_rows_from(route.home_addrs(tables[0], row_bytes), out, peer_buffers.row_align(row_bytes),
                                max_blocks)
-        transport.ensure(_region(route.token_cap, row_bytes))  # the backward's exchange
+        if not manager.sync_free:
+            transport.ensure(_region(route.token_cap, row_bytes))  # the backward's exchange
         return out
 
     @staticmethod
@@ -200,12 +221,16 @@ class _NvlinkManager(_ManagerBase):
 
     name = "nvlink"
     exchanges_in_combine = True  # combine's exchange carries a header (see _NvlinkCombine)
+    supports_sync_free = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_blocks = self.spec.nvlink_max_blocks  # blocks a transfer kernel may launch (0: no cap)
         self._emulate = os.environ.get("FLEXDISPATCH_NVLINK_TRANSPORT", "") == "gather"
         self._route: Optional[_Route] = None  # the call's routing (set by dispatch, read by combine)
+        # Sync-free calls whose ranks disagreed (emptied on the device), summed on the device;
+        # read and cleared by the dispatcher's report_dropped_tokens.
+        self.sync_free_faults: Optional[torch.Tensor] = None
 
     def _release(self) -> None:
         super()._release()
@@ -228,6 +253,7 @@ class _NvlinkManager(_ManagerBase):
         world, local = self.world_size, self.num_local_experts
         when = "before any token moved"
         indices = self.token_indices
+        failed = hidden_states is None or indices is None  # this rank's own check failed
         device = indices.device if indices is not None else (
             hidden_states.device if hidden_states is not None else self._fallback_device())
         transport = self._transport(device)
@@ -236,48 +262,110 @@ class _NvlinkManager(_ManagerBase):
             raise ValueError(f"config: {world} ranks x {local} local experts need {first} bytes of counts; the "
                              f"nvlink backend supports up to {peer_buffers.MIN_BYTES}")
         transport.ensure(first)
-        if hidden_states is None or indices is None:  # this rank's check failed: every rank raises below
+        if failed:
+            if self.sync_free:  # peers decide on the device: take part in both exchanges, then raise
+                return self._sync_free_failed_dispatch(transport, device)
             extra = torch.zeros(world, local + 1, dtype=torch.int64, device=device)
             headers, _ = transport.exchange(self._header_tensor(agreement.DISPATCH, None, device, extra), [])
-            self._agree(headers[:, :agreement.WIDTH], when)
+            self._agree(headers[:, :agreement.WIDTH].cpu(), when)
             raise AssertionError("unreachable: the agreement raises on every rank")  # pragma: no cover
-        tokens = indices.shape[0]
+        tokens, topk = indices.shape
         in_rank, expert_counts = routing_by_rank(indices, world, local)
         extra = torch.cat([in_rank.sum(0, dtype=torch.int64)[:, None], expert_counts], dim=1)  # [W, 1 + E_local]
         header = self._header_tensor(agreement.DISPATCH, hidden_states, device, extra, rows=tokens)
         headers, _ = transport.exchange(header, [])
-        self._agree(headers[:, :agreement.WIDTH], when)
-        ops.check_pending_errors()  # earlier calls' flags are ready now, for free
-
-        every = headers[:, agreement.WIDTH:].view(world, world, local + 1)  # [source, destination, ...]
-        counts = every[:, :, 0].tolist()
-        route = _make_route(counts, headers[:, agreement.ROWS].tolist(), self.rank, in_rank)
+        if self.sync_free:
+            if headers.shape[1] < header.numel():  # the gather transport stopped at disagreeing headers
+                headers = torch.cat([headers, headers.new_zeros(world, header.numel() - headers.shape[1])], 1)
+            every = headers[:, agreement.WIDTH:].view(world, world, local + 1).to(device)  # [source, dest, ...]
+            counts, sizes, received_counts = self._agree_on_device(headers, every, in_rank, tokens, topk)
+        else:
+            host = headers.cpu()  # the call's one host sync
+            self._agree(host[:, :agreement.WIDTH], when)
+            ops.check_pending_errors()  # earlier calls' flags are ready now, for free
+            every = headers[:, agreement.WIDTH:].view(world, world, local + 1).to(device)  # [source, dest, ...]
+            host_counts = host[:, agreement.WIDTH:].view(world, world, local + 1)
+            rows = host_counts[:, :, 0]
+            sizes = dict(tokens=tokens, sent=int(rows[self.rank].sum()), received=int(rows[:, self.rank].sum()),
+                         token_cap=int(host[:, agreement.ROWS].max()), sent_cap=int(rows.sum(1).max()),
+                         received_cap=int(rows.sum(0).max()))
+            counts, received_counts = every[:, :, 0], host_counts[:, self.rank, 1:].sum(0)
+        route = _make_route(counts, self.rank, in_rank, sizes)
         self._route = route
-        fp8 = self.fp8_dispatch
-        width = hidden_states.shape[1]
-        row_bytes = width * hidden_states.element_size()
-        payload_bytes = width + width // 32 if fp8 else row_bytes
-        meta_bytes = (1 + 2 * indices.shape[1]) * 8
+        self._ensure_for_call(transport, route, hidden_states, topk)
+        return self._move(hidden_states, indices, route, transport, keep_fp8, permute_next, received_counts)
+
+    def _agreed_on_device(self, headers: torch.Tensor, tokens: Optional[int] = None) -> torch.Tensor:
+        """0-d bool on the device: the rule of :class:`.agreement.Agreement` on every rank's
+        header (and, given ``tokens``, every rank passing that many). No sync."""
+        head = headers[:, :agreement.WIDTH]
+        breaks = (head[:, agreement.ERROR] != 0) | (head[:, agreement.PHASE:] != head[:1, agreement.PHASE:]).any(1)
+        ok = ~breaks.any()
+        return ok if tokens is None else ok & (head[:, agreement.ROWS] == tokens).all()
+
+    def _count_fault(self, ok: torch.Tensor) -> None:
+        fault = (~ok).long()
+        self.sync_free_faults = fault if self.sync_free_faults is None else self.sync_free_faults.add_(fault)
+
+    def _agree_on_device(self, headers, every, in_rank, tokens: int, topk: int):
+        """Sync-free: the headers checked on the device; if they disagree, every rank's
+        routing is emptied (no token moves) and the call counted in ``sync_free_faults``.
+        Returns ``(counts, sizes, None)`` with worst-case sizes (every rank passes the same T)."""
+        ok = self._agreed_on_device(headers.to(every.device), tokens)
+        self._count_fault(ok)
+        counts = every[:, :, 0] * ok
+        in_rank.mul_(ok)
+        per_token = min(topk, self.world_size)
+        sizes = dict(tokens=tokens, sent=tokens * per_token, received=tokens * self.world_size, token_cap=tokens,
+                     sent_cap=tokens * per_token, received_cap=tokens * self.world_size)
+        return counts, sizes, None
+
+    def _sync_free_failed_dispatch(self, transport, device):
+        """A sync-free rank whose own check failed: both exchanges of the dispatch with an error
+        header and no tokens (its peers' device check then empties the call everywhere), then
+        this rank raises. Its peers go on with the call; reset every rank (see the module docs)."""
+        world, local = self.world_size, self.num_local_experts
+        extra = torch.zeros(world, local + 1, dtype=torch.int64, device=device)
+        transport.exchange(self._header_tensor(agreement.DISPATCH, None, device, extra), [])
+        transport.exchange(None, [])
+        error, self._deferred = self._deferred, None
+        self._release()
+        self._advance_step()  # as its peers will when their call ends
+        raise error
+
+    def _ensure_for_call(self, transport, route: _Route, hidden: torch.Tensor, topk: int) -> None:
+        """Room for the call's four exchanges, from numbers every rank has (one size: all ranks
+        grow together)."""
+        width = hidden.shape[1]
+        row_bytes = width * hidden.element_size()
+        payload_bytes = width + width // 32 if self.fp8_dispatch else row_bytes
+        meta_bytes = (1 + 2 * topk) * 8
         transport.ensure(max(
             _region(route.token_cap, payload_bytes) + _region(route.sent_cap, meta_bytes),  # dispatch
             _region(route.received_cap, row_bytes) + _region(route.received_cap, meta_bytes),  # its backward
             _region(1, agreement.WIDTH * 8) + _region(route.received_cap, row_bytes),  # combine
             _region(route.token_cap, row_bytes)))  # combine's backward
 
-        meta = torch.cat([torch.arange(tokens, device=device, dtype=torch.float64)[:, None],
+    def _move(self, hidden_states, indices, route: _Route, transport, keep_fp8: bool, permute_next: bool,
+              received_counts) -> Dispatched:
+        """The dispatch's transfer and the received rows' routing (local experts, probs)."""
+        tokens, topk = indices.shape
+        meta = torch.cat([torch.arange(tokens, device=indices.device, dtype=torch.float64)[:, None],
                           indices.to(torch.float64), self.token_probs.to(torch.float64)], dim=1)
         send_meta = ops.apply_permutation(meta, route.plan)
+        fp8 = self.fp8_dispatch
         pull_later = permute_next and not fp8 and not torch.compiler.is_compiling()
         rows, recv_meta, pulled, kept = _NvlinkDispatch.apply(hidden_states, send_meta, route, transport, fp8,
                                                               keep_fp8, pull_later, self.max_blocks)
-        topk = indices.shape[1]
+        local = self.num_local_experts
         global_ids = recv_meta[:, 1:1 + topk].detach().long()
         local_ids = global_ids - self.rank * local
-        mine = (global_ids >= 0) & (local_ids >= 0) & (local_ids < local)
+        mine = (global_ids >= 0) & (local_ids >= 0) & (local_ids < local) & route.has_source[:, None]
         dispatched = torch.where(mine, local_ids, -1)
         prob_dtype = torch.float64 if self.router_dtype == "fp64" else torch.float32
         probs = self._masked_probs(dispatched, recv_meta[:, 1 + topk:].to(prob_dtype))
-        return Dispatched(rows, dispatched, probs, received_counts=every[:, self.rank, 1:].sum(0), fp8=kept,
+        num_out = self._worst_case_rows(route.received) if self.sync_free else None
+        return Dispatched(rows, dispatched, probs, received_counts=received_counts, num_out=num_out, fp8=kept,
                           pulled=pulled)
 
     def _fallback_device(self) -> torch.device:
@@ -289,7 +377,11 @@ class _NvlinkManager(_ManagerBase):
         if self._deferred is not None:  # this rank's input is wrong: a header alone, every rank raises
             device = self.token_indices.device if self.token_indices is not None else self._fallback_device()
             headers, _ = self._transport(device).exchange(self._header_tensor(agreement.COMBINE, None, device), [])
-            self._agree(headers, "before any row moved back")
+            if self.sync_free:  # its peers count a fault on the device (see the module docs)
+                error, self._deferred = self._deferred, None
+                self.reset()
+                raise error
+            self._agree(headers.cpu(), "before any row moved back")
             raise AssertionError("unreachable: the agreement raises on every rank")  # pragma: no cover
         transport = self._transport(hidden_states.device)
         return _NvlinkCombine.apply(hidden_states, self._route, transport, self, self.max_blocks)

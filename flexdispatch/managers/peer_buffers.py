@@ -10,12 +10,14 @@ Two transports give the same tables:
 
 * :class:`SymmetricTransport` (CUDA, one node): one buffer from PyTorch's symmetric memory
   (``torch.distributed._symmetric_memory``), mapped into every rank's address space, so a
-  kernel reads a peer's rows over NVLink with plain loads. An exchange copies the parts into
-  this rank's half of the buffer and runs the symmetric-memory barrier on the current stream:
-  one copy and one barrier, stream-ordered, no host sync. The two halves alternate between
-  exchanges, so a rank that has passed exchange n + 1's barrier knows that every peer has
-  finished reading exchange n - 1's half (its reads precede its arrival at that barrier):
-  nobody overwrites rows a peer may still read, with one barrier per exchange.
+  kernel reads a peer's rows over NVLink with plain loads. An exchange runs the
+  symmetric-memory barrier, copies the parts into this rank's buffer and runs the barrier
+  again, on the current stream: no host sync. The first barrier is passed only once every
+  peer has finished the reads it queued before it (the previous exchange's), so nobody
+  overwrites rows a peer may still read; the second publishes the rows. Two barriers an
+  exchange rather than one with alternating halves: the order then holds whatever runs
+  between exchanges, CUDA-graph replays included (a captured exchange cannot know which
+  exchange ran before it).
 * :class:`GatherTransport` (any group, gloo or NCCL): every part is all-gathered into a local
   tensor and the table points into it. It moves W times the bytes and serves the CPU (tests,
   laptops) and cross-checks of the symmetric transport.
@@ -43,7 +45,7 @@ from .._log import logger
 # (torch 2.13 renamed all_gather_into_tensor; the lent GPU machines run 2.11)
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 REGION_ALIGN = 256  # bytes between the start of one part's region and the next
-MIN_BYTES = 1 << 20  # the smallest buffer half (every call's first exchange fits in it)
+MIN_BYTES = 1 << 20  # the smallest buffer (every call's first exchange fits in it)
 
 
 def row_align(row_bytes: int) -> int:
@@ -74,10 +76,12 @@ class Transport:
 
     def exchange(self, header: Optional[torch.Tensor], parts: Sequence[tuple[torch.Tensor, int]]):
         """Publish ``parts`` (``(tensor [rows, ...], capacity rows)``, the capacities equal on
-        every rank) and return ``(headers, tables)``: ``headers`` ``[W, len(header)]`` int64 on
-        the host (None without a header), ``tables`` one int64 ``[W]`` tensor of addresses per
-        part, on the parts' device. When the headers disagree the tables may be None: the
-        caller raises without reading any part."""
+        every rank) and return ``(headers, tables)``: ``headers`` every rank's ``header``,
+        ``[W, len(header)]`` int64 (None without a header): on the device, not read (symmetric
+        memory: the caller syncs to read it, or decides on the device), or on the host after
+        a check (the gather transport); ``tables`` one int64 ``[W]`` tensor of addresses per
+        part, on the parts' device. When the headers disagree the tables may be None (gather
+        transport): the caller raises without reading any part."""
         raise NotImplementedError
 
     def ensure(self, nbytes: int) -> None:
@@ -94,8 +98,7 @@ class GatherTransport(Transport):
     def __init__(self, group):
         self.group = group
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self._alive: list = [None, None]  # each exchange's gathered tensors, kept two exchanges
-        self._count = 0
+        self._alive: list = []  # the last exchange's gathered tensors (read after it returns)
 
     def _gather(self, part: torch.Tensor) -> torch.Tensor:
         out = part.new_empty((self.world_size * part.shape[0],) + tuple(part.shape[1:]))
@@ -115,14 +118,20 @@ class GatherTransport(Transport):
         tables, alive = [], []
         for part, capacity in parts:
             rows = _as_bytes(part)
+            # Every rank's capacity should be the same; a sync-free call whose ranks disagree
+            # (found on the device, later) may pass others: all-gather the sizes first, so the
+            # collectives match (symmetric memory needs no such step: nobody reads then).
+            sizes = self._gather(torch.tensor([[max(capacity, 1), rows.shape[1]]], device=part.device))
+            capacity, width = (int(v) for v in sizes.max(0).values)
+            if rows.shape[1] != width:
+                rows = torch.cat([rows, rows.new_zeros(rows.shape[0], width - rows.shape[1])], 1)
             padded = rows.new_zeros(max(capacity, 1), rows.shape[1])
             padded[:rows.shape[0]] = rows
             gathered = self._gather(padded)
             stride = padded.numel()
             tables.append(gathered.data_ptr() + stride * torch.arange(self.world_size, device=part.device))
             alive.append(gathered)
-        self._alive[self._count % 2] = alive  # read until the exchange after next
-        self._count += 1
+        self._alive = alive  # read until the next exchange (a collective: every reader is done then)
         return headers, tables
 
 
@@ -133,11 +142,10 @@ class SymmetricTransport(Transport):
         self.group = group
         self.device = device
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self._half = 0  # bytes of one half of the buffer
+        self._size = 0  # bytes of the buffer
         self._buffer: Optional[torch.Tensor] = None
         self._handle = None
         self._bases: Optional[torch.Tensor] = None  # int64 [W]: every rank's buffer address
-        self._count = 0
         self._check_one_node()
 
     def _check_one_node(self) -> None:
@@ -149,15 +157,18 @@ class SymmetricTransport(Transport):
                              f"Use 'deepep' or 'alltoall' for groups that span nodes")
 
     def capacity(self) -> int:
-        return self._half
+        return self._size
 
     def ensure(self, nbytes: int) -> None:
         nbytes = max(MIN_BYTES, -(-nbytes // REGION_ALIGN) * REGION_ALIGN)
-        if nbytes <= self._half:
+        if nbytes <= self._size:
             return
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"nvlink peer buffer: {nbytes} bytes needed, {self._size} held, inside a CUDA-graph "
+                               f"capture (growing is collective and syncs): run the layer once before capturing")
         from torch.distributed import _symmetric_memory as symm_mem
 
-        half = max(nbytes, 2 * self._half)  # grow geometrically: a few rendezvous per run
+        size = max(nbytes, 2 * self._size)  # grow geometrically: a few rendezvous per run
         if self._handle is not None:
             # Peers may still read the old buffer (their last exchange's reads): wait for every
             # rank's stream to pass a barrier on it before it is freed. Growth is rare.
@@ -165,37 +176,34 @@ class SymmetricTransport(Transport):
             torch.cuda.current_stream(self.device).synchronize()
         name = self.group.group_name
         if hasattr(symm_mem, "is_symm_mem_enabled_for_group") and not symm_mem.is_symm_mem_enabled_for_group(name):
-            symm_mem.enable_symm_mem_for_group(name)
-        buffer = symm_mem.empty(2 * half, dtype=torch.uint8, device=self.device)
+            symm_mem.enable_symm_mem_for_group(name)  # (torch 2.11 needs it; later versions warn)
+        buffer = symm_mem.empty(size, dtype=torch.uint8, device=self.device)
         handle = symm_mem.rendezvous(buffer, name)
-        self._buffer, self._handle, self._half = buffer, handle, half
+        self._buffer, self._handle, self._size = buffer, handle, size
         self._bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=self.device)
-        logger.info("nvlink peer buffer: 2 x %.1f MiB on %s, %d ranks", half / 2**20, self.device, self.world_size)
+        logger.info("nvlink peer buffer: %.1f MiB on %s, %d ranks", size / 2**20, self.device, self.world_size)
 
     def exchange(self, header, parts):
         entries = ([_as_bytes(header.view(1, -1))] if header is not None else []) + [_as_bytes(p) for p, _ in parts]
         caps = ([1] if header is not None else []) + [c for _, c in parts]
         offsets, total = _region_offsets([c * e.shape[1] for e, c in zip(entries, caps)])
-        if total > self._half:
-            raise RuntimeError(f"nvlink peer buffer: an exchange needs {total} bytes, the buffer half holds "
-                               f"{self._half}; the manager sizes it before each call (please report this)")
-        base = (self._count % 2) * self._half
-        self._count += 1
+        if total > self._size:
+            raise RuntimeError(f"nvlink peer buffer: an exchange needs {total} bytes, the buffer holds "
+                               f"{self._size}; the manager sizes it before each call (please report this)")
+        self._handle.barrier(channel=0)  # every peer is done reading the last exchange's rows
         for entry, offset, cap in zip(entries, offsets, caps):
             if entry.shape[0] > cap:
                 raise RuntimeError(f"nvlink peer buffer: a part of {entry.shape[0]} rows exceeds its agreed {cap}")
             if entry.numel():
-                self._buffer[base + offset: base + offset + entry.numel()].view_as(entry).copy_(entry)
-        self._handle.barrier(channel=0)
-        tables = [self._bases + (base + offset) for offset in offsets]
+                self._buffer[offset: offset + entry.numel()].view_as(entry).copy_(entry)
+        self._handle.barrier(channel=0)  # every rank's rows are in place
+        tables = [self._bases + offset for offset in offsets]
         headers = None
-        if header is not None:
+        if header is not None:  # read into a device tensor: no sync here
             from .. import peer_ops
 
-            width = header.numel()
-            got = torch.empty(self.world_size, width, dtype=torch.int64, device=self.device)
-            peer_ops.copy_rows_from(tables[0], got, 8)
-            headers = got.cpu()  # the exchange's one host sync
+            headers = torch.empty(self.world_size, header.numel(), dtype=torch.int64, device=self.device)
+            peer_ops.copy_rows_from(tables[0], headers, 8)
             tables = tables[1:]
         return headers, tables
 
@@ -204,7 +212,7 @@ class SymmetricTransport(Transport):
             self._handle.barrier(channel=0)
             torch.cuda.current_stream(self.device).synchronize()
         self._buffer = self._handle = self._bases = None
-        self._half = 0
+        self._size = 0
 
 
 def _headers_agree(headers: torch.Tensor) -> bool:
