@@ -3,6 +3,7 @@ function of dist_scenarios.py on every rank and returns the per-rank results; a 
 does not finish in time kills the pool and fails the test (a hang is a failure)."""
 
 import datetime
+import faulthandler
 import os
 import queue
 import socket
@@ -31,15 +32,20 @@ def _worker(rank: int, world: int, port: int, backend: str, inbox, outbox) -> No
                             device_id=device_id)
     import dist_scenarios
 
+    hang_dump = float(os.environ.get("FLEXDISPATCH_HANG_DUMP", "0"))  # seconds: print every stack of a hung call
     while True:
         item = inbox.get()
         if item is None:
             break
         name, kwargs = item
+        if hang_dump:
+            faulthandler.dump_traceback_later(hang_dump, exit=False)
         try:
             outbox.put((rank, "ok", getattr(dist_scenarios, name)(rank, world, **kwargs)))
         except BaseException:  # noqa: BLE001 - reported to the test
             outbox.put((rank, "error", traceback.format_exc()))
+        if hang_dump:
+            faulthandler.cancel_dump_traceback_later()
     import flexdispatch
 
     flexdispatch.shutdown()

@@ -478,12 +478,20 @@ def stateful_programs(rank, world, seeds, steps, device="cpu", backend="auto", *
     return results
 
 
+def _scaled_experts(rows, tokens_per_expert, probs, scale):
+    """Cheap experts for wide rows: each row times its expert's scale and its prob."""
+    ends = torch.cumsum(tokens_per_expert.to(rows.device), 0)
+    expert = torch.searchsorted(ends, torch.arange(rows.shape[0], device=rows.device), right=True)
+    return rows * (scale[expert.clamp(max=scale.shape[0] - 1)] * probs).to(rows.dtype)[:, None]
+
+
 def backends_bitwise_equal(rank, world, backends=("alltoall", "nvlink"), device="cpu", dtype="float32", tokens=48,
                            hidden=64, topk=3, pad=None, fp8=False, steps=3, transport=None):
     """The same inputs through two backends, in the one-call entry points and in the step-by-step
     API, for a few calls: the same bits everywhere (received rows, permuted rows, counts, probs,
-    output, gradients of the tokens, the probs and the experts). Tokens differ per rank and call
-    (rank 0 has none at the second call). Returns the names of what differed (empty: none)."""
+    output, gradients of the tokens, the probs and the experts' scales). Tokens differ per rank
+    and call (rank 0 has none at the second call). Returns the names of what differed (empty:
+    none)."""
     import os
 
     if transport == "gather":  # the NVLink manager's gather transport, also on NCCL
@@ -492,6 +500,7 @@ def backends_bitwise_equal(rank, world, backends=("alltoall", "nvlink"), device=
         os.environ.pop("FLEXDISPATCH_NVLINK_TRANSPORT", None)
     dtype_ = DTYPES[dtype]
     experts = 4 * world if topk <= 4 else 8 * world
+    local = experts // world
     dev = torch.device(device)
     runs = {}
     for backend in backends:
@@ -500,10 +509,11 @@ def backends_bitwise_equal(rank, world, backends=("alltoall", "nvlink"), device=
         seen = []
         for step in range(steps):
             count = 0 if (rank == 0 and step == 1) else tokens + 5 * rank + step
-            x0, tp, ti, w0, _ = _layer_inputs(rank, world, count, hidden, experts, topk, seed=step)
-            x = x0.to(dtype_).to(dev).requires_grad_()
+            g = torch.Generator().manual_seed(1000 * step + rank)
+            x = torch.randn(count, hidden, generator=g).to(dtype_).to(dev).requires_grad_()
+            tp, ti = torch.topk(torch.softmax(torch.randn(count, experts, generator=g) * 2, -1), topk)
             p = tp.float().to(dev).requires_grad_()
-            w = w0.to(dtype_).to(dev).requires_grad_()
+            scale = torch.linspace(0.5, 1.5, local).to(dev).requires_grad_()
             if step % 2 == 0:  # one call each way (the NVLink manager reads rows in the permutation)
                 rows, tpe, pp = d.token_permutation2(x, count, p, ti.to(dev))
                 recv = rows.new_zeros(0)
@@ -511,14 +521,14 @@ def backends_bitwise_equal(rank, world, backends=("alltoall", "nvlink"), device=
                 h, _ = d.dispatch_preprocess2(x, count, p, ti.to(dev))
                 recv, _ = d.dispatch_all_to_all(h)
                 rows, tpe, pp = d.dispatch_postprocess(recv)
-            y = apply_experts(rows, tpe, pp, w)
+            y = _scaled_experts(rows, tpe, pp, scale)
             if step % 2 == 0:
                 out = d.token_unpermutation(y)
             else:
                 out = d.combine_postprocess(d.combine_all_to_all(d.combine_preprocess(y)))
             (out.double() * torch.cos(x.detach().double())).sum().backward()
             seen.append({"recv": recv.detach(), "rows": rows.detach(), "tpe": tpe.cpu(), "probs": pp.detach(),
-                         "out": out.detach(), "gx": x.grad, "gp": p.grad, "gw": w.grad})
+                         "out": out.detach(), "gx": x.grad, "gp": p.grad, "gw": scale.grad})
         runs[backend] = (d.backend, seen)
     (name_a, a), (name_b, b) = runs[backends[0]], runs[backends[1]]
     differ = [f"step {s}: {k}" for s, (ra, rb) in enumerate(zip(a, b)) for k in ra

@@ -1,0 +1,77 @@
+"""Where the host time of one eager layer call goes: cProfile of rank 0 over a few forwards
+(the layer of ``bench_dispatch.py``, the same variants), on W local GPUs.
+
+    python tools/profile_host.py --world-size 2 --manager nvlink --shape 2 --calls 20
+
+Prints the functions with the most own time and the most cumulative time, and the mean host
+time of one forward (GPU idle at the start: the calls are timed one by one after a sync).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+import flexdispatch as fd  # noqa: E402
+from bench_dispatch import SHAPES, Layer  # noqa: E402
+
+
+def _worker(rank, world, port, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    layer = Layer(rank, world, *SHAPES[args.shape], args.manager)
+    for _ in range(5):  # warm up: buffers, kernels, allocator
+        layer.forward(layer.x, layer.probs)
+    torch.cuda.synchronize()
+    profile, spent = cProfile.Profile(), 0.0
+    for _ in range(args.calls):
+        dist.barrier()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        profile.enable()
+        layer.forward(layer.x, layer.probs)
+        profile.disable()
+        spent += time.perf_counter() - start
+    if rank == 0:
+        out = io.StringIO()
+        stats = pstats.Stats(profile, stream=out)
+        stats.sort_stats("tottime").print_stats(args.top)
+        stats.sort_stats("cumulative").print_stats(args.top)
+        print(f"{args.manager} shape {SHAPES[args.shape]} on {world} GPUs: host ms per forward "
+              f"{1e3 * spent / args.calls:.3f} (profiled)\n{out.getvalue()}", flush=True)
+    torch.cuda.synchronize()
+    fd.shutdown()
+    dist.destroy_process_group()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--manager", default="nvlink")
+    parser.add_argument("--shape", type=int, default=2, help="index into bench_dispatch.SHAPES")
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--top", type=int, default=30)
+    args = parser.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_worker, args=(args.world_size, port, args), nprocs=args.world_size, start_method="spawn")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
