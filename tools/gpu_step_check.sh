@@ -12,7 +12,10 @@ step "deepep build"
 s=$(ms); build_deepep; echo "deepep build took $(( $(ms) - s )) ms" | tee -a "$LOG"
 python3 -c "import flexdispatch as fd; from flexdispatch.managers import deepep as d; print(fd.deepep_available(), 'narrow rows fixed:', d.narrow_rows_fixed(), d.topk_index_dtype())" 2>&1 | tail -1 | tee -a "$LOG"
 step "gpu tests"
-timeout ${GPU_TEST_TIMEOUT:-420} python3 -m pytest -q -m gpu -p no:cacheprovider -rfs --durations=15 -k "${PYTEST_K:-not nothing}" ${GPU_TESTS:-tests/test_ops.py tests/test_dispatcher_local.py tests/test_gpu_dist.py} \
+# (SIGINT: pytest prints its summary when cut; a hung distributed call prints every rank's
+# stacks after FLEXDISPATCH_HANG_DUMP seconds, and the stateful programs trace their steps)
+export FLEXDISPATCH_HANG_DUMP=${FLEXDISPATCH_HANG_DUMP:-150} FLEXDISPATCH_STATEFUL_TRACE=${FLEXDISPATCH_STATEFUL_TRACE:-$OUT/st}
+timeout -s INT ${GPU_TEST_TIMEOUT:-420} python3 -m pytest -q -m gpu -p no:cacheprovider -rfs --durations=15 -k "${PYTEST_K:-not nothing}" ${GPU_TESTS:-tests/test_ops.py tests/test_dispatcher_local.py tests/test_gpu_dist.py} \
   > "$OUT/gpu_tests.txt" 2>&1
 echo "gpu tests rc=$?" | tee -a "$LOG"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.txt" | tail -25 | tee -a "$LOG"
 if [ -z "${SKIP_DEMO:-}" ]; then
