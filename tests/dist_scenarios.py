@@ -486,11 +486,12 @@ def _scaled_experts(rows, tokens_per_expert, probs, scale):
 
 
 def backends_bitwise_equal(rank, world, backends=("alltoall", "nvlink"), device="cpu", dtype="float32", tokens=48,
-                           hidden=64, topk=3, pad=None, fp8=False, steps=3, transport=None):
+                           hidden=64, topk=3, pad=None, fp8=False, steps=3, transport=None, max_blocks=0):
     """The same inputs through two backends, in the one-call entry points and in the step-by-step
     API, for a few calls: the same bits everywhere (received rows, permuted rows, counts, probs,
     output, gradients of the tokens, the probs and the experts' scales). Tokens differ per rank
-    and call (rank 0 has none at the second call). Returns the names of what differed (empty:
+    and call (rank 0 has none at the second call). ``max_blocks``: moe_nvlink_max_blocks (the
+    transfer kernels then stride over the rows). Returns the names of what differed (empty:
     none)."""
     import os
 
@@ -505,7 +506,7 @@ def backends_bitwise_equal(rank, world, backends=("alltoall", "nvlink"), device=
     runs = {}
     for backend in backends:
         d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend, moe_router_expert_pad_multiple=pad,
-                        moe_fp8_dispatch=fp8)
+                        moe_fp8_dispatch=fp8, moe_nvlink_max_blocks=max_blocks)
         seen = []
         for step in range(steps):
             count = 0 if (rank == 0 and step == 1) else tokens + 5 * rank + step

@@ -123,7 +123,7 @@ def test_nvlink_layer_matches_dense(pool, case):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("options", [dict(), dict(pad=4, dtype="bfloat16", hidden=128),
+@pytest.mark.parametrize("options", [dict(), dict(pad=4, dtype="bfloat16", hidden=128, max_blocks=2),
                                      dict(fp8=True, hidden=256, pad=2), dict(dtype="float64")],
                          ids=["fp32", "bf16-pad", "fp8", "fp64"])
 def test_nvlink_equals_alltoall_bit_for_bit(pool, options):

@@ -131,6 +131,8 @@ def test_constructor_validation():
         fd.MoEFlexTokenDispatcher(8, list(range(1, 9)), cfg, None)
     with pytest.raises(ValueError, match="moe_flex_backend='deepep'"):
         fd.MoEFlexTokenDispatcher(8, list(range(8)), fd.MoEConfig(num_moe_experts=8, moe_flex_backend="deepep"), None)
+    with pytest.raises(ValueError, match="moe_flex_backend='nvlink': needs an expert-parallel process group"):
+        fd.MoEFlexTokenDispatcher(8, list(range(8)), fd.MoEConfig(num_moe_experts=8, moe_flex_backend="nvlink"), None)
 
 
 class ForeignConfig:
@@ -152,6 +154,7 @@ def test_foreign_config_accepted():
     ("moe_router_expert_pad_multiple", 0, "pad_multiple"), ("moe_router_dtype", "bf16", "moe_router_dtype"),
     ("moe_flex_backend", "nccl", "moe_flex_backend"), ("moe_deepep_num_sms", 21, "even"),
     ("moe_max_tokens_per_expert", 4, "set moe_sync_free=True"), ("moe_dropped_tokens", "drop", "moe_dropped_tokens"),
+    ("moe_nvlink_max_blocks", -1, "moe_nvlink_max_blocks"), ("moe_nvlink_max_blocks", 1.5, "moe_nvlink_max_blocks"),
 ])
 def test_config_validation(field, value, match):
     with pytest.raises(ValueError, match=match):

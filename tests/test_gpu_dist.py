@@ -111,18 +111,18 @@ def test_fp8_one_call_equals_the_three_steps_on_gpus(pool, backend):
         assert res["backend"] == backend and all(res["equal"]) and res["nonzero"], res
 
 
-@pytest.mark.deepep
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", ["plain", "bounded", "fp8"])
-def test_deepep_captured_forward_backward(pool, case):
+@pytest.mark.parametrize("backend", [pytest.param("deepep", marks=pytest.mark.deepep), "nvlink"])
+def test_captured_forward_backward(pool, backend, case):
     """Forward and backward of a sync-free layer in one CUDA graph, replayed on new inputs:
     bit for bit the eager run's output and gradients (with a bound that drops assignments,
     dropped counts equal too; and with FP8 dispatch). The bound, 120 rows against a mean of 128
     an expert, drops some of every expert's rows but leaves every rank some (it keeps an
     expert's first rows, source rank by source rank)."""
     options = {"plain": {}, "bounded": {"bound": 120}, "fp8": {"fp8": True}}[case]
-    for res in pool.run("cuda_graph_fwd_bwd", backend="deepep", **options):
-        assert res["backend"] == "deepep"
+    for res in pool.run("cuda_graph_fwd_bwd", backend=backend, **options):
+        assert res["backend"] == backend
         assert all(all(step.values()) for step in res["same"]), res
         assert all(min(n.values()) > 0 for n in res["norms"]), res
         for replayed, eager in res["dropped"]:
@@ -189,8 +189,9 @@ def test_nvlink_matches_dense(pool, case):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("options", [dict(dtype="bfloat16", hidden=7168, tokens=512, topk=8),
                                      dict(dtype="bfloat16", hidden=2048, tokens=256, pad=4),
-                                     dict(dtype="float32", hidden=36), dict(fp8=True, dtype="bfloat16", hidden=1024)],
-                         ids=["wide", "pad", "narrow-fp32", "fp8"])
+                                     dict(dtype="float32", hidden=36), dict(fp8=True, dtype="bfloat16", hidden=1024),
+                                     dict(dtype="bfloat16", hidden=4096, tokens=700, topk=8, max_blocks=3)],
+                         ids=["wide", "pad", "narrow-fp32", "fp8", "capped-blocks"])
 @pytest.mark.parametrize("transport", ["symmetric", "gather"])
 def test_nvlink_equals_alltoall_bit_for_bit_on_gpus(pool, options, transport):
     """Over symmetric memory (rows read over NVLink) and over the gather transport on NCCL:
@@ -207,20 +208,6 @@ def test_nvlink_errors_and_interleaving_on_gpus(pool):
         assert res["message"] and "rank(s) [1]" in res["message"] and res["recovered"], res
     for res in pool.run("two_dispatchers_interleaved", device="cuda", backend="nvlink"):
         assert res["A"] < 2e-5 and res["B"] < 2e-5, res
-
-
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", ["plain", "bounded", "fp8"])
-def test_nvlink_captured_forward_backward(pool, case):
-    """Sync-free NVLink layer: forward and backward in one CUDA graph, replayed on new inputs,
-    bit for bit the eager run (as for DeepEP)."""
-    options = {"plain": {}, "bounded": {"bound": 120}, "fp8": {"fp8": True}}[case]
-    for res in pool.run("cuda_graph_fwd_bwd", backend="nvlink", **options):
-        assert res["backend"] == "nvlink"
-        assert all(all(step.values()) for step in res["same"]), res
-        assert all(min(n.values()) > 0 for n in res["norms"]), res
-        for replayed, eager in res["dropped"]:
-            assert replayed == eager and (replayed > 0) == (case == "bounded"), res
 
 
 @pytest.mark.timeout(900)

@@ -187,7 +187,9 @@ class _NvlinkCombine(torch.autograd.Function):
             transport.ensure(_region(1, agreement.WIDTH * 8) + _region(route.received_cap, row_bytes))
             header = manager._header_tensor(agreement.COMBINE, hidden, hidden.device)
             headers, tables = transport.exchange(header, [(hidden, route.received_cap)])
-            manager._count_fault(manager._agreed_on_device(headers))
+            manager._count_fault(manager._agreed_on_device(headers.to(hidden.device)))
+            if tables is None:  # (the gather transport stops at disagreeing headers: nothing to read)
+                return hidden.new_zeros(route.tokens, hidden.shape[1])
         else:
             need = _region(1, agreement.WIDTH * 8) + _region(route.received_cap, row_bytes)
             fits = need <= transport.capacity()
