@@ -376,10 +376,12 @@ class Runner:
             if got is None:
                 got = torch.zeros_like(exp)
             e = rel_err(got.reshape(exp.shape), exp)
-            if name == "grad_router" and DTYPES[layer.dtype] not in (torch.float32, torch.float64):
-                # bf16: a router gradient that cancels to near zero keeps the absolute rounding
-                # error of its terms (~ eps * |terms| / sqrt(H)); measure against that floor.
-                # A misrouted row is off by ~ |terms| / sqrt(H) and still fails.
+            if name == "grad_router" and DTYPES[layer.dtype] != torch.float64:
+                # bf16 and float32: a router gradient that cancels to near zero keeps the absolute
+                # rounding error of its terms (~ eps * |terms| / sqrt(H)); measure against that
+                # floor. A misrouted row is off by ~ |terms| / sqrt(H) and still fails. (float32
+                # met it at seed 4009, EP 4, step 4: a rank of one top-1 token, 6.3e-5 on the
+                # all-to-all and NVLink managers alike.)
                 floor = float(want["scale_router"].norm()) / math.sqrt(layer.hidden)
                 diff = float((got.reshape(exp.shape).double().cpu() - exp).norm())
                 e = diff / max(float(exp.norm()), floor, 1e-12)
