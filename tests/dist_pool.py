@@ -7,7 +7,9 @@ import faulthandler
 import os
 import queue
 import socket
+import time
 import traceback
+from typing import Optional
 
 import torch.multiprocessing as mp
 
@@ -64,21 +66,32 @@ class DistPool:
                       for r in range(world)]
         for p in self.procs:
             p.start()
+        self.closed_by: Optional[str] = None  # the call after which the pool was closed
 
     @property
     def alive(self) -> bool:
         return all(p.is_alive() for p in self.procs)
 
     def run(self, name: str, timeout: float = 180.0, **kwargs) -> list:
+        if self.closed_by is not None:  # no waiting on ranks that are gone: say why at once
+            raise RuntimeError(f"{name}: not run, this pool of ranks was closed after {self.closed_by}")
         for inbox in self.inboxes:
             inbox.put((name, kwargs))
         results = {}
+        deadline = time.monotonic() + timeout
         while len(results) < self.world:
             try:
-                rank, status, payload = self.outbox.get(timeout=timeout)
+                rank, status, payload = self.outbox.get(timeout=min(5.0, max(deadline - time.monotonic(), 0.01)))
             except queue.Empty:
                 missing = sorted(set(range(self.world)) - set(results))
-                self.close()
+                dead = {r: self.procs[r].exitcode for r in missing if not self.procs[r].is_alive()}
+                if dead:  # a rank died (a crash or an abort inside a library): say so, not "hang"
+                    self.close(f"{name} (rank(s) died)")
+                    raise RuntimeError(f"{name}: rank(s) {sorted(dead)} died, exit code(s) {dead} (negative: "
+                                       f"the signal); rank(s) {[r for r in missing if r not in dead]} were waiting")
+                if time.monotonic() < deadline:
+                    continue
+                self.close(f"{name} (hang)")
                 raise TimeoutError(f"{name}: rank(s) {missing} did not finish within {timeout:.0f} s (hang)")
             results[rank] = (status, payload)
         errors = [f"rank {r}:\n{p}" for r, (s, p) in sorted(results.items()) if s == "error"]
@@ -86,7 +99,9 @@ class DistPool:
             raise AssertionError(f"{name} failed\n" + "\n".join(errors))
         return [results[r][1] for r in range(self.world)]
 
-    def close(self) -> None:
+    def close(self, reason: str = "close()") -> None:
+        if self.closed_by is None:
+            self.closed_by = reason
         for inbox in self.inboxes:
             try:
                 inbox.put(None)

@@ -567,3 +567,13 @@ def nvlink_sync_free_fault(rank, world, device="cpu", hidden=32, topk=2):
         errors.append(float((out - want).abs().max()))
     d.report_dropped_tokens()  # nothing to report now
     return {"message": message, "bad_is_zero": bool((out_bad == 0).all()), "errors": errors}
+
+
+def die_on(rank, world, dying_rank=1, code=3):
+    """One rank exits at once (as a crash would); the others wait in a collective."""
+    import os
+
+    if rank == dying_rank:
+        os._exit(code)
+    dist.barrier()
+    return "unreachable"

@@ -155,3 +155,21 @@ def test_nvlink_sync_free_disagreement_is_reported_then_recovered(pool):
         assert res["message"] and "disagreed" in res["message"] and "shutdown" in res["message"], res
         assert res["bad_is_zero"], res
         assert max(res["errors"]) < 1e-6, res
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_rank_is_reported_at_once_not_as_a_hang():
+    """The harness itself: a rank that dies (a crash, an abort in a library) is named with its
+    exit code within seconds, and later calls on that pool say why they did not run."""
+    import time
+
+    pool = DistPool(2)
+    try:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] died, exit code\(s\) \{1: 3\}"):
+            pool.run("die_on", timeout=100)
+        assert time.monotonic() - start < 60
+        with pytest.raises(RuntimeError, match="not run, this pool of ranks was closed after die_on"):
+            pool.run("die_on")
+    finally:
+        pool.close()
