@@ -224,17 +224,6 @@ def _headers_agree(headers: torch.Tensor) -> bool:
 _transports: dict = {}
 
 
-def symmetric_memory_reason(group, device: torch.device) -> Optional[str]:
-    """Why symmetric memory cannot serve ``group`` on ``device`` (None: it can)."""
-    if device.type != "cuda":
-        return None  # the gather transport serves CPU groups
-    try:
-        from torch.distributed import _symmetric_memory  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - every supported torch has it
-        return f"torch.distributed._symmetric_memory does not import ({exc})"
-    return None
-
-
 def transport_for(group, device: torch.device, emulate: bool = False) -> Transport:
     """The group's transport for tensors on ``device`` (made at the first call; shared)."""
     kind = "gather" if emulate or device.type != "cuda" else "symmetric"
