@@ -234,28 +234,28 @@ def _plan_impl(route, num_experts, num_out_tokens, pad_multiple, name) -> RowIdM
                         num_out_tokens is not None, name)
 
 
-def _permute(tokens, probs, route, num_experts, num_out_tokens, pad_multiple, name):
-    """One kernel call: plan, size (one sync when num_out_tokens is None), map, rows."""
+def _kernel_plan(kernel, probs, route, num_experts, num_out_tokens, pad_multiple, name):
+    """Run one permutation kernel, ``kernel(probs) -> (out, out_probs, row_id_map, layout,
+    host)``, and wrap its plan: ``(out, out_probs, plan)``."""
     p = probs.detach().contiguous() if probs is not None else None
-    out, out_probs, row_id_map, layout, host = _C.permute(
-        route, num_experts, pad_multiple or 1, -1 if num_out_tokens is None else num_out_tokens,
-        tokens.detach().contiguous(), p)
+    out, out_probs, row_id_map, layout, host = kernel(p)
     plan = _finish_plan(row_id_map, layout, host, route, num_experts, out.shape[0], pad_multiple,
                         num_out_tokens is not None, name)
     return out, out_probs, plan
 
 
-class _Permute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tokens, probs, route, num_experts, num_out_tokens, pad_multiple, name):
-        out, out_probs, plan = _permute(tokens, probs, route, num_experts, num_out_tokens, pad_multiple, name)
-        ctx.plan = plan
-        ctx.set_materialize_grads(False)
-        return out, out_probs, plan
+def _permute_kernel(tokens, route, num_experts, num_out_tokens, pad_multiple):
+    """The whole permutation in one kernel call: plan, size (one sync when num_out_tokens is
+    None), map, rows."""
+    rows = tokens.detach().contiguous()
+    return lambda p: _C.permute(route, num_experts, pad_multiple or 1,
+                                -1 if num_out_tokens is None else num_out_tokens, rows, p)
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_out_probs, _grad_plan):
-        return (*_permutation_grads(ctx, grad_out, grad_out_probs), None, None, None, None, None)
+
+def _permute(tokens, probs, route, num_experts, num_out_tokens, pad_multiple, name):
+    """``(out, out_probs, plan)`` without autograd."""
+    return _kernel_plan(_permute_kernel(tokens, route, num_experts, num_out_tokens, pad_multiple), probs, route,
+                        num_experts, num_out_tokens, pad_multiple, name)
 
 
 def _permutation_grads(ctx, grad_out, grad_out_probs):
@@ -464,7 +464,9 @@ def _permute_public(tokens, route, probs, num_experts, num_out_tokens, pad_multi
         plan = _compiled_plan(row_map, layout, host, num_experts, out.shape[0], num_out_tokens, pad_multiple)
         return out, (None if probs is None else out_probs), plan, plan.tokens_per_expert
     if _needs_grad(tokens, probs):
-        out, out_probs, plan = _Permute.apply(tokens, probs, route, num_experts, num_out_tokens, pad_multiple, name)
+        out, out_probs, plan = kernel_permutation(
+            tokens, probs, _permute_kernel(tokens, route, num_experts, num_out_tokens, pad_multiple), route,
+            num_experts, num_out_tokens, pad_multiple, name)
     else:
         out, out_probs, plan = _permute(tokens, probs, route, num_experts, num_out_tokens, pad_multiple, name)
     return out, out_probs, plan, plan.tokens_per_expert
@@ -614,29 +616,27 @@ def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = t
 
 class _KernelPermutation(torch.autograd.Function):
     """A permutation made by one kernel call, ``kernel(probs) -> (out, out_probs, row_id_map,
-    layout, host)`` (the dequantizing permutation, the one that reads rows through addresses);
+    layout, host)`` (the permutation, the dequantizing one, the one that reads rows through
+    addresses);
     differentiable in ``rows`` (a stand-in ``[R, H]`` of the rows it reads, whose values are not
     read: its gradient is the permutation's gather, as for :func:`permute_by_indices`) and in
     ``probs``."""
 
     @staticmethod
-    def forward(ctx, rows, probs, kernel, route, num_experts, num_out_tokens, pad_multiple):
-        p = probs.detach().contiguous() if probs is not None else None
-        out, out_probs, row_id_map, layout, host = kernel(p)
-        plan = _finish_plan(row_id_map, layout, host, route, num_experts, out.shape[0], pad_multiple,
-                            num_out_tokens is not None, "indices")
+    def forward(ctx, rows, probs, kernel, route, num_experts, num_out_tokens, pad_multiple, name):
+        out, out_probs, plan = _kernel_plan(kernel, probs, route, num_experts, num_out_tokens, pad_multiple, name)
         ctx.plan = plan
         ctx.set_materialize_grads(False)
         return out, out_probs, plan
 
     @staticmethod
     def backward(ctx, grad_out, grad_out_probs, _grad_plan):
-        return (*_permutation_grads(ctx, grad_out, grad_out_probs), None, None, None, None, None)
+        return (*_permutation_grads(ctx, grad_out, grad_out_probs), None, None, None, None, None, None)
 
 
-def kernel_permutation(rows, probs, kernel, route, num_experts, num_out_tokens, pad_multiple):
+def kernel_permutation(rows, probs, kernel, route, num_experts, num_out_tokens, pad_multiple, name="indices"):
     """``(out, out_probs, plan)`` of :class:`_KernelPermutation`."""
-    return _KernelPermutation.apply(rows, probs, kernel, route, num_experts, num_out_tokens, pad_multiple)
+    return _KernelPermutation.apply(rows, probs, kernel, route, num_experts, num_out_tokens, pad_multiple, name)
 
 
 class _StandIn(torch.autograd.Function):
