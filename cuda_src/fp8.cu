@@ -1,6 +1,11 @@
-// FP8 rows: quantization (a warp per group of kFp8Group (128) values, four values a lane, the
-// group's amax by warp shuffles), its inverse, and the dequantizing permutation. Each keeps
-// several loads in flight per lane. Same arithmetic as cpu/fp8_cpu.cpp.
+// FP8 rows: quantization, its inverse, and the dequantizing permutation. A quantizing thread
+// owns 16 values, so a group of kFp8Group (128) values is 8 neighbouring lanes and its amax
+// takes three shuffles; a dequantizing thread owns the values of one 16-byte store. On sm_89
+// and later the e4m3 conversions are the hardware's (two values an instruction); earlier
+// architectures, and groups whose scale is not finite (NaN or inf inputs), take the bit-exact
+// software conversion of flexdispatch.h. Both give the bits of cpu/fp8_cpu.cpp.
+#include <cuda_fp8.h>
+
 #include "common.cuh"
 #include "launch.h"
 
@@ -8,178 +13,245 @@ namespace flexdispatch {
 namespace cuda {
 namespace {
 
-constexpr int kWarpsPerBlock = 8;
-constexpr int kPerLane = kFp8Group / 32;  // 4 values of a group per lane in the quantizer
-constexpr int kGroupsPerWarp = 8;         // groups whose loads a quantizing warp issues before reducing
-constexpr int kChunk = 16;                // FP8 values per 16-byte access (dequantizer, permutation)
-constexpr int kUnroll = 4;                // 16-byte loads in flight per thread
+constexpr int kBlock = 256;
+constexpr int kQuantVals = 16;                       // values a quantizing thread owns
+constexpr int kQuantLanes = kFp8Group / kQuantVals;  // lanes sharing one group (8)
+constexpr int kQuantUnroll = 2;                      // chunks whose loads a thread issues first
+constexpr int kDequantUnroll = 8;                    // units whose loads a thread issues first
+constexpr int kPermuteUnroll = 4;                    // units of a row a lane loads before storing
+constexpr int kWarpsPerBlock = kBlock / 32;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+#define FD_FP8_HARDWARE 1
+#else
+#define FD_FP8_HARDWARE 0
+#endif
 
 __device__ __forceinline__ float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
 
-// One warp per kGroupsPerWarp consecutive groups: every group's loads are issued first (so a
-// lane keeps kGroupsPerWarp loads in flight), then each group's amax is reduced by shuffles.
+// e4m3 bits of two values of at most 448 (1 + 2^-23) in magnitude, round to nearest even,
+// first value in the low byte.
+__device__ __forceinline__ uint32_t encode_pair(float a, float b) {
+#if FD_FP8_HARDWARE
+  return __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+#else
+  return fp8_e4m3_from_float(a) | (static_cast<uint32_t>(fp8_e4m3_from_float(b)) << 8);
+#endif
+}
+
+// Two e4m3 values (low byte first) as floats: exact (every e4m3 value is a half).
+__device__ __forceinline__ float2 decode_pair(uint16_t pair) {
+#if FD_FP8_HARDWARE
+  return __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+#else
+  return make_float2(fp8_e4m3_to_float(pair & 0xffu), fp8_e4m3_to_float(pair >> 8));
+#endif
+}
+
+// The values of one 16-byte output store, and their FP8 bytes as one load.
 template <typename T>
-__global__ void quantize_kernel(const T* __restrict__ x, int64_t groups, uint8_t* __restrict__ q,
-                                float* __restrict__ scales) {
-  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32) * kGroupsPerWarp;
-  if (first >= groups) return;  // (the same for the whole warp)
-  const int lane = threadIdx.x % 32;
-  Vec<T, kPerLane> in[kGroupsPerWarp];
+struct Unit {
+  static constexpr int kVals = 16 / sizeof(T);  // 8 (bf16, half) or 4 (float)
+  using Bytes = typename std::conditional<kVals == 8, uint2, uint32_t>::type;
+  using Out = Vec<T, kVals>;
+};
+
+template <typename T>
+__device__ __forceinline__ typename Unit<T>::Out decode_unit(typename Unit<T>::Bytes raw, float scale) {
+  constexpr int kVals = Unit<T>::kVals;
+  const uint16_t* pairs = reinterpret_cast<const uint16_t*>(&raw);
+  typename Unit<T>::Out out;
 #pragma unroll
-  for (int u = 0; u < kGroupsPerWarp; ++u) {
-    if (first + u < groups) in[u] = reinterpret_cast<const Vec<T, kPerLane>*>(x + (first + u) * kFp8Group)[lane];
+  for (int i = 0; i < kVals / 2; ++i) {
+    const float2 f = decode_pair(pairs[i]);
+    out.v[2 * i] = Num<T>::from(f.x * scale);
+    out.v[2 * i + 1] = Num<T>::from(f.y * scale);
+  }
+  return out;
+}
+
+// Thread t owns chunks t, t + stride, ... of kQuantVals values (the grid's stride is a
+// multiple of 32, so a chunk's group-mates are lanes t ^ 1..7 of the same warp in every round).
+// Lanes past the end still take part in the shuffles.
+template <typename T>
+__global__ void __launch_bounds__(kBlock) quantize_kernel(const T* __restrict__ x, int64_t chunks,
+                                                          uint8_t* __restrict__ q, float* __restrict__ scales) {
+  constexpr int kLoads = kQuantVals * sizeof(T) / 16;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  uint4 raw[kQuantUnroll][kLoads];
+#pragma unroll
+  for (int u = 0; u < kQuantUnroll; ++u) {
+    const int64_t c = c0 + u * stride;
+#pragma unroll
+    for (int l = 0; l < kLoads; ++l) {
+      raw[u][l] = c < chunks ? reinterpret_cast<const uint4*>(x)[c * kLoads + l] : make_uint4(0, 0, 0, 0);
+    }
   }
 #pragma unroll
-  for (int u = 0; u < kGroupsPerWarp; ++u) {
-    const int64_t g = first + u;
-    if (g >= groups) break;  // (warp-uniform: every lane takes part in the shuffles)
-    float v[kPerLane];
+  for (int u = 0; u < kQuantUnroll; ++u) {
+    const int64_t c = c0 + u * stride;
+    const T* vals = reinterpret_cast<const T*>(raw[u]);
+    float v[kQuantVals];
     float amax = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      v[i] = Num<T>::to_float(in[u].v[i]);
+    for (int i = 0; i < kQuantVals; ++i) {
+      v[i] = Num<T>::to_float(vals[i]);
       amax = nan_max(amax, fabsf(v[i]));
     }
 #pragma unroll
-    for (int o = 16; o > 0; o /= 2) amax = nan_max(amax, __shfl_xor_sync(kFullMask, amax, o));
+    for (int o = kQuantLanes / 2; o > 0; o /= 2) amax = nan_max(amax, __shfl_xor_sync(kFullMask, amax, o));
+    if (c >= chunks) continue;
     if (amax < kFp8MinAmax) amax = kFp8MinAmax;
     const float scale = amax / kFp8Max;  // IEEE division (no fast-math): the CPU's bits
-    uint32_t packed = 0;
+    uint32_t words[kQuantVals / 4];
+    if (isfinite(scale)) {  // every v / scale lies within +-448 (1 + 2^-23)
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) packed |= static_cast<uint32_t>(fp8_e4m3_from_float(v[i] / scale)) << (8 * i);
-    reinterpret_cast<uint32_t*>(q + g * kFp8Group)[lane] = packed;
-    if (lane == 0) scales[g] = scale;
+      for (int i = 0; i < kQuantVals / 4; ++i) {
+        words[i] = encode_pair(v[4 * i] / scale, v[4 * i + 1] / scale) |
+                   (encode_pair(v[4 * i + 2] / scale, v[4 * i + 3] / scale) << 16);
+      }
+    } else {  // NaN or inf in the group: the software conversion keeps NaN's sign
+#pragma unroll
+      for (int i = 0; i < kQuantVals / 4; ++i) {
+        words[i] = 0;
+#pragma unroll
+        for (int b = 0; b < 4; ++b) words[i] |= static_cast<uint32_t>(fp8_e4m3_from_float(v[4 * i + b] / scale)) << (8 * b);
+      }
+    }
+    reinterpret_cast<uint4*>(q)[c] = make_uint4(words[0], words[1], words[2], words[3]);
+    if (threadIdx.x % kQuantLanes == 0) scales[c / kQuantLanes] = scale;
   }
 }
 
-// A thread per 16 values, kUnroll of them (a grid's width apart, so that neighbouring threads
-// read neighbouring bytes) loaded before any is converted.
+// A thread per unit (the values of one 16-byte store), kDequantUnroll units a grid's width
+// apart (neighbouring threads read neighbouring bytes), all loaded before any is converted.
 template <typename T>
-__global__ void dequantize_kernel(const uint8_t* __restrict__ q, const float* __restrict__ scales, int64_t chunks,
-                                  T* __restrict__ out) {
+__global__ void __launch_bounds__(kBlock) dequantize_kernel(const uint8_t* __restrict__ q,
+                                                            const float* __restrict__ scales, int64_t units,
+                                                            T* __restrict__ out) {
+  using U = Unit<T>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  uint4 raw[kUnroll];
-  float scale[kUnroll];
+  typename U::Bytes raw[kDequantUnroll];
+  float scale[kDequantUnroll];
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
+  for (int u = 0; u < kDequantUnroll; ++u) {
     const int64_t c = c0 + u * stride;
-    if (c < chunks) {
-      raw[u] = reinterpret_cast<const uint4*>(q)[c];
-      scale[u] = scales[c / (kFp8Group / kChunk)];
+    if (c < units) {
+      raw[u] = reinterpret_cast<const typename U::Bytes*>(q)[c];
+      scale[u] = scales[c / (kFp8Group / U::kVals)];
     }
   }
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
+  for (int u = 0; u < kDequantUnroll; ++u) {
     const int64_t c = c0 + u * stride;
-    if (c >= chunks) break;
-    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw[u]);
-    Vec<T, kChunk> o;
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) o.v[i] = Num<T>::from(fp8_e4m3_to_float(bytes[i]) * scale[u]);
-    reinterpret_cast<Vec<T, kChunk>*>(out)[c] = o;
+    if (c >= units) break;
+    reinterpret_cast<typename U::Out*>(out)[c] = decode_unit<T>(raw[u], scale[u]);
   }
 }
 
-// The dequantizing permutation: one warp per FP8 row, a lane per 16 values (one 16-byte load),
-// the row's values written dequantized to each of its destination rows; each FP8 row is read
-// once. The same arithmetic as dequantize_kernel, so it equals dequantize-then-permute.
+// The dequantizing permutation: one warp per FP8 row, a lane per unit, kPermuteUnroll units
+// loaded before the first store; each unit is converted once and written to each of the row's
+// destinations. The same arithmetic as dequantize_kernel, so it equals dequantize-then-permute.
 template <typename T>
-__global__ void scatter_fp8_rows_kernel(const uint8_t* __restrict__ q, int64_t q_pitch,
-                                        const float* __restrict__ scales, int64_t scale_pitch, int64_t rows,
-                                        int64_t hidden, const int32_t* __restrict__ row_id_map, int32_t slots,
-                                        T* __restrict__ dst) {
+__global__ void __launch_bounds__(kBlock) scatter_fp8_rows_kernel(
+    const uint8_t* __restrict__ q, int64_t q_pitch, const float* __restrict__ scales, int64_t scale_pitch,
+    int64_t rows, int64_t hidden, const int32_t* __restrict__ row_id_map, int32_t slots, T* __restrict__ dst) {
+  using U = Unit<T>;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (row >= rows) return;
   const int lane = threadIdx.x % 32;
   const int32_t* dests = row_id_map + row * slots;
-  const uint4* in = reinterpret_cast<const uint4*>(q + row * q_pitch);
+  const auto* in = reinterpret_cast<const typename U::Bytes*>(q + row * q_pitch);
   const float* row_scales = scales + row * scale_pitch;
-  const int64_t chunks = hidden / kChunk;
-  for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
-    uint4 raw[kUnroll];  // kUnroll loads in flight before the first store
-    float scale[kUnroll];
+  const int64_t units = hidden / U::kVals;
+  for (int64_t c0 = lane; c0 < units; c0 += 32 * kPermuteUnroll) {
+    typename U::Bytes raw[kPermuteUnroll];
+    float scale[kPermuteUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kPermuteUnroll; ++u) {
       const int64_t c = c0 + 32 * u;
-      if (c < chunks) {
+      if (c < units) {
         raw[u] = in[c];
-        scale[u] = row_scales[c / (kFp8Group / kChunk)];
+        scale[u] = row_scales[c / (kFp8Group / U::kVals)];
       }
     }
+    typename U::Out out[kPermuteUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c = c0 + 32 * u;
-      if (c >= chunks) break;
-      const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw[u]);
-      Vec<T, kChunk> out;
+    for (int u = 0; u < kPermuteUnroll; ++u) {
+      if (c0 + 32 * u < units) out[u] = decode_unit<T>(raw[u], scale[u]);
+    }
+    for (int32_t s = 0; s < slots; ++s) {
+      const int32_t d = __ldg(dests + s);
+      if (d < 0) continue;
+      auto* to = reinterpret_cast<typename U::Out*>(dst + static_cast<int64_t>(d) * hidden);
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i) out.v[i] = Num<T>::from(fp8_e4m3_to_float(bytes[i]) * scale[u]);
-      for (int32_t s = 0; s < slots; ++s) {
-        const int32_t d = __ldg(dests + s);
-        if (d >= 0) reinterpret_cast<Vec<T, kChunk>*>(dst + static_cast<int64_t>(d) * hidden)[c] = out;
+      for (int u = 0; u < kPermuteUnroll; ++u) {
+        const int64_t c = c0 + 32 * u;
+        if (c < units) to[c] = out[u];
       }
     }
   }
 }
+
+template <template <typename> class Launch, typename... Args>
+cudaError_t by_dtype(DType dtype, Args&&... args) {
+  switch (dtype) {
+    case kFloat32: Launch<float>::run(args...); break;
+    case kFloat16: Launch<__half>::run(args...); break;
+    case kBFloat16: Launch<__nv_bfloat16>::run(args...); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+struct Quantize {
+  static void run(const void* x, int64_t groups, uint8_t* q, float* scales, cudaStream_t stream) {
+    const int64_t chunks = groups * kQuantLanes;
+    quantize_kernel<<<grid_for(chunks, kBlock * kQuantUnroll), kBlock, 0, stream>>>(static_cast<const T*>(x), chunks,
+                                                                                    q, scales);
+  }
+};
+
+template <typename T>
+struct Dequantize {
+  static void run(const uint8_t* q, const float* scales, int64_t groups, void* out, cudaStream_t stream) {
+    const int64_t units = groups * (kFp8Group / Unit<T>::kVals);
+    dequantize_kernel<<<grid_for(units, kBlock * kDequantUnroll), kBlock, 0, stream>>>(q, scales, units,
+                                                                                      static_cast<T*>(out));
+  }
+};
+
+template <typename T>
+struct ScatterFp8 {
+  static void run(const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch, int64_t rows,
+                  int64_t hidden, const int32_t* row_id_map, int32_t slots, void* dst, cudaStream_t stream) {
+    scatter_fp8_rows_kernel<<<grid_for(rows, kWarpsPerBlock), kBlock, 0, stream>>>(
+        q, q_pitch, scales, scale_pitch, rows, hidden, row_id_map, slots, static_cast<T*>(dst));
+  }
+};
 
 }  // namespace
 
 cudaError_t quantize_fp8(DType dtype, const void* x, int64_t groups, uint8_t* q, float* scales,
                          cudaStream_t stream) {
   if (groups == 0) return cudaSuccess;
-  const unsigned grid = grid_for(groups, kWarpsPerBlock * kGroupsPerWarp);
-  const int block = 32 * kWarpsPerBlock;
-  switch (dtype) {
-    case kFloat32: quantize_kernel<<<grid, block, 0, stream>>>(static_cast<const float*>(x), groups, q, scales); break;
-    case kFloat16: quantize_kernel<<<grid, block, 0, stream>>>(static_cast<const __half*>(x), groups, q, scales); break;
-    case kBFloat16:
-      quantize_kernel<<<grid, block, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), groups, q, scales);
-      break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return by_dtype<Quantize>(dtype, x, groups, q, scales, stream);
 }
 
 cudaError_t dequantize_fp8(DType dtype, const uint8_t* q, const float* scales, int64_t groups, void* out,
                            cudaStream_t stream) {
   if (groups == 0) return cudaSuccess;
-  const int64_t chunks = groups * (kFp8Group / kChunk);
-  const int block = 256;
-  const unsigned grid = grid_for(chunks, block * kUnroll);
-  switch (dtype) {
-    case kFloat32: dequantize_kernel<<<grid, block, 0, stream>>>(q, scales, chunks, static_cast<float*>(out)); break;
-    case kFloat16: dequantize_kernel<<<grid, block, 0, stream>>>(q, scales, chunks, static_cast<__half*>(out)); break;
-    case kBFloat16:
-      dequantize_kernel<<<grid, block, 0, stream>>>(q, scales, chunks, static_cast<__nv_bfloat16*>(out));
-      break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return by_dtype<Dequantize>(dtype, q, scales, groups, out, stream);
 }
 
 cudaError_t scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
                              int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots, void* dst,
                              cudaStream_t stream) {
   if (rows == 0 || hidden == 0) return cudaSuccess;
-  const unsigned grid = grid_for(rows, kWarpsPerBlock);
-  const int block = 32 * kWarpsPerBlock;
-  switch (dtype) {
-    case kFloat32:
-      scatter_fp8_rows_kernel<<<grid, block, 0, stream>>>(q, q_pitch, scales, scale_pitch, rows, hidden, row_id_map,
-                                                          slots, static_cast<float*>(dst));
-      break;
-    case kFloat16:
-      scatter_fp8_rows_kernel<<<grid, block, 0, stream>>>(q, q_pitch, scales, scale_pitch, rows, hidden, row_id_map,
-                                                          slots, static_cast<__half*>(dst));
-      break;
-    case kBFloat16:
-      scatter_fp8_rows_kernel<<<grid, block, 0, stream>>>(q, q_pitch, scales, scale_pitch, rows, hidden, row_id_map,
-                                                          slots, static_cast<__nv_bfloat16*>(dst));
-      break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return by_dtype<ScatterFp8>(dtype, q, q_pitch, scales, scale_pitch, rows, hidden, row_id_map, slots, dst, stream);
 }
 
 }  // namespace cuda

@@ -415,7 +415,9 @@ def test_fp8_rounding_is_torchs_on_every_code_and_tie(device):
     codes = torch.arange(0, 0x7f, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # finite, >= 0
     mids = (codes[1:] + codes[:-1]) / 2
     near = torch.cat([mids * (1 + 2 ** -20), mids * (1 - 2 ** -20)])
-    values = torch.cat([codes, mids, near, -codes, -mids, -near])
+    # Below the smallest subnormal (2^-9): half of it, just above half, float32 subnormals.
+    tiny = torch.tensor([2.0 ** -10, 2.0 ** -10 * (1 + 2 ** -20), 2.0 ** -11, 1e-40, 1e-45, 0.0])
+    values = torch.cat([codes, mids, near, tiny, -codes, -mids, -near, -tiny])
     hidden = 128 * ((values.numel() + 126) // 127)
     x = torch.zeros(hidden)
     x[: values.numel()] = values
@@ -424,6 +426,22 @@ def test_fp8_rounding_is_torchs_on_every_code_and_tie(device):
     q, scales = ops.quantize_fp8(x.to(device))
     assert torch.all(scales == 1.0)
     assert torch.equal(q.view(torch.uint8).cpu(), x.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_groups_with_nan_or_inf_are_the_references(device, dtype):
+    """A group holding NaN or +-inf has a scale that is not finite (documented in
+    ops.quantize_fp8); its bytes are the reference's, and the other groups are untouched."""
+    x = _fp8_rows(dtype, "cpu", rows=6, hidden=512)
+    x[1, 5], x[2, 130], x[3, 300], x[4, 0], x[4, 1] = float("nan"), float("inf"), float("-inf"), float("inf"), -1.0
+    x = x.to(device)
+    q, scales = ops.quantize_fp8(x)
+    q_ref, scales_ref = reference.quantize_fp8(x)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.allclose(scales, scales_ref, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(scales[1, 0]) and torch.isinf(scales[2, 1]) and torch.isinf(scales[3, 2])
+    assert int(torch.isfinite(scales).sum()) == scales.numel() - 4
 
 
 def test_fp8_bad_arguments():
