@@ -172,20 +172,31 @@ def two_dispatchers_interleaved(rank, world, device="cpu", backend="auto", dtype
     return {"A": rel_err(out_a, a["dense"]), "B": rel_err(out_b, b["dense"])}
 
 
-def invalid_routing_all_ranks_raise(rank, world, bad_rank=0, device="cpu", backend="auto", dtype="float32"):
-    """A bad index on one rank: every rank raises ValueError, nobody hangs, and the
-    dispatcher works again afterwards."""
+def invalid_routing_all_ranks_raise(rank, world, bad_rank=0, device="cpu", backend="auto", dtype="float32",
+                                    bad="index", fp8=False, widen_first=0):
+    """A bad index (or, ``bad="probs_shape"``, probs of a wrong shape: a check on the host) on
+    one rank: every rank raises ValueError, nobody hangs, and the dispatcher works again
+    afterwards. ``widen_first``: a layer of that hidden size runs once before (on DeepEP it
+    widens the group's shared buffer)."""
     experts, topk = 4 * world, 2
-    d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend)
-    hidden = 1024 if backend == "deepep" else 16  # DeepEP: rows of its verified widths
+    if widen_first:
+        w = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend)
+        xw = torch.randn(6, widen_first).to(DTYPES[dtype]).to(device)
+        pw, iw = torch.topk(torch.rand(6, experts, device=device), topk)
+        rows, _, wp = w.token_permutation2(xw, 6, pw, iw)
+        w.token_unpermutation((rows * wp[:, None]).to(rows.dtype))
+    d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend, moe_fp8_dispatch=fp8)
+    hidden = 1024 if backend == "deepep" else (128 if fp8 else 16)  # DeepEP: rows of its verified widths
     x = torch.randn(6, hidden).to(DTYPES[dtype]).to(device)
     tp, ti = torch.topk(torch.rand(6, experts, device=device), topk)
-    bad = ti.clone()
-    if rank == bad_rank:
-        bad[2, 1] = experts + 3
+    bad_probs, bad_indices = tp, ti.clone()
+    if rank == bad_rank and bad == "index":
+        bad_indices[2, 1] = experts + 3
+    elif rank == bad_rank:
+        bad_probs = tp[:, :1]
     message = None
     try:
-        d.token_permutation2(x, 6, tp, bad)
+        d.token_permutation2(x, 6, bad_probs, bad_indices)
     except ValueError as exc:
         message = str(exc)
     tokens, tpe, pprobs = d.token_permutation2(x, 6, tp, ti)

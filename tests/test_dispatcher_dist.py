@@ -143,6 +143,10 @@ def test_nvlink_errors_and_interleaving(pool):
         assert res["message"] is not None and res["recovered"], res
         if pool.world > 1:
             assert f"rank(s) [{bad_rank}]" in res["message"], res
+    # A host check failing on one rank of an FP8 layer after a wider layer ran on the group.
+    for res in pool.run("invalid_routing_all_ranks_raise", bad_rank=bad_rank, backend="nvlink", bad="probs_shape",
+                        fp8=True, widen_first=136):
+        assert res["message"] and "token_probs" in res["message"] and res["recovered"], res
     for res in pool.run("two_dispatchers_interleaved", backend="nvlink"):
         assert res["A"] < 2e-5 and res["B"] < 2e-5, res
 

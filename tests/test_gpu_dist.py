@@ -92,6 +92,13 @@ def test_deepep_errors_interleaving_async(pool):
         assert res["message"] and "every rank raises" in res["message"] and res["recovered"]
     for res in pool.run("two_dispatchers_interleaved", device="cuda", backend="deepep", dtype="bfloat16"):
         assert res["A"] < 4e-2 and res["B"] < 4e-2
+    # A host check failing on one rank of an FP8 layer after another layer widened the group's
+    # buffer to 1040 values: that rank's stand-in rows once took the buffer's width, which the
+    # quantizer refused on that rank alone, and its peer waited in DeepEP until its timeout.
+    for res in pool.run("invalid_routing_all_ranks_raise", bad_rank=0, device="cuda", backend="deepep",
+                        dtype="bfloat16", bad="probs_shape", fp8=True, widen_first=1040):
+        assert res["message"] and "token_probs" in res["message"] and "every rank raises" in res["message"], res
+        assert res["recovered"], res
     for res in pool.run("async_overlap", backend="deepep"):
         assert res["identical"] and res["side"]
 
@@ -141,11 +148,13 @@ def test_stateful_alltoall_nccl(pool):
 @pytest.mark.deepep
 @pytest.mark.timeout(900)
 def test_stateful_deepep(pool):
-    """The stateful programs on DeepEP: bf16 rows of a width every DeepEP build serves; no
-    mid-call reset on one rank (DeepEP's combine has no header to agree at)."""
+    """The stateful programs on DeepEP: bf16 rows of widths every DeepEP build serves, one of
+    them not whole 128-value groups (1040: FP8 layers then share a buffer sized by a layer
+    they could not be, seeds 8022 and 8040 fail a host check there); no mid-call reset on
+    one rank (DeepEP's combine has no header to agree at)."""
     seeds = [8000 + 10 * pool.world + i for i in range(4)]
     results = pool.run("stateful_programs", timeout=800, seeds=seeds, steps=40, device="cuda", backend="deepep",
-                       dtypes=("bfloat16",), hidden_sizes=(1024,), max_tokens=96, expert_error=False)
+                       dtypes=("bfloat16",), hidden_sizes=(1024, 1040), max_tokens=96, expert_error=False)
     assert check_agreed(results) == 160
 
 

@@ -218,6 +218,7 @@ class _ManagerBase(_DispatchManager):
         self._route_status: Optional[torch.Tensor] = None  # the route check's int32 [2] on the device
         self._checked_route = None  # (indices, probs) as given, to describe a routing error
         self._deferred: Optional[BaseException] = None  # this rank's failed check, raised at the exchange
+        self._offered: Optional[torch.Tensor] = None  # dispatch's hidden_states, during the call
         self._kept_fp8: Optional[tuple] = None  # those rows (q, scales), for the permutation
         self._pulled: Optional[tuple] = None  # (addrs, align) of rows the permutation reads
         self._stand_in: Optional[torch.Tensor] = None  # what dispatch returned in place of either
@@ -428,8 +429,12 @@ class _ManagerBase(_DispatchManager):
             except (ValueError, TypeError) as exc:
                 self.defer(exc)  # groups of one raise here
         keep_fp8 = keep_fp8 and self.fp8_dispatch and not torch.compiler.is_compiling()
-        result = self._dispatch(None if self._deferred is not None else hidden_states, async_finish,
-                                allocate_on_comm_stream, keep_fp8, permute_next)
+        self._offered = hidden_states  # (a rank whose check failed still sizes its part by it)
+        try:
+            result = self._dispatch(None if self._deferred is not None else hidden_states, async_finish,
+                                    allocate_on_comm_stream, keep_fp8, permute_next)
+        finally:
+            self._offered = None
         self.dispatched_indices, self.dispatched_probs = result.indices, result.probs
         self._kept_fp8, self._pulled = result.fp8, result.pulled
         self._stand_in = result.hidden if result.fp8 is not None or result.pulled is not None else None

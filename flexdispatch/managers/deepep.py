@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
+from ..reference import FP8_GROUP
 from .._log import logger
 from . import agreement
 from .base import Dispatched, _ManagerBase, received_fp8_rows
@@ -385,9 +386,25 @@ class _DeepepManager(_ManagerBase):
 
     def _placeholder(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Zero tokens for a rank whose own check failed: it still takes part in DeepEP's
-        exchange (its peers wait for it there), with rows of its group's buffer width."""
+        exchange (its peers wait for it there; the agreed headers make every rank move nothing).
+
+        Its row width is the one it was offered when that width passes DeepEP's checks (a
+        failed check on probs or indices: its peers, offered the same width, grow the shared
+        buffer the same way, and growth is collective); else the group's buffer width, which
+        grows nothing, cut to whole 128-value groups under FP8 dispatch (the quantizer takes
+        no other width; a buffer of another layer may be, say, 1040 wide)."""
         device = torch.device("cuda", torch.cuda.current_device())
-        width = _registry.width(self.group) or MIN_VERIFIED_ROW_BYTES // 2
+        offered, width = self._offered, None
+        if isinstance(offered, torch.Tensor) and offered.dim() == 2 and offered.shape[1] > 0:
+            try:
+                self._check_hidden(offered)
+                width = offered.shape[1]
+            except (ValueError, TypeError):
+                pass
+        if width is None:
+            width = _registry.width(self.group) or MIN_VERIFIED_ROW_BYTES // 2
+        if self.fp8_dispatch and width % FP8_GROUP:
+            width = max(width // FP8_GROUP * FP8_GROUP, FP8_GROUP)
         return (torch.empty(0, width, dtype=torch.bfloat16, device=device),
                 torch.empty(0, self.router_topk, dtype=torch.int64, device=device),
                 torch.empty(0, self.router_topk, dtype=torch.float32, device=device))
