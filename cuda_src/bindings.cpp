@@ -556,6 +556,53 @@ void sum_rows_from(const Tensor& addrs, int64_t align, Tensor& out, int64_t max_
   });
 }
 
+// int64 [n]: the address of entry i of a transfer of `kind` (flexdispatch.h, PeerRows; 0: no
+// row) for `rank`, from counts [W, W] int64 (rows rank s sends rank d) and table [W] int64
+// (where each rank's part starts); map int32 [n / W, W] for kPeerHome, tokens float64 [>= n, C]
+// (column 0: the row's token on its source) for kPeerReceivedToken. No host sync.
+Tensor peer_addresses(int64_t kind, const Tensor& counts, int64_t rank, const Tensor& table, int64_t row_bytes,
+                      int64_t n, const std::optional<Tensor>& map, const std::optional<Tensor>& tokens) {
+  TORCH_CHECK_VALUE(kind >= fd::kPeerReceived && kind <= fd::kPeerSent, "kind must be a PeerRows value, got ", kind);
+  TORCH_CHECK_VALUE(counts.dim() == 2 && counts.size(0) == counts.size(1), "counts must be [W, W], got ",
+                    counts.sizes());
+  TORCH_CHECK_TYPE(counts.scalar_type() == at::kLong && table.scalar_type() == at::kLong,
+                   "counts and table must be int64");
+  const int64_t world = counts.size(0);
+  TORCH_CHECK_VALUE(world >= 1 && rank >= 0 && rank < world, "rank ", rank, " is not in a group of ", world);
+  TORCH_CHECK_VALUE(table.numel() == world, "table must have ", world, " entries, got ", table.numel());
+  TORCH_CHECK_VALUE(n >= 0 && row_bytes >= 0, "n and row_bytes must be >= 0");
+  check_contiguous(counts, "counts");
+  check_contiguous(table, "table");
+  check_same_device(counts, table, "table");
+  const int32_t* map_ptr = nullptr;
+  const double* token_ptr = nullptr;
+  int64_t token_stride = 0;
+  if (kind == fd::kPeerHome) {
+    TORCH_CHECK_VALUE(map.has_value() && map->scalar_type() == at::kInt && map->dim() == 2 && map->size(1) == world &&
+                          map->numel() == n, "kPeerHome needs map int32 [n / W, W]");
+    check_contiguous(*map, "map");
+    check_same_device(counts, *map, "map");
+    map_ptr = map->data_ptr<int32_t>();
+  }
+  if (kind == fd::kPeerReceivedToken) {
+    TORCH_CHECK_VALUE(tokens.has_value() && tokens->scalar_type() == at::kDouble && tokens->dim() == 2 &&
+                          tokens->size(0) >= n && tokens->stride(1) == 1, "kPeerReceivedToken needs tokens float64 "
+                      "[>= n, C] with unit column stride");
+    check_same_device(counts, *tokens, "tokens");
+    token_ptr = tokens->data_ptr<double>();
+    token_stride = tokens->stride(0);
+  }
+  auto out = torch::empty({n}, counts.options());
+  const int32_t w = static_cast<int32_t>(world), r = static_cast<int32_t>(rank), k = static_cast<int32_t>(kind);
+  FD_ON_DEVICE(counts, fd::cuda::peer_addresses(k, counts.data_ptr<int64_t>(), w, r, table.data_ptr<int64_t>(),
+                                                row_bytes, n, map_ptr, token_ptr, token_stride,
+                                                out.data_ptr<int64_t>(), stream), {
+    fd::cpu::peer_addresses(k, counts.data_ptr<int64_t>(), w, r, table.data_ptr<int64_t>(), row_bytes, n, map_ptr,
+                            token_ptr, token_stride, out.data_ptr<int64_t>());
+  });
+  return out;
+}
+
 // The permutation of rows read through addresses, as permute: plan, (sync when num_out < 0),
 // map, then row r of `like` ([R, H], only its shape, dtype and device are read) read at addrs[r]
 // once and written to its planned rows; pad and tail rows zeroed. Returns as permute.
@@ -607,5 +654,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_rows_from", &copy_rows_from);
   m.def("sum_rows_from", &sum_rows_from);
   m.def("permute_from", &permute_from);
+  m.def("peer_addresses", &peer_addresses);
   m.def("with_cuda", &with_cuda);
 }

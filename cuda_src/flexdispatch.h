@@ -150,4 +150,70 @@ FD_HOST_DEVICE inline float fp8_e4m3_to_float(uint8_t v) {
   return bits_float(sign | ((e + 120u) << 23) | (m << 20));
 }
 
+// ---- the NVLink manager's transfers: where each row lies -----------------------------------
+// One call's rows, for this rank, from counts[s * world + d] (rows rank s sends rank d): rows
+// received are ordered by source rank (each source's block in its send-list order); a send
+// list is ordered by destination rank. table[w]: where rank w's part of an exchange starts.
+enum PeerRows : int32_t {
+  kPeerReceived = 0,       // entry r: received row r, in its source's send-list part
+  kPeerReceivedToken = 1,  // entry r: received row r, in its source's token part (row: tokens[r * stride])
+  kPeerHome = 2,           // entry t * world + w: token t's row in rank w's received part (map [T, world])
+  kPeerSent = 3,           // entry i: row i of this rank's send list, in its destination's received part
+};
+
+FD_HOST_DEVICE inline constexpr int32_t peer_block_words(int32_t world) { return 4 * world + 2; }
+
+// words[peer_block_words(world)]: received rows' starts by source [world + 1], this rank's
+// block in each source's send list [world], the send list's starts by destination
+// [world + 1], this rank's block among each destination's received rows [world].
+FD_HOST_DEVICE inline void peer_blocks(const int64_t* counts, int32_t world, int32_t rank, int64_t* words) {
+  int64_t* recv_start = words;
+  int64_t* their_off = recv_start + world + 1;
+  int64_t* send_start = their_off + world;
+  int64_t* dest_off = send_start + world + 1;
+  recv_start[0] = send_start[0] = 0;
+  for (int32_t w = 0; w < world; ++w) {
+    recv_start[w + 1] = recv_start[w] + counts[w * world + rank];
+    send_start[w + 1] = send_start[w] + counts[rank * world + w];
+    int64_t off = 0, before = 0;
+    for (int32_t v = 0; v < rank; ++v) {
+      off += counts[w * world + v];
+      before += counts[v * world + w];
+    }
+    their_off[w] = off;
+    dest_off[w] = before;
+  }
+}
+
+// The block of starts[0..world] holding entry i (world: past the last).
+FD_HOST_DEVICE inline int32_t peer_block_of(const int64_t* starts, int32_t world, int64_t i) {
+  int32_t b = 0;
+  while (b < world && i >= starts[b + 1]) ++b;
+  return b;
+}
+
+// Address of entry i of a transfer of `kind`; 0: no row.
+FD_HOST_DEVICE inline int64_t peer_address(int32_t kind, int64_t i, int32_t world, const int64_t* words,
+                                           const int64_t* table, int64_t row_bytes, const int32_t* map,
+                                           const double* tokens, int64_t token_stride) {
+  const int64_t* recv_start = words;
+  const int64_t* their_off = recv_start + world + 1;
+  const int64_t* send_start = their_off + world;
+  const int64_t* dest_off = send_start + world + 1;
+  if (kind == kPeerHome) {
+    const int32_t w = static_cast<int32_t>(i % world);
+    const int32_t m = map[i];
+    return m < 0 ? 0 : table[w] + (m - send_start[w] + dest_off[w]) * row_bytes;
+  }
+  if (kind == kPeerSent) {
+    const int32_t d = peer_block_of(send_start, world, i);
+    return d == world ? 0 : table[d] + (i - send_start[d] + dest_off[d]) * row_bytes;
+  }
+  const int32_t s = peer_block_of(recv_start, world, i);
+  if (s == world) return 0;
+  const int64_t row = kind == kPeerReceived ? i - recv_start[s] + their_off[s]
+                                            : static_cast<int64_t>(tokens[i * token_stride]);
+  return table[s] + row * row_bytes;
+}
+
 }  // namespace flexdispatch

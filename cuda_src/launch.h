@@ -87,6 +87,11 @@ cudaError_t copy_rows_from(const int64_t* addrs, int64_t rows, int64_t row_bytes
 // (0: none), accumulated in float32 (float64 for float64); a row without a slot is zero.
 cudaError_t sum_rows_from(DType dtype, const int64_t* addrs, int64_t rows, int32_t slots, int64_t hidden,
                           int32_t align, void* dst, int64_t max_blocks, cudaStream_t stream);
+// out[i] = peer_address(kind, i, ...) for i < n (flexdispatch.h), the block starts made from
+// counts [world, world] once per thread block.
+cudaError_t peer_addresses(int32_t kind, const int64_t* counts, int32_t world, int32_t rank, const int64_t* table,
+                           int64_t row_bytes, int64_t n, const int32_t* map, const double* tokens,
+                           int64_t token_stride, int64_t* out, cudaStream_t stream);
 
 // The agreement of a call on the device (no host sync): header [kHeaderWidth] = values, with
 // status[0] (nullable: check_route's error bits) OR-ed into kHeaderError; and out [n] (int64 or

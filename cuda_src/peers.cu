@@ -107,6 +107,18 @@ __global__ void sum_rows_from_kernel(const int64_t* __restrict__ addrs, int64_t 
   }
 }
 
+__global__ void peer_addresses_kernel(int32_t kind, const int64_t* __restrict__ counts, int32_t world, int32_t rank,
+                                      const int64_t* __restrict__ table, int64_t row_bytes, int64_t n,
+                                      const int32_t* __restrict__ map, const double* __restrict__ tokens,
+                                      int64_t token_stride, int64_t* __restrict__ out) {
+  extern __shared__ int64_t words[];
+  if (threadIdx.x == 0) peer_blocks(counts, world, rank, words);
+  __syncthreads();
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    out[i] = peer_address(kind, i, world, words, table, row_bytes, map, tokens, token_stride);
+  }
+}
+
 template <typename V>
 cudaError_t copy_as(const int64_t* addrs, int64_t rows, int64_t row_bytes, const int32_t* map, int32_t slots,
                     void* dst, int64_t max_blocks, cudaStream_t stream) {
@@ -159,6 +171,18 @@ cudaError_t sum_rows_from(DType dtype, const int64_t* addrs, int64_t rows, int32
     case kFloat64: return sum_typed<double>(addrs, rows, slots, hidden, align, dst, max_blocks, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t peer_addresses(int32_t kind, const int64_t* counts, int32_t world, int32_t rank, const int64_t* table,
+                           int64_t row_bytes, int64_t n, const int32_t* map, const double* tokens,
+                           int64_t token_stride, int64_t* out, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  const unsigned grid = capped_grid(grid_for(n, kThreads), 1024);
+  const size_t shared = sizeof(int64_t) * peer_block_words(world);
+  peer_addresses_kernel<<<grid, kThreads, shared, stream>>>(kind, counts, world, rank, table, row_bytes, n, map,
+                                                            tokens, token_stride, out);
+  return cudaGetLastError();
 }
 
 }  // namespace cuda

@@ -44,6 +44,27 @@ def sum_rows_from(addrs: torch.Tensor, out: torch.Tensor, align: int, max_blocks
     return out
 
 
+# Transfers whose addresses peer_addresses makes (cuda_src/flexdispatch.h, PeerRows).
+RECEIVED, RECEIVED_TOKEN, HOME, SENT = 0, 1, 2, 3
+
+
+def peer_addresses(kind: int, counts: torch.Tensor, rank: int, table: torch.Tensor, row_bytes: int, n: int,
+                   map: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int64 ``[n]``: where entry ``i`` of one call's transfer of ``kind`` lies (0: no row), for
+    ``rank``, from ``counts [W, W]`` int64 (rows rank ``s`` sends rank ``d``; rows received are
+    ordered by source, a send list by destination) and ``table [W]`` int64 (where each rank's
+    part of the exchange starts), in one kernel (no host sync):
+
+    * ``RECEIVED``: received row ``i``, in its source's send-list part;
+    * ``RECEIVED_TOKEN``: received row ``i``, in its source's token part, at row
+      ``tokens[i, 0]`` (float64 ``[>= n, C]``: the received routing rows);
+    * ``HOME``: entry ``t * W + w``, token ``t``'s row in rank ``w``'s received part, from the
+      send list's plan ``map`` (int32 ``[T, W]``, -1: not sent there);
+    * ``SENT``: row ``i`` of this rank's send list, in its destination's received part.
+    """
+    return _kernels().peer_addresses(kind, counts, rank, table, row_bytes, n, map, tokens)
+
+
 def permute_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indices: torch.Tensor,
                  probs: Optional[torch.Tensor], num_experts: int, num_out_tokens: Optional[int] = None,
                  pad_multiple: Optional[int] = None, max_blocks: int = 0):

@@ -601,6 +601,56 @@ def test_sum_rows_from_addresses_is_the_fixed_order_sum(device, dtype, slots, wi
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_peer_addresses_follow_the_block_layout(device, world):
+    """The NVLink manager's addresses, one kernel per transfer, against the layout written out
+    with torch ops (received rows by source, send lists by destination), on random counts with
+    empty blocks, and past the real rows (worst-case sizes: address 0)."""
+    from flexdispatch import peer_ops
+
+    g = torch.Generator().manual_seed(world)
+    counts = torch.randint(0, 6, (world, world), generator=g) * (torch.rand(world, world, generator=g) > 0.3)
+    table = (torch.arange(1, world + 1) << 32) + torch.randint(0, 1 << 20, (world,), generator=g) * 16
+    rb, extra = 48, 3
+    for rank in range(world):
+        recv_from, sent_to = counts[:, rank], counts[rank]
+        recv_end, sent_end = torch.cumsum(recv_from, 0), torch.cumsum(sent_to, 0)
+        their_off = torch.cumsum(counts, 1)[:, rank] - recv_from
+        home_delta = torch.cumsum(counts, 0)[rank] - sent_to - (sent_end - sent_to)
+        received, sent = int(recv_from.sum()) + extra, int(sent_to.sum()) + extra
+        r = torch.arange(received)
+        src = torch.searchsorted(recv_end, r, right=True)
+        has, src = src < world, src.clamp(max=world - 1)
+        meta_row = r - (recv_end - recv_from)[src] + their_off[src]
+        tokens = torch.randint(0, 50, (received, 3), generator=g).double()
+        i = torch.arange(sent)
+        dest = torch.searchsorted(sent_end, i, right=True)
+        real, dest = dest < world, dest.clamp(max=world - 1)
+        tok = 7
+        plan_map = torch.full((tok, world), -1, dtype=torch.int32)
+        for w in range(world):  # tokens sent to w take rows sent_end[w] - sent_to[w] + 0, 1, ...
+            chosen = torch.randperm(tok, generator=g)[: min(int(sent_to[w]), tok)].sort().values
+            plan_map[chosen, w] = (sent_end[w] - sent_to[w] + torch.arange(len(chosen))).int()
+        want = {
+            peer_ops.RECEIVED: torch.where(has, table[src] + meta_row * rb, 0),
+            peer_ops.RECEIVED_TOKEN: torch.where(has, table[src] + tokens[:, 0].long() * rb, 0),
+            peer_ops.SENT: torch.where(real, table[dest] + (i + home_delta[dest]) * rb, 0),
+            peer_ops.HOME: torch.where(plan_map >= 0, table + (plan_map.long() + home_delta) * rb, 0).flatten(),
+        }
+        args = dict(counts=counts.to(device), rank=rank, table=table.to(device), row_bytes=rb)
+        got = {
+            peer_ops.RECEIVED: peer_ops.peer_addresses(peer_ops.RECEIVED, n=received, **args),
+            peer_ops.RECEIVED_TOKEN: peer_ops.peer_addresses(peer_ops.RECEIVED_TOKEN, n=received,
+                                                             tokens=tokens.to(device), **args),
+            peer_ops.SENT: peer_ops.peer_addresses(peer_ops.SENT, n=sent, **args),
+            peer_ops.HOME: peer_ops.peer_addresses(peer_ops.HOME, n=tok * world, map=plan_map.to(device), **args),
+        }
+        for kind in want:
+            assert torch.equal(got[kind].cpu(), want[kind]), (rank, kind)
+        assert int((got[peer_ops.RECEIVED] == 0).sum()) == extra + int((table == 0).sum())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pad,sized", [(None, False), (4, False), (None, True)])
 def test_permute_from_addresses_equals_permute_by_indices(device, pad, sized):
     from flexdispatch import peer_ops

@@ -64,5 +64,15 @@ void sum_rows_from(DType dtype, const int64_t* addrs, int64_t rows, int32_t slot
   }
 }
 
+void peer_addresses(int32_t kind, const int64_t* counts, int32_t world, int32_t rank, const int64_t* table,
+                    int64_t row_bytes, int64_t n, const int32_t* map, const double* tokens, int64_t token_stride,
+                    int64_t* out) {
+  std::vector<int64_t> words(peer_block_words(world));
+  peer_blocks(counts, world, rank, words.data());
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = peer_address(kind, i, world, words.data(), table, row_bytes, map, tokens, token_stride);
+  }
+}
+
 }  // namespace cpu
 }  // namespace flexdispatch

@@ -66,7 +66,8 @@ class _Route:
     """Where every row of one call goes, from every rank's counts (read on the host, or, in
     sync-free mode, only on the device): what the call's four transfers (two forward, two
     backward) read. Row counts are exact, or the worst case in sync-free mode, where rows past
-    the real ones have no source (address 0)."""
+    the real ones have no source (address 0). Each transfer's addresses are one kernel
+    (:func:`flexdispatch.peer_ops.peer_addresses`) on the counts: no table is built per call."""
 
     tokens: int  # T: this rank's tokens
     sent: int  # S: rows of this rank's send list (one per token and destination rank)
@@ -74,62 +75,46 @@ class _Route:
     token_cap: int  # the most tokens of any rank (published rows: every rank's regions agree)
     sent_cap: int
     received_cap: int
-    plan: object  # the send list's RowIdMap (token -> row of the rank-major send list)
-    src_rank: torch.Tensor  # int64 [R]: the source rank of each received row (clamped)
-    has_source: torch.Tensor  # bool [R]: whether the row is a real one (sync-free: the first ones)
-    meta_row: torch.Tensor  # int64 [R]: its row in the source's send list
-    home_row: torch.Tensor  # int64 [T, W]: row of token t in rank w's received rows, -1 if not sent
-    sent_end: torch.Tensor  # int64 [W]: end of each destination's block in the send list
-    home_delta: torch.Tensor  # int64 [W]: a send-list row's row at its destination, minus it
-    token_row: Optional[torch.Tensor] = None  # int64 [R]: each received row's token on its source
+    plan: object  # the send list's RowIdMap (token -> row of the rank-major send list, map [T, W])
+    counts: torch.Tensor  # int64 [W, W] on the device: rows rank s sends rank d
+    rank: int
+    worst_case: bool = False  # sync-free: the sizes are worst cases
+    recv_meta: Optional[torch.Tensor] = None  # float64 [R, 1 + 2K]: received rows' token, experts, probs
+    has_source: Optional[torch.Tensor] = None  # bool [R] (worst case only): whether a row is a real one
 
-    def send_peer_addrs(self, table: torch.Tensor, row_bytes: int) -> torch.Tensor:
-        """``[S]`` addresses of the send list's rows among their destinations' published rows
-        (dispatch's backward only: made then, not in forward)."""
-        i = torch.arange(self.sent, device=table.device)
-        dest = torch.searchsorted(self.sent_end, i, right=True)
-        real = dest < len(self.sent_end)
-        dest = dest.clamp(max=len(self.sent_end) - 1)
-        return torch.where(real, table[dest] + (i + self.home_delta[dest]) * row_bytes, 0)
+    def _addresses(self, kind: int, table: torch.Tensor, row_bytes: int, n: int, **rows) -> torch.Tensor:
+        return peer_ops.peer_addresses(kind, self.counts, self.rank, table, row_bytes, n, **rows)
+
+    def received_addrs(self, table: torch.Tensor, row_bytes: int) -> torch.Tensor:
+        """``[R]`` addresses of the received rows in their sources' send-list parts."""
+        return self._addresses(peer_ops.RECEIVED, table, row_bytes, self.received)
+
+    def source_addrs(self, table: torch.Tensor, row_bytes: int) -> torch.Tensor:
+        """``[R]`` addresses of the received rows in their sources' token parts."""
+        return self._addresses(peer_ops.RECEIVED_TOKEN, table, row_bytes, self.received, tokens=self.recv_meta)
 
     def home_addrs(self, table: torch.Tensor, row_bytes: int) -> torch.Tensor:
-        """``[T, W]`` addresses of this rank's tokens' rows in each rank's published rows (0: none)."""
-        return torch.where(self.home_row >= 0, table + self.home_row * row_bytes, 0)
+        """``[T, W]`` addresses of this rank's tokens' rows in each rank's received part (0: none)."""
+        world = self.counts.shape[0]
+        return self._addresses(peer_ops.HOME, table, row_bytes, self.tokens * world,
+                               map=self.plan.map).view(self.tokens, world)
 
-    def source_addrs(self, table: torch.Tensor, row_bytes: int, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[R]`` addresses of the received rows in their sources' published rows (``rows``:
-        their rows there; default: their tokens), 0 for rows without a source."""
-        rows = self.token_row if rows is None else rows
-        return torch.where(self.has_source, table[self.src_rank] + rows * row_bytes, 0)
+    def send_peer_addrs(self, table: torch.Tensor, row_bytes: int) -> torch.Tensor:
+        """``[S]`` addresses of the send list's rows among their destinations' received parts."""
+        return self._addresses(peer_ops.SENT, table, row_bytes, self.sent)
 
 
 def _region(rows: int, row_bytes: int) -> int:
     return -(-rows * row_bytes // peer_buffers.REGION_ALIGN) * peer_buffers.REGION_ALIGN
 
 
-def _make_route(counts: torch.Tensor, rank: int, in_rank: torch.Tensor, sizes: dict) -> _Route:
+def _make_route(counts: torch.Tensor, rank: int, in_rank: torch.Tensor, sizes: dict, worst_case: bool) -> _Route:
     """The call's routing from ``counts [W, W]`` (int64 on the tokens' device: rows rank s
     sends rank d), this rank's token-to-rank map ``in_rank [T, W]`` and the row counts
     ``sizes`` (tokens, sent, received and the caps; exact, or worst cases). Device ops only:
     no host sync, capturable."""
-    world, device = counts.shape[0], in_rank.device
-    recv_from = counts[:, rank]
-    recv_end = torch.cumsum(recv_from, 0)
-    r = torch.arange(sizes["received"], device=device)
-    src = torch.searchsorted(recv_end, r, right=True)  # W past the real rows
-    has_source = src < world
-    src = src.clamp(max=world - 1)
-    their_send_off = torch.cumsum(counts, 1)[:, rank] - recv_from  # my block in each source's send list
-    meta_row = r - (recv_end - recv_from)[src] + their_send_off[src]
-    sent_to = counts[rank]
-    sent_end = torch.cumsum(sent_to, 0)
-    my_recv_start = torch.cumsum(counts, 0)[rank] - sent_to  # my block among each destination's rows
-    home_delta = my_recv_start - (sent_end - sent_to)
-    plan = ops.make_plan(in_rank, world, num_out_tokens=sizes["sent"])
-    row_map = plan.map.long()
-    home_row = torch.where(row_map >= 0, row_map + home_delta, -1)
-    return _Route(plan=plan, src_rank=src, has_source=has_source, meta_row=meta_row, home_row=home_row,
-                  sent_end=sent_end, home_delta=home_delta, **sizes)
+    plan = ops.make_plan(in_rank, counts.shape[0], num_out_tokens=sizes["sent"])
+    return _Route(plan=plan, counts=counts.contiguous(), rank=rank, worst_case=worst_case, **sizes)
 
 
 class _NvlinkDispatch(torch.autograd.Function):
@@ -143,9 +128,11 @@ class _NvlinkDispatch(torch.autograd.Function):
         _, (tokens, meta) = transport.exchange(None, [(payload, route.token_cap), (send_meta, route.sent_cap)])
         meta_bytes = send_meta.shape[1] * send_meta.element_size()
         recv_meta = send_meta.new_empty(route.received, send_meta.shape[1])
-        peer_ops.copy_rows_from(route.source_addrs(meta, meta_bytes, route.meta_row), recv_meta, _META_ALIGN,
-                                max_blocks=max_blocks)  # (rows without a source: zeros)
-        route.token_row = recv_meta[:, 0].long()
+        meta_addrs = route.received_addrs(meta, meta_bytes)
+        peer_ops.copy_rows_from(meta_addrs, recv_meta, _META_ALIGN, max_blocks=max_blocks)  # (no source: zeros)
+        route.recv_meta = recv_meta
+        if route.worst_case:  # rows past the real ones have no source (and zero routing rows)
+            route.has_source = meta_addrs != 0
         row_bytes = payload.shape[1] * payload.element_size()
         addrs = route.source_addrs(tokens, row_bytes)
         align = peer_buffers.row_align(row_bytes)
@@ -177,6 +164,15 @@ class _NvlinkDispatch(torch.autograd.Function):
         return grad_hidden, grad_send_meta, None, None, None, None, None, None
 
 
+def _sum_home_rows(route: _Route, table: torch.Tensor, hidden: torch.Tensor, max_blocks: int) -> torch.Tensor:
+    """``[T, H]``: each of this rank's tokens, its rows in the ranks' published parts summed in
+    rank order (float32 accumulation; float64 for float64)."""
+    row_bytes = hidden.shape[1] * hidden.element_size()
+    out = hidden.new_empty(route.tokens, hidden.shape[1])
+    peer_ops.sum_rows_from(route.home_addrs(table, row_bytes), out, peer_buffers.row_align(row_bytes), max_blocks)
+    return out
+
+
 class _NvlinkCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, route, transport, manager, max_blocks):
@@ -195,16 +191,22 @@ class _NvlinkCombine(torch.autograd.Function):
             fits = need <= transport.capacity()
             header = manager._header_tensor(agreement.COMBINE, hidden, hidden.device)
             headers, tables = transport.exchange(header, [(hidden if fits else hidden[:0], route.received_cap)])
-            manager._agree(headers.cpu(), "before any row moved back")  # (the combine's one host sync)
-            if not fits:  # the same on every rank once the headers agree: grow, then send the rows
+            if fits and tables is not None:  # (the gather transport stops at disagreeing headers)
+                # The sum is queued before the host waits for the headers (the combine's one
+                # host sync), so the GPU goes on while the host reads them. If they disagree,
+                # it summed rows its peers did not send (inside their parts: every rank's
+                # buffer has the same size) and every rank raises before ``out`` is returned.
+                landed = manager._on_host(headers)
+                out = _sum_home_rows(route, tables[0], hidden, max_blocks)
+                manager._agree(landed(), "before any row moved back")
+            else:  # the same on every rank once the headers agree: grow, then send the rows
+                manager._agree(headers.cpu(), "before any row moved back")  # (raises on disagreement)
                 transport.ensure(need)
                 _, tables = transport.exchange(None, [(hidden, route.received_cap)])
-        out = hidden.new_empty(route.tokens, hidden.shape[1])
-        peer_ops.sum_rows_from(route.home_addrs(tables[0], row_bytes), out, peer_buffers.row_align(row_bytes),
-                               max_blocks)
-        if not manager.sync_free:
+                out = _sum_home_rows(route, tables[0], hidden, max_blocks)
             transport.ensure(_region(route.token_cap, row_bytes))  # the backward's exchange
-        return out
+            return out
+        return _sum_home_rows(route, tables[0], hidden, max_blocks)
 
     @staticmethod
     def backward(ctx, grad):
@@ -230,6 +232,7 @@ class _NvlinkManager(_ManagerBase):
         self.max_blocks = self.spec.nvlink_max_blocks  # blocks a transfer kernel may launch (0: no cap)
         self._emulate = os.environ.get("FLEXDISPATCH_NVLINK_TRANSPORT", "") == "gather"
         self._route: Optional[_Route] = None  # the call's routing (set by dispatch, read by combine)
+        self._pinned: Optional[torch.Tensor] = None  # host copy of a combine's headers
         # Sync-free calls whose ranks disagreed (emptied on the device), summed on the device;
         # read and cleared by the dispatcher's report_dropped_tokens.
         self.sync_free_faults: Optional[torch.Tensor] = None
@@ -237,6 +240,18 @@ class _NvlinkManager(_ManagerBase):
     def _release(self) -> None:
         super()._release()
         self._route = None
+
+    def _on_host(self, headers: torch.Tensor):
+        """Start copying ``headers`` to pinned host memory without waiting; returns the call
+        that waits for the copy alone (not for later work on the stream) and gives the CPU copy."""
+        if headers.device.type == "cpu":
+            return lambda: headers
+        if self._pinned is None or self._pinned.shape != headers.shape:
+            self._pinned = torch.empty(headers.shape, dtype=headers.dtype, pin_memory=True)
+        pinned, landed = self._pinned, torch.cuda.Event()
+        pinned.copy_(headers, non_blocking=True)
+        landed.record()
+        return lambda: (landed.synchronize(), pinned)[1]
 
     def _transport(self, device: torch.device) -> peer_buffers.Transport:
         return peer_buffers.transport_for(self.group, device, self._emulate)
@@ -276,6 +291,9 @@ class _NvlinkManager(_ManagerBase):
         extra = torch.cat([in_rank.sum(0, dtype=torch.int64)[:, None], expert_counts], dim=1)  # [W, 1 + E_local]
         header = self._header_tensor(agreement.DISPATCH, hidden_states, device, extra, rows=tokens)
         headers, _ = transport.exchange(header, [])
+        # Each token's routing row (its index, experts, probs), made while the exchange runs.
+        meta = torch.cat([torch.arange(tokens, device=indices.device, dtype=torch.float64)[:, None],
+                          indices.to(torch.float64), self.token_probs.to(torch.float64)], dim=1)
         if self.sync_free:
             if headers.shape[1] < header.numel():  # the gather transport stopped at disagreeing headers
                 headers = torch.cat([headers, headers.new_zeros(world, header.numel() - headers.shape[1])], 1)
@@ -287,15 +305,16 @@ class _NvlinkManager(_ManagerBase):
             ops.check_pending_errors()  # earlier calls' flags are ready now, for free
             every = headers[:, agreement.WIDTH:].view(world, world, local + 1).to(device)  # [source, dest, ...]
             host_counts = host[:, agreement.WIDTH:].view(world, world, local + 1)
-            rows = host_counts[:, :, 0]
-            sizes = dict(tokens=tokens, sent=int(rows[self.rank].sum()), received=int(rows[:, self.rank].sum()),
-                         token_cap=int(host[:, agreement.ROWS].max()), sent_cap=int(rows.sum(1).max()),
-                         received_cap=int(rows.sum(0).max()))
+            rows = host_counts[:, :, 0].tolist()  # [source][dest] (plain ints: a few host ops, not dozens)
+            received = [sum(r[d] for r in rows) for d in range(world)]
+            sizes = dict(tokens=tokens, sent=sum(rows[self.rank]), received=received[self.rank],
+                         token_cap=max(h[agreement.ROWS] for h in host[:, :agreement.WIDTH].tolist()),
+                         sent_cap=max(sum(r) for r in rows), received_cap=max(received))
             counts, received_counts = every[:, :, 0], host_counts[:, self.rank, 1:].sum(0)
-        route = _make_route(counts, self.rank, in_rank, sizes)
+        route = _make_route(counts, self.rank, in_rank, sizes, self.sync_free)
         self._route = route
         self._ensure_for_call(transport, route, hidden_states, topk)
-        return self._move(hidden_states, indices, route, transport, keep_fp8, permute_next, received_counts)
+        return self._move(hidden_states, meta, route, transport, keep_fp8, permute_next, received_counts)
 
     def _agreed_on_device(self, headers: torch.Tensor, tokens: Optional[int] = None) -> torch.Tensor:
         """0-d bool on the device: the rule of :class:`.agreement.Agreement` on every rank's
@@ -348,12 +367,11 @@ class _NvlinkManager(_ManagerBase):
             _region(1, agreement.WIDTH * 8) + _region(route.received_cap, row_bytes),  # combine
             _region(route.token_cap, row_bytes)))  # combine's backward
 
-    def _move(self, hidden_states, indices, route: _Route, transport, keep_fp8: bool, permute_next: bool,
+    def _move(self, hidden_states, meta, route: _Route, transport, keep_fp8: bool, permute_next: bool,
               received_counts) -> Dispatched:
-        """The dispatch's transfer and the received rows' routing (local experts, probs)."""
-        tokens, topk = indices.shape
-        meta = torch.cat([torch.arange(tokens, device=indices.device, dtype=torch.float64)[:, None],
-                          indices.to(torch.float64), self.token_probs.to(torch.float64)], dim=1)
+        """The dispatch's transfer and the received rows' routing (local experts, probs):
+        ``meta [T, 1 + 2K]`` float64, each token's index, experts and probs."""
+        topk = (meta.shape[1] - 1) // 2
         send_meta = ops.apply_permutation(meta, route.plan)
         fp8 = self.fp8_dispatch
         pull_later = permute_next and not fp8 and not torch.compiler.is_compiling()
@@ -362,7 +380,9 @@ class _NvlinkManager(_ManagerBase):
         local = self.num_local_experts
         global_ids = recv_meta[:, 1:1 + topk].detach().long()
         local_ids = global_ids - self.rank * local
-        mine = (global_ids >= 0) & (local_ids >= 0) & (local_ids < local) & route.has_source[:, None]
+        mine = (global_ids >= 0) & (local_ids >= 0) & (local_ids < local)
+        if route.has_source is not None:
+            mine &= route.has_source[:, None]
         dispatched = torch.where(mine, local_ids, -1)
         prob_dtype = torch.float64 if self.router_dtype == "fp64" else torch.float32
         probs = self._masked_probs(dispatched, recv_meta[:, 1 + topk:].to(prob_dtype))
