@@ -138,6 +138,30 @@ std::tuple<Tensor, Tensor, Tensor> indices_to_multihot(const Tensor& indices, co
 
 // (clean [rows, slots] int64 with out-of-range entries -1, status [2] int32: error bits, and
 // `flag` if any bit is set), no sync.
+// (in_rank [T, world] bool, expert_counts [world, local] int64) of top-k indices [T, K] (int32 or
+// int64; entries outside [0, world * local) ignored): whether token t has an expert on rank w,
+// and the assignments per expert. No host sync.
+std::tuple<Tensor, Tensor> route_by_rank(const Tensor& indices, int64_t world, int64_t local) {
+  TORCH_CHECK_VALUE(indices.dim() == 2, "indices must be 2-D [rows, topk], got ", indices.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
+                   "indices must be int32 or int64, got ", indices.scalar_type());
+  check_contiguous(indices, "indices");
+  TORCH_CHECK_VALUE(world >= 1 && local >= 1 && world * local < (int64_t(1) << 31), "world ", world, " x local ",
+                    local, " experts out of range");
+  auto in_rank = torch::empty({indices.size(0), world}, indices.options().dtype(at::kBool));
+  auto counts = torch::empty({world, local}, indices.options().dtype(at::kLong));
+  const bool is64 = indices.scalar_type() == at::kLong;
+  const int32_t slots = static_cast<int32_t>(indices.size(1)), w = static_cast<int32_t>(world),
+                l = static_cast<int32_t>(local);
+  FD_ON_DEVICE(indices, fd::cuda::route_by_rank(indices.data_ptr(), is64, indices.size(0), slots, w, l,
+                                                reinterpret_cast<uint8_t*>(in_rank.data_ptr<bool>()),
+                                                counts.data_ptr<int64_t>(), stream), {
+    fd::cpu::route_by_rank(indices.data_ptr(), is64, indices.size(0), slots, w, l,
+                           reinterpret_cast<uint8_t*>(in_rank.data_ptr<bool>()), counts.data_ptr<int64_t>());
+  });
+  return {in_rank, counts};
+}
+
 std::tuple<Tensor, Tensor> check_route(const Tensor& indices, int64_t num_experts, int64_t flag,
                                        const std::optional<Tensor>& probs) {
   TORCH_CHECK_VALUE(indices.dim() == 2, "indices must be 2-D [rows, topk], got ", indices.sizes());
@@ -641,6 +665,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flexdispatch kernels (see flexdispatch/ops.py for the Python-facing wrappers)";
   m.def("indices_to_multihot", &indices_to_multihot);
   m.def("check_route", &check_route);
+  m.def("route_by_rank", &route_by_rank);
   m.def("permute", &permute);
   m.def("plan", &plan);
   m.def("scatter_rows", &scatter_rows);

@@ -25,6 +25,12 @@ cudaError_t check_route(const void* indices, bool indices_are_64bit, const void*
                         int64_t rows, int32_t slots, int32_t num_experts, int32_t flag, int64_t* clean,
                         int32_t* status, cudaStream_t stream);
 
+// Where top-k indices [rows, slots] (int32 or int64; entries outside [0, world * local) are
+// ignored) go by rank: in_rank [rows, world] (0/1: token r has an expert on rank w) and
+// expert_counts [world * local] (assignments per expert; zeroed here).
+cudaError_t route_by_rank(const void* indices, bool indices_are_64bit, int64_t rows, int32_t slots, int32_t world,
+                          int32_t local, uint8_t* in_rank, int64_t* expert_counts, cudaStream_t stream);
+
 // Count and scan. chunk_offsets [num_chunks, E + 1] receives, for every chunk of rows and
 // expert, the rows of that expert in earlier chunks (column E: scratch); layout (3E + 2), all
 // of it, the counts, padded counts, offsets and error bits. Validates indices.

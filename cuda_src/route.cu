@@ -7,6 +7,8 @@
 // those into per-chunk offsets and the layout (counts, padded counts, expert offsets).
 // Pass 3 (map) rebuilds the chunk's bits and ranks each row among the earlier rows of its
 // chunk with popcounts: dest = offsets[e] + chunk_offset[chunk, e] + rank.
+#include <algorithm>
+
 #include "common.cuh"
 #include "launch.h"
 
@@ -225,7 +227,62 @@ cudaError_t map_by_kind(const Route& route, const int32_t* chunk_offsets, int64_
   return cudaErrorInvalidValue;
 }
 
+constexpr int kRankThreads = 256;
+constexpr int kRankMaxBlocks = 264;       // grid-strided: each block flushes its histogram once
+constexpr int32_t kRankSharedExperts = 8192;  // experts counted in shared memory (32 KB), else in global
+
+// A thread per token: its row of in_rank (written whole: no zeroing pass) and its experts
+// counted in the block's histogram, flushed with one atomic per expert and block.
+template <typename I>
+__global__ void route_by_rank_kernel(const I* __restrict__ indices, int64_t rows, int32_t slots, int32_t world,
+                                     int32_t local, uint8_t* __restrict__ in_rank, int64_t* __restrict__ counts) {
+  extern __shared__ int32_t hist[];
+  const int32_t experts = world * local;
+  const bool shared = experts <= kRankSharedExperts;
+  if (shared) {
+    for (int32_t e = threadIdx.x; e < experts; e += blockDim.x) hist[e] = 0;
+    __syncthreads();
+  }
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < rows; t += int64_t(gridDim.x) * blockDim.x) {
+    uint8_t* mine = in_rank + t * world;
+    for (int32_t w = 0; w < world; ++w) mine[w] = 0;
+    for (int32_t s = 0; s < slots; ++s) {
+      const int64_t e = static_cast<int64_t>(indices[t * slots + s]);
+      if (e < 0 || e >= experts) continue;
+      mine[e / local] = 1;
+      if (shared) {
+        atomicAdd(&hist[e], 1);
+      } else {
+        atomicAdd(reinterpret_cast<unsigned long long*>(counts + e), 1ull);
+      }
+    }
+  }
+  if (shared) {
+    __syncthreads();
+    for (int32_t e = threadIdx.x; e < experts; e += blockDim.x) {
+      if (hist[e]) atomicAdd(reinterpret_cast<unsigned long long*>(counts + e), static_cast<unsigned long long>(hist[e]));
+    }
+  }
+}
+
 }  // namespace
+
+cudaError_t route_by_rank(const void* indices, bool indices_are_64bit, int64_t rows, int32_t slots, int32_t world,
+                          int32_t local, uint8_t* in_rank, int64_t* expert_counts, cudaStream_t stream) {
+  const int32_t experts = world * local;
+  cudaError_t err = cudaMemsetAsync(expert_counts, 0, sizeof(int64_t) * experts, stream);
+  if (err != cudaSuccess || rows == 0) return err;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(grid_for(rows, kRankThreads), kRankMaxBlocks));
+  const size_t shared = experts <= kRankSharedExperts ? sizeof(int32_t) * experts : 0;
+  if (indices_are_64bit) {
+    route_by_rank_kernel<<<grid, kRankThreads, shared, stream>>>(static_cast<const int64_t*>(indices), rows, slots,
+                                                                 world, local, in_rank, expert_counts);
+  } else {
+    route_by_rank_kernel<<<grid, kRankThreads, shared, stream>>>(static_cast<const int32_t*>(indices), rows, slots,
+                                                                 world, local, in_rank, expert_counts);
+  }
+  return cudaGetLastError();
+}
 
 cudaError_t route_plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets,
                        int64_t* layout, cudaStream_t stream) {

@@ -601,6 +601,27 @@ def test_sum_rows_from_addresses_is_the_fixed_order_sum(device, dtype, slots, wi
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("world,local,tokens", [(1, 4, 50), (4, 3, 700), (8, 1200, 300)])
+def test_routing_by_rank_kernel_equals_the_torch_formula(monkeypatch, device, index_dtype, world, local, tokens):
+    """Tokens to ranks and assignments per expert in one kernel (8 x 1200 experts: counted in
+    global memory, not in a block's histogram), against the plain torch ops it replaces, with
+    unused (-1) and out-of-range entries."""
+    from flexdispatch.managers import alltoall
+
+    experts, topk = world * local, 4
+    idx = random_indices(tokens, experts, min(topk, experts), seed=world, device=device).to(index_dtype)
+    idx[::7, 0] = -1
+    idx[3::11, -1] = experts + 5
+    got = alltoall.routing_by_rank(idx, world, local)
+    monkeypatch.setattr(ops, "_use_kernels", lambda t: False)
+    want = alltoall.routing_by_rank(idx, world, local)
+    assert got[0].dtype == torch.bool and got[0].shape == (tokens, world) and got[1].shape == (world, local)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert int(want[1].sum()) > 0 and bool(want[0].any())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 def test_peer_addresses_follow_the_block_layout(device, world):
     """The NVLink manager's addresses, one kernel per transfer, against the layout written out

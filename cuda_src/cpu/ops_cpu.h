@@ -49,6 +49,8 @@ void scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, const floa
 void copy_rows_from(const int64_t* addrs, int64_t rows, int64_t row_bytes, const int32_t* map, int32_t slots,
                     void* dst);
 void sum_rows_from(DType dtype, const int64_t* addrs, int64_t rows, int32_t slots, int64_t hidden, void* dst);
+void route_by_rank(const void* indices, bool indices_are_64bit, int64_t rows, int32_t slots, int32_t world,
+                   int32_t local, uint8_t* in_rank, int64_t* expert_counts);
 void peer_addresses(int32_t kind, const int64_t* counts, int32_t world, int32_t rank, const int64_t* table,
                     int64_t row_bytes, int64_t n, const int32_t* map, const double* tokens, int64_t token_stride,
                     int64_t* out);

@@ -40,6 +40,20 @@ int64_t checked_expert(const Route& route, int64_t row, int32_t slot, int64_t* b
 
 }  // namespace
 
+void route_by_rank(const void* indices, bool indices_are_64bit, int64_t rows, int32_t slots, int32_t world,
+                   int32_t local, uint8_t* in_rank, int64_t* expert_counts) {
+  const int64_t experts = int64_t(world) * local;
+  std::fill(expert_counts, expert_counts + experts, int64_t(0));
+  std::fill(in_rank, in_rank + rows * world, uint8_t(0));
+  for (int64_t i = 0; i < rows * slots; ++i) {
+    const int64_t e = indices_are_64bit ? static_cast<const int64_t*>(indices)[i]
+                                        : static_cast<const int32_t*>(indices)[i];
+    if (e < 0 || e >= experts) continue;
+    in_rank[(i / slots) * world + e / local] = 1;
+    ++expert_counts[e];
+  }
+}
+
 int64_t indices_to_multihot(const void* indices, bool indices_are_64bit, const void* probs,
                             int prob_bytes, int64_t rows, int32_t slots, int32_t num_experts,
                             uint8_t* map, void* probs_out) {

@@ -68,7 +68,10 @@ def _fp8_payload(hidden: torch.Tensor) -> torch.Tensor:
 def routing_by_rank(indices: torch.Tensor, world: int, local: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(in_rank [T, W] bool, expert_counts [W, E_local] int64)`` of top-k ``indices [T, K]``
     (-1 unused): whether token t goes to rank w (once, whatever its experts there), and the
-    assignments per expert. No host sync."""
+    assignments per expert. No host sync; one kernel where flexdispatch's kernels are built."""
+    if ops._use_kernels(indices) and not torch.compiler.is_compiling() and indices.dtype in (torch.int32,
+                                                                                             torch.int64):
+        return ops._C.route_by_rank(indices.contiguous(), world, local)
     tokens, topk = indices.shape
     experts, device = world * local, indices.device
     valid = (indices >= 0) & (indices < experts)
