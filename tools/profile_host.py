@@ -53,6 +53,18 @@ def _worker(rank, world, port, args):
         stats.sort_stats("cumulative").print_stats(args.top)
         print(f"{args.manager} shape {SHAPES[args.shape]} on {world} GPUs: host ms per forward "
               f"{1e3 * spent / args.calls:.3f} (profiled)\n{out.getvalue()}", flush=True)
+    if args.torch_profile:  # host time per op (self CPU) and the kernels a forward launches
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.calls):
+                layer.forward(layer.x, layer.probs)
+            torch.cuda.synchronize()
+        if rank == 0:
+            events = prof.key_averages()
+            kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
+            print(f"torch profiler, {args.calls} forwards: {kernels / args.calls:.1f} GPU activities a forward\n"
+                  + events.table(sort_by="self_cpu_time_total", row_limit=args.top), flush=True)
     torch.cuda.synchronize()
     fd.shutdown()
     dist.destroy_process_group()
@@ -65,6 +77,7 @@ def main() -> int:
     parser.add_argument("--shape", type=int, default=2, help="index into bench_dispatch.SHAPES")
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--torch-profile", action="store_true", help="also the torch profiler's host time per op")
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
