@@ -2,6 +2,7 @@
 // twins) and streams. The only file of cuda_src/ that includes torch. Python callers live in
 // flexdispatch/ops.py, which does the user-facing validation; the checks here guard
 // the raw pointers.
+#include <cstring>
 #include <torch/extension.h>
 
 #include <optional>
@@ -580,6 +581,44 @@ void sum_rows_from(const Tensor& addrs, int64_t align, Tensor& out, int64_t max_
   });
 }
 
+// The parts of an exchange (contiguous tensors on `buffer`'s device) copied into `buffer`
+// (uint8, contiguous) at byte `offsets`, in one launch on CUDA.
+void pack_parts(Tensor& buffer, const std::vector<Tensor>& parts, const std::vector<int64_t>& offsets) {
+  TORCH_CHECK_VALUE(parts.size() == offsets.size() && parts.size() <= fd::kMaxPackParts, "pack_parts takes up to ",
+                    int(fd::kMaxPackParts), " parts and one offset each, got ", parts.size(), " and ", offsets.size());
+  TORCH_CHECK_TYPE(buffer.scalar_type() == at::kByte, "buffer must be uint8");
+  check_contiguous(buffer, "buffer");
+  fd::PackParts packed{};
+  packed.count = static_cast<int32_t>(parts.size());
+  for (size_t p = 0; p < parts.size(); ++p) {
+    check_contiguous(parts[p], "parts");
+    check_same_device(buffer, parts[p], "parts");
+    const int64_t bytes = parts[p].numel() * parts[p].element_size();
+    TORCH_CHECK_VALUE(offsets[p] >= 0 && offsets[p] + bytes <= buffer.numel(), "part ", p, " (", bytes,
+                      " bytes at ", offsets[p], ") does not fit in the buffer of ", buffer.numel());
+    packed.part[p] = fd::PackPart{bytes ? parts[p].data_ptr() : nullptr, bytes, offsets[p]};
+  }
+  FD_ON_DEVICE(buffer, fd::cuda::pack_parts(packed, buffer.data_ptr(), stream), {
+    for (int32_t p = 0; p < packed.count; ++p) {
+      if (packed.part[p].bytes) {
+        std::memcpy(static_cast<char*>(buffer.data_ptr()) + packed.part[p].offset, packed.part[p].src,
+                    packed.part[p].bytes);
+      }
+    }
+  });
+}
+
+// The signal-pad barrier of a symmetric-memory group on `like`'s device and current stream
+// (signal_pads: the device address of the group's array of pad pointers). CUDA only.
+void peer_barrier(int64_t signal_pads, int64_t channel, int64_t rank, int64_t world, const Tensor& like) {
+  TORCH_CHECK_VALUE(world >= 1 && world <= 1024 && rank >= 0 && rank < world, "rank ", rank, " of ", world);
+  TORCH_CHECK_VALUE(channel >= 0 && signal_pads != 0, "channel must be >= 0 and signal_pads non-null");
+  FD_ON_DEVICE(like, fd::cuda::peer_barrier(reinterpret_cast<const void*>(signal_pads), static_cast<int32_t>(channel),
+                                            static_cast<int32_t>(rank), static_cast<int32_t>(world), stream), {
+    TORCH_CHECK_VALUE(false, "peer_barrier runs on CUDA devices only");
+  });
+}
+
 // int64 [n]: the address of entry i of a transfer of `kind` (flexdispatch.h, PeerRows; 0: no
 // row) for `rank`, from counts [W, W] int64 (rows rank s sends rank d) and table [W] int64
 // (where each rank's part starts); map int32 [n / W, W] for kPeerHome, tokens float64 [>= n, C]
@@ -680,5 +719,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sum_rows_from", &sum_rows_from);
   m.def("permute_from", &permute_from);
   m.def("peer_addresses", &peer_addresses);
+  m.def("peer_barrier", &peer_barrier);
+  m.def("pack_parts", &pack_parts);
   m.def("with_cuda", &with_cuda);
 }

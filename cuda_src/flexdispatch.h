@@ -154,6 +154,18 @@ FD_HOST_DEVICE inline float fp8_e4m3_to_float(uint8_t v) {
 // One call's rows, for this rank, from counts[s * world + d] (rows rank s sends rank d): rows
 // received are ordered by source rank (each source's block in its send-list order); a send
 // list is ordered by destination rank. table[w]: where rank w's part of an exchange starts.
+// Parts of one exchange, copied by one launch into this rank's buffer at their offsets.
+constexpr int32_t kMaxPackParts = 8;
+struct PackPart {
+  const void* src;
+  int64_t bytes;
+  int64_t offset;  // in the destination buffer
+};
+struct PackParts {
+  PackPart part[kMaxPackParts];
+  int32_t count;
+};
+
 enum PeerRows : int32_t {
   kPeerReceived = 0,       // entry r: received row r, in its source's send-list part
   kPeerReceivedToken = 1,  // entry r: received row r, in its source's token part (row: tokens[r * stride])

@@ -93,6 +93,12 @@ cudaError_t copy_rows_from(const int64_t* addrs, int64_t rows, int64_t row_bytes
 // (0: none), accumulated in float32 (float64 for float64); a row without a slot is zero.
 cudaError_t sum_rows_from(DType dtype, const int64_t* addrs, int64_t rows, int32_t slots, int64_t hidden,
                           int32_t align, void* dst, int64_t max_blocks, cudaStream_t stream);
+// dst + parts.part[p].offset gets parts.part[p].bytes bytes from parts.part[p].src, every part in one launch.
+cudaError_t pack_parts(const PackParts& parts, void* dst, cudaStream_t stream);
+// Every rank of a group of `world` passes (a put to each peer, then a wait for each peer's) in
+// the signal pads of symmetric memory: signal_pads is a device array of `world` pointers to
+// uint32 pads, slots channel * world + rank. Stream-ordered; one block.
+cudaError_t peer_barrier(const void* signal_pads, int32_t channel, int32_t rank, int32_t world, cudaStream_t stream);
 // out[i] = peer_address(kind, i, ...) for i < n (flexdispatch.h), the block starts made from
 // counts [world, world] once per thread block.
 cudaError_t peer_addresses(int32_t kind, const int64_t* counts, int32_t world, int32_t rank, const int64_t* table,

@@ -2,6 +2,9 @@
 // at addrs[r], in a peer's buffer that symmetric memory mapped into this process (read over
 // NVLink), or, with the emulated transport, in a local tensor: the kernels do not know which.
 // Each kernel takes max_blocks (0: no cap) so that a transfer can leave SMs to compute.
+#include <algorithm>
+#include <cstdio>
+
 #include "common.cuh"
 #include "launch.h"
 
@@ -119,6 +122,71 @@ __global__ void peer_addresses_kernel(int32_t kind, const int64_t* __restrict__ 
   }
 }
 
+// Signals between the ranks of a group in their symmetric signal pads (uint32 words): a put is
+// a compare-and-swap 0 -> 1 with release semantics at system scope (the writes this rank's
+// stream made before are visible to a peer that acquires it), a wait a compare-and-swap 1 -> 0
+// with acquire semantics. Spins, reading %globaltimer, for at most kBarrierTimeoutNs, then
+// traps (a peer that never arrives is then a CUDA error, not a hang).
+constexpr uint64_t kBarrierTimeoutNs = 100ull * 1000 * 1000 * 1000;
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ uint32_t cas_release_sys(uint32_t* addr, uint32_t expected, uint32_t desired) {
+  uint32_t old;
+  asm volatile("atom.release.sys.global.cas.b32 %0, [%1], %2, %3;" : "=r"(old) : "l"(addr), "r"(expected),
+               "r"(desired) : "memory");
+  return old;
+}
+
+__device__ __forceinline__ uint32_t cas_acquire_sys(uint32_t* addr, uint32_t expected, uint32_t desired) {
+  uint32_t old;
+  asm volatile("atom.acquire.sys.global.cas.b32 %0, [%1], %2, %3;" : "=r"(old) : "l"(addr), "r"(expected),
+               "r"(desired) : "memory");
+  return old;
+}
+
+__device__ void spin_cas(uint32_t* addr, uint32_t expected, uint32_t desired, bool release, int32_t rank,
+                         int32_t peer) {
+  const uint64_t start = global_ns();
+  while ((release ? cas_release_sys(addr, expected, desired) : cas_acquire_sys(addr, expected, desired)) !=
+         expected) {
+    if (global_ns() - start > kBarrierTimeoutNs) {
+      printf("flexdispatch: rank %d waited %llu s for rank %d at a peer barrier\n", rank,
+             static_cast<unsigned long long>(kBarrierTimeoutNs / 1000000000ull), peer);
+      __trap();
+    }
+  }
+}
+
+// A thread per peer: signal it, then wait for its signal (slots channel * world + sender).
+__global__ void peer_barrier_kernel(uint32_t* const* __restrict__ pads, int32_t channel, int32_t rank,
+                                    int32_t world) {
+  const int32_t peer = threadIdx.x;
+  if (peer >= world || peer == rank) return;
+  spin_cas(pads[peer] + channel * world + rank, 0, 1, true, rank, peer);
+  spin_cas(pads[rank] + channel * world + peer, 1, 0, false, rank, peer);
+}
+
+// Parts of an exchange copied into this rank's buffer: blockIdx.y picks the part, blocks
+// stride over its 16-byte vectors (or bytes, when the part's source or size is not aligned).
+__global__ void pack_parts_kernel(PackParts parts, char* __restrict__ dst) {
+  const PackPart part = parts.part[blockIdx.y];
+  char* out = dst + part.offset;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (reinterpret_cast<uintptr_t>(part.src) % 16 == 0 && part.bytes % 16 == 0) {
+    const uint4* in = static_cast<const uint4*>(part.src);
+    for (int64_t i = first; i < part.bytes / 16; i += stride) reinterpret_cast<uint4*>(out)[i] = in[i];
+  } else {
+    const char* in = static_cast<const char*>(part.src);
+    for (int64_t i = first; i < part.bytes; i += stride) out[i] = in[i];
+  }
+}
+
 template <typename V>
 cudaError_t copy_as(const int64_t* addrs, int64_t rows, int64_t row_bytes, const int32_t* map, int32_t slots,
                     void* dst, int64_t max_blocks, cudaStream_t stream) {
@@ -171,6 +239,23 @@ cudaError_t sum_rows_from(DType dtype, const int64_t* addrs, int64_t rows, int32
     case kFloat64: return sum_typed<double>(addrs, rows, slots, hidden, align, dst, max_blocks, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t pack_parts(const PackParts& parts, void* dst, cudaStream_t stream) {
+  int64_t most = 0;
+  for (int32_t p = 0; p < parts.count; ++p) most = std::max(most, parts.part[p].bytes);
+  if (parts.count == 0 || most == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  const dim3 grid(capped_grid(grid_for((most + 15) / 16, kThreads), 264), parts.count);
+  pack_parts_kernel<<<grid, kThreads, 0, stream>>>(parts, static_cast<char*>(dst));
+  return cudaGetLastError();
+}
+
+cudaError_t peer_barrier(const void* signal_pads, int32_t channel, int32_t rank, int32_t world, cudaStream_t stream) {
+  if (world > 1024) return cudaErrorInvalidValue;
+  peer_barrier_kernel<<<1, (world + 31) / 32 * 32, 0, stream>>>(static_cast<uint32_t* const*>(signal_pads), channel,
+                                                               rank, world);
+  return cudaGetLastError();
 }
 
 cudaError_t peer_addresses(int32_t kind, const int64_t* counts, int32_t world, int32_t rank, const int64_t* table,

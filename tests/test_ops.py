@@ -622,6 +622,27 @@ def test_routing_by_rank_kernel_equals_the_torch_formula(monkeypatch, device, in
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_pack_parts_places_every_part_at_its_offset(device):
+    """An exchange's parts in one launch: aligned ones as 16-byte vectors, a misaligned view
+    and an odd size byte by byte, an empty part; bytes outside the parts untouched."""
+    g = torch.Generator().manual_seed(5)
+    raw = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=g).to(device)
+    parts = [torch.randn(4, 9, generator=g).to(device), raw[1:38], torch.empty(0, 7, device=device),
+             torch.arange(24, dtype=torch.int64, device=device).view(2, 12)]
+    offsets = [0, 256, 512, 768]
+    buffer = torch.full((1024 + 64,), 0xAB, dtype=torch.uint8, device=device)
+    ops.load_kernels()
+    ops._C.pack_parts(buffer, parts, offsets)
+    want = torch.full_like(buffer, 0xAB)
+    for part, offset in zip(parts, offsets):
+        b = part.contiguous().view(torch.uint8).flatten()
+        want[offset: offset + b.numel()] = b
+    assert torch.equal(buffer, want)
+    with pytest.raises(ValueError, match="does not fit"):
+        ops._C.pack_parts(buffer, [parts[0]], [1024 + 64 - 8])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 def test_peer_addresses_follow_the_block_layout(device, world):
     """The NVLink manager's addresses, one kernel per transfer, against the layout written out

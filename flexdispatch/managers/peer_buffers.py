@@ -34,6 +34,7 @@ rendezvous, decided from numbers every rank knows) and are released by :func:`re
 from __future__ import annotations
 
 import atexit
+import os
 import socket
 from typing import Optional, Sequence
 
@@ -146,6 +147,11 @@ class SymmetricTransport(Transport):
         self._buffer: Optional[torch.Tensor] = None
         self._handle = None
         self._bases: Optional[torch.Tensor] = None  # int64 [W]: every rank's buffer address
+        self._pads = 0  # device address of the group's signal-pad pointers (our barrier's)
+        self._tables: dict = {}  # offset -> int64 [W] addresses of that region on every rank
+        # The exchange's barrier: our one-block kernel on the signal pads (channel 1), or
+        # symmetric memory's own (FLEXDISPATCH_NVLINK_BARRIER=torch; channel 0). Same on every rank.
+        self._own_barrier = os.environ.get("FLEXDISPATCH_NVLINK_BARRIER", "own") != "torch"
         self._check_one_node()
 
     def _check_one_node(self) -> None:
@@ -181,23 +187,26 @@ class SymmetricTransport(Transport):
         handle = symm_mem.rendezvous(buffer, name)
         self._buffer, self._handle, self._size = buffer, handle, size
         self._bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=self.device)
+        self._pads = int(handle.signal_pad_ptrs_dev)
+        self._tables = {}
         logger.info("nvlink peer buffer: %.1f MiB on %s, %d ranks", size / 2**20, self.device, self.world_size)
 
     def exchange(self, header, parts):
-        entries = ([_as_bytes(header.view(1, -1))] if header is not None else []) + [_as_bytes(p) for p, _ in parts]
+        from .. import ops
+
+        entries = ([header.view(1, -1)] if header is not None else []) + [p.contiguous() for p, _ in parts]
         caps = ([1] if header is not None else []) + [c for _, c in parts]
-        offsets, total = _region_offsets([c * e.shape[1] for e, c in zip(entries, caps)])
+        for entry, cap in zip(entries, caps):
+            if entry.shape[0] > cap:
+                raise RuntimeError(f"nvlink peer buffer: a part of {entry.shape[0]} rows exceeds its agreed {cap}")
+        offsets, total = _region_offsets([c * e.shape[1] * e.element_size() for e, c in zip(entries, caps)])
         if total > self._size:
             raise RuntimeError(f"nvlink peer buffer: an exchange needs {total} bytes, the buffer holds "
                                f"{self._size}; the manager sizes it before each call (please report this)")
-        self._handle.barrier(channel=0)  # every peer is done reading the last exchange's rows
-        for entry, offset, cap in zip(entries, offsets, caps):
-            if entry.shape[0] > cap:
-                raise RuntimeError(f"nvlink peer buffer: a part of {entry.shape[0]} rows exceeds its agreed {cap}")
-            if entry.numel():
-                self._buffer[offset: offset + entry.numel()].view_as(entry).copy_(entry)
-        self._handle.barrier(channel=0)  # every rank's rows are in place
-        tables = [self._bases + offset for offset in offsets]
+        self._barrier()  # every peer is done reading the last exchange's rows
+        ops._C.pack_parts(self._buffer, entries, offsets)  # every part in one launch
+        self._barrier()  # every rank's rows are in place
+        tables = [self._table(offset) for offset in offsets]
         headers = None
         if header is not None:  # read into a device tensor: no sync here
             from .. import peer_ops
@@ -207,12 +216,30 @@ class SymmetricTransport(Transport):
             tables = tables[1:]
         return headers, tables
 
+    def _table(self, offset: int) -> torch.Tensor:
+        """int64 [W]: where every rank's region at ``offset`` starts (kept per buffer: the same
+        offsets recur every call; not kept when made inside a CUDA-graph capture)."""
+        table = self._tables.get(offset)
+        if table is None:
+            table = self._bases + offset
+            if not torch.cuda.is_current_stream_capturing():
+                self._tables[offset] = table
+        return table
+
+    def _barrier(self) -> None:
+        if self._own_barrier:
+            from .. import ops
+
+            ops._C.peer_barrier(self._pads, 1, self.rank, self.world_size, self._bases)
+        else:
+            self._handle.barrier(channel=0)
+
     def release(self) -> None:
         if self._handle is not None:
             self._handle.barrier(channel=0)
             torch.cuda.current_stream(self.device).synchronize()
         self._buffer = self._handle = self._bases = None
-        self._size = 0
+        self._size, self._tables = 0, {}
 
 
 def _headers_agree(headers: torch.Tensor) -> bool:
