@@ -310,6 +310,37 @@ def _try_cached(folder: Path, spec: BuildSpec, *, warn: bool):
         return None
 
 
+def _finds_shared_libstdcxx(compiler: str) -> bool:
+    """Whether ``compiler`` links a shared libstdc++ (it names one by an absolute path); True
+    when it cannot be asked (then it is left alone)."""
+    try:
+        out = subprocess.run([compiler, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                             timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return os.path.isabs(out)
+
+
+def shared_runtime_compiler() -> Optional[str]:
+    """The C++ compiler to build with instead of ``$CXX`` when ``$CXX`` can only link a static
+    libstdc++ (its own library folder has ``libstdc++.a`` and no ``libstdc++.so``): the
+    extension would then carry a private copy of the C++ runtime beside the one torch loaded,
+    and formatting a number into an error message (every TORCH_CHECK) crashed in it. Seen on
+    a lent GPU machine whose ``CXX`` was such a wrapper; the system's ``c++`` is used there
+    instead. None: keep ``$CXX`` (also with ``FLEXDISPATCH_KEEP_CXX=1``)."""
+    cxx = os.environ.get("CXX")
+    if not cxx or os.environ.get("FLEXDISPATCH_KEEP_CXX") == "1" or _finds_shared_libstdcxx(cxx):
+        return None
+    current = os.path.realpath(shutil.which(cxx) or cxx)
+    for name in ("c++", "g++"):
+        path = shutil.which(name)
+        if path and os.path.realpath(path) != current and _finds_shared_libstdcxx(path):
+            return path
+    logger.warning("CXX=%s links only a static libstdc++ and no other compiler was found: C++ error messages "
+                   "of the kernels may crash the process (set CXX to a compiler with a shared libstdc++)", cxx)
+    return None
+
+
 def _build(spec: BuildSpec, folder: Path):
     """Build into a private temporary folder, then publish it as ``folder`` by rename."""
     from torch.utils import cpp_extension
@@ -319,7 +350,12 @@ def _build(spec: BuildSpec, folder: Path):
     what = f"CUDA kernels for {', '.join(spec.archs)}" if spec.with_cuda else "CPU kernels"
     progress("building %s (first use on this machine) in %s ...", what, folder)
     start = time.perf_counter()
-    saved_arch_env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    saved_arch_env, saved_cxx = os.environ.get("TORCH_CUDA_ARCH_LIST"), os.environ.get("CXX")
+    compiler = shared_runtime_compiler()
+    if compiler is not None:
+        logger.warning("building with %s instead of CXX=%s, which links only a static libstdc++ (a second C++ "
+                       "runtime in the process; FLEXDISPATCH_KEEP_CXX=1 keeps CXX)", compiler, saved_cxx)
+        os.environ["CXX"] = compiler
     try:
         if spec.with_cuda:
             # torch reads the target list from here; without it, it would ask the CUDA runtime
@@ -350,10 +386,11 @@ def _build(spec: BuildSpec, folder: Path):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if saved_arch_env is None:
-            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
-        else:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = saved_arch_env
+        for name, saved in (("TORCH_CUDA_ARCH_LIST", saved_arch_env), ("CXX", saved_cxx)):
+            if saved is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = saved
     progress("built %s in %.1f s", what, seconds)
     last_load.built, last_load.seconds = True, seconds
     return module  # loaded from the temporary path; the mapping survives the rename

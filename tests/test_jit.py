@@ -124,3 +124,36 @@ def test_import_creates_no_cuda_context():
     result = run_python(CHECK_KERNELS, {})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["cuda_initialized"] is False
+
+
+def _fake_compiler(folder: Path, name: str, libstdcxx: str) -> Path:
+    path = folder / name
+    path.write_text(f"#!/bin/sh\necho '{libstdcxx}'\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_a_compiler_with_only_a_static_libstdcxx_is_replaced(tmp_path, monkeypatch):
+    """CXX that links only libstdc++.a (it names no libstdc++.so) gets the PATH's c++ instead:
+    a second, private C++ runtime in the extension crashed when an error message formatted a
+    number (seen on a lent GPU machine). Kept when CXX finds a shared one, when asked, and
+    when no other compiler is there."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    static = _fake_compiler(tmp_path, "static-g++", "libstdc++.so")
+    shared = _fake_compiler(tmp_path, "shared-g++", "/usr/lib/gcc/x86_64-linux-gnu/13/libstdc++.so")
+    system = _fake_compiler(bin_dir, "c++", "/usr/lib/gcc/x86_64-linux-gnu/13/libstdc++.so")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.delenv("FLEXDISPATCH_KEEP_CXX", raising=False)
+    monkeypatch.setenv("CXX", str(static))
+    assert _jit.shared_runtime_compiler() == str(system)
+    monkeypatch.setenv("FLEXDISPATCH_KEEP_CXX", "1")
+    assert _jit.shared_runtime_compiler() is None
+    monkeypatch.delenv("FLEXDISPATCH_KEEP_CXX")
+    monkeypatch.setenv("CXX", str(shared))
+    assert _jit.shared_runtime_compiler() is None
+    monkeypatch.delenv("CXX")
+    assert _jit.shared_runtime_compiler() is None
+    system.unlink()
+    monkeypatch.setenv("CXX", str(static))
+    assert _jit.shared_runtime_compiler() is None  # (warns: nothing better on PATH)
