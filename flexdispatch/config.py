@@ -82,6 +82,17 @@ class MoEConfig:
     dequantized copy of the received rows). Bit for bit the same results; on an H200 0.70 ms
     against 0.78 ms for the two passes at 16384 rows, H = 7168, K = 8 (docs/PERFORMANCE.md).
     False: dequantize the received rows first, then permute them."""
+    moe_fp8_experts: bool = False
+    """With ``moe_fp8_dispatch``, for FP8 experts at inference: the one-call entry points
+    (``token_permutation``, ``token_permutation2``) return the expert-major rows still in FP8,
+    as a pair ``(rows [N, H] torch.float8_e4m3fn, scales [N, H / 128] float32)`` (one scale per
+    128 values of a row, ``value = float(row) * scale``; pad and unused rows are zero with
+    scale 0) in place of the ``[N, H]`` tensor; tokens_per_expert and permuted_probs are as
+    before, and the experts' output ``[N, H]`` in the hidden dtype goes to
+    ``token_unpermutation`` as before. FP8 rows carry no gradient: hidden states that require
+    one raise ValueError on every rank (run under ``torch.no_grad()``; to train, leave this off
+    and the experts get the rows dequantized). The three-step API (``dispatch_postprocess``)
+    still returns dequantized rows."""
     moe_nvlink_max_blocks: int = 0
     """The NVLink backend (``moe_flex_backend="nvlink"``): thread blocks each of its transfer
     kernels may launch (0: as many as the rows need). A cap leaves SMs to compute that runs
@@ -100,6 +111,11 @@ class MoEConfig:
 
         if self.moe_flex_backend not in backend_names():
             raise ValueError(f"moe_flex_backend: expected one of {backend_names()}, got {self.moe_flex_backend!r}")
+        if not isinstance(self.moe_fp8_experts, bool):
+            raise ValueError(f"moe_fp8_experts: expected a bool, got {self.moe_fp8_experts!r}")
+        if self.moe_fp8_experts and not self.moe_fp8_dispatch:
+            raise ValueError("moe_fp8_experts: hands the experts the FP8 rows of moe_fp8_dispatch; set "
+                             "moe_fp8_dispatch=True")
         if not isinstance(self.moe_fp8_fused_permutation, bool):
             raise ValueError(f"moe_fp8_fused_permutation: expected a bool, got {self.moe_fp8_fused_permutation!r}")
         if self.moe_dropped_tokens not in DROPPED_TOKEN_ACTIONS:

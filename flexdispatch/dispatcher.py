@@ -244,24 +244,42 @@ class MoEFlexTokenDispatcher:
                           probs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Preprocess, dispatch and permute: ``(tokens [N, H], tokens_per_expert [E_local], permuted_probs [N])``."""
         hidden, _ = self.dispatch_preprocess(hidden_states, num_local_tokens, probs)
-        return self.dispatch_postprocess(self._dispatch_for_permutation(hidden))
+        return self._permute_dispatched(hidden)
 
     def token_permutation2(self, hidden_states: torch.Tensor, num_local_tokens: int, token_probs: torch.Tensor,
                            token_indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As :meth:`token_permutation`, with top-K ``token_probs`` and ``token_indices``."""
         hidden, _ = self.dispatch_preprocess2(hidden_states, num_local_tokens, token_probs, token_indices)
-        return self.dispatch_postprocess(self._dispatch_for_permutation(hidden))
+        return self._permute_dispatched(hidden)
 
-    def _dispatch_for_permutation(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _permute_dispatched(self, hidden: torch.Tensor):
+        """Dispatch and permute for the one-call entry points: with ``moe_fp8_experts`` the
+        tokens come back as ``(rows [N, H] float8_e4m3fn, scales [N, H / 128])``."""
+        if not self.config.moe_fp8_experts:
+            return self.dispatch_postprocess(self._dispatch_for_permutation(hidden))
+        manager = self._comm_manager
+        if manager is not None and manager._deferred is None and isinstance(hidden, torch.Tensor) and \
+                hidden.requires_grad and torch.is_grad_enabled():
+            manager.defer(ValueError(
+                "hidden_states: moe_fp8_experts hands the experts FP8 rows, which carry no gradient; call the layer "
+                "under torch.no_grad() (inference), or set moe_fp8_experts=False to train (the experts then get "
+                "the rows dequantized)"))
+        dispatched = self._dispatch_for_permutation(hidden, fp8_rows=True)
+        manager = self._require_manager("token_permutation")
+        rows, permuted_probs = manager.get_permuted_hidden_states_by_experts(dispatched, fp8_rows=True)
+        return rows, manager.get_number_of_tokens_per_expert(), permuted_probs
+
+    def _dispatch_for_permutation(self, hidden: torch.Tensor, fp8_rows: bool = False) -> torch.Tensor:
         """dispatch_all_to_all's transfer (async, as its defaults) for a permutation that follows
         at once: with ``moe_fp8_fused_permutation`` the received FP8 rows stay in FP8 and the
-        permutation dequantizes them as it moves them (``keep_fp8``)."""
+        permutation dequantizes them as it moves them (``keep_fp8``); ``fp8_rows``: they stay in
+        FP8 for the experts (every manager keeps them, the local one too)."""
         manager = self._comm_manager
         if manager is None:
             raise RuntimeError("token_permutation called out of order: the next step of this dispatcher is "
                                "dispatch_preprocess")
-        return manager.dispatch(hidden, True, True, keep_fp8=self.config.moe_fp8_fused_permutation,
-                                permute_next=True)
+        return manager.dispatch(hidden, True, True, keep_fp8=self.config.moe_fp8_fused_permutation or fp8_rows,
+                                permute_next=True, fp8_rows=fp8_rows)
 
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Undo the expert-major permutation: ``[N, H] -> [R, H]``."""

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 import flexdispatch as fd
+from flexdispatch import ops
 from moe_math import TOLERANCE, apply_experts, capacity_drop, dense_layer, make_problem, rel_err
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -120,6 +121,43 @@ def fp8_one_call_equals_steps(rank, world, device="cpu", backend="auto", dtype="
         runs.append((rows.detach(), out.detach(), x.grad, tp.grad))
     return {"equal": [torch.equal(a, b) for a, b in zip(*runs)], "backend": d.backend,
             "nonzero": all(float(t.abs().sum()) > 0 for t in runs[0] if t.numel())}
+
+
+def fp8_experts_equal_the_dequantizing_path(rank, world, device="cpu", backend="auto", dtype="bfloat16",
+                                           hidden=256, tokens=24, pad=2):
+    """moe_fp8_experts: the FP8 rows and scales handed to the experts, dequantized, are the
+    rows the dequantizing path gives, bit for bit (counts, probs and the layer's output too);
+    hidden states that require a gradient on one rank make every rank raise, and the layer
+    works afterwards."""
+    experts, topk = 4 * world, 3
+    dtype = DTYPES[dtype]
+    xs, logits, weights = make_problem(13, [tokens + rank] * world, hidden, experts)
+    local = experts // world
+    w = weights[rank * local:(rank + 1) * local].to(dtype).to(device)
+    x = xs[rank].to(dtype).to(device)
+    tp, ti = torch.topk(torch.softmax(logits[rank].to(device), -1), topk)
+    tp = tp.float()
+    cfg = dict(moe_flex_backend=backend, moe_fp8_dispatch=True, moe_router_expert_pad_multiple=pad)
+    plain = _dispatcher(rank, world, experts, topk, **cfg)
+    fp8 = _dispatcher(rank, world, experts, topk, moe_fp8_experts=True, **cfg)
+    with torch.no_grad():
+        rows, tpe, pp = plain.token_permutation2(x, x.shape[0], tp, ti)
+        out = plain.token_unpermutation(apply_experts(rows, tpe, pp, w))
+        (q, scales), tpe8, pp8 = fp8.token_permutation2(x, x.shape[0], tp, ti)
+        deq = ops.dequantize_fp8(q, scales, dtype)
+        out8 = fp8.token_unpermutation(apply_experts(deq, tpe8, pp8, w))
+    message = None
+    try:
+        fp8.token_permutation2(x.clone().requires_grad_(rank == world - 1), x.shape[0], tp, ti)
+    except ValueError as exc:
+        message = str(exc)
+    with torch.no_grad():
+        (q2, s2), _, pp2 = fp8.token_permutation2(x, x.shape[0], tp, ti)
+        fp8.token_unpermutation(apply_experts(ops.dequantize_fp8(q2, s2, dtype), tpe8, pp2, w))
+    return {"dtype": str(q.dtype), "shapes": (tuple(q.shape), tuple(scales.shape), tuple(rows.shape)),
+            "rows": torch.equal(deq, rows), "tpe": torch.equal(tpe8, tpe), "probs": torch.equal(pp8, pp),
+            "out": torch.equal(out8, out), "nonzero": float(out.abs().sum()) > 0, "message": message,
+            "recovered": torch.equal(q2.view(torch.uint8), q.view(torch.uint8)), "backend": fp8.backend}
 
 
 def fp8_kept_rows_misuse_then_recovery(rank, world, hidden=256, tokens=16):

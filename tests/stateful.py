@@ -61,6 +61,7 @@ class Layer:
     bound: Optional[int] = None  # moe_max_tokens_per_expert (sync-free layers)
     fp8: bool = False  # moe_fp8_dispatch (hidden a multiple of 128, not float64)
     fp8_fused: bool = False  # moe_fp8_fused_permutation (one-shot steps dequantize in the permutation)
+    fp8_experts: bool = False  # moe_fp8_experts (one-shot steps get FP8 rows and scales; no gradient)
 
 
 def generate_program(seed: int, world: int, steps: int, *, dtypes=("float32", "float64"), hidden_sizes=(4, 8, 12),
@@ -83,6 +84,7 @@ def generate_program(seed: int, world: int, steps: int, *, dtypes=("float32", "f
         if fp8 and rng.random() < 0.3:  # FP8 dispatch: rows of whole 128-value groups
             layers[-1].fp8 = True
             layers[-1].fp8_fused = len(layers) % 2 == 1  # both paths (no draw: the programs stay as they were)
+            layers[-1].fp8_experts = len(layers) == 2  # FP8 rows to the experts (no draw either)
             layers[-1].hidden = layers[-1].hidden if layers[-1].hidden % 128 == 0 else 128
             layers[-1].dtype = "float32" if layers[-1].dtype == "float64" else layers[-1].dtype
     program = []
@@ -276,7 +278,8 @@ class Runner:
                                moe_router_expert_pad_multiple=layer.pad, moe_expert_capacity_factor=layer.capacity,
                                moe_router_dtype=layer.router_dtype, moe_sync_free=layer.sync_free,
                                moe_max_tokens_per_expert=layer.bound, moe_flex_backend=backend,
-                               moe_fp8_dispatch=layer.fp8, moe_fp8_fused_permutation=layer.fp8_fused)
+                               moe_fp8_dispatch=layer.fp8, moe_fp8_fused_permutation=layer.fp8_fused,
+                               moe_fp8_experts=layer.fp8_experts)
             self.dispatchers.append(fd.MoEFlexTokenDispatcher(
                 local, list(range(rank * local, (rank + 1) * local)), cfg, group))
             self.weights.append(layer_weights(program["seed"], i, layer).to(device))
@@ -308,6 +311,16 @@ class Runner:
         d = self.dispatchers[call["index"]]
         x, router = call["x"], call["router"]
         tokens = x.shape[0]
+        if not stepwise and call["layer"].fp8_experts:  # FP8 rows and scales: inference only
+            with torch.no_grad():
+                if call["entry"] == "probs":
+                    (q, scales), tpe, probs = d.token_permutation(x.detach(), tokens, router)
+                else:
+                    (q, scales), tpe, probs = d.token_permutation2(x.detach(), tokens, router[0], router[1])
+            if q.dtype != torch.float8_e4m3fn or scales.shape != (q.shape[0], q.shape[1] // 128):
+                raise StepFailure(f"moe_fp8_experts returned {q.dtype} rows {tuple(q.shape)}, scales "
+                                  f"{tuple(scales.shape)}")
+            return fd.ops.dequantize_fp8(q, scales, x.dtype), tpe, probs
         if not stepwise:
             if call["entry"] == "probs":
                 return d.token_permutation(x, tokens, router)
@@ -420,13 +433,14 @@ class Runner:
 
     def _step_oneshot(self, step: dict, stepwise: bool = False) -> None:
         call = self._prepare(step["layer"], step["seed"], step["tokens"], step["entry"])
+        backward = step["backward"] and (stepwise or not call["layer"].fp8_experts)  # (FP8 rows: no gradient)
         tokens, tpe, probs = self._permute(call, stepwise, step.get("async_dispatch", True))
-        want = self._want(call, step["backward"])
+        want = self._want(call, backward)
         self._check_permuted(step, call, want, tokens, tpe, probs)
         out = self._unpermute(call, self._experts(call, tokens, tpe, probs), stepwise, step.get("async_combine", True))
-        if step["backward"]:
+        if backward:
             self._loss(call, out).backward()
-        self._check_result(step, call, want, out, step["backward"])
+        self._check_result(step, call, want, out, backward)
 
     def _step_stepwise(self, step: dict) -> None:
         self._step_oneshot(step, stepwise=True)
@@ -434,8 +448,9 @@ class Runner:
     def _step_pair(self, step: dict) -> None:
         a = self._prepare(step["layer"], step["seed"], step["tokens"], step["entry"])
         b = self._prepare(step["other"], step["other_seed"], step["other_tokens"], step["other_entry"])
+        backward = step["backward"] and not (a["layer"].fp8_experts or b["layer"].fp8_experts)
         permuted = [self._permute(a), self._permute(b)]
-        wants = [self._want(a, step["backward"]), self._want(b, step["backward"])]
+        wants = [self._want(a, backward), self._want(b, backward)]
         for call, want, (tokens, tpe, probs) in zip((a, b), wants, permuted):
             self._check_permuted(step, call, want, tokens, tpe, probs)
         ys = [self._experts(call, *p) for call, p in zip((a, b), permuted)]
@@ -443,10 +458,10 @@ class Runner:
         outs = [None, None]
         for i in order:
             outs[i] = self._unpermute((a, b)[i], ys[i])
-        if step["backward"]:
+        if backward:
             (self._loss(a, outs[0]) + self._loss(b, outs[1])).backward()
         for call, want, out in zip((a, b), wants, outs):
-            self._check_result(step, call, want, out, step["backward"])
+            self._check_result(step, call, want, out, backward)
 
     def _expect_raise(self, step: dict, action, what: str, errors=(ValueError, TypeError), names=()) -> str:
         try:

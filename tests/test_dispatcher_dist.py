@@ -50,6 +50,21 @@ def test_fp8_one_call_equals_the_three_steps(pool, dtype, hidden):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
+def test_fp8_experts_get_the_rows_the_dequantizing_path_gets(pool, backend):
+    """moe_fp8_experts hands (FP8 rows, scales) to the experts: dequantized, they are the rows
+    of the dequantizing path, bit for bit; a gradient asked on one rank raises on every rank."""
+    results = pool.run("fp8_experts_equal_the_dequantizing_path", backend=backend if pool.world > 1 else "auto")
+    for rank, res in enumerate(results):
+        assert res["dtype"] == "torch.float8_e4m3fn" and res["shapes"][0] == res["shapes"][2], res
+        assert res["shapes"][1] == (res["shapes"][0][0], res["shapes"][0][1] // 128), res
+        assert res["rows"] and res["tpe"] and res["probs"] and res["out"] and res["nonzero"], res
+        assert res["message"] and res["message"].startswith("hidden_states:") and res["recovered"], res
+        # the rank whose tokens asked for a gradient says why; its peers name it
+        assert ("moe_fp8_experts" if rank == pool.world - 1 else f"rank(s) [{pool.world - 1}]") in res["message"], res
+
+
+@pytest.mark.timeout(300)
 def test_fp8_kept_rows_misuse_is_a_clear_error(pool):
     if pool.world == 1:
         pytest.skip("the local manager keeps no FP8 rows (nothing travels)")

@@ -112,6 +112,15 @@ def test_deepep_sync_free_cuda_graph(pool):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", ["alltoall", "nvlink", pytest.param("deepep", marks=pytest.mark.deepep)])
+def test_fp8_experts_get_the_dequantizing_rows_on_gpus(pool, backend):
+    for res in pool.run("fp8_experts_equal_the_dequantizing_path", device="cuda", backend=backend, hidden=1024):
+        assert res["backend"] == backend and res["rows"] and res["tpe"] and res["probs"] and res["out"], res
+        assert res["nonzero"] and res["message"] and res["message"].startswith("hidden_states:"), res
+        assert res["recovered"], res
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", ["alltoall", pytest.param("deepep", marks=pytest.mark.deepep)])
 def test_fp8_one_call_equals_the_three_steps_on_gpus(pool, backend):
     for res in pool.run("fp8_one_call_equals_steps", device="cuda", backend=backend, dtype="bfloat16", hidden=1024):

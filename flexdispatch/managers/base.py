@@ -219,6 +219,7 @@ class _ManagerBase(_DispatchManager):
         self._checked_route = None  # (indices, probs) as given, to describe a routing error
         self._deferred: Optional[BaseException] = None  # this rank's failed check, raised at the exchange
         self._offered: Optional[torch.Tensor] = None  # dispatch's hidden_states, during the call
+        self._fp8_rows = False  # this call's experts take FP8 rows (dispatch(fp8_rows=True))
         self._kept_fp8: Optional[tuple] = None  # those rows (q, scales), for the permutation
         self._pulled: Optional[tuple] = None  # (addrs, align) of rows the permutation reads
         self._stand_in: Optional[torch.Tensor] = None  # what dispatch returned in place of either
@@ -398,7 +399,7 @@ class _ManagerBase(_DispatchManager):
 
     def dispatch(self, hidden_states: torch.Tensor, async_finish: bool = False,
                  allocate_on_comm_stream: bool = False, *, keep_fp8: bool = False,
-                 permute_next: bool = False) -> torch.Tensor:
+                 permute_next: bool = False, fp8_rows: bool = False) -> torch.Tensor:
         """Send every token to each rank that holds one of its experts.
 
         Args:
@@ -423,6 +424,10 @@ class _ManagerBase(_DispatchManager):
             sync-free, ``tokens_per_expert [E_local]`` int64 on the CPU.
         """
         self._expect("dispatch", "routed")
+        # fp8_rows: the permutation hands FP8 rows to the experts (the dispatcher's
+        # moe_fp8_experts); every manager then keeps the received rows in FP8.
+        self._fp8_rows = fp8_rows and self.fp8_dispatch and not torch.compiler.is_compiling()
+        keep_fp8 = keep_fp8 or self._fp8_rows
         if self._deferred is None:
             try:
                 self._check_dispatch_input(hidden_states)
@@ -466,13 +471,16 @@ class _ManagerBase(_DispatchManager):
                 raise ValueError(f"hidden_states: FP8 dispatch needs a hidden size that is a multiple of 128, "
                                  f"got {hidden_states.shape[1]}")
 
-    def get_permuted_hidden_states_by_experts(self, hidden_states: torch.Tensor):
+    def get_permuted_hidden_states_by_experts(self, hidden_states: torch.Tensor, *, fp8_rows: bool = False):
         """Expert-major rows of the dispatched tokens.
 
         Returns:
             ``(tokens [N, H], permuted_probs [N])``: expert 0's rows first, ascending dispatched
             row inside an expert; ``permuted_probs`` float64 when ``router_dtype="fp64"``. With
             a pad multiple, pad rows are zero with prob 0 and ``tokens_per_expert`` counts them.
+            ``fp8_rows`` (after ``dispatch(fp8_rows=True)``): ``tokens`` is the pair ``(rows
+            [N, H] float8_e4m3fn, scales [N, H / 128] float32)``, moved without conversion (pad
+            and unused rows: zero bytes, scale 0); not differentiable.
         """
         self._expect("get_permuted_hidden_states_by_experts", "dispatched")
         self.wait()
@@ -491,6 +499,13 @@ class _ManagerBase(_DispatchManager):
                 out, probs, plan, device_counts = peer_ops.permute_from(
                     hidden_states, addrs, align, indices, self.dispatched_probs, num_experts=self.num_local_experts,
                     num_out_tokens=num_out, pad_multiple=self.moe_router_expert_pad_multiple)
+            elif self._kept_fp8 is not None and fp8_rows and self._fp8_rows:  # FP8 rows for FP8 experts
+                q, scales = self._kept_fp8
+                out_q, probs, plan, device_counts = ops.permute_by_indices(
+                    q.contiguous().view(torch.uint8), indices, self.dispatched_probs,
+                    num_experts=self.num_local_experts, num_out_tokens=num_out,
+                    pad_multiple=self.moe_router_expert_pad_multiple)
+                out = (out_q.view(torch.float8_e4m3fn), ops.apply_permutation(scales.contiguous(), plan))
             elif self._kept_fp8 is not None:  # FP8 rows: dequantized as they are moved
                 q, scales = self._kept_fp8
                 out, probs, plan, device_counts = ops.permute_fp8_by_indices(

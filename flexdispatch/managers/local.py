@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .base import Dispatched, _ManagerBase
+from .base import Dispatched, _ManagerBase, received_fp8_rows
 
 
 class _LocalManager(_ManagerBase):
@@ -21,7 +21,13 @@ class _LocalManager(_ManagerBase):
     supports_sync_free = True
 
     def _dispatch(self, hidden_states: torch.Tensor, async_finish: bool, allocate_on_comm_stream: bool,
-                  keep_fp8: bool, permute_next: bool = False) -> Dispatched:  # (nothing travels: no FP8 rows to keep)
+                  keep_fp8: bool, permute_next: bool = False) -> Dispatched:
+        if self._fp8_rows:  # FP8 experts: the rows a transfer would carry, kept for the permutation
+            q, scales = ops.quantize_fp8(hidden_states)
+            stand_in, _, kept = received_fp8_rows(q, scales, hidden_states.dtype, True, False)
+            return Dispatched(stand_in, self.token_indices, self._masked_probs(self.token_indices, self.token_probs),
+                              num_out=self._worst_case_rows(hidden_states.shape[0]) if self.sync_free else None,
+                              fp8=kept)
         if self.fp8_dispatch:  # the same rounding as a transfer, so results do not depend on the backend
             hidden_states = ops.fp8_round_trip(hidden_states)
         return Dispatched(hidden_states, self.token_indices,
