@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import socket
 import statistics
 import sys
@@ -54,7 +53,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import flexdispatch as fd  # noqa: E402
 from flexdispatch.managers import deepep  # noqa: E402
 from bench_experts import scale_rows, triton_available  # noqa: E402
-from timing import median_ms  # noqa: E402
+from timing import init_rank, median_ms  # noqa: E402
 
 SHAPES = [(4096, 7168, 256, 8), (8192, 2048, 128, 8), (1024, 1024, 32, 4)]
 STAGES = ("preprocess", "dispatch", "permute", "experts", "restore", "combine")
@@ -270,9 +269,7 @@ def trace_forwards(rank, world, variants, args):
 
 
 def _worker(rank, world, port, args, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    init_rank(rank, world, port)
     report = []
     managers = [m for m in args.managers
                 if not m.startswith("deepep") or deepep.unusable_reason(dist.group.WORLD) is None]

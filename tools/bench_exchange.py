@@ -11,20 +11,18 @@ launch for scale, and a whole exchange (header and a 64 KiB part) with either ba
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
 from flexdispatch import ops  # noqa: E402
 from flexdispatch.managers import peer_buffers  # noqa: E402
+from timing import init_rank, run_ranks  # noqa: E402
 
 
 def _time(fn, iters: int) -> tuple[float, float]:
@@ -44,9 +42,7 @@ def _time(fn, iters: int) -> tuple[float, float]:
 
 
 def _worker(rank, world, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    init_rank(rank, world, port)
     ops.load_kernels()
     device = torch.device("cuda", rank)
     transport = peer_buffers.transport_for(dist.group.WORLD, device)
@@ -85,10 +81,7 @@ def main() -> int:
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--iters", type=int, default=200)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(args.world_size, port, args), nprocs=args.world_size, start_method="spawn")
+    run_ranks(_worker, args.world_size, args)
     return 0
 
 

@@ -12,27 +12,23 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import os
 import pstats
-import socket
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import flexdispatch as fd  # noqa: E402
 from bench_dispatch import SHAPES, Layer  # noqa: E402
+from timing import init_rank, run_ranks  # noqa: E402
 
 
 def _worker(rank, world, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    init_rank(rank, world, port)
     layer = Layer(rank, world, *SHAPES[args.shape], args.manager)
     for _ in range(5):  # warm up: buffers, kernels, allocator
         layer.forward(layer.x, layer.probs)
@@ -79,10 +75,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--torch-profile", action="store_true", help="also the torch profiler's host time per op")
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(args.world_size, port, args), nprocs=args.world_size, start_method="spawn")
+    run_ranks(_worker, args.world_size, args)
     return 0
 
 

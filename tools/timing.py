@@ -1,9 +1,30 @@
-"""CUDA-event timing shared by the benchmarks: warm up, then the median of many runs."""
+"""Shared by the GPU tools: CUDA-event timing (warm up, then the median of many runs) and
+one process per local GPU on an NCCL group."""
 
+import os
+import socket
 import statistics
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run_ranks(worker: Callable, world: int, *args) -> None:
+    """``worker(rank, world, port, *args)`` in ``world`` spawned processes (a free local port
+    for their rendezvous); returns when every one has."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(worker, args=(world, port, *args), nprocs=world, start_method="spawn")
+
+
+def init_rank(rank: int, world: int, port: int) -> None:
+    """This process's GPU and its NCCL process group (the rank launched by :func:`run_ranks`)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
 
 
 def median_ms(fn: Callable[[], object], iters: int, warmup: int = 3,
