@@ -47,6 +47,7 @@ from .._log import logger
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 REGION_ALIGN = 256  # bytes between the start of one part's region and the next
 MIN_BYTES = 1 << 20  # the smallest buffer (every call's first exchange fits in it)
+_MAX_TABLES = 64  # address tables a symmetric transport keeps (one per region offset)
 
 
 def row_align(row_bytes: int) -> int:
@@ -217,12 +218,15 @@ class SymmetricTransport(Transport):
         return headers, tables
 
     def _table(self, offset: int) -> torch.Tensor:
-        """int64 [W]: where every rank's region at ``offset`` starts (kept per buffer: the same
-        offsets recur every call; not kept when made inside a CUDA-graph capture)."""
+        """int64 [W]: where every rank's region at ``offset`` starts (kept per buffer: with steady
+        shapes the same offsets recur every call; at most _MAX_TABLES kept, since varying token
+        counts make new ones; not kept when made inside a CUDA-graph capture)."""
         table = self._tables.get(offset)
         if table is None:
             table = self._bases + offset
             if not torch.cuda.is_current_stream_capturing():
+                if len(self._tables) >= _MAX_TABLES:
+                    self._tables.clear()
                 self._tables[offset] = table
         return table
 
