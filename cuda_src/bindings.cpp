@@ -517,10 +517,10 @@ std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>>
   const int64_t q_pitch = q.size(0) > 1 ? q.stride(0) : hidden;
   const int64_t scale_pitch = scales.size(0) > 1 ? scales.stride(0) : hidden / fd::kFp8Group;
   FD_ON_DEVICE(q, fd::cuda::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(),
-                                             scale_pitch, q.size(0), hidden, row_id_map.data_ptr<int32_t>(), slots,
-                                             out.data_ptr(), stream), {
-    fd::cpu::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(), scale_pitch, q.size(0),
-                              hidden, row_id_map.data_ptr<int32_t>(), slots, out.data_ptr());
+                                             scale_pitch, nullptr, q.size(0), hidden, row_id_map.data_ptr<int32_t>(),
+                                             slots, out.data_ptr(), 0, stream), {
+    fd::cpu::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(), scale_pitch, nullptr,
+                              q.size(0), hidden, row_id_map.data_ptr<int32_t>(), slots, out.data_ptr());
   });
   zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail);
   return {out, probs_out, row_id_map, layout, host};
@@ -690,6 +690,43 @@ std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>>
   return {out, probs_out, row_id_map, layout, host};
 }
 
+// The dequantizing permutation of FP8 rows read through addresses, as permute_fp8: row r of
+// `like` ([R, H] of the output dtype; only its shape, dtype and device are read) lies at
+// addrs[r] as H e4m3 bytes followed by its H / 128 float32 scales (0: no row; every address
+// aligned to `align` bytes, at least 8, or 4 for float32 output). Returns as permute.
+std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>> permute_fp8_from(
+    const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& addrs,
+    int64_t align, const Tensor& like, const std::optional<Tensor>& probs, int64_t max_blocks) {
+  const fd::Route r = route_of(route, num_experts);
+  TORCH_CHECK_VALUE(like.dim() == 2 && like.size(0) == r.rows, "like must be [", r.rows, ", hidden], got ",
+                    like.sizes());
+  TORCH_CHECK_VALUE(like.size(1) % fd::kFp8Group == 0, "the hidden size must be a multiple of ", fd::kFp8Group);
+  const fd::DType dtype = dtype_of(like, "like");
+  TORCH_CHECK_TYPE(dtype != fd::kFloat64, "FP8 rows dequantize to float32, float16 or bfloat16, not float64");
+  const int64_t unit = dtype == fd::kFloat32 ? 4 : 8;
+  TORCH_CHECK_VALUE(checked_align(align) >= unit, "addresses must be aligned to ", unit, " bytes, got ", align);
+  check_same_device(route, like, "like");
+  check_addrs(addrs, like, r.rows, 1);
+  const int64_t hidden = like.size(1);
+  auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple);
+  std::optional<Tensor> host;
+  const bool tail = num_out >= 0;
+  if (!size_output(r, layout, num_out, host)) {
+    return {like.new_empty({0, hidden}), std::nullopt, route.new_empty({0}, at::kInt), layout, host};
+  }
+  auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out);
+  auto out = torch::empty({num_out, hidden}, like.options());
+  const int32_t slots = static_cast<int32_t>(row_id_map.size(1));
+  FD_ON_DEVICE(like, fd::cuda::scatter_fp8_rows(dtype, nullptr, 0, nullptr, 0, addrs.data_ptr<int64_t>(), r.rows,
+                                                hidden, row_id_map.data_ptr<int32_t>(), slots, out.data_ptr(),
+                                                max_blocks, stream), {
+    fd::cpu::scatter_fp8_rows(dtype, nullptr, 0, nullptr, 0, addrs.data_ptr<int64_t>(), r.rows, hidden,
+                              row_id_map.data_ptr<int32_t>(), slots, out.data_ptr());
+  });
+  zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail);
+  return {out, probs_out, row_id_map, layout, host};
+}
+
 bool with_cuda() {
 #ifdef FLEXDISPATCH_WITH_CUDA
   return true;
@@ -718,6 +755,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_rows_from", &copy_rows_from);
   m.def("sum_rows_from", &sum_rows_from);
   m.def("permute_from", &permute_from);
+  m.def("permute_fp8_from", &permute_fp8_from);
   m.def("peer_addresses", &peer_addresses);
   m.def("peer_barrier", &peer_barrier);
   m.def("pack_parts", &pack_parts);

@@ -151,45 +151,55 @@ __global__ void __launch_bounds__(kBlock) dequantize_kernel(const uint8_t* __res
   }
 }
 
-// The dequantizing permutation: one warp per FP8 row, a lane per unit, kPermuteUnroll units
-// loaded before the first store; each unit is converted once and written to each of the row's
-// destinations. The same arithmetic as dequantize_kernel, so it equals dequantize-then-permute.
+// The dequantizing permutation: one warp per FP8 row (rows grid-strided), a lane per unit,
+// kPermuteUnroll units loaded before the first store; each unit is converted once and written
+// to each of the row's destinations. The same arithmetic as dequantize_kernel, so it equals
+// dequantize-then-permute. With addrs, row r is read at addrs[r] (its `hidden` FP8 bytes, then
+// its scales; 0: no row), in a peer's buffer for the NVLink manager.
 template <typename T>
 __global__ void __launch_bounds__(kBlock) scatter_fp8_rows_kernel(
     const uint8_t* __restrict__ q, int64_t q_pitch, const float* __restrict__ scales, int64_t scale_pitch,
-    int64_t rows, int64_t hidden, const int32_t* __restrict__ row_id_map, int32_t slots, T* __restrict__ dst) {
+    const int64_t* __restrict__ addrs, int64_t rows, int64_t hidden, const int32_t* __restrict__ row_id_map,
+    int32_t slots, T* __restrict__ dst) {
   using U = Unit<T>;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (row >= rows) return;
   const int lane = threadIdx.x % 32;
-  const int32_t* dests = row_id_map + row * slots;
-  const auto* in = reinterpret_cast<const typename U::Bytes*>(q + row * q_pitch);
-  const float* row_scales = scales + row * scale_pitch;
   const int64_t units = hidden / U::kVals;
-  for (int64_t c0 = lane; c0 < units; c0 += 32 * kPermuteUnroll) {
-    typename U::Bytes raw[kPermuteUnroll];
-    float scale[kPermuteUnroll];
-#pragma unroll
-    for (int u = 0; u < kPermuteUnroll; ++u) {
-      const int64_t c = c0 + 32 * u;
-      if (c < units) {
-        raw[u] = in[c];
-        scale[u] = row_scales[c / (kFp8Group / U::kVals)];
-      }
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {
+    const uint8_t* row_q = q + row * q_pitch;
+    const float* row_scales = scales + row * scale_pitch;
+    if (addrs != nullptr) {
+      if (addrs[row] == 0) continue;  // (the whole warp: one row)
+      row_q = reinterpret_cast<const uint8_t*>(addrs[row]);
+      row_scales = reinterpret_cast<const float*>(row_q + hidden);
     }
-    typename U::Out out[kPermuteUnroll];
-#pragma unroll
-    for (int u = 0; u < kPermuteUnroll; ++u) {
-      if (c0 + 32 * u < units) out[u] = decode_unit<T>(raw[u], scale[u]);
-    }
-    for (int32_t s = 0; s < slots; ++s) {
-      const int32_t d = __ldg(dests + s);
-      if (d < 0) continue;
-      auto* to = reinterpret_cast<typename U::Out*>(dst + static_cast<int64_t>(d) * hidden);
+    const int32_t* dests = row_id_map + row * slots;
+    const auto* in = reinterpret_cast<const typename U::Bytes*>(row_q);
+    for (int64_t c0 = lane; c0 < units; c0 += 32 * kPermuteUnroll) {
+      typename U::Bytes raw[kPermuteUnroll];
+      float scale[kPermuteUnroll];
 #pragma unroll
       for (int u = 0; u < kPermuteUnroll; ++u) {
         const int64_t c = c0 + 32 * u;
-        if (c < units) to[c] = out[u];
+        if (c < units) {
+          raw[u] = in[c];
+          scale[u] = row_scales[c / (kFp8Group / U::kVals)];
+        }
+      }
+      typename U::Out out[kPermuteUnroll];
+#pragma unroll
+      for (int u = 0; u < kPermuteUnroll; ++u) {
+        if (c0 + 32 * u < units) out[u] = decode_unit<T>(raw[u], scale[u]);
+      }
+      for (int32_t s = 0; s < slots; ++s) {
+        const int32_t d = __ldg(dests + s);
+        if (d < 0) continue;
+        auto* to = reinterpret_cast<typename U::Out*>(dst + static_cast<int64_t>(d) * hidden);
+#pragma unroll
+        for (int u = 0; u < kPermuteUnroll; ++u) {
+          const int64_t c = c0 + 32 * u;
+          if (c < units) to[c] = out[u];
+        }
       }
     }
   }
@@ -226,10 +236,13 @@ struct Dequantize {
 
 template <typename T>
 struct ScatterFp8 {
-  static void run(const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch, int64_t rows,
-                  int64_t hidden, const int32_t* row_id_map, int32_t slots, void* dst, cudaStream_t stream) {
-    scatter_fp8_rows_kernel<<<grid_for(rows, kWarpsPerBlock), kBlock, 0, stream>>>(
-        q, q_pitch, scales, scale_pitch, rows, hidden, row_id_map, slots, static_cast<T*>(dst));
+  static void run(const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch, const int64_t* addrs,
+                  int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots, void* dst,
+                  int64_t max_blocks, cudaStream_t stream) {
+    int64_t grid = grid_for(rows, kWarpsPerBlock);
+    if (max_blocks > 0 && grid > max_blocks) grid = max_blocks;
+    scatter_fp8_rows_kernel<<<static_cast<unsigned>(grid), kBlock, 0, stream>>>(
+        q, q_pitch, scales, scale_pitch, addrs, rows, hidden, row_id_map, slots, static_cast<T*>(dst));
   }
 };
 
@@ -248,10 +261,11 @@ cudaError_t dequantize_fp8(DType dtype, const uint8_t* q, const float* scales, i
 }
 
 cudaError_t scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
-                             int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots, void* dst,
-                             cudaStream_t stream) {
+                             const int64_t* addrs, int64_t rows, int64_t hidden, const int32_t* row_id_map,
+                             int32_t slots, void* dst, int64_t max_blocks, cudaStream_t stream) {
   if (rows == 0 || hidden == 0) return cudaSuccess;
-  return by_dtype<ScatterFp8>(dtype, q, q_pitch, scales, scale_pitch, rows, hidden, row_id_map, slots, dst, stream);
+  return by_dtype<ScatterFp8>(dtype, q, q_pitch, scales, scale_pitch, addrs, rows, hidden, row_id_map, slots, dst,
+                              max_blocks, stream);
 }
 
 }  // namespace cuda

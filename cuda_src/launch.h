@@ -76,10 +76,12 @@ cudaError_t dequantize_fp8(DType dtype, const uint8_t* q, const float* scales, i
 // The dequantizing permutation: dst [num_out, hidden] of dtype gets, at row_id_map[r, s] for
 // every valid slot, FP8 row r dequantized (q: rows of e4m3 bytes, q_pitch bytes apart, 16-byte
 // aligned; scales: rows of hidden / 128 floats, scale_pitch floats apart). Each q row is read
-// once; the values equal dequantize_fp8's.
+// once; the values equal dequantize_fp8's. With addrs [rows] (nullable), row r is instead read
+// at addrs[r]: hidden bytes, then its hidden / 128 scales (0: no row; every address aligned to
+// 8 bytes, 4 for a float32 dst). At most max_blocks blocks (0: no cap).
 cudaError_t scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
-                             int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots, void* dst,
-                             cudaStream_t stream);
+                             const int64_t* addrs, int64_t rows, int64_t hidden, const int32_t* row_id_map,
+                             int32_t slots, void* dst, int64_t max_blocks, cudaStream_t stream);
 
 // Rows read through addresses (the NVLink manager's transfers; peers' buffers mapped by
 // symmetric memory): row r (row_bytes) at addrs[r] goes to dst rows map[r, 0..slots) (-1:

@@ -84,3 +84,25 @@ def permute_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indices: t
                                                        addrs, align, rows, p, max_blocks),
         route, num_experts, num_out_tokens, pad_multiple)
     return out, out_probs, plan, plan.tokens_per_expert
+
+
+def permute_fp8_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indices: torch.Tensor,
+                     probs: Optional[torch.Tensor], num_experts: int, num_out_tokens: Optional[int] = None,
+                     pad_multiple: Optional[int] = None, max_blocks: int = 0):
+    """The dequantizing permutation (as :func:`flexdispatch.ops.permute_fp8_by_indices`) of FP8
+    rows read at ``addrs [R]``: each row is ``H`` e4m3 bytes followed by its ``H / 128`` float32
+    scales (0: no row; addresses aligned to ``align`` bytes, at least 8, or 4 for float32 output),
+    read once and written dequantized to its experts' rows. ``rows`` ``[R, H]`` of the output
+    dtype stands for them in shape, dtype and autograd (its values are not read).
+
+    Returns ``(out [N, H], permuted_probs [N], plan, tokens_per_expert)``."""
+    ops._check_index_route(indices, num_experts, rows.shape[0])
+    probs = ops._check_probs(probs, indices)
+    ops._check_sizes(num_out_tokens, pad_multiple)
+    route, addrs = indices.contiguous(), addrs.contiguous()
+    out, out_probs, plan = ops.kernel_permutation(
+        rows, probs, lambda p: _kernels().permute_fp8_from(route, num_experts, pad_multiple or 1,
+                                                           -1 if num_out_tokens is None else num_out_tokens,
+                                                           addrs, align, rows, p, max_blocks),
+        route, num_experts, num_out_tokens, pad_multiple)
+    return out, out_probs, plan, plan.tokens_per_expert

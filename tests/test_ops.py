@@ -622,6 +622,34 @@ def test_routing_by_rank_kernel_equals_the_torch_formula(monkeypatch, device, in
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_permute_fp8_from_addresses_equals_the_dequantizing_permutation(device, dtype):
+    """FP8 rows read through addresses as the NVLink manager publishes them (each row's bytes,
+    then its scales), some without a source (address 0): the dequantizing permutation's rows,
+    probs and plan, bit for bit, and the stand-in gets the permutation's gradient."""
+    from flexdispatch import peer_ops
+
+    rows, hidden, experts, topk = 200, 256, 6, 3
+    q, scales = ops.quantize_fp8(_fp8_rows(dtype, device, rows=rows, hidden=hidden))
+    payload = torch.cat([q.view(torch.uint8), scales.view(torch.uint8)], dim=1)  # [R, H + H / 32]
+    idx = random_indices(rows, experts, topk, seed=4, device=device)
+    idx[::9] = -1  # rows no expert here takes: their address is 0, as for rows without a source
+    addrs = _row_addrs(payload, torch.where((idx >= 0).any(1), torch.arange(rows, device=device), -1))
+    p = random_probs(rows, topk, device=device)
+    stand_in = torch.zeros((), dtype=dtype, device=device).expand(rows, hidden).requires_grad_()
+    out, out_p, plan, tpe = peer_ops.permute_fp8_from(stand_in, addrs, 8, idx, p, experts, None, 2)
+    want, want_p, want_plan, want_tpe = ops.permute_fp8_by_indices(q, scales, idx, p, num_experts=experts,
+                                                                    pad_multiple=2, dtype=dtype)
+    assert torch.equal(out, want) and torch.equal(out_p, want_p) and torch.equal(tpe, want_tpe)
+    assert_plans_equal(plan, want_plan)
+    grad = random_tokens(out.shape[0], hidden, dtype, device=device)
+    out.backward(grad)
+    assert torch.equal(stand_in.grad, ops.unpermute(grad, want_plan))
+    with pytest.raises(ValueError, match="aligned to"):
+        peer_ops.permute_fp8_from(stand_in.detach(), addrs, 2, idx, p, experts)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_pack_parts_places_every_part_at_its_offset(device):
     """An exchange's parts in one launch: aligned ones as 16-byte vectors, a misaligned view
     and an odd size byte by byte, an empty part; bytes outside the parts untouched."""

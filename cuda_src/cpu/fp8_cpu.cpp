@@ -38,12 +38,17 @@ void dequantize_groups(const uint8_t* q, const float* scales, int64_t groups, T*
 }
 
 template <typename T>
-void scatter_fp8(const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch, int64_t rows,
-                 int64_t hidden, const int32_t* row_id_map, int32_t slots, T* dst) {
+void scatter_fp8(const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch, const int64_t* addrs,
+                 int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots, T* dst) {
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* in = q + r * q_pitch;
     const float* row_scales = scales + r * scale_pitch;
+    if (addrs != nullptr) {  // the row at addrs[r]: its bytes, then its scales (0: no row)
+      if (addrs[r] == 0) continue;
+      in = reinterpret_cast<const uint8_t*>(addrs[r]);
+      row_scales = reinterpret_cast<const float*>(in + hidden);
+    }
     for (int32_t s = 0; s < slots; ++s) {
       const int32_t d = row_id_map[r * slots + s];
       if (d < 0) continue;
@@ -56,14 +61,18 @@ void scatter_fp8(const uint8_t* q, int64_t q_pitch, const float* scales, int64_t
 }  // namespace
 
 void scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
-                      int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots, void* dst) {
+                      const int64_t* addrs, int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots,
+                      void* dst) {
   switch (dtype) {
     case kFloat32:
-      return scatter_fp8(q, q_pitch, scales, scale_pitch, rows, hidden, row_id_map, slots, static_cast<float*>(dst));
+      return scatter_fp8(q, q_pitch, scales, scale_pitch, addrs, rows, hidden, row_id_map, slots,
+                         static_cast<float*>(dst));
     case kFloat16:
-      return scatter_fp8(q, q_pitch, scales, scale_pitch, rows, hidden, row_id_map, slots, static_cast<Float16*>(dst));
+      return scatter_fp8(q, q_pitch, scales, scale_pitch, addrs, rows, hidden, row_id_map, slots,
+                         static_cast<Float16*>(dst));
     case kBFloat16:
-      return scatter_fp8(q, q_pitch, scales, scale_pitch, rows, hidden, row_id_map, slots, static_cast<BFloat16*>(dst));
+      return scatter_fp8(q, q_pitch, scales, scale_pitch, addrs, rows, hidden, row_id_map, slots,
+                         static_cast<BFloat16*>(dst));
     default: return;
   }
 }

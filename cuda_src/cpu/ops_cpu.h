@@ -43,7 +43,8 @@ void quantize_fp8(DType dtype, const void* x, int64_t groups, uint8_t* q, float*
 void dequantize_fp8(DType dtype, const uint8_t* q, const float* scales, int64_t groups, void* out);
 // The dequantizing permutation (see ../launch.h: scatter_fp8_rows).
 void scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
-                      int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots, void* dst);
+                      const int64_t* addrs, int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots,
+                      void* dst);
 
 // Rows read through addresses (see ../launch.h: copy_rows_from, sum_rows_from).
 void copy_rows_from(const int64_t* addrs, int64_t rows, int64_t row_bytes, const int32_t* map, int32_t slots,

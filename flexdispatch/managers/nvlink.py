@@ -120,8 +120,9 @@ def _make_route(counts: torch.Tensor, rank: int, in_rank: torch.Tensor, sizes: d
 class _NvlinkDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, send_meta, route, transport, fp8, keep_fp8, pull_later, max_blocks):
-        """``(rows, recv_meta, pulled, kept)``: ``pulled`` is ``(addrs [R], align)`` when
-        ``pull_later`` (``rows`` is then a stand-in: the permutation reads the rows), else None;
+        """``(rows, recv_meta, pulled, kept)``: ``pulled`` is ``(addrs [R], align, fp8)`` when
+        ``pull_later`` (``rows`` is then a stand-in: the permutation reads the rows, FP8 ones
+        dequantized), else None;
         ``kept`` the FP8 rows ``(q, scales)`` for the dequantizing permutation (``keep_fp8``)."""
         ctx.route, ctx.transport, ctx.max_blocks = route, transport, max_blocks
         payload = _fp8_payload(hidden) if fp8 else hidden.contiguous()
@@ -136,9 +137,9 @@ class _NvlinkDispatch(torch.autograd.Function):
         row_bytes = payload.shape[1] * payload.element_size()
         addrs = route.source_addrs(tokens, row_bytes)
         align = peer_buffers.row_align(row_bytes)
-        if pull_later:  # (not with FP8: the caller asks for one or the other)
+        if pull_later:
             stand_in = torch.zeros((), dtype=hidden.dtype, device=hidden.device).expand(route.received, hidden.shape[1])
-            return stand_in, recv_meta, (addrs, align), None
+            return stand_in, recv_meta, (addrs, align, fp8), None
         landing = payload.new_empty(route.received, payload.shape[1])
         peer_ops.copy_rows_from(addrs, landing, align, max_blocks=max_blocks)
         if not fp8:
@@ -374,7 +375,12 @@ class _NvlinkManager(_ManagerBase):
         topk = (meta.shape[1] - 1) // 2
         send_meta = ops.apply_permutation(meta, route.plan)
         fp8 = self.fp8_dispatch
-        pull_later = permute_next and not fp8 and not torch.compiler.is_compiling()
+        # The permutation reads the rows where they landed; FP8 ones (bytes, then scales) only
+        # when dequantized there (keep_fp8, not for FP8 experts) and aligned for its loads.
+        width = hidden_states.shape[1]
+        fp8_align = 4 if hidden_states.dtype == torch.float32 else 8
+        pull_later = permute_next and not torch.compiler.is_compiling() and (not fp8 or (
+            keep_fp8 and not self._fp8_rows and peer_buffers.row_align(width + width // 32) >= fp8_align))
         rows, recv_meta, pulled, kept = _NvlinkDispatch.apply(hidden_states, send_meta, route, transport, fp8,
                                                               keep_fp8, pull_later, self.max_blocks)
         local = self.num_local_experts
