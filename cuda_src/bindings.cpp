@@ -286,26 +286,37 @@ bool size_output(const fd::Route& r, const Tensor& layout, int64_t& num_out, std
   return true;
 }
 
+// (out [N, H], out_probs [N] or None, row_id_map [R, S], layout, host_layout or None).
+using Permuted = std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>>;
+
+// What every single-call permutation shares: plan, (sync when num_out < 0), map, then
+// fill(row_id_map, num_out, layout, tail, out_probs) makes the rows. When the sync finds bad
+// routing (or no row is used), returns `empty` and an empty row_id_map; the caller reads the
+// error bits from host_layout.
+template <typename Fill>
+Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multiple, int64_t num_out,
+                      const std::optional<Tensor>& probs, const Tensor& empty, Fill fill) {
+  auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple);
+  std::optional<Tensor> host;
+  const bool tail = num_out >= 0;
+  if (!size_output(r, layout, num_out, host)) return {empty, std::nullopt, route.new_empty({0}, at::kInt), layout, host};
+  auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out);
+  Tensor out = fill(row_id_map, num_out, layout, tail, probs_out);
+  return {out, probs_out, row_id_map, layout, host};
+}
+
 // The whole permutation in one call: plan, (sync when num_out < 0), map, rows, zero fill.
-// Returns (out [N, H], out_probs [N] or None, row_id_map [R, S], layout, host_layout or None).
-// When the sync finds bad routing, returns early with empty out and row_id_map; the caller
-// reads the error bits from host_layout.
-std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>> permute(
-    const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& tokens,
-    const std::optional<Tensor>& probs) {
+// Returns as permute_with.
+Permuted permute(const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out,
+                 const Tensor& tokens, const std::optional<Tensor>& probs) {
   const fd::Route r = route_of(route, num_experts);
   as_rows(tokens, "tokens");
   check_same_device(route, tokens, "tokens");
   TORCH_CHECK_VALUE(tokens.size(0) == r.rows, "tokens has ", tokens.size(0), " rows, the route ", r.rows);
-  auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple);
-  std::optional<Tensor> host;
-  const bool tail = num_out >= 0;
-  if (!size_output(r, layout, num_out, host)) {
-    return {tokens.new_empty({0, tokens.size(1)}), std::nullopt, route.new_empty({0}, at::kInt), layout, host};
-  }
-  auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out);
-  auto out = scatter_into(tokens, row_id_map, num_out, layout, num_experts, pad_multiple > 1, tail, probs_out);
-  return {out, probs_out, row_id_map, layout, host};
+  return permute_with(r, route, pad_multiple, num_out, probs, tokens.new_empty({0, tokens.size(1)}),
+                      [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
+                        return scatter_into(tokens, map, n, layout, num_experts, pad_multiple > 1, tail, probs_out);
+                      });
 }
 
 // The plan alone: (row_id_map, layout, host_layout or None); sizes itself when num_out < 0.
@@ -483,7 +494,7 @@ Tensor mask_unless_agreed(const Tensor& headers, const Tensor& indices, at::Scal
 // FP8 rows q [R, H] (uint8 e4m3 bits; rows may be a strided view, e.g. a slice of a packed
 // payload) and scales [R, H / 128] float32 written dequantized to `like`'s dtype at their
 // planned rows, pad and tail rows zeroed. Returns as permute.
-std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>> permute_fp8(
+Permuted permute_fp8(
     const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& q_in,
     const Tensor& scales_in, const std::optional<Tensor>& probs, const Tensor& like) {
   const fd::Route r = route_of(route, num_experts);
@@ -505,25 +516,21 @@ std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>>
   const Tensor q = q_ok || q_in.size(0) == 0 ? q_in : q_in.contiguous().clone();
   const Tensor scales = scales_in.stride(1) == 1 ? scales_in : scales_in.contiguous();
   const int64_t hidden = q.size(1);
-  auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple);
-  std::optional<Tensor> host;
-  const bool tail = num_out >= 0;
-  if (!size_output(r, layout, num_out, host)) {
-    return {like.new_empty({0, hidden}), std::nullopt, route.new_empty({0}, at::kInt), layout, host};
-  }
-  auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out);
-  auto out = torch::empty({num_out, hidden}, q.options().dtype(like.scalar_type()));
-  const int32_t slots = static_cast<int32_t>(row_id_map.size(1));
   const int64_t q_pitch = q.size(0) > 1 ? q.stride(0) : hidden;
   const int64_t scale_pitch = scales.size(0) > 1 ? scales.stride(0) : hidden / fd::kFp8Group;
-  FD_ON_DEVICE(q, fd::cuda::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(),
-                                             scale_pitch, nullptr, q.size(0), hidden, row_id_map.data_ptr<int32_t>(),
-                                             slots, out.data_ptr(), 0, stream), {
-    fd::cpu::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(), scale_pitch, nullptr,
-                              q.size(0), hidden, row_id_map.data_ptr<int32_t>(), slots, out.data_ptr());
+  return permute_with(r, route, pad_multiple, num_out, probs, like.new_empty({0, hidden}),
+                      [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
+    auto out = torch::empty({n, hidden}, q.options().dtype(like.scalar_type()));
+    const int32_t slots = static_cast<int32_t>(map.size(1));
+    FD_ON_DEVICE(q, fd::cuda::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(),
+                                               scale_pitch, nullptr, q.size(0), hidden, map.data_ptr<int32_t>(), slots,
+                                               out.data_ptr(), 0, stream), {
+      fd::cpu::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(), scale_pitch,
+                                nullptr, q.size(0), hidden, map.data_ptr<int32_t>(), slots, out.data_ptr());
+    });
+    zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail);
+    return out;
   });
-  zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail);
-  return {out, probs_out, row_id_map, layout, host};
 }
 
 // ---- rows read through addresses (the NVLink manager's transfers) ----------------------------
@@ -669,7 +676,7 @@ Tensor peer_addresses(int64_t kind, const Tensor& counts, int64_t rank, const Te
 // The permutation of rows read through addresses, as permute: plan, (sync when num_out < 0),
 // map, then row r of `like` ([R, H], only its shape, dtype and device are read) read at addrs[r]
 // once and written to its planned rows; pad and tail rows zeroed. Returns as permute.
-std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>> permute_from(
+Permuted permute_from(
     const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& addrs,
     int64_t align, const Tensor& like, const std::optional<Tensor>& probs, int64_t max_blocks) {
   const fd::Route r = route_of(route, num_experts);
@@ -677,24 +684,20 @@ std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>>
                     like.sizes());
   check_same_device(route, like, "like");
   check_addrs(addrs, like, r.rows, 1);
-  auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple);
-  std::optional<Tensor> host;
-  const bool tail = num_out >= 0;
-  if (!size_output(r, layout, num_out, host)) {
-    return {like.new_empty({0, like.size(1)}), std::nullopt, route.new_empty({0}, at::kInt), layout, host};
-  }
-  auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out);
-  auto out = torch::empty({num_out, like.size(1)}, like.options());
-  copy_rows_from(addrs, align, out, row_id_map, max_blocks);
-  zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail);
-  return {out, probs_out, row_id_map, layout, host};
+  return permute_with(r, route, pad_multiple, num_out, probs, like.new_empty({0, like.size(1)}),
+                      [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
+    auto out = torch::empty({n, like.size(1)}, like.options());
+    copy_rows_from(addrs, align, out, map, max_blocks);
+    zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail);
+    return out;
+  });
 }
 
 // The dequantizing permutation of FP8 rows read through addresses, as permute_fp8: row r of
 // `like` ([R, H] of the output dtype; only its shape, dtype and device are read) lies at
 // addrs[r] as H e4m3 bytes followed by its H / 128 float32 scales (0: no row; every address
 // aligned to `align` bytes, at least 8, or 4 for float32 output). Returns as permute.
-std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>> permute_fp8_from(
+Permuted permute_fp8_from(
     const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& addrs,
     int64_t align, const Tensor& like, const std::optional<Tensor>& probs, int64_t max_blocks) {
   const fd::Route r = route_of(route, num_experts);
@@ -708,23 +711,19 @@ std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>>
   check_same_device(route, like, "like");
   check_addrs(addrs, like, r.rows, 1);
   const int64_t hidden = like.size(1);
-  auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple);
-  std::optional<Tensor> host;
-  const bool tail = num_out >= 0;
-  if (!size_output(r, layout, num_out, host)) {
-    return {like.new_empty({0, hidden}), std::nullopt, route.new_empty({0}, at::kInt), layout, host};
-  }
-  auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out);
-  auto out = torch::empty({num_out, hidden}, like.options());
-  const int32_t slots = static_cast<int32_t>(row_id_map.size(1));
-  FD_ON_DEVICE(like, fd::cuda::scatter_fp8_rows(dtype, nullptr, 0, nullptr, 0, addrs.data_ptr<int64_t>(), r.rows,
-                                                hidden, row_id_map.data_ptr<int32_t>(), slots, out.data_ptr(),
-                                                max_blocks, stream), {
-    fd::cpu::scatter_fp8_rows(dtype, nullptr, 0, nullptr, 0, addrs.data_ptr<int64_t>(), r.rows, hidden,
-                              row_id_map.data_ptr<int32_t>(), slots, out.data_ptr());
+  return permute_with(r, route, pad_multiple, num_out, probs, like.new_empty({0, hidden}),
+                      [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
+    auto out = torch::empty({n, hidden}, like.options());
+    const int32_t slots = static_cast<int32_t>(map.size(1));
+    FD_ON_DEVICE(like, fd::cuda::scatter_fp8_rows(dtype, nullptr, 0, nullptr, 0, addrs.data_ptr<int64_t>(), r.rows,
+                                                  hidden, map.data_ptr<int32_t>(), slots, out.data_ptr(), max_blocks,
+                                                  stream), {
+      fd::cpu::scatter_fp8_rows(dtype, nullptr, 0, nullptr, 0, addrs.data_ptr<int64_t>(), r.rows, hidden,
+                                map.data_ptr<int32_t>(), slots, out.data_ptr());
+    });
+    zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail);
+    return out;
   });
-  zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail);
-  return {out, probs_out, row_id_map, layout, host};
 }
 
 bool with_cuda() {

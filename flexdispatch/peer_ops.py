@@ -74,16 +74,8 @@ def permute_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indices: t
     dtype and autograd (its values are not read).
 
     Returns ``(out [N, H], permuted_probs [N], plan, tokens_per_expert)``."""
-    ops._check_index_route(indices, num_experts, rows.shape[0])
-    probs = ops._check_probs(probs, indices)
-    ops._check_sizes(num_out_tokens, pad_multiple)
-    route, addrs = indices.contiguous(), addrs.contiguous()
-    out, out_probs, plan = ops.kernel_permutation(
-        rows, probs, lambda p: _kernels().permute_from(route, num_experts, pad_multiple or 1,
-                                                       -1 if num_out_tokens is None else num_out_tokens,
-                                                       addrs, align, rows, p, max_blocks),
-        route, num_experts, num_out_tokens, pad_multiple)
-    return out, out_probs, plan, plan.tokens_per_expert
+    return _permute_through("permute_from", rows, addrs, align, indices, probs, num_experts, num_out_tokens,
+                            pad_multiple, max_blocks)
 
 
 def permute_fp8_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indices: torch.Tensor,
@@ -96,12 +88,19 @@ def permute_fp8_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indice
     dtype stands for them in shape, dtype and autograd (its values are not read).
 
     Returns ``(out [N, H], permuted_probs [N], plan, tokens_per_expert)``."""
+    return _permute_through("permute_fp8_from", rows, addrs, align, indices, probs, num_experts, num_out_tokens,
+                            pad_multiple, max_blocks)
+
+
+def _permute_through(kernel: str, rows, addrs, align, indices, probs, num_experts, num_out_tokens, pad_multiple,
+                     max_blocks):
+    """A permutation whose kernel (``kernel``, a binding) reads row ``r`` at ``addrs[r]``."""
     ops._check_index_route(indices, num_experts, rows.shape[0])
     probs = ops._check_probs(probs, indices)
     ops._check_sizes(num_out_tokens, pad_multiple)
     route, addrs = indices.contiguous(), addrs.contiguous()
     out, out_probs, plan = ops.kernel_permutation(
-        rows, probs, lambda p: _kernels().permute_fp8_from(route, num_experts, pad_multiple or 1,
+        rows, probs, lambda p: getattr(_kernels(), kernel)(route, num_experts, pad_multiple or 1,
                                                            -1 if num_out_tokens is None else num_out_tokens,
                                                            addrs, align, rows, p, max_blocks),
         route, num_experts, num_out_tokens, pad_multiple)
