@@ -673,17 +673,24 @@ Tensor peer_addresses(int64_t kind, const Tensor& counts, int64_t rank, const Te
   return out;
 }
 
+// The route of a permutation that reads its rows through addrs [R], checked with `like` ([R, H]:
+// the rows' stand-in, whose shape, dtype and device alone are read).
+fd::Route pulled_route(const Tensor& route, int64_t num_experts, const Tensor& addrs, const Tensor& like) {
+  const fd::Route r = route_of(route, num_experts);
+  TORCH_CHECK_VALUE(like.dim() == 2 && like.size(0) == r.rows, "like must be [", r.rows, ", hidden], got ",
+                    like.sizes());
+  check_same_device(route, like, "like");
+  check_addrs(addrs, like, r.rows, 1);
+  return r;
+}
+
 // The permutation of rows read through addresses, as permute: plan, (sync when num_out < 0),
 // map, then row r of `like` ([R, H], only its shape, dtype and device are read) read at addrs[r]
 // once and written to its planned rows; pad and tail rows zeroed. Returns as permute.
 Permuted permute_from(
     const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& addrs,
     int64_t align, const Tensor& like, const std::optional<Tensor>& probs, int64_t max_blocks) {
-  const fd::Route r = route_of(route, num_experts);
-  TORCH_CHECK_VALUE(like.dim() == 2 && like.size(0) == r.rows, "like must be [", r.rows, ", hidden], got ",
-                    like.sizes());
-  check_same_device(route, like, "like");
-  check_addrs(addrs, like, r.rows, 1);
+  const fd::Route r = pulled_route(route, num_experts, addrs, like);
   return permute_with(r, route, pad_multiple, num_out, probs, like.new_empty({0, like.size(1)}),
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
     auto out = torch::empty({n, like.size(1)}, like.options());
@@ -700,16 +707,12 @@ Permuted permute_from(
 Permuted permute_fp8_from(
     const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& addrs,
     int64_t align, const Tensor& like, const std::optional<Tensor>& probs, int64_t max_blocks) {
-  const fd::Route r = route_of(route, num_experts);
-  TORCH_CHECK_VALUE(like.dim() == 2 && like.size(0) == r.rows, "like must be [", r.rows, ", hidden], got ",
-                    like.sizes());
+  const fd::Route r = pulled_route(route, num_experts, addrs, like);
   TORCH_CHECK_VALUE(like.size(1) % fd::kFp8Group == 0, "the hidden size must be a multiple of ", fd::kFp8Group);
   const fd::DType dtype = dtype_of(like, "like");
   TORCH_CHECK_TYPE(dtype != fd::kFloat64, "FP8 rows dequantize to float32, float16 or bfloat16, not float64");
   const int64_t unit = dtype == fd::kFloat32 ? 4 : 8;
   TORCH_CHECK_VALUE(checked_align(align) >= unit, "addresses must be aligned to ", unit, " bytes, got ", align);
-  check_same_device(route, like, "like");
-  check_addrs(addrs, like, r.rows, 1);
   const int64_t hidden = like.size(1);
   return permute_with(r, route, pad_multiple, num_out, probs, like.new_empty({0, hidden}),
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {

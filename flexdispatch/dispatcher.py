@@ -273,12 +273,12 @@ class MoEFlexTokenDispatcher:
         """dispatch_all_to_all's transfer (async, as its defaults) for a permutation that follows
         at once: with ``moe_fp8_fused_permutation`` the received FP8 rows stay in FP8 and the
         permutation dequantizes them as it moves them (``keep_fp8``); ``fp8_rows``: they stay in
-        FP8 for the experts (every manager keeps them, the local one too)."""
+        FP8 for the experts (the manager keeps them whatever ``keep_fp8`` says, the local one too)."""
         manager = self._comm_manager
         if manager is None:
             raise RuntimeError("token_permutation called out of order: the next step of this dispatcher is "
                                "dispatch_preprocess")
-        return manager.dispatch(hidden, True, True, keep_fp8=self.config.moe_fp8_fused_permutation or fp8_rows,
+        return manager.dispatch(hidden, True, True, keep_fp8=self.config.moe_fp8_fused_permutation,
                                 permute_next=True, fp8_rows=fp8_rows)
 
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:

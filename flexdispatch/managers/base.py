@@ -425,16 +425,16 @@ class _ManagerBase(_DispatchManager):
             sync-free, ``tokens_per_expert [E_local]`` int64 on the CPU.
         """
         self._expect("dispatch", "routed")
-        # fp8_rows: the permutation hands FP8 rows to the experts (the dispatcher's
-        # moe_fp8_experts); every manager then keeps the received rows in FP8.
-        self._fp8_rows = fp8_rows and self.fp8_dispatch and not torch.compiler.is_compiling()
-        keep_fp8 = keep_fp8 or self._fp8_rows
         if self._deferred is None:
             try:
                 self._check_dispatch_input(hidden_states)
             except (ValueError, TypeError) as exc:
                 self.defer(exc)  # groups of one raise here
-        keep_fp8 = keep_fp8 and self.fp8_dispatch and not torch.compiler.is_compiling()
+        # fp8_rows: the permutation hands FP8 rows to the experts (the dispatcher's
+        # moe_fp8_experts); every manager then keeps the received rows in FP8.
+        fp8 = self.fp8_dispatch and not torch.compiler.is_compiling()
+        self._fp8_rows = fp8_rows and fp8
+        keep_fp8 = (keep_fp8 or fp8_rows) and fp8
         self._offered = hidden_states  # (a rank whose check failed still sizes its part by it)
         try:
             result = self._dispatch(None if self._deferred is not None else hidden_states, async_finish,
