@@ -187,7 +187,7 @@ std::tuple<Tensor, Tensor> check_route(const Tensor& indices, int64_t num_expert
     prob_ptr = probs->data_ptr();
   }
   auto clean = torch::empty({rows, slots}, indices.options().dtype(at::kLong));
-  auto status = torch::zeros({2}, indices.options().dtype(at::kInt));
+  auto status = torch::empty({2}, indices.options().dtype(at::kInt));  // (zeroed by the launcher)
   FD_ON_DEVICE(indices, fd::cuda::check_route(indices.data_ptr(), is64, prob_ptr, prob_kind, rows, slots,
                                         static_cast<int32_t>(num_experts), static_cast<int32_t>(flag),
                                         clean.data_ptr<int64_t>(), status.data_ptr<int32_t>(),
@@ -490,6 +490,74 @@ Tensor mask_unless_agreed(const Tensor& headers, const Tensor& indices, at::Scal
   return out;
 }
 
+// Queue a copy of src[index] (one word of a contiguous int32 or int64 device tensor) to
+// dst[dst_index] (pinned host memory of the same dtype) on the current stream: an error word
+// read later without a sync (flexdispatch/ops.py). CUDA only.
+void queue_word_copy(const Tensor& src, int64_t index, const Tensor& dst, int64_t dst_index) {
+  TORCH_CHECK_TYPE(src.scalar_type() == dst.scalar_type() &&
+                       (src.scalar_type() == at::kInt || src.scalar_type() == at::kLong),
+                   "src and dst must both be int32 or both int64, got ", src.scalar_type(), " and ",
+                   dst.scalar_type());
+  TORCH_CHECK_VALUE(index >= 0 && index < src.numel() && dst_index >= 0 && dst_index < dst.numel(),
+                    "word ", index, " of ", src.numel(), " to slot ", dst_index, " of ", dst.numel());
+  TORCH_CHECK_VALUE(dst.device().is_cpu() && dst.is_pinned(), "dst must be pinned host memory");
+  check_contiguous(src, "src");
+  check_contiguous(dst, "dst");
+  const int64_t bytes = src.element_size();
+  FD_ON_DEVICE(src, cudaMemcpyAsync(static_cast<char*>(dst.data_ptr()) + dst_index * bytes,
+                                    static_cast<const char*>(src.data_ptr()) + index * bytes, bytes,
+                                    cudaMemcpyDeviceToHost, stream), {
+    TORCH_CHECK_VALUE(false, "queue_word_copy copies from CUDA devices only");
+  });
+}
+
+// make_header and mask_unless_agreed in one kernel, the headers exchanged through symmetric
+// memory (launch.h, exchange_headers): bases [world] int64 on the device (every rank's address
+// of its header slots), indices int64 (any shape) -> indices as `index_dtype`, or -1 everywhere
+// unless every rank's header agrees. Every rank's header lands in `gathered` [world,
+// kHeaderWidth] int64, pinned host memory (written by the kernel: read it after a later host
+// wait). CUDA only.
+Tensor exchange_headers(const Tensor& bases, int64_t rank, int64_t seq, const std::vector<int64_t>& values,
+                        const std::optional<Tensor>& status, const Tensor& indices, at::ScalarType index_dtype,
+                        const Tensor& gathered) {
+  TORCH_CHECK_VALUE(values.size() == fd::kHeaderWidth, "a header has ", int(fd::kHeaderWidth), " fields, got ",
+                    values.size());
+  TORCH_CHECK_TYPE(bases.scalar_type() == at::kLong && indices.scalar_type() == at::kLong &&
+                       gathered.scalar_type() == at::kLong, "bases, indices and gathered must be int64");
+  TORCH_CHECK_TYPE(index_dtype == at::kLong || index_dtype == at::kInt, "index_dtype must be int32 or int64");
+  const int64_t world = bases.numel();
+  TORCH_CHECK_VALUE(world >= 1 && world <= fd::kMaxHeaderRanks && rank >= 0 && rank < world, "rank ", rank,
+                    " of a group of ", world, " (at most ", int(fd::kMaxHeaderRanks), ")");
+  TORCH_CHECK_VALUE(seq >= 1, "seq must be >= 1, got ", seq);
+  TORCH_CHECK_VALUE(gathered.device().is_cpu() && gathered.is_pinned() && gathered.is_contiguous() &&
+                        gathered.numel() == world * fd::kHeaderWidth,
+                    "gathered must be pinned host memory of ", world, " x ", int(fd::kHeaderWidth), " int64");
+  check_contiguous(bases, "bases");
+  check_contiguous(indices, "indices");
+  check_same_device(bases, indices, "indices");
+  fd::Header header_values;
+  for (int f = 0; f < fd::kHeaderWidth; ++f) header_values.field[f] = values[f];
+  const int32_t* status_ptr = nullptr;
+  if (status.has_value()) {
+    TORCH_CHECK_TYPE(status->scalar_type() == at::kInt && status->numel() >= 1, "status must be int32 [2]");
+    check_same_device(indices, *status, "status");
+    status_ptr = status->data_ptr<int32_t>();
+  }
+  auto out = torch::empty(indices.sizes(), indices.options().dtype(index_dtype));
+  FD_ON_DEVICE(indices, [&] {
+    void* device_view = nullptr;  // the pinned buffer as the kernel addresses it
+    const cudaError_t mapped = cudaHostGetDevicePointer(&device_view, gathered.data_ptr(), 0);
+    if (mapped != cudaSuccess) return mapped;
+    return fd::cuda::exchange_headers(header_values, status_ptr, bases.data_ptr<int64_t>(),
+                                      static_cast<int32_t>(rank), static_cast<int32_t>(world), seq,
+                                      indices.data_ptr<int64_t>(), indices.numel(), out.data_ptr(),
+                                      index_dtype == at::kLong, static_cast<int64_t*>(device_view), stream);
+  }(), {
+    TORCH_CHECK_VALUE(false, "exchange_headers runs on CUDA devices only");
+  });
+  return out;
+}
+
 // The dequantizing permutation in one call, as permute: plan, (sync when num_out < 0), map, then
 // FP8 rows q [R, H] (uint8 e4m3 bits; rows may be a strided view, e.g. a slice of a packed
 // payload) and scales [R, H / 128] float32 written dequantized to `like`'s dtype at their
@@ -754,6 +822,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("permute_fp8", &permute_fp8);
   m.def("make_header", &make_header);
   m.def("mask_unless_agreed", &mask_unless_agreed);
+  m.def("exchange_headers", &exchange_headers);
+  m.def("queue_word_copy", &queue_word_copy);
   m.def("copy_rows_from", &copy_rows_from);
   m.def("sum_rows_from", &sum_rows_from);
   m.def("permute_from", &permute_from);

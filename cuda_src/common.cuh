@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <type_traits>
 
 #include "flexdispatch.h"
@@ -114,6 +115,24 @@ __device__ __forceinline__ int64_t block_exclusive_scan(int64_t value, int64_t* 
   *total = scratch[warps - 1];
   __syncthreads();  // scratch may be reused by the caller
   return before;
+}
+
+// Waits for a peer (over NVLink, through symmetric memory) spin for at most this long, then
+// trap: a peer that never arrives is then a CUDA error, not a hang.
+constexpr uint64_t kPeerWaitTimeoutNs = 100ull * 1000 * 1000 * 1000;
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ void trap_after_timeout(uint64_t start, int32_t rank, int32_t peer, const char* where) {
+  if (global_ns() - start > kPeerWaitTimeoutNs) {
+    printf("flexdispatch: rank %d waited %llu s for rank %d at %s\n", rank,
+           static_cast<unsigned long long>(kPeerWaitTimeoutNs / 1000000000ull), peer, where);
+    __trap();
+  }
 }
 
 inline unsigned grid_for(int64_t n, int per_block) {

@@ -57,6 +57,11 @@ struct Header {
   int64_t field[kHeaderWidth];
 };
 
+// A rank's slot for one sender's header in symmetric memory: a sequence word, then the fields.
+constexpr int kHeaderSlotWords = kHeaderWidth + 1;
+// The largest group whose headers one block holds (exchange_headers).
+constexpr int kMaxHeaderRanks = 64;
+
 // Whether element i of headers [ranks, kHeaderWidth] breaks the agreement: error bits, or a
 // field from kHeaderPhase on that differs from rank 0's.
 FD_HOST_DEVICE inline bool header_breaks_agreement(const int64_t* headers, int64_t i) {

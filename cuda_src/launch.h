@@ -18,7 +18,7 @@ cudaError_t indices_to_multihot(const void* indices, bool indices_are_64bit, con
 
 // Validation of indices [rows, slots] (int32 or int64) in one pass: clean [rows, slots] int64
 // gets them with out-of-range entries, and entries whose prob is not finite, set to -1;
-// status[0] (zeroed by the caller) gets the ErrorBits found (range, duplicates, non-finite
+// status[0] (zeroed here) gets the ErrorBits found (range, duplicates, non-finite
 // probs) OR-ed in, and status[1] gets `flag` if any were found. probs [rows, slots] is
 // optional (prob_kind 0: none, 1: float32, 2: float64).
 cudaError_t check_route(const void* indices, bool indices_are_64bit, const void* probs, int32_t prob_kind,
@@ -114,6 +114,16 @@ cudaError_t peer_addresses(int32_t kind, const int64_t* counts, int32_t world, i
 cudaError_t make_header(Header values, const int32_t* status, int64_t* header, cudaStream_t stream);
 cudaError_t mask_unless_agreed(const int64_t* headers, int32_t ranks, const int64_t* indices, int64_t n,
                                void* out, bool out_is_64bit, cudaStream_t stream);
+
+// make_header and mask_unless_agreed in one kernel, with the headers exchanged through
+// symmetric memory instead of a collective: bases [world] holds every rank's address of its
+// slots, int64 [2][world][kHeaderSlotWords] (zeroed before the first exchange); seq (>= 1)
+// numbers the exchanges of these slots, the same on every rank. Writes every rank's header to
+// gathered [world, kHeaderWidth] (host memory mapped for the device may be passed). Traps
+// after kPeerWaitTimeoutNs if a peer never writes.
+cudaError_t exchange_headers(Header values, const int32_t* status, const int64_t* bases, int32_t rank, int32_t world,
+                             int64_t seq, const int64_t* indices, int64_t n, void* out, bool out_is_64bit,
+                             int64_t* gathered, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace flexdispatch

@@ -125,16 +125,7 @@ __global__ void peer_addresses_kernel(int32_t kind, const int64_t* __restrict__ 
 // Signals between the ranks of a group in their symmetric signal pads (uint32 words): a put is
 // a compare-and-swap 0 -> 1 with release semantics at system scope (the writes this rank's
 // stream made before are visible to a peer that acquires it), a wait a compare-and-swap 1 -> 0
-// with acquire semantics. Spins, reading %globaltimer, for at most kBarrierTimeoutNs, then
-// traps (a peer that never arrives is then a CUDA error, not a hang).
-constexpr uint64_t kBarrierTimeoutNs = 100ull * 1000 * 1000 * 1000;
-
-__device__ __forceinline__ uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
+// with acquire semantics. Spins for at most kPeerWaitTimeoutNs, then traps (common.cuh).
 __device__ __forceinline__ uint32_t cas_release_sys(uint32_t* addr, uint32_t expected, uint32_t desired) {
   uint32_t old;
   asm volatile("atom.release.sys.global.cas.b32 %0, [%1], %2, %3;" : "=r"(old) : "l"(addr), "r"(expected),
@@ -154,11 +145,7 @@ __device__ void spin_cas(uint32_t* addr, uint32_t expected, uint32_t desired, bo
   const uint64_t start = global_ns();
   while ((release ? cas_release_sys(addr, expected, desired) : cas_acquire_sys(addr, expected, desired)) !=
          expected) {
-    if (global_ns() - start > kBarrierTimeoutNs) {
-      printf("flexdispatch: rank %d waited %llu s for rank %d at a peer barrier\n", rank,
-             static_cast<unsigned long long>(kBarrierTimeoutNs / 1000000000ull), peer);
-      __trap();
-    }
+    trap_after_timeout(start, rank, peer, "a peer barrier");
   }
 }
 

@@ -70,6 +70,8 @@ cudaError_t launch(const void* indices, const void* probs, int32_t prob_kind, in
 cudaError_t check_route(const void* indices, bool indices_are_64bit, const void* probs, int32_t prob_kind,
                         int64_t rows, int32_t slots, int32_t num_experts, int32_t flag, int64_t* clean,
                         int32_t* status, cudaStream_t stream) {
+  const cudaError_t zeroed = cudaMemsetAsync(status, 0, 2 * sizeof(int32_t), stream);  // (no fill kernel)
+  if (zeroed != cudaSuccess) return zeroed;
   return indices_are_64bit
              ? launch<int64_t>(indices, probs, prob_kind, rows, slots, num_experts, flag, clean, status, stream)
              : launch<int32_t>(indices, probs, prob_kind, rows, slots, num_experts, flag, clean, status, stream);

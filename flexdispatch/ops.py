@@ -14,6 +14,7 @@ pinned memory, or by :func:`check_pending_errors` (which waits for that small co
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 from typing import Optional, Sequence
 
@@ -34,22 +35,56 @@ _with_cuda = False  # whether _C has CUDA kernels (a plain bool: torch.compile r
 class _PendingError:
     """A CUDA error word on its way to pinned memory, with what its message needs."""
 
-    host: torch.Tensor  # pinned copy of the word
-    event: "torch.cuda.Event"  # recorded after the copy
+    words: "ctypes.Array"  # the pinned slots of _ErrorSlots; the word's slot holds -1 until it lands
+    slot: int
     route: torch.Tensor
     num_experts: int
     name: str
     num_out: Optional[int]
     probs: Optional[torch.Tensor]
+    device: int  # the CUDA device whose stream copies the word
+
+    def landed(self) -> bool:
+        return int(self.words[self.slot]) != _NOT_LANDED
 
     def error(self) -> Optional[ValueError]:
-        bits = int(self.host[0])
+        bits = int(self.words[self.slot])
         return routing_error(bits, self.route, self.num_experts, self.name, self.num_out, self.probs) if bits else None
 
 
 # CUDA error words not yet read, oldest first (process-wide: a later op of any layer reads them).
 _pending: list[_PendingError] = []
 _MAX_PENDING = 64
+_NOT_LANDED = -1  # (error words are bit sets: never negative)
+
+
+class _ErrorSlots:
+    """Pinned words the error words are copied to, reused in turn: no pinned allocation, no
+    event and no torch op per call (the host marks a slot -1, a copy queued on the stream
+    overwrites it; the word has landed once the slot is not -1). A slot comes back after
+    2 * _MAX_PENDING others, by when its entry has been read (at most _MAX_PENDING + 1 are
+    pending at once)."""
+
+    def __init__(self):
+        self._words: dict = {}  # dtype -> (pinned tensor [2 * _MAX_PENDING], a ctypes view of it)
+        self._next: dict = {}
+
+    def take(self, dtype: torch.dtype):
+        """``(pinned tensor, ctypes view, slot)``: the next slot for a word of ``dtype``
+        (int32 or int64), marked not landed."""
+        entry = self._words.get(dtype)
+        if entry is None:
+            words = torch.zeros(2 * _MAX_PENDING, dtype=dtype, pin_memory=True)
+            word_type = ctypes.c_int64 if dtype == torch.int64 else ctypes.c_int32
+            # (plain memory reads and writes from the host: no torch op per access)
+            entry = self._words[dtype] = (words, (word_type * words.numel()).from_address(words.data_ptr()))
+        slot = self._next.get(dtype, 0)
+        self._next[dtype] = (slot + 1) % entry[0].numel()
+        entry[1][slot] = _NOT_LANDED
+        return entry[0], entry[1], slot
+
+
+_slots = _ErrorSlots()
 
 
 def load_kernels() -> bool:
@@ -90,9 +125,10 @@ def check_pending_errors() -> None:
 def _read_pending_errors(wait: bool) -> None:
     """Read the queued error words in order (all of them, or without waiting only those that
     have landed); raise the first error and forget the rest."""
-    while _pending and (wait or _pending[0].event.query()):
+    while _pending and (wait or _pending[0].landed()):
         entry = _pending.pop(0)
-        entry.event.synchronize()  # returns at once unless waiting was asked for
+        if not entry.landed():  # (rare: the callers wait after a host sync, when it has landed)
+            torch.cuda.synchronize(entry.device)
         error = entry.error()
         if error is not None:
             _pending.clear()
@@ -119,11 +155,12 @@ def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_ex
     if torch.cuda.is_current_stream_capturing():
         return  # a graph being captured may not sync; its sizes are the caller's (sync-free mode)
     _read_pending_errors(wait=False)
-    host = torch.empty(1, dtype=flags.dtype, pin_memory=True)
-    host.copy_(flags[index:index + 1], non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    _pending.append(_PendingError(host, event, route, num_experts, name, num_out, probs))
+    pinned, words, slot = _slots.take(flags.dtype)
+    if _use_kernels(flags):
+        _C.queue_word_copy(flags, index, pinned, slot)
+    else:  # (kernels not built for CUDA: the plain ops made the flags)
+        pinned[slot:slot + 1].copy_(flags[index:index + 1], non_blocking=True)
+    _pending.append(_PendingError(words, slot, route, num_experts, name, num_out, probs, flags.device.index))
     if len(_pending) > _MAX_PENDING:
         check_pending_errors()
 

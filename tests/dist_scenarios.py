@@ -626,3 +626,44 @@ def die_on(rank, world, dying_rank=1, code=3):
         os._exit(code)
     dist.barrier()
     return "unreachable"
+
+
+def peer_headers_equal_all_gather(rank, world, steps=60, seed=0):
+    """The DeepEP manager's header exchange through symmetric memory (one kernel) against the
+    NCCL path it replaces (header kernel, all-gather, mask), over many exchanges of one group:
+    random headers that agree, disagree or carry error bits on one rank, route status words,
+    both index dtypes, index counts from none to more than the kernel's 128 blocks cover in one
+    pass. Returns the steps whose masked indices or gathered headers differed."""
+    from flexdispatch.managers import agreement, peer_headers
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    slots = peer_headers.PeerHeaders(dist.group.WORLD, device)
+    g = torch.Generator().manual_seed(seed)  # the same draws on every rank
+    differ, kinds = [], set()
+    gathered = torch.zeros(world, agreement.WIDTH, dtype=torch.int64, pin_memory=True)
+    for step in range(steps):
+        kind = int(torch.randint(0, 4, (1,), generator=g))  # 0 agree, 1 field differs, 2 error bit, 3 route status
+        odd = int(torch.randint(0, world, (1,), generator=g))
+        n = [0, 7, 4096, 128 * 256 * 3 + 5][int(torch.randint(0, 4, (1,), generator=g))]
+        values = [int(v) for v in torch.randint(0, 1 << 40, (agreement.WIDTH,), generator=g)]
+        values[agreement.ERROR] = 0
+        if rank == odd and kind == 1:
+            values[int(torch.randint(agreement.PHASE, agreement.WIDTH, (1,), generator=g))] += 1
+        if rank == odd and kind == 2:
+            values[agreement.ERROR] = agreement.INPUT_ERROR
+        status = torch.zeros(2, dtype=torch.int32, device=device)
+        if rank == odd and kind == 3:
+            status[0] = 8
+        indices = torch.randint(-1, 64, (n,), device=device, generator=torch.Generator(device).manual_seed(step))
+        dtype = (torch.int32, torch.int64)[step % 2]
+        got = slots.exchange(values, status, indices, dtype, gathered)
+        want_headers = torch.empty(world, agreement.WIDTH, dtype=torch.int64, device=device)
+        dist.all_gather_into_tensor(want_headers, ops.make_header(indices, values, status))
+        want = ops.mask_unless_agreed(want_headers, indices, dtype)
+        torch.cuda.synchronize()
+        same = got.dtype == dtype and torch.equal(got, want) and torch.equal(gathered, want_headers.cpu())
+        if not same:
+            differ.append(step)
+        kinds.add((kind, bool((want < 0).all()) if n else None))
+    slots.release()
+    return {"differ": differ, "kinds": sorted(kinds, key=str), "steps": steps}

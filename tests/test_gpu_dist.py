@@ -112,6 +112,17 @@ def test_deepep_sync_free_cuda_graph(pool):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.timeout(300)
+def test_peer_header_exchange_equals_the_all_gather(pool):
+    """The DeepEP manager's agreement through symmetric memory, 60 exchanges of one group:
+    the same masked indices and gathered headers as the all-gather path, whether the headers
+    agree, differ on one rank, or carry its error bits."""
+    for res in pool.run("peer_headers_equal_all_gather", steps=60):
+        assert res["differ"] == [], res
+        assert {k for k, _ in res["kinds"]} == {0, 1, 2, 3}, res
+        assert (0, False) in res["kinds"] and (2, True) in res["kinds"], res  # both decisions were taken
+
+
 @pytest.mark.parametrize("backend", ["alltoall", "nvlink", pytest.param("deepep", marks=pytest.mark.deepep)])
 def test_fp8_experts_get_the_dequantizing_rows_on_gpus(pool, backend):
     for res in pool.run("fp8_experts_equal_the_dequantizing_path", device="cuda", backend=backend, hidden=1024):

@@ -298,6 +298,30 @@ def test_cuda_routing_error_raised_by_a_later_op_without_sync():
     ops.check_pending_errors()  # nothing left over
 
 
+@pytest.mark.gpu
+def test_cuda_error_words_reuse_their_pinned_slots():
+    """The error words' pinned slots and events are reused in turn (2 * _MAX_PENDING slots):
+    many clean calls, some read as they go and some left pending, never raise; a bad call
+    after several rounds of the slots raises with its own row and value (by a later op once
+    its word has landed, or at the next check), and only once."""
+    probs = random_probs(64, 2, device="cuda")
+    good = random_indices(64, 8, 2, drop=0.0, device="cuda")
+    for i in range(5 * ops._MAX_PENDING + 3):
+        ops.indices_to_multihot(good, probs, 8)
+        if i % 37 == 0:
+            torch.cuda.synchronize()
+    bad = good.clone()
+    bad[7, 1] = 77
+    ops.indices_to_multihot(bad, probs, 8)
+    with pytest.raises(ValueError, match="value 77 at row 7"):
+        for _ in range(ops._MAX_PENDING // 2):  # queued after the bad one: read later, in order
+            ops.indices_to_multihot(good, probs, 8)
+        ops.check_pending_errors()
+    for _ in range(3 * ops._MAX_PENDING):  # the slots go round again: no stale word raises
+        ops.indices_to_multihot(good, probs, 8)
+    ops.check_pending_errors()
+
+
 def test_python_constants_match_the_kernel_header():
     """rowmap.py reads the error bits and the expert limit from cuda_src/flexdispatch.h and
     writes the layout positions as formulas; both must agree with the header (and the

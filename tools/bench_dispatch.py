@@ -21,7 +21,8 @@ options after the colon, joined by ``+``: ``novalidate`` (moe_validate_routing=F
 broadcast-multiply experts instead of the fused Triton ones), ``fp8`` (moe_fp8_dispatch=True:
 then raw DeepEP with FP8 dispatch is timed too, quantization included, and the variant's
 output is compared with the same manager's bf16 output: ``rel_err_vs_bf16``), ``syncfree``
-(moe_sync_free=True), ``onecall`` (the forward through token_permutation2 and
+(moe_sync_free=True), ``ncclagree`` (the DeepEP manager agrees through an NCCL all-gather instead of
+symmetric memory: FLEXDISPATCH_DEEPEP_AGREEMENT=nccl), ``onecall`` (the forward through token_permutation2 and
 token_unpermutation, where managers may fuse steps: the NVLink manager's permutation reads the
 rows from its peers' buffers; stages are still timed step by step), ``bound=F`` (sync-free with moe_max_tokens_per_expert = F times the mean
 rows per local expert, T * W * K / E), ``graph`` (sync-free, and the forward and the
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import socket
 import statistics
 import sys
@@ -87,7 +89,7 @@ class Layer:
         for option in [o for o in options if o.startswith("bound=")]:
             options.remove(option)
             bound_factor = float(option.split("=", 1)[1])
-        unknown = options - {"novalidate", "torchexperts", "fp8", "syncfree", "graph", "onecall"}
+        unknown = options - {"novalidate", "torchexperts", "fp8", "syncfree", "graph", "onecall", "ncclagree"}
         if unknown:
             raise ValueError(f"--managers: unknown options {sorted(unknown)} in {variant!r}")
         self.graph = "graph" in options
@@ -108,8 +110,17 @@ class Layer:
         config = fd.MoEConfig(num_moe_experts=experts, moe_router_topk=topk, moe_flex_backend=backend,
                               moe_validate_routing="novalidate" not in options, moe_fp8_dispatch="fp8" in options,
                               moe_sync_free=sync_free, moe_max_tokens_per_expert=bound, moe_dropped_tokens="ignore")
-        self.d = fd.MoEFlexTokenDispatcher(local, list(range(rank * local, (rank + 1) * local)), config,
-                                           dist.group.WORLD)
+        agreement = os.environ.get("FLEXDISPATCH_DEEPEP_AGREEMENT")
+        if "ncclagree" in options:  # (read when the manager is made)
+            os.environ["FLEXDISPATCH_DEEPEP_AGREEMENT"] = "nccl"
+        try:
+            self.d = fd.MoEFlexTokenDispatcher(local, list(range(rank * local, (rank + 1) * local)), config,
+                                               dist.group.WORLD)
+        finally:
+            if agreement is None:
+                os.environ.pop("FLEXDISPATCH_DEEPEP_AGREEMENT", None)
+            else:
+                os.environ["FLEXDISPATCH_DEEPEP_AGREEMENT"] = agreement
 
     def experts(self, rows, tokens_per_expert, permuted_probs):
         # Each row's expert found on the device, with no sync: the counts may live on the GPU

@@ -46,3 +46,24 @@ def median_ms(fn: Callable[[], object], iters: int, warmup: int = 3,
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def back_to_back_ms(fn: Callable[[], object], iters: int, repeats: int = 5, warmup: int = 3) -> float:
+    """Milliseconds of one call of ``fn`` queued back to back with the others: CUDA events
+    around ``iters`` calls, divided by ``iters``, the median of ``repeats`` such batches. The
+    host's time per call is hidden whenever it is shorter than the GPU's, so this is the
+    kernels' own time (their throughput); :func:`median_ms` times a call from an idle GPU,
+    host time before its first launch included."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return statistics.median(times)

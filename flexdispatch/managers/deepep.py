@@ -11,9 +11,10 @@
   queued on its communication stream; the event is kept and the current stream waits on it at
   the next step of the manager (or at :meth:`_DeepepManager.wait`). Work issued in between
   overlaps with the transfer. Do not read the returned tensors before that wait.
-* Agreement without an added host sync: every call starts with a small NCCL all-gather of each
-  rank's header (step, failed checks and routing error bits, hidden size, dtype, top-k; see
-  :mod:`.agreement`), stream-ordered before DeepEP's layout. If any rank's header shows an
+* Agreement without an added host sync: every call starts with an exchange of each rank's
+  header (step, failed checks and routing error bits, hidden size, dtype, top-k; see
+  :mod:`.agreement`), stream-ordered before DeepEP's layout: on one node one kernel through
+  symmetric memory (:mod:`.peer_headers`), else an NCCL all-gather. If any rank's header shows an
   error or disagrees, every rank empties its routing on the device, so DeepEP moves no token,
   and after DeepEP's own host wait for its counts (when the gathered headers have landed in
   pinned memory) every rank raises the same error. Routing is validated by one kernel (range,
@@ -47,7 +48,7 @@ import torch.distributed as dist
 from .. import ops
 from ..reference import FP8_GROUP
 from .._log import logger
-from . import agreement
+from . import agreement, peer_headers
 from .base import Dispatched, _ManagerBase, received_fp8_rows
 
 MAX_TOPK = 128  # DeepEP's buffer-size assumption (csrc/config.hpp)
@@ -246,13 +247,14 @@ _registry = _BufferRegistry()
 
 
 def shutdown() -> int:
-    """Destroy every DeepEP buffer of this process (collective: call it on every rank, before
-    ``torch.distributed.destroy_process_group``). Returns how many were destroyed; calling it
-    again is harmless."""
+    """Destroy every DeepEP buffer of this process, and free the header slots of its groups
+    (collective: call it on every rank, before ``torch.distributed.destroy_process_group``).
+    Returns how many buffers were destroyed; calling it again is harmless."""
+    peer_headers.release()
     return _registry.destroy_all()
 
 
-atexit.register(shutdown)
+atexit.register(_registry.destroy_all)  # (the header slots are left to the driver at exit)
 
 
 # ---- autograd functions ---------------------------------------------------------------------
@@ -336,6 +338,7 @@ class _DeepepManager(_ManagerBase):
         self._hidden_ok = None  # (device, dtype, hidden) that passed _check_hidden
         self._headers = None  # pinned host copy of the gathered headers [W, WIDTH]
         self._index_dtype = topk_index_dtype()  # asked of DeepEP once
+        self._peer_agreement = peer_headers.wanted(self.world_size)  # headers through symmetric memory
 
     def wait(self) -> None:
         while self._events:
@@ -370,17 +373,21 @@ class _DeepepManager(_ManagerBase):
         self._hidden_ok = key
 
     def _gather_headers(self, hidden_states: Optional[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
-        """All-gather every rank's header on the device (stream-ordered, no host sync), start
-        its copy to pinned memory, and return ``indices`` in DeepEP's index dtype, emptied (all
+        """Exchange every rank's header on the device (stream-ordered, no host sync), with
+        its copy in pinned memory, and return ``indices`` in DeepEP's index dtype, emptied (all
         -1) if any rank's header shows an error or disagrees, so that DeepEP then moves nothing.
-        Three small kernels and the all-gather: the header is written on the device from
-        kernel arguments (no host-to-device copy), and one kernel decides and masks."""
-        header = ops.make_header(indices, self._header(agreement.DISPATCH, hidden_states), self._route_status)
-        gathered = torch.empty(self.world_size, agreement.WIDTH, dtype=torch.int64, device=indices.device)
-        dist.all_gather_into_tensor(gathered, header, group=self.group)
+        On one node one kernel through symmetric memory (:mod:`.peer_headers`); else a header
+        kernel, an NCCL all-gather, a copy and a kernel that decides and masks."""
+        values = self._header(agreement.DISPATCH, hidden_states)
         if self._headers is None:
             self._headers = torch.zeros(self.world_size, agreement.WIDTH, dtype=torch.int64, pin_memory=True)
         # Landed once DeepEP's host wait returns; the previous call read it after its own wait.
+        if self._peer_agreement and indices.is_cuda:  # one kernel, no collective
+            slots = peer_headers.for_group(self.group, indices.device)
+            return slots.exchange(values, self._route_status, indices, self._index_dtype, self._headers)
+        header = ops.make_header(indices, values, self._route_status)
+        gathered = torch.empty(self.world_size, agreement.WIDTH, dtype=torch.int64, device=indices.device)
+        dist.all_gather_into_tensor(gathered, header, group=self.group)
         self._headers.copy_(gathered, non_blocking=True)
         return ops.mask_unless_agreed(gathered, indices, self._index_dtype)
 

@@ -50,6 +50,18 @@ MIN_BYTES = 1 << 20  # the smallest buffer (every call's first exchange fits in 
 _MAX_TABLES = 64  # address tables a symmetric transport keeps (one per region offset)
 
 
+def symmetric_buffer(group, device: torch.device, nbytes: int):
+    """``(buffer, handle)``: ``nbytes`` uint8 of PyTorch's symmetric memory on ``device``, mapped
+    into every rank of ``group`` (a collective rendezvous: every rank calls it at once)."""
+    from torch.distributed import _symmetric_memory as symm_mem
+
+    name = group.group_name
+    if hasattr(symm_mem, "is_symm_mem_enabled_for_group") and not symm_mem.is_symm_mem_enabled_for_group(name):
+        symm_mem.enable_symm_mem_for_group(name)  # (torch 2.11 needs it; later versions warn)
+    buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+    return buffer, symm_mem.rendezvous(buffer, name)
+
+
 def row_align(row_bytes: int) -> int:
     """The alignment (bytes, at most 16) every row of a part of ``row_bytes`` shares."""
     return min(16, row_bytes & -row_bytes) if row_bytes else 16
@@ -173,19 +185,13 @@ class SymmetricTransport(Transport):
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"nvlink peer buffer: {nbytes} bytes needed, {self._size} held, inside a CUDA-graph "
                                f"capture (growing is collective and syncs): run the layer once before capturing")
-        from torch.distributed import _symmetric_memory as symm_mem
-
         size = max(nbytes, 2 * self._size)  # grow geometrically: a few rendezvous per run
         if self._handle is not None:
             # Peers may still read the old buffer (their last exchange's reads): wait for every
             # rank's stream to pass a barrier on it before it is freed. Growth is rare.
             self._handle.barrier(channel=0)
             torch.cuda.current_stream(self.device).synchronize()
-        name = self.group.group_name
-        if hasattr(symm_mem, "is_symm_mem_enabled_for_group") and not symm_mem.is_symm_mem_enabled_for_group(name):
-            symm_mem.enable_symm_mem_for_group(name)  # (torch 2.11 needs it; later versions warn)
-        buffer = symm_mem.empty(size, dtype=torch.uint8, device=self.device)
-        handle = symm_mem.rendezvous(buffer, name)
+        buffer, handle = symmetric_buffer(self.group, self.device, size)
         self._buffer, self._handle, self._size = buffer, handle, size
         self._bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=self.device)
         self._pads = int(handle.signal_pad_ptrs_dev)
