@@ -54,8 +54,8 @@ __device__ __forceinline__ void store_release_sys(int64_t* addr, int64_t v) {
 template <typename Out>
 __global__ void exchange_headers_kernel(Header values, const int32_t* __restrict__ status,
                                         const int64_t* __restrict__ bases, int32_t rank, int32_t world, int64_t seq,
-                                        const int64_t* __restrict__ indices, int64_t n, Out* __restrict__ out,
-                                        int64_t* __restrict__ gathered) {
+                                        uint64_t timeout_ns, const int64_t* __restrict__ indices, int64_t n,
+                                        Out* __restrict__ out, int64_t* __restrict__ gathered) {
   __shared__ int64_t headers[kMaxHeaderRanks * kHeaderWidth];
   const int32_t w = threadIdx.x;
   const int64_t half = (seq & 1) * world;
@@ -72,7 +72,7 @@ __global__ void exchange_headers_kernel(Header values, const int32_t* __restrict
   if (w < world) {
     const int64_t* slot = reinterpret_cast<const int64_t*>(bases[rank]) + (half + w) * kHeaderSlotWords;
     const uint64_t start = global_ns();
-    while (load_acquire_sys(slot) != seq) trap_after_timeout(start, rank, w, "the header exchange");
+    while (load_acquire_sys(slot) != seq) trap_after_timeout(start, timeout_ns, rank, w, "the header exchange");
     for (int f = 0; f < kHeaderWidth; ++f) {
       headers[w * kHeaderWidth + f] = *reinterpret_cast<const volatile int64_t*>(slot + 1 + f);
     }
@@ -95,17 +95,17 @@ __global__ void exchange_headers_kernel(Header values, const int32_t* __restrict
 }  // namespace
 
 cudaError_t exchange_headers(Header values, const int32_t* status, const int64_t* bases, int32_t rank, int32_t world,
-                             int64_t seq, const int64_t* indices, int64_t n, void* out, bool out_is_64bit,
-                             int64_t* gathered, cudaStream_t stream) {
+                             int64_t seq, uint64_t timeout_ns, const int64_t* indices, int64_t n, void* out,
+                             bool out_is_64bit, int64_t* gathered, cudaStream_t stream) {
   if (world < 1 || world > kMaxHeaderRanks || rank < 0 || rank >= world || seq < 1) return cudaErrorInvalidValue;
   // Every block waits for every peer: few enough blocks to be resident at once.
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(grid_for(n, kThreads), 1), 128));
   if (out_is_64bit) {
-    exchange_headers_kernel<<<blocks, kThreads, 0, stream>>>(values, status, bases, rank, world, seq, indices, n,
-                                                             static_cast<int64_t*>(out), gathered);
+    exchange_headers_kernel<<<blocks, kThreads, 0, stream>>>(values, status, bases, rank, world, seq, timeout_ns,
+                                                             indices, n, static_cast<int64_t*>(out), gathered);
   } else {
-    exchange_headers_kernel<<<blocks, kThreads, 0, stream>>>(values, status, bases, rank, world, seq, indices, n,
-                                                             static_cast<int32_t*>(out), gathered);
+    exchange_headers_kernel<<<blocks, kThreads, 0, stream>>>(values, status, bases, rank, world, seq, timeout_ns,
+                                                             indices, n, static_cast<int32_t*>(out), gathered);
   }
   return cudaGetLastError();
 }

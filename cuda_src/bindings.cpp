@@ -47,6 +47,12 @@ using torch::Tensor;
 
 namespace {
 
+// A wait for peers' timeout in seconds (> 0, finite) as the kernels' nanoseconds.
+uint64_t timeout_ns_of(double timeout_s) {
+  TORCH_CHECK_VALUE(timeout_s > 0 && timeout_s <= 1e9, "timeout_s must be in (0, 1e9] seconds, got ", timeout_s);
+  return static_cast<uint64_t>(timeout_s * 1e9);
+}
+
 void check_same_device(const Tensor& a, const Tensor& b, const char* name) {
   TORCH_CHECK_VALUE(a.device() == b.device(), name, " must be on ", a.device(), ", got ", b.device());
 }
@@ -519,7 +525,7 @@ void queue_word_copy(const Tensor& src, int64_t index, const Tensor& dst, int64_
 // wait). CUDA only.
 Tensor exchange_headers(const Tensor& bases, int64_t rank, int64_t seq, const std::vector<int64_t>& values,
                         const std::optional<Tensor>& status, const Tensor& indices, at::ScalarType index_dtype,
-                        const Tensor& gathered) {
+                        const Tensor& gathered, double timeout_s) {
   TORCH_CHECK_VALUE(values.size() == fd::kHeaderWidth, "a header has ", int(fd::kHeaderWidth), " fields, got ",
                     values.size());
   TORCH_CHECK_TYPE(bases.scalar_type() == at::kLong && indices.scalar_type() == at::kLong &&
@@ -529,6 +535,7 @@ Tensor exchange_headers(const Tensor& bases, int64_t rank, int64_t seq, const st
   TORCH_CHECK_VALUE(world >= 1 && world <= fd::kMaxHeaderRanks && rank >= 0 && rank < world, "rank ", rank,
                     " of a group of ", world, " (at most ", int(fd::kMaxHeaderRanks), ")");
   TORCH_CHECK_VALUE(seq >= 1, "seq must be >= 1, got ", seq);
+  const uint64_t timeout_ns = timeout_ns_of(timeout_s);
   TORCH_CHECK_VALUE(gathered.device().is_cpu() && gathered.is_pinned() && gathered.is_contiguous() &&
                         gathered.numel() == world * fd::kHeaderWidth,
                     "gathered must be pinned host memory of ", world, " x ", int(fd::kHeaderWidth), " int64");
@@ -549,7 +556,7 @@ Tensor exchange_headers(const Tensor& bases, int64_t rank, int64_t seq, const st
     const cudaError_t mapped = cudaHostGetDevicePointer(&device_view, gathered.data_ptr(), 0);
     if (mapped != cudaSuccess) return mapped;
     return fd::cuda::exchange_headers(header_values, status_ptr, bases.data_ptr<int64_t>(),
-                                      static_cast<int32_t>(rank), static_cast<int32_t>(world), seq,
+                                      static_cast<int32_t>(rank), static_cast<int32_t>(world), seq, timeout_ns,
                                       indices.data_ptr<int64_t>(), indices.numel(), out.data_ptr(),
                                       index_dtype == at::kLong, static_cast<int64_t*>(device_view), stream);
   }(), {
@@ -685,11 +692,14 @@ void pack_parts(Tensor& buffer, const std::vector<Tensor>& parts, const std::vec
 
 // The signal-pad barrier of a symmetric-memory group on `like`'s device and current stream
 // (signal_pads: the device address of the group's array of pad pointers). CUDA only.
-void peer_barrier(int64_t signal_pads, int64_t channel, int64_t rank, int64_t world, const Tensor& like) {
+void peer_barrier(int64_t signal_pads, int64_t channel, int64_t rank, int64_t world, const Tensor& like,
+                  double timeout_s) {
+  const uint64_t timeout_ns = timeout_ns_of(timeout_s);
   TORCH_CHECK_VALUE(world >= 1 && world <= 1024 && rank >= 0 && rank < world, "rank ", rank, " of ", world);
   TORCH_CHECK_VALUE(channel >= 0 && signal_pads != 0, "channel must be >= 0 and signal_pads non-null");
   FD_ON_DEVICE(like, fd::cuda::peer_barrier(reinterpret_cast<const void*>(signal_pads), static_cast<int32_t>(channel),
-                                            static_cast<int32_t>(rank), static_cast<int32_t>(world), stream), {
+                                            static_cast<int32_t>(rank), static_cast<int32_t>(world), timeout_ns,
+                                            stream), {
     TORCH_CHECK_VALUE(false, "peer_barrier runs on CUDA devices only");
   });
 }

@@ -117,9 +117,9 @@ __device__ __forceinline__ int64_t block_exclusive_scan(int64_t value, int64_t* 
   return before;
 }
 
-// Waits for a peer (over NVLink, through symmetric memory) spin for at most this long, then
-// trap: a peer that never arrives is then a CUDA error, not a hang.
-constexpr uint64_t kPeerWaitTimeoutNs = 100ull * 1000 * 1000 * 1000;
+// Waits for a peer (over NVLink, through symmetric memory) spin for at most timeout_ns (the
+// caller's, flexdispatch/managers/peer_buffers.py: peer_timeout_s), then trap: a peer that
+// never arrives is then a CUDA error, not a hang.
 
 __device__ __forceinline__ uint64_t global_ns() {
   uint64_t t;
@@ -127,10 +127,11 @@ __device__ __forceinline__ uint64_t global_ns() {
   return t;
 }
 
-__device__ __forceinline__ void trap_after_timeout(uint64_t start, int32_t rank, int32_t peer, const char* where) {
-  if (global_ns() - start > kPeerWaitTimeoutNs) {
-    printf("flexdispatch: rank %d waited %llu s for rank %d at %s\n", rank,
-           static_cast<unsigned long long>(kPeerWaitTimeoutNs / 1000000000ull), peer, where);
+__device__ __forceinline__ void trap_after_timeout(uint64_t start, uint64_t timeout_ns, int32_t rank, int32_t peer,
+                                                   const char* where) {
+  if (global_ns() - start > timeout_ns) {
+    printf("flexdispatch: rank %d waited %llu s for rank %d at %s (FLEXDISPATCH_PEER_TIMEOUT_S)\n", rank,
+           static_cast<unsigned long long>(timeout_ns / 1000000000ull), peer, where);
     __trap();
   }
 }

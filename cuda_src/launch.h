@@ -100,7 +100,8 @@ cudaError_t pack_parts(const PackParts& parts, void* dst, cudaStream_t stream);
 // Every rank of a group of `world` passes (a put to each peer, then a wait for each peer's) in
 // the signal pads of symmetric memory: signal_pads is a device array of `world` pointers to
 // uint32 pads, slots channel * world + rank. Stream-ordered; one block.
-cudaError_t peer_barrier(const void* signal_pads, int32_t channel, int32_t rank, int32_t world, cudaStream_t stream);
+cudaError_t peer_barrier(const void* signal_pads, int32_t channel, int32_t rank, int32_t world, uint64_t timeout_ns,
+                         cudaStream_t stream);
 // out[i] = peer_address(kind, i, ...) for i < n (flexdispatch.h), the block starts made from
 // counts [world, world] once per thread block.
 cudaError_t peer_addresses(int32_t kind, const int64_t* counts, int32_t world, int32_t rank, const int64_t* table,
@@ -120,10 +121,10 @@ cudaError_t mask_unless_agreed(const int64_t* headers, int32_t ranks, const int6
 // slots, int64 [2][world][kHeaderSlotWords] (zeroed before the first exchange); seq (>= 1)
 // numbers the exchanges of these slots, the same on every rank. Writes every rank's header to
 // gathered [world, kHeaderWidth] (host memory mapped for the device may be passed). Traps
-// after kPeerWaitTimeoutNs if a peer never writes.
+// after timeout_ns if a peer never writes.
 cudaError_t exchange_headers(Header values, const int32_t* status, const int64_t* bases, int32_t rank, int32_t world,
-                             int64_t seq, const int64_t* indices, int64_t n, void* out, bool out_is_64bit,
-                             int64_t* gathered, cudaStream_t stream);
+                             int64_t seq, uint64_t timeout_ns, const int64_t* indices, int64_t n, void* out,
+                             bool out_is_64bit, int64_t* gathered, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace flexdispatch

@@ -125,7 +125,7 @@ __global__ void peer_addresses_kernel(int32_t kind, const int64_t* __restrict__ 
 // Signals between the ranks of a group in their symmetric signal pads (uint32 words): a put is
 // a compare-and-swap 0 -> 1 with release semantics at system scope (the writes this rank's
 // stream made before are visible to a peer that acquires it), a wait a compare-and-swap 1 -> 0
-// with acquire semantics. Spins for at most kPeerWaitTimeoutNs, then traps (common.cuh).
+// with acquire semantics. Spins for at most timeout_ns, then traps (common.cuh).
 __device__ __forceinline__ uint32_t cas_release_sys(uint32_t* addr, uint32_t expected, uint32_t desired) {
   uint32_t old;
   asm volatile("atom.release.sys.global.cas.b32 %0, [%1], %2, %3;" : "=r"(old) : "l"(addr), "r"(expected),
@@ -140,22 +140,22 @@ __device__ __forceinline__ uint32_t cas_acquire_sys(uint32_t* addr, uint32_t exp
   return old;
 }
 
-__device__ void spin_cas(uint32_t* addr, uint32_t expected, uint32_t desired, bool release, int32_t rank,
-                         int32_t peer) {
+__device__ void spin_cas(uint32_t* addr, uint32_t expected, uint32_t desired, bool release, uint64_t timeout_ns,
+                         int32_t rank, int32_t peer) {
   const uint64_t start = global_ns();
   while ((release ? cas_release_sys(addr, expected, desired) : cas_acquire_sys(addr, expected, desired)) !=
          expected) {
-    trap_after_timeout(start, rank, peer, "a peer barrier");
+    trap_after_timeout(start, timeout_ns, rank, peer, "a peer barrier");
   }
 }
 
 // A thread per peer: signal it, then wait for its signal (slots channel * world + sender).
 __global__ void peer_barrier_kernel(uint32_t* const* __restrict__ pads, int32_t channel, int32_t rank,
-                                    int32_t world) {
+                                    int32_t world, uint64_t timeout_ns) {
   const int32_t peer = threadIdx.x;
   if (peer >= world || peer == rank) return;
-  spin_cas(pads[peer] + channel * world + rank, 0, 1, true, rank, peer);
-  spin_cas(pads[rank] + channel * world + peer, 1, 0, false, rank, peer);
+  spin_cas(pads[peer] + channel * world + rank, 0, 1, true, timeout_ns, rank, peer);
+  spin_cas(pads[rank] + channel * world + peer, 1, 0, false, timeout_ns, rank, peer);
 }
 
 // Parts of an exchange copied into this rank's buffer: blockIdx.y picks the part, blocks
@@ -238,10 +238,11 @@ cudaError_t pack_parts(const PackParts& parts, void* dst, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t peer_barrier(const void* signal_pads, int32_t channel, int32_t rank, int32_t world, cudaStream_t stream) {
+cudaError_t peer_barrier(const void* signal_pads, int32_t channel, int32_t rank, int32_t world, uint64_t timeout_ns,
+                         cudaStream_t stream) {
   if (world > 1024) return cudaErrorInvalidValue;
   peer_barrier_kernel<<<1, (world + 31) / 32 * 32, 0, stream>>>(static_cast<uint32_t* const*>(signal_pads), channel,
-                                                               rank, world);
+                                                               rank, world, timeout_ns);
   return cudaGetLastError();
 }
 

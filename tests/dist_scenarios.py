@@ -667,3 +667,31 @@ def peer_headers_equal_all_gather(rank, world, steps=60, seed=0):
         kinds.add((kind, bool((want < 0).all()) if n else None))
     slots.release()
     return {"differ": differ, "kinds": sorted(kinds, key=str), "steps": steps}
+
+
+def peer_header_wait_traps(rank, world, timeout_s=2.0):
+    """Rank 0 exchanges a header its peers never send: its kernel must trap once the peer
+    timeout has passed (a CUDA error on rank 0, not a hang). The peers return at once. Rank 0's
+    CUDA context is unusable afterwards: run this in a pool of its own."""
+    import os
+    import time
+
+    from flexdispatch.managers import agreement, peer_headers
+
+    os.environ["FLEXDISPATCH_PEER_TIMEOUT_S"] = str(timeout_s)
+    device = torch.device("cuda", torch.cuda.current_device())
+    slots = peer_headers.PeerHeaders(dist.group.WORLD, device)  # (collective; not in the registry)
+    torch.cuda.synchronize()
+    dist.barrier()
+    if rank != 0:
+        return {"error": None, "waited": 0.0}
+    gathered = torch.zeros(world, agreement.WIDTH, dtype=torch.int64, pin_memory=True)
+    start = time.monotonic()
+    try:
+        slots.exchange([0] * agreement.WIDTH, None, torch.zeros(4, dtype=torch.int64, device=device), torch.int64,
+                       gathered)
+        torch.cuda.synchronize()
+        error = None
+    except RuntimeError as exc:
+        error = str(exc)
+    return {"error": error, "waited": time.monotonic() - start}

@@ -69,3 +69,35 @@ def test_group_sizes_are_asked_of_deepep(fake_deep_ep):
         assert deepep.supported_group_sizes() == (2, 4, 8)
     finally:
         FakeBuffer.is_sm90_compiled = staticmethod(lambda: True)
+
+
+def test_agreement_path_is_chosen_by_environment_and_group_size(monkeypatch):
+    """The DeepEP manager agrees through symmetric memory on groups of one node (2..8 ranks)
+    unless FLEXDISPATCH_DEEPEP_AGREEMENT=nccl; a bad value is a clear error."""
+    from flexdispatch.managers import peer_headers
+
+    monkeypatch.delenv("FLEXDISPATCH_DEEPEP_AGREEMENT", raising=False)
+    assert [peer_headers.wanted(w) for w in (1, 2, 4, 8, 16)] == [False, True, True, True, False]
+    monkeypatch.setenv("FLEXDISPATCH_DEEPEP_AGREEMENT", " NCCL ")
+    assert not peer_headers.wanted(4)
+    monkeypatch.setenv("FLEXDISPATCH_DEEPEP_AGREEMENT", "peer")
+    assert peer_headers.wanted(4)
+    monkeypatch.setenv("FLEXDISPATCH_DEEPEP_AGREEMENT", "gloo")
+    with pytest.raises(ValueError, match="FLEXDISPATCH_DEEPEP_AGREEMENT: expected 'peer' or 'nccl'"):
+        peer_headers.wanted(4)
+
+
+@pytest.mark.parametrize("raw,expected", [(None, 600.0), ("2.5", 2.5), ("3600", 3600.0), ("0", None), ("-1", None),
+                                          ("nan", None), ("soon", None), ("1e12", None)])
+def test_peer_timeout_from_the_environment(monkeypatch, raw, expected):
+    from flexdispatch.managers import peer_buffers
+
+    if raw is None:
+        monkeypatch.delenv("FLEXDISPATCH_PEER_TIMEOUT_S", raising=False)
+    else:
+        monkeypatch.setenv("FLEXDISPATCH_PEER_TIMEOUT_S", raw)
+    if expected is None:
+        with pytest.raises(ValueError, match="FLEXDISPATCH_PEER_TIMEOUT_S"):
+            peer_buffers.peer_timeout_s()
+    else:
+        assert peer_buffers.peer_timeout_s() == expected

@@ -123,6 +123,28 @@ def test_peer_header_exchange_equals_the_all_gather(pool):
         assert (0, False) in res["kinds"] and (2, True) in res["kinds"], res  # both decisions were taken
 
 
+@pytest.mark.timeout(200)
+def test_peer_header_wait_traps_instead_of_hanging():
+    """A rank whose peer never sends its header: the exchange kernel traps after
+    FLEXDISPATCH_PEER_TIMEOUT_S (2 s here), a CUDA error on that rank instead of a hang. The
+    rank either raises it or is ended by it (torch's NCCL watchdog aborts a process whose CUDA
+    context failed: on H200s it died with SIGABRT, after the kernel's message); a hang fails."""
+    import time
+
+    if _gpu_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    p = DistPool(2, backend="nccl")
+    start = time.monotonic()
+    try:
+        first = p.run("peer_header_wait_traps", timeout=120, timeout_s=2.0)[0]
+        assert first["error"] is not None and 1.5 <= first["waited"] < 60, first
+    except RuntimeError as exc:  # (not TimeoutError: a hang is a failure)
+        assert "rank(s) [0] died" in str(exc), exc
+    finally:
+        p.close()
+    assert time.monotonic() - start < 100
+
+
 @pytest.mark.parametrize("backend", ["alltoall", "nvlink", pytest.param("deepep", marks=pytest.mark.deepep)])
 def test_fp8_experts_get_the_dequantizing_rows_on_gpus(pool, backend):
     for res in pool.run("fp8_experts_equal_the_dequantizing_path", device="cuda", backend=backend, hidden=1024):

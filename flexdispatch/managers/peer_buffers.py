@@ -50,6 +50,26 @@ MIN_BYTES = 1 << 20  # the smallest buffer (every call's first exchange fits in 
 _MAX_TABLES = 64  # address tables a symmetric transport keeps (one per region offset)
 
 
+DEFAULT_PEER_TIMEOUT_S = 600.0  # as torch.distributed's default collective timeout
+
+
+def peer_timeout_s() -> float:
+    """How long a kernel waits for a peer over symmetric memory before it traps (a CUDA error
+    instead of a hang): ``FLEXDISPATCH_PEER_TIMEOUT_S`` seconds, 600 by default, as long as
+    torch.distributed's default timeout, so that ranks may drift apart (a checkpoint, an
+    evaluation on one rank) as long as they could at an NCCL collective."""
+    raw = os.environ.get("FLEXDISPATCH_PEER_TIMEOUT_S")
+    if raw is None:
+        return DEFAULT_PEER_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1e9:
+        raise ValueError(f"FLEXDISPATCH_PEER_TIMEOUT_S: expected seconds in (0, 1e9], got {raw!r}")
+    return value
+
+
 def symmetric_buffer(group, device: torch.device, nbytes: int):
     """``(buffer, handle)``: ``nbytes`` uint8 of PyTorch's symmetric memory on ``device``, mapped
     into every rank of ``group`` (a collective rendezvous: every rank calls it at once)."""
@@ -165,6 +185,7 @@ class SymmetricTransport(Transport):
         # The exchange's barrier: our one-block kernel on the signal pads (channel 1), or
         # symmetric memory's own (FLEXDISPATCH_NVLINK_BARRIER=torch; channel 0). Same on every rank.
         self._own_barrier = os.environ.get("FLEXDISPATCH_NVLINK_BARRIER", "own") != "torch"
+        self._timeout_s = peer_timeout_s()
         self._check_one_node()
 
     def _check_one_node(self) -> None:
@@ -240,7 +261,7 @@ class SymmetricTransport(Transport):
         if self._own_barrier:
             from .. import ops
 
-            ops._C.peer_barrier(self._pads, 1, self.rank, self.world_size, self._bases)
+            ops._C.peer_barrier(self._pads, 1, self.rank, self.world_size, self._bases, self._timeout_s)
         else:
             self._handle.barrier(channel=0)
 

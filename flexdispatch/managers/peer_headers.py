@@ -16,7 +16,7 @@ rank alike: every DeepEP dispatch of the group exchanges once, in the same order
 rank, as DeepEP itself requires). The two halves alternate by ``seq``'s parity, so a peer that
 is one exchange ahead never overwrites a header still to be read (it cannot be two ahead: it
 would need this rank's next header). A peer that never arrives makes the kernel trap after
-100 s (a CUDA error, not a hang).
+``FLEXDISPATCH_PEER_TIMEOUT_S`` seconds (600 by default: a CUDA error, not a hang).
 
 ``FLEXDISPATCH_DEEPEP_AGREEMENT=nccl`` keeps the all-gather (the same decision and errors);
 groups that span nodes always use it.
@@ -34,7 +34,7 @@ import torch.distributed as dist
 from .. import ops
 from .._log import logger
 from . import agreement
-from .peer_buffers import symmetric_buffer
+from .peer_buffers import peer_timeout_s, symmetric_buffer
 
 _SLOT_WORDS = agreement.WIDTH + 1
 MAX_RANKS = 64  # cuda_src/flexdispatch.h, kMaxHeaderRanks
@@ -54,6 +54,9 @@ class PeerHeaders:
     """One group's header slots (see the module docs); shared by every DeepEP manager of it."""
 
     def __init__(self, group, device: torch.device):
+        if not (ops.load_kernels() and ops._with_cuda):  # (the exchange is a kernel of ours)
+            raise RuntimeError("DeepEP agreement through symmetric memory needs flexdispatch's CUDA kernels, which "
+                               "are not built here; set FLEXDISPATCH_DEEPEP_AGREEMENT=nccl")
         self.group, self.device = group, device
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         buffer, handle = symmetric_buffer(group, device, 2 * self.world_size * _SLOT_WORDS * 8)
@@ -62,6 +65,7 @@ class PeerHeaders:
         self._buffer, self._handle = buffer, handle
         self._bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
         self._seq = 0
+        self._timeout_s = peer_timeout_s()
         logger.info("DeepEP agreement through symmetric memory: %d ranks on %s", self.world_size, device)
 
     def exchange(self, values: list, status: Optional[torch.Tensor], indices: torch.Tensor,
@@ -70,9 +74,10 @@ class PeerHeaders:
         every rank; returns ``indices`` (int64) as ``index_dtype``, all -1 unless every header
         agrees; every header lands in ``gathered`` (pinned ``[W, WIDTH]`` int64) once the
         stream has passed the kernel."""
-        self._seq += 1
-        return ops._C.exchange_headers(self._bases, self.rank, self._seq, list(values), status,
-                                       indices.contiguous(), index_dtype, gathered)
+        masked = ops._C.exchange_headers(self._bases, self.rank, self._seq + 1, list(values), status,
+                                         indices.contiguous(), index_dtype, gathered, self._timeout_s)
+        self._seq += 1  # (only once queued: a call that raised here has not written its header)
+        return masked
 
     def release(self) -> None:
         self._handle.barrier(channel=0)  # every peer is done with its last exchange
