@@ -13,18 +13,18 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__global__ void make_header_kernel(Header values, const int32_t* __restrict__ status, int64_t* __restrict__ header) {
-  const int f = threadIdx.x;
-  if (f >= kHeaderWidth) return;
-  int64_t v = values.field[f];
-  if (f == kHeaderError && status != nullptr) v |= static_cast<int64_t>(status[0]);
-  header[f] = v;
+// Field f of this rank's header: values, with status[0] (route check bits) in the error field.
+__device__ __forceinline__ int64_t header_field(const Header& values, const int32_t* status, int f) {
+  const int64_t v = values.field[f];
+  return f == kHeaderError && status != nullptr ? v | static_cast<int64_t>(status[0]) : v;
 }
 
+// The block's share of the mask: indices, or -1 everywhere if any of the `ranks` headers breaks
+// the agreement (every block reads the few headers itself instead of a second launch). Every
+// thread of the block must call it.
 template <typename Out>
-__global__ void mask_unless_agreed_kernel(const int64_t* __restrict__ headers, int32_t ranks,
-                                          const int64_t* __restrict__ indices, int64_t n, Out* __restrict__ out) {
-  // Every block reads the few headers itself (ranks * 8 values) instead of a second launch.
+__device__ __forceinline__ void mask_by_agreement(const int64_t* headers, int32_t ranks, const int64_t* indices,
+                                                  int64_t n, Out* out) {
   bool breaks = false;
   for (int64_t i = threadIdx.x; i < int64_t(ranks) * kHeaderWidth; i += blockDim.x) {
     breaks |= header_breaks_agreement(headers, i);
@@ -33,6 +33,17 @@ __global__ void mask_unless_agreed_kernel(const int64_t* __restrict__ headers, i
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     out[i] = static_cast<Out>(empty ? -1 : indices[i]);
   }
+}
+
+__global__ void make_header_kernel(Header values, const int32_t* __restrict__ status, int64_t* __restrict__ header) {
+  const int f = threadIdx.x;
+  if (f < kHeaderWidth) header[f] = header_field(values, status, f);
+}
+
+template <typename Out>
+__global__ void mask_unless_agreed_kernel(const int64_t* __restrict__ headers, int32_t ranks,
+                                          const int64_t* __restrict__ indices, int64_t n, Out* __restrict__ out) {
+  mask_by_agreement(headers, ranks, indices, n, out);
 }
 
 __device__ __forceinline__ int64_t load_acquire_sys(const int64_t* addr) {
@@ -61,11 +72,7 @@ __global__ void exchange_headers_kernel(Header values, const int32_t* __restrict
   const int64_t half = (seq & 1) * world;
   if (blockIdx.x == 0 && w < world) {
     int64_t* slot = reinterpret_cast<int64_t*>(bases[w]) + (half + rank) * kHeaderSlotWords;
-    for (int f = 0; f < kHeaderWidth; ++f) {
-      int64_t v = values.field[f];
-      if (f == kHeaderError && status != nullptr) v |= static_cast<int64_t>(status[0]);
-      slot[1 + f] = v;
-    }
+    for (int f = 0; f < kHeaderWidth; ++f) slot[1 + f] = header_field(values, status, f);
     __threadfence_system();
     store_release_sys(slot, seq);
   }
@@ -78,14 +85,7 @@ __global__ void exchange_headers_kernel(Header values, const int32_t* __restrict
     }
   }
   __syncthreads();
-  bool breaks = false;
-  for (int64_t i = threadIdx.x; i < int64_t(world) * kHeaderWidth; i += blockDim.x) {
-    breaks |= header_breaks_agreement(headers, i);
-  }
-  const bool empty = __syncthreads_or(breaks);
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    out[i] = static_cast<Out>(empty ? -1 : indices[i]);
-  }
+  mask_by_agreement(headers, world, indices, n, out);
   if (blockIdx.x == 0) {
     for (int64_t i = threadIdx.x; i < int64_t(world) * kHeaderWidth; i += blockDim.x) gathered[i] = headers[i];
     __threadfence_system();  // (host memory: visible to the host once a later host wait returns)

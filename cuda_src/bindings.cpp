@@ -454,9 +454,10 @@ Tensor dequantize_fp8(const Tensor& q_in, const Tensor& scales_in, const Tensor&
 
 // ---- the agreement of a call -------------------------------------------------------------
 
-// One rank's header [kHeaderWidth] int64 on `like`'s device: `values`, with status[0] (int32
-// [2] from check_route, optional) OR-ed into the error field. No host-to-device copy.
-Tensor make_header(const Tensor& like, const std::vector<int64_t>& values, const std::optional<Tensor>& status) {
+// A header's kernel arguments: its values, and status[0] (int32 [2] from check_route,
+// optional, on `like`'s device) to OR into its error field on the device.
+std::pair<fd::Header, const int32_t*> header_args(const Tensor& like, const std::vector<int64_t>& values,
+                                                  const std::optional<Tensor>& status) {
   TORCH_CHECK_VALUE(values.size() == fd::kHeaderWidth, "a header has ", int(fd::kHeaderWidth), " fields, got ",
                     values.size());
   fd::Header header_values;
@@ -467,6 +468,13 @@ Tensor make_header(const Tensor& like, const std::vector<int64_t>& values, const
     check_same_device(like, *status, "status");
     status_ptr = status->data_ptr<int32_t>();
   }
+  return {header_values, status_ptr};
+}
+
+// One rank's header [kHeaderWidth] int64 on `like`'s device: `values`, with status[0] (int32
+// [2] from check_route, optional) OR-ed into the error field. No host-to-device copy.
+Tensor make_header(const Tensor& like, const std::vector<int64_t>& values, const std::optional<Tensor>& status) {
+  const auto [header_values, status_ptr] = header_args(like, values, status);
   auto header = torch::empty({fd::kHeaderWidth}, like.options().dtype(at::kLong));
   FD_ON_DEVICE(like, fd::cuda::make_header(header_values, status_ptr, header.data_ptr<int64_t>(), stream), {
     fd::cpu::make_header(header_values, status_ptr, header.data_ptr<int64_t>());
@@ -526,8 +534,6 @@ void queue_word_copy(const Tensor& src, int64_t index, const Tensor& dst, int64_
 Tensor exchange_headers(const Tensor& bases, int64_t rank, int64_t seq, const std::vector<int64_t>& values,
                         const std::optional<Tensor>& status, const Tensor& indices, at::ScalarType index_dtype,
                         const Tensor& gathered, double timeout_s) {
-  TORCH_CHECK_VALUE(values.size() == fd::kHeaderWidth, "a header has ", int(fd::kHeaderWidth), " fields, got ",
-                    values.size());
   TORCH_CHECK_TYPE(bases.scalar_type() == at::kLong && indices.scalar_type() == at::kLong &&
                        gathered.scalar_type() == at::kLong, "bases, indices and gathered must be int64");
   TORCH_CHECK_TYPE(index_dtype == at::kLong || index_dtype == at::kInt, "index_dtype must be int32 or int64");
@@ -542,20 +548,13 @@ Tensor exchange_headers(const Tensor& bases, int64_t rank, int64_t seq, const st
   check_contiguous(bases, "bases");
   check_contiguous(indices, "indices");
   check_same_device(bases, indices, "indices");
-  fd::Header header_values;
-  for (int f = 0; f < fd::kHeaderWidth; ++f) header_values.field[f] = values[f];
-  const int32_t* status_ptr = nullptr;
-  if (status.has_value()) {
-    TORCH_CHECK_TYPE(status->scalar_type() == at::kInt && status->numel() >= 1, "status must be int32 [2]");
-    check_same_device(indices, *status, "status");
-    status_ptr = status->data_ptr<int32_t>();
-  }
+  const auto header = header_args(indices, values, status);  // (not a structured binding: the lambda captures it)
   auto out = torch::empty(indices.sizes(), indices.options().dtype(index_dtype));
   FD_ON_DEVICE(indices, [&] {
     void* device_view = nullptr;  // the pinned buffer as the kernel addresses it
     const cudaError_t mapped = cudaHostGetDevicePointer(&device_view, gathered.data_ptr(), 0);
     if (mapped != cudaSuccess) return mapped;
-    return fd::cuda::exchange_headers(header_values, status_ptr, bases.data_ptr<int64_t>(),
+    return fd::cuda::exchange_headers(header.first, header.second, bases.data_ptr<int64_t>(),
                                       static_cast<int32_t>(rank), static_cast<int32_t>(world), seq, timeout_ns,
                                       indices.data_ptr<int64_t>(), indices.numel(), out.data_ptr(),
                                       index_dtype == at::kLong, static_cast<int64_t*>(device_view), stream);
