@@ -105,6 +105,11 @@ def kernels_loaded() -> bool:
     return load_kernels()
 
 
+def cuda_kernels_loaded() -> bool:
+    """True when the compiled kernels serve CUDA tensors (built with CUDA); loads them."""
+    return load_kernels() and _with_cuda
+
+
 def _use_kernels(t: torch.Tensor) -> bool:
     if not load_kernels():
         return False

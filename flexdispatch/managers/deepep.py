@@ -338,7 +338,9 @@ class _DeepepManager(_ManagerBase):
         self._hidden_ok = None  # (device, dtype, hidden) that passed _check_hidden
         self._headers = None  # pinned host copy of the gathered headers [W, WIDTH]
         self._index_dtype = topk_index_dtype()  # asked of DeepEP once
-        self._peer_agreement = peer_headers.wanted(self.world_size)  # headers through symmetric memory
+        # Headers through symmetric memory: a kernel of ours (with the plain-PyTorch fallback of a
+        # failed build, the all-gather; a build fails or succeeds alike on every rank of a node).
+        self._peer_agreement = peer_headers.wanted(self.world_size) and ops.cuda_kernels_loaded()
 
     def wait(self) -> None:
         while self._events:

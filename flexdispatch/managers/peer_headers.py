@@ -54,7 +54,7 @@ class PeerHeaders:
     """One group's header slots (see the module docs); shared by every DeepEP manager of it."""
 
     def __init__(self, group, device: torch.device):
-        if not (ops.load_kernels() and ops._with_cuda):  # (the exchange is a kernel of ours)
+        if not ops.cuda_kernels_loaded():  # (the exchange is a kernel of ours)
             raise RuntimeError("DeepEP agreement through symmetric memory needs flexdispatch's CUDA kernels, which "
                                "are not built here; set FLEXDISPATCH_DEEPEP_AGREEMENT=nccl")
         self.group, self.device = group, device
@@ -74,7 +74,7 @@ class PeerHeaders:
         every rank; returns ``indices`` (int64) as ``index_dtype``, all -1 unless every header
         agrees; every header lands in ``gathered`` (pinned ``[W, WIDTH]`` int64) once the
         stream has passed the kernel."""
-        masked = ops._C.exchange_headers(self._bases, self.rank, self._seq + 1, list(values), status,
+        masked = ops._C.exchange_headers(self._bases, self.rank, self._seq + 1, values, status,
                                          indices.contiguous(), index_dtype, gathered, self._timeout_s)
         self._seq += 1  # (only once queued: a call that raised here has not written its header)
         return masked
