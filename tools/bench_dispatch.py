@@ -9,6 +9,9 @@ the slowest rank reported:
   raw        DeepEP get_dispatch_layout + dispatch + combine alone (no permutation, no autograd)
   dispatcher the forward minus its experts stage timed alone (the synchronous pass below): the
              dispatcher's own share of the layer, as "dispatcher fwd / raw"
+  traffic    the rows that cross NVLink per dispatch (one per token and other rank holding one
+             of its experts: the same for DeepEP and the NVLink manager), their bytes a token,
+             and the aggregate GB/s of raw DeepEP and of each variant's dispatch and combine stages
   forward    token_permutation2 + experts + token_unpermutation (async dispatch/combine as the
              facade does by default), stages timed in a separate synchronous pass
   fwd+bwd    the same plus backward, from a fixed random upstream gradient of the output, to
@@ -235,6 +238,38 @@ def raw_deepep(layer, experts, fp8=False):
     return run
 
 
+def remote_rows(idx: torch.Tensor, rank: int, world: int, experts: int) -> int:
+    """Rows a rank's dispatch sends over NVLink: one per (token, other rank holding one of its
+    experts), as DeepEP and the NVLink manager both send them (never one per expert); -1 slots
+    ignored. Combine sends the same rows back."""
+    local = experts // world
+    dest = torch.where(idx >= 0, idx // local, world)  # world: no destination
+    hit = torch.zeros(idx.shape[0], world + 1, dtype=torch.bool, device=idx.device).scatter_(1, dest, True)
+    hit[:, rank] = False
+    return int(hit[:, :world].sum())
+
+
+def traffic_lines(entry: dict, world: int) -> list:
+    """What crosses NVLink per call at a shape, and the aggregate GB/s each variant reached:
+    raw DeepEP over its dispatch and combine together, a variant over its dispatch and combine
+    stages (the synchronous pass: host time included, so a lower bound at small shapes)."""
+    tokens, hidden, _, _ = entry["shape"]
+    rows = entry.get("remote_rows")
+    if not rows:
+        return []
+    bf16 = rows * hidden * 2
+    lines = [f"NVLink traffic, shape {entry['shape']}: {rows} rows cross per dispatch ({rows / (tokens * world):.2f} "
+             f"a token, of {world - 1} other ranks), {bf16 / (tokens * world) / 1e3:.1f} KB a token in bf16 each way"]
+    gbps = []
+    if entry.get("raw_deepep_ms"):
+        gbps.append(f"raw DeepEP {2 * bf16 / entry['raw_deepep_ms'] / 1e6:.0f} (dispatch + combine)")
+    for manager, r in entry["managers"].items():
+        sent = rows * (hidden + hidden // 128 * 4) if "fp8" in manager else bf16
+        d, c = r["stages_ms"]["dispatch"], r["stages_ms"]["combine"]
+        gbps.append(f"{manager} {sent / d / 1e6:.0f} dispatch, {bf16 / c / 1e6:.0f} combine")
+    return lines + ["aggregate GB/s over all ranks: " + "; ".join(gbps)]
+
+
 def fp8_error(layer, rank, world, tokens, hidden, experts, topk, variant) -> float:
     """Relative error of an FP8 variant's forward against the same manager without FP8."""
     plain = Layer(rank, world, tokens, hidden, experts, topk, variant.replace("fp8", "").replace("++", "+").strip(":+"))
@@ -300,6 +335,10 @@ def _worker(rank, world, port, args, results):
                 values.append(_median_ms(raw_deepep(layer, experts, fp8=True), args.iters, args.warmup))
         for manager in managers:
             layer = Layer(rank, world, tokens, hidden, experts, topk, manager)
+            if "remote_rows" not in entry:  # (every variant routes the same tokens: the same seeds)
+                sent = torch.tensor([remote_rows(layer.idx, rank, world, experts)], dtype=torch.float64, device="cuda")
+                dist.all_reduce(sent)
+                entry["remote_rows"] = int(sent.item())
             stages = layer.stage_ms(args.iters, args.warmup)  # eager, also for a captured variant
             pool = float("nan")
             if layer.graph:
@@ -365,6 +404,8 @@ def format_table(report, world, device) -> str:
                          f"{ratio(r['forward_ms'])} | {ratio(r['forward_ms'] - r['stages_ms']['experts'])} | "
                          f"{ratio(r['fwd_bwd_ms'])} | {r['host_forward_ms']:.3f}, "
                          f"{r['host_fwd_bwd_ms']:.3f} | {stages} |")
+    for entry in report:
+        lines += traffic_lines(entry, world)
     for entry in report:
         if "raw_deepep_fp8_ms" in entry:
             lines.append(f"raw DeepEP with FP8 dispatch (quantization included), shape {entry['shape']}: "
