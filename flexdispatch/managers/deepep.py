@@ -62,7 +62,7 @@ MAX_TOPK = 128  # DeepEP's buffer-size assumption (csrc/config.hpp)
 # ``topk_idx_t`` (commit da6ca24), or the 2.x package layout (``deep_ep._C``). A build between
 # the two commits is treated as defective (narrow rows go to all-to-all: safe, slower).
 MIN_VERIFIED_ROW_BYTES = 2048
-NVL_MAX_RANKS = 8  # ranks of one NVLink domain DeepEP's intranode kernels serve
+NVL_MAX_RANKS = peer_headers.NODE_RANKS  # ranks of one NVLink domain DeepEP's intranode kernels serve
 
 _deep_ep = None
 _import_error: Optional[str] = None

@@ -37,7 +37,7 @@ from . import agreement
 from .peer_buffers import peer_timeout_s, symmetric_buffer
 
 _SLOT_WORDS = agreement.WIDTH + 1
-MAX_RANKS = 64  # cuda_src/flexdispatch.h, kMaxHeaderRanks
+NODE_RANKS = 8  # ranks of one NVLink domain (DeepEP's intranode kernels serve as many)
 
 
 def wanted(world_size: int) -> bool:
@@ -47,7 +47,7 @@ def wanted(world_size: int) -> bool:
     mode = os.environ.get("FLEXDISPATCH_DEEPEP_AGREEMENT", "peer").strip().lower()
     if mode not in ("peer", "nccl"):
         raise ValueError(f"FLEXDISPATCH_DEEPEP_AGREEMENT: expected 'peer' or 'nccl', got {mode!r}")
-    return mode == "peer" and 1 < world_size <= min(8, MAX_RANKS)
+    return mode == "peer" and 1 < world_size <= NODE_RANKS
 
 
 class PeerHeaders:
@@ -85,17 +85,17 @@ class PeerHeaders:
         self._buffer = self._handle = self._bases = None
 
 
-_slots: list = []  # (group, device string, PeerHeaders), groups compared by identity
+_slots: list = []  # (group, device, PeerHeaders), groups compared by identity
 
 
 def for_group(group, device: torch.device) -> PeerHeaders:
     """The group's header slots on ``device``, made at the group's first DeepEP dispatch (a
     collective: every rank of the group gets here at the same call)."""
     for g, dev, slots in _slots:
-        if g is group and dev == str(device):
+        if g is group and dev == device:
             return slots
     slots = PeerHeaders(group, device)
-    _slots.append((group, str(device), slots))
+    _slots.append((group, device, slots))
     return slots
 
 
