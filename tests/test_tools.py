@@ -7,6 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_dispatch  # noqa: E402
 
@@ -37,3 +38,48 @@ def test_traffic_lines_report_bytes_and_rates():
     assert f"deepep {bf16 / 0.25 / 1e6:.0f} dispatch, {bf16 / 0.2 / 1e6:.0f} combine" in rates
     assert f"deepep:fp8 {fp8 / 0.25 / 1e6:.0f} dispatch" in rates
     assert bench_dispatch.traffic_lines({"shape": [1, 2, 3, 4], "managers": {}}, 2) == []
+
+
+def test_reference_baseline_computes_the_dense_layer():
+    """The benchmark's baseline (the reference's algorithm, one rank) gives the dense formula's
+    output and gradients, unused slots (-1) included: what it is timed on is the same layer."""
+    import reference_dispatcher as ref
+    from moe_math import dense_layer, rel_err
+
+    g = torch.Generator().manual_seed(11)
+    tokens, hidden, experts, topk = 40, 16, 8, 3
+    x = torch.randn(tokens, hidden, generator=g, dtype=torch.float64)
+    idx = torch.rand(tokens, experts, generator=g).argsort(1)[:, :topk]
+    idx[5, 1] = -1
+    idx[9, :] = -1
+    probs = torch.rand(tokens, topk, generator=g).double()  # (probs travel as float32, as in the reference)
+    weights = torch.randn(experts, hidden, hidden, generator=g, dtype=torch.float64) / 4
+
+    def layer(x, p):
+        d = ref.ReferenceDispatcher(experts, ref.LocalTransport(experts))
+        h, _ = d.dispatch_preprocess2(x, tokens, p, idx)
+        h, _ = d.dispatch_all_to_all(h)
+        rows, tokens_per_expert, permuted_probs = d.dispatch_postprocess(h)
+        assert tokens_per_expert.device.type == "cpu" and int(tokens_per_expert.sum()) == rows.shape[0]
+        chunks = torch.split(rows, tokens_per_expert.tolist())
+        y = torch.cat([torch.tanh(c @ weights[e]) for e, c in enumerate(chunks)]) * permuted_probs[:, None]
+        return d.combine_postprocess(d.combine_all_to_all(d.combine_preprocess(y)))
+
+    leaves = [x.clone().requires_grad_(), probs.clone().requires_grad_()]
+    got = layer(*leaves)
+    grad_out = torch.randn(tokens, hidden, generator=g, dtype=torch.float64)
+    got_grads = torch.autograd.grad(got, leaves, grad_out)
+    dense_leaves = [x.clone().requires_grad_(), probs.clone().requires_grad_()]
+    want = dense_layer(*dense_leaves[:1], dense_leaves[1], idx, weights)
+    want_grads = torch.autograd.grad(want, dense_leaves, grad_out)
+    assert rel_err(got, want) < 1e-12
+    for a, b in zip(got_grads, want_grads):
+        assert rel_err(a, b) < 1e-6  # (the probs' gradient comes back through float32)
+    assert got[9].abs().max() == 0  # every slot -1: a zero row
+
+
+def test_reference_variant_is_compared_with_the_deepep_manager():
+    assert bench_dispatch.compared_with("reference") == "deepep"
+    assert bench_dispatch.compared_with("deepep:fp8+graph") == "deepep:graph"
+    assert bench_dispatch.compared_with("deepep:fp8") == "deepep"
+    assert bench_dispatch.compared_with("nvlink:onecall") is None

@@ -7,6 +7,9 @@ own time dominates. Measured with CUDA events after warm-up, the median of --ite
 the slowest rank reported:
 
   raw        DeepEP get_dispatch_layout + dispatch + combine alone (no permutation, no autograd)
+  reference  the reference dispatcher's algorithm on the same DeepEP buffer (tools/reference_dispatcher.py:
+             its unfused torch permutation, host syncs and scatter_add restore), as the baseline
+             variant ``--managers reference``; its output is compared with the deepep manager's
   dispatcher the forward minus its experts stage timed alone (the synchronous pass below): the
              dispatcher's own share of the layer, as "dispatcher fwd / raw"
   traffic    the rows that cross NVLink per dispatch (one per token and other rank holding one
@@ -21,11 +24,11 @@ the slowest rank reported:
 
     python tools/bench_dispatch.py --world-size 4 --json out.json --png out.png
 
-Variants for A/B runs in the same process: ``--managers deepep,deepep:novalidate,alltoall``;
+Variants for A/B runs in the same process: ``--managers reference,deepep,deepep:novalidate,alltoall``;
 options after the colon, joined by ``+``: ``novalidate`` (moe_validate_routing=False), ``torchexperts`` (the
 broadcast-multiply experts instead of the fused Triton ones), ``fp8`` (moe_fp8_dispatch=True:
 then raw DeepEP with FP8 dispatch is timed too, quantization included, and the variant's
-output is compared with the same manager's bf16 output: ``rel_err_vs_bf16``), ``syncfree``
+output is compared with the same manager's bf16 output: ``rel_err``), ``syncfree``
 (moe_sync_free=True), ``ncclagree`` (the DeepEP manager agrees through an NCCL all-gather instead of
 symmetric memory: FLEXDISPATCH_DEEPEP_AGREEMENT=nccl), ``onecall`` (the forward through token_permutation2 and
 token_unpermutation, where managers may fuse steps: the NVLink manager's permutation reads the
@@ -60,6 +63,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import flexdispatch as fd  # noqa: E402
 from flexdispatch.managers import deepep  # noqa: E402
 from bench_experts import scale_rows, triton_available  # noqa: E402
+from reference_dispatcher import DeepepTransport, ReferenceDispatcher  # noqa: E402
 from timing import init_rank, median_ms  # noqa: E402
 
 SHAPES = [(4096, 7168, 256, 8), (8192, 2048, 128, 8), (1024, 1024, 32, 4)]
@@ -115,6 +119,12 @@ class Layer:
         config = fd.MoEConfig(num_moe_experts=experts, moe_router_topk=topk, moe_flex_backend=backend,
                               moe_validate_routing="novalidate" not in options, moe_fp8_dispatch="fp8" in options,
                               moe_sync_free=sync_free, moe_max_tokens_per_expert=bound, moe_dropped_tokens="ignore")
+        if backend == "reference":
+            if options or bound is not None:
+                raise ValueError(f"--managers: the reference variant takes no options ({variant!r})")
+            buffer = deepep._registry.get(dist.group.WORLD, hidden * 2, 20)  # (raw DeepEP's buffer)
+            self.d = ReferenceDispatcher(local, DeepepTransport(buffer, experts))
+            return
         agreement = os.environ.get("FLEXDISPATCH_DEEPEP_AGREEMENT")
         if "ncclagree" in options:  # (read when the manager is made)
             os.environ["FLEXDISPATCH_DEEPEP_AGREEMENT"] = "nccl"
@@ -270,9 +280,22 @@ def traffic_lines(entry: dict, world: int) -> list:
     return lines + ["aggregate GB/s over all ranks: " + "; ".join(gbps)]
 
 
-def fp8_error(layer, rank, world, tokens, hidden, experts, topk, variant) -> float:
-    """Relative error of an FP8 variant's forward against the same manager without FP8."""
-    plain = Layer(rank, world, tokens, hidden, experts, topk, variant.replace("fp8", "").replace("++", "+").strip(":+"))
+def compared_with(variant: str):
+    """The variant whose forward a variant's output is compared with: the same manager without
+    FP8 for an FP8 variant, the deepep manager for the reference; None: not compared."""
+    if variant == "reference":
+        return "deepep"
+    backend, _, options = variant.partition(":")
+    options = options.split("+")
+    if "fp8" not in options:
+        return None
+    rest = "+".join(o for o in options if o != "fp8")
+    return f"{backend}:{rest}" if rest else backend
+
+
+def rel_error(layer, rank, world, tokens, hidden, experts, topk, other) -> float:
+    """Relative error of a layer's forward against another variant's on the same inputs."""
+    plain = Layer(rank, world, tokens, hidden, experts, topk, other)
     want = plain.forward(plain.x, plain.probs).float()
     got = layer.forward(layer.x, layer.probs).float()
     return float((got - want).norm() / want.norm())
@@ -304,7 +327,7 @@ def trace_forwards(rank, world, variants, args):
     """Chrome traces of rank 0: raw DeepEP and each variant's forward on the first shape."""
     args.trace.mkdir(parents=True, exist_ok=True)
     tokens, hidden, experts, topk = args.shapes[0]
-    if any(v.startswith("deepep") for v in variants):
+    if any(v.startswith(("deepep", "reference")) for v in variants):
         layer = Layer(rank, world, tokens, hidden, experts, topk, "deepep")
         _profiled(raw_deepep(layer, experts), args.trace / "raw_deepep.json", rank)
     for variant in variants:
@@ -320,13 +343,13 @@ def _worker(rank, world, port, args, results):
     init_rank(rank, world, port)
     report = []
     managers = [m for m in args.managers
-                if not m.startswith("deepep") or deepep.unusable_reason(dist.group.WORLD) is None]
+                if not m.startswith(("deepep", "reference")) or deepep.unusable_reason(dist.group.WORLD) is None]
     if args.trace:
         trace_forwards(rank, world, managers, args)
     for tokens, hidden, experts, topk in args.shapes:
         entry = {"shape": [tokens, hidden, experts, topk], "managers": {}}
         values = []
-        if any(m.startswith("deepep") for m in managers):
+        if any(m.startswith(("deepep", "reference")) for m in managers):
             layer = Layer(rank, world, tokens, hidden, experts, topk, "deepep")
             entry["raw_deepep_ms"] = len(values)
             values.append(_median_ms(raw_deepep(layer, experts), args.iters, args.warmup))
@@ -358,7 +381,8 @@ def _worker(rank, world, port, args, results):
             both = _median_ms(both_fn, args.iters, args.warmup)
             host = [_host_ms(fwd_fn, args.iters), _host_ms(both_fn, args.iters)]
             entry["managers"][manager] = len(values)
-            err = fp8_error(layer, rank, world, tokens, hidden, experts, topk, manager) if "fp8" in manager else 0.0
+            other = compared_with(manager)
+            err = 0.0 if other is None else rel_error(layer, rank, world, tokens, hidden, experts, topk, other)
             values += [fwd, both, peak / 2**30, *stages, err, *host, 1.0 - equal,  # (max over ranks: any mismatch)
                        pool / 2**30]
             del layer
@@ -372,7 +396,7 @@ def _worker(rank, world, port, args, results):
         for manager, at in entry["managers"].items():
             entry["managers"][manager] = {"forward_ms": v[at], "fwd_bwd_ms": v[at + 1], "peak_gib": v[at + 2],
                                           "stages_ms": dict(zip(STAGES, v[at + 3:at + 3 + len(STAGES)])),
-                                          "rel_err_vs_bf16": v[at + 3 + len(STAGES)],
+                                          "rel_err": v[at + 3 + len(STAGES)],
                                           "host_forward_ms": v[at + 4 + len(STAGES)],
                                           "host_fwd_bwd_ms": v[at + 5 + len(STAGES)],
                                           "replay_equals_eager": 1.0 - v[at + 6 + len(STAGES)],
@@ -394,8 +418,8 @@ def format_table(report, world, device) -> str:
         for manager, r in entry["managers"].items():
             ratio = (lambda v: f"{v / raw:.2f}x") if raw else (lambda v: "-")
             stages = ", ".join(f"{k} {v:.3f}" for k, v in r["stages_ms"].items())
-            if "fp8" in manager:
-                stages += f"; rel. error vs bf16 {r['rel_err_vs_bf16']:.4f}"
+            if compared_with(manager):
+                stages += f"; rel. error vs {compared_with(manager)} {r['rel_err']:.4f}"
             if r["replay_equals_eager"] == r["replay_equals_eager"]:  # a captured variant
                 stages += (f"; replay == eager (all ranks): {bool(r['replay_equals_eager'])}; graph pool "
                            f"{r['graph_pool_gib']:.2f} GiB")
