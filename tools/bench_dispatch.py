@@ -116,15 +116,15 @@ class Layer:
         local = experts // world
         self.scale = torch.linspace(0.5, 1.5, experts, device="cuda")[rank * local:(rank + 1) * local]
         self.local = local
-        config = fd.MoEConfig(num_moe_experts=experts, moe_router_topk=topk, moe_flex_backend=backend,
-                              moe_validate_routing="novalidate" not in options, moe_fp8_dispatch="fp8" in options,
-                              moe_sync_free=sync_free, moe_max_tokens_per_expert=bound, moe_dropped_tokens="ignore")
         if backend == "reference":
             if options or bound is not None:
                 raise ValueError(f"--managers: the reference variant takes no options ({variant!r})")
             buffer = deepep._registry.get(dist.group.WORLD, hidden * 2, 20)  # (raw DeepEP's buffer)
             self.d = ReferenceDispatcher(local, DeepepTransport(buffer, experts))
             return
+        config = fd.MoEConfig(num_moe_experts=experts, moe_router_topk=topk, moe_flex_backend=backend,
+                              moe_validate_routing="novalidate" not in options, moe_fp8_dispatch="fp8" in options,
+                              moe_sync_free=sync_free, moe_max_tokens_per_expert=bound, moe_dropped_tokens="ignore")
         agreement = os.environ.get("FLEXDISPATCH_DEEPEP_AGREEMENT")
         if "ncclagree" in options:  # (read when the manager is made)
             os.environ["FLEXDISPATCH_DEEPEP_AGREEMENT"] = "nccl"

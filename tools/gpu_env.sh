@@ -4,7 +4,7 @@
 OUT=${OUT:-$(mktemp -d)}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export CPATH=/usr/local/cuda/include/cccl:${CPATH:-}
-export PYTHONPATH=$PWD:$PWD/.deepep FLEXDISPATCH_CACHE_DIR=$(mktemp -d) PYTHONUNBUFFERED=1 MAX_JOBS=$(nproc)
+export PYTHONPATH=$PWD:$PWD/.deepep FLEXDISPATCH_CACHE_DIR=${FLEXDISPATCH_CACHE_DIR:-$(mktemp -d)} PYTHONUNBUFFERED=1 MAX_JOBS=$(nproc)
 export FLEXDISPATCH_JIT=1
 LOG=$OUT/log.txt
 step() { echo "=== $1 ($(date +%T))" | tee -a "$LOG"; }
