@@ -145,9 +145,9 @@ std::tuple<Tensor, Tensor, Tensor> indices_to_multihot(const Tensor& indices, co
 
 // (clean [rows, slots] int64 with out-of-range entries -1, status [2] int32: error bits, and
 // `flag` if any bit is set), no sync.
-// (in_rank [T, world] bool, expert_counts [world, local] int64) of top-k indices [T, K] (int32 or
+// (in_rank [T, world] bool, counts [world, 1 + local] int64) of top-k indices [T, K] (int32 or
 // int64; entries outside [0, world * local) ignored): whether token t has an expert on rank w,
-// and the assignments per expert. No host sync.
+// and per rank the tokens it receives, then the assignments per local expert. No host sync.
 std::tuple<Tensor, Tensor> route_by_rank(const Tensor& indices, int64_t world, int64_t local) {
   TORCH_CHECK_VALUE(indices.dim() == 2, "indices must be 2-D [rows, topk], got ", indices.sizes());
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
@@ -156,7 +156,7 @@ std::tuple<Tensor, Tensor> route_by_rank(const Tensor& indices, int64_t world, i
   TORCH_CHECK_VALUE(world >= 1 && local >= 1 && world * local < (int64_t(1) << 31), "world ", world, " x local ",
                     local, " experts out of range");
   auto in_rank = torch::empty({indices.size(0), world}, indices.options().dtype(at::kBool));
-  auto counts = torch::empty({world, local}, indices.options().dtype(at::kLong));
+  auto counts = torch::empty({world, local + 1}, indices.options().dtype(at::kLong));
   const bool is64 = indices.scalar_type() == at::kLong;
   const int32_t slots = static_cast<int32_t>(indices.size(1)), w = static_cast<int32_t>(world),
                 l = static_cast<int32_t>(local);
@@ -167,6 +167,38 @@ std::tuple<Tensor, Tensor> route_by_rank(const Tensor& indices, int64_t world, i
                            reinterpret_cast<uint8_t*>(in_rank.data_ptr<bool>()), counts.data_ptr<int64_t>());
   });
   return {in_rank, counts};
+}
+
+// (indices [R, K] int64, probs [R, K] of prob_dtype) from the received routing rows meta [R, C]
+// float64 (global experts at columns id_col.., probs after them; launch.h, received_routing).
+std::tuple<Tensor, Tensor> received_routing(const Tensor& meta, int64_t id_col, int64_t slots, int64_t first,
+                                            int64_t local, const std::optional<Tensor>& has_source,
+                                            at::ScalarType prob_dtype) {
+  TORCH_CHECK_VALUE(meta.dim() == 2 && meta.scalar_type() == at::kDouble, "meta must be 2-D float64, got ",
+                    meta.sizes(), " ", meta.scalar_type());
+  TORCH_CHECK_VALUE(id_col >= 0 && slots >= 0 && id_col + 2 * slots <= meta.size(1), "columns ", id_col, " + 2 x ",
+                    slots, " outside meta's ", meta.size(1));
+  TORCH_CHECK_TYPE(prob_dtype == at::kFloat || prob_dtype == at::kDouble, "prob_dtype must be float32 or float64");
+  check_contiguous(meta, "meta");
+  const bool* source = nullptr;
+  if (has_source.has_value()) {
+    TORCH_CHECK_VALUE(has_source->scalar_type() == at::kBool && has_source->numel() == meta.size(0),
+                      "has_source must be bool [", meta.size(0), "]");
+    check_contiguous(*has_source, "has_source");
+    check_same_device(meta, *has_source, "has_source");
+    source = has_source->data_ptr<bool>();
+  }
+  auto indices = torch::empty({meta.size(0), slots}, meta.options().dtype(at::kLong));
+  auto probs = torch::empty({meta.size(0), slots}, meta.options().dtype(prob_dtype));
+  const bool p64 = prob_dtype == at::kDouble;
+  const int32_t col = static_cast<int32_t>(id_col), k = static_cast<int32_t>(slots);
+  FD_ON_DEVICE(meta, fd::cuda::received_routing(meta.data_ptr<double>(), meta.size(0), meta.size(1), col, k, first,
+                                                local, source, indices.data_ptr<int64_t>(), probs.data_ptr(), p64,
+                                                stream), {
+    fd::cpu::received_routing(meta.data_ptr<double>(), meta.size(0), meta.size(1), col, k, first, local, source,
+                              indices.data_ptr<int64_t>(), probs.data_ptr(), p64);
+  });
+  return {indices, probs};
 }
 
 std::tuple<Tensor, Tensor> check_route(const Tensor& indices, int64_t num_experts, int64_t flag,
@@ -821,6 +853,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("indices_to_multihot", &indices_to_multihot);
   m.def("check_route", &check_route);
   m.def("route_by_rank", &route_by_rank);
+  m.def("received_routing", &received_routing);
   m.def("permute", &permute);
   m.def("plan", &plan);
   m.def("scatter_rows", &scatter_rows);

@@ -27,9 +27,19 @@ cudaError_t check_route(const void* indices, bool indices_are_64bit, const void*
 
 // Where top-k indices [rows, slots] (int32 or int64; entries outside [0, world * local) are
 // ignored) go by rank: in_rank [rows, world] (0/1: token r has an expert on rank w) and
-// expert_counts [world * local] (assignments per expert; zeroed here).
+// counts [world, 1 + local] (zeroed here): column 0 the tokens rank w receives (once per
+// token), then the assignments per local expert of rank w.
 cudaError_t route_by_rank(const void* indices, bool indices_are_64bit, int64_t rows, int32_t slots, int32_t world,
-                          int32_t local, uint8_t* in_rank, int64_t* expert_counts, cudaStream_t stream);
+                          int32_t local, uint8_t* in_rank, int64_t* counts, cudaStream_t stream);
+
+// The received rows' routing, from their routing rows meta [rows, stride] float64 (global
+// experts in columns id_col .. id_col + slots, probs in the next `slots` columns): indices
+// [rows, slots] int64, the local expert (global - first, when in [0, local)) or -1, and probs
+// [rows, slots] (float32 or float64), 0 where the index is -1. has_source [rows] (optional):
+// rows without a source get -1 everywhere.
+cudaError_t received_routing(const double* meta, int64_t rows, int64_t stride, int32_t id_col, int32_t slots,
+                             int64_t first, int64_t local, const bool* has_source, int64_t* indices, void* probs,
+                             bool probs_are_64bit, cudaStream_t stream);
 
 // Count and scan. chunk_offsets [num_chunks, E + 1] receives, for every chunk of rows and
 // expert, the rows of that expert in earlier chunks (column E: scratch); layout (3E + 2), all

@@ -231,16 +231,24 @@ constexpr int kRankThreads = 256;
 constexpr int kRankMaxBlocks = 264;       // grid-strided: each block flushes its histogram once
 constexpr int32_t kRankSharedExperts = 8192;  // experts counted in shared memory (32 KB), else in global
 
-// A thread per token: its row of in_rank (written whole: no zeroing pass) and its experts
-// counted in the block's histogram, flushed with one atomic per expert and block.
+// A thread per token: its row of in_rank (written whole: no zeroing pass), and its ranks and
+// experts counted in the block's histogram (counts' layout: [world, 1 + local], a rank's token
+// count before its experts), flushed with one atomic per entry and block.
 template <typename I>
 __global__ void route_by_rank_kernel(const I* __restrict__ indices, int64_t rows, int32_t slots, int32_t world,
                                      int32_t local, uint8_t* __restrict__ in_rank, int64_t* __restrict__ counts) {
   extern __shared__ int32_t hist[];
-  const int32_t experts = world * local;
+  const int32_t experts = world * local, entries = world * (local + 1);
   const bool shared = experts <= kRankSharedExperts;
+  auto count = [&](int32_t entry) {
+    if (shared) {
+      atomicAdd(&hist[entry], 1);
+    } else {
+      atomicAdd(reinterpret_cast<unsigned long long*>(counts + entry), 1ull);
+    }
+  };
   if (shared) {
-    for (int32_t e = threadIdx.x; e < experts; e += blockDim.x) hist[e] = 0;
+    for (int32_t e = threadIdx.x; e < entries; e += blockDim.x) hist[e] = 0;
     __syncthreads();
   }
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < rows; t += int64_t(gridDim.x) * blockDim.x) {
@@ -249,19 +257,35 @@ __global__ void route_by_rank_kernel(const I* __restrict__ indices, int64_t rows
     for (int32_t s = 0; s < slots; ++s) {
       const int64_t e = static_cast<int64_t>(indices[t * slots + s]);
       if (e < 0 || e >= experts) continue;
-      mine[e / local] = 1;
-      if (shared) {
-        atomicAdd(&hist[e], 1);
-      } else {
-        atomicAdd(reinterpret_cast<unsigned long long*>(counts + e), 1ull);
-      }
+      const int32_t w = static_cast<int32_t>(e / local);
+      if (!mine[w]) count(w * (local + 1));  // (the token's first expert on rank w)
+      mine[w] = 1;
+      count(w * (local + 1) + 1 + static_cast<int32_t>(e % local));
     }
   }
   if (shared) {
     __syncthreads();
-    for (int32_t e = threadIdx.x; e < experts; e += blockDim.x) {
+    for (int32_t e = threadIdx.x; e < entries; e += blockDim.x) {
       if (hist[e]) atomicAdd(reinterpret_cast<unsigned long long*>(counts + e), static_cast<unsigned long long>(hist[e]));
     }
+  }
+}
+
+// A thread per (row, slot) of the received routing rows (launch.h, received_routing).
+template <typename P>
+__global__ void received_routing_kernel(const double* __restrict__ meta, int64_t rows, int64_t stride, int32_t id_col,
+                                        int32_t slots, int64_t first, int64_t local,
+                                        const bool* __restrict__ has_source, int64_t* __restrict__ indices,
+                                        P* __restrict__ probs) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * slots;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / slots, s = i % slots;
+    const double* row = meta + r * stride + id_col;
+    const int64_t expert = static_cast<int64_t>(row[s]);  // (truncates, as torch's .long())
+    const int64_t mine = expert - first;
+    const bool kept = expert >= 0 && mine >= 0 && mine < local && (has_source == nullptr || has_source[r]);
+    indices[i] = kept ? mine : -1;
+    probs[i] = kept ? static_cast<P>(row[slots + s]) : P(0);
   }
 }
 
@@ -269,17 +293,33 @@ __global__ void route_by_rank_kernel(const I* __restrict__ indices, int64_t rows
 
 cudaError_t route_by_rank(const void* indices, bool indices_are_64bit, int64_t rows, int32_t slots, int32_t world,
                           int32_t local, uint8_t* in_rank, int64_t* expert_counts, cudaStream_t stream) {
-  const int32_t experts = world * local;
-  cudaError_t err = cudaMemsetAsync(expert_counts, 0, sizeof(int64_t) * experts, stream);
+  const int32_t experts = world * local, entries = world * (local + 1);
+  cudaError_t err = cudaMemsetAsync(expert_counts, 0, sizeof(int64_t) * entries, stream);
   if (err != cudaSuccess || rows == 0) return err;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(grid_for(rows, kRankThreads), kRankMaxBlocks));
-  const size_t shared = experts <= kRankSharedExperts ? sizeof(int32_t) * experts : 0;
+  const size_t shared = experts <= kRankSharedExperts ? sizeof(int32_t) * entries : 0;
   if (indices_are_64bit) {
     route_by_rank_kernel<<<grid, kRankThreads, shared, stream>>>(static_cast<const int64_t*>(indices), rows, slots,
                                                                  world, local, in_rank, expert_counts);
   } else {
     route_by_rank_kernel<<<grid, kRankThreads, shared, stream>>>(static_cast<const int32_t*>(indices), rows, slots,
                                                                  world, local, in_rank, expert_counts);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t received_routing(const double* meta, int64_t rows, int64_t stride, int32_t id_col, int32_t slots,
+                             int64_t first, int64_t local, const bool* has_source, int64_t* indices, void* probs,
+                             bool probs_are_64bit, cudaStream_t stream) {
+  if (rows == 0 || slots == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(grid_for(rows * slots, kThreads), 1024));
+  if (probs_are_64bit) {
+    received_routing_kernel<<<grid, kThreads, 0, stream>>>(meta, rows, stride, id_col, slots, first, local,
+                                                           has_source, indices, static_cast<double*>(probs));
+  } else {
+    received_routing_kernel<<<grid, kThreads, 0, stream>>>(meta, rows, stride, id_col, slots, first, local,
+                                                           has_source, indices, static_cast<float*>(probs));
   }
   return cudaGetLastError();
 }

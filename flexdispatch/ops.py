@@ -541,6 +541,18 @@ def make_plan(route: torch.Tensor, num_experts: int, num_out_tokens: Optional[in
     return _plan_impl(route.contiguous(), num_experts, num_out_tokens, pad_multiple, "route")
 
 
+def plan_of_ranks(in_rank: torch.Tensor, num_out_tokens: int) -> RowIdMap:
+    """The send list's plan (rank-major rows) of ``in_rank [T, W]`` bool, as made by
+    :func:`flexdispatch.managers.alltoall.routing_by_rank`, whose rows it has counted
+    (``num_out_tokens``). A multihot map that this package built has nothing to validate, so no
+    error word is queued for it (one device-to-host copy less a call)."""
+    if not _use_kernels(in_rank) or torch.compiler.is_compiling():
+        return make_plan(in_rank, in_rank.shape[1], num_out_tokens=num_out_tokens)
+    row_id_map, layout, host = _C.plan(in_rank.contiguous(), in_rank.shape[1], 1, num_out_tokens)
+    return RowIdMap(map=row_id_map, layout=layout, num_experts=in_rank.shape[1], num_out=num_out_tokens,
+                    pad_multiple=1, has_tail=True, host_layout=host)
+
+
 def apply_permutation(tokens: torch.Tensor, row_id_map: RowIdMap) -> torch.Tensor:
     """Move ``tokens [R, H]`` to the rows of an existing plan: ``[N, H]``, differentiable."""
     _check_rows(tokens)
@@ -756,6 +768,41 @@ def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
 
 
 from . import _library  # noqa: E402  (registers the custom ops, which call back into this module)
+
+
+# ---- the received rows' routing (the all-to-all and NVLink managers) --------------------------
+
+
+class _ReceivedRouting(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, meta, id_column, topk, first_expert, local, prob_dtype, has_source):
+        indices, probs = _C.received_routing(meta.detach().contiguous(), id_column, topk, first_expert, local,
+                                             has_source, prob_dtype)
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(indices)
+        ctx.shape, ctx.dtype, ctx.id_column, ctx.topk = meta.shape, meta.dtype, id_column, topk
+        return indices, probs
+
+    @staticmethod
+    def backward(ctx, _grad_indices, grad_probs):
+        (indices,) = ctx.saved_tensors
+        grad = grad_probs.new_zeros(ctx.shape, dtype=ctx.dtype)
+        start = ctx.id_column + ctx.topk
+        grad[:, start:start + ctx.topk] = torch.where(indices >= 0, grad_probs, 0)
+        return grad, None, None, None, None, None, None
+
+
+def received_routing(meta: torch.Tensor, id_column: int, topk: int, first_expert: int, local: int,
+                     prob_dtype: torch.dtype, has_source: Optional[torch.Tensor] = None):
+    """The received rows' routing from their routing rows, in one kernel: ``meta [R, C]``
+    float64 holds each row's ``topk`` global experts from column ``id_column`` (-1: unused) and
+    their probs in the next ``topk`` columns. Returns ``(indices [R, K] int64, probs [R, K]
+    prob_dtype)``: the local expert ``global - first_expert`` where it lies in ``[0, local)``,
+    else -1; the prob, 0 where the index is -1 (differentiable with respect to ``meta``'s prob
+    columns). Rows whose ``has_source [R]`` (bool, optional) is False get -1 everywhere."""
+    if _use_kernels(meta) and not torch.compiler.is_compiling():
+        return _ReceivedRouting.apply(meta, id_column, topk, first_expert, local, prob_dtype, has_source)
+    return reference.received_routing(meta, id_column, topk, first_expert, local, prob_dtype, has_source)
 
 
 # ---- the agreement of a call (flexdispatch/managers/agreement.py) ----------------------------

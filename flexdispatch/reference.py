@@ -188,6 +188,21 @@ def mask_unless_agreed(headers: torch.Tensor, indices: torch.Tensor, index_dtype
     return torch.where(breaks, -1, indices).to(index_dtype)
 
 
+def received_routing(meta: torch.Tensor, id_column: int, topk: int, first_expert: int, local: int,
+                     prob_dtype: torch.dtype, has_source: Optional[torch.Tensor] = None):
+    """Received routing rows ``meta [R, C]`` float64 (global experts in ``topk`` columns from
+    ``id_column``, their probs in the next ``topk``) as ``(indices [R, K] int64, probs [R, K])``:
+    the local expert (global - first_expert, when in [0, local)) or -1, and the prob in
+    ``prob_dtype``, 0 where the index is -1; rows where ``has_source [R]`` is False get -1."""
+    experts = meta[:, id_column:id_column + topk].long()
+    mine = experts - first_expert
+    kept = (experts >= 0) & (mine >= 0) & (mine < local)
+    if has_source is not None:
+        kept &= has_source[:, None]
+    probs = meta[:, id_column + topk:id_column + 2 * topk].to(prob_dtype)
+    return torch.where(kept, mine, -1), torch.where(kept, probs, torch.zeros((), dtype=prob_dtype, device=meta.device))
+
+
 def permute_fp8_by_indices(q: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor,
                            probs: Optional[torch.Tensor] = None, num_experts: Optional[int] = None,
                            num_out_tokens: Optional[int] = None, pad_multiple: Optional[int] = None,

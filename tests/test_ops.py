@@ -628,9 +628,9 @@ def test_sum_rows_from_addresses_is_the_fixed_order_sum(device, dtype, slots, wi
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("world,local,tokens", [(1, 4, 50), (4, 3, 700), (8, 1200, 300)])
 def test_routing_by_rank_kernel_equals_the_torch_formula(monkeypatch, device, index_dtype, world, local, tokens):
-    """Tokens to ranks and assignments per expert in one kernel (8 x 1200 experts: counted in
-    global memory, not in a block's histogram), against the plain torch ops it replaces, with
-    unused (-1) and out-of-range entries."""
+    """Tokens to ranks, tokens per rank and assignments per expert in one kernel (8 x 1200
+    experts: counted in global memory, not in a block's histogram), against the plain torch ops
+    it replaces and a loop over the tokens, with unused (-1) and out-of-range entries."""
     from flexdispatch.managers import alltoall
 
     experts, topk = world * local, 4
@@ -640,9 +640,41 @@ def test_routing_by_rank_kernel_equals_the_torch_formula(monkeypatch, device, in
     got = alltoall.routing_by_rank(idx, world, local)
     monkeypatch.setattr(ops, "_use_kernels", lambda t: False)
     want = alltoall.routing_by_rank(idx, world, local)
-    assert got[0].dtype == torch.bool and got[0].shape == (tokens, world) and got[1].shape == (world, local)
+    assert got[0].dtype == torch.bool and got[0].shape == (tokens, world) and got[1].shape == (world, local + 1)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert int(want[1].sum()) > 0 and bool(want[0].any())
+    per_rank = [0] * world
+    for row in idx.tolist():
+        for w in {e // local for e in row if 0 <= e < experts}:
+            per_rank[w] += 1
+    assert got[1][:, 0].tolist() == per_rank
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prob_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("id_column,with_source", [(0, False), (1, True)])
+def test_received_routing_kernel_equals_the_formula(device, prob_dtype, id_column, with_source):
+    """The received rows' local experts and masked probs in one kernel, against the plain
+    formula (experts of other ranks, unused slots and rows without a source give -1 and 0), and
+    the probs' gradient reaching only the meta's prob columns of kept slots."""
+    rows, topk, local, first = 300, 4, 6, 12
+    g = torch.Generator().manual_seed(id_column * 2 + (prob_dtype == torch.float64))
+    experts = torch.randint(-1, 4 * local, (rows, topk), generator=g).double()
+    probs = torch.rand(rows, topk, generator=g, dtype=torch.float64)
+    tokens = torch.arange(rows, dtype=torch.float64)[:, None]
+    meta = torch.cat([tokens, experts, probs] if id_column else [experts, probs], dim=1).to(device).requires_grad_()
+    has_source = (torch.rand(rows, generator=g) > 0.2).to(device) if with_source else None
+    got = ops.received_routing(meta, id_column, topk, first, local, prob_dtype, has_source=has_source)
+    want = reference.received_routing(meta, id_column, topk, first, local, prob_dtype, has_source=has_source)
+    assert got[0].dtype == torch.int64 and got[1].dtype == prob_dtype
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    kept = got[0] >= 0
+    assert 0 < int(kept.sum()) < rows * topk and bool((got[0][kept] < local).all())
+    grad = torch.rand(rows, topk, generator=g, dtype=prob_dtype).to(device)
+    (got_grad,) = torch.autograd.grad(got[1], meta, grad)
+    (want_grad,) = torch.autograd.grad(want[1], meta, grad)
+    assert torch.equal(got_grad, want_grad)
+    assert bool((got_grad[:, id_column + topk:][~kept] == 0).all()) and bool((got_grad[:, :id_column + topk] == 0).all())
 
 
 @pytest.mark.parametrize("device", DEVICES)

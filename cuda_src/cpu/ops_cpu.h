@@ -51,7 +51,9 @@ void copy_rows_from(const int64_t* addrs, int64_t rows, int64_t row_bytes, const
                     void* dst);
 void sum_rows_from(DType dtype, const int64_t* addrs, int64_t rows, int32_t slots, int64_t hidden, void* dst);
 void route_by_rank(const void* indices, bool indices_are_64bit, int64_t rows, int32_t slots, int32_t world,
-                   int32_t local, uint8_t* in_rank, int64_t* expert_counts);
+                   int32_t local, uint8_t* in_rank, int64_t* counts);
+void received_routing(const double* meta, int64_t rows, int64_t stride, int32_t id_col, int32_t slots, int64_t first,
+                      int64_t local, const bool* has_source, int64_t* indices, void* probs, bool probs_are_64bit);
 void peer_addresses(int32_t kind, const int64_t* counts, int32_t world, int32_t rank, const int64_t* table,
                     int64_t row_bytes, int64_t n, const int32_t* map, const double* tokens, int64_t token_stride,
                     int64_t* out);

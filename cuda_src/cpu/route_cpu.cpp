@@ -41,16 +41,36 @@ int64_t checked_expert(const Route& route, int64_t row, int32_t slot, int64_t* b
 }  // namespace
 
 void route_by_rank(const void* indices, bool indices_are_64bit, int64_t rows, int32_t slots, int32_t world,
-                   int32_t local, uint8_t* in_rank, int64_t* expert_counts) {
+                   int32_t local, uint8_t* in_rank, int64_t* counts) {
   const int64_t experts = int64_t(world) * local;
-  std::fill(expert_counts, expert_counts + experts, int64_t(0));
+  std::fill(counts, counts + world * (int64_t(local) + 1), int64_t(0));
   std::fill(in_rank, in_rank + rows * world, uint8_t(0));
   for (int64_t i = 0; i < rows * slots; ++i) {
     const int64_t e = indices_are_64bit ? static_cast<const int64_t*>(indices)[i]
                                         : static_cast<const int32_t*>(indices)[i];
     if (e < 0 || e >= experts) continue;
-    in_rank[(i / slots) * world + e / local] = 1;
-    ++expert_counts[e];
+    const int64_t w = e / local;
+    uint8_t& seen = in_rank[(i / slots) * world + w];
+    if (!seen) ++counts[w * (local + 1)];  // (the token's first expert on rank w)
+    seen = 1;
+    ++counts[w * (local + 1) + 1 + e % local];
+  }
+}
+
+void received_routing(const double* meta, int64_t rows, int64_t stride, int32_t id_col, int32_t slots, int64_t first,
+                      int64_t local, const bool* has_source, int64_t* indices, void* probs, bool probs_are_64bit) {
+  for (int64_t i = 0; i < rows * slots; ++i) {
+    const int64_t r = i / slots, s = i % slots;
+    const double* row = meta + r * stride + id_col;
+    const int64_t expert = static_cast<int64_t>(row[s]);
+    const int64_t mine = expert - first;
+    const bool kept = expert >= 0 && mine >= 0 && mine < local && (has_source == nullptr || has_source[r]);
+    indices[i] = kept ? mine : -1;
+    if (probs_are_64bit) {
+      static_cast<double*>(probs)[i] = kept ? row[slots + s] : 0.0;
+    } else {
+      static_cast<float*>(probs)[i] = kept ? static_cast<float>(row[slots + s]) : 0.0f;
+    }
   }
 }
 

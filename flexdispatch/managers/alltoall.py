@@ -66,9 +66,11 @@ def _fp8_payload(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def routing_by_rank(indices: torch.Tensor, world: int, local: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(in_rank [T, W] bool, expert_counts [W, E_local] int64)`` of top-k ``indices [T, K]``
-    (-1 unused): whether token t goes to rank w (once, whatever its experts there), and the
-    assignments per expert. No host sync; one kernel where flexdispatch's kernels are built."""
+    """``(in_rank [T, W] bool, counts [W, 1 + E_local] int64)`` of top-k ``indices [T, K]``
+    (-1 unused): whether token t goes to rank w (once, whatever its experts there), and per
+    rank ``w`` the tokens it receives (column 0: the rows a send list holds for it) then the
+    assignments per local expert. No host sync; one kernel where flexdispatch's kernels are
+    built."""
     if ops._use_kernels(indices) and not torch.compiler.is_compiling() and indices.dtype in (torch.int32,
                                                                                              torch.int64):
         return ops._C.route_by_rank(indices.contiguous(), world, local)
@@ -81,7 +83,7 @@ def routing_by_rank(indices: torch.Tensor, world: int, local: int) -> tuple[torc
     expert_counts = torch.zeros(experts + 1, dtype=torch.int64, device=device).scatter_add_(
         0, torch.where(valid, indices, experts).flatten(),
         torch.ones(tokens * topk, dtype=torch.int64, device=device))[:experts].view(world, local)
-    return in_rank, expert_counts
+    return in_rank, torch.cat([in_rank.sum(0, dtype=torch.int64)[:, None], expert_counts], dim=1)
 
 
 class _AllToAllDispatch(torch.autograd.Function):
@@ -205,33 +207,29 @@ class _AllToAllManager(_ManagerBase):
         world, local = self.world_size, self.num_local_experts
         indices = self.token_indices
         topk = indices.shape[1]
-        in_rank, expert_counts = routing_by_rank(indices, world, local)
+        in_rank, counts = routing_by_rank(indices, world, local)
         message = self._blank_message(agreement.DISPATCH, hidden_states)
-        message[:, agreement.ROWS] = in_rank.sum(0, dtype=torch.int64)
+        message[:, agreement.ROWS] = counts[:, 0]
         if self._route_status is not None:
             message[:, agreement.ERROR] = self._route_status[0].long()
-        message[:, agreement.WIDTH:] = expert_counts
+        message[:, agreement.WIDTH:] = counts[:, 1:]
         host = self._exchange_headers(message, when)
         ops.check_pending_errors()  # earlier calls' flags are ready now, for free
 
         self._send_splits = host[0, :, agreement.ROWS].tolist()
         self._recv_splits = host[1, :, agreement.ROWS].tolist()
 
-        plan = ops.make_plan(in_rank, world, num_out_tokens=sum(self._send_splits))
+        plan = ops.plan_of_ranks(in_rank, num_out_tokens=sum(self._send_splits))
         self._rank_plan = plan
-        meta = torch.cat([indices.to(torch.float64), self.token_probs.to(torch.float64)], dim=1)
+        meta = torch.cat([indices, self.token_probs.double()], dim=1)  # (float64: cat promotes the indices)
         recv, recv_meta, in_flight, kept = _AllToAllDispatch.apply(hidden_states, meta, plan, self._send_splits,
                                                                    self._recv_splits, self.group, async_finish,
                                                                    self.fp8_dispatch, keep_fp8)
         if in_flight is not None:
             self._pending.append(in_flight)
-        global_ids = recv_meta[:, :topk].detach().long()
-        local_ids = global_ids - self.rank * local
-        mine = (global_ids >= 0) & (local_ids >= 0) & (local_ids < local)
-        dispatched = torch.where(mine, local_ids, -1)
         prob_dtype = torch.float64 if self.router_dtype == "fp64" else torch.float32
-        return Dispatched(recv, dispatched, self._masked_probs(dispatched, recv_meta[:, topk:].to(prob_dtype)),
-                          received_counts=host[1, :, agreement.WIDTH:].sum(0), fp8=kept)
+        dispatched, probs = ops.received_routing(recv_meta, 0, topk, self.rank * local, local, prob_dtype)
+        return Dispatched(recv, dispatched, probs, received_counts=host[1, :, agreement.WIDTH:].sum(0), fp8=kept)
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
                  allocate_on_comm_stream: bool) -> torch.Tensor:

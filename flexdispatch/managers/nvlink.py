@@ -113,7 +113,7 @@ def _make_route(counts: torch.Tensor, rank: int, in_rank: torch.Tensor, sizes: d
     sends rank d), this rank's token-to-rank map ``in_rank [T, W]`` and the row counts
     ``sizes`` (tokens, sent, received and the caps; exact, or worst cases). Device ops only:
     no host sync, capturable."""
-    plan = ops.make_plan(in_rank, counts.shape[0], num_out_tokens=sizes["sent"])
+    plan = ops.plan_of_ranks(in_rank, num_out_tokens=sizes["sent"])
     return _Route(plan=plan, counts=counts.contiguous(), rank=rank, worst_case=worst_case, **sizes)
 
 
@@ -288,13 +288,13 @@ class _NvlinkManager(_ManagerBase):
             self._agree(headers[:, :agreement.WIDTH].cpu(), when)
             raise AssertionError("unreachable: the agreement raises on every rank")  # pragma: no cover
         tokens, topk = indices.shape
-        in_rank, expert_counts = routing_by_rank(indices, world, local)
-        extra = torch.cat([in_rank.sum(0, dtype=torch.int64)[:, None], expert_counts], dim=1)  # [W, 1 + E_local]
+        in_rank, extra = routing_by_rank(indices, world, local)  # extra: [W, 1 + E_local]
         header = self._header_tensor(agreement.DISPATCH, hidden_states, device, extra, rows=tokens)
         headers, _ = transport.exchange(header, [])
         # Each token's routing row (its index, experts, probs), made while the exchange runs.
-        meta = torch.cat([torch.arange(tokens, device=indices.device, dtype=torch.float64)[:, None],
-                          indices.to(torch.float64), self.token_probs.to(torch.float64)], dim=1)
+        # (one cat: the float64 token numbers promote the indices and probs)
+        meta = torch.cat([torch.arange(tokens, device=indices.device, dtype=torch.float64)[:, None], indices,
+                          self.token_probs], dim=1)
         if self.sync_free:
             if headers.shape[1] < header.numel():  # the gather transport stopped at disagreeing headers
                 headers = torch.cat([headers, headers.new_zeros(world, header.numel() - headers.shape[1])], 1)
@@ -384,14 +384,9 @@ class _NvlinkManager(_ManagerBase):
         rows, recv_meta, pulled, kept = _NvlinkDispatch.apply(hidden_states, send_meta, route, transport, fp8,
                                                               keep_fp8, pull_later, self.max_blocks)
         local = self.num_local_experts
-        global_ids = recv_meta[:, 1:1 + topk].detach().long()
-        local_ids = global_ids - self.rank * local
-        mine = (global_ids >= 0) & (local_ids >= 0) & (local_ids < local)
-        if route.has_source is not None:
-            mine &= route.has_source[:, None]
-        dispatched = torch.where(mine, local_ids, -1)
         prob_dtype = torch.float64 if self.router_dtype == "fp64" else torch.float32
-        probs = self._masked_probs(dispatched, recv_meta[:, 1 + topk:].to(prob_dtype))
+        dispatched, probs = ops.received_routing(recv_meta, 1, topk, self.rank * local, local, prob_dtype,
+                                                 has_source=route.has_source)
         num_out = self._worst_case_rows(route.received) if self.sync_free else None
         return Dispatched(rows, dispatched, probs, received_counts=received_counts, num_out=num_out, fp8=kept,
                           pulled=pulled)
