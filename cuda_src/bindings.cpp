@@ -630,7 +630,7 @@ Permuted permute_fp8(
     const int32_t slots = static_cast<int32_t>(map.size(1));
     FD_ON_DEVICE(q, fd::cuda::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(),
                                                scale_pitch, nullptr, q.size(0), hidden, map.data_ptr<int32_t>(), slots,
-                                               out.data_ptr(), 0, stream), {
+                                               out.data_ptr(), 0, 0, stream), {
       fd::cpu::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(), scale_pitch,
                                 nullptr, q.size(0), hidden, map.data_ptr<int32_t>(), slots, out.data_ptr());
     });
@@ -656,9 +656,10 @@ int32_t checked_align(int64_t align) {
 
 // out [N, W] (contiguous, any dtype) gets the row of N * W * element bytes at addrs[r] for every r
 // (addrs [N] int64, every address aligned to `align` bytes), or, with row_id_map [N, S], at its
-// rows map[r, s] (-1: none; other rows of out untouched).
+// rows map[r, s] (-1: none; other rows of out untouched). Rows are read from first_row on, round
+// to the start (launch.h).
 void copy_rows_from(const Tensor& addrs, int64_t align, Tensor& out, const std::optional<Tensor>& row_id_map,
-                    int64_t max_blocks) {
+                    int64_t max_blocks, int64_t first_row) {
   TORCH_CHECK_VALUE(out.dim() == 2, "out must be 2-D, got ", out.sizes());
   check_contiguous(out, "out");
   const int64_t row_bytes = out.size(1) * out.element_size();
@@ -672,8 +673,10 @@ void copy_rows_from(const Tensor& addrs, int64_t align, Tensor& out, const std::
     slots = static_cast<int32_t>(row_id_map->size(1));
   }
   const int32_t a = checked_align(align);
+  TORCH_CHECK_VALUE(first_row >= 0 && (first_row < rows || first_row == 0), "first_row must be in [0, ", rows,
+                    "), got ", first_row);
   FD_ON_DEVICE(out, fd::cuda::copy_rows_from(addrs.data_ptr<int64_t>(), rows, row_bytes, a, map, slots,
-                                             out.data_ptr(), max_blocks, stream), {
+                                             out.data_ptr(), max_blocks, first_row, stream), {
     fd::cpu::copy_rows_from(addrs.data_ptr<int64_t>(), rows, row_bytes, map, slots, out.data_ptr());
   });
 }
@@ -798,12 +801,12 @@ fd::Route pulled_route(const Tensor& route, int64_t num_experts, const Tensor& a
 // once and written to its planned rows; pad and tail rows zeroed. Returns as permute.
 Permuted permute_from(
     const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& addrs,
-    int64_t align, const Tensor& like, const std::optional<Tensor>& probs, int64_t max_blocks) {
+    int64_t align, const Tensor& like, const std::optional<Tensor>& probs, int64_t max_blocks, int64_t first_row) {
   const fd::Route r = pulled_route(route, num_experts, addrs, like);
   return permute_with(r, route, pad_multiple, num_out, probs, like.new_empty({0, like.size(1)}),
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
     auto out = torch::empty({n, like.size(1)}, like.options());
-    copy_rows_from(addrs, align, out, map, max_blocks);
+    copy_rows_from(addrs, align, out, map, max_blocks, first_row);
     zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail);
     return out;
   });
@@ -815,8 +818,10 @@ Permuted permute_from(
 // aligned to `align` bytes, at least 8, or 4 for float32 output). Returns as permute.
 Permuted permute_fp8_from(
     const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& addrs,
-    int64_t align, const Tensor& like, const std::optional<Tensor>& probs, int64_t max_blocks) {
+    int64_t align, const Tensor& like, const std::optional<Tensor>& probs, int64_t max_blocks, int64_t first_row) {
   const fd::Route r = pulled_route(route, num_experts, addrs, like);
+  TORCH_CHECK_VALUE(first_row >= 0 && (first_row < r.rows || first_row == 0), "first_row must be in [0, ", r.rows,
+                    "), got ", first_row);
   TORCH_CHECK_VALUE(like.size(1) % fd::kFp8Group == 0, "the hidden size must be a multiple of ", fd::kFp8Group);
   const fd::DType dtype = dtype_of(like, "like");
   TORCH_CHECK_TYPE(dtype != fd::kFloat64, "FP8 rows dequantize to float32, float16 or bfloat16, not float64");
@@ -829,7 +834,7 @@ Permuted permute_fp8_from(
     const int32_t slots = static_cast<int32_t>(map.size(1));
     FD_ON_DEVICE(like, fd::cuda::scatter_fp8_rows(dtype, nullptr, 0, nullptr, 0, addrs.data_ptr<int64_t>(), r.rows,
                                                   hidden, map.data_ptr<int32_t>(), slots, out.data_ptr(), max_blocks,
-                                                  stream), {
+                                                  first_row, stream), {
       fd::cpu::scatter_fp8_rows(dtype, nullptr, 0, nullptr, 0, addrs.data_ptr<int64_t>(), r.rows, hidden,
                                 map.data_ptr<int32_t>(), slots, out.data_ptr());
     });

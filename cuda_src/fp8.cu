@@ -155,17 +155,19 @@ __global__ void __launch_bounds__(kBlock) dequantize_kernel(const uint8_t* __res
 // kPermuteUnroll units loaded before the first store; each unit is converted once and written
 // to each of the row's destinations. The same arithmetic as dequantize_kernel, so it equals
 // dequantize-then-permute. With addrs, row r is read at addrs[r] (its `hidden` FP8 bytes, then
-// its scales; 0: no row), in a peer's buffer for the NVLink manager.
+// its scales; 0: no row), in a peer's buffer for the NVLink manager; rows are taken from
+// first_row on, round to the start (see copy_rows_from).
 template <typename T>
 __global__ void __launch_bounds__(kBlock) scatter_fp8_rows_kernel(
     const uint8_t* __restrict__ q, int64_t q_pitch, const float* __restrict__ scales, int64_t scale_pitch,
     const int64_t* __restrict__ addrs, int64_t rows, int64_t hidden, const int32_t* __restrict__ row_id_map,
-    int32_t slots, T* __restrict__ dst) {
+    int32_t slots, int64_t first_row, T* __restrict__ dst) {
   using U = Unit<T>;
   const int lane = threadIdx.x % 32;
   const int64_t units = hidden / U::kVals;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; j < rows;
+       j += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {
+    const int64_t row = j < rows - first_row ? j + first_row : j + first_row - rows;
     const uint8_t* row_q = q + row * q_pitch;
     const float* row_scales = scales + row * scale_pitch;
     if (addrs != nullptr) {
@@ -238,11 +240,11 @@ template <typename T>
 struct ScatterFp8 {
   static void run(const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch, const int64_t* addrs,
                   int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots, void* dst,
-                  int64_t max_blocks, cudaStream_t stream) {
+                  int64_t max_blocks, int64_t first_row, cudaStream_t stream) {
     int64_t grid = grid_for(rows, kWarpsPerBlock);
     if (max_blocks > 0 && grid > max_blocks) grid = max_blocks;
     scatter_fp8_rows_kernel<<<static_cast<unsigned>(grid), kBlock, 0, stream>>>(
-        q, q_pitch, scales, scale_pitch, addrs, rows, hidden, row_id_map, slots, static_cast<T*>(dst));
+        q, q_pitch, scales, scale_pitch, addrs, rows, hidden, row_id_map, slots, first_row, static_cast<T*>(dst));
   }
 };
 
@@ -262,10 +264,11 @@ cudaError_t dequantize_fp8(DType dtype, const uint8_t* q, const float* scales, i
 
 cudaError_t scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
                              const int64_t* addrs, int64_t rows, int64_t hidden, const int32_t* row_id_map,
-                             int32_t slots, void* dst, int64_t max_blocks, cudaStream_t stream) {
+                             int32_t slots, void* dst, int64_t max_blocks, int64_t first_row, cudaStream_t stream) {
   if (rows == 0 || hidden == 0) return cudaSuccess;
+  if (first_row < 0 || first_row >= rows) first_row = 0;
   return by_dtype<ScatterFp8>(dtype, q, q_pitch, scales, scale_pitch, addrs, rows, hidden, row_id_map, slots, dst,
-                              max_blocks, stream);
+                              max_blocks, first_row, stream);
 }
 
 }  // namespace cuda

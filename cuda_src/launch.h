@@ -88,19 +88,22 @@ cudaError_t dequantize_fp8(DType dtype, const uint8_t* q, const float* scales, i
 // aligned; scales: rows of hidden / 128 floats, scale_pitch floats apart). Each q row is read
 // once; the values equal dequantize_fp8's. With addrs [rows] (nullable), row r is instead read
 // at addrs[r]: hidden bytes, then its hidden / 128 scales (0: no row; every address aligned to
-// 8 bytes, 4 for a float32 dst). At most max_blocks blocks (0: no cap).
+// 8 bytes, 4 for a float32 dst). At most max_blocks blocks (0: no cap); rows taken from
+// first_row on, as copy_rows_from.
 cudaError_t scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
                              const int64_t* addrs, int64_t rows, int64_t hidden, const int32_t* row_id_map,
-                             int32_t slots, void* dst, int64_t max_blocks, cudaStream_t stream);
+                             int32_t slots, void* dst, int64_t max_blocks, int64_t first_row, cudaStream_t stream);
 
 // Rows read through addresses (the NVLink manager's transfers; peers' buffers mapped by
 // symmetric memory): row r (row_bytes) at addrs[r] goes to dst rows map[r, 0..slots) (-1:
 // none), or to dst row r when map is null; address 0: no row (zeros without a map, nothing
 // with one). `align`: the alignment every addrs[r] shares
-// (bytes, a power of two). At most max_blocks blocks (0: no cap).
+// (bytes, a power of two). At most max_blocks blocks (0: no cap). Rows are taken from
+// first_row on, round to the start (in [0, rows)): readers that start at different peers
+// spread their reads over every peer's links instead of queueing on one source at a time.
 cudaError_t copy_rows_from(const int64_t* addrs, int64_t rows, int64_t row_bytes, int32_t align,
                            const int32_t* map, int32_t slots, void* dst, int64_t max_blocks,
-                           cudaStream_t stream);
+                           int64_t first_row, cudaStream_t stream);
 // dst [rows, hidden] (dtype): dst[r] = sum over s in slot order of the row at addrs[r, s]
 // (0: none), accumulated in float32 (float64 for float64); a row without a slot is zero.
 cudaError_t sum_rows_from(DType dtype, const int64_t* addrs, int64_t rows, int32_t slots, int64_t hidden,

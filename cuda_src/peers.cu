@@ -22,17 +22,19 @@ unsigned capped_grid(int64_t blocks, int64_t max_blocks) {
   return static_cast<unsigned>(blocks < (int64_t(1) << 30) ? blocks : (int64_t(1) << 30));
 }
 
-// One warp per source row, rows grid-strided: the row (row_bytes at addrs[row]) is read once,
-// with kUnroll loads in flight per lane (remote reads are latency-bound), and written to
-// dst rows map[row, 0..slots) (-1: none), or to dst row `row` when map is null. Address 0:
-// no source row (a zero row without a map; nothing with one).
+// One warp per source row, rows grid-strided from first_row round to the start: the row
+// (row_bytes at addrs[row]) is read once, with kUnroll loads in flight per lane (remote reads
+// are latency-bound), and written to dst rows map[row, 0..slots) (-1: none), or to dst row
+// `row` when map is null. Address 0: no source row (a zero row without a map; nothing with one).
 template <typename V>
 __global__ void copy_rows_from_kernel(const int64_t* __restrict__ addrs, int64_t rows, int64_t row_bytes,
-                                      const int32_t* __restrict__ map, int32_t slots, char* __restrict__ dst) {
+                                      const int32_t* __restrict__ map, int32_t slots, int64_t first_row,
+                                      char* __restrict__ dst) {
   const int lane = threadIdx.x % 32;
   const int64_t vecs = row_bytes / int64_t(sizeof(V));
-  for (int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; row < rows;
-       row += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for (int64_t j = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; j < rows;
+       j += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const int64_t row = j < rows - first_row ? j + first_row : j + first_row - rows;
     const V* in = reinterpret_cast<const V*>(addrs[row]);
     if (in == nullptr) {  // no source row: a zero row (identity), nothing (map)
       if (map == nullptr) {
@@ -176,9 +178,9 @@ __global__ void pack_parts_kernel(PackParts parts, char* __restrict__ dst) {
 
 template <typename V>
 cudaError_t copy_as(const int64_t* addrs, int64_t rows, int64_t row_bytes, const int32_t* map, int32_t slots,
-                    void* dst, int64_t max_blocks, cudaStream_t stream) {
+                    void* dst, int64_t max_blocks, int64_t first_row, cudaStream_t stream) {
   copy_rows_from_kernel<V><<<capped_grid(grid_for(rows, kWarpsPerBlock), max_blocks), kWarpsPerBlock * 32, 0,
-                             stream>>>(addrs, rows, row_bytes, map, slots, static_cast<char*>(dst));
+                             stream>>>(addrs, rows, row_bytes, map, slots, first_row, static_cast<char*>(dst));
   return cudaGetLastError();
 }
 
@@ -202,17 +204,18 @@ cudaError_t sum_typed(const int64_t* addrs, int64_t rows, int32_t slots, int64_t
 
 cudaError_t copy_rows_from(const int64_t* addrs, int64_t rows, int64_t row_bytes, int32_t align,
                            const int32_t* map, int32_t slots, void* dst, int64_t max_blocks,
-                           cudaStream_t stream) {
+                           int64_t first_row, cudaStream_t stream) {
   if (rows == 0 || row_bytes == 0) return cudaSuccess;
+  if (first_row < 0 || first_row >= rows) first_row = 0;
   // The widest access that divides the row, the destination and the sources' alignment.
   int width = vector_bytes(row_bytes, dst, dst);
   while (width > align) width /= 2;
   switch (width) {
-    case 16: return copy_as<uint4>(addrs, rows, row_bytes, map, slots, dst, max_blocks, stream);
-    case 8: return copy_as<uint2>(addrs, rows, row_bytes, map, slots, dst, max_blocks, stream);
-    case 4: return copy_as<uint32_t>(addrs, rows, row_bytes, map, slots, dst, max_blocks, stream);
-    case 2: return copy_as<uint16_t>(addrs, rows, row_bytes, map, slots, dst, max_blocks, stream);
-    default: return copy_as<uint8_t>(addrs, rows, row_bytes, map, slots, dst, max_blocks, stream);
+    case 16: return copy_as<uint4>(addrs, rows, row_bytes, map, slots, dst, max_blocks, first_row, stream);
+    case 8: return copy_as<uint2>(addrs, rows, row_bytes, map, slots, dst, max_blocks, first_row, stream);
+    case 4: return copy_as<uint32_t>(addrs, rows, row_bytes, map, slots, dst, max_blocks, first_row, stream);
+    case 2: return copy_as<uint16_t>(addrs, rows, row_bytes, map, slots, dst, max_blocks, first_row, stream);
+    default: return copy_as<uint8_t>(addrs, rows, row_bytes, map, slots, dst, max_blocks, first_row, stream);
   }
 }
 

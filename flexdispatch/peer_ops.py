@@ -5,7 +5,11 @@ buffer, which the kernels read over NVLink; on the CPU, a row of a local tensor
 (:mod:`flexdispatch.managers.peer_buffers`). These ops trust the addresses they are given:
 they are the manager's internals, not a public API. ``align`` is the alignment (bytes, a power
 of two) that every address shares; ``max_blocks`` caps the thread blocks a kernel launches
-(0: no cap), so that a transfer can leave SMs to concurrent compute.
+(0: no cap), so that a transfer can leave SMs to concurrent compute. ``first_row`` is the row a
+pull starts from (it goes on round to the start): rows arrive grouped by source rank, and ranks
+that all read source 0 first, then source 1, would queue on one peer's links at a time; each
+reader starting at a different source spreads the reads over every link. The order changes no
+result (each row is written to its own rows).
 
 The plain-PyTorch twins of these ops cannot read raw addresses; the tests compare them with
 indexing of the tensors the addresses point into.
@@ -28,12 +32,12 @@ def _kernels():
 
 
 def copy_rows_from(addrs: torch.Tensor, out: torch.Tensor, align: int, row_id_map: Optional[torch.Tensor] = None,
-                   max_blocks: int = 0) -> torch.Tensor:
+                   max_blocks: int = 0, first_row: int = 0) -> torch.Tensor:
     """Fill ``out [N, ...]`` (contiguous) with the rows at ``addrs [N]`` (each of ``out``'s row
     size in bytes); with ``row_id_map [N, S]``, row ``r`` goes to ``out`` rows ``map[r, s]``
     (-1: none) and other rows are left as they are. Address 0: no row (a zero row without a
     map, nothing with one). Returns ``out``."""
-    _kernels().copy_rows_from(addrs.contiguous(), align, out, row_id_map, max_blocks)
+    _kernels().copy_rows_from(addrs.contiguous(), align, out, row_id_map, max_blocks, first_row)
     return out
 
 
@@ -67,7 +71,7 @@ def peer_addresses(kind: int, counts: torch.Tensor, rank: int, table: torch.Tens
 
 def permute_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indices: torch.Tensor,
                  probs: Optional[torch.Tensor], num_experts: int, num_out_tokens: Optional[int] = None,
-                 pad_multiple: Optional[int] = None, max_blocks: int = 0):
+                 pad_multiple: Optional[int] = None, max_blocks: int = 0, first_row: int = 0):
     """The expert-major permutation (as :func:`flexdispatch.ops.permute_by_indices`) of rows
     that are read at ``addrs [R]`` as they are moved: each row is read once (over NVLink for a
     peer's row) and written to its experts' rows. ``rows`` ``[R, H]`` stands for them in shape,
@@ -75,12 +79,12 @@ def permute_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indices: t
 
     Returns ``(out [N, H], permuted_probs [N], plan, tokens_per_expert)``."""
     return _permute_through("permute_from", rows, addrs, align, indices, probs, num_experts, num_out_tokens,
-                            pad_multiple, max_blocks)
+                            pad_multiple, max_blocks, first_row)
 
 
 def permute_fp8_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indices: torch.Tensor,
                      probs: Optional[torch.Tensor], num_experts: int, num_out_tokens: Optional[int] = None,
-                     pad_multiple: Optional[int] = None, max_blocks: int = 0):
+                     pad_multiple: Optional[int] = None, max_blocks: int = 0, first_row: int = 0):
     """The dequantizing permutation (as :func:`flexdispatch.ops.permute_fp8_by_indices`) of FP8
     rows read at ``addrs [R]``: each row is ``H`` e4m3 bytes followed by its ``H / 128`` float32
     scales (0: no row; addresses aligned to ``align`` bytes, at least 8, or 4 for float32 output),
@@ -89,11 +93,11 @@ def permute_fp8_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indice
 
     Returns ``(out [N, H], permuted_probs [N], plan, tokens_per_expert)``."""
     return _permute_through("permute_fp8_from", rows, addrs, align, indices, probs, num_experts, num_out_tokens,
-                            pad_multiple, max_blocks)
+                            pad_multiple, max_blocks, first_row)
 
 
 def _permute_through(kernel: str, rows, addrs, align, indices, probs, num_experts, num_out_tokens, pad_multiple,
-                     max_blocks):
+                     max_blocks, first_row):
     """A permutation whose kernel (``kernel``, a binding) reads row ``r`` at ``addrs[r]``."""
     ops._check_index_route(indices, num_experts, rows.shape[0])
     probs = ops._check_probs(probs, indices)
@@ -102,6 +106,6 @@ def _permute_through(kernel: str, rows, addrs, align, indices, probs, num_expert
     out, out_probs, plan = ops.kernel_permutation(
         rows, probs, lambda p: getattr(_kernels(), kernel)(route, num_experts, pad_multiple or 1,
                                                            -1 if num_out_tokens is None else num_out_tokens,
-                                                           addrs, align, rows, p, max_blocks),
+                                                           addrs, align, rows, p, max_blocks, first_row),
         route, num_experts, num_out_tokens, pad_multiple)
     return out, out_probs, plan, plan.tokens_per_expert

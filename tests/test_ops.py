@@ -570,9 +570,11 @@ def _row_addrs(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("first_row", [0, 37])
 @pytest.mark.parametrize("dtype,width", [(torch.bfloat16, 7168), (torch.float32, 33), (torch.uint8, 7),
                                          (torch.float64, 17), (torch.bfloat16, 64)])
-def test_copy_rows_from_addresses_equals_indexing(device, dtype, width):
+def test_copy_rows_from_addresses_equals_indexing(device, dtype, width, first_row):
+    """Rows read through addresses equal indexing, whichever row the pull starts from."""
     from flexdispatch import peer_ops
     from flexdispatch.managers.peer_buffers import row_align
 
@@ -587,14 +589,16 @@ def test_copy_rows_from_addresses_equals_indexing(device, dtype, width):
     expected[::7] = 0
     align = row_align(width * peers[0].element_size())
     out = torch.empty(80, width, dtype=dtype, device=device)
-    assert torch.equal(peer_ops.copy_rows_from(addrs.to(device), out, align), expected)
+    assert torch.equal(peer_ops.copy_rows_from(addrs.to(device), out, align, first_row=first_row), expected)
+    with pytest.raises(ValueError, match="first_row"):
+        peer_ops.copy_rows_from(addrs.to(device), out, align, first_row=80)
     # Through a row map: row r to rows map[r, :] (-1 none); rows nobody fills keep their values.
     row_map = torch.full((80, 2), -1, dtype=torch.int32)
     row_map[:, 0] = torch.randperm(160, generator=g)[:80].int()
     row_map[::3, 1] = torch.arange(160, 160 + len(range(0, 80, 3)), dtype=torch.int32)
     sentinel = random_tokens(200, width, torch.float32, device="cpu").to(dtype).to(device)
     out = sentinel.clone()
-    peer_ops.copy_rows_from(addrs.to(device), out, align, row_map.to(device))
+    peer_ops.copy_rows_from(addrs.to(device), out, align, row_map.to(device), first_row=first_row)
     want = sentinel.clone()
     for s in range(2):
         keep = (row_map[:, s] >= 0) & (addrs != 0)
@@ -678,8 +682,8 @@ def test_received_routing_kernel_equals_the_formula(device, prob_dtype, id_colum
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_permute_fp8_from_addresses_equals_the_dequantizing_permutation(device, dtype):
+@pytest.mark.parametrize("dtype,first_row", [(torch.bfloat16, 0), (torch.float32, 0), (torch.bfloat16, 77)])
+def test_permute_fp8_from_addresses_equals_the_dequantizing_permutation(device, dtype, first_row):
     """FP8 rows read through addresses as the NVLink manager publishes them (each row's bytes,
     then its scales), some without a source (address 0): the dequantizing permutation's rows,
     probs and plan, bit for bit, and the stand-in gets the permutation's gradient."""
@@ -693,7 +697,8 @@ def test_permute_fp8_from_addresses_equals_the_dequantizing_permutation(device, 
     addrs = _row_addrs(payload, torch.where((idx >= 0).any(1), torch.arange(rows, device=device), -1))
     p = random_probs(rows, topk, device=device)
     stand_in = torch.zeros((), dtype=dtype, device=device).expand(rows, hidden).requires_grad_()
-    out, out_p, plan, tpe = peer_ops.permute_fp8_from(stand_in, addrs, 8, idx, p, experts, None, 2)
+    out, out_p, plan, tpe = peer_ops.permute_fp8_from(stand_in, addrs, 8, idx, p, experts, None, 2,
+                                                      first_row=first_row)
     want, want_p, want_plan, want_tpe = ops.permute_fp8_by_indices(q, scales, idx, p, num_experts=experts,
                                                                     pad_multiple=2, dtype=dtype)
     assert torch.equal(out, want) and torch.equal(out_p, want_p) and torch.equal(tpe, want_tpe)
@@ -777,8 +782,8 @@ def test_peer_addresses_follow_the_block_layout(device, world):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("pad,sized", [(None, False), (4, False), (None, True)])
-def test_permute_from_addresses_equals_permute_by_indices(device, pad, sized):
+@pytest.mark.parametrize("pad,sized,first_row", [(None, False, 0), (4, False, 0), (None, True, 0), (4, True, 123)])
+def test_permute_from_addresses_equals_permute_by_indices(device, pad, sized, first_row):
     from flexdispatch import peer_ops
 
     rows, hidden, experts, topk = 300, 96, 6, 3
@@ -788,7 +793,8 @@ def test_permute_from_addresses_equals_permute_by_indices(device, pad, sized):
     num_out = rows * topk + experts * 3 if sized else None
     stand_in = torch.zeros((), dtype=x.dtype, device=device).expand(rows, hidden).requires_grad_()
     addrs = _row_addrs(x, torch.arange(rows, device=device))
-    out, out_p, plan, tpe = peer_ops.permute_from(stand_in, addrs, 16, idx, p, experts, num_out, pad)
+    out, out_p, plan, tpe = peer_ops.permute_from(stand_in, addrs, 16, idx, p, experts, num_out, pad,
+                                                  first_row=first_row)
     ref, ref_p, ref_plan, ref_tpe = reference.permute_by_indices(x, idx, p, num_experts=experts,
                                                                  num_out_tokens=num_out, pad_multiple=pad)
     assert torch.equal(out, ref) and torch.equal(out_p, ref_p)

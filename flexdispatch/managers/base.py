@@ -49,7 +49,7 @@ class Dispatched:
         fp8: ``(q [R, H] e4m3 bytes, scales [R, H / 128] float32)``: the received rows kept in
             FP8 (``keep_fp8``); ``hidden`` is then a stand-in of their shape and dtype that
             carries autograd, and the permutation dequantizes the rows as it moves them.
-        pulled: ``(addrs [R] int64, align, fp8)``: the received rows not moved yet but readable
+        pulled: ``(addrs [R] int64, align, fp8, first_row)``: the received rows not moved yet but readable
             at these addresses (a peer's buffer; ``permute_next``); ``hidden`` is then a
             stand-in and the permutation reads the rows as it moves them (``fp8``: rows of FP8
             bytes followed by their scales, dequantized as they are moved).
@@ -222,7 +222,7 @@ class _ManagerBase(_DispatchManager):
         self._offered: Optional[torch.Tensor] = None  # dispatch's hidden_states, during the call
         self._fp8_rows = False  # this call's experts take FP8 rows (dispatch(fp8_rows=True))
         self._kept_fp8: Optional[tuple] = None  # those rows (q, scales), for the permutation
-        self._pulled: Optional[tuple] = None  # (addrs, align, fp8) of rows the permutation reads
+        self._pulled: Optional[tuple] = None  # (addrs, align, fp8, first_row) of rows the permutation reads
         self._stand_in: Optional[torch.Tensor] = None  # what dispatch returned in place of either
         self._stage = "idle"
 
@@ -496,12 +496,12 @@ class _ManagerBase(_DispatchManager):
                 raise ValueError("hidden_states: expected the tensor this call's dispatch returned (with "
                                  "keep_fp8 or permute_next its rows stay where they landed until the permutation)")
             if self._pulled is not None:  # rows read where they landed as they are moved
-                addrs, align, fp8 = self._pulled
+                addrs, align, fp8, first_row = self._pulled
                 permute = peer_ops.permute_fp8_from if fp8 else peer_ops.permute_from  # (FP8: dequantized)
                 out, probs, plan, device_counts = permute(
                     hidden_states, addrs, align, indices, self.dispatched_probs, num_experts=self.num_local_experts,
                     num_out_tokens=num_out, pad_multiple=self.moe_router_expert_pad_multiple,
-                    max_blocks=self.spec.nvlink_max_blocks)
+                    max_blocks=self.spec.nvlink_max_blocks, first_row=first_row)
             elif self._kept_fp8 is not None and fp8_rows and self._fp8_rows:  # FP8 rows for FP8 experts
                 q, scales = self._kept_fp8
                 out_q, probs, plan, device_counts = ops.permute_by_indices(

@@ -78,6 +78,7 @@ class _Route:
     plan: object  # the send list's RowIdMap (token -> row of the rank-major send list, map [T, W])
     counts: torch.Tensor  # int64 [W, W] on the device: rows rank s sends rank d
     rank: int
+    first_row: int = 0  # where pulls of received rows start: the first row from the next rank
     worst_case: bool = False  # sync-free: the sizes are worst cases
     recv_meta: Optional[torch.Tensor] = None  # float64 [R, 1 + 2K]: received rows' token, experts, probs
     has_source: Optional[torch.Tensor] = None  # bool [R] (worst case only): whether a row is a real one
@@ -108,19 +109,21 @@ def _region(rows: int, row_bytes: int) -> int:
     return -(-rows * row_bytes // peer_buffers.REGION_ALIGN) * peer_buffers.REGION_ALIGN
 
 
-def _make_route(counts: torch.Tensor, rank: int, in_rank: torch.Tensor, sizes: dict, worst_case: bool) -> _Route:
+def _make_route(counts: torch.Tensor, rank: int, in_rank: torch.Tensor, sizes: dict, worst_case: bool,
+                first_row: int) -> _Route:
     """The call's routing from ``counts [W, W]`` (int64 on the tokens' device: rows rank s
-    sends rank d), this rank's token-to-rank map ``in_rank [T, W]`` and the row counts
-    ``sizes`` (tokens, sent, received and the caps; exact, or worst cases). Device ops only:
-    no host sync, capturable."""
+    sends rank d), this rank's token-to-rank map ``in_rank [T, W]``, the row counts ``sizes``
+    (tokens, sent, received and the caps; exact, or worst cases) and where pulls of received
+    rows start. Device ops only: no host sync, capturable."""
     plan = ops.plan_of_ranks(in_rank, num_out_tokens=sizes["sent"])
-    return _Route(plan=plan, counts=counts.contiguous(), rank=rank, worst_case=worst_case, **sizes)
+    return _Route(plan=plan, counts=counts.contiguous(), rank=rank, worst_case=worst_case, first_row=first_row,
+                  **sizes)
 
 
 class _NvlinkDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, send_meta, route, transport, fp8, keep_fp8, pull_later, max_blocks):
-        """``(rows, recv_meta, pulled, kept)``: ``pulled`` is ``(addrs [R], align, fp8)`` when
+        """``(rows, recv_meta, pulled, kept)``: ``pulled`` is ``(addrs [R], align, fp8, first_row)`` when
         ``pull_later`` (``rows`` is then a stand-in: the permutation reads the rows, FP8 ones
         dequantized), else None;
         ``kept`` the FP8 rows ``(q, scales)`` for the dequantizing permutation (``keep_fp8``)."""
@@ -139,9 +142,9 @@ class _NvlinkDispatch(torch.autograd.Function):
         align = peer_buffers.row_align(row_bytes)
         if pull_later:
             stand_in = torch.zeros((), dtype=hidden.dtype, device=hidden.device).expand(route.received, hidden.shape[1])
-            return stand_in, recv_meta, (addrs, align, fp8), None
+            return stand_in, recv_meta, (addrs, align, fp8, route.first_row), None
         landing = payload.new_empty(route.received, payload.shape[1])
-        peer_ops.copy_rows_from(addrs, landing, align, max_blocks=max_blocks)
+        peer_ops.copy_rows_from(addrs, landing, align, max_blocks=max_blocks, first_row=route.first_row)
         if not fp8:
             return landing, recv_meta, None, None
         width = hidden.shape[1]
@@ -217,7 +220,7 @@ class _NvlinkCombine(torch.autograd.Function):
         row_bytes = grad.shape[1] * grad.element_size()
         out = grad.new_empty(route.received, grad.shape[1])
         peer_ops.copy_rows_from(route.source_addrs(rows, row_bytes), out, peer_buffers.row_align(row_bytes),
-                                max_blocks=ctx.max_blocks)
+                                max_blocks=ctx.max_blocks, first_row=route.first_row)
         return out, None, None, None, None
 
 
@@ -300,6 +303,7 @@ class _NvlinkManager(_ManagerBase):
                 headers = torch.cat([headers, headers.new_zeros(world, header.numel() - headers.shape[1])], 1)
             every = headers[:, agreement.WIDTH:].view(world, world, local + 1).to(device)  # [source, dest, ...]
             counts, sizes, received_counts = self._agree_on_device(headers, every, in_rank, tokens, topk)
+            rows = None  # (known on the device only)
         else:
             host = headers.cpu()  # the call's one host sync
             self._agree(host[:, :agreement.WIDTH], when)
@@ -312,10 +316,23 @@ class _NvlinkManager(_ManagerBase):
                          token_cap=max(h[agreement.ROWS] for h in host[:, :agreement.WIDTH].tolist()),
                          sent_cap=max(sum(r) for r in rows), received_cap=max(received))
             counts, received_counts = every[:, :, 0], host_counts[:, self.rank, 1:].sum(0)
-        route = _make_route(counts, self.rank, in_rank, sizes, self.sync_free)
+        route = _make_route(counts, self.rank, in_rank, sizes, self.sync_free, self._first_row(sizes, rows))
         self._route = route
         self._ensure_for_call(transport, route, hidden_states, topk)
         return self._move(hidden_states, meta, route, transport, keep_fp8, permute_next, received_counts)
+
+    def _first_row(self, sizes: dict, rows: Optional[list]) -> int:
+        """Where this rank's pulls of received rows start: the first row from the next rank.
+        Received rows are grouped by source rank, so readers that all started at source 0
+        would queue on one peer's links at a time; rank r starting at source r + 1 makes the
+        readers and sources a one-to-one match throughout. Exact from the host's counts
+        ``rows[source][dest]``; in sync-free mode (counts on the device only) the next
+        rank's share of the worst-case rows."""
+        source = (self.rank + 1) % self.world_size
+        if rows is None:
+            return sizes["received"] * source // self.world_size
+        first = sum(r[self.rank] for r in rows[:source])
+        return first if first < sizes["received"] else 0
 
     def _agreed_on_device(self, headers: torch.Tensor, tokens: Optional[int] = None) -> torch.Tensor:
         """0-d bool on the device: the rule of :class:`.agreement.Agreement` on every rank's
