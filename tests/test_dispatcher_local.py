@@ -286,3 +286,30 @@ def test_auto_choice_and_fallback_come_from_the_registry(monkeypatch):
     assert registry.choose("auto", group, 2) == registry.Choice("alltoall", passed_over="deep_ep does not import")
     with pytest.raises(ValueError, match="moe_flex_backend='deepep': deep_ep does not import"):
         registry.choose("deepep", group, 2)
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_nvlink_pulls_start_at_the_next_ranks_rows(world):
+    """Each rank's pull of its received rows (grouped by source) starts at the first row from
+    rank + 1, so that at any moment the readers and the sources they read are a one-to-one
+    match; sync-free (counts on the device only): the next rank's share of the worst case."""
+    from types import SimpleNamespace
+
+    from flexdispatch.managers.nvlink import _NvlinkManager
+
+    g = torch.Generator().manual_seed(world)
+    rows = torch.randint(0, 50, (world, world), generator=g).tolist()  # [source][dest]
+    starts = []
+    for rank in range(world):
+        me = SimpleNamespace(rank=rank, world_size=world, stagger_pulls=True)
+        received = sum(r[rank] for r in rows)
+        first = _NvlinkManager._first_row(me, {"received": received}, rows)
+        source = (rank + 1) % world
+        want = sum(rows[s][rank] for s in range(source))
+        assert first == (want if want < received else 0)  # (past the last row: from the start)
+        starts.append(source)
+        worst = _NvlinkManager._first_row(me, {"received": 64 * world}, None)
+        assert worst == 64 * source
+        assert _NvlinkManager._first_row(SimpleNamespace(rank=rank, world_size=world, stagger_pulls=False),
+                                         {"received": received}, rows) == 0
+    assert sorted(starts) == list(range(world))  # every source is some reader's first

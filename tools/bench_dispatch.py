@@ -29,7 +29,8 @@ options after the colon, joined by ``+``: ``novalidate`` (moe_validate_routing=F
 broadcast-multiply experts instead of the fused Triton ones), ``fp8`` (moe_fp8_dispatch=True:
 then raw DeepEP with FP8 dispatch is timed too, quantization included, and the variant's
 output is compared with the same manager's bf16 output: ``rel_err``), ``syncfree``
-(moe_sync_free=True), ``ncclagree`` (the DeepEP manager agrees through an NCCL all-gather instead of
+(moe_sync_free=True), ``nostagger`` (the NVLink manager's pulls all start at the first received row
+instead of the next rank's), ``ncclagree`` (the DeepEP manager agrees through an NCCL all-gather instead of
 symmetric memory: FLEXDISPATCH_DEEPEP_AGREEMENT=nccl), ``onecall`` (the forward through token_permutation2 and
 token_unpermutation, where managers may fuse steps: the NVLink manager's permutation reads the
 rows from its peers' buffers; stages are still timed step by step), ``bound=F`` (sync-free with moe_max_tokens_per_expert = F times the mean
@@ -98,7 +99,8 @@ class Layer:
         for option in [o for o in options if o.startswith("bound=")]:
             options.remove(option)
             bound_factor = float(option.split("=", 1)[1])
-        unknown = options - {"novalidate", "torchexperts", "fp8", "syncfree", "graph", "onecall", "ncclagree"}
+        unknown = options - {"novalidate", "torchexperts", "fp8", "syncfree", "graph", "onecall", "ncclagree",
+                             "nostagger"}
         if unknown:
             raise ValueError(f"--managers: unknown options {sorted(unknown)} in {variant!r}")
         self.graph = "graph" in options
@@ -131,6 +133,8 @@ class Layer:
         try:
             self.d = fd.MoEFlexTokenDispatcher(local, list(range(rank * local, (rank + 1) * local)), config,
                                                dist.group.WORLD)
+            if "nostagger" in options:  # (the NVLink manager's pulls all start at row 0)
+                self.d._manager.stagger_pulls = False
         finally:
             if agreement is None:
                 os.environ.pop("FLEXDISPATCH_DEEPEP_AGREEMENT", None)

@@ -234,6 +234,7 @@ class _NvlinkManager(_ManagerBase):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_blocks = self.spec.nvlink_max_blocks  # blocks a transfer kernel may launch (0: no cap)
+        self.stagger_pulls = True  # pulls start at the next rank's rows (False: at row 0, for A/B runs)
         self._emulate = os.environ.get("FLEXDISPATCH_NVLINK_TRANSPORT", "") == "gather"
         self._route: Optional[_Route] = None  # the call's routing (set by dispatch, read by combine)
         self._pinned: Optional[torch.Tensor] = None  # host copy of a combine's headers
@@ -329,6 +330,8 @@ class _NvlinkManager(_ManagerBase):
         ``rows[source][dest]``; in sync-free mode (counts on the device only) the next
         rank's share of the worst-case rows."""
         source = (self.rank + 1) % self.world_size
+        if not self.stagger_pulls:
+            return 0
         if rows is None:
             return sizes["received"] * source // self.world_size
         first = sum(r[self.rank] for r in rows[:source])
