@@ -7,6 +7,7 @@ size, num_local_tokens = S * B / TP.
 from __future__ import annotations
 
 import dataclasses
+import socket
 from typing import List, Optional, Tuple
 
 import torch
@@ -105,33 +106,43 @@ class MoEFlexTokenDispatcher:
         """The manager, chosen at the first dispatch when ``auto`` depends on the tensors.
 
         That choice is the call's first exchange: every rank says whether the candidate backend
-        can serve its tensors and whether its own checks failed; all take the same choice, or
-        all raise.
+        can serve its tensors (and its host, for backends of one node) and whether its own checks
+        failed; all take the same choice, or all raise. A candidate passed over by any rank gives
+        way to the next of ``AUTO_ORDER``, voted on the same way when it too needs the tensors.
         """
         if self._manager is not None:
             return self._manager
-        candidate = self._choice.candidate
-        reason = error and "this rank's inputs were invalid"
-        if reason is None:
-            reason = registry.unusable_reason(candidate, self.group, device=hidden.device, dtype=hidden.dtype,
-                                              hidden=hidden.shape[-1], topk=self.config.moe_router_topk)
-        votes = [None] * self.ep_size
-        dist.all_gather_object(votes, (reason, None if error is None else str(error)), group=self.group)
-        failed = [r for r, (_, message) in enumerate(votes) if message is not None]
-        if failed:
-            if error is not None:
-                raise type(error)(f"{error} (every rank of the expert-parallel group raises before any token moved)")
-            raise ValueError(f"hidden_states: invalid input on rank(s) {failed} of the expert-parallel group; every "
-                             f"rank raises before any token moved ({votes[failed[0]][1]})")
-        reasons = [r for r, _ in votes if r is not None]
-        if not reasons:
-            self._manager = registry.make_manager(candidate, self.group, self.spec)
-        else:
+        candidate, host = self._choice.candidate, socket.gethostname()
+        while True:
+            reason = error and "this rank's inputs were invalid"
+            if reason is None:
+                reason = registry.auto_passes_over(candidate, self.group, device=hidden.device, dtype=hidden.dtype,
+                                                   hidden=hidden.shape[-1], topk=self.config.moe_router_topk)
+            votes = [None] * self.ep_size
+            dist.all_gather_object(votes, (reason, None if error is None else str(error), host), group=self.group)
+            failed = [r for r, (_, message, _) in enumerate(votes) if message is not None]
+            if failed:
+                if error is not None:
+                    raise type(error)(f"{error} (every rank of the expert-parallel group raises before any token "
+                                      f"moved)")
+                raise ValueError(f"hidden_states: invalid input on rank(s) {failed} of the expert-parallel group; "
+                                 f"every rank raises before any token moved ({votes[failed[0]][1]})")
+            reasons = [r for r, _, _ in votes if r is not None]
+            hosts = sorted({h for _, _, h in votes})
+            if not reasons and registry.BACKENDS[candidate].one_node and len(hosts) > 1:
+                reasons = [f"the expert-parallel group spans {len(hosts)} hosts"]
+            if not reasons:
+                self._manager = registry.make_manager(candidate, self.group, self.spec)
+                return self._manager
             chosen = registry.fallback(candidate, self.group)
-            if hidden.is_cuda:  # CPU tensors never go to DeepEP: nothing to warn about
-                _warn_once(f"the {candidate} manager cannot serve this layer ({reasons[0]}); using the {chosen} manager")
-            self._manager = registry.make_manager(chosen, self.group, self.spec)
-        return self._manager
+            settled = not registry.BACKENDS[chosen].needs_tensors
+            if hidden.is_cuda:  # (CPU tensors go to the all-to-all manager: nothing to warn about)
+                _warn_once(f"the {candidate} manager cannot serve this layer ({reasons[0]}); "
+                           f"{'using' if settled else 'trying'} the {chosen} manager")
+            if settled:
+                self._manager = registry.make_manager(chosen, self.group, self.spec)
+                return self._manager
+            candidate = chosen
 
     @property
     def _comm_manager(self) -> Optional[_ManagerBase]:
@@ -140,7 +151,7 @@ class MoEFlexTokenDispatcher:
 
     @property
     def backend(self) -> Optional[str]:
-        """"local", "alltoall" or "deepep" (None until chosen)."""
+        """"local", "alltoall", "deepep" or "nvlink" (None until chosen)."""
         return None if self._manager is None else self._manager.name
 
     # ---- the reference's API ----------------------------------------------------------------
@@ -200,7 +211,7 @@ class MoEFlexTokenDispatcher:
             error = exc
         manager = self._manager_for(hidden, error)
         if self._fallback_reason is not None and hidden is not None and hidden.is_cuda:
-            _warn_once(f"DeepEP is not usable here ({self._fallback_reason}); using the all-to-all manager")
+            _warn_once(f"DeepEP is not usable here ({self._fallback_reason}); using the {manager.name} manager")
             self._fallback_reason = None
         if error is None:
             try:

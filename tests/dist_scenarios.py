@@ -33,7 +33,7 @@ def _routing(logits, topk, experts, capacity, router_dtype):
 
 def moe_matches_dense(rank, world, *, entry="probs", tokens_per_rank=None, hidden=16, experts=12, topk=3,
                       pad=None, capacity=None, router_dtype="fp32", dtype="float32", seed=0, device="cpu",
-                      backend="auto", repeat=2, fp8=False):
+                      backend="auto", repeat=2, fp8=False, deepep=True):
     """A layer through the dispatcher against the dense formula: outputs and gradients of the
     hidden states, the router logits and the experts' weights. With ``fp8`` the dense formula
     sees every rank's tokens rounded through reference.quantize_fp8 / dequantize_fp8 (in the
@@ -45,7 +45,7 @@ def moe_matches_dense(rank, world, *, entry="probs", tokens_per_rank=None, hidde
     mine = slice(rank * local, (rank + 1) * local)
     d = _dispatcher(rank, world, experts, topk, moe_router_expert_pad_multiple=pad,
                     moe_expert_capacity_factor=capacity, moe_router_dtype=router_dtype, moe_flex_backend=backend,
-                    moe_fp8_dispatch=fp8)
+                    moe_fp8_dispatch=fp8, moe_enable_deepep=deepep)
 
     outs = []
     for _ in range(repeat):  # the same bits every time
@@ -160,12 +160,13 @@ def fp8_experts_equal_the_dequantizing_path(rank, world, device="cpu", backend="
             "recovered": torch.equal(q2.view(torch.uint8), q.view(torch.uint8)), "backend": fp8.backend}
 
 
-def fp8_kept_rows_misuse_then_recovery(rank, world, hidden=256, tokens=16):
+def fp8_kept_rows_misuse_then_recovery(rank, world, hidden=256, tokens=16, backend="alltoall"):
     """A manager asked to keep_fp8 raises ValueError (naming hidden_states) when its
     permutation gets another tensor than the stand-in dispatch returned, releases the call,
-    and the next call runs normally and keeps the FP8 rows again."""
+    and the next call runs normally and keeps the FP8 rows again. (The manager is driven
+    directly: a backend named, since ``auto`` makes its manager at the first facade call.)"""
     experts, topk = 2 * world, 2
-    d = _dispatcher(rank, world, experts, topk, moe_fp8_dispatch=True)
+    d = _dispatcher(rank, world, experts, topk, moe_fp8_dispatch=True, moe_flex_backend=backend)
     m = d._comm_manager
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(tokens, hidden, generator=g)
@@ -208,6 +209,32 @@ def two_dispatchers_interleaved(rank, world, device="cpu", backend="auto", dtype
     out_b = b["d"].token_unpermutation(apply_experts(*tb, b["w"]))
     out_a = a["d"].token_unpermutation(apply_experts(*ta, a["w"]))
     return {"A": rel_err(out_a, a["dense"]), "B": rel_err(out_b, b["dense"])}
+
+
+def auto_choice_is_voted(rank, world, hosts, refuse_on=-1):
+    """``auto`` without DeepEP, with the NVLink backend's CUDA-only rule lifted (its CPU
+    emulation runs here) and each rank's host name given by ``hosts``: every rank takes the
+    same backend, NVLink only when all share one host and none refuses it (``refuse_on``: the
+    rank whose probe says no), and the layer still equals its dense formula."""
+    import dataclasses
+    from unittest import mock
+
+    from flexdispatch.managers import registry
+
+    nvlink = registry.BACKENDS["nvlink"]
+    refuse = (lambda g, **call: "refused by this rank") if rank == refuse_on else None
+    patched = dict(registry.BACKENDS, nvlink=dataclasses.replace(nvlink, auto_probe=refuse))
+    with mock.patch.dict(registry.BACKENDS, patched), \
+            mock.patch("flexdispatch.dispatcher.socket.gethostname", return_value=hosts[rank]):
+        experts, topk, hidden = 4 * world, 2, 16
+        xs, logits, weights = make_problem(5, [7 + 3 * r for r in range(world)], hidden, experts)
+        d = _dispatcher(rank, world, experts, topk, moe_enable_deepep=False)
+        local = experts // world
+        _, tp, ti = _routing(logits[rank], topk, experts, None, "fp32")
+        x = xs[rank].float()
+        out = d.token_unpermutation(apply_experts(*d.token_permutation2(x, x.shape[0], tp.float(), ti),
+                                                  weights[rank * local:(rank + 1) * local].float()))
+        return {"backend": d.backend, "err": rel_err(out, dense_layer(xs[rank], tp, ti, weights))}
 
 
 def invalid_routing_all_ranks_raise(rank, world, bad_rank=0, device="cpu", backend="auto", dtype="float32",

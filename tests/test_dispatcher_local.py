@@ -270,7 +270,8 @@ def test_fp8_dispatch_rounds_and_checks_its_input():
 
 def test_auto_choice_and_fallback_come_from_the_registry(monkeypatch):
     """auto on a group: the first backend of AUTO_ORDER whose probe passes, deferred to the first
-    dispatch when it needs the tensors; the fallback is the next one that passes."""
+    dispatch when it needs the tensors; the fallback is the next one that passes (DeepEP, then
+    the NVLink backend, then the all-to-all manager)."""
     from flexdispatch.managers import registry
 
     group = object()  # a stand-in group of two ranks
@@ -278,12 +279,14 @@ def test_auto_choice_and_fallback_come_from_the_registry(monkeypatch):
     monkeypatch.setitem(registry.BACKENDS, "deepep", registry.Backend(
         "deepep", fd._DeepepManager, lambda g, **call: None if call.get("device") is None else "no", needs_tensors=True))
     assert registry.choose("auto", group, 2) == registry.Choice(None, candidate="deepep")
-    assert registry.choose("auto", group, 2, prefer_deepep=False) == registry.Choice("alltoall")
+    assert registry.choose("auto", group, 2, prefer_deepep=False) == registry.Choice(None, candidate="nvlink")
     assert registry.choose("auto", None, 2) == registry.Choice("local")
-    assert registry.fallback("deepep", group) == "alltoall"
+    assert registry.fallback("deepep", group) == "nvlink"
+    assert registry.fallback("nvlink", group) == "alltoall"
     monkeypatch.setitem(registry.BACKENDS, "deepep", registry.Backend(
         "deepep", fd._DeepepManager, lambda g, **call: "deep_ep does not import", needs_tensors=True))
-    assert registry.choose("auto", group, 2) == registry.Choice("alltoall", passed_over="deep_ep does not import")
+    assert registry.choose("auto", group, 2) == registry.Choice(None, candidate="nvlink",
+                                                                passed_over="deep_ep does not import")
     with pytest.raises(ValueError, match="moe_flex_backend='deepep': deep_ep does not import"):
         registry.choose("deepep", group, 2)
 
@@ -313,3 +316,21 @@ def test_nvlink_pulls_start_at_the_next_ranks_rows(world):
         assert _NvlinkManager._first_row(SimpleNamespace(rank=rank, world_size=world, stagger_pulls=False),
                                          {"received": received}, rows) == 0
     assert sorted(starts) == list(range(world))  # every source is some reader's first
+
+
+def test_auto_takes_nvlink_only_for_cuda_tensors_on_nccl_with_kernels(monkeypatch):
+    """The NVLink backend can serve CPU (gloo) groups through its emulation, which auto passes
+    over, as it does non-NCCL groups and a build without CUDA kernels."""
+    from flexdispatch.managers import registry
+
+    group, cpu, cuda = object(), torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(registry.dist, "get_backend", lambda g: "gloo")
+    assert registry.unusable_reason("nvlink", group, device=cpu) is None  # (explicitly: served, emulated)
+    assert "CUDA tensors" in registry.auto_passes_over("nvlink", group, device=cpu)
+    assert "NCCL" in registry.auto_passes_over("nvlink", group, device=cuda)
+    monkeypatch.setattr(registry.dist, "get_backend", lambda g: "nccl")
+    monkeypatch.setattr(registry.ops, "cuda_kernels_loaded", lambda: False)
+    assert "kernels" in registry.auto_passes_over("nvlink", group, device=cuda)
+    monkeypatch.setattr(registry.ops, "cuda_kernels_loaded", lambda: True)
+    assert registry.auto_passes_over("nvlink", group, device=cuda) is None
+    assert registry.auto_passes_over("alltoall", group, device=cpu) is None

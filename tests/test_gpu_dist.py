@@ -50,6 +50,19 @@ def test_alltoall_over_nccl(pool, case):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", [dict(dtype="bfloat16", hidden=64, deepep=False),
+                                  pytest.param(dict(dtype="float32", hidden=64), marks=pytest.mark.deepep)],
+                         ids=["no-deepep", "deepep-refuses-fp32"])
+def test_auto_takes_nvlink_on_one_node_without_deepep(pool, case):
+    """auto on NCCL and CUDA tensors: with DeepEP disabled, or when DeepEP refuses the call
+    (float32 rows, a second vote), every rank takes the NVLink backend, and the layer equals
+    its dense formula."""
+    results = pool.run("moe_matches_dense", device="cuda", backend="auto", entry="indices", **case)
+    assert {r["backend"] for r in results} == {"nvlink"}
+    check(results)
+
+
+@pytest.mark.timeout(300)
 def test_alltoall_nccl_errors_and_interleaving(pool):
     for res in pool.run("invalid_routing_all_ranks_raise", bad_rank=1, device="cuda", backend="alltoall"):
         assert res["message"] and "rank(s) [1]" in res["message"] and res["recovered"]

@@ -4,6 +4,11 @@ Adding a backend: write its manager (a :class:`~.base._ManagerBase` subclass wit
 ``_dispatch`` and ``_combine``) in a module of its own, give it a probe (why it cannot serve
 a group or a call; None when it can), and add one :class:`Backend` line to ``BACKENDS``.
 ``moe_flex_backend`` then accepts its name, and ``auto`` considers it in ``AUTO_ORDER``.
+
+``auto`` takes a backend only where the benchmarks show it ahead of the next one: DeepEP where
+it can serve; else, for CUDA tensors on an NCCL group of one node, the NVLink backend (ahead of
+NCCL's all-to-all at every shape measured on 2 and 4 H200s, docs/PERFORMANCE.md); else the
+all-to-all manager (any group, CPU included).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from .. import ops
 from .._log import logger
 from ..spec import LayerSpec
 from . import deepep
@@ -51,6 +57,19 @@ def _nvlink_probe(group, *, device: Optional[torch.device] = None, **call) -> Op
     return None  # one node is checked at the first call (the group's hosts are compared)
 
 
+def _nvlink_auto_probe(group, *, device: Optional[torch.device] = None, **call) -> Optional[str]:
+    """Where ``auto`` does not take the NVLink backend although it could serve: its CPU
+    emulation (all-gathers, for tests) and anything but NCCL are slower than the all-to-all."""
+    if device is not None and device.type != "cuda":
+        return f"it moves CUDA tensors, got {device.type} ones"
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" not in backend:
+        return f"it needs an NCCL process group, got {backend}"
+    if not ops.cuda_kernels_loaded():
+        return "flexdispatch's CUDA kernels are not built (see `python -m flexdispatch info`)"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Backend:
     """A way of moving tokens.
@@ -61,21 +80,28 @@ class Backend:
         probe: ``probe(group, *, device, dtype, hidden, topk)``: why it cannot serve (None: it
             can); arguments left out are not judged.
         needs_tensors: whether ``auto`` must see a call's tensors before it can choose this one.
+        auto_probe: why ``auto`` passes it over where it could serve (slower there), with the
+            same arguments as ``probe``; None: ``probe`` alone decides.
+        one_node: ``auto`` takes it only when the group's ranks share one host (compared in the
+            first call's vote).
     """
 
     name: str
     manager: type
     probe: Callable[..., Optional[str]]
     needs_tensors: bool = False
+    auto_probe: Optional[Callable[..., Optional[str]]] = None
+    one_node: bool = False
 
 
 BACKENDS = {b.name: b for b in (
     Backend("local", _LocalManager, _local_probe),
     Backend("alltoall", _AllToAllManager, _alltoall_probe),
     Backend("deepep", deepep._DeepepManager, _deepep_probe, needs_tensors=True),
-    Backend("nvlink", _NvlinkManager, _nvlink_probe),
+    Backend("nvlink", _NvlinkManager, _nvlink_probe, needs_tensors=True, auto_probe=_nvlink_auto_probe,
+            one_node=True),
 )}
-AUTO_ORDER = ("deepep", "alltoall")
+AUTO_ORDER = ("deepep", "nvlink", "alltoall")
 """What ``auto`` tries for a group of several ranks, best first (one rank: always local)."""
 
 
@@ -87,6 +113,16 @@ def backend_names() -> tuple[str, ...]:
 def unusable_reason(name: str, group, **call) -> Optional[str]:
     """Why backend ``name`` cannot serve ``group`` (and the call described by ``call``)."""
     return BACKENDS[name].probe(group, **call)
+
+
+def auto_passes_over(name: str, group, **call) -> Optional[str]:
+    """Why ``auto`` does not take backend ``name`` for this rank's call: it cannot serve it, or
+    is slower there than the next one (``Backend.auto_probe``); None: it takes it."""
+    backend = BACKENDS[name]
+    reason = backend.probe(group, **call)
+    if reason is None and backend.auto_probe is not None:
+        reason = backend.auto_probe(group, **call)
+    return reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +163,7 @@ def choose(requested: str, group, topk: int, prefer_deepep: bool = True) -> Choi
         reason = unusable_reason(name, group)
         if reason is None:
             if BACKENDS[name].needs_tensors:
-                return Choice(None, candidate=name)
+                return Choice(None, candidate=name, passed_over=passed_over)
             return Choice(name, passed_over=passed_over)
         passed_over = passed_over or reason
     raise ValueError(f"config.moe_flex_backend='auto': no backend can serve this group ({passed_over})")
