@@ -42,9 +42,10 @@ class MoEConfig:
     """Precision of routing probabilities: "fp32", "fp64" or None (keep the router's dtype)."""
 
     moe_flex_backend: str = "auto"
-    """"auto" (DeepEP where usable, else all-to-all, or local for one rank), "deepep",
-    "alltoall", "nvlink" (one node, symmetric memory, no DeepEP needed; opt-in, see README) or
-    "local". An explicit choice that cannot be met raises ValueError."""
+    """"auto" (DeepEP where usable; else, for CUDA tensors on an NCCL group of one node, the
+    NVLink backend; else all-to-all; local for one rank), "deepep", "alltoall", "nvlink" (one
+    node, symmetric memory, no DeepEP needed; see README) or "local". An explicit choice that
+    cannot be met raises ValueError."""
     moe_deepep_num_sms: int = 20
     """SMs DeepEP's normal kernels may use (even)."""
     moe_sync_free: bool = False

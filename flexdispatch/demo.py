@@ -7,7 +7,7 @@ rebuild all inputs and weights from the seed). Rank 0 prints the backend, the ti
 and the largest errors.
 
 Device ``auto``: one GPU per rank with NCCL when there are enough GPUs (DeepEP when it
-imports, in bfloat16), else gloo on the CPU (float32).
+imports, in bfloat16; else the NVLink backend), else gloo on the CPU (float32).
 """
 
 from __future__ import annotations
