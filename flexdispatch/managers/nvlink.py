@@ -329,9 +329,9 @@ class _NvlinkManager(_ManagerBase):
         readers and sources a one-to-one match throughout. Exact from the host's counts
         ``rows[source][dest]``; in sync-free mode (counts on the device only) the next
         rank's share of the worst-case rows."""
-        source = (self.rank + 1) % self.world_size
         if not self.stagger_pulls:
             return 0
+        source = (self.rank + 1) % self.world_size
         if rows is None:
             return sizes["received"] * source // self.world_size
         first = sum(r[self.rank] for r in rows[:source])
