@@ -18,6 +18,7 @@ from ._log import logger
 from .config import MoEConfig
 from .managers import _ManagerBase, registry
 from .managers.base import _group_size_rank
+from .managers.gather import all_gather_objects
 from .spec import CONFIG_NAMES, LayerSpec
 
 SHARING_DEEPEP_MANAGER = True
@@ -118,8 +119,7 @@ class MoEFlexTokenDispatcher:
             if reason is None:
                 reason = registry.auto_passes_over(candidate, self.group, device=hidden.device, dtype=hidden.dtype,
                                                    hidden=hidden.shape[-1], topk=self.config.moe_router_topk)
-            votes = [None] * self.ep_size
-            dist.all_gather_object(votes, (reason, None if error is None else str(error), host), group=self.group)
+            votes = all_gather_objects((reason, None if error is None else str(error), host), self.group)
             failed = [r for r, (_, message, _) in enumerate(votes) if message is not None]
             if failed:
                 if error is not None:

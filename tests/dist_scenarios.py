@@ -237,6 +237,23 @@ def auto_choice_is_voted(rank, world, hosts, refuse_on=-1):
         return {"backend": d.backend, "err": rel_err(out, dense_layer(xs[rank], tp, ti, weights))}
 
 
+def works_without_numpy(rank, world):
+    """The collectives of a layer's first call (auto's vote) and the objects helper work with
+    ``Tensor.numpy`` unavailable, as where NumPy is not installed (``pip install flexdispatch``
+    does not bring it; ``all_gather_object`` needs it)."""
+    from unittest import mock
+
+    from flexdispatch.managers.gather import all_gather_objects
+
+    def no_numpy(*args, **kwargs):
+        raise RuntimeError("Numpy is not available")
+
+    with mock.patch.object(torch.Tensor, "numpy", no_numpy):
+        objects = all_gather_objects({"rank": rank, "name": "x" * (3 * rank + 1)}, _group())
+        res = moe_matches_dense(rank, world, repeat=1)
+    return {"objects": objects, "backend": res["backend"], "dense": res}
+
+
 def invalid_routing_all_ranks_raise(rank, world, bad_rank=0, device="cpu", backend="auto", dtype="float32",
                                     bad="index", fp8=False, widen_first=0):
     """A bad index (or, ``bad="probs_shape"``, probs of a wrong shape: a check on the host) on

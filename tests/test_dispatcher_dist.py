@@ -211,3 +211,14 @@ def test_auto_choice_is_voted_by_every_rank(pool):
         assert [r["backend"] for r in results] == [want] * pool.world, (hosts, refuse_on, results)
         assert max(r["err"] for r in results) < 1e-5, results
 
+
+@pytest.mark.timeout(300)
+def test_first_call_needs_no_numpy(pool):
+    """A layer's first call (auto's vote over the group) with NumPy unavailable."""
+    results = pool.run("works_without_numpy")
+    want = [{"rank": r, "name": "x" * (3 * r + 1)} for r in range(pool.world)]
+    for res in results:
+        assert res["objects"] == want
+    assert {r["backend"] for r in results} == {"local" if pool.world == 1 else "alltoall"}
+    check([r["dense"] for r in results])
+

@@ -54,7 +54,7 @@ from typing import Optional
 import torch
 
 from .. import ops, peer_ops
-from . import agreement, peer_buffers
+from . import agreement, gather, peer_buffers
 from .alltoall import _fp8_payload, routing_by_rank
 from .base import Dispatched, _ManagerBase, received_fp8_rows
 
@@ -412,8 +412,7 @@ class _NvlinkManager(_ManagerBase):
                           pulled=pulled)
 
     def _fallback_device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and \
-            "nccl" in str(torch.distributed.get_backend(self.group)).lower() else torch.device("cpu")
+        return gather.group_device(self.group)
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
                  allocate_on_comm_stream: bool) -> torch.Tensor:

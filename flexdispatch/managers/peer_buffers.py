@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from .._log import logger
+from .gather import all_gather_objects
 
 # (torch 2.13 renamed all_gather_into_tensor; the lent GPU machines run 2.11)
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -189,8 +190,7 @@ class SymmetricTransport(Transport):
         self._check_one_node()
 
     def _check_one_node(self) -> None:
-        hosts: list = [None] * self.world_size
-        dist.all_gather_object(hosts, socket.gethostname(), group=self.group)
+        hosts = all_gather_objects(socket.gethostname(), self.group)
         if len(set(hosts)) > 1:
             raise ValueError(f"config.moe_flex_backend='nvlink': the expert-parallel group spans {len(set(hosts))} "
                              f"hosts ({sorted(set(hosts))}); the NVLink backend serves the ranks of one node. "
