@@ -648,6 +648,12 @@ void check_addrs(const Tensor& addrs, const Tensor& out, int64_t rows, int64_t s
   TORCH_CHECK_VALUE(addrs.numel() == rows * slots, "addrs must have ", rows * slots, " entries, got ", addrs.numel());
 }
 
+// Where a pull starts (launch.h, copy_rows_from): a row of the `rows` read, or 0.
+void check_first_row(int64_t first_row, int64_t rows) {
+  TORCH_CHECK_VALUE(first_row >= 0 && (first_row < rows || first_row == 0), "first_row must be in [0, ", rows,
+                    "), got ", first_row);
+}
+
 int32_t checked_align(int64_t align) {
   TORCH_CHECK_VALUE(align >= 1 && align <= 4096 && (align & (align - 1)) == 0,
                     "align must be a power of two in [1, 4096], got ", align);
@@ -673,8 +679,7 @@ void copy_rows_from(const Tensor& addrs, int64_t align, Tensor& out, const std::
     slots = static_cast<int32_t>(row_id_map->size(1));
   }
   const int32_t a = checked_align(align);
-  TORCH_CHECK_VALUE(first_row >= 0 && (first_row < rows || first_row == 0), "first_row must be in [0, ", rows,
-                    "), got ", first_row);
+  check_first_row(first_row, rows);
   FD_ON_DEVICE(out, fd::cuda::copy_rows_from(addrs.data_ptr<int64_t>(), rows, row_bytes, a, map, slots,
                                              out.data_ptr(), max_blocks, first_row, stream), {
     fd::cpu::copy_rows_from(addrs.data_ptr<int64_t>(), rows, row_bytes, map, slots, out.data_ptr());
@@ -820,8 +825,7 @@ Permuted permute_fp8_from(
     const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& addrs,
     int64_t align, const Tensor& like, const std::optional<Tensor>& probs, int64_t max_blocks, int64_t first_row) {
   const fd::Route r = pulled_route(route, num_experts, addrs, like);
-  TORCH_CHECK_VALUE(first_row >= 0 && (first_row < r.rows || first_row == 0), "first_row must be in [0, ", r.rows,
-                    "), got ", first_row);
+  check_first_row(first_row, r.rows);
   TORCH_CHECK_VALUE(like.size(1) % fd::kFp8Group == 0, "the hidden size must be a multiple of ", fd::kFp8Group);
   const fd::DType dtype = dtype_of(like, "like");
   TORCH_CHECK_TYPE(dtype != fd::kFloat64, "FP8 rows dequantize to float32, float16 or bfloat16, not float64");

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from . import agreement
+from . import agreement, gather
 from .base import Dispatched, _ManagerBase, received_fp8_rows
 
 
@@ -185,9 +185,7 @@ class _AllToAllManager(_ManagerBase):
         """Where this group's tensors live: NCCL needs CUDA, gloo takes the CPU."""
         if self.token_indices is not None:
             return self.token_indices.device
-        if "nccl" in str(dist.get_backend(self.group)).lower():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return gather.group_device(self.group)
 
     def _blank_message(self, phase: int, hidden) -> torch.Tensor:
         """``[W, WIDTH + E_local]`` int64 on the group's device: this rank's header in every

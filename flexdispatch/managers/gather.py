@@ -31,10 +31,11 @@ def all_gather_objects(obj: Any, group) -> list:
     size = torch.tensor([len(data)], dtype=torch.int64, device=device)
     sizes = [torch.empty_like(size) for _ in range(world)]
     dist.all_gather(sizes, size, group=group)
-    longest = max(int(s.item()) for s in sizes)
+    sizes = torch.cat(sizes).tolist()  # (one host read)
+    longest = max(sizes)
     mine = torch.zeros(longest, dtype=torch.uint8)
     mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     mine = mine.to(device)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
-    return [pickle.loads(bytes(t[:int(n.item())].tolist())) for t, n in zip(every, sizes)]
+    return [pickle.loads(bytes(t[:n].tolist())) for t, n in zip(every, sizes)]
