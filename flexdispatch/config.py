@@ -1,25 +1,71 @@
-"""MoEConfig: the reference's fields with its defaults, plus flexdispatch's own, validated."""
+"""The dispatcher's configuration: both generations of the reference's config class, checked.
+
+* :class:`TokenDispatcherConfig`: NeMo Automodel's current config (its 18 fields in its order,
+  with its defaults), followed by flexdispatch's own fields.
+* :class:`MoEConfig`: the first generation's name. The same fields; its defaults keep what the
+  first generation did where the two differ: no engine named (``moe_flex_dispatcher_backend``
+  None: flexdispatch chooses) and asynchronous dispatch and combine in the one-call methods.
+
+Which backend a dispatcher uses is decided by one rule, :func:`requested_backend`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional
 
+from . import envs
 from .spec import CONFIG_NAMES, DROPPED_TOKEN_ACTIONS, ROUTER_DTYPES, check_fields, expert_capacity, int_at_least  # noqa: F401
 
+ENGINES = ("deepep", "hybridep", "uccl_ep")
+"""The engines Automodel's ``moe_flex_dispatcher_backend`` names, taken as named (ImportError when
+one does not import here). flexdispatch's own backends are listed by
+:func:`flexdispatch.managers.registry.backend_names`."""
+
+
+def backend_choices() -> tuple[str, ...]:
+    """Every backend name a config (or ``FLEXDISPATCH_BACKEND``) accepts."""
+    from .managers.registry import backend_names  # (the registry imports the managers, which import this)
+
+    return backend_names() + tuple(e for e in ENGINES if e not in backend_names())
+
+
+def requested_backend(config) -> tuple[str, str]:
+    """``(backend, where it was set)`` for ``config``: the one rule.
+
+    1. ``FLEXDISPATCH_BACKEND``, when set (for frameworks that build the config themselves);
+    2. ``moe_flex_backend`` (flexdispatch's field), when it is not ``"auto"``;
+    3. ``moe_flex_dispatcher_backend`` (Automodel's field), when it is set
+       (:class:`TokenDispatcherConfig` defaults it to ``"deepep"``, as Automodel does;
+       :class:`MoEConfig` leaves it None);
+    4. else ``"auto"``: DeepEP where it serves the call, else flexdispatch's NVLink backend on
+       one node of CUDA tensors over NCCL, else all-to-all; local for one rank.
+    """
+    env = envs.backend()
+    if env is not None:
+        return env, "FLEXDISPATCH_BACKEND"
+    own = getattr(config, "moe_flex_backend", "auto")
+    if own != "auto":
+        return own, "config.moe_flex_backend"
+    named = getattr(config, "moe_flex_dispatcher_backend", None)
+    if named is not None:
+        return named, "config.moe_flex_dispatcher_backend"
+    return "auto", "config.moe_flex_backend"
 
 
 @dataclasses.dataclass
-class MoEConfig:
-    """Configuration of the flex token dispatcher.
+class TokenDispatcherConfig:
+    """Configuration of the flex token dispatcher (NeMo Automodel's current name).
 
-    The first seven fields are the reference's, with its defaults. The rest are flexdispatch's,
-    with defaults that keep existing configs working.
+    The first 18 fields are Automodel's, in its order and with its defaults; the rest are
+    flexdispatch's, with defaults that change nothing. Every field is checked when the config
+    is built (ValueError naming the field).
 
     Capacity: with ``moe_expert_capacity_factor = c``, each expert keeps at most
     ``ceil(num_local_tokens * moe_router_topk / num_moe_experts * c)`` of a rank's
     (token, expert) assignments; the lowest-probability ones are dropped first (ties: the later
-    token), deterministically. Assignments whose probability is 0 are dropped too.
+    token), deterministically. Assignments whose probability is 0 are dropped too. (HybridEP,
+    which routes inside its own kernels, ignores it, as in Automodel.)
 
     Precision: routing probabilities travel in float64 through the local and all-to-all
     managers when ``moe_router_dtype="fp64"``, float32 otherwise; DeepEP carries them in
@@ -27,7 +73,7 @@ class MoEConfig:
     """
 
     moe_enable_deepep: bool = True
-    """Prefer DeepEP where it is usable (``moe_flex_backend="auto"`` falls back with one warning)."""
+    """``auto`` considers DeepEP only when True (Automodel reads no more of it)."""
     moe_permute_fusion: bool = False
     """Accepted for compatibility; flexdispatch always uses its fused kernels when they are built."""
     moe_expert_capacity_factor: Optional[float] = None
@@ -40,14 +86,45 @@ class MoEConfig:
     """Experts in the layer (E), across all expert-parallel ranks."""
     moe_router_dtype: Optional[str] = "fp32"
     """Precision of routing probabilities: "fp32", "fp64" or None (keep the router's dtype)."""
+    moe_flex_dispatcher_backend: Optional[str] = "deepep"
+    """The engine, as Automodel names it: "deepep" (DeepEP), "hybridep" (DeepEP's hybrid-ep
+    branch), "uccl_ep" (UCCL-EP's DeepEP-compatible buffer; DeepEP when UCCL-EP is missing, as
+    in Automodel); each raises ImportError when it does not import. flexdispatch's own names
+    ("auto", "local", "alltoall", "nvlink") are accepted too. See :func:`requested_backend`
+    for how it combines with ``moe_flex_backend`` and ``FLEXDISPATCH_BACKEND``."""
+    moe_deepep_num_sms: int = 20
+    """SMs DeepEP's (and UCCL-EP's) normal kernels may use (even)."""
+    moe_hybridep_num_sms: int = 24
+    """SMs of HybridEP's dispatch and combine."""
+    moe_hybridep_permute_fusion: bool = False
+    """HybridEP: fuse the permutation into its dispatch kernel (and the unpermutation into combine)."""
+    moe_hybridep_compact_routing: bool = False
+    """HybridEP: send the top-k indices instead of a dense routing map."""
+    moe_hybridep_num_sms_preprocessing: Optional[int] = None
+    """HybridEP: SMs of its routing preprocessing (None: its default)."""
+    moe_hybridep_num_blocks_permute: Optional[int] = None
+    """HybridEP: thread blocks of its dispatch permutation (None: its default)."""
+    moe_hybridep_num_blocks_unpermute: Optional[int] = None
+    """HybridEP: thread blocks of its combine unpermutation (None: its default)."""
+    moe_share_token_dispatcher: bool = True
+    """Dispatchers of one backend, group and settings share one manager object, as in Automodel
+    (``MoEFlexTokenDispatcher.shared_*_manager``). Unlike Automodel's, a shared manager keeps
+    each layer's call state apart, so layers may interleave their calls in any order."""
+    moe_deepep_async_dispatch: bool = False
+    """The one-call methods (``token_permutation``, ``token_permutation2``,
+    ``token_unpermutation``) dispatch and combine asynchronously; False: synchronously. The
+    step-by-step methods take their own flags."""
+    moe_benchmark_static_routing: bool = False
+    """HybridEP, benchmarks only: every call permutes the same count, so the padded token count
+    and the permuted size are exchanged once and reused."""
 
     moe_flex_backend: str = "auto"
-    """"auto" (DeepEP where usable; else, for CUDA tensors on an NCCL group of one node, the
-    NVLink backend; else all-to-all; local for one rank), "deepep", "alltoall", "nvlink" (one
-    node, symmetric memory, no DeepEP needed; see README) or "local". An explicit choice that
-    cannot be met raises ValueError."""
-    moe_deepep_num_sms: int = 20
-    """SMs DeepEP's normal kernels may use (even)."""
+    """flexdispatch's backend field: "auto" (DeepEP where usable; else, for CUDA tensors on an
+    NCCL group of one node, the NVLink backend; else all-to-all; local for one rank), "deepep",
+    "alltoall", "nvlink" (one node, symmetric memory, no DeepEP needed; see README), "local",
+    or one of Automodel's engines. Anything but "auto" wins over ``moe_flex_dispatcher_backend``
+    (:func:`requested_backend`). An explicit choice that cannot be met raises ValueError
+    (ImportError too for an engine that does not import)."""
     moe_sync_free: bool = False
     """No host sync in dispatch or permutation: outputs sized for the worst case,
     tokens_per_expert stays on the GPU; lets a layer be captured in a CUDA graph. For one rank
@@ -108,10 +185,21 @@ class MoEConfig:
                      pad_multiple=self.moe_router_expert_pad_multiple, sync_free=self.moe_sync_free,
                      max_tokens_per_expert=self.moe_max_tokens_per_expert, num_sms=self.moe_deepep_num_sms,
                      fp8_dispatch=self.moe_fp8_dispatch, nvlink_max_blocks=self.moe_nvlink_max_blocks)
-        from .managers.registry import backend_names  # (the registry imports the managers, which import this)
-
-        if self.moe_flex_backend not in backend_names():
-            raise ValueError(f"moe_flex_backend: expected one of {backend_names()}, got {self.moe_flex_backend!r}")
+        choices = backend_choices()
+        if self.moe_flex_backend not in choices:
+            raise ValueError(f"moe_flex_backend: expected one of {choices}, got {self.moe_flex_backend!r}")
+        if self.moe_flex_dispatcher_backend is not None and self.moe_flex_dispatcher_backend not in choices:
+            raise ValueError(f"moe_flex_dispatcher_backend: expected one of {choices} or None, got "
+                             f"{self.moe_flex_dispatcher_backend!r}")
+        for name in ("moe_share_token_dispatcher", "moe_deepep_async_dispatch", "moe_benchmark_static_routing",
+                     "moe_hybridep_permute_fusion", "moe_hybridep_compact_routing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        int_at_least("moe_hybridep_num_sms", self.moe_hybridep_num_sms, 1)
+        for name in ("moe_hybridep_num_sms_preprocessing", "moe_hybridep_num_blocks_permute",
+                     "moe_hybridep_num_blocks_unpermute"):
+            if getattr(self, name) is not None:
+                int_at_least(name, getattr(self, name), 1)
         if not isinstance(self.moe_fp8_experts, bool):
             raise ValueError(f"moe_fp8_experts: expected a bool, got {self.moe_fp8_experts!r}")
         if self.moe_fp8_experts and not self.moe_fp8_dispatch:
@@ -122,3 +210,15 @@ class MoEConfig:
         if self.moe_dropped_tokens not in DROPPED_TOKEN_ACTIONS:
             raise ValueError(f"moe_dropped_tokens: expected one of {DROPPED_TOKEN_ACTIONS}, "
                              f"got {self.moe_dropped_tokens!r}")
+
+
+@dataclasses.dataclass
+class MoEConfig(TokenDispatcherConfig):
+    """The first generation's config class: :class:`TokenDispatcherConfig`'s fields, with the
+    first generation's behaviour where the two differ: no engine named
+    (``moe_flex_dispatcher_backend=None``: ``moe_flex_backend``, "auto" by default, decides)
+    and asynchronous dispatch and combine in the one-call methods
+    (``moe_deepep_async_dispatch=True``)."""
+
+    moe_flex_dispatcher_backend: Optional[str] = None
+    moe_deepep_async_dispatch: bool = True
