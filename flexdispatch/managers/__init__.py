@@ -11,11 +11,13 @@ from . import registry  # noqa: E402  (imports the managers above)
 
 
 def shutdown() -> int:
-    """Free every communication buffer of this process: DeepEP's and the NVLink manager's peer
-    buffers (collective: call it on every rank, before
+    """Free every communication buffer of this process: DeepEP's (and UCCL-EP's), HybridEP's and
+    the NVLink manager's peer buffers (collective: call it on every rank, before
     ``torch.distributed.destroy_process_group``). Returns how many were freed; calling it again
     is harmless."""
-    return deepep.shutdown() + peer_buffers.release()
+    from .. import engines  # (it imports this package)
+
+    return deepep.shutdown() + engines._hybrid.release() + peer_buffers.release()
 
 
 __all__ = ["_DispatchManager", "_ManagerBase", "_LocalManager", "_AllToAllManager", "_DeepepManager",

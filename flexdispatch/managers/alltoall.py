@@ -146,17 +146,15 @@ class _AllToAllManager(_ManagerBase):
 
     name = "alltoall"
     exchanges_in_combine = True
+    LAYER_STATE = _ManagerBase.LAYER_STATE + ("_send_splits", "_recv_splits", "_rank_plan")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Owners: all of these belong to the call in flight: _pending to its async transfer
-        # (wait() drains it), the splits and the rank plan to its combine (_release clears them;
-        # autograd keeps its own copies for backward).
+        # Owners: the splits and the rank plan belong to the call in flight, for its combine
+        # (_release clears them; autograd keeps its own copies for backward); _pending to the
+        # manager: async transfers of any layer it serves, drained by the next wait().
         self._pending: list = []
         weakref.finalize(self, _drain, self._pending)  # also at exit: no gloo work outlives Python
-        self._send_splits: list[int] = []
-        self._recv_splits: list[int] = []
-        self._rank_plan = None
 
     def wait(self) -> None:
         while self._pending:

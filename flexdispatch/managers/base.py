@@ -23,6 +23,7 @@ from .. import ops, peer_ops
 from ..spec import MANAGER_NAMES, LayerSpec, expert_capacity, int_at_least
 from ..rowmap import RowIdMap
 from . import agreement
+from .sharing import LayerStates
 
 _NEXT_STEP = {
     "idle": "setup_metadata (or the dispatcher's dispatch_preprocess / token_permutation)",
@@ -31,6 +32,15 @@ _NEXT_STEP = {
     "permuted": "get_restored_hidden_states_by_experts",
     "restored": "combine",
 }
+
+
+class OutOfOrderError(RuntimeError):
+    """A step called out of order; ``stage`` is where the call stands (the dispatcher names its
+    own next method from it)."""
+
+    def __init__(self, message: str, stage: str):
+        super().__init__(message)
+        self.stage = stage
 
 
 @dataclasses.dataclass
@@ -84,29 +94,42 @@ def received_fp8_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
 
 class _DispatchManager(abc.ABC):
     """A manager class to handle dispatch and combine processes for MoE models (the
-    reference's abstract interface)."""
+    reference's abstract interface).
+
+    The metadata getter has two spellings: ``get_dispached_metadata`` (the first generation's)
+    and ``get_dispatched_metadata`` (the current one). A subclass implements either; the other
+    then calls it. A subclass that implements neither cannot be instantiated, as before.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        old, new = cls.__dict__.get("get_dispached_metadata"), cls.__dict__.get("get_dispatched_metadata")
+        implemented = lambda f: f is not None and not getattr(f, "__isabstractmethod__", False)  # noqa: E731
+        if implemented(new) and not implemented(old):
+            cls.get_dispached_metadata = lambda self: self.get_dispatched_metadata()
+        elif implemented(old) and not implemented(new):
+            cls.get_dispatched_metadata = lambda self: self.get_dispached_metadata()
 
     @abc.abstractmethod
-    def setup_metadata(self, num_local_tokens: int, probs: torch.Tensor):
-        """Set up metadata of routing and probs."""
+    def setup_metadata(self, routing_map: torch.Tensor, probs: torch.Tensor):
+        """Set up metadata of routing_map and probs (the managers' own signatures differ: the
+        DeepEP-like ones take ``(num_local_tokens, probs)``, HybridEP's a routing map)."""
 
     @abc.abstractmethod
-    def dispatch(self, hidden_states: torch.Tensor, async_finish: bool = False,
-                 allocate_on_comm_stream: bool = False) -> torch.Tensor:
-        """Dispatch the hidden_states according to the routing."""
+    def dispatch(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Dispatch the hidden_states according to the routing (managers add the async flags)."""
 
     @abc.abstractmethod
-    def combine(self, hidden_states: torch.Tensor, async_finish: bool = False,
-                allocate_on_comm_stream: bool = False) -> torch.Tensor:
-        """Combine the hidden_states after expert processing."""
+    def combine(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Combine the hidden_states after expert processing (managers add the async flags)."""
+
+    @abc.abstractmethod
+    def get_dispatched_metadata(self):
+        """Get the metadata of the dispatched hidden_states."""
 
     @abc.abstractmethod
     def get_dispached_metadata(self):
-        """Get the metadata of the dispatched hidden_states (the reference's spelling)."""
-
-    def get_dispatched_metadata(self):
-        """Alias of :meth:`get_dispached_metadata`."""
-        return self.get_dispached_metadata()
+        """The first generation's spelling of :meth:`get_dispatched_metadata`."""
 
     @abc.abstractmethod
     def get_permuted_hidden_states_by_experts(self, hidden_states: torch.Tensor):
@@ -117,16 +140,43 @@ class _DispatchManager(abc.ABC):
         """Get the restored hidden states by experts."""
 
 
-def _group_size_rank(group) -> tuple[int, int]:
+def check_topk_routing(token_probs, token_indices, topk: int, num_local_tokens: Optional[int] = None) -> None:
+    """The argument checks of top-K routing ``token_probs [T, K]`` float and ``token_indices
+    [T, K]`` int32/int64 (-1 = none): TypeError or ValueError naming the argument."""
+    if not isinstance(token_probs, torch.Tensor) or not token_probs.is_floating_point():
+        raise TypeError("token_probs: expected a floating-point tensor")
+    if not isinstance(token_indices, torch.Tensor) or token_indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"token_indices: expected an int32 or int64 tensor, got "
+                        f"{getattr(token_indices, 'dtype', type(token_indices).__name__)}")
+    if token_indices.dim() != 2 or token_indices.shape[1] != topk:
+        raise ValueError(f"token_indices: expected [num_tokens, topk={topk}], got {tuple(token_indices.shape)}")
+    if token_probs.shape != token_indices.shape:
+        raise ValueError(f"token_probs: expected the shape of token_indices {tuple(token_indices.shape)}, "
+                         f"got {tuple(token_probs.shape)}")
+    if token_probs.device != token_indices.device:
+        raise ValueError(f"token_indices: expected token_probs' device {token_probs.device}, got {token_indices.device}")
+    if num_local_tokens is not None and token_indices.shape[0] != num_local_tokens:
+        raise ValueError(f"num_local_tokens: {num_local_tokens} does not match the {token_indices.shape[0]} "
+                         f"rows of token_indices")
+
+
+def _group_size_rank(group) -> tuple[int, Optional[int]]:
+    """``(size, rank)`` of an expert-parallel group: ``(1, 0)`` for None. A group object that is
+    not a live process group (a stand-in with ``size()``, or any group before
+    ``torch.distributed`` is initialized) reports its ``size()``, and its rank as None (unknown:
+    collectives on it fail at the first call, with a clear error)."""
     if group is None:
         return 1, 0
-    if not dist.is_available() or not dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and isinstance(group, dist.ProcessGroup):
+        return dist.get_world_size(group), dist.get_rank(group)
+    size = getattr(group, "size", None)
+    if not callable(size) or isinstance(size(), bool) or not isinstance(size(), int):
         raise ValueError("group: a process group was given but torch.distributed is not initialized; "
                          "pass None to run on one rank without torch.distributed")
-    return dist.get_world_size(group), dist.get_rank(group)
+    return size(), None
 
 
-class _ManagerBase(_DispatchManager):
+class _ManagerBase(LayerStates, _DispatchManager):
     """Shared state machine. Subclasses implement ``_dispatch`` and ``_combine``.
 
     Args:
@@ -159,6 +209,17 @@ class _ManagerBase(_DispatchManager):
                  num_sms: int = 20, fp8_dispatch: bool = False, spec: Optional[LayerSpec] = None):
         self.group = group
         self.world_size, self.rank = _group_size_rank(group)
+        if spec is None and num_experts is None:
+            # The reference builds managers with only a group and top-k (tests, subclasses that
+            # set the rest later): allowed, but no step runs until the expert count is known.
+            self.spec = None
+            self.router_topk, self.num_experts, self.num_local_experts = router_topk, None, num_local_experts
+            self.capacity_factor, self.router_dtype = capacity_factor, router_dtype
+            self.moe_router_expert_pad_multiple, self.permute_fusion = moe_router_expert_pad_multiple, permute_fusion
+            self.sync_free, self.max_tokens_per_expert = sync_free, max_tokens_per_expert
+            self.validate_routing, self.fp8_dispatch = validate_routing, fp8_dispatch
+            self._new_layer_state()
+            return
         if spec is None:  # built directly with the reference's arguments: check them here
             spec = LayerSpec.checked(
                 names=MANAGER_NAMES, num_experts=num_experts, world_size=self.world_size,
@@ -186,10 +247,24 @@ class _ManagerBase(_DispatchManager):
         self.max_tokens_per_expert = spec.max_tokens_per_expert
         self.validate_routing = spec.validate_routing
         self.fp8_dispatch = spec.fp8_dispatch
+        self._new_layer_state()
+
+    # ---- state ------------------------------------------------------------------------------
+
+    LAYER_STATE = ("token_probs", "token_indices", "dispatched_indices", "dispatched_probs", "handle", "_plan",
+                   "_num_tokens", "_num_dispatched", "_num_out", "_received_counts", "_route_status",
+                   "_checked_route", "_deferred", "_offered", "_fp8_rows", "_kept_fp8", "_pulled", "_stand_in",
+                   "_stage", "_step", "tokens_per_expert", "dropped_tokens")
+    """Every attribute that belongs to the layer a manager serves: its call in flight (set by
+    :meth:`_release`) and what outlives a call (below). A manager shared by several dispatchers
+    keeps one set per layer (:mod:`.sharing`)."""
+
+    def _new_layer_state(self) -> None:
+        """A new layer's state: no call in flight, no step counted, nothing dropped."""
         # Assignments the bound dropped, summed on the device over calls (no sync to add one);
-        # owned by the manager, read and cleared by the dispatcher's report_dropped_tokens.
+        # read and cleared by the dispatcher's report_dropped_tokens.
         self.dropped_tokens: Optional[torch.Tensor] = None
-        # Calls this manager finished or abandoned: carried in every header, so ranks that are
+        # Calls of this layer finished or abandoned: carried in every header, so ranks that are
         # at different calls of this layer raise instead of mixing their exchanges.
         self._step = 0
         # The last permutation's counts: readable after combine (the reference's API), and
@@ -280,9 +355,13 @@ class _ManagerBase(_DispatchManager):
             raise
 
     def _expect(self, step: str, *stages: str) -> None:
+        if self.spec is None:
+            raise ValueError(f"num_experts: {step} needs the layer's expert count; this manager was built without "
+                             f"num_experts (pass num_experts=E, or build it through MoEFlexTokenDispatcher)")
         if self._stage not in stages:
-            raise RuntimeError(f"{step} called out of order: the next step of this dispatcher is "
-                               f"{_NEXT_STEP[self._stage]} (call reset() to abandon a call in progress)")
+            raise OutOfOrderError(f"{step} called out of order: the next step of this manager is "
+                                  f"{_NEXT_STEP[self._stage]} (call reset() to abandon a call in progress)",
+                                  self._stage)
 
     def wait(self) -> None:
         """Block the current stream until an async dispatch or combine has landed (no-op here)."""
@@ -311,23 +390,7 @@ class _ManagerBase(_DispatchManager):
                     num_local_tokens: Optional[int] = None) -> None:
         """Routing given as top-K ``token_probs [T, K]`` and ``token_indices [T, K]`` (-1 = none)."""
         self._expect("set_routing", "idle", "routed")
-        if not isinstance(token_probs, torch.Tensor) or not token_probs.is_floating_point():
-            raise TypeError("token_probs: expected a floating-point tensor")
-        if not isinstance(token_indices, torch.Tensor) or token_indices.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"token_indices: expected an int32 or int64 tensor, got "
-                            f"{getattr(token_indices, 'dtype', type(token_indices).__name__)}")
-        if token_indices.dim() != 2 or token_indices.shape[1] != self.router_topk:
-            raise ValueError(f"token_indices: expected [num_tokens, topk={self.router_topk}], "
-                             f"got {tuple(token_indices.shape)}")
-        if token_probs.shape != token_indices.shape:
-            raise ValueError(f"token_probs: expected the shape of token_indices {tuple(token_indices.shape)}, "
-                             f"got {tuple(token_probs.shape)}")
-        if token_probs.device != token_indices.device:
-            raise ValueError(f"token_indices: expected token_probs' device {token_probs.device}, "
-                             f"got {token_indices.device}")
-        if num_local_tokens is not None and token_indices.shape[0] != num_local_tokens:
-            raise ValueError(f"num_local_tokens: {num_local_tokens} does not match the {token_indices.shape[0]} "
-                             f"rows of token_indices")
+        check_topk_routing(token_probs, token_indices, self.router_topk, num_local_tokens)
         self._set_routing(token_probs, token_indices)
 
     def _set_routing(self, token_probs: torch.Tensor, token_indices: torch.Tensor) -> None:
@@ -392,6 +455,12 @@ class _ManagerBase(_DispatchManager):
         padded = [(int(c) + pad - 1) // pad * pad for c in counts]
         self._received_counts = torch.tensor(padded, dtype=torch.int64, pin_memory=self.token_indices.is_cuda)
         self._num_out = sum(padded)
+
+    def _indices_to_multihot(self, indices: torch.Tensor, probs: torch.Tensor):
+        """The reference's conversion of dispatched ``indices [R, K]`` (local experts, -1 for
+        none) and ``probs [R, K]``: ``(routing_map [R, E_local] bool, probs [R, E_local]
+        float32)`` (flexdispatch's kernel; the permutation itself needs no multihot form)."""
+        return ops.indices_to_multihot(indices, probs.float(), self.num_local_experts)
 
     def _masked_probs(self, indices: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         return torch.where(indices >= 0, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
@@ -569,7 +638,7 @@ class _ManagerBase(_DispatchManager):
             raise error
         self._deferred = error
 
-    def get_dispached_metadata(self):
+    def get_dispatched_metadata(self):
         """``(dispatched_indices [R, K], dispatched_probs [R, K])``."""
         return self.dispatched_indices, self.dispatched_probs
 

@@ -48,8 +48,14 @@ import torch.distributed as dist
 from .. import ops
 from ..reference import FP8_GROUP
 from .._log import logger
-from . import agreement, peer_headers
+from . import agreement, gather, peer_headers
 from .base import Dispatched, _ManagerBase, received_fp8_rows
+
+
+class EngineUnavailableError(ImportError, ValueError):
+    """A communication engine that was asked for by name does not import here. An ImportError,
+    as Automodel raises (code that falls back on ImportError keeps working), and a ValueError,
+    as flexdispatch raised for an explicit backend it cannot serve."""
 
 MAX_TOPK = 128  # DeepEP's buffer-size assumption (csrc/config.hpp)
 # DeepEP v1.2.1's intranode combine returned wrong sums for 256-byte rows (hidden 128, bf16)
@@ -177,35 +183,37 @@ def unusable_reason(group, device: Optional[torch.device] = None, hidden_dtype: 
 
 
 class _BufferRegistry:
-    """One DeepEP buffer per process group, grown on demand, destroyed once.
+    """One buffer of a DeepEP-API engine per process group, grown on demand, destroyed once.
 
-    A buffer outgrown by a larger hidden size is retired, not destroyed: a call in flight or
-    an autograd graph may still hold its handle. Retired buffers are destroyed with the rest
-    at :func:`shutdown` (growth happens a few times per run at most).
+    ``engine()`` returns the engine's ``Buffer`` class (DeepEP's, or another engine's with
+    DeepEP's API, such as UCCL-EP's). A buffer outgrown by a larger hidden size is retired, not
+    destroyed: a call in flight or an autograd graph may still hold its handle. Retired buffers
+    are destroyed with the rest at :func:`shutdown` (growth happens a few times per run at most).
     """
 
-    def __init__(self):
+    def __init__(self, engine, name: str = "DeepEP"):
+        self._engine, self._name = engine, name
         self._entries: list[tuple[object, object]] = []  # (group, Buffer), compared by identity
         self._widths: dict = {}  # id(Buffer) -> the bf16 row width it was sized for
         self._retired: list[object] = []
         self._recent: dict = {}  # (id(group), hidden_bytes, num_sms) -> (group, Buffer): no size hints per call
 
     def get(self, group, hidden_bytes: int, num_sms: int):
-        deep_ep = _import_deep_ep()
-        if deep_ep.Buffer.num_sms != num_sms:  # class-wide: the default configs of every call read it
-            deep_ep.Buffer.set_num_sms(num_sms)
+        buffer_cls = self._engine()
+        if buffer_cls.num_sms != num_sms:  # class-wide: the default configs of every call read it
+            buffer_cls.set_num_sms(num_sms)
         hit = self._recent.get((id(group), hidden_bytes, num_sms))
         if hit is not None and hit[0] is group:
             return hit[1]
-        buffer = self._get(deep_ep, group, hidden_bytes)
+        buffer = self._get(buffer_cls, group, hidden_bytes)
         self._recent = {k: v for k, v in self._recent.items() if v[0] is not group}
         self._recent[(id(group), hidden_bytes, num_sms)] = (group, buffer)
         return buffer
 
-    def _get(self, deep_ep, group, hidden_bytes: int):
+    def _get(self, buffer_cls, group, hidden_bytes: int):
         size = dist.get_world_size(group)
         nvl_bytes = rdma_bytes = 0
-        for config in (deep_ep.Buffer.get_dispatch_config(size), deep_ep.Buffer.get_combine_config(size)):
+        for config in (buffer_cls.get_dispatch_config(size), buffer_cls.get_combine_config(size)):
             nvl_bytes = max(nvl_bytes, config.get_nvl_buffer_size_hint(hidden_bytes, size))
             if size > NVL_MAX_RANKS:
                 rdma_bytes = max(rdma_bytes, config.get_rdma_buffer_size_hint(hidden_bytes, size))
@@ -215,13 +223,13 @@ class _BufferRegistry:
             if g is group:
                 if buffer.num_nvl_bytes >= nvl_bytes and buffer.num_rdma_bytes >= rdma_bytes:
                     return buffer
-                logger.info("growing the DeepEP buffer of a group of %d for %d-byte rows", size, hidden_bytes)
+                logger.info("growing the %s buffer of a group of %d for %d-byte rows", self._name, size, hidden_bytes)
                 self._retired.append(buffer)
                 del self._entries[i]
                 break
         else:
-            logger.info("creating a DeepEP buffer for a group of %d (%.1f MiB NVLink)", size, nvl_bytes / 2**20)
-        buffer = deep_ep.Buffer(group, nvl_bytes, rdma_bytes, explicitly_destroy=True)
+            logger.info("creating a %s buffer for a group of %d (%.1f MiB NVLink)", self._name, size, nvl_bytes / 2**20)
+        buffer = buffer_cls(group, nvl_bytes, rdma_bytes, explicitly_destroy=True)
         self._entries.append((group, buffer))
         self._widths[id(buffer)] = hidden_bytes // 2
         return buffer
@@ -243,18 +251,24 @@ class _BufferRegistry:
         return len(buffers)
 
 
-_registry = _BufferRegistry()
+_registry = _BufferRegistry(lambda: _import_deep_ep().Buffer)
+REGISTRIES = [_registry]
+"""The buffer registry of every DeepEP-API engine in use (DeepEP's; UCCL-EP's joins it)."""
+
+
+def _destroy_buffers() -> int:
+    return sum(registry.destroy_all() for registry in REGISTRIES)
 
 
 def shutdown() -> int:
-    """Destroy every DeepEP buffer of this process, and free the header slots of its groups
+    """Destroy every DeepEP-API buffer of this process, and free the header slots of its groups
     (collective: call it on every rank, before ``torch.distributed.destroy_process_group``).
     Returns how many buffers were destroyed; calling it again is harmless."""
     peer_headers.release()
-    return _registry.destroy_all()
+    return _destroy_buffers()
 
 
-atexit.register(_registry.destroy_all)  # (the header slots are left to the driver at exit)
+atexit.register(_destroy_buffers)  # (the header slots are left to the driver at exit)
 
 
 # ---- autograd functions ---------------------------------------------------------------------
@@ -320,27 +334,60 @@ class _DeepepManager(_ManagerBase):
 
     name = "deepep"
     supports_sync_free = True
+    LAYER_STATE = _ManagerBase.LAYER_STATE + ("_finish", "_mask_after_wait", "_buffer")
+    # Nothing pending (also for an instance whose constructor never ran, as tests of the
+    # reference build them): wait() is then a no-op.
+    _events: tuple = ()
+    _finish: tuple = ()
+    _mask_after_wait = False
 
-    def __init__(self, group, router_topk: Optional[int] = None, *args, **kwargs):
-        super().__init__(group, router_topk, *args, **kwargs)
-        reason = unusable_reason(group, topk=self.router_topk)
-        if reason is not None:
-            raise ValueError(f"DeepEP manager: {reason}")
+    def __init__(self, group, router_topk: Optional[int] = None, permute_fusion: bool = False,
+                 capacity_factor: Optional[float] = None, num_experts: Optional[int] = None,
+                 num_local_experts: Optional[int] = None, router_dtype: Optional[str] = None,
+                 moe_router_expert_pad_multiple: Optional[int] = None, _dispatch_fn=None, _combine_fn=None, **kwargs):
+        super().__init__(group, router_topk, permute_fusion, capacity_factor, num_experts, num_local_experts,
+                         router_dtype, moe_router_expert_pad_multiple, **kwargs)
+        # The engine, as Automodel's module has it: the functions given, else the package's
+        # module-level fused_dispatch / fused_combine (DeepEP's; None without DeepEP), read from
+        # the package now, so that code which patches flexdispatch.fused_dispatch reaches it.
+        import flexdispatch as package  # (the package imports this module first)
+        from .. import engines
+
+        self._fused_dispatch = _dispatch_fn if _dispatch_fn is not None else package.fused_dispatch
+        self._fused_combine = _combine_fn if _combine_fn is not None else package.fused_combine
+        if self._fused_dispatch is None or self._fused_combine is None:
+            raise EngineUnavailableError(
+                f"DeepEP manager: {_import_error or 'deep_ep does not import'}, and no DeepEP-compatible engine was "
+                f"given (_dispatch_fn / _combine_fn). Install DeepEP (https://github.com/deepseek-ai/DeepEP) or "
+                f"UCCL-EP, or let flexdispatch choose one of its own backends (moe_flex_backend='auto', or "
+                f"FLEXDISPATCH_BACKEND=auto for configs a framework builds)")
+        # flexdispatch's own DeepEP functions: drive DeepEP directly (agreement in the same kernel
+        # as the layout, FP8, sync-free). Any other engine: through its two functions.
+        self._native = engines.is_native_deepep(self._fused_dispatch)
+        if self._native:
+            reason = unusable_reason(group, topk=self.router_topk)
+            if reason is not None:
+                raise ValueError(f"DeepEP manager: {reason}")
+        elif self.sync_free or self.fp8_dispatch:
+            raise ValueError(f"{'sync_free' if self.sync_free else 'fp8_dispatch'}: not available through an engine "
+                             f"plugged in with _dispatch_fn / _combine_fn (its API has no worst-case sizing or FP8 "
+                             f"payload); use flexdispatch's DeepEP, NVLink or local manager")
         if self.sync_free and self.world_size > NVL_MAX_RANKS:
             raise ValueError("sync_free: DeepEP's worst-case mode works on one node (group size <= 8)")
-        self.num_sms = self.spec.num_sms
-        # Owners: _events and _mask_after_wait belong to the call in flight (wait() consumes
-        # them, _release clears them); _hidden_ok and _headers are per-manager caches (a checked
-        # signature; a pinned buffer each call's dispatch overwrites before reading it).
+        self.num_sms = getattr(self.spec, "num_sms", 20)
+        # Owners: _events belongs to the manager (wait() drains any layer's transfers; waiting
+        # early is harmless); _finish, _mask_after_wait and _buffer to the call in flight (wait()
+        # consumes them, _release clears them); _hidden_ok and _headers are per-manager caches (a
+        # checked signature; a pinned buffer each call's dispatch overwrites before reading it).
         self._events: list = []
         self._finish: list = []  # FP8 dequantization of an async dispatch, run by wait()
         self._mask_after_wait = False
         self._hidden_ok = None  # (device, dtype, hidden) that passed _check_hidden
         self._headers = None  # pinned host copy of the gathered headers [W, WIDTH]
-        self._index_dtype = topk_index_dtype()  # asked of DeepEP once
+        self._index_dtype = topk_index_dtype() if self._native else torch.int64  # asked of DeepEP once
         # Headers through symmetric memory: a kernel of ours (with the plain-PyTorch fallback of a
         # failed build, the all-gather; a build fails or succeeds alike on every rank of a node).
-        self._peer_agreement = peer_headers.wanted(self.world_size) and ops.cuda_kernels_loaded()
+        self._peer_agreement = self._native and peer_headers.wanted(self.world_size) and ops.cuda_kernels_loaded()
 
     def wait(self) -> None:
         while self._events:
@@ -354,11 +401,11 @@ class _DeepepManager(_ManagerBase):
             self._mask_after_wait = False
             self.dispatched_probs = self._masked_probs(self.dispatched_indices, self.dispatched_probs)
 
-    def get_dispached_metadata(self):
+    def get_dispatched_metadata(self):
         """``(dispatched_indices [R, K], dispatched_probs [R, K])``, after waiting for an async
         dispatch to land."""
         self.wait()
-        return super().get_dispached_metadata()
+        return super().get_dispatched_metadata()
 
     def _check_hidden(self, hidden_states: torch.Tensor) -> None:
         key = (hidden_states.device, hidden_states.dtype, hidden_states.shape[1])
@@ -422,13 +469,15 @@ class _DeepepManager(_ManagerBase):
     def _stream_ordered(async_finish: bool, allocate_on_comm_stream: bool) -> tuple[bool, bool]:
         """Inside CUDA-graph capture the graph orders the work: no async events, no
         allocations on DeepEP's stream. DeepEP allocates on its stream only for async calls."""
-        if torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():  # (CPU builds have no CUDA)
             return False, False
         return async_finish, allocate_on_comm_stream and async_finish
 
     def _dispatch(self, hidden_states: Optional[torch.Tensor], async_finish: bool,
                   allocate_on_comm_stream: bool, keep_fp8: bool, permute_next: bool = False) -> Dispatched:
         async_finish, allocate_on_comm_stream = self._stream_ordered(async_finish, allocate_on_comm_stream)
+        if not self._native:
+            return self._dispatch_through_engine(hidden_states, async_finish, allocate_on_comm_stream)
         if hidden_states is not None:
             try:
                 self._check_hidden(hidden_states)
@@ -468,8 +517,31 @@ class _DeepepManager(_ManagerBase):
             return Dispatched(recv_x, recv_idx, recv_probs, num_out=self._worst_case_rows(worst), fp8=kept)
         return Dispatched(recv_x, recv_idx, recv_probs, received_counts=counts, fp8=kept)
 
+    def _dispatch_through_engine(self, hidden_states: Optional[torch.Tensor], async_finish: bool,
+                                 allocate_on_comm_stream: bool) -> Dispatched:
+        """Dispatch through the engine's ``fused_dispatch``. Its API has no room for a header, so
+        the ranks agree first, in one all-gather read on the host: a failed check on one rank
+        makes every rank raise before any of them enters the engine's collective."""
+        like = self.token_indices
+        if like is None:  # (this rank's check failed before routing)
+            like = torch.empty(0, 1, dtype=torch.int64, device=gather.group_device(self.group))
+        header = ops.make_header(like, self._header(agreement.DISPATCH, hidden_states), self._route_status)
+        every = [torch.empty_like(header) for _ in range(self.world_size)]
+        dist.all_gather(every, header, group=self.group)
+        self._agree(torch.stack(every).cpu(), "(no token moved)")
+        recv_x, recv_idx, recv_probs, tokens_per_expert, handle = self._fused_dispatch(
+            hidden_states, self.token_indices, self.token_probs.float(), self.num_experts, self.group,
+            async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
+        self.handle = handle
+        return Dispatched(recv_x, recv_idx, self._masked_probs(recv_idx, recv_probs),
+                          received_counts=tokens_per_expert)
+
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
                  allocate_on_comm_stream: bool) -> torch.Tensor:
+        if not self._native:
+            combined, _ = self._fused_combine(hidden_states, self.group, self.handle, async_finish=async_finish,
+                                              allocate_on_comm_stream=allocate_on_comm_stream)
+            return combined
         if hidden_states.dtype != torch.bfloat16:
             raise TypeError(f"hidden_states: DeepEP's combine needs bfloat16, got {hidden_states.dtype}")
         async_finish, allocate_on_comm_stream = self._stream_ordered(async_finish, allocate_on_comm_stream)

@@ -230,16 +230,19 @@ class _NvlinkManager(_ManagerBase):
     name = "nvlink"
     exchanges_in_combine = True  # combine's exchange carries a header (see _NvlinkCombine)
     supports_sync_free = True
+    LAYER_STATE = _ManagerBase.LAYER_STATE + ("_route", "sync_free_faults")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_blocks = self.spec.nvlink_max_blocks  # blocks a transfer kernel may launch (0: no cap)
         self.stagger_pulls = True  # pulls start at the next rank's rows (False: at row 0, for A/B runs)
         self._emulate = os.environ.get("FLEXDISPATCH_NVLINK_TRANSPORT", "") == "gather"
-        self._route: Optional[_Route] = None  # the call's routing (set by dispatch, read by combine)
         self._pinned: Optional[torch.Tensor] = None  # host copy of a combine's headers
-        # Sync-free calls whose ranks disagreed (emptied on the device), summed on the device;
-        # read and cleared by the dispatcher's report_dropped_tokens.
+
+    def _new_layer_state(self) -> None:
+        super()._new_layer_state()
+        # Sync-free calls of this layer whose ranks disagreed (emptied on the device), summed on
+        # the device; read and cleared by the dispatcher's report_dropped_tokens.
         self.sync_free_faults: Optional[torch.Tensor] = None
 
     def _release(self) -> None:

@@ -24,13 +24,14 @@ from .._log import logger
 from ..spec import LayerSpec
 from . import deepep
 from .alltoall import _AllToAllManager
-from .base import _ManagerBase
+from .base import _DispatchManager, _group_size_rank
+from .hybridep import _HybridEPManager
 from .local import _LocalManager
 from .nvlink import _NvlinkManager
 
 
 def _group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+    return _group_size_rank(group)[0]
 
 
 def _local_probe(group, **call) -> Optional[str]:
@@ -70,6 +71,59 @@ def _nvlink_auto_probe(group, *, device: Optional[torch.device] = None, **call) 
     return None
 
 
+def _package():
+    import flexdispatch  # (the engines' module-level names live there, patchable, as in Automodel)
+
+    return flexdispatch
+
+
+def _reference_kwargs(group, spec: LayerSpec) -> dict:
+    """The keyword arguments Automodel builds its DeepEP-API managers with (tests patch the
+    constructor and read them), plus flexdispatch's checked spec."""
+    return dict(group=group, router_topk=spec.topk, permute_fusion=spec.permute_fusion,
+                capacity_factor=spec.capacity_factor, num_experts=spec.num_experts,
+                num_local_experts=spec.num_local_experts, router_dtype=spec.router_dtype,
+                moe_router_expert_pad_multiple=spec.pad_multiple, spec=spec)
+
+
+def _build_deepep(group, spec: LayerSpec, config) -> _DispatchManager:
+    """DeepEP named explicitly, as Automodel builds it (ImportError without DeepEP)."""
+    set_num_sms = _package().set_deepep_num_sms
+    if set_num_sms is not None:
+        set_num_sms(config.moe_deepep_num_sms)
+    return deepep._DeepepManager(**_reference_kwargs(group, spec))
+
+
+def _build_uccl_ep(group, spec: LayerSpec, config) -> _DispatchManager:
+    """The DeepEP manager over UCCL-EP's DeepEP-compatible functions (DeepEP's when UCCL-EP is
+    missing, as in Automodel; ImportError when neither imports)."""
+    package = _package()
+    if package.set_uccl_num_sms is not None:
+        package.set_uccl_num_sms(config.moe_deepep_num_sms)
+    return deepep._DeepepManager(**_reference_kwargs(group, spec), _dispatch_fn=package.uccl_fused_dispatch,
+                                 _combine_fn=package.uccl_fused_combine)
+
+
+HYBRIDEP_OPTIONS = ("moe_hybridep_num_sms", "moe_hybridep_permute_fusion", "moe_hybridep_compact_routing",
+                    "moe_hybridep_num_sms_preprocessing", "moe_hybridep_num_blocks_permute",
+                    "moe_hybridep_num_blocks_unpermute")
+
+
+def _build_hybridep(group, spec: LayerSpec, config) -> _DispatchManager:
+    """HybridEP, as Automodel builds it (ImportError without HybridEP); the pad multiple of the
+    config applies (Automodel leaves HybridEP's unset)."""
+    manager = _HybridEPManager(
+        group=group, num_local_experts=spec.num_local_experts, num_experts=spec.num_experts, router_topk=spec.topk,
+        permute_fusion=spec.permute_fusion, benchmark_static_routing=config.moe_benchmark_static_routing,
+        **{name: getattr(config, name) for name in HYBRIDEP_OPTIONS})
+    manager.pad_multiple, manager.router_dtype = spec.pad_multiple, spec.router_dtype
+    return manager
+
+
+def _engine_probe(group, **call) -> Optional[str]:
+    return None  # (an engine that does not import raises ImportError when its manager is built)
+
+
 @dataclasses.dataclass(frozen=True)
 class Backend:
     """A way of moving tokens.
@@ -84,6 +138,10 @@ class Backend:
             same arguments as ``probe``; None: ``probe`` alone decides.
         one_node: ``auto`` takes it only when the group's ranks share one host (compared in the
             first call's vote).
+        build: ``build(group, spec, config)``, how a dispatcher that names this backend builds
+            its manager (None: ``manager(group=group, spec=spec)``, as ``auto`` builds them).
+        options: the config fields besides the spec that make two of its managers differ
+            (dispatchers share a manager only when these agree too).
     """
 
     name: str
@@ -92,21 +150,27 @@ class Backend:
     needs_tensors: bool = False
     auto_probe: Optional[Callable[..., Optional[str]]] = None
     one_node: bool = False
+    build: Optional[Callable[..., _DispatchManager]] = None
+    options: tuple = ()
 
 
 BACKENDS = {b.name: b for b in (
     Backend("local", _LocalManager, _local_probe),
     Backend("alltoall", _AllToAllManager, _alltoall_probe),
-    Backend("deepep", deepep._DeepepManager, _deepep_probe, needs_tensors=True),
+    Backend("deepep", deepep._DeepepManager, _deepep_probe, needs_tensors=True, build=_build_deepep,
+            options=("moe_deepep_num_sms",)),
     Backend("nvlink", _NvlinkManager, _nvlink_probe, needs_tensors=True, auto_probe=_nvlink_auto_probe,
             one_node=True),
+    Backend("hybridep", _HybridEPManager, _engine_probe, build=_build_hybridep,
+            options=HYBRIDEP_OPTIONS + ("moe_benchmark_static_routing",)),
+    Backend("uccl_ep", deepep._DeepepManager, _engine_probe, build=_build_uccl_ep, options=("moe_deepep_num_sms",)),
 )}
 AUTO_ORDER = ("deepep", "nvlink", "alltoall")
 """What ``auto`` tries for a group of several ranks, best first (one rank: always local)."""
 
 
 def backend_names() -> tuple[str, ...]:
-    """Every value ``moe_flex_backend`` accepts."""
+    """Every backend name a config accepts (``moe_flex_backend``, ``moe_flex_dispatcher_backend``)."""
     return ("auto",) + tuple(BACKENDS)
 
 
@@ -142,17 +206,22 @@ class Choice:
     passed_over: Optional[str] = None
 
 
-def choose(requested: str, group, topk: int, prefer_deepep: bool = True) -> Choice:
+def choose(requested: str, group, topk: int, prefer_deepep: bool = True,
+           source: str = "config.moe_flex_backend") -> Choice:
     """The backend of a layer from what is known before its first call.
 
-    An explicit backend that cannot serve raises ValueError saying why. ``auto``: local for one
+    An explicit backend that cannot serve raises ValueError saying why (naming ``source``, the
+    setting that asked for it); an engine (a backend with a ``build``) is taken as named, and its
+    manager's constructor raises ImportError when it does not import. ``auto``: local for one
     rank; else the first of ``AUTO_ORDER`` whose probe passes (DeepEP only when
     ``prefer_deepep``), deferred to the first dispatch when that one needs the tensors.
     """
+    if requested not in BACKENDS and requested != "auto":
+        raise ValueError(f"{source}: expected one of {backend_names()}, got {requested!r}")
     if requested != "auto":
-        reason = unusable_reason(requested, group, topk=topk)
+        reason = None if BACKENDS[requested].build is not None else unusable_reason(requested, group, topk=topk)
         if reason is not None:
-            raise ValueError(f"config.moe_flex_backend={requested!r}: {reason}")
+            raise ValueError(f"{source}={requested!r}: {reason}")
         return Choice(requested)
     if _group_size(group) == 1:
         return Choice("local")
@@ -181,9 +250,14 @@ def fallback(name: str, group) -> str:
 _logged: set = set()
 
 
-def make_manager(name: str, group, spec: LayerSpec) -> _ManagerBase:
-    """A new manager of backend ``name`` for ``group`` (the choice is logged once per group)."""
-    manager = BACKENDS[name].manager(group, spec=spec)
+def make_manager(name: str, group, spec: LayerSpec, config=None) -> _DispatchManager:
+    """A new manager of backend ``name`` for ``group``: as the backend's ``build`` makes it when a
+    config named it, else from the spec (the choice is logged once per group)."""
+    backend = BACKENDS[name]
+    if backend.build is not None and config is not None:
+        manager = backend.build(group, spec, config)
+    else:
+        manager = backend.manager(group=group, spec=spec)
     key = (id(group), name)
     if key not in _logged:
         _logged.add(key)

@@ -1,0 +1,62 @@
+"""One manager object serving several dispatchers, each with its own per-layer state.
+
+Automodel shares one manager across all MoE layers (``moe_share_token_dispatcher``, and the
+first generation's ``shared_comm_manager``), and code and tests rely on that identity
+(``d1._comm_manager is d2._comm_manager``). Its managers keep each call's metadata on the
+manager, so two layers with calls in flight overwrite each other's. Here a shared manager keeps
+the state of the layer it serves in its attributes (named in ``LAYER_STATE``) and the other
+layers' states aside: a dispatcher calls :meth:`serve` before each step, which swaps its state
+in when another layer used the manager last. Calls of different layers may then interleave in
+any order, as with unshared managers, at the cost of a few attribute swaps per layer switch.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+
+class LayerStates:
+    """Mixin: per-layer state of a manager that several dispatchers share.
+
+    Subclasses list every attribute that belongs to one layer (a call in flight, and what
+    outlives it: the step count, the last counts, dropped-token counters) in ``LAYER_STATE``
+    and set them all to a new layer's values in :meth:`_new_layer_state`.
+    """
+
+    LAYER_STATE: tuple = ()
+    serving_key = None  # id() of the dispatcher whose state is in the attributes
+    _aside = None  # id(dispatcher) -> its state, for the others
+    _known = None  # ids of the dispatchers served, each with a finalizer that drops its state
+
+    def _new_layer_state(self) -> None:
+        raise NotImplementedError
+
+    def serve(self, owner) -> None:
+        """Put ``owner``'s layer state in this manager's attributes. Callers skip the call when
+        ``serving_key == id(owner)`` (a plain int compare: no cost, and nothing for
+        torch.compile to trace, while one layer uses the manager)."""
+        key = id(owner)
+        if self.serving_key == key:
+            return
+        if self._known is None:  # the first dispatcher served: the state in place is its own
+            self._aside, self._known = {}, set()
+        else:
+            if self.serving_key is not None:  # (None: its dispatcher is gone, and its state with it)
+                self._aside[self.serving_key] = {name: self.__dict__.get(name) for name in self.LAYER_STATE}
+            state = self._aside.pop(key, None)
+            if state is None:
+                self._new_layer_state()
+            else:
+                for name, value in state.items():
+                    setattr(self, name, value)
+        self.serving_key = key
+        if key not in self._known:
+            self._known.add(key)
+            weakref.finalize(owner, self._forget, key)
+
+    def _forget(self, key: int) -> None:
+        """A dispatcher was collected: drop its state (its id may be reused by a new one)."""
+        self._known.discard(key)
+        self._aside.pop(key, None)
+        if self.serving_key == key:
+            self.serving_key = None
