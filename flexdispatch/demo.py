@@ -168,7 +168,7 @@ def _worker(rank: int, args: DemoArgs, device_type: str, port: int, results) -> 
                          "device": device_type, "errors": dict(zip(worst, values[:4])),
                          "ms_per_step": {s: 1e3 * v / args.steps for s, v in zip(STAGES, values[4:])}})
     finally:
-        from .managers import shutdown
+        from . import shutdown
 
         shutdown()
         dist.destroy_process_group()

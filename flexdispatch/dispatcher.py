@@ -1,4 +1,4 @@
-"""MoEFlexTokenDispatcher: the reference's facade, one manager per dispatcher.
+"""MoEFlexTokenDispatcher: the reference's facade, for both generations of its API.
 
 Notation: H hidden, B micro batch, S sequence, TP tensor-parallel size (1), EP expert-parallel
 size, num_local_tokens = S * B / TP.
@@ -6,7 +6,9 @@ size, num_local_tokens = S * B / TP.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
 import socket
 from typing import List, Optional, Tuple
 
@@ -15,17 +17,46 @@ import torch.distributed as dist
 
 from . import ops
 from ._log import logger
-from .config import MoEConfig
-from .managers import _ManagerBase, registry
-from .managers.base import _group_size_rank
+from .config import MoEConfig, TokenDispatcherConfig, requested_backend
+from . import managers
+from .managers import registry
+from .managers.base import OutOfOrderError, _group_size_rank, _ManagerBase
 from .managers.gather import all_gather_objects
+from .managers.hybridep import HybridEPPipelineRuntimeInitializer, _HybridEPManager, _HybridEPMetadataProcessor
+from .managers.sharing import LayerStates
 from .spec import CONFIG_NAMES, LayerSpec
 
 SHARING_DEEPEP_MANAGER = True
-"""Dispatchers of one expert-parallel group share the DeepEP communication buffer. Unlike the
-reference, they share nothing else: each dispatcher keeps its own per-call state."""
+"""Dispatchers of one expert-parallel group share their manager (and DeepEP's buffer) when
+their settings agree (``moe_share_token_dispatcher``). Unlike the reference, a shared manager
+keeps each dispatcher's call state apart."""
 
 _warned: set = set()
+_SHARED_SLOTS = {"deepep": "shared_deepep_manager", "hybridep": "shared_hybridep_manager",
+                 "uccl_ep": "shared_uccl_manager"}
+"""The class attribute each engine's shared manager is published on (Automodel's names); the
+first generation's ``shared_comm_manager`` holds flexdispatch's own backends', and, for a
+first-generation config (MoEConfig), the last manager published."""
+_SHARED: dict = {}
+"""(slot, backend, id(group), spec, backend options) -> (manager, group): every manager shared
+so far; a slot holds the last one published there. A slot found None drops its entries."""
+
+
+def forget_shared_managers() -> None:
+    """Unpublish every shared manager (``shared_*_manager``): the class attributes must not keep
+    a manager, and with it its process group, alive past :func:`flexdispatch.shutdown` or
+    interpreter exit (torch's gloo group aborts the process when it outlives Python)."""
+    for slot in ("shared_comm_manager", *_SHARED_SLOTS.values()):
+        setattr(MoEFlexTokenDispatcher, slot, None)
+    _SHARED.clear()
+
+
+def shutdown() -> int:
+    """Free every communication buffer of this process and forget the shared managers
+    (collective: call it on every rank, before ``torch.distributed.destroy_process_group``).
+    Returns how many buffers were freed; calling it again is harmless."""
+    forget_shared_managers()
+    return managers.shutdown()
 
 
 def _warn_once(message: str) -> None:
@@ -35,38 +66,77 @@ def _warn_once(message: str) -> None:
         logger.warning(message)
 
 
-def _as_config(config) -> MoEConfig:
-    """Accept a MoEConfig or any object with its fields (e.g. the reference's config)."""
-    if isinstance(config, MoEConfig):
+def _as_config(config) -> TokenDispatcherConfig:
+    """Accept either config class, or any object with their field names (e.g. Automodel's own
+    config): one with ``moe_flex_dispatcher_backend`` reads as the current generation."""
+    if isinstance(config, TokenDispatcherConfig):
         return config
     if config is None:
-        raise TypeError("config: expected a MoEConfig, got None")
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(MoEConfig) if hasattr(config, f.name)}
-    return MoEConfig(**values)
+        raise TypeError("config: expected a TokenDispatcherConfig or MoEConfig, got None")
+    cls = TokenDispatcherConfig if hasattr(config, "moe_flex_dispatcher_backend") else MoEConfig
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)})
+
+
+_DISPATCHER_STEPS = {
+    "idle": "dispatch_preprocess (or token_permutation / token_permutation2)",
+    "routed": "dispatch_all_to_all",
+    "dispatched": "dispatch_postprocess",
+    "permuted": "combine_preprocess (or token_unpermutation)",
+    "restored": "combine_all_to_all",
+}
+
+
+def _in_dispatcher_terms(method):
+    """A manager step called out of order is reported with the dispatcher's method names."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OutOfOrderError as exc:  # (an outer method's wrapper names the method the user called)
+            raise OutOfOrderError(f"{method.__name__} called out of order: the next step of this dispatcher is "
+                                  f"{_DISPATCHER_STEPS[exc.stage]} (call reset() to abandon a call in progress)",
+                                  exc.stage) from None
+    return wrapper
 
 
 class MoEFlexTokenDispatcher:
-    """Flex token dispatcher: DeepEP on NVLink nodes, torch.distributed all-to-all elsewhere,
-    no communication for one rank.
+    """Flex token dispatcher: DeepEP (or HybridEP, UCCL-EP) on NVLink nodes, flexdispatch's
+    NVLink backend, torch.distributed all-to-all anywhere, no communication for one rank.
 
     Args:
         num_local_experts: experts on this rank, ``num_moe_experts / EP``.
         local_expert_indices: their global ids, ``range(rank * E_local, (rank + 1) * E_local)``.
-        config: :class:`~flexdispatch.MoEConfig` (or an object with its fields).
+        config: :class:`~flexdispatch.TokenDispatcherConfig` or :class:`~flexdispatch.MoEConfig`
+            (or an object with their fields).
         ep_group: the expert-parallel process group; None (or a group of one) runs on one rank
             without torch.distributed.
 
-    Backend (``config.moe_flex_backend``): ``auto`` picks DeepEP when ``deep_ep`` imports, the
-    tensors are CUDA bfloat16 and the group size is one DeepEP supports (decided at the first
-    dispatch, identically on every rank), else all-to-all, or local for one rank; the choice is
-    logged once per group. ``moe_enable_deepep=True`` without a usable DeepEP falls back with
-    one warning. An explicit backend that cannot be met raises ValueError saying why.
+    Backend: :func:`flexdispatch.config.requested_backend` says which setting decides.
+    ``auto`` picks DeepEP when ``deep_ep`` imports, the tensors are CUDA bfloat16 and the group
+    size is one DeepEP supports (decided at the first dispatch, identically on every rank),
+    else the NVLink backend for CUDA tensors on an NCCL group of one node, else all-to-all, or
+    local for one rank; the choice is logged once per group. An engine named explicitly
+    (``deepep``, ``hybridep``, ``uccl_ep``) that does not import raises ImportError, as
+    Automodel does; another explicit backend that cannot serve raises ValueError saying why.
+
+    Sharing (``config.moe_share_token_dispatcher``): dispatchers of one backend, group and
+    settings use one manager, published on ``shared_deepep_manager`` /
+    ``shared_hybridep_manager`` / ``shared_uccl_manager`` (engines) or ``shared_comm_manager``
+    (the first generation's name; flexdispatch's backends). Each dispatcher's call state stays
+    its own: layers may run their calls interleaved in any order.
     """
 
     shared_comm_manager = None
-    """Kept for compatibility with the reference; flexdispatch shares no manager."""
+    shared_deepep_manager = None
+    shared_hybridep_manager = None
+    shared_uccl_manager = None
+    # Defaults for an instance built without __init__ (the reference's tests do that).
+    _comm_manager = None
+    _shared = False
+    hybridep_metadata_processor: Optional[_HybridEPMetadataProcessor] = None
+    hidden_shape: Optional[torch.Size] = None
 
-    def __init__(self, num_local_experts: int, local_expert_indices: List[int], config: MoEConfig,
+    def __init__(self, num_local_experts: int, local_expert_indices: List[int], config: TokenDispatcherConfig,
                  ep_group: Optional[dist.ProcessGroup] = None):
         self.config = cfg = _as_config(config)  # its fields were checked when it was built
         ops.load_kernels()  # build them (cold cache) with the model, not inside its first step
@@ -84,26 +154,77 @@ class MoEFlexTokenDispatcher:
             permute_fusion=cfg.moe_permute_fusion, fp8_dispatch=cfg.moe_fp8_dispatch,
             nvlink_max_blocks=cfg.moe_nvlink_max_blocks)
         local = self.spec.num_local_experts
-        expected_ids = list(range(self.ep_rank * local, (self.ep_rank + 1) * local))
-        if [int(i) for i in local_expert_indices] != expected_ids:
-            raise ValueError(f"local_expert_indices: rank {self.ep_rank} of {self.ep_size} holds experts "
-                             f"{expected_ids[0]}..{expected_ids[-1]}, got {list(local_expert_indices)}")
+        if self.ep_rank is not None:  # (unknown for a group object that is not a live process group)
+            expected_ids = list(range(self.ep_rank * local, (self.ep_rank + 1) * local))
+            if [int(i) for i in local_expert_indices] != expected_ids:
+                raise ValueError(f"local_expert_indices: rank {self.ep_rank} of {self.ep_size} holds experts "
+                                 f"{expected_ids[0]}..{expected_ids[-1]}, got {list(local_expert_indices)}")
         self.num_local_experts = num_local_experts
         self.local_expert_indices = list(local_expert_indices)
         # Owners: everything above is the constructor's and never changes.
         self.shared_experts = None  # the reference's attribute; unused
-        self.hidden_shape: Optional[torch.Size] = None  # each call's preprocess; read by its combine_postprocess
-        self._manager: Optional[_ManagerBase] = None  # the constructor's, or the first dispatch's (auto)
+        self.hidden_shape = None  # each call's preprocess; read by its combine_postprocess
+        self._comm_manager = None  # the constructor's, or the first dispatch's (auto); assignable
+        self._shared = False  # whether the manager may serve other dispatchers too (see .managers.sharing)
+        self._id = id(self)  # (what a shared manager knows its current dispatcher by)
+        self._combine_async = False  # the last combine_all_to_all left its transfer in flight
         # The constructor's choice: a backend, or the candidate auto probes at the first dispatch,
         # and why auto passed a better one over (said at the first CUDA dispatch).
-        self._choice = registry.choose(cfg.moe_flex_backend, ep_group, cfg.moe_router_topk, cfg.moe_enable_deepep)
+        requested, self._requested_by = requested_backend(cfg)
+        self._choice = registry.choose(requested, ep_group, cfg.moe_router_topk, cfg.moe_enable_deepep,
+                                       source=self._requested_by)
         self._fallback_reason: Optional[str] = self._choice.passed_over
         if self._choice.name is not None:
-            self._manager = registry.make_manager(self._choice.name, ep_group, self.spec)
+            self._comm_manager = self._obtain_manager(self._choice.name)
+        if isinstance(self._comm_manager, _HybridEPManager):
+            self.hybridep_metadata_processor = _HybridEPMetadataProcessor(
+                num_experts=self.spec.num_experts, permute_fusion=cfg.moe_permute_fusion,
+                compact_routing=cfg.moe_hybridep_compact_routing)
 
-    # ---- manager choice ---------------------------------------------------------------------
+    # ---- the manager ------------------------------------------------------------------------
 
-    def _manager_for(self, hidden: Optional[torch.Tensor], error: Optional[BaseException]) -> _ManagerBase:
+    def _obtain_manager(self, name: str):
+        """This layer's manager of backend ``name``: the shared one when the config shares and
+        one of the same backend, group and settings exists, else a new one (published for the
+        next layers when sharing)."""
+        backend = registry.BACKENDS[name]
+        explicit = self._choice.name is not None and backend.build is not None
+
+        def build():
+            try:
+                return registry.make_manager(name, self.group, self.spec, self.config if explicit else None)
+            except ImportError as exc:  # an engine named but missing: say which setting named it
+                raise type(exc)(f"{self._requested_by}={name!r}: {exc}") from exc
+
+        if not self.config.moe_share_token_dispatcher:
+            return build()
+        slot = _SHARED_SLOTS.get(name, "shared_comm_manager")
+        published = getattr(MoEFlexTokenDispatcher, slot)
+        if published is None:  # nothing published there (or the user cleared it): start afresh
+            for key in [k for k in _SHARED if k[0] == slot]:
+                del _SHARED[key]
+        elif all(published is not m for m, _ in _SHARED.values()):
+            self._shared = True  # a manager the user published: theirs to share
+            return published
+        key = (slot, name, id(self.group), self.spec, tuple(getattr(self.config, o) for o in backend.options))
+        manager, group = _SHARED.get(key, (None, None))
+        if manager is None or group is not self.group:
+            manager = build()
+            _SHARED[key] = (manager, self.group)
+        setattr(MoEFlexTokenDispatcher, slot, manager)
+        if isinstance(self.config, MoEConfig):  # the first generation reads its one name
+            MoEFlexTokenDispatcher.shared_comm_manager = manager
+        self._shared = True
+        return manager
+
+    def _manager(self):
+        """The manager, holding this dispatcher's layer state (a shared manager swaps it in)."""
+        manager = self._comm_manager
+        if self._shared and isinstance(manager, LayerStates) and manager.serving_key != self._id:
+            manager.serve(self)
+        return manager
+
+    def _manager_for(self, hidden: Optional[torch.Tensor], error: Optional[BaseException]):
         """The manager, chosen at the first dispatch when ``auto`` depends on the tensors.
 
         That choice is the call's first exchange: every rank says whether the candidate backend
@@ -111,8 +232,8 @@ class MoEFlexTokenDispatcher:
         failed; all take the same choice, or all raise. A candidate passed over by any rank gives
         way to the next of ``AUTO_ORDER``, voted on the same way when it too needs the tensors.
         """
-        if self._manager is not None:
-            return self._manager
+        if self._comm_manager is not None:
+            return self._manager()
         candidate, host = self._choice.candidate, socket.gethostname()
         while True:
             reason = error and "this rank's inputs were invalid"
@@ -132,27 +253,35 @@ class MoEFlexTokenDispatcher:
             if not reasons and registry.BACKENDS[candidate].one_node and len(hosts) > 1:
                 reasons = [f"the expert-parallel group spans {len(hosts)} hosts"]
             if not reasons:
-                self._manager = registry.make_manager(candidate, self.group, self.spec)
-                return self._manager
+                self._comm_manager = self._obtain_manager(candidate)
+                return self._manager()
             chosen = registry.fallback(candidate, self.group)
             settled = not registry.BACKENDS[chosen].needs_tensors
             if hidden.is_cuda:  # (CPU tensors go to the all-to-all manager: nothing to warn about)
                 _warn_once(f"the {candidate} manager cannot serve this layer ({reasons[0]}); "
                            f"{'using' if settled else 'trying'} the {chosen} manager")
             if settled:
-                self._manager = registry.make_manager(chosen, self.group, self.spec)
-                return self._manager
+                self._comm_manager = self._obtain_manager(chosen)
+                return self._manager()
             candidate = chosen
 
     @property
-    def _comm_manager(self) -> Optional[_ManagerBase]:
-        """The manager (None until the first dispatch when ``auto`` still has to choose)."""
-        return self._manager
-
-    @property
     def backend(self) -> Optional[str]:
-        """"local", "alltoall", "deepep" or "nvlink" (None until chosen)."""
-        return None if self._manager is None else self._manager.name
+        """"local", "alltoall", "deepep", "nvlink", "hybridep" or "uccl_ep" (None until chosen)."""
+        manager = self._comm_manager
+        if manager is None:
+            return None
+        if self._choice.name == "uccl_ep":
+            return "uccl_ep"
+        return getattr(manager, "name", type(manager).__name__)
+
+    def get_pipeline_runtime_initializers(self, *, hidden_dim: int,
+                                          dtype: torch.dtype) -> tuple[HybridEPPipelineRuntimeInitializer, ...]:
+        """What must run before a pipeline schedule starts: HybridEP's buffer initialization for
+        a HybridEP layer, nothing for the other backends (an empty tuple)."""
+        if not isinstance(self._comm_manager, _HybridEPManager):
+            return ()
+        return (HybridEPPipelineRuntimeInitializer(self._comm_manager, hidden_dim, dtype),)
 
     # ---- the reference's API ----------------------------------------------------------------
 
@@ -190,14 +319,36 @@ class MoEFlexTokenDispatcher:
         self.hidden_shape = hidden_states.shape
         return hidden_states.reshape(-1, hidden_states.shape[-1])
 
+    @_in_dispatcher_terms
     def dispatch_preprocess(self, hidden_states: torch.Tensor, num_local_tokens: int, probs: torch.Tensor):
         """Flatten ``hidden_states [..., H]`` to ``[T, H]`` and take the top-K of ``probs [T, E]``.
 
         Returns:
             ``(hidden [T, H], token_probs [T, K])``.
         """
-        return self._preprocess(hidden_states, num_local_tokens, lambda manager: manager.setup_metadata(
-            num_local_tokens, self._initialize_metadata(num_local_tokens, probs)))
+        def route(manager):
+            dense = self._initialize_metadata(num_local_tokens, probs)
+            if isinstance(manager, _ManagerBase) or not hasattr(manager, "set_routing"):
+                manager.setup_metadata(num_local_tokens=num_local_tokens, probs=dense)
+            else:  # HybridEP: the top-K of the dense probs, as the indices entry takes it
+                token_probs, token_indices = torch.topk(dense.reshape(num_local_tokens, self.spec.num_experts),
+                                                       self.spec.topk, dim=-1)
+                manager.set_routing(token_probs, token_indices, num_local_tokens)
+
+        return self._preprocess(hidden_states, num_local_tokens, route)
+
+    @_in_dispatcher_terms
+    def dispatch_preprocess2(self, hidden_states: torch.Tensor, num_local_tokens: int, token_probs: torch.Tensor,
+                             token_indices: torch.Tensor):
+        """As :meth:`dispatch_preprocess`, with routing given as top-K ``token_probs [T, K]`` and
+        ``token_indices [T, K]`` (global expert ids, -1 for none)."""
+        def route(manager):
+            if hasattr(manager, "set_routing"):
+                manager.set_routing(token_probs, token_indices, num_local_tokens)
+            else:  # a manager of the reference's kind: its attributes, as the reference sets them
+                manager.token_probs, manager.token_indices = token_probs, token_indices
+
+        return self._preprocess(hidden_states, num_local_tokens, route)
 
     def _preprocess(self, hidden_states, num_local_tokens, route):
         """Flatten and route. On a group, a failed check is held until the call's first exchange
@@ -211,25 +362,21 @@ class MoEFlexTokenDispatcher:
             error = exc
         manager = self._manager_for(hidden, error)
         if self._fallback_reason is not None and hidden is not None and hidden.is_cuda:
-            _warn_once(f"DeepEP is not usable here ({self._fallback_reason}); using the {manager.name} manager")
+            _warn_once(f"DeepEP is not usable here ({self._fallback_reason}); using the {self.backend} manager")
             self._fallback_reason = None
         if error is None:
             try:
                 route(manager)
             except (ValueError, TypeError) as exc:
+                if not hasattr(manager, "defer"):
+                    raise
                 error = exc
         if error is not None:
             manager.defer(error)  # raises at once for a group of one
             return hidden_states, None
         return hidden, manager.token_probs
 
-    def dispatch_preprocess2(self, hidden_states: torch.Tensor, num_local_tokens: int, token_probs: torch.Tensor,
-                             token_indices: torch.Tensor):
-        """As :meth:`dispatch_preprocess`, with routing given as top-K ``token_probs [T, K]`` and
-        ``token_indices [T, K]`` (global expert ids, -1 for none)."""
-        return self._preprocess(hidden_states, num_local_tokens, lambda manager: manager.set_routing(
-            token_probs, token_indices, num_local_tokens))
-
+    @_in_dispatcher_terms
     def dispatch_all_to_all(self, hidden_states: torch.Tensor, probs: torch.Tensor = None, async_finish: bool = True,
                             allocate_on_comm_stream: bool = True):
         """Send tokens to their experts' ranks: ``(hidden [R, H], dispatched_probs [R, K])``.
@@ -237,13 +384,11 @@ class MoEFlexTokenDispatcher:
         With ``async_finish`` the transfer may still be in flight: :meth:`dispatch_postprocess`
         waits for it; any other use of the results needs :meth:`wait` first.
         """
-        manager = self._comm_manager
-        if manager is None:
-            raise RuntimeError("dispatch_all_to_all called out of order: the next step of this dispatcher is "
-                               "dispatch_preprocess")
+        manager = self._require_manager("dispatch_all_to_all")
         out = manager.dispatch(hidden_states, async_finish, allocate_on_comm_stream)
         return out, manager.dispatched_probs
 
+    @_in_dispatcher_terms
     def dispatch_postprocess(self, hidden_states: torch.Tensor):
         """Expert-major permutation: ``(tokens [N, H], tokens_per_expert [E_local] int64 (CPU;
         GPU when sync-free), permuted_probs [N])``."""
@@ -251,12 +396,15 @@ class MoEFlexTokenDispatcher:
         tokens, permuted_probs = manager.get_permuted_hidden_states_by_experts(hidden_states)
         return tokens, manager.get_number_of_tokens_per_expert(), permuted_probs
 
+    @_in_dispatcher_terms
     def token_permutation(self, hidden_states: torch.Tensor, num_local_tokens: int,
                           probs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Preprocess, dispatch and permute: ``(tokens [N, H], tokens_per_expert [E_local], permuted_probs [N])``."""
+        """Preprocess, dispatch and permute: ``(tokens [N, H], tokens_per_expert [E_local], permuted_probs [N])``.
+        Dispatch is asynchronous when ``config.moe_deepep_async_dispatch`` says so."""
         hidden, _ = self.dispatch_preprocess(hidden_states, num_local_tokens, probs)
         return self._permute_dispatched(hidden)
 
+    @_in_dispatcher_terms
     def token_permutation2(self, hidden_states: torch.Tensor, num_local_tokens: int, token_probs: torch.Tensor,
                            token_indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As :meth:`token_permutation`, with top-K ``token_probs`` and ``token_indices``."""
@@ -266,64 +414,73 @@ class MoEFlexTokenDispatcher:
     def _permute_dispatched(self, hidden: torch.Tensor):
         """Dispatch and permute for the one-call entry points: with ``moe_fp8_experts`` the
         tokens come back as ``(rows [N, H] float8_e4m3fn, scales [N, H / 128])``."""
+        manager = self._require_manager("token_permutation")
+        async_ = bool(self.config.moe_deepep_async_dispatch)
+        if not isinstance(manager, _ManagerBase):  # the reference's steps, as the reference runs them
+            dispatched, _ = self.dispatch_all_to_all(hidden, async_finish=async_, allocate_on_comm_stream=async_)
+            return self.dispatch_postprocess(dispatched)
         if not self.config.moe_fp8_experts:
-            return self.dispatch_postprocess(self._dispatch_for_permutation(hidden))
-        manager = self._comm_manager
-        if manager is not None and manager._deferred is None and isinstance(hidden, torch.Tensor) and \
+            return self.dispatch_postprocess(self._dispatch_for_permutation(manager, hidden, async_))
+        if manager._deferred is None and isinstance(hidden, torch.Tensor) and \
                 hidden.requires_grad and torch.is_grad_enabled():
             manager.defer(ValueError(
                 "hidden_states: moe_fp8_experts hands the experts FP8 rows, which carry no gradient; call the layer "
                 "under torch.no_grad() (inference), or set moe_fp8_experts=False to train (the experts then get "
                 "the rows dequantized)"))
-        dispatched = self._dispatch_for_permutation(hidden, fp8_rows=True)
-        manager = self._require_manager("token_permutation")
+        dispatched = self._dispatch_for_permutation(manager, hidden, async_, fp8_rows=True)
         rows, permuted_probs = manager.get_permuted_hidden_states_by_experts(dispatched, fp8_rows=True)
         return rows, manager.get_number_of_tokens_per_expert(), permuted_probs
 
-    def _dispatch_for_permutation(self, hidden: torch.Tensor, fp8_rows: bool = False) -> torch.Tensor:
-        """dispatch_all_to_all's transfer (async, as its defaults) for a permutation that follows
-        at once: with ``moe_fp8_fused_permutation`` the received FP8 rows stay in FP8 and the
-        permutation dequantizes them as it moves them (``keep_fp8``); ``fp8_rows``: they stay in
-        FP8 for the experts (the manager keeps them whatever ``keep_fp8`` says, the local one too)."""
-        manager = self._comm_manager
-        if manager is None:
-            raise RuntimeError("token_permutation called out of order: the next step of this dispatcher is "
-                               "dispatch_preprocess")
-        return manager.dispatch(hidden, True, True, keep_fp8=self.config.moe_fp8_fused_permutation,
+    def _dispatch_for_permutation(self, manager: _ManagerBase, hidden: torch.Tensor, async_: bool,
+                                  fp8_rows: bool = False) -> torch.Tensor:
+        """The transfer of a permutation that follows at once: with ``moe_fp8_fused_permutation``
+        the received FP8 rows stay in FP8 and the permutation dequantizes them as it moves them
+        (``keep_fp8``); ``fp8_rows``: they stay in FP8 for the experts (the manager keeps them
+        whatever ``keep_fp8`` says, the local one too)."""
+        return manager.dispatch(hidden, async_, async_, keep_fp8=self.config.moe_fp8_fused_permutation,
                                 permute_next=True, fp8_rows=fp8_rows)
 
+    @_in_dispatcher_terms
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Undo the expert-major permutation: ``[N, H] -> [R, H]``."""
         return self._require_manager("combine_preprocess").get_restored_hidden_states_by_experts(hidden_states)
 
+    @_in_dispatcher_terms
     def combine_all_to_all(self, hidden_states: torch.Tensor, async_finish: bool = True,
                            allocate_on_comm_stream: bool = True) -> torch.Tensor:
         """Return rows to their home ranks and sum them: ``[R, H] -> [T, H]``; with
         ``async_finish``, :meth:`combine_postprocess` (or :meth:`wait`) waits for it."""
+        self._combine_async = async_finish
         return self._require_manager("combine_all_to_all").combine(hidden_states, async_finish,
                                                                    allocate_on_comm_stream)
 
+    @_in_dispatcher_terms
     def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Wait for an async combine and restore the input's leading dims: ``[T, H] -> [..., H]``."""
-        self._require_manager("combine_postprocess").wait()
+        if self._combine_async:
+            self._combine_async = False
+            self.wait()
         return hidden_states.view(tuple(self.hidden_shape[:-1]) + (hidden_states.shape[-1],))
 
+    @_in_dispatcher_terms
     def token_unpermutation(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Restore, combine and reshape: ``[N, H] -> [..., H]``."""
+        """Restore, combine and reshape: ``[N, H] -> [..., H]``. Combine is asynchronous when
+        ``config.moe_deepep_async_dispatch`` says so."""
+        async_ = bool(self.config.moe_deepep_async_dispatch)
         hidden = self.combine_preprocess(hidden_states)
-        hidden = self.combine_all_to_all(hidden)
+        hidden = self.combine_all_to_all(hidden, async_finish=async_, allocate_on_comm_stream=async_)
         return self.combine_postprocess(hidden)
 
     def wait(self) -> None:
         """Make the current stream wait for an async dispatch or combine of this dispatcher."""
-        if self._manager is not None:
-            self._manager.wait()
+        if self._comm_manager is not None and hasattr(self._comm_manager, "wait"):
+            self._manager().wait()
 
     def dropped_tokens(self) -> Optional[torch.Tensor]:
         """Assignments dropped by ``moe_max_tokens_per_expert`` since the last report: a 0-d
         int64 tensor on the tokens' device (reading it needs no sync until you ask for its value),
         or None before any bounded permutation."""
-        return None if self._manager is None else self._manager.dropped_tokens
+        return None if self._comm_manager is None else getattr(self._manager(), "dropped_tokens", None)
 
     def report_dropped_tokens(self) -> int:
         """Read (one host sync) and clear the count of assignments the bound dropped, and warn
@@ -331,7 +488,8 @@ class MoEFlexTokenDispatcher:
         optimizer step, say), outside a CUDA-graph capture. Returns the count. Also raises
         RuntimeError if, in sync-free mode on a group (NVLink manager), the ranks disagreed in a
         call since the last report (found on the device; such calls move no token)."""
-        faults = getattr(self._manager, "sync_free_faults", None)
+        manager = self._manager() if self._comm_manager is not None else None
+        faults = getattr(manager, "sync_free_faults", None)
         if faults is not None and int(faults):
             calls = int(faults)
             faults.zero_()
@@ -355,10 +513,14 @@ class MoEFlexTokenDispatcher:
 
     def reset(self) -> None:
         """Abandon a half-finished call (after an exception, say)."""
-        if self._manager is not None:
-            self._manager.reset()
+        self._combine_async = False
+        if self._comm_manager is not None and hasattr(self._comm_manager, "reset"):
+            self._manager().reset()
 
-    def _require_manager(self, step: str) -> _ManagerBase:
-        if self._manager is None:
-            raise RuntimeError(f"{step} called out of order: the next step of this dispatcher is dispatch_preprocess")
-        return self._manager
+    def _require_manager(self, step: str):
+        if self._comm_manager is None:
+            raise OutOfOrderError(f"{step} called out of order", "idle")
+        return self._manager()
+
+
+atexit.register(forget_shared_managers)
