@@ -287,12 +287,17 @@ def invalid_routing_all_ranks_raise(rank, world, bad_rank=0, device="cpu", backe
 
 
 def out_of_order_steps(rank, world):
-    """Steps called out of order raise RuntimeError naming the step expected (no collective)."""
+    """Steps called out of order raise RuntimeError naming, in the dispatcher's terms, the method
+    called and the one expected (no collective): a combine with no call open, a permutation
+    before the transfer, and token_permutation twice without token_unpermutation."""
     d = _dispatcher(rank, world, 2 * world, 2)
     messages = []
+    probs = torch.rand(3, 2 * world)
     for call in (lambda: d.combine_preprocess(torch.zeros(1, 4)),
-                 lambda: (d.dispatch_preprocess(torch.zeros(3, 4), 3, torch.rand(3, 2 * world)),
-                          d.dispatch_postprocess(torch.zeros(3, 4)))):
+                 lambda: (d.dispatch_preprocess(torch.zeros(3, 4), 3, probs),
+                          d.dispatch_postprocess(torch.zeros(3, 4))),
+                 lambda: (d.reset(), d.token_permutation(torch.zeros(3, 4), 3, probs),
+                          d.token_permutation(torch.zeros(3, 4), 3, probs))):
         try:
             call()
         except RuntimeError as exc:
@@ -559,15 +564,19 @@ def deepep_stage_diff(rank, world, tokens=512, hidden=128, topk=4, async_finish=
 
 def stateful_programs(rank, world, seeds, steps, device="cpu", backend="auto", **options):
     """Run the stateful programs of ``seeds`` (tests/stateful.py) on this rank; returns, per
-    program, the steps and checks done and the steps at which this rank raised."""
+    program, the steps and checks done, the steps at which this rank raised and, with an
+    engine stand-in (``options["engine"]``), how often it was called."""
+    import engine_standins
     import stateful
 
     results = []
-    for seed in seeds:
-        program = stateful.generate_program(seed, world, steps, **options)
-        res = stateful.Runner(program, rank, _group(), device=device, backend=backend).run()
-        results.append({"seed": seed, "steps": res["steps"], "checks": res["checks"],
-                        "raised_at": [s for s, _ in res["raised"]]})
+    with engine_standins.installed(options.get("engine")):
+        for seed in seeds:
+            engine_standins.CALLS.clear()
+            program = stateful.generate_program(seed, world, steps, **options)
+            res = stateful.Runner(program, rank, _group(), device=device, backend=backend).run()
+            results.append({"seed": seed, "steps": res["steps"], "checks": res["checks"],
+                            "raised_at": [s for s, _ in res["raised"]], "engine_calls": dict(engine_standins.CALLS)})
     return results
 
 
@@ -739,3 +748,89 @@ def peer_header_wait_traps(rank, world, timeout_s=2.0):
     except RuntimeError as exc:
         error = str(exc)
     return {"error": error, "waited": time.monotonic() - start}
+
+
+def automodel_moe_module(rank, world, backend="auto", steps=4, tokens=12, dim=16, inter=8, experts=8, topk=2):
+    """NeMo Automodel's expert-parallel MoE module (``GroupedExpertsDeepEP``, its own code) with
+    its ``token_dispatcher`` module aliased to flexdispatch, forward and backward over ``steps``
+    steps of changing token counts and masks, against the dense float64 layer on every rank's
+    inputs. Only the expert math (``_torch_mm_experts_fwd``: torch._grouped_mm, which has no CPU
+    backward, and a torch.compile'd activation) is replaced, by the same formula in a loop;
+    the dispatch path is Automodel's module calling flexdispatch. ``backend`` is what Automodel
+    passes as ``dispatcher_backend``: flexdispatch's names, or "uccl_ep" / "hybridep" on their
+    stand-ins (tests/engine_standins.py)."""
+    import engine_standins
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.nn import functional as F
+
+    sys_modules = __import__("sys").modules
+    sys_modules["nemo_automodel.components.moe.megatron.token_dispatcher"] = fd
+    from nemo_automodel.components.moe import experts as am_experts
+    from nemo_automodel.components.moe.config import MoEConfig as AutomodelMoEConfig
+
+    assert am_experts.MoEFlexTokenDispatcher is fd.MoEFlexTokenDispatcher  # (the alias took)
+
+    def experts_fwd(hidden, gate_up, down, tokens_per_expert, probs, activation, use_mxfp8=False):
+        outs, start = [], 0
+        for e, n in enumerate(tokens_per_expert.tolist()):
+            h = hidden[start:start + n] @ gate_up[e]
+            a, b = h.chunk(2, -1)
+            outs.append(((F.silu(a) * b) * probs[start:start + n]) @ down[e])
+            start += n
+        return torch.cat(outs) if outs else hidden.new_zeros(0, down.shape[-1])
+
+    am_experts._torch_mm_experts_fwd = experts_fwd
+    cfg = AutomodelMoEConfig(n_routed_experts=experts, n_shared_experts=0, n_activated_experts=topk,
+                             n_expert_groups=1, n_limited_groups=1, train_gate=True, gate_bias_update_factor=0.0,
+                             aux_loss_coeff=0.0, score_func="softmax", route_scale=1.0, dim=dim, inter_dim=2 * inter,
+                             moe_inter_dim=inter, norm_topk_prob=False, dtype=torch.float32)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    g = torch.Generator().manual_seed(11)
+    gate_up = torch.randn(experts, dim, 2 * inter, generator=g, dtype=torch.float64) / dim ** 0.5
+    down = torch.randn(experts, inter, dim, generator=g, dtype=torch.float64) / inter ** 0.5
+    local = experts // world
+    mine = slice(rank * local, (rank + 1) * local)
+    engine = backend if backend in ("uccl_ep", "hybridep") else None
+    errors = {}
+    fd.dispatcher.forget_shared_managers()  # (a pool runs several of these)
+    with engine_standins.installed(engine):
+        engine_standins.CALLS.clear()
+        module = am_experts.GroupedExpertsDeepEP(cfg, backend=None, dispatcher_backend=backend)
+        module.gate_and_up_projs = torch.nn.Parameter(DTensor.from_local(gate_up[mine].float().clone(), mesh, [Shard(0)]))
+        module.down_projs = torch.nn.Parameter(DTensor.from_local(down[mine].float().clone(), mesh, [Shard(0)]))
+        module.init_token_dispatcher(mesh)
+        for step in range(steps):
+            gs = torch.Generator().manual_seed(100 + step)
+            counts = [tokens + 3 * ((r + step) % 3) - (4 if step == 2 and r == 0 else 0) for r in range(world)]
+            inputs = []
+            for t in counts:
+                x = torch.randn(t, dim, generator=gs, dtype=torch.float64)
+                w, i = torch.topk(torch.softmax(torch.randn(t, experts, generator=gs, dtype=torch.float64), -1), topk)
+                mask = torch.rand(t, generator=gs) > 0.15
+                inputs.append((x, w, i, mask, torch.randn(t, dim, generator=gs, dtype=torch.float64)))
+            x, w, i, mask, grad = inputs[rank]
+            xl, wl = x.float().requires_grad_(), w.float().requires_grad_()
+            module.gate_and_up_projs.grad = module.down_projs.grad = None
+            out = module(xl, mask, wl, i)
+            (out * grad.float()).sum().backward()
+            # The dense layer on every rank's tokens, float64.
+            gu, dn = gate_up.clone().requires_grad_(), down.clone().requires_grad_()
+            loss, leaves = 0, None
+            for r, (xr, wr, ir, mr, gr) in enumerate(inputs):
+                xr, wr = xr.clone().requires_grad_(), wr.clone().requires_grad_()
+                y = torch.zeros_like(xr)
+                for k in range(topk):
+                    h = torch.einsum("th,thi->ti", xr, gu[ir[:, k]])
+                    a, b = h.chunk(2, -1)
+                    act = F.silu(a) * b * wr[:, k, None]
+                    y = y + torch.where(mr[:, None], torch.einsum("ti,tih->th", act, dn[ir[:, k]]), 0)
+                loss = loss + (y * gr).sum()
+                if r == rank:
+                    leaves, want = (xr, wr), y.detach()
+            gx, gw, ggu, gdn = torch.autograd.grad(loss, [*leaves, gu, dn])
+            errors[step] = max(rel_err(out.detach(), want), rel_err(xl.grad, gx), rel_err(wl.grad, gw),
+                               rel_err(module.gate_and_up_projs.grad.to_local(), ggu[mine]),
+                               rel_err(module.down_projs.grad.to_local(), dn.grad if False else gdn[mine]))
+        calls = sum(engine_standins.CALLS.values())
+    return {"steps": steps, "errors": errors, "dispatcher": module.token_dispatcher.backend, "engine_calls": calls}

@@ -66,8 +66,18 @@ class Layer:
 
 def generate_program(seed: int, world: int, steps: int, *, dtypes=("float32", "float64"), hidden_sizes=(4, 8, 12),
                      max_tokens: int = 24, sync_free: bool = False, bad_kinds=BAD_KINDS, expert_error: bool = True,
-                     num_layers: int = 3, fp8: bool = True) -> dict:
-    """The program of ``seed``: its layers and steps (plain data, the same on every rank)."""
+                     num_layers: int = 3, fp8: bool = True, engine: Optional[str] = None,
+                     shared: bool = False) -> dict:
+    """The program of ``seed``: its layers and steps (plain data, the same on every rank).
+
+    ``engine``: the layers run on an engine stand-in (tests/engine_standins.py) named as
+    Automodel names it ("deepep", "uccl_ep", "hybridep"): float32 layers, float32 routing (the
+    engines carry probs in float32), no sync-free mode, FP8 or mid-call resets (their combine
+    has no header to agree at), and for HybridEP no capacity (it routes inside its kernels).
+    ``shared``: layers 0 and 1 have the same settings, so their dispatchers share one manager
+    (``moe_share_token_dispatcher``), and "pair" steps keep both in flight."""
+    if engine is not None:
+        dtypes, sync_free, fp8, expert_error = ("float32",), False, False, False
     rng = random.Random(seed)
     if world == 1:  # a hidden size differing "across ranks" needs two ranks
         bad_kinds = tuple(k for k in bad_kinds if k != "hidden_width")
@@ -81,12 +91,17 @@ def generate_program(seed: int, world: int, steps: int, *, dtypes=("float32", "f
                             sync_free=sync_free and rng.random() < 0.5))
         if layers[-1].sync_free and rng.random() < 0.6:
             layers[-1].bound = rng.choice([1, 2, 3, 5, 8])
+        if engine is not None:  # (no draw: the other programs stay as they were)
+            layers[-1].router_dtype = "fp32"
+            layers[-1].capacity = None if engine == "hybridep" else layers[-1].capacity
         if fp8 and rng.random() < 0.3:  # FP8 dispatch: rows of whole 128-value groups
             layers[-1].fp8 = True
             layers[-1].fp8_fused = len(layers) % 2 == 1  # both paths (no draw: the programs stay as they were)
             layers[-1].fp8_experts = len(layers) == 2  # FP8 rows to the experts (no draw either)
             layers[-1].hidden = layers[-1].hidden if layers[-1].hidden % 128 == 0 else 128
             layers[-1].dtype = "float32" if layers[-1].dtype == "float64" else layers[-1].dtype
+    if shared and num_layers > 1:
+        layers[1] = dataclasses.replace(layers[0])
     program = []
     for s in range(steps):
         r = rng.random()
@@ -112,7 +127,8 @@ def generate_program(seed: int, world: int, steps: int, *, dtypes=("float32", "f
             program.append(dict(base, kind="oneshot"))
         if world > 1:  # (no draw: programs without sync-free layers stay as they were)
             _sync_free_on_a_group(program[-1], layers)
-    return {"seed": seed, "world": world, "layers": [dataclasses.asdict(l) for l in layers], "steps": program}
+    return {"seed": seed, "world": world, "layers": [dataclasses.asdict(l) for l in layers], "steps": program,
+            "engine": engine, "shared": shared}
 
 
 def _sync_free_on_a_group(step: dict, layers: list) -> None:
@@ -272,17 +288,26 @@ class Runner:
         self.layers = [Layer(**l) for l in program["layers"]]
         self.dispatchers = []
         self.weights = []
+        engine, shared = program.get("engine"), program.get("shared", False)
         for i, layer in enumerate(self.layers):
             local = layer.experts // self.world
-            cfg = fd.MoEConfig(num_moe_experts=layer.experts, moe_router_topk=layer.topk,
-                               moe_router_expert_pad_multiple=layer.pad, moe_expert_capacity_factor=layer.capacity,
-                               moe_router_dtype=layer.router_dtype, moe_sync_free=layer.sync_free,
-                               moe_max_tokens_per_expert=layer.bound, moe_flex_backend=backend,
-                               moe_fp8_dispatch=layer.fp8, moe_fp8_fused_permutation=layer.fp8_fused,
-                               moe_fp8_experts=layer.fp8_experts)
+            fields = dict(num_moe_experts=layer.experts, moe_router_topk=layer.topk,
+                          moe_router_expert_pad_multiple=layer.pad, moe_expert_capacity_factor=layer.capacity,
+                          moe_router_dtype=layer.router_dtype, moe_sync_free=layer.sync_free,
+                          moe_max_tokens_per_expert=layer.bound, moe_fp8_dispatch=layer.fp8,
+                          moe_fp8_fused_permutation=layer.fp8_fused, moe_fp8_experts=layer.fp8_experts)
+            if engine is not None or shared:  # the current generation's config, as Automodel writes it
+                cfg = fd.TokenDispatcherConfig(moe_flex_dispatcher_backend=engine or backend,
+                                               moe_share_token_dispatcher=True, **fields)
+            else:
+                cfg = fd.MoEConfig(moe_flex_backend=backend, **fields)
             self.dispatchers.append(fd.MoEFlexTokenDispatcher(
                 local, list(range(rank * local, (rank + 1) * local)), cfg, group))
             self.weights.append(layer_weights(program["seed"], i, layer).to(device))
+        if shared and len(self.dispatchers) > 1 and self.dispatchers[0]._comm_manager is not None and \
+                self.dispatchers[0]._comm_manager is not self.dispatchers[1]._comm_manager:
+            raise StepFailure(f"stateful program seed={program['seed']}: layers 0 and 1 have the same settings but "
+                              f"do not share their manager")
         self.checks = 0
         self.raised = []  # (step, message) of every agreed error this rank saw
 

@@ -101,12 +101,12 @@ def test_invalid_routing_raises_on_every_rank(pool):
 @pytest.mark.timeout(300)
 def test_out_of_order_steps(pool):
     for messages in pool.run("out_of_order_steps"):
-        assert len(messages) == 2
-        # (named at the facade's level, dispatch_preprocess, while auto has not made its manager
-        # yet: it waits for the first call's tensors; at the manager's level once it exists)
-        assert any(f"next step of this dispatcher is {step}" in messages[0]
-                   for step in ("setup_metadata", "dispatch_preprocess")), messages[0]
-        assert "next step of this dispatcher is dispatch" in messages[1]
+        assert len(messages) == 3
+        # The dispatcher's method names, whether auto has made its manager yet or not.
+        assert messages[0].startswith("combine_preprocess called out of order"), messages[0]
+        assert "next step of this dispatcher is dispatch_preprocess" in messages[0]
+        assert "next step of this dispatcher is dispatch_all_to_all" in messages[1]
+        assert messages[2].startswith("token_permutation called out of order"), messages[2]
 
 
 @pytest.mark.timeout(300)

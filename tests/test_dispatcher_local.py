@@ -56,7 +56,11 @@ def test_empty_batch_and_shared_state():
     held = metadata_released(0, 1)
     assert not any(held["held"].values()) and held["freed"]
     messages = out_of_order_steps(0, 1)
-    assert "setup_metadata" in messages[0] and "is dispatch" in messages[1]
+    assert len(messages) == 3
+    assert messages[0].startswith("combine_preprocess called out of order") and "is dispatch_preprocess" in messages[0]
+    assert messages[1].startswith("dispatch_postprocess called out of order") and "is dispatch_all_to_all" in messages[1]
+    assert messages[2].startswith("token_permutation called out of order") and "token_unpermutation" in messages[2]
+    assert not any("setup_metadata" in m or "get_restored" in m for m in messages)  # (internal step names)
 
 
 def test_leading_dims_restored_and_step_by_step_api():

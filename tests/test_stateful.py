@@ -17,6 +17,9 @@ PROGRAMS = int(os.environ.get("FLEXDISPATCH_STATEFUL_PROGRAMS", "17"))  # 17 * 6
 # sync-free, at the worst-case sizes) cost about twice the all-to-all's: 9 * 60 = 540 steps an
 # EP size keep CI under 20 minutes on two cores (FLEXDISPATCH_STATEFUL_PROGRAMS raises both).
 NVLINK_PROGRAMS = max(9, PROGRAMS - 8)
+# Programs on the engine stand-ins (DeepEP's and UCCL-EP's API through the DeepEP manager's
+# hooks, HybridEP's buffer) and with two layers sharing one manager, per EP size.
+ENGINE_PROGRAMS = max(2, PROGRAMS - 15)
 
 
 def seeds(world: int) -> list[int]:
@@ -28,8 +31,9 @@ def seeds(world: int) -> list[int]:
 
 def test_stateful_local_manager():
     total = 0
-    for seed in seeds(1):
-        program = stateful.generate_program(seed, 1, STEPS, sync_free=True)
+    for i, seed in enumerate(seeds(1)):
+        # (a third of the programs with layers 0 and 1 sharing one manager)
+        program = stateful.generate_program(seed, 1, STEPS, sync_free=True, shared=i % 3 == 2)
         total += stateful.Runner(program, 0, None).run()["steps"]
     assert total >= STEPS * len(seeds(1))
 
@@ -65,6 +69,29 @@ def test_stateful_nvlink_gloo(pool):
     half its layers sync-free (bounded or not)."""
     chosen = seeds(pool.world)[:NVLINK_PROGRAMS]
     results = pool.run("stateful_programs", timeout=600, seeds=chosen, steps=STEPS, backend="nvlink", sync_free=True)
+    assert check_agreed(results) >= STEPS * len(chosen)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("engine", ["deepep", "uccl_ep", "hybridep"])
+def test_stateful_engine_standins_gloo(pool, engine):
+    """The engines Automodel names, on stand-ins of their APIs (tests/engine_standins.py): the
+    DeepEP manager's hook path (``_dispatch_fn`` / ``_combine_fn``, as UCCL-EP plugs in) and the
+    HybridEP manager (group-wide padding, its header exchange), every step against the dense
+    formula, bad inputs on one rank raised by every rank."""
+    chosen = seeds(pool.world)[:ENGINE_PROGRAMS]
+    results = pool.run("stateful_programs", timeout=600, seeds=chosen, steps=STEPS, engine=engine)
+    assert check_agreed(results) >= STEPS * len(chosen)
+    assert all(r["engine_calls"] for rank in results for r in rank), "the engine was not called"
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
+def test_stateful_shared_managers_gloo(pool, backend):
+    """Layers 0 and 1 of the same settings share one manager (moe_share_token_dispatcher), and
+    "pair" steps keep both in flight, closed in either order."""
+    chosen = seeds(pool.world)[:ENGINE_PROGRAMS]
+    results = pool.run("stateful_programs", timeout=600, seeds=chosen, steps=STEPS, backend=backend, shared=True)
     assert check_agreed(results) >= STEPS * len(chosen)
 
 
