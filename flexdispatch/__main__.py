@@ -24,7 +24,8 @@ def _info() -> int:
     print(f"sources      {_jit.sources_dir()}")
     builds = _jit.built_variants()
     if not builds:
-        print("built        nothing yet (the first import builds)")
+        print("built        nothing yet (the first dispatcher or kernel op builds the kernels; "
+              "'python -m flexdispatch build' builds them now)")
     for b in builds:
         arch = ", ".join(b.get("archs") or ["cpu"])
         print(f"built        {arch}: torch {b.get('torch')}, {b.get('build_seconds')} s, {b.get('built_at')} "

@@ -35,6 +35,26 @@ def test_clear_cache(tmp_path):
     assert out.returncode == 0 and "removed 1" in out.stdout
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]
     assert "x.lock" in [p.name for p in tmp_path.iterdir()]  # locks are never deleted
+    info = cli("info", env={"FLEXDISPATCH_CACHE_DIR": str(tmp_path)})
+    built = [line for line in info.stdout.splitlines() if line.startswith("built")]
+    # Importing builds nothing: the line must not send the reader to an import.
+    assert built == [line for line in built if "nothing yet" in line and "import" not in line] != []
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # and info built nothing
+
+
+def test_kernels_loaded_is_a_query(monkeypatch):
+    """ops.kernels_loaded() answers without loading or building; ops.load_kernels() loads."""
+    from flexdispatch import ops
+
+    def no_load():
+        raise AssertionError("kernels_loaded() loaded (or built) the kernels")
+
+    monkeypatch.setattr(ops, "_loaded", False)
+    monkeypatch.setattr(ops, "_C", None)
+    monkeypatch.setattr(ops._jit, "load_kernels", no_load)
+    assert ops.kernels_loaded() is False
+    monkeypatch.undo()
+    assert ops.load_kernels() is True and ops.kernels_loaded() is True
 
 
 @pytest.mark.timeout(600)
