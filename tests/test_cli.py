@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flexdispatch.demo import DemoArgs, format_report, run_demo, tolerance
 
@@ -78,4 +79,139 @@ def test_demo_one_rank():
 
 def test_demo_command_line_rejects_bad_sizes():
     out = cli("demo", "--experts", "5", "--world-size", "2")
-    assert out.returncode != 0 and "divisible" in out.stderr
+    assert out.returncode == 2
+    assert "error: --experts 5 must be a multiple of --world-size 2" in out.stderr
+
+
+def _deep_ep_imports() -> bool:
+    from flexdispatch.managers.deepep import deepep_available
+
+    return deepep_available()[0]
+
+
+def test_demo_backend_names_come_from_the_registry(monkeypatch, capsys):
+    """--backend takes what MoEConfig takes, read at run time (a new backend needs no CLI change)."""
+    from flexdispatch import demo
+    from flexdispatch.managers import registry
+
+    monkeypatch.setattr(registry, "backend_names", lambda: ("auto", "local", "newengine"))
+    assert demo._parser().parse_args(["--backend", "newengine"]).backend == "newengine"
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--backend", "foo"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --backend: invalid choice: 'foo'" in err and "newengine" in err
+
+
+@pytest.mark.skipif(_deep_ep_imports(), reason="deep_ep imports here")
+def test_demo_says_in_one_line_that_deepep_is_missing(monkeypatch, capsys):
+    from flexdispatch import demo
+
+    def no_ranks(*_, **__):
+        raise AssertionError("ranks started although DeepEP cannot run")
+
+    monkeypatch.setattr(demo, "run_demo", no_ranks)
+    assert demo.main(["--backend", "deepep", "--world-size", "2"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--backend deepep: deep_ep does not import" in lines[0], lines
+
+
+@pytest.mark.skipif(_deep_ep_imports(), reason="deep_ep imports here")
+@pytest.mark.timeout(120)
+def test_demo_prints_one_line_per_failed_rank(monkeypatch, capfd):
+    """A rank's error is one line (rank, type, message), not interleaved tracebacks. DeepEP with
+    the up-front check switched off stands for a backend whose problem only the ranks see."""
+    from flexdispatch import demo
+
+    monkeypatch.setattr(demo, "backend_problem", lambda *_: None)
+    small = ["--world-size", "2", "--device", "cpu", "--tokens", "16", "--hidden", "16", "--ffn", "16",
+             "--experts", "2", "--topk", "1", "--steps", "1"]
+    assert demo.main(["--backend", "deepep", *small]) == 1
+    err = capfd.readouterr().err  # the parent's and the spawned ranks' stderr
+    assert "Traceback" not in err, err
+    ranks = [line for line in err.splitlines() if line.startswith("rank ")]
+    assert ranks == [f"rank {r}: ValueError: config.moe_flex_backend='deepep': deep_ep does not import "
+                     f"(ModuleNotFoundError: No module named 'deep_ep')" for r in range(2)], err
+
+
+def test_demo_failures_name_each_rank(monkeypatch):
+    """What run_demo raises when ranks fail, as main prints it (no processes: the parts)."""
+    from flexdispatch import demo
+
+    failed = demo.DemoFailed([(0, "ValueError: bad"), (3, "the process was killed by SIGABRT")], {0: "tb"})
+    assert failed.failures[1] == (3, "the process was killed by SIGABRT")
+    assert str(failed) == "rank 0: ValueError: bad; rank 3: the process was killed by SIGABRT"
+    assert demo._one_line(ValueError("two\nlines")) == "ValueError: two lines"
+    assert demo._exit_reason(-6) == "was killed by SIGABRT" and demo._exit_reason(3) == "exited with code 3"
+
+
+def test_cuda_problem_says_what_is_true(monkeypatch):
+    from flexdispatch import demo
+
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    assert "is a CPU-only build, without CUDA; install a CUDA build of torch" in demo.cuda_problem(1)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert "(CUDA 12.8) sees no GPU (CUDA_VISIBLE_DEVICES='')" in demo.cuda_problem(1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert "2 GPU(s) are visible for --world-size 4; use --world-size 2 or less" in demo.cuda_problem(4)
+    assert demo.cuda_problem(2) is None
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch")
+def test_demo_on_cuda_with_a_cpu_torch_says_so(capsys):
+    from flexdispatch import demo
+
+    assert demo.main(["--world-size", "1", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: this torch" in err and "CPU-only build" in err and "smaller" not in err
+
+
+@pytest.mark.parametrize("option,value", [("--world-size", "0"), ("--world-size", "-1"), ("--experts", "0"),
+                                          ("--steps", "0"), ("--tokens", "6"), ("--topk", "0"),
+                                          ("--hidden", "-3"), ("--ffn", "x"), ("--seed", "1.5")])
+def test_demo_rejects_bad_numbers_naming_the_option(option, value, capsys):
+    from flexdispatch import demo
+
+    with pytest.raises(SystemExit) as exit_:
+        demo.main([option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: argument {option}: " in err and "divisible" not in err, err
+
+
+def _option_entries(help_text: str) -> list[tuple[str, str]]:
+    """``(invocation, description)`` of each entry under "options:" in argparse's help."""
+    entries = []
+    for line in help_text.split("\noptions:\n", 1)[1].splitlines():
+        if line.startswith("  -"):
+            invocation, _, description = line.strip().partition("  ")
+            entries.append([invocation, description.strip()])
+        elif line.startswith("   ") and entries:
+            entries[-1][1] = (entries[-1][1] + " " + line.strip()).strip()
+        else:
+            break
+    return [tuple(e) for e in entries]
+
+
+@pytest.mark.parametrize("command", [[], ["info"], ["build"], ["clear-cache"], ["demo"]])
+def test_help_describes_every_option_with_its_default(command, capsys):
+    from flexdispatch.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for markup in ("``", ":class:", ":func:", ":meth:"):
+        assert markup not in text
+    description = text.split("\n\n")[1]
+    assert len(description.split()) >= 10, text  # a sentence or two on what the command does
+    entries = _option_entries(text)
+    assert entries and entries[0][0] == "-h, --help"
+    for invocation, help_ in entries[1:]:
+        assert len(help_.split()) >= 3 and "default" in help_, (invocation, help_)
+    if command == ["demo"]:
+        assert len(entries) >= 11  # every DemoArgs field
