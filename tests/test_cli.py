@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexdispatch.demo import DemoArgs, format_report, run_demo, tolerance
+from flexdispatch.demo import DemoArgs, run_demo, tolerance
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, env=None, timeout=600):
-    full = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+    full = dict(os.environ, PYTHONPATH=str(REPO))
+    full.update(env or {})
     return subprocess.run([sys.executable, "-m", "flexdispatch", *args], capture_output=True, text=True,
                           env=full, timeout=timeout)
 
@@ -58,13 +59,45 @@ def test_kernels_loaded_is_a_query(monkeypatch):
     assert ops.load_kernels() is True and ops.kernels_loaded() is True
 
 
+# Made importable from PYTHONPATH, this makes every process that starts NumPy-less: an import
+# of numpy fails as on a machine without it, and each attempt is counted in NUMPY_ATTEMPTS.
+NO_NUMPY = """
+import os, sys
+
+class _NoNumpy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy" or name.startswith("numpy."):
+            with open(os.environ["NUMPY_ATTEMPTS"], "a") as f:
+                f.write(name + "\\n")
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _NoNumpy())
+"""
+
+
 @pytest.mark.timeout(600)
-def test_demo_two_ranks():
-    args = DemoArgs(world_size=2, steps=2, tokens=64, hidden=32, ffn=48, experts=6, topk=2, device="cpu")
-    result = run_demo(args)
-    assert result["backend"] == "alltoall" and result["device"] == "cpu"
-    assert max(result["errors"].values()) < tolerance(result)
-    assert "alltoall manager" in format_report(args, result)
+def test_demo_command_two_ranks_without_numpy(tmp_path):
+    """The README's first command end to end, where NumPy does not import: nothing on the
+    demo's path needs it (torch's own import still warns then; NumPy is a dependency so that
+    an install has it)."""
+    (tmp_path / "sitecustomize.py").write_text(NO_NUMPY)
+    attempts = tmp_path / "attempts"
+    out = cli("demo", "--world-size", "2", "--device", "cpu", "--steps", "2", "--tokens", "64", "--hidden", "32",
+              "--ffn", "48", "--experts", "6", "--topk", "2",
+              env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "NUMPY_ATTEMPTS": str(attempts)})
+    assert out.returncode == 0, out.stderr
+    assert "flexdispatch demo: 2 ranks on cpu (float32), alltoall manager" in out.stdout
+    assert "OK: every error below" in out.stdout and "Traceback" not in out.stderr
+    assert attempts.read_text()  # the processes did run without NumPy
+
+
+def test_numpy_is_a_dependency():
+    """torch warns "Failed to initialize NumPy" when imported without it, and every process of
+    the demo imports torch: an install of flexdispatch brings NumPy."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "numpy" in [dep.split(">")[0].split("=")[0].strip() for dep in project["dependencies"]]
 
 
 @pytest.mark.timeout(600)
