@@ -44,4 +44,11 @@ def test_quickstart_notebook_runs(monkeypatch):
               .replace(", gradients", "").split()]
     assert max(errors) < 1e-4
     assert "capacity per expert" in text and "speed-up" in text
+    # The timing: a spread beside each median, and a figure that says what was timed.
+    spread = r"[\d.]+ ms \([\d.]+-[\d.]+\)"
+    timings = [line for line in text.splitlines() if line.startswith("R=")]
+    assert len(timings) == 3 and all(re.search(f"fused +{spread}, reference +{spread}", t) for t in timings), timings
+    figure = text.split("figure: ")[1].split("\n")[0]
+    assert "bars: fastest to slowest" in figure and "alternating rounds" in figure
+    assert ("CPU timing" in figure) == ("device cpu" in text)
     assert images == 3
