@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from typing import Optional
@@ -42,8 +43,6 @@ def _info() -> int:
 
 
 def _build(archs: Optional[list[str]]) -> int:
-    import os
-
     from . import _jit
 
     import torch
@@ -107,8 +106,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shadowing_folder() -> Optional[str]:
+    """The folder 'import flexdispatch' finds instead of the package, or None. From the folder
+    that holds a clone named flexdispatch, the clone (no __init__.py at its top) is imported as
+    a namespace package ahead of an editable install's finder; this command still runs (its
+    modules come through the finder) but the package's own names are missing, so a script run
+    there fails with "module 'flexdispatch' has no attribute ..."."""
+    package = sys.modules.get(__package__ or "flexdispatch")
+    if package is None or getattr(package, "__file__", None) is not None:
+        return None
+    return ", ".join(str(p) for p in getattr(package, "__path__", [])) or "a folder"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    folder = _shadowing_folder()
+    if folder:
+        from ._log import logger
+
+        logger.warning("warning: 'import flexdispatch' here finds the folder %s, not the installed package "
+                       "(Python looks in the current folder first); scripts run from %s will fail with \"module "
+                       "'flexdispatch' has no attribute ...\". Run Python from inside the clone, or from any "
+                       "other folder", folder, os.getcwd())
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":

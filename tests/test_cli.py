@@ -248,3 +248,51 @@ def test_help_describes_every_option_with_its_default(command, capsys):
         assert len(help_.split()) >= 3 and "default" in help_, (invocation, help_)
     if command == ["demo"]:
         assert len(entries) >= 11  # every DemoArgs field
+
+
+# What an editable install puts in sys.meta_path (setuptools' finder, after the path finder):
+# it maps flexdispatch and its modules to this checkout (ahead of any editable install of
+# another checkout in this environment).
+EDITABLE_FINDER = """
+import importlib.util, sys
+from pathlib import Path
+
+ROOT = Path(%r)
+
+class _EditableFinder:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.split(".")[0] != "flexdispatch":
+            return None
+        base = ROOT.joinpath(*name.split("."))
+        if (base / "__init__.py").is_file():
+            return importlib.util.spec_from_file_location(name, base / "__init__.py",
+                                                          submodule_search_locations=[str(base)])
+        if base.with_suffix(".py").is_file():
+            return importlib.util.spec_from_file_location(name, base.with_suffix(".py"))
+        return None
+
+from importlib.machinery import PathFinder
+sys.meta_path.insert(sys.meta_path.index(PathFinder) + 1, _EditableFinder)
+"""
+
+
+def test_cli_warns_when_a_folder_shadows_the_package(tmp_path):
+    """Run from the folder that holds a clone named flexdispatch, 'import flexdispatch' finds the
+    clone as a namespace package; the command says so (user scripts there would fail)."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(EDITABLE_FINDER % str(REPO))
+    (tmp_path / "flexdispatch").mkdir()  # the clone, seen from its parent: no __init__.py
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = "import flexdispatch; print(hasattr(flexdispatch, 'MoEConfig'))"
+    shadowed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                              env=dict(env, PYTHONPATH=str(shim)), timeout=60)
+    assert shadowed.stdout.strip() == "False"  # the failure the warning is about
+    out = subprocess.run([sys.executable, "-m", "flexdispatch", "clear-cache"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120,
+                         env=dict(env, PYTHONPATH=str(shim), FLEXDISPATCH_CACHE_DIR=str(tmp_path / "cache")))
+    assert out.returncode == 0, out.stderr
+    assert f"'import flexdispatch' here finds the folder {tmp_path / 'flexdispatch'}, not the installed" in out.stderr
+    quiet = cli("clear-cache", env={"FLEXDISPATCH_CACHE_DIR": str(tmp_path / "cache")})
+    assert quiet.returncode == 0 and "import flexdispatch" not in quiet.stderr
