@@ -223,21 +223,26 @@ def pick_device(requested: str, world_size: int) -> str:
     return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "cpu"
 
 
-def cuda_problem(world_size: int) -> Optional[str]:
-    """Why world_size ranks cannot each have a GPU here (None: they can), with the fix."""
+def _cuda_shortfall(world_size: int) -> Optional[tuple[str, str]]:
+    """(what is missing, how to run anyway) when world_size ranks cannot each have a GPU here."""
     if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
-        return (f"this torch ({torch.__version__}) is a CPU-only build, without CUDA; install a CUDA build of "
-                f"torch, or use --device cpu")
+        return (f"this torch ({torch.__version__}) is a CPU-only build, without CUDA",
+                "install a CUDA build of torch, or use --device cpu")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus == 0:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         where = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "check the driver with nvidia-smi"
-        return (f"this torch (CUDA {torch.version.cuda or torch.version.hip}) sees no GPU ({where}); "
-                f"use --device cpu")
+        return f"this torch (CUDA {torch.version.cuda or torch.version.hip}) sees no GPU ({where})", "use --device cpu"
     if gpus < world_size:
-        return (f"each rank needs a GPU of its own and {gpus} GPU(s) are visible for --world-size {world_size}; "
+        return (f"only {gpus} GPU(s) visible for --world-size {world_size} (one GPU per rank)",
                 f"use --world-size {gpus} or less, or --device cpu")
     return None
+
+
+def cuda_problem(world_size: int) -> Optional[str]:
+    """Why world_size ranks cannot each have a GPU here, with the fix (None: they can)."""
+    shortfall = _cuda_shortfall(world_size)
+    return None if shortfall is None else "; ".join(shortfall)
 
 
 def backend_problem(backend: str, device: str, world_size: int) -> Optional[str]:
@@ -253,9 +258,12 @@ def backend_problem(backend: str, device: str, world_size: int) -> Optional[str]
         if not ok:
             return f"--backend deepep: {detail}; install DeepEP, or use --backend auto"
         if device != "cuda":
-            reason = cuda_problem(world_size)
-            return ("--backend deepep: DeepEP moves CUDA tensors, one GPU per rank, "
-                    + (f"and {reason}" if reason else "and --device cpu was given; use --device cuda"))
+            shortfall = _cuda_shortfall(world_size)
+            if shortfall is None:
+                return ("--backend deepep: DeepEP moves CUDA tensors, and --device cpu was given; use --device "
+                        "cuda or auto, or --backend auto or alltoall to run on the CPU")
+            return (f"--backend deepep: DeepEP moves CUDA tensors, and {shortfall[0]}; use --backend auto or "
+                    f"alltoall to run on the CPU")
         sizes = deepep.supported_group_sizes()
         if world_size not in sizes:
             shown = ", ".join(map(str, sizes[:8])) + (", ..." if len(sizes) > 8 else "")

@@ -190,7 +190,8 @@ def test_cuda_problem_says_what_is_true(monkeypatch):
     assert "(CUDA 12.8) sees no GPU (CUDA_VISIBLE_DEVICES='')" in demo.cuda_problem(1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert "2 GPU(s) are visible for --world-size 4; use --world-size 2 or less" in demo.cuda_problem(4)
+    assert demo.cuda_problem(4) == ("only 2 GPU(s) visible for --world-size 4 (one GPU per rank); use --world-size 2 "
+                                    "or less, or --device cpu")
     assert demo.cuda_problem(2) is None
 
 
@@ -296,3 +297,19 @@ def test_cli_warns_when_a_folder_shadows_the_package(tmp_path):
     assert f"'import flexdispatch' here finds the folder {tmp_path / 'flexdispatch'}, not the installed" in out.stderr
     quiet = cli("clear-cache", env={"FLEXDISPATCH_CACHE_DIR": str(tmp_path / "cache")})
     assert quiet.returncode == 0 and "import flexdispatch" not in quiet.stderr
+
+
+def test_deepep_off_the_gpus_says_why(monkeypatch):
+    """DeepEP importable but no GPU per rank: the line says what is missing and how to run here."""
+    from flexdispatch import demo
+    from flexdispatch.managers import deepep
+
+    monkeypatch.setattr(deepep, "deepep_available", lambda: (True, "1.2"))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    line = demo.backend_problem("deepep", "cpu", 2)
+    assert line == ("--backend deepep: DeepEP moves CUDA tensors, and only 1 GPU(s) visible for --world-size 2 "
+                    "(one GPU per rank); use --backend auto or alltoall to run on the CPU")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert "--device cpu was given" in demo.backend_problem("deepep", "cpu", 2)
