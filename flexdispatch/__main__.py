@@ -1,8 +1,9 @@
-"""``python -m flexdispatch info | build [--arch ...] | clear-cache | demo [...]``."""
+"""The command line: python -m flexdispatch info | build [--arch ...] | clear-cache | demo [...]."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from typing import Optional
@@ -24,7 +25,8 @@ def _info() -> int:
     print(f"sources      {_jit.sources_dir()}")
     builds = _jit.built_variants()
     if not builds:
-        print("built        nothing yet (the first import builds)")
+        print("built        nothing yet (the first dispatcher or kernel op builds the kernels; "
+              "'python -m flexdispatch build' builds them now)")
     for b in builds:
         arch = ", ".join(b.get("archs") or ["cpu"])
         print(f"built        {arch}: torch {b.get('torch')}, {b.get('build_seconds')} s, {b.get('built_at')} "
@@ -41,8 +43,6 @@ def _info() -> int:
 
 
 def _build(archs: Optional[list[str]]) -> int:
-    import os
-
     from . import _jit
 
     import torch
@@ -75,17 +75,60 @@ def _clear_cache() -> int:
     return 0 if not kept else 1
 
 
+DESCRIPTION = """\
+flexdispatch's command line: what is installed and built, the kernel build, the cache, and a
+demo of a MoE layer over several local ranks. 'python -m flexdispatch COMMAND --help' says
+more about each command."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="python -m flexdispatch", description=DESCRIPTION,
+                                     formatter_class=formatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("info", help="versions, architecture key, cache contents, DeepEP availability",
+                   description="Print the versions of flexdispatch, Python and torch, the architecture key "
+                   "of the kernels this machine needs, the kernel cache and what it holds, and whether "
+                   "DeepEP imports. Builds nothing.", formatter_class=formatter)
+    build = sub.add_parser("build", help="compile the kernels now (e.g. in an image build step)",
+                           description="Compile the kernels into the cache now, rather than at the first "
+                           "dispatcher or kernel op (tens of seconds on a cold cache; nothing when they are "
+                           "cached). FLEXDISPATCH_CACHE_DIR sets the cache folder.")  # (--arch says its default)
+    build.add_argument("--arch", action="append", metavar="ARCH",
+                       help="a CUDA architecture to compile for, e.g. 9.0 or sm_90; repeat for several "
+                       "(default: the visible GPUs' architectures, or the CPU kernels only when there is no GPU)")
+    sub.add_parser("clear-cache", help="remove every cached build",
+                   description="Remove every cached kernel build from the cache folder (the next use "
+                   "builds again). A build another process is compiling now is kept, and named.",
+                   formatter_class=formatter)
+    sub.add_parser("demo", help="a real MoE layer over several local ranks, checked against a dense "
+                   "computation ('demo --help' lists its options)", add_help=False)
+    return parser
+
+
+def _shadowing_folder() -> Optional[str]:
+    """The folder 'import flexdispatch' finds instead of the package, or None. From the folder
+    that holds a clone named flexdispatch, the clone (no __init__.py at its top) is imported as
+    a namespace package ahead of an editable install's finder; this command still runs (its
+    modules come through the finder) but the package's own names are missing, so a script run
+    there fails with "module 'flexdispatch' has no attribute ..."."""
+    package = sys.modules.get(__package__ or "flexdispatch")
+    if package is None or getattr(package, "__file__", None) is not None:
+        return None
+    return ", ".join(str(p) for p in getattr(package, "__path__", [])) or "a folder"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m flexdispatch", description="flexdispatch command line")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, architecture key, cache contents, DeepEP availability")
-    build = sub.add_parser("build", help="compile the kernels now (e.g. in an image build step)")
-    build.add_argument("--arch", action="append", help="target architecture, e.g. 9.0 or sm_90 (repeatable); "
-                       "default: the visible GPUs, or CPU-only")
-    sub.add_parser("clear-cache", help="remove every cached build")
-    sub.add_parser("demo", help="a real MoE layer over several local ranks, checked against a dense computation",
-                   add_help=False)
+    folder = _shadowing_folder()
+    if folder:
+        from ._log import logger
+
+        logger.warning("warning: 'import flexdispatch' here finds the folder %s, not the installed package "
+                       "(Python looks in the current folder first); scripts run from %s will fail with \"module "
+                       "'flexdispatch' has no attribute ...\". Run Python from inside the clone, or from any "
+                       "other folder", folder, os.getcwd())
+    parser = _parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main

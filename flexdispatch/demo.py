@@ -1,12 +1,12 @@
-"""A real MoE layer on the dispatcher, over several local ranks (``python -m flexdispatch demo``).
+"""A real MoE layer on the dispatcher, over several local ranks (python -m flexdispatch demo).
 
 Each rank holds a router and its share of the experts (two-layer SiLU MLPs), runs a few
-forward and backward steps through :class:`~flexdispatch.MoEFlexTokenDispatcher`, and checks
+forward and backward steps through MoEFlexTokenDispatcher, and checks
 its outputs and gradients against one dense computation of the whole batch (every rank can
 rebuild all inputs and weights from the seed). Rank 0 prints the backend, the time per stage
 and the largest errors.
 
-Device ``auto``: one GPU per rank with NCCL when there are enough GPUs (DeepEP when it
+Device auto: one GPU per rank with NCCL when there are enough GPUs (DeepEP when it
 imports, in bfloat16; else the NVLink backend), else gloo on the CPU (float32).
 """
 
@@ -15,8 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import queue
+import signal
 import socket
+import sys
 import time
+import traceback
 from typing import Optional
 
 import torch
@@ -119,7 +123,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _worker(rank: int, args: DemoArgs, device_type: str, port: int, results) -> None:
+def _run_rank(rank: int, args: DemoArgs, device_type: str, port: int) -> Optional[dict]:
+    """One rank's steps; rank 0 returns the summary of every rank (others None)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
@@ -162,16 +167,47 @@ def _worker(rank: int, args: DemoArgs, device_type: str, port: int, results) -> 
         summary = torch.tensor([worst[k] for k in worst] + [layer.times[s] for s in STAGES], dtype=torch.float64,
                                device=device).nan_to_num(nan=float("inf"))  # a NaN must not hide in MAX
         dist.all_reduce(summary, op=dist.ReduceOp.MAX, group=dist.group.WORLD)
-        if rank == 0:
-            values = summary.cpu().tolist()
-            results.put({"backend": layer.dispatcher.backend, "dtype": str(dtype).replace("torch.", ""),
-                         "device": device_type, "errors": dict(zip(worst, values[:4])),
-                         "ms_per_step": {s: 1e3 * v / args.steps for s, v in zip(STAGES, values[4:])}})
+        if rank != 0:
+            return None
+        values = summary.cpu().tolist()
+        return {"backend": layer.dispatcher.backend, "dtype": str(dtype).replace("torch.", ""),
+                "device": device_type, "errors": dict(zip(worst, values[:4])),
+                "ms_per_step": {s: 1e3 * v / args.steps for s, v in zip(STAGES, values[4:])}}
     finally:
         from . import shutdown
 
         shutdown()
         dist.destroy_process_group()
+
+
+def _one_line(exc: BaseException) -> str:
+    """'Type: message' on one line (a message's line breaks become spaces)."""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _worker(rank: int, args: DemoArgs, device_type: str, port: int, results) -> None:
+    """A spawned rank: puts ("ok", rank, summary) or ("error", rank, one line, traceback) on
+    results; a failed rank exits with code 1 without printing its traceback (the parent prints
+    one line per rank)."""
+    try:
+        summary = _run_rank(rank, args, device_type, port)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, in one line
+        results.put(("error", rank, _one_line(exc), traceback.format_exc()))
+        sys.exit(1)
+    results.put(("ok", rank, summary))
+
+
+class DemoFailed(RuntimeError):
+    """Some ranks failed. failures: (rank, one line) per failed rank, in rank order;
+    tracebacks: rank -> the traceback of the rank's exception, where it raised one."""
+
+    def __init__(self, failures: list, tracebacks: dict):
+        self.failures = failures
+        self.tracebacks = tracebacks
+        super().__init__("; ".join(f"rank {rank}: {line}" for rank, line in failures))
 
 
 def _free_port() -> int:
@@ -181,37 +217,133 @@ def _free_port() -> int:
 
 
 def pick_device(requested: str, world_size: int) -> str:
+    """'cuda' or 'cpu': auto takes the GPUs when there is one per rank."""
     if requested != "auto":
         return requested
     return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "cpu"
 
 
-def run_demo(args: DemoArgs, timeout_s: float = 600.0) -> dict:
-    """Spawn ``args.world_size`` ranks, run the layer, return rank 0's summary (raises on failure)."""
+def _cuda_shortfall(world_size: int) -> Optional[tuple[str, str]]:
+    """(what is missing, how to run anyway) when world_size ranks cannot each have a GPU here."""
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return (f"this torch ({torch.__version__}) is a CPU-only build, without CUDA",
+                "install a CUDA build of torch, or use --device cpu")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "check the driver with nvidia-smi"
+        return f"this torch (CUDA {torch.version.cuda or torch.version.hip}) sees no GPU ({where})", "use --device cpu"
+    if gpus < world_size:
+        return (f"only {gpus} GPU(s) visible for --world-size {world_size} (one GPU per rank)",
+                f"use --world-size {gpus} or less, or --device cpu")
+    return None
+
+
+def cuda_problem(world_size: int) -> Optional[str]:
+    """Why world_size ranks cannot each have a GPU here, with the fix (None: they can)."""
+    shortfall = _cuda_shortfall(world_size)
+    return None if shortfall is None else "; ".join(shortfall)
+
+
+def backend_problem(backend: str, device: str, world_size: int) -> Optional[str]:
+    """Why --backend cannot run the demo on device here, as far as can be told before the ranks
+    start (None: no reason known; the ranks' dispatchers check the rest)."""
+    if backend == "local" and world_size > 1:
+        return (f"--backend local: the local manager serves one rank and moves no tokens between ranks, "
+                f"got --world-size {world_size}; use --world-size 1, or --backend auto")
+    if backend == "deepep":
+        from .managers import deepep
+
+        ok, detail = deepep.deepep_available()
+        if not ok:
+            return f"--backend deepep: {detail}; install DeepEP, or use --backend auto"
+        if device != "cuda":
+            shortfall = _cuda_shortfall(world_size)
+            if shortfall is None:
+                return ("--backend deepep: DeepEP moves CUDA tensors, and --device cpu was given; use --device "
+                        "cuda or auto, or --backend auto or alltoall to run on the CPU")
+            return (f"--backend deepep: DeepEP moves CUDA tensors, and {shortfall[0]}; use --backend auto or "
+                    f"alltoall to run on the CPU")
+        sizes = deepep.supported_group_sizes()
+        if world_size not in sizes:
+            shown = ", ".join(map(str, sizes[:8])) + (", ..." if len(sizes) > 8 else "")
+            return f"--backend deepep: this DeepEP build serves --world-size {shown}, not {world_size}"
+    return None
+
+
+def _exit_reason(code: Optional[int]) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def run_demo(args: DemoArgs, timeout_s: float = 600.0, grace_s: float = 10.0) -> dict:
+    """Spawn args.world_size ranks, run the layer, return rank 0's summary.
+
+    Raises DemoFailed, with one line per failed rank, when any rank fails or is still running
+    after timeout_s; once one rank has failed, the others get grace_s to finish or report
+    their own error, then are stopped.
+    """
     if args.experts % args.world_size:
         raise ValueError(f"--experts {args.experts} must be divisible by --world-size {args.world_size}")
     if args.tokens % 4:
         raise ValueError(f"--tokens must be a multiple of 4, got {args.tokens}")
     device = pick_device(args.device, args.world_size)
     ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
+    results = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, args, device, port, results), daemon=True)
              for r in range(args.world_size)]
     for p in procs:
         p.start()
+    reports: dict = {}  # rank -> ("ok", rank, summary) or ("error", rank, line, traceback)
+
+    def receive(timeout: float) -> bool:
+        try:
+            message = results.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        reports[message[1]] = message
+        return True
+
     deadline = time.monotonic() + timeout_s
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    if alive:
-        raise TimeoutError(f"demo: {len(alive)} rank(s) still running after {timeout_s:.0f} s")
-    failed = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"demo: rank(s) failed with exit codes {failed}")
-    return results.get()
+    first_failure = None
+    try:
+        while any(p.is_alive() for p in procs):
+            now = time.monotonic()
+            if now > deadline or (first_failure is not None and now > first_failure + grace_s):
+                break
+            receive(0.1)
+            failed = any(m[0] == "error" for m in reports.values()) or any(
+                p.exitcode not in (None, 0) for p in procs)
+            if first_failure is None and failed:
+                first_failure = time.monotonic()
+    finally:
+        stopped = [r for r, p in enumerate(procs) if p.is_alive()]
+        for r in stopped:
+            procs[r].kill()
+        for p in procs:
+            p.join()
+    while receive(0.2 if len(reports) < len(procs) else 0.0):
+        pass
+    failures = []
+    for rank, p in enumerate(procs):
+        report = reports.get(rank)
+        if report is not None and report[0] == "error":
+            failures.append((rank, report[2]))
+        elif rank in stopped:
+            why = (f"still running after {timeout_s:.0f} s" if first_failure is None
+                   else f"still running {grace_s:.0f} s after another rank failed")
+            failures.append((rank, f"stopped: {why}"))
+        elif p.exitcode != 0:
+            after = "after finishing its steps" if report is not None else "without reporting an error"
+            failures.append((rank, f"the process {_exit_reason(p.exitcode)} {after}"))
+    if failures:
+        raise DemoFailed(failures, {r: m[3] for r, m in reports.items() if m[0] == "error"})
+    return reports[0][2]
 
 
 def format_report(args: DemoArgs, result: dict) -> str:
@@ -232,25 +364,98 @@ def tolerance(result: dict) -> float:
     return 6e-2 if result["dtype"] == "bfloat16" else 1e-4
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flexdispatch demo", description=__doc__.splitlines()[0])
+DESCRIPTION = """\
+A real MoE layer on the flex token dispatcher, over several local ranks. Each rank holds a
+router and its share of the experts, runs forward and backward steps, and checks its outputs
+and gradients against one dense computation of the whole batch. Rank 0 prints the backend,
+the time per stage and the largest errors; the command exits with 1 when an error is above
+the tolerance or a rank fails."""
+
+HELP = {
+    "world_size": "ranks (processes) to start; the experts are split evenly among them",
+    "device": "where the ranks run: cuda (one GPU per rank, NCCL, bfloat16), cpu (gloo, float32), or auto "
+              "(cuda when there is a GPU per rank, else cpu)",
+    "backend": "how tokens move between ranks: auto takes the best that can serve (DeepEP, else NVLink for "
+               "GPUs on one node, else all-to-all; local for one rank)",
+    "steps": "forward and backward steps, each checked against the dense computation",
+    "tokens": "tokens per rank (a multiple of 4)",
+    "hidden": "hidden size of a token",
+    "ffn": "inner size of each expert's MLP",
+    "experts": "experts in the layer, across all ranks (a multiple of --world-size)",
+    "topk": "experts each token goes to (at most --experts)",
+    "seed": "seed of the weights and tokens (every rank rebuilds the same ones from it)",
+}
+
+
+def _at_least(low: int, multiple: int = 1):
+    """An argparse type: a whole number of at least low (and a multiple of multiple)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or value % multiple:
+            what = f"a positive multiple of {multiple}" if multiple > 1 else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    parse.__name__ = "count"
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .managers.registry import backend_names
+
+    parser = argparse.ArgumentParser(prog="python -m flexdispatch demo", description=DESCRIPTION,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = DemoArgs()
+    special = {"device": {"choices": ("auto", "cpu", "cuda")}, "backend": {"choices": backend_names()},
+               "tokens": {"type": _at_least(4, 4)}, "seed": {"type": int}}
     for field in dataclasses.fields(DemoArgs):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(defaults, field.name)),
-                            default=getattr(defaults, field.name))
-    ns = parser.parse_args(argv)
-    args = DemoArgs(**vars(ns))
-    if args.world_size < 1 or args.experts % args.world_size:
-        parser.error(f"--experts {args.experts} must be divisible by --world-size {args.world_size}")
-    if args.tokens < 4 or args.tokens % 4 or not 1 <= args.topk <= args.experts:
-        parser.error("--tokens must be a positive multiple of 4 and --topk in [1, --experts]")
-    if args.device not in ("auto", "cpu", "cuda"):
-        parser.error(f"--device must be auto, cpu or cuda, got {args.device!r}")
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if args.device == "cuda" and gpus < args.world_size:
-        parser.error(f"--device cuda needs one GPU per rank ({args.world_size}); this machine has {gpus}. "
-                     f"Use --device cpu, or a smaller --world-size")
-    result = run_demo(args)
+        options = {"type": _at_least(1), "metavar": "N"}
+        if field.type in (str, "str"):
+            options = {"metavar": None}
+        options.update(special.get(field.name, {}))
+        parser.add_argument("--" + field.name.replace("_", "-"), default=getattr(defaults, field.name),
+                            help=HELP[field.name], **options)
+    parser.add_argument("--traceback", action="store_true",
+                        help="print each failed rank's full traceback, not only its error")
+    return parser
+
+
+def _error(message: str) -> int:
+    print(f"python -m flexdispatch demo: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = _parser()
+    ns = vars(parser.parse_args(argv))
+    show_tracebacks = ns.pop("traceback")
+    args = DemoArgs(**ns)
+    if args.experts % args.world_size:
+        parser.error(f"--experts {args.experts} must be a multiple of --world-size {args.world_size} "
+                     f"(each rank holds the same number of experts)")
+    if args.topk > args.experts:
+        parser.error(f"--topk {args.topk} is more than --experts {args.experts}")
+    if args.device == "cuda":
+        problem = cuda_problem(args.world_size)
+        if problem:
+            return _error(f"--device cuda: {problem}")
+    device = pick_device(args.device, args.world_size)
+    problem = backend_problem(args.backend, device, args.world_size)
+    if problem:
+        return _error(problem)
+    try:
+        result = run_demo(args)
+    except DemoFailed as exc:
+        for rank, line in exc.failures:
+            if show_tracebacks and rank in exc.tracebacks:
+                print(exc.tracebacks[rank].rstrip(), file=sys.stderr)
+            print(f"rank {rank}: {line}", file=sys.stderr)
+        if exc.tracebacks and not show_tracebacks:
+            print("(--traceback prints where each error was raised)", file=sys.stderr)
+        return 1
     print(format_report(args, result))
     worst = max(result["errors"].values())
     if worst > tolerance(result):

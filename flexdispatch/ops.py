@@ -101,8 +101,11 @@ def load_kernels() -> bool:
 
 
 def kernels_loaded() -> bool:
-    """True when the compiled kernels are in use (False: plain PyTorch ops); loads them."""
-    return load_kernels()
+    """Whether the compiled kernels are loaded and in use, as of now; builds and loads nothing.
+    False before the first op, dispatcher or :func:`load_kernels` call of this process, and
+    when the plain PyTorch ops serve (FLEXDISPATCH_JIT=0, or a failed build in ``auto`` mode).
+    To load (and on a cold cache build) them, call :func:`load_kernels`."""
+    return _loaded and _C is not None
 
 
 def cuda_kernels_loaded() -> bool:

@@ -83,3 +83,21 @@ def test_reference_variant_is_compared_with_the_deepep_manager():
     assert bench_dispatch.compared_with("deepep:fp8+graph") == "deepep:graph"
     assert bench_dispatch.compared_with("deepep:fp8") == "deepep"
     assert bench_dispatch.compared_with("nvlink:onecall") is None
+
+
+def test_run_notebook_creates_the_figures_folder(tmp_path):
+    """--figures DIR works when DIR does not exist yet (it failed at the first figure)."""
+    pytest.importorskip("matplotlib")
+    import json
+    import subprocess
+
+    notebook = tmp_path / "tiny.ipynb"
+    cell = {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+            "source": ["import matplotlib.pyplot as plt\n", "plt.plot([1, 2])\n", "plt.show()\n"]}
+    notebook.write_text(json.dumps({"cells": [cell], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    figures = tmp_path / "not" / "there"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "run_notebook.py"
+    out = subprocess.run([sys.executable, str(tool), str(notebook), "--figures", str(figures)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (figures / "tiny-fig1.png").stat().st_size > 0

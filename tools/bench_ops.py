@@ -141,7 +141,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_ops needs a CUDA GPU", file=sys.stderr)
         return 2
-    assert ops.kernels_loaded(), "kernels not built"
+    assert ops.load_kernels(), "kernels not built"
     copy_gbps, write_gbps = copy_bandwidth(args.iters)
     device = torch.cuda.get_device_name()
     print(f"device: {device}; torch {torch.__version__}; device-to-device copy {copy_gbps:.0f} GB/s (read+write); "

@@ -1,6 +1,6 @@
 """Run a notebook's code cells in order in one namespace and print what they print, for
 machines without a Jupyter kernel (the lent GPU machines). Figures are rendered off-screen
-and saved beside --figures when given. CI runs notebooks with nbclient instead
+and saved in the --figures folder when given. CI runs notebooks with nbclient instead
 (tests/test_notebook.py).
 
     python tools/run_notebook.py examples/quickstart.ipynb --figures out/
@@ -16,9 +16,12 @@ from pathlib import Path
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("notebook", type=Path)
-    parser.add_argument("--figures", type=Path)
+    parser.add_argument("notebook", type=Path, help="the .ipynb file to run")
+    parser.add_argument("--figures", type=Path, metavar="DIR",
+                        help="save each figure shown as DIR/NOTEBOOK-figN.png (DIR is created when missing)")
     args = parser.parse_args()
+    if args.figures:
+        args.figures.mkdir(parents=True, exist_ok=True)  # now, not at the first figure after minutes of cells
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib.pyplot as plt
 
