@@ -39,7 +39,31 @@ def _info() -> int:
         print("deep_ep rows " + ("any width its kernels take (this build has the narrow-row fix, DeepEP abba6ad)"
                                  if narrow_rows_fixed() else "at least 2048 bytes (this build predates DeepEP's "
                                  "narrow-row fix, abba6ad; judged by the absence of deep_ep.topk_idx_t)"))
+    _print_backends()
     return 0
+
+
+def _print_backends() -> None:
+    """Which backend a dispatcher gets here, and why (registry.unavailable_here and auto's order)."""
+    import torch
+
+    from . import envs
+    from .managers import registry
+
+    print("backends     (config.moe_flex_backend, config.moe_flex_dispatcher_backend or FLEXDISPATCH_BACKEND)")
+    usable = {}
+    for name in registry.backend_names()[1:]:
+        why = registry.unavailable_here(name)
+        usable[name] = why is None
+        print(f"  {name:<10} {'usable' if why is None else 'not usable: ' + why}")
+    if not torch.cuda.is_available():
+        print("auto picks   local for one rank, alltoall for a group (no GPU here)")
+    else:
+        cuda = "deepep (nvlink where DeepEP cannot serve a call)" if usable["deepep"] else "nvlink"
+        print(f"auto picks   local for one rank; on a group: CPU tensors alltoall, CUDA tensors on one node {cuda}, "
+              f"across nodes {'deepep' if usable['deepep'] else 'alltoall'}")
+    if envs.backend():
+        print(f"FLEXDISPATCH_BACKEND={envs.backend()}: every dispatcher of this process uses it, whatever its config says")
 
 
 def _build(archs: Optional[list[str]]) -> int:

@@ -113,6 +113,7 @@ def routing_error(bits: int, route: Optional[torch.Tensor], num_experts: int, na
         detail = first_bad_slot(route, num_experts) if route is not None and route.dtype != torch.bool else ""
         return ValueError(f"{name}: invalid routing: {detail}".rstrip(": "))
     if bits & NONFINITE_PROB:
+        probs_name = "probs" if name == "probs" else probs_name  # (the dense entry names its probs for both)
         detail = first_bad_slot(route, num_experts, probs) if route is not None and probs is not None else ""
         return ValueError(f"{probs_name}: non-finite routing probability: {detail}".rstrip(": "))
     if bits & OUTPUT_OVERFLOW:

@@ -43,7 +43,7 @@ BAD_KINDS = ("index_out_of_range", "duplicate_index", "probs_transposed", "nan_p
              "hidden_width", "token_count", "topk_width")
 # The argument the error must name, on every rank.
 NAMED = {"index_out_of_range": ("token_indices",), "duplicate_index": ("token_indices",),
-         "probs_transposed": ("probs",), "nan_prob": ("probs", "token_probs"), "int_hidden": ("hidden_states",),
+         "probs_transposed": ("probs",), "nan_prob": ("probs",), "int_hidden": ("hidden_states",),
          "hidden_width": ("hidden_states",), "token_count": ("probs", "num_local_tokens"),
          "topk_width": ("token_indices", "token_probs")}
 

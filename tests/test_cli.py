@@ -30,6 +30,20 @@ def test_info_and_build_use_the_cache():
         assert line in info.stdout
 
 
+def test_info_says_which_backend_and_why():
+    info = cli("info", env={"FLEXDISPATCH_BACKEND": "alltoall"})
+    assert info.returncode == 0, info.stderr
+    lines = info.stdout.splitlines()
+    from flexdispatch.managers import registry
+
+    for name in registry.backend_names()[1:]:  # every backend, usable or with the reason it is not
+        row = next(line for line in lines if line.strip().startswith(name + " "))
+        why = registry.unavailable_here(name)
+        assert ("not usable: " + why) in row if why else row.rstrip().endswith("usable"), row
+    assert any(line.startswith("auto picks") and "local for one rank" in line for line in lines)
+    assert any(line.startswith("FLEXDISPATCH_BACKEND=alltoall") for line in lines)
+
+
 def test_clear_cache(tmp_path):
     (tmp_path / "flexdispatch_C-cpu-0123").mkdir()
     (tmp_path / "x.lock").write_text("")

@@ -109,8 +109,8 @@ def test_sync_free_mode(device):
     (lambda d, x, p: d.token_permutation(x, 10, p.flatten()), ValueError, r"probs: expected shape"),
     (lambda d, x, p: d.token_permutation(x.long(), 10, p), TypeError, "hidden_states: expected a floating-point"),
     (lambda d, x, p: d.token_permutation(x[:, :0], 10, p), ValueError, "hidden_states: expected a hidden size >= 1"),
-    (lambda d, x, p: d.token_permutation(x, 10, torch.where(p > 0.5, float("nan"), p)), ValueError, "probs: non-finite"),
-    (lambda d, x, p: d.token_permutation2(x, 10, torch.full((10, 2), float("inf")), torch.topk(p, 2)[1]), ValueError, "token_probs: non-finite"),
+    (lambda d, x, p: d.token_permutation(x, 10, torch.where(p > 0.5, float("nan"), p)), ValueError, "^probs: non-finite"),
+    (lambda d, x, p: d.token_permutation2(x, 10, torch.full((10, 2), float("inf")), torch.topk(p, 2)[1]), ValueError, "^token_probs: non-finite"),
     (lambda d, x, p: d.token_permutation(x, 10, p.long()), TypeError, "probs: expected a floating-point"),
     (lambda d, x, p: d.token_permutation2(x, 10, *torch.topk(p, 3)), ValueError, "token_indices: expected .*topk=2"),
     (lambda d, x, p: d.token_permutation2(x, 10, p[:, :2], torch.topk(p, 2)[1].float()), TypeError, "token_indices: expected an int32 or int64"),
@@ -338,3 +338,21 @@ def test_auto_takes_nvlink_only_for_cuda_tensors_on_nccl_with_kernels(monkeypatc
     monkeypatch.setattr(registry.ops, "cuda_kernels_loaded", lambda: True)
     assert registry.auto_passes_over("nvlink", group, device=cuda) is None
     assert registry.auto_passes_over("alltoall", group, device=cpu) is None
+
+
+def test_negative_routing_probs_follow_the_formula():
+    """Negative probabilities are accepted (the layer is linear in them; some routers produce
+    signed weights): the output is the dense formula's, through both entry points."""
+    xs, logits, weights = make_problem(8, [30], 16, 8)
+    dense = -torch.softmax(logits[0], -1)  # every prob negative: the top-k are the least negative
+    token_probs, token_indices = torch.topk(dense, 2)
+    want = dense_layer(xs[0], token_probs, token_indices, weights)
+    for entry in ("indices", "probs"):
+        d = make(8, 2)
+        if entry == "indices":
+            tokens, tpe, pprobs = d.token_permutation2(xs[0], 30, token_probs, token_indices)
+        else:
+            tokens, tpe, pprobs = d.token_permutation(xs[0], 30, dense)
+        assert (pprobs < 0).all()
+        out = d.token_unpermutation(apply_experts(tokens, tpe, pprobs, weights))
+        assert rel_err(out, want) < TOLERANCE[torch.float32], entry

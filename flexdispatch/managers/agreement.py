@@ -74,7 +74,8 @@ class Agreement:
         return max(h[STEP] for h in self.rows) + 1
 
     def check(self, rank: int, deferred: Optional[BaseException], route: Optional[torch.Tensor],
-              probs: Optional[torch.Tensor], num_experts: int, when: str) -> None:
+              probs: Optional[torch.Tensor], num_experts: int, when: str,
+              names: tuple = ("token_indices", "token_probs")) -> None:
         """Return if every rank may go on; else raise the error every rank raises.
 
         ``deferred``: this rank's own failed check, raised as it is (its message names the
@@ -96,7 +97,7 @@ class Agreement:
             if deferred is not None:
                 raise type(deferred)(f"{deferred} (every rank of the expert-parallel group raises {when})")
             if mine:
-                detail = routing_error(mine, route, num_experts, "token_indices", probs=probs)
+                detail = routing_error(mine, route, num_experts, names[0], probs=probs, probs_name=names[1])
                 raise ValueError(f"{str(detail).split(':', 1)[0]}: invalid routing on {where(bad)}; every rank raises "
                                  f"{when}: {detail}")
             first = rows[bad[0]]
@@ -104,7 +105,7 @@ class Agreement:
                 kind, arg = "invalid input", ARGUMENTS[first[ARG]] or "inputs"
             else:
                 kind = "invalid routing"
-                arg = "token_probs" if first[ERROR] == NONFINITE_PROB else "token_indices"
+                arg = names[1] if first[ERROR] == NONFINITE_PROB else names[0]
             raise ValueError(f"{arg}: {kind} on {where(bad)}; every rank raises {when} (that rank's error says "
                              f"what is wrong)")
         for field, name, arg in ((HIDDEN, "hidden size", "hidden_states"), (DTYPE, "dtype", "hidden_states"),

@@ -253,8 +253,8 @@ class _ManagerBase(LayerStates, _DispatchManager):
 
     LAYER_STATE = ("token_probs", "token_indices", "dispatched_indices", "dispatched_probs", "handle", "_plan",
                    "_num_tokens", "_num_dispatched", "_num_out", "_received_counts", "_route_status",
-                   "_checked_route", "_deferred", "_offered", "_fp8_rows", "_kept_fp8", "_pulled", "_stand_in",
-                   "_stage", "_step", "tokens_per_expert", "dropped_tokens")
+                   "_checked_route", "_route_names", "_deferred", "_offered", "_fp8_rows", "_kept_fp8", "_pulled",
+                   "_stand_in", "_stage", "_step", "tokens_per_expert", "dropped_tokens")
     """Every attribute that belongs to the layer a manager serves: its call in flight (set by
     :meth:`_release`) and what outlives a call (below). A manager shared by several dispatchers
     keeps one set per layer (:mod:`.sharing`)."""
@@ -293,6 +293,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         self._received_counts: Optional[torch.Tensor] = None  # host counts from this call's exchange
         self._route_status: Optional[torch.Tensor] = None  # the route check's int32 [2] on the device
         self._checked_route = None  # (indices, probs) as given, to describe a routing error
+        self._route_names = ("token_indices", "token_probs")  # the arguments a routing error names
         self._deferred: Optional[BaseException] = None  # this rank's failed check, raised at the exchange
         self._offered: Optional[torch.Tensor] = None  # dispatch's hidden_states, during the call
         self._fp8_rows = False  # this call's experts take FP8 rows (dispatch(fp8_rows=True))
@@ -347,7 +348,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         decision = agreement.Agreement(headers)
         try:
             route, probs = self._checked_route or (self.token_indices, self.token_probs)
-            decision.check(self.rank, self._deferred, route, probs, self.num_experts, when)
+            decision.check(self.rank, self._deferred, route, probs, self.num_experts, when, self._route_names)
         except Exception:
             self._step = decision.next_step()
             self.wait()
@@ -384,7 +385,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
                              f"elements, got shape {tuple(probs.shape)}")
         dense = probs.reshape(tokens, self.num_experts)
         token_probs, token_indices = torch.topk(dense, self.router_topk, dim=-1)
-        self._set_routing(token_probs, token_indices)
+        self._set_routing(token_probs, token_indices, names=("probs", "probs"))
 
     def set_routing(self, token_probs: torch.Tensor, token_indices: torch.Tensor,
                     num_local_tokens: Optional[int] = None) -> None:
@@ -393,7 +394,11 @@ class _ManagerBase(LayerStates, _DispatchManager):
         check_topk_routing(token_probs, token_indices, self.router_topk, num_local_tokens)
         self._set_routing(token_probs, token_indices)
 
-    def _set_routing(self, token_probs: torch.Tensor, token_indices: torch.Tensor) -> None:
+    def _set_routing(self, token_probs: torch.Tensor, token_indices: torch.Tensor,
+                     names: tuple = ("token_indices", "token_probs")) -> None:
+        """``names``: the arguments a routing error names (the caller's: dense ``probs``, whose
+        top-k indices cannot be wrong, or ``token_indices`` / ``token_probs``)."""
+        self._route_names = names
         indices, status = token_indices.long(), None
         if self.validate_routing and (not self.sync_free or self.world_size == 1):
             # Before capacity, which could drop a repeated expert's copy or rank a NaN first.
@@ -418,7 +423,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         is read at the permutation's sizing sync)."""
         p = probs.detach()
         if self.world_size == 1:
-            clean, status = ops.check_route_reported(indices, self.num_experts, p, "token_indices")
+            clean, status = ops.check_route_reported(indices, self.num_experts, p, self._route_names[0])
         else:
             clean, status = ops.check_route(indices, self.num_experts, 0, p)  # converts other float dtypes
         self._checked_route = (indices, p)

@@ -169,6 +169,28 @@ AUTO_ORDER = ("deepep", "nvlink", "alltoall")
 """What ``auto`` tries for a group of several ranks, best first (one rank: always local)."""
 
 
+def unavailable_here(name: str) -> Optional[str]:
+    """Why backend ``name`` cannot run on this machine whatever the group (None: it can, for
+    some group); what ``python -m flexdispatch info`` and the demo report before any group exists."""
+    from .. import engines  # (it imports this package)
+
+    if name in ("local", "alltoall"):
+        return None
+    if name == "nvlink":
+        return None if torch.cuda.is_available() else "no CUDA GPU here (its CPU emulation runs on gloo, for tests)"
+    if name == "deepep":
+        ok, why = deepep.deepep_available()
+        return None if ok else why
+    if name == "hybridep":
+        return None if engines._hybrid_ep_buffer_class() is not None else "deep_ep.HybridEPBuffer does not import"
+    if name == "uccl_ep":
+        if engines._uccl_buffer_class() is not None:
+            return None
+        ok, _ = deepep.deepep_available()
+        return None if ok else "neither UCCL-EP nor DeepEP imports (Automodel's uccl_ep falls back to DeepEP)"
+    raise ValueError(f"backend: expected one of {backend_names()}, got {name!r}")
+
+
 def backend_names() -> tuple[str, ...]:
     """Every backend name a config accepts (``moe_flex_backend``, ``moe_flex_dispatcher_backend``)."""
     return ("auto",) + tuple(BACKENDS)
