@@ -50,7 +50,9 @@ enum HeaderField : int32_t {
   kHeaderHidden = 5,  // the call's signature: hidden size, dtype, top-k
   kHeaderDtype = 6,
   kHeaderTopk = 7,
-  kHeaderWidth = 8,
+  kHeaderLayer = 8,   // which layer of the group the call is for (its dispatcher's creation order)
+  kHeaderConfig = 9,  // a hash of the layer's settings (backend, experts, FP8, sync-free, bound, ...)
+  kHeaderWidth = 10,
 };
 
 struct Header {

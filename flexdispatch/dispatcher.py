@@ -37,6 +37,8 @@ _SHARED_SLOTS = {"deepep": "shared_deepep_manager", "hybridep": "shared_hybridep
 """The class attribute each engine's shared manager is published on (Automodel's names); the
 first generation's ``shared_comm_manager`` holds flexdispatch's own backends', and, for a
 first-generation config (MoEConfig), the last manager published."""
+_LAYERS_BUILT: dict = {}
+"""id(group) -> dispatchers built on it so far: the next one's layer number."""
 _SHARED: dict = {}
 """(slot, backend, id(group), spec, backend options) -> (manager, group): every manager shared
 so far; a slot holds the last one published there. A slot found None drops its entries."""
@@ -133,6 +135,7 @@ class MoEFlexTokenDispatcher:
     # Defaults for an instance built without __init__ (the reference's tests do that).
     _comm_manager = None
     _shared = False
+    _vetted = False
     hybridep_metadata_processor: Optional[_HybridEPMetadataProcessor] = None
     hidden_shape: Optional[torch.Size] = None
 
@@ -167,6 +170,7 @@ class MoEFlexTokenDispatcher:
         self._comm_manager = None  # the constructor's, or the first dispatch's (auto); assignable
         self._shared = False  # whether the manager may serve other dispatchers too (see .managers.sharing)
         self._id = id(self)  # (what a shared manager knows its current dispatcher by)
+        self._vetted = False  # the first call has checked the group (and settled auto's choice)
         self._combine_async = False  # the last combine_all_to_all left its transfer in flight
         # The constructor's choice: a backend, or the candidate auto probes at the first dispatch,
         # and why auto passed a better one over (said at the first CUDA dispatch).
@@ -176,6 +180,16 @@ class MoEFlexTokenDispatcher:
         self._fallback_reason: Optional[str] = self._choice.passed_over
         if self._choice.name is not None:
             self._comm_manager = self._obtain_manager(self._choice.name)
+        # The layer's number in its group (creation order), sent in every header, and what its
+        # ranks must agree on at the first call.
+        self._layer_id = _LAYERS_BUILT.get(id(ep_group), 0)
+        _LAYERS_BUILT[id(ep_group)] = self._layer_id + 1
+        self._settings = dict(backend=requested, layer=self._layer_id, moe_fp8_experts=cfg.moe_fp8_experts,
+                              moe_fp8_fused_permutation=cfg.moe_fp8_fused_permutation,
+                              **{CONFIG_NAMES.get(f.name, f.name): getattr(self.spec, f.name)
+                                 for f in dataclasses.fields(self.spec)})
+        if self._comm_manager is not None and not self._shared:  # (a shared one learns it when it serves us)
+            self._name_layer(self._comm_manager)
         if isinstance(self._comm_manager, _HybridEPManager):
             self.hybridep_metadata_processor = _HybridEPMetadataProcessor(
                 num_experts=self.spec.num_experts, permute_fusion=cfg.moe_permute_fusion,
@@ -222,48 +236,79 @@ class MoEFlexTokenDispatcher:
         manager = self._comm_manager
         if self._shared and isinstance(manager, LayerStates) and manager.serving_key != self._id:
             manager.serve(self)
+            self._name_layer(manager)
         return manager
 
-    def _manager_for(self, hidden: Optional[torch.Tensor], error: Optional[BaseException]):
-        """The manager, chosen at the first dispatch when ``auto`` depends on the tensors.
+    def _name_layer(self, manager) -> None:
+        """Tell the manager which layer its calls are for (it sends the number in its headers)."""
+        if isinstance(manager, LayerStates):
+            manager.layer_id = self._layer_id
 
-        That choice is the call's first exchange: every rank says whether the candidate backend
-        can serve its tensors (and its host, for backends of one node) and whether its own checks
-        failed; all take the same choice, or all raise. A candidate passed over by any rank gives
-        way to the next of ``AUTO_ORDER``, voted on the same way when it too needs the tensors.
+    def _manager_for(self, hidden: Optional[torch.Tensor], error: Optional[BaseException]):
+        """The manager, after the layer's first call has checked the group (and chosen the
+        backend when ``auto`` depends on the tensors).
+
+        That check is the first call's first exchange: every rank sends its layer's settings
+        (backend asked for, experts, top-k, FP8, sync-free, bound, ..., and the layer's number
+        in the group), whether its own checks failed, its host and, for ``auto``, whether the
+        candidate backend can serve its tensors. Ranks that built the layer differently, or a
+        failed check, make every rank raise; a candidate passed over by any rank (or a one-node
+        backend on several hosts) gives way to the next of ``AUTO_ORDER``, voted on the same way.
         """
-        if self._comm_manager is not None:
+        if self._vetted or self.ep_size == 1:
             return self._manager()
         candidate, host = self._choice.candidate, socket.gethostname()
         while True:
             reason = error and "this rank's inputs were invalid"
-            if reason is None:
+            if reason is None and candidate is not None:
                 reason = registry.auto_passes_over(candidate, self.group, device=hidden.device, dtype=hidden.dtype,
                                                    hidden=hidden.shape[-1], topk=self.config.moe_router_topk)
-            votes = all_gather_objects((reason, None if error is None else str(error), host), self.group)
-            failed = [r for r, (_, message, _) in enumerate(votes) if message is not None]
+            votes = all_gather_objects((reason, None if error is None else str(error), host, self._settings),
+                                       self.group)
+            self._agree_on_settings([v[3] for v in votes])
+            failed = [r for r, (_, message, _, _) in enumerate(votes) if message is not None]
             if failed:
                 if error is not None:
                     raise type(error)(f"{error} (every rank of the expert-parallel group raises before any token "
                                       f"moved)")
                 raise ValueError(f"hidden_states: invalid input on rank(s) {failed} of the expert-parallel group; "
                                  f"every rank raises before any token moved ({votes[failed[0]][1]})")
-            reasons = [r for r, _, _ in votes if r is not None]
-            hosts = sorted({h for _, _, h in votes})
+            if candidate is None:  # (a backend named: nothing to choose)
+                self._vetted = True
+                return self._manager()
+            reasons = [r for r, _, _, _ in votes if r is not None]
+            hosts = sorted({h for _, _, h, _ in votes})
             if not reasons and registry.BACKENDS[candidate].one_node and len(hosts) > 1:
                 reasons = [f"the expert-parallel group spans {len(hosts)} hosts"]
             if not reasons:
-                self._comm_manager = self._obtain_manager(candidate)
-                return self._manager()
+                return self._settle(candidate)
             chosen = registry.fallback(candidate, self.group)
             settled = not registry.BACKENDS[chosen].needs_tensors
             if hidden.is_cuda:  # (CPU tensors go to the all-to-all manager: nothing to warn about)
                 _warn_once(f"the {candidate} manager cannot serve this layer ({reasons[0]}); "
                            f"{'using' if settled else 'trying'} the {chosen} manager")
             if settled:
-                self._comm_manager = self._obtain_manager(chosen)
-                return self._manager()
+                return self._settle(chosen)
             candidate = chosen
+
+    def _settle(self, name: str):
+        self._comm_manager = self._obtain_manager(name)
+        if not self._shared:  # (a shared one learns it when it serves us)
+            self._name_layer(self._comm_manager)
+        self._vetted = True
+        return self._manager()
+
+    def _agree_on_settings(self, every: list) -> None:
+        """Raise on every rank, naming the settings and their values per rank, if the ranks
+        built this layer differently."""
+        differing = [key for key in every[0] if len({repr(s.get(key)) for s in every}) > 1]
+        if differing:
+            shown = "; ".join(f"{key}: " + ", ".join(f"rank {r}: {s.get(key)!r}" for r, s in enumerate(every))
+                              for key in differing)
+            what = ("the layers run in a different order on different ranks, or a rank built a layer its peers did "
+                    "not (a layer is numbered by the order its dispatcher was built in the group)"
+                    if differing == ["layer"] else "the ranks built this layer with different settings")
+            raise ValueError(f"config: {what} ({shown}); every rank raises before any token moved")
 
     @property
     def backend(self) -> Optional[str]:
@@ -493,11 +538,12 @@ class MoEFlexTokenDispatcher:
         if faults is not None and int(faults):
             calls = int(faults)
             faults.zero_()
-            raise RuntimeError(f"config.moe_sync_free: in {calls} call(s) since the last report the ranks of the "
-                               f"expert-parallel group disagreed (a check failed on a rank, or they passed different "
-                               f"token counts, hidden sizes, dtypes or top-k, or were at different steps); those calls "
-                               f"moved no token and their results are invalid. Call reset() and "
-                               f"flexdispatch.shutdown() on every rank before the next call")
+            raise RuntimeError(f"config.moe_sync_free: {calls} call(s) since the last report failed: invalid routing "
+                               f"on a rank (an expert id out of range or repeated in a row, a non-finite probability), "
+                               f"or the ranks of the expert-parallel group disagreed (a check failed on a rank, or "
+                               f"they passed different token counts, hidden sizes, dtypes or top-k, or were at "
+                               f"different steps); those calls moved no token and their results are invalid. Call "
+                               f"reset() and flexdispatch.shutdown() on every rank before the next call")
         counted = self.dropped_tokens()
         if counted is None:
             return 0

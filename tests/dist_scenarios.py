@@ -791,12 +791,17 @@ def automodel_moe_module(rank, world, backend="auto", steps=4, tokens=12, dim=16
     down = torch.randn(experts, inter, dim, generator=g, dtype=torch.float64) / inter ** 0.5
     local = experts // world
     mine = slice(rank * local, (rank + 1) * local)
+    # "uccl_ep+env": the README's recipe without any engine: dispatcher uccl_ep, FLEXDISPATCH_BACKEND=auto.
+    recipe = backend == "uccl_ep+env"
     engine = backend if backend in ("uccl_ep", "hybridep") else None
     errors = {}
     fd.dispatcher.forget_shared_managers()  # (a pool runs several of these)
+    os = __import__("os")
+    if recipe:
+        os.environ["FLEXDISPATCH_BACKEND"] = "auto"
     with engine_standins.installed(engine):
         engine_standins.CALLS.clear()
-        module = am_experts.GroupedExpertsDeepEP(cfg, backend=None, dispatcher_backend=backend)
+        module = am_experts.GroupedExpertsDeepEP(cfg, backend=None, dispatcher_backend="uccl_ep" if recipe else backend)
         module.gate_and_up_projs = torch.nn.Parameter(DTensor.from_local(gate_up[mine].float().clone(), mesh, [Shard(0)]))
         module.down_projs = torch.nn.Parameter(DTensor.from_local(down[mine].float().clone(), mesh, [Shard(0)]))
         module.init_token_dispatcher(mesh)
@@ -833,4 +838,88 @@ def automodel_moe_module(rank, world, backend="auto", steps=4, tokens=12, dim=16
                                rel_err(module.gate_and_up_projs.grad.to_local(), ggu[mine]),
                                rel_err(module.down_projs.grad.to_local(), dn.grad if False else gdn[mine]))
         calls = sum(engine_standins.CALLS.values())
+    if recipe:
+        del os.environ["FLEXDISPATCH_BACKEND"]
     return {"steps": steps, "errors": errors, "dispatcher": module.token_dispatcher.backend, "engine_calls": calls}
+
+
+def sync_free_bad_routing(rank, world, kind, bad_rank=0, hidden=16, topk=2, tokens=12):
+    """Sync-free NVLink layer: one rank passes invalid routing (``kind``). No rank may raise
+    inside the call (no host sync to agree at) nor exchange garbage: the call moves no token on
+    any rank and report_dropped_tokens raises on every rank; then the layer is right again."""
+    experts = 2 * world
+    d = _dispatcher(rank, world, experts, topk, moe_flex_backend="nvlink", moe_sync_free=True)
+    exact = _dispatcher(rank, world, experts, topk, moe_flex_backend="alltoall")
+
+    def call(disp, seed, corrupt=False):
+        x0, tp, ti, _, _ = _layer_inputs(rank, world, tokens, hidden, experts, topk, seed=seed)
+        tp, ti = tp.float().clone(), ti.clone()
+        if corrupt:
+            if kind == "nan":
+                tp[1, 0] = float("nan")
+            elif kind == "inf":
+                tp[1, 0] = float("inf")
+            elif kind == "duplicate":
+                ti[1, 1] = ti[1, 0]
+            else:
+                ti[1, 0] = {"above": experts + 3, "negative": -7, "huge": 2 ** 40}[kind]
+        rows, _, pp = disp.token_permutation2(x0, tokens, tp, ti)
+        return disp.token_unpermutation(rows * pp[:, None].to(rows.dtype))
+
+    out_bad = call(d, 1, corrupt=rank == bad_rank)
+    try:
+        d.report_dropped_tokens()
+        message = None
+    except RuntimeError as exc:
+        message = str(exc)
+    d.reset()
+    fd.shutdown()
+    out, want = call(d, 2), call(exact, 2)
+    return {"message": message, "bad_is_zero": bool((out_bad == 0).all()), "error": float((out - want).abs().max())}
+
+
+def layers_called_out_of_order(rank, world, backend="alltoall", hidden=8, topk=2, tokens=10):
+    """Two layers of the same settings; rank 0 calls A then B, the others B then A. Each rank's
+    first call must raise on every rank (the header names the layer), not exchange the other
+    layer's tokens; in the same order again, both layers are right."""
+    experts = 2 * world
+    a = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend)
+    b = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend)
+    exact = _dispatcher(rank, world, experts, topk, moe_flex_backend="alltoall")
+
+    def call(disp, seed):
+        x0, tp, ti, _, _ = _layer_inputs(rank, world, tokens, hidden, experts, topk, seed=seed)
+        rows, tpe, pp = disp.token_permutation2(x0, tokens, tp.float(), ti)
+        return disp.token_unpermutation(rows * pp[:, None].to(rows.dtype))
+
+    call(a, 1), call(b, 2)  # (both layers agreed once: the first call's check is behind them)
+    messages = []
+    for disp in ((a, b) if rank == 0 else (b, a)):
+        try:
+            call(disp, 3)
+            messages.append(None)
+        except (RuntimeError, ValueError) as exc:
+            messages.append(str(exc))
+        disp.reset()
+    errors = [float((call(disp, 4) - call(exact, 4)).abs().max()) for disp in (a, b)]
+    return {"messages": messages, "errors": errors}
+
+
+def layer_settings_differ(rank, world, field, hidden=8, topk=2, tokens=10):
+    """The ranks build one layer with different settings (``field``: the backend, FP8 dispatch,
+    the expert count): the first call raises on every rank, naming the setting and each rank's
+    value, before any token moves (no hang, no abort)."""
+    experts = 4 * world
+    options = {"backend": dict(moe_flex_backend="alltoall" if rank == 0 else "nvlink"),
+               "fp8": dict(moe_fp8_dispatch=rank == 0),
+               "experts": dict(num_moe_experts=experts * (1 + (rank == 0)))}[field]
+    options.setdefault("moe_flex_backend", "alltoall")
+    experts = options.pop("num_moe_experts", experts)
+    d = _dispatcher(rank, world, experts, topk, **options)
+    x = torch.randn(tokens, 128 if field == "fp8" else hidden)
+    tp, ti = torch.topk(torch.softmax(torch.randn(tokens, experts), -1), topk)
+    try:
+        d.token_permutation2(x, tokens, tp, ti)
+        return None
+    except (ValueError, RuntimeError) as exc:
+        return str(exc)

@@ -371,12 +371,13 @@ def test_shutdown_unpublishes_shared_managers():
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("world,backends", [(1, ("auto",)), (2, ("auto", "nvlink", "uccl_ep", "hybridep"))])
+@pytest.mark.parametrize("world,backends", [(1, ("auto",)), (2, ("auto", "nvlink", "uccl_ep", "hybridep", "uccl_ep+env"))])
 def test_automodel_moe_module_matches_dense(world, backends):
     """Automodel's GroupedExpertsDeepEP (its own code, with its token_dispatcher aliased to
     flexdispatch) forward and backward over several steps, against the dense float64 layer.
     Only the expert math is replaced (torch._grouped_mm has no CPU backward); the engines named
-    "uccl_ep" and "hybridep" run on their stand-ins."""
+    "uccl_ep" and "hybridep" run on their stand-ins; "uccl_ep+env" is the README's recipe for
+    machines without an engine (dispatcher uccl_ep, FLEXDISPATCH_BACKEND=auto)."""
     pytest.importorskip("nemo_automodel")
     from dist_pool import DistPool
 
@@ -385,7 +386,8 @@ def test_automodel_moe_module_matches_dense(world, backends):
         for backend in backends:
             for res in pool.run("automodel_moe_module", timeout=500, backend=backend, steps=4):
                 assert res["steps"] == 4
-                assert res["dispatcher"] == {"auto": "local" if world == 1 else "alltoall"}.get(backend, backend)
+                assert res["dispatcher"] == {"auto": "local" if world == 1 else "alltoall",
+                                             "uccl_ep+env": "alltoall"}.get(backend, backend)
                 assert max(res["errors"].values()) < 1e-5, (backend, res["errors"])
                 if backend in ("uccl_ep", "hybridep"):
                     assert res["engine_calls"] > 0, backend

@@ -222,3 +222,37 @@ def test_first_call_needs_no_numpy(pool):
     assert {r["backend"] for r in results} == {"local" if pool.world == 1 else "alltoall"}
     check([r["dense"] for r in results])
 
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["above", "negative", "huge", "nan", "inf", "duplicate"])
+def test_sync_free_invalid_routing_is_reported_on_every_rank(pool, kind):
+    """A sync-free NVLink call with invalid routing on one rank is emptied on every rank and
+    raised by report_dropped_tokens on every rank (it used to drop the slot in silence, or raise
+    on the rank that received a repeated expert while its peer lost the connection)."""
+    if pool.world == 1:
+        pytest.skip("one rank: invalid routing raises in the call")
+    for res in pool.run("sync_free_bad_routing", kind=kind):
+        assert res["message"] and "invalid routing" in res["message"], res
+        assert res["bad_is_zero"], res
+        assert res["error"] < 1e-6, res
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
+def test_layers_called_in_a_different_order_raise_on_every_rank(pool, backend):
+    if pool.world == 1:
+        pytest.skip("one rank has no order to disagree on")
+    for rank, res in enumerate(pool.run("layers_called_out_of_order", backend=backend)):
+        assert res["messages"][0] and "different layers" in res["messages"][0], (rank, res)
+        assert max(res["errors"]) < 1e-6, (rank, res)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("field,named", [("backend", "backend"), ("fp8", "moe_fp8_dispatch"),
+                                         ("experts", "num_moe_experts")])
+def test_ranks_that_built_a_layer_differently_raise_on_every_rank(pool, field, named):
+    if pool.world == 1:
+        pytest.skip("one rank cannot differ from itself")
+    for message in pool.run("layer_settings_differ", field=field):
+        assert message and message.startswith("config:") and named in message and "rank 1" in message, message

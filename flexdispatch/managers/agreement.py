@@ -11,6 +11,7 @@ step raise a clear error instead of aborting inside the communication library.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Optional
 
 import torch
@@ -20,8 +21,9 @@ from ..rowmap import NONFINITE_PROB, routing_error
 
 # Header fields, in order, as the kernels define them (cuda_src/flexdispatch.h, HeaderField).
 _FIELDS = _kernel_header.enum("HeaderField")
-ROWS, PHASE, STEP, ERROR, ARG, HIDDEN, DTYPE, TOPK = (_FIELDS[f"Header{name}"] for name in
-                                                      ("Rows", "Phase", "Step", "Error", "Arg", "Hidden", "Dtype", "Topk"))
+ROWS, PHASE, STEP, ERROR, ARG, HIDDEN, DTYPE, TOPK, LAYER, CONFIG = (
+    _FIELDS[f"Header{name}"] for name in ("Rows", "Phase", "Step", "Error", "Arg", "Hidden", "Dtype", "Topk", "Layer",
+                                          "Config"))
 WIDTH = _FIELDS["HeaderWidth"]
 
 DISPATCH, COMBINE = 1, 2
@@ -44,14 +46,21 @@ def dtype_code(dtype: Optional[torch.dtype]) -> int:
     return DTYPES.index(dtype) if dtype in DTYPES else len(DTYPES)
 
 
+def config_code(backend: str, spec) -> int:
+    """A 56-bit hash of a layer's backend and settings (stable across processes: ranks compare it)."""
+    digest = hashlib.blake2b(repr((backend, spec)).encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "little")
+
+
 def make_header(phase: int, step: int, hidden: Optional[torch.Tensor], topk: int, error: int = 0,
-                arg: int = 0, rows: int = 0) -> list[int]:
-    """One rank's header; ``hidden`` is the call's ``[T, H]`` tensor (None after a failed check)."""
+                arg: int = 0, rows: int = 0, layer: int = 0, config: int = 0) -> list[int]:
+    """One rank's header; ``hidden`` is the call's ``[T, H]`` tensor (None after a failed check);
+    ``layer`` the layer's creation order in its group, ``config`` :func:`config_code`."""
     header = [0] * WIDTH
     header[ROWS], header[PHASE], header[STEP], header[ERROR], header[ARG] = rows, phase, step, error, arg
     if hidden is not None:
         header[HIDDEN], header[DTYPE] = hidden.shape[-1], dtype_code(hidden.dtype)
-    header[TOPK] = topk
+    header[TOPK], header[LAYER], header[CONFIG] = topk, layer, config
     return header
 
 
@@ -85,6 +94,14 @@ class Agreement:
             return
         rows = self.rows
         where = lambda ranks: f"rank(s) {ranks} of the expert-parallel group"  # noqa: E731
+        if len({h[LAYER] for h in rows}) > 1:
+            layers = ", ".join(f"rank {w}: layer {h[LAYER]}" for w, h in enumerate(rows))
+            raise RuntimeError(f"dispatcher: the ranks of the expert-parallel group are calling different layers "
+                               f"({layers}; a layer is numbered by the order its dispatcher was built in the group): "
+                               f"the layers run in a different order on different ranks. Every rank raises {when}")
+        if len({h[CONFIG] for h in rows}) > 1:
+            raise ValueError(f"config: the ranks of the expert-parallel group built this layer with different settings "
+                             f"(backend, experts, FP8 dispatch, sync-free mode, bound, ...); every rank raises {when}")
         if len({(h[PHASE], h[STEP]) for h in rows}) > 1:
             states = ", ".join(f"rank {w}: step {h[STEP]} {PHASE_NAMES.get(h[PHASE], '?')}" for w, h in enumerate(rows))
             raise RuntimeError(f"dispatcher: the ranks of the expert-parallel group are at different steps of this "

@@ -218,6 +218,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
             self.moe_router_expert_pad_multiple, self.permute_fusion = moe_router_expert_pad_multiple, permute_fusion
             self.sync_free, self.max_tokens_per_expert = sync_free, max_tokens_per_expert
             self.validate_routing, self.fp8_dispatch = validate_routing, fp8_dispatch
+            self._config_code = 0
             self._new_layer_state()
             return
         if spec is None:  # built directly with the reference's arguments: check them here
@@ -235,6 +236,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
             raise ValueError(f"sync_free: the {self.name} manager needs host-side counts for its "
                              f"collectives; use the DeepEP or NVLink manager (one node) or one rank")
         self.spec = spec
+        self._config_code = agreement.config_code(self.name, spec)  # (in every header: ranks compare it)
         # The reference's attribute names, read from the spec (never changed after this).
         self.router_topk = spec.topk
         self.num_experts = spec.num_experts
@@ -254,16 +256,25 @@ class _ManagerBase(LayerStates, _DispatchManager):
     LAYER_STATE = ("token_probs", "token_indices", "dispatched_indices", "dispatched_probs", "handle", "_plan",
                    "_num_tokens", "_num_dispatched", "_num_out", "_received_counts", "_route_status",
                    "_checked_route", "_route_names", "_deferred", "_offered", "_fp8_rows", "_kept_fp8", "_pulled",
-                   "_stand_in", "_stage", "_step", "tokens_per_expert", "dropped_tokens")
+                   "_stand_in", "_stage", "_step", "tokens_per_expert", "dropped_tokens", "sync_free_faults",
+                   "layer_id")
     """Every attribute that belongs to the layer a manager serves: its call in flight (set by
     :meth:`_release`) and what outlives a call (below). A manager shared by several dispatchers
     keeps one set per layer (:mod:`.sharing`)."""
 
     def _new_layer_state(self) -> None:
         """A new layer's state: no call in flight, no step counted, nothing dropped."""
+        # Which layer of the group the calls are for (its dispatcher's creation order; the
+        # dispatcher sets it): in every header, so layers called in a different order on
+        # different ranks raise instead of exchanging each other's tokens.
+        self.layer_id = 0
         # Assignments the bound dropped, summed on the device over calls (no sync to add one);
         # read and cleared by the dispatcher's report_dropped_tokens.
         self.dropped_tokens: Optional[torch.Tensor] = None
+        # Sync-free calls of this layer that failed (invalid routing on a rank, or ranks that
+        # disagreed), found on the device and summed there; such calls move no token. Read and
+        # cleared (raised) by the dispatcher's report_dropped_tokens.
+        self.sync_free_faults: Optional[torch.Tensor] = None
         # Calls of this layer finished or abandoned: carried in every header, so ranks that are
         # at different calls of this layer raise instead of mixing their exchanges.
         self._step = 0
@@ -340,7 +351,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
             error |= agreement.INPUT_ERROR
             arg = agreement.argument_code(self._deferred)
         return agreement.make_header(phase, self._step, hidden if self._deferred is None else None,
-                                     self.router_topk, error, arg, rows)
+                                     self.router_topk, error, arg, rows, self.layer_id, self._config_code)
 
     def _agree(self, headers, when: str) -> None:
         """Go on if every rank's header agrees; else every rank releases the call, realigns its
@@ -354,6 +365,11 @@ class _ManagerBase(LayerStates, _DispatchManager):
             self.wait()
             self._release()
             raise
+
+    def _count_fault(self, ok: torch.Tensor) -> None:
+        """Add a failed sync-free call (``ok``: 0-d bool on the device, False when it failed)."""
+        fault = (~ok).long()
+        self.sync_free_faults = fault if self.sync_free_faults is None else self.sync_free_faults.add_(fault)
 
     def _expect(self, step: str, *stages: str) -> None:
         if self.spec is None:
@@ -400,9 +416,9 @@ class _ManagerBase(LayerStates, _DispatchManager):
         top-k indices cannot be wrong, or ``token_indices`` / ``token_probs``)."""
         self._route_names = names
         indices, status = token_indices.long(), None
-        if self.validate_routing and (not self.sync_free or self.world_size == 1):
+        if self.validate_routing:
             # Before capacity, which could drop a repeated expert's copy or rank a NaN first.
-            # (Sync-free groups have no host wait to agree on an error at: not validated.)
+            # (Sync-free groups agree on the status on the device, or count it as a fault.)
             indices, status = self._check_route(indices, token_probs)
         if self.capacity_factor is not None:
             indices = self._apply_capacity(token_probs, indices)

@@ -484,6 +484,10 @@ class _DeepepManager(_ManagerBase):
             except (ValueError, TypeError) as exc:
                 self.defer(exc)
                 hidden_states = None
+        if self.sync_free and self._route_status is not None:
+            # No exchange to agree at: invalid routing (already dropped by the check, so DeepEP
+            # never sees it) is counted on this rank and raised by report_dropped_tokens.
+            self._count_fault(self._route_status[0] == 0)
         if self.sync_free and hidden_states is None:
             # No host wait to agree at: a rank's failed check cannot reach its peers here.
             error, self._deferred = self._deferred, None

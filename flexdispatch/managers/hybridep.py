@@ -92,7 +92,7 @@ class _HybridEPManager(LayerStates, _DispatchManager):
     name = "hybridep"
     LAYER_STATE = ("token_probs", "token_indices", "routing_map", "handle", "num_permuted_tokens",
                    "num_unpadded_tokens", "tokens_per_expert", "dispatched_probs", "_route_status", "_checked_route",
-                   "_deferred", "_step", "_static_target_tokens", "_static_num_permuted_tokens")
+                   "_deferred", "_step", "_static_target_tokens", "_static_num_permuted_tokens", "layer_id")
 
     def __init__(self, group, num_local_experts: int, num_experts: int, router_topk: int, permute_fusion: bool = False,
                  moe_hybridep_num_sms: int = 24, moe_hybridep_permute_fusion: bool = False,
@@ -121,7 +121,12 @@ class _HybridEPManager(LayerStates, _DispatchManager):
                 "https://github.com/deepseek-ai/DeepEP/tree/hybrid-ep (or let flexdispatch choose one of its own "
                 "backends: moe_flex_backend='auto', or FLEXDISPATCH_BACKEND=auto)")
 
+    def _options(self) -> tuple:
+        return (self.num_experts, self.num_local_experts, self.router_topk, self.pad_multiple,
+                self.moe_hybridep_compact_routing, self.moe_hybridep_permute_fusion)
+
     def _new_layer_state(self) -> None:
+        self.layer_id = 0  # the layer's creation order in its group, in every header (see _ManagerBase)
         self._step = 0
         self._static_target_tokens: Optional[int] = None  # the pinned padded count (static routing)
         self._static_num_permuted_tokens = None
@@ -204,7 +209,8 @@ class _HybridEPManager(LayerStates, _DispatchManager):
         if self._deferred is not None:
             error, arg = agreement.INPUT_ERROR, agreement.argument_code(self._deferred)
         values = agreement.make_header(agreement.DISPATCH, self._step, None if self._deferred else hidden_states,
-                                       self.router_topk, error, arg, num_tokens)
+                                       self.router_topk, error, arg, num_tokens, self.layer_id,
+                                       agreement.config_code(self.name, self._options()))
         device = gather.group_device(self.group)
         like = torch.empty(0, 1, dtype=torch.int64, device=device)
         header = ops.make_header(like, values, None if self._route_status is None else self._route_status.to(device))

@@ -230,7 +230,7 @@ class _NvlinkManager(_ManagerBase):
     name = "nvlink"
     exchanges_in_combine = True  # combine's exchange carries a header (see _NvlinkCombine)
     supports_sync_free = True
-    LAYER_STATE = _ManagerBase.LAYER_STATE + ("_route", "sync_free_faults")
+    LAYER_STATE = _ManagerBase.LAYER_STATE + ("_route",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -238,12 +238,6 @@ class _NvlinkManager(_ManagerBase):
         self.stagger_pulls = True  # pulls start at the next rank's rows (False: at row 0, for A/B runs)
         self._emulate = os.environ.get("FLEXDISPATCH_NVLINK_TRANSPORT", "") == "gather"
         self._pinned: Optional[torch.Tensor] = None  # host copy of a combine's headers
-
-    def _new_layer_state(self) -> None:
-        super()._new_layer_state()
-        # Sync-free calls of this layer whose ranks disagreed (emptied on the device), summed on
-        # the device; read and cleared by the dispatcher's report_dropped_tokens.
-        self.sync_free_faults: Optional[torch.Tensor] = None
 
     def _release(self) -> None:
         super()._release()
@@ -347,10 +341,6 @@ class _NvlinkManager(_ManagerBase):
         breaks = (head[:, agreement.ERROR] != 0) | (head[:, agreement.PHASE:] != head[:1, agreement.PHASE:]).any(1)
         ok = ~breaks.any()
         return ok if tokens is None else ok & (head[:, agreement.ROWS] == tokens).all()
-
-    def _count_fault(self, ok: torch.Tensor) -> None:
-        fault = (~ok).long()
-        self.sync_free_faults = fault if self.sync_free_faults is None else self.sync_free_faults.add_(fault)
 
     def _agree_on_device(self, headers, every, in_rank, tokens: int, topk: int):
         """Sync-free: the headers checked on the device; if they disagree, every rank's
