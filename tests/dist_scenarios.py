@@ -923,3 +923,38 @@ def layer_settings_differ(rank, world, field, hidden=8, topk=2, tokens=10):
         return None
     except (ValueError, RuntimeError) as exc:
         return str(exc)
+
+
+def backward_skipped_on_one_rank(rank, world, backend="alltoall", skipping_rank=1, hidden=8, topk=2, tokens=10):
+    """Rank ``skipping_rank`` skips a call's backward and goes on to its next call while its
+    peers run that backward: every rank raises (the backward's first exchange carries the call's
+    header), nobody hangs or aborts; after reset() on every rank the next forward and backward
+    are right. Then a reset() between forward and backward on one rank changes nothing."""
+    experts = 2 * world
+    d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend)
+    exact = _dispatcher(rank, world, experts, topk, moe_flex_backend="alltoall")
+
+    def forward(disp, seed):
+        x0, tp, ti, _, _ = _layer_inputs(rank, world, tokens, hidden, experts, topk, seed=seed)
+        x = x0.clone().requires_grad_()
+        rows, _, pp = disp.token_permutation2(x, tokens, tp.float(), ti)
+        return x, disp.token_unpermutation(rows * pp[:, None].to(rows.dtype) * 2.0)
+
+    _, out = forward(d, 1)
+    message = None
+    try:
+        if rank == skipping_rank:
+            forward(d, 2)  # (its next call, while its peers run the backward of the first)
+        else:
+            out.sum().backward()
+    except (RuntimeError, ValueError) as exc:
+        message = str(exc)
+    d.reset()
+    grads = []
+    for disp in (d, exact):
+        x, out = forward(disp, 3)
+        if disp is d and rank == skipping_rank:
+            d.reset()  # between forward and backward: harmless
+        out.square().sum().backward()
+        grads.append(x.grad)
+    return {"message": message, "grad_error": float((grads[0] - grads[1]).abs().max())}

@@ -256,3 +256,15 @@ def test_ranks_that_built_a_layer_differently_raise_on_every_rank(pool, field, n
         pytest.skip("one rank cannot differ from itself")
     for message in pool.run("layer_settings_differ", field=field):
         assert message and message.startswith("config:") and named in message and "rank 1" in message, message
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
+def test_a_rank_skipping_backward_makes_every_rank_raise(pool, backend):
+    """One rank skips a backward and starts its next call (its peers aborted inside gloo, or
+    read backward data as a header): every rank raises, then all recover."""
+    if pool.world == 1:
+        pytest.skip("one rank has no peer to skip on")
+    for rank, res in enumerate(pool.run("backward_skipped_on_one_rank", backend=backend)):
+        assert res["message"] and "different steps" in res["message"], (rank, res)
+        assert res["grad_error"] < 1e-6, (rank, res)

@@ -26,8 +26,8 @@ ROWS, PHASE, STEP, ERROR, ARG, HIDDEN, DTYPE, TOPK, LAYER, CONFIG = (
                                           "Config"))
 WIDTH = _FIELDS["HeaderWidth"]
 
-DISPATCH, COMBINE = 1, 2
-PHASE_NAMES = {DISPATCH: "dispatch", COMBINE: "combine"}
+DISPATCH, COMBINE, BACKWARD = 1, 2, 3
+PHASE_NAMES = {DISPATCH: "dispatch", COMBINE: "combine", BACKWARD: "backward"}
 
 # Error bits beyond the routing ones of rowmap (1 range, 2 duplicate, 8 non-finite prob).
 INPUT_ERROR = 1 << 8  # a local argument check failed; ARG names the argument

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from .. import ops
 from . import agreement, gather
-from .base import Dispatched, _ManagerBase, received_fp8_rows
+from .base import BackwardCheck, Dispatched, _ManagerBase, received_fp8_rows
 
 
 def _drain(pending: list) -> None:
@@ -86,16 +86,31 @@ def routing_by_rank(indices: torch.Tensor, world: int, local: int) -> tuple[torc
     return in_rank, torch.cat([in_rank.sum(0, dtype=torch.int64)[:, None], expert_counts], dim=1)
 
 
+def _agree_in_backward(check, grad: torch.Tensor, group, width: int) -> None:
+    """A backward's first exchange: every rank's header in the shape of a dispatch's first
+    exchange (``[W, WIDTH + E_local]``), so a peer that went on to its next call meets it and
+    every rank raises; realigns this call's layer on disagreement (see BackwardCheck)."""
+    world = dist.get_world_size(group)
+    message = torch.zeros(world, width, dtype=torch.int64)
+    message[:, :agreement.WIDTH] = torch.tensor(check.values, dtype=torch.int64)
+    message = message.to(grad.device)
+    received = torch.empty_like(message)
+    _exchange(received, message, None, None, group)
+    headers = received[:, :agreement.WIDTH].cpu()
+    if not check.agreed(headers):
+        check.raise_disagreement(headers)
+
+
 class _AllToAllDispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, meta, plan, send_splits, recv_splits, group, async_finish, fp8, keep_fp8):
+    def forward(ctx, hidden, meta, plan, send_splits, recv_splits, group, async_finish, fp8, keep_fp8, check):
         """``(recv, recv_meta, in_flight, kept)``: ``in_flight`` is ``(work, send, finish)`` for an
         async transfer (the caller waits, then calls ``finish`` if it is not None; ``send`` must
         live until then), else None. With ``fp8`` the rows travel as FP8 bytes and scales and
         are dequantized into ``recv`` once they have landed, unless ``keep_fp8``: then ``kept``
         is ``(rows, scales)``, views of the landing payload, and ``recv`` a zero-stride
         stand-in (the permutation dequantizes them); else ``kept`` is None."""
-        ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group = plan, send_splits, recv_splits, group
+        ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group, ctx.check = plan, send_splits, recv_splits, group, check
         received = sum(recv_splits)
         send_meta = ops.apply_permutation(meta, plan)
         recv_meta = meta.new_empty(received, meta.shape[1])
@@ -116,29 +131,31 @@ class _AllToAllDispatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_recv, grad_recv_meta, _in_flight, _kept):
+        _agree_in_backward(ctx.check, grad_recv, ctx.group, agreement.WIDTH + ctx.check.manager.num_local_experts)
         # Both collectives run on every rank, whatever this rank needs.
         grads = []
         for grad in (grad_recv, grad_recv_meta):
             back = grad.new_empty(sum(ctx.send_splits), grad.shape[1])
             _exchange(back, grad, ctx.send_splits, ctx.recv_splits, ctx.group)
             grads.append(ops.unpermute(back, ctx.plan))
-        return grads[0], grads[1], None, None, None, None, None, None, None
+        return grads[0], grads[1], None, None, None, None, None, None, None, None
 
 
 class _AllToAllCombine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, plan, send_splits, recv_splits, group):
-        ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group = plan, send_splits, recv_splits, group
+    def forward(ctx, hidden, plan, send_splits, recv_splits, group, check):
+        ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group, ctx.check = plan, send_splits, recv_splits, group, check
         back = hidden.new_empty(sum(send_splits), hidden.shape[1])
         _exchange(back, hidden, send_splits, recv_splits, group)
         return ops.unpermute(back, plan)
 
     @staticmethod
     def backward(ctx, grad_out):
+        _agree_in_backward(ctx.check, grad_out, ctx.group, agreement.WIDTH + ctx.check.manager.num_local_experts)
         send = ops.apply_permutation(grad_out.contiguous(), ctx.plan)
         grad = grad_out.new_empty(sum(ctx.recv_splits), grad_out.shape[1])
         _exchange(grad, send, ctx.recv_splits, ctx.send_splits, ctx.group)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 class _AllToAllManager(_ManagerBase):
@@ -220,7 +237,8 @@ class _AllToAllManager(_ManagerBase):
         meta = torch.cat([indices, self.token_probs.double()], dim=1)  # (float64: cat promotes the indices)
         recv, recv_meta, in_flight, kept = _AllToAllDispatch.apply(hidden_states, meta, plan, self._send_splits,
                                                                    self._recv_splits, self.group, async_finish,
-                                                                   self.fp8_dispatch, keep_fp8)
+                                                                   self.fp8_dispatch, keep_fp8,
+                                                                   BackwardCheck(self, hidden_states))
         if in_flight is not None:
             self._pending.append(in_flight)
         prob_dtype = torch.float64 if self.router_dtype == "fp64" else torch.float32
@@ -232,4 +250,4 @@ class _AllToAllManager(_ManagerBase):
         self._exchange_headers(self._blank_message(agreement.COMBINE, None if self._deferred else hidden_states),
                                "before any row moved back")
         return _AllToAllCombine.apply(hidden_states, self._rank_plan, self._send_splits, self._recv_splits,
-                                      self.group)
+                                      self.group, BackwardCheck(self, hidden_states))

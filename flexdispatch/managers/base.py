@@ -34,6 +34,31 @@ _NEXT_STEP = {
 }
 
 
+class BackwardCheck:
+    """The agreement of a call's backward exchanges: each sends the call's header with phase
+    "backward" first, so a rank that skipped a backward (or reset between forward and
+    backward) and went on to its next call meets its peers' backward with an agreed error on
+    every rank, not a mismatched transfer. Made at the forward, from the manager's header then."""
+
+    def __init__(self, manager: "_ManagerBase", hidden: torch.Tensor):
+        self.manager, self.key = manager, manager.serving_key
+        self.values = manager._header(agreement.BACKWARD, hidden)
+
+    def agreed(self, headers) -> bool:
+        """Whether every rank's header ``[W, WIDTH]`` (host) agrees; if not, this call's layer
+        is realigned to the step every rank continues from."""
+        decision = agreement.Agreement(headers)
+        if not decision.agreed():
+            self.manager.set_layer_value(self.key, "_step", decision.next_step())
+        return decision.agreed()
+
+    def raise_disagreement(self, headers) -> None:
+        """Raise the error every rank raises for these headers (they disagree)."""
+        agreement.Agreement(headers).check(self.manager.rank, None, None, None, self.manager.num_experts,
+                                           "in backward (no gradient moved)")
+        raise RuntimeError("dispatcher: the ranks' backward exchanges disagree")  # pragma: no cover
+
+
 class OutOfOrderError(RuntimeError):
     """A step called out of order; ``stage`` is where the call stands (the dispatcher names its
     own next method from it)."""
@@ -370,6 +395,16 @@ class _ManagerBase(LayerStates, _DispatchManager):
         """Add a failed sync-free call (``ok``: 0-d bool on the device, False when it failed)."""
         fault = (~ok).long()
         self.sync_free_faults = fault if self.sync_free_faults is None else self.sync_free_faults.add_(fault)
+
+    def add_layer_fault(self, key, ok: torch.Tensor) -> None:
+        """:meth:`_count_fault` for the layer of dispatcher ``key`` (a backward may run while a
+        shared manager serves another layer)."""
+        if key is None or self.serving_key == key or self._aside is None:
+            self._count_fault(ok)
+        elif key in self._aside:
+            held = self._aside[key].get("sync_free_faults")
+            fault = (~ok).long()
+            self._aside[key]["sync_free_faults"] = fault if held is None else held.add_(fault)
 
     def _expect(self, step: str, *stages: str) -> None:
         if self.spec is None:

@@ -56,7 +56,7 @@ import torch
 from .. import ops, peer_ops
 from . import agreement, gather, peer_buffers
 from .alltoall import _fp8_payload, routing_by_rank
-from .base import Dispatched, _ManagerBase, received_fp8_rows
+from .base import BackwardCheck, Dispatched, _ManagerBase, received_fp8_rows
 
 _META_ALIGN = 8  # float64 rows
 
@@ -120,14 +120,32 @@ def _make_route(counts: torch.Tensor, rank: int, in_rank: torch.Tensor, sizes: d
                   **sizes)
 
 
+def _backward_exchange(ctx, grad: torch.Tensor, parts: list):
+    """A backward exchange with the call's header first (see BackwardCheck), so a peer in
+    another phase meets it and every rank raises. Returns ``(tables, ok)``: ``ok`` None, or in
+    sync-free mode a 0-d bool on the device (no host read: a disagreement is counted as a fault
+    and the caller zeroes its gradients), and ``tables`` None when nothing may be read."""
+    check = ctx.check
+    manager = check.manager
+    headers, tables = ctx.transport.exchange(ops.make_header(grad, check.values), parts)
+    if manager.sync_free:
+        ok = manager._agreed_on_device(headers.to(grad.device))
+        manager.add_layer_fault(check.key, ok)
+        return tables, ok
+    host = headers[:, :agreement.WIDTH].cpu()
+    if not check.agreed(host) or tables is None:  # (the gather transport stops at disagreeing headers)
+        check.raise_disagreement(host)
+    return tables, None
+
+
 class _NvlinkDispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, send_meta, route, transport, fp8, keep_fp8, pull_later, max_blocks):
+    def forward(ctx, hidden, send_meta, route, transport, fp8, keep_fp8, pull_later, max_blocks, check):
         """``(rows, recv_meta, pulled, kept)``: ``pulled`` is ``(addrs [R], align, fp8, first_row)`` when
         ``pull_later`` (``rows`` is then a stand-in: the permutation reads the rows, FP8 ones
         dequantized), else None;
         ``kept`` the FP8 rows ``(q, scales)`` for the dequantizing permutation (``keep_fp8``)."""
-        ctx.route, ctx.transport, ctx.max_blocks = route, transport, max_blocks
+        ctx.route, ctx.transport, ctx.max_blocks, ctx.check = route, transport, max_blocks, check
         payload = _fp8_payload(hidden) if fp8 else hidden.contiguous()
         _, (tokens, meta) = transport.exchange(None, [(payload, route.token_cap), (send_meta, route.sent_cap)])
         meta_bytes = send_meta.shape[1] * send_meta.element_size()
@@ -154,9 +172,14 @@ class _NvlinkDispatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows, grad_meta, _pulled, _kept):
-        route, transport = ctx.route, ctx.transport
+        route = ctx.route
         # Both exchanges run on every rank, whatever this rank needs (autograd gives zeros).
-        _, (rows, meta) = transport.exchange(None, [(grad_rows, route.received_cap), (grad_meta, route.received_cap)])
+        tables, ok = _backward_exchange(ctx, grad_rows, [(grad_rows, route.received_cap),
+                                                         (grad_meta, route.received_cap)])
+        if tables is None:  # (sync-free, the gather transport: the ranks disagreed, nothing to read)
+            return (grad_rows.new_zeros(route.tokens, grad_rows.shape[1]), grad_meta.new_zeros(route.sent,
+                    grad_meta.shape[1])) + (None,) * 7
+        rows, meta = tables
         grad_hidden = grad_rows.new_empty(route.tokens, grad_rows.shape[1])
         row_bytes = grad_rows.shape[1] * grad_rows.element_size()
         peer_ops.sum_rows_from(route.home_addrs(rows, row_bytes), grad_hidden, peer_buffers.row_align(row_bytes),
@@ -165,7 +188,9 @@ class _NvlinkDispatch(torch.autograd.Function):
         grad_send_meta = grad_meta.new_empty(route.sent, grad_meta.shape[1])
         peer_ops.copy_rows_from(route.send_peer_addrs(meta, meta_bytes), grad_send_meta, _META_ALIGN,
                                 max_blocks=ctx.max_blocks)
-        return grad_hidden, grad_send_meta, None, None, None, None, None, None
+        if ok is not None:  # (sync-free: a disagreement moves no gradient)
+            grad_hidden, grad_send_meta = grad_hidden * ok, grad_send_meta * ok
+        return grad_hidden, grad_send_meta, None, None, None, None, None, None, None
 
 
 def _sum_home_rows(route: _Route, table: torch.Tensor, hidden: torch.Tensor, max_blocks: int) -> torch.Tensor:
@@ -179,8 +204,8 @@ def _sum_home_rows(route: _Route, table: torch.Tensor, hidden: torch.Tensor, max
 
 class _NvlinkCombine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, route, transport, manager, max_blocks):
-        ctx.route, ctx.transport, ctx.max_blocks = route, transport, max_blocks
+    def forward(ctx, hidden, route, transport, manager, max_blocks, check):
+        ctx.route, ctx.transport, ctx.max_blocks, ctx.check = route, transport, max_blocks, check
         hidden = hidden.contiguous()
         row_bytes = hidden.shape[1] * hidden.element_size()
         if manager.sync_free:  # the header checked on the device only (sized at dispatch)
@@ -208,7 +233,7 @@ class _NvlinkCombine(torch.autograd.Function):
                 transport.ensure(need)
                 _, tables = transport.exchange(None, [(hidden, route.received_cap)])
                 out = _sum_home_rows(route, tables[0], hidden, max_blocks)
-            transport.ensure(_region(route.token_cap, row_bytes))  # the backward's exchange
+            transport.ensure(_region(1, agreement.WIDTH * 8) + _region(route.token_cap, row_bytes))  # its backward
             return out
         return _sum_home_rows(route, tables[0], hidden, max_blocks)
 
@@ -216,12 +241,14 @@ class _NvlinkCombine(torch.autograd.Function):
     def backward(ctx, grad):
         route = ctx.route
         grad = grad.contiguous()
-        _, (rows,) = ctx.transport.exchange(None, [(grad, route.token_cap)])
+        tables, ok = _backward_exchange(ctx, grad, [(grad, route.token_cap)])
+        if tables is None:  # (sync-free, the gather transport: the ranks disagreed, nothing to read)
+            return (grad.new_zeros(route.received, grad.shape[1]),) + (None,) * 5
         row_bytes = grad.shape[1] * grad.element_size()
         out = grad.new_empty(route.received, grad.shape[1])
-        peer_ops.copy_rows_from(route.source_addrs(rows, row_bytes), out, peer_buffers.row_align(row_bytes),
+        peer_ops.copy_rows_from(route.source_addrs(tables[0], row_bytes), out, peer_buffers.row_align(row_bytes),
                                 max_blocks=ctx.max_blocks, first_row=route.first_row)
-        return out, None, None, None, None
+        return (out if ok is None else out * ok), None, None, None, None, None
 
 
 class _NvlinkManager(_ManagerBase):
@@ -375,11 +402,12 @@ class _NvlinkManager(_ManagerBase):
         row_bytes = width * hidden.element_size()
         payload_bytes = width + width // 32 if self.fp8_dispatch else row_bytes
         meta_bytes = (1 + 2 * topk) * 8
+        header = _region(1, agreement.WIDTH * 8)  # (every exchange but the dispatch's second starts with one)
         transport.ensure(max(
             _region(route.token_cap, payload_bytes) + _region(route.sent_cap, meta_bytes),  # dispatch
-            _region(route.received_cap, row_bytes) + _region(route.received_cap, meta_bytes),  # its backward
-            _region(1, agreement.WIDTH * 8) + _region(route.received_cap, row_bytes),  # combine
-            _region(route.token_cap, row_bytes)))  # combine's backward
+            header + _region(route.received_cap, row_bytes) + _region(route.received_cap, meta_bytes),  # its backward
+            header + _region(route.received_cap, row_bytes),  # combine
+            header + _region(route.token_cap, row_bytes)))  # combine's backward
 
     def _move(self, hidden_states, meta, route: _Route, transport, keep_fp8: bool, permute_next: bool,
               received_counts) -> Dispatched:
@@ -395,7 +423,8 @@ class _NvlinkManager(_ManagerBase):
         pull_later = permute_next and not torch.compiler.is_compiling() and (not fp8 or (
             keep_fp8 and not self._fp8_rows and peer_buffers.row_align(width + width // 32) >= fp8_align))
         rows, recv_meta, pulled, kept = _NvlinkDispatch.apply(hidden_states, send_meta, route, transport, fp8,
-                                                              keep_fp8, pull_later, self.max_blocks)
+                                                              keep_fp8, pull_later, self.max_blocks,
+                                                              BackwardCheck(self, hidden_states))
         local = self.num_local_experts
         prob_dtype = torch.float64 if self.router_dtype == "fp64" else torch.float32
         dispatched, probs = ops.received_routing(recv_meta, 1, topk, self.rank * local, local, prob_dtype,
@@ -419,4 +448,5 @@ class _NvlinkManager(_ManagerBase):
             self._agree(headers.cpu(), "before any row moved back")
             raise AssertionError("unreachable: the agreement raises on every rank")  # pragma: no cover
         transport = self._transport(hidden_states.device)
-        return _NvlinkCombine.apply(hidden_states, self._route, transport, self, self.max_blocks)
+        return _NvlinkCombine.apply(hidden_states, self._route, transport, self, self.max_blocks,
+                                    BackwardCheck(self, hidden_states))

@@ -13,6 +13,7 @@ any order, as with unshared managers, at the cost of a few attribute swaps per l
 from __future__ import annotations
 
 import weakref
+from typing import Optional
 
 
 class LayerStates:
@@ -53,6 +54,14 @@ class LayerStates:
         if key not in self._known:
             self._known.add(key)
             weakref.finalize(owner, self._forget, key)
+
+    def set_layer_value(self, key: Optional[int], name: str, value) -> None:
+        """Set attribute ``name`` of the layer whose dispatcher's id is ``key`` (None: the layer
+        of an unshared manager), wherever that layer's state is now."""
+        if key is None or self.serving_key == key or self._aside is None:
+            setattr(self, name, value)
+        elif key in self._aside:
+            self._aside[key][name] = value
 
     def _forget(self, key: int) -> None:
         """A dispatcher was collected: drop its state (its id may be reused by a new one)."""
