@@ -109,7 +109,8 @@ class TokenDispatcherConfig:
     moe_share_token_dispatcher: bool = True
     """Dispatchers of one backend, group and settings share one manager object, as in Automodel
     (``MoEFlexTokenDispatcher.shared_*_manager``). Unlike Automodel's, a shared manager keeps
-    each layer's call state apart, so layers may interleave their calls in any order."""
+    each layer's call state apart, so layers may interleave their calls in any order. Under
+    torch.compile the switch from one layer to another breaks the graph: set False there."""
     moe_deepep_async_dispatch: bool = False
     """The one-call methods (``token_permutation``, ``token_permutation2``,
     ``token_unpermutation``) dispatch and combine asynchronously; False: synchronously. The
@@ -216,9 +217,11 @@ class TokenDispatcherConfig:
 class MoEConfig(TokenDispatcherConfig):
     """The first generation's config class: :class:`TokenDispatcherConfig`'s fields, with the
     first generation's behaviour where the two differ: no engine named
-    (``moe_flex_dispatcher_backend=None``: ``moe_flex_backend``, "auto" by default, decides)
-    and asynchronous dispatch and combine in the one-call methods
-    (``moe_deepep_async_dispatch=True``)."""
+    (``moe_flex_dispatcher_backend=None``: ``moe_flex_backend``, "auto" by default, decides),
+    asynchronous dispatch and combine in the one-call methods
+    (``moe_deepep_async_dispatch=True``), and one manager per dispatcher
+    (``moe_share_token_dispatcher=False``; dispatchers of a group share DeepEP's buffer)."""
 
     moe_flex_dispatcher_backend: Optional[str] = None
+    moe_share_token_dispatcher: bool = False
     moe_deepep_async_dispatch: bool = True

@@ -188,8 +188,8 @@ class MoEFlexTokenDispatcher:
                               moe_fp8_fused_permutation=cfg.moe_fp8_fused_permutation,
                               **{CONFIG_NAMES.get(f.name, f.name): getattr(self.spec, f.name)
                                  for f in dataclasses.fields(self.spec)})
-        if self._comm_manager is not None and not self._shared:  # (a shared one learns it when it serves us)
-            self._name_layer(self._comm_manager)
+        if self._comm_manager is not None:
+            self._introduce(self._comm_manager)
         if isinstance(self._comm_manager, _HybridEPManager):
             self.hybridep_metadata_processor = _HybridEPMetadataProcessor(
                 num_experts=self.spec.num_experts, permute_fusion=cfg.moe_permute_fusion,
@@ -225,6 +225,8 @@ class MoEFlexTokenDispatcher:
         if manager is None or group is not self.group:
             manager = build()
             _SHARED[key] = (manager, self.group)
+            if isinstance(manager, LayerStates):
+                manager.adopt(self)
         setattr(MoEFlexTokenDispatcher, slot, manager)
         if isinstance(self.config, MoEConfig):  # the first generation reads its one name
             MoEFlexTokenDispatcher.shared_comm_manager = manager
@@ -238,6 +240,12 @@ class MoEFlexTokenDispatcher:
             manager.serve(self)
             self._name_layer(manager)
         return manager
+
+    def _introduce(self, manager) -> None:
+        """Name this layer to a manager it owns, or that serves it now (a shared manager learns
+        it when it next serves this layer)."""
+        if not self._shared or getattr(manager, "serving_key", None) == self._id:
+            self._name_layer(manager)
 
     def _name_layer(self, manager) -> None:
         """Tell the manager which layer its calls are for (it sends the number in its headers)."""
@@ -293,8 +301,7 @@ class MoEFlexTokenDispatcher:
 
     def _settle(self, name: str):
         self._comm_manager = self._obtain_manager(name)
-        if not self._shared:  # (a shared one learns it when it serves us)
-            self._name_layer(self._comm_manager)
+        self._introduce(self._comm_manager)
         self._vetted = True
         return self._manager()
 
@@ -378,7 +385,7 @@ class MoEFlexTokenDispatcher:
             else:  # HybridEP: the top-K of the dense probs, as the indices entry takes it
                 token_probs, token_indices = torch.topk(dense.reshape(num_local_tokens, self.spec.num_experts),
                                                        self.spec.topk, dim=-1)
-                manager.set_routing(token_probs, token_indices, num_local_tokens)
+                manager.set_routing(token_probs, token_indices, num_local_tokens, names=("probs", "probs"))
 
         return self._preprocess(hidden_states, num_local_tokens, route)
 

@@ -640,6 +640,19 @@ def backends_bitwise_equal(rank, world, backends=("alltoall", "nvlink"), device=
     return {"backends": (name_a, name_b), "differ": differ, "nonzero": nonzero}
 
 
+def _report_then_recover(d) -> "str | None":
+    """What report_dropped_tokens raises (None: nothing), then reset() and shutdown(), as its
+    message asks every rank to do."""
+    try:
+        d.report_dropped_tokens()
+        message = None
+    except RuntimeError as exc:
+        message = str(exc)
+    d.reset()
+    fd.shutdown()
+    return message
+
+
 def nvlink_sync_free_fault(rank, world, device="cpu", hidden=32, topk=2):
     """Sync-free NVLink layer: a call whose ranks pass different token counts moves no token
     (found on the device, no sync), report_dropped_tokens then raises on every rank; after
@@ -656,13 +669,7 @@ def nvlink_sync_free_fault(rank, world, device="cpu", hidden=32, topk=2):
         return disp.token_unpermutation(rows * pp[:, None].to(rows.dtype))  # (worst-case rows: no counts)
 
     out_bad = call(d, 12 + rank, 1)  # different T on every rank
-    try:
-        d.report_dropped_tokens()
-        message = None
-    except RuntimeError as exc:
-        message = str(exc)
-    d.reset()
-    fd.shutdown()
+    message = _report_then_recover(d)
     errors = []
     for seed in (2, 3):
         out, want = call(d, 16, seed), call(exact, 16, seed)
@@ -867,13 +874,7 @@ def sync_free_bad_routing(rank, world, kind, bad_rank=0, hidden=16, topk=2, toke
         return disp.token_unpermutation(rows * pp[:, None].to(rows.dtype))
 
     out_bad = call(d, 1, corrupt=rank == bad_rank)
-    try:
-        d.report_dropped_tokens()
-        message = None
-    except RuntimeError as exc:
-        message = str(exc)
-    d.reset()
-    fd.shutdown()
+    message = _report_then_recover(d)
     out, want = call(d, 2), call(exact, 2)
     return {"message": message, "bad_is_zero": bool((out_bad == 0).all()), "error": float((out - want).abs().max())}
 

@@ -92,7 +92,8 @@ class _HybridEPManager(LayerStates, _DispatchManager):
     name = "hybridep"
     LAYER_STATE = ("token_probs", "token_indices", "routing_map", "handle", "num_permuted_tokens",
                    "num_unpadded_tokens", "tokens_per_expert", "dispatched_probs", "_route_status", "_checked_route",
-                   "_deferred", "_step", "_static_target_tokens", "_static_num_permuted_tokens", "layer_id")
+                   "_route_names", "_deferred", "_step", "_static_target_tokens", "_static_num_permuted_tokens",
+                   "layer_id")
 
     def __init__(self, group, num_local_experts: int, num_experts: int, router_topk: int, permute_fusion: bool = False,
                  moe_hybridep_num_sms: int = 24, moe_hybridep_permute_fusion: bool = False,
@@ -144,6 +145,7 @@ class _HybridEPManager(LayerStates, _DispatchManager):
         self.dispatched_probs: Optional[torch.Tensor] = None
         self._route_status: Optional[torch.Tensor] = None
         self._checked_route: Optional[tuple] = None  # (token_indices, token_probs) as given, to describe an error
+        self._route_names = ("token_indices", "token_probs")  # the arguments an error names
         self._deferred: Optional[BaseException] = None
 
     def reset(self) -> None:
@@ -179,15 +181,17 @@ class _HybridEPManager(LayerStates, _DispatchManager):
         self.routing_map, self.token_probs = self._indices_to_multihot(token_indices, token_probs)
 
     def set_routing(self, token_probs: torch.Tensor, token_indices: torch.Tensor,
-                    num_local_tokens: Optional[int] = None) -> None:
+                    num_local_tokens: Optional[int] = None, names: tuple = ("token_indices", "token_probs")) -> None:
         """flexdispatch's routing entry (the dispatcher's): checked top-k routing, validated on
-        the device (bad entries dropped here, reported in the dispatch's exchange)."""
+        the device (bad entries dropped here, reported in the dispatch's exchange); ``names``:
+        the arguments an error names (``("probs", "probs")`` for top-k taken of dense probs)."""
         check_topk_routing(token_probs, token_indices, self.router_topk, num_local_tokens)
+        self._route_names = names
         indices, status = token_indices.long(), None
         if self.world_size > 1:
             indices, status = ops.check_route(indices, self.num_experts, 0, token_probs.detach())
         else:
-            indices, status = ops.check_route_reported(indices, self.num_experts, token_probs.detach(), "token_indices")
+            indices, status = ops.check_route_reported(indices, self.num_experts, token_probs.detach(), names[0])
         # Invalid routing is reported by the status (in the dispatch's exchange on a group): route
         # nothing meanwhile, so the multihot conversion never meets a repeated expert.
         indices = torch.where(status[0] != 0, -1, indices)
@@ -220,7 +224,8 @@ class _HybridEPManager(LayerStates, _DispatchManager):
         decision = agreement.Agreement(headers)
         try:
             route, probs = self._checked_route or (None, None)
-            decision.check(self.rank, self._deferred, route, probs, self.num_experts, "(no token moved)")
+            decision.check(self.rank, self._deferred, route, probs, self.num_experts, "(no token moved)",
+                           self._route_names)
         except Exception:
             self._step = decision.next_step()
             self._release()

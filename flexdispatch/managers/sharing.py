@@ -15,6 +15,8 @@ from __future__ import annotations
 import weakref
 from typing import Optional
 
+import torch
+
 
 class LayerStates:
     """Mixin: per-layer state of a manager that several dispatchers share.
@@ -32,6 +34,7 @@ class LayerStates:
     def _new_layer_state(self) -> None:
         raise NotImplementedError
 
+    @torch._dynamo.disable  # (a layer switch is host bookkeeping: torch.compile breaks its graph there)
     def serve(self, owner) -> None:
         """Put ``owner``'s layer state in this manager's attributes. Callers skip the call when
         ``serving_key == id(owner)`` (a plain int compare: no cost, and nothing for
@@ -62,6 +65,15 @@ class LayerStates:
             setattr(self, name, value)
         elif key in self._aside:
             self._aside[key][name] = value
+
+    def adopt(self, owner) -> None:
+        """Make ``owner`` (the dispatcher that built this manager) the one served now, with the
+        state in place, so a manager only one layer uses never swaps (nor breaks a compiled graph)."""
+        if self._known is None:
+            self._aside, self._known = {}, set()
+            self.serving_key = id(owner)
+            self._known.add(id(owner))
+            weakref.finalize(owner, self._forget, id(owner))
 
     def _forget(self, key: int) -> None:
         """A dispatcher was collected: drop its state (its id may be reused by a new one)."""
