@@ -16,7 +16,7 @@ import torch.distributed as dist
 from . import ops
 from ._log import logger
 from .config import MoEConfig
-from .managers import _ManagerBase, registry
+from .managers import _ManagerBase, groups, registry
 from .managers.base import _group_size_rank
 from .managers.gather import all_gather_objects
 from .spec import CONFIG_NAMES, LayerSpec
@@ -65,6 +65,8 @@ class MoEFlexTokenDispatcher:
 
     shared_comm_manager = None
     """Kept for compatibility with the reference; flexdispatch shares no manager."""
+    group = groups.WeakGroup()
+    """``ep_group``, held by weak reference: None once destroyed (see managers/groups.py)."""
 
     def __init__(self, num_local_experts: int, local_expert_indices: List[int], config: MoEConfig,
                  ep_group: Optional[dist.ProcessGroup] = None):
@@ -113,6 +115,7 @@ class MoEFlexTokenDispatcher:
         """
         if self._manager is not None:
             return self._manager
+        groups.require(self)
         candidate, host = self._choice.candidate, socket.gethostname()
         while True:
             reason = error and "this rank's inputs were invalid"

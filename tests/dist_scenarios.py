@@ -739,3 +739,44 @@ def peer_header_wait_traps(rank, world, timeout_s=2.0):
     except RuntimeError as exc:
         error = str(exc)
     return {"error": error, "waited": time.monotonic() - start}
+
+
+def nothing_holds_a_destroyed_group(rank, world, backend="alltoall"):
+    """Every way flexdispatch met a group (dispatchers, managers, transports, registries, an
+    autograd graph kept alive, a call that raised on every rank), then shutdown() and
+    destroy_process_group(): the group must be gone at once, not kept until the interpreter's
+    exit (where gloo aborted the process). Then the dispatcher says its group was destroyed."""
+    import gc
+
+    group = dist.new_group(list(range(world)))
+    probe = weakref.ref(group)
+    experts = 2 * world
+    d = fd.MoEFlexTokenDispatcher(2, [2 * rank, 2 * rank + 1], fd.MoEConfig(
+        num_moe_experts=experts, moe_router_topk=2, moe_flex_backend=backend), group)
+    kept = []
+    for backward in (True, False):  # a graph used by backward, and one kept alive without it
+        x = torch.randn(8, 4, requires_grad=True)
+        probs = torch.softmax(torch.randn(8, experts), -1).requires_grad_()
+        rows, tpe, pp = d.token_permutation(x, 8, probs)
+        out = d.token_unpermutation(rows * pp[:, None])
+        if backward:
+            out.sum().backward()
+        kept.append((rows, out))
+    bad = torch.topk(torch.rand(8, experts), 2).indices
+    if rank == 0:
+        bad[1, 0] = experts + 3
+    try:
+        d.token_permutation2(torch.randn(8, 4), 8, torch.rand(8, 2), bad)
+    except ValueError:
+        pass
+    fd.shutdown()
+    dist.destroy_process_group(group)
+    del group
+    alive = probe() is not None
+    holders = sorted({type(r).__name__ for r in gc.get_referrers(probe())}) if alive else []
+    try:
+        d.token_permutation(torch.randn(8, 4), 8, torch.softmax(torch.randn(8, experts), -1))
+        after = None
+    except RuntimeError as exc:
+        after = f"{type(exc).__name__}: {exc}"
+    return {"alive": alive, "holders": holders, "group_attr_none": d.group is None, "after": after}

@@ -14,7 +14,8 @@ def shutdown() -> int:
     """Free every communication buffer of this process: DeepEP's and the NVLink manager's peer
     buffers (collective: call it on every rank, before
     ``torch.distributed.destroy_process_group``). Returns how many were freed; calling it again
-    is harmless."""
+    is harmless. (flexdispatch holds process groups by weak reference only: nothing of it keeps
+    a group alive past destroy_process_group, see managers/groups.py.)"""
     return deepep.shutdown() + peer_buffers.release()
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from . import agreement, gather
+from . import agreement, gather, groups
 from .base import Dispatched, _ManagerBase, received_fp8_rows
 
 
@@ -95,7 +95,8 @@ class _AllToAllDispatch(torch.autograd.Function):
         are dequantized into ``recv`` once they have landed, unless ``keep_fp8``: then ``kept``
         is ``(rows, scales)``, views of the landing payload, and ``recv`` a zero-stride
         stand-in (the permutation dequantizes them); else ``kept`` is None."""
-        ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group = plan, send_splits, recv_splits, group
+        # (the group by weak reference: a graph kept past destroy_process_group must not keep it)
+        ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group_ref = plan, send_splits, recv_splits, groups.ref(group)
         received = sum(recv_splits)
         send_meta = ops.apply_permutation(meta, plan)
         recv_meta = meta.new_empty(received, meta.shape[1])
@@ -117,10 +118,10 @@ class _AllToAllDispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_recv, grad_recv_meta, _in_flight, _kept):
         # Both collectives run on every rank, whatever this rank needs.
-        grads = []
+        group, grads = groups.deref(ctx.group_ref), []
         for grad in (grad_recv, grad_recv_meta):
             back = grad.new_empty(sum(ctx.send_splits), grad.shape[1])
-            _exchange(back, grad, ctx.send_splits, ctx.recv_splits, ctx.group)
+            _exchange(back, grad, ctx.send_splits, ctx.recv_splits, group)
             grads.append(ops.unpermute(back, ctx.plan))
         return grads[0], grads[1], None, None, None, None, None, None, None
 
@@ -128,7 +129,7 @@ class _AllToAllDispatch(torch.autograd.Function):
 class _AllToAllCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, plan, send_splits, recv_splits, group):
-        ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group = plan, send_splits, recv_splits, group
+        ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group_ref = plan, send_splits, recv_splits, groups.ref(group)
         back = hidden.new_empty(sum(send_splits), hidden.shape[1])
         _exchange(back, hidden, send_splits, recv_splits, group)
         return ops.unpermute(back, plan)
@@ -137,7 +138,7 @@ class _AllToAllCombine(torch.autograd.Function):
     def backward(ctx, grad_out):
         send = ops.apply_permutation(grad_out.contiguous(), ctx.plan)
         grad = grad_out.new_empty(sum(ctx.recv_splits), grad_out.shape[1])
-        _exchange(grad, send, ctx.recv_splits, ctx.send_splits, ctx.group)
+        _exchange(grad, send, ctx.recv_splits, ctx.send_splits, groups.deref(ctx.group_ref))
         return grad, None, None, None, None
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from .. import ops, peer_ops
 from ..spec import MANAGER_NAMES, LayerSpec, expert_capacity, int_at_least
 from ..rowmap import RowIdMap
-from . import agreement
+from . import agreement, groups
 
 _NEXT_STEP = {
     "idle": "setup_metadata (or the dispatcher's dispatch_preprocess / token_permutation)",
@@ -150,6 +150,7 @@ class _ManagerBase(_DispatchManager):
     name = "base"
     supports_sync_free = False
     exchanges_in_combine = False  # whether combine starts with a header exchange (see agreement)
+    group = groups.WeakGroup()  # never kept alive by a manager (see groups)
 
     def __init__(self, group, router_topk: Optional[int] = None, permute_fusion: bool = False,
                  capacity_factor: Optional[float] = None, num_experts: Optional[int] = None,
@@ -280,6 +281,7 @@ class _ManagerBase(_DispatchManager):
             raise
 
     def _expect(self, step: str, *stages: str) -> None:
+        groups.require(self)  # (every step's first check: no collective on a destroyed group)
         if self._stage not in stages:
             raise RuntimeError(f"{step} called out of order: the next step of this dispatcher is "
                                f"{_NEXT_STEP[self._stage]} (call reset() to abandon a call in progress)")

@@ -36,12 +36,14 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import weakref
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .._log import logger
+from . import groups
 from .gather import all_gather_objects
 
 # (torch 2.13 renamed all_gather_into_tensor; the lent GPU machines run 2.11)
@@ -108,6 +110,11 @@ class Transport:
 
     world_size: int
     rank: int
+    group = groups.WeakGroup()  # never kept alive by a transport (see groups)
+
+    def _live_group(self):
+        groups.require(self, "peer buffer")
+        return self.group
 
     def exchange(self, header: Optional[torch.Tensor], parts: Sequence[tuple[torch.Tensor, int]]):
         """Publish ``parts`` (``(tensor [rows, ...], capacity rows)``, the capacities equal on
@@ -137,7 +144,7 @@ class GatherTransport(Transport):
 
     def _gather(self, part: torch.Tensor) -> torch.Tensor:
         out = part.new_empty((self.world_size * part.shape[0],) + tuple(part.shape[1:]))
-        _all_gather(out, part, group=self.group)
+        _all_gather(out, part, group=self._live_group())
         return out
 
     def exchange(self, header, parts):
@@ -212,7 +219,7 @@ class SymmetricTransport(Transport):
             # rank's stream to pass a barrier on it before it is freed. Growth is rare.
             self._handle.barrier(channel=0)
             torch.cuda.current_stream(self.device).synchronize()
-        buffer, handle = symmetric_buffer(self.group, self.device, size)
+        buffer, handle = symmetric_buffer(self._live_group(), self.device, size)
         self._buffer, self._handle, self._size = buffer, handle, size
         self._bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=self.device)
         self._pads = int(handle.signal_pad_ptrs_dev)
@@ -279,17 +286,20 @@ def _headers_agree(headers: torch.Tensor) -> bool:
     return Agreement(headers).agreed()
 
 
-_transports: dict = {}
+# group -> {(kind, device): Transport}; weak keys: an entry goes with its group (and a later
+# group that reuses its id() never finds it).
+_transports: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def transport_for(group, device: torch.device, emulate: bool = False) -> Transport:
     """The group's transport for tensors on ``device`` (made at the first call; shared)."""
     kind = "gather" if emulate or device.type != "cuda" else "symmetric"
-    key = (id(group), kind, str(device))
-    transport = _transports.get(key)
+    mine = _transports.setdefault(group, {})
+    key = (kind, str(device))
+    transport = mine.get(key)
     if transport is None:
         transport = GatherTransport(group) if kind == "gather" else SymmetricTransport(group, device)
-        _transports[key] = transport
+        mine[key] = transport
     return transport
 
 
@@ -297,7 +307,7 @@ def release() -> int:
     """Free every peer buffer of this process (collective: every rank of each group must call
     it, after its last NVLink call; the next call makes new ones). Returns the number freed."""
     freed = 0
-    for transport in list(_transports.values()):
+    for transport in [t for mine in list(_transports.values()) for t in mine.values()]:
         if isinstance(transport, SymmetricTransport) and transport._handle is not None:
             transport.release()
             freed += 1
