@@ -741,6 +741,41 @@ def peer_header_wait_traps(rank, world, timeout_s=2.0):
     return {"error": error, "waited": time.monotonic() - start}
 
 
+def stuck_peer_times_out(rank, world, backend="alltoall", timeout_s=2.0, stuck_rank=1):
+    """``stuck_rank`` sleeps inside a step (between dispatch and combine: in its experts, say)
+    for longer than FLEXDISPATCH_PEER_TIMEOUT_S; its peers' combine must raise once the timeout
+    has passed, naming it, and the stuck rank's own late combine must fail at once (the group
+    is unusable then). Runs on a group of its own, so the pool's group stays usable."""
+    import os
+    import time
+
+    group = dist.new_group(list(range(world)))
+    experts = 2 * world
+    d = fd.MoEFlexTokenDispatcher(2, [2 * rank, 2 * rank + 1], fd.MoEConfig(
+        num_moe_experts=experts, moe_router_topk=2, moe_flex_backend=backend), group)
+    x = torch.randn(8, 4)
+    probs = torch.softmax(torch.randn(8, experts), -1)
+    rows, _, pp = d.token_permutation(x, 8, probs)
+    saved = os.environ.get("FLEXDISPATCH_PEER_TIMEOUT_S")
+    os.environ["FLEXDISPATCH_PEER_TIMEOUT_S"] = str(timeout_s)  # (read at every collective)
+    try:
+        if rank == stuck_rank:
+            time.sleep(timeout_s + 2)
+        start, error = time.monotonic(), None
+        try:
+            d.token_unpermutation(rows * pp[:, None])
+        except RuntimeError as exc:
+            error = f"{type(exc).__name__}: {exc}" + "".join(getattr(exc, "__notes__", []))
+        waited = time.monotonic() - start
+    finally:
+        if saved is None:
+            os.environ.pop("FLEXDISPATCH_PEER_TIMEOUT_S", None)
+        else:
+            os.environ["FLEXDISPATCH_PEER_TIMEOUT_S"] = saved
+    dist.destroy_process_group(group)
+    return {"error": error, "waited": waited}
+
+
 def nothing_holds_a_destroyed_group(rank, world, backend="alltoall"):
     """Every way flexdispatch met a group (dispatchers, managers, transports, registries, an
     autograd graph kept alive, a call that raised on every rank), then shutdown() and

@@ -1,6 +1,7 @@
 """A process group used safely on gloo: nothing of flexdispatch keeps a destroyed group alive
-(gloo aborted processes at exit when something did). Each scenario runs on a group of its own
-(the pool's stays usable)."""
+(gloo aborted processes at exit when something did), and a peer that is alive but stuck is
+reported within FLEXDISPATCH_PEER_TIMEOUT_S, naming it, instead of holding the others for
+gloo's 30 minutes. Each scenario runs on a group of its own (the pool's stays usable)."""
 
 import pytest
 
@@ -25,3 +26,19 @@ def test_nothing_keeps_a_destroyed_group_alive(pool, backend):
         assert result["group_attr_none"], rank
         assert (result["after"] or "").startswith("GroupDestroyedError: the expert-parallel process group of this "
                                                   "dispatcher was destroyed"), (rank, result["after"])
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
+def test_a_stuck_peer_is_named_within_the_peer_timeout(pool, backend):
+    """Rank 1 sleeps in its experts for the timeout + 2 s; rank 0's combine gives up after the
+    timeout, naming rank 1 and the call; rank 1's late combine fails at once (gloo closed the
+    group's connections). Without the bound rank 0 waits for rank 1 (no error)."""
+    timeout = 2.0
+    stuck_out, late = pool.run("stuck_peer_times_out", timeout=60, backend=backend, timeout_s=timeout)
+    error = stuck_out["error"] or ""
+    assert error.startswith("PeerTimeoutError: ") and "step 0 of this layer, combine" in error, error
+    assert f"rank(s) [1] of the expert-parallel group did not arrive within {timeout:g} s " \
+           f"(FLEXDISPATCH_PEER_TIMEOUT_S); rank 0 gives up" in error, error
+    assert timeout - 0.1 <= stuck_out["waited"] <= timeout + 3, stuck_out["waited"]
+    assert "closed its connection" in (late["error"] or "") and late["waited"] < 2, late
