@@ -105,6 +105,7 @@ class MoEFlexTokenDispatcher:
 
     # ---- manager choice ---------------------------------------------------------------------
 
+    @groups.one_thread_at_a_time("dispatch_preprocess")  # (the first call's vote is a collective)
     def _manager_for(self, hidden: Optional[torch.Tensor], error: Optional[BaseException]) -> _ManagerBase:
         """The manager, chosen at the first dispatch when ``auto`` depends on the tensors.
 

@@ -1,7 +1,8 @@
 """A process group used safely on gloo: nothing of flexdispatch keeps a destroyed group alive
-(gloo aborted processes at exit when something did), and a peer that is alive but stuck is
-reported within FLEXDISPATCH_PEER_TIMEOUT_S, naming it, instead of holding the others for
-gloo's 30 minutes. Each scenario runs on a group of its own (the pool's stays usable)."""
+(gloo aborted processes at exit when something did), two threads calling dispatchers of one
+group at once raise on every rank instead of hanging or crashing, and a peer that is alive but
+stuck is reported within FLEXDISPATCH_PEER_TIMEOUT_S, naming it, instead of holding the others
+for gloo's 30 minutes. Each scenario runs on a group of its own (the pool's stays usable)."""
 
 import pytest
 
@@ -26,6 +27,24 @@ def test_nothing_keeps_a_destroyed_group_alive(pool, backend):
         assert result["group_attr_none"], rank
         assert (result["after"] or "").startswith("GroupDestroyedError: the expert-parallel process group of this "
                                                   "dispatcher was destroyed"), (rank, result["after"])
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
+def test_two_threads_on_one_group_raise_on_every_rank(pool, backend):
+    """Without the guard both threads enter collectives of one group at once (a hang or a
+    crash: the pool's timeout fails the test)."""
+    for rank, result in enumerate(pool.run("two_threads_one_group", timeout=60, backend=backend)):
+        a, b = result["errors"]["a"], result["errors"]["b"]
+        # B called while A was inside a call: it raised before any collective, every time.
+        assert all(e and e.startswith("ConcurrentCallError: threads: thread 'layer-b' called") and
+                   "while thread 'layer-a' was inside a call" in e for e in b), (rank, b)
+        # A's call carried it in its next exchange (every rank raised there), then every call
+        # raised at once.
+        assert a[0].startswith("ConcurrentCallError: threads: on this rank thread 'layer-b'") and \
+            "every rank of the expert-parallel group raises" in a[0], (rank, a)
+        assert all("until flexdispatch.shutdown()" in e for e in a[1:]), (rank, a)
+        assert result["recovered"], rank
 
 
 @pytest.mark.timeout(180)

@@ -123,10 +123,11 @@ class _AllToAllDispatch(torch.autograd.Function):
     def backward(ctx, grad_recv, grad_recv_meta, _in_flight, _kept):
         # Both collectives run on every rank, whatever this rank needs.
         group, grads = groups.deref(ctx.group_ref), []
-        for grad in (grad_recv, grad_recv_meta):
-            back = grad.new_empty(sum(ctx.send_splits), grad.shape[1])
-            _exchange(back, grad, ctx.send_splits, ctx.recv_splits, group, f"{ctx.call}, backward of dispatch")
-            grads.append(ops.unpermute(back, ctx.plan))
+        with groups.holding(group, "the backward of dispatch"):
+            for grad in (grad_recv, grad_recv_meta):
+                back = grad.new_empty(sum(ctx.send_splits), grad.shape[1])
+                _exchange(back, grad, ctx.send_splits, ctx.recv_splits, group, f"{ctx.call}, backward of dispatch")
+                grads.append(ops.unpermute(back, ctx.plan))
         return grads[0], grads[1], None, None, None, None, None, None, None, None
 
 
@@ -143,8 +144,9 @@ class _AllToAllCombine(torch.autograd.Function):
     def backward(ctx, grad_out):
         send = ops.apply_permutation(grad_out.contiguous(), ctx.plan)
         grad = grad_out.new_empty(sum(ctx.recv_splits), grad_out.shape[1])
-        _exchange(grad, send, ctx.recv_splits, ctx.send_splits, groups.deref(ctx.group_ref),
-                  f"{ctx.call}, backward of combine")
+        group = groups.deref(ctx.group_ref)
+        with groups.holding(group, "the backward of combine"):
+            _exchange(grad, send, ctx.recv_splits, ctx.send_splits, group, f"{ctx.call}, backward of combine")
         return grad, None, None, None, None, None
 
 

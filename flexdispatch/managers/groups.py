@@ -15,6 +15,9 @@ before any collective, instead of falling back to whatever group is the default 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import functools
+import threading
 import weakref
 from typing import Optional
 
@@ -45,6 +48,7 @@ class WeakGroup:
         global _met_a_group
         _met_a_group = _met_a_group or group is not None
         obj.__dict__["_group_ref"] = None if group is None else weakref.ref(group)
+        obj.__dict__["_group_guard"] = call_guard(group)  # (no lookup per call)
 
 
 def require(obj, what: str = "dispatcher") -> None:
@@ -69,6 +73,145 @@ def deref(group_ref: Optional[weakref.ref], what: str = "dispatcher's backward")
     if group is None:
         raise GroupDestroyedError(_GONE.format(what=what))
     return group
+
+
+# ---- one thread at a time per group ---------------------------------------------------------
+#
+# torch.distributed runs a group's collectives in the order each rank issues them; two threads
+# calling dispatchers of one group give each rank its own interleaving, which hung or crashed
+# (1 hang and 1 crash in 2 runs at EP 2). Whether two threads overlap is timing, seen by each
+# rank alone, so the decision is made in three steps that keep every rank's collectives matched:
+#
+# 1. A thread that calls while another thread of this rank is inside a call on the same group
+#    raises at once, before any collective (it never entered one; the other thread goes on).
+# 2. The group is then marked on this rank: its next call (from any thread) carries the error
+#    in its first exchange, as a failed argument check does, so every rank raises there together.
+# 3. Every rank that saw that exchange marks the group as announced: from then on each call on
+#    it raises at once, on every rank alike, until flexdispatch.shutdown().
+
+
+class ConcurrentCallError(RuntimeError):
+    """Dispatchers of one process group called from two threads at once."""
+
+
+def _name(thread: Optional[threading.Thread]) -> str:
+    return f"thread {thread.name!r}" if thread is not None else "another thread"
+
+
+_ADVICE = ("The collectives of one process group must come from one thread at a time (otherwise each rank "
+           "issues them in its own order, which hangs or crashes): drive a group's layers from one thread, or give "
+           "each thread its own process group")
+
+
+class CallGuard:
+    """One group's record of which thread is inside a call on it (see above)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owner: Optional[threading.Thread] = None  # the thread inside a call
+        self._depth = 0
+        self.seen: Optional[str] = None  # what this rank saw (step 2 pending), or None
+        self.announced = False  # step 3: every rank knows
+
+    def enter(self, step: str) -> None:
+        """Hold the group for this thread during ``step`` (re-entrant; :meth:`leave` after);
+        raises ConcurrentCallError if another thread holds it, or once the group is announced."""
+        me = threading.current_thread()
+        if self._owner is me:  # (only this thread ever sets it to itself)
+            self._depth += 1
+            return
+        if not self._lock.acquire(blocking=False):
+            seen = (f"{_name(me)} called {step} while {_name(self._owner)} was inside a call on the same "
+                    f"expert-parallel group")
+            self.seen = self.seen or seen
+            raise ConcurrentCallError(f"threads: {seen}. {_ADVICE}. This thread raises before any collective; the "
+                                      f"group's next call raises on every rank")
+        if self.announced:
+            self._lock.release()
+            raise ConcurrentCallError(f"threads: dispatchers of this expert-parallel group were called from two "
+                                      f"threads at once ({self.seen or 'seen on another rank'}); its calls raise on "
+                                      f"every rank until flexdispatch.shutdown() is called on every rank (a layer's "
+                                      f"first call after it may raise once more on every rank, to realign its steps "
+                                      f"across ranks). {_ADVICE}")
+        self._owner, self._depth = me, 1
+
+    def leave(self) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def held(self, step: str):
+        """:meth:`enter` and :meth:`leave` around a block."""
+        self.enter(step)
+        try:
+            yield self
+        finally:
+            self.leave()
+
+    def pending_error(self) -> Optional[ConcurrentCallError]:
+        """Step 2: the error this rank's next call carries in its first exchange, or None."""
+        if self.seen is None or self.announced:
+            return None
+        return ConcurrentCallError(f"threads: on this rank {self.seen}. {_ADVICE}")
+
+    def announce(self, seen: Optional[str] = None) -> None:
+        """Step 3 (every rank, at the exchange that carried the error)."""
+        self.seen = self.seen or seen
+        self.announced = True
+
+
+_guards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_guards_lock = threading.Lock()
+
+
+def call_guard(group) -> Optional[CallGuard]:
+    """The group's guard (None for no group: one rank, no collective)."""
+    if group is None:
+        return None
+    guard = _guards.get(group)
+    if guard is None:
+        with _guards_lock:  # (two threads may make the first call at once)
+            guard = _guards.setdefault(group, CallGuard())
+    return guard
+
+
+def guard_of(obj) -> Optional[CallGuard]:
+    """The guard of the group of ``obj`` (with a :class:`WeakGroup` attribute; None: no group)."""
+    return obj.__dict__.get("_group_guard")
+
+
+def one_thread_at_a_time(step: str):
+    """Decorate a method of an object with a :class:`WeakGroup` ``group`` whose calls may run
+    collectives (``step``: what the user called, for the message): another thread raises
+    before any collective (see above)."""
+    def wrap(method):
+        @functools.wraps(method)
+        def guarded(self, *args, **kwargs):
+            guard = guard_of(self)
+            if guard is None:
+                return method(self, *args, **kwargs)
+            guard.enter(step)
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                guard.leave()
+        return guarded
+    return wrap
+
+
+def reset_guards() -> None:
+    """Forget what the guards saw (flexdispatch.shutdown(), on every rank)."""
+    for guard in list(_guards.values()):
+        guard.seen, guard.announced = None, False
+
+
+def holding(group, step: str):
+    """``call_guard(group).held(step)``; nothing to hold without a group (autograd's backward
+    of a transfer, which runs collectives outside the managers' steps)."""
+    guard = call_guard(group)
+    return contextlib.nullcontext() if guard is None else guard.held(step)
 
 
 # ---- exit -----------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from typing import Optional
 import torch
 
 from .. import ops, peer_ops
-from . import agreement, gather, peer_buffers
+from . import agreement, gather, groups, peer_buffers
 from .alltoall import _fp8_payload, routing_by_rank
 from .base import Dispatched, _ManagerBase, received_fp8_rows
 
@@ -156,7 +156,9 @@ class _NvlinkDispatch(torch.autograd.Function):
     def backward(ctx, grad_rows, grad_meta, _pulled, _kept):
         route, transport = ctx.route, ctx.transport
         # Both exchanges run on every rank, whatever this rank needs (autograd gives zeros).
-        _, (rows, meta) = transport.exchange(None, [(grad_rows, route.received_cap), (grad_meta, route.received_cap)])
+        with groups.holding(transport.group, "the backward of dispatch"):
+            _, (rows, meta) = transport.exchange(None, [(grad_rows, route.received_cap),
+                                                        (grad_meta, route.received_cap)])
         grad_hidden = grad_rows.new_empty(route.tokens, grad_rows.shape[1])
         row_bytes = grad_rows.shape[1] * grad_rows.element_size()
         peer_ops.sum_rows_from(route.home_addrs(rows, row_bytes), grad_hidden, peer_buffers.row_align(row_bytes),
@@ -216,7 +218,8 @@ class _NvlinkCombine(torch.autograd.Function):
     def backward(ctx, grad):
         route = ctx.route
         grad = grad.contiguous()
-        _, (rows,) = ctx.transport.exchange(None, [(grad, route.token_cap)])
+        with groups.holding(ctx.transport.group, "the backward of combine"):
+            _, (rows,) = ctx.transport.exchange(None, [(grad, route.token_cap)])
         row_bytes = grad.shape[1] * grad.element_size()
         out = grad.new_empty(route.received, grad.shape[1])
         peer_ops.copy_rows_from(route.source_addrs(rows, row_bytes), out, peer_buffers.row_align(row_bytes),
