@@ -76,10 +76,11 @@ def _run(start: Callable, group, what: Call, missing: Optional[Callable[[], list
             work.wait()
     except RuntimeError as exc:
         what = what() if callable(what) else what
-        if "closed" in str(exc).lower() or "closure" in str(exc).lower() or not _timed_out(exc):
-            if "close" in str(exc).lower():
-                exc.add_note(f"flexdispatch: {what}: a peer of the expert-parallel group closed its connection: it "
-                             f"died, or gave up waiting for this rank (FLEXDISPATCH_PEER_TIMEOUT_S)")
+        if "close" in str(exc).lower():  # ("Connection closed by peer", "... caused pair closure")
+            exc.add_note(f"flexdispatch: {what}: the group's connections were closed: a peer died or gave up "
+                         f"waiting for this rank, or this rank gave up on a peer before (FLEXDISPATCH_PEER_TIMEOUT_S)")
+            raise
+        if not _timed_out(exc):
             raise
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         late = missing() if missing is not None else None
