@@ -306,7 +306,7 @@ class _ManagerBase(_DispatchManager):
             self.wait()
             self._release()
             if decision.threads_ranks():  # every rank saw it: the group's next calls raise at once
-                groups.guard_of(self).announce()
+                groups.announce(self)
             raise
 
     def _expect(self, step: str, *stages: str) -> None:

@@ -21,6 +21,8 @@ import threading
 import weakref
 from typing import Optional
 
+import torch
+
 
 class GroupDestroyedError(RuntimeError):
     """A call on a process group that ``torch.distributed.destroy_process_group`` destroyed."""
@@ -53,9 +55,9 @@ class WeakGroup:
 
 def require(obj, what: str = "dispatcher") -> None:
     """Raise GroupDestroyedError if ``obj`` (with a :class:`WeakGroup` attribute) was given a
-    group that no longer exists."""
+    group that no longer exists (not checked while torch.compile traces: eager calls check)."""
     ref = obj.__dict__.get("_group_ref")
-    if ref is not None and ref() is None:
+    if ref is not None and not torch.compiler.is_compiling() and ref() is None:
         raise GroupDestroyedError(_GONE.format(what=what))
 
 
@@ -178,8 +180,16 @@ def call_guard(group) -> Optional[CallGuard]:
 
 
 def guard_of(obj) -> Optional[CallGuard]:
-    """The guard of the group of ``obj`` (with a :class:`WeakGroup` attribute; None: no group)."""
-    return obj.__dict__.get("_group_guard")
+    """The guard of the group of ``obj`` (with a :class:`WeakGroup` attribute); None: no group,
+    or torch.compile is tracing (a host lock has no place in a graph; eager calls hold it)."""
+    return None if torch.compiler.is_compiling() else obj.__dict__.get("_group_guard")
+
+
+def announce(obj) -> None:
+    """Step 3 for the group of ``obj`` (with a :class:`WeakGroup` attribute)."""
+    guard = obj.__dict__.get("_group_guard")
+    if guard is not None:
+        guard.announce()
 
 
 def one_thread_at_a_time(step: str):
@@ -208,9 +218,10 @@ def reset_guards() -> None:
 
 
 def holding(group, step: str):
-    """``call_guard(group).held(step)``; nothing to hold without a group (autograd's backward
-    of a transfer, which runs collectives outside the managers' steps)."""
-    guard = call_guard(group)
+    """``call_guard(group).held(step)``; nothing to hold without a group or while torch.compile
+    traces (autograd's backward of a transfer, which runs collectives outside the managers'
+    steps)."""
+    guard = None if torch.compiler.is_compiling() else call_guard(group)
     return contextlib.nullcontext() if guard is None else guard.held(step)
 
 
