@@ -20,7 +20,14 @@ PyTorch ops), ``1`` (a failed build raises), ``0`` (build nothing, use the PyTor
 Shared machines: the cache folder is created private (0700); a folder, library or manifest
 that another user owns, that others may write, or that is a symlink to another user's file is
 never loaded (:class:`UnsafeCacheError`: the kernels are then built in a private temporary
-folder for this process). A build lock held by another process is waited for at most
+folder for this process). Every folder above the cache folder must be owned by this user or
+root and not writable by others (unless sticky, as /tmp), so that nobody else can rename,
+replace or re-point a part of its path; they are checked through directory descriptors, one
+component at a time (a swap during the check is seen, never followed). Build locks live in a
+private subfolder (``.locks``, 0700; lock files 0600): another user cannot open one, so cannot
+hold it. A cache folder that cannot be written (read-only file system, no permission) is said
+as such (:class:`CacheNotWritableError`; the kernels are then built privately too), not as a
+failed build. A build lock held by another process is waited for at most
 ``FLEXDISPATCH_LOCK_TIMEOUT`` seconds (default 900), then :class:`LockTimeoutError` names the
 holder (pid, host). A failed build is not retried by the processes waiting behind it for
 ``FLEXDISPATCH_BUILD_RETRY_S`` seconds (default 600; a full disk would fail each of them again).
@@ -29,8 +36,10 @@ Folders of killed builds (``.tmp-*``) are removed by the next build of the same 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
+import errno
 import hashlib
 import importlib.util
 import json
@@ -57,6 +66,11 @@ EXTENSION_NAME = "flexdispatch_C"
 
 class UnsafeCacheError(RuntimeError):
     """A cached file or folder another user could have planted or changed: never loaded."""
+
+
+class CacheNotWritableError(RuntimeError):
+    """The cache folder cannot be written (read-only file system, no permission): reported as
+    such, not as a failed build."""
 
 
 class LockTimeoutError(RuntimeError):
@@ -92,6 +106,97 @@ def check_private(path: Path, what: str) -> None:
         if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise UnsafeCacheError(f"{what} {path} {kind} writable by others (mode {oct(st.st_mode & 0o777)}); "
                                    f"run chmod go-w on it")
+
+
+def _group_is_only_mine(gid: int) -> bool:
+    """Whether group ``gid`` is this user's private group (named as the user, no other member
+    listed): what a umask of 002 makes folders group-writable for on many Linux systems."""
+    try:
+        import grp
+        import pwd
+
+        me = pwd.getpwuid(os.getuid()).pw_name
+        group = grp.getgrgid(gid)
+    except (ImportError, KeyError):
+        return False
+    return group.gr_name == me and set(group.gr_mem) <= {me}
+
+
+def _unsafe_ancestor(st: os.stat_result) -> Optional[str]:
+    """Why a folder above the cache folder lets another user change the path (None: it does not)."""
+    uid = os.getuid()
+    if st.st_uid not in (uid, 0):
+        return f"is owned by uid {st.st_uid}, neither this user (uid {uid}) nor root"
+    if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and not _group_is_only_mine(st.st_gid)):
+        if not st.st_mode & stat.S_ISVTX:
+            return f"is writable by others and not sticky (mode {oct(st.st_mode & 0o7777)})"
+    return None
+
+
+def check_parents(path: Path, what: str = "kernel cache folder") -> None:
+    """Raise UnsafeCacheError unless every folder above ``path`` (symlinks on the way resolved
+    one at a time) is owned by this user or root and not writable by others unless sticky, and
+    every symlink on the way is this user's or root's: then no other user can rename, replace
+    or re-point any part of the path. The walk opens each folder relative to the previous one
+    (``O_NOFOLLOW``) and compares what it opened with what it checked (``fstat``): a folder
+    swapped during the walk raises. Components that do not exist yet end the walk (this user
+    creates them)."""
+    if not hasattr(os, "getuid") or not hasattr(os, "O_NOFOLLOW"):  # Windows: no POSIX owners to check
+        return
+    pending = list(Path(os.path.abspath(path)).parts[1:])
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    fd, here, links = os.open("/", os.O_RDONLY | os.O_DIRECTORY), Path("/"), 0
+    try:
+        reason = _unsafe_ancestor(os.fstat(fd)) if pending else None
+        while reason is None and pending:
+            name = pending.pop(0)
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if links > 40:
+                    raise UnsafeCacheError(f"{what} {path}: too many symlinks on its path")
+                if st.st_uid not in (os.getuid(), 0):
+                    reason, here = f"is a symlink owned by uid {st.st_uid}", here / name
+                    break
+                target = os.readlink(name, dir_fd=fd)
+                pending[:0] = list(Path(target).parts[1:] if os.path.isabs(target) else Path(target).parts)
+                if os.path.isabs(target):
+                    os.close(fd)
+                    fd, here = os.open("/", os.O_RDONLY | os.O_DIRECTORY), Path("/")
+                continue
+            if not pending:  # the folder itself: check_private's rules
+                return
+            try:
+                sub = os.open(name, flags, dir_fd=fd)
+            except OSError as exc:
+                raise UnsafeCacheError(f"{what} {path}: {here / name} changed while it was checked ({exc})") from None
+            os.close(fd)
+            fd, here = sub, Path(os.path.normpath(here / name))
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+                raise UnsafeCacheError(f"{what} {path}: {here} changed while it was checked")
+            reason = _unsafe_ancestor(opened)
+    finally:
+        os.close(fd)
+    if reason is not None:
+        raise UnsafeCacheError(f"{what} {path}: the folder {here} on its path {reason}, so another user could "
+                               f"swap the cache; set FLEXDISPATCH_CACHE_DIR to a folder under your own")
+
+
+@contextlib.contextmanager
+def _writing(root: Path):
+    """Say a write refused by the file system (read-only, no permission) as what it is."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise CacheNotWritableError(f"kernel cache folder {root} is not writable ({exc.strerror}: "
+                                    f"{exc.filename or root}); set FLEXDISPATCH_CACHE_DIR to a writable folder of "
+                                    f"yours") from None
 
 
 # ---- where files go ------------------------------------------------------------------------
@@ -346,7 +451,8 @@ def _build(spec: BuildSpec, folder: Path):
     from torch.utils import cpp_extension
 
     tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    with _writing(folder.parent):
+        tmp.mkdir(parents=True)
     what = f"CUDA kernels for {', '.join(spec.archs)}" if spec.with_cuda else "CPU kernels"
     progress("building %s (first use on this machine) in %s ...", what, folder)
     start = time.perf_counter()
@@ -398,13 +504,18 @@ def _build(spec: BuildSpec, folder: Path):
 
 def prepare_root(root: Path) -> Path:
     """Create the cache folder private to this user (0700) if needed; raise UnsafeCacheError
-    if it is not this user's, is writable by others, or is a symlink to another user's folder."""
+    if it is not this user's, is writable by others, is a symlink to another user's folder, or
+    a folder above it lets another user swap it (:func:`check_parents`); CacheNotWritableError
+    if it cannot be created."""
+    check_parents(root)
     if not root.exists() and not root.is_symlink():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            root.mkdir(mode=0o700)
-        except FileExistsError:  # another process made it first: checked below
-            pass
+        with _writing(root):
+            root.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                root.mkdir(mode=0o700)
+            except FileExistsError:  # another process made it first: checked below
+                pass
+        check_parents(root)  # (the folders made above are this user's; a swap meanwhile is not)
     check_private(root, "kernel cache folder")
     return root
 
@@ -417,21 +528,43 @@ def _holder(owner_file: Path) -> str:
         return "a process that left no owner note"
 
 
+LOCKS = ".locks"  # the private subfolder of the build locks
+
+
 class _BuildLock:
-    """The per-key file lock, with a note of who holds it and a bounded wait."""
+    """The per-key file lock, with a note of who holds it and a bounded wait.
+
+    Locks live in ``<root>/.locks`` (0700) and are created 0600: in a cache folder that others
+    may read (0755 is accepted), another user could otherwise open a lock file and flock() it,
+    stalling every cold build for the lock timeout."""
 
     def __init__(self, root: Path, name: str):
         from filelock import FileLock
 
-        self.path = root / f"{name}.lock"
-        self.owner = root / f"{name}.owner"
-        self.lock = FileLock(str(self.path))
+        folder = root / LOCKS
+        with _writing(root):
+            try:
+                folder.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+        check_private(folder, "kernel build lock folder")
+        if not folder.is_symlink() and folder.stat().st_mode & 0o077:
+            with _writing(root):
+                folder.chmod(0o700)  # (ours: made by an earlier version, or with a wider umask)
+        self.root = root
+        self.path = folder / f"{name}.lock"
+        self.owner = folder / f"{name}.owner"
+        try:
+            self.lock = FileLock(str(self.path), mode=0o600)
+        except TypeError:  # filelock < 3.10 has no mode: the private folder alone keeps others out
+            self.lock = FileLock(str(self.path))
 
     def try_acquire(self) -> bool:
         from filelock import Timeout
 
         try:
-            self.lock.acquire(timeout=0)
+            with _writing(self.root):
+                self.lock.acquire(timeout=0)
         except Timeout:
             return False
         self._note()
@@ -441,7 +574,8 @@ class _BuildLock:
         from filelock import Timeout
 
         try:
-            self.lock.acquire(timeout=timeout)
+            with _writing(self.root):
+                self.lock.acquire(timeout=timeout)
         except Timeout:
             raise LockTimeoutError(
                 f"the kernel build lock {self.path} is held by {_holder(self.owner)} for more than {timeout:.0f} s "
@@ -555,7 +689,7 @@ def clear_cache() -> tuple[int, list[tuple[Path, str]]]:
     if not root.is_dir():
         return removed, kept
     for entry in sorted(root.iterdir()):
-        if not entry.is_dir() or entry.is_symlink():
+        if not entry.is_dir() or entry.is_symlink() or entry.name == LOCKS:
             continue
         name = entry.name
         if name.startswith(".tmp-"):
@@ -591,14 +725,15 @@ def load_kernels():
     try:
         try:
             return load()
-        except UnsafeCacheError as exc:
+        except (UnsafeCacheError, CacheNotWritableError) as exc:
             logger.warning("not using the kernel cache: %s. Building privately for this process instead", exc)
             return load_private()
     except Exception as exc:  # noqa: BLE001 - any build failure falls back in auto mode
         if mode == "1":
             raise
         labels = {LockTimeoutError: "kernel build lock", BuildFailedRecentlyError: "kernel build",
-                  UnsafeCacheError: "kernel cache", PermissionError: "kernel cache permissions"}
+                  UnsafeCacheError: "kernel cache", CacheNotWritableError: "kernel cache",
+                  PermissionError: "kernel cache permissions"}
         label = next((v for k, v in labels.items() if isinstance(exc, k)), None)
         if label is not None:  # said as what it is, not as a failed compile
             logger.warning("%s: %s; using the plain PyTorch ops", label, exc)

@@ -19,7 +19,7 @@ from . import ops
 from ._log import logger
 from .config import MoEConfig, TokenDispatcherConfig, requested_backend
 from . import managers
-from .managers import registry
+from .managers import groups, registry
 from .managers.base import OutOfOrderError, _group_size_rank, _ManagerBase
 from .managers.gather import all_gather_objects
 from .managers.hybridep import HybridEPPipelineRuntimeInitializer, _HybridEPManager, _HybridEPMetadataProcessor
@@ -40,8 +40,9 @@ first-generation config (MoEConfig), the last manager published."""
 _LAYERS_BUILT: dict = {}
 """id(group) -> dispatchers built on it so far: the next one's layer number."""
 _SHARED: dict = {}
-"""(slot, backend, id(group), spec, backend options) -> (manager, group): every manager shared
-so far; a slot holds the last one published there. A slot found None drops its entries."""
+"""(slot, backend, id(group), spec, backend options) -> (manager, weak reference to the group):
+every manager shared so far; a slot holds the last one published there. A slot found None
+drops its entries."""
 
 
 def forget_shared_managers() -> None:
@@ -138,6 +139,8 @@ class MoEFlexTokenDispatcher:
     _vetted = False
     hybridep_metadata_processor: Optional[_HybridEPMetadataProcessor] = None
     hidden_shape: Optional[torch.Size] = None
+    group = groups.WeakGroup()
+    """``ep_group``, held by weak reference: None once destroyed (see managers/groups.py)."""
 
     def __init__(self, num_local_experts: int, local_expert_indices: List[int], config: TokenDispatcherConfig,
                  ep_group: Optional[dist.ProcessGroup] = None):
@@ -221,10 +224,10 @@ class MoEFlexTokenDispatcher:
             self._shared = True  # a manager the user published: theirs to share
             return published
         key = (slot, name, id(self.group), self.spec, tuple(getattr(self.config, o) for o in backend.options))
-        manager, group = _SHARED.get(key, (None, None))
-        if manager is None or group is not self.group:
+        manager, group_ref = _SHARED.get(key, (None, None))
+        if manager is None or (None if group_ref is None else group_ref()) is not self.group:
             manager = build()
-            _SHARED[key] = (manager, self.group)
+            _SHARED[key] = (manager, groups.ref(self.group))
             if isinstance(manager, LayerStates):
                 manager.adopt(self)
         setattr(MoEFlexTokenDispatcher, slot, manager)
@@ -252,6 +255,7 @@ class MoEFlexTokenDispatcher:
         if isinstance(manager, LayerStates):
             manager.layer_id = self._layer_id
 
+    @groups.one_thread_at_a_time("dispatch_preprocess")  # (the first call's vote is a collective)
     def _manager_for(self, hidden: Optional[torch.Tensor], error: Optional[BaseException]):
         """The manager, after the layer's first call has checked the group (and chosen the
         backend when ``auto`` depends on the tensors).
@@ -265,6 +269,7 @@ class MoEFlexTokenDispatcher:
         """
         if self._vetted or self.ep_size == 1:
             return self._manager()
+        groups.require(self)
         candidate, host = self._choice.candidate, socket.gethostname()
         while True:
             reason = error and "this rank's inputs were invalid"

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -118,12 +119,12 @@ class _HybridEP:
     def buffer(self, group, x: torch.Tensor, num_local_experts: int, sms_dispatch: int, sms_combine: int):
         key = (id(group), x.shape[-1], num_local_experts, sms_dispatch, sms_combine)
         entry = self.buffers.get(key)
-        if entry is None or entry[0] is not group:
+        if entry is None or entry[0]() is not group:  # (groups by weak reference: see managers/groups.py)
             buffer = _hybrid_ep_buffer_class()(
                 group=group, hidden_dim=x.shape[-1], max_num_of_tokens_per_rank=max(x.shape[0], 1),
                 num_local_experts=num_local_experts, use_fp8=False, num_sms_dispatch_api=sms_dispatch,
                 num_sms_combine_api=sms_combine)
-            entry = self.buffers[key] = (group, buffer)
+            entry = self.buffers[key] = (weakref.ref(group), buffer)
         return entry[1]
 
     def initialized_capacity(self, signature: tuple) -> int:

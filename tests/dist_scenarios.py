@@ -959,3 +959,159 @@ def backward_skipped_on_one_rank(rank, world, backend="alltoall", skipping_rank=
         out.square().sum().backward()
         grads.append(x.grad)
     return {"message": message, "grad_error": float((grads[0] - grads[1]).abs().max())}
+
+
+def stuck_peer_times_out(rank, world, backend="alltoall", timeout_s=2.0, stuck_rank=1):
+    """``stuck_rank`` sleeps inside a step (between dispatch and combine: in its experts, say)
+    for longer than FLEXDISPATCH_PEER_TIMEOUT_S; its peers' combine must raise once the timeout
+    has passed, naming it, and the stuck rank's own late combine must fail at once (the group
+    is unusable then). Runs on a group of its own, so the pool's group stays usable."""
+    import os
+    import time
+
+    group = dist.new_group(list(range(world)))
+    experts = 2 * world
+    d = fd.MoEFlexTokenDispatcher(2, [2 * rank, 2 * rank + 1], fd.MoEConfig(
+        num_moe_experts=experts, moe_router_topk=2, moe_flex_backend=backend), group)
+    x = torch.randn(8, 4)
+    probs = torch.softmax(torch.randn(8, experts), -1)
+    rows, _, pp = d.token_permutation(x, 8, probs)
+    saved = os.environ.get("FLEXDISPATCH_PEER_TIMEOUT_S")
+    os.environ["FLEXDISPATCH_PEER_TIMEOUT_S"] = str(timeout_s)  # (read at every collective)
+    try:
+        if rank == stuck_rank:
+            time.sleep(timeout_s + 2)
+        start, error = time.monotonic(), None
+        try:
+            d.token_unpermutation(rows * pp[:, None])
+        except RuntimeError as exc:
+            error = f"{type(exc).__name__}: {exc}" + "".join(getattr(exc, "__notes__", []))
+        waited = time.monotonic() - start
+    finally:
+        if saved is None:
+            os.environ.pop("FLEXDISPATCH_PEER_TIMEOUT_S", None)
+        else:
+            os.environ["FLEXDISPATCH_PEER_TIMEOUT_S"] = saved
+    dist.destroy_process_group(group)
+    return {"error": error, "waited": waited}
+
+
+def two_threads_one_group(rank, world, backend="alltoall", forced=True):
+    """Two threads drive two layers of one group at once, as in the issue's runs (a hang and a
+    crash), made deterministic: thread A's first collective waits until thread B has tried its
+    call, so on every rank B calls while A is inside a call. B must raise before any collective
+    (ConcurrentCallError), A's next exchange carries the error so that every rank raises there,
+    later calls raise at once, and after flexdispatch.shutdown() one thread may use the group
+    again. Runs on a group of its own. ``forced=False``: the threads start together and
+    overlap as timing has it (what the issue ran; outcomes vary)."""
+    import threading
+
+    group = dist.new_group(list(range(world)))
+    experts = 2 * world
+    cfg = fd.MoEConfig(num_moe_experts=experts, moe_router_topk=2, moe_flex_backend=backend)
+    layers = {name: fd.MoEFlexTokenDispatcher(2, [2 * rank, 2 * rank + 1], cfg, group) for name in ("a", "b")}
+    inside, tried = threading.Event(), threading.Event()
+
+    def gate(original):
+        def collective(self, *args, **kwargs):
+            if not forced:
+                pass
+            elif threading.current_thread().name == "layer-a" and not tried.is_set():
+                inside.set()
+                tried.wait(timeout=60)  # (B has raised, or, without the guard, is in a collective too)
+            elif threading.current_thread().name == "layer-b":
+                tried.set()
+            return original(self, *args, **kwargs)
+        return collective
+
+    names = [n for n in ("all_to_all_single", "alltoall_base", "all_gather_single", "_allgather_base", "allgather")
+             if hasattr(dist.ProcessGroup, n)]
+    originals = {n: getattr(dist.ProcessGroup, n) for n in names}  # (to call, with self)
+    raw = {n: dist.ProcessGroup.__dict__.get(n) for n in names}  # (to restore: the binding descriptors)
+    errors = {"a": [], "b": []}
+
+    def drive(name):
+        if name == "b" and forced:
+            inside.wait(timeout=60)
+        for _ in range(3):
+            x, probs = torch.randn(8, 4), torch.softmax(torch.randn(8, experts), -1)
+            try:
+                rows, _, pp = layers[name].token_permutation(x, 8, probs)
+                layers[name].token_unpermutation(rows * pp[:, None])
+                errors[name].append(None)
+            except RuntimeError as exc:
+                errors[name].append(f"{type(exc).__name__}: {exc}")
+                layers[name].reset()
+            finally:
+                if name == "b":
+                    tried.set()
+
+    for n in names:
+        setattr(dist.ProcessGroup, n, gate(originals[n]))
+    try:
+        threads = [threading.Thread(target=drive, args=(n,), name=f"layer-{n}") for n in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for n in names:
+            if raw[n] is None:
+                delattr(dist.ProcessGroup, n)
+            else:
+                setattr(dist.ProcessGroup, n, raw[n])
+    fd.shutdown()  # (every rank) forgets what it saw: one thread may use the group again
+    realigned = False
+    for _ in range(2):  # (unforced, a call of layer a may have met one of layer b on the other rank, both
+        try:             # raising: the layer's steps differ then, and its next call realigns them)
+            rows, _, pp = layers["a"].token_permutation(torch.randn(8, 4), 8,
+                                                        torch.softmax(torch.randn(8, experts), -1))
+            break
+        except RuntimeError as exc:
+            if forced or realigned or "different steps" not in str(exc):
+                raise
+            realigned = True
+    recovered = tuple(layers["a"].token_unpermutation(rows * pp[:, None]).shape) == (8, 4)
+    dist.destroy_process_group(group)
+    return {"errors": errors, "recovered": recovered, "realigned": realigned}
+
+
+def nothing_holds_a_destroyed_group(rank, world, backend="alltoall"):
+    """Every way flexdispatch met a group (dispatchers, managers, transports, registries, an
+    autograd graph kept alive, a call that raised on every rank), then shutdown() and
+    destroy_process_group(): the group must be gone at once, not kept until the interpreter's
+    exit (where gloo aborted the process). Then the dispatcher says its group was destroyed."""
+    import gc
+
+    group = dist.new_group(list(range(world)))
+    probe = weakref.ref(group)
+    experts = 2 * world
+    d = fd.MoEFlexTokenDispatcher(2, [2 * rank, 2 * rank + 1], fd.MoEConfig(
+        num_moe_experts=experts, moe_router_topk=2, moe_flex_backend=backend), group)
+    kept = []
+    for backward in (True, False):  # a graph used by backward, and one kept alive without it
+        x = torch.randn(8, 4, requires_grad=True)
+        probs = torch.softmax(torch.randn(8, experts), -1).requires_grad_()
+        rows, tpe, pp = d.token_permutation(x, 8, probs)
+        out = d.token_unpermutation(rows * pp[:, None])
+        if backward:
+            out.sum().backward()
+        kept.append((rows, out))
+    bad = torch.topk(torch.rand(8, experts), 2).indices
+    if rank == 0:
+        bad[1, 0] = experts + 3
+    try:
+        d.token_permutation2(torch.randn(8, 4), 8, torch.rand(8, 2), bad)
+    except ValueError:
+        pass
+    fd.shutdown()
+    dist.destroy_process_group(group)
+    del group
+    alive = probe() is not None
+    holders = sorted({type(r).__name__ for r in gc.get_referrers(probe())}) if alive else []
+    try:
+        d.token_permutation(torch.randn(8, 4), 8, torch.softmax(torch.randn(8, experts), -1))
+        after = None
+    except RuntimeError as exc:
+        after = f"{type(exc).__name__}: {exc}"
+    return {"alive": alive, "holders": holders, "group_attr_none": d.group is None, "after": after}

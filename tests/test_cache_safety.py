@@ -159,3 +159,189 @@ def test_logging_is_the_applications():
     assert out.returncode == 0, out.stderr
     assert "[flexdispatch] building x" in out.stderr and "building y" not in out.stderr
     assert "record flexdispatch building y" in out.stdout
+
+
+def _others_may_read_cache():
+    """A cache folder others may read and traverse (0755, accepted), under /tmp (sticky)."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="fd-cache-0755-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    return root
+
+
+def test_lock_files_are_private(tmp_path):
+    """Lock files are 0600 in a 0700 subfolder, also in a cache folder others may read."""
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o755)
+    lock = _jit._BuildLock(root, "key")
+    assert lock.try_acquire()
+    try:
+        assert lock.path.parent.stat().st_mode & 0o777 == 0o700
+        assert lock.path.stat().st_mode & 0o777 == 0o600
+        assert lock.owner.parent == lock.path.parent
+    finally:
+        lock.release()
+
+
+@needs_root
+def test_another_user_cannot_hold_a_build_lock():
+    """The issue's stall: another user opened the 0644 lock file in an accepted 0755 cache
+    folder and flock()ed it; every cold build then waited for the lock timeout."""
+    import shutil
+    import time
+
+    root = _others_may_read_cache()
+    try:
+        lock = _jit._BuildLock(root, "key")
+        assert lock.try_acquire()  # (creates the lock file)
+        lock.release()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # another user (a plain fork: no interpreter of theirs needs to start)
+            try:
+                import fcntl
+
+                os.setgid(4321)
+                os.setuid(4321)
+                fd = os.open(str(lock.path), os.O_RDONLY)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.write(write, b"held")
+                time.sleep(30)
+            except OSError as exc:
+                os.write(write, f"refused: {exc}".encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        try:
+            said = os.read(read, 200).decode()
+            assert said.startswith("refused"), f"another user could hold the lock: {said}"
+            assert lock.try_acquire()
+            lock.release()
+        finally:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            os.close(read)
+    finally:
+        shutil.rmtree(root)
+
+
+def test_clear_cache_leaves_the_lock_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXDISPATCH_CACHE_DIR", str(tmp_path))
+    (tmp_path / "flexdispatch_C-cpu-aaaa").mkdir()
+    held = _jit._BuildLock(tmp_path, "flexdispatch_C-cpu-cccc")
+    assert held.try_acquire()
+    try:
+        removed, kept = _jit.clear_cache()
+        assert removed == 1 and kept == [] and held.path.exists()
+    finally:
+        held.release()
+
+
+def _refuse_writes_under(root: Path, monkeypatch):
+    """A read-only file system under ``root`` (root may create files anywhere: simulated)."""
+    import errno
+
+    def refused(path, write):
+        if write and str(os.fspath(path)).startswith(str(root)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    real_mkdir, real_open = os.mkdir, os.open
+
+    def mkdir(path, *args, **kwargs):
+        refused(path, True)
+        return real_mkdir(path, *args, **kwargs)
+
+    def open_(path, flags, *args, **kwargs):
+        refused(path, flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
+
+
+@pytest.mark.parametrize("how", ["read-only file system", pytest.param("no write permission", marks=pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write any folder"))])
+def test_a_cache_that_cannot_be_written_is_said_as_such(tmp_path, monkeypatch, how):
+    """A cold cache in a folder that cannot be written: reported as not writable (naming the
+    folder and FLEXDISPATCH_CACHE_DIR), not as a failed build, and the kernels are built
+    privately for the process."""
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    monkeypatch.setenv("FLEXDISPATCH_CACHE_DIR", str(root))
+    if how == "read-only file system":
+        _refuse_writes_under(root, monkeypatch)
+    else:
+        os.chmod(root, 0o500)
+    try:
+        with pytest.raises(_jit.CacheNotWritableError, match=rf"kernel cache folder {root} is not writable .*"
+                                                              rf"FLEXDISPATCH_CACHE_DIR"):
+            _jit.load(_jit.kernel_spec([]))
+        warnings = []
+        monkeypatch.setattr(_jit, "load_private", lambda spec=None: "built privately")
+        monkeypatch.setattr(_jit.logger, "warning", lambda msg, *args: warnings.append(msg % args))
+        for mode in ("auto", "1"):
+            monkeypatch.setenv("FLEXDISPATCH_JIT", mode)
+            assert _jit.load_kernels() == "built privately"
+        assert len(warnings) == 2 and all("is not writable" in w and "build failed" not in w for w in warnings)
+    finally:
+        os.chmod(root, 0o700)
+
+
+def test_parents_that_others_may_write_are_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # anyone may rename the cache folder away and put another in its place
+    with pytest.raises(_jit.UnsafeCacheError, match=rf"the folder {shared} on its path is writable by others and "
+                                                    rf"not sticky"):
+        _jit.prepare_root(shared / "cache")
+    assert not (shared / "cache").exists()  # refused before anything was made
+    os.chmod(shared, 0o1777)  # sticky (as /tmp): only the owner may rename its entries
+    assert _jit.prepare_root(shared / "cache").is_dir()
+    deeper = tmp_path / "open" / "a" / "b"
+    deeper.mkdir(parents=True)
+    os.chmod(tmp_path / "open", 0o777)
+    with pytest.raises(_jit.UnsafeCacheError, match="open on its path is writable by others"):
+        _jit.prepare_root(deeper / "cache")
+
+
+def test_symlinks_on_the_path_are_followed_and_checked(tmp_path):
+    good = tmp_path / "good"
+    good.mkdir()
+    (tmp_path / "link").symlink_to(good)
+    assert _jit.prepare_root(tmp_path / "link" / "cache").resolve() == (good / "cache").resolve()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    os.chmod(bad, 0o777)
+    (tmp_path / "relative").symlink_to("bad")
+    with pytest.raises(_jit.UnsafeCacheError, match=rf"the folder {bad} on its path is writable by others"):
+        _jit.prepare_root(tmp_path / "relative" / "cache")
+
+
+def test_a_folder_swapped_during_the_check_is_refused(tmp_path, monkeypatch):
+    """The walk compares the folder it opened with the one it checked: a swap in between (an
+    attacker renaming folders in a loop) raises instead of being followed."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "decoy").mkdir()
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):  # what a swap right after the check looks like to the walk
+        return real_stat(tmp_path / "decoy") if path == "a" and kwargs.get("dir_fd") is not None else \
+            real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    with pytest.raises(_jit.UnsafeCacheError, match="changed while it was checked"):
+        _jit.check_parents(tmp_path / "a" / "cache")
+
+
+@needs_root
+def test_a_parent_owned_by_another_user_is_refused(tmp_path):
+    parent = tmp_path / "theirs"
+    parent.mkdir()
+    os.chown(parent, 4321, 4321)
+    with pytest.raises(_jit.UnsafeCacheError, match=rf"{parent} on its path is owned by uid 4321"):
+        _jit.prepare_root(parent / "cache")
+
+
+def test_the_default_cache_path_is_accepted():
+    _jit.check_parents(Path.home() / ".cache" / "flexdispatch")

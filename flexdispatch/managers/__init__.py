@@ -2,7 +2,7 @@
 
 from .alltoall import _AllToAllManager
 from .base import _DispatchManager, _ManagerBase
-from . import deepep, peer_buffers
+from . import deepep, groups, peer_buffers
 from .deepep import _DeepepManager, deepep_available
 from .local import _LocalManager
 from .nvlink import _NvlinkManager
@@ -13,10 +13,13 @@ from . import registry  # noqa: E402  (imports the managers above)
 def shutdown() -> int:
     """Free every communication buffer of this process: DeepEP's (and UCCL-EP's), HybridEP's and
     the NVLink manager's peer buffers (collective: call it on every rank, before
-    ``torch.distributed.destroy_process_group``). Returns how many were freed; calling it again
-    is harmless."""
+    ``torch.distributed.destroy_process_group``), and forget groups found called from two
+    threads at once. Returns how many buffers were freed; calling it again is harmless.
+    (flexdispatch holds process groups by weak reference only: nothing of it keeps a group
+    alive past destroy_process_group, see managers/groups.py.)"""
     from .. import engines  # (it imports this package)
 
+    groups.reset_guards()
     return deepep.shutdown() + engines._hybrid.release() + peer_buffers.release()
 
 

@@ -32,7 +32,8 @@ PHASE_NAMES = {DISPATCH: "dispatch", COMBINE: "combine", BACKWARD: "backward"}
 # Error bits beyond the routing ones of rowmap (1 range, 2 duplicate, 8 non-finite prob).
 INPUT_ERROR = 1 << 8  # a local argument check failed; ARG names the argument
 
-ARGUMENTS = ("", "hidden_states", "probs", "token_probs", "token_indices", "num_local_tokens", "config")
+ARGUMENTS = ("", "hidden_states", "probs", "token_probs", "token_indices", "num_local_tokens", "config", "threads")
+THREADS = ARGUMENTS.index("threads")  # not an argument: two threads called dispatchers of the group at once
 DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -78,6 +79,10 @@ class Agreement:
         first = self.rows[0][PHASE:]
         return all(not h[ERROR] and h[PHASE:] == first for h in self.rows)
 
+    def threads_ranks(self) -> list[int]:
+        """Ranks that report dispatchers of this group called from two threads at once."""
+        return [w for w, h in enumerate(self.rows) if h[ERROR] & INPUT_ERROR and h[ARG] == THREADS]
+
     def next_step(self) -> int:
         """The step every rank continues from after a failed call (the same on every rank)."""
         return max(h[STEP] for h in self.rows) + 1
@@ -118,6 +123,13 @@ class Agreement:
                 raise ValueError(f"{str(detail).split(':', 1)[0]}: invalid routing on {where(bad)}; every rank raises "
                                  f"{when}: {detail}")
             first = rows[bad[0]]
+            if self.threads_ranks():
+                from .groups import ConcurrentCallError
+
+                raise ConcurrentCallError(f"threads: dispatchers of this expert-parallel group were called from two "
+                                          f"threads at once on {where(self.threads_ranks())}; every rank raises "
+                                          f"{when} (that rank's error says more). The group's calls raise on every "
+                                          f"rank until flexdispatch.shutdown() is called on every rank")
             if first[ERROR] & INPUT_ERROR:
                 kind, arg = "invalid input", ARGUMENTS[first[ARG]] or "inputs"
             else:

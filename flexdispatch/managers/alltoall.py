@@ -33,10 +33,9 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.distributed as dist
 
 from .. import ops
-from . import agreement, gather
+from . import agreement, collectives, gather, groups
 from .base import BackwardCheck, Dispatched, _ManagerBase, received_fp8_rows
 
 
@@ -53,9 +52,12 @@ def _drain(pending: list) -> None:
             pass
 
 
-def _exchange(output: torch.Tensor, input_: torch.Tensor, output_splits, input_splits, group, async_op=False):
-    return dist.all_to_all_single(output, input_.contiguous(), output_splits, input_splits, group=group,
-                                  async_op=async_op)
+def _exchange(output: torch.Tensor, input_: torch.Tensor, output_splits, input_splits, group, what: str,
+              async_op=False, missing=None):
+    """All-to-all; on CPU groups a peer that does not arrive within the peer timeout raises
+    (see :mod:`.collectives`), ``what`` naming the call."""
+    return collectives.all_to_all_single(output, input_.contiguous(), output_splits, input_splits, group,
+                                         async_op=async_op, what=what, missing=missing)
 
 
 def _fp8_payload(hidden: torch.Tensor) -> torch.Tensor:
@@ -86,16 +88,16 @@ def routing_by_rank(indices: torch.Tensor, world: int, local: int) -> tuple[torc
     return in_rank, torch.cat([in_rank.sum(0, dtype=torch.int64)[:, None], expert_counts], dim=1)
 
 
-def _agree_in_backward(check, grad: torch.Tensor, group, width: int) -> None:
+def _agree_in_backward(check, grad: torch.Tensor, group, what: str) -> None:
     """A backward's first exchange: every rank's header in the shape of a dispatch's first
     exchange (``[W, WIDTH + E_local]``), so a peer that went on to its next call meets it and
     every rank raises; realigns this call's layer on disagreement (see BackwardCheck)."""
     world = dist.get_world_size(group)
-    message = torch.zeros(world, width, dtype=torch.int64)
+    message = torch.zeros(world, agreement.WIDTH + check.manager.num_local_experts, dtype=torch.int64)
     message[:, :agreement.WIDTH] = torch.tensor(check.values, dtype=torch.int64)
     message = message.to(grad.device)
     received = torch.empty_like(message)
-    _exchange(received, message, None, None, group)
+    _exchange(received, message, None, None, group, what)
     headers = received[:, :agreement.WIDTH].cpu()
     if not check.agreed(headers):
         check.raise_disagreement(headers)
@@ -103,25 +105,28 @@ def _agree_in_backward(check, grad: torch.Tensor, group, width: int) -> None:
 
 class _AllToAllDispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, meta, plan, send_splits, recv_splits, group, async_finish, fp8, keep_fp8, check):
+    def forward(ctx, hidden, meta, plan, send_splits, recv_splits, group, async_finish, fp8, keep_fp8, check, call):
         """``(recv, recv_meta, in_flight, kept)``: ``in_flight`` is ``(work, send, finish)`` for an
         async transfer (the caller waits, then calls ``finish`` if it is not None; ``send`` must
         live until then), else None. With ``fp8`` the rows travel as FP8 bytes and scales and
         are dequantized into ``recv`` once they have landed, unless ``keep_fp8``: then ``kept``
         is ``(rows, scales)``, views of the landing payload, and ``recv`` a zero-stride
         stand-in (the permutation dequantizes them); else ``kept`` is None."""
-        ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group, ctx.check = plan, send_splits, recv_splits, group, check
+        # (the group by weak reference: a graph kept past destroy_process_group must not keep it)
+        ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group_ref = plan, send_splits, recv_splits, groups.ref(group)
+        ctx.check, ctx.call = check, call  # (the backward's agreement; "step S of this layer" for a peer timeout)
         received = sum(recv_splits)
         send_meta = ops.apply_permutation(meta, plan)
         recv_meta = meta.new_empty(received, meta.shape[1])
-        _exchange(recv_meta, send_meta, recv_splits, send_splits, group)
+        _exchange(recv_meta, send_meta, recv_splits, send_splits, group, f"{call}, dispatch (routing)")
         rows = _fp8_payload(hidden) if fp8 else hidden
         send = ops.apply_permutation(rows, plan)
         landing = rows.new_empty(received, rows.shape[1])
         # CPU tensors (gloo) move synchronously: with gloo's async work, processes aborted at
         # exit after clean runs (1 of 8 in CI, about 13% in the issue's count; 0 of 30 sync).
         async_finish = async_finish and hidden.is_cuda
-        work = _exchange(landing, send, recv_splits, send_splits, group, async_op=async_finish)
+        work = _exchange(landing, send, recv_splits, send_splits, group, f"{call}, dispatch (rows)",
+                         async_op=async_finish)
         recv, finish, kept = landing, None, None
         if fp8:  # (an async finish runs stream-ordered after the transfer: work.wait() on NCCL)
             width = hidden.shape[1]
@@ -131,31 +136,35 @@ class _AllToAllDispatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_recv, grad_recv_meta, _in_flight, _kept):
-        _agree_in_backward(ctx.check, grad_recv, ctx.group, agreement.WIDTH + ctx.check.manager.num_local_experts)
         # Both collectives run on every rank, whatever this rank needs.
-        grads = []
-        for grad in (grad_recv, grad_recv_meta):
-            back = grad.new_empty(sum(ctx.send_splits), grad.shape[1])
-            _exchange(back, grad, ctx.send_splits, ctx.recv_splits, ctx.group)
-            grads.append(ops.unpermute(back, ctx.plan))
-        return grads[0], grads[1], None, None, None, None, None, None, None, None
+        group, grads = groups.deref(ctx.group_ref), []
+        with groups.holding(group, "the backward of dispatch"):
+            _agree_in_backward(ctx.check, grad_recv, group, f"{ctx.call}, backward of dispatch")
+            for grad in (grad_recv, grad_recv_meta):
+                back = grad.new_empty(sum(ctx.send_splits), grad.shape[1])
+                _exchange(back, grad, ctx.send_splits, ctx.recv_splits, group, f"{ctx.call}, backward of dispatch")
+                grads.append(ops.unpermute(back, ctx.plan))
+        return grads[0], grads[1], None, None, None, None, None, None, None, None, None
 
 
 class _AllToAllCombine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, plan, send_splits, recv_splits, group, check):
-        ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group, ctx.check = plan, send_splits, recv_splits, group, check
+    def forward(ctx, hidden, plan, send_splits, recv_splits, group, check, call):
+        ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group_ref = plan, send_splits, recv_splits, groups.ref(group)
+        ctx.check, ctx.call = check, call
         back = hidden.new_empty(sum(send_splits), hidden.shape[1])
-        _exchange(back, hidden, send_splits, recv_splits, group)
+        _exchange(back, hidden, send_splits, recv_splits, group, f"{call}, combine (rows)")
         return ops.unpermute(back, plan)
 
     @staticmethod
     def backward(ctx, grad_out):
-        _agree_in_backward(ctx.check, grad_out, ctx.group, agreement.WIDTH + ctx.check.manager.num_local_experts)
         send = ops.apply_permutation(grad_out.contiguous(), ctx.plan)
         grad = grad_out.new_empty(sum(ctx.recv_splits), grad_out.shape[1])
-        _exchange(grad, send, ctx.recv_splits, ctx.send_splits, ctx.group)
-        return grad, None, None, None, None, None
+        group = groups.deref(ctx.group_ref)
+        with groups.holding(group, "the backward of combine"):
+            _agree_in_backward(ctx.check, grad_out, group, f"{ctx.call}, backward of combine")
+            _exchange(grad, send, ctx.recv_splits, ctx.send_splits, group, f"{ctx.call}, backward of combine")
+        return grad, None, None, None, None, None, None
 
 
 class _AllToAllManager(_ManagerBase):
@@ -190,8 +199,17 @@ class _AllToAllManager(_ManagerBase):
         """Send row w of ``message [W, WIDTH + E_local]`` to rank w; every rank checks every
         rank's header (see :mod:`.agreement`) and raises together. Returns ``[2, W, ...]`` on
         the host: what this rank sent and what it received."""
-        received = torch.empty_like(message)
-        _exchange(received, message, None, None, self.group)
+        received = torch.full_like(message, -1)  # (-1: no phase; rows of peers that never sent stay so)
+        step = self._step
+
+        def what():
+            phase = agreement.PHASE_NAMES.get(int(message[0, agreement.PHASE]), "a call")
+            return f"step {step} of this layer, {phase} (the header exchange)"
+
+        def missing():
+            return [r for r, p in enumerate(received[:, agreement.PHASE].tolist()) if p == -1 and r != self.rank]
+
+        _exchange(received, message, None, None, self.group, what, missing=missing)
         host = torch.stack([message, received]).cpu()  # the one host sync of the call's first exchange
         self._agree(host[1, :, :agreement.WIDTH], when)
         return host
@@ -238,7 +256,8 @@ class _AllToAllManager(_ManagerBase):
         recv, recv_meta, in_flight, kept = _AllToAllDispatch.apply(hidden_states, meta, plan, self._send_splits,
                                                                    self._recv_splits, self.group, async_finish,
                                                                    self.fp8_dispatch, keep_fp8,
-                                                                   BackwardCheck(self, hidden_states))
+                                                                   BackwardCheck(self, hidden_states),
+                                                                   f"step {self._step} of this layer")
         if in_flight is not None:
             self._pending.append(in_flight)
         prob_dtype = torch.float64 if self.router_dtype == "fp64" else torch.float32
@@ -250,4 +269,4 @@ class _AllToAllManager(_ManagerBase):
         self._exchange_headers(self._blank_message(agreement.COMBINE, None if self._deferred else hidden_states),
                                "before any row moved back")
         return _AllToAllCombine.apply(hidden_states, self._rank_plan, self._send_splits, self._recv_splits,
-                                      self.group, BackwardCheck(self, hidden_states))
+                                      self.group, BackwardCheck(self, hidden_states), f"step {self._step} of this layer")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from typing import Optional, Union
 
 import torch
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from .. import ops, peer_ops
 from ..spec import MANAGER_NAMES, LayerSpec, expert_capacity, int_at_least
 from ..rowmap import RowIdMap
-from . import agreement
+from . import agreement, groups
 from .sharing import LayerStates
 
 _NEXT_STEP = {
@@ -115,6 +116,32 @@ def received_fp8_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
         rows.copy_(ops.dequantize_fp8(q, scales, dtype))
 
     return rows, finish, None
+
+
+def _one_thread_at_a_time(ready: str):
+    """For the steps that run collectives (dispatch: ``ready="routed"``; combine:
+    ``"restored"``): the group's calls from one thread at a time (:mod:`.groups`: another
+    thread raises before any collective), and two threads at once seen earlier on this rank
+    carried in this call's first exchange, where every rank raises together."""
+    def wrap(step):
+        @functools.wraps(step)
+        def guarded(self, *args, **kwargs):
+            guard = groups.guard_of(self)
+            if guard is None:
+                return step(self, *args, **kwargs)
+            guard.enter(step.__name__)
+            try:
+                error = guard.pending_error()
+                if error is not None and self._deferred is None and self._stage == ready:
+                    if ready == "routed":
+                        self.defer(error)
+                    elif self.exchanges_in_combine:  # (else the next dispatch carries it)
+                        self.defer_combine(error)
+                return step(self, *args, **kwargs)
+            finally:
+                guard.leave()
+        return guarded
+    return wrap
 
 
 class _DispatchManager(abc.ABC):
@@ -225,6 +252,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
     name = "base"
     supports_sync_free = False
     exchanges_in_combine = False  # whether combine starts with a header exchange (see agreement)
+    group = groups.WeakGroup()  # never kept alive by a manager (see groups)
 
     def __init__(self, group, router_topk: Optional[int] = None, permute_fusion: bool = False,
                  capacity_factor: Optional[float] = None, num_experts: Optional[int] = None,
@@ -389,6 +417,8 @@ class _ManagerBase(LayerStates, _DispatchManager):
             self._step = decision.next_step()
             self.wait()
             self._release()
+            if decision.threads_ranks():  # every rank saw it: the group's next calls raise at once
+                groups.announce(self)
             raise
 
     def _count_fault(self, ok: torch.Tensor) -> None:
@@ -407,6 +437,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
             self._aside[key]["sync_free_faults"] = fault if held is None else held.add_(fault)
 
     def _expect(self, step: str, *stages: str) -> None:
+        groups.require(self)  # (every step's first check: no collective on a destroyed group)
         if self.spec is None:
             raise ValueError(f"num_experts: {step} needs the layer's expert count; this manager was built without "
                              f"num_experts (pass num_experts=E, or build it through MoEFlexTokenDispatcher)")
@@ -523,6 +554,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
 
     # ---- the steps --------------------------------------------------------------------------
 
+    @_one_thread_at_a_time(ready="routed")
     def dispatch(self, hidden_states: torch.Tensor, async_finish: bool = False,
                  allocate_on_comm_stream: bool = False, *, keep_fp8: bool = False,
                  permute_next: bool = False, fp8_rows: bool = False) -> torch.Tensor:
@@ -670,6 +702,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         self._stage = "restored"
         return out
 
+    @_one_thread_at_a_time(ready="restored")
     def combine(self, hidden_states: torch.Tensor, async_finish: bool = False,
                 allocate_on_comm_stream: bool = False) -> torch.Tensor:
         """Sum every token's rows back on its home rank: ``[R, H] -> [T, H]``; releases the

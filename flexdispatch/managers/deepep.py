@@ -40,6 +40,7 @@ import atexit
 import importlib
 import importlib.util
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -192,22 +193,24 @@ class _BufferRegistry:
     """
 
     def __init__(self, engine, name: str = "DeepEP"):
+        # Groups by weak reference, compared by identity (the engine's Buffer holds its group
+        # until destroyed: shutdown() before destroy_process_group drops both).
         self._engine, self._name = engine, name
-        self._entries: list[tuple[object, object]] = []  # (group, Buffer), compared by identity
+        self._entries: list[tuple[object, object]] = []  # (weakref to the group, Buffer)
         self._widths: dict = {}  # id(Buffer) -> the bf16 row width it was sized for
         self._retired: list[object] = []
-        self._recent: dict = {}  # (id(group), hidden_bytes, num_sms) -> (group, Buffer): no size hints per call
+        self._recent: dict = {}  # (id(group), hidden_bytes, num_sms) -> (weakref, Buffer): no size hints per call
 
     def get(self, group, hidden_bytes: int, num_sms: int):
         buffer_cls = self._engine()
         if buffer_cls.num_sms != num_sms:  # class-wide: the default configs of every call read it
             buffer_cls.set_num_sms(num_sms)
         hit = self._recent.get((id(group), hidden_bytes, num_sms))
-        if hit is not None and hit[0] is group:
+        if hit is not None and hit[0]() is group:
             return hit[1]
         buffer = self._get(buffer_cls, group, hidden_bytes)
-        self._recent = {k: v for k, v in self._recent.items() if v[0] is not group}
-        self._recent[(id(group), hidden_bytes, num_sms)] = (group, buffer)
+        self._recent = {k: v for k, v in self._recent.items() if v[0]() is not group}
+        self._recent[(id(group), hidden_bytes, num_sms)] = (weakref.ref(group), buffer)
         return buffer
 
     def _get(self, buffer_cls, group, hidden_bytes: int):
@@ -220,7 +223,7 @@ class _BufferRegistry:
         # Diagnostics: a floor on the NVLink buffer, to rule its size in or out of a problem.
         nvl_bytes = max(nvl_bytes, int(float(os.environ.get("FLEXDISPATCH_DEEPEP_MIN_NVL_BYTES", "0"))) // 128 * 128)
         for i, (g, buffer) in enumerate(self._entries):
-            if g is group:
+            if g() is group:
                 if buffer.num_nvl_bytes >= nvl_bytes and buffer.num_rdma_bytes >= rdma_bytes:
                     return buffer
                 logger.info("growing the %s buffer of a group of %d for %d-byte rows", self._name, size, hidden_bytes)
@@ -230,14 +233,14 @@ class _BufferRegistry:
         else:
             logger.info("creating a %s buffer for a group of %d (%.1f MiB NVLink)", self._name, size, nvl_bytes / 2**20)
         buffer = buffer_cls(group, nvl_bytes, rdma_bytes, explicitly_destroy=True)
-        self._entries.append((group, buffer))
+        self._entries.append((weakref.ref(group), buffer))
         self._widths[id(buffer)] = hidden_bytes // 2
         return buffer
 
     def width(self, group) -> Optional[int]:
         """The bf16 row width the group's current buffer was sized for (None: no buffer yet)."""
         for g, buffer in self._entries:
-            if g is group:
+            if g() is group:
                 return self._widths.get(id(buffer))
         return None
 

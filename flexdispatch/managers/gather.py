@@ -22,20 +22,24 @@ def group_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def all_gather_objects(obj: Any, group) -> list:
+def all_gather_objects(obj: Any, group, what: str = "the first call of a layer") -> list:
     """Every rank's ``obj`` (picklable), in rank order. A collective: every rank of ``group``
-    calls it."""
+    calls it (on CPU groups a peer that does not arrive is waited for at most the peer
+    timeout, see :mod:`.collectives`; ``what`` names the call in that error)."""
+    from .collectives import all_gather_single
+
     device = group_device(group)
     world = dist.get_world_size(group)
     data = pickle.dumps(obj)
     size = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    sizes = [torch.empty_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    sizes = torch.cat(sizes).tolist()  # (one host read)
+    sizes = torch.empty(world, dtype=torch.int64, device=device)
+    all_gather_single(sizes, size, group, what=what)
+    sizes = sizes.tolist()  # (one host read)
     longest = max(sizes)
     mine = torch.zeros(longest, dtype=torch.uint8)
     mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     mine = mine.to(device)
-    every = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine, group=group)
+    every = torch.empty(world * longest, dtype=torch.uint8, device=device)
+    all_gather_single(every, mine, group, what=what)
+    every = every.view(world, longest)
     return [pickle.loads(bytes(t[:n].tolist())) for t, n in zip(every, sizes)]

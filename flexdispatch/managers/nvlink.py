@@ -54,7 +54,7 @@ from typing import Optional
 import torch
 
 from .. import ops, peer_ops
-from . import agreement, gather, peer_buffers
+from . import agreement, gather, groups, peer_buffers
 from .alltoall import _fp8_payload, routing_by_rank
 from .base import BackwardCheck, Dispatched, _ManagerBase, received_fp8_rows
 
@@ -174,8 +174,9 @@ class _NvlinkDispatch(torch.autograd.Function):
     def backward(ctx, grad_rows, grad_meta, _pulled, _kept):
         route = ctx.route
         # Both exchanges run on every rank, whatever this rank needs (autograd gives zeros).
-        tables, ok = _backward_exchange(ctx, grad_rows, [(grad_rows, route.received_cap),
-                                                         (grad_meta, route.received_cap)])
+        with groups.holding(ctx.transport.group, "the backward of dispatch"):
+            tables, ok = _backward_exchange(ctx, grad_rows, [(grad_rows, route.received_cap),
+                                                             (grad_meta, route.received_cap)])
         if tables is None:  # (sync-free, the gather transport: the ranks disagreed, nothing to read)
             return (grad_rows.new_zeros(route.tokens, grad_rows.shape[1]), grad_meta.new_zeros(route.sent,
                     grad_meta.shape[1])) + (None,) * 7
@@ -241,7 +242,8 @@ class _NvlinkCombine(torch.autograd.Function):
     def backward(ctx, grad):
         route = ctx.route
         grad = grad.contiguous()
-        tables, ok = _backward_exchange(ctx, grad, [(grad, route.token_cap)])
+        with groups.holding(ctx.transport.group, "the backward of combine"):
+            tables, ok = _backward_exchange(ctx, grad, [(grad, route.token_cap)])
         if tables is None:  # (sync-free, the gather transport: the ranks disagreed, nothing to read)
             return (grad.new_zeros(route.received, grad.shape[1]),) + (None,) * 5
         row_bytes = grad.shape[1] * grad.element_size()

@@ -36,39 +36,20 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import weakref
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .._log import logger
+from . import collectives, groups
+from .collectives import DEFAULT_PEER_TIMEOUT_S, peer_timeout_s  # noqa: F401  (one reader of the timeout)
 from .gather import all_gather_objects
 
-# (torch 2.13 renamed all_gather_into_tensor; the lent GPU machines run 2.11)
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 REGION_ALIGN = 256  # bytes between the start of one part's region and the next
 MIN_BYTES = 1 << 20  # the smallest buffer (every call's first exchange fits in it)
 _MAX_TABLES = 64  # address tables a symmetric transport keeps (one per region offset)
-
-
-DEFAULT_PEER_TIMEOUT_S = 600.0  # as torch.distributed's default collective timeout
-
-
-def peer_timeout_s() -> float:
-    """How long a kernel waits for a peer over symmetric memory before it traps (a CUDA error
-    instead of a hang): ``FLEXDISPATCH_PEER_TIMEOUT_S`` seconds, 600 by default, as long as
-    torch.distributed's default timeout, so that ranks may drift apart (a checkpoint, an
-    evaluation on one rank) as long as they could at an NCCL collective."""
-    raw = os.environ.get("FLEXDISPATCH_PEER_TIMEOUT_S")
-    if raw is None:
-        return DEFAULT_PEER_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1e9:
-        raise ValueError(f"FLEXDISPATCH_PEER_TIMEOUT_S: expected seconds in (0, 1e9], got {raw!r}")
-    return value
 
 
 def symmetric_buffer(group, device: torch.device, nbytes: int):
@@ -108,6 +89,11 @@ class Transport:
 
     world_size: int
     rank: int
+    group = groups.WeakGroup()  # never kept alive by a transport (see groups)
+
+    def _live_group(self):
+        groups.require(self, "peer buffer")
+        return self.group
 
     def exchange(self, header: Optional[torch.Tensor], parts: Sequence[tuple[torch.Tensor, int]]):
         """Publish ``parts`` (``(tensor [rows, ...], capacity rows)``, the capacities equal on
@@ -135,34 +121,38 @@ class GatherTransport(Transport):
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self._alive: list = []  # the last exchange's gathered tensors (read after it returns)
 
-    def _gather(self, part: torch.Tensor) -> torch.Tensor:
+    def _gather(self, part: torch.Tensor, what: str) -> torch.Tensor:
         out = part.new_empty((self.world_size * part.shape[0],) + tuple(part.shape[1:]))
-        _all_gather(out, part, group=self.group)
+        collectives.all_gather_single(out, part, self._live_group(), what=what)
         return out
 
     def exchange(self, header, parts):
-        headers = None
-        if header is not None:  # the fixed-width words first: ranks in other phases stop here
-            from .agreement import WIDTH
+        from .agreement import PHASE, PHASE_NAMES, STEP, WIDTH
 
-            headers = self._gather(header[:WIDTH].view(1, -1)).cpu()
+        headers, what = None, "the NVLink manager (CPU emulation): an exchange"
+        if header is not None:  # the fixed-width words first: ranks in other phases stop here
+            words = header[:WIDTH].tolist() if header.device.type == "cpu" else None
+            if words is not None:  # (which call, for the message of a peer that never arrives)
+                what = (f"the NVLink manager (CPU emulation): step {words[STEP]} of this layer, "
+                        f"{PHASE_NAMES.get(words[PHASE], 'a call')}")
+            headers = self._gather(header[:WIDTH].view(1, -1), what).cpu()
             if not _headers_agree(headers):
                 return headers, None
             if header.numel() > WIDTH:
-                headers = self._gather(header.view(1, -1)).cpu()
+                headers = self._gather(header.view(1, -1), what).cpu()
         tables, alive = [], []
         for part, capacity in parts:
             rows = _as_bytes(part)
             # Every rank's capacity should be the same; a sync-free call whose ranks disagree
             # (found on the device, later) may pass others: all-gather the sizes first, so the
             # collectives match (symmetric memory needs no such step: nobody reads then).
-            sizes = self._gather(torch.tensor([[max(capacity, 1), rows.shape[1]]], device=part.device))
+            sizes = self._gather(torch.tensor([[max(capacity, 1), rows.shape[1]]], device=part.device), what)
             capacity, width = (int(v) for v in sizes.max(0).values)
             if rows.shape[1] != width:
                 rows = torch.cat([rows, rows.new_zeros(rows.shape[0], width - rows.shape[1])], 1)
             padded = rows.new_zeros(max(capacity, 1), rows.shape[1])
             padded[:rows.shape[0]] = rows
-            gathered = self._gather(padded)
+            gathered = self._gather(padded, what)
             stride = padded.numel()
             tables.append(gathered.data_ptr() + stride * torch.arange(self.world_size, device=part.device))
             alive.append(gathered)
@@ -212,7 +202,7 @@ class SymmetricTransport(Transport):
             # rank's stream to pass a barrier on it before it is freed. Growth is rare.
             self._handle.barrier(channel=0)
             torch.cuda.current_stream(self.device).synchronize()
-        buffer, handle = symmetric_buffer(self.group, self.device, size)
+        buffer, handle = symmetric_buffer(self._live_group(), self.device, size)
         self._buffer, self._handle, self._size = buffer, handle, size
         self._bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=self.device)
         self._pads = int(handle.signal_pad_ptrs_dev)
@@ -279,17 +269,20 @@ def _headers_agree(headers: torch.Tensor) -> bool:
     return Agreement(headers).agreed()
 
 
-_transports: dict = {}
+# group -> {(kind, device): Transport}; weak keys: an entry goes with its group (and a later
+# group that reuses its id() never finds it).
+_transports: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def transport_for(group, device: torch.device, emulate: bool = False) -> Transport:
     """The group's transport for tensors on ``device`` (made at the first call; shared)."""
     kind = "gather" if emulate or device.type != "cuda" else "symmetric"
-    key = (id(group), kind, str(device))
-    transport = _transports.get(key)
+    mine = _transports.setdefault(group, {})
+    key = (kind, str(device))
+    transport = mine.get(key)
     if transport is None:
         transport = GatherTransport(group) if kind == "gather" else SymmetricTransport(group, device)
-        _transports[key] = transport
+        mine[key] = transport
     return transport
 
 
@@ -297,7 +290,7 @@ def release() -> int:
     """Free every peer buffer of this process (collective: every rank of each group must call
     it, after its last NVLink call; the next call makes new ones). Returns the number freed."""
     freed = 0
-    for transport in list(_transports.values()):
+    for transport in [t for mine in list(_transports.values()) for t in mine.values()]:
         if isinstance(transport, SymmetricTransport) and transport._handle is not None:
             transport.release()
             freed += 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -33,7 +34,7 @@ import torch.distributed as dist
 
 from .. import ops
 from .._log import logger
-from . import agreement
+from . import agreement, groups
 from .peer_buffers import peer_timeout_s, symmetric_buffer
 
 _SLOT_WORDS = agreement.WIDTH + 1
@@ -52,6 +53,8 @@ def wanted(world_size: int) -> bool:
 
 class PeerHeaders:
     """One group's header slots (see the module docs); shared by every DeepEP manager of it."""
+
+    group = groups.WeakGroup()  # never kept alive by the slots (see groups)
 
     def __init__(self, group, device: torch.device):
         if not ops.cuda_kernels_loaded():  # (the exchange is a kernel of ours)
@@ -85,17 +88,17 @@ class PeerHeaders:
         self._buffer = self._handle = self._bases = None
 
 
-_slots: list = []  # (group, device, PeerHeaders), groups compared by identity
+_slots: list = []  # (weak reference to the group, device, PeerHeaders), groups compared by identity
 
 
 def for_group(group, device: torch.device) -> PeerHeaders:
     """The group's header slots on ``device``, made at the group's first DeepEP dispatch (a
     collective: every rank of the group gets here at the same call)."""
     for g, dev, slots in _slots:
-        if g is group and dev == device:
+        if g() is group and dev == device:
             return slots
     slots = PeerHeaders(group, device)
-    _slots.append((group, device, slots))
+    _slots.append((weakref.ref(group), device, slots))
     return slots
 
 

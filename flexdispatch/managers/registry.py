@@ -14,6 +14,7 @@ all-to-all manager (any group, CPU included).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -269,7 +270,10 @@ def fallback(name: str, group) -> str:
     raise ValueError(f"config.moe_flex_backend='auto': no backend after {name!r} can serve this group")
 
 
-_logged: set = set()
+# Backends logged, per group (weak keys: a group is never kept alive for a log line) and
+# without one.
+_logged: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_logged_without_group: set = set()
 
 
 def make_manager(name: str, group, spec: LayerSpec, config=None) -> _DispatchManager:
@@ -280,8 +284,8 @@ def make_manager(name: str, group, spec: LayerSpec, config=None) -> _DispatchMan
         manager = backend.build(group, spec, config)
     else:
         manager = backend.manager(group=group, spec=spec)
-    key = (id(group), name)
-    if key not in _logged:
-        _logged.add(key)
+    logged = _logged_without_group if group is None else _logged.setdefault(group, set())
+    if name not in logged:
+        logged.add(name)
         logger.info("expert-parallel group of %d rank(s): %s manager", _group_size(group), name)
     return manager
