@@ -32,7 +32,10 @@ from .config import MoEConfig, TokenDispatcherConfig, expert_capacity
 from .dispatcher import SHARING_DEEPEP_MANAGER, MoEFlexTokenDispatcher, shutdown
 from .managers import (_AllToAllManager, _DeepepManager, _DispatchManager, _LocalManager, _NvlinkManager,
                        deepep_available)
+from ._jit import CacheNotWritableError
+from .managers.collectives import PeerTimeoutError
 from .managers.deepep import EngineUnavailableError
+from .managers.groups import ConcurrentCallError, GroupDestroyedError
 from .managers.hybridep import (_HYBRIDEP_TOKEN_ALIGNMENT, _STATIC_ROUTING_PAD_PIN, HybridEPPipelineRuntimeInitializer,
                                 _HybridEPManager, _HybridEPMetadataProcessor)
 from .engines import get_hybrid_ep_initialized_capacity, publish_hybrid_ep_initialized_capacity
@@ -50,7 +53,8 @@ def __getattr__(name):
 __all__ = [
     "SHARING_DEEPEP_MANAGER", "TokenDispatcherConfig", "MoEConfig", "MoEFlexTokenDispatcher", "_DispatchManager",
     "_DeepepManager", "_HybridEPManager", "_HybridEPMetadataProcessor", "HybridEPPipelineRuntimeInitializer",
-    "_AllToAllManager", "_LocalManager", "_NvlinkManager", "EngineUnavailableError", "RowIdMap", "ops", "reference",
+    "_AllToAllManager", "_LocalManager", "_NvlinkManager", "EngineUnavailableError", "PeerTimeoutError",
+    "ConcurrentCallError", "GroupDestroyedError", "CacheNotWritableError", "RowIdMap", "ops", "reference",
     "deepep_available", "shutdown", "expert_capacity", "use_application_logging", "permute", "unpermute",
     "fused_indices_to_multihot", "get_hybrid_ep_initialized_capacity", "publish_hybrid_ep_initialized_capacity",
     "__version__", *_engines._ENGINE_NAMES,

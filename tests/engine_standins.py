@@ -136,7 +136,7 @@ class HybridEPBuffer:
                               num_of_experts_per_rank=None, pad_multiple=None, num_permuted_tokens=None,
                               non_blocking=False, handle=None, topk_idx=None, num_experts=None, **_options):
         group = self.group
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        rank = dist.get_rank(group)
         if handle is not None:  # backward of a combine: the same rows, from the cached layout
             every, _ = _gather_rows(hidden, group)
             rows = handle.rows

@@ -92,8 +92,8 @@ def _agree_in_backward(check, grad: torch.Tensor, group, what: str) -> None:
     """A backward's first exchange: every rank's header in the shape of a dispatch's first
     exchange (``[W, WIDTH + E_local]``), so a peer that went on to its next call meets it and
     every rank raises; realigns this call's layer on disagreement (see BackwardCheck)."""
-    world = dist.get_world_size(group)
-    message = torch.zeros(world, agreement.WIDTH + check.manager.num_local_experts, dtype=torch.int64)
+    message = torch.zeros(check.manager.world_size, agreement.WIDTH + check.manager.num_local_experts,
+                          dtype=torch.int64)
     message[:, :agreement.WIDTH] = torch.tensor(check.values, dtype=torch.int64)
     message = message.to(grad.device)
     received = torch.empty_like(message)

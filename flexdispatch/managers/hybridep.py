@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import ops
-from . import agreement, gather
+from . import agreement, gather, groups
 from .base import _DispatchManager, _group_size_rank, check_topk_routing
 from .deepep import EngineUnavailableError
 from .sharing import LayerStates
@@ -90,6 +90,7 @@ class _HybridEPManager(LayerStates, _DispatchManager):
     """
 
     name = "hybridep"
+    group = groups.WeakGroup()  # never kept alive by a manager (see groups)
     LAYER_STATE = ("token_probs", "token_indices", "routing_map", "handle", "num_permuted_tokens",
                    "num_unpadded_tokens", "tokens_per_expert", "dispatched_probs", "_route_status", "_checked_route",
                    "_route_names", "_deferred", "_step", "_static_target_tokens", "_static_num_permuted_tokens",
