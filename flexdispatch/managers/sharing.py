@@ -34,7 +34,7 @@ class LayerStates:
     def _new_layer_state(self) -> None:
         raise NotImplementedError
 
-    @torch._dynamo.disable  # (a layer switch is host bookkeeping: torch.compile breaks its graph there)
+    @torch._disable_dynamo  # (a layer switch is host bookkeeping: torch.compile breaks its graph there)
     def serve(self, owner) -> None:
         """Put ``owner``'s layer state in this manager's attributes. Callers skip the call when
         ``serving_key == id(owner)`` (a plain int compare: no cost, and nothing for
