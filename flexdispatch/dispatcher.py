@@ -204,8 +204,7 @@ class MoEFlexTokenDispatcher:
             for key in [k for k in _SHARED if k[0] == slot]:
                 del _SHARED[key]
         elif all(published is not m for m, _ in _SHARED.values()):
-            self._shared = True  # a manager the user published: theirs to share
-            return published
+            return self._share(published)  # a manager the user published: theirs to share
         key = (slot, name, id(self.group), self.spec, tuple(getattr(self.config, o) for o in backend.options))
         manager, group = _SHARED.get(key, (None, None))
         if manager is None or group is not self.group:
@@ -214,7 +213,13 @@ class MoEFlexTokenDispatcher:
         setattr(MoEFlexTokenDispatcher, slot, manager)
         if isinstance(self.config, MoEConfig):  # the first generation reads its one name
             MoEFlexTokenDispatcher.shared_comm_manager = manager
+        return self._share(manager)
+
+    def _share(self, manager):
+        """Take a manager other dispatchers may share (it keeps this layer's state apart)."""
         self._shared = True
+        if isinstance(manager, LayerStates):
+            manager.watch(self)
         return manager
 
     def _manager(self):

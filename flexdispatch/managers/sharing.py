@@ -25,7 +25,7 @@ class LayerStates:
 
     LAYER_STATE: tuple = ()
     serving_key = None  # id() of the dispatcher whose state is in the attributes
-    _aside = None  # id(dispatcher) -> its state, for the others
+    _aside = None  # id(dispatcher) -> its state, for the others (None until a dispatcher is served)
     _known = None  # ids of the dispatchers served, each with a finalizer that drops its state
 
     def _new_layer_state(self) -> None:
@@ -38,8 +38,8 @@ class LayerStates:
         key = id(owner)
         if self.serving_key == key:
             return
-        if self._known is None:  # the first dispatcher served: the state in place is its own
-            self._aside, self._known = {}, set()
+        if self._aside is None:  # the first dispatcher served: the state in place is its own
+            self._aside = {}
         else:
             if self.serving_key is not None:  # (None: its dispatcher is gone, and its state with it)
                 self._aside[self.serving_key] = {name: self.__dict__.get(name) for name in self.LAYER_STATE}
@@ -50,6 +50,16 @@ class LayerStates:
                 for name, value in state.items():
                     setattr(self, name, value)
         self.serving_key = key
+        if key not in (self._known or ()):
+            self.watch(owner)
+
+    def watch(self, owner) -> None:
+        """Drop ``owner``'s state once it is collected. A dispatcher calls this when it takes the
+        manager, so that :meth:`serve` never registers a finalizer inside a compiled graph
+        (torch.compile cannot trace one)."""
+        key = id(owner)
+        if self._known is None:
+            self._known = set()
         if key not in self._known:
             self._known.add(key)
             weakref.finalize(owner, self._forget, key)
@@ -57,6 +67,6 @@ class LayerStates:
     def _forget(self, key: int) -> None:
         """A dispatcher was collected: drop its state (its id may be reused by a new one)."""
         self._known.discard(key)
-        self._aside.pop(key, None)
+        (self._aside or {}).pop(key, None)
         if self.serving_key == key:
             self.serving_key = None
