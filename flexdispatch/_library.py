@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import weakref
 from typing import Optional
 
 import torch
@@ -83,15 +84,18 @@ def kernels():
 
 @dataclasses.dataclass
 class _PendingError:
-    """A CUDA error word on its way to pinned memory, with what its message needs."""
+    """A CUDA error word on its way to pinned memory, with what its message needs. The routing
+    tensors are held weakly: an entry must not keep a call's tensors alive (a CUDA-graph pool
+    must find every tensor a call made either returned or freed); a message whose routing is
+    gone names the argument without the entry."""
 
     words: "ctypes.Array"  # the pinned slots of _ErrorSlots; the word's slot holds -1 until it lands
     slot: int
-    route: torch.Tensor
+    route: weakref.ref
     num_experts: int
     name: str
     num_out: Optional[int]
-    probs: Optional[torch.Tensor]
+    probs: Optional[weakref.ref]
     device: int  # the CUDA device whose stream copies the word
 
     def landed(self) -> bool:
@@ -99,7 +103,8 @@ class _PendingError:
 
     def error(self) -> Optional[ValueError]:
         bits = int(self.words[self.slot])
-        return routing_error(bits, self.route, self.num_experts, self.name, self.num_out, self.probs) if bits else None
+        probs = self.probs and self.probs()
+        return routing_error(bits, self.route(), self.num_experts, self.name, self.num_out, probs) if bits else None
 
 
 # CUDA error words not yet read, oldest first (process-wide: a later op of any layer reads them).
@@ -182,7 +187,8 @@ def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_ex
         _C.queue_word_copy(flags, index, pinned, slot)
     else:  # (kernels not built for CUDA: the plain ops made the flags)
         pinned[slot:slot + 1].copy_(flags[index:index + 1], non_blocking=True)
-    _pending.append(_PendingError(words, slot, route, num_experts, name, num_out, probs, flags.device.index))
+    _pending.append(_PendingError(words, slot, weakref.ref(route), num_experts, name, num_out,
+                                  None if probs is None else weakref.ref(probs), flags.device.index))
     if len(_pending) > MAX_PENDING:
         check_pending_errors()
 
