@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import weakref
 
+import torch
+
 
 class LayerStates:
     """Mixin: per-layer state of a manager that several dispatchers share.
@@ -27,6 +29,7 @@ class LayerStates:
     serving_key = None  # id() of the dispatcher whose state is in the attributes
     _aside = None  # id(dispatcher) -> its state, for the others (None until a dispatcher is served)
     _known = None  # ids of the dispatchers served, each with a finalizer that drops its state
+    _dead = None  # ids of collected dispatchers not yet dropped (see _forget)
 
     def _new_layer_state(self) -> None:
         raise NotImplementedError
@@ -59,14 +62,24 @@ class LayerStates:
         (torch.compile cannot trace one)."""
         key = id(owner)
         if self._known is None:
-            self._known = set()
+            self._known, self._dead = set(), []
+        self._drop_dead()  # (before taking a new owner, whose id may be a collected one's)
         if key not in self._known:
             self._known.add(key)
             weakref.finalize(owner, self._forget, key)
 
     def _forget(self, key: int) -> None:
-        """A dispatcher was collected: drop its state (its id may be reused by a new one)."""
-        self._known.discard(key)
-        (self._aside or {}).pop(key, None)
-        if self.serving_key == key:
-            self.serving_key = None
+        """A dispatcher was collected: drop its state (its id may be reused by a new one). A
+        finalizer runs whenever the collector does, also while torch.compile traces serve(),
+        whose guards must not see its containers change: then the next watch() drops it."""
+        self._dead.append(key)
+        if not torch.compiler.is_compiling():
+            self._drop_dead()
+
+    def _drop_dead(self) -> None:
+        while self._dead:
+            dead = self._dead.pop()
+            self._known.discard(dead)
+            (self._aside or {}).pop(dead, None)
+            if self.serving_key == dead:
+                self.serving_key = None
