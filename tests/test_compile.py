@@ -236,3 +236,28 @@ def test_sync_free_layer_under_inductor():
         for a, b in zip(got, want):
             assert rel_err(a, b) < 1e-5
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bound", [None, 64])
+def test_sync_free_layer_under_reduce_overhead(bound):
+    """torch.compile(mode="reduce-overhead"), the compiled layer in CUDA graphs, on a sync-free
+    one-rank layer (worst-case sized, or bounded), forward and backward over several steps: no
+    tensor a call makes outlives it in the CUDA-graph pool (the graphs' first runs check that)
+    and the results are eager's. The bound's counter is made by an eager call first."""
+    torch._dynamo.reset()
+    case = dict(CASES["sync-free-bound"], bound=bound)
+    weights = (torch.randn(E, H, H, generator=torch.Generator().manual_seed(3), dtype=torch.float64) / H ** 0.5).float()
+    eager, compiled = _dispatcher(case), _dispatcher(case)
+    if bound is not None:
+        x, router, grad = _inputs(59, 12, case, "cuda")
+        _run(_layer, compiled, weights, x, router, grad, case, "cuda")
+        _run(_layer, eager, weights, x, router, grad, case, "cuda")
+    layer = torch.compile(_layer, mode="reduce-overhead")
+    for step in range(5):
+        x, router, grad = _inputs(60 + step, 12, case, "cuda")
+        want = _run(_layer, eager, weights, x, router, grad, case, "cuda")
+        got = _run(layer, compiled, weights, x, router, grad, case, "cuda")
+        for a, b in zip(got, want):
+            assert rel_err(a, b) < 1e-5, f"step {step}"
+    if bound is not None:
+        assert compiled.report_dropped_tokens() == eager.report_dropped_tokens()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import sys
 from typing import Optional, Union
 
 import torch
@@ -90,6 +91,20 @@ def received_fp8_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
         rows.copy_(ops.dequantize_fp8(q, scales, dtype))
 
     return rows, finish, None
+
+
+def add_to_counter(counter: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+    """``counter += value`` for a 0-d counter kept on the device across calls (dropped tokens,
+    sync-free faults): made once, at its first use, and then updated in place, so compiled
+    calls take the same tensor as an input (with a static address for CUDA graphs when Dynamo is
+    loaded) instead of keeping a new one. A counter first made inside a compiled graph lives in
+    its memory: under torch.compile's reduce-overhead mode, run the layer once eagerly first."""
+    if counter is None:
+        counter = torch.zeros((), dtype=torch.int64, device=value.device)
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is not None and not torch.compiler.is_compiling():
+            dynamo.mark_static_address(counter)
+    return counter.add_(value)
 
 
 class _DispatchManager(abc.ABC):
@@ -683,7 +698,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         rank[order] = torch.arange(key.numel(), device=key.device) - starts[key[order]]
         drop = (rank >= bound) & (key < experts)
         dropped = drop.sum()
-        self.dropped_tokens = dropped if self.dropped_tokens is None else self.dropped_tokens.add_(dropped)
+        self.dropped_tokens = add_to_counter(self.dropped_tokens, dropped)
         return torch.where(drop.view_as(indices), -1, indices)
 
     def _worst_case_rows(self, received_rows: int) -> int:

@@ -56,7 +56,7 @@ import torch
 from .. import ops, peer_ops
 from . import agreement, gather, peer_buffers
 from .alltoall import _fp8_payload, routing_by_rank
-from .base import Dispatched, _ManagerBase, received_fp8_rows
+from .base import Dispatched, _ManagerBase, add_to_counter, received_fp8_rows
 
 _META_ALIGN = 8  # float64 rows
 
@@ -349,8 +349,7 @@ class _NvlinkManager(_ManagerBase):
         return ok if tokens is None else ok & (head[:, agreement.ROWS] == tokens).all()
 
     def _count_fault(self, ok: torch.Tensor) -> None:
-        fault = (~ok).long()
-        self.sync_free_faults = fault if self.sync_free_faults is None else self.sync_free_faults.add_(fault)
+        self.sync_free_faults = add_to_counter(self.sync_free_faults, (~ok).long())
 
     def _agree_on_device(self, headers, every, in_rank, tokens: int, topk: int):
         """Sync-free: the headers checked on the device; if they disagree, every rank's
