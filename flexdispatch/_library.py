@@ -212,18 +212,13 @@ def _check_layout(layout, host, route, num_experts, num_out, name) -> None:
 eager_direct = True  # eager calls skip the op dispatcher (False: through it, to measure the difference)
 
 
-def _direct(args) -> bool:
-    """Whether a call may skip the op dispatcher: eager, with plain tensors only (not under
-    torch.compile, nor traced by AOT autograd, whose fake and functional tensors need the op)."""
-    return eager_direct and not torch.compiler.is_compiling() and all(
-        type(a) is torch.Tensor for a in args if isinstance(a, torch.Tensor))
-
-
 def _op(fake, backward=None, setup=None):
     """Register the decorated kernel call ``impl`` as the op ``flexdispatch::<name>`` with its
     fake, and its backward (with ``setup``, as ``register_autograd`` takes them); returns the
-    function that calls it: the op, or ``impl`` directly (see :func:`_direct`), through an
-    autograd function of the same setup and backward when a gradient is needed."""
+    function that calls it: the op under torch.compile or for tensors other than plain ones
+    (the fake and functional tensors of AOT autograd's tracing, subclasses), else ``impl``
+    directly, through an autograd function of the same setup and backward when a gradient is
+    needed."""
     def register(impl):
         op = torch.library.custom_op(f"flexdispatch::{impl.__name__}", impl, mutates_args=())
         op.register_fake(fake)
@@ -240,12 +235,17 @@ def _op(fake, backward=None, setup=None):
                             {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
         def call(*args):
-            if not _direct(args):
-                return op(*args)
-            if function is not None and torch.is_grad_enabled() and any(
-                    isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-                return function.apply(*args)
-            return impl(*args)
+            if eager_direct and not torch.compiler.is_compiling():
+                needs_grad = False
+                for a in args:
+                    if isinstance(a, torch.Tensor):
+                        if type(a) is not torch.Tensor:
+                            return op(*args)
+                        needs_grad = needs_grad or a.requires_grad
+                if function is not None and needs_grad and torch.is_grad_enabled():
+                    return function.apply(*args)
+                return impl(*args)
+            return op(*args)
 
         call.__doc__, call.__name__ = impl.__doc__, impl.__name__
         return call

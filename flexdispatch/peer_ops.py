@@ -21,9 +21,8 @@ from typing import Optional
 
 import torch
 
-from .rowmap import permuted
-
 from . import _library, ops
+from .rowmap import permuted
 
 
 def _kernels():
