@@ -1,239 +1,515 @@
-"""The kernels as ``torch.library`` custom ops (namespace ``flexdispatch``), for torch.compile.
+"""The one binding of every kernel: the compiled kernels (loaded at first use), each kernel-backed
+op registered once as a ``torch.library`` custom op (namespace ``flexdispatch``) with its fake
+and, when differentiable, its one backward, and the queue of CUDA error words the ops defer.
 
-Dynamo cannot trace into a pybind11 function, so a compiled model that called the kernels
-directly broke its graph at every call. Under ``torch.compile`` the public ops of
-:mod:`flexdispatch.ops` call these registered ops instead; each has a fake (meta)
-implementation that gives its output shapes, and the differentiable ones register their
-backward, so a layer compiles into whole graphs:
+:mod:`flexdispatch.ops` (the public API) and :mod:`flexdispatch.peer_ops` call these ops, in
+eager and compiled code alike (TransformerEngine's permutation ops are built the same way):
 
-* the permutation's size is data-dependent unless ``num_out`` is given (sync-free mode): its
-  fake gives an unbacked size, and the real op makes the one host sync at run time, as eager
-  does (no graph break);
-* routing errors are raised (CPU) or queued for the next sync point (CUDA) inside the real
-  ops at run time, exactly as in eager mode.
+* under torch.compile (or any tracing: fake or functional tensors) the registered op runs, so
+  Dynamo puts it in the graph; its fake gives the output shapes (an unbacked size for the
+  permutation unless ``num_out`` is given, as in sync-free mode) and AOT autograd takes its
+  backward;
+* an eager call with plain tensors skips the op dispatcher, which costs more host time than
+  the kernel launch (``tools/bench_compile.py --dispatcher`` measures both in one run), and
+  runs the same implementation, with the same setup and backward when autograd needs them.
 
-Eager calls skip the op dispatcher (a custom op costs several microseconds of host time per
-call) and run the same implementations through :mod:`flexdispatch.ops`' autograd functions.
-Optional tensor results travel as empty tensors (custom ops cannot return None) and are
-mapped back to None by the callers in :mod:`flexdispatch.ops`.
+Routing errors are raised (CPU) or queued for the next sync point (CUDA) inside the ops'
+implementations, so eager and compiled code report them alike. Optional tensor results travel
+as empty tensors (custom ops cannot return None). Kernels that are not ops (the agreement's,
+the NVLink manager's transfers and barrier) are called through :func:`kernels`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import weakref
 from typing import Optional
 
 import torch
 
-from . import ops
+from . import _jit
+from .reference import FP8_GROUP
+from .rowmap import layout_error_index, routing_error
 
-_LIB = "flexdispatch"
+# The compiled kernels, loaded (built on a cold cache) at the first op that needs them, or by
+# load_kernels(): importing flexdispatch builds nothing, so commands that need no kernels
+# (``python -m flexdispatch info``, ``clear-cache``) answer at once.
+_C = None
+_loaded = False
+_with_cuda = False  # whether _C has CUDA kernels (a plain bool: torch.compile reads it while tracing)
 
 
-def _host_copy(plan) -> torch.Tensor:
-    """The plan's host layout as an op output: [0] when none was made, and a copy when it is
-    the layout itself (CPU tensors), since an op's outputs may not alias each other."""
-    host = plan.host_layout
+def load_kernels() -> bool:
+    """Load the kernels now (building them on a cold cache, once per machine); True when the
+    compiled kernels are in use, False when the plain PyTorch ops serve (FLEXDISPATCH_JIT=0, or
+    a failed build in ``auto`` mode). The first op calls this; a dispatcher's constructor does
+    too, so the build happens when a model is built rather than inside its first step."""
+    global _C, _loaded, _with_cuda
+    if not _loaded:
+        _C = _jit.load_kernels()  # raises with FLEXDISPATCH_JIT=1; then the next call tries again
+        _with_cuda = _C is not None and bool(_C.with_cuda())
+        _loaded = True
+    return _C is not None
+
+
+def kernels_loaded() -> bool:
+    """Whether the compiled kernels are loaded and in use, as of now; builds and loads nothing.
+    False before the first op, dispatcher or :func:`load_kernels` call of this process, and
+    when the plain PyTorch ops serve (FLEXDISPATCH_JIT=0, or a failed build in ``auto`` mode).
+    To load (and on a cold cache build) them, call :func:`load_kernels`."""
+    return _loaded and _C is not None
+
+
+def cuda_kernels_loaded() -> bool:
+    """True when the compiled kernels serve CUDA tensors (built with CUDA); loads them."""
+    return load_kernels() and _with_cuda
+
+
+def serves(t: torch.Tensor) -> bool:
+    """Whether the kernels serve ``t``'s device (loads them)."""
+    if not load_kernels():
+        return False
+    return t.device.type == "cpu" or (t.device.type == "cuda" and _with_cuda)
+
+
+def kernels():
+    """The compiled kernels' module (loads it; None when the plain PyTorch ops serve)."""
+    load_kernels()
+    return _C
+
+
+# ---- CUDA error words read at a later sync point ------------------------------------------------
+
+
+@dataclasses.dataclass
+class _PendingError:
+    """A CUDA error word on its way to pinned memory, with what its message needs. The routing
+    tensors are held weakly: an entry must not keep a call's tensors alive (a CUDA-graph pool
+    must find every tensor a call made either returned or freed); a message whose routing is
+    gone names the argument without the entry."""
+
+    words: "ctypes.Array"  # the pinned slots of _ErrorSlots; the word's slot holds -1 until it lands
+    slot: int
+    route: weakref.ref
+    num_experts: int
+    name: str
+    num_out: Optional[int]
+    probs: Optional[weakref.ref]
+    device: int  # the CUDA device whose stream copies the word
+
+    def landed(self) -> bool:
+        return int(self.words[self.slot]) != _NOT_LANDED
+
+    def error(self) -> Optional[ValueError]:
+        bits = int(self.words[self.slot])
+        probs = self.probs and self.probs()
+        return routing_error(bits, self.route(), self.num_experts, self.name, self.num_out, probs) if bits else None
+
+
+# CUDA error words not yet read, oldest first (process-wide: a later op of any layer reads them).
+_pending: list[_PendingError] = []
+MAX_PENDING = 64
+_NOT_LANDED = -1  # (error words are bit sets: never negative)
+
+
+class _ErrorSlots:
+    """Pinned words the error words are copied to, reused in turn: no pinned allocation, no
+    event and no torch op per call (the host marks a slot -1, a copy queued on the stream
+    overwrites it; the word has landed once the slot is not -1). A slot comes back after
+    2 * MAX_PENDING others, by when its entry has been read (at most MAX_PENDING + 1 are
+    pending at once)."""
+
+    def __init__(self):
+        self._words: dict = {}  # dtype -> (pinned tensor [2 * MAX_PENDING], a ctypes view of it)
+        self._next: dict = {}
+
+    def take(self, dtype: torch.dtype):
+        """``(pinned tensor, ctypes view, slot)``: the next slot for a word of ``dtype``
+        (int32 or int64), marked not landed."""
+        entry = self._words.get(dtype)
+        if entry is None:
+            words = torch.zeros(2 * MAX_PENDING, dtype=dtype, pin_memory=True)
+            word_type = ctypes.c_int64 if dtype == torch.int64 else ctypes.c_int32
+            # (plain memory reads and writes from the host: no torch op per access)
+            entry = self._words[dtype] = (words, (word_type * words.numel()).from_address(words.data_ptr()))
+        slot = self._next.get(dtype, 0)
+        self._next[dtype] = (slot + 1) % entry[0].numel()
+        entry[1][slot] = _NOT_LANDED
+        return entry[0], entry[1], slot
+
+
+_slots = _ErrorSlots()
+
+
+def check_pending_errors() -> None:
+    """Raise the first routing error flagged by earlier CUDA calls. Waits only for their small
+    error-word copies to land (not for the whole device), so it costs nothing once the GPU
+    has passed them."""
+    _read_pending_errors(wait=True)
+
+
+def _read_pending_errors(wait: bool) -> None:
+    """Read the queued error words in order (all of them, or without waiting only those that
+    have landed); raise the first error and forget the rest."""
+    while _pending and (wait or _pending[0].landed()):
+        entry = _pending.pop(0)
+        if not entry.landed():  # (rare: the callers wait after a host sync, when it has landed)
+            torch.cuda.synchronize(entry.device)
+        error = entry.error()
+        if error is not None:
+            _pending.clear()
+            raise error
+
+
+def defer_routing_error(status: torch.Tensor, route: torch.Tensor, num_experts: int, name: str,
+                        probs: Optional[torch.Tensor] = None) -> None:
+    """Raise the error bits of :func:`check_route`'s ``status`` now on the CPU; on CUDA read
+    them once they have landed (at the next sync point), without adding a sync."""
+    _defer_or_raise(status, 0, route, num_experts, name, probs=probs)
+
+
+def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_experts: int, name: str,
+                    num_out: Optional[int] = None, probs: Optional[torch.Tensor] = None) -> None:
+    """Raise now for CPU tensors (reading the flag costs nothing); on CUDA, queue a copy of the
+    error word to pinned memory and read it once it has landed (at a later call, or at
+    :func:`check_pending_errors`) instead of adding a host sync."""
+    if flags.device.type == "cpu":
+        bits = int(flags[index])
+        if bits:
+            raise routing_error(bits, route, num_experts, name, num_out, probs)
+        return
+    if torch.cuda.is_current_stream_capturing():
+        return  # a graph being captured may not sync; its sizes are the caller's (sync-free mode)
+    _read_pending_errors(wait=False)
+    pinned, words, slot = _slots.take(flags.dtype)
+    if serves(flags):
+        _C.queue_word_copy(flags, index, pinned, slot)
+    else:  # (kernels not built for CUDA: the plain ops made the flags)
+        pinned[slot:slot + 1].copy_(flags[index:index + 1], non_blocking=True)
+    _pending.append(_PendingError(words, slot, weakref.ref(route), num_experts, name, num_out,
+                                  None if probs is None else weakref.ref(probs), flags.device.index))
+    if len(_pending) > MAX_PENDING:
+        check_pending_errors()
+
+
+def _check_layout(layout, host, route, num_experts, num_out, name) -> None:
+    """Raise a plan's error bits from its host copy (made when the kernel sized its output),
+    else defer them; nothing for ``name`` None (a route this package built)."""
+    if name is None:
+        return
     if host is None:
-        return torch.empty(0, dtype=torch.int64)
-    return host.clone() if host.data_ptr() == plan.layout.data_ptr() else host
+        _defer_or_raise(layout, layout_error_index(num_experts), route, num_experts, name, num_out)
+        return
+    check_pending_errors()  # a sync just happened: read the earlier flags too
+    bits = int(host[layout_error_index(num_experts)])
+    if bits:
+        raise routing_error(bits, route, num_experts, name)
 
 
-# ---- routing -------------------------------------------------------------------------------
+# ---- the binding ------------------------------------------------------------------------------
+
+eager_direct = True  # eager calls skip the op dispatcher (False: through it, to measure the difference)
 
 
-@torch.library.custom_op(f"{_LIB}::check_route", mutates_args=())
+def _op(fake, backward=None, setup=None):
+    """Register the decorated kernel call ``impl`` as the op ``flexdispatch::<name>`` with its
+    fake, and its backward (with ``setup``, as ``register_autograd`` takes them); returns the
+    function that calls it: the op under torch.compile or for tensors other than plain ones
+    (the fake and functional tensors of AOT autograd's tracing, subclasses), else ``impl``
+    directly, through an autograd function of the same setup and backward when a gradient is
+    needed."""
+    def register(impl):
+        op = torch.library.custom_op(f"flexdispatch::{impl.__name__}", impl, mutates_args=())
+        op.register_fake(fake)
+        function = None
+        if backward is not None:
+            op.register_autograd(backward, setup_context=setup)
+
+            def forward(ctx, *args):
+                out = impl(*args)
+                setup(ctx, args, out)
+                return out
+
+            function = type(impl.__name__, (torch.autograd.Function,),
+                            {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+        def call(*args):
+            if eager_direct and not torch.compiler.is_compiling():
+                needs_grad = False
+                for a in args:
+                    if isinstance(a, torch.Tensor):
+                        if type(a) is not torch.Tensor:
+                            return op(*args)
+                        needs_grad = needs_grad or a.requires_grad
+                if function is not None and needs_grad and torch.is_grad_enabled():
+                    return function.apply(*args)
+                return impl(*args)
+            return op(*args)
+
+        call.__doc__, call.__name__ = impl.__doc__, impl.__name__
+        return call
+    return register
+
+
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _no_grads_made(ctx):
+    ctx.set_materialize_grads(False)  # (no zero tensors for the gradients of unused outputs)
+
+
+# ---- routing ----------------------------------------------------------------------------------
+
+
+@_op(lambda indices, num_experts, flag, probs, report_as: (indices.new_empty(indices.shape, dtype=torch.int64),
+                                                           indices.new_empty(2, dtype=torch.int32)))
 def check_route(indices: torch.Tensor, num_experts: int, flag: int, probs: Optional[torch.Tensor],
                 report_as: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    clean, status = ops._C.check_route(indices.contiguous(), num_experts, flag,
-                                       None if probs is None else probs.contiguous())
+    """``(clean [R, K] int64, status [2] int32)``; the error bits raised or deferred under the
+    name ``report_as`` (None: left to the caller)."""
+    clean, status = _C.check_route(indices.contiguous(), num_experts, flag, _contiguous(probs))
     if report_as is not None:
-        ops.defer_routing_error(status, indices, num_experts, report_as, probs)
+        defer_routing_error(status, indices, num_experts, report_as, probs)
     return clean, status
 
 
-@check_route.register_fake
-def _(indices, num_experts, flag, probs, report_as):
-    return (indices.new_empty(indices.shape, dtype=torch.int64), indices.new_empty(2, dtype=torch.int32))
-
-
-@torch.library.custom_op(f"{_LIB}::indices_to_multihot", mutates_args=())
-def indices_to_multihot(indices: torch.Tensor, probs: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return ops._multihot_impl(indices.contiguous(), probs.contiguous(), num_experts)
-
-
-@indices_to_multihot.register_fake
-def _(indices, probs, num_experts):
-    rows = indices.shape[0]
-    return (indices.new_empty(rows, num_experts, dtype=torch.bool), probs.new_empty(rows, num_experts))
-
-
 def _multihot_setup(ctx, inputs, output):
+    _no_grads_made(ctx)
     ctx.save_for_backward(inputs[0])
 
 
 def _multihot_backward(ctx, grad_map, grad_multihot):
-    (idx,) = ctx.saved_tensors
-    return None, ops._multihot_grad(idx, grad_multihot), None
+    """The top-k probs' gradient: ``grad_multihot`` read back at the chosen experts."""
+    if grad_multihot is None:
+        return None, None, None
+    (indices,) = ctx.saved_tensors
+    column = torch.where(indices >= 0, indices.long(), grad_multihot.shape[1])
+    padded = torch.cat([grad_multihot, grad_multihot.new_zeros(grad_multihot.shape[0], 1)], dim=1)
+    return None, padded.gather(1, column), None
 
 
-indices_to_multihot.register_autograd(_multihot_backward, setup_context=_multihot_setup)
+@_op(lambda indices, probs, num_experts: (indices.new_empty(indices.shape[0], num_experts, dtype=torch.bool),
+                                          probs.new_empty(indices.shape[0], num_experts)),
+     _multihot_backward, _multihot_setup)
+def indices_to_multihot(indices: torch.Tensor, probs: torch.Tensor,
+                        num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(routing_map [R, E] bool, multihot [R, E])``; routing errors raised or deferred."""
+    routing_map, multihot, error = _C.indices_to_multihot(indices.contiguous(), probs.contiguous(), num_experts)
+    _defer_or_raise(error, 0, indices, num_experts, "indices")
+    return routing_map, multihot
 
 
-# ---- the permutation -------------------------------------------------------------------------
+def _received_setup(ctx, inputs, output):
+    _no_grads_made(ctx)
+    ctx.save_for_backward(output[0])
+    ctx.shape, ctx.dtype, ctx.columns = inputs[0].shape, inputs[0].dtype, (inputs[1], inputs[2])
 
 
-@torch.library.custom_op(f"{_LIB}::permute", mutates_args=())
-def permute(route: torch.Tensor, num_experts: int, pad_multiple: int, num_out: int, tokens: torch.Tensor,
-            probs: Optional[torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor, torch.Tensor]:
-    """(out [N, H], out_probs [N] or [0], map [R, S], layout [3E + 2], host layout or [0])."""
-    out, out_probs, plan = ops._permute(tokens, probs, route.contiguous(), num_experts,
-                                        None if num_out < 0 else num_out, pad_multiple, name)
-    host = _host_copy(plan)
-    return (out, tokens.new_empty(0, dtype=torch.float32) if out_probs is None else out_probs, plan.map,
-            plan.layout, host)
+def _received_backward(ctx, _grad_indices, grad_probs):
+    """The routing rows' gradient: the probs' in their prob columns, 0 where the index is -1."""
+    if grad_probs is None:
+        return (None,) * 7
+    (indices,) = ctx.saved_tensors
+    id_column, topk = ctx.columns
+    grad = grad_probs.new_zeros(ctx.shape, dtype=ctx.dtype)
+    grad[:, id_column + topk:id_column + 2 * topk] = torch.where(indices >= 0, grad_probs, 0)
+    return grad, None, None, None, None, None, None
 
 
-@permute.register_fake
-def _(route, num_experts, pad_multiple, num_out, tokens, probs, name):
-    rows = num_out if num_out >= 0 else torch.library.get_ctx().new_dynamic_size()
-    slots = route.shape[1]
+@_op(lambda meta, id_column, topk, first_expert, local, prob_dtype, has_source: (
+        meta.new_empty(meta.shape[0], topk, dtype=torch.int64), meta.new_empty(meta.shape[0], topk, dtype=prob_dtype)),
+     _received_backward, _received_setup)
+def received_routing(meta: torch.Tensor, id_column: int, topk: int, first_expert: int, local: int,
+                     prob_dtype: torch.dtype, has_source: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices [R, K] int64, probs [R, K])`` of the received routing rows ``meta``."""
+    return _C.received_routing(meta.contiguous(), id_column, topk, first_expert, local, has_source, prob_dtype)
+
+
+# ---- the permutation ----------------------------------------------------------------------------
+
+
+def _plan_fake(route, num_experts, num_out):
     layout = 3 * num_experts + 2
-    out_probs = probs.new_empty(rows) if probs is not None else tokens.new_empty(0, dtype=torch.float32)
-    host = torch.empty(layout if num_out < 0 else 0, dtype=torch.int64)
-    return (tokens.new_empty(rows, tokens.shape[1]), out_probs, route.new_empty(route.shape[0], slots,
-            dtype=torch.int32), route.new_empty(layout, dtype=torch.int64), host)
+    return (route.new_empty(route.shape, dtype=torch.int32), route.new_empty(layout, dtype=torch.int64),
+            torch.empty(layout if num_out < 0 else 0, dtype=torch.int64))
 
 
-def _permute_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[2])
+def _host_output(host: Optional[torch.Tensor], layout: torch.Tensor) -> torch.Tensor:
+    """The host layout as an op output: [0] when none was made, and a copy when it is the
+    layout itself (CPU tensors), since an op's outputs may not alias each other."""
+    if host is None:
+        return torch.empty(0, dtype=torch.int64)
+    return host.clone() if host.data_ptr() == layout.data_ptr() else host
 
 
-def _permute_backward(ctx, grad_out, grad_out_probs, _map, _layout, _host):
-    (row_map,) = ctx.saved_tensors
-    grad_tokens = grad_probs = None
-    if ctx.needs_input_grad[4] and grad_out is not None:
-        grad_tokens = gather_rows(grad_out.contiguous(), row_map, None)
-    if ctx.needs_input_grad[5] and grad_out_probs is not None:
-        grad_probs = ops._gather_slots_by_map(grad_out_probs, row_map)
-    return None, None, None, None, grad_tokens, grad_probs, None
-
-
-permute.register_autograd(_permute_backward, setup_context=_permute_setup)
-
-
-@torch.library.custom_op(f"{_LIB}::plan", mutates_args=())
+@_op(lambda route, num_experts, pad_multiple, num_out, name: _plan_fake(route, num_experts, num_out))
 def plan(route: torch.Tensor, num_experts: int, pad_multiple: int, num_out: int,
-         name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(map [R, S], layout [3E + 2], host layout or [0]); rows used = layout[3E]."""
-    p = ops._plan_impl(route.contiguous(), num_experts, None if num_out < 0 else num_out, pad_multiple, name)
-    host = _host_copy(p)
-    return p.map, p.layout, host
+         name: Optional[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(map [R, S] int32, layout [3E + 2], host layout or [0])``, sized on the host when
+    ``num_out`` < 0 (one sync); ``name`` None: a route this package built (nothing to check)."""
+    row_map, layout, host = _C.plan(route.contiguous(), num_experts, pad_multiple, num_out)
+    _check_layout(layout, host, route, num_experts, None if num_out < 0 else num_out, name)
+    return row_map, layout, _host_output(host, layout)
 
 
-@plan.register_fake
-def _(route, num_experts, pad_multiple, num_out, name):
-    layout = 3 * num_experts + 2
-    return (route.new_empty(route.shape[0], route.shape[1], dtype=torch.int32),
-            route.new_empty(layout, dtype=torch.int64), torch.empty(layout if num_out < 0 else 0, dtype=torch.int64))
+def _permuted_fake(rows, probs, route, num_experts, num_out, hidden=None, dtype=None):
+    """The fake of a permutation (its size unbacked unless ``num_out`` >= 0)."""
+    n = num_out if num_out >= 0 else torch.library.get_ctx().new_dynamic_size()
+    out_probs = route.new_empty(0, dtype=torch.float32) if probs is None else probs.new_empty(n)
+    return (route.new_empty(n, rows.shape[1] if hidden is None else hidden, dtype=rows.dtype if dtype is None else dtype),
+            out_probs, *_plan_fake(route, num_experts, num_out))
 
 
-# ---- row movers ------------------------------------------------------------------------------
+def _permuted(result, route, num_experts, num_out, name):
+    """A permutation kernel's ``(out, out_probs, map, layout, host)`` as op outputs, its
+    routing errors raised or deferred."""
+    out, out_probs, row_map, layout, host = result
+    _check_layout(layout, host, route, num_experts, out.shape[0], name)
+    return (out, out.new_empty(0, dtype=torch.float32) if out_probs is None else out_probs, row_map, layout,
+            _host_output(host, layout))
 
 
-@torch.library.custom_op(f"{_LIB}::gather_rows", mutates_args=())
-def gather_rows(src: torch.Tensor, row_map: torch.Tensor, probs: Optional[torch.Tensor]) -> torch.Tensor:
-    return ops._C.gather_rows(src.contiguous(), row_map, None if probs is None else probs.contiguous())
+def _permutation_setup(ctx, inputs, output):
+    _no_grads_made(ctx)
+    ctx.save_for_backward(output[2], output[3])
+    ctx.plan = (inputs[3], inputs[4] > 1, inputs[5] >= 0, len(inputs))  # experts, padded, has tail, inputs
 
 
-@gather_rows.register_fake
-def _(src, row_map, probs):
-    return src.new_empty(row_map.shape[0], src.shape[1])
+def _permutation_backward(ctx, grad_out, grad_out_probs, *_):
+    """The one backward of every permutation op (inputs ``rows, probs, route, ...``): a gather
+    of the output's gradient along the plan to the rows, and to the probs."""
+    row_map, layout = ctx.saved_tensors
+    num_experts, padded, has_tail, inputs = ctx.plan
+    grad_rows = grad_probs = None
+    if ctx.needs_input_grad[0] and grad_out is not None:
+        grad_rows = gather_rows(grad_out, row_map, None, layout, num_experts, padded, has_tail)
+    if ctx.needs_input_grad[1] and grad_out_probs is not None:  # values[map[r, s]], 0 for unused slots
+        spare = grad_out_probs.shape[0]
+        padded_probs = torch.cat([grad_out_probs, grad_out_probs.new_zeros(1)])
+        grad_probs = padded_probs[torch.where(row_map >= 0, row_map.long(), spare)]
+    return (grad_rows, grad_probs) + (None,) * (inputs - 2)
 
 
-@torch.library.custom_op(f"{_LIB}::scatter_rows", mutates_args=())
-def scatter_rows(src: torch.Tensor, row_map: torch.Tensor, num_out: int, layout: torch.Tensor, num_experts: int,
-                 padded: bool, has_tail: bool) -> torch.Tensor:
-    return ops._C.scatter_rows(src.contiguous(), row_map, num_out, layout, num_experts, padded, has_tail)
+# Every permutation op takes (rows, probs, route, num_experts, pad_multiple, num_out, name, ...)
+# and returns (out [N, H], out_probs [N] or [0], map [R, S] int32, layout [3E + 2], host layout or
+# [0]); one host sync sizes it when num_out < 0. ``rows`` is differentiable, and is read by permute
+# only: the others read their rows elsewhere and take ``rows`` for their shape, dtype and autograd.
 
 
-@scatter_rows.register_fake
-def _(src, row_map, num_out, layout, num_experts, padded, has_tail):
-    return src.new_empty(num_out, src.shape[1])
+@_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name: _permuted_fake(
+    rows, probs, route, num_experts, num_out), _permutation_backward, _permutation_setup)
+def permute(rows: torch.Tensor, probs: Optional[torch.Tensor], route: torch.Tensor, num_experts: int,
+            pad_multiple: int, num_out: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor, torch.Tensor]:
+    """The expert-major permutation of ``rows [R, H]`` by ``route`` (indices or multihot map)."""
+    return _permuted(_C.permute(route.contiguous(), num_experts, pad_multiple, num_out, rows.contiguous(), _contiguous(probs)),
+                     route, num_experts, num_out, name)
+
+
+@_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name, q, scales, dtype: _permuted_fake(
+    q, probs, route, num_experts, num_out, dtype=dtype), _permutation_backward, _permutation_setup)
+def permute_fp8(rows: Optional[torch.Tensor], probs: Optional[torch.Tensor], route: torch.Tensor, num_experts: int,
+                pad_multiple: int, num_out: int, name: str, q: torch.Tensor, scales: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The permutation of FP8 rows ``q [R, H]`` (uint8 bits) and ``scales``, dequantized to
+    ``dtype`` as they are moved."""
+    return _permuted(_C.permute_fp8(route.contiguous(), num_experts, pad_multiple, num_out, q, scales, _contiguous(probs),
+                                    torch.empty(0, dtype=dtype)), route, num_experts, num_out, name)
+
+
+@_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name, addrs, align, max_blocks, first_row:
+     _permuted_fake(rows, probs, route, num_experts, num_out), _permutation_backward, _permutation_setup)
+def permute_from(rows: torch.Tensor, probs: Optional[torch.Tensor], route: torch.Tensor, num_experts: int,
+                 pad_multiple: int, num_out: int, name: str, addrs: torch.Tensor, align: int, max_blocks: int,
+                 first_row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The permutation of the rows at ``addrs [R]`` (see :mod:`flexdispatch.peer_ops`)."""
+    return _permuted(_C.permute_from(route.contiguous(), num_experts, pad_multiple, num_out, addrs.contiguous(), align, rows,
+                                     _contiguous(probs), max_blocks, first_row), route, num_experts, num_out, name)
+
+
+@_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name, addrs, align, max_blocks, first_row:
+     _permuted_fake(rows, probs, route, num_experts, num_out), _permutation_backward, _permutation_setup)
+def permute_fp8_from(rows: torch.Tensor, probs: Optional[torch.Tensor], route: torch.Tensor, num_experts: int,
+                     pad_multiple: int, num_out: int, name: str, addrs: torch.Tensor, align: int, max_blocks: int,
+                     first_row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dequantizing permutation of the FP8 rows at ``addrs [R]`` (see :mod:`flexdispatch.peer_ops`)."""
+    return _permuted(_C.permute_fp8_from(route.contiguous(), num_experts, pad_multiple, num_out, addrs.contiguous(), align, rows,
+                                         _contiguous(probs), max_blocks, first_row), route, num_experts, num_out, name)
+
+
+# ---- row movers along a plan (map, layout, experts, padded, has tail) -----------------------------
 
 
 def _scatter_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
+    ctx.save_for_backward(inputs[1], inputs[3])
+    ctx.plan = inputs[4:]
 
 
 def _scatter_backward(ctx, grad):
-    (row_map,) = ctx.saved_tensors
-    return gather_rows(grad.contiguous(), row_map, None), None, None, None, None, None, None
+    row_map, layout = ctx.saved_tensors
+    return (gather_rows(grad, row_map, None, layout, *ctx.plan),) + (None,) * 6
 
 
-scatter_rows.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+@_op(lambda src, row_map, num_out, layout, num_experts, padded, has_tail: src.new_empty(num_out, src.shape[1]),
+     _scatter_backward, _scatter_setup)
+def scatter_rows(src: torch.Tensor, row_map: torch.Tensor, num_out: int, layout: torch.Tensor, num_experts: int,
+                 padded: bool, has_tail: bool) -> torch.Tensor:
+    """``[N, H]`` with every source row at its planned rows; pad and tail rows zero."""
+    return _C.scatter_rows(src.contiguous(), row_map, num_out, layout, num_experts, padded, has_tail)
 
 
-@torch.library.custom_op(f"{_LIB}::gather_rows_backward", mutates_args=())
+def _gather_setup(ctx, inputs, output):
+    src, row_map, probs, layout, num_experts, padded, has_tail = inputs
+    ctx.save_for_backward(None if probs is None else src, row_map, probs, layout)
+    ctx.plan = (src.shape[0], num_experts, padded, has_tail)
+
+
+def _gather_backward(ctx, grad):
+    src, row_map, probs, layout = ctx.saved_tensors
+    num_out, num_experts, padded, has_tail = ctx.plan
+    if probs is None:
+        return (scatter_rows(grad, row_map, num_out, layout, num_experts, padded, has_tail),) + (None,) * 6
+    grad_src, grad_probs = gather_rows_backward(grad, src, row_map, probs, layout, num_experts, padded, has_tail)
+    return grad_src, None, (grad_probs if ctx.needs_input_grad[2] else None), None, None, None, None
+
+
+@_op(lambda src, row_map, probs, layout, num_experts, padded, has_tail: src.new_empty(row_map.shape[0], src.shape[1]),
+     _gather_backward, _gather_setup)
+def gather_rows(src: torch.Tensor, row_map: torch.Tensor, probs: Optional[torch.Tensor], layout: torch.Tensor,
+                num_experts: int, padded: bool, has_tail: bool) -> torch.Tensor:
+    """``[R, H]``: row ``r`` sums ``src[map[r, s]]`` (times ``probs[r, s]``) in slot order."""
+    return _C.gather_rows(src.contiguous(), row_map, _contiguous(probs))
+
+
+@_op(lambda grad, src, row_map, probs, layout, num_experts, padded, has_tail: (src.new_empty(src.shape),
+                                                                               probs.new_empty(probs.shape)))
 def gather_rows_backward(grad: torch.Tensor, src: torch.Tensor, row_map: torch.Tensor, probs: torch.Tensor,
                          layout: torch.Tensor, num_experts: int, padded: bool,
                          has_tail: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return ops._C.gather_rows_backward(grad.contiguous(), src.contiguous(), row_map, probs.contiguous(), layout,
-                                       num_experts, padded, has_tail)
+    """The gradients of :func:`gather_rows`' ``src`` and ``probs``."""
+    return _C.gather_rows_backward(grad.contiguous(), src.contiguous(), row_map, probs.contiguous(), layout,
+                                   num_experts, padded, has_tail)
 
 
-@gather_rows_backward.register_fake
-def _(grad, src, row_map, probs, layout, num_experts, padded, has_tail):
-    return src.new_empty(src.shape), probs.new_empty(probs.shape)
+# ---- FP8 rows ---------------------------------------------------------------------------------
 
 
-@torch.library.custom_op(f"{_LIB}::unpermute", mutates_args=())
-def unpermute(permuted: torch.Tensor, probs: Optional[torch.Tensor], row_map: torch.Tensor, layout: torch.Tensor,
-              num_experts: int, padded: bool, has_tail: bool) -> torch.Tensor:
-    return ops._C.gather_rows(permuted.contiguous(), row_map, None if probs is None else probs.contiguous())
+@_op(lambda x: (x.new_empty(x.shape, dtype=torch.uint8), x.new_empty(x.shape[0], x.shape[1] // FP8_GROUP,
+                                                                     dtype=torch.float32)))
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q [R, H] uint8 bits of e4m3, scales [R, H / 128] float32)``."""
+    return _C.quantize_fp8(x.contiguous())
 
 
-@unpermute.register_fake
-def _(permuted, probs, row_map, layout, num_experts, padded, has_tail):
-    return permuted.new_empty(row_map.shape[0], permuted.shape[1])
+@_op(lambda q, scales, dtype: q.new_empty(q.shape, dtype=dtype))
+def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q [R, H]`` uint8 bits of e4m3 times their scales, as ``dtype``."""
+    return _C.dequantize_fp8(q.contiguous(), scales.contiguous(), torch.empty(0, dtype=dtype))
 
 
-def _unpermute_setup(ctx, inputs, output):
-    permuted, probs, row_map, layout, num_experts, padded, has_tail = inputs
-    ctx.save_for_backward(permuted if probs is not None else None, probs, row_map, layout)
-    ctx.shape = (permuted.shape[0], num_experts, padded, has_tail)
-
-
-def _unpermute_backward(ctx, grad):
-    permuted, probs, row_map, layout = ctx.saved_tensors
-    num_out, num_experts, padded, has_tail = ctx.shape
-    if probs is None:
-        return scatter_rows(grad.contiguous(), row_map, num_out, layout, num_experts, padded, has_tail), \
-            None, None, None, None, None, None
-    grad_x, grad_p = gather_rows_backward(grad.contiguous(), permuted, row_map, probs, layout, num_experts, padded,
-                                          has_tail)
-    return grad_x, (grad_p if ctx.needs_input_grad[1] else None), None, None, None, None, None
-
-
-unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
-
-
-# ---- FP8 rows --------------------------------------------------------------------------------
-
-
-@torch.library.custom_op(f"{_LIB}::fp8_round_trip", mutates_args=())
+@_op(lambda x: torch.empty_like(x), lambda ctx, grad: grad, lambda ctx, inputs, output: None)
 def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
-    """Rows rounded through FP8 (the kernels); straight-through gradient."""
-    return ops.dequantize_fp8(*ops.quantize_fp8(x), dtype=x.dtype)
-
-
-@fp8_round_trip.register_fake
-def _(x):
-    return torch.empty_like(x)
-
-
-def _fp8_round_trip_backward(ctx, grad):
-    return grad
-
-
-fp8_round_trip.register_autograd(_fp8_round_trip_backward)
+    """Rows rounded through FP8; straight-through gradient."""
+    return dequantize_fp8(*quantize_fp8(x), x.dtype)

@@ -102,6 +102,25 @@ def _in_dispatcher_terms(method):
     return wrapper
 
 
+class _SizedOnHost:
+    """A step that sizes the permutation on the host (in every mode but sync-free). Under
+    torch.compile it runs whole as one eager call, so a layer's graph breaks once, where the
+    layer calls it, and not again in each frame between the layer and the permutation (Dynamo
+    cannot resume a graph inside them); sync-free steps are traced like the rest. Eager code
+    gets the plain method. (torch._disable_dynamo is torch.compiler.disable without importing
+    Dynamo before it is used.)"""
+
+    def __init__(self, method):
+        self.method, self.eager = method, torch._disable_dynamo(method)
+        functools.update_wrapper(self, method)
+
+    def __get__(self, dispatcher, owner=None):
+        if dispatcher is None or not torch.compiler.is_compiling():
+            return self.method.__get__(dispatcher, owner)
+        spec = getattr(dispatcher, "spec", None)
+        return functools.partial(self.method if spec is not None and spec.sync_free else self.eager, dispatcher)
+
+
 class MoEFlexTokenDispatcher:
     """Flex token dispatcher: DeepEP (or HybridEP, UCCL-EP) on NVLink nodes, flexdispatch's
     NVLink backend, torch.distributed all-to-all anywhere, no communication for one rank.
@@ -221,8 +240,7 @@ class MoEFlexTokenDispatcher:
             for key in [k for k in _SHARED if k[0] == slot]:
                 del _SHARED[key]
         elif all(published is not m for m, _ in _SHARED.values()):
-            self._shared = True  # a manager the user published: theirs to share
-            return published
+            return self._share(published)  # a manager the user published: theirs to share
         key = (slot, name, id(self.group), self.spec, tuple(getattr(self.config, o) for o in backend.options))
         manager, group_ref = _SHARED.get(key, (None, None))
         if manager is None or (None if group_ref is None else group_ref()) is not self.group:
@@ -233,7 +251,13 @@ class MoEFlexTokenDispatcher:
         setattr(MoEFlexTokenDispatcher, slot, manager)
         if isinstance(self.config, MoEConfig):  # the first generation reads its one name
             MoEFlexTokenDispatcher.shared_comm_manager = manager
+        return self._share(manager)
+
+    def _share(self, manager):
+        """Take a manager other dispatchers may share (it keeps this layer's state apart)."""
         self._shared = True
+        if isinstance(manager, LayerStates):
+            manager.watch(self)
         return manager
 
     def _manager(self):
@@ -445,6 +469,7 @@ class MoEFlexTokenDispatcher:
         out = manager.dispatch(hidden_states, async_finish, allocate_on_comm_stream)
         return out, manager.dispatched_probs
 
+    @_SizedOnHost
     @_in_dispatcher_terms
     def dispatch_postprocess(self, hidden_states: torch.Tensor):
         """Expert-major permutation: ``(tokens [N, H], tokens_per_expert [E_local] int64 (CPU;
@@ -453,6 +478,7 @@ class MoEFlexTokenDispatcher:
         tokens, permuted_probs = manager.get_permuted_hidden_states_by_experts(hidden_states)
         return tokens, manager.get_number_of_tokens_per_expert(), permuted_probs
 
+    @_SizedOnHost
     @_in_dispatcher_terms
     def token_permutation(self, hidden_states: torch.Tensor, num_local_tokens: int,
                           probs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -461,6 +487,7 @@ class MoEFlexTokenDispatcher:
         hidden, _ = self.dispatch_preprocess(hidden_states, num_local_tokens, probs)
         return self._permute_dispatched(hidden)
 
+    @_SizedOnHost
     @_in_dispatcher_terms
     def token_permutation2(self, hidden_states: torch.Tensor, num_local_tokens: int, token_probs: torch.Tensor,
                            token_indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

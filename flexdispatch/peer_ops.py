@@ -21,14 +21,15 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from . import _library, ops
+from .rowmap import permuted
 
 
 def _kernels():
-    if not ops.load_kernels():
+    if not _library.load_kernels():
         raise RuntimeError("the NVLink manager needs flexdispatch's compiled kernels (FLEXDISPATCH_JIT=0 or a "
                            "failed build left only the plain PyTorch ops); see `python -m flexdispatch info`")
-    return ops._C
+    return _library.kernels()
 
 
 def copy_rows_from(addrs: torch.Tensor, out: torch.Tensor, align: int, row_id_map: Optional[torch.Tensor] = None,
@@ -78,7 +79,7 @@ def permute_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indices: t
     dtype and autograd (its values are not read).
 
     Returns ``(out [N, H], permuted_probs [N], plan, tokens_per_expert)``."""
-    return _permute_through("permute_from", rows, addrs, align, indices, probs, num_experts, num_out_tokens,
+    return _permute_through(_library.permute_from, rows, addrs, align, indices, probs, num_experts, num_out_tokens,
                             pad_multiple, max_blocks, first_row)
 
 
@@ -92,20 +93,15 @@ def permute_fp8_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indice
     dtype stands for them in shape, dtype and autograd (its values are not read).
 
     Returns ``(out [N, H], permuted_probs [N], plan, tokens_per_expert)``."""
-    return _permute_through("permute_fp8_from", rows, addrs, align, indices, probs, num_experts, num_out_tokens,
-                            pad_multiple, max_blocks, first_row)
+    return _permute_through(_library.permute_fp8_from, rows, addrs, align, indices, probs, num_experts,
+                            num_out_tokens, pad_multiple, max_blocks, first_row)
 
 
-def _permute_through(kernel: str, rows, addrs, align, indices, probs, num_experts, num_out_tokens, pad_multiple,
-                     max_blocks, first_row):
-    """A permutation whose kernel (``kernel``, a binding) reads row ``r`` at ``addrs[r]``."""
-    ops._check_index_route(indices, num_experts, rows.shape[0])
-    probs = ops._check_probs(probs, indices)
-    ops._check_sizes(num_out_tokens, pad_multiple)
-    route, addrs = indices.contiguous(), addrs.contiguous()
-    out, out_probs, plan = ops.kernel_permutation(
-        rows, probs, lambda p: getattr(_kernels(), kernel)(route, num_experts, pad_multiple or 1,
-                                                           -1 if num_out_tokens is None else num_out_tokens,
-                                                           addrs, align, rows, p, max_blocks, first_row),
-        route, num_experts, num_out_tokens, pad_multiple)
-    return out, out_probs, plan, plan.tokens_per_expert
+def _permute_through(op, rows, addrs, align, indices, probs, num_experts, num_out_tokens, pad_multiple, max_blocks,
+                     first_row):
+    """A permutation whose op (of :mod:`flexdispatch._library`) reads row ``r`` at ``addrs[r]``."""
+    probs = ops.checked_index_args(rows.shape[0], indices, probs, num_experts, num_out_tokens, pad_multiple)
+    _kernels()
+    return permuted(op(rows, probs, indices, num_experts, pad_multiple or 1, -1 if num_out_tokens is None else
+                       num_out_tokens, "indices", addrs, align, max_blocks, first_row),
+                    probs, num_experts, num_out_tokens, pad_multiple)

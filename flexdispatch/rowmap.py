@@ -83,6 +83,21 @@ class RowIdMap:
             raise routing_error(bits, route, self.num_experts, name, self.num_out)
 
 
+def plan_of(row_map, layout, host, num_experts, num_out, num_out_tokens, pad_multiple) -> RowIdMap:
+    """The plan of a kernel op's outputs (:mod:`flexdispatch._library`); ``host`` is the op's
+    host layout, ``[0]`` when it made none (the caller sized the output)."""
+    return RowIdMap(map=row_map, layout=layout, num_experts=num_experts, num_out=num_out,
+                    pad_multiple=pad_multiple or 1, has_tail=num_out_tokens is not None,
+                    host_layout=host if host.numel() else None)
+
+
+def permuted(result, probs, num_experts, num_out_tokens, pad_multiple):
+    """``(out, out_probs or None, plan, tokens_per_expert)`` of a permutation op's outputs."""
+    out, out_probs, row_map, layout, host = result
+    plan = plan_of(row_map, layout, host, num_experts, out.shape[0], num_out_tokens, pad_multiple)
+    return out, (None if probs is None else out_probs), plan, plan.tokens_per_expert
+
+
 def first_bad_slot(route: torch.Tensor, num_experts: int, probs: Optional[torch.Tensor] = None) -> str:
     """Describe the first invalid entry of an index route ``[R, K]`` (for error messages)."""
     r = route.detach().to("cpu", torch.int64)

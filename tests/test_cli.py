@@ -61,14 +61,14 @@ def test_clear_cache(tmp_path):
 
 def test_kernels_loaded_is_a_query(monkeypatch):
     """ops.kernels_loaded() answers without loading or building; ops.load_kernels() loads."""
-    from flexdispatch import ops
+    from flexdispatch import _library, ops
 
     def no_load():
         raise AssertionError("kernels_loaded() loaded (or built) the kernels")
 
-    monkeypatch.setattr(ops, "_loaded", False)
-    monkeypatch.setattr(ops, "_C", None)
-    monkeypatch.setattr(ops._jit, "load_kernels", no_load)
+    monkeypatch.setattr(_library, "_loaded", False)
+    monkeypatch.setattr(_library, "_C", None)
+    monkeypatch.setattr(_library._jit, "load_kernels", no_load)
     assert ops.kernels_loaded() is False
     monkeypatch.undo()
     assert ops.load_kernels() is True and ops.kernels_loaded() is True

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexdispatch import ops, reference
+from flexdispatch import _library, ops, reference
 from flexdispatch.rowmap import index_route_error_bits
 from routing import random_indices, random_probs, random_tokens
 from conftest import DEVICES
@@ -306,7 +306,7 @@ def test_cuda_error_words_reuse_their_pinned_slots():
     its word has landed, or at the next check), and only once."""
     probs = random_probs(64, 2, device="cuda")
     good = random_indices(64, 8, 2, drop=0.0, device="cuda")
-    for i in range(5 * ops._MAX_PENDING + 3):
+    for i in range(5 * _library.MAX_PENDING + 3):
         ops.indices_to_multihot(good, probs, 8)
         if i % 37 == 0:
             torch.cuda.synchronize()
@@ -314,10 +314,10 @@ def test_cuda_error_words_reuse_their_pinned_slots():
     bad[7, 1] = 77
     ops.indices_to_multihot(bad, probs, 8)
     with pytest.raises(ValueError, match="value 77 at row 7"):
-        for _ in range(ops._MAX_PENDING // 2):  # queued after the bad one: read later, in order
+        for _ in range(_library.MAX_PENDING // 2):  # queued after the bad one: read later, in order
             ops.indices_to_multihot(good, probs, 8)
         ops.check_pending_errors()
-    for _ in range(3 * ops._MAX_PENDING):  # the slots go round again: no stale word raises
+    for _ in range(3 * _library.MAX_PENDING):  # the slots go round again: no stale word raises
         ops.indices_to_multihot(good, probs, 8)
     ops.check_pending_errors()
 
@@ -549,7 +549,7 @@ def test_fp8_permutation_without_kernels_is_the_same(monkeypatch):
     probs = random_probs(rows, topk)
     results = []
     for kernels in (True, False):
-        monkeypatch.setattr(ops, "_use_kernels", lambda t, k=kernels: k)
+        monkeypatch.setattr(_library, "serves", lambda t, k=kernels: k)
         stand_in = torch.zeros(rows, hidden, dtype=dtype).requires_grad_()
         p = probs.clone().requires_grad_()
         out, pp, _, tpe = ops.permute_fp8_by_indices(q, scales, idx, p, num_experts=experts, pad_multiple=2,
@@ -642,7 +642,7 @@ def test_routing_by_rank_kernel_equals_the_torch_formula(monkeypatch, device, in
     idx[::7, 0] = -1
     idx[3::11, -1] = experts + 5
     got = alltoall.routing_by_rank(idx, world, local)
-    monkeypatch.setattr(ops, "_use_kernels", lambda t: False)
+    monkeypatch.setattr(_library, "serves", lambda t: False)
     want = alltoall.routing_by_rank(idx, world, local)
     assert got[0].dtype == torch.bool and got[0].shape == (tokens, world) and got[1].shape == (world, local + 1)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -721,14 +721,14 @@ def test_pack_parts_places_every_part_at_its_offset(device):
     offsets = [0, 256, 512, 768]
     buffer = torch.full((1024 + 64,), 0xAB, dtype=torch.uint8, device=device)
     ops.load_kernels()
-    ops._C.pack_parts(buffer, parts, offsets)
+    _library.kernels().pack_parts(buffer, parts, offsets)
     want = torch.full_like(buffer, 0xAB)
     for part, offset in zip(parts, offsets):
         b = part.contiguous().view(torch.uint8).flatten()
         want[offset: offset + b.numel()] = b
     assert torch.equal(buffer, want)
     with pytest.raises(ValueError, match="does not fit"):
-        ops._C.pack_parts(buffer, [parts[0]], [1024 + 64 - 8])
+        _library.kernels().pack_parts(buffer, [parts[0]], [1024 + 64 - 8])
 
 
 @pytest.mark.parametrize("device", DEVICES)

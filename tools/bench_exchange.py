@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-from flexdispatch import ops  # noqa: E402
+from flexdispatch import _library, ops  # noqa: E402
 from flexdispatch.managers import peer_buffers  # noqa: E402
 from timing import init_rank, run_ranks  # noqa: E402
 
@@ -60,7 +60,7 @@ def _worker(rank, world, port, args):
         return run
 
     items = [("symmetric memory barrier", lambda: transport._handle.barrier(channel=0)),
-             ("peer_barrier (ours)", lambda: ops._C.peer_barrier(transport._pads, 1, rank, world, transport._bases)),
+             ("peer_barrier (ours)", lambda: _library.kernels().peer_barrier(transport._pads, 1, rank, world, transport._bases)),
              ("1 KiB device copy", lambda: dst.copy_(small)),
              ("empty kernel (zero_ of 1 value)", lambda: scratch.zero_()),
              ("exchange, symmetric memory barrier", exchange(False)),

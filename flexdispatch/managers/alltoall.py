@@ -34,7 +34,7 @@ import weakref
 
 import torch
 
-from .. import ops
+from .. import _library, ops
 from . import agreement, collectives, gather, groups
 from .base import BackwardCheck, Dispatched, _ManagerBase, received_fp8_rows
 
@@ -73,9 +73,9 @@ def routing_by_rank(indices: torch.Tensor, world: int, local: int) -> tuple[torc
     rank ``w`` the tokens it receives (column 0: the rows a send list holds for it) then the
     assignments per local expert. No host sync; one kernel where flexdispatch's kernels are
     built."""
-    if ops._use_kernels(indices) and not torch.compiler.is_compiling() and indices.dtype in (torch.int32,
-                                                                                             torch.int64):
-        return ops._C.route_by_rank(indices.contiguous(), world, local)
+    if _library.serves(indices) and not torch.compiler.is_compiling() and indices.dtype in (torch.int32,
+                                                                                            torch.int64):
+        return _library.kernels().route_by_rank(indices.contiguous(), world, local)
     tokens, topk = indices.shape
     experts, device = world * local, indices.device
     valid = (indices >= 0) & (indices < experts)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import sys
 from typing import Optional, Union
 
 import torch
@@ -142,6 +143,20 @@ def _one_thread_at_a_time(ready: str):
                 guard.leave()
         return guarded
     return wrap
+
+
+def add_to_counter(counter: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+    """``counter += value`` for a 0-d counter kept on the device across calls (dropped tokens,
+    sync-free faults): made once, at its first use, and then updated in place, so compiled
+    calls take the same tensor as an input (with a static address for CUDA graphs when Dynamo is
+    loaded) instead of keeping a new one. A counter first made inside a compiled graph lives in
+    its memory: under torch.compile's reduce-overhead mode, run the layer once eagerly first."""
+    if counter is None:
+        counter = torch.zeros((), dtype=torch.int64, device=value.device)
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is not None and not torch.compiler.is_compiling():
+            dynamo.mark_static_address(counter)
+    return counter.add_(value)
 
 
 class _DispatchManager(abc.ABC):
@@ -423,8 +438,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
 
     def _count_fault(self, ok: torch.Tensor) -> None:
         """Add a failed sync-free call (``ok``: 0-d bool on the device, False when it failed)."""
-        fault = (~ok).long()
-        self.sync_free_faults = fault if self.sync_free_faults is None else self.sync_free_faults.add_(fault)
+        self.sync_free_faults = add_to_counter(self.sync_free_faults, (~ok).long())
 
     def add_layer_fault(self, key, ok: torch.Tensor) -> None:
         """:meth:`_count_fault` for the layer of dispatcher ``key`` (a backward may run while a
@@ -432,9 +446,8 @@ class _ManagerBase(LayerStates, _DispatchManager):
         if key is None or self.serving_key == key or self._aside is None:
             self._count_fault(ok)
         elif key in self._aside:
-            held = self._aside[key].get("sync_free_faults")
-            fault = (~ok).long()
-            self._aside[key]["sync_free_faults"] = fault if held is None else held.add_(fault)
+            self._aside[key]["sync_free_faults"] = add_to_counter(self._aside[key].get("sync_free_faults"),
+                                                                  (~ok).long())
 
     def _expect(self, step: str, *stages: str) -> None:
         groups.require(self)  # (every step's first check: no collective on a destroyed group)
@@ -772,7 +785,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         rank[order] = torch.arange(key.numel(), device=key.device) - starts[key[order]]
         drop = (rank >= bound) & (key < experts)
         dropped = drop.sum()
-        self.dropped_tokens = dropped if self.dropped_tokens is None else self.dropped_tokens.add_(dropped)
+        self.dropped_tokens = add_to_counter(self.dropped_tokens, dropped)
         return torch.where(drop.view_as(indices), -1, indices)
 
     def _worst_case_rows(self, received_rows: int) -> int:

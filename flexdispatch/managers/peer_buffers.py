@@ -210,7 +210,7 @@ class SymmetricTransport(Transport):
         logger.info("nvlink peer buffer: %.1f MiB on %s, %d ranks", size / 2**20, self.device, self.world_size)
 
     def exchange(self, header, parts):
-        from .. import ops
+        from .. import _library
 
         entries = ([header.view(1, -1)] if header is not None else []) + [p.contiguous() for p, _ in parts]
         caps = ([1] if header is not None else []) + [c for _, c in parts]
@@ -222,7 +222,7 @@ class SymmetricTransport(Transport):
             raise RuntimeError(f"nvlink peer buffer: an exchange needs {total} bytes, the buffer holds "
                                f"{self._size}; the manager sizes it before each call (please report this)")
         self._barrier()  # every peer is done reading the last exchange's rows
-        ops._C.pack_parts(self._buffer, entries, offsets)  # every part in one launch
+        _library.kernels().pack_parts(self._buffer, entries, offsets)  # every part in one launch
         self._barrier()  # every rank's rows are in place
         tables = [self._table(offset) for offset in offsets]
         headers = None
@@ -249,9 +249,9 @@ class SymmetricTransport(Transport):
 
     def _barrier(self) -> None:
         if self._own_barrier:
-            from .. import ops
+            from .. import _library
 
-            ops._C.peer_barrier(self._pads, 1, self.rank, self.world_size, self._bases, self._timeout_s)
+            _library.kernels().peer_barrier(self._pads, 1, self.rank, self.world_size, self._bases, self._timeout_s)
         else:
             self._handle.barrier(channel=0)
 

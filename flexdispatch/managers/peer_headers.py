@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .. import ops
+from .. import _library, ops
 from .._log import logger
 from . import agreement, groups
 from .peer_buffers import peer_timeout_s, symmetric_buffer
@@ -77,8 +77,8 @@ class PeerHeaders:
         every rank; returns ``indices`` (int64) as ``index_dtype``, all -1 unless every header
         agrees; every header lands in ``gathered`` (pinned ``[W, WIDTH]`` int64) once the
         stream has passed the kernel."""
-        masked = ops._C.exchange_headers(self._bases, self.rank, self._seq + 1, values, status,
-                                         indices.contiguous(), index_dtype, gathered, self._timeout_s)
+        masked = _library.kernels().exchange_headers(self._bases, self.rank, self._seq + 1, values, status,
+                                                     indices.contiguous(), index_dtype, gathered, self._timeout_s)
         self._seq += 1  # (only once queued: a call that raised here has not written its header)
         return masked
 

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+import torch
+
 
 class LayerStates:
     """Mixin: per-layer state of a manager that several dispatchers share.
@@ -28,8 +30,9 @@ class LayerStates:
 
     LAYER_STATE: tuple = ()
     serving_key = None  # id() of the dispatcher whose state is in the attributes
-    _aside = None  # id(dispatcher) -> its state, for the others
+    _aside = None  # id(dispatcher) -> its state, for the others (None until a dispatcher is served)
     _known = None  # ids of the dispatchers served, each with a finalizer that drops its state
+    _dead = None  # ids of collected dispatchers not yet dropped (see _forget)
 
     def _new_layer_state(self) -> None:
         raise NotImplementedError
@@ -42,8 +45,8 @@ class LayerStates:
         key = id(owner)
         if self.serving_key == key:
             return
-        if self._known is None:  # the first dispatcher served: the state in place is its own
-            self._aside, self._known = {}, set()
+        if self._aside is None:  # the first dispatcher served: the state in place is its own
+            self._aside = {}
         else:
             if self.serving_key is not None:  # (None: its dispatcher is gone, and its state with it)
                 self._aside[self.serving_key] = {name: self.__dict__.get(name) for name in self.LAYER_STATE}
@@ -54,6 +57,17 @@ class LayerStates:
                 for name, value in state.items():
                     setattr(self, name, value)
         self.serving_key = key
+        if key not in (self._known or ()):
+            self.watch(owner)
+
+    def watch(self, owner) -> None:
+        """Drop ``owner``'s state once it is collected. A dispatcher calls this when it takes the
+        manager, so that :meth:`serve` never registers a finalizer inside a compiled graph
+        (torch.compile cannot trace one)."""
+        key = id(owner)
+        if self._known is None:
+            self._known, self._dead = set(), []
+        self._drop_dead()  # (before taking a new owner, whose id may be a collected one's)
         if key not in self._known:
             self._known.add(key)
             weakref.finalize(owner, self._forget, key)
@@ -69,15 +83,22 @@ class LayerStates:
     def adopt(self, owner) -> None:
         """Make ``owner`` (the dispatcher that built this manager) the one served now, with the
         state in place, so a manager only one layer uses never swaps (nor breaks a compiled graph)."""
-        if self._known is None:
-            self._aside, self._known = {}, set()
-            self.serving_key = id(owner)
-            self._known.add(id(owner))
-            weakref.finalize(owner, self._forget, id(owner))
+        if self._aside is None:
+            self._aside, self.serving_key = {}, id(owner)
+        self.watch(owner)
 
     def _forget(self, key: int) -> None:
-        """A dispatcher was collected: drop its state (its id may be reused by a new one)."""
-        self._known.discard(key)
-        self._aside.pop(key, None)
-        if self.serving_key == key:
-            self.serving_key = None
+        """A dispatcher was collected: drop its state (its id may be reused by a new one). A
+        finalizer runs whenever the collector does, also while torch.compile traces serve(),
+        whose guards must not see its containers change: then the next watch() drops it."""
+        self._dead.append(key)
+        if not torch.compiler.is_compiling():
+            self._drop_dead()
+
+    def _drop_dead(self) -> None:
+        while self._dead:
+            dead = self._dead.pop()
+            self._known.discard(dead)
+            (self._aside or {}).pop(dead, None)
+            if self.serving_key == dead:
+                self.serving_key = None

@@ -1,0 +1,146 @@
+"""Eager against torch.compile on the one-rank layer: time per call, measured in one run.
+
+    python tools/bench_compile.py [--tokens 1024 --hidden 1024 --experts 32 --topk 4]
+        [--device cpu|cuda] [--modes default,sync-free] [--runs 50 --warmup 5]
+        [--backend inductor] [--threads N] [--clock wall|process] [--dispatcher]
+
+The layer (as a model calls the dispatcher): softmax of router logits, ``token_permutation`` on
+one rank (the local manager), experts ``f_e(x) = silu(x * a_e)`` on the permuted rows (a row's
+expert found from the counts, with no host read), ``token_unpermutation``. Per mode (``default``:
+the permutation sized on the host; ``sync-free``: worst-case sized), it prints torch._dynamo's
+graph and break counts for the layer, then the median time of one call after a warm-up, forward
+and forward + backward, eager and compiled (separate dispatchers, same inputs). ``--dispatcher``
+also times eager calls with every kernel op through the torch op dispatcher (the path compiled
+graphs take) instead of the direct calls eager code makes. Elementwise experts keep the
+dispatcher's own cost in view; on CUDA every call is timed from a synchronized device to its
+end. Runs on any checkout of flexdispatch (the one above this file), so that two commits can
+be compared in one session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import flexdispatch as fd  # noqa: E402
+from flexdispatch import _library  # noqa: E402
+
+
+def layer(d, x, logits, scales):
+    probs = torch.softmax(logits, dim=-1)
+    rows, tokens_per_expert, permuted_probs = d.token_permutation(x, x.shape[0], probs)
+    ends = torch.cumsum(tokens_per_expert.to(rows.device), 0)
+    position = torch.arange(rows.shape[0], device=rows.device)
+    expert = torch.searchsorted(ends, position, right=True).clamp(max=scales.shape[0] - 1)
+    y = torch.nn.functional.silu(rows * scales[expert]) * permuted_probs[:, None].to(rows.dtype)
+    return d.token_unpermutation(y)
+
+
+def dispatcher(args, sync_free: bool):
+    cfg = fd.MoEConfig(num_moe_experts=args.experts, moe_router_topk=args.topk, moe_sync_free=sync_free,
+                       moe_share_token_dispatcher=False)
+    return fd.MoEFlexTokenDispatcher(args.experts, list(range(args.experts)), cfg)
+
+
+def median_ms(fn, args) -> float:
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    for _ in range(args.warmup):
+        fn()
+    times = []
+    for _ in range(args.runs):
+        sync()
+        start = clock()
+        fn()
+        sync()
+        times.append(clock() - start)
+    return 1e3 * statistics.median(times)
+
+
+def timings(fn, d, inputs, grad, args) -> dict:
+    x = inputs[0]
+
+    def forward():
+        fn(d, *inputs)
+
+    def forward_backward():
+        x.grad = None
+        fn(d, *inputs).backward(grad)
+
+    return {"forward": median_ms(forward, args), "fwd+bwd": median_ms(forward_backward, args)}
+
+
+def run_mode(mode: str, args) -> None:
+    g = torch.Generator().manual_seed(0)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    x = torch.randn(args.tokens, args.hidden, generator=g).to(device, dtype).requires_grad_()
+    logits = torch.randn(args.tokens, args.experts, generator=g).to(device)
+    scales = (1 + torch.rand(args.experts, args.hidden, generator=g)).to(device, dtype)
+    grad = torch.randn(args.tokens, args.hidden, generator=g).to(device, dtype)
+    inputs, sync_free = (x, logits, scales), mode == "sync-free"
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(dispatcher(args, sync_free), *inputs)
+    torch._dynamo.reset()
+    print(f"{mode}: {explained.graph_count} graph(s), {explained.graph_break_count} break(s) (torch._dynamo.explain)")
+    for reason in explained.break_reasons:
+        print(f"  break: {reason.reason.splitlines()[0][:120]}")
+
+    results = {"eager": timings(layer, dispatcher(args, sync_free), inputs, grad, args)}
+    if args.dispatcher:
+        if not hasattr(_library, "eager_direct"):
+            print("  (--dispatcher: this checkout has no direct eager path to compare)")
+        else:
+            _library.eager_direct = False
+            try:
+                results["eager, op dispatcher"] = timings(layer, dispatcher(args, sync_free), inputs, grad, args)
+            finally:
+                _library.eager_direct = True
+    compiled = torch.compile(layer, backend=args.backend)
+    start = time.perf_counter()
+    compiled(dispatcher(args, sync_free), *inputs).backward(grad)
+    print(f"  first compiled call (compiles forward and backward): {time.perf_counter() - start:.1f} s")
+    results[f"compiled ({args.backend})"] = timings(compiled, dispatcher(args, sync_free), inputs, grad, args)
+    for phase in ("forward", "fwd+bwd"):
+        eager = results["eager"][phase]
+        cells = [f"{name} {r[phase]:8.3f} ms ({r[phase] / eager:.2f}x)" for name, r in results.items()]
+        print(f"  {phase:8s} " + " | ".join(cells))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--topk", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--modes", default="default,sync-free")
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--backend", default="inductor")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="process: this process's CPU time (CPU runs on a machine others load)")
+    parser.add_argument("--dispatcher", action="store_true", help="also time eager calls through the op dispatcher")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fd.ops.load_kernels()
+    print(f"flexdispatch {Path(fd.__file__).parent.parent}: T={args.tokens} H={args.hidden} E={args.experts} "
+          f"K={args.topk} on {args.device} ({args.dtype}), torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads; median {args.clock} time of {args.runs} calls after {args.warmup}")
+    for mode in args.modes.split(","):
+        run_mode(mode, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
