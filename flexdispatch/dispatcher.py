@@ -10,6 +10,7 @@ import atexit
 import dataclasses
 import functools
 import socket
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
@@ -37,8 +38,9 @@ _SHARED_SLOTS = {"deepep": "shared_deepep_manager", "hybridep": "shared_hybridep
 """The class attribute each engine's shared manager is published on (Automodel's names); the
 first generation's ``shared_comm_manager`` holds flexdispatch's own backends', and, for a
 first-generation config (MoEConfig), the last manager published."""
-_LAYERS_BUILT: dict = {}
-"""id(group) -> dispatchers built on it so far: the next one's layer number."""
+_LAYERS_BUILT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+"""group -> dispatchers built on it so far: the next one's layer number (weakly keyed: a group
+destroyed and a new one at the same address must not share a count)."""
 _SHARED: dict = {}
 """(slot, backend, id(group), spec, backend options) -> (manager, weak reference to the group):
 every manager shared so far; a slot holds the last one published there. A slot found None
@@ -204,8 +206,9 @@ class MoEFlexTokenDispatcher:
             self._comm_manager = self._obtain_manager(self._choice.name)
         # The layer's number in its group (creation order), sent in every header, and what its
         # ranks must agree on at the first call.
-        self._layer_id = _LAYERS_BUILT.get(id(ep_group), 0)
-        _LAYERS_BUILT[id(ep_group)] = self._layer_id + 1
+        self._layer_id = 0 if ep_group is None else _LAYERS_BUILT.get(ep_group, 0)
+        if ep_group is not None and self.ep_rank is not None:  # (a live process group: weakly keyed)
+            _LAYERS_BUILT[ep_group] = self._layer_id + 1
         self._settings = dict(backend=requested, layer=self._layer_id, moe_fp8_experts=cfg.moe_fp8_experts,
                               moe_fp8_fused_permutation=cfg.moe_fp8_fused_permutation,
                               **{CONFIG_NAMES.get(f.name, f.name): getattr(self.spec, f.name)

@@ -1,0 +1,137 @@
+"""Python host time of flexdispatch per forward + backward, on CPU: cProfile's own time of every
+frame in the package (what the dispatcher's Python costs, kernels and torch ops excluded), per
+manager and expert-parallel size, on rank 0.
+
+    python tools/bench_host.py [--repo DIR] [--sizes 1,2,4] [--managers local,alltoall,nvlink]
+        [--calls 40] [--tokens 64 --hidden 32 --topk 2]
+
+EP 1 runs in this process (the local manager); larger sizes spawn a gloo group on this machine.
+``--repo`` measures another checkout of flexdispatch (e.g. an older commit in a git worktree),
+so that two trees are compared in one session on the same machine: run the tool twice, or
+alternate. Small shapes keep the host's share in view: the time that scales with the tokens is
+the kernels', not the Python's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import sys
+from pathlib import Path
+
+
+def _setup(repo: str) -> None:
+    sys.path.insert(0, repo)
+
+
+def _layer(fd, torch, group, rank, world, manager, args):
+    experts = 4 * world
+    local = experts // world
+    cfg = fd.MoEConfig(num_moe_experts=experts, moe_router_topk=args.topk, moe_flex_backend=manager)
+    d = fd.MoEFlexTokenDispatcher(local, list(range(rank * local, (rank + 1) * local)), cfg, group)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(args.tokens, args.hidden, generator=g, requires_grad=True)
+    logits = torch.randn(args.tokens, experts, generator=g, requires_grad=True)
+
+    def step():
+        probs = torch.softmax(logits, -1)
+        rows, tpe, pp = d.token_permutation(x, args.tokens, probs)
+        out = d.token_unpermutation(rows * pp[:, None].to(rows.dtype))
+        out.sum().backward()
+
+    return step
+
+
+def _measure(step, calls: int, package: str, barrier=lambda: None) -> tuple[float, float]:
+    """(median wall ms of one profiled forward + backward, mean package-own ms of one)."""
+    import time
+
+    for _ in range(5):
+        step()
+    profile, walls = cProfile.Profile(), []
+    for _ in range(calls):
+        barrier()
+        start = time.perf_counter()
+        profile.enable()
+        step()
+        profile.disable()
+        walls.append(time.perf_counter() - start)
+    stats = pstats.Stats(profile).stats
+    own = sum(tt for (path, _, _), (_, _, tt, _, _) in stats.items() if path.startswith(package))
+    return 1e3 * statistics.median(walls), 1e3 * own / calls
+
+
+def _rank(rank: int, world: int, port: int, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    _setup(args.repo)
+    import torch
+    import torch.distributed as dist
+
+    import flexdispatch as fd
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    package = str(Path(fd.__file__).parent)
+    results = {}
+    for manager in args.managers:
+        if manager == "local":
+            continue
+        step = _layer(fd, torch, dist.group.WORLD, rank, world, manager, args)
+        results[manager] = _measure(step, args.calls, package, dist.barrier)
+    if rank == 0:
+        queue.put(results)
+    fd.shutdown()
+    dist.destroy_process_group()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]),
+                        help="the checkout of flexdispatch to measure (default: this one)")
+    parser.add_argument("--sizes", default="1,2,4", help="expert-parallel sizes (1: the local manager, in-process)")
+    parser.add_argument("--managers", default="local,alltoall,nvlink")
+    parser.add_argument("--calls", type=int, default=40, help="profiled forward + backward calls per point")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--topk", type=int, default=2)
+    args = parser.parse_args()
+    args.managers = args.managers.split(",")
+    _setup(args.repo)
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    import flexdispatch as fd
+
+    torch.set_num_threads(1)
+    package = str(Path(fd.__file__).parent)
+    print(f"flexdispatch at {package}; tokens {args.tokens}, hidden {args.hidden}, top-k {args.topk}, "
+          f"{args.calls} calls a point; ms per forward + backward: wall (profiled) / flexdispatch's own Python")
+    for size in (int(s) for s in args.sizes.split(",")):
+        if size == 1:
+            if "local" in args.managers:
+                wall, own = _measure(_layer(fd, torch, None, 0, 1, "local", args), args.calls, package)
+                print(f"EP 1 local     {wall:8.3f} / {own:8.3f}", flush=True)
+            continue
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_rank, args=(r, size, port, args, queue)) for r in range(size)]
+        for p in procs:
+            p.start()
+        results = queue.get(timeout=900)
+        for p in procs:
+            p.join(timeout=120)
+        for manager, (wall, own) in results.items():
+            print(f"EP {size} {manager:<9} {wall:8.3f} / {own:8.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
