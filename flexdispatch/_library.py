@@ -68,14 +68,15 @@ def cuda_kernels_loaded() -> bool:
 
 def serves(t: torch.Tensor) -> bool:
     """Whether the kernels serve ``t``'s device (loads them)."""
-    if not load_kernels():
+    if not (_C is not None or load_kernels()):
         return False
     return t.device.type == "cpu" or (t.device.type == "cuda" and _with_cuda)
 
 
 def kernels():
     """The compiled kernels' module (loads it; None when the plain PyTorch ops serve)."""
-    load_kernels()
+    if _C is None:
+        load_kernels()
     return _C
 
 

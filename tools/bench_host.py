@@ -45,8 +45,9 @@ def _layer(fd, torch, group, rank, world, manager, args):
     return step
 
 
-def _measure(step, calls: int, package: str, barrier=lambda: None) -> tuple[float, float]:
-    """(median wall ms of one profiled forward + backward, mean package-own ms of one)."""
+def _measure(step, calls: int, package: str, barrier=lambda: None, top: int = 0) -> tuple[float, float]:
+    """(median wall ms of one profiled forward + backward, mean package-own ms of one); ``top``:
+    print the package's functions with the most own time."""
     import time
 
     for _ in range(5):
@@ -61,6 +62,10 @@ def _measure(step, calls: int, package: str, barrier=lambda: None) -> tuple[floa
         walls.append(time.perf_counter() - start)
     stats = pstats.Stats(profile).stats
     own = sum(tt for (path, _, _), (_, _, tt, _, _) in stats.items() if path.startswith(package))
+    ranked = sorted(((tt, nc, f"{Path(path).name}:{line} {name}") for (path, line, name), (_, nc, tt, _, _)
+                     in stats.items() if path.startswith(package)), reverse=True)
+    for tt, nc, where in ranked[:top]:
+        print(f"    {1e3 * tt / calls:7.3f} ms {nc / calls:6.1f} calls  {where}", flush=True)
     return 1e3 * statistics.median(walls), 1e3 * own / calls
 
 
@@ -80,7 +85,7 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
         if manager == "local":
             continue
         step = _layer(fd, torch, dist.group.WORLD, rank, world, manager, args)
-        results[manager] = _measure(step, args.calls, package, dist.barrier)
+        results[manager] = _measure(step, args.calls, package, dist.barrier, args.top if rank == 0 else 0)
     if rank == 0:
         queue.put(results)
     fd.shutdown()
@@ -97,6 +102,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--topk", type=int, default=2)
+    parser.add_argument("--top", type=int, default=0, help="print the package's functions with the most own time")
     args = parser.parse_args()
     args.managers = args.managers.split(",")
     _setup(args.repo)
@@ -114,7 +120,7 @@ def main() -> int:
     for size in (int(s) for s in args.sizes.split(",")):
         if size == 1:
             if "local" in args.managers:
-                wall, own = _measure(_layer(fd, torch, None, 0, 1, "local", args), args.calls, package)
+                wall, own = _measure(_layer(fd, torch, None, 0, 1, "local", args), args.calls, package, top=args.top)
                 print(f"EP 1 local     {wall:8.3f} / {own:8.3f}", flush=True)
             continue
         with socket.socket() as s:

@@ -92,10 +92,8 @@ def _agree_in_backward(check, grad: torch.Tensor, group, what: str) -> None:
     """A backward's first exchange: every rank's header in the shape of a dispatch's first
     exchange (``[W, WIDTH + E_local]``), so a peer that went on to its next call meets it and
     every rank raises; realigns this call's layer on disagreement (see BackwardCheck)."""
-    message = torch.zeros(check.manager.world_size, agreement.WIDTH + check.manager.num_local_experts,
-                          dtype=torch.int64)
-    message[:, :agreement.WIDTH] = torch.tensor(check.values, dtype=torch.int64)
-    message = message.to(grad.device)
+    row = check.values + [0] * check.manager.num_local_experts
+    message = torch.tensor([row] * check.manager.world_size, dtype=torch.int64, device=grad.device)
     received = torch.empty_like(message)
     _exchange(received, message, None, None, group, what)
     headers = received[:, :agreement.WIDTH].cpu()
@@ -223,11 +221,8 @@ class _AllToAllManager(_ManagerBase):
     def _blank_message(self, phase: int, hidden) -> torch.Tensor:
         """``[W, WIDTH + E_local]`` int64 on the group's device: this rank's header in every
         row, the counts zero (the dispatch fills rows, error bits and counts in)."""
-        device = self._comm_device()
-        header = torch.tensor(self._header(phase, hidden), dtype=torch.int64)
-        message = torch.zeros(self.world_size, agreement.WIDTH + self.num_local_experts, dtype=torch.int64)
-        message[:, :agreement.WIDTH] = header
-        return message.to(device)
+        row = self._header(phase, hidden) + [0] * self.num_local_experts
+        return torch.tensor([row] * self.world_size, dtype=torch.int64, device=self._comm_device())
 
     def _dispatch(self, hidden_states, async_finish: bool, allocate_on_comm_stream: bool,
                   keep_fp8: bool, permute_next: bool = False) -> Dispatched:

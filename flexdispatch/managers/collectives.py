@@ -16,7 +16,9 @@ before.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
+import weakref
 from typing import Callable, Optional, Union
 
 import torch
@@ -30,8 +32,13 @@ def peer_timeout_s() -> float:
     default, as long as torch.distributed's default timeout, so that ranks may drift apart (a
     checkpoint, an evaluation on one rank) as long as they could at an NCCL collective. GPU
     kernels that wait over symmetric memory trap after it (a CUDA error instead of a hang);
-    collectives on CPU groups raise :class:`PeerTimeoutError`."""
-    raw = os.environ.get("FLEXDISPATCH_PEER_TIMEOUT_S")
+    collectives on CPU groups raise :class:`PeerTimeoutError`. Read at every collective (one
+    environment lookup; the value is parsed once per setting)."""
+    return _parsed_timeout(os.environ.get("FLEXDISPATCH_PEER_TIMEOUT_S"))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_timeout(raw: Optional[str]) -> float:
     if raw is None:
         return DEFAULT_PEER_TIMEOUT_S
     try:
@@ -47,12 +54,26 @@ class PeerTimeoutError(RuntimeError):
     """A peer of the expert-parallel group did not reach a collective within the peer timeout."""
 
 
+_GROUP_TIMEOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CPU = torch.device("cpu")
+
+
 def _group_timeout_s(group) -> Optional[float]:
-    """The group's own timeout for CPU collectives, where torch tells it (None: unknown)."""
+    """The group's own timeout for CPU collectives, where torch tells it (None: unknown); asked
+    once per group."""
     try:
-        return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+        return _GROUP_TIMEOUTS[group]
+    except (KeyError, TypeError):
+        pass
+    try:
+        seconds = group._get_backend(_CPU).options._timeout.total_seconds()
     except Exception:  # noqa: BLE001 - private API: fall back to ours alone
-        return None
+        seconds = None
+    try:
+        _GROUP_TIMEOUTS[group] = seconds
+    except TypeError:  # (not weakly referable)
+        pass
+    return seconds
 
 
 def _bound_s(group) -> float:
