@@ -237,10 +237,11 @@ def auto_choice_is_voted(rank, world, hosts, refuse_on=-1):
         return {"backend": d.backend, "err": rel_err(out, dense_layer(xs[rank], tp, ti, weights))}
 
 
-def works_without_numpy(rank, world):
+def works_without_numpy(rank, world, device="cpu"):
     """The collectives of a layer's first call (auto's vote) and the objects helper work with
     ``Tensor.numpy`` unavailable, as where NumPy is not installed (``pip install flexdispatch``
-    does not bring it; ``all_gather_object`` needs it)."""
+    does not bring it; ``all_gather_object`` needs it). On NCCL (``device="cuda"``) they
+    all-gather CUDA tensors."""
     from unittest import mock
 
     from flexdispatch.managers.gather import all_gather_objects
@@ -250,7 +251,7 @@ def works_without_numpy(rank, world):
 
     with mock.patch.object(torch.Tensor, "numpy", no_numpy):
         objects = all_gather_objects({"rank": rank, "name": "x" * (3 * rank + 1)}, _group())
-        res = moe_matches_dense(rank, world, repeat=1)
+        res = moe_matches_dense(rank, world, repeat=1, device=device)
     return {"objects": objects, "backend": res["backend"], "dense": res}
 
 
@@ -850,7 +851,7 @@ def automodel_moe_module(rank, world, backend="auto", steps=4, tokens=12, dim=16
     return {"steps": steps, "errors": errors, "dispatcher": module.token_dispatcher.backend, "engine_calls": calls}
 
 
-def sync_free_bad_routing(rank, world, kind, bad_rank=0, hidden=16, topk=2, tokens=12):
+def sync_free_bad_routing(rank, world, kind, bad_rank=0, hidden=16, topk=2, tokens=12, device="cpu"):
     """Sync-free NVLink layer: one rank passes invalid routing (``kind``). No rank may raise
     inside the call (no host sync to agree at) nor exchange garbage: the call moves no token on
     any rank and report_dropped_tokens raises on every rank; then the layer is right again."""
@@ -870,7 +871,7 @@ def sync_free_bad_routing(rank, world, kind, bad_rank=0, hidden=16, topk=2, toke
                 ti[1, 1] = ti[1, 0]
             else:
                 ti[1, 0] = {"above": experts + 3, "negative": -7, "huge": 2 ** 40}[kind]
-        rows, _, pp = disp.token_permutation2(x0, tokens, tp, ti)
+        rows, _, pp = disp.token_permutation2(x0.to(device), tokens, tp.to(device), ti.to(device))
         return disp.token_unpermutation(rows * pp[:, None].to(rows.dtype))
 
     out_bad = call(d, 1, corrupt=rank == bad_rank)
@@ -879,10 +880,12 @@ def sync_free_bad_routing(rank, world, kind, bad_rank=0, hidden=16, topk=2, toke
     return {"message": message, "bad_is_zero": bool((out_bad == 0).all()), "error": float((out - want).abs().max())}
 
 
-def layers_called_out_of_order(rank, world, backend="alltoall", hidden=8, topk=2, tokens=10):
+def layers_called_out_of_order(rank, world, backend="alltoall", hidden=8, topk=2, tokens=10, device="cpu",
+                               dtype=None):
     """Two layers of the same settings; rank 0 calls A then B, the others B then A. Each rank's
     first call must raise on every rank (the header names the layer), not exchange the other
-    layer's tokens; in the same order again, both layers are right."""
+    layer's tokens; in the same order again, both layers are right (``dtype``: the tokens'
+    dtype, float64 when None)."""
     experts = 2 * world
     a = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend)
     b = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend)
@@ -890,7 +893,8 @@ def layers_called_out_of_order(rank, world, backend="alltoall", hidden=8, topk=2
 
     def call(disp, seed):
         x0, tp, ti, _, _ = _layer_inputs(rank, world, tokens, hidden, experts, topk, seed=seed)
-        rows, tpe, pp = disp.token_permutation2(x0, tokens, tp.float(), ti)
+        x0 = x0.to(DTYPES[dtype]) if dtype else x0
+        rows, tpe, pp = disp.token_permutation2(x0.to(device), tokens, tp.float().to(device), ti.to(device))
         return disp.token_unpermutation(rows * pp[:, None].to(rows.dtype))
 
     call(a, 1), call(b, 2)  # (both layers agreed once: the first call's check is behind them)
@@ -902,11 +906,11 @@ def layers_called_out_of_order(rank, world, backend="alltoall", hidden=8, topk=2
         except (RuntimeError, ValueError) as exc:
             messages.append(str(exc))
         disp.reset()
-    errors = [float((call(disp, 4) - call(exact, 4)).abs().max()) for disp in (a, b)]
+    errors = [float((call(disp, 4).double() - call(exact, 4).double()).abs().max()) for disp in (a, b)]
     return {"messages": messages, "errors": errors}
 
 
-def layer_settings_differ(rank, world, field, hidden=8, topk=2, tokens=10):
+def layer_settings_differ(rank, world, field, hidden=8, topk=2, tokens=10, device="cpu"):
     """The ranks build one layer with different settings (``field``: the backend, FP8 dispatch,
     the expert count): the first call raises on every rank, naming the setting and each rank's
     value, before any token moves (no hang, no abort)."""
@@ -917,8 +921,8 @@ def layer_settings_differ(rank, world, field, hidden=8, topk=2, tokens=10):
     options.setdefault("moe_flex_backend", "alltoall")
     experts = options.pop("num_moe_experts", experts)
     d = _dispatcher(rank, world, experts, topk, **options)
-    x = torch.randn(tokens, 128 if field == "fp8" else hidden)
-    tp, ti = torch.topk(torch.softmax(torch.randn(tokens, experts), -1), topk)
+    x = torch.randn(tokens, 128 if field == "fp8" else hidden, device=device)
+    tp, ti = torch.topk(torch.softmax(torch.randn(tokens, experts, device=device), -1), topk)
     try:
         d.token_permutation2(x, tokens, tp, ti)
         return None
@@ -926,7 +930,8 @@ def layer_settings_differ(rank, world, field, hidden=8, topk=2, tokens=10):
         return str(exc)
 
 
-def backward_skipped_on_one_rank(rank, world, backend="alltoall", skipping_rank=1, hidden=8, topk=2, tokens=10):
+def backward_skipped_on_one_rank(rank, world, backend="alltoall", skipping_rank=1, hidden=8, topk=2, tokens=10,
+                                 device="cpu"):
     """Rank ``skipping_rank`` skips a call's backward and goes on to its next call while its
     peers run that backward: every rank raises (the backward's first exchange carries the call's
     header), nobody hangs or aborts; after reset() on every rank the next forward and backward
@@ -937,8 +942,8 @@ def backward_skipped_on_one_rank(rank, world, backend="alltoall", skipping_rank=
 
     def forward(disp, seed):
         x0, tp, ti, _, _ = _layer_inputs(rank, world, tokens, hidden, experts, topk, seed=seed)
-        x = x0.clone().requires_grad_()
-        rows, _, pp = disp.token_permutation2(x, tokens, tp.float(), ti)
+        x = x0.to(device).clone().requires_grad_()
+        rows, _, pp = disp.token_permutation2(x, tokens, tp.float().to(device), ti.to(device))
         return x, disp.token_unpermutation(rows * pp[:, None].to(rows.dtype) * 2.0)
 
     _, out = forward(d, 1)
@@ -996,7 +1001,7 @@ def stuck_peer_times_out(rank, world, backend="alltoall", timeout_s=2.0, stuck_r
     return {"error": error, "waited": waited}
 
 
-def two_threads_one_group(rank, world, backend="alltoall", forced=True):
+def two_threads_one_group(rank, world, backend="alltoall", forced=True, device="cpu"):
     """Two threads drive two layers of one group at once, as in the issue's runs (a hang and a
     crash), made deterministic: thread A's first collective waits until thread B has tried its
     call, so on every rank B calls while A is inside a call. B must raise before any collective
@@ -1008,6 +1013,8 @@ def two_threads_one_group(rank, world, backend="alltoall", forced=True):
 
     group = dist.new_group(list(range(world)))
     experts = 2 * world
+    if device == "cuda":  # (a thread starts on GPU 0: each sets this rank's GPU)
+        device = torch.device("cuda", torch.cuda.current_device())
     cfg = fd.MoEConfig(num_moe_experts=experts, moe_router_topk=2, moe_flex_backend=backend)
     layers = {name: fd.MoEFlexTokenDispatcher(2, [2 * rank, 2 * rank + 1], cfg, group) for name in ("a", "b")}
     inside, tried = threading.Event(), threading.Event()
@@ -1031,10 +1038,12 @@ def two_threads_one_group(rank, world, backend="alltoall", forced=True):
     errors = {"a": [], "b": []}
 
     def drive(name):
+        if isinstance(device, torch.device):
+            torch.cuda.set_device(device)
         if name == "b" and forced:
             inside.wait(timeout=60)
         for _ in range(3):
-            x, probs = torch.randn(8, 4), torch.softmax(torch.randn(8, experts), -1)
+            x, probs = torch.randn(8, 4, device=device), torch.softmax(torch.randn(8, experts, device=device), -1)
             try:
                 rows, _, pp = layers[name].token_permutation(x, 8, probs)
                 layers[name].token_unpermutation(rows * pp[:, None])
@@ -1064,8 +1073,8 @@ def two_threads_one_group(rank, world, backend="alltoall", forced=True):
     realigned = False
     for _ in range(2):  # (unforced, a call of layer a may have met one of layer b on the other rank, both
         try:             # raising: the layer's steps differ then, and its next call realigns them)
-            rows, _, pp = layers["a"].token_permutation(torch.randn(8, 4), 8,
-                                                        torch.softmax(torch.randn(8, experts), -1))
+            rows, _, pp = layers["a"].token_permutation(torch.randn(8, 4, device=device), 8,
+                                                        torch.softmax(torch.randn(8, experts, device=device), -1))
             break
         except RuntimeError as exc:
             if forced or realigned or "different steps" not in str(exc):
@@ -1076,7 +1085,7 @@ def two_threads_one_group(rank, world, backend="alltoall", forced=True):
     return {"errors": errors, "recovered": recovered, "realigned": realigned}
 
 
-def nothing_holds_a_destroyed_group(rank, world, backend="alltoall"):
+def nothing_holds_a_destroyed_group(rank, world, backend="alltoall", device="cpu"):
     """Every way flexdispatch met a group (dispatchers, managers, transports, registries, an
     autograd graph kept alive, a call that raised on every rank), then shutdown() and
     destroy_process_group(): the group must be gone at once, not kept until the interpreter's
@@ -1090,8 +1099,8 @@ def nothing_holds_a_destroyed_group(rank, world, backend="alltoall"):
         num_moe_experts=experts, moe_router_topk=2, moe_flex_backend=backend), group)
     kept = []
     for backward in (True, False):  # a graph used by backward, and one kept alive without it
-        x = torch.randn(8, 4, requires_grad=True)
-        probs = torch.softmax(torch.randn(8, experts), -1).requires_grad_()
+        x = torch.randn(8, 4, device=device, requires_grad=True)
+        probs = torch.softmax(torch.randn(8, experts, device=device), -1).requires_grad_()
         rows, tpe, pp = d.token_permutation(x, 8, probs)
         out = d.token_unpermutation(rows * pp[:, None])
         if backward:
@@ -1101,7 +1110,7 @@ def nothing_holds_a_destroyed_group(rank, world, backend="alltoall"):
     if rank == 0:
         bad[1, 0] = experts + 3
     try:
-        d.token_permutation2(torch.randn(8, 4), 8, torch.rand(8, 2), bad)
+        d.token_permutation2(torch.randn(8, 4, device=device), 8, torch.rand(8, 2, device=device), bad.to(device))
     except ValueError:
         pass
     fd.shutdown()
@@ -1110,7 +1119,8 @@ def nothing_holds_a_destroyed_group(rank, world, backend="alltoall"):
     alive = probe() is not None
     holders = sorted({type(r).__name__ for r in gc.get_referrers(probe())}) if alive else []
     try:
-        d.token_permutation(torch.randn(8, 4), 8, torch.softmax(torch.randn(8, experts), -1))
+        d.token_permutation(torch.randn(8, 4, device=device), 8,
+                            torch.softmax(torch.randn(8, experts, device=device), -1))
         after = None
     except RuntimeError as exc:
         after = f"{type(exc).__name__}: {exc}"

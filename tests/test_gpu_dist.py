@@ -300,3 +300,99 @@ def test_nvlink_group_of_one_on_a_gpu():
                 assert res["backend"] == "nvlink" and all(all(step.values()) for step in res["same"]), res
     finally:
         p.close()
+
+
+@pytest.mark.deepep
+@pytest.mark.timeout(300)
+def test_auto_passes_narrow_rows_on_from_builds_without_the_fix(pool):
+    """256-byte rows (hidden 128) on a DeepEP build that predates its narrow-row fix (v1.2.1:
+    wrong combine sums from 512 tokens a rank): auto passes them on to the NVLink manager, right."""
+    from flexdispatch.managers import deepep
+
+    if deepep.narrow_rows_fixed():
+        pytest.skip("this DeepEP build has its narrow-row fix (test_deepep_narrow_rows_on_fixed_builds)")
+    results = pool.run("moe_matches_dense", device="cuda", backend="auto", entry="indices", dtype="bfloat16",
+                       hidden=128, tokens_per_rank=[512] * pool.world)
+    assert {r["backend"] for r in results} == {"nvlink"}
+    check(results)
+
+
+class TestGroupChecksOnNccl:
+    """The group's checks that test_dispatcher_dist.py and test_group_safety.py run on gloo
+    (tests/dist_scenarios.py), here on NCCL and CUDA tensors: the first call's vote without
+    NumPy, the layer and settings fields of the headers, the backward's header exchange,
+    sync-free routing validation, the thread guard, no reference kept to a destroyed group.
+    (Peer timeouts bound gloo's waits only: on GPUs the header exchange traps, tested above.)"""
+
+    @pytest.mark.timeout(300)
+    def test_first_call_needs_no_numpy(self, pool):
+        results = pool.run("works_without_numpy", device="cuda")
+        assert [r["objects"] for r in results] == [[{"rank": r, "name": "x" * (3 * r + 1)}
+                                                     for r in range(pool.world)]] * pool.world
+        assert len({r["backend"] for r in results}) == 1, results
+        check([r["dense"] for r in results])
+
+    @pytest.mark.timeout(300)
+    @pytest.mark.parametrize("backend", ["alltoall", "nvlink", pytest.param("deepep", marks=pytest.mark.deepep)])
+    def test_layers_called_in_a_different_order_raise_on_every_rank(self, pool, backend):
+        options = dict(dtype="bfloat16", hidden=1024) if backend == "deepep" else {}
+        for rank, res in enumerate(pool.run("layers_called_out_of_order", device="cuda", backend=backend,
+                                            **options)):
+            assert res["messages"][0] and "different layers" in res["messages"][0], (rank, res)
+            assert max(res["errors"]) < (0.1 if backend == "deepep" else 1e-6), (rank, res)  # (bf16 on DeepEP)
+
+    @pytest.mark.timeout(300)
+    @pytest.mark.parametrize("field,named", [("backend", "backend"), ("fp8", "moe_fp8_dispatch"),
+                                             ("experts", "num_moe_experts")])
+    def test_ranks_that_built_a_layer_differently_raise_on_every_rank(self, pool, field, named):
+        for message in pool.run("layer_settings_differ", field=field, device="cuda"):
+            assert message and message.startswith("config:") and named in message and "rank 1" in message, message
+
+    @pytest.mark.timeout(300)
+    @pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
+    def test_a_rank_skipping_backward_makes_every_rank_raise(self, pool, backend):
+        for rank, res in enumerate(pool.run("backward_skipped_on_one_rank", device="cuda", backend=backend)):
+            assert res["message"] and "different steps" in res["message"], (rank, res)
+            assert res["grad_error"] < 1e-6, (rank, res)
+
+    @pytest.mark.timeout(300)
+    @pytest.mark.parametrize("kind", ["above", "negative", "huge", "nan", "inf", "duplicate"])
+    def test_sync_free_invalid_routing_is_reported_on_every_rank(self, pool, kind):
+        for res in pool.run("sync_free_bad_routing", kind=kind, device="cuda"):
+            assert res["message"] and "invalid routing" in res["message"], res
+            assert res["bad_is_zero"] and res["error"] < 1e-6, res
+
+    @pytest.mark.timeout(900)
+    @pytest.mark.parametrize("backend", ["alltoall", "nvlink", pytest.param("deepep", marks=pytest.mark.deepep)])
+    def test_stateful_shared_managers(self, pool, backend):
+        """Layers 0 and 1 of the same settings share one manager (moe_share_token_dispatcher),
+        "pair" steps keep both in flight; DeepEP with the rows of test_stateful_deepep."""
+        options = dict(dtypes=("bfloat16",), hidden_sizes=(1024, 1040), max_tokens=96, expert_error=False) \
+            if backend == "deepep" else dict(hidden_sizes=(8, 16))
+        seeds = [9500 + 10 * pool.world + i for i in range(2)]
+        results = pool.run("stateful_programs", timeout=800, seeds=seeds, steps=40, device="cuda", backend=backend,
+                           shared=True, **options)
+        assert check_agreed(results) == 80
+
+    @pytest.mark.timeout(200)
+    @pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
+    def test_nothing_keeps_a_destroyed_group_alive(self, pool, backend):
+        for rank, result in enumerate(pool.run("nothing_holds_a_destroyed_group", timeout=120, backend=backend,
+                                               device="cuda")):
+            assert not result["alive"], f"rank {rank}: the destroyed group is still held by {result['holders']}"
+            assert result["group_attr_none"], rank
+            assert (result["after"] or "").startswith("GroupDestroyedError: the expert-parallel process group of "
+                                                      "this dispatcher was destroyed"), (rank, result["after"])
+
+    @pytest.mark.timeout(200)
+    @pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
+    def test_two_threads_on_one_group_raise_on_every_rank(self, pool, backend):
+        for rank, result in enumerate(pool.run("two_threads_one_group", timeout=120, backend=backend,
+                                               device="cuda")):
+            a, b = result["errors"]["a"], result["errors"]["b"]
+            assert all(e and e.startswith("ConcurrentCallError: threads: thread 'layer-b' called") and
+                       "while thread 'layer-a' was inside a call" in e for e in b), (rank, b)
+            assert a[0].startswith("ConcurrentCallError: threads: on this rank thread 'layer-b'") and \
+                "every rank of the expert-parallel group raises" in a[0], (rank, a)
+            assert all("until flexdispatch.shutdown()" in e for e in a[1:]), (rank, a)
+            assert result["recovered"], rank

@@ -10,9 +10,13 @@ LOG=$OUT/log.txt
 step() { echo "=== $1 ($(date +%T))" | tee -a "$LOG"; }
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
 # A warm machine keeps an earlier call's build when .deepep is not carried again (carrying it
-# replaces the folder, build included: 74 s to rebuild on 2 x H200).
+# replaces the folder, build included: 74 s to rebuild on 2 x H200). build_deepep [DIR] builds
+# another checkout (e.g. .deepep-v121), within DEEPEP_BUILD_TIMEOUT seconds (300); its log is
+# /tmp/deepep_build.txt (/tmp/deepep_build-DIR.txt for another folder).
 build_deepep() {
-  if ls .deepep/deep_ep_cpp*.so >/dev/null 2>&1; then echo "deepep: already built" | tee -a "$LOG"; return; fi
-  (cd .deepep && TORCH_CUDA_ARCH_LIST=9.0 timeout 300 python3 setup.py build_ext --inplace > /tmp/deepep_build.txt 2>&1)
-  echo "deepep build rc=$?" | tee -a "$LOG"; tail -3 /tmp/deepep_build.txt >> "$LOG"
+  local dir=${1:-.deepep} out=/tmp/deepep_build.txt rc
+  [ "$dir" = .deepep ] || out=/tmp/deepep_build-${dir#.}.txt
+  if ls "$dir"/deep_ep_cpp*.so >/dev/null 2>&1; then echo "deepep: already built ($dir)" | tee -a "$LOG"; return; fi
+  (cd "$dir" && TORCH_CUDA_ARCH_LIST=9.0 timeout "${DEEPEP_BUILD_TIMEOUT:-300}" python3 setup.py build_ext --inplace > "$out" 2>&1)
+  rc=$?; echo "deepep build rc=$rc ($dir)" | tee -a "$LOG"; tail -3 "$out" >> "$LOG"; return $rc
 }
