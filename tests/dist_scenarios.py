@@ -1125,3 +1125,116 @@ def nothing_holds_a_destroyed_group(rank, world, backend="alltoall", device="cpu
     except RuntimeError as exc:
         after = f"{type(exc).__name__}: {exc}"
     return {"alive": alive, "holders": holders, "group_attr_none": d.group is None, "after": after}
+
+
+FAULTS = ("none", "none", "none", "above", "negative", "huge", "nan", "inf", "duplicate", "hidden_width", "dtype")
+"""What a fuzzed call may break on one rank (``none``: nothing)."""
+
+
+def fuzz_calls(rank, world, seed, calls, backend="alltoall"):
+    """Random calls (shapes, dtypes, top-k, padding, capacity, sync-free, entry point) with, at
+    random, one rank's input broken in one of ``FAULTS`` ways. A call either returns a result
+    that every rank checks against the dense float64 formula (outputs and input gradients), or
+    raises on every rank (sync-free: report_dropped_tokens raises on every rank and the call's
+    output is zero). Returns per call what happened on this rank: "ok", "raised", "reported"
+    or a description of a silent wrong result."""
+    import random
+
+    rng = random.Random(seed)  # (the same draws on every rank)
+    outcomes = []
+    for call in range(calls):
+        experts = world * rng.choice([1, 2, 4])
+        topk = rng.randint(1, min(3, experts))
+        hidden = rng.choice([3, 8, 16])
+        dtype = rng.choice([torch.float32, torch.float64])
+        sync_free = backend in ("nvlink", "local") and rng.random() < 0.4
+        pad = rng.choice([None, None, 2])
+        capacity = None if sync_free else rng.choice([None, None, 1.5])
+        entry = rng.choice(["probs", "indices"])
+        tokens = rng.randint(1, 12) if sync_free else None
+        counts = [tokens] * world if sync_free else [rng.randint(0, 12) for _ in range(world)]
+        fault, bad_rank = (rng.choice(FAULTS[3:]) if rng.random() < 0.4 else "none"), rng.randrange(world)
+        if world == 1 and fault in ("hidden_width", "dtype"):
+            fault = "none"  # (one rank cannot disagree with itself)
+        if entry == "probs" and fault in ("above", "negative", "huge", "duplicate"):
+            fault = "nan"  # (dense probs name no index)
+        if sync_free and fault in ("hidden_width", "dtype"):
+            fault = "none"  # (sync-free checks routing on the device; shapes raise on the bad rank alone)
+        if counts[bad_rank] == 0 and fault != "none":
+            counts[bad_rank] = 1
+        local = experts // world
+        d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend, moe_sync_free=sync_free,
+                        moe_router_expert_pad_multiple=pad, moe_expert_capacity_factor=capacity,
+                        moe_router_dtype="fp64" if dtype == torch.float64 else "fp32")
+        xs, logits, weights = make_problem(seed * 1000 + call, counts, hidden, experts)
+        x = xs[rank].to(dtype)
+        probs = torch.softmax(logits[rank], -1)
+        token_probs, token_indices = torch.topk(probs, topk)
+        if capacity is not None:
+            token_indices = capacity_drop(token_probs, token_indices, experts, capacity)
+        mine = fault != "none" and rank == bad_rank
+        if mine and fault in ("above", "negative", "huge", "duplicate"):
+            token_indices = token_indices.clone()
+            if fault == "duplicate" and topk > 1:
+                token_indices[0, 1] = token_indices[0, 0] if token_indices[0, 0] >= 0 else 0
+                token_indices[0, 0] = token_indices[0, 1]
+            else:
+                token_indices[0, 0] = {"above": experts + 3, "negative": -7, "huge": 2 ** 40, "duplicate": -5}[fault]
+        if mine and fault in ("nan", "inf"):  # (in a slot the routing uses: unused slots' probs are free)
+            probs, token_probs = probs.clone(), token_probs.clone()
+            probs[0] = float(fault)
+            token_probs[0, int((token_indices[0] >= 0).long().argmax())] = float(fault)
+            if entry == "indices" and not bool((token_indices[0] >= 0).any()):
+                token_indices = token_indices.clone()
+                token_indices[0, 0] = 0
+        if mine and fault == "hidden_width":
+            x = torch.cat([x, x[:, :1]], 1)
+        if mine and fault == "dtype":
+            x = x.to(torch.float32 if dtype == torch.float64 else torch.float64)
+        xl = x.clone().requires_grad_()
+        try:
+            if entry == "probs":
+                rows, tpe, pp = d.token_permutation(xl, xl.shape[0], probs.to(torch.float64 if dtype == torch.float64
+                                                                               else torch.float32))
+            else:
+                rows, tpe, pp = d.token_permutation2(xl, xl.shape[0], token_probs.to(dtype), token_indices)
+            if sync_free:
+                used = int(tpe.sum())
+                y = torch.cat([apply_experts(rows[:used], tpe, pp[:used], weights[rank * local:(rank + 1) * local]
+                                             .to(dtype)), rows[used:]])
+            else:
+                y = apply_experts(rows, tpe, pp, weights[rank * local:(rank + 1) * local].to(dtype))
+            out = d.token_unpermutation(y)
+            out.sum().backward()
+        except (ValueError, TypeError, RuntimeError) as exc:
+            outcomes.append("raised" if fault != "none" else f"call {call}: raised without a fault: {exc}")
+            d.reset()
+            continue
+        if sync_free:
+            try:
+                d.report_dropped_tokens()
+                reported = False
+            except RuntimeError:
+                reported = True
+            if fault != "none" and fault not in ("hidden_width", "dtype"):
+                ok = reported and bool((out == 0).all())
+                outcomes.append("reported" if ok else f"call {call}: {fault} on rank {bad_rank} not reported")
+                d.reset()
+                fd.shutdown()
+                continue
+        if fault != "none":
+            outcomes.append(f"call {call}: {fault} on rank {bad_rank} returned a result without an error")
+            continue
+        # The dense formula on every rank's tokens, float64, with this call's routing.
+        want_x = xs[rank].clone().requires_grad_()
+        dense_rows = []
+        for r in range(world):
+            tp, ti = torch.topk(torch.softmax(logits[r], -1), topk)
+            if capacity is not None:
+                ti = capacity_drop(tp, ti, experts, capacity)
+            dense_rows.append(dense_layer(want_x if r == rank else xs[r], tp, ti, weights))
+        dense_rows[rank].sum().backward()
+        tol = TOLERANCE[dtype]
+        err = max(rel_err(out, dense_rows[rank]), rel_err(xl.grad, want_x.grad))
+        outcomes.append("ok" if err <= tol else f"call {call}: relative error {err:.3g} > {tol:g}")
+    return outcomes
