@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dist_pool import DistPool, check_dense_results as check
+from test_group_safety import check_nothing_holds_a_destroyed_group, check_two_threads_raise_on_every_rank
 from test_stateful import check_agreed
 
 pytestmark = pytest.mark.gpu
@@ -377,22 +378,9 @@ class TestGroupChecksOnNccl:
     @pytest.mark.timeout(200)
     @pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
     def test_nothing_keeps_a_destroyed_group_alive(self, pool, backend):
-        for rank, result in enumerate(pool.run("nothing_holds_a_destroyed_group", timeout=120, backend=backend,
-                                               device="cuda")):
-            assert not result["alive"], f"rank {rank}: the destroyed group is still held by {result['holders']}"
-            assert result["group_attr_none"], rank
-            assert (result["after"] or "").startswith("GroupDestroyedError: the expert-parallel process group of "
-                                                      "this dispatcher was destroyed"), (rank, result["after"])
+        check_nothing_holds_a_destroyed_group(pool, backend, timeout=120, device="cuda")
 
     @pytest.mark.timeout(200)
     @pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
     def test_two_threads_on_one_group_raise_on_every_rank(self, pool, backend):
-        for rank, result in enumerate(pool.run("two_threads_one_group", timeout=120, backend=backend,
-                                               device="cuda")):
-            a, b = result["errors"]["a"], result["errors"]["b"]
-            assert all(e and e.startswith("ConcurrentCallError: threads: thread 'layer-b' called") and
-                       "while thread 'layer-a' was inside a call" in e for e in b), (rank, b)
-            assert a[0].startswith("ConcurrentCallError: threads: on this rank thread 'layer-b'") and \
-                "every rank of the expert-parallel group raises" in a[0], (rank, a)
-            assert all("until flexdispatch.shutdown()" in e for e in a[1:]), (rank, a)
-            assert result["recovered"], rank
+        check_two_threads_raise_on_every_rank(pool, backend, timeout=120, device="cuda")

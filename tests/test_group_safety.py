@@ -17,24 +17,22 @@ def pool():
     assert [q.exitcode for q in p.procs] == [0, 0], "a rank did not exit cleanly"
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
-def test_nothing_keeps_a_destroyed_group_alive(pool, backend):
-    """Before: the dispatcher (and its manager) kept the group past destroy_process_group, and a
-    later call ran on the destroyed group, silently or failing inside torch."""
-    for rank, result in enumerate(pool.run("nothing_holds_a_destroyed_group", timeout=60, backend=backend)):
+def check_nothing_holds_a_destroyed_group(pool, backend, timeout=60, **kwargs):
+    """Every rank: the destroyed group is not referenced by flexdispatch, the dispatcher's group
+    is gone, and a later call raises GroupDestroyedError. Shared with the NCCL suite."""
+    for rank, result in enumerate(pool.run("nothing_holds_a_destroyed_group", timeout=timeout, backend=backend,
+                                           **kwargs)):
         assert not result["alive"], f"rank {rank}: the destroyed group is still held by {result['holders']}"
         assert result["group_attr_none"], rank
         assert (result["after"] or "").startswith("GroupDestroyedError: the expert-parallel process group of this "
                                                   "dispatcher was destroyed"), (rank, result["after"])
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
-def test_two_threads_on_one_group_raise_on_every_rank(pool, backend):
-    """Without the guard both threads enter collectives of one group at once (a hang or a
-    crash: the pool's timeout fails the test)."""
-    for rank, result in enumerate(pool.run("two_threads_one_group", timeout=60, backend=backend)):
+def check_two_threads_raise_on_every_rank(pool, backend, timeout=60, **kwargs):
+    """Two threads driving two layers of one group: the second raises before any collective, the
+    first raises in its next exchange on every rank, later calls raise until shutdown().
+    Shared with the NCCL suite."""
+    for rank, result in enumerate(pool.run("two_threads_one_group", timeout=timeout, backend=backend, **kwargs)):
         a, b = result["errors"]["a"], result["errors"]["b"]
         # B called while A was inside a call: it raised before any collective, every time.
         assert all(e and e.startswith("ConcurrentCallError: threads: thread 'layer-b' called") and
@@ -45,6 +43,22 @@ def test_two_threads_on_one_group_raise_on_every_rank(pool, backend):
             "every rank of the expert-parallel group raises" in a[0], (rank, a)
         assert all("until flexdispatch.shutdown()" in e for e in a[1:]), (rank, a)
         assert result["recovered"], rank
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
+def test_nothing_keeps_a_destroyed_group_alive(pool, backend):
+    """Before: the dispatcher (and its manager) kept the group past destroy_process_group, and a
+    later call ran on the destroyed group, silently or failing inside torch."""
+    check_nothing_holds_a_destroyed_group(pool, backend)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
+def test_two_threads_on_one_group_raise_on_every_rank(pool, backend):
+    """Without the guard both threads enter collectives of one group at once (a hang or a
+    crash: the pool's timeout fails the test)."""
+    check_two_threads_raise_on_every_rank(pool, backend)
 
 
 @pytest.mark.timeout(180)

@@ -14,7 +14,7 @@ also times eager calls with every kernel op through the torch op dispatcher (the
 graphs take) instead of the direct calls eager code makes. Elementwise experts keep the
 dispatcher's own cost in view; on CUDA every call is timed from a synchronized device to its
 end. Runs on any checkout of flexdispatch (the one above this file), so that two commits can
-be compared in one session.
+be compared back to back on the same machine.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ manager and expert-parallel size, on rank 0.
 
 EP 1 runs in this process (the local manager); larger sizes spawn a gloo group on this machine.
 ``--repo`` measures another checkout of flexdispatch (e.g. an older commit in a git worktree),
-so that two trees are compared in one session on the same machine: run the tool twice, or
+so that two trees are compared back to back on the same machine: run the tool twice, or
 alternate. Small shapes keep the host's share in view: the time that scales with the tokens is
 the kernels', not the Python's.
 """
