@@ -125,12 +125,20 @@ def all_to_all_single(output: torch.Tensor, input_: torch.Tensor, output_splits,
     if async_op or not _bounded(output):
         return dist.all_to_all_single(output, input_, output_splits, input_splits, group=group, async_op=async_op)
     seconds = _bound_s(group)
-    opts = dist.AllToAllOptions()
-    opts.timeout = datetime.timedelta(seconds=seconds)
+    opts = _options(dist.AllToAllOptions, seconds)
     start = getattr(group, "all_to_all_single", None) or group.alltoall_base  # (renamed in torch 2.13)
     _run(lambda: start(output, input_, list(output_splits or []), list(input_splits or []), opts), group, what,
          missing, seconds)
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def _options(kind: type, seconds: float):
+    """A collective's options with ``seconds`` as its timeout; made once per value (torch copies
+    them at the call, so one object serves every call)."""
+    opts = kind()
+    opts.timeout = datetime.timedelta(seconds=seconds)
+    return opts
 
 
 def all_gather_single(output: torch.Tensor, input_: torch.Tensor, group, *, what: Call = "an exchange") -> None:
@@ -142,7 +150,6 @@ def all_gather_single(output: torch.Tensor, input_: torch.Tensor, group, *, what
     from torch._C._distributed_c10d import AllgatherOptions
 
     seconds = _bound_s(group)
-    opts = AllgatherOptions()
-    opts.timeout = datetime.timedelta(seconds=seconds)
+    opts = _options(AllgatherOptions, seconds)
     start = getattr(group, "all_gather_single", None) or group._allgather_base  # (renamed in torch 2.13)
     _run(lambda: start(output, input_, opts), group, what, None, seconds)
