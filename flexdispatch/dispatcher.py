@@ -577,8 +577,8 @@ class MoEFlexTokenDispatcher:
         call since the last report (found on the device; such calls move no token)."""
         manager = self._manager() if self._comm_manager is not None else None
         faults = getattr(manager, "sync_free_faults", None)
-        if faults is not None and int(faults):
-            calls = int(faults)
+        calls = 0 if faults is None else int(faults)  # (one host read)
+        if calls:
             faults.zero_()
             raise RuntimeError(f"config.moe_sync_free: {calls} call(s) since the last report failed: invalid routing "
                                f"on a rank (an expert id out of range or repeated in a row, a non-finite probability), "

@@ -50,9 +50,10 @@ class BackwardCheck:
         """Whether every rank's header ``[W, WIDTH]`` (host) agrees; if not, this call's layer
         is realigned to the step every rank continues from."""
         decision = agreement.Agreement(headers)
-        if not decision.agreed():
+        agreed = decision.agreed()
+        if not agreed:
             self.manager.set_layer_value(self.key, "_step", decision.next_step())
-        return decision.agreed()
+        return agreed
 
     def raise_disagreement(self, headers) -> None:
         """Raise the error every rank raises for these headers (they disagree)."""
