@@ -11,6 +11,7 @@ step raise a clear error instead of aborting inside the communication library.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Optional
 
@@ -18,6 +19,7 @@ import torch
 
 from .. import _kernel_header
 from ..rowmap import NONFINITE_PROB, routing_error
+from . import collectives
 
 # Header fields, in order, as the kernels define them (cuda_src/flexdispatch.h, HeaderField).
 _FIELDS = _kernel_header.enum("HeaderField")
@@ -47,8 +49,11 @@ def dtype_code(dtype: Optional[torch.dtype]) -> int:
     return DTYPES.index(dtype) if dtype in DTYPES else len(DTYPES)
 
 
+@functools.lru_cache(maxsize=256)
 def config_code(backend: str, spec) -> int:
-    """A 56-bit hash of a layer's backend and settings (stable across processes: ranks compare it)."""
+    """A 56-bit hash of a layer's backend and settings (stable across processes: ranks compare
+    it); ``spec`` hashable. Made once per value: a manager whose settings may change after it
+    was built (HybridEP's) asks at every call."""
     digest = hashlib.blake2b(repr((backend, spec)).encode(), digest_size=7).digest()
     return int.from_bytes(digest, "little")
 
@@ -63,6 +68,18 @@ def make_header(phase: int, step: int, hidden: Optional[torch.Tensor], topk: int
         header[HIDDEN], header[DTYPE] = hidden.shape[-1], dtype_code(hidden.dtype)
     header[TOPK], header[LAYER], header[CONFIG] = topk, layer, config
     return header
+
+
+def gather_headers(header: torch.Tensor, world: int, group, what: str) -> torch.Tensor:
+    """Every rank's ``header [WIDTH]`` int64 (:func:`flexdispatch.ops.make_header`) as ``[W,
+    WIDTH]`` on the host: one all-gather and one host read, for managers whose engine has no
+    room for a header in its own exchange. On CPU groups a peer that does not arrive is waited
+    for at most the peer timeout (:mod:`.collectives`; ``what`` names the call)."""
+    if world == 1:  # (no group needed: a rank agrees with itself, errors included)
+        return header.view(1, -1).cpu()
+    every = header.new_empty(world * header.numel())
+    collectives.all_gather_single(every, header, group, what=what)
+    return every.view(world, -1).cpu()
 
 
 class Agreement:
@@ -122,12 +139,12 @@ class Agreement:
                 detail = routing_error(mine, route, num_experts, names[0], probs=probs, probs_name=names[1])
                 raise ValueError(f"{str(detail).split(':', 1)[0]}: invalid routing on {where(bad)}; every rank raises "
                                  f"{when}: {detail}")
-            first = rows[bad[0]]
-            if self.threads_ranks():
+            first, threads = rows[bad[0]], self.threads_ranks()
+            if threads:
                 from .groups import ConcurrentCallError
 
                 raise ConcurrentCallError(f"threads: dispatchers of this expert-parallel group were called from two "
-                                          f"threads at once on {where(self.threads_ranks())}; every rank raises "
+                                          f"threads at once on {where(threads)}; every rank raises "
                                           f"{when} (that rank's error says more). The group's calls raise on every "
                                           f"rank until flexdispatch.shutdown() is called on every rank")
             if first[ERROR] & INPUT_ERROR:

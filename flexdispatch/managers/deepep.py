@@ -533,9 +533,9 @@ class _DeepepManager(_ManagerBase):
         if like is None:  # (this rank's check failed before routing)
             like = torch.empty(0, 1, dtype=torch.int64, device=gather.group_device(self.group))
         header = ops.make_header(like, self._header(agreement.DISPATCH, hidden_states), self._route_status)
-        every = [torch.empty_like(header) for _ in range(self.world_size)]
-        dist.all_gather(every, header, group=self.group)
-        self._agree(torch.stack(every).cpu(), "(no token moved)")
+        self._agree(agreement.gather_headers(header, self.world_size, self.group,
+                                             f"step {self._step} of this layer, dispatch (the header exchange)"),
+                    "(no token moved)")
         recv_x, recv_idx, recv_probs, tokens_per_expert, handle = self._fused_dispatch(
             hidden_states, self.token_indices, self.token_probs.float(), self.num_experts, self.group,
             async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)

@@ -219,9 +219,8 @@ class _HybridEPManager(LayerStates, _DispatchManager):
         device = gather.group_device(self.group)
         like = torch.empty(0, 1, dtype=torch.int64, device=device)
         header = ops.make_header(like, values, None if self._route_status is None else self._route_status.to(device))
-        every = [torch.empty_like(header) for _ in range(self.world_size)]
-        dist.all_gather(every, header, group=self.group)
-        headers = torch.stack(every).cpu()
+        headers = agreement.gather_headers(header, self.world_size, self.group,
+                                           f"step {self._step} of this layer, dispatch (the header exchange)")
         decision = agreement.Agreement(headers)
         try:
             route, probs = self._checked_route or (None, None)
