@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import functools
 import sys
 from typing import Optional, Union
 
@@ -120,30 +119,18 @@ def received_fp8_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
     return rows, finish, None
 
 
-def _one_thread_at_a_time(ready: str):
-    """For the steps that run collectives (dispatch: ``ready="routed"``; combine:
-    ``"restored"``): the group's calls from one thread at a time (:mod:`.groups`: another
-    thread raises before any collective), and two threads at once seen earlier on this rank
-    carried in this call's first exchange, where every rank raises together."""
-    def wrap(step):
-        @functools.wraps(step)
-        def guarded(self, *args, **kwargs):
-            guard = groups.guard_of(self)
-            if guard is None:
-                return step(self, *args, **kwargs)
-            guard.enter(step.__name__)
-            try:
-                error = guard.pending_error()
-                if error is not None and self._deferred is None and self._stage == ready:
-                    if ready == "routed":
-                        self.defer(error)
-                    elif self.exchanges_in_combine:  # (else the next dispatch carries it)
-                        self.defer_combine(error)
-                return step(self, *args, **kwargs)
-            finally:
-                guard.leave()
-        return guarded
-    return wrap
+def _carry_pending(ready: str):
+    """For :func:`groups.one_thread_at_a_time` on the steps that run collectives (dispatch:
+    ``ready="routed"``; combine: ``"restored"``): two threads at once seen earlier on this rank
+    are carried in this call's first exchange, where every rank raises together."""
+    def before(manager: "_ManagerBase", guard) -> None:
+        error = guard.pending_error()
+        if error is not None and manager._deferred is None and manager._stage == ready:
+            if ready == "routed":
+                manager.defer(error)
+            elif manager.exchanges_in_combine:  # (else the next dispatch carries it)
+                manager.defer_combine(error)
+    return before
 
 
 def add_to_counter(counter: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
@@ -568,7 +555,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
 
     # ---- the steps --------------------------------------------------------------------------
 
-    @_one_thread_at_a_time(ready="routed")
+    @groups.one_thread_at_a_time(before=_carry_pending("routed"))
     def dispatch(self, hidden_states: torch.Tensor, async_finish: bool = False,
                  allocate_on_comm_stream: bool = False, *, keep_fp8: bool = False,
                  permute_next: bool = False, fp8_rows: bool = False) -> torch.Tensor:
@@ -716,7 +703,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         self._stage = "restored"
         return out
 
-    @_one_thread_at_a_time(ready="restored")
+    @groups.one_thread_at_a_time(before=_carry_pending("restored"))
     def combine(self, hidden_states: torch.Tensor, async_finish: bool = False,
                 allocate_on_comm_stream: bool = False) -> torch.Tensor:
         """Sum every token's rows back on its home rank: ``[R, H] -> [T, H]``; releases the

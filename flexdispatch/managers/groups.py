@@ -192,18 +192,23 @@ def announce(obj) -> None:
         guard.announce()
 
 
-def one_thread_at_a_time(step: str):
+def one_thread_at_a_time(step: Optional[str] = None, before=None):
     """Decorate a method of an object with a :class:`WeakGroup` ``group`` whose calls may run
-    collectives (``step``: what the user called, for the message): another thread raises
-    before any collective (see above)."""
+    collectives: another thread raises before any collective (see above). ``step``: what the
+    user called, for the message (default: the method's name); ``before(obj, guard)``: runs
+    once the guard is held, before the method."""
     def wrap(method):
+        name = step or method.__name__
+
         @functools.wraps(method)
         def guarded(self, *args, **kwargs):
             guard = guard_of(self)
             if guard is None:
                 return method(self, *args, **kwargs)
-            guard.enter(step)
+            guard.enter(name)
             try:
+                if before is not None:
+                    before(self, guard)
                 return method(self, *args, **kwargs)
             finally:
                 guard.leave()
