@@ -424,18 +424,12 @@ class _ManagerBase(LayerStates, _DispatchManager):
                 groups.announce(self)
             raise
 
-    def _count_fault(self, ok: torch.Tensor) -> None:
-        """Add a failed sync-free call (``ok``: 0-d bool on the device, False when it failed)."""
-        self.sync_free_faults = add_to_counter(self.sync_free_faults, (~ok).long())
-
-    def add_layer_fault(self, key, ok: torch.Tensor) -> None:
-        """:meth:`_count_fault` for the layer of dispatcher ``key`` (a backward may run while a
-        shared manager serves another layer)."""
-        if key is None or self.serving_key == key or self._aside is None:
-            self._count_fault(ok)
-        elif key in self._aside:
-            self._aside[key]["sync_free_faults"] = add_to_counter(self._aside[key].get("sync_free_faults"),
-                                                                  (~ok).long())
+    def _count_fault(self, ok: torch.Tensor, key: Optional[int] = None) -> None:
+        """Add a failed sync-free call (``ok``: 0-d bool on the device, False when it failed) to
+        the layer of dispatcher ``key`` (None: the layer served now; a backward may run while
+        a shared manager serves another layer)."""
+        counter = add_to_counter(self.layer_value(key, "sync_free_faults"), (~ok).long())
+        self.set_layer_value(key, "sync_free_faults", counter)
 
     def _expect(self, step: str, *stages: str) -> None:
         groups.require(self)  # (every step's first check: no collective on a destroyed group)

@@ -130,7 +130,7 @@ def _backward_exchange(ctx, grad: torch.Tensor, parts: list):
     headers, tables = ctx.transport.exchange(ops.make_header(grad, check.values), parts)
     if manager.sync_free:
         ok = manager._agreed_on_device(headers.to(grad.device))
-        manager.add_layer_fault(check.key, ok)
+        manager._count_fault(ok, check.key)
         return tables, ok
     host = headers[:, :agreement.WIDTH].cpu()
     if not check.agreed(host) or tables is None:  # (the gather transport stops at disagreeing headers)

@@ -17,8 +17,6 @@ from typing import Optional
 
 import torch
 
-import torch
-
 
 class LayerStates:
     """Mixin: per-layer state of a manager that several dispatchers share.
@@ -72,10 +70,20 @@ class LayerStates:
             self._known.add(key)
             weakref.finalize(owner, self._forget, key)
 
+    def _in_place(self, key: Optional[int]) -> bool:
+        """Whether the state of the layer of dispatcher ``key`` is in the attributes (None: the
+        layer served now, or the one of an unshared manager)."""
+        return key is None or self.serving_key == key or self._aside is None
+
+    def layer_value(self, key: Optional[int], name: str):
+        """Attribute ``name`` of the layer whose dispatcher's id is ``key``, wherever that
+        layer's state is now (None for a layer whose dispatcher is gone)."""
+        return getattr(self, name) if self._in_place(key) else self._aside.get(key, {}).get(name)
+
     def set_layer_value(self, key: Optional[int], name: str, value) -> None:
-        """Set attribute ``name`` of the layer whose dispatcher's id is ``key`` (None: the layer
-        of an unshared manager), wherever that layer's state is now."""
-        if key is None or self.serving_key == key or self._aside is None:
+        """Set attribute ``name`` of the layer whose dispatcher's id is ``key``, wherever that
+        layer's state is now (nothing for a layer whose dispatcher is gone)."""
+        if self._in_place(key):
             setattr(self, name, value)
         elif key in self._aside:
             self._aside[key][name] = value
