@@ -24,7 +24,7 @@ import torch
 
 from . import _library, reference
 from ._library import check_pending_errors, cuda_kernels_loaded, defer_routing_error, kernels_loaded, load_kernels
-from .rowmap import MAX_EXPERTS, RowIdMap, index_route_error_bits, layout_total_index, permuted, plan_of
+from .rowmap import MAX_EXPERTS, RowIdMap, index_route_error_bits, layout_total_index, plan_of
 
 __all__ = ["load_kernels", "kernels_loaded", "cuda_kernels_loaded", "check_pending_errors", "defer_routing_error",
            "indices_to_multihot", "check_route", "check_route_reported", "permute", "permute_by_indices", "make_plan",
@@ -89,6 +89,17 @@ def checked_index_args(rows: int, indices, probs, num_experts, num_out_tokens, p
 
 def _size(num_out_tokens: Optional[int]) -> int:
     return -1 if num_out_tokens is None else num_out_tokens
+
+
+def run_permutation(op, rows, probs, route, num_experts: int, num_out_tokens: Optional[int],
+                    pad_multiple: Optional[int], name: str, *extra):
+    """Run a permutation op of :mod:`flexdispatch._library` (arguments ``rows, probs, route,
+    num_experts, pad_multiple, num_out, name, *extra``): ``(out [N, H], permuted_probs [N] or
+    None, plan, tokens_per_expert)``."""
+    out, out_probs, row_map, layout, host = op(rows, probs, route, num_experts, pad_multiple or 1,
+                                               _size(num_out_tokens), name, *extra)
+    plan = plan_of(row_map, layout, host, num_experts, out.shape[0], num_out_tokens, pad_multiple)
+    return out, (None if probs is None else out_probs), plan, plan.tokens_per_expert
 
 
 # ---- public ops ----------------------------------------------------------------------------
@@ -190,9 +201,8 @@ def permute(tokens: torch.Tensor, routing_map: torch.Tensor, probs: Optional[tor
     _check_sizes(num_out_tokens, pad_multiple)
     if not _library.serves(tokens):
         return reference.permute(tokens, routing_map, probs, num_out_tokens, pad_multiple)
-    return permuted(_library.permute(tokens, probs, routing_map, routing_map.shape[1], pad_multiple or 1,
-                                      _size(num_out_tokens), "routing_map"),
-                     probs, routing_map.shape[1], num_out_tokens, pad_multiple)
+    return run_permutation(_library.permute, tokens, probs, routing_map, routing_map.shape[1], num_out_tokens,
+                           pad_multiple, "routing_map")
 
 
 def permute_by_indices(tokens: torch.Tensor, indices: torch.Tensor, probs: Optional[torch.Tensor] = None,
@@ -214,8 +224,8 @@ def permute_by_indices(tokens: torch.Tensor, indices: torch.Tensor, probs: Optio
     probs = checked_index_args(tokens.shape[0], indices, probs, num_experts, num_out_tokens, pad_multiple)
     if not _library.serves(tokens):
         return reference.permute_by_indices(tokens, indices, probs, num_experts, num_out_tokens, pad_multiple)
-    return permuted(_library.permute(tokens, probs, indices, num_experts, pad_multiple or 1, _size(num_out_tokens),
-                                      "indices"), probs, num_experts, num_out_tokens, pad_multiple)
+    return run_permutation(_library.permute, tokens, probs, indices, num_experts, num_out_tokens, pad_multiple,
+                           "indices")
 
 
 def make_plan(route: torch.Tensor, num_experts: int, num_out_tokens: Optional[int] = None,
@@ -409,9 +419,8 @@ def permute_fp8_by_indices(q: torch.Tensor, scales: torch.Tensor, indices: torch
         if rows is not None:  # the dequantized values, with the stand-in's gradient path
             dense = _StandIn.apply(rows, dense)
         return permute_by_indices(dense, indices, probs, num_experts, num_out_tokens, pad_multiple)
-    return permuted(_library.permute_fp8(rows, probs, indices, num_experts, pad_multiple or 1, _size(num_out_tokens),
-                                          "indices", q.view(torch.uint8), scales, dtype),
-                     probs, num_experts, num_out_tokens, pad_multiple)
+    return run_permutation(_library.permute_fp8, rows, probs, indices, num_experts, num_out_tokens, pad_multiple,
+                           "indices", q.view(torch.uint8), scales, dtype)
 
 
 def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ from typing import Optional
 import torch
 
 from . import _library, ops
-from .rowmap import permuted
 
 
 def _kernels():
@@ -102,6 +101,5 @@ def _permute_through(op, rows, addrs, align, indices, probs, num_experts, num_ou
     """A permutation whose op (of :mod:`flexdispatch._library`) reads row ``r`` at ``addrs[r]``."""
     probs = ops.checked_index_args(rows.shape[0], indices, probs, num_experts, num_out_tokens, pad_multiple)
     _kernels()
-    return permuted(op(rows, probs, indices, num_experts, pad_multiple or 1, -1 if num_out_tokens is None else
-                       num_out_tokens, "indices", addrs, align, max_blocks, first_row),
-                    probs, num_experts, num_out_tokens, pad_multiple)
+    return ops.run_permutation(op, rows, probs, indices, num_experts, num_out_tokens, pad_multiple, "indices", addrs,
+                               align, max_blocks, first_row)

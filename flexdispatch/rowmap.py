@@ -91,13 +91,6 @@ def plan_of(row_map, layout, host, num_experts, num_out, num_out_tokens, pad_mul
                     host_layout=host if host.numel() else None)
 
 
-def permuted(result, probs, num_experts, num_out_tokens, pad_multiple):
-    """``(out, out_probs or None, plan, tokens_per_expert)`` of a permutation op's outputs."""
-    out, out_probs, row_map, layout, host = result
-    plan = plan_of(row_map, layout, host, num_experts, out.shape[0], num_out_tokens, pad_multiple)
-    return out, (None if probs is None else out_probs), plan, plan.tokens_per_expert
-
-
 def first_bad_slot(route: torch.Tensor, num_experts: int, probs: Optional[torch.Tensor] = None) -> str:
     """Describe the first invalid entry of an index route ``[R, K]`` (for error messages)."""
     r = route.detach().to("cpu", torch.int64)
@@ -121,14 +114,22 @@ def first_bad_slot(route: torch.Tensor, num_experts: int, probs: Optional[torch.
     return "no invalid entry found"
 
 
+PROBS_NAMES = {"token_indices": "token_probs"}
+"""The name of the probs argument that goes with an index argument's (the dispatcher's top-k
+entry); every other entry (the ops' ``indices``, the dispatcher's dense ``probs``) calls its
+probs ``probs``."""
+
+
 def routing_error(bits: int, route: Optional[torch.Tensor], num_experts: int, name: str = "indices",
                   num_out: Optional[int] = None, probs: Optional[torch.Tensor] = None,
-                  probs_name: str = "token_probs") -> ValueError:
+                  probs_name: Optional[str] = None) -> ValueError:
+    """The ValueError of a kernel's routing error ``bits``, naming the argument: ``name`` for
+    the indices, ``probs_name`` (default: :data:`PROBS_NAMES`) for a non-finite probability."""
     if bits & (INDEX_OUT_OF_RANGE | DUPLICATE_INDEX):
         detail = first_bad_slot(route, num_experts) if route is not None and route.dtype != torch.bool else ""
         return ValueError(f"{name}: invalid routing: {detail}".rstrip(": "))
     if bits & NONFINITE_PROB:
-        probs_name = "probs" if name == "probs" else probs_name  # (the dense entry names its probs for both)
+        probs_name = probs_name or PROBS_NAMES.get(name, "probs")
         detail = first_bad_slot(route, num_experts, probs) if route is not None and probs is not None else ""
         return ValueError(f"{probs_name}: non-finite routing probability: {detail}".rstrip(": "))
     if bits & OUTPUT_OVERFLOW:

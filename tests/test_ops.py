@@ -215,6 +215,11 @@ def test_invalid_routing_raises_value_error():
         ops.permute_by_indices(x, dup, num_experts=5)
     with pytest.raises(ValueError, match="twice"):
         ops.indices_to_multihot(dup, random_probs(10, 2), 5)
+    # A non-finite prob is named as the op's argument (probs), not as the dispatcher's top-k one.
+    nan = random_probs(10, 2)
+    nan[4, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^probs: non-finite routing probability"):
+        ops.check_route_reported(idx, 5, nan, "indices")
 
 
 @pytest.mark.parametrize("call,error,match", [
