@@ -35,7 +35,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import weakref
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -56,13 +56,13 @@ def _hidden_bytes(x: torch.Tensor) -> int:
 class _DeepEPAPI:
     """The fused dispatch and combine of one engine with DeepEP's ``Buffer`` API."""
 
-    def __init__(self, registry: "deepep._BufferRegistry", buffer_class: Callable[[], type]):
-        self.registry, self.buffer_class, self.num_sms = registry, buffer_class, 20
+    def __init__(self, registry: "deepep._BufferRegistry"):
+        self.registry, self.num_sms = registry, 20
 
     def set_num_sms(self, num_sms: int) -> None:
         """SMs the engine's normal kernels may use (its ``Buffer.set_num_sms``)."""
         self.num_sms = num_sms
-        self.buffer_class().set_num_sms(num_sms)
+        self.registry.buffer_class().set_num_sms(num_sms)
 
     def dispatch(self, x, token_indices, token_probs, num_experts, group, async_finish=False,
                  allocate_on_comm_stream=False):
@@ -92,7 +92,7 @@ def _uccl_buffer_class() -> Optional[type]:
         return None
 
 
-_uccl_registry = deepep._BufferRegistry(lambda: _uccl_buffer_class(), name="UCCL-EP")
+_uccl_registry = deepep._BufferRegistry(_uccl_buffer_class, name="UCCL-EP")
 deepep.REGISTRIES.append(_uccl_registry)
 
 
@@ -233,8 +233,8 @@ _resolved: dict = {}
 def _resolve_all() -> dict:
     """Each engine name's value: its function, or None when the engine does not import."""
     deep_ep = deepep.deepep_available()[0]
-    api = _DeepEPAPI(deepep._registry, lambda: deepep._import_deep_ep().Buffer)
-    uccl = _DeepEPAPI(_uccl_registry, _uccl_buffer_class) if _uccl_buffer_class() is not None else None
+    api = _DeepEPAPI(deepep._registry)
+    uccl = _DeepEPAPI(_uccl_registry) if _uccl_buffer_class() is not None else None
     hybrid = _hybrid_ep_buffer_class() is not None
     return {
         "fused_dispatch": api.dispatch if deep_ep else None,

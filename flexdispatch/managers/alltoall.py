@@ -88,12 +88,17 @@ def routing_by_rank(indices: torch.Tensor, world: int, local: int) -> tuple[torc
     return in_rank, torch.cat([in_rank.sum(0, dtype=torch.int64)[:, None], expert_counts], dim=1)
 
 
+def _message(header: list, manager: "_AllToAllManager", device: torch.device) -> torch.Tensor:
+    """``[W, WIDTH + E_local]`` int64 on ``device``: ``header`` in every row, the counts zero."""
+    return torch.tensor([header + [0] * manager.num_local_experts] * manager.world_size, dtype=torch.int64,
+                        device=device)
+
+
 def _agree_in_backward(check, grad: torch.Tensor, group, what: str) -> None:
     """A backward's first exchange: every rank's header in the shape of a dispatch's first
     exchange (``[W, WIDTH + E_local]``), so a peer that went on to its next call meets it and
     every rank raises; realigns this call's layer on disagreement (see BackwardCheck)."""
-    row = check.values + [0] * check.manager.num_local_experts
-    message = torch.tensor([row] * check.manager.world_size, dtype=torch.int64, device=grad.device)
+    message = _message(check.values, check.manager, grad.device)
     received = torch.empty_like(message)
     _exchange(received, message, None, None, group, what)
     headers = received[:, :agreement.WIDTH].cpu()
@@ -221,8 +226,7 @@ class _AllToAllManager(_ManagerBase):
     def _blank_message(self, phase: int, hidden) -> torch.Tensor:
         """``[W, WIDTH + E_local]`` int64 on the group's device: this rank's header in every
         row, the counts zero (the dispatch fills rows, error bits and counts in)."""
-        row = self._header(phase, hidden) + [0] * self.num_local_experts
-        return torch.tensor([row] * self.world_size, dtype=torch.int64, device=self._comm_device())
+        return _message(self._header(phase, hidden), self, self._comm_device())
 
     def _dispatch(self, hidden_states, async_finish: bool, allocate_on_comm_stream: bool,
                   keep_fp8: bool, permute_next: bool = False) -> Dispatched:

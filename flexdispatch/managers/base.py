@@ -225,10 +225,11 @@ def _group_size_rank(group) -> tuple[int, Optional[int]]:
     if dist.is_available() and dist.is_initialized() and isinstance(group, dist.ProcessGroup):
         return dist.get_world_size(group), dist.get_rank(group)
     size = getattr(group, "size", None)
-    if not callable(size) or isinstance(size(), bool) or not isinstance(size(), int):
+    size = size() if callable(size) else None
+    if isinstance(size, bool) or not isinstance(size, int):
         raise ValueError("group: a process group was given but torch.distributed is not initialized; "
                          "pass None to run on one rank without torch.distributed")
-    return size(), None
+    return size, None
 
 
 class _ManagerBase(LayerStates, _DispatchManager):

@@ -186,23 +186,23 @@ def unusable_reason(group, device: Optional[torch.device] = None, hidden_dtype: 
 class _BufferRegistry:
     """One buffer of a DeepEP-API engine per process group, grown on demand, destroyed once.
 
-    ``engine()`` returns the engine's ``Buffer`` class (DeepEP's, or another engine's with
+    ``buffer_class()`` returns the engine's ``Buffer`` class (DeepEP's, or another engine's with
     DeepEP's API, such as UCCL-EP's). A buffer outgrown by a larger hidden size is retired, not
     destroyed: a call in flight or an autograd graph may still hold its handle. Retired buffers
     are destroyed with the rest at :func:`shutdown` (growth happens a few times per run at most).
     """
 
-    def __init__(self, engine, name: str = "DeepEP"):
+    def __init__(self, buffer_class, name: str = "DeepEP"):
         # Groups by weak reference, compared by identity (the engine's Buffer holds its group
         # until destroyed: shutdown() before destroy_process_group drops both).
-        self._engine, self._name = engine, name
+        self.buffer_class, self._name = buffer_class, name
         self._entries: list[tuple[object, object]] = []  # (weakref to the group, Buffer)
         self._widths: dict = {}  # id(Buffer) -> the bf16 row width it was sized for
         self._retired: list[object] = []
         self._recent: dict = {}  # (id(group), hidden_bytes, num_sms) -> (weakref, Buffer): no size hints per call
 
     def get(self, group, hidden_bytes: int, num_sms: int):
-        buffer_cls = self._engine()
+        buffer_cls = self.buffer_class()
         if buffer_cls.num_sms != num_sms:  # class-wide: the default configs of every call read it
             buffer_cls.set_num_sms(num_sms)
         hit = self._recent.get((id(group), hidden_bytes, num_sms))
