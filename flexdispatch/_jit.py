@@ -58,6 +58,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import envs
 from ._log import logger, progress
 from ._version import __version__
 
@@ -79,19 +80,6 @@ class LockTimeoutError(RuntimeError):
 
 class BuildFailedRecentlyError(RuntimeError):
     """A build of the same key failed moments ago; not retried (see ``FLEXDISPATCH_BUILD_RETRY_S``)."""
-
-
-def _env_seconds(name: str, default: float) -> float:
-    text = os.environ.get(name)
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{name}: expected a number of seconds, got {text!r}") from None
-    if value < 0:
-        raise ValueError(f"{name}: expected a number of seconds >= 0, got {text!r}")
-    return value
 
 
 def check_private(path: Path, what: str) -> None:
@@ -204,7 +192,7 @@ def _writing(root: Path):
 
 def cache_root() -> Path:
     """Folder of cached builds: ``$FLEXDISPATCH_CACHE_DIR`` or ``~/.cache/flexdispatch``."""
-    env = os.environ.get("FLEXDISPATCH_CACHE_DIR")
+    env = envs.cache_dir()
     return Path(env).expanduser() if env else Path.home() / ".cache" / "flexdispatch"
 
 
@@ -434,7 +422,7 @@ def shared_runtime_compiler() -> Optional[str]:
     a lent GPU machine whose ``CXX`` was such a wrapper; the system's ``c++`` is used there
     instead. None: keep ``$CXX`` (also with ``FLEXDISPATCH_KEEP_CXX=1``)."""
     cxx = os.environ.get("CXX")
-    if not cxx or os.environ.get("FLEXDISPATCH_KEEP_CXX") == "1" or _finds_shared_libstdcxx(cxx):
+    if not cxx or envs.keep_cxx() or _finds_shared_libstdcxx(cxx):
         return None
     current = os.path.realpath(shutil.which(cxx) or cxx)
     for name in ("c++", "g++"):
@@ -475,7 +463,7 @@ def _build(spec: BuildSpec, folder: Path):
             extra_ldflags=list(spec.ldflags),
             build_directory=str(tmp),
             with_cuda=spec.with_cuda,
-            verbose=os.environ.get("FLEXDISPATCH_VERBOSE_BUILD") == "1",
+            verbose=envs.verbose_build(),
         )
         library = _library_file(tmp, spec.name)
         seconds = time.perf_counter() - start
@@ -609,7 +597,7 @@ def _recent_failure(marker: Path) -> Optional[str]:
     except (OSError, ValueError):
         return None
     age = time.time() - float(data.get("at", 0))
-    if age > _env_seconds("FLEXDISPATCH_BUILD_RETRY_S", 600.0):
+    if age > envs.build_retry_s():
         return None
     return f"{age:.0f} s ago in pid {data.get('pid')}: {data.get('error')}"
 
@@ -633,7 +621,7 @@ def load(spec: Optional[BuildSpec] = None):
     if not lock.try_acquire():
         progress("waiting for another process (%s) to finish building %s ...", _holder(lock.owner), folder.name)
         last_load.waited = True
-        lock.acquire(_env_seconds("FLEXDISPATCH_LOCK_TIMEOUT", 900.0))
+        lock.acquire(envs.lock_timeout_s())
     try:
         module = _try_cached(folder, spec, warn=folder.exists())  # built while we waited?
         if module is not None:
@@ -708,17 +696,10 @@ def clear_cache() -> tuple[int, list[tuple[Path, str]]]:
     return removed, kept
 
 
-def jit_mode() -> str:
-    mode = os.environ.get("FLEXDISPATCH_JIT", "auto").strip().lower()
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"FLEXDISPATCH_JIT must be auto, 0 or 1, got {mode!r}")
-    return mode
-
-
 def load_kernels():
     """The kernels for this machine, or None (FLEXDISPATCH_JIT=0, or a failed build in
     ``auto`` mode, each with one warning)."""
-    mode = jit_mode()
+    mode = envs.jit_mode()
     if mode == "0":
         logger.warning("FLEXDISPATCH_JIT=0: using the plain PyTorch ops (slower; no kernels built)")
         return None

@@ -10,11 +10,12 @@ application's).
 """
 
 import logging
-import os
 import sys
 
+from . import envs
+
 logger = logging.getLogger("flexdispatch")
-_level = os.environ.get("FLEXDISPATCH_LOG_LEVEL")
+_level = envs.log_level()
 if _level:
     logger.setLevel(getattr(logging, _level.upper(), logging.INFO))
 

@@ -12,6 +12,7 @@ Which backend a dispatcher uses is decided by one rule, :func:`requested_backend
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Optional
 
 from . import envs
@@ -51,6 +52,20 @@ def requested_backend(config) -> tuple[str, str]:
     if named is not None:
         return named, "config.moe_flex_dispatcher_backend"
     return "auto", "config.moe_flex_backend"
+
+
+SM_FIELDS = ("moe_deepep_num_sms", "moe_hybridep_num_sms", "moe_nvlink_max_blocks")
+"""The backends' own SM (or thread-block) fields, which ``moe_comm_sms`` sets all at once."""
+
+
+def sm_setting(config, name: str):
+    """The value that applies of ``config``'s field ``name``: for one of :data:`SM_FIELDS`, the
+    count ``moe_comm_sms`` gives it when set (DeepEP's rounded down to an even count, as its
+    kernels need), else the field itself; any other field as it is."""
+    budget = getattr(config, "moe_comm_sms", None)
+    if budget is None or name not in SM_FIELDS:
+        return getattr(config, name)
+    return budget // 2 * 2 if name == "moe_deepep_num_sms" else budget
 
 
 @dataclasses.dataclass
@@ -154,13 +169,10 @@ class TokenDispatcherConfig:
     backend. Combine and every backward transfer stay in the hidden dtype; gradients pass
     the rounding unchanged (straight-through). Experimental; tested on H200s (NCCL and DeepEP
     at EP 2 and 4)."""
-    moe_fp8_fused_permutation: bool = True
-    """With ``moe_fp8_dispatch``, in the one-call entry points (``token_permutation``,
-    ``token_permutation2``) on the all-to-all and DeepEP managers: keep the received rows in
-    FP8 and dequantize them inside the permutation (one pass over them instead of two, and no
-    dequantized copy of the received rows). Bit for bit the same results; on an H200 0.70 ms
-    against 0.78 ms for the two passes at 16384 rows, H = 7168, K = 8 (docs/PERFORMANCE.md).
-    False: dequantize the received rows first, then permute them."""
+    moe_fp8_fused_permutation: Optional[bool] = None
+    """Deprecated, no effect. With ``moe_fp8_dispatch`` the one-call entry points always keep the
+    received rows in FP8 and dequantize them inside the permutation: bit for bit what two
+    passes give, one pass over the rows fewer (docs/PERFORMANCE.md). Setting it warns."""
     moe_fp8_experts: bool = False
     """With ``moe_fp8_dispatch``, for FP8 experts at inference: the one-call entry points
     (``token_permutation``, ``token_permutation2``) return the expert-major rows still in FP8,
@@ -175,7 +187,13 @@ class TokenDispatcherConfig:
     moe_nvlink_max_blocks: int = 0
     """The NVLink backend (``moe_flex_backend="nvlink"``): thread blocks each of its transfer
     kernels may launch (0: as many as the rows need). A cap leaves SMs to compute that runs
-    concurrently on other streams; the transfers then take longer."""
+    concurrently on other streams; the transfers then take longer. ``moe_comm_sms`` wins when set."""
+    moe_comm_sms: Optional[int] = None
+    """SMs the token exchanges may occupy, on whichever backend serves: DeepEP's and UCCL-EP's
+    kernels (rounded down to an even count), HybridEP's dispatch and combine, the NVLink
+    backend's transfer kernels (one thread block per SM). None: each backend's own field
+    (``moe_deepep_num_sms``, ``moe_hybridep_num_sms``, ``moe_nvlink_max_blocks``), which this one
+    wins over when set. See :func:`sm_setting`."""
     moe_validate_routing: bool = True
     """Check routing indices (range, duplicates) before tokens move; every rank raises
     together. One small kernel; no extra collective or host sync on DeepEP within a node."""
@@ -206,8 +224,12 @@ class TokenDispatcherConfig:
         if self.moe_fp8_experts and not self.moe_fp8_dispatch:
             raise ValueError("moe_fp8_experts: hands the experts the FP8 rows of moe_fp8_dispatch; set "
                              "moe_fp8_dispatch=True")
-        if not isinstance(self.moe_fp8_fused_permutation, bool):
-            raise ValueError(f"moe_fp8_fused_permutation: expected a bool, got {self.moe_fp8_fused_permutation!r}")
+        if self.moe_comm_sms is not None:
+            int_at_least("moe_comm_sms", self.moe_comm_sms, 2)
+        if self.moe_fp8_fused_permutation is not None:
+            warnings.warn("moe_fp8_fused_permutation has no effect (the FP8 rows are always dequantized inside "
+                          "the permutation, bit for bit the same result); leave it unset", DeprecationWarning,
+                          stacklevel=3)
         if self.moe_dropped_tokens not in DROPPED_TOKEN_ACTIONS:
             raise ValueError(f"moe_dropped_tokens: expected one of {DROPPED_TOKEN_ACTIONS}, "
                              f"got {self.moe_dropped_tokens!r}")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from . import ops
 from ._log import logger
-from .config import MoEConfig, TokenDispatcherConfig, requested_backend
+from .config import MoEConfig, TokenDispatcherConfig, requested_backend, sm_setting
 from . import managers
 from .managers import groups, registry
 from .managers.base import OutOfOrderError, _group_size_rank, _ManagerBase
@@ -177,9 +177,9 @@ class MoEFlexTokenDispatcher:
             topk=self.tp_size * cfg.moe_router_topk, capacity_factor=cfg.moe_expert_capacity_factor,
             router_dtype=cfg.moe_router_dtype, pad_multiple=cfg.moe_router_expert_pad_multiple,
             sync_free=cfg.moe_sync_free, max_tokens_per_expert=cfg.moe_max_tokens_per_expert,
-            validate_routing=cfg.moe_validate_routing, num_sms=cfg.moe_deepep_num_sms,
+            validate_routing=cfg.moe_validate_routing, num_sms=sm_setting(cfg, "moe_deepep_num_sms"),
             permute_fusion=cfg.moe_permute_fusion, fp8_dispatch=cfg.moe_fp8_dispatch,
-            nvlink_max_blocks=cfg.moe_nvlink_max_blocks)
+            nvlink_max_blocks=sm_setting(cfg, "moe_nvlink_max_blocks"))
         local = self.spec.num_local_experts
         if self.ep_rank is not None:  # (unknown for a group object that is not a live process group)
             expected_ids = list(range(self.ep_rank * local, (self.ep_rank + 1) * local))
@@ -210,7 +210,6 @@ class MoEFlexTokenDispatcher:
         if ep_group is not None and self.ep_rank is not None:  # (a live process group: weakly keyed)
             _LAYERS_BUILT[ep_group] = self._layer_id + 1
         self._settings = dict(backend=requested, layer=self._layer_id, moe_fp8_experts=cfg.moe_fp8_experts,
-                              moe_fp8_fused_permutation=cfg.moe_fp8_fused_permutation,
                               **{CONFIG_NAMES.get(f.name, f.name): getattr(self.spec, f.name)
                                  for f in dataclasses.fields(self.spec)})
         if self._comm_manager is not None:
@@ -244,7 +243,7 @@ class MoEFlexTokenDispatcher:
                 del _SHARED[key]
         elif all(published is not m for m, _ in _SHARED.values()):
             return self._share(published)  # a manager the user published: theirs to share
-        key = (slot, name, id(self.group), self.spec, tuple(getattr(self.config, o) for o in backend.options))
+        key = (slot, name, id(self.group), self.spec, tuple(sm_setting(self.config, o) for o in backend.options))
         manager, group_ref = _SHARED.get(key, (None, None))
         if manager is None or (None if group_ref is None else group_ref()) is not self.group:
             manager = build()
@@ -520,12 +519,10 @@ class MoEFlexTokenDispatcher:
 
     def _dispatch_for_permutation(self, manager: _ManagerBase, hidden: torch.Tensor, async_: bool,
                                   fp8_rows: bool = False) -> torch.Tensor:
-        """The transfer of a permutation that follows at once: with ``moe_fp8_fused_permutation``
-        the received FP8 rows stay in FP8 and the permutation dequantizes them as it moves them
-        (``keep_fp8``); ``fp8_rows``: they stay in FP8 for the experts (the manager keeps them
-        whatever ``keep_fp8`` says, the local one too)."""
-        return manager.dispatch(hidden, async_, async_, keep_fp8=self.config.moe_fp8_fused_permutation,
-                                permute_next=True, fp8_rows=fp8_rows)
+        """The transfer of a permutation that follows at once: received FP8 rows stay in FP8 and
+        the permutation dequantizes them as it moves them (``keep_fp8``); ``fp8_rows``: they
+        stay in FP8 for the experts (the local manager keeps them too)."""
+        return manager.dispatch(hidden, async_, async_, keep_fp8=True, permute_next=True, fp8_rows=fp8_rows)
 
     @_in_dispatcher_terms
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:

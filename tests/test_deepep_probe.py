@@ -71,20 +71,50 @@ def test_group_sizes_are_asked_of_deepep(fake_deep_ep):
         FakeBuffer.is_sm90_compiled = staticmethod(lambda: True)
 
 
-def test_agreement_path_is_chosen_by_environment_and_group_size(monkeypatch):
+def test_agreement_path_is_chosen_by_testing_switch_and_group_size(monkeypatch):
     """The DeepEP manager agrees through symmetric memory on groups of one node (2..8 ranks)
-    unless FLEXDISPATCH_DEEPEP_AGREEMENT=nccl; a bad value is a clear error."""
+    unless the testing switch deepep_agreement=nccl (FLEXDISPATCH_TESTING, or in-process);
+    an unknown switch or value is a clear error."""
+    from flexdispatch import envs
     from flexdispatch.managers import peer_headers
 
-    monkeypatch.delenv("FLEXDISPATCH_DEEPEP_AGREEMENT", raising=False)
+    monkeypatch.delenv("FLEXDISPATCH_TESTING", raising=False)
     assert [peer_headers.wanted(w) for w in (1, 2, 4, 8, 16)] == [False, True, True, True, False]
-    monkeypatch.setenv("FLEXDISPATCH_DEEPEP_AGREEMENT", " NCCL ")
+    monkeypatch.setenv("FLEXDISPATCH_TESTING", " nvlink_barrier=torch, deepep_agreement = nccl ")
     assert not peer_headers.wanted(4)
-    monkeypatch.setenv("FLEXDISPATCH_DEEPEP_AGREEMENT", "peer")
-    assert peer_headers.wanted(4)
-    monkeypatch.setenv("FLEXDISPATCH_DEEPEP_AGREEMENT", "gloo")
-    with pytest.raises(ValueError, match="FLEXDISPATCH_DEEPEP_AGREEMENT: expected 'peer' or 'nccl'"):
+    with envs.testing_switches(deepep_agreement="peer"):  # (in-process wins over the variable)
+        assert peer_headers.wanted(4)
+    assert not peer_headers.wanted(4)
+    monkeypatch.setenv("FLEXDISPATCH_TESTING", "deepep_agreement=gloo")
+    with pytest.raises(ValueError, match="FLEXDISPATCH_TESTING: deepep_agreement is one of .'peer', 'nccl'."):
         peer_headers.wanted(4)
+    monkeypatch.setenv("FLEXDISPATCH_TESTING", "agreement=nccl")
+    with pytest.raises(ValueError, match="FLEXDISPATCH_TESTING: unknown testing switch 'agreement'"):
+        peer_headers.wanted(4)
+    with pytest.raises(ValueError, match="testing_switches: unknown testing switch 'pulls'"):
+        with envs.testing_switches(pulls="staggered"):
+            pass
+
+
+@pytest.mark.parametrize("name,raw,expected", [
+    ("FLEXDISPATCH_JIT", " AUTO ", "auto"), ("FLEXDISPATCH_JIT", "2", None),
+    ("FLEXDISPATCH_LOCK_TIMEOUT", "0", 0.0), ("FLEXDISPATCH_LOCK_TIMEOUT", "-1", None),
+    ("FLEXDISPATCH_BUILD_RETRY_S", "soon", None), ("FLEXDISPATCH_DEEPEP_MIN_NVL_BYTES", "1000", 896),
+    ("FLEXDISPATCH_DEEPEP_MIN_NVL_BYTES", "-5", None), ("NUM_OF_TOKENS_PER_CHUNK_COMBINE_API", "x", None)])
+def test_environment_variables_are_typed_and_checked(monkeypatch, name, raw, expected):
+    """Every variable is read through envs, parsed, and a bad value names the variable."""
+    from flexdispatch import envs
+
+    reader = {"FLEXDISPATCH_JIT": envs.jit_mode, "FLEXDISPATCH_LOCK_TIMEOUT": envs.lock_timeout_s,
+              "FLEXDISPATCH_BUILD_RETRY_S": envs.build_retry_s,
+              "FLEXDISPATCH_DEEPEP_MIN_NVL_BYTES": envs.deepep_min_nvl_bytes,
+              "NUM_OF_TOKENS_PER_CHUNK_COMBINE_API": envs.hybridep_combine_chunk}[name]
+    monkeypatch.setenv(name, raw)
+    if expected is None:
+        with pytest.raises(ValueError, match=name):
+            reader()
+    else:
+        assert reader() == expected
 
 
 @pytest.mark.parametrize("raw,expected", [(None, 600.0), ("2.5", 2.5), ("3600", 3600.0), ("0", None), ("-1", None),

@@ -159,10 +159,39 @@ def test_foreign_config_accepted():
     ("moe_flex_backend", "nccl", "moe_flex_backend"), ("moe_deepep_num_sms", 21, "even"),
     ("moe_max_tokens_per_expert", 4, "set moe_sync_free=True"), ("moe_dropped_tokens", "drop", "moe_dropped_tokens"),
     ("moe_nvlink_max_blocks", -1, "moe_nvlink_max_blocks"), ("moe_nvlink_max_blocks", 1.5, "moe_nvlink_max_blocks"),
+    ("moe_comm_sms", 1, "moe_comm_sms"), ("moe_comm_sms", 8.0, "moe_comm_sms"),
 ])
 def test_config_validation(field, value, match):
     with pytest.raises(ValueError, match=match):
         fd.MoEConfig(**{field: value})
+
+
+@pytest.mark.parametrize("budget,deepep,hybridep,nvlink", [(None, 20, 24, 0), (33, 32, 33, 33), (2, 2, 2, 2)])
+def test_one_sm_budget_sets_every_backend(budget, deepep, hybridep, nvlink):
+    """moe_comm_sms sets the SM (block) count of every backend at once, DeepEP's rounded down to
+    an even count; unset, each backend's own field applies. The dispatcher's checked settings
+    carry the counts that apply."""
+    from flexdispatch.config import SM_FIELDS, sm_setting
+
+    cfg = fd.MoEConfig(num_moe_experts=8, moe_comm_sms=budget)
+    assert [sm_setting(cfg, name) for name in SM_FIELDS] == [deepep, hybridep, nvlink]
+    assert sm_setting(cfg, "moe_router_topk") == cfg.moe_router_topk
+    d = fd.MoEFlexTokenDispatcher(8, list(range(8)), cfg, None)
+    assert (d.spec.num_sms, d.spec.nvlink_max_blocks) == (deepep, nvlink)
+
+
+def test_fp8_fused_permutation_is_deprecated_and_changes_nothing():
+    """The option that only chose a slower path with the same bits warns and is ignored."""
+    with pytest.warns(DeprecationWarning, match="moe_fp8_fused_permutation has no effect"):
+        cfg = fd.MoEConfig(num_moe_experts=4, moe_router_topk=2, moe_fp8_dispatch=True, moe_fp8_fused_permutation=False)
+    d = fd.MoEFlexTokenDispatcher(4, list(range(4)), cfg, None)
+    x, p = torch.randn(6, 128), torch.rand(6, 4)
+    rows, _, probs = d.token_permutation(x, 6, p)
+    plain = fd.MoEFlexTokenDispatcher(4, list(range(4)), fd.MoEConfig(num_moe_experts=4, moe_router_topk=2,
+                                                                       moe_fp8_dispatch=True), None)
+    expected, _, expected_probs = plain.token_permutation(x, 6, p)
+    assert torch.equal(rows, expected) and torch.equal(probs, expected_probs)
+    assert torch.count_nonzero(rows) > 0
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -30,8 +30,8 @@ broadcast-multiply experts instead of the fused Triton ones), ``fp8`` (moe_fp8_d
 then raw DeepEP with FP8 dispatch is timed too, quantization included, and the variant's
 output is compared with the same manager's bf16 output: ``rel_err``), ``syncfree``
 (moe_sync_free=True), ``nostagger`` (the NVLink manager's pulls all start at the first received row
-instead of the next rank's), ``ncclagree`` (the DeepEP manager agrees through an NCCL all-gather instead of
-symmetric memory: FLEXDISPATCH_DEEPEP_AGREEMENT=nccl), ``onecall`` (the forward through token_permutation2 and
+instead of the next rank's: the testing switch nvlink_pulls=from_row_0), ``ncclagree`` (the DeepEP manager agrees through an NCCL all-gather instead of
+symmetric memory: the testing switch deepep_agreement=nccl), ``onecall`` (the forward through token_permutation2 and
 token_unpermutation, where managers may fuse steps: the NVLink manager's permutation reads the
 rows from its peers' buffers; stages are still timed step by step), ``bound=F`` (sync-free with moe_max_tokens_per_expert = F times the mean
 rows per local expert, T * W * K / E), ``graph`` (sync-free, and the forward and the
@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import socket
 import statistics
 import sys
@@ -62,6 +61,7 @@ import torch.multiprocessing as mp
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import flexdispatch as fd  # noqa: E402
+from flexdispatch import envs  # noqa: E402
 from flexdispatch.managers import deepep  # noqa: E402
 from bench_experts import scale_rows, triton_available  # noqa: E402
 from reference_dispatcher import DeepepTransport, ReferenceDispatcher  # noqa: E402
@@ -127,19 +127,14 @@ class Layer:
         config = fd.MoEConfig(num_moe_experts=experts, moe_router_topk=topk, moe_flex_backend=backend,
                               moe_validate_routing="novalidate" not in options, moe_fp8_dispatch="fp8" in options,
                               moe_sync_free=sync_free, moe_max_tokens_per_expert=bound, moe_dropped_tokens="ignore")
-        agreement = os.environ.get("FLEXDISPATCH_DEEPEP_AGREEMENT")
-        if "ncclagree" in options:  # (read when the manager is made)
-            os.environ["FLEXDISPATCH_DEEPEP_AGREEMENT"] = "nccl"
-        try:
+        switches = {}
+        if "ncclagree" in options:
+            switches["deepep_agreement"] = "nccl"
+        if "nostagger" in options:
+            switches["nvlink_pulls"] = "from_row_0"
+        with envs.testing_switches(**switches):  # (read when the manager is made)
             self.d = fd.MoEFlexTokenDispatcher(local, list(range(rank * local, (rank + 1) * local)), config,
                                                dist.group.WORLD)
-            if "nostagger" in options:  # (the NVLink manager's pulls all start at row 0)
-                self.d._manager.stagger_pulls = False
-        finally:
-            if agreement is None:
-                os.environ.pop("FLEXDISPATCH_DEEPEP_AGREEMENT", None)
-            else:
-                os.environ["FLEXDISPATCH_DEEPEP_AGREEMENT"] = agreement
 
     def experts(self, rows, tokens_per_expert, permuted_probs):
         # Each row's expert found on the device, with no sync: the counts may live on the GPU

@@ -17,37 +17,13 @@ from __future__ import annotations
 
 import datetime
 import functools
-import os
 import weakref
 from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
 
-DEFAULT_PEER_TIMEOUT_S = 600.0  # as torch.distributed's default collective timeout
-
-
-def peer_timeout_s() -> float:
-    """How long flexdispatch waits for a peer: ``FLEXDISPATCH_PEER_TIMEOUT_S`` seconds, 600 by
-    default, as long as torch.distributed's default timeout, so that ranks may drift apart (a
-    checkpoint, an evaluation on one rank) as long as they could at an NCCL collective. GPU
-    kernels that wait over symmetric memory trap after it (a CUDA error instead of a hang);
-    collectives on CPU groups raise :class:`PeerTimeoutError`. Read at every collective (one
-    environment lookup; the value is parsed once per setting)."""
-    return _parsed_timeout(os.environ.get("FLEXDISPATCH_PEER_TIMEOUT_S"))
-
-
-@functools.lru_cache(maxsize=8)
-def _parsed_timeout(raw: Optional[str]) -> float:
-    if raw is None:
-        return DEFAULT_PEER_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1e9:
-        raise ValueError(f"FLEXDISPATCH_PEER_TIMEOUT_S: expected seconds in (0, 1e9], got {raw!r}")
-    return value
+from ..envs import DEFAULT_PEER_TIMEOUT_S, peer_timeout_s  # noqa: F401  (the one reader of the timeout)
 
 
 class PeerTimeoutError(RuntimeError):

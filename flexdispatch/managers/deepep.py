@@ -39,14 +39,13 @@ from __future__ import annotations
 import atexit
 import importlib
 import importlib.util
-import os
 import weakref
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from .. import ops
+from .. import envs, ops
 from ..reference import FP8_GROUP
 from .._log import logger
 from . import agreement, gather, peer_headers
@@ -221,7 +220,7 @@ class _BufferRegistry:
             if size > NVL_MAX_RANKS:
                 rdma_bytes = max(rdma_bytes, config.get_rdma_buffer_size_hint(hidden_bytes, size))
         # Diagnostics: a floor on the NVLink buffer, to rule its size in or out of a problem.
-        nvl_bytes = max(nvl_bytes, int(float(os.environ.get("FLEXDISPATCH_DEEPEP_MIN_NVL_BYTES", "0"))) // 128 * 128)
+        nvl_bytes = max(nvl_bytes, envs.deepep_min_nvl_bytes())
         for i, (g, buffer) in enumerate(self._entries):
             if g() is group:
                 if buffer.num_nvl_bytes >= nvl_bytes and buffer.num_rdma_bytes >= rdma_bytes:

@@ -21,14 +21,13 @@ HybridEP's documented API.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import ops
+from .. import envs, ops
 from . import agreement, gather, groups
 from .base import _DispatchManager, _group_size_rank, check_topk_routing
 from .deepep import EngineUnavailableError
@@ -37,9 +36,10 @@ from .sharing import LayerStates
 _HYBRIDEP_TOKEN_ALIGNMENT = 4
 """Per-rank token counts are padded to a multiple of this (HybridEP's metadata all-gather
 asserts 16-byte parts of 4-byte entries)."""
-_STATIC_ROUTING_PAD_PIN = os.environ.get("NEMO_STATIC_ROUTING_PAD_PIN", "1") != "0"
-"""Automodel's benchmark switch: with ``moe_benchmark_static_routing`` the group's padded token
-count is exchanged once and pinned (``NEMO_STATIC_ROUTING_PAD_PIN=0`` exchanges it every call)."""
+_STATIC_ROUTING_PAD_PIN = envs.static_routing_pad_pin()
+"""Automodel's module constant, read at import as there: with ``moe_benchmark_static_routing``
+the group's padded token count is exchanged once and pinned (``NEMO_STATIC_ROUTING_PAD_PIN=0``:
+exchanged every call)."""
 
 
 def _engine(name: str):
@@ -377,14 +377,14 @@ class HybridEPPipelineRuntimeInitializer:
                 m.moe_hybridep_num_sms, m.moe_hybridep_compact_routing, m.moe_hybridep_permute_fusion,
                 m.moe_hybridep_num_sms_preprocessing, m.moe_hybridep_num_blocks_permute,
                 m.moe_hybridep_num_blocks_unpermute, m.pad_multiple,
-                int(os.environ.get("NUM_OF_TOKENS_PER_CHUNK_COMBINE_API", "64")))
+                envs.hybridep_combine_chunk())
 
     @staticmethod
     def required_capacity(num_tokens: int) -> int:
         """HybridEP's token capacity for ``num_tokens``: rounded up to 16, at least 512, then
         to its combine chunk (``NUM_OF_TOKENS_PER_CHUNK_COMBINE_API``, 64 by default)."""
         capacity = max(-(-num_tokens // 16) * 16, 512)
-        chunk = int(os.environ.get("NUM_OF_TOKENS_PER_CHUNK_COMBINE_API", "64"))
+        chunk = envs.hybridep_combine_chunk()
         return capacity if chunk <= 0 else -(-capacity // chunk) * chunk
 
     def _resolve_group_capacity(self, *, num_tokens: int, device: torch.device) -> int:

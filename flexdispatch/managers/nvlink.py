@@ -48,12 +48,11 @@ dtype that differs is caught by the header.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional
 
 import torch
 
-from .. import ops, peer_ops
+from .. import envs, ops, peer_ops
 from . import agreement, gather, groups, peer_buffers
 from .alltoall import _fp8_payload, routing_by_rank
 from .base import BackwardCheck, Dispatched, _ManagerBase, add_to_counter, received_fp8_rows
@@ -264,8 +263,8 @@ class _NvlinkManager(_ManagerBase):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_blocks = self.spec.nvlink_max_blocks  # blocks a transfer kernel may launch (0: no cap)
-        self.stagger_pulls = True  # pulls start at the next rank's rows (False: at row 0, for A/B runs)
-        self._emulate = os.environ.get("FLEXDISPATCH_NVLINK_TRANSPORT", "") == "gather"
+        self.stagger_pulls = envs.switch("nvlink_pulls") == "staggered"  # (else every pull starts at row 0)
+        self._emulate = envs.switch("nvlink_transport") == "gather"
         self._pinned: Optional[torch.Tensor] = None  # host copy of a combine's headers
 
     def _release(self) -> None:

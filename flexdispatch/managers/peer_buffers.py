@@ -34,7 +34,6 @@ rendezvous, decided from numbers every rank knows) and are released by :func:`re
 from __future__ import annotations
 
 import atexit
-import os
 import socket
 import weakref
 from typing import Optional, Sequence
@@ -42,6 +41,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .. import envs
 from .._log import logger
 from . import collectives, groups
 from .collectives import DEFAULT_PEER_TIMEOUT_S, peer_timeout_s  # noqa: F401  (one reader of the timeout)
@@ -174,8 +174,8 @@ class SymmetricTransport(Transport):
         self._pads = 0  # device address of the group's signal-pad pointers (our barrier's)
         self._tables: dict = {}  # offset -> int64 [W] addresses of that region on every rank
         # The exchange's barrier: our one-block kernel on the signal pads (channel 1), or
-        # symmetric memory's own (FLEXDISPATCH_NVLINK_BARRIER=torch; channel 0). Same on every rank.
-        self._own_barrier = os.environ.get("FLEXDISPATCH_NVLINK_BARRIER", "own") != "torch"
+        # symmetric memory's own (testing switch nvlink_barrier=torch; channel 0). Same on every rank.
+        self._own_barrier = envs.switch("nvlink_barrier") == "own"
         self._timeout_s = peer_timeout_s()
         self._check_one_node()
 

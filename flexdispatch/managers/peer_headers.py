@@ -18,21 +18,20 @@ is one exchange ahead never overwrites a header still to be read (it cannot be t
 would need this rank's next header). A peer that never arrives makes the kernel trap after
 ``FLEXDISPATCH_PEER_TIMEOUT_S`` seconds (600 by default: a CUDA error, not a hang).
 
-``FLEXDISPATCH_DEEPEP_AGREEMENT=nccl`` keeps the all-gather (the same decision and errors);
+The testing switch ``deepep_agreement=nccl`` keeps the all-gather (the same decision and errors);
 groups that span nodes always use it.
 """
 
 from __future__ import annotations
 
 import atexit
-import os
 import weakref
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from .. import _library, ops
+from .. import _library, envs, ops
 from .._log import logger
 from . import agreement, groups
 from .peer_buffers import peer_timeout_s, symmetric_buffer
@@ -45,10 +44,7 @@ def wanted(world_size: int) -> bool:
     """Whether a DeepEP group of ``world_size`` ranks (CUDA) exchanges its headers here: the
     same answer on every rank of a group (it depends on the environment and the size). Asked
     once per manager, when it is made."""
-    mode = os.environ.get("FLEXDISPATCH_DEEPEP_AGREEMENT", "peer").strip().lower()
-    if mode not in ("peer", "nccl"):
-        raise ValueError(f"FLEXDISPATCH_DEEPEP_AGREEMENT: expected 'peer' or 'nccl', got {mode!r}")
-    return mode == "peer" and 1 < world_size <= NODE_RANKS
+    return envs.switch("deepep_agreement") == "peer" and 1 < world_size <= NODE_RANKS
 
 
 class PeerHeaders:
@@ -59,7 +55,7 @@ class PeerHeaders:
     def __init__(self, group, device: torch.device):
         if not ops.cuda_kernels_loaded():  # (the exchange is a kernel of ours)
             raise RuntimeError("DeepEP agreement through symmetric memory needs flexdispatch's CUDA kernels, which "
-                               "are not built here; set FLEXDISPATCH_DEEPEP_AGREEMENT=nccl")
+                               "are not built here; set FLEXDISPATCH_TESTING=deepep_agreement=nccl")
         self.group, self.device = group, device
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         buffer, handle = symmetric_buffer(group, device, 2 * self.world_size * _SLOT_WORDS * 8)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from .. import ops
 from .._log import logger
+from ..config import sm_setting
 from ..spec import LayerSpec
 from . import deepep
 from .alltoall import _AllToAllManager
@@ -91,7 +92,7 @@ def _build_deepep(group, spec: LayerSpec, config) -> _DispatchManager:
     """DeepEP named explicitly, as Automodel builds it (ImportError without DeepEP)."""
     set_num_sms = _package().set_deepep_num_sms
     if set_num_sms is not None:
-        set_num_sms(config.moe_deepep_num_sms)
+        set_num_sms(sm_setting(config, "moe_deepep_num_sms"))
     return deepep._DeepepManager(**_reference_kwargs(group, spec))
 
 
@@ -100,7 +101,7 @@ def _build_uccl_ep(group, spec: LayerSpec, config) -> _DispatchManager:
     missing, as in Automodel; ImportError when neither imports)."""
     package = _package()
     if package.set_uccl_num_sms is not None:
-        package.set_uccl_num_sms(config.moe_deepep_num_sms)
+        package.set_uccl_num_sms(sm_setting(config, "moe_deepep_num_sms"))
     return deepep._DeepepManager(**_reference_kwargs(group, spec), _dispatch_fn=package.uccl_fused_dispatch,
                                  _combine_fn=package.uccl_fused_combine)
 
@@ -116,7 +117,7 @@ def _build_hybridep(group, spec: LayerSpec, config) -> _DispatchManager:
     manager = _HybridEPManager(
         group=group, num_local_experts=spec.num_local_experts, num_experts=spec.num_experts, router_topk=spec.topk,
         permute_fusion=spec.permute_fusion, benchmark_static_routing=config.moe_benchmark_static_routing,
-        **{name: getattr(config, name) for name in HYBRIDEP_OPTIONS})
+        **{name: sm_setting(config, name) for name in HYBRIDEP_OPTIONS})
     manager.pad_multiple, manager.router_dtype = spec.pad_multiple, spec.router_dtype
     return manager
 
