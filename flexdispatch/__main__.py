@@ -45,8 +45,6 @@ def _info() -> int:
 
 def _print_backends() -> None:
     """Which backend a dispatcher gets here, and why (registry.unavailable_here and auto's order)."""
-    import torch
-
     from . import envs
     from .managers import registry
 
@@ -56,12 +54,10 @@ def _print_backends() -> None:
         why = registry.unavailable_here(name)
         usable[name] = why is None
         print(f"  {name:<10} {'usable' if why is None else 'not usable: ' + why}")
-    if not torch.cuda.is_available():
-        print("auto picks   local for one rank, alltoall for a group (no GPU here)")
-    else:
-        cuda = "deepep (nvlink where DeepEP cannot serve a call)" if usable["deepep"] else "nvlink"
-        print(f"auto picks   local for one rank; on a group: CPU tensors alltoall, CUDA tensors on one node {cuda}, "
-              f"across nodes {'deepep' if usable['deepep'] else 'alltoall'}")
+    order = [name + (" (one node)" if registry.BACKENDS[name].one_node else "")
+             for name in registry.AUTO_ORDER if usable[name]]
+    print(f"auto picks   local for one rank; for a group, the first of {', '.join(order)} that can serve the call"
+          if len(order) > 1 else f"auto picks   local for one rank, {order[0]} for a group")
     if envs.backend():
         print(f"FLEXDISPATCH_BACKEND={envs.backend()}: every dispatcher of this process uses it, whatever its config says")
 

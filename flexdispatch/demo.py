@@ -248,15 +248,17 @@ def cuda_problem(world_size: int) -> Optional[str]:
 def backend_problem(backend: str, device: str, world_size: int) -> Optional[str]:
     """Why --backend cannot run the demo on device here, as far as can be told before the ranks
     start (None: no reason known; the ranks' dispatchers check the rest)."""
+    if backend == "auto":
+        return None
     if backend == "local" and world_size > 1:
         return (f"--backend local: the local manager serves one rank and moves no tokens between ranks, "
                 f"got --world-size {world_size}; use --world-size 1, or --backend auto")
-    if backend == "deepep":
-        from .managers import deepep
+    from .managers import deepep, registry
 
-        ok, detail = deepep.deepep_available()
-        if not ok:
-            return f"--backend deepep: {detail}; install DeepEP, or use --backend auto"
+    why = registry.unavailable_here(backend)
+    if why is not None:
+        return f"--backend {backend}: {why}; use --backend auto"
+    if backend == "deepep":
         if device != "cuda":
             shortfall = _cuda_shortfall(world_size)
             if shortfall is None:
@@ -413,7 +415,7 @@ def _parser() -> argparse.ArgumentParser:
                "tokens": {"type": _at_least(4, 4)}, "seed": {"type": int}}
     for field in dataclasses.fields(DemoArgs):
         options = {"type": _at_least(1), "metavar": "N"}
-        if field.type in (str, "str"):
+        if field.type == "str":  # (annotations are strings here: from __future__ import annotations)
             options = {"metavar": None}
         options.update(special.get(field.name, {}))
         parser.add_argument("--" + field.name.replace("_", "-"), default=getattr(defaults, field.name),
@@ -421,11 +423,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true",
                         help="print each failed rank's full traceback, not only its error")
     return parser
-
-
-def _error(message: str) -> int:
-    print(f"python -m flexdispatch demo: error: {message}", file=sys.stderr)
-    return 2
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -441,11 +438,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device == "cuda":
         problem = cuda_problem(args.world_size)
         if problem:
-            return _error(f"--device cuda: {problem}")
+            parser.exit(2, f"{parser.prog}: error: --device cuda: {problem}\n")
     device = pick_device(args.device, args.world_size)
     problem = backend_problem(args.backend, device, args.world_size)
     if problem:
-        return _error(problem)
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")
     try:
         result = run_demo(args)
     except DemoFailed as exc:

@@ -55,7 +55,7 @@ def test_clear_cache(tmp_path):
     info = cli("info", env={"FLEXDISPATCH_CACHE_DIR": str(tmp_path)})
     built = [line for line in info.stdout.splitlines() if line.startswith("built")]
     # Importing builds nothing: the line must not send the reader to an import.
-    assert built == [line for line in built if "nothing yet" in line and "import" not in line] != []
+    assert built and all("nothing yet" in line and "import" not in line for line in built), built
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [".locks"]  # and info built nothing
 
 
@@ -117,8 +117,8 @@ def test_numpy_is_a_dependency():
 
 @pytest.mark.timeout(600)
 def test_demo_one_rank():
-    """The notebook and laptop path: one rank, several steps of one dispatcher (it failed its
-    own check from the second step on when tokens_per_expert leaked between calls)."""
+    """The notebook and laptop path: one rank, several steps of one dispatcher, each checked
+    (a tokens_per_expert left over from the previous call would fail the second step)."""
     args = DemoArgs(world_size=1, steps=3, tokens=64, hidden=32, ffn=48, experts=6, topk=2, device="cpu")
     result = run_demo(args)
     assert result["backend"] == "local"
@@ -151,17 +151,26 @@ def test_demo_backend_names_come_from_the_registry(monkeypatch, capsys):
     assert "argument --backend: invalid choice: 'foo'" in err and "newengine" in err
 
 
-@pytest.mark.skipif(_deep_ep_imports(), reason="deep_ep imports here")
-def test_demo_says_in_one_line_that_deepep_is_missing(monkeypatch, capsys):
+@pytest.mark.parametrize("backend", ["deepep", "nvlink", "hybridep", "uccl_ep"])
+def test_demo_says_in_one_line_that_a_backend_cannot_run_here(backend, monkeypatch, capsys):
+    """Every backend that cannot run on this machine is refused before any rank starts, with
+    the registry's reason, in one line (exit status 2)."""
     from flexdispatch import demo
+    from flexdispatch.managers import registry
+
+    why = registry.unavailable_here(backend)
+    if why is None:
+        pytest.skip(f"{backend} can run here")
 
     def no_ranks(*_, **__):
-        raise AssertionError("ranks started although DeepEP cannot run")
+        raise AssertionError(f"ranks started although {backend} cannot run")
 
     monkeypatch.setattr(demo, "run_demo", no_ranks)
-    assert demo.main(["--backend", "deepep", "--world-size", "2"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--backend", backend, "--world-size", "2"])
+    assert exit_.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "--backend deepep: deep_ep does not import" in lines[0], lines
+    assert len(lines) == 1 and f"demo: error: --backend {backend}: {why}" in lines[0], lines
 
 
 @pytest.mark.skipif(_deep_ep_imports(), reason="deep_ep imports here")
@@ -183,13 +192,23 @@ def test_demo_prints_one_line_per_failed_rank(monkeypatch, capfd):
                                    for r, line in enumerate(ranks)), err
 
 
-def test_demo_failures_name_each_rank(monkeypatch):
-    """What run_demo raises when ranks fail, as main prints it (no processes: the parts)."""
+def test_demo_failures_name_each_rank(monkeypatch, capsys):
+    """What run_demo raises when ranks fail, as main prints it: one line per failed rank, exit
+    status 1 (no processes: run_demo raises it)."""
     from flexdispatch import demo
 
-    failed = demo.DemoFailed([(0, "ValueError: bad"), (3, "the process was killed by SIGABRT")], {0: "tb"})
-    assert failed.failures[1] == (3, "the process was killed by SIGABRT")
+    lines = [(0, "ValueError: bad"), (3, "the process was killed by SIGABRT")]
+    failed = demo.DemoFailed(lines, {0: "tb"})
+    assert failed.failures == lines
     assert str(failed) == "rank 0: ValueError: bad; rank 3: the process was killed by SIGABRT"
+
+    def fail(*_, **__):
+        raise failed
+
+    monkeypatch.setattr(demo, "run_demo", fail)
+    assert demo.main(["--world-size", "4", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("rank ")] == [f"rank {r}: {line}" for r, line in lines], err
     assert demo._one_line(ValueError("two\nlines")) == "ValueError: two lines"
     assert demo._exit_reason(-6) == "was killed by SIGABRT" and demo._exit_reason(3) == "exited with code 3"
 
@@ -215,7 +234,9 @@ def test_cuda_problem_says_what_is_true(monkeypatch):
 def test_demo_on_cuda_with_a_cpu_torch_says_so(capsys):
     from flexdispatch import demo
 
-    assert demo.main(["--world-size", "1", "--device", "cuda"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--world-size", "1", "--device", "cuda"])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "--device cuda: this torch" in err and "CPU-only build" in err and "smaller" not in err
 
