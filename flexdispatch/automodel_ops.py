@@ -22,6 +22,15 @@ def fused_indices_to_multihot(indices: torch.Tensor, probs_indices: torch.Tensor
     return ops.indices_to_multihot(indices, probs_indices, num_of_local_experts)
 
 
+def _capacity_probs(probs: torch.Tensor, sorted_indices: torch.Tensor, experts: int) -> torch.Tensor:
+    """The prob of each row of the capacity layout (``capacity`` rows an expert, expert 0's first):
+    row ``e * capacity + j`` carries ``probs[sorted_indices[e * capacity + j], e]``."""
+    capacity = sorted_indices.shape[0] // experts
+    flat = (torch.arange(experts, device=sorted_indices.device)[:, None] * probs.shape[0]
+            + sorted_indices.view(experts, capacity)).view(-1)
+    return probs.T.contiguous().view(-1).index_select(0, flat)
+
+
 def permute(tokens: torch.Tensor, routing_map: torch.Tensor, probs: Optional[torch.Tensor] = None,
             num_out_tokens: Optional[int] = None, fused: bool = False, drop_and_pad: bool = False):
     """Group ``tokens [T, H]`` by expert: ``(permuted [N, H], permuted_probs [N] or None,
@@ -41,11 +50,7 @@ def permute(tokens: torch.Tensor, routing_map: torch.Tensor, probs: Optional[tor
         capacity = num_out_tokens // experts
         by_expert = routing_map.to(torch.int8).T.contiguous()
         sorted_indices = by_expert.argsort(dim=-1, descending=True, stable=True)[:, :capacity].contiguous().view(-1)
-        permuted_probs = None
-        if probs is not None:
-            flat = (torch.arange(experts, device=routing_map.device)[:, None] * tokens.shape[0]
-                    + sorted_indices.view(experts, capacity)).view(-1)
-            permuted_probs = probs.T.contiguous().view(-1).index_select(0, flat)
+        permuted_probs = None if probs is None else _capacity_probs(probs, sorted_indices, experts)
         return tokens.index_select(0, sorted_indices), permuted_probs, sorted_indices
     out, out_probs, plan, _ = ops.permute(tokens, routing_map.bool(), probs)
     slots = plan.map.long()
@@ -67,11 +72,7 @@ def unpermute(permuted_tokens: torch.Tensor, sorted_indices: torch.Tensor, resto
         if routing_map is None:
             raise ValueError("routing_map: required with probs (it says which probs the permuted rows carry)")
         if drop_and_pad:
-            experts = routing_map.shape[1]
-            capacity = sorted_indices.shape[0] // experts
-            flat = (torch.arange(experts, device=routing_map.device)[:, None] * probs.shape[0]
-                    + sorted_indices.view(experts, capacity)).view(-1)
-            weights = probs.T.contiguous().view(-1).index_select(0, flat)
+            weights = _capacity_probs(probs, sorted_indices, routing_map.shape[1])
         else:
             weights = probs.T.contiguous().masked_select(routing_map.T.contiguous())
         tokens = tokens * weights.unsqueeze(-1)
