@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2317,SC2016  # (steps are called by name; single-quoted code runs in a shell of its own)
-# Issue 27's group run on one machine of 4 (or 2) H200s, in phases that each fit one call of a
-# lent machine (10 minutes): DeepEP and the kernels; the whole GPU suite at W = 2 and W = 4
-# (every manager, stateful programs, captured layers, FP8, NVLink, agreement and trap tests,
-# auto, the group checks on NCCL, the demo on each backend); DeepEP v1.2.1's narrow-row check;
-# tools/bench_dispatch.py at W = 4 and W = 2; the one-GPU tests. Everything lands under $OUT:
+# The GPU checks of a group on one machine of 4 (or 2) H200s, in phases that each fit in 10
+# minutes (the deadline below keeps each command within that): DeepEP and the kernels; the whole
+# GPU suite at W = 2 and W = 4 (every manager, stateful programs, captured layers, FP8, NVLink,
+# agreement and trap tests, auto, the group checks on NCCL, the demo on each backend); DeepEP
+# v1.2.1's narrow-row check; tools/bench_dispatch.py at W = 4 and W = 2; the one-GPU tests.
+# Everything lands under $OUT:
 #   log.txt      what ran, each step's result lines, the benchmark tables
 #   summary.txt  one line a step and a phase, what was not reached, the command that resumes
 #   logs.tar.gz  every step's full output, pytest's junit XML, the benchmarks' JSON and plots,
@@ -16,16 +17,16 @@
 #   tools/gpu_group_run.sh list                   # the phases, their steps, expected and longest seconds
 #   DRY_RUN=1 tools/gpu_group_run.sh all          # print the commands instead of running them
 #
-# DeepEP is built from source carried in .deepep/ (commit 567632d, the last before 2.0: DeepEP 2.x
+# DeepEP is built from the source in .deepep/ (commit 567632d, the last before 2.0: DeepEP 2.x
 # does not run with these machines' torch 2.11 and NCCL 2.28.9) and, for the narrow-row check,
-# .deepep-v121/ (tag v1.2.1); both are git-ignored, fetched by whoever runs this, never committed.
-# DEADLINE_S (default 570: the lent machines end a command at 600 s): a step starts only if its
-# expected seconds fit before the deadline and is stopped (SIGINT: pytest still prints its
-# summary) at the deadline; the summary's last line is the command that runs what was not
-# reached. DEADLINE_S=0: no deadline (a machine of your own runs `DEADLINE_S=0 ... all` at once).
-# Lent machines: carry .deepep and .deepep-v121 when the machine is bare; a call on the still-warm
-# machine carries neither (carrying replaces the folder and its build) and finds both builds and
-# the kernel cache (.flexdispatch-cache/) in place. A bare machine builds first (step "prep").
+# .deepep-v121/ (tag v1.2.1); both are git-ignored: put the sources there before running, and
+# never commit them. DEADLINE_S (default 570, for a machine that ends a command at 600 s): a step
+# starts only if its expected seconds fit before the deadline and is stopped (SIGINT: pytest still
+# prints its summary) at the deadline; the summary's last line is the command that runs what was
+# not reached. DEADLINE_S=0: no deadline (`DEADLINE_S=0 ... all` runs every phase in one go).
+# Copy .deepep and .deepep-v121 onto a fresh machine; where an earlier phase has built them, copy
+# neither (a copy replaces the folder and its build): both builds and the kernel cache
+# (.flexdispatch-cache/) are in place. A fresh machine builds first (step "prep").
 # Other settings: BENCH_MANAGERS, BENCH_ITERS (50: large and medium shapes), BENCH_SMALL_ITERS
 # (200), DRY_RUN_GPUS (the GPUs a dry run assumes: 4).
 set -uo pipefail
@@ -46,7 +47,7 @@ declare -A STEPS=(
   [narrow]="build tests"
   [bench4]="large medium small" [bench2]="large medium small"
   [local]="ops dispatcher demo")
-# Seconds a step is expected to take with the builds in place (estimated from the 2026-11 runs in
+# Seconds a step is expected to take with the builds in place (estimated from the timings in
 # docs/PERFORMANCE.md: DeepEP's build 74 s on 2 x H200, 160 stateful DeepEP steps 18.6 s at W = 4,
 # 52 W = 4 tests within one 420 s pytest run), and the most it may take.
 declare -A EXPECT CAP
@@ -97,6 +98,7 @@ done
 
 export FLEXDISPATCH_CACHE_DIR=${FLEXDISPATCH_CACHE_DIR:-$PWD/.flexdispatch-cache}
 . tools/gpu_env.sh
+mkdir -p "$OUT"
 export OUT  # (the DeepEP builds source gpu_env.sh again, in a shell of their own: the same log)
 export FLEXDISPATCH_HANG_DUMP=${FLEXDISPATCH_HANG_DUMP:-150}  # every rank's stacks when one pool call hangs
 SUMMARY=$OUT/summary.txt
@@ -136,7 +138,7 @@ x() {
 declare -A RESULT
 FAILED=() NOT_REACHED=() CUT=()
 note() { echo "$*" | tee -a "$SUMMARY"; }
-pack() {  # the work folder into $OUT (after every step: a call stopped from outside keeps the rest)
+pack() {  # the work folder into $OUT (after every step: a command stopped from outside keeps the steps done)
   [ -n "$DRY_RUN" ] && return 0
   tar -czf "$OUT/logs.tar.gz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
 }
@@ -202,7 +204,7 @@ print('deep_ep', getattr(deep_ep, '__version__', '?'), 'from', deep_ep.__file__,
       '| narrow rows fixed:', d.narrow_rows_fixed(), '| index dtype:', d.topk_index_dtype(),
       '| 2.x layout (deep_ep._C, does not run here):', importlib.util.find_spec('deep_ep._C') is not None)"
 }
-DEEPEP_TRIED=""  # .deepep was built (or tried) by this call: prep does not try again
+DEEPEP_TRIED=""  # .deepep was built (or tried) by this command: prep does not try again
 build_one_deepep() {  # build_one_deepep DIR: a step's DeepEP build and check
   local dir=$1 log=$WORK/$PHASE/deepep.txt rc
   [ "$dir" = .deepep ] && DEEPEP_TRIED=1
@@ -214,7 +216,7 @@ build_one_deepep() {  # build_one_deepep DIR: a step's DeepEP build and check
 }
 s_build_deepep() {
   if ! have_deepep; then
-    DETAIL="no .deepep/ (carry DeepEP 567632d's source there): DeepEP's tests and variants skip"; return 1
+    DETAIL="no .deepep/ (put DeepEP 567632d's source there): DeepEP's tests and variants skip"; return 1
   fi
   build_one_deepep .deepep
 }
@@ -247,7 +249,7 @@ prep() {  # the kernels and DeepEP, built side by side where missing (a bare mac
 
 # The suite at W ranks (tests/test_gpu_dist.py picks W by its pool's id, W2 or W4), in pytest runs
 # that the deadline can fall between: NCCL and NVLink; DeepEP; the stateful programs; the group's
-# checks on NCCL (newest, so last: a hang there closes that run's pool of ranks only).
+# checks on NCCL (last: a hang there closes that pytest process's pool of ranks only).
 s_suite_nccl() {
   pytest_run "${CAP[$PHASE:nccl]}" nccl -m "gpu and not deepep" -k "W$1 and not stateful and not GroupChecks" \
     tests/test_gpu_dist.py
@@ -346,7 +348,7 @@ run_step() {  # run_step PHASE:STEP
   PHASE=${id%%:*}; DETAIL=""
   if (( $(needs "$id") > GPUS )); then skip "$id" "needs $(needs "$id") GPUs, $GPUS here"; return; fi
   if [[ $PHASE == narrow ]] && ! have_deepep "$V121"; then
-    skip "$id" "no $V121/ (DeepEP v1.2.1's source, carried)"; return
+    skip "$id" "no $V121/ (DeepEP v1.2.1's source)"; return
   fi
   if (( $(left) < EXPECT[$id] )); then
     NOT_REACHED+=("$id")
@@ -392,8 +394,8 @@ trap on_signal INT TERM
 
 [ -n "$DRY_RUN" ] && echo "DRY_RUN: commands only; time advances by each step's expected seconds"
 note "==== gpu_group_run $(date -u +%FT%TZ): ${*} ($GPUS GPUs, deadline ${DEADLINE_S} s${DRY_RUN:+, dry run})"
-if live && (( GPUS == 0 )); then note "no GPU here (nvidia-smi -L lists none): nothing to run"; exit 2; fi
-have_deepep || note "no .deepep/ (DeepEP 567632d's source): carry it; DeepEP's tests, demo and variants skip without it"
+if live && (( GPUS == 0 )); then note "no GPU here (nvidia-smi -L lists none): nothing to run"; rm -rf "$WORK"; exit 2; fi
+have_deepep || note "no .deepep/ (DeepEP 567632d's source): put it there; DeepEP's tests, demo and variants skip without it"
 prepped="" built=""
 for i in "${!TODO[@]}"; do
   id=${TODO[$i]}

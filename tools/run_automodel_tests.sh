@@ -9,9 +9,11 @@
 # flexdispatch (pip install -e .), pytest. The tests run from the checkout's sources.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-am=$(cd "${1:?usage: $0 AUTOMODEL_CHECKOUT [OUT_DIR]}" && pwd)
+usage="usage: $0 AUTOMODEL_CHECKOUT [OUT_DIR]"
+[ $# -ge 1 ] || { echo "$usage" >&2; exit 2; }
+am=$(cd "$1" && pwd) || { echo "$0: $1: not a folder; $usage" >&2; exit 2; }
 out=${2:-$(mktemp -d)}
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2  # (absolute: the tests run from the checkout)
 files=(
   tests/unit_tests/moe/test_token_dispatcher.py
   tests/unit_tests/moe/test_fused_a2a.py
