@@ -106,10 +106,9 @@ def main() -> int:
     args = parser.parse_args()
     args.managers = args.managers.split(",")
     _setup(args.repo)
-    import socket
-
     import torch
     import torch.multiprocessing as mp
+    from timing import run_ranks
 
     import flexdispatch as fd
 
@@ -123,17 +122,9 @@ def main() -> int:
                 wall, own = _measure(_layer(fd, torch, None, 0, 1, "local", args), args.calls, package, top=args.top)
                 print(f"EP 1 local     {wall:8.3f} / {own:8.3f}", flush=True)
             continue
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        procs = [ctx.Process(target=_rank, args=(r, size, port, args, queue)) for r in range(size)]
-        for p in procs:
-            p.start()
-        results = queue.get(timeout=900)
-        for p in procs:
-            p.join(timeout=120)
+        queue = mp.get_context("spawn").Queue()
+        run_ranks(_rank, size, args, queue)  # (rank 0's results are a few numbers: the queue holds them)
+        results = queue.get(timeout=60)
         for manager, (wall, own) in results.items():
             print(f"EP {size} {manager:<9} {wall:8.3f} / {own:8.3f}", flush=True)
     return 0
