@@ -767,13 +767,16 @@ def automodel_moe_module(rank, world, backend="auto", steps=4, tokens=12, dim=16
     the dispatch path is Automodel's module calling flexdispatch. ``backend`` is what Automodel
     passes as ``dispatcher_backend``: flexdispatch's names, or "uccl_ep" / "hybridep" on their
     stand-ins (tests/engine_standins.py)."""
+    import os
+    import sys
+    from unittest import mock
+
     import engine_standins
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
     from torch.nn import functional as F
 
-    sys_modules = __import__("sys").modules
-    sys_modules["nemo_automodel.components.moe.megatron.token_dispatcher"] = fd
+    sys.modules["nemo_automodel.components.moe.megatron.token_dispatcher"] = fd
     from nemo_automodel.components.moe import experts as am_experts
     from nemo_automodel.components.moe.config import MoEConfig as AutomodelMoEConfig
 
@@ -804,10 +807,8 @@ def automodel_moe_module(rank, world, backend="auto", steps=4, tokens=12, dim=16
     engine = backend if backend in ("uccl_ep", "hybridep") else None
     errors = {}
     fd.dispatcher.forget_shared_managers()  # (a pool runs several of these)
-    os = __import__("os")
-    if recipe:
-        os.environ["FLEXDISPATCH_BACKEND"] = "auto"
-    with engine_standins.installed(engine):
+    env = {"FLEXDISPATCH_BACKEND": "auto"} if recipe else {}
+    with mock.patch.dict(os.environ, env), engine_standins.installed(engine):  # (restored on errors too)
         engine_standins.CALLS.clear()
         module = am_experts.GroupedExpertsDeepEP(cfg, backend=None, dispatcher_backend="uccl_ep" if recipe else backend)
         module.gate_and_up_projs = torch.nn.Parameter(DTensor.from_local(gate_up[mine].float().clone(), mesh, [Shard(0)]))
@@ -844,10 +845,8 @@ def automodel_moe_module(rank, world, backend="auto", steps=4, tokens=12, dim=16
             gx, gw, ggu, gdn = torch.autograd.grad(loss, [*leaves, gu, dn])
             errors[step] = max(rel_err(out.detach(), want), rel_err(xl.grad, gx), rel_err(wl.grad, gw),
                                rel_err(module.gate_and_up_projs.grad.to_local(), ggu[mine]),
-                               rel_err(module.down_projs.grad.to_local(), dn.grad if False else gdn[mine]))
+                               rel_err(module.down_projs.grad.to_local(), gdn[mine]))
         calls = sum(engine_standins.CALLS.values())
-    if recipe:
-        del os.environ["FLEXDISPATCH_BACKEND"]
     return {"steps": steps, "errors": errors, "dispatcher": module.token_dispatcher.backend, "engine_calls": calls}
 
 
@@ -1002,13 +1001,13 @@ def stuck_peer_times_out(rank, world, backend="alltoall", timeout_s=2.0, stuck_r
 
 
 def two_threads_one_group(rank, world, backend="alltoall", forced=True, device="cpu"):
-    """Two threads drive two layers of one group at once, as in the issue's runs (a hang and a
-    crash), made deterministic: thread A's first collective waits until thread B has tried its
+    """Two threads drive two layers of one group at once (without a guard: a hang or a crash),
+    made deterministic: thread A's first collective waits until thread B has tried its
     call, so on every rank B calls while A is inside a call. B must raise before any collective
     (ConcurrentCallError), A's next exchange carries the error so that every rank raises there,
     later calls raise at once, and after flexdispatch.shutdown() one thread may use the group
     again. Runs on a group of its own. ``forced=False``: the threads start together and
-    overlap as timing has it (what the issue ran; outcomes vary)."""
+    overlap as timing has it (outcomes vary)."""
     import threading
 
     group = dist.new_group(list(range(world)))
@@ -1021,13 +1020,13 @@ def two_threads_one_group(rank, world, backend="alltoall", forced=True, device="
 
     def gate(original):
         def collective(self, *args, **kwargs):
-            if not forced:
-                pass
-            elif threading.current_thread().name == "layer-a" and not tried.is_set():
-                inside.set()
-                tried.wait(timeout=60)  # (B has raised, or, without the guard, is in a collective too)
-            elif threading.current_thread().name == "layer-b":
-                tried.set()
+            if forced:
+                name = threading.current_thread().name
+                if name == "layer-a" and not tried.is_set():
+                    inside.set()
+                    tried.wait(timeout=60)  # (B has raised, or, without the guard, is in a collective too)
+                elif name == "layer-b":
+                    tried.set()
             return original(self, *args, **kwargs)
         return collective
 
@@ -1163,15 +1162,13 @@ def fuzz_calls(rank, world, seed, calls, backend="alltoall"):
         if counts[bad_rank] == 0 and fault != "none":
             counts[bad_rank] = 1
         local = experts // world
+        router_dtype = "fp64" if dtype == torch.float64 else "fp32"
         d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend, moe_sync_free=sync_free,
                         moe_router_expert_pad_multiple=pad, moe_expert_capacity_factor=capacity,
-                        moe_router_dtype="fp64" if dtype == torch.float64 else "fp32")
+                        moe_router_dtype=router_dtype)
         xs, logits, weights = make_problem(seed * 1000 + call, counts, hidden, experts)
         x = xs[rank].to(dtype)
-        probs = torch.softmax(logits[rank], -1)
-        token_probs, token_indices = torch.topk(probs, topk)
-        if capacity is not None:
-            token_indices = capacity_drop(token_probs, token_indices, experts, capacity)
+        probs, token_probs, token_indices = _routing(logits[rank], topk, experts, capacity, router_dtype)
         mine = fault != "none" and rank == bad_rank
         if mine and fault in ("above", "negative", "huge", "duplicate"):
             token_indices = token_indices.clone()
@@ -1225,16 +1222,13 @@ def fuzz_calls(rank, world, seed, calls, backend="alltoall"):
         if fault != "none":
             outcomes.append(f"call {call}: {fault} on rank {bad_rank} returned a result without an error")
             continue
-        # The dense formula on every rank's tokens, float64, with this call's routing.
+        # The dense formula on this rank's tokens, float64, with this call's routing (a rank's
+        # output and input gradient depend on its own tokens alone).
         want_x = xs[rank].clone().requires_grad_()
-        dense_rows = []
-        for r in range(world):
-            tp, ti = torch.topk(torch.softmax(logits[r], -1), topk)
-            if capacity is not None:
-                ti = capacity_drop(tp, ti, experts, capacity)
-            dense_rows.append(dense_layer(want_x if r == rank else xs[r], tp, ti, weights))
-        dense_rows[rank].sum().backward()
+        _, tp, ti = _routing(logits[rank], topk, experts, capacity, router_dtype)
+        want = dense_layer(want_x, tp, ti, weights)
+        want.sum().backward()
         tol = TOLERANCE[dtype]
-        err = max(rel_err(out, dense_rows[rank]), rel_err(xl.grad, want_x.grad))
+        err = max(rel_err(out, want), rel_err(xl.grad, want_x.grad))
         outcomes.append("ok" if err <= tol else f"call {call}: relative error {err:.3g} > {tol:g}")
     return outcomes

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from dist_pool import _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,12 +94,6 @@ def _rank_main(rank: int, world: int, port: int, pattern: str) -> None:
 
 
 _keep: list = []
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_job(pattern: str, env: dict | None = None, timeout: float = 120.0) -> tuple[bool, str]:

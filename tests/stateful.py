@@ -93,7 +93,8 @@ def generate_program(seed: int, world: int, steps: int, *, dtypes=("float32", "f
             layers[-1].bound = rng.choice([1, 2, 3, 5, 8])
         if engine is not None:  # (no draw: the other programs stay as they were)
             layers[-1].router_dtype = "fp32"
-            layers[-1].capacity = None if engine == "hybridep" else layers[-1].capacity
+            if engine == "hybridep":
+                layers[-1].capacity = None
         if fp8 and rng.random() < 0.3:  # FP8 dispatch: rows of whole 128-value groups
             layers[-1].fp8 = True
             layers[-1].fp8_fused = len(layers) % 2 == 1  # both paths (no draw: the programs stay as they were)

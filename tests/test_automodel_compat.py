@@ -187,7 +187,7 @@ def test_missing_engine_raises_importerror_as_automodel():
         cfg = fd.TokenDispatcherConfig(num_moe_experts=8, moe_flex_dispatcher_backend=backend)
         with pytest.raises(ImportError, match=f"moe_flex_dispatcher_backend='{backend}'") as caught:
             fd.MoEFlexTokenDispatcher(4, list(range(4)), cfg, _group())
-        assert isinstance(caught.value, ValueError)  # (what flexdispatch raised for an explicit backend before)
+        assert isinstance(caught.value, ValueError)  # (as for an explicit backend that cannot serve)
     with pytest.raises(ImportError, match="HybridEP is not installed"):
         fd._HybridEPManager(group=None, num_local_experts=2, num_experts=8, router_topk=2)
 
@@ -345,7 +345,7 @@ def test_shared_manager_keeps_each_layers_calls_apart():
     # manager serves them in the other order).
     for order in ((0, 1), (1, 0)):
         layers = (a, b) if order == (0, 1) else (b, a)
-        permuted = [d.token_permutation2(xs[i], xs[i].shape[0], *routes[i][::1]) for d, i in zip(layers, order)]
+        permuted = [d.token_permutation2(xs[i], xs[i].shape[0], *routes[i]) for d, i in zip(layers, order)]
         outs = [None, None]
         for k in (1, 0):
             tokens, tpe, pprobs = permuted[k]
@@ -385,7 +385,7 @@ def test_automodel_moe_module_matches_dense(world, backends):
     try:
         for backend in backends:
             for res in pool.run("automodel_moe_module", timeout=500, backend=backend, steps=4):
-                assert res["steps"] == 4
+                assert sorted(res["errors"]) == [0, 1, 2, 3], (backend, res)  # every step compared
                 assert res["dispatcher"] == {"auto": "local" if world == 1 else "alltoall",
                                              "uccl_ep+env": "alltoall"}.get(backend, backend)
                 assert max(res["errors"].values()) < 1e-5, (backend, res["errors"])

@@ -186,8 +186,8 @@ def test_lock_files_are_private(tmp_path):
 
 @needs_root
 def test_another_user_cannot_hold_a_build_lock():
-    """The issue's stall: another user opened the 0644 lock file in an accepted 0755 cache
-    folder and flock()ed it; every cold build then waited for the lock timeout."""
+    """The stall this prevents: another user opens a 0644 lock file in an accepted 0755 cache
+    folder and flock()s it; every cold build would then wait for the lock timeout."""
     import shutil
     import time
 

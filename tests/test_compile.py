@@ -129,11 +129,11 @@ HOST_SIZED = ["probs", "indices-pad-capacity", "fp64-routing"]
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", HOST_SIZED)
-def test_a_host_sized_layer_breaks_once(case, device):
+def test_a_host_sized_layer_breaks_at_most_once(case, device):
     """Outside sync-free mode the host reads the permutation's size: the dispatcher's step that
-    sizes it runs as one eager call, so the layer compiles to at most two graphs around one
-    break (not one more per frame between the layer and the permutation, as when the
-    permutation's data-dependent size broke the graph), and the permutation stays eager."""
+    sizes it runs as one eager call, so the layer compiles to at most two graphs around at most
+    one break (a data-dependent size inside the graph would break it once more per frame between
+    the layer and the permutation), and the permutation stays eager."""
     explained = _breaks(CASES[case], device)
     assert explained.graph_count <= 2 and explained.graph_break_count <= 1, \
         [b.reason for b in explained.break_reasons]

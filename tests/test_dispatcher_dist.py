@@ -212,15 +212,55 @@ def test_auto_choice_is_voted_by_every_rank(pool):
         assert max(r["err"] for r in results) < 1e-5, results
 
 
+# The group's checks below assert on every rank's result; the NCCL suite (tests/test_gpu_dist.py)
+# runs the same ones with device="cuda".
+
+
+def check_first_call_needs_no_numpy(pool, **kwargs) -> str:
+    """Every rank received every rank's object, the ranks took one backend (returned), and the
+    layer matches the dense formula."""
+    results = pool.run("works_without_numpy", **kwargs)
+    want = [{"rank": r, "name": "x" * (3 * r + 1)} for r in range(pool.world)]
+    assert [r["objects"] for r in results] == [want] * pool.world, results
+    backends = {r["backend"] for r in results}
+    assert len(backends) == 1, results
+    check([r["dense"] for r in results])
+    return backends.pop()
+
+
+def check_sync_free_invalid_routing_is_reported(pool, kind, **kwargs):
+    """The call moved nothing on any rank, report_dropped_tokens raised on every rank, and the
+    next call is right."""
+    for res in pool.run("sync_free_bad_routing", kind=kind, **kwargs):
+        assert res["message"] and "invalid routing" in res["message"], res
+        assert res["bad_is_zero"] and res["error"] < 1e-6, res
+
+
+def check_layers_called_out_of_order_raise(pool, backend, tolerance=1e-6, **kwargs):
+    """Every rank raised naming the different layers, and the layers are right afterwards
+    (within ``tolerance``)."""
+    for rank, res in enumerate(pool.run("layers_called_out_of_order", backend=backend, **kwargs)):
+        assert res["messages"][0] and "different layers" in res["messages"][0], (rank, res)
+        assert max(res["errors"]) < tolerance, (rank, res)
+
+
+def check_layer_settings_differ_raise(pool, field, named, **kwargs):
+    """Every rank raised a config error naming the setting that differs and rank 1."""
+    for message in pool.run("layer_settings_differ", field=field, **kwargs):
+        assert message and message.startswith("config:") and named in message and "rank 1" in message, message
+
+
+def check_skipped_backward_raises(pool, backend, **kwargs):
+    """Every rank raised naming the different steps, then the gradients are right again."""
+    for rank, res in enumerate(pool.run("backward_skipped_on_one_rank", backend=backend, **kwargs)):
+        assert res["message"] and "different steps" in res["message"], (rank, res)
+        assert res["grad_error"] < 1e-6, (rank, res)
+
+
 @pytest.mark.timeout(300)
 def test_first_call_needs_no_numpy(pool):
     """A layer's first call (auto's vote over the group) with NumPy unavailable."""
-    results = pool.run("works_without_numpy")
-    want = [{"rank": r, "name": "x" * (3 * r + 1)} for r in range(pool.world)]
-    for res in results:
-        assert res["objects"] == want
-    assert {r["backend"] for r in results} == {"local" if pool.world == 1 else "alltoall"}
-    check([r["dense"] for r in results])
+    assert check_first_call_needs_no_numpy(pool) == ("local" if pool.world == 1 else "alltoall")
 
 
 
@@ -228,14 +268,11 @@ def test_first_call_needs_no_numpy(pool):
 @pytest.mark.parametrize("kind", ["above", "negative", "huge", "nan", "inf", "duplicate"])
 def test_sync_free_invalid_routing_is_reported_on_every_rank(pool, kind):
     """A sync-free NVLink call with invalid routing on one rank is emptied on every rank and
-    raised by report_dropped_tokens on every rank (it used to drop the slot in silence, or raise
-    on the rank that received a repeated expert while its peer lost the connection)."""
+    raised by report_dropped_tokens on every rank: not a slot dropped in silence, nor an error on
+    the rank that received a repeated expert alone while its peer loses the connection."""
     if pool.world == 1:
         pytest.skip("one rank: invalid routing raises in the call")
-    for res in pool.run("sync_free_bad_routing", kind=kind):
-        assert res["message"] and "invalid routing" in res["message"], res
-        assert res["bad_is_zero"], res
-        assert res["error"] < 1e-6, res
+    check_sync_free_invalid_routing_is_reported(pool, kind)
 
 
 @pytest.mark.timeout(300)
@@ -243,9 +280,7 @@ def test_sync_free_invalid_routing_is_reported_on_every_rank(pool, kind):
 def test_layers_called_in_a_different_order_raise_on_every_rank(pool, backend):
     if pool.world == 1:
         pytest.skip("one rank has no order to disagree on")
-    for rank, res in enumerate(pool.run("layers_called_out_of_order", backend=backend)):
-        assert res["messages"][0] and "different layers" in res["messages"][0], (rank, res)
-        assert max(res["errors"]) < 1e-6, (rank, res)
+    check_layers_called_out_of_order_raise(pool, backend)
 
 
 @pytest.mark.timeout(300)
@@ -254,8 +289,7 @@ def test_layers_called_in_a_different_order_raise_on_every_rank(pool, backend):
 def test_ranks_that_built_a_layer_differently_raise_on_every_rank(pool, field, named):
     if pool.world == 1:
         pytest.skip("one rank cannot differ from itself")
-    for message in pool.run("layer_settings_differ", field=field):
-        assert message and message.startswith("config:") and named in message and "rank 1" in message, message
+    check_layer_settings_differ_raise(pool, field, named)
 
 
 @pytest.mark.timeout(300)
@@ -265,9 +299,7 @@ def test_a_rank_skipping_backward_makes_every_rank_raise(pool, backend):
     read backward data as a header): every rank raises, then all recover."""
     if pool.world == 1:
         pytest.skip("one rank has no peer to skip on")
-    for rank, res in enumerate(pool.run("backward_skipped_on_one_rank", backend=backend)):
-        assert res["message"] and "different steps" in res["message"], (rank, res)
-        assert res["grad_error"] < 1e-6, (rank, res)
+    check_skipped_backward_raises(pool, backend)
 
 
 @pytest.mark.timeout(600)

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from dist_pool import DistPool, check_dense_results as check
+from test_dispatcher_dist import (check_first_call_needs_no_numpy, check_layer_settings_differ_raise,
+                                  check_layers_called_out_of_order_raise, check_skipped_backward_raises,
+                                  check_sync_free_invalid_routing_is_reported)
 from test_group_safety import check_nothing_holds_a_destroyed_group, check_two_threads_raise_on_every_rank
 from test_stateful import check_agreed
 
@@ -327,41 +330,29 @@ class TestGroupChecksOnNccl:
 
     @pytest.mark.timeout(300)
     def test_first_call_needs_no_numpy(self, pool):
-        results = pool.run("works_without_numpy", device="cuda")
-        assert [r["objects"] for r in results] == [[{"rank": r, "name": "x" * (3 * r + 1)}
-                                                     for r in range(pool.world)]] * pool.world
-        assert len({r["backend"] for r in results}) == 1, results
-        check([r["dense"] for r in results])
+        check_first_call_needs_no_numpy(pool, device="cuda")
 
     @pytest.mark.timeout(300)
     @pytest.mark.parametrize("backend", ["alltoall", "nvlink", pytest.param("deepep", marks=pytest.mark.deepep)])
     def test_layers_called_in_a_different_order_raise_on_every_rank(self, pool, backend):
-        options = dict(dtype="bfloat16", hidden=1024) if backend == "deepep" else {}
-        for rank, res in enumerate(pool.run("layers_called_out_of_order", device="cuda", backend=backend,
-                                            **options)):
-            assert res["messages"][0] and "different layers" in res["messages"][0], (rank, res)
-            assert max(res["errors"]) < (0.1 if backend == "deepep" else 1e-6), (rank, res)  # (bf16 on DeepEP)
+        options = dict(dtype="bfloat16", hidden=1024, tolerance=0.1) if backend == "deepep" else {}  # (bf16)
+        check_layers_called_out_of_order_raise(pool, backend, device="cuda", **options)
 
     @pytest.mark.timeout(300)
     @pytest.mark.parametrize("field,named", [("backend", "backend"), ("fp8", "moe_fp8_dispatch"),
                                              ("experts", "num_moe_experts")])
     def test_ranks_that_built_a_layer_differently_raise_on_every_rank(self, pool, field, named):
-        for message in pool.run("layer_settings_differ", field=field, device="cuda"):
-            assert message and message.startswith("config:") and named in message and "rank 1" in message, message
+        check_layer_settings_differ_raise(pool, field, named, device="cuda")
 
     @pytest.mark.timeout(300)
     @pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
     def test_a_rank_skipping_backward_makes_every_rank_raise(self, pool, backend):
-        for rank, res in enumerate(pool.run("backward_skipped_on_one_rank", device="cuda", backend=backend)):
-            assert res["message"] and "different steps" in res["message"], (rank, res)
-            assert res["grad_error"] < 1e-6, (rank, res)
+        check_skipped_backward_raises(pool, backend, device="cuda")
 
     @pytest.mark.timeout(300)
     @pytest.mark.parametrize("kind", ["above", "negative", "huge", "nan", "inf", "duplicate"])
     def test_sync_free_invalid_routing_is_reported_on_every_rank(self, pool, kind):
-        for res in pool.run("sync_free_bad_routing", kind=kind, device="cuda"):
-            assert res["message"] and "invalid routing" in res["message"], res
-            assert res["bad_is_zero"] and res["error"] < 1e-6, res
+        check_sync_free_invalid_routing_is_reported(pool, kind, device="cuda")
 
     @pytest.mark.timeout(900)
     @pytest.mark.parametrize("backend", ["alltoall", "nvlink", pytest.param("deepep", marks=pytest.mark.deepep)])

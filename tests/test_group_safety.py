@@ -48,16 +48,17 @@ def check_two_threads_raise_on_every_rank(pool, backend, timeout=60, **kwargs):
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
 def test_nothing_keeps_a_destroyed_group_alive(pool, backend):
-    """Before: the dispatcher (and its manager) kept the group past destroy_process_group, and a
-    later call ran on the destroyed group, silently or failing inside torch."""
+    """Neither the dispatcher nor its manager keeps the group past destroy_process_group, and a
+    later call raises instead of running on the destroyed group (silently, or failing inside
+    torch)."""
     check_nothing_holds_a_destroyed_group(pool, backend)
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("backend", ["alltoall", "nvlink"])
 def test_two_threads_on_one_group_raise_on_every_rank(pool, backend):
-    """Without the guard both threads enter collectives of one group at once (a hang or a
-    crash: the pool's timeout fails the test)."""
+    """Unguarded, both threads would enter collectives of one group at once (a hang or a crash:
+    the pool's timeout fails the test)."""
     check_two_threads_raise_on_every_rank(pool, backend)
 
 

@@ -86,7 +86,8 @@ def test_reference_variant_is_compared_with_the_deepep_manager():
 
 
 def test_run_notebook_creates_the_figures_folder(tmp_path):
-    """--figures DIR works when DIR does not exist yet (it failed at the first figure)."""
+    """--figures DIR works when DIR does not exist yet: the tool creates it before it saves the
+    first figure."""
     pytest.importorskip("matplotlib")
     import json
     import subprocess
