@@ -507,9 +507,8 @@ class MoEFlexTokenDispatcher:
             return self.dispatch_postprocess(dispatched)
         if not self.config.moe_fp8_experts:
             return self.dispatch_postprocess(self._dispatch_for_permutation(manager, hidden, async_))
-        if manager._deferred is None and isinstance(hidden, torch.Tensor) and \
-                hidden.requires_grad and torch.is_grad_enabled():
-            manager.defer(ValueError(
+        if isinstance(hidden, torch.Tensor) and hidden.requires_grad and torch.is_grad_enabled():
+            manager.defer_first(ValueError(
                 "hidden_states: moe_fp8_experts hands the experts FP8 rows, which carry no gradient; call the layer "
                 "under torch.no_grad() (inference), or set moe_fp8_experts=False to train (the experts then get "
                 "the rows dequantized)"))

@@ -24,7 +24,7 @@ An async transfer is waited for before these functions return (Automodel's seman
 managers of :mod:`flexdispatch.managers` drive DeepEP directly and overlap for real).
 
 The DeepEP-API functions run DeepEP's (or UCCL-EP's) ``Buffer`` through
-:class:`flexdispatch.managers.deepep._BufferRegistry`; UCCL-EP's DeepEP-compatible ``Buffer`` is
+:class:`flexdispatch.managers.deepep.BufferRegistry`; UCCL-EP's DeepEP-compatible ``Buffer`` is
 the one NeMo Automodel ships (``nemo_automodel.components.moe.uccl_ep.UCCLBuffer``, over
 ``uccl.ep``). UCCL-EP and HybridEP are untested on real engines: tests drive these functions
 and the managers through stand-ins of the engines' documented APIs.
@@ -56,7 +56,7 @@ def _hidden_bytes(x: torch.Tensor) -> int:
 class _DeepEPAPI:
     """The fused dispatch and combine of one engine with DeepEP's ``Buffer`` API."""
 
-    def __init__(self, registry: "deepep._BufferRegistry"):
+    def __init__(self, registry: "deepep.BufferRegistry"):
         self.registry, self.num_sms = registry, 20
 
     def set_num_sms(self, num_sms: int) -> None:
@@ -67,7 +67,7 @@ class _DeepEPAPI:
     def dispatch(self, x, token_indices, token_probs, num_experts, group, async_finish=False,
                  allocate_on_comm_stream=False):
         buffer = self.registry.get(group, _hidden_bytes(x), self.num_sms)
-        recv_x, recv_idx, recv_probs, handle, counts, event, _, _ = deepep._DeepepDispatch.apply(
+        recv_x, recv_idx, recv_probs, handle, counts, event, _, _ = deepep.DeepepDispatch.apply(
             x.contiguous(), token_indices, token_probs, num_experts, buffer, async_finish,
             allocate_on_comm_stream, 0, False, False)
         if event is not None:
@@ -76,13 +76,13 @@ class _DeepEPAPI:
 
     def combine(self, x, group, handle, async_finish=False, allocate_on_comm_stream=False):
         buffer = self.registry.get(group, _hidden_bytes(x), self.num_sms)
-        combined, event = deepep._DeepepCombine.apply(x, buffer, handle, async_finish, allocate_on_comm_stream)
+        combined, event = deepep.DeepepCombine.apply(x, buffer, handle, async_finish, allocate_on_comm_stream)
         if event is not None:
             event.current_stream_wait()
         return combined, None
 
 
-def _uccl_buffer_class() -> Optional[type]:
+def uccl_buffer_class() -> Optional[type]:
     """UCCL-EP's DeepEP-compatible ``Buffer`` (None when UCCL-EP or that class is missing)."""
     if importlib.util.find_spec("uccl") is None and importlib.util.find_spec("ep") is None:
         return None
@@ -92,14 +92,14 @@ def _uccl_buffer_class() -> Optional[type]:
         return None
 
 
-_uccl_registry = deepep._BufferRegistry(_uccl_buffer_class, name="UCCL-EP")
+_uccl_registry = deepep.BufferRegistry(uccl_buffer_class, name="UCCL-EP")
 deepep.REGISTRIES.append(_uccl_registry)
 
 
 # ---- HybridEP ----------------------------------------------------------------------------------
 
 
-def _hybrid_ep_buffer_class() -> Optional[type]:
+def hybrid_ep_buffer_class() -> Optional[type]:
     """``deep_ep.HybridEPBuffer`` (DeepEP's hybrid-ep branch), or None."""
     try:
         return importlib.import_module("deep_ep").HybridEPBuffer
@@ -120,7 +120,7 @@ class _HybridEP:
         key = (id(group), x.shape[-1], num_local_experts, sms_dispatch, sms_combine)
         entry = self.buffers.get(key)
         if entry is None or entry[0]() is not group:  # (groups by weak reference: see managers/groups.py)
-            buffer = _hybrid_ep_buffer_class()(
+            buffer = hybrid_ep_buffer_class()(
                 group=group, hidden_dim=x.shape[-1], max_num_of_tokens_per_rank=max(x.shape[0], 1),
                 num_local_experts=num_local_experts, use_fp8=False, num_sms_dispatch_api=sms_dispatch,
                 num_sms_combine_api=sms_combine)
@@ -142,7 +142,7 @@ class _HybridEP:
         return count
 
 
-_hybrid = _HybridEP()
+hybrid_buffers = _HybridEP()
 
 
 class _HybridEPHandle:
@@ -156,7 +156,7 @@ class _HybridEPDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, routing_map, probs, group, num_local_experts, sms_dispatch, sms_combine,
                 num_permuted_tokens, pad_multiple, extra):
-        buffer = _hybrid.buffer(group, x, num_local_experts, sms_dispatch, sms_combine)
+        buffer = hybrid_buffers.buffer(group, x, num_local_experts, sms_dispatch, sms_combine)
         rows, out_probs, scaling, tokens_per_expert, inner = buffer.dispatch_with_permute(
             hidden=x, routing_map=routing_map, probs=probs, scaling_factor=None,
             num_of_experts_per_rank=num_local_experts, pad_multiple=pad_multiple,
@@ -217,12 +217,12 @@ def _hybrid_ep_combine(x, handle, num_permuted_tokens=None, pad_multiple=None, *
 def get_hybrid_ep_initialized_capacity(signature: tuple) -> int:
     """The largest token capacity HybridEP's process-global buffer was initialized for under
     ``signature`` (0 before any); RuntimeError when a buffer with another signature is active."""
-    return _hybrid.initialized_capacity(signature)
+    return hybrid_buffers.initialized_capacity(signature)
 
 
 def publish_hybrid_ep_initialized_capacity(signature: tuple, capacity: int) -> None:
     """Record that HybridEP's buffer is initialized for ``capacity`` tokens under ``signature``."""
-    _hybrid.publish_capacity(signature, capacity)
+    hybrid_buffers.publish_capacity(signature, capacity)
 
 
 # ---- resolution ----------------------------------------------------------------------------------
@@ -233,9 +233,9 @@ _resolved: dict = {}
 def _resolve_all() -> dict:
     """Each engine name's value: its function, or None when the engine does not import."""
     deep_ep = deepep.deepep_available()[0]
-    api = _DeepEPAPI(deepep._registry)
-    uccl = _DeepEPAPI(_uccl_registry) if _uccl_buffer_class() is not None else None
-    hybrid = _hybrid_ep_buffer_class() is not None
+    api = _DeepEPAPI(deepep.buffers)
+    uccl = _DeepEPAPI(_uccl_registry) if uccl_buffer_class() is not None else None
+    hybrid = hybrid_ep_buffer_class() is not None
     return {
         "fused_dispatch": api.dispatch if deep_ep else None,
         "fused_combine": api.combine if deep_ep else None,

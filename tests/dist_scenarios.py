@@ -95,8 +95,8 @@ def moe_matches_dense(rank, world, *, entry="probs", tokens_per_rank=None, hidde
 
 
 def fp8_one_call_equals_steps(rank, world, device="cpu", backend="auto", dtype="float32", hidden=256, tokens=24):
-    """FP8 dispatch through the one-call entry with moe_fp8_fused_permutation (the received FP8
-    rows dequantized inside the permutation) and through the three steps (dequantized first, then permuted): the same
+    """FP8 dispatch through the one-call entry (the received FP8 rows dequantized inside the
+    permutation) and through the three steps (dequantized first, then permuted): the same
     permuted rows, output and gradients, bit for bit."""
     experts, topk = 4 * world, 3
     dtype = DTYPES[dtype]
@@ -106,7 +106,7 @@ def fp8_one_call_equals_steps(rank, world, device="cpu", backend="auto", dtype="
     runs = []
     for one_call in (True, False):
         d = _dispatcher(rank, world, experts, topk, moe_flex_backend=backend, moe_fp8_dispatch=True,
-                        moe_router_expert_pad_multiple=2, moe_fp8_fused_permutation=one_call)
+                        moe_router_expert_pad_multiple=2)
         x = xs[rank].to(dtype).to(device).requires_grad_()
         tp, ti = torch.topk(torch.softmax(logits[rank].to(device), -1), topk)
         tp = tp.float().requires_grad_()
@@ -173,7 +173,7 @@ def fp8_kept_rows_misuse_then_recovery(rank, world, hidden=256, tokens=16, backe
     tp, ti = torch.topk(torch.softmax(torch.randn(tokens, experts, generator=g), -1), topk)
     m.set_routing(tp, ti)
     stand_in = m.dispatch(x, keep_fp8=True)
-    kept = m._kept_fp8 is not None
+    kept = m._dispatched.fp8 is not None
     message = None
     try:
         m.get_permuted_hidden_states_by_experts(stand_in.clone())
@@ -599,9 +599,9 @@ def backends_bitwise_equal(rank, world, backends=("alltoall", "nvlink"), device=
     import os
 
     if transport == "gather":  # the NVLink manager's gather transport, also on NCCL
-        os.environ["FLEXDISPATCH_NVLINK_TRANSPORT"] = "gather"
+        os.environ["FLEXDISPATCH_TESTING"] = "nvlink_transport=gather"
     else:
-        os.environ.pop("FLEXDISPATCH_NVLINK_TRANSPORT", None)
+        os.environ.pop("FLEXDISPATCH_TESTING", None)
     dtype_ = DTYPES[dtype]
     experts = 4 * world if topk <= 4 else 8 * world
     local = experts // world

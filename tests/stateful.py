@@ -60,7 +60,6 @@ class Layer:
     sync_free: bool = False
     bound: Optional[int] = None  # moe_max_tokens_per_expert (sync-free layers)
     fp8: bool = False  # moe_fp8_dispatch (hidden a multiple of 128, not float64)
-    fp8_fused: bool = False  # moe_fp8_fused_permutation (one-shot steps dequantize in the permutation)
     fp8_experts: bool = False  # moe_fp8_experts (one-shot steps get FP8 rows and scales; no gradient)
 
 
@@ -97,7 +96,6 @@ def generate_program(seed: int, world: int, steps: int, *, dtypes=("float32", "f
                 layers[-1].capacity = None
         if fp8 and rng.random() < 0.3:  # FP8 dispatch: rows of whole 128-value groups
             layers[-1].fp8 = True
-            layers[-1].fp8_fused = len(layers) % 2 == 1  # both paths (no draw: the programs stay as they were)
             layers[-1].fp8_experts = len(layers) == 2  # FP8 rows to the experts (no draw either)
             layers[-1].hidden = layers[-1].hidden if layers[-1].hidden % 128 == 0 else 128
             layers[-1].dtype = "float32" if layers[-1].dtype == "float64" else layers[-1].dtype
@@ -296,7 +294,7 @@ class Runner:
                           moe_router_expert_pad_multiple=layer.pad, moe_expert_capacity_factor=layer.capacity,
                           moe_router_dtype=layer.router_dtype, moe_sync_free=layer.sync_free,
                           moe_max_tokens_per_expert=layer.bound, moe_fp8_dispatch=layer.fp8,
-                          moe_fp8_fused_permutation=layer.fp8_fused, moe_fp8_experts=layer.fp8_experts)
+                          moe_fp8_experts=layer.fp8_experts)
             if engine is not None or shared:  # the current generation's config, as Automodel writes it
                 cfg = fd.TokenDispatcherConfig(moe_flex_dispatcher_backend=engine or backend,
                                                moe_share_token_dispatcher=True, **fields)

@@ -121,7 +121,7 @@ class Layer:
         if backend == "reference":
             if options or bound is not None:
                 raise ValueError(f"--managers: the reference variant takes no options ({variant!r})")
-            buffer = deepep._registry.get(dist.group.WORLD, hidden * 2, 20)  # (raw DeepEP's buffer)
+            buffer = deepep.buffers.get(dist.group.WORLD, hidden * 2, 20)  # (raw DeepEP's buffer)
             self.d = ReferenceDispatcher(local, DeepepTransport(buffer, experts))
             return
         config = fd.MoEConfig(num_moe_experts=experts, moe_router_topk=topk, moe_flex_backend=backend,
@@ -232,7 +232,7 @@ def raw_deepep(layer, experts, fp8=False):
     """DeepEP's layout, dispatch and combine alone, on the layer's inputs (a callable). With
     ``fp8`` the rows are quantized (flexdispatch's kernel) and dispatched as FP8; the combine
     sends bf16 rows of the received shape, as a layer's combine would."""
-    buffer = deepep._registry.get(dist.group.WORLD, layer.x.shape[1] * 2, 20)
+    buffer = deepep.buffers.get(dist.group.WORLD, layer.x.shape[1] * 2, 20)
 
     def run():
         per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(layer.idx, experts)

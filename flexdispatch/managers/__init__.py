@@ -20,7 +20,7 @@ def shutdown() -> int:
     from .. import engines  # (it imports this package)
 
     groups.reset_guards()
-    return deepep.shutdown() + engines._hybrid.release() + peer_buffers.release()
+    return deepep.shutdown() + engines.hybrid_buffers.release() + peer_buffers.release()
 
 
 __all__ = ["_DispatchManager", "_ManagerBase", "_LocalManager", "_AllToAllManager", "_DeepepManager",

@@ -175,13 +175,10 @@ class _AllToAllManager(_ManagerBase):
 
     name = "alltoall"
     exchanges_in_combine = True
-    LAYER_STATE = _ManagerBase.LAYER_STATE + ("_send_splits", "_recv_splits", "_rank_plan")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Owners: the splits and the rank plan belong to the call in flight, for its combine
-        # (_release clears them; autograd keeps its own copies for backward); _pending to the
-        # manager: async transfers of any layer it serves, drained by the next wait().
+        # Owner: the manager: async transfers of any layer it serves, drained by the next wait().
         self._pending: list = []
         weakref.finalize(self, _drain, self._pending)  # also at exit: no gloo work outlives Python
 
@@ -192,11 +189,6 @@ class _AllToAllManager(_ManagerBase):
             if finish is not None:
                 with torch.no_grad():
                     finish()
-
-    def _release(self) -> None:
-        super()._release()
-        self._send_splits, self._recv_splits = [], []
-        self._rank_plan = None
 
     def _exchange_headers(self, message: torch.Tensor, when: str) -> torch.Tensor:
         """Send row w of ``message [W, WIDTH + E_local]`` to rank w; every rank checks every
@@ -229,7 +221,7 @@ class _AllToAllManager(_ManagerBase):
         return _message(self._header(phase, hidden), self, self._comm_device())
 
     def _dispatch(self, hidden_states, async_finish: bool, allocate_on_comm_stream: bool,
-                  keep_fp8: bool, permute_next: bool = False) -> Dispatched:
+                  keep_fp8: bool, permute_next: bool = False, fp8_rows: bool = False) -> Dispatched:
         when = "before any token moved"
         if hidden_states is None or self.token_indices is None:  # a failed check on this rank
             self._exchange_headers(self._blank_message(agreement.DISPATCH, None), when)
@@ -240,20 +232,19 @@ class _AllToAllManager(_ManagerBase):
         in_rank, counts = routing_by_rank(indices, world, local)
         message = self._blank_message(agreement.DISPATCH, hidden_states)
         message[:, agreement.ROWS] = counts[:, 0]
-        if self._route_status is not None:
-            message[:, agreement.ERROR] = self._route_status[0].long()
+        if self._routed.status is not None:
+            message[:, agreement.ERROR] = self._routed.status[0].long()
         message[:, agreement.WIDTH:] = counts[:, 1:]
         host = self._exchange_headers(message, when)
         ops.check_pending_errors()  # earlier calls' flags are ready now, for free
 
-        self._send_splits = host[0, :, agreement.ROWS].tolist()
-        self._recv_splits = host[1, :, agreement.ROWS].tolist()
+        send_splits = host[0, :, agreement.ROWS].tolist()
+        recv_splits = host[1, :, agreement.ROWS].tolist()
 
-        plan = ops.plan_of_ranks(in_rank, num_out_tokens=sum(self._send_splits))
-        self._rank_plan = plan
+        plan = ops.plan_of_ranks(in_rank, num_out_tokens=sum(send_splits))
         meta = torch.cat([indices, self.token_probs.double()], dim=1)  # (float64: cat promotes the indices)
-        recv, recv_meta, in_flight, kept = _AllToAllDispatch.apply(hidden_states, meta, plan, self._send_splits,
-                                                                   self._recv_splits, self.group, async_finish,
+        recv, recv_meta, in_flight, kept = _AllToAllDispatch.apply(hidden_states, meta, plan, send_splits,
+                                                                   recv_splits, self.group, async_finish,
                                                                    self.fp8_dispatch, keep_fp8,
                                                                    BackwardCheck(self, hidden_states),
                                                                    f"step {self._step} of this layer")
@@ -261,11 +252,13 @@ class _AllToAllManager(_ManagerBase):
             self._pending.append(in_flight)
         prob_dtype = torch.float64 if self.router_dtype == "fp64" else torch.float32
         dispatched, probs = ops.received_routing(recv_meta, 0, topk, self.rank * local, local, prob_dtype)
-        return Dispatched(recv, dispatched, probs, received_counts=host[1, :, agreement.WIDTH:].sum(0), fp8=kept)
+        return Dispatched(recv, dispatched, probs, received_counts=host[1, :, agreement.WIDTH:].sum(0), fp8=kept,
+                          for_combine=(plan, send_splits, recv_splits))
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
                  allocate_on_comm_stream: bool) -> torch.Tensor:
         self._exchange_headers(self._blank_message(agreement.COMBINE, None if self._deferred else hidden_states),
                                "before any row moved back")
-        return _AllToAllCombine.apply(hidden_states, self._rank_plan, self._send_splits, self._recv_splits,
-                                      self.group, BackwardCheck(self, hidden_states), f"step {self._step} of this layer")
+        plan, send_splits, recv_splits = self._dispatched.for_combine
+        return _AllToAllCombine.apply(hidden_states, plan, send_splits, recv_splits, self.group,
+                                      BackwardCheck(self, hidden_states), f"step {self._step} of this layer")

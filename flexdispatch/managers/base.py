@@ -70,9 +70,33 @@ class OutOfOrderError(RuntimeError):
         self.stage = stage
 
 
+@dataclasses.dataclass(frozen=True)
+class Routed:
+    """A call's routing as checked (``setup_metadata`` / ``set_routing``); the call keeps it
+    until its combine.
+
+    Attributes:
+        num_tokens: T, the routed tokens (dispatch's ``hidden_states`` must have as many rows).
+        status: the route check's int32 ``[2]`` on the device (None: not validated), sent in the
+            call's first exchange or read at the permutation's sizing sync.
+        given: ``(indices, probs)`` as the caller gave them, to describe a routing error.
+        names: the arguments a routing error names (the caller's: dense ``probs``, or
+            ``token_indices`` / ``token_probs``).
+    """
+
+    num_tokens: int = 0
+    status: Optional[torch.Tensor] = None
+    given: Optional[tuple] = None
+    names: tuple = ("token_indices", "token_probs")
+
+
+NOT_ROUTED = Routed()
+"""The routing of no call (idle, or a call whose rank failed before routing)."""
+
+
 @dataclasses.dataclass
 class Dispatched:
-    """What a backend's ``_dispatch`` produces; the base keeps it as the call's state.
+    """What a backend's ``_dispatch`` produces; the call keeps it from dispatch to combine.
 
     Attributes:
         hidden: ``[R, H]`` the received rows (with ``async_finish``, possibly in flight until
@@ -90,6 +114,10 @@ class Dispatched:
             at these addresses (a peer's buffer; ``permute_next``); ``hidden`` is then a
             stand-in and the permutation reads the rows as it moves them (``fp8``: rows of FP8
             bytes followed by their scales, dequantized as they are moved).
+        for_combine: what the backend's combine needs of this dispatch (its own record: the
+            all-to-all manager's rank plan and splits, the NVLink manager's route, DeepEP's
+            buffer).
+        fp8_rows: the experts take these rows in FP8 (``dispatch(fp8_rows=True)``); set by the base.
     """
 
     hidden: torch.Tensor
@@ -99,6 +127,14 @@ class Dispatched:
     num_out: Optional[int] = None
     fp8: Optional[tuple] = None
     pulled: Optional[tuple] = None
+    for_combine: object = None
+    fp8_rows: bool = False
+
+    @property
+    def stand_in(self) -> Optional[torch.Tensor]:
+        """The tensor dispatch returned in place of rows that are not in it (kept in FP8, or
+        left where they landed), which the permutation must be given back; else None."""
+        return self.hidden if self.fp8 is not None or self.pulled is not None else None
 
 
 def received_fp8_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, keep: bool, later: bool):
@@ -310,11 +346,9 @@ class _ManagerBase(LayerStates, _DispatchManager):
 
     # ---- state ------------------------------------------------------------------------------
 
-    LAYER_STATE = ("token_probs", "token_indices", "dispatched_indices", "dispatched_probs", "handle", "_plan",
-                   "_num_tokens", "_num_dispatched", "_num_out", "_received_counts", "_route_status",
-                   "_checked_route", "_route_names", "_deferred", "_offered", "_fp8_rows", "_kept_fp8", "_pulled",
-                   "_stand_in", "_stage", "_step", "tokens_per_expert", "dropped_tokens", "sync_free_faults",
-                   "layer_id")
+    LAYER_STATE = ("token_probs", "token_indices", "dispatched_indices", "dispatched_probs", "handle", "_routed",
+                   "_dispatched", "_plan", "_deferred", "_stage", "_step", "tokens_per_expert", "dropped_tokens",
+                   "sync_free_faults", "layer_id")
     """Every attribute that belongs to the layer a manager serves: its call in flight (set by
     :meth:`_release`) and what outlives a call (below). A manager shared by several dispatchers
     keeps one set per layer (:mod:`.sharing`)."""
@@ -342,32 +376,27 @@ class _ManagerBase(LayerStates, _DispatchManager):
 
     # ---- state ------------------------------------------------------------------------------
 
-    def _release(self) -> None:
-        """Drop every per-call tensor (autograd keeps what backward needs).
+    _offered: Optional[torch.Tensor] = None  # dispatch's hidden_states while _dispatch runs, never longer
 
-        Ownership: everything set here belongs to one call (routing -> combine) and is set
-        again by that call before it is read; ``tokens_per_expert`` is set by the call's
-        permutation and cleared by the next call's routing (:meth:`_set_routing`).
+    def _release(self) -> None:
+        """Drop the call in flight (autograd keeps what backward needs).
+
+        Owners: the call, from routing to combine: the reference's attributes ``token_probs``,
+        ``token_indices`` (routing), ``dispatched_indices``, ``dispatched_probs``, ``handle``
+        (dispatch) and the records ``_routed`` (:class:`Routed`) and ``_dispatched``
+        (:class:`Dispatched`); ``_plan``, from the permutation to the restore; ``_deferred``, from
+        this rank's failed check to the call's first exchange. ``tokens_per_expert`` is set by
+        the call's permutation and cleared by the next call's routing (:meth:`_set_routing`).
         """
         self.token_probs: Optional[torch.Tensor] = None
         self.token_indices: Optional[torch.Tensor] = None
         self.dispatched_indices: Optional[torch.Tensor] = None
         self.dispatched_probs: Optional[torch.Tensor] = None
         self.handle = None
+        self._routed = NOT_ROUTED
+        self._dispatched: Optional[Dispatched] = None
         self._plan: Optional[RowIdMap] = None
-        self._num_tokens = 0
-        self._num_dispatched = 0
-        self._num_out: Optional[int] = None  # permuted rows when known before permuting
-        self._received_counts: Optional[torch.Tensor] = None  # host counts from this call's exchange
-        self._route_status: Optional[torch.Tensor] = None  # the route check's int32 [2] on the device
-        self._checked_route = None  # (indices, probs) as given, to describe a routing error
-        self._route_names = ("token_indices", "token_probs")  # the arguments a routing error names
-        self._deferred: Optional[BaseException] = None  # this rank's failed check, raised at the exchange
-        self._offered: Optional[torch.Tensor] = None  # dispatch's hidden_states, during the call
-        self._fp8_rows = False  # this call's experts take FP8 rows (dispatch(fp8_rows=True))
-        self._kept_fp8: Optional[tuple] = None  # those rows (q, scales), for the permutation
-        self._pulled: Optional[tuple] = None  # (addrs, align, fp8, first_row) of rows the permutation reads
-        self._stand_in: Optional[torch.Tensor] = None  # what dispatch returned in place of either
+        self._deferred: Optional[BaseException] = None
         self._stage = "idle"
 
     def reset(self) -> None:
@@ -415,8 +444,8 @@ class _ManagerBase(LayerStates, _DispatchManager):
         step and raises the same error."""
         decision = agreement.Agreement(headers)
         try:
-            route, probs = self._checked_route or (self.token_indices, self.token_probs)
-            decision.check(self.rank, self._deferred, route, probs, self.num_experts, when, self._route_names)
+            route, probs = self._routed.given or (self.token_indices, self.token_probs)
+            decision.check(self.rank, self._deferred, route, probs, self.num_experts, when, self._routed.names)
         except Exception:
             self._step = decision.next_step()
             self.wait()
@@ -476,12 +505,12 @@ class _ManagerBase(LayerStates, _DispatchManager):
                      names: tuple = ("token_indices", "token_probs")) -> None:
         """``names``: the arguments a routing error names (the caller's: dense ``probs``, whose
         top-k indices cannot be wrong, or ``token_indices`` / ``token_probs``)."""
-        self._route_names = names
-        indices, status = token_indices.long(), None
+        indices, status, given = token_indices.long(), None, None
         if self.validate_routing:
             # Before capacity, which could drop a repeated expert's copy or rank a NaN first.
             # (Sync-free groups agree on the status on the device, or count it as a fault.)
-            indices, status = self._check_route(indices, token_probs)
+            given = (indices, token_probs.detach())
+            indices, status = self._check_route(indices, given[1], names[0])
         if self.capacity_factor is not None:
             indices = self._apply_capacity(token_probs, indices)
         if self.router_dtype == "fp64":
@@ -491,21 +520,16 @@ class _ManagerBase(LayerStates, _DispatchManager):
         self.tokens_per_expert = None  # the previous call's counts must never leak into this one
         self.token_probs = token_probs
         self.token_indices = indices.contiguous()
-        self._route_status = status
-        self._num_tokens = indices.shape[0]
+        self._routed = Routed(indices.shape[0], status, given, names)
         self._stage = "routed"
 
-    def _check_route(self, indices: torch.Tensor, probs: torch.Tensor):
+    def _check_route(self, indices: torch.Tensor, probs: torch.Tensor, name: str):
         """``(indices with bad entries -1, status)``: one kernel, no host sync. Groups of one on
-        the CPU raise here; elsewhere the status travels in the first exchange (or, on one GPU,
-        is read at the permutation's sizing sync)."""
-        p = probs.detach()
+        the CPU raise here (naming ``name``); elsewhere the status travels in the first exchange
+        (or, on one GPU, is read at the permutation's sizing sync)."""
         if self.world_size == 1:
-            clean, status = ops.check_route_reported(indices, self.num_experts, p, self._route_names[0])
-        else:
-            clean, status = ops.check_route(indices, self.num_experts, 0, p)  # converts other float dtypes
-        self._checked_route = (indices, p)
-        return clean, status
+            return ops.check_route_reported(indices, self.num_experts, probs, name)
+        return ops.check_route(indices, self.num_experts, 0, probs)  # converts other float dtypes
 
     def _apply_capacity(self, probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Drop (index -> -1) zero-probability assignments and, per expert, those past its
@@ -529,15 +553,14 @@ class _ManagerBase(LayerStates, _DispatchManager):
         bad = (indices < -1) | (indices >= experts)
         return torch.where(keep.view(tokens, k) | bad, indices, -1)
 
-    def _set_received_counts(self, counts) -> None:
-        """Host-side ``tokens_per_expert`` (padded, pinned where a GPU will read it) and the
-        permuted tensor's size, from per-local-expert counts known on the host (a list of ints
-        or a CPU tensor). Plain Python arithmetic: a handful of ints, no tensor ops."""
+    def _padded_counts(self, counts, device: torch.device) -> tuple[torch.Tensor, int]:
+        """``(tokens_per_expert, permuted rows)`` from per-local-expert counts known on the host
+        (a list of ints or a CPU tensor): padded, on the host (pinned where a GPU will read it).
+        Plain Python arithmetic: a handful of ints, no tensor ops."""
         pad = self.moe_router_expert_pad_multiple or 1
         counts = counts.tolist() if isinstance(counts, torch.Tensor) else counts
         padded = [(int(c) + pad - 1) // pad * pad for c in counts]
-        self._received_counts = torch.tensor(padded, dtype=torch.int64, pin_memory=self.token_indices.is_cuda)
-        self._num_out = sum(padded)
+        return torch.tensor(padded, dtype=torch.int64, pin_memory=device.type == "cuda"), sum(padded)
 
     def _indices_to_multihot(self, indices: torch.Tensor, probs: torch.Tensor):
         """The reference's conversion of dispatched ``indices [R, K]`` (local experts, -1 for
@@ -586,22 +609,17 @@ class _ManagerBase(LayerStates, _DispatchManager):
         # fp8_rows: the permutation hands FP8 rows to the experts (the dispatcher's
         # moe_fp8_experts); every manager then keeps the received rows in FP8.
         fp8 = self.fp8_dispatch and not torch.compiler.is_compiling()
-        self._fp8_rows = fp8_rows and fp8
+        fp8_rows = fp8_rows and fp8
         keep_fp8 = (keep_fp8 or fp8_rows) and fp8
         self._offered = hidden_states  # (a rank whose check failed still sizes its part by it)
         try:
             result = self._dispatch(None if self._deferred is not None else hidden_states, async_finish,
-                                    allocate_on_comm_stream, keep_fp8, permute_next)
+                                    allocate_on_comm_stream, keep_fp8, permute_next, fp8_rows)
         finally:
             self._offered = None
+        result.fp8_rows = fp8_rows
+        self._dispatched = result
         self.dispatched_indices, self.dispatched_probs = result.indices, result.probs
-        self._kept_fp8, self._pulled = result.fp8, result.pulled
-        self._stand_in = result.hidden if result.fp8 is not None or result.pulled is not None else None
-        if result.received_counts is not None:
-            self._set_received_counts(result.received_counts)
-        if result.num_out is not None:
-            self._num_out = result.num_out
-        self._num_dispatched = result.indices.shape[0]
         self._stage = "dispatched"
         return result.hidden
 
@@ -611,8 +629,8 @@ class _ManagerBase(LayerStates, _DispatchManager):
                              f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__}")
         if not hidden_states.is_floating_point():
             raise TypeError(f"hidden_states: expected a floating-point tensor, got {hidden_states.dtype}")
-        if hidden_states.shape[0] != self._num_tokens:
-            raise ValueError(f"hidden_states: expected {self._num_tokens} rows (the routed tokens), "
+        if hidden_states.shape[0] != self._routed.num_tokens:
+            raise ValueError(f"hidden_states: expected {self._routed.num_tokens} rows (the routed tokens), "
                              f"got {hidden_states.shape[0]}")
         if hidden_states.device != self.token_indices.device:
             raise ValueError(f"hidden_states: expected the routing's device {self.token_indices.device}, "
@@ -638,32 +656,37 @@ class _ManagerBase(LayerStates, _DispatchManager):
         """
         self._expect("get_permuted_hidden_states_by_experts", "dispatched")
         self.wait()
-        self._check_rows(hidden_states, self._num_dispatched, "the dispatched rows")
-        indices, num_out = self.dispatched_indices, self._num_out
+        received = self._dispatched
+        self._check_rows(hidden_states, received.indices.shape[0], "the dispatched rows")
+        indices, num_out, host_counts = self.dispatched_indices, received.num_out, None
+        if received.received_counts is not None:  # known from this call's exchange: no sync
+            host_counts, padded_rows = self._padded_counts(received.received_counts, indices.device)
+            num_out = padded_rows if num_out is None else num_out
         if self.max_tokens_per_expert is not None:
             indices = self._apply_bound(indices)
             pad = self.moe_router_expert_pad_multiple or 1
             num_out = self.num_local_experts * (-(-self.max_tokens_per_expert // pad) * pad)
         try:
-            if self._stand_in is not None and hidden_states is not self._stand_in:
+            stand_in = received.stand_in
+            if stand_in is not None and hidden_states is not stand_in:
                 raise ValueError("hidden_states: expected the tensor this call's dispatch returned (with "
                                  "keep_fp8 or permute_next its rows stay where they landed until the permutation)")
-            if self._pulled is not None:  # rows read where they landed as they are moved
-                addrs, align, fp8, first_row = self._pulled
+            if received.pulled is not None:  # rows read where they landed as they are moved
+                addrs, align, fp8, first_row = received.pulled
                 permute = peer_ops.permute_fp8_from if fp8 else peer_ops.permute_from  # (FP8: dequantized)
                 out, probs, plan, device_counts = permute(
                     hidden_states, addrs, align, indices, self.dispatched_probs, num_experts=self.num_local_experts,
                     num_out_tokens=num_out, pad_multiple=self.moe_router_expert_pad_multiple,
                     max_blocks=self.spec.nvlink_max_blocks, first_row=first_row)
-            elif self._kept_fp8 is not None and fp8_rows and self._fp8_rows:  # FP8 rows for FP8 experts
-                q, scales = self._kept_fp8
+            elif received.fp8 is not None and fp8_rows and received.fp8_rows:  # FP8 rows for FP8 experts
+                q, scales = received.fp8
                 out_q, probs, plan, device_counts = ops.permute_by_indices(
                     q.contiguous().view(torch.uint8), indices, self.dispatched_probs,
                     num_experts=self.num_local_experts, num_out_tokens=num_out,
                     pad_multiple=self.moe_router_expert_pad_multiple)
                 out = (out_q.view(torch.float8_e4m3fn), ops.apply_permutation(scales.contiguous(), plan))
-            elif self._kept_fp8 is not None:  # FP8 rows: dequantized as they are moved
-                q, scales = self._kept_fp8
+            elif received.fp8 is not None:  # FP8 rows: dequantized as they are moved
+                q, scales = received.fp8
                 out, probs, plan, device_counts = ops.permute_fp8_by_indices(
                     q, scales, indices, self.dispatched_probs, num_experts=self.num_local_experts,
                     num_out_tokens=num_out, pad_multiple=self.moe_router_expert_pad_multiple,
@@ -678,8 +701,8 @@ class _ManagerBase(LayerStates, _DispatchManager):
             raise
         if self.sync_free:
             self.tokens_per_expert = device_counts
-        elif self._received_counts is not None:  # known from this call's exchange: no sync
-            self.tokens_per_expert = self._received_counts
+        elif host_counts is not None:
+            self.tokens_per_expert = host_counts
         else:
             self.tokens_per_expert = plan.host_tokens_per_expert()
         if self.router_dtype == "fp64":
@@ -705,7 +728,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         call's metadata."""
         self._expect("combine", "restored")
         try:
-            self._check_rows(hidden_states, self._num_dispatched, "the dispatched rows")
+            self._check_rows(hidden_states, self._dispatched.indices.shape[0], "the dispatched rows")
         except ValueError as exc:
             self.defer_combine(exc)
         out = self._combine(hidden_states, async_finish, allocate_on_comm_stream)
@@ -714,6 +737,12 @@ class _ManagerBase(LayerStates, _DispatchManager):
         self._advance_step()
         self.tokens_per_expert = tokens_per_expert
         return out
+
+    def defer_first(self, error: BaseException) -> None:
+        """:meth:`defer` ``error`` unless this call already holds a failed check (the first one
+        found is the one every rank raises)."""
+        if self._deferred is None:
+            self.defer(error)
 
     def defer_combine(self, error: BaseException) -> None:
         """A failed check of combine's input: raised at once by a group of one, else carried in
@@ -742,11 +771,13 @@ class _ManagerBase(LayerStates, _DispatchManager):
 
     @abc.abstractmethod
     def _dispatch(self, hidden_states: Optional[torch.Tensor], async_finish: bool,
-                  allocate_on_comm_stream: bool, keep_fp8: bool, permute_next: bool) -> Dispatched:
+                  allocate_on_comm_stream: bool, keep_fp8: bool, permute_next: bool,
+                  fp8_rows: bool) -> Dispatched:
         """Move this call's routed tokens (``hidden_states`` None: this rank's check failed;
         take part in the first exchange, where every rank raises). ``keep_fp8``: FP8 rows may
         be returned undequantized in ``Dispatched.fp8`` (see :func:`received_fp8_rows`);
-        ``permute_next``: rows may be left where they landed (``Dispatched.pulled``)."""
+        ``permute_next``: rows may be left where they landed (``Dispatched.pulled``);
+        ``fp8_rows``: the experts take the rows in FP8 (``keep_fp8`` is then set too)."""
 
     @abc.abstractmethod
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,

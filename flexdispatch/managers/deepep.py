@@ -182,7 +182,7 @@ def unusable_reason(group, device: Optional[torch.device] = None, hidden_dtype: 
 # ---- the buffer registry ------------------------------------------------------------------
 
 
-class _BufferRegistry:
+class BufferRegistry:
     """One buffer of a DeepEP-API engine per process group, grown on demand, destroyed once.
 
     ``buffer_class()`` returns the engine's ``Buffer`` class (DeepEP's, or another engine's with
@@ -253,8 +253,8 @@ class _BufferRegistry:
         return len(buffers)
 
 
-_registry = _BufferRegistry(lambda: _import_deep_ep().Buffer)
-REGISTRIES = [_registry]
+buffers = BufferRegistry(lambda: _import_deep_ep().Buffer)
+REGISTRIES = [buffers]
 """The buffer registry of every DeepEP-API engine in use (DeepEP's; UCCL-EP's joins it)."""
 
 
@@ -281,7 +281,7 @@ def _previous_event(buffer, allocate_on_comm_stream: bool):
     return buffer.capture() if allocate_on_comm_stream else None
 
 
-class _DeepepDispatch(torch.autograd.Function):
+class DeepepDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, buffer, async_finish, allocate_on_comm_stream,
                 num_worst_tokens, fp8, keep_fp8):
@@ -314,7 +314,7 @@ class _DeepepDispatch(torch.autograd.Function):
         return grad_x, None, grad_probs, None, None, None, None, None, None, None
 
 
-class _DeepepCombine(torch.autograd.Function):
+class DeepepCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, buffer, handle, async_finish, allocate_on_comm_stream):
         """``(combined, event)``: the event of an async transfer (None otherwise)."""
@@ -336,7 +336,7 @@ class _DeepepManager(_ManagerBase):
 
     name = "deepep"
     supports_sync_free = True
-    LAYER_STATE = _ManagerBase.LAYER_STATE + ("_finish", "_mask_after_wait", "_buffer")
+    LAYER_STATE = _ManagerBase.LAYER_STATE + ("_finish", "_mask_after_wait")
     # Nothing pending (also for an instance whose constructor never ran, as tests of the
     # reference build them): wait() is then a no-op.
     _events: tuple = ()
@@ -378,7 +378,7 @@ class _DeepepManager(_ManagerBase):
             raise ValueError("sync_free: DeepEP's worst-case mode works on one node (group size <= 8)")
         self.num_sms = getattr(self.spec, "num_sms", 20)
         # Owners: _events belongs to the manager (wait() drains any layer's transfers; waiting
-        # early is harmless); _finish, _mask_after_wait and _buffer to the call in flight (wait()
+        # early is harmless); _finish and _mask_after_wait to the call in flight (wait()
         # consumes them, _release clears them); _hidden_ok and _headers are per-manager caches (a
         # checked signature; a pinned buffer each call's dispatch overwrites before reading it).
         self._events: list = []
@@ -435,8 +435,8 @@ class _DeepepManager(_ManagerBase):
         # Landed once DeepEP's host wait returns; the previous call read it after its own wait.
         if self._peer_agreement and indices.is_cuda:  # one kernel, no collective
             slots = peer_headers.for_group(self.group, indices.device)
-            return slots.exchange(values, self._route_status, indices, self._index_dtype, self._headers)
-        header = ops.make_header(indices, values, self._route_status)
+            return slots.exchange(values, self._routed.status, indices, self._index_dtype, self._headers)
+        header = ops.make_header(indices, values, self._routed.status)
         gathered = torch.empty(self.world_size, agreement.WIDTH, dtype=torch.int64, device=indices.device)
         dist.all_gather_into_tensor(gathered, header, group=self.group)
         self._headers.copy_(gathered, non_blocking=True)
@@ -460,7 +460,7 @@ class _DeepepManager(_ManagerBase):
             except (ValueError, TypeError):
                 pass
         if width is None:
-            width = _registry.width(self.group) or MIN_VERIFIED_ROW_BYTES // 2
+            width = buffers.width(self.group) or MIN_VERIFIED_ROW_BYTES // 2
         if self.fp8_dispatch and width % FP8_GROUP:
             width = max(width // FP8_GROUP * FP8_GROUP, FP8_GROUP)
         return (torch.empty(0, width, dtype=torch.bfloat16, device=device),
@@ -476,7 +476,8 @@ class _DeepepManager(_ManagerBase):
         return async_finish, allocate_on_comm_stream and async_finish
 
     def _dispatch(self, hidden_states: Optional[torch.Tensor], async_finish: bool,
-                  allocate_on_comm_stream: bool, keep_fp8: bool, permute_next: bool = False) -> Dispatched:
+                  allocate_on_comm_stream: bool, keep_fp8: bool, permute_next: bool = False,
+                  fp8_rows: bool = False) -> Dispatched:
         async_finish, allocate_on_comm_stream = self._stream_ordered(async_finish, allocate_on_comm_stream)
         if not self._native:
             return self._dispatch_through_engine(hidden_states, async_finish, allocate_on_comm_stream)
@@ -486,10 +487,10 @@ class _DeepepManager(_ManagerBase):
             except (ValueError, TypeError) as exc:
                 self.defer(exc)
                 hidden_states = None
-        if self.sync_free and self._route_status is not None:
+        if self.sync_free and self._routed.status is not None:
             # No exchange to agree at: invalid routing (already dropped by the check, so DeepEP
             # never sees it) is counted on this rank and raised by report_dropped_tokens.
-            self._count_fault(self._route_status[0] == 0)
+            self._count_fault(self._routed.status[0] == 0)
         if self.sync_free and hidden_states is None:
             # No host wait to agree at: a rank's failed check cannot reach its peers here.
             error, self._deferred = self._deferred, None
@@ -501,9 +502,9 @@ class _DeepepManager(_ManagerBase):
             x, indices, probs = hidden_states.contiguous(), self.token_indices, self.token_probs.float().contiguous()
         agree = not self.sync_free  # needs DeepEP's host wait
         routed = self._gather_headers(hidden_states, indices) if agree else indices.to(self._index_dtype)
-        buffer = _registry.get(self.group, x.shape[1] * x.element_size(), self.num_sms)
+        buffer = buffers.get(self.group, x.shape[1] * x.element_size(), self.num_sms)
         worst = x.shape[0] * self.world_size if self.sync_free else 0
-        recv_x, recv_idx, recv_probs, handle, counts, event, finish, kept = _DeepepDispatch.apply(
+        recv_x, recv_idx, recv_probs, handle, counts, event, finish, kept = DeepepDispatch.apply(
             x, routed, probs, self.num_experts, buffer, async_finish, allocate_on_comm_stream, worst,
             self.fp8_dispatch, keep_fp8)
         if event is not None:
@@ -514,14 +515,14 @@ class _DeepepManager(_ManagerBase):
             ops.check_pending_errors()  # earlier calls' flags have landed too: DeepEP just waited
             self._agree(self._headers, "(DeepEP moved no token)")  # read at once (Agreement copies it)
         self.handle = handle
-        self._buffer = buffer
         # No op may read the received tensors before wait(): an async transfer is still in
         # flight. DeepEP already zeroes the probs of slots whose expert lives elsewhere; only the
         # worst-case padding rows of sync-free mode need masking, which wait() does.
         self._mask_after_wait = self.sync_free
         if self.sync_free:
-            return Dispatched(recv_x, recv_idx, recv_probs, num_out=self._worst_case_rows(worst), fp8=kept)
-        return Dispatched(recv_x, recv_idx, recv_probs, received_counts=counts, fp8=kept)
+            return Dispatched(recv_x, recv_idx, recv_probs, num_out=self._worst_case_rows(worst), fp8=kept,
+                              for_combine=buffer)
+        return Dispatched(recv_x, recv_idx, recv_probs, received_counts=counts, fp8=kept, for_combine=buffer)
 
     def _dispatch_through_engine(self, hidden_states: Optional[torch.Tensor], async_finish: bool,
                                  allocate_on_comm_stream: bool) -> Dispatched:
@@ -531,7 +532,7 @@ class _DeepepManager(_ManagerBase):
         like = self.token_indices
         if like is None:  # (this rank's check failed before routing)
             like = torch.empty(0, 1, dtype=torch.int64, device=gather.group_device(self.group))
-        header = ops.make_header(like, self._header(agreement.DISPATCH, hidden_states), self._route_status)
+        header = ops.make_header(like, self._header(agreement.DISPATCH, hidden_states), self._routed.status)
         self._agree(agreement.gather_headers(header, self.world_size, self.group,
                                              f"step {self._step} of this layer, dispatch (the header exchange)"),
                     "(no token moved)")
@@ -551,7 +552,7 @@ class _DeepepManager(_ManagerBase):
         if hidden_states.dtype != torch.bfloat16:
             raise TypeError(f"hidden_states: DeepEP's combine needs bfloat16, got {hidden_states.dtype}")
         async_finish, allocate_on_comm_stream = self._stream_ordered(async_finish, allocate_on_comm_stream)
-        combined, event = _DeepepCombine.apply(hidden_states, self._buffer, self.handle, async_finish,
+        combined, event = DeepepCombine.apply(hidden_states, self._dispatched.for_combine, self.handle, async_finish,
                                                allocate_on_comm_stream)
         if event is not None:
             self._events.append(event)
@@ -559,6 +560,5 @@ class _DeepepManager(_ManagerBase):
 
     def _release(self) -> None:
         super()._release()
-        self._buffer = None
         self._mask_after_wait = False
         self._finish = []

@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import envs, ops
 from . import agreement, gather, groups
-from .base import _DispatchManager, _group_size_rank, check_topk_routing
+from .base import NOT_ROUTED, Routed, _DispatchManager, _group_size_rank, check_topk_routing
 from .deepep import EngineUnavailableError
 from .sharing import LayerStates
 
@@ -92,8 +92,8 @@ class _HybridEPManager(LayerStates, _DispatchManager):
     name = "hybridep"
     group = groups.WeakGroup()  # never kept alive by a manager (see groups)
     LAYER_STATE = ("token_probs", "token_indices", "routing_map", "handle", "num_permuted_tokens",
-                   "num_unpadded_tokens", "tokens_per_expert", "dispatched_probs", "_route_status", "_checked_route",
-                   "_route_names", "_deferred", "_step", "_static_target_tokens", "_static_num_permuted_tokens",
+                   "num_unpadded_tokens", "tokens_per_expert", "dispatched_probs", "_routed", "_deferred",
+                   "_step", "_static_target_tokens", "_static_num_permuted_tokens",
                    "layer_id")
 
     def __init__(self, group, num_local_experts: int, num_experts: int, router_topk: int, permute_fusion: bool = False,
@@ -144,9 +144,7 @@ class _HybridEPManager(LayerStates, _DispatchManager):
         self.num_permuted_tokens = None
         self.num_unpadded_tokens: Optional[int] = None
         self.dispatched_probs: Optional[torch.Tensor] = None
-        self._route_status: Optional[torch.Tensor] = None
-        self._checked_route: Optional[tuple] = None  # (token_indices, token_probs) as given, to describe an error
-        self._route_names = ("token_indices", "token_probs")  # the arguments an error names
+        self._routed = NOT_ROUTED
         self._deferred: Optional[BaseException] = None
 
     def reset(self) -> None:
@@ -187,7 +185,6 @@ class _HybridEPManager(LayerStates, _DispatchManager):
         the device (bad entries dropped here, reported in the dispatch's exchange); ``names``:
         the arguments an error names (``("probs", "probs")`` for top-k taken of dense probs)."""
         check_topk_routing(token_probs, token_indices, self.router_topk, num_local_tokens)
-        self._route_names = names
         indices, status = token_indices.long(), None
         if self.world_size > 1:
             indices, status = ops.check_route(indices, self.num_experts, 0, token_probs.detach())
@@ -199,7 +196,7 @@ class _HybridEPManager(LayerStates, _DispatchManager):
         routing, probs = indices_to_multihot(indices, token_probs, self.num_experts)
         self.routing_map, self.token_probs = (None, probs) if self.moe_hybridep_compact_routing else (routing, probs)
         self.token_indices = indices if self.moe_hybridep_compact_routing else None
-        self._route_status, self._checked_route = status, (token_indices, token_probs.detach())
+        self._routed = Routed(token_indices.shape[0], status, (token_indices, token_probs.detach()), names)
 
     # ---- the steps ----------------------------------------------------------------------------
 
@@ -218,14 +215,15 @@ class _HybridEPManager(LayerStates, _DispatchManager):
                                        agreement.config_code(self.name, self._options()))
         device = gather.group_device(self.group)
         like = torch.empty(0, 1, dtype=torch.int64, device=device)
-        header = ops.make_header(like, values, None if self._route_status is None else self._route_status.to(device))
+        status = self._routed.status
+        header = ops.make_header(like, values, None if status is None else status.to(device))
         headers = agreement.gather_headers(header, self.world_size, self.group,
                                            f"step {self._step} of this layer, dispatch (the header exchange)")
         decision = agreement.Agreement(headers)
         try:
-            route, probs = self._checked_route or (None, None)
+            route, probs = self._routed.given or (None, None)
             decision.check(self.rank, self._deferred, route, probs, self.num_experts, "(no token moved)",
-                           self._route_names)
+                           self._routed.names)
         except Exception:
             self._step = decision.next_step()
             self._release()

@@ -21,8 +21,8 @@ class _LocalManager(_ManagerBase):
     supports_sync_free = True
 
     def _dispatch(self, hidden_states: torch.Tensor, async_finish: bool, allocate_on_comm_stream: bool,
-                  keep_fp8: bool, permute_next: bool = False) -> Dispatched:
-        if self._fp8_rows:  # FP8 experts: the rows a transfer would carry, kept for the permutation
+                  keep_fp8: bool, permute_next: bool = False, fp8_rows: bool = False) -> Dispatched:
+        if fp8_rows:  # FP8 experts: the rows a transfer would carry, kept for the permutation
             q, scales = ops.quantize_fp8(hidden_states)
             stand_in, _, kept = received_fp8_rows(q, scales, hidden_states.dtype, True, False)
             return Dispatched(stand_in, self.token_indices, self._masked_probs(self.token_indices, self.token_probs),

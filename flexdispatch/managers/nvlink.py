@@ -258,7 +258,6 @@ class _NvlinkManager(_ManagerBase):
     name = "nvlink"
     exchanges_in_combine = True  # combine's exchange carries a header (see _NvlinkCombine)
     supports_sync_free = True
-    LAYER_STATE = _ManagerBase.LAYER_STATE + ("_route",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -266,10 +265,6 @@ class _NvlinkManager(_ManagerBase):
         self.stagger_pulls = envs.switch("nvlink_pulls") == "staggered"  # (else every pull starts at row 0)
         self._emulate = envs.switch("nvlink_transport") == "gather"
         self._pinned: Optional[torch.Tensor] = None  # host copy of a combine's headers
-
-    def _release(self) -> None:
-        super()._release()
-        self._route = None
 
     def _on_host(self, headers: torch.Tensor):
         """Start copying ``headers`` to pinned host memory without waiting; returns the call
@@ -290,13 +285,13 @@ class _NvlinkManager(_ManagerBase):
                        extra: Optional[torch.Tensor] = None, rows: int = 0) -> torch.Tensor:
         """This rank's header (and ``extra`` words after it) as an int64 device tensor, with the
         route check's error bits OR-ed in on the device (one small kernel: no copy, no sync)."""
-        status = self._route_status if phase == agreement.DISPATCH and self._deferred is None else None
+        status = self._routed.status if phase == agreement.DISPATCH and self._deferred is None else None
         like = extra if extra is not None else torch.empty(0, device=device)
         header = ops.make_header(like, self._header(phase, hidden, rows=rows), status)
         return header if extra is None else torch.cat([header, extra.flatten()])
 
     def _dispatch(self, hidden_states, async_finish: bool, allocate_on_comm_stream: bool, keep_fp8: bool,
-                  permute_next: bool = False) -> Dispatched:
+                  permute_next: bool = False, fp8_rows: bool = False) -> Dispatched:
         world, local = self.world_size, self.num_local_experts
         when = "before any token moved"
         indices = self.token_indices
@@ -343,9 +338,8 @@ class _NvlinkManager(_ManagerBase):
                          sent_cap=max(sum(r) for r in rows), received_cap=max(received))
             counts, received_counts = every[:, :, 0], host_counts[:, self.rank, 1:].sum(0)
         route = _make_route(counts, self.rank, in_rank, sizes, self.sync_free, self._first_row(sizes, rows))
-        self._route = route
         self._ensure_for_call(transport, route, hidden_states, topk)
-        return self._move(hidden_states, meta, route, transport, keep_fp8, permute_next, received_counts)
+        return self._move(hidden_states, meta, route, transport, keep_fp8, permute_next, fp8_rows, received_counts)
 
     def _first_row(self, sizes: dict, rows: Optional[list]) -> int:
         """Where this rank's pulls of received rows start: the first row from the next rank.
@@ -411,7 +405,7 @@ class _NvlinkManager(_ManagerBase):
             header + _region(route.token_cap, row_bytes)))  # combine's backward
 
     def _move(self, hidden_states, meta, route: _Route, transport, keep_fp8: bool, permute_next: bool,
-              received_counts) -> Dispatched:
+              fp8_rows: bool, received_counts) -> Dispatched:
         """The dispatch's transfer and the received rows' routing (local experts, probs):
         ``meta [T, 1 + 2K]`` float64, each token's index, experts and probs."""
         topk = (meta.shape[1] - 1) // 2
@@ -422,7 +416,7 @@ class _NvlinkManager(_ManagerBase):
         width = hidden_states.shape[1]
         fp8_align = 4 if hidden_states.dtype == torch.float32 else 8
         pull_later = permute_next and not torch.compiler.is_compiling() and (not fp8 or (
-            keep_fp8 and not self._fp8_rows and peer_buffers.row_align(width + width // 32) >= fp8_align))
+            keep_fp8 and not fp8_rows and peer_buffers.row_align(width + width // 32) >= fp8_align))
         rows, recv_meta, pulled, kept = _NvlinkDispatch.apply(hidden_states, send_meta, route, transport, fp8,
                                                               keep_fp8, pull_later, self.max_blocks,
                                                               BackwardCheck(self, hidden_states))
@@ -432,7 +426,7 @@ class _NvlinkManager(_ManagerBase):
                                                  has_source=route.has_source)
         num_out = self._worst_case_rows(route.received) if self.sync_free else None
         return Dispatched(rows, dispatched, probs, received_counts=received_counts, num_out=num_out, fp8=kept,
-                          pulled=pulled)
+                          pulled=pulled, for_combine=route)
 
     def _fallback_device(self) -> torch.device:
         return gather.group_device(self.group)
@@ -449,5 +443,5 @@ class _NvlinkManager(_ManagerBase):
             self._agree(headers.cpu(), "before any row moved back")
             raise AssertionError("unreachable: the agreement raises on every rank")  # pragma: no cover
         transport = self._transport(hidden_states.device)
-        return _NvlinkCombine.apply(hidden_states, self._route, transport, self, self.max_blocks,
+        return _NvlinkCombine.apply(hidden_states, self._dispatched.for_combine, transport, self, self.max_blocks,
                                     BackwardCheck(self, hidden_states))

@@ -184,9 +184,9 @@ def unavailable_here(name: str) -> Optional[str]:
         ok, why = deepep.deepep_available()
         return None if ok else why
     if name == "hybridep":
-        return None if engines._hybrid_ep_buffer_class() is not None else "deep_ep.HybridEPBuffer does not import"
+        return None if engines.hybrid_ep_buffer_class() is not None else "deep_ep.HybridEPBuffer does not import"
     if name == "uccl_ep":
-        if engines._uccl_buffer_class() is not None:
+        if engines.uccl_buffer_class() is not None:
             return None
         ok, _ = deepep.deepep_available()
         return None if ok else "neither UCCL-EP nor DeepEP imports (Automodel's uccl_ep falls back to DeepEP)"
