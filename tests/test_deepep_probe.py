@@ -120,7 +120,7 @@ def test_environment_variables_are_typed_and_checked(monkeypatch, name, raw, exp
 @pytest.mark.parametrize("raw,expected", [(None, 600.0), ("2.5", 2.5), ("3600", 3600.0), ("0", None), ("-1", None),
                                           ("nan", None), ("soon", None), ("1e12", None)])
 def test_peer_timeout_from_the_environment(monkeypatch, raw, expected):
-    from flexdispatch.managers import peer_buffers
+    from flexdispatch import envs
 
     if raw is None:
         monkeypatch.delenv("FLEXDISPATCH_PEER_TIMEOUT_S", raising=False)
@@ -128,6 +128,6 @@ def test_peer_timeout_from_the_environment(monkeypatch, raw, expected):
         monkeypatch.setenv("FLEXDISPATCH_PEER_TIMEOUT_S", raw)
     if expected is None:
         with pytest.raises(ValueError, match="FLEXDISPATCH_PEER_TIMEOUT_S"):
-            peer_buffers.peer_timeout_s()
+            envs.peer_timeout_s()
     else:
-        assert peer_buffers.peer_timeout_s() == expected
+        assert envs.peer_timeout_s() == expected

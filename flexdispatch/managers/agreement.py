@@ -94,7 +94,10 @@ class Agreement:
         """Whether every rank may go on: no error bits, and every field from PHASE on equal to
         rank 0's (the rule the kernels apply on the device: header_breaks_agreement)."""
         first = self.rows[0][PHASE:]
-        return all(not h[ERROR] and h[PHASE:] == first for h in self.rows)
+        for h in self.rows:  # (a loop, not all() of a generator: this runs at every exchange)
+            if h[ERROR] or h[PHASE:] != first:
+                return False
+        return True
 
     def threads_ranks(self) -> list[int]:
         """Ranks that report dispatchers of this group called from two threads at once."""

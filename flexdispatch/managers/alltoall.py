@@ -52,12 +52,7 @@ def _drain(pending: list) -> None:
             pass
 
 
-def _exchange(output: torch.Tensor, input_: torch.Tensor, output_splits, input_splits, group, what: str,
-              async_op=False, missing=None):
-    """All-to-all; on CPU groups a peer that does not arrive within the peer timeout raises
-    (see :mod:`.collectives`), ``what`` naming the call."""
-    return collectives.all_to_all_single(output, input_.contiguous(), output_splits, input_splits, group,
-                                         async_op=async_op, what=what, missing=missing)
+_exchange = collectives.all_to_all_single  # (bounded on CPU groups; "what" names the call in errors)
 
 
 def _fp8_payload(hidden: torch.Tensor) -> torch.Tensor:

@@ -202,7 +202,7 @@ def one_thread_at_a_time(step: Optional[str] = None, before=None):
 
         @functools.wraps(method)
         def guarded(self, *args, **kwargs):
-            guard = guard_of(self)
+            guard = None if torch.compiler.is_compiling() else self.__dict__.get("_group_guard")  # (guard_of)
             if guard is None:
                 return method(self, *args, **kwargs)
             guard.enter(name)

@@ -55,7 +55,7 @@ import torch
 from .. import envs, ops, peer_ops
 from . import agreement, gather, groups, peer_buffers
 from .alltoall import _fp8_payload, routing_by_rank
-from .base import BackwardCheck, Dispatched, _ManagerBase, add_to_counter, received_fp8_rows
+from .base import BackwardCheck, Dispatched, _ManagerBase, received_fp8_rows
 
 _META_ALIGN = 8  # float64 rows
 

@@ -44,7 +44,6 @@ import torch.distributed as dist
 from .. import envs
 from .._log import logger
 from . import collectives, groups
-from .collectives import DEFAULT_PEER_TIMEOUT_S, peer_timeout_s  # noqa: F401  (one reader of the timeout)
 from .gather import all_gather_objects
 
 REGION_ALIGN = 256  # bytes between the start of one part's region and the next
@@ -176,7 +175,7 @@ class SymmetricTransport(Transport):
         # The exchange's barrier: our one-block kernel on the signal pads (channel 1), or
         # symmetric memory's own (testing switch nvlink_barrier=torch; channel 0). Same on every rank.
         self._own_barrier = envs.switch("nvlink_barrier") == "own"
-        self._timeout_s = peer_timeout_s()
+        self._timeout_s = envs.peer_timeout_s()
         self._check_one_node()
 
     def _check_one_node(self) -> None:

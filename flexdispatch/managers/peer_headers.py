@@ -34,7 +34,8 @@ import torch.distributed as dist
 from .. import _library, envs, ops
 from .._log import logger
 from . import agreement, groups
-from .peer_buffers import peer_timeout_s, symmetric_buffer
+from ..envs import peer_timeout_s
+from .peer_buffers import symmetric_buffer
 
 _SLOT_WORDS = agreement.WIDTH + 1
 NODE_RANKS = 8  # ranks of one NVLink domain (DeepEP's intranode kernels serve as many)
