@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from . import _jit
+from . import _jit, envs
 from .reference import FP8_GROUP
 from .rowmap import layout_error_index, routing_error
 
@@ -210,7 +210,15 @@ def _check_layout(layout, host, route, num_experts, num_out, name) -> None:
 
 # ---- the binding ------------------------------------------------------------------------------
 
-eager_direct = True  # eager calls skip the op dispatcher (False: through it, to measure the difference)
+eager_direct = True  # eager calls skip the op dispatcher (the testing switch eager_ops=dispatcher: not)
+
+
+def _set_eager_direct(value: str) -> None:
+    global eager_direct
+    eager_direct = value == "direct"
+
+
+envs.watch_switch("eager_ops", _set_eager_direct)
 
 
 def _op(fake, backward=None, setup=None):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 
 def _text(name: str) -> Optional[str]:
@@ -154,6 +154,7 @@ SWITCHES = {
     "nvlink_barrier": ("own", "torch"),
     "nvlink_transport": ("symmetric_memory", "gather"),
     "nvlink_pulls": ("staggered", "from_row_0"),
+    "eager_ops": ("direct", "dispatcher"),
 }
 """Each testing switch's values, the default first:
 
@@ -165,10 +166,14 @@ SWITCHES = {
   (its all-gather emulation, which gloo groups always use) on NCCL too.
 * ``nvlink_pulls``: where each rank's pulls of received rows start: ``staggered`` (at the next
   rank's rows, so that readers and sources pair up) or ``from_row_0``.
+* ``eager_ops``: eager calls of the kernels' ops: ``direct`` (the implementation, around the
+  op dispatcher's host cost) or ``dispatcher`` (through ``torch.ops.flexdispatch``).
 
-A manager reads the switches when it is made (every rank of a group must set the same)."""
+A manager reads the switches when it is made (every rank of a group must set the same);
+``eager_ops`` applies from the next op call."""
 
 _overrides: dict = {}
+_watchers: dict = {}  # switch name -> callbacks told its value when it changes (watch_switch)
 
 
 @functools.lru_cache(maxsize=8)
@@ -196,6 +201,13 @@ def switch(name: str) -> str:
     return _parsed_switches(_text("FLEXDISPATCH_TESTING")).get(name, SWITCHES[name][0])
 
 
+def watch_switch(name: str, callback: Callable[[str], None]) -> None:
+    """Call ``callback(value)`` with the switch's value now and whenever :func:`testing_switches`
+    changes it (for a switch read on a hot path: its reader keeps a plain variable)."""
+    _watchers.setdefault(name, []).append(callback)
+    callback(switch(name))
+
+
 @contextlib.contextmanager
 def testing_switches(**values: str) -> Iterator[None]:
     """Set testing switches in this process for the managers made inside the block (see
@@ -204,8 +216,16 @@ def testing_switches(**values: str) -> Iterator[None]:
         _check_switch(name, value, "testing_switches")
     saved = dict(_overrides)
     _overrides.update(values)
+    _tell_watchers(values)
     try:
         yield
     finally:
         _overrides.clear()
         _overrides.update(saved)
+        _tell_watchers(values)
+
+
+def _tell_watchers(names) -> None:
+    for name in names:
+        for callback in _watchers.get(name, ()):
+            callback(switch(name))

@@ -199,6 +199,33 @@ def test_gradients_match_reference(device):
 # ---- bad input --------------------------------------------------------------------------------
 
 
+def test_eager_ops_switch_goes_through_the_op_dispatcher_with_the_same_results():
+    """The testing switch eager_ops=dispatcher sends eager calls through torch.ops (the path
+    compiled code takes; the profiler sees the op), the direct path does not: the same
+    outputs and gradients either way, and the switch is back to direct after the block."""
+    from flexdispatch import envs
+
+    if not _library.load_kernels():
+        pytest.skip("the compiled kernels are not built here")
+
+    def run():
+        x = random_tokens(40, 24, torch.float32).requires_grad_()
+        idx, probs = random_indices(40, 6, 3, seed=3), random_probs(40, 3, seed=4)
+        with torch.autograd.profiler.profile() as prof:
+            out, out_probs, plan, _ = ops.permute_by_indices(x, idx, probs, num_experts=6)
+        ops.unpermute(out, plan).square().sum().backward()
+        seen = any(e.name == "flexdispatch::permute" for e in prof.function_events)
+        return (out.detach(), out_probs, x.grad), seen
+
+    direct, direct_seen = run()
+    with envs.testing_switches(eager_ops="dispatcher"):
+        through_ops, ops_seen = run()
+    assert not direct_seen and ops_seen
+    assert _library.eager_direct
+    assert all(torch.equal(a, b) for a, b in zip(direct, through_ops))
+    assert float(direct[0].abs().sum()) > 0
+
+
 def test_invalid_routing_raises_value_error():
     x = random_tokens(10, 4, torch.float32)
     idx = random_indices(10, 5, 2, drop=0.0)

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flexdispatch as fd  # noqa: E402
-from flexdispatch import _library  # noqa: E402
+from flexdispatch import envs  # noqa: E402
 
 
 def layer(d, x, logits, scales):
@@ -95,14 +95,11 @@ def run_mode(mode: str, args) -> None:
 
     results = {"eager": timings(layer, dispatcher(args, sync_free), inputs, grad, args)}
     if args.dispatcher:
-        if not hasattr(_library, "eager_direct"):
+        if "eager_ops" not in getattr(envs, "SWITCHES", {}):
             print("  (--dispatcher: this checkout has no direct eager path to compare)")
         else:
-            _library.eager_direct = False
-            try:
+            with envs.testing_switches(eager_ops="dispatcher"):
                 results["eager, op dispatcher"] = timings(layer, dispatcher(args, sync_free), inputs, grad, args)
-            finally:
-                _library.eager_direct = True
     compiled = torch.compile(layer, backend=args.backend)
     start = time.perf_counter()
     compiled(dispatcher(args, sync_free), *inputs).backward(grad)
