@@ -5,7 +5,10 @@ used) it times, with CUDA events after warm-up (median of --iters runs):
 
   multihot      indices_to_multihot
   permute       permute_by_indices with the output size known (as in the managers)
+  permute_map   permute by the multihot map (the public entry TransformerEngine's and Megatron's
+                users call), the same rows; "vs index": its time over permute's
   permute+sync  permute_by_indices sizing its output itself (one host sync)
+  perm+unperm   permute then unpermute, the pair a layer runs (the small-batch latency)
   unpermute     unpermute without probs (the restore step)
   unpermute_w   unpermute merging probs
   permute_bwd   backward of permute (a gather)
@@ -18,6 +21,9 @@ used) it times, with CUDA events after warm-up (median of --iters runs):
 Each op is timed twice: one call from an idle GPU ("ms": the host's time before the first
 launch included), and calls queued back to back ("ms back to back": the kernels' own time,
 the host hidden behind them when it is the faster).
+
+"launches": the device operations one call queues (kernels, copies, fills; torch.profiler),
+counted once per op.
 
 Floor: permute and unpermute move 2*H*(R + N) bytes (N = R*K); GB/s is that over the time,
 and "of copy" is the ratio to a measured device-to-device copy (bytes read + written). A
@@ -41,7 +47,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from flexdispatch import ops, reference  # noqa: E402
 from timing import back_to_back_ms, median_ms  # noqa: E402
 
-SHAPES = [(16384, 7168, 64, 8), (32768, 2048, 32, 8), (1024, 1024, 8, 4)]
+SHAPES = [(16384, 7168, 64, 8), (32768, 2048, 32, 8), (1024, 1024, 8, 4), (4096, 7168, 256, 8),
+          (4096, 7168, 512, 8), (1024, 1024, 32, 4)]
 
 
 def copy_bandwidth(iters: int) -> tuple[float, float]:
@@ -61,6 +68,18 @@ def routing(rows: int, experts: int, topk: int, seed: int = 0):
     return idx, probs
 
 
+def launches(fn) -> int:
+    """Device operations (kernels, copies, fills) one call of ``fn`` queues, after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps, only=None):
     idx, probs = routing(rows, experts, topk)
     x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
@@ -73,7 +92,7 @@ def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps, only=N
         if only and name not in only:
             return
         ms = median_ms(fn, iters)
-        entry = {"ms": ms, "ms_b2b": back_to_back_ms(fn, iters)}
+        entry = {"ms": ms, "ms_b2b": back_to_back_ms(fn, iters), "launches": launches(fn)}
         if bytes_moved:
             entry["gbps"] = bytes_moved / ms / 1e6
             entry["of_copy"] = entry["gbps"] / copy_gbps
@@ -89,7 +108,14 @@ def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps, only=N
            lambda: reference.indices_to_multihot(idx, probs, experts))
     record("permute", lambda: ops.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=n),
            lambda: reference.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=n), floor_bytes)
+    routing_map, dense_probs = ops.indices_to_multihot(idx, probs, experts)
+    record("permute_map", lambda: ops.permute(x, routing_map, dense_probs, num_out_tokens=n),
+           lambda: reference.permute(x, routing_map, dense_probs, num_out_tokens=n), floor_bytes)
+    if "permute_map" in results and "permute" in results:
+        results["permute_map"]["vs_index"] = results["permute_map"]["ms_b2b"] / results["permute"]["ms_b2b"]
     record("permute+sync", lambda: ops.permute_by_indices(x, idx, probs, num_experts=experts), None, floor_bytes)
+    record("perm+unperm", lambda: ops.unpermute(*ops.permute_by_indices(x, idx, probs, num_experts=experts,
+                                                                       num_out_tokens=n)[::2]))
     ref_out, _, ref_plan, _ = reference.permute_by_indices(x, idx, probs, num_experts=experts)
     record("unpermute", lambda: ops.unpermute(out, plan), lambda: reference.unpermute(ref_out, ref_plan), floor_bytes)
     record("unpermute_w", lambda: ops.unpermute(out, plan, probs), lambda: reference.unpermute(ref_out, ref_plan, probs),
@@ -148,17 +174,19 @@ def main() -> int:
           f"fill {write_gbps:.0f} GB/s (write only)")
     report = {"device": device, "torch": torch.__version__, "copy_gbps": copy_gbps, "write_gbps": write_gbps,
               "shapes": []}
-    header = "| R | H | E | K | op | ms | GB/s | of copy | ms back to back | of copy | reference ms | speed-up |"
+    header = ("| R | H | E | K | op | ms | GB/s | of copy | ms back to back | of copy | launches | reference ms | "
+              "speed-up |")
     print(header)
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 13)
     for shape in [SHAPES[int(i)] for i in args.shapes.split(",")]:
         results = bench_shape(*shape, args.iters, args.ref_iters, copy_gbps, args.ops and set(args.ops.split(",")))
         report["shapes"].append({"shape": shape, "results": results})
         for name, r in results.items():
             print(f"| {' | '.join(map(str, shape))} | {name} | {r['ms']:.3f} | {r.get('gbps', float('nan')):.0f} | "
                   f"{r.get('of_copy', float('nan')):.0%} | {r['ms_b2b']:.3f} | {r.get('of_copy_b2b', float('nan')):.0%} | "
-                  f"{r.get('ref_ms', float('nan')):.3f} | "
-                  f"{r.get('speedup', float('nan')):.1f}x |")
+                  f"{r['launches']} | {r.get('ref_ms', float('nan')):.3f} | "
+                  f"{r.get('speedup', float('nan')):.1f}x |"
+                  + (f" vs index {r['vs_index']:.2f}x" if "vs_index" in r else ""))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     if args.png:
