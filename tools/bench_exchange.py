@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-from flexdispatch import _library, ops  # noqa: E402
+from flexdispatch import ops  # noqa: E402
 from flexdispatch.managers import peer_buffers  # noqa: E402
 from timing import init_rank, run_ranks  # noqa: E402
 
@@ -55,12 +55,18 @@ def _worker(rank, world, port, args):
 
     def exchange(own: bool):
         def run():
-            transport._own_barrier = own
+            transport.own_barrier = own
             transport.exchange(header, [(part, 128)])
         return run
 
-    items = [("symmetric memory barrier", lambda: transport._handle.barrier(channel=0)),
-             ("peer_barrier (ours)", lambda: _library.kernels().peer_barrier(transport._pads, 1, rank, world, transport._bases)),
+    def barrier(own: bool):
+        def run():
+            transport.own_barrier = own
+            transport.barrier()
+        return run
+
+    items = [("symmetric memory barrier", barrier(False)),
+             ("peer_barrier (ours)", barrier(True)),
              ("1 KiB device copy", lambda: dst.copy_(small)),
              ("empty kernel (zero_ of 1 value)", lambda: scratch.zero_()),
              ("exchange, symmetric memory barrier", exchange(False)),

@@ -123,10 +123,16 @@ def main() -> int:
                 print(f"EP 1 local     {wall:8.3f} / {own:8.3f}", flush=True)
             continue
         queue = mp.get_context("spawn").Queue()
-        run_ranks(_rank, size, args, queue)  # (rank 0's results are a few numbers: the queue holds them)
-        results = queue.get(timeout=60)
+        try:
+            run_ranks(_rank, size, args, queue)  # (rank 0's results are a few numbers: the queue holds them)
+            exit_error = None
+        except mp.ProcessExitedException as exc:  # (an older tree may abort at exit, after measuring)
+            exit_error = exc
+        results = queue.get(timeout=60)  # (nothing measured: queue.Empty)
         for manager, (wall, own) in results.items():
             print(f"EP {size} {manager:<9} {wall:8.3f} / {own:8.3f}", flush=True)
+        if exit_error is not None:
+            print(f"  (measured; then a rank exited abnormally: {exit_error})", flush=True)
     return 0
 
 

@@ -174,7 +174,7 @@ class SymmetricTransport(Transport):
         self._tables: dict = {}  # offset -> int64 [W] addresses of that region on every rank
         # The exchange's barrier: our one-block kernel on the signal pads (channel 1), or
         # symmetric memory's own (testing switch nvlink_barrier=torch; channel 0). Same on every rank.
-        self._own_barrier = envs.switch("nvlink_barrier") == "own"
+        self.own_barrier = envs.switch("nvlink_barrier") == "own"
         self._timeout_s = envs.peer_timeout_s()
         self._check_one_node()
 
@@ -220,9 +220,9 @@ class SymmetricTransport(Transport):
         if total > self._size:
             raise RuntimeError(f"nvlink peer buffer: an exchange needs {total} bytes, the buffer holds "
                                f"{self._size}; the manager sizes it before each call (please report this)")
-        self._barrier()  # every peer is done reading the last exchange's rows
+        self.barrier()  # every peer is done reading the last exchange's rows
         _library.kernels().pack_parts(self._buffer, entries, offsets)  # every part in one launch
-        self._barrier()  # every rank's rows are in place
+        self.barrier()  # every rank's rows are in place
         tables = [self._table(offset) for offset in offsets]
         headers = None
         if header is not None:  # read into a device tensor: no sync here
@@ -246,8 +246,10 @@ class SymmetricTransport(Transport):
                 self._tables[offset] = table
         return table
 
-    def _barrier(self) -> None:
-        if self._own_barrier:
+    def barrier(self) -> None:
+        """Every rank of the group waits here (stream-ordered, on the current stream): ours,
+        or symmetric memory's when ``own_barrier`` is False."""
+        if self.own_barrier:
             from .. import _library
 
             _library.kernels().peer_barrier(self._pads, 1, self.rank, self.world_size, self._bases, self._timeout_s)
