@@ -9,7 +9,9 @@ one rank (the local manager), experts ``f_e(x) = silu(x * a_e)`` on the permuted
 expert found from the counts, with no host read), ``token_unpermutation``. Per mode (``default``:
 the permutation sized on the host; ``sync-free``: worst-case sized), it prints torch._dynamo's
 graph and break counts for the layer, then the median time of one call after a warm-up, forward
-and forward + backward, eager and compiled (separate dispatchers, same inputs). ``--dispatcher``
+and forward + backward, eager and compiled (separate dispatchers, same inputs); on CUDA the
+sync-free layer also captured by hand in CUDA graphs and compiled with
+``mode="reduce-overhead"`` (torch.compile's CUDA graphs). ``--dispatcher``
 also times eager calls with every kernel op through the torch op dispatcher (the path compiled
 graphs take) instead of the direct calls eager code makes. Elementwise experts keep the
 dispatcher's own cost in view; on CUDA every call is timed from a synchronized device to its
@@ -77,6 +79,34 @@ def timings(fn, d, inputs, grad, args) -> dict:
     return {"forward": median_ms(forward, args), "fwd+bwd": median_ms(forward_backward, args)}
 
 
+def captured_timings(d, inputs, grad, args) -> dict:
+    """The sync-free layer captured by hand in two CUDA graphs (forward; forward + backward,
+    gradients by torch.autograd.grad into the graph's pool) and timed as replays."""
+    x, logits, scales = inputs
+    leaf = x.detach().clone().requires_grad_()
+
+    def forward():
+        return layer(d, x, logits, scales)
+
+    def forward_backward():
+        return torch.autograd.grad(layer(d, leaf, logits, scales), leaf, grad)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # (warm-up off the capturing stream, as torch.cuda.graph asks)
+        for _ in range(3):
+            forward()
+            forward_backward()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graphs = {"forward": torch.cuda.CUDAGraph(), "fwd+bwd": torch.cuda.CUDAGraph()}
+    with torch.cuda.graph(graphs["forward"]):
+        forward()
+    with torch.cuda.graph(graphs["fwd+bwd"]):
+        forward_backward()
+    return {phase: median_ms(graph.replay, args) for phase, graph in graphs.items()}
+
+
 def run_mode(mode: str, args) -> None:
     g = torch.Generator().manual_seed(0)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -105,6 +135,14 @@ def run_mode(mode: str, args) -> None:
     compiled(dispatcher(args, sync_free), *inputs).backward(grad)
     print(f"  first compiled call (compiles forward and backward): {time.perf_counter() - start:.1f} s")
     results[f"compiled ({args.backend})"] = timings(compiled, dispatcher(args, sync_free), inputs, grad, args)
+    if sync_free and args.device == "cuda":  # (graphs need static sizes: the sync-free layer's)
+        results["captured by hand"] = captured_timings(dispatcher(args, True), inputs, grad, args)
+        overhead = torch.compile(layer, backend=args.backend, mode="reduce-overhead")
+        d = dispatcher(args, True)
+        for _ in range(3):  # (its first calls compile and record the graphs)
+            x.grad = None
+            overhead(d, *inputs).backward(grad)
+        results["compiled (reduce-overhead)"] = timings(overhead, d, inputs, grad, args)
     for phase in ("forward", "fwd+bwd"):
         eager = results["eager"][phase]
         cells = [f"{name} {r[phase]:8.3f} ms ({r[phase] / eager:.2f}x)" for name, r in results.items()]
