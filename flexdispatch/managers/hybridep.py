@@ -136,7 +136,13 @@ class _HybridEPManager(LayerStates, _DispatchManager):
         self._release()
 
     def _release(self) -> None:
-        """Drop the call's routing and handle (autograd keeps what backward needs)."""
+        """Drop the call in flight (autograd keeps what backward needs).
+
+        Owners: the call, from routing to combine: the reference's attributes (``token_probs``,
+        ``token_indices``, ``routing_map``, ``handle``, ``num_permuted_tokens``,
+        ``num_unpadded_tokens``, ``dispatched_probs``) and ``_routed``; ``_deferred``, from this
+        rank's failed check to the dispatch's exchange. The layer keeps ``_step``,
+        ``tokens_per_expert`` (until the next call) and the static-routing pins."""
         self.token_probs: Optional[torch.Tensor] = None
         self.token_indices: Optional[torch.Tensor] = None
         self.routing_map: Optional[torch.Tensor] = None
