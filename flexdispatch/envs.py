@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 from typing import Callable, Iterator, Optional
 
@@ -205,7 +206,13 @@ def watch_switch(name: str, callback: Callable[[str], None]) -> None:
     """Call ``callback(value)`` with the switch's value now and whenever :func:`testing_switches`
     changes it (for a switch read on a hot path: its reader keeps a plain variable)."""
     _watchers.setdefault(name, []).append(callback)
-    callback(switch(name))
+    try:
+        value = switch(name)
+    except ValueError as exc:  # (at import: a bad FLEXDISPATCH_TESTING must not stop the package loading;
+        # managers made later raise it, as every reader of a switch does)
+        logging.getLogger("flexdispatch").warning("%s; %s stays %s", exc, name, SWITCHES[name][0])
+        value = SWITCHES[name][0]
+    callback(value)
 
 
 @contextlib.contextmanager
