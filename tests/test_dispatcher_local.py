@@ -83,6 +83,23 @@ def test_leading_dims_restored_and_step_by_step_api():
     assert rel_err(out.reshape(24, 16), expected) < TOLERANCE[torch.float32]
 
 
+def test_dispatched_probs_are_zero_where_capacity_left_no_expert():
+    """The reference's dispatched metadata: a slot the capacity dropped (index -1) has prob 0,
+    the kept slots their router prob, bit for bit."""
+    d = make(4, 2, moe_expert_capacity_factor=0.5)
+    g = torch.Generator().manual_seed(5)
+    probs = torch.softmax(torch.randn(16, 4, generator=g), -1)
+    d.dispatch_preprocess(torch.randn(16, 8, generator=g), 16, probs)
+    d.dispatch_all_to_all(torch.randn(16, 8, generator=g))
+    indices, dispatched = d._comm_manager.get_dispatched_metadata()
+    top, _ = torch.topk(probs, 2)
+    dropped = indices < 0
+    assert dropped.any() and (~dropped).any()
+    assert torch.equal(dispatched[dropped], torch.zeros(int(dropped.sum())))
+    assert torch.equal(dispatched[~dropped], top[~dropped])
+    d.reset()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_sync_free_mode(device):
     xs, logits, weights = make_problem(4, [40], 16, 8)

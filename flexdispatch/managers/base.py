@@ -568,8 +568,11 @@ class _ManagerBase(LayerStates, _DispatchManager):
         float32)`` (flexdispatch's kernel; the permutation itself needs no multihot form)."""
         return ops.indices_to_multihot(indices, probs.float(), self.num_local_experts)
 
-    def _masked_probs(self, indices: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        return torch.where(indices >= 0, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
+    @staticmethod
+    def _masked_probs(indices: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """``probs`` with 0 where ``indices`` is -1 (the reference's dispatched probs): two ops,
+        no zero tensor made for the fill."""
+        return probs.masked_fill(indices < 0, 0)
 
     # ---- the steps --------------------------------------------------------------------------
 
