@@ -16,12 +16,3 @@ python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/test_dis
   | tee "$OUT/gpu_tests.log" | tail -25
 python3 -m pytest -q -p no:cacheprovider tests/test_jit.py -k "no_cuda_context" 2>&1 | tail -3 | tee -a "$OUT/gpu_tests.log"
 python3 tools/bench_ops.py --json "$OUT/bench_ops.json" --png "$OUT/bench_ops.png" 2>&1 | tee "$OUT/bench_ops.md"
-# Eager, compiled, captured by hand and compiled with mode="reduce-overhead", one rank, at the
-# three shapes the host-time targets are stated at (bf16).
-if [ -z "${SKIP_COMPILE:-}" ]; then
-  for shape in "1024 1024 32 4" "8192 2048 128 8" "4096 7168 256 8"; do
-    set -- $shape
-    timeout 240 python3 tools/bench_compile.py --tokens "$1" --hidden "$2" --experts "$3" --topk "$4" \
-      --dtype bfloat16 --runs 50 2>&1 | grep -v "^\[flexdispatch\]" | tee -a "$OUT/bench_compile.md"
-  done
-fi
