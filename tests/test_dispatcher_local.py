@@ -197,6 +197,33 @@ def test_one_sm_budget_sets_every_backend(budget, deepep, hybridep, nvlink):
     assert (d.spec.num_sms, d.spec.nvlink_max_blocks) == (deepep, nvlink)
 
 
+@pytest.mark.parametrize("budget,deepep,hybridep", [(None, 20, 24), (33, 32, 33)])
+def test_the_sm_budget_reaches_each_engine(monkeypatch, budget, deepep, hybridep):
+    """The SM count that applies is what each engine's manager is built with: DeepEP's and
+    UCCL-EP's set_num_sms, HybridEP's dispatch and combine (engine stand-ins, a group object
+    of two ranks as Automodel's tests pass)."""
+    from unittest import mock
+
+    import engine_standins
+    from flexdispatch.managers import registry
+    from flexdispatch.spec import LayerSpec
+
+    group = mock.Mock()
+    group.size.return_value = 2
+    cfg = fd.TokenDispatcherConfig(num_moe_experts=8, moe_router_topk=2, moe_comm_sms=budget)
+    spec = LayerSpec.checked(num_experts=8, num_local_experts=4, world_size=2, topk=2)
+    told = []
+    monkeypatch.setattr(fd, "set_deepep_num_sms", told.append, raising=False)
+    monkeypatch.setattr(fd, "set_uccl_num_sms", lambda n: told.append(("uccl", n)), raising=False)
+    with engine_standins.installed("deepep"):
+        registry._build_deepep(group, spec, cfg)
+    with engine_standins.installed("uccl_ep"):
+        registry._build_uccl_ep(group, spec, cfg)
+    assert told == [deepep, ("uccl", deepep)]
+    with engine_standins.installed("hybridep"):
+        assert registry._build_hybridep(group, spec, cfg).moe_hybridep_num_sms == hybridep
+
+
 def test_fp8_fused_permutation_is_deprecated_and_changes_nothing():
     """The option that only chose a slower path with the same bits warns and is ignored."""
     with pytest.warns(DeprecationWarning, match="moe_fp8_fused_permutation has no effect"):
