@@ -25,7 +25,7 @@ from .managers.base import OutOfOrderError, _group_size_rank, _ManagerBase
 from .managers.gather import all_gather_objects
 from .managers.hybridep import HybridEPPipelineRuntimeInitializer, _HybridEPManager, _HybridEPMetadataProcessor
 from .managers.sharing import LayerStates
-from .spec import CONFIG_NAMES, LayerSpec
+from .spec import CONFIG_NAMES, LayerSpec, input_error
 
 SHARING_DEEPEP_MANAGER = True
 """Dispatchers of one expert-parallel group share their manager (and DeepEP's buffer) when
@@ -77,7 +77,7 @@ def _as_config(config) -> TokenDispatcherConfig:
     if isinstance(config, TokenDispatcherConfig):
         return config
     if config is None:
-        raise TypeError("config: expected a TokenDispatcherConfig or MoEConfig, got None")
+        raise input_error(TypeError, "config", "expected a TokenDispatcherConfig or MoEConfig, got None")
     cls = TokenDispatcherConfig if hasattr(config, "moe_flex_dispatcher_backend") else MoEConfig
     return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)})
 
@@ -310,8 +310,9 @@ class MoEFlexTokenDispatcher:
                 if error is not None:
                     raise type(error)(f"{error} (every rank of the expert-parallel group raises before any token "
                                       f"moved)")
-                raise ValueError(f"hidden_states: invalid input on rank(s) {failed} of the expert-parallel group; "
-                                 f"every rank raises before any token moved ({votes[failed[0]][1]})")
+                raise input_error(ValueError, "hidden_states",
+                                  f"invalid input on rank(s) {failed} of the expert-parallel group; "
+                                  f"every rank raises before any token moved ({votes[failed[0]][1]})")
             if candidate is None:  # (a backend named: nothing to choose)
                 self._vetted = True
                 return self._manager()
@@ -346,7 +347,7 @@ class MoEFlexTokenDispatcher:
             what = ("the layers run in a different order on different ranks, or a rank built a layer its peers did "
                     "not (a layer is numbered by the order its dispatcher was built in the group)"
                     if differing == ["layer"] else "the ranks built this layer with different settings")
-            raise ValueError(f"config: {what} ({shown}); every rank raises before any token moved")
+            raise input_error(ValueError, "config", f"{what} ({shown}); every rank raises before any token moved")
 
     @property
     def backend(self) -> Optional[str]:
@@ -374,31 +375,36 @@ class MoEFlexTokenDispatcher:
         world = self.tp_size * self.ep_size
         experts = self.config.num_moe_experts
         if not isinstance(probs, torch.Tensor) or not probs.is_floating_point():
-            raise TypeError(f"probs: expected a floating-point tensor, got "
-                            f"{probs.dtype if isinstance(probs, torch.Tensor) else type(probs).__name__}")
+            raise input_error(TypeError, "probs",
+                              f"expected a floating-point tensor, got "
+                              f"{probs.dtype if isinstance(probs, torch.Tensor) else type(probs).__name__}")
         # [T, E], or [..., E] with leading dims of T tokens; a transposed [E, T] or flat
         # [T * E] tensor has the right element count but would be misread.
         if probs.dim() < 1 or probs.shape[-1] != experts or probs.numel() != num_local_tokens * experts:
-            raise ValueError(f"probs: expected shape [num_local_tokens, num_moe_experts] = [{num_local_tokens}, "
-                             f"{experts}] (or [..., {experts}] with {num_local_tokens} tokens), got "
-                             f"{tuple(probs.shape)}")
+            raise input_error(ValueError, "probs",
+                              f"expected shape [num_local_tokens, num_moe_experts] = [{num_local_tokens}, "
+                              f"{experts}] (or [..., {experts}] with {num_local_tokens} tokens), got "
+                              f"{tuple(probs.shape)}")
         return (probs.reshape(num_local_tokens, self.ep_size, 1, self.num_local_experts)
                 .expand(-1, -1, self.tp_size, -1)
                 .reshape(num_local_tokens, world, self.num_local_experts)).contiguous()
 
     def _flatten_hidden(self, hidden_states: torch.Tensor, num_local_tokens: int) -> torch.Tensor:
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() < 2:
-            raise ValueError("hidden_states: expected a tensor [..., hidden] with at least 2 dims")
+            raise input_error(ValueError, "hidden_states", "expected a tensor [..., hidden] with at least 2 dims")
         if not hidden_states.is_floating_point():
-            raise TypeError(f"hidden_states: expected a floating-point tensor, got {hidden_states.dtype}")
+            raise input_error(TypeError, "hidden_states",
+                              f"expected a floating-point tensor, got {hidden_states.dtype}")
         if hidden_states.shape[-1] == 0:
-            raise ValueError(f"hidden_states: expected a hidden size >= 1, got shape {tuple(hidden_states.shape)}")
+            raise input_error(ValueError, "hidden_states",
+                              f"expected a hidden size >= 1, got shape {tuple(hidden_states.shape)}")
         if isinstance(num_local_tokens, bool) or not isinstance(num_local_tokens, int) or num_local_tokens < 0:
-            raise ValueError(f"num_local_tokens: expected an int >= 0, got {num_local_tokens!r}")
+            raise input_error(ValueError, "num_local_tokens", f"expected an int >= 0, got {num_local_tokens!r}")
         rows = hidden_states.numel() // hidden_states.shape[-1]
         if rows != num_local_tokens:
-            raise ValueError(f"num_local_tokens: {num_local_tokens} does not match hidden_states "
-                             f"{tuple(hidden_states.shape)} ({rows} tokens)")
+            raise input_error(ValueError, "num_local_tokens",
+                              f"{num_local_tokens} does not match hidden_states "
+                              f"{tuple(hidden_states.shape)} ({rows} tokens)")
         self.hidden_shape = hidden_states.shape
         return hidden_states.reshape(-1, hidden_states.shape[-1])
 
@@ -508,8 +514,9 @@ class MoEFlexTokenDispatcher:
         if not self.config.moe_fp8_experts:
             return self.dispatch_postprocess(self._dispatch_for_permutation(manager, hidden, async_))
         if isinstance(hidden, torch.Tensor) and hidden.requires_grad and torch.is_grad_enabled():
-            manager.defer_first(ValueError(
-                "hidden_states: moe_fp8_experts hands the experts FP8 rows, which carry no gradient; call the layer "
+            manager.defer_first(input_error(
+                ValueError, "hidden_states",
+                "moe_fp8_experts hands the experts FP8 rows, which carry no gradient; call the layer "
                 "under torch.no_grad() (inference), or set moe_fp8_experts=False to train (the experts then get "
                 "the rows dequantized)"))
         dispatched = self._dispatch_for_permutation(manager, hidden, async_, fp8_rows=True)

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _library, reference
+from .spec import input_error
 from ._library import check_pending_errors, cuda_kernels_loaded, defer_routing_error, kernels_loaded, load_kernels
 from .rowmap import MAX_EXPERTS, RowIdMap, index_route_error_bits, layout_total_index, plan_of
 
@@ -37,13 +38,13 @@ __all__ = ["load_kernels", "kernels_loaded", "cuda_kernels_loaded", "check_pendi
 
 def _check_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        raise input_error(TypeError, name, f"expected a torch.Tensor, got {type(t).__name__}")
 
 
 def _check_rows(tokens: torch.Tensor, name: str = "tokens") -> None:
     _check_tensor(tokens, name)
     if tokens.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D tensor [rows, hidden], got shape {tuple(tokens.shape)}")
+        raise input_error(ValueError, name, f"expected a 2-D tensor [rows, hidden], got shape {tuple(tokens.shape)}")
 
 
 def _check_probs(probs, like: torch.Tensor, name: str = "probs") -> Optional[torch.Tensor]:
@@ -51,11 +52,11 @@ def _check_probs(probs, like: torch.Tensor, name: str = "probs") -> Optional[tor
         return None
     _check_tensor(probs, name)
     if tuple(probs.shape) != tuple(like.shape):
-        raise ValueError(f"{name}: expected shape {tuple(like.shape)}, got {tuple(probs.shape)}")
+        raise input_error(ValueError, name, f"expected shape {tuple(like.shape)}, got {tuple(probs.shape)}")
     if not probs.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {probs.dtype}")
+        raise input_error(TypeError, name, f"expected a floating-point tensor, got {probs.dtype}")
     if probs.device != like.device:
-        raise ValueError(f"{name}: expected device {like.device}, got {probs.device}")
+        raise input_error(ValueError, name, f"expected device {like.device}, got {probs.device}")
     return probs if probs.dtype in (torch.float32, torch.float64) else probs.float()
 
 

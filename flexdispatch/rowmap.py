@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from .spec import input_error
+
 from . import _kernel_header
 
 _ERROR_BITS = _kernel_header.enum("ErrorBits")  # read from cuda_src/flexdispatch.h
@@ -127,15 +129,15 @@ def routing_error(bits: int, route: Optional[torch.Tensor], num_experts: int, na
     the indices, ``probs_name`` (default: :data:`PROBS_NAMES`) for a non-finite probability."""
     if bits & (INDEX_OUT_OF_RANGE | DUPLICATE_INDEX):
         detail = first_bad_slot(route, num_experts) if route is not None and route.dtype != torch.bool else ""
-        return ValueError(f"{name}: invalid routing: {detail}".rstrip(": "))
+        return input_error(ValueError, name, f"invalid routing: {detail}".rstrip(": "))
     if bits & NONFINITE_PROB:
         probs_name = probs_name or PROBS_NAMES.get(name, "probs")
         detail = first_bad_slot(route, num_experts, probs) if route is not None and probs is not None else ""
-        return ValueError(f"{probs_name}: non-finite routing probability: {detail}".rstrip(": "))
+        return input_error(ValueError, probs_name, f"non-finite routing probability: {detail}".rstrip(": "))
     if bits & OUTPUT_OVERFLOW:
         return ValueError(f"num_out_tokens={num_out} is smaller than the rows the routing needs; nothing "
                           f"was dropped silently: pass None to size the output exactly")
-    return ValueError(f"{name}: kernel reported error bits {bits}")
+    return input_error(ValueError, name, f"kernel reported error bits {bits}")
 
 
 def check_index_route(indices: torch.Tensor, num_experts: int, name: str = "indices") -> None:

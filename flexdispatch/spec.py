@@ -17,10 +17,19 @@ ROUTER_DTYPES = (None, "fp32", "fp64")
 DROPPED_TOKEN_ACTIONS = ("warn", "raise", "ignore")
 
 
+def input_error(kind: type, argument: str, message: str) -> Exception:
+    """``kind(f"{argument}: {message}")`` carrying ``argument`` as an attribute: the argument a
+    bad input names, which a group's agreement sends to every rank as a code (so every rank's
+    error names it) without reading it back out of the message."""
+    error = kind(f"{argument}: {message}")
+    error.argument = argument
+    return error
+
+
 def int_at_least(name: str, value, low: int) -> int:
     """``value`` if it is an int >= ``low`` (bools excluded), else ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+        raise input_error(ValueError, name, f"expected an int >= {low}, got {value!r}")
     return value
 
 

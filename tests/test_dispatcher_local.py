@@ -224,6 +224,24 @@ def test_the_sm_budget_reaches_each_engine(monkeypatch, budget, deepep, hybridep
         assert registry._build_hybridep(group, spec, cfg).moe_hybridep_num_sms == hybridep
 
 
+def test_a_deferred_error_names_its_argument_by_attribute_not_by_text():
+    """The agreement sends the code of the argument an error carries (spec.input_error, the
+    two-thread error), not one read out of its message: a message that merely starts with an
+    argument's name carries none."""
+    from flexdispatch.managers import agreement, groups
+    from flexdispatch.spec import input_error
+
+    named = input_error(TypeError, "hidden_states", "expected a floating-point tensor")
+    assert isinstance(named, TypeError) and str(named) == "hidden_states: expected a floating-point tensor"
+    assert agreement.ARGUMENTS[agreement.argument_code(named)] == "hidden_states"
+    assert agreement.argument_code(ValueError("hidden_states: a message alone")) == 0
+    assert agreement.argument_code(groups.ConcurrentCallError("threads: two at once")) == agreement.THREADS
+    d = make(4, 2)
+    with pytest.raises(ValueError, match="num_local_tokens") as caught:
+        d.dispatch_preprocess(torch.randn(6, 8), 5, torch.rand(6, 4))
+    assert caught.value.argument == "num_local_tokens"
+
+
 def test_fp8_fused_permutation_is_deprecated_and_changes_nothing():
     """The option that only chose a slower path with the same bits warns and is ignored."""
     with pytest.warns(DeprecationWarning, match="moe_fp8_fused_permutation has no effect"):

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .. import _kernel_header
+from ..spec import input_error
 from ..rowmap import NONFINITE_PROB, routing_error
 from . import collectives
 
@@ -40,9 +41,10 @@ DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def argument_code(exc: BaseException) -> int:
-    """Index in ARGUMENTS of the argument an error message starts with (0: unknown)."""
-    head = str(exc).split(":", 1)[0].strip()
-    return ARGUMENTS.index(head) if head in ARGUMENTS else 0
+    """Index in ARGUMENTS of the argument ``exc`` names (its ``argument``, set by
+    :func:`flexdispatch.spec.input_error`; 0: none of these)."""
+    name = getattr(exc, "argument", "")
+    return ARGUMENTS.index(name) if name in ARGUMENTS else 0
 
 
 def dtype_code(dtype: Optional[torch.dtype]) -> int:
@@ -125,8 +127,9 @@ class Agreement:
                                f"({layers}; a layer is numbered by the order its dispatcher was built in the group): "
                                f"the layers run in a different order on different ranks. Every rank raises {when}")
         if len({h[CONFIG] for h in rows}) > 1:
-            raise ValueError(f"config: the ranks of the expert-parallel group built this layer with different settings "
-                             f"(backend, experts, FP8 dispatch, sync-free mode, bound, ...); every rank raises {when}")
+            raise input_error(ValueError, "config",
+                              f"the ranks of the expert-parallel group built this layer with different settings "
+                              f"(backend, experts, FP8 dispatch, sync-free mode, bound, ...); every rank raises {when}")
         if len({(h[PHASE], h[STEP]) for h in rows}) > 1:
             states = ", ".join(f"rank {w}: step {h[STEP]} {PHASE_NAMES.get(h[PHASE], '?')}" for w, h in enumerate(rows))
             raise RuntimeError(f"dispatcher: the ranks of the expert-parallel group are at different steps of this "
@@ -137,11 +140,15 @@ class Agreement:
         if bad:
             mine = rows[rank][ERROR]
             if deferred is not None:
-                raise type(deferred)(f"{deferred} (every rank of the expert-parallel group raises {when})")
+                again = type(deferred)(f"{deferred} (every rank of the expert-parallel group raises {when})")
+                again.argument = getattr(deferred, "argument", None)
+                raise again
             if mine:
                 detail = routing_error(mine, route, num_experts, names[0], probs=probs, probs_name=names[1])
-                raise ValueError(f"{str(detail).split(':', 1)[0]}: invalid routing on {where(bad)}; every rank raises "
-                                 f"{when}: {detail}")
+                raise input_error(ValueError, getattr(detail,
+                                  "argument", names[0]),
+                                  f"invalid routing on {where(bad)}; every rank raises "
+                                  f"{when}: {detail}")
             first, threads = rows[bad[0]], self.threads_ranks()
             if threads:
                 from .groups import ConcurrentCallError
@@ -155,13 +162,15 @@ class Agreement:
             else:
                 kind = "invalid routing"
                 arg = names[1] if first[ERROR] == NONFINITE_PROB else names[0]
-            raise ValueError(f"{arg}: {kind} on {where(bad)}; every rank raises {when} (that rank's error says "
-                             f"what is wrong)")
+            raise input_error(ValueError, arg,
+                              f"{kind} on {where(bad)}; every rank raises {when} (that rank's error says "
+                              f"what is wrong)")
         for field, name, arg in ((HIDDEN, "hidden size", "hidden_states"), (DTYPE, "dtype", "hidden_states"),
                                  (TOPK, "top-k", "config")):
             values = [h[field] for h in rows]
             if len(set(values)) > 1:
                 shown = [str(DTYPES[v]).replace("torch.", "") if field == DTYPE and v < len(DTYPES) else v
                          for v in values]
-                raise ValueError(f"{arg}: the ranks of the expert-parallel group disagree on the {name} of this "
-                                 f"call (per rank: {shown}); every rank raises {when}")
+                raise input_error(ValueError, arg,
+                                  f"the ranks of the expert-parallel group disagree on the {name} of this "
+                                  f"call (per rank: {shown}); every rank raises {when}")

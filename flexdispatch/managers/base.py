@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops, peer_ops
-from ..spec import MANAGER_NAMES, LayerSpec, expert_capacity, int_at_least
+from ..spec import MANAGER_NAMES, LayerSpec, expert_capacity, input_error, int_at_least
 from ..rowmap import RowIdMap
 from . import agreement, groups
 from .sharing import LayerStates
@@ -235,20 +235,25 @@ def check_topk_routing(token_probs, token_indices, topk: int, num_local_tokens: 
     """The argument checks of top-K routing ``token_probs [T, K]`` float and ``token_indices
     [T, K]`` int32/int64 (-1 = none): TypeError or ValueError naming the argument."""
     if not isinstance(token_probs, torch.Tensor) or not token_probs.is_floating_point():
-        raise TypeError("token_probs: expected a floating-point tensor")
+        raise input_error(TypeError, "token_probs", "expected a floating-point tensor")
     if not isinstance(token_indices, torch.Tensor) or token_indices.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"token_indices: expected an int32 or int64 tensor, got "
-                        f"{getattr(token_indices, 'dtype', type(token_indices).__name__)}")
+        raise input_error(TypeError, "token_indices",
+                          f"expected an int32 or int64 tensor, got "
+                          f"{getattr(token_indices, 'dtype', type(token_indices).__name__)}")
     if token_indices.dim() != 2 or token_indices.shape[1] != topk:
-        raise ValueError(f"token_indices: expected [num_tokens, topk={topk}], got {tuple(token_indices.shape)}")
+        raise input_error(ValueError, "token_indices",
+                          f"expected [num_tokens, topk={topk}], got {tuple(token_indices.shape)}")
     if token_probs.shape != token_indices.shape:
-        raise ValueError(f"token_probs: expected the shape of token_indices {tuple(token_indices.shape)}, "
-                         f"got {tuple(token_probs.shape)}")
+        raise input_error(ValueError, "token_probs",
+                          f"expected the shape of token_indices {tuple(token_indices.shape)}, "
+                          f"got {tuple(token_probs.shape)}")
     if token_probs.device != token_indices.device:
-        raise ValueError(f"token_indices: expected token_probs' device {token_probs.device}, got {token_indices.device}")
+        raise input_error(ValueError, "token_indices",
+                          f"expected token_probs' device {token_probs.device}, got {token_indices.device}")
     if num_local_tokens is not None and token_indices.shape[0] != num_local_tokens:
-        raise ValueError(f"num_local_tokens: {num_local_tokens} does not match the {token_indices.shape[0]} "
-                         f"rows of token_indices")
+        raise input_error(ValueError, "num_local_tokens",
+                          f"{num_local_tokens} does not match the {token_indices.shape[0]} "
+                          f"rows of token_indices")
 
 
 def _group_size_rank(group) -> tuple[int, Optional[int]]:
@@ -485,11 +490,13 @@ class _ManagerBase(LayerStates, _DispatchManager):
         self._expect("setup_metadata", "idle", "routed")
         tokens = int_at_least("num_local_tokens", num_local_tokens, 0)
         if not isinstance(probs, torch.Tensor) or not probs.is_floating_point():
-            raise TypeError(f"probs: expected a floating-point tensor, got "
-                            f"{probs.dtype if isinstance(probs, torch.Tensor) else type(probs).__name__}")
+            raise input_error(TypeError, "probs",
+                              f"expected a floating-point tensor, got "
+                              f"{probs.dtype if isinstance(probs, torch.Tensor) else type(probs).__name__}")
         if probs.numel() != tokens * self.num_experts:
-            raise ValueError(f"probs: expected num_local_tokens * num_experts = {tokens} * {self.num_experts} "
-                             f"elements, got shape {tuple(probs.shape)}")
+            raise input_error(ValueError, "probs",
+                              f"expected num_local_tokens * num_experts = {tokens} * {self.num_experts} "
+                              f"elements, got shape {tuple(probs.shape)}")
         dense = probs.reshape(tokens, self.num_experts)
         token_probs, token_indices = torch.topk(dense, self.router_topk, dim=-1)
         self._set_routing(token_probs, token_indices, names=("probs", "probs"))
@@ -628,23 +635,29 @@ class _ManagerBase(LayerStates, _DispatchManager):
 
     def _check_dispatch_input(self, hidden_states) -> None:
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
-            raise ValueError(f"hidden_states: expected a 2-D tensor [num_tokens, hidden], got "
-                             f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__}")
+            raise input_error(ValueError, "hidden_states",
+                              f"expected a 2-D tensor [num_tokens, hidden], got "
+                              f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__}")
         if not hidden_states.is_floating_point():
-            raise TypeError(f"hidden_states: expected a floating-point tensor, got {hidden_states.dtype}")
+            raise input_error(TypeError, "hidden_states",
+                              f"expected a floating-point tensor, got {hidden_states.dtype}")
         if hidden_states.shape[0] != self._routed.num_tokens:
-            raise ValueError(f"hidden_states: expected {self._routed.num_tokens} rows (the routed tokens), "
-                             f"got {hidden_states.shape[0]}")
+            raise input_error(ValueError, "hidden_states",
+                              f"expected {self._routed.num_tokens} rows (the routed tokens), "
+                              f"got {hidden_states.shape[0]}")
         if hidden_states.device != self.token_indices.device:
-            raise ValueError(f"hidden_states: expected the routing's device {self.token_indices.device}, "
-                             f"got {hidden_states.device}")
+            raise input_error(ValueError, "hidden_states",
+                              f"expected the routing's device {self.token_indices.device}, "
+                              f"got {hidden_states.device}")
         if self.fp8_dispatch:
             if hidden_states.dtype not in ops.FP8_DTYPES:
-                raise TypeError(f"hidden_states: FP8 dispatch takes float32, float16 or bfloat16, got "
-                                f"{hidden_states.dtype}")
+                raise input_error(TypeError, "hidden_states",
+                                  f"FP8 dispatch takes float32, float16 or bfloat16, got "
+                                  f"{hidden_states.dtype}")
             if hidden_states.shape[1] % 128:
-                raise ValueError(f"hidden_states: FP8 dispatch needs a hidden size that is a multiple of 128, "
-                                 f"got {hidden_states.shape[1]}")
+                raise input_error(ValueError, "hidden_states",
+                                  f"FP8 dispatch needs a hidden size that is a multiple of 128, "
+                                  f"got {hidden_states.shape[1]}")
 
     def get_permuted_hidden_states_by_experts(self, hidden_states: torch.Tensor, *, fp8_rows: bool = False):
         """Expert-major rows of the dispatched tokens.
@@ -672,8 +685,9 @@ class _ManagerBase(LayerStates, _DispatchManager):
         try:
             stand_in = received.stand_in
             if stand_in is not None and hidden_states is not stand_in:
-                raise ValueError("hidden_states: expected the tensor this call's dispatch returned (with "
-                                 "keep_fp8 or permute_next its rows stay where they landed until the permutation)")
+                raise input_error(ValueError, "hidden_states",
+                                  "expected the tensor this call's dispatch returned (with "
+                                  "keep_fp8 or permute_next its rows stay where they landed until the permutation)")
             if received.pulled is not None:  # rows read where they landed as they are moved
                 addrs, align, fp8, first_row = received.pulled
                 permute = peer_ops.permute_fp8_from if fp8 else peer_ops.permute_from  # (FP8: dequantized)
@@ -766,9 +780,10 @@ class _ManagerBase(LayerStates, _DispatchManager):
     @staticmethod
     def _check_rows(hidden_states, rows: int, what: str) -> None:
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
-            raise ValueError("hidden_states: expected a 2-D tensor [rows, hidden]")
+            raise input_error(ValueError, "hidden_states", "expected a 2-D tensor [rows, hidden]")
         if hidden_states.shape[0] != rows:
-            raise ValueError(f"hidden_states: expected {rows} rows ({what}), got {hidden_states.shape[0]}")
+            raise input_error(ValueError, "hidden_states",
+                              f"expected {rows} rows ({what}), got {hidden_states.shape[0]}")
 
     # ---- for subclasses ---------------------------------------------------------------------
 

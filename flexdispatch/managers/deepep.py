@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from .. import envs, ops
+from ..spec import input_error
 from ..reference import FP8_GROUP
 from .._log import logger
 from . import agreement, gather, peer_headers
@@ -414,13 +415,14 @@ class _DeepepManager(_ManagerBase):
         if key == self._hidden_ok:
             return  # checked before: keep the host path to DeepEP's notify short
         if hidden_states.dtype != torch.bfloat16:
-            raise TypeError(f"hidden_states: DeepEP's combine needs bfloat16 hidden states, got {hidden_states.dtype}")
+            raise input_error(TypeError, "hidden_states",
+                              f"DeepEP's combine needs bfloat16 hidden states, got {hidden_states.dtype}")
         reason = unusable_reason(self.group, *key)
         if reason is None and self.fp8_dispatch and key[2] < MIN_VERIFIED_ROW_BYTES and not narrow_rows_fixed():
             reason = (f"FP8 rows of {key[2]} bytes are below the {MIN_VERIFIED_ROW_BYTES} verified on this DeepEP "
                       f"build, which predates its fix for narrow rows (commit abba6ad)")
         if reason is not None:
-            raise ValueError(f"hidden_states: {reason}")
+            raise input_error(ValueError, "hidden_states", f"{reason}")
         self._hidden_ok = key
 
     def _gather_headers(self, hidden_states: Optional[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
@@ -550,7 +552,7 @@ class _DeepepManager(_ManagerBase):
                                               allocate_on_comm_stream=allocate_on_comm_stream)
             return combined
         if hidden_states.dtype != torch.bfloat16:
-            raise TypeError(f"hidden_states: DeepEP's combine needs bfloat16, got {hidden_states.dtype}")
+            raise input_error(TypeError, "hidden_states", f"DeepEP's combine needs bfloat16, got {hidden_states.dtype}")
         async_finish, allocate_on_comm_stream = self._stream_ordered(async_finish, allocate_on_comm_stream)
         combined, event = DeepepCombine.apply(hidden_states, self._dispatched.for_combine, self.handle, async_finish,
                                                allocate_on_comm_stream)

@@ -95,6 +95,8 @@ def deref(group_ref: Optional[weakref.ref], what: str = "dispatcher's backward")
 class ConcurrentCallError(RuntimeError):
     """Dispatchers of one process group called from two threads at once."""
 
+    argument = "threads"  # (what a group's agreement sends for it: see agreement.ARGUMENTS)
+
 
 def _name(thread: Optional[threading.Thread]) -> str:
     return f"thread {thread.name!r}" if thread is not None else "another thread"

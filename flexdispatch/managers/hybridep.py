@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import envs, ops
+from ..spec import input_error
 from . import agreement, gather, groups
 from .base import NOT_ROUTED, Routed, _DispatchManager, _group_size_rank, check_topk_routing
 from .deepep import EngineUnavailableError
@@ -248,7 +249,7 @@ class _HybridEPManager(LayerStates, _DispatchManager):
         expert-major (``async_finish`` / ``allocate_on_comm_stream``: not offered by HybridEP)."""
         self.num_permuted_tokens = (self._static_num_permuted_tokens if self.benchmark_static_routing else None)
         if self._deferred is None and (not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2):
-            self.defer(ValueError("hidden_states: expected a 2-D tensor [num_tokens, hidden]"))
+            self.defer(input_error(ValueError, "hidden_states", "expected a 2-D tensor [num_tokens, hidden]"))
         num_tokens = hidden_states.shape[0] if self._deferred is None else 0
         if self.token_probs is not None and self.token_probs.dtype != torch.float32:
             self.token_probs = self.token_probs.float()

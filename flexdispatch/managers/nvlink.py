@@ -53,6 +53,7 @@ from typing import Optional
 import torch
 
 from .. import envs, ops, peer_ops
+from ..spec import input_error
 from . import agreement, gather, groups, peer_buffers
 from .alltoall import _fp8_payload, routing_by_rank
 from .base import BackwardCheck, Dispatched, _ManagerBase, received_fp8_rows
@@ -301,8 +302,9 @@ class _NvlinkManager(_ManagerBase):
         transport = self._transport(device)
         first = _region(1, (agreement.WIDTH + world * (local + 1)) * 8)
         if first > peer_buffers.MIN_BYTES:
-            raise ValueError(f"config: {world} ranks x {local} local experts need {first} bytes of counts; the "
-                             f"nvlink backend supports up to {peer_buffers.MIN_BYTES}")
+            raise input_error(ValueError, "config",
+                              f"{world} ranks x {local} local experts need {first} bytes of counts; the "
+                              f"nvlink backend supports up to {peer_buffers.MIN_BYTES}")
         transport.ensure(first)
         if failed:
             if self.sync_free:  # peers decide on the device: take part in both exchanges, then raise
