@@ -407,7 +407,7 @@ def _graph_layer(d, x, probs, scale, tokens):
     a graph capture); returns every stage's tensor, the output last."""
     h, _ = d.dispatch_preprocess(x, tokens, probs)
     recv, _ = d.dispatch_all_to_all(h)
-    recv_idx, recv_probs = d._manager.get_dispached_metadata()
+    recv_idx, recv_probs = d._comm_manager.get_dispached_metadata()
     t, tpe, pp = d.dispatch_postprocess(recv)
     ends = torch.cumsum(tpe.to(t.device), 0)  # on the GPU when sync-free, on the host otherwise
     row_expert = torch.searchsorted(ends, torch.arange(t.shape[0], device=t.device), right=True)

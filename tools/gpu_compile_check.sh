@@ -7,7 +7,7 @@ set -uo pipefail
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"; } 2>&1 | tee "$LOG"
 step build
-s=$(ms); python3 -c "import flexdispatch; flexdispatch.load_kernels()" 2>&1 | tail -3 | tee -a "$LOG"
+s=$(ms); python3 -c "import flexdispatch; flexdispatch.ops.load_kernels()" 2>&1 | tail -3 | tee -a "$LOG"
 echo "kernel build: $(( $(ms) - s )) ms" | tee -a "$LOG"
 for shape in ${COMPILE_SHAPES:-"1024,1024,32,4" "8192,2048,128,8" "4096,7168,256,8"}; do
   IFS=, read -r t h e k <<< "$shape"

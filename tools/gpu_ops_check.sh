@@ -6,7 +6,7 @@ set -uo pipefail
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"
   nvcc --version | tail -1; } 2>&1 | tee "$LOG"
-s=$(ms); python3 -c "import flexdispatch; flexdispatch.load_kernels()" 2>&1 | tee "$OUT/build.log"
+s=$(ms); python3 -c "import flexdispatch; flexdispatch.ops.load_kernels()" 2>&1 | tee "$OUT/build.log"
 echo "cold kernel build: $(( $(ms) - s )) ms" | tee -a "$LOG"
 s=$(ms); python3 -c "import flexdispatch"
 echo "warm import: $(( $(ms) - s )) ms" | tee -a "$LOG"
