@@ -8,9 +8,8 @@ from typing import Optional
 
 import torch
 
-from .spec import input_error
-
 from . import _kernel_header
+from .spec import input_error
 
 _ERROR_BITS = _kernel_header.enum("ErrorBits")  # read from cuda_src/flexdispatch.h
 INDEX_OUT_OF_RANGE = _ERROR_BITS["IndexOutOfRange"]  # an index < -1 or >= E

@@ -145,10 +145,8 @@ class Agreement:
                 raise again
             if mine:
                 detail = routing_error(mine, route, num_experts, names[0], probs=probs, probs_name=names[1])
-                raise input_error(ValueError, getattr(detail,
-                                  "argument", names[0]),
-                                  f"invalid routing on {where(bad)}; every rank raises "
-                                  f"{when}: {detail}")
+                raise input_error(ValueError, getattr(detail, "argument", names[0]),
+                                  f"invalid routing on {where(bad)}; every rank raises {when}: {detail}")
             first, threads = rows[bad[0]], self.threads_ranks()
             if threads:
                 from .groups import ConcurrentCallError

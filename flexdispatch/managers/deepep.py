@@ -422,7 +422,7 @@ class _DeepepManager(_ManagerBase):
             reason = (f"FP8 rows of {key[2]} bytes are below the {MIN_VERIFIED_ROW_BYTES} verified on this DeepEP "
                       f"build, which predates its fix for narrow rows (commit abba6ad)")
         if reason is not None:
-            raise input_error(ValueError, "hidden_states", f"{reason}")
+            raise input_error(ValueError, "hidden_states", reason)
         self._hidden_ok = key
 
     def _gather_headers(self, hidden_states: Optional[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:

@@ -181,12 +181,6 @@ def call_guard(group) -> Optional[CallGuard]:
     return guard
 
 
-def guard_of(obj) -> Optional[CallGuard]:
-    """The guard of the group of ``obj`` (with a :class:`WeakGroup` attribute); None: no group,
-    or torch.compile is tracing (a host lock has no place in a graph; eager calls hold it)."""
-    return None if torch.compiler.is_compiling() else obj.__dict__.get("_group_guard")
-
-
 def announce(obj) -> None:
     """Step 3 for the group of ``obj`` (with a :class:`WeakGroup` attribute)."""
     guard = obj.__dict__.get("_group_guard")
@@ -204,7 +198,9 @@ def one_thread_at_a_time(step: Optional[str] = None, before=None):
 
         @functools.wraps(method)
         def guarded(self, *args, **kwargs):
-            guard = None if torch.compiler.is_compiling() else self.__dict__.get("_group_guard")  # (guard_of)
+            # The group's guard (WeakGroup keeps it beside the group); none without a group, or
+            # while torch.compile traces (a host lock has no place in a graph; eager calls hold it).
+            guard = None if torch.compiler.is_compiling() else self.__dict__.get("_group_guard")
             if guard is None:
                 return method(self, *args, **kwargs)
             guard.enter(name)
