@@ -70,7 +70,7 @@ def serves(t: torch.Tensor) -> bool:
     """Whether the kernels serve ``t``'s device (loads them)."""
     if not (_C is not None or load_kernels()):
         return False
-    return t.device.type == "cpu" or (t.device.type == "cuda" and _with_cuda)
+    return t.is_cpu or (_with_cuda and t.is_cuda)
 
 
 def kernels():
@@ -175,7 +175,7 @@ def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_ex
     """Raise now for CPU tensors (reading the flag costs nothing); on CUDA, queue a copy of the
     error word to pinned memory and read it once it has landed (at a later call, or at
     :func:`check_pending_errors`) instead of adding a host sync."""
-    if flags.device.type == "cpu":
+    if flags.is_cpu:
         bits = int(flags[index])
         if bits:
             raise routing_error(bits, route, num_experts, name, num_out, probs)
@@ -221,6 +221,9 @@ def _set_eager_direct(value: str) -> None:
 envs.watch_switch("eager_ops", _set_eager_direct)
 
 
+_NOT_TENSORS = frozenset((int, float, bool, str, type(None), torch.dtype))  # the ops' other argument types
+
+
 def _op(fake, backward=None, setup=None):
     """Register the decorated kernel call ``impl`` as the op ``flexdispatch::<name>`` with its
     fake, and its backward (with ``setup``, as ``register_autograd`` takes them); returns the
@@ -247,10 +250,11 @@ def _op(fake, backward=None, setup=None):
             if eager_direct and not torch.compiler.is_compiling():
                 needs_grad = False
                 for a in args:
-                    if isinstance(a, torch.Tensor):
-                        if type(a) is not torch.Tensor:
-                            return op(*args)
+                    kind = type(a)  # (the argument types ops take are looked up, not isinstance-called)
+                    if kind is torch.Tensor:
                         needs_grad = needs_grad or a.requires_grad
+                    elif kind not in _NOT_TENSORS and isinstance(a, torch.Tensor):
+                        return op(*args)
                 if function is not None and needs_grad and torch.is_grad_enabled():
                     return function.apply(*args)
                 return impl(*args)

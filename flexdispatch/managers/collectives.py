@@ -129,7 +129,7 @@ def all_to_all_single(output: torch.Tensor, input_: torch.Tensor, output_splits,
     tensors (see the module docs); ``what`` names the call in errors, ``missing()`` the ranks
     whose part did not land, asked after a timeout."""
     input_ = input_.contiguous()
-    if async_op or output.device.type != "cpu" or torch.compiler.is_compiling():
+    if async_op or not output.is_cpu or torch.compiler.is_compiling():
         return dist.all_to_all_single(output, input_, output_splits, input_splits, group=group, async_op=async_op)
     bounded = _bounded_for(group)
     try:
@@ -142,7 +142,7 @@ def all_to_all_single(output: torch.Tensor, input_: torch.Tensor, output_splits,
 
 def all_gather_single(output: torch.Tensor, input_: torch.Tensor, group, *, what: Call = "an exchange") -> None:
     """Every rank's ``input_`` into ``output`` (``[W * rows, ...]``), bounded on CPU tensors."""
-    if output.device.type != "cpu" or torch.compiler.is_compiling():
+    if not output.is_cpu or torch.compiler.is_compiling():
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # (renamed in torch 2.13)
         gather(output, input_, group=group)
         return
