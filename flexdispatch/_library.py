@@ -401,7 +401,7 @@ def _permutation_backward(ctx, grad_out, grad_out_probs, *_):
     if ctx.needs_input_grad[1] and grad_out_probs is not None:  # values[map[r, s]], 0 for unused slots
         spare = grad_out_probs.shape[0]
         padded_probs = torch.cat([grad_out_probs, grad_out_probs.new_zeros(1)])
-        grad_probs = padded_probs[torch.where(row_map >= 0, row_map.long(), spare)]
+        grad_probs = padded_probs.take(torch.where(row_map < 0, spare, row_map).long())  # (take: no indexing machinery)
     return (grad_rows, grad_probs) + (None,) * (inputs - 2)
 
 
