@@ -120,7 +120,7 @@ class GatherTransport(Transport):
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self._alive: list = []  # the last exchange's gathered tensors (read after it returns)
 
-    def _gather(self, part: torch.Tensor, what: str) -> torch.Tensor:
+    def _gather(self, part: torch.Tensor, what: collectives.Call) -> torch.Tensor:
         out = part.new_empty((self.world_size * part.shape[0],) + tuple(part.shape[1:]))
         collectives.all_gather_single(out, part, self._live_group(), what=what)
         return out
@@ -128,32 +128,46 @@ class GatherTransport(Transport):
     def exchange(self, header, parts):
         from .agreement import PHASE, PHASE_NAMES, STEP, WIDTH
 
-        headers, what = None, "the NVLink manager (CPU emulation): an exchange"
+        def what() -> str:  # (which call, for the message of a peer that never arrives: asked then)
+            if header is None or header.device.type != "cpu":
+                return "the NVLink manager (CPU emulation): an exchange"
+            words = header[:WIDTH].tolist()
+            return (f"the NVLink manager (CPU emulation): step {words[STEP]} of this layer, "
+                    f"{PHASE_NAMES.get(words[PHASE], 'a call')}")
+
+        headers, rest = None, None
         if header is not None:  # the fixed-width words first: ranks in other phases stop here
-            words = header[:WIDTH].tolist() if header.device.type == "cpu" else None
-            if words is not None:  # (which call, for the message of a peer that never arrives)
-                what = (f"the NVLink manager (CPU emulation): step {words[STEP]} of this layer, "
-                        f"{PHASE_NAMES.get(words[PHASE], 'a call')}")
             headers = self._gather(header[:WIDTH].view(1, -1), what).cpu()
             if not _headers_agree(headers):
                 return headers, None
             if header.numel() > WIDTH:
-                headers = self._gather(header.view(1, -1), what).cpu()
-        tables, alive = [], []
-        for part, capacity in parts:
-            rows = _as_bytes(part)
+                rest = header.view(-1)
+        rows = [_as_bytes(part) for part, _ in parts]
+        if rows or rest is not None:
             # Every rank's capacity should be the same; a sync-free call whose ranks disagree
             # (found on the device, later) may pass others: all-gather the sizes first, so the
-            # collectives match (symmetric memory needs no such step: nobody reads then).
-            sizes = self._gather(torch.tensor([[max(capacity, 1), rows.shape[1]]], device=part.device), what)
-            capacity, width = (int(v) for v in sizes.max(0).values)
-            if rows.shape[1] != width:
-                rows = torch.cat([rows, rows.new_zeros(rows.shape[0], width - rows.shape[1])], 1)
-            padded = rows.new_zeros(max(capacity, 1), rows.shape[1])
-            padded[:rows.shape[0]] = rows
+            # collectives match (symmetric memory needs no such step: nobody reads then). One
+            # all-gather carries every part's sizes, after the whole header when it is longer
+            # than its fixed words (the ranks agree on the phase here: the same parts, the same words).
+            words = torch.tensor([v for r, (_, capacity) in zip(rows, parts) for v in (max(capacity, 1), r.shape[1])],
+                                 dtype=torch.int64, device=(header if rest is not None else rows[0]).device)
+            if rest is not None:
+                words = torch.cat([rest, words])
+            every = self._gather(words.view(1, -1), what)
+            if rest is not None:
+                headers = every[:, :rest.numel()].cpu()
+            maxima = every[:, every.shape[1] - 2 * len(rows):].max(0).values.tolist()
+        tables, alive = [], []
+        for part_rows, capacity, width in zip(rows, maxima[0::2], maxima[1::2]):
+            if part_rows.shape[1] != width:
+                part_rows = torch.cat([part_rows, part_rows.new_zeros(part_rows.shape[0], width - part_rows.shape[1])], 1)
+            padded = part_rows  # (contiguous: sent as it is when it fills the capacity)
+            if part_rows.shape[0] != capacity:
+                padded = part_rows.new_zeros(capacity, width)
+                padded[:part_rows.shape[0]] = part_rows
             gathered = self._gather(padded, what)
             stride = padded.numel()
-            tables.append(gathered.data_ptr() + stride * torch.arange(self.world_size, device=part.device))
+            tables.append(gathered.data_ptr() + stride * torch.arange(self.world_size, device=padded.device))
             alive.append(gathered)
         self._alive = alive  # read until the next exchange (a collective: every reader is done then)
         return headers, tables
