@@ -57,7 +57,7 @@ def require(obj, what: str = "dispatcher") -> None:
     """Raise GroupDestroyedError if ``obj`` (with a :class:`WeakGroup` attribute) was given a
     group that no longer exists (not checked while torch.compile traces: eager calls check)."""
     ref = obj.__dict__.get("_group_ref")
-    if ref is not None and not torch.compiler.is_compiling() and ref() is None:
+    if ref is not None and ref() is None and not torch.compiler.is_compiling():
         raise GroupDestroyedError(_GONE.format(what=what))
 
 
@@ -145,14 +145,9 @@ class CallGuard:
             self._owner = None
             self._lock.release()
 
-    @contextlib.contextmanager
-    def held(self, step: str):
+    def held(self, step: str) -> "_Held":
         """:meth:`enter` and :meth:`leave` around a block."""
-        self.enter(step)
-        try:
-            yield self
-        finally:
-            self.leave()
+        return _Held(self, step)
 
     def pending_error(self) -> Optional[ConcurrentCallError]:
         """Step 2: the error this rank's next call carries in its first exchange, or None."""
@@ -164,6 +159,23 @@ class CallGuard:
         """Step 3 (every rank, at the exchange that carried the error)."""
         self.seen = self.seen or seen
         self.announced = True
+
+
+class _Held:
+    """The context of :meth:`CallGuard.held` (a plain class: a generator's context manager
+    costs several calls more, at every backward exchange)."""
+
+    __slots__ = ("guard", "step")
+
+    def __init__(self, guard: CallGuard, step: str):
+        self.guard, self.step = guard, step
+
+    def __enter__(self) -> CallGuard:
+        self.guard.enter(self.step)
+        return self.guard
+
+    def __exit__(self, *exc) -> None:
+        self.guard.leave()
 
 
 _guards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
