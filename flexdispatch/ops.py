@@ -42,7 +42,8 @@ def _check_tensor(t, name: str) -> None:
 
 
 def _check_rows(tokens: torch.Tensor, name: str = "tokens") -> None:
-    _check_tensor(tokens, name)
+    if type(tokens) is not torch.Tensor:  # (plain tensors pass at once: this runs at every op)
+        _check_tensor(tokens, name)
     if tokens.dim() != 2:
         raise input_error(ValueError, name, f"expected a 2-D tensor [rows, hidden], got shape {tuple(tokens.shape)}")
 
@@ -50,7 +51,8 @@ def _check_rows(tokens: torch.Tensor, name: str = "tokens") -> None:
 def _check_probs(probs, like: torch.Tensor, name: str = "probs") -> Optional[torch.Tensor]:
     if probs is None:
         return None
-    _check_tensor(probs, name)
+    if type(probs) is not torch.Tensor:
+        _check_tensor(probs, name)
     if tuple(probs.shape) != tuple(like.shape):
         raise input_error(ValueError, name, f"expected shape {tuple(like.shape)}, got {tuple(probs.shape)}")
     if not probs.is_floating_point():
@@ -61,7 +63,8 @@ def _check_probs(probs, like: torch.Tensor, name: str = "probs") -> Optional[tor
 
 
 def _check_index_route(indices, num_experts, rows: Optional[int], name: str = "indices") -> None:
-    _check_tensor(indices, name)
+    if type(indices) is not torch.Tensor:
+        _check_tensor(indices, name)
     if indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: expected int32 or int64, got {indices.dtype}")
     if indices.dim() != 2:
