@@ -41,9 +41,10 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .. import envs
+from .. import _library, envs, peer_ops
 from .._log import logger
 from . import collectives, groups
+from .agreement import PHASE, PHASE_NAMES, STEP, WIDTH, Agreement
 from .gather import all_gather_objects
 
 REGION_ALIGN = 256  # bytes between the start of one part's region and the next
@@ -126,8 +127,6 @@ class GatherTransport(Transport):
         return out
 
     def exchange(self, header, parts):
-        from .agreement import PHASE, PHASE_NAMES, STEP, WIDTH
-
         def what() -> str:  # (which call, for the message of a peer that never arrives: asked then)
             if header is None or header.device.type != "cpu":
                 return "the NVLink manager (CPU emulation): an exchange"
@@ -223,8 +222,6 @@ class SymmetricTransport(Transport):
         logger.info("nvlink peer buffer: %.1f MiB on %s, %d ranks", size / 2**20, self.device, self.world_size)
 
     def exchange(self, header, parts):
-        from .. import _library
-
         entries = ([header.view(1, -1)] if header is not None else []) + [p.contiguous() for p, _ in parts]
         caps = ([1] if header is not None else []) + [c for _, c in parts]
         for entry, cap in zip(entries, caps):
@@ -240,8 +237,6 @@ class SymmetricTransport(Transport):
         tables = [self._table(offset) for offset in offsets]
         headers = None
         if header is not None:  # read into a device tensor: no sync here
-            from .. import peer_ops
-
             headers = torch.empty(self.world_size, header.numel(), dtype=torch.int64, device=self.device)
             peer_ops.copy_rows_from(tables[0], headers, 8)
             tables = tables[1:]
@@ -264,8 +259,6 @@ class SymmetricTransport(Transport):
         """Every rank of the group waits here (stream-ordered, on the current stream): ours,
         or symmetric memory's when ``own_barrier`` is False."""
         if self.own_barrier:
-            from .. import _library
-
             _library.kernels().peer_barrier(self._pads, 1, self.rank, self.world_size, self._bases, self._timeout_s)
         else:
             self._handle.barrier(channel=0)
@@ -279,8 +272,6 @@ class SymmetricTransport(Transport):
 
 
 def _headers_agree(headers: torch.Tensor) -> bool:
-    from .agreement import Agreement
-
     return Agreement(headers).agreed()
 
 
