@@ -80,6 +80,41 @@ def test_multihot_and_permute_by_map(device, rows, hidden, experts, topk, poison
     assert torch.equal(out, by_idx)
 
 
+# (rows, hidden, experts, topk): routes that plan in one block and in three launches (more than
+# 16384 entries), 32-row chunks (E > 1536), rows of more than 32 destinations, 512 experts.
+SIZED_SHAPES = [(1000, 64, 8, 4), (3000, 40, 64, 8), (90, 16, 2000, 3), (300, 32, 64, 40), (700, 24, 512, 8)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows,hidden,experts,topk", SIZED_SHAPES)
+@pytest.mark.parametrize("form", ["int32", "int64", "map"])
+@pytest.mark.parametrize("pad", [None, 4])
+def test_sized_permutation_matches_reference(device, rows, hidden, experts, topk, form, pad, poison):
+    """A permutation told its output size (the managers' call) plans without a sync: the same
+    rows, probs and plan as the reference, spare rows zero, for indices and the multihot map."""
+    idx = random_indices(rows, experts, topk, seed=rows + topk, dtype=torch.int32 if form == "int32" else torch.int64,
+                         device=device)
+    x = random_tokens(rows, hidden, torch.bfloat16, device=device)
+    p = random_probs(rows, topk, device=device)
+    ref_map, ref_multihot = reference.indices_to_multihot(idx, p, experts)
+    route, probs = (ref_map, ref_multihot) if form == "map" else (idx, p)
+    permute = ops.permute if form == "map" else lambda *a, **k: ops.permute_by_indices(*a, num_experts=experts, **k)
+    reference_permute = (reference.permute if form == "map"
+                         else lambda *a, **k: reference.permute_by_indices(*a, num_experts=experts, **k))
+    used = reference_permute(x, route, probs, pad_multiple=pad)[0].shape[0]
+    poison(device)
+    out, out_p, plan, tpe = permute(x, route, probs, num_out_tokens=used + 9, pad_multiple=pad)
+    ref, ref_p, ref_plan, ref_tpe = reference_permute(x, route, probs, num_out_tokens=used + 9, pad_multiple=pad)
+    assert torch.equal(out, ref) and torch.equal(out_p, ref_p)
+    assert torch.count_nonzero(out[used:]) == 0 and torch.count_nonzero(out_p[used:]) == 0
+    assert_plans_equal(plan, ref_plan)
+    assert torch.equal(tpe.cpu(), ref_tpe.cpu())
+    assert torch.equal(ops.unpermute(out, plan, probs), reference.unpermute(ref, ref_plan, probs))
+    alone = ops.make_plan(route, experts, num_out_tokens=used + 9, pad_multiple=pad)  # the plan without rows
+    assert_plans_equal(alone, ref_plan)
+    assert torch.equal(ops.apply_permutation(x, alone), ref)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_num_out_tokens_tail_is_zero_and_overflow_raises(device, poison):
     rows, experts, topk = 200, 6, 2
