@@ -121,9 +121,9 @@ class GatherTransport(Transport):
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self._alive: list = []  # the last exchange's gathered tensors (read after it returns)
 
-    def _gather(self, part: torch.Tensor, what: collectives.Call) -> torch.Tensor:
+    def _gather(self, part: torch.Tensor, group, what: collectives.Call) -> torch.Tensor:
         out = part.new_empty((self.world_size * part.shape[0],) + tuple(part.shape[1:]))
-        collectives.all_gather_single(out, part, self._live_group(), what=what)
+        collectives.all_gather_single(out, part, group, what=what)
         return out
 
     def exchange(self, header, parts):
@@ -134,28 +134,37 @@ class GatherTransport(Transport):
             return (f"the NVLink manager (CPU emulation): step {words[STEP]} of this layer, "
                     f"{PHASE_NAMES.get(words[PHASE], 'a call')}")
 
+        group = self._live_group()  # (checked once: the exchange holds the group to its end)
         headers, rest = None, None
         if header is not None:  # the fixed-width words first: ranks in other phases stop here
-            headers = self._gather(header[:WIDTH].view(1, -1), what).cpu()
+            words = header if header.numel() == WIDTH else header[:WIDTH]
+            headers = self._gather(words.view(1, -1), group, what).cpu()
             if not _headers_agree(headers):
                 return headers, None
             if header.numel() > WIDTH:
                 rest = header.view(-1)
-        rows = [_as_bytes(part) for part, _ in parts]
+        rows, sizes = [], []
+        for part, capacity in parts:  # (a loop: no comprehension frames at every exchange)
+            part_rows = _as_bytes(part)
+            rows.append(part_rows)
+            sizes += (max(capacity, 1), part_rows.shape[1])
         if rows or rest is not None:
             # Every rank's capacity should be the same; a sync-free call whose ranks disagree
             # (found on the device, later) may pass others: all-gather the sizes first, so the
             # collectives match (symmetric memory needs no such step: nobody reads then). One
             # all-gather carries every part's sizes, after the whole header when it is longer
             # than its fixed words (the ranks agree on the phase here: the same parts, the same words).
-            words = torch.tensor([v for r, (_, capacity) in zip(rows, parts) for v in (max(capacity, 1), r.shape[1])],
-                                 dtype=torch.int64, device=(header if rest is not None else rows[0]).device)
-            if rest is not None:
-                words = torch.cat([rest, words])
-            every = self._gather(words.view(1, -1), what)
+            if rest is None:
+                words = torch.tensor(sizes, dtype=torch.int64, device=rows[0].device)
+            elif rows:
+                words = torch.cat([rest, torch.tensor(sizes, dtype=torch.int64, device=header.device)])
+            else:  # (the header's words alone: nothing to append)
+                words = rest
+            every = self._gather(words.view(1, -1), group, what)
             if rest is not None:
                 headers = every[:, :rest.numel()].cpu()
-            maxima = every[:, every.shape[1] - 2 * len(rows):].max(0).values.tolist()
+            # (each size's most over the ranks: the last 2 * len(rows) columns)
+            maxima = every[:, every.shape[1] - len(sizes):].amax(0).tolist() if rows else []
         tables, alive = [], []
         for part_rows, capacity, width in zip(rows, maxima[0::2], maxima[1::2]):
             if part_rows.shape[1] != width:
@@ -164,9 +173,12 @@ class GatherTransport(Transport):
             if part_rows.shape[0] != capacity:
                 padded = part_rows.new_zeros(capacity, width)
                 padded[:part_rows.shape[0]] = part_rows
-            gathered = self._gather(padded, what)
-            stride = padded.numel()
-            tables.append(gathered.data_ptr() + stride * torch.arange(self.world_size, device=padded.device))
+            gathered = self._gather(padded, group, what)
+            # Where each rank's part starts in ``gathered``: one op (0 bytes a rank: all at the start).
+            base, stride = gathered.data_ptr(), padded.numel()
+            tables.append(torch.arange(base, base + stride * self.world_size, stride, dtype=torch.int64,
+                                       device=gathered.device) if stride else
+                          torch.full((self.world_size,), base, dtype=torch.int64, device=gathered.device))
             alive.append(gathered)
         self._alive = alive  # read until the next exchange (a collective: every reader is done then)
         return headers, tables
