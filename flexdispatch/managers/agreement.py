@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import types
 from typing import Optional
 
 import torch
@@ -38,6 +39,7 @@ INPUT_ERROR = 1 << 8  # a local argument check failed; ARG names the argument
 ARGUMENTS = ("", "hidden_states", "probs", "token_probs", "token_indices", "num_local_tokens", "config", "threads")
 THREADS = ARGUMENTS.index("threads")  # not an argument: two threads called dispatchers of the group at once
 DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_DTYPE_CODES = types.MappingProxyType({dtype: code for code, dtype in enumerate(DTYPES)})  # (a lookup, not a scan)
 
 
 def argument_code(exc: BaseException) -> int:
@@ -48,7 +50,7 @@ def argument_code(exc: BaseException) -> int:
 
 
 def dtype_code(dtype: Optional[torch.dtype]) -> int:
-    return DTYPES.index(dtype) if dtype in DTYPES else len(DTYPES)
+    return _DTYPE_CODES.get(dtype, len(DTYPES))
 
 
 @functools.lru_cache(maxsize=256)
@@ -67,7 +69,7 @@ def make_header(phase: int, step: int, hidden: Optional[torch.Tensor], topk: int
     header = [0] * WIDTH
     header[ROWS], header[PHASE], header[STEP], header[ERROR], header[ARG] = rows, phase, step, error, arg
     if hidden is not None:
-        header[HIDDEN], header[DTYPE] = hidden.shape[-1], dtype_code(hidden.dtype)
+        header[HIDDEN], header[DTYPE] = hidden.shape[-1], _DTYPE_CODES.get(hidden.dtype, len(DTYPES))  # (dtype_code)
     header[TOPK], header[LAYER], header[CONFIG] = topk, layer, config
     return header
 
@@ -89,7 +91,13 @@ class Agreement:
 
     def __init__(self, headers):
         """``headers``: ``[W, WIDTH]`` int64 (a CPU tensor, or nested sequences of ints)."""
-        rows = headers.tolist() if isinstance(headers, torch.Tensor) else [list(map(int, h)) for h in headers]
+        if isinstance(headers, torch.Tensor):
+            rows = headers.tolist()
+            if headers.dim() == 2 and headers.shape[1] == WIDTH:  # (the header words alone: as they are)
+                self.rows = rows
+                return
+        else:
+            rows = [list(map(int, h)) for h in headers]
         self.rows = [h[:WIDTH] for h in rows]
 
     def agreed(self) -> bool:
