@@ -228,13 +228,12 @@ class _AllToAllManager(_ManagerBase):
         message = self._blank_message(agreement.DISPATCH, hidden_states)
         message[:, agreement.ROWS] = counts[:, 0]
         if self._routed.status is not None:
-            message[:, agreement.ERROR] = self._routed.status[0].long()
+            message[:, agreement.ERROR] = self._routed.status[0]  # (int32, widened as it is copied in)
         message[:, agreement.WIDTH:] = counts[:, 1:]
         host = self._exchange_headers(message, when)
         ops.check_pending_errors()  # earlier calls' flags are ready now, for free
 
-        send_splits = host[0, :, agreement.ROWS].tolist()
-        recv_splits = host[1, :, agreement.ROWS].tolist()
+        send_splits, recv_splits = host[:, :, agreement.ROWS].tolist()  # (what this rank sent, and received)
 
         plan = ops.plan_of_ranks(in_rank, num_out_tokens=sum(send_splits))
         meta = torch.cat([indices, self.token_probs.double()], dim=1)  # (float64: cat promotes the indices)

@@ -48,6 +48,7 @@ dtype that differs is caught by the header.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Optional
 
 import torch
@@ -329,15 +330,15 @@ class _NvlinkManager(_ManagerBase):
             rows = None  # (known on the device only)
         else:
             host = headers.cpu()  # the call's one host sync
-            self._agree(host[:, :agreement.WIDTH], when)
+            self._agree(host, when)  # (the agreement reads each row's header words, not the counts after them)
             ops.check_pending_errors()  # earlier calls' flags are ready now, for free
             every = headers[:, agreement.WIDTH:].view(world, world, local + 1).to(device)  # [source, dest, ...]
             host_counts = host[:, agreement.WIDTH:].view(world, world, local + 1)
             rows = host_counts[:, :, 0].tolist()  # [source][dest] (plain ints: a few host ops, not dozens)
-            received = [sum(r[d] for r in rows) for d in range(world)]
+            received = list(map(sum, zip(*rows)))  # per destination (builtins: no generator frames)
             sizes = dict(tokens=tokens, sent=sum(rows[self.rank]), received=received[self.rank],
-                         token_cap=max(h[agreement.ROWS] for h in host[:, :agreement.WIDTH].tolist()),
-                         sent_cap=max(sum(r) for r in rows), received_cap=max(received))
+                         token_cap=max(host[:, agreement.ROWS].tolist()),
+                         sent_cap=max(map(sum, rows)), received_cap=max(received))
             counts, received_counts = every[:, :, 0], host_counts[:, self.rank, 1:].sum(0)
         route = _make_route(counts, self.rank, in_rank, sizes, self.sync_free, self._first_row(sizes, rows))
         self._ensure_for_call(transport, route, hidden_states, topk)
@@ -355,7 +356,7 @@ class _NvlinkManager(_ManagerBase):
         source = (self.rank + 1) % self.world_size
         if rows is None:
             return sizes["received"] * source // self.world_size
-        first = sum(r[self.rank] for r in rows[:source])
+        first = sum(map(operator.itemgetter(self.rank), rows[:source]))
         return first if first < sizes["received"] else 0
 
     def _agreed_on_device(self, headers: torch.Tensor, tokens: Optional[int] = None) -> torch.Tensor:
