@@ -25,10 +25,11 @@ from . import _library, ops
 
 
 def _kernels():
-    if not _library.load_kernels():
+    kernels = _library.kernels()  # (loads them at the first call; None: the plain PyTorch ops serve)
+    if kernels is None:
         raise RuntimeError("the NVLink manager needs flexdispatch's compiled kernels (FLEXDISPATCH_JIT=0 or a "
                            "failed build left only the plain PyTorch ops); see `python -m flexdispatch info`")
-    return _library.kernels()
+    return kernels
 
 
 def copy_rows_from(addrs: torch.Tensor, out: torch.Tensor, align: int, row_id_map: Optional[torch.Tensor] = None,
