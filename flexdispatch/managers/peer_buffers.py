@@ -137,11 +137,11 @@ class GatherTransport(Transport):
         group = self._live_group()  # (checked once: the exchange holds the group to its end)
         headers, rest = None, None
         if header is not None:  # the fixed-width words first: ranks in other phases stop here
-            words = header if header.numel() == WIDTH else header[:WIDTH]
-            headers = self._gather(words.view(1, -1), group, what).cpu()
+            header_words = header.numel()
+            headers = self._gather((header if header_words == WIDTH else header[:WIDTH]).view(1, -1), group, what).cpu()
             if not _headers_agree(headers):
                 return headers, None
-            if header.numel() > WIDTH:
+            if header_words > WIDTH:
                 rest = header.view(-1)
         rows, sizes = [], []
         for part, capacity in parts:  # (a loop: no comprehension frames at every exchange)
@@ -155,14 +155,14 @@ class GatherTransport(Transport):
             # all-gather carries every part's sizes, after the whole header when it is longer
             # than its fixed words (the ranks agree on the phase here: the same parts, the same words).
             if rest is None:
-                words = torch.tensor(sizes, dtype=torch.int64, device=rows[0].device)
+                sent = torch.tensor(sizes, dtype=torch.int64, device=rows[0].device)
             elif rows:
-                words = torch.cat([rest, torch.tensor(sizes, dtype=torch.int64, device=header.device)])
+                sent = torch.cat([rest, torch.tensor(sizes, dtype=torch.int64, device=header.device)])
             else:  # (the header's words alone: nothing to append)
-                words = rest
-            every = self._gather(words.view(1, -1), group, what)
+                sent = rest
+            every = self._gather(sent.view(1, -1), group, what)
             if rest is not None:
-                headers = every[:, :rest.numel()].cpu()
+                headers = every[:, :header_words].cpu()
             # (each size's most over the ranks: the last 2 * len(rows) columns)
             maxima = every[:, every.shape[1] - len(sizes):].amax(0).tolist() if rows else []
         tables, alive = [], []
@@ -175,7 +175,7 @@ class GatherTransport(Transport):
                 padded[:part_rows.shape[0]] = part_rows
             gathered = self._gather(padded, group, what)
             # Where each rank's part starts in ``gathered``: one op (0 bytes a rank: all at the start).
-            base, stride = gathered.data_ptr(), padded.numel()
+            base, stride = gathered.data_ptr(), capacity * width  # (padded's bytes)
             tables.append(torch.arange(base, base + stride * self.world_size, stride, dtype=torch.int64,
                                        device=gathered.device) if stride else
                           torch.full((self.world_size,), base, dtype=torch.int64, device=gathered.device))
