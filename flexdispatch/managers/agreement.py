@@ -93,7 +93,7 @@ class Agreement:
         """``headers``: ``[W, WIDTH]`` int64 (a CPU tensor, or nested sequences of ints)."""
         if isinstance(headers, torch.Tensor):
             rows = headers.tolist()
-            if headers.dim() == 2 and headers.shape[1] == WIDTH:  # (the header words alone: as they are)
+            if headers.ndim == 2 and headers.shape[1] == WIDTH:  # (the header words alone: as they are)
                 self.rows = rows
                 return
         else:
