@@ -380,7 +380,7 @@ class MoEFlexTokenDispatcher:
                               f"{probs.dtype if isinstance(probs, torch.Tensor) else type(probs).__name__}")
         # [T, E], or [..., E] with leading dims of T tokens; a transposed [E, T] or flat
         # [T * E] tensor has the right element count but would be misread.
-        if probs.dim() < 1 or probs.shape[-1] != experts or probs.numel() != num_local_tokens * experts:
+        if probs.ndim < 1 or probs.shape[-1] != experts or probs.numel() != num_local_tokens * experts:
             raise input_error(ValueError, "probs",
                               f"expected shape [num_local_tokens, num_moe_experts] = [{num_local_tokens}, "
                               f"{experts}] (or [..., {experts}] with {num_local_tokens} tokens), got "
@@ -390,7 +390,7 @@ class MoEFlexTokenDispatcher:
                 .reshape(num_local_tokens, world, self.num_local_experts)).contiguous()
 
     def _flatten_hidden(self, hidden_states: torch.Tensor, num_local_tokens: int) -> torch.Tensor:
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() < 2:
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim < 2:
             raise input_error(ValueError, "hidden_states", "expected a tensor [..., hidden] with at least 2 dims")
         if not hidden_states.is_floating_point():
             raise input_error(TypeError, "hidden_states",

@@ -44,7 +44,7 @@ def _check_tensor(t, name: str) -> None:
 def _check_rows(tokens: torch.Tensor, name: str = "tokens") -> None:
     if type(tokens) is not torch.Tensor:  # (plain tensors pass at once: this runs at every op)
         _check_tensor(tokens, name)
-    if tokens.dim() != 2:
+    if tokens.ndim != 2:
         raise input_error(ValueError, name, f"expected a 2-D tensor [rows, hidden], got shape {tuple(tokens.shape)}")
 
 
@@ -67,7 +67,7 @@ def _check_index_route(indices, num_experts, rows: Optional[int], name: str = "i
         _check_tensor(indices, name)
     if indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: expected int32 or int64, got {indices.dtype}")
-    if indices.dim() != 2:
+    if indices.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D tensor [rows, topk], got shape {tuple(indices.shape)}")
     if rows is not None and indices.shape[0] != rows:
         raise ValueError(f"{name}: expected {rows} rows (one per token), got {indices.shape[0]}")

@@ -240,7 +240,7 @@ def check_topk_routing(token_probs, token_indices, topk: int, num_local_tokens: 
         raise input_error(TypeError, "token_indices",
                           f"expected an int32 or int64 tensor, got "
                           f"{getattr(token_indices, 'dtype', type(token_indices).__name__)}")
-    if token_indices.dim() != 2 or token_indices.shape[1] != topk:
+    if token_indices.ndim != 2 or token_indices.shape[1] != topk:
         raise input_error(ValueError, "token_indices",
                           f"expected [num_tokens, topk={topk}], got {tuple(token_indices.shape)}")
     if token_probs.shape != token_indices.shape:
@@ -634,7 +634,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         return result.hidden
 
     def _check_dispatch_input(self, hidden_states) -> None:
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 2:
             raise input_error(ValueError, "hidden_states",
                               f"expected a 2-D tensor [num_tokens, hidden], got "
                               f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__}")
@@ -779,7 +779,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
 
     @staticmethod
     def _check_rows(hidden_states, rows: int, what: str) -> None:
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 2:
             raise input_error(ValueError, "hidden_states", "expected a 2-D tensor [rows, hidden]")
         if hidden_states.shape[0] != rows:
             raise input_error(ValueError, "hidden_states",
