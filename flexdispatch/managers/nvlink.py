@@ -133,7 +133,7 @@ def _backward_exchange(ctx, grad: torch.Tensor, parts: list):
         ok = manager._agreed_on_device(headers.to(grad.device))
         manager._count_fault(ok, check.key)
         return tables, ok
-    host = headers[:, :agreement.WIDTH].cpu()
+    host = headers.cpu()  # ([W, WIDTH]: the header is its fixed words alone)
     if not check.agreed(host) or tables is None:  # (the gather transport stops at disagreeing headers)
         check.raise_disagreement(host)
     return tables, None
