@@ -273,7 +273,7 @@ def plan_of_ranks(in_rank: torch.Tensor, num_out_tokens: int) -> RowIdMap:
 def apply_permutation(tokens: torch.Tensor, row_id_map: RowIdMap) -> torch.Tensor:
     """Move ``tokens [R, H]`` to the rows of an existing plan: ``[N, H]``, differentiable."""
     _check_rows(tokens)
-    if tokens.shape[0] != row_id_map.num_rows:
+    if tokens.shape[0] != row_id_map.map.shape[0]:  # (its num_rows, read without the property's call)
         raise ValueError(f"tokens: expected {row_id_map.num_rows} rows (the plan's), got {tokens.shape[0]}")
     if not _library.serves(tokens):
         return reference.apply_permutation(tokens, row_id_map)

@@ -135,11 +135,11 @@ class _AllToAllDispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_recv, grad_recv_meta, _in_flight, _kept):
         # Both collectives run on every rank, whatever this rank needs.
-        group, grads = groups.deref(ctx.group_ref), []
+        group, grads, rows = groups.deref(ctx.group_ref), [], sum(ctx.send_splits)
         with groups.holding(group, "the backward of dispatch"):
             _agree_in_backward(ctx.check, grad_recv, group, f"{ctx.call}, backward of dispatch")
             for grad in (grad_recv, grad_recv_meta):
-                back = grad.new_empty(sum(ctx.send_splits), grad.shape[1])
+                back = grad.new_empty(rows, grad.shape[1])
                 _exchange(back, grad, ctx.send_splits, ctx.recv_splits, group, f"{ctx.call}, backward of dispatch")
                 grads.append(ops.unpermute(back, ctx.plan))
         return grads[0], grads[1], None, None, None, None, None, None, None, None, None
