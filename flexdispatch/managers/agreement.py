@@ -69,7 +69,7 @@ def make_header(phase: int, step: int, hidden: Optional[torch.Tensor], topk: int
     header = [0] * WIDTH
     header[ROWS], header[PHASE], header[STEP], header[ERROR], header[ARG] = rows, phase, step, error, arg
     if hidden is not None:
-        header[HIDDEN], header[DTYPE] = hidden.shape[-1], _DTYPE_CODES.get(hidden.dtype, len(DTYPES))  # (dtype_code)
+        header[HIDDEN], header[DTYPE] = hidden.shape[-1], dtype_code(hidden.dtype)
     header[TOPK], header[LAYER], header[CONFIG] = topk, layer, config
     return header
 
