@@ -965,6 +965,18 @@ def backward_skipped_on_one_rank(rank, world, backend="alltoall", skipping_rank=
     return {"message": message, "grad_error": float((grads[0] - grads[1]).abs().max())}
 
 
+def empty_gather_exchange(rank, world):
+    """The gather transport's exchange of nothing (no header, no parts: what a sync-free NVLink
+    dispatch whose own input check failed sends on CPU groups): every rank returns (None, [])."""
+    from flexdispatch.managers.peer_buffers import GatherTransport
+
+    try:
+        headers, tables = GatherTransport(dist.group.WORLD).exchange(None, [])
+        return {"headers": headers, "tables": tables, "error": None}
+    except Exception as exc:  # noqa: BLE001 (the test reports what any rank raised)
+        return {"headers": None, "tables": None, "error": f"{type(exc).__name__}: {exc}"}
+
+
 def stuck_peer_times_out(rank, world, backend="alltoall", timeout_s=2.0, stuck_rank=1):
     """``stuck_rank`` sleeps inside a step (between dispatch and combine: in its experts, say)
     for longer than FLEXDISPATCH_PEER_TIMEOUT_S; its peers' combine must raise once the timeout

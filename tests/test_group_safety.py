@@ -76,3 +76,8 @@ def test_a_stuck_peer_is_named_within_the_peer_timeout(pool, backend):
            f"(FLEXDISPATCH_PEER_TIMEOUT_S); rank 0 gives up" in error, error
     assert timeout - 0.1 <= stuck_out["waited"] <= timeout + 3, stuck_out["waited"]
     assert "the group's connections were closed" in (late["error"] or "") and late["waited"] < 2, late
+
+
+def test_an_exchange_of_nothing_returns_nothing_on_every_rank(pool):
+    for rank, result in enumerate(pool.run("empty_gather_exchange", timeout=60)):
+        assert result == {"headers": None, "tables": [], "error": None}, (rank, result)

@@ -143,7 +143,7 @@ class GatherTransport(Transport):
                 return headers, None
             if header_words > WIDTH:
                 rest = header.view(-1)
-        rows, sizes = [], []
+        rows, sizes, maxima = [], [], []
         for part, capacity in parts:  # (a loop: no comprehension frames at every exchange)
             part_rows = _as_bytes(part)
             rows.append(part_rows)
@@ -164,7 +164,8 @@ class GatherTransport(Transport):
             if rest is not None:
                 headers = every[:, :header_words].cpu()
             # (each size's most over the ranks: the last 2 * len(rows) columns)
-            maxima = every[:, every.shape[1] - len(sizes):].amax(0).tolist() if rows else []
+            if rows:
+                maxima = every[:, every.shape[1] - len(sizes):].amax(0).tolist()
         tables, alive = [], []
         for part_rows, capacity, width in zip(rows, maxima[0::2], maxima[1::2]):
             if part_rows.shape[1] != width:
