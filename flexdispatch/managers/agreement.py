@@ -91,13 +91,7 @@ class Agreement:
 
     def __init__(self, headers):
         """``headers``: ``[W, WIDTH]`` int64 (a CPU tensor, or nested sequences of ints)."""
-        if isinstance(headers, torch.Tensor):
-            rows = headers.tolist()
-            if headers.ndim == 2 and headers.shape[1] == WIDTH:  # (the header words alone: as they are)
-                self.rows = rows
-                return
-        else:
-            rows = [list(map(int, h)) for h in headers]
+        rows = headers.tolist() if isinstance(headers, torch.Tensor) else [list(map(int, h)) for h in headers]
         self.rows = [h[:WIDTH] for h in rows]
 
     def agreed(self) -> bool:

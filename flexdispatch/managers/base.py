@@ -565,9 +565,8 @@ class _ManagerBase(LayerStates, _DispatchManager):
         (a list of ints or a CPU tensor): padded, on the host (pinned where a GPU will read it).
         Plain Python arithmetic: a handful of ints, no tensor ops."""
         pad = self.moe_router_expert_pad_multiple or 1
-        ints = isinstance(counts, torch.Tensor)  # (its tolist() gives ints: without padding, they stand)
-        counts = counts.tolist() if ints else counts
-        padded = counts if ints and pad == 1 else [(int(c) + pad - 1) // pad * pad for c in counts]
+        counts = counts.tolist() if isinstance(counts, torch.Tensor) else counts
+        padded = [(int(c) + pad - 1) // pad * pad for c in counts]
         return torch.tensor(padded, dtype=torch.int64, pin_memory=device.type == "cuda"), sum(padded)
 
     def _indices_to_multihot(self, indices: torch.Tensor, probs: torch.Tensor):

@@ -48,7 +48,6 @@ dtype that differs is caught by the header.
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import Optional
 
 import torch
@@ -356,7 +355,7 @@ class _NvlinkManager(_ManagerBase):
         source = (self.rank + 1) % self.world_size
         if rows is None:
             return sizes["received"] * source // self.world_size
-        first = sum(map(operator.itemgetter(self.rank), rows[:source]))
+        first = sum(r[self.rank] for r in rows[:source])
         return first if first < sizes["received"] else 0
 
     def _agreed_on_device(self, headers: torch.Tensor, tokens: Optional[int] = None) -> torch.Tensor:
