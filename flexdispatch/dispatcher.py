@@ -295,7 +295,6 @@ class MoEFlexTokenDispatcher:
         """
         if self._vetted or self.ep_size == 1:
             return self._manager()
-        groups.require(self)
         candidate, host = self._choice.candidate, socket.gethostname()
         while True:
             reason = error and "this rank's inputs were invalid"
@@ -415,33 +414,23 @@ class MoEFlexTokenDispatcher:
         Returns:
             ``(hidden [T, H], token_probs [T, K])``.
         """
-        def route(manager):
-            dense = self._initialize_metadata(num_local_tokens, probs)
-            if isinstance(manager, _ManagerBase) or not hasattr(manager, "set_routing"):
-                manager.setup_metadata(num_local_tokens=num_local_tokens, probs=dense)
-            else:  # HybridEP: the top-K of the dense probs, as the indices entry takes it
-                token_probs, token_indices = torch.topk(dense.reshape(num_local_tokens, self.spec.num_experts),
-                                                       self.spec.topk, dim=-1)
-                manager.set_routing(token_probs, token_indices, num_local_tokens, names=("probs", "probs"))
-
-        return self._preprocess(hidden_states, num_local_tokens, route)
+        hidden, manager = self._preprocess(hidden_states, num_local_tokens, probs)
+        return hidden, manager.token_probs
 
     @_in_dispatcher_terms
     def dispatch_preprocess2(self, hidden_states: torch.Tensor, num_local_tokens: int, token_probs: torch.Tensor,
                              token_indices: torch.Tensor):
         """As :meth:`dispatch_preprocess`, with routing given as top-K ``token_probs [T, K]`` and
         ``token_indices [T, K]`` (global expert ids, -1 for none)."""
-        def route(manager):
-            if hasattr(manager, "set_routing"):
-                manager.set_routing(token_probs, token_indices, num_local_tokens)
-            else:  # a manager of the reference's kind: its attributes, as the reference sets them
-                manager.token_probs, manager.token_indices = token_probs, token_indices
+        hidden, manager = self._preprocess(hidden_states, num_local_tokens, token_probs, token_indices)
+        return hidden, manager.token_probs
 
-        return self._preprocess(hidden_states, num_local_tokens, route)
-
-    def _preprocess(self, hidden_states, num_local_tokens, route):
-        """Flatten and route. On a group, a failed check is held until the call's first exchange
-        (:meth:`dispatch_all_to_all`), where every rank raises it together; alone, it raises here."""
+    def _preprocess(self, hidden_states, num_local_tokens, probs, token_indices=None):
+        """Flatten and route (dense ``probs [T, E]``, or top-K ``probs`` with ``token_indices``):
+        ``(hidden [T, H], manager)``, the manager holding the routing. On a group, a failed check
+        is held until the call's first exchange, where every rank raises it together (the hidden
+        states are then returned as given, the routing None); alone, it raises here. The one
+        body of the preprocess steps and of the one-call entry points."""
         hidden = error = None
         try:
             hidden = self._flatten_hidden(hidden_states, num_local_tokens)
@@ -455,15 +444,31 @@ class MoEFlexTokenDispatcher:
             self._fallback_reason = None
         if error is None:
             try:
-                route(manager)
+                self._route(manager, num_local_tokens, probs, token_indices)
             except (ValueError, TypeError) as exc:
                 if not hasattr(manager, "defer"):
                     raise
                 error = exc
         if error is not None:
             manager.defer(error)  # raises at once for a group of one
-            return hidden_states, None
-        return hidden, manager.token_probs
+            return hidden_states, manager
+        return hidden, manager
+
+    def _route(self, manager, num_local_tokens: int, probs: torch.Tensor, token_indices) -> None:
+        """Give ``manager`` this call's routing (see :meth:`_preprocess`)."""
+        if token_indices is not None:
+            if hasattr(manager, "set_routing"):
+                manager.set_routing(probs, token_indices, num_local_tokens)
+            else:  # a manager of the reference's kind: its attributes, as the reference sets them
+                manager.token_probs, manager.token_indices = probs, token_indices
+            return
+        dense = self._initialize_metadata(num_local_tokens, probs)
+        if isinstance(manager, _ManagerBase) or not hasattr(manager, "set_routing"):
+            manager.setup_metadata(num_local_tokens=num_local_tokens, probs=dense)
+        else:  # HybridEP: the top-K of the dense probs, as the indices entry takes it
+            token_probs, token_indices = torch.topk(dense.reshape(num_local_tokens, self.spec.num_experts),
+                                                   self.spec.topk, dim=-1)
+            manager.set_routing(token_probs, token_indices, num_local_tokens, names=("probs", "probs"))
 
     @_in_dispatcher_terms
     def dispatch_all_to_all(self, hidden_states: torch.Tensor, probs: torch.Tensor = None, async_finish: bool = True,
@@ -482,8 +487,15 @@ class MoEFlexTokenDispatcher:
     def dispatch_postprocess(self, hidden_states: torch.Tensor):
         """Expert-major permutation: ``(tokens [N, H], tokens_per_expert [E_local] int64 (CPU;
         GPU when sync-free), permuted_probs [N])``."""
-        manager = self._require_manager("dispatch_postprocess")
-        tokens, permuted_probs = manager.get_permuted_hidden_states_by_experts(hidden_states)
+        return self._postprocess(self._require_manager("dispatch_postprocess"), hidden_states)
+
+    @staticmethod
+    def _postprocess(manager, hidden_states: torch.Tensor, fp8_rows: bool = False):
+        """The permutation's result in the dispatcher's order (see :meth:`dispatch_postprocess`)."""
+        if fp8_rows:  # (a keyword of flexdispatch's managers only)
+            tokens, permuted_probs = manager.get_permuted_hidden_states_by_experts(hidden_states, fp8_rows=True)
+        else:
+            tokens, permuted_probs = manager.get_permuted_hidden_states_by_experts(hidden_states)
         return tokens, manager.get_number_of_tokens_per_expert(), permuted_probs
 
     @_SizedOnHost
@@ -492,43 +504,37 @@ class MoEFlexTokenDispatcher:
                           probs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Preprocess, dispatch and permute: ``(tokens [N, H], tokens_per_expert [E_local], permuted_probs [N])``.
         Dispatch is asynchronous when ``config.moe_deepep_async_dispatch`` says so."""
-        hidden, _ = self.dispatch_preprocess(hidden_states, num_local_tokens, probs)
-        return self._permute_dispatched(hidden)
+        return self._permute_dispatched(*self._preprocess(hidden_states, num_local_tokens, probs))
 
     @_SizedOnHost
     @_in_dispatcher_terms
     def token_permutation2(self, hidden_states: torch.Tensor, num_local_tokens: int, token_probs: torch.Tensor,
                            token_indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As :meth:`token_permutation`, with top-K ``token_probs`` and ``token_indices``."""
-        hidden, _ = self.dispatch_preprocess2(hidden_states, num_local_tokens, token_probs, token_indices)
-        return self._permute_dispatched(hidden)
+        return self._permute_dispatched(*self._preprocess(hidden_states, num_local_tokens, token_probs,
+                                                          token_indices))
 
-    def _permute_dispatched(self, hidden: torch.Tensor):
+    def _permute_dispatched(self, hidden: torch.Tensor, manager):
         """Dispatch and permute for the one-call entry points: with ``moe_fp8_experts`` the
-        tokens come back as ``(rows [N, H] float8_e4m3fn, scales [N, H / 128])``."""
-        manager = self._require_manager("token_permutation")
+        tokens come back as ``(rows [N, H] float8_e4m3fn, scales [N, H / 128])``.
+
+        The transfer is one whose permutation follows at once: received FP8 rows stay in FP8
+        and the permutation dequantizes them as it moves them (``keep_fp8``), and a manager
+        may leave rows where they landed (``permute_next``); with ``moe_fp8_experts`` they
+        stay in FP8 for the experts (``fp8_rows``; the local manager keeps them too)."""
         async_ = bool(self.config.moe_deepep_async_dispatch)
         if not isinstance(manager, _ManagerBase):  # the reference's steps, as the reference runs them
             dispatched, _ = self.dispatch_all_to_all(hidden, async_finish=async_, allocate_on_comm_stream=async_)
             return self.dispatch_postprocess(dispatched)
-        if not self.config.moe_fp8_experts:
-            return self.dispatch_postprocess(self._dispatch_for_permutation(manager, hidden, async_))
-        if isinstance(hidden, torch.Tensor) and hidden.requires_grad and torch.is_grad_enabled():
+        fp8_rows = bool(self.config.moe_fp8_experts)
+        if fp8_rows and isinstance(hidden, torch.Tensor) and hidden.requires_grad and torch.is_grad_enabled():
             manager.defer_first(input_error(
                 ValueError, "hidden_states",
                 "moe_fp8_experts hands the experts FP8 rows, which carry no gradient; call the layer "
                 "under torch.no_grad() (inference), or set moe_fp8_experts=False to train (the experts then get "
                 "the rows dequantized)"))
-        dispatched = self._dispatch_for_permutation(manager, hidden, async_, fp8_rows=True)
-        rows, permuted_probs = manager.get_permuted_hidden_states_by_experts(dispatched, fp8_rows=True)
-        return rows, manager.get_number_of_tokens_per_expert(), permuted_probs
-
-    def _dispatch_for_permutation(self, manager: _ManagerBase, hidden: torch.Tensor, async_: bool,
-                                  fp8_rows: bool = False) -> torch.Tensor:
-        """The transfer of a permutation that follows at once: received FP8 rows stay in FP8 and
-        the permutation dequantizes them as it moves them (``keep_fp8``); ``fp8_rows``: they
-        stay in FP8 for the experts (the local manager keeps them too)."""
-        return manager.dispatch(hidden, async_, async_, keep_fp8=True, permute_next=True, fp8_rows=fp8_rows)
+        dispatched = manager.dispatch(hidden, async_, async_, keep_fp8=True, permute_next=True, fp8_rows=fp8_rows)
+        return self._postprocess(manager, dispatched, fp8_rows)
 
     @_in_dispatcher_terms
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -547,6 +553,10 @@ class MoEFlexTokenDispatcher:
     @_in_dispatcher_terms
     def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Wait for an async combine and restore the input's leading dims: ``[T, H] -> [..., H]``."""
+        return self._restore_shape(hidden_states)
+
+    def _restore_shape(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The body of :meth:`combine_postprocess`."""
         if self._combine_async:
             self._combine_async = False
             self.wait()
@@ -557,9 +567,10 @@ class MoEFlexTokenDispatcher:
         """Restore, combine and reshape: ``[N, H] -> [..., H]``. Combine is asynchronous when
         ``config.moe_deepep_async_dispatch`` says so."""
         async_ = bool(self.config.moe_deepep_async_dispatch)
-        hidden = self.combine_preprocess(hidden_states)
-        hidden = self.combine_all_to_all(hidden, async_finish=async_, allocate_on_comm_stream=async_)
-        return self.combine_postprocess(hidden)
+        manager = self._require_manager("token_unpermutation")
+        hidden = manager.get_restored_hidden_states_by_experts(hidden_states)
+        self._combine_async = async_
+        return self._restore_shape(manager.combine(hidden, async_, async_))
 
     def wait(self) -> None:
         """Make the current stream wait for an async dispatch or combine of this dispatcher."""
