@@ -467,7 +467,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         self.set_layer_value(key, "sync_free_faults", counter)
 
     def _expect(self, step: str, *stages: str) -> None:
-        groups.require(self)  # (every step's first check: no collective on a destroyed group)
+        # (A destroyed group is found by the steps that run collectives: see one_thread_at_a_time.)
         if self.spec is None:
             raise ValueError(f"num_experts: {step} needs the layer's expert count; this manager was built without "
                              f"num_experts (pass num_experts=E, or build it through MoEFlexTokenDispatcher)")

@@ -202,7 +202,8 @@ def announce(obj) -> None:
 
 def one_thread_at_a_time(step: Optional[str] = None, before=None):
     """Decorate a method of an object with a :class:`WeakGroup` ``group`` whose calls may run
-    collectives: another thread raises before any collective (see above). ``step``: what the
+    collectives: another thread raises before any collective (see above), and so does a call
+    on a destroyed group (GroupDestroyedError, as :func:`require`). ``step``: what the
     user called, for the message (default: the method's name); ``before(obj, guard)``: runs
     once the guard is held, before the method."""
     def wrap(method):
@@ -215,6 +216,8 @@ def one_thread_at_a_time(step: Optional[str] = None, before=None):
             guard = None if torch.compiler.is_compiling() else self.__dict__.get("_group_guard")
             if guard is None:
                 return method(self, *args, **kwargs)
+            if self.__dict__["_group_ref"]() is None:  # (require(), inline: no collective on a destroyed group)
+                raise GroupDestroyedError(_GONE.format(what="dispatcher"))
             guard.enter(name)
             try:
                 if before is not None:
