@@ -147,7 +147,8 @@ def check_pending_errors() -> None:
     """Raise the first routing error flagged by earlier CUDA calls. Waits only for their small
     error-word copies to land (not for the whole device), so it costs nothing once the GPU
     has passed them."""
-    _read_pending_errors(wait=True)
+    if _pending:  # (none on the CPU, which raises at once: no call there)
+        _read_pending_errors(wait=True)
 
 
 def _read_pending_errors(wait: bool) -> None:
@@ -284,7 +285,7 @@ def check_route(indices: torch.Tensor, num_experts: int, flag: int, probs: Optio
     name ``report_as`` (None: left to the caller)."""
     clean, status = _C.check_route(indices.contiguous(), num_experts, flag, _contiguous(probs))
     if report_as is not None:
-        defer_routing_error(status, indices, num_experts, report_as, probs)
+        _defer_or_raise(status, 0, indices, num_experts, report_as, probs=probs)  # (defer_routing_error)
     return clean, status
 
 
