@@ -45,7 +45,7 @@ from . import engines as _engines
 
 def __getattr__(name):
     """The engines' functions, resolved at first access (importing flexdispatch imports no engine)."""
-    if name in _engines._ENGINE_NAMES:
+    if name in _engines.ENGINE_NAMES:
         return _engines.resolve(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -57,5 +57,5 @@ __all__ = [
     "ConcurrentCallError", "GroupDestroyedError", "CacheNotWritableError", "RowIdMap", "ops", "reference",
     "deepep_available", "shutdown", "expert_capacity", "use_application_logging", "permute", "unpermute",
     "fused_indices_to_multihot", "get_hybrid_ep_initialized_capacity", "publish_hybrid_ep_initialized_capacity",
-    "__version__", *_engines._ENGINE_NAMES,
+    "__version__", *_engines.ENGINE_NAMES,
 ]

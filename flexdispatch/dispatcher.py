@@ -21,7 +21,7 @@ from ._log import logger
 from .config import MoEConfig, TokenDispatcherConfig, requested_backend, sm_setting
 from . import managers
 from .managers import groups, registry
-from .managers.base import OutOfOrderError, _group_size_rank, _ManagerBase
+from .managers.base import OutOfOrderError, group_size_rank, _ManagerBase
 from .managers.gather import all_gather_objects
 from .managers.hybridep import HybridEPPipelineRuntimeInitializer, _HybridEPManager, _HybridEPMetadataProcessor
 from .managers.sharing import LayerStates
@@ -168,7 +168,7 @@ class MoEFlexTokenDispatcher:
         self.config = cfg = _as_config(config)  # its fields were checked when it was built
         ops.load_kernels()  # build them (cold cache) with the model, not inside its first step
         self.group = ep_group
-        self.ep_size, self.ep_rank = _group_size_rank(ep_group)
+        self.ep_size, self.ep_rank = group_size_rank(ep_group)
         self.tp_size = 1
         # What depends on the group is checked here, once; managers get the frozen result.
         self.spec = LayerSpec.checked(

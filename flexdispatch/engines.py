@@ -41,7 +41,7 @@ import torch
 
 from .managers import deepep
 
-_ENGINE_NAMES = ("fused_dispatch", "fused_combine", "set_deepep_num_sms", "uccl_fused_dispatch",
+ENGINE_NAMES = ("fused_dispatch", "fused_combine", "set_deepep_num_sms", "uccl_fused_dispatch",
                  "uccl_fused_combine", "set_uccl_num_sms", "hybrid_ep_dispatch", "hybrid_ep_combine")
 """The module-level names whose value depends on which engines import (None when missing)."""
 

@@ -94,7 +94,7 @@ def test_every_name_of_automodels_module_with_its_signature():
             wrong.append(f"missing: {name}")
             continue
         ours = getattr(fd, name)
-        if name in fd.engines._ENGINE_NAMES:  # None exactly where the engine does not import
+        if name in fd.engines.ENGINE_NAMES:  # None exactly where the engine does not import
             if (ours is None) != (theirs is None):
                 wrong.append(f"{name}: {ours!r} here, {theirs!r} in Automodel")
         elif inspect.isclass(theirs) and theirs.__module__ == am.__name__:

@@ -55,7 +55,7 @@ def _drain(pending: list) -> None:
 _exchange = collectives.all_to_all_single  # (bounded on CPU groups; "what" names the call in errors)
 
 
-def _fp8_payload(hidden: torch.Tensor) -> torch.Tensor:
+def fp8_payload(hidden: torch.Tensor) -> torch.Tensor:
     """``[T, H + H / 32]`` uint8 rows: the FP8 bytes, then the float32 scales' bytes (one
     transfer carries both)."""
     q, scales = ops.quantize_fp8(hidden)
@@ -117,7 +117,7 @@ class _AllToAllDispatch(torch.autograd.Function):
         send_meta = ops.apply_permutation(meta, plan)
         recv_meta = meta.new_empty(received, meta.shape[1])
         _exchange(recv_meta, send_meta, recv_splits, send_splits, group, f"{call}, dispatch (routing)")
-        rows = _fp8_payload(hidden) if fp8 else hidden
+        rows = fp8_payload(hidden) if fp8 else hidden
         send = ops.apply_permutation(rows, plan)
         landing = rows.new_empty(received, rows.shape[1])
         # CPU tensors (gloo) move synchronously: with gloo's async work, processes aborted at

@@ -256,7 +256,7 @@ def check_topk_routing(token_probs, token_indices, topk: int, num_local_tokens: 
                           f"rows of token_indices")
 
 
-def _group_size_rank(group) -> tuple[int, Optional[int]]:
+def group_size_rank(group) -> tuple[int, Optional[int]]:
     """``(size, rank)`` of an expert-parallel group: ``(1, 0)`` for None. A group object that is
     not a live process group (a stand-in with ``size()``, or any group before
     ``torch.distributed`` is initialized) reports its ``size()``, and its rank as None (unknown:
@@ -306,7 +306,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
                  validate_routing: bool = True, max_tokens_per_expert: Optional[int] = None,
                  num_sms: int = 20, fp8_dispatch: bool = False, spec: Optional[LayerSpec] = None):
         self.group = group
-        self.world_size, self.rank = _group_size_rank(group)
+        self.world_size, self.rank = group_size_rank(group)
         if spec is None and num_experts is None:
             # The reference builds managers with only a group and top-k (tests, subclasses that
             # set the rest later): allowed, but no step runs until the expert count is known.

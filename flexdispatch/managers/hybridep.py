@@ -30,9 +30,13 @@ from torch import nn
 from .. import envs, ops
 from ..spec import input_error
 from . import agreement, gather, groups
-from .base import NOT_ROUTED, Routed, _DispatchManager, _group_size_rank, check_topk_routing
+from .base import NOT_ROUTED, Routed, _DispatchManager, group_size_rank, check_topk_routing
 from .deepep import EngineUnavailableError
 from .sharing import LayerStates
+
+# Automodel's names, underscores included (its module exports them; so does flexdispatch's).
+__all__ = ["_HybridEPManager", "_HybridEPMetadataProcessor", "HybridEPPipelineRuntimeInitializer",
+           "_HYBRIDEP_TOKEN_ALIGNMENT", "_STATIC_ROUTING_PAD_PIN"]
 
 _HYBRIDEP_TOKEN_ALIGNMENT = 4
 """Per-rank token counts are padded to a multiple of this (HybridEP's metadata all-gather
@@ -103,7 +107,7 @@ class _HybridEPManager(LayerStates, _DispatchManager):
                  moe_hybridep_num_blocks_permute: Optional[int] = None,
                  moe_hybridep_num_blocks_unpermute: Optional[int] = None, benchmark_static_routing: bool = False) -> None:
         self.group = group
-        self.world_size, self.rank = _group_size_rank(group)
+        self.world_size, self.rank = group_size_rank(group)
         self.num_local_experts = num_local_experts
         self.num_experts = num_experts
         self.router_topk = router_topk

@@ -55,7 +55,7 @@ import torch
 from .. import envs, ops, peer_ops
 from ..spec import input_error
 from . import agreement, gather, groups, peer_buffers
-from .alltoall import _fp8_payload, routing_by_rank
+from .alltoall import fp8_payload, routing_by_rank
 from .base import BackwardCheck, Dispatched, _ManagerBase, received_fp8_rows
 
 _META_ALIGN = 8  # float64 rows
@@ -146,7 +146,7 @@ class _NvlinkDispatch(torch.autograd.Function):
         dequantized), else None;
         ``kept`` the FP8 rows ``(q, scales)`` for the dequantizing permutation (``keep_fp8``)."""
         ctx.route, ctx.transport, ctx.max_blocks, ctx.check = route, transport, max_blocks, check
-        payload = _fp8_payload(hidden) if fp8 else hidden.contiguous()
+        payload = fp8_payload(hidden) if fp8 else hidden.contiguous()
         _, (tokens, meta) = transport.exchange(None, [(payload, route.token_cap), (send_meta, route.sent_cap)])
         meta_bytes = send_meta.shape[1] * send_meta.element_size()
         recv_meta = send_meta.new_empty(route.received, send_meta.shape[1])

@@ -26,14 +26,14 @@ from ..config import sm_setting
 from ..spec import LayerSpec
 from . import deepep
 from .alltoall import _AllToAllManager
-from .base import _DispatchManager, _group_size_rank
+from .base import _DispatchManager, group_size_rank
 from .hybridep import _HybridEPManager
 from .local import _LocalManager
 from .nvlink import _NvlinkManager
 
 
 def _group_size(group) -> int:
-    return _group_size_rank(group)[0]
+    return group_size_rank(group)[0]
 
 
 def _local_probe(group, **call) -> Optional[str]:
