@@ -151,7 +151,8 @@ __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chu
 
   const int64_t* offsets = layout + layout_offsets(experts);
   const int32_t* chunk_base = chunk_offsets + int64_t(blockIdx.x) * (experts + 1);
-  int64_t overflow = 0;
+  // The padded rows must fit too: real rows that fit while the padding does not are an overflow.
+  int64_t overflow = blockIdx.x == 0 && threadIdx.x == 0 && offsets[experts] > num_out ? kOutputOverflow : 0;
   for (int c = threadIdx.x; c < chunk_rows; c += blockDim.x) {
     const int64_t row = row0 + c;
     if (row >= route.rows) break;

@@ -104,13 +104,15 @@ __device__ void zero_row(char* dst, int64_t row, int64_t row_bytes, char* probs_
   }
 }
 
-// Block (e, y) zeroes pad rows y, y + gridDim.y, ... of expert e.
+// Block (e, y) zeroes pad rows y, y + gridDim.y, ... of expert e that lie below num_out (an
+// output too small for the padding is flagged by the map; its pad rows past the end are not
+// written).
 template <typename V>
-__global__ void zero_pad_rows_kernel(const int64_t* layout, int32_t experts, char* dst,
+__global__ void zero_pad_rows_kernel(const int64_t* layout, int32_t experts, int64_t num_out, char* dst,
                                      int64_t row_bytes, char* probs_out, int prob_bytes) {
   const int e = blockIdx.x;
   const int64_t start = layout[layout_offsets(experts) + e] + layout[layout_counts(experts) + e];
-  const int64_t end = layout[layout_offsets(experts) + e] + layout[layout_padded(experts) + e];
+  const int64_t end = min(num_out, layout[layout_offsets(experts) + e] + layout[layout_padded(experts) + e]);
   for (int64_t row = start + blockIdx.y; row < end; row += gridDim.y) {
     zero_row<V>(dst, row, row_bytes, probs_out, prob_bytes);
   }
@@ -237,7 +239,7 @@ cudaError_t zero_as(const int64_t* layout, int32_t experts, bool padded, bool ta
   char* d = static_cast<char*>(dst);
   char* p = static_cast<char*>(probs_out);
   if (padded && experts > 0) {
-    zero_pad_rows_kernel<V><<<dim3(experts, 8), kRowThreads, 0, stream>>>(layout, experts, d,
+    zero_pad_rows_kernel<V><<<dim3(experts, 8), kRowThreads, 0, stream>>>(layout, experts, num_out, d,
                                                                           row_bytes, p, prob_bytes);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;

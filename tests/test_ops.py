@@ -133,6 +133,38 @@ def test_num_out_tokens_tail_is_zero_and_overflow_raises(device, poison):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", ["indices", "map", "fp8"])
+def test_padding_that_does_not_fit_raises(device, form, poison):
+    """An output that holds the real rows but not their padding is an overflow (ValueError, as
+    the reference), and its pad rows past the end are not written: the pad zeroing once wrote
+    them past the buffer (a CPU heap corruption that aborted the process)."""
+    tiny = (torch.tensor([[0], [1]], device=device), 2, 4, 5)  # expert 1's pad rows 5..7 lie past 5 rows
+    rows, experts, topk, pad = 301, 7, 3, 8
+    spread = (random_indices(rows, experts, topk, seed=13, device=device), experts, pad, None)
+    for idx, experts, pad, num_out in (tiny, spread):
+        x = random_tokens(idx.shape[0], 128, torch.float32, device=device)
+        p = random_probs(idx.shape[0], idx.shape[1], device=device)
+        real = int((idx >= 0).sum())
+        padded = reference.permute_by_indices(x, idx, p, num_experts=experts, pad_multiple=pad)[0].shape[0]
+        num_out = padded - 1 if num_out is None else num_out
+        assert real <= num_out < padded
+        with pytest.raises(ValueError, match="num_out_tokens"):
+            reference.permute_by_indices(x, idx, p, num_experts=experts, num_out_tokens=num_out, pad_multiple=pad)
+        poison(device)
+        with pytest.raises(ValueError, match="num_out_tokens"):
+            if form == "indices":
+                ops.permute_by_indices(x, idx, p, num_experts=experts, num_out_tokens=num_out, pad_multiple=pad)
+            elif form == "map":
+                route, probs = reference.indices_to_multihot(idx, p, experts)
+                ops.permute(x, route, probs, num_out_tokens=num_out, pad_multiple=pad)
+            else:
+                q, scales = ops.quantize_fp8(x)
+                ops.permute_fp8_by_indices(q, scales, idx, p, num_experts=experts, num_out_tokens=num_out,
+                                           pad_multiple=pad, dtype=torch.float32)
+            ops.check_pending_errors()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_padding_rows_are_zero_with_zero_prob(device, poison):
     rows, experts, topk, pad = 301, 7, 3, 8
     idx = random_indices(rows, experts, topk, seed=11, device=device)

@@ -170,7 +170,8 @@ void route_map(const Route& route, const int32_t* chunk_offsets, int64_t* layout
   const int64_t* offsets = layout + layout_offsets(experts);
   const char* p = static_cast<const char*>(probs);
   char* out = static_cast<char*>(probs_out);
-  int64_t bad = 0;
+  // The padded rows must fit too: real rows that fit while the padding does not are an overflow.
+  int64_t bad = offsets[experts] > num_out ? kOutputOverflow : 0;
 #pragma omp parallel reduction(| : bad)
   {
     std::vector<int64_t> next(experts);

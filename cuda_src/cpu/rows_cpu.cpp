@@ -1,5 +1,6 @@
 // CPU twin of ../rows.cu: scatter, deterministic gather (slot order, float32 accumulation
 // or float64 for float64 operands), the gather's backward, and zeroing of unfilled rows.
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -99,7 +100,8 @@ void zero_unused_rows(const int64_t* layout, int32_t num_experts, bool padded, b
   if (padded) {
 #pragma omp parallel for schedule(static)
     for (int32_t e = 0; e < num_experts; ++e) {
-      zero_rows(out, offsets[e] + counts[e], offsets[e] + pad[e], row_bytes, p, prob_bytes);
+      // (pad rows at or past num_out: an output too small, flagged by the map, not written)
+      zero_rows(out, offsets[e] + counts[e], std::min(num_out, offsets[e] + pad[e]), row_bytes, p, prob_bytes);
     }
   }
   if (tail) zero_rows(out, offsets[num_experts], num_out, row_bytes, p, prob_bytes);
