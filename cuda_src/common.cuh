@@ -140,5 +140,14 @@ inline unsigned grid_for(int64_t n, int per_block) {
   return static_cast<unsigned>((n + per_block - 1) / per_block);
 }
 
+// A launch may use at most 48 KiB of shared memory, static and dynamic together, unless the
+// kernel opts in to more. The plan's masks reach exactly 48 KiB (chunk_rows_for) beside a few
+// static bytes, so a kernel asks for its dynamic bytes when they come near the default.
+template <typename Kernel>
+inline cudaError_t allow_dynamic_shared(Kernel* kernel, size_t bytes) {
+  if (bytes + 1024 <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
 }  // namespace cuda
 }  // namespace flexdispatch

@@ -185,10 +185,12 @@ cudaError_t plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offset
   const int chunk_rows = chunk_rows_for(route.num_experts);
   const int64_t chunks = num_chunks_for(route.rows, route.num_experts);
   if (chunks > 0) {
-    route_count_kernel<Kind><<<static_cast<unsigned>(chunks), chunk_rows,
-                               mask_bytes(route.num_experts, chunk_rows), stream>>>(
+    const size_t bytes = mask_bytes(route.num_experts, chunk_rows);
+    cudaError_t err = allow_dynamic_shared(route_count_kernel<Kind>, bytes);
+    if (err != cudaSuccess) return err;
+    route_count_kernel<Kind><<<static_cast<unsigned>(chunks), chunk_rows, bytes, stream>>>(
         route, chunk_rows, chunk_offsets);
-    const cudaError_t err = cudaGetLastError();
+    err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   route_scan_kernel<<<1, kScanThreads, 0, stream>>>(chunk_offsets, chunks, route.num_experts,
@@ -203,8 +205,10 @@ cudaError_t map(const Route& route, const int32_t* chunk_offsets, int64_t* layou
   const int chunk_rows = chunk_rows_for(route.num_experts);
   const int64_t chunks = num_chunks_for(route.rows, route.num_experts);
   if (chunks == 0) return cudaSuccess;
-  route_map_kernel<Kind, ProbBits><<<static_cast<unsigned>(chunks), chunk_rows,
-                                     mask_bytes(route.num_experts, chunk_rows), stream>>>(
+  const size_t bytes = mask_bytes(route.num_experts, chunk_rows);
+  const cudaError_t err = allow_dynamic_shared(route_map_kernel<Kind, ProbBits>, bytes);
+  if (err != cudaSuccess) return err;
+  route_map_kernel<Kind, ProbBits><<<static_cast<unsigned>(chunks), chunk_rows, bytes, stream>>>(
       route, chunk_rows, chunk_offsets, layout, static_cast<const ProbBits*>(probs), num_out,
       row_id_map, static_cast<ProbBits*>(probs_out));
   return cudaGetLastError();

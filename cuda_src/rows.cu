@@ -259,15 +259,11 @@ cudaError_t gather_typed(const void* src, int64_t hidden, const int32_t* row_id_
   constexpr int kVec = 16 / sizeof(T);
   const size_t smem = ((slots + 1) & ~1) * sizeof(int32_t) + slots * sizeof(Acc);
   const bool vec = hidden % kVec == 0 && vector_bytes(16, src, dst) == 16;
-  if (vec) {
-    gather_rows_kernel<T, P, Acc, kVec><<<static_cast<unsigned>(rows), kRowThreads, smem, stream>>>(
-        static_cast<const T*>(src), hidden, row_id_map, slots, static_cast<const P*>(probs),
-        static_cast<T*>(dst));
-  } else {
-    gather_rows_kernel<T, P, Acc, 1><<<static_cast<unsigned>(rows), kRowThreads, smem, stream>>>(
-        static_cast<const T*>(src), hidden, row_id_map, slots, static_cast<const P*>(probs),
-        static_cast<T*>(dst));
-  }
+  const auto kernel = vec ? gather_rows_kernel<T, P, Acc, kVec> : gather_rows_kernel<T, P, Acc, 1>;
+  const cudaError_t err = allow_dynamic_shared(kernel, smem);  // (a multihot map's slots: up to E)
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned>(rows), kRowThreads, smem, stream>>>(
+      static_cast<const T*>(src), hidden, row_id_map, slots, static_cast<const P*>(probs), static_cast<T*>(dst));
   return cudaGetLastError();
 }
 
@@ -280,15 +276,12 @@ cudaError_t gather_backward_typed(const void* grad_out, const void* src, int64_t
   const size_t smem = ((2 * slots + 1) & ~1) * sizeof(int32_t) + slots * sizeof(Acc);
   const bool vec = hidden % kVec == 0 && vector_bytes(16, grad_out, src) == 16 &&
                    vector_bytes(16, grad_src, grad_src) == 16;
-  if (vec) {
-    gather_rows_backward_kernel<T, P, Acc, kVec><<<static_cast<unsigned>(rows), kRowThreads, smem, stream>>>(
-        static_cast<const T*>(grad_out), static_cast<const T*>(src), hidden, row_id_map, slots,
-        static_cast<const P*>(probs), static_cast<T*>(grad_src), static_cast<P*>(grad_probs));
-  } else {
-    gather_rows_backward_kernel<T, P, Acc, 1><<<static_cast<unsigned>(rows), kRowThreads, smem, stream>>>(
-        static_cast<const T*>(grad_out), static_cast<const T*>(src), hidden, row_id_map, slots,
-        static_cast<const P*>(probs), static_cast<T*>(grad_src), static_cast<P*>(grad_probs));
-  }
+  const auto kernel = vec ? gather_rows_backward_kernel<T, P, Acc, kVec> : gather_rows_backward_kernel<T, P, Acc, 1>;
+  const cudaError_t err = allow_dynamic_shared(kernel, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned>(rows), kRowThreads, smem, stream>>>(
+      static_cast<const T*>(grad_out), static_cast<const T*>(src), hidden, row_id_map, slots,
+      static_cast<const P*>(probs), static_cast<T*>(grad_src), static_cast<P*>(grad_probs));
   return cudaGetLastError();
 }
 

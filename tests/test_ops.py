@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexdispatch import _library, ops, reference
-from flexdispatch.rowmap import index_route_error_bits
+from flexdispatch.rowmap import MAX_EXPERTS, index_route_error_bits
 from routing import random_indices, random_probs, random_tokens
 from conftest import DEVICES
 
@@ -81,8 +81,11 @@ def test_multihot_and_permute_by_map(device, rows, hidden, experts, topk, poison
 
 
 # (rows, hidden, experts, topk): routes that plan in one block and in three launches (more than
-# 16384 entries), 32-row chunks (E > 1536), rows of more than 32 destinations, 512 experts.
-SIZED_SHAPES = [(1000, 64, 8, 4), (3000, 40, 64, 8), (90, 16, 2000, 3), (300, 32, 64, 40), (700, 24, 512, 8)]
+# 16384 entries), 32-row chunks (E > 1536), rows of more than 32 destinations, 512 experts, and
+# the expert counts whose masks fill 48 KiB of shared memory (1536 with 256-row chunks, the most
+# experts with 32-row chunks).
+SIZED_SHAPES = [(1000, 64, 8, 4), (3000, 40, 64, 8), (90, 16, 2000, 3), (300, 32, 64, 40), (700, 24, 512, 8),
+                (300, 16, 1536, 4), (40, 8, MAX_EXPERTS, 2)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
