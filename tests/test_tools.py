@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_dispatch  # noqa: E402
+import bench_host  # noqa: E402
 
 
 @pytest.mark.parametrize("world,experts,topk", [(2, 8, 2), (3, 12, 3), (4, 32, 4), (4, 256, 8)])
@@ -102,3 +103,14 @@ def test_run_notebook_creates_the_figures_folder(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert (figures / "tiny-fig1.png").stat().st_size > 0
+
+
+def test_host_comparison_reports_medians_ranges_and_ratios_to_the_first_tree():
+    """bench_host --repos: per point, each tree's median (range) of its rounds and the ratio of
+    its median to the first tree's; a point a tree did not measure is shown as missing."""
+    own = {("EP 1 local", "old"): [0.20, 0.10, 0.30], ("EP 1 local", "new"): [0.05, 0.08, 0.04],
+           ("EP 2 alltoall", "old"): [1.0, 2.0, 3.0]}
+    lines = bench_host.comparison_lines(own, ["old", "new"], 3)
+    assert "median (range) of 3 rounds; ratio to old" in lines[0]
+    assert lines[1].startswith("EP 1 local") and "old: 0.200 (0.100-0.300) | new: 0.050 (0.040-0.080) 0.25x" in lines[1]
+    assert "old: 2.000 (1.000-3.000) | new: -" in lines[2]

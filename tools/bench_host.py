@@ -6,9 +6,10 @@ manager and expert-parallel size, on rank 0.
         [--calls 40] [--tokens 64 --hidden 32 --topk 2]
 
 EP 1 runs in this process (the local manager); larger sizes spawn a gloo group on this machine.
-``--repo`` measures another checkout of flexdispatch (e.g. an older commit in a git worktree),
-so that two trees are compared back to back on the same machine: run the tool twice, or
-alternate. Small shapes keep the host's share in view: the time that scales with the tokens is
+``--repo`` measures another checkout of flexdispatch (e.g. an older commit in a git worktree);
+``--repos A,B,... --rounds N`` measures several in turn, N rounds (each tree once a round, in a
+process of its own), and prints per point the median (range) of each tree and its ratio to the
+first, so that trees are compared in one sitting on the same machine. Small shapes keep the host's share in view: the time that scales with the tokens is
 the kernels', not the Python's.
 """
 
@@ -92,6 +93,44 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
     dist.destroy_process_group()
 
 
+def comparison_lines(own: dict, repos: list, rounds: int) -> list:
+    """The table of ``--repos``: ``own`` maps (point, repo) to the own ms of every round; per
+    point, each tree's median (range) and its ratio to the first tree's median."""
+    lines = [f"own ms of flexdispatch's Python per forward + backward, median (range) of {rounds} rounds; "
+             f"ratio to {repos[0]}"]
+    for point in dict.fromkeys(point for point, _ in own):
+        base = own.get((point, repos[0]))
+        cells = []
+        for repo in repos:
+            values = own.get((point, repo))
+            if not values:
+                cells.append(f"{repo}: -")
+                continue
+            mid = statistics.median(values)
+            ratio = f" {mid / statistics.median(base):.2f}x" if base and repo != repos[0] else ""
+            cells.append(f"{repo}: {mid:.3f} ({min(values):.3f}-{max(values):.3f}){ratio}")
+        lines.append(f"{point:<12} " + " | ".join(cells))
+    return lines
+
+
+def _compare(args, passed: list) -> int:
+    """Run this tool on every tree of ``args.repos`` in turn, ``args.rounds`` times, each run in
+    a process of its own; print :func:`comparison_lines`."""
+    import subprocess
+
+    repos = args.repos.split(",")
+    own: dict = {}
+    for _ in range(args.rounds):
+        for repo in repos:
+            out = subprocess.run([sys.executable, __file__, "--repo", repo, *passed], check=True,
+                                 capture_output=True, text=True).stdout
+            for line in out.splitlines():
+                if line.startswith("EP "):
+                    own.setdefault((" ".join(line.split()[:3]), repo), []).append(float(line.split()[-1]))
+    print("\n".join(comparison_lines(own, repos, args.rounds)), flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]),
@@ -103,7 +142,12 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--topk", type=int, default=2)
     parser.add_argument("--top", type=int, default=0, help="print the package's functions with the most own time")
+    parser.add_argument("--repos", help="several checkouts, comma-separated, measured in turn (see --rounds)")
+    parser.add_argument("--rounds", type=int, default=5, help="with --repos: rounds over the trees")
     args = parser.parse_args()
+    if args.repos:
+        return _compare(args, [f"--{name}={getattr(args, name)}"
+                               for name in ("sizes", "managers", "calls", "tokens", "hidden", "topk")])
     args.managers = args.managers.split(",")
     _setup(args.repo)
     import torch
