@@ -346,15 +346,19 @@ def received_routing(meta: torch.Tensor, id_column: int, topk: int, first_expert
 
 def _plan_fake(route, num_experts, num_out):
     layout = 3 * num_experts + 2
-    return (route.new_empty(route.shape, dtype=torch.int32), route.new_empty(layout, dtype=torch.int64),
-            torch.empty(layout if num_out < 0 else 0, dtype=torch.int64))
+    # The host layout exists only when the op sizes its output (num_out < 0, a sync: never in a
+    # graph); its [0] stand-in stays on the route's device, since a CPU tensor in a CUDA graph
+    # splits it (inductor partitions CUDA graphs around CPU nodes).
+    host = torch.empty(layout, dtype=torch.int64) if num_out < 0 else route.new_empty(0, dtype=torch.int64)
+    return route.new_empty(route.shape, dtype=torch.int32), route.new_empty(layout, dtype=torch.int64), host
 
 
 def _host_output(host: Optional[torch.Tensor], layout: torch.Tensor) -> torch.Tensor:
-    """The host layout as an op output: [0] when none was made, and a copy when it is the
-    layout itself (CPU tensors), since an op's outputs may not alias each other."""
+    """The host layout as an op output: [0] on the layout's device when none was made (see
+    _plan_fake), and a copy when it is the layout itself (CPU tensors), since an op's outputs
+    may not alias each other."""
     if host is None:
-        return torch.empty(0, dtype=torch.int64)
+        return layout.new_empty(0)
     return host.clone() if host.data_ptr() == layout.data_ptr() else host
 
 

@@ -148,6 +148,24 @@ def test_sync_free_layer_compiles_to_one_graph(device):
     assert "flexdispatch.permute" in str(explained.graphs[0].graph)
 
 
+def test_sized_permutation_ops_keep_every_output_on_the_route_device():
+    """A permutation op told its output size (sync-free: the ops a compiled graph holds) makes
+    every output on the route's device, the stand-in of its host layout included: a CPU tensor
+    in a CUDA graph splits it (inductor partitions reduce-overhead's graphs around CPU nodes).
+    An op that sizes its output on the host (a sync, never in a graph) returns that layout on
+    the CPU. Checked on the ops' fakes with fake CUDA tensors, which need no GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.flexdispatch
+    with FakeTensorMode():
+        route = torch.empty(8, 2, dtype=torch.int64, device="cuda")
+        rows, probs = torch.empty(8, 16, device="cuda"), torch.empty(8, 2, device="cuda")
+        for outputs in (ops.plan(route, 4, 1, 24, "indices"), ops.permute(rows, probs, route, 4, 1, 24, "indices"),
+                        ops.permute(rows, None, route, 4, 4, 40, "indices")):
+            assert [o.device.type for o in outputs] == ["cuda"] * len(outputs)
+        assert ops.plan(route, 4, 1, -1, "indices")[2].device.type == "cpu"
+
+
 @pytest.mark.parametrize("case", ["probs", "sync-free-bound"])
 def test_compiled_layer_graphs_are_made_once(case):
     """Counted by a backend that records every graph it is given: a layer compiles to 1 graph
