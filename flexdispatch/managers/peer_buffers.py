@@ -138,7 +138,7 @@ class GatherTransport(Transport):
         headers, rest = None, None
         if header is not None:  # the fixed-width words first: ranks in other phases stop here
             header_words = header.numel()
-            headers = self._gather((header if header_words == WIDTH else header[:WIDTH]).view(1, -1), group, what).cpu()
+            headers = self._gather(header[:WIDTH].view(1, -1), group, what).cpu()
             if not _headers_agree(headers):
                 return headers, None
             if header_words > WIDTH:
@@ -154,12 +154,9 @@ class GatherTransport(Transport):
             # collectives match (symmetric memory needs no such step: nobody reads then). One
             # all-gather carries every part's sizes, after the whole header when it is longer
             # than its fixed words (the ranks agree on the phase here: the same parts, the same words).
-            if rest is None:
-                sent = torch.tensor(sizes, dtype=torch.int64, device=rows[0].device)
-            elif rows:
-                sent = torch.cat([rest, torch.tensor(sizes, dtype=torch.int64, device=header.device)])
-            else:  # (the header's words alone: nothing to append)
-                sent = rest
+            sent = torch.tensor(sizes, dtype=torch.int64, device=(header if rest is not None else rows[0]).device)
+            if rest is not None:
+                sent = torch.cat([rest, sent])
             every = self._gather(sent.view(1, -1), group, what)
             if rest is not None:
                 headers = every[:, :header_words].cpu()
@@ -175,11 +172,8 @@ class GatherTransport(Transport):
                 padded = part_rows.new_zeros(capacity, width)
                 padded[:part_rows.shape[0]] = part_rows
             gathered = self._gather(padded, group, what)
-            # Where each rank's part starts in ``gathered``: one op (0 bytes a rank: all at the start).
-            base, stride = gathered.data_ptr(), capacity * width  # (padded's bytes)
-            tables.append(torch.arange(base, base + stride * self.world_size, stride, dtype=torch.int64,
-                                       device=gathered.device) if stride else
-                          torch.full((self.world_size,), base, dtype=torch.int64, device=gathered.device))
+            # Where each rank's part starts in ``gathered`` (padded's bytes apart).
+            tables.append(gathered.data_ptr() + capacity * width * torch.arange(self.world_size, device=gathered.device))
             alive.append(gathered)
         self._alive = alive  # read until the next exchange (a collective: every reader is done then)
         return headers, tables
