@@ -216,8 +216,7 @@ def one_thread_at_a_time(step: Optional[str] = None, before=None):
             guard = None if torch.compiler.is_compiling() else self.__dict__.get("_group_guard")
             if guard is None:
                 return method(self, *args, **kwargs)
-            if self.__dict__["_group_ref"]() is None:  # (require(), inline: no collective on a destroyed group)
-                raise GroupDestroyedError(_GONE.format(what="dispatcher"))
+            require(self)  # (no collective on a destroyed group)
             guard.enter(name)
             try:
                 if before is not None:
