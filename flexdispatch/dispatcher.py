@@ -546,9 +546,14 @@ class MoEFlexTokenDispatcher:
                            allocate_on_comm_stream: bool = True) -> torch.Tensor:
         """Return rows to their home ranks and sum them: ``[R, H] -> [T, H]``; with
         ``async_finish``, :meth:`combine_postprocess` (or :meth:`wait`) waits for it."""
+        return self._combine(self._require_manager("combine_all_to_all"), hidden_states, async_finish,
+                             allocate_on_comm_stream)
+
+    def _combine(self, manager, hidden_states: torch.Tensor, async_finish: bool, allocate_on_comm_stream: bool):
+        """The body of :meth:`combine_all_to_all`: a combine left in flight is waited for by
+        :meth:`_restore_shape`."""
         self._combine_async = async_finish
-        return self._require_manager("combine_all_to_all").combine(hidden_states, async_finish,
-                                                                   allocate_on_comm_stream)
+        return manager.combine(hidden_states, async_finish, allocate_on_comm_stream)
 
     @_in_dispatcher_terms
     def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -569,8 +574,7 @@ class MoEFlexTokenDispatcher:
         async_ = bool(self.config.moe_deepep_async_dispatch)
         manager = self._require_manager("token_unpermutation")
         hidden = manager.get_restored_hidden_states_by_experts(hidden_states)
-        self._combine_async = async_
-        return self._restore_shape(manager.combine(hidden, async_, async_))
+        return self._restore_shape(self._combine(manager, hidden, async_, async_))
 
     def wait(self) -> None:
         """Make the current stream wait for an async dispatch or combine of this dispatcher."""
