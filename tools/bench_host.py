@@ -9,8 +9,8 @@ EP 1 runs in this process (the local manager); larger sizes spawn a gloo group o
 ``--repo`` measures another checkout of flexdispatch (e.g. an older commit in a git worktree);
 ``--repos A,B,... --rounds N`` measures several in turn, N rounds (each tree once a round, in a
 process of its own), and prints per point the median (range) of each tree and its ratio to the
-first, so that trees are compared in one sitting on the same machine. Small shapes keep the host's share in view: the time that scales with the tokens is
-the kernels', not the Python's.
+first, so that trees are compared in one sitting on the same machine. Small shapes keep the
+host's share in view: the time that scales with the tokens is the kernels', not the Python's.
 """
 
 from __future__ import annotations
