@@ -1,6 +1,6 @@
 """The one binding of every kernel: the compiled kernels (loaded at first use), each kernel-backed
-op registered once as a ``torch.library`` custom op (namespace ``flexdispatch``) with its fake
-and, when differentiable, its one backward, and the queue of CUDA error words the ops defer.
+op registered once in the ``torch.library`` namespace ``flexdispatch`` with its fake and, when
+differentiable, its one backward, and the queue of CUDA error words the ops defer.
 
 :mod:`flexdispatch.ops` (the public API) and :mod:`flexdispatch.peer_ops` call these ops, in
 eager and compiled code alike (TransformerEngine's permutation ops are built the same way):
@@ -15,7 +15,7 @@ eager and compiled code alike (TransformerEngine's permutation ops are built the
 
 Routing errors are raised (CPU) or queued for the next sync point (CUDA) inside the ops'
 implementations, so eager and compiled code report them alike. Optional tensor results travel
-as empty tensors (custom ops cannot return None). Kernels that are not ops (the agreement's,
+as empty tensors (an op cannot return None). Kernels that are not ops (the agreement's,
 the NVLink manager's transfers and barrier) are called through :func:`kernels`.
 """
 
@@ -225,27 +225,55 @@ envs.watch_switch("eager_ops", _set_eager_direct)
 _NOT_TENSORS = frozenset((int, float, bool, str, type(None), torch.dtype))  # the ops' other argument types
 
 
+_LIB = torch.library.Library("flexdispatch", "DEF")  # (lives with the module: the ops' registrations)
+
+
 def _op(fake, backward=None, setup=None):
     """Register the decorated kernel call ``impl`` as the op ``flexdispatch::<name>`` with its
     fake, and its backward (with ``setup``, as ``register_autograd`` takes them); returns the
     function that calls it: the op under torch.compile or for tensors other than plain ones
     (the fake and functional tensors of AOT autograd's tracing, subclasses), else ``impl``
-    directly, through an autograd function of the same setup and backward when a gradient is
-    needed."""
-    def register(impl):
-        op = torch.library.custom_op(f"flexdispatch::{impl.__name__}", impl, mutates_args=())
-        op.register_fake(fake)
-        function = None
-        if backward is not None:
-            op.register_autograd(backward, setup_context=setup)
+    directly, through the op's own autograd function when a gradient is needed.
 
-            def forward(ctx, *args):
-                out = impl(*args)
-                setup(ctx, args, out)
+    The op is defined on a ``Library`` rather than by ``torch.library.custom_op``, whose checks
+    and wrappers cost a compiled graph several Python frames per op call: its autograd kernel
+    runs one autograd function (gradient needed) or goes straight below autograd (not), and an
+    op without a backward passes autograd by (its outputs need no gradient, as called
+    directly)."""
+    def register(impl):
+        name = impl.__name__
+        _LIB.define(name + torch.library.infer_schema(impl, mutates_args=()), tags=(torch.Tag.pt2_compliant_tag,))
+        op = getattr(torch.ops.flexdispatch, name).default
+        _LIB.impl(name, impl, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"flexdispatch::{name}", fake, lib=_LIB)
+
+        def run(keys, args):  # below autograd: impl itself for plain tensors on a backend, no mode
+            if keys is None or (keys & _BELOW_AUTOGRAD).highestPriorityTypeId() in _BACKEND_KEYS:
+                return impl(*args)
+            with torch._C._AutoDispatchBelowAutograd():
+                return op.redispatch(keys & _BELOW_AUTOGRAD, *args)
+
+        function = None
+        if backward is None:
+            _LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")
+        else:
+            def forward(ctx, *args):  # (args end with the op's dispatch keys, None: called directly)
+                out = run(args[-1], args[:-1])
+                setup(ctx, args[:-1], out)
                 return out
 
-            function = type(impl.__name__, (torch.autograd.Function,),
-                            {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+            def backward_of_all(ctx, *grads):
+                return (*backward(ctx, *grads), None)
+
+            function = type(name, (torch.autograd.Function,),
+                            {"forward": staticmethod(forward), "backward": staticmethod(backward_of_all)})
+
+            def autograd_kernel(keys, *args):
+                if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+                    return function.apply(*args, keys)
+                return run(keys, args)
+
+            _LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
         def call(*args):
             if eager_direct and not torch.compiler.is_compiling():
@@ -257,13 +285,17 @@ def _op(fake, backward=None, setup=None):
                     elif kind not in _NOT_TENSORS and isinstance(a, torch.Tensor):
                         return op(*args)
                 if function is not None and needs_grad and torch.is_grad_enabled():
-                    return function.apply(*args)
+                    return function.apply(*args, None)
                 return impl(*args)
             return op(*args)
 
-        call.__doc__, call.__name__ = impl.__doc__, impl.__name__
+        call.__doc__, call.__name__ = impl.__doc__, name
         return call
     return register
+
+
+_BELOW_AUTOGRAD = torch._C._after_autograd_keyset
+_BACKEND_KEYS = frozenset((torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA))  # (no mode, no subclass)
 
 
 def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -527,7 +559,7 @@ def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) ->
     return _C.dequantize_fp8(q.contiguous(), scales.contiguous(), torch.empty(0, dtype=dtype))
 
 
-@_op(lambda x: torch.empty_like(x), lambda ctx, grad: grad, lambda ctx, inputs, output: None)
+@_op(lambda x: torch.empty_like(x), lambda ctx, grad: (grad,), lambda ctx, inputs, output: None)
 def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
     """Rows rounded through FP8; straight-through gradient."""
     return dequantize_fp8(*quantize_fp8(x), x.dtype)

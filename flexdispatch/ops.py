@@ -6,7 +6,7 @@ tensors' device. Shapes: ``R`` input rows, ``K`` top-k, ``E`` experts, ``N`` out
 ``H`` hidden. Tokens may be float32, float16, bfloat16 or float64 (permutation moves bytes,
 so any dtype works there); probs float32 or float64 (others are converted to float32).
 
-The kernels are called through their one binding each, the custom ops of
+The kernels are called through their one binding each, the torch.library ops of
 :mod:`flexdispatch._library` (eager and compiled code alike); this module checks arguments,
 picks the kernels or the reference, and wraps the plans.
 

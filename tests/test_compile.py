@@ -1,6 +1,6 @@
 """torch.compile over a layer that uses the dispatcher (one rank, CPU; CUDA in the GPU suite).
 
-The kernels are registered as torch.library custom ops (flexdispatch/_library.py): a compiled
+The kernels are registered as torch.library ops (flexdispatch/_library.py): a compiled
 layer must give the eager results bit for bit (AOT-eager backend: the same kernels run), over
 several steps whose token count and routing change, forward and backward, and compile to one
 graph in sync-free mode, to at most two around one break otherwise (the step that sizes the
@@ -241,7 +241,7 @@ def test_compiled_bad_routing_raises_and_recovers():
 
 
 def test_sync_free_layer_under_inductor():
-    """The sync-free layer through Inductor (generated code around the custom ops) matches eager."""
+    """The sync-free layer through Inductor (generated code around the ops) matches eager."""
     torch._dynamo.reset()
     case = CASES["sync-free-bound"]
     weights = torch.randn(E, H, H, dtype=torch.float64) / H ** 0.5

@@ -296,6 +296,33 @@ def test_eager_ops_switch_goes_through_the_op_dispatcher_with_the_same_results()
     assert float(direct[0].abs().sum()) > 0
 
 
+
+def test_ops_without_a_backward_give_no_gradient_on_either_path():
+    """An op with no backward (FP8 quantization, the route check) makes outputs that need no
+    gradient whether called directly or through the op dispatcher, and says nothing: autograd
+    passes it by instead of attaching a node that warns or fails on backward."""
+    import warnings
+
+    from flexdispatch import envs
+
+    if not _library.load_kernels():
+        pytest.skip("the compiled kernels are not built here")
+    x = random_tokens(12, 256, torch.float32).requires_grad_()
+    idx, probs = random_indices(12, 6, 2, seed=5), random_probs(12, 2, seed=6).requires_grad_()
+    results = []
+    for mode in ("direct", "dispatcher"):
+        with envs.testing_switches(eager_ops=mode), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            q, scales = _library.quantize_fp8(x)
+            clean, _ = _library.check_route(idx, 6, 0, probs, None)
+            back = _library.dequantize_fp8(q, scales, torch.float32)
+            assert not any(t.requires_grad for t in (q, scales, clean, back))
+            (back + x).sum().backward()  # (x's own path only)
+            results.append((q, scales, x.grad.clone()))
+            x.grad = None
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert torch.equal(results[0][2], torch.ones_like(x)) and float(results[0][1].abs().sum()) > 0
+
 def test_invalid_routing_raises_value_error():
     x = random_tokens(10, 4, torch.float32)
     idx = random_indices(10, 5, 2, drop=0.0)
