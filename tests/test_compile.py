@@ -279,3 +279,75 @@ def test_sync_free_layer_under_reduce_overhead(bound):
             assert rel_err(a, b) < 1e-5, f"step {step}"
     if bound is not None:
         assert compiled.report_dropped_tokens() == eager.report_dropped_tokens()
+
+
+_ALL_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+_NO_AOT = _ALL_CHECKS[:3]
+
+
+def _opcheck_cases():
+    """(name, op, arguments, checks) for torch.library.opcheck: each op on random CPU inputs,
+    the differentiable ones with inputs that need a gradient, the permutations told their size
+    (the form a graph holds). indices_to_multihot skips the AOT check, whose harness adds every
+    output's sum into a tensor of the first output's dtype (bool: the map); the test traces
+    its backward itself."""
+    from flexdispatch import _library
+
+    ops = torch.ops.flexdispatch
+    g = torch.Generator().manual_seed(11)
+    rows, hidden, experts, topk = 12, 256, 6, 2
+    idx = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(rows)])
+    x = torch.randn(rows, hidden, generator=g).requires_grad_()
+    probs = torch.rand(rows, topk, generator=g).requires_grad_()
+    routing_map, multihot = _library.indices_to_multihot(idx, probs.detach(), experts)
+    n = rows * topk
+    _, _, row_map, layout, _ = _library.permute(x.detach(), None, idx, experts, 1, n, "indices")
+    q, scales = _library.quantize_fp8(x.detach())
+    permuted = torch.randn(n, hidden, generator=g).requires_grad_()
+    return [
+        ("check_route", ops.check_route.default, (idx, experts, 0, probs, None)),
+        ("indices_to_multihot", ops.indices_to_multihot.default, (idx, probs, experts), _NO_AOT),
+        ("plan", ops.plan.default, (idx, experts, 4, n + 3 * experts, "indices")),
+        ("permute", ops.permute.default, (x, probs, idx, experts, 1, n + 5, "indices")),
+        ("permute by map", ops.permute.default, (x, multihot.requires_grad_(), routing_map, experts, 1, n, "map")),
+        ("permute_fp8", ops.permute_fp8.default, (x, probs, idx, experts, 1, n, "indices", q, scales, torch.float32)),
+        ("scatter_rows", ops.scatter_rows.default, (x, row_map, n, layout, experts, False, False)),
+        ("gather_rows", ops.gather_rows.default, (permuted, row_map, probs, layout, experts, False, False)),
+        ("gather_rows_backward", ops.gather_rows_backward.default,
+         (torch.randn(rows, hidden, generator=g), permuted.detach(), row_map, probs.detach(), layout, experts, False,
+          False)),
+        ("quantize_fp8", ops.quantize_fp8.default, (x,)),
+        ("dequantize_fp8", ops.dequantize_fp8.default, (q, scales, torch.bfloat16)),
+        ("fp8_round_trip", ops.fp8_round_trip.default, (x,)),
+    ]
+
+
+def test_ops_pass_torch_library_opcheck():
+    """Every kernel op passes torch.library.opcheck on CPU: its schema, its autograd
+    registration (a backward where inputs need a gradient; autograd passes by the others, whose
+    outputs then need none), its fake against the real outputs, and AOT autograd's dynamic-shape
+    trace, backward included."""
+    from flexdispatch import _library
+
+    if not _library.load_kernels():
+        pytest.skip("the compiled kernels are not built here")
+    failed = {}
+    for name, op, args, *checks in _opcheck_cases():
+        try:
+            torch.library.opcheck(op, args, test_utils=checks[0] if checks else _ALL_CHECKS)
+        except Exception as exc:  # (collected, so that one run names every op that fails)
+            failed[name] = str(exc).splitlines()[0]
+    assert not failed, failed
+
+    # indices_to_multihot's forward and backward through AOT autograd with dynamic shapes
+    idx = torch.tensor([[0, 3], [2, -1], [1, 0]])
+    probs = torch.rand(3, 2, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    weights = torch.randn(3, 4, generator=torch.Generator().manual_seed(3))
+
+    def f(idx, probs):
+        return (torch.ops.flexdispatch.indices_to_multihot(idx, probs, 4)[1] * weights).sum()
+
+    traced = torch.compile(f, backend="aot_eager", dynamic=True, fullgraph=True)
+    grads = [torch.autograd.grad(fn(idx, probs), probs)[0] for fn in (f, traced)]
+    assert torch.equal(grads[0], grads[1])
+    assert torch.equal(grads[0], torch.where(idx >= 0, weights.gather(1, idx.clamp(min=0)), 0.0))
