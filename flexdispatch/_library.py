@@ -226,6 +226,8 @@ _NOT_TENSORS = frozenset((int, float, bool, str, type(None), torch.dtype))  # th
 
 
 _LIB = torch.library.Library("flexdispatch", "DEF")  # (lives with the module: the ops' registrations)
+_BELOW_AUTOGRAD = torch._C._after_autograd_keyset
+_BACKEND_KEYS = frozenset((torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA))  # (no mode, no subclass)
 
 
 def _op(fake, backward=None, setup=None):
@@ -248,10 +250,13 @@ def _op(fake, backward=None, setup=None):
         torch.library.register_fake(f"flexdispatch::{name}", fake, lib=_LIB)
 
         def run(keys, args):  # below autograd: impl itself for plain tensors on a backend, no mode
-            if keys is None or (keys & _BELOW_AUTOGRAD).highestPriorityTypeId() in _BACKEND_KEYS:
+            if keys is None:
+                return impl(*args)
+            keys = keys & _BELOW_AUTOGRAD
+            if keys.highestPriorityTypeId() in _BACKEND_KEYS:
                 return impl(*args)
             with torch._C._AutoDispatchBelowAutograd():
-                return op.redispatch(keys & _BELOW_AUTOGRAD, *args)
+                return op.redispatch(keys, *args)
 
         function = None
         if backward is None:
@@ -292,10 +297,6 @@ def _op(fake, backward=None, setup=None):
         call.__doc__, call.__name__ = impl.__doc__, name
         return call
     return register
-
-
-_BELOW_AUTOGRAD = torch._C._after_autograd_keyset
-_BACKEND_KEYS = frozenset((torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA))  # (no mode, no subclass)
 
 
 def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
