@@ -296,7 +296,6 @@ def test_eager_ops_switch_goes_through_the_op_dispatcher_with_the_same_results()
     assert float(direct[0].abs().sum()) > 0
 
 
-
 def test_ops_without_a_backward_give_no_gradient_on_either_path():
     """An op with no backward (FP8 quantization, the route check) makes outputs that need no
     gradient whether called directly or through the op dispatcher, and says nothing: autograd
@@ -322,6 +321,7 @@ def test_ops_without_a_backward_give_no_gradient_on_either_path():
             x.grad = None
     assert all(torch.equal(a, b) for a, b in zip(*results))
     assert torch.equal(results[0][2], torch.ones_like(x)) and float(results[0][1].abs().sum()) > 0
+
 
 def test_invalid_routing_raises_value_error():
     x = random_tokens(10, 4, torch.float32)
