@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 import flexdispatch as fd
 from flexdispatch import ops
+from flexdispatch.managers.received import KeptFp8
 from moe_math import TOLERANCE, apply_experts, capacity_drop, dense_layer, make_problem, rel_err
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -173,7 +174,7 @@ def fp8_kept_rows_misuse_then_recovery(rank, world, hidden=256, tokens=16, backe
     tp, ti = torch.topk(torch.softmax(torch.randn(tokens, experts, generator=g), -1), topk)
     m.set_routing(tp, ti)
     stand_in = m.dispatch(x, keep_fp8=True)
-    kept = m._dispatched.fp8 is not None
+    kept = isinstance(m._dispatched.held, KeptFp8)
     message = None
     try:
         m.get_permuted_hidden_states_by_experts(stand_in.clone())

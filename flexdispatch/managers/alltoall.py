@@ -36,7 +36,8 @@ import torch
 
 from .. import _library, ops
 from . import agreement, collectives, gather, groups
-from .base import BackwardCheck, Dispatched, _ManagerBase, received_fp8_rows
+from .base import BackwardCheck, Dispatched, _ManagerBase
+from .received import LANDED, received_fp8_rows
 
 
 def _drain(pending: list) -> None:
@@ -104,12 +105,12 @@ def _agree_in_backward(check, grad: torch.Tensor, group, what: str) -> None:
 class _AllToAllDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, meta, plan, send_splits, recv_splits, group, async_finish, fp8, keep_fp8, check, call):
-        """``(recv, recv_meta, in_flight, kept)``: ``in_flight`` is ``(work, send, finish)`` for an
+        """``(recv, recv_meta, in_flight, held)``: ``in_flight`` is ``(work, send, finish)`` for an
         async transfer (the caller waits, then calls ``finish`` if it is not None; ``send`` must
         live until then), else None. With ``fp8`` the rows travel as FP8 bytes and scales and
-        are dequantized into ``recv`` once they have landed, unless ``keep_fp8``: then ``kept``
-        is ``(rows, scales)``, views of the landing payload, and ``recv`` a zero-stride
-        stand-in (the permutation dequantizes them); else ``kept`` is None."""
+        are dequantized into ``recv`` once they have landed, unless ``keep_fp8``: then ``held``
+        is a :class:`.received.KeptFp8` of views of the landing payload, and ``recv`` a
+        zero-stride stand-in (the permutation dequantizes them); else ``held`` is LANDED."""
         # (the group by weak reference: a graph kept past destroy_process_group must not keep it)
         ctx.plan, ctx.send_splits, ctx.recv_splits, ctx.group_ref = plan, send_splits, recv_splits, groups.ref(group)
         ctx.check, ctx.call = check, call  # (the backward's agreement; "step S of this layer" for a peer timeout)
@@ -125,15 +126,15 @@ class _AllToAllDispatch(torch.autograd.Function):
         async_finish = async_finish and hidden.is_cuda
         work = _exchange(landing, send, recv_splits, send_splits, group, f"{call}, dispatch (rows)",
                          async_op=async_finish)
-        recv, finish, kept = landing, None, None
+        recv, finish, held = landing, None, LANDED
         if fp8:  # (an async finish runs stream-ordered after the transfer: work.wait() on NCCL)
             width = hidden.shape[1]
             q, scales = landing[:, :width], landing[:, width:].view(torch.float32)
-            recv, finish, kept = received_fp8_rows(q, scales, hidden.dtype, keep_fp8, async_finish)
-        return recv, recv_meta, ((work, (send, landing), finish) if async_finish else None), kept
+            recv, finish, held = received_fp8_rows(q, scales, hidden.dtype, keep_fp8, async_finish)
+        return recv, recv_meta, ((work, (send, landing), finish) if async_finish else None), held
 
     @staticmethod
-    def backward(ctx, grad_recv, grad_recv_meta, _in_flight, _kept):
+    def backward(ctx, grad_recv, grad_recv_meta, _in_flight, _held):
         # Both collectives run on every rank, whatever this rank needs.
         group, grads, rows = groups.deref(ctx.group_ref), [], sum(ctx.send_splits)
         with groups.holding(group, "the backward of dispatch"):
@@ -237,7 +238,7 @@ class _AllToAllManager(_ManagerBase):
 
         plan = ops.plan_of_ranks(in_rank, num_out_tokens=sum(send_splits))
         meta = torch.cat([indices, self.token_probs.double()], dim=1)  # (float64: cat promotes the indices)
-        recv, recv_meta, in_flight, kept = _AllToAllDispatch.apply(hidden_states, meta, plan, send_splits,
+        recv, recv_meta, in_flight, held = _AllToAllDispatch.apply(hidden_states, meta, plan, send_splits,
                                                                    recv_splits, self.group, async_finish,
                                                                    self.fp8_dispatch, keep_fp8,
                                                                    BackwardCheck(self, hidden_states),
@@ -246,7 +247,7 @@ class _AllToAllManager(_ManagerBase):
             self._pending.append(in_flight)
         prob_dtype = torch.float64 if self.router_dtype == "fp64" else torch.float32
         dispatched, probs = ops.received_routing(recv_meta, 0, topk, self.rank * local, local, prob_dtype)
-        return Dispatched(recv, dispatched, probs, received_counts=host[1, :, agreement.WIDTH:].sum(0), fp8=kept,
+        return Dispatched(recv, dispatched, probs, received_counts=host[1, :, agreement.WIDTH:].sum(0), held=held,
                           for_combine=(plan, send_splits, recv_splits))
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,

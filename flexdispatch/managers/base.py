@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from .. import ops, peer_ops
+from .. import ops
 from ..spec import MANAGER_NAMES, LayerSpec, expert_capacity, input_error, int_at_least
 from ..rowmap import RowIdMap
 from . import agreement, groups
@@ -103,17 +103,14 @@ class Dispatched:
             :meth:`_ManagerBase.wait`).
         indices: int64 ``[R, K]``: the local expert of each slot, -1 for none.
         probs: ``[R, K]``: their probs, 0 where the index is -1.
+        held: how the received rows are held (:mod:`.received`): :data:`~.received.LANDED`,
+            the rows are ``hidden``; else ``hidden`` is a stand-in of their shape and dtype that
+            carries autograd, and the permutation reads the rows where they are held (kept in
+            FP8, or in the peers' buffers).
         received_counts: rows per local expert before padding (``E_local`` ints, or an int64
             CPU tensor), when the call's exchange told them (no sync needed to size the
             permutation).
         num_out: rows of the permuted tensor when fixed in advance (sync-free worst case).
-        fp8: ``(q [R, H] e4m3 bytes, scales [R, H / 128] float32)``: the received rows kept in
-            FP8 (``keep_fp8``); ``hidden`` is then a stand-in of their shape and dtype that
-            carries autograd, and the permutation dequantizes the rows as it moves them.
-        pulled: ``(addrs [R] int64, align, fp8, first_row)``: the received rows not moved yet but readable
-            at these addresses (a peer's buffer; ``permute_next``); ``hidden`` is then a
-            stand-in and the permutation reads the rows as it moves them (``fp8``: rows of FP8
-            bytes followed by their scales, dequantized as they are moved).
         for_combine: what the backend's combine needs of this dispatch (its own record: the
             all-to-all manager's rank plan and splits, the NVLink manager's route, DeepEP's
             buffer).
@@ -123,10 +120,9 @@ class Dispatched:
     hidden: torch.Tensor
     indices: torch.Tensor
     probs: torch.Tensor
+    held: object  # (no default: a default object would be one torch.compile cannot trace)
     received_counts: Optional[Union[torch.Tensor, list]] = None
     num_out: Optional[int] = None
-    fp8: Optional[tuple] = None
-    pulled: Optional[tuple] = None
     for_combine: object = None
     fp8_rows: bool = False
 
@@ -134,25 +130,7 @@ class Dispatched:
     def stand_in(self) -> Optional[torch.Tensor]:
         """The tensor dispatch returned in place of rows that are not in it (kept in FP8, or
         left where they landed), which the permutation must be given back; else None."""
-        return self.hidden if self.fp8 is not None or self.pulled is not None else None
-
-
-def received_fp8_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, keep: bool, later: bool):
-    """What a dispatch returns for received FP8 rows ``q [R, H]`` and ``scales [R, H / 128]``:
-    ``(rows, finish, kept)``. ``keep``: ``rows`` is a zero-stride stand-in of dtype ``dtype``
-    (no memory) and ``kept = (q, scales)`` for the dequantizing permutation. Else ``rows`` are
-    dequantized to ``dtype``: now, or, when the transfer lands ``later``, by ``finish()`` (to
-    call once it has landed; ``rows`` is allocated now and filled then)."""
-    if keep:
-        return torch.zeros((), dtype=dtype, device=q.device).expand(q.shape), None, (q, scales)
-    if not later:
-        return ops.dequantize_fp8(q, scales, dtype), None, None
-    rows = torch.empty(q.shape, dtype=dtype, device=q.device)
-
-    def finish():
-        rows.copy_(ops.dequantize_fp8(q, scales, dtype))
-
-    return rows, finish, None
+        return self.hidden if self.held.stand_in else None
 
 
 def _carry_pending(ready: str):
@@ -688,31 +666,10 @@ class _ManagerBase(LayerStates, _DispatchManager):
                 raise input_error(ValueError, "hidden_states",
                                   "expected the tensor this call's dispatch returned (with "
                                   "keep_fp8 or permute_next its rows stay where they landed until the permutation)")
-            if received.pulled is not None:  # rows read where they landed as they are moved
-                addrs, align, fp8, first_row = received.pulled
-                permute = peer_ops.permute_fp8_from if fp8 else peer_ops.permute_from  # (FP8: dequantized)
-                out, probs, plan, device_counts = permute(
-                    hidden_states, addrs, align, indices, self.dispatched_probs, num_experts=self.num_local_experts,
-                    num_out_tokens=num_out, pad_multiple=self.moe_router_expert_pad_multiple,
-                    max_blocks=self.spec.nvlink_max_blocks, first_row=first_row)
-            elif received.fp8 is not None and fp8_rows and received.fp8_rows:  # FP8 rows for FP8 experts
-                q, scales = received.fp8
-                out_q, probs, plan, device_counts = ops.permute_by_indices(
-                    q.contiguous().view(torch.uint8), indices, self.dispatched_probs,
-                    num_experts=self.num_local_experts, num_out_tokens=num_out,
-                    pad_multiple=self.moe_router_expert_pad_multiple)
-                out = (out_q.view(torch.float8_e4m3fn), ops.apply_permutation(scales.contiguous(), plan))
-            elif received.fp8 is not None:  # FP8 rows: dequantized as they are moved
-                q, scales = received.fp8
-                out, probs, plan, device_counts = ops.permute_fp8_by_indices(
-                    q, scales, indices, self.dispatched_probs, num_experts=self.num_local_experts,
-                    num_out_tokens=num_out, pad_multiple=self.moe_router_expert_pad_multiple,
-                    dtype=hidden_states.dtype, rows=hidden_states)
-            else:
-                out, probs, plan, device_counts = ops.permute_by_indices(
-                    hidden_states, indices, self.dispatched_probs,
-                    num_experts=self.num_local_experts, num_out_tokens=num_out,
-                    pad_multiple=self.moe_router_expert_pad_multiple)
+            out, probs, plan, device_counts = received.held.permute(
+                hidden_states, indices, self.dispatched_probs, num_experts=self.num_local_experts,
+                num_out_tokens=num_out, pad_multiple=self.moe_router_expert_pad_multiple,
+                max_blocks=self.spec.nvlink_max_blocks, fp8_out=fp8_rows and received.fp8_rows)
         except ValueError:
             self._release()  # bad routing found by the kernels: the dispatcher stays usable
             raise
@@ -793,8 +750,8 @@ class _ManagerBase(LayerStates, _DispatchManager):
                   fp8_rows: bool) -> Dispatched:
         """Move this call's routed tokens (``hidden_states`` None: this rank's check failed;
         take part in the first exchange, where every rank raises). ``keep_fp8``: FP8 rows may
-        be returned undequantized in ``Dispatched.fp8`` (see :func:`received_fp8_rows`);
-        ``permute_next``: rows may be left where they landed (``Dispatched.pulled``);
+        be held undequantized (``Dispatched.held``, see :func:`.received.received_fp8_rows`);
+        ``permute_next``: rows may be left where they landed (held :class:`.received.LeftAtPeers`);
         ``fp8_rows``: the experts take the rows in FP8 (``keep_fp8`` is then set too)."""
 
     @abc.abstractmethod

@@ -50,7 +50,8 @@ from ..spec import input_error
 from ..reference import FP8_GROUP
 from .._log import logger
 from . import agreement, gather, peer_headers
-from .base import Dispatched, _ManagerBase, received_fp8_rows
+from .base import Dispatched, _ManagerBase
+from .received import LANDED, received_fp8_rows
 
 
 class EngineUnavailableError(ImportError, ValueError):
@@ -286,12 +287,13 @@ class DeepepDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, buffer, async_finish, allocate_on_comm_stream,
                 num_worst_tokens, fp8, keep_fp8):
-        """``(recv_x, recv_idx, recv_probs, handle, counts, event, finish, kept)``: DeepEP's handle
+        """``(recv_x, recv_idx, recv_probs, handle, counts, event, finish, held)``: DeepEP's handle
         (for the combine), its received counts per local expert (a list), the event of an async
         transfer (None otherwise), with ``fp8`` of an async transfer the call that dequantizes
         the received FP8 rows into ``recv_x`` once the event has been waited on (None
-        otherwise), and with ``keep_fp8`` the received ``(rows, scales)`` in FP8 (``recv_x`` is
-        then a zero-stride stand-in: the permutation dequantizes them)."""
+        otherwise), and how the received rows are held: with ``keep_fp8`` in FP8, a
+        :class:`.received.KeptFp8` (``recv_x`` is then a zero-stride stand-in: the permutation
+        dequantizes them), else LANDED."""
         # Stream-ordered layout (a 30 us kernel, no host wait).
         per_rank, per_rdma_rank, per_expert, in_rank, _ = buffer.get_dispatch_layout(token_indices, num_experts)
         event = _previous_event(buffer, allocate_on_comm_stream)
@@ -303,13 +305,13 @@ class DeepepDispatch(torch.autograd.Function):
             allocate_on_comm_stream=allocate_on_comm_stream)
         ctx.buffer, ctx.handle = buffer, handle
         ctx.mark_non_differentiable(recv_idx)
-        finish = kept = None
+        finish, held = None, LANDED
         if fp8:
-            recv_x, finish, kept = received_fp8_rows(*recv_x, x.dtype, keep_fp8, async_finish)
-        return recv_x, recv_idx, recv_probs, handle, counts, (after if async_finish else None), finish, kept
+            recv_x, finish, held = received_fp8_rows(*recv_x, x.dtype, keep_fp8, async_finish)
+        return recv_x, recv_idx, recv_probs, handle, counts, (after if async_finish else None), finish, held
 
     @staticmethod
-    def backward(ctx, grad_x, grad_idx, grad_probs, _handle, _counts, _event, _finish, _kept):
+    def backward(ctx, grad_x, grad_idx, grad_probs, _handle, _counts, _event, _finish, _held):
         grad_x, grad_probs, _ = ctx.buffer.combine(grad_x.contiguous(), ctx.handle,
                                                    topk_weights=grad_probs.float().contiguous())
         return grad_x, None, grad_probs, None, None, None, None, None, None, None
@@ -506,7 +508,7 @@ class _DeepepManager(_ManagerBase):
         routed = self._gather_headers(hidden_states, indices) if agree else indices.to(self._index_dtype)
         buffer = buffers.get(self.group, x.shape[1] * x.element_size(), self.num_sms)
         worst = x.shape[0] * self.world_size if self.sync_free else 0
-        recv_x, recv_idx, recv_probs, handle, counts, event, finish, kept = DeepepDispatch.apply(
+        recv_x, recv_idx, recv_probs, handle, counts, event, finish, held = DeepepDispatch.apply(
             x, routed, probs, self.num_experts, buffer, async_finish, allocate_on_comm_stream, worst,
             self.fp8_dispatch, keep_fp8)
         if event is not None:
@@ -522,9 +524,9 @@ class _DeepepManager(_ManagerBase):
         # worst-case padding rows of sync-free mode need masking, which wait() does.
         self._mask_after_wait = self.sync_free
         if self.sync_free:
-            return Dispatched(recv_x, recv_idx, recv_probs, num_out=self._worst_case_rows(worst), fp8=kept,
+            return Dispatched(recv_x, recv_idx, recv_probs, num_out=self._worst_case_rows(worst), held=held,
                               for_combine=buffer)
-        return Dispatched(recv_x, recv_idx, recv_probs, received_counts=counts, fp8=kept, for_combine=buffer)
+        return Dispatched(recv_x, recv_idx, recv_probs, received_counts=counts, held=held, for_combine=buffer)
 
     def _dispatch_through_engine(self, hidden_states: Optional[torch.Tensor], async_finish: bool,
                                  allocate_on_comm_stream: bool) -> Dispatched:
@@ -542,7 +544,7 @@ class _DeepepManager(_ManagerBase):
             hidden_states, self.token_indices, self.token_probs.float(), self.num_experts, self.group,
             async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
         self.handle = handle
-        return Dispatched(recv_x, recv_idx, self._masked_probs(recv_idx, recv_probs),
+        return Dispatched(recv_x, recv_idx, self._masked_probs(recv_idx, recv_probs), held=LANDED,
                           received_counts=tokens_per_expert)
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,

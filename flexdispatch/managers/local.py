@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .base import Dispatched, _ManagerBase, received_fp8_rows
+from .base import Dispatched, _ManagerBase
+from .received import LANDED, received_fp8_rows
 
 
 class _LocalManager(_ManagerBase):
@@ -24,14 +25,14 @@ class _LocalManager(_ManagerBase):
                   keep_fp8: bool, permute_next: bool = False, fp8_rows: bool = False) -> Dispatched:
         if fp8_rows:  # FP8 experts: the rows a transfer would carry, kept for the permutation
             q, scales = ops.quantize_fp8(hidden_states)
-            stand_in, _, kept = received_fp8_rows(q, scales, hidden_states.dtype, True, False)
+            stand_in, _, held = received_fp8_rows(q, scales, hidden_states.dtype, True, False)
             return Dispatched(stand_in, self.token_indices, self._masked_probs(self.token_indices, self.token_probs),
                               num_out=self._worst_case_rows(hidden_states.shape[0]) if self.sync_free else None,
-                              fp8=kept)
+                              held=held)
         if self.fp8_dispatch:  # the same rounding as a transfer, so results do not depend on the backend
             hidden_states = ops.fp8_round_trip(hidden_states)
         return Dispatched(hidden_states, self.token_indices,
-                          self._masked_probs(self.token_indices, self.token_probs),
+                          self._masked_probs(self.token_indices, self.token_probs), held=LANDED,
                           num_out=self._worst_case_rows(hidden_states.shape[0]) if self.sync_free else None)
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,

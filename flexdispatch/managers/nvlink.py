@@ -56,7 +56,8 @@ from .. import envs, ops, peer_ops
 from ..spec import input_error
 from . import agreement, gather, groups, peer_buffers
 from .alltoall import fp8_payload, routing_by_rank
-from .base import BackwardCheck, Dispatched, _ManagerBase, received_fp8_rows
+from .base import BackwardCheck, Dispatched, _ManagerBase
+from .received import LANDED, LeftAtPeers, received_fp8_rows
 
 _META_ALIGN = 8  # float64 rows
 
@@ -141,10 +142,10 @@ def _backward_exchange(ctx, grad: torch.Tensor, parts: list):
 class _NvlinkDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, send_meta, route, transport, fp8, keep_fp8, pull_later, max_blocks, check):
-        """``(rows, recv_meta, pulled, kept)``: ``pulled`` is ``(addrs [R], align, fp8, first_row)`` when
-        ``pull_later`` (``rows`` is then a stand-in: the permutation reads the rows, FP8 ones
-        dequantized), else None;
-        ``kept`` the FP8 rows ``(q, scales)`` for the dequantizing permutation (``keep_fp8``)."""
+        """``(rows, recv_meta, held)``: how the received rows are held (:mod:`.received`): with
+        ``pull_later`` left in the peers' buffers (``rows`` is then a stand-in: the permutation
+        reads the rows, FP8 ones dequantized), with ``keep_fp8`` kept in FP8 for the
+        dequantizing permutation, else landed in ``rows``."""
         ctx.route, ctx.transport, ctx.max_blocks, ctx.check = route, transport, max_blocks, check
         payload = fp8_payload(hidden) if fp8 else hidden.contiguous()
         _, (tokens, meta) = transport.exchange(None, [(payload, route.token_cap), (send_meta, route.sent_cap)])
@@ -160,18 +161,18 @@ class _NvlinkDispatch(torch.autograd.Function):
         align = peer_buffers.row_align(row_bytes)
         if pull_later:
             stand_in = torch.zeros((), dtype=hidden.dtype, device=hidden.device).expand(route.received, hidden.shape[1])
-            return stand_in, recv_meta, (addrs, align, fp8, route.first_row), None
+            return stand_in, recv_meta, LeftAtPeers(addrs, align, fp8, route.first_row)
         landing = payload.new_empty(route.received, payload.shape[1])
         peer_ops.copy_rows_from(addrs, landing, align, max_blocks=max_blocks, first_row=route.first_row)
         if not fp8:
-            return landing, recv_meta, None, None
+            return landing, recv_meta, LANDED
         width = hidden.shape[1]
         q, scales = landing[:, :width], landing[:, width:].view(torch.float32)
-        rows, _, kept = received_fp8_rows(q, scales, hidden.dtype, keep_fp8, False)
-        return rows, recv_meta, None, kept
+        rows, _, held = received_fp8_rows(q, scales, hidden.dtype, keep_fp8, False)
+        return rows, recv_meta, held
 
     @staticmethod
-    def backward(ctx, grad_rows, grad_meta, _pulled, _kept):
+    def backward(ctx, grad_rows, grad_meta, _held):
         route = ctx.route
         # Both exchanges run on every rank, whatever this rank needs (autograd gives zeros).
         with groups.holding(ctx.transport.group, "the backward of dispatch"):
@@ -419,7 +420,7 @@ class _NvlinkManager(_ManagerBase):
         fp8_align = 4 if hidden_states.dtype == torch.float32 else 8
         pull_later = permute_next and not torch.compiler.is_compiling() and (not fp8 or (
             keep_fp8 and not fp8_rows and peer_buffers.row_align(width + width // 32) >= fp8_align))
-        rows, recv_meta, pulled, kept = _NvlinkDispatch.apply(hidden_states, send_meta, route, transport, fp8,
+        rows, recv_meta, held = _NvlinkDispatch.apply(hidden_states, send_meta, route, transport, fp8,
                                                               keep_fp8, pull_later, self.max_blocks,
                                                               BackwardCheck(self, hidden_states))
         local = self.num_local_experts
@@ -427,8 +428,8 @@ class _NvlinkManager(_ManagerBase):
         dispatched, probs = ops.received_routing(recv_meta, 1, topk, self.rank * local, local, prob_dtype,
                                                  has_source=route.has_source)
         num_out = self._worst_case_rows(route.received) if self.sync_free else None
-        return Dispatched(rows, dispatched, probs, received_counts=received_counts, num_out=num_out, fp8=kept,
-                          pulled=pulled, for_combine=route)
+        return Dispatched(rows, dispatched, probs, received_counts=received_counts, num_out=num_out, held=held,
+                          for_combine=route)
 
     def _fallback_device(self) -> torch.device:
         return gather.group_device(self.group)

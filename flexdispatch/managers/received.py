@@ -1,0 +1,96 @@
+"""How a dispatch's received rows reach the permutation.
+
+A backend's ``_dispatch`` returns the received rows themselves (:data:`LANDED`), or leaves them
+where a single pass can read them and returns a stand-in of their shape and dtype (zero-stride,
+no memory) that carries autograd: rows kept in FP8 (:class:`KeptFp8`, dequantized by the
+permutation as it moves them) or rows left in the peers' buffers (:class:`LeftAtPeers`, read
+there by the permutation). Each kind permutes itself, with one signature, so the manager's
+permutation step makes one call whatever the backend delivered.
+
+``permute(hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks,
+fp8_out)`` takes the dispatch's returned tensor ``hidden [R, H]`` (rows or stand-in), the
+received routing ``indices [R, K]`` (local experts, -1 for none) and ``probs [R, K]``, and
+returns as :func:`flexdispatch.ops.permute_by_indices`: ``(out [N, H], permuted_probs [N],
+plan, tokens_per_expert)``; ``out`` is the pair ``(rows [N, H] float8_e4m3fn, scales
+[N, H / 128] float32)`` when ``fp8_out`` and the rows were kept in FP8 (FP8 experts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import torch
+
+from .. import ops, peer_ops
+
+
+class Landed:
+    """The received rows are the tensor dispatch returned."""
+
+    stand_in = False
+
+    @staticmethod
+    def permute(hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks, fp8_out):
+        return ops.permute_by_indices(hidden, indices, probs, num_experts=num_experts, num_out_tokens=num_out_tokens,
+                                      pad_multiple=pad_multiple)
+
+
+LANDED = Landed()
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptFp8:
+    """Received rows kept in FP8 (``keep_fp8``): ``q [R, H]`` e4m3 bytes and ``scales
+    [R, H / 128]`` float32, views of where they landed."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    stand_in = True  # (a class attribute, not a field)
+
+    def permute(self, hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks, fp8_out):
+        if fp8_out:  # FP8 rows for FP8 experts: bytes and scales moved without conversion
+            out_q, out_probs, plan, counts = ops.permute_by_indices(
+                self.q.contiguous().view(torch.uint8), indices, probs, num_experts=num_experts,
+                num_out_tokens=num_out_tokens, pad_multiple=pad_multiple)
+            return ((out_q.view(torch.float8_e4m3fn), ops.apply_permutation(self.scales.contiguous(), plan)),
+                    out_probs, plan, counts)
+        return ops.permute_fp8_by_indices(self.q, self.scales, indices, probs, num_experts=num_experts,
+                                          num_out_tokens=num_out_tokens, pad_multiple=pad_multiple,
+                                          dtype=hidden.dtype, rows=hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeftAtPeers:
+    """Received rows not moved yet but readable where they landed (``permute_next``):
+    ``addrs [R]`` int64 row addresses in the peers' buffers, aligned to ``align`` bytes;
+    ``fp8``: rows of FP8 bytes followed by their scales, dequantized as they are moved;
+    ``first_row``: the row the pulls start at (see :func:`flexdispatch.peer_ops.permute_from`)."""
+
+    addrs: torch.Tensor
+    align: int
+    fp8: bool
+    first_row: int
+    stand_in = True
+
+    def permute(self, hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks, fp8_out):
+        permute = peer_ops.permute_fp8_from if self.fp8 else peer_ops.permute_from
+        return permute(hidden, self.addrs, self.align, indices, probs, num_experts=num_experts,
+                       num_out_tokens=num_out_tokens, pad_multiple=pad_multiple, max_blocks=max_blocks,
+                       first_row=self.first_row)
+
+
+def received_fp8_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, keep: bool, later: bool):
+    """What a dispatch returns for received FP8 rows ``q [R, H]`` and ``scales [R, H / 128]``:
+    ``(rows, finish, held)``. ``keep``: ``rows`` is a zero-stride stand-in of dtype ``dtype``
+    and ``held`` a :class:`KeptFp8`. Else ``held`` is :data:`LANDED` and ``rows`` are
+    dequantized to ``dtype``: now, or, when the transfer lands ``later``, by ``finish()`` (to
+    call once it has landed; ``rows`` is allocated now and filled then)."""
+    if keep:
+        return torch.zeros((), dtype=dtype, device=q.device).expand(q.shape), None, KeptFp8(q, scales)
+    if not later:
+        return ops.dequantize_fp8(q, scales, dtype), None, LANDED
+    rows = torch.empty(q.shape, dtype=dtype, device=q.device)
+
+    def finish():
+        rows.copy_(ops.dequantize_fp8(q, scales, dtype))
+
+    return rows, finish, LANDED
