@@ -35,6 +35,7 @@ import weakref
 import torch
 
 from .. import _library, ops
+from ..reference import FP8_GROUP
 from . import agreement, collectives, gather, groups
 from .base import BackwardCheck, Dispatched, _ManagerBase
 from .received import LANDED, received_fp8_rows
@@ -57,10 +58,16 @@ _exchange = collectives.all_to_all_single  # (bounded on CPU groups; "what" name
 
 
 def fp8_payload(hidden: torch.Tensor) -> torch.Tensor:
-    """``[T, H + H / 32]`` uint8 rows: the FP8 bytes, then the float32 scales' bytes (one
-    transfer carries both)."""
+    """``[T, fp8_payload_bytes(H)]`` uint8 rows: the FP8 bytes, then the float32 scales' bytes
+    (one transfer carries both)."""
     q, scales = ops.quantize_fp8(hidden)
     return torch.cat([q.view(torch.uint8), scales.view(torch.uint8)], dim=1)
+
+
+def fp8_payload_bytes(width: int) -> int:
+    """Bytes of an :func:`fp8_payload` row of ``width`` values: one byte a value and a float32
+    scale per FP8_GROUP values."""
+    return width + width // FP8_GROUP * 4
 
 
 def routing_by_rank(indices: torch.Tensor, world: int, local: int) -> tuple[torch.Tensor, torch.Tensor]:

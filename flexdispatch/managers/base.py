@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from .. import ops
 from ..spec import MANAGER_NAMES, LayerSpec, expert_capacity, input_error, int_at_least
+from ..reference import FP8_GROUP
 from ..rowmap import RowIdMap
 from . import agreement, groups
 from .sharing import LayerStates
@@ -632,9 +633,9 @@ class _ManagerBase(LayerStates, _DispatchManager):
                 raise input_error(TypeError, "hidden_states",
                                   f"FP8 dispatch takes float32, float16 or bfloat16, got "
                                   f"{hidden_states.dtype}")
-            if hidden_states.shape[1] % 128:
+            if hidden_states.shape[1] % FP8_GROUP:
                 raise input_error(ValueError, "hidden_states",
-                                  f"FP8 dispatch needs a hidden size that is a multiple of 128, "
+                                  f"FP8 dispatch needs a hidden size that is a multiple of {FP8_GROUP}, "
                                   f"got {hidden_states.shape[1]}")
 
     def get_permuted_hidden_states_by_experts(self, hidden_states: torch.Tensor, *, fp8_rows: bool = False):

@@ -55,7 +55,7 @@ import torch
 from .. import envs, ops, peer_ops
 from ..spec import input_error
 from . import agreement, gather, groups, peer_buffers
-from .alltoall import fp8_payload, routing_by_rank
+from .alltoall import fp8_payload, fp8_payload_bytes, routing_by_rank
 from .base import BackwardCheck, Dispatched, _ManagerBase
 from .received import LANDED, LeftAtPeers, received_fp8_rows
 
@@ -398,7 +398,7 @@ class _NvlinkManager(_ManagerBase):
         grow together)."""
         width = hidden.shape[1]
         row_bytes = width * hidden.element_size()
-        payload_bytes = width + width // 32 if self.fp8_dispatch else row_bytes
+        payload_bytes = fp8_payload_bytes(width) if self.fp8_dispatch else row_bytes
         meta_bytes = (1 + 2 * topk) * 8
         header = _region(1, agreement.WIDTH * 8)  # (every exchange but the dispatch's second starts with one)
         transport.ensure(max(
@@ -419,7 +419,7 @@ class _NvlinkManager(_ManagerBase):
         width = hidden_states.shape[1]
         fp8_align = 4 if hidden_states.dtype == torch.float32 else 8
         pull_later = permute_next and not torch.compiler.is_compiling() and (not fp8 or (
-            keep_fp8 and not fp8_rows and peer_buffers.row_align(width + width // 32) >= fp8_align))
+            keep_fp8 and not fp8_rows and peer_buffers.row_align(fp8_payload_bytes(width)) >= fp8_align))
         rows, recv_meta, held = _NvlinkDispatch.apply(hidden_states, send_meta, route, transport, fp8,
                                                               keep_fp8, pull_later, self.max_blocks,
                                                               BackwardCheck(self, hidden_states))
