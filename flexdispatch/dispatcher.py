@@ -21,7 +21,7 @@ from ._log import logger
 from .config import MoEConfig, TokenDispatcherConfig, requested_backend, sm_setting
 from . import managers
 from .managers import groups, registry
-from .managers.base import OutOfOrderError, group_size_rank, _ManagerBase
+from .managers.base import OutOfOrderError, check_floating_tensor, group_size_rank, _ManagerBase
 from .managers.gather import all_gather_objects
 from .managers.hybridep import HybridEPPipelineRuntimeInitializer, _HybridEPManager, _HybridEPMetadataProcessor
 from .managers.sharing import LayerStates
@@ -373,10 +373,7 @@ class MoEFlexTokenDispatcher:
         repeated for every TP rank), so the communication is agnostic of TP and EP sizes."""
         world = self.tp_size * self.ep_size
         experts = self.config.num_moe_experts
-        if not isinstance(probs, torch.Tensor) or not probs.is_floating_point():
-            raise input_error(TypeError, "probs",
-                              f"expected a floating-point tensor, got "
-                              f"{probs.dtype if isinstance(probs, torch.Tensor) else type(probs).__name__}")
+        check_floating_tensor("probs", probs)
         # [T, E], or [..., E] with leading dims of T tokens; a transposed [E, T] or flat
         # [T * E] tensor has the right element count but would be misread.
         if probs.ndim < 1 or probs.shape[-1] != experts or probs.numel() != num_local_tokens * experts:
@@ -391,9 +388,7 @@ class MoEFlexTokenDispatcher:
     def _flatten_hidden(self, hidden_states: torch.Tensor, num_local_tokens: int) -> torch.Tensor:
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim < 2:
             raise input_error(ValueError, "hidden_states", "expected a tensor [..., hidden] with at least 2 dims")
-        if not hidden_states.is_floating_point():
-            raise input_error(TypeError, "hidden_states",
-                              f"expected a floating-point tensor, got {hidden_states.dtype}")
+        check_floating_tensor("hidden_states", hidden_states)
         if hidden_states.shape[-1] == 0:
             raise input_error(ValueError, "hidden_states",
                               f"expected a hidden size >= 1, got shape {tuple(hidden_states.shape)}")

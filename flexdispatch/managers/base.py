@@ -210,11 +210,17 @@ class _DispatchManager(abc.ABC):
         """Get the restored hidden states by experts."""
 
 
+def check_floating_tensor(name: str, value) -> None:
+    """TypeError naming the argument ``name`` unless ``value`` is a floating-point tensor."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise input_error(TypeError, name, f"expected a floating-point tensor, got "
+                                           f"{value.dtype if isinstance(value, torch.Tensor) else type(value).__name__}")
+
+
 def check_topk_routing(token_probs, token_indices, topk: int, num_local_tokens: Optional[int] = None) -> None:
     """The argument checks of top-K routing ``token_probs [T, K]`` float and ``token_indices
     [T, K]`` int32/int64 (-1 = none): TypeError or ValueError naming the argument."""
-    if not isinstance(token_probs, torch.Tensor) or not token_probs.is_floating_point():
-        raise input_error(TypeError, "token_probs", "expected a floating-point tensor")
+    check_floating_tensor("token_probs", token_probs)
     if not isinstance(token_indices, torch.Tensor) or token_indices.dtype not in (torch.int32, torch.int64):
         raise input_error(TypeError, "token_indices",
                           f"expected an int32 or int64 tensor, got "
@@ -468,10 +474,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         """
         self._expect("setup_metadata", "idle", "routed")
         tokens = int_at_least("num_local_tokens", num_local_tokens, 0)
-        if not isinstance(probs, torch.Tensor) or not probs.is_floating_point():
-            raise input_error(TypeError, "probs",
-                              f"expected a floating-point tensor, got "
-                              f"{probs.dtype if isinstance(probs, torch.Tensor) else type(probs).__name__}")
+        check_floating_tensor("probs", probs)
         if probs.numel() != tokens * self.num_experts:
             raise input_error(ValueError, "probs",
                               f"expected num_local_tokens * num_experts = {tokens} * {self.num_experts} "
@@ -617,9 +620,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
             raise input_error(ValueError, "hidden_states",
                               f"expected a 2-D tensor [num_tokens, hidden], got "
                               f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__}")
-        if not hidden_states.is_floating_point():
-            raise input_error(TypeError, "hidden_states",
-                              f"expected a floating-point tensor, got {hidden_states.dtype}")
+        check_floating_tensor("hidden_states", hidden_states)
         if hidden_states.shape[0] != self._routed.num_tokens:
             raise input_error(ValueError, "hidden_states",
                               f"expected {self._routed.num_tokens} rows (the routed tokens), "
