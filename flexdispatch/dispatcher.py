@@ -624,4 +624,11 @@ class MoEFlexTokenDispatcher:
         return self._manager()
 
 
-atexit.register(forget_shared_managers)
+def _at_exit() -> None:
+    """flexdispatch's one exit hook (registered at import, so it runs after the handlers the
+    application registers later): the shared managers forgotten, then :func:`managers.at_exit`."""
+    forget_shared_managers()
+    managers.at_exit()
+
+
+atexit.register(_at_exit)

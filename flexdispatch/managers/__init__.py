@@ -2,7 +2,7 @@
 
 from .alltoall import _AllToAllManager
 from .base import _DispatchManager, _ManagerBase
-from . import deepep, groups, peer_buffers
+from . import deepep, groups, peer_buffers, peer_headers
 from .deepep import _DeepepManager, deepep_available
 from .local import _LocalManager
 from .nvlink import _NvlinkManager
@@ -21,6 +21,17 @@ def shutdown() -> int:
 
     groups.reset_guards()
     return deepep.shutdown() + engines.hybrid_buffers.release() + peer_buffers.release()
+
+
+def at_exit() -> None:
+    """What interpreter exit undoes, in this order and without a collective (peers may be gone):
+    DeepEP-API buffers destroyed, the header slots and NVLink transports forgotten (the driver
+    frees their memory), then a gloo group the application left undestroyed destroyed (see
+    :mod:`.groups`). Run by flexdispatch's one exit hook, after the shared managers are forgotten."""
+    deepep.destroy_buffers()
+    peer_headers.drop_at_exit()
+    peer_buffers.drop_at_exit()
+    groups.destroy_gloo_group_at_exit()
 
 
 __all__ = ["_DispatchManager", "_ManagerBase", "_LocalManager", "_AllToAllManager", "_DeepepManager",

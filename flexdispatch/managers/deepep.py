@@ -36,7 +36,6 @@ config tables know (2, 4, 8 on one node), top-k <= 128, an even SM count.
 
 from __future__ import annotations
 
-import atexit
 import importlib
 import importlib.util
 import weakref
@@ -260,7 +259,8 @@ REGISTRIES = [buffers]
 """The buffer registry of every DeepEP-API engine in use (DeepEP's; UCCL-EP's joins it)."""
 
 
-def _destroy_buffers() -> int:
+def destroy_buffers() -> int:
+    """Destroy every DeepEP-API buffer (after a device sync); how many. Also at exit."""
     return sum(registry.destroy_all() for registry in REGISTRIES)
 
 
@@ -269,10 +269,7 @@ def shutdown() -> int:
     (collective: call it on every rank, before ``torch.distributed.destroy_process_group``).
     Returns how many buffers were destroyed; calling it again is harmless."""
     peer_headers.release()
-    return _destroy_buffers()
-
-
-atexit.register(_destroy_buffers)  # (the header slots are left to the driver at exit)
+    return destroy_buffers()
 
 
 # ---- autograd functions ---------------------------------------------------------------------

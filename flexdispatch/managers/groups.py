@@ -14,7 +14,6 @@ before any collective, instead of falling back to whatever group is the default 
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import threading
@@ -249,13 +248,14 @@ def holding(group, step: str):
 # plain-torch jobs, and in 8 of 40 with a dispatcher that held it weakly. Destroyed while
 # Python still runs, it does not (0 of 40). So at exit, after the application's own exit
 # handlers registered after flexdispatch's import, a default gloo group still alive is
-# destroyed here, if flexdispatch used a group at all. NCCL groups are left to torch
+# destroyed here (the last step of flexdispatch's one exit hook, managers.at_exit), if
+# flexdispatch used a group at all. NCCL groups are left to torch
 # (destroying them can wait on peers).
 
 _met_a_group = False
 
 
-def _destroy_gloo_group_at_exit() -> None:
+def destroy_gloo_group_at_exit() -> None:
     if not _met_a_group:
         return
     try:
@@ -266,5 +266,3 @@ def _destroy_gloo_group_at_exit() -> None:
     except Exception:  # noqa: BLE001 - at exit, torch may be half torn down: leave it to torch then
         pass
 
-
-atexit.register(_destroy_gloo_group_at_exit)

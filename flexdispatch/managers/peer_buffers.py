@@ -33,7 +33,6 @@ rendezvous, decided from numbers every rank knows) and are released by :func:`re
 
 from __future__ import annotations
 
-import atexit
 import socket
 import weakref
 from typing import Optional, Sequence
@@ -311,8 +310,6 @@ def release() -> int:
     return freed
 
 
-def _drop_at_exit() -> None:
-    _transports.clear()  # no collective at exit: peers may be gone; the driver frees the memory
-
-
-atexit.register(_drop_at_exit)
+def drop_at_exit() -> None:
+    """Forget every transport without a collective (peers may be gone; the driver frees the memory)."""
+    _transports.clear()

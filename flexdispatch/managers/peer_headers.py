@@ -24,7 +24,6 @@ groups that span nodes always use it.
 
 from __future__ import annotations
 
-import atexit
 import weakref
 from typing import Optional
 
@@ -108,4 +107,7 @@ def release() -> int:
     return len(freed)
 
 
-atexit.register(_slots.clear)  # no collective at exit: peers may be gone; the driver frees the memory
+
+def drop_at_exit() -> None:
+    """Forget every group's slots without a collective (peers may be gone; the driver frees the memory)."""
+    _slots.clear()
