@@ -64,6 +64,12 @@ def fp8_payload(hidden: torch.Tensor) -> torch.Tensor:
     return torch.cat([q.view(torch.uint8), scales.view(torch.uint8)], dim=1)
 
 
+def fp8_payload_rows(payload: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`fp8_payload` on received rows: ``(q [R, width] e4m3 bytes,
+    scales [R, width / FP8_GROUP] float32)``, views of ``payload``."""
+    return payload[:, :width], payload[:, width:].view(torch.float32)
+
+
 def fp8_payload_bytes(width: int) -> int:
     """Bytes of an :func:`fp8_payload` row of ``width`` values: one byte a value and a float32
     scale per FP8_GROUP values."""
@@ -135,8 +141,7 @@ class _AllToAllDispatch(torch.autograd.Function):
                          async_op=async_finish)
         recv, finish, held = landing, None, LANDED
         if fp8:  # (an async finish runs stream-ordered after the transfer: work.wait() on NCCL)
-            width = hidden.shape[1]
-            q, scales = landing[:, :width], landing[:, width:].view(torch.float32)
+            q, scales = fp8_payload_rows(landing, hidden.shape[1])
             recv, finish, held = received_fp8_rows(q, scales, hidden.dtype, keep_fp8, async_finish)
         return recv, recv_meta, ((work, (send, landing), finish) if async_finish else None), held
 

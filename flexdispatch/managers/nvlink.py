@@ -55,9 +55,9 @@ import torch
 from .. import envs, ops, peer_ops
 from ..spec import input_error
 from . import agreement, gather, groups, peer_buffers
-from .alltoall import fp8_payload, fp8_payload_bytes, routing_by_rank
+from .alltoall import fp8_payload, fp8_payload_bytes, fp8_payload_rows, routing_by_rank
 from .base import BackwardCheck, Dispatched, _ManagerBase
-from .received import LANDED, LeftAtPeers, received_fp8_rows
+from .received import LANDED, LeftAtPeers, received_fp8_rows, stand_in
 
 _META_ALIGN = 8  # float64 rows
 
@@ -160,14 +160,13 @@ class _NvlinkDispatch(torch.autograd.Function):
         addrs = route.source_addrs(tokens, row_bytes)
         align = peer_buffers.row_align(row_bytes)
         if pull_later:
-            stand_in = torch.zeros((), dtype=hidden.dtype, device=hidden.device).expand(route.received, hidden.shape[1])
-            return stand_in, recv_meta, LeftAtPeers(addrs, align, fp8, route.first_row)
+            rows = stand_in((route.received, hidden.shape[1]), hidden.dtype, hidden.device)
+            return rows, recv_meta, LeftAtPeers(addrs, align, fp8, route.first_row)
         landing = payload.new_empty(route.received, payload.shape[1])
         peer_ops.copy_rows_from(addrs, landing, align, max_blocks=max_blocks, first_row=route.first_row)
         if not fp8:
             return landing, recv_meta, LANDED
-        width = hidden.shape[1]
-        q, scales = landing[:, :width], landing[:, width:].view(torch.float32)
+        q, scales = fp8_payload_rows(landing, hidden.shape[1])
         rows, _, held = received_fp8_rows(q, scales, hidden.dtype, keep_fp8, False)
         return rows, recv_meta, held
 
@@ -421,8 +420,8 @@ class _NvlinkManager(_ManagerBase):
         pull_later = permute_next and not torch.compiler.is_compiling() and (not fp8 or (
             keep_fp8 and not fp8_rows and peer_buffers.row_align(fp8_payload_bytes(width)) >= fp8_align))
         rows, recv_meta, held = _NvlinkDispatch.apply(hidden_states, send_meta, route, transport, fp8,
-                                                              keep_fp8, pull_later, self.max_blocks,
-                                                              BackwardCheck(self, hidden_states))
+                                                      keep_fp8, pull_later, self.max_blocks,
+                                                      BackwardCheck(self, hidden_states))
         local = self.num_local_experts
         prob_dtype = torch.float64 if self.router_dtype == "fp64" else torch.float32
         dispatched, probs = ops.received_routing(recv_meta, 1, topk, self.rank * local, local, prob_dtype,

@@ -78,6 +78,12 @@ class LeftAtPeers:
                        first_row=self.first_row)
 
 
+def stand_in(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """What dispatch returns for rows it leaves where a single pass can read them: zeros of
+    ``shape`` and ``dtype`` with stride 0 (no memory), carrying autograd."""
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
 def received_fp8_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, keep: bool, later: bool):
     """What a dispatch returns for received FP8 rows ``q [R, H]`` and ``scales [R, H / 128]``:
     ``(rows, finish, held)``. ``keep``: ``rows`` is a zero-stride stand-in of dtype ``dtype``
@@ -85,7 +91,7 @@ def received_fp8_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
     dequantized to ``dtype``: now, or, when the transfer lands ``later``, by ``finish()`` (to
     call once it has landed; ``rows`` is allocated now and filled then)."""
     if keep:
-        return torch.zeros((), dtype=dtype, device=q.device).expand(q.shape), None, KeptFp8(q, scales)
+        return stand_in(q.shape, dtype, q.device), None, KeptFp8(q, scales)
     if not later:
         return ops.dequantize_fp8(q, scales, dtype), None, LANDED
     rows = torch.empty(q.shape, dtype=dtype, device=q.device)
