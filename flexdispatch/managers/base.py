@@ -213,8 +213,8 @@ class _DispatchManager(abc.ABC):
 def check_floating_tensor(name: str, value) -> None:
     """TypeError naming the argument ``name`` unless ``value`` is a floating-point tensor."""
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        raise input_error(TypeError, name, f"expected a floating-point tensor, got "
-                                           f"{value.dtype if isinstance(value, torch.Tensor) else type(value).__name__}")
+        got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise input_error(TypeError, name, f"expected a floating-point tensor, got {got}")
 
 
 def check_topk_routing(token_probs, token_indices, topk: int, num_local_tokens: Optional[int] = None) -> None:

@@ -249,8 +249,8 @@ def holding(group, step: str):
 # Python still runs, it does not (0 of 40). So at exit, after the application's own exit
 # handlers registered after flexdispatch's import, a default gloo group still alive is
 # destroyed here (the last step of flexdispatch's one exit hook, managers.at_exit), if
-# flexdispatch used a group at all. NCCL groups are left to torch
-# (destroying them can wait on peers).
+# flexdispatch used a group at all. NCCL groups are left to torch (destroying them can wait on
+# peers).
 
 _met_a_group = False
 
@@ -265,4 +265,3 @@ def destroy_gloo_group_at_exit() -> None:
             dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - at exit, torch may be half torn down: leave it to torch then
         pass
-

@@ -107,7 +107,6 @@ def release() -> int:
     return len(freed)
 
 
-
 def drop_at_exit() -> None:
     """Forget every group's slots without a collective (peers may be gone; the driver frees the memory)."""
     _slots.clear()
