@@ -131,7 +131,7 @@ class Dispatched:
     def stand_in(self) -> Optional[torch.Tensor]:
         """The tensor dispatch returned in place of rows that are not in it (kept in FP8, or
         left where they landed), which the permutation must be given back; else None."""
-        return self.hidden if self.held.stand_in else None
+        return self.hidden if self.held.returns_stand_in else None
 
 
 def _carry_pending(ready: str):

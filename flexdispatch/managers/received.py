@@ -18,6 +18,7 @@ plan, tokens_per_expert)``; ``out`` is the pair ``(rows [N, H] float8_e4m3fn, sc
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 
 from .. import ops, peer_ops
@@ -26,7 +27,7 @@ from .. import ops, peer_ops
 class Landed:
     """The received rows are the tensor dispatch returned."""
 
-    stand_in = False
+    returns_stand_in = False
 
     @staticmethod
     def permute(hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks, fp8_out):
@@ -44,7 +45,7 @@ class KeptFp8:
 
     q: torch.Tensor
     scales: torch.Tensor
-    stand_in = True  # (a class attribute, not a field)
+    returns_stand_in = True  # (a class attribute, not a field)
 
     def permute(self, hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks, fp8_out):
         if fp8_out:  # FP8 rows for FP8 experts: bytes and scales moved without conversion
@@ -69,7 +70,7 @@ class LeftAtPeers:
     align: int
     fp8: bool
     first_row: int
-    stand_in = True
+    returns_stand_in = True
 
     def permute(self, hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks, fp8_out):
         permute = peer_ops.permute_fp8_from if self.fp8 else peer_ops.permute_from
