@@ -6,7 +6,8 @@
 // shared memory and writes each chunk's per-expert count. Pass 2 (scan, one block) turns
 // those into per-chunk offsets and the layout (counts, padded counts, expert offsets).
 // Pass 3 (map) rebuilds the chunk's bits and ranks each row among the earlier rows of its
-// chunk with popcounts: dest = offsets[e] + chunk_offset[chunk, e] + rank.
+// chunk with popcounts: dest = offsets[e] + chunk_offset[chunk, e] + rank. A multihot map's
+// count and map keep the bits in registers instead, a lane per expert (see multihot_bits).
 #include <algorithm>
 
 #include "common.cuh"
@@ -177,7 +178,101 @@ __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chu
   if (overflow) or_error(layout + layout_error(experts), overflow);
 }
 
+// A multihot map's passes, over a grid of (chunk, 32 experts): lane l of warp w reads column
+// e = 32 * blockIdx.y + l of the chunk's rows 32w .. 32w + 31, one coalesced 32-byte row segment
+// per warp step, and keeps their bits for e in a register. The map is read across the whole GPU
+// (a thread per row walking its E bytes would leave a few chunk blocks to read E-byte strides
+// and write the map a row of E words per thread), and no shared-memory atomics are needed.
+__device__ __forceinline__ uint32_t multihot_bits(const Route& route, int64_t row0, int e) {
+  uint32_t bits = 0;
+  if (e >= route.num_experts) return 0;
+  const uint8_t* column = static_cast<const uint8_t*>(route.data) + e;
+  for (int r = 0; r < 32; ++r) {
+    const int64_t row = row0 + r;
+    if (row >= route.rows) break;
+    if (column[row * route.slots]) bits |= 1u << r;
+  }
+  return bits;
+}
+
+// Rows of 32 per warp: a chunk has chunk_rows / 32 warps, at most 8.
+__device__ __forceinline__ int64_t multihot_warp_row0(int chunk_rows) {
+  return int64_t(blockIdx.x) * chunk_rows + 32 * (threadIdx.x / 32);
+}
+
+__global__ void route_count_multihot_kernel(Route route, int chunk_rows, int32_t* chunk_counts) {
+  __shared__ int32_t warp_counts[8][32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, e = 32 * blockIdx.y + lane;
+  warp_counts[warp][lane] = __popc(multihot_bits(route, multihot_warp_row0(chunk_rows), e));
+  __syncthreads();
+  int32_t* row = chunk_counts + int64_t(blockIdx.x) * (route.num_experts + 1);
+  if (warp == 0 && e < route.num_experts) {
+    int32_t n = 0;
+    for (int w = 0; w < chunk_rows / 32; ++w) n += warp_counts[w][lane];
+    row[e] = n;
+  }
+  if (blockIdx.y == 0 && threadIdx.x == 0) row[route.num_experts] = 0;  // (a multihot map has no bad slot)
+}
+
+template <typename ProbBits>
+__global__ void route_map_multihot_kernel(Route route, int chunk_rows, const int32_t* chunk_offsets,
+                                          int64_t* layout, const ProbBits* probs, int64_t num_out,
+                                          int32_t* row_id_map, ProbBits* probs_out) {
+  __shared__ int32_t warp_counts[8][32];
+  const int experts = route.num_experts;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, e = 32 * blockIdx.y + lane;
+  const int64_t row0 = multihot_warp_row0(chunk_rows);
+  const uint32_t bits = multihot_bits(route, row0, e);
+  warp_counts[warp][lane] = __popc(bits);
+  __syncthreads();
+  const int64_t* offsets = layout + layout_offsets(experts);
+  int64_t overflow = blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && offsets[experts] > num_out
+                         ? kOutputOverflow : 0;
+  if (e < experts) {
+    int64_t first = offsets[e] + chunk_offsets[int64_t(blockIdx.x) * (experts + 1) + e];
+    for (int w = 0; w < warp; ++w) first += warp_counts[w][lane];
+    for (int r = 0; r < 32; ++r) {
+      const int64_t row = row0 + r;
+      if (row >= route.rows) break;
+      int64_t dest = -1;
+      if ((bits >> r) & 1u) {
+        dest = first + __popc(bits & ((1u << r) - 1u));
+        if (dest >= num_out) {
+          overflow = kOutputOverflow;
+          dest = -1;
+        } else if (probs != nullptr) {
+          probs_out[dest] = probs[row * route.slots + e];
+        }
+      }
+      row_id_map[row * route.slots + e] = static_cast<int32_t>(dest);
+    }
+  }
+  if (overflow) or_error(layout + layout_error(experts), overflow);
+}
+
+// The (chunk, 32-expert group) grid of the multihot passes.
+dim3 multihot_grid(int64_t chunks, int experts) {
+  return dim3(static_cast<unsigned>(chunks), static_cast<unsigned>((experts + 31) / 32));
+}
+
 size_t mask_bytes(int experts, int chunk_rows) { return size_t(experts) * (chunk_rows / 32) * 4; }
+
+// Count (rows in chunks; a multihot map over (chunk, 32 experts)) then scan.
+template <int Kind>
+cudaError_t count_chunks(const Route& route, int chunk_rows, int64_t chunks, int32_t* chunk_offsets,
+                         cudaStream_t stream) {
+  if constexpr (Kind == kRouteMultihot) {
+    route_count_multihot_kernel<<<multihot_grid(chunks, route.num_experts), chunk_rows, 0, stream>>>(
+        route, chunk_rows, chunk_offsets);
+  } else {
+    const size_t bytes = mask_bytes(route.num_experts, chunk_rows);
+    const cudaError_t err = allow_dynamic_shared(route_count_kernel<Kind>, bytes);
+    if (err != cudaSuccess) return err;
+    route_count_kernel<Kind><<<static_cast<unsigned>(chunks), chunk_rows, bytes, stream>>>(
+        route, chunk_rows, chunk_offsets);
+  }
+  return cudaGetLastError();
+}
 
 template <int Kind>
 cudaError_t plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets,
@@ -185,12 +280,7 @@ cudaError_t plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offset
   const int chunk_rows = chunk_rows_for(route.num_experts);
   const int64_t chunks = num_chunks_for(route.rows, route.num_experts);
   if (chunks > 0) {
-    const size_t bytes = mask_bytes(route.num_experts, chunk_rows);
-    cudaError_t err = allow_dynamic_shared(route_count_kernel<Kind>, bytes);
-    if (err != cudaSuccess) return err;
-    route_count_kernel<Kind><<<static_cast<unsigned>(chunks), chunk_rows, bytes, stream>>>(
-        route, chunk_rows, chunk_offsets);
-    err = cudaGetLastError();
+    const cudaError_t err = count_chunks<Kind>(route, chunk_rows, chunks, chunk_offsets, stream);
     if (err != cudaSuccess) return err;
   }
   route_scan_kernel<<<1, kScanThreads, 0, stream>>>(chunk_offsets, chunks, route.num_experts,
@@ -205,12 +295,18 @@ cudaError_t map(const Route& route, const int32_t* chunk_offsets, int64_t* layou
   const int chunk_rows = chunk_rows_for(route.num_experts);
   const int64_t chunks = num_chunks_for(route.rows, route.num_experts);
   if (chunks == 0) return cudaSuccess;
-  const size_t bytes = mask_bytes(route.num_experts, chunk_rows);
-  const cudaError_t err = allow_dynamic_shared(route_map_kernel<Kind, ProbBits>, bytes);
-  if (err != cudaSuccess) return err;
-  route_map_kernel<Kind, ProbBits><<<static_cast<unsigned>(chunks), chunk_rows, bytes, stream>>>(
-      route, chunk_rows, chunk_offsets, layout, static_cast<const ProbBits*>(probs), num_out,
-      row_id_map, static_cast<ProbBits*>(probs_out));
+  if constexpr (Kind == kRouteMultihot) {
+    route_map_multihot_kernel<ProbBits><<<multihot_grid(chunks, route.num_experts), chunk_rows, 0, stream>>>(
+        route, chunk_rows, chunk_offsets, layout, static_cast<const ProbBits*>(probs), num_out, row_id_map,
+        static_cast<ProbBits*>(probs_out));
+  } else {
+    const size_t bytes = mask_bytes(route.num_experts, chunk_rows);
+    const cudaError_t err = allow_dynamic_shared(route_map_kernel<Kind, ProbBits>, bytes);
+    if (err != cudaSuccess) return err;
+    route_map_kernel<Kind, ProbBits><<<static_cast<unsigned>(chunks), chunk_rows, bytes, stream>>>(
+        route, chunk_rows, chunk_offsets, layout, static_cast<const ProbBits*>(probs), num_out,
+        row_id_map, static_cast<ProbBits*>(probs_out));
+  }
   return cudaGetLastError();
 }
 
