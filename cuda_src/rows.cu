@@ -78,7 +78,7 @@ __global__ void scatter_rows_warp_kernel(const char* __restrict__ src, int64_t r
 // holds segment b % segments of row b / segments), a thread per vector, which it loads once and
 // stores to each of the row's destinations. Many small blocks keep more loads and stores in
 // flight across the GPU than a warp walking a whole row (92-93% of a copy against 89-90% for
-// the warp per row, H100, tools/bench_scatter.py on the kernels-25 branch).
+// the warp per row, the scatter alone on one H100 at 16384 x 7168 and 32768 x 2048 bf16, K = 8).
 constexpr int kRowSegment = 128;
 
 template <typename V>
