@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent one-GPU machine: this tree's kernels against another checkout's (BASE,
 # default .base: made with `git worktree add .base <commit>` and carried). Both cold builds side
-# by side, this tree's GPU op and one-rank layer tests, then tools/bench_ops.py on the two trees
+# by side, this tree's GPU op, one-rank layer and torch.compile tests, then tools/bench_ops.py on the two trees
 # in turn, ROUNDS times, same card (OPS, SHAPES: bench_ops' --ops and --shapes; ITERS).
 # Logs under $OUT: log.txt, build_{new,base}.log, gpu_tests.log, ops_{new,base}_<round>.md.
 set -uo pipefail
@@ -18,8 +18,8 @@ build() {
 }
 build "$BASE" base & build . new
 wait
-FLEXDISPATCH_CACHE_DIR=/tmp/fd-new timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider \
-  tests/test_ops.py tests/test_dispatcher_local.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8 | tee -a "$LOG"
+FLEXDISPATCH_CACHE_DIR=/tmp/fd-new timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+  tests/test_ops.py tests/test_dispatcher_local.py tests/test_compile.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8 | tee -a "$LOG"
 echo "tests done $(( $(ms) - s )) ms" | tee -a "$LOG"
 for round in $(seq "${ROUNDS:-2}"); do
   for tree in new base; do
