@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One call on a lent one-GPU machine: this tree's kernels against another checkout's (BASE,
 # default .base: made with `git worktree add .base <commit>` and carried). Both cold builds side
-# by side, this tree's GPU op, one-rank layer and torch.compile tests, then tools/bench_ops.py on the two trees
-# in turn, ROUNDS times, same card (OPS, SHAPES: bench_ops' --ops and --shapes; ITERS).
-# Logs under $OUT: log.txt, build_{new,base}.log, gpu_tests.log, ops_{new,base}_<round>.md.
+# by side, this tree's GPU op, one-rank layer and torch.compile tests, then tools/bench_ops.py on
+# the two trees in turn, ROUNDS times, same card (OPS, SHAPES: bench_ops' --ops and --shapes;
+# ITERS), and where a small batch's host time goes (tools/host_small_batch.py, this tree).
+# Logs under $OUT: log.txt, build_{new,base}.log, gpu_tests.log, ops_{new,base}_<round>.md,
+# host_small_batch.txt.
 set -uo pipefail
 . "$(dirname "$0")/gpu_env.sh"
 BASE=${BASE:-.base}
@@ -30,3 +32,6 @@ for round in $(seq "${ROUNDS:-2}"); do
     echo "bench_ops $tree round $round rc=$? $(( $(ms) - s )) ms" | tee -a "$LOG"
   done
 done
+FLEXDISPATCH_CACHE_DIR=/tmp/fd-new timeout 90 python3 tools/host_small_batch.py 2>&1 | grep -v "^\[flexdispatch\]" \
+  > "$OUT/host_small_batch.txt"
+echo "host_small_batch rc=$? $(( $(ms) - s )) ms" | tee -a "$LOG"

@@ -1,0 +1,126 @@
+"""Where a small batch's permute + unpermute spends its time: the host, layer by layer.
+
+    python tools/host_small_batch.py [--rows 1024 --hidden 1024 --experts 8 --topk 4]
+        [--device cuda|cpu] [--calls 300] [--top 20]
+
+A 1024 x 1024 permutation moves 8 MB, microseconds of bandwidth, yet takes about 0.1 ms back to
+back: the host's time per call, not the GPU's. This prints, per call (wall time of many calls
+queued with one sync at the end, median of 5 batches):
+
+  pair            ops.permute_by_indices (output size known) + ops.unpermute, as the managers call them
+  permute         the permutation alone
+  unpermute       the restore alone
+  kernels only    the two extension calls the ops end in (flexdispatch_C.permute, .gather_rows):
+                  the C++ side, allocations and launches, without the Python around them
+  launch floor    one ``add_`` on a one-element tensor (torch's cheapest device op)
+
+then the device operations one pair queues (kernels, copies, fills: torch.profiler) with the
+host time of each CUDA runtime call, and cProfile's top functions of the pair by own time
+(the extension calls' rows hold the C++ side). On ``--device cpu`` the same runs with the CPU
+kernels (a smoke test of the tool; the numbers are not the question there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flexdispatch import _library, ops  # noqa: E402
+
+
+def host_us(fn, device: str, calls: int) -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(20):
+        fn()
+    sync()
+    batches = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        batches.append((time.perf_counter() - start) / calls * 1e6)
+        sync()
+    return statistics.median(batches)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--topk", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--top", type=int, default=20)
+    args = parser.parse_args()
+    dev, rows, experts, topk = args.device, args.rows, args.experts, args.topk
+    if not ops.load_kernels():
+        print("flexdispatch's kernels did not build here", file=sys.stderr)
+        return 1
+    g = torch.Generator().manual_seed(0)
+    idx = torch.rand(rows, experts, generator=g).argsort(dim=1)[:, :topk].contiguous().to(dev)
+    probs = torch.rand(rows, topk, generator=g).to(dev)
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    x = torch.randn(rows, args.hidden, generator=g).to(dev, dtype)
+    n = rows * topk
+    out, _, plan, _ = ops.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=n)
+    C = _library.kernels()
+
+    def pair():
+        permuted, _, p, _ = ops.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=n)
+        return ops.unpermute(permuted, p, probs)
+
+    def kernels_only():
+        permuted, _, row_map, _, _ = C.permute(idx, experts, 1, n, x, probs)
+        return C.gather_rows(permuted, row_map, probs)
+
+    one = torch.ones(1, device=dev)
+    print(f"R x H = {rows} x {args.hidden}, E = {experts}, K = {topk}, {dtype}, on {dev} "
+          f"({torch.cuda.get_device_name() if dev == 'cuda' else 'CPU'}), torch {torch.__version__}")
+    for label, fn in [("pair", pair),
+                      ("permute", lambda: ops.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=n)),
+                      ("unpermute", lambda: ops.unpermute(out, plan, probs)),
+                      ("kernels only", kernels_only),
+                      ("launch floor", lambda: one.add_(1))]:
+        print(f"host us per call, {label}: {host_us(fn, dev, args.calls):.1f}")
+
+    if dev == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        pair()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            pair()
+            torch.cuda.synchronize()
+        device_ops = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        print(f"device operations one pair queues: {len(device_ops)}")
+        for e in device_ops:
+            print(f"  {e.name[:90]}")
+        runtime = [e for e in prof.events() if e.name.startswith("cuda") and e.device_type != torch.autograd.DeviceType.CUDA]
+        print("CUDA runtime calls of one pair, host us: " + ", ".join(f"{e.name} {e.cpu_time_total:.1f}" for e in runtime))
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(args.calls):
+        pair()
+    profiler.disable()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top)
+    print(f"cProfile of {args.calls} pairs, by own time:\n{text.getvalue()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
