@@ -84,6 +84,9 @@ def main() -> int:
         permuted, _, row_map, _, _ = C.permute(idx, experts, 1, n, x, probs)
         return C.gather_rows(permuted, row_map, probs)
 
+    if not torch.equal(pair(), kernels_only()):  # (the two must time the same work)
+        print("the extension calls alone do not give the ops' result", file=sys.stderr)
+        return 1
     one = torch.ones(1, device=dev)
     print(f"R x H = {rows} x {args.hidden}, E = {experts}, K = {topk}, {dtype}, on {dev} "
           f"({torch.cuda.get_device_name() if dev == 'cuda' else 'CPU'}), torch {torch.__version__}")
