@@ -23,7 +23,7 @@ launch included), and calls queued back to back ("ms back to back": the kernels'
 the host hidden behind them when it is the faster).
 
 "launches": the device operations one call queues (kernels, copies, fills; torch.profiler),
-counted once per op.
+counted once per op; with --kernels, each of them and its device time in microseconds.
 
 Floor: permute and unpermute move 2*H*(R + N) bytes (N = R*K); GB/s is that over the time,
 and "of copy" is the ratio to a measured device-to-device copy (bytes read + written). A
@@ -68,8 +68,9 @@ def routing(rows: int, experts: int, topk: int, seed: int = 0):
     return idx, probs
 
 
-def launches(fn) -> int:
-    """Device operations (kernels, copies, fills) one call of ``fn`` queues, after a warm-up."""
+def device_ops(fn) -> list[tuple[str, float]]:
+    """The device operations (kernels, copies, fills) one call of ``fn`` queues, after a
+    warm-up: (name, device microseconds) each, in queue order."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -77,7 +78,13 @@ def launches(fn) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return [(e.name, e.device_time_total) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def short_kernel_name(name: str) -> str:
+    """A kernel's name without its namespaces and template arguments."""
+    head = name.split("(")[0].split("<")[0]
+    return head.rsplit("::", 1)[-1].replace("void ", "")
 
 
 def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps, only=None):
@@ -92,7 +99,9 @@ def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps, only=N
         if only and name not in only:
             return
         ms = median_ms(fn, iters)
-        entry = {"ms": ms, "ms_b2b": back_to_back_ms(fn, iters), "launches": launches(fn)}
+        queued = device_ops(fn)
+        entry = {"ms": ms, "ms_b2b": back_to_back_ms(fn, iters), "launches": len(queued),
+                 "kernels": [(short_kernel_name(n), us) for n, us in queued]}
         if bytes_moved:
             entry["gbps"] = bytes_moved / ms / 1e6
             entry["of_copy"] = entry["gbps"] / copy_gbps
@@ -162,6 +171,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     parser.add_argument("--shapes", default=",".join(map(str, range(len(SHAPES)))), help="which shapes (indices)")
+    parser.add_argument("--kernels", action="store_true", help="print each op's device operations and their time")
     parser.add_argument("--ops", help="time only these ops (comma-separated names, e.g. quantize_fp8,permute_fp8)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -187,6 +197,8 @@ def main() -> int:
                   f"{r['launches']} | {r.get('ref_ms', float('nan')):.3f} | "
                   f"{r.get('speedup', float('nan')):.1f}x |"
                   + (f" vs index {r['vs_index']:.2f}x" if "vs_index" in r else ""))
+            if args.kernels:
+                print("|  |  |  |  | " + ", ".join(f"{k} {us:.1f} us" for k, us in r["kernels"]) + " |")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     if args.png:

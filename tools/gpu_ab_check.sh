@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One call on a lent one-GPU machine: this tree's kernels against another checkout's (BASE,
-# default .base: made with `git worktree add .base <commit>` and carried). Both cold builds side
-# by side, this tree's GPU op, one-rank layer and torch.compile tests, then tools/bench_ops.py on
-# the two trees in turn, ROUNDS times, same card (OPS, SHAPES: bench_ops' --ops and --shapes;
-# ITERS), and where a small batch's host time goes (tools/host_small_batch.py, this tree).
-# Logs under $OUT: log.txt, build_{new,base}.log, gpu_tests.log, ops_{new,base}_<round>.md,
-# host_small_batch.txt.
+# default .base: made with `git worktree add .base <commit>` and carried), and against any
+# further checkouts named in OTHERS (space-separated folders, e.g. variants of one kernel).
+# All cold builds side by side, this tree's GPU op, one-rank layer and torch.compile tests, then
+# tools/bench_ops.py on every tree in turn, ROUNDS times, same card (OPS, SHAPES: bench_ops'
+# --ops and --shapes; ITERS), and where a small batch's host time goes
+# (tools/host_small_batch.py, this tree; HOST=0 skips it). Logs under $OUT: log.txt,
+# gpu_tests.log, ops.md (every table, each headed by its tree and round), host_small_batch.txt;
+# build logs under /tmp.
 set -uo pipefail
 . "$(dirname "$0")/gpu_env.sh"
 BASE=${BASE:-.base}
@@ -13,25 +15,32 @@ OPS=${OPS:-permute,permute_map,permute_fp8}
 SHAPES=${SHAPES:-0,1,2,3,4,5}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv | tee "$LOG"
 s=$(ms)
+# tree label -> folder: new is this tree, base is BASE, the others are named by their folder.
+declare -A DIR=([new]=. [base]=$BASE)
+for other in ${OTHERS:-}; do DIR[$(basename "$other")]=$other; done
 build() {
-  (cd "$1" && PYTHONPATH=$PWD FLEXDISPATCH_CACHE_DIR=/tmp/fd-$2 python3 -c "import flexdispatch; flexdispatch.ops.load_kernels()") \
-    > "$OUT/build_$2.log" 2>&1
-  echo "build $2 rc=$? $(( $(ms) - s )) ms" | tee -a "$LOG"
+  (cd "${DIR[$1]}" && PYTHONPATH=$PWD FLEXDISPATCH_CACHE_DIR=/tmp/fd-$1 python3 -c "import flexdispatch; flexdispatch.ops.load_kernels()") \
+    > "/tmp/build_$1.log" 2>&1
+  echo "build $1 rc=$? $(( $(ms) - s )) ms" | tee -a "$LOG"
 }
-build "$BASE" base & build . new
+for tree in "${!DIR[@]}"; do build "$tree" & done
 wait
 FLEXDISPATCH_CACHE_DIR=/tmp/fd-new timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider \
   tests/test_ops.py tests/test_dispatcher_local.py tests/test_compile.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8 | tee -a "$LOG"
 echo "tests done $(( $(ms) - s )) ms" | tee -a "$LOG"
+# This tree's bench_ops.py times every tree (it imports the package of the checkout it sits in),
+# so the columns come from one tool.
+for tree in "${!DIR[@]}"; do [ "$tree" = new ] || cp tools/bench_ops.py tools/timing.py "${DIR[$tree]}/tools/"; done
 for round in $(seq "${ROUNDS:-2}"); do
-  for tree in new base; do
-    dir=.; [ "$tree" = base ] && dir=$BASE
-    (cd "$dir" && PYTHONPATH=$PWD FLEXDISPATCH_CACHE_DIR=/tmp/fd-$tree timeout 90 python3 tools/bench_ops.py \
-      --iters "${ITERS:-50}" --ref-iters 1 --ops "$OPS" --shapes "$SHAPES") 2>&1 | grep -v "^\[flexdispatch\]" \
-      > "$OUT/ops_${tree}_$round.md"
+  for tree in new base ${OTHERS:+$(for o in $OTHERS; do basename "$o"; done)}; do
+    echo "## $tree, round $round" >> "$OUT/ops.md"
+    (cd "${DIR[$tree]}" && PYTHONPATH=$PWD FLEXDISPATCH_CACHE_DIR=/tmp/fd-$tree timeout 90 python3 tools/bench_ops.py \
+      --iters "${ITERS:-50}" --ref-iters 1 --kernels --ops "$OPS" --shapes "$SHAPES") 2>&1 \
+      | grep -v "^\[flexdispatch\]\|Warning\|_warn_once" >> "$OUT/ops.md"
     echo "bench_ops $tree round $round rc=$? $(( $(ms) - s )) ms" | tee -a "$LOG"
   done
 done
+[ "${HOST:-1}" = 0 ] && exit 0
 FLEXDISPATCH_CACHE_DIR=/tmp/fd-new timeout 90 python3 tools/host_small_batch.py 2>&1 | grep -v "^\[flexdispatch\]" \
   > "$OUT/host_small_batch.txt"
 echo "host_small_batch rc=$? $(( $(ms) - s )) ms" | tee -a "$LOG"
