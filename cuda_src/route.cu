@@ -187,10 +187,13 @@ __device__ __forceinline__ uint32_t multihot_bits(const Route& route, int64_t ro
   uint32_t bits = 0;
   if (e >= route.num_experts) return 0;
   const uint8_t* column = static_cast<const uint8_t*>(route.data) + e;
+  // Unrolled and predicated rather than left at the last row: the 32 loads are issued together
+  // instead of one memory latency after another (a 4096-row count pass at E = 256 took 13 us
+  // with the early exit, 5 us without, one H100).
+#pragma unroll
   for (int r = 0; r < 32; ++r) {
     const int64_t row = row0 + r;
-    if (row >= route.rows) break;
-    if (column[row * route.slots]) bits |= 1u << r;
+    if (row < route.rows && column[row * route.slots]) bits |= 1u << r;
   }
   return bits;
 }
