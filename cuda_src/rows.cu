@@ -79,20 +79,42 @@ __global__ void scatter_rows_warp_kernel(const char* __restrict__ src, int64_t r
 // stores to each of the row's destinations. Many small blocks keep more loads and stores in
 // flight across the GPU than a warp walking a whole row (92-93% of a copy against 89-90% for
 // the warp per row, the scatter alone on one H100 at 16384 x 7168 and 32768 x 2048 bf16, K = 8).
+// Its stores are streaming (evict-first): the rows are read by the next kernel, not this one,
+// and keeping them out of the way of the loads gained about 1% at those shapes (one H100; two
+// vectors a thread, or 256 threads a block, gained nothing).
+// A row with more than kCompactSlots slots (a multihot map's row: E slots, K of them used) has
+// its destinations compacted into shared memory first by the whole block, so that a thread
+// stores K times instead of testing E slots for every vector (their order is free: each
+// destination receives the same vector).
 constexpr int kRowSegment = 128;
+constexpr int32_t kCompactSlots = 16;
 
-template <typename V>
+template <typename V, bool Compact>
 __global__ void scatter_row_segments_kernel(const char* __restrict__ src, int64_t row_bytes, int64_t segments,
                                             const int32_t* __restrict__ row_id_map, int32_t slots,
                                             char* __restrict__ dst) {
+  extern __shared__ int32_t compacted[];
   const int64_t row = blockIdx.x / segments;
   const int64_t v = (blockIdx.x % segments) * kRowSegment + threadIdx.x;
+  const int32_t* dests = row_id_map + row * slots;
+  int32_t n = slots;
+  if constexpr (Compact) {  // (before the bounds test: every thread reaches the barriers)
+    __shared__ int32_t count;
+    if (threadIdx.x == 0) count = 0;
+    __syncthreads();
+    for (int32_t s = threadIdx.x; s < slots; s += blockDim.x) {
+      const int32_t d = dests[s];
+      if (d >= 0) compacted[atomicAdd(&count, 1)] = d;
+    }
+    __syncthreads();
+    n = count;
+    dests = compacted;
+  }
   if (v >= row_bytes / int64_t(sizeof(V))) return;
   const V x = reinterpret_cast<const V*>(src + row * row_bytes)[v];
-  const int32_t* dests = row_id_map + row * slots;
-  for (int32_t s = 0; s < slots; ++s) {
-    const int32_t d = __ldg(dests + s);
-    if (d >= 0) reinterpret_cast<V*>(dst + int64_t(d) * row_bytes)[v] = x;
+  for (int32_t s = 0; s < n; ++s) {
+    const int32_t d = Compact ? dests[s] : __ldg(dests + s);
+    if (d >= 0) __stcs(reinterpret_cast<V*>(dst + int64_t(d) * row_bytes) + v, x);
   }
 }
 
@@ -248,7 +270,12 @@ cudaError_t scatter_as(const void* src, int64_t rows, int64_t row_bytes, const i
     scatter_small_rows_kernel<V><<<grid_for(rows * vecs, 256), 256, 0, stream>>>(
         static_cast<const char*>(src), rows, row_bytes, row_id_map, slots, static_cast<char*>(dst));
   } else if (const int64_t segments = (vecs + kRowSegment - 1) / kRowSegment; rows * segments <= INT32_MAX) {
-    scatter_row_segments_kernel<V><<<static_cast<unsigned>(rows * segments), kRowSegment, 0, stream>>>(
+    const bool compact = slots > kCompactSlots;
+    const auto kernel = compact ? scatter_row_segments_kernel<V, true> : scatter_row_segments_kernel<V, false>;
+    const size_t smem = compact ? sizeof(int32_t) * slots : 0;
+    const cudaError_t err = allow_dynamic_shared(kernel, smem);
+    if (err != cudaSuccess) return err;
+    kernel<<<static_cast<unsigned>(rows * segments), kRowSegment, smem, stream>>>(
         static_cast<const char*>(src), row_bytes, segments, row_id_map, slots, static_cast<char*>(dst));
   } else {  // (more blocks than a grid holds)
     scatter_rows_warp_kernel<V><<<grid_for(rows, kWarpRowsPerBlock), kWarpRowsPerBlock * 32, 0, stream>>>(
