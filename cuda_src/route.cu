@@ -137,6 +137,20 @@ __global__ void route_scan_kernel(int32_t* chunk_offsets, int64_t num_chunks, in
   }
 }
 
+// Writes slot `entry` (row * slots + slot) of the map, dest or -1, and moves its prob to dest. A
+// dest at or past num_out is an overflow: the slot is left unplaced (-1) and *overflow is set.
+template <typename ProbBits>
+__device__ __forceinline__ void place_slot(int64_t dest, int64_t entry, const ProbBits* probs, int64_t num_out,
+                                           int32_t* row_id_map, ProbBits* probs_out, int64_t* overflow) {
+  if (dest >= num_out) {
+    *overflow = kOutputOverflow;
+    dest = -1;
+  } else if (dest >= 0 && probs != nullptr) {
+    probs_out[dest] = probs[entry];
+  }
+  row_id_map[entry] = static_cast<int32_t>(dest);
+}
+
 template <int Kind, typename ProbBits>
 __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chunk_offsets,
                                  int64_t* layout, const ProbBits* probs, int64_t num_out,
@@ -165,14 +179,8 @@ __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chu
         int rank = __popc(m[c / 32] & ((1u << (c % 32)) - 1u));
         for (int w = 0; w < c / 32; ++w) rank += __popc(m[w]);
         dest = offsets[e] + chunk_base[e] + rank;
-        if (dest >= num_out) {
-          overflow = kOutputOverflow;
-          dest = -1;
-        } else if (probs != nullptr) {
-          probs_out[dest] = probs[row * route.slots + s];
-        }
       }
-      row_id_map[row * route.slots + s] = static_cast<int32_t>(dest);
+      place_slot(dest, row * route.slots + s, probs, num_out, row_id_map, probs_out, &overflow);
     }
   }
   if (overflow) or_error(layout + layout_error(experts), overflow);
@@ -237,17 +245,8 @@ __global__ void route_map_multihot_kernel(Route route, int chunk_rows, const int
     for (int r = 0; r < 32; ++r) {
       const int64_t row = row0 + r;
       if (row >= route.rows) break;
-      int64_t dest = -1;
-      if ((bits >> r) & 1u) {
-        dest = first + __popc(bits & ((1u << r) - 1u));
-        if (dest >= num_out) {
-          overflow = kOutputOverflow;
-          dest = -1;
-        } else if (probs != nullptr) {
-          probs_out[dest] = probs[row * route.slots + e];
-        }
-      }
-      row_id_map[row * route.slots + e] = static_cast<int32_t>(dest);
+      const int64_t dest = (bits >> r) & 1u ? first + __popc(bits & ((1u << r) - 1u)) : -1;
+      place_slot(dest, row * route.slots + e, probs, num_out, row_id_map, probs_out, &overflow);
     }
   }
   if (overflow) or_error(layout + layout_error(experts), overflow);
