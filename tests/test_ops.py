@@ -80,11 +80,12 @@ def test_multihot_and_permute_by_map(device, rows, hidden, experts, topk, poison
     assert torch.equal(out, by_idx)
 
 
-# (rows, hidden, experts, topk): routes that plan in one block and in three launches (more than
-# 16384 entries), 32-row chunks (E > 1536), rows of more than 32 destinations, 512 experts, and
-# the expert counts whose masks fill 48 KiB of shared memory (1536 with 256-row chunks, the most
-# experts with 32-row chunks), and rows of 5 and 14 KB (a block per 128 vectors of a row, the last
-# block of a row part-used) with a multihot map of 256 experts over a row count not a multiple of 32.
+# (rows, hidden, experts, topk): small routes and large ones (more than 16384 entries), 32-row
+# chunks (E > 1536), rows of more than 32 destinations, 512 experts, and the expert counts whose
+# masks fill 48 KiB of shared memory (1536 with 256-row chunks, the most experts with 32-row
+# chunks), and rows of 5 and 14 KB (a block per 128 vectors of a row, the last block of a row
+# part-used; in map form, more than 16 slots a row, whose destinations the block compacts first)
+# with a multihot map of 256 experts over a row count not a multiple of 32.
 SIZED_SHAPES = [(1000, 64, 8, 4), (3000, 40, 64, 8), (90, 16, 2000, 3), (300, 32, 64, 40), (700, 24, 512, 8),
                 (300, 16, 1536, 4), (40, 8, MAX_EXPERTS, 2), (300, 2600, 64, 8), (200, 7000, 256, 8)]
 
