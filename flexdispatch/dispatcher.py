@@ -21,11 +21,11 @@ from ._log import logger
 from .config import MoEConfig, TokenDispatcherConfig, requested_backend, sm_setting
 from . import managers
 from .managers import groups, registry
-from .managers.base import OutOfOrderError, check_floating_tensor, group_size_rank, _ManagerBase
+from .managers.base import OutOfOrderError, group_size_rank, _ManagerBase
 from .managers.gather import all_gather_objects
 from .managers.hybridep import HybridEPPipelineRuntimeInitializer, _HybridEPManager, _HybridEPMetadataProcessor
 from .managers.sharing import LayerStates
-from .spec import CONFIG_NAMES, LayerSpec, input_error
+from .spec import CONFIG_NAMES, LayerSpec, check_floating_tensor, input_error
 
 SHARING_DEEPEP_MANAGER = True
 """Dispatchers of one expert-parallel group share their manager (and DeepEP's buffer) when

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _library, reference
-from .spec import input_error
+from .spec import check_floating_tensor, input_error
 from ._library import check_pending_errors, cuda_kernels_loaded, defer_routing_error, kernels_loaded, load_kernels
 from .rowmap import MAX_EXPERTS, RowIdMap, index_route_error_bits, layout_total_index, plan_of
 
@@ -55,8 +55,7 @@ def _check_probs(probs, like: torch.Tensor, name: str = "probs") -> Optional[tor
         _check_tensor(probs, name)
     if tuple(probs.shape) != tuple(like.shape):
         raise input_error(ValueError, name, f"expected shape {tuple(like.shape)}, got {tuple(probs.shape)}")
-    if not probs.is_floating_point():
-        raise input_error(TypeError, name, f"expected a floating-point tensor, got {probs.dtype}")
+    check_floating_tensor(name, probs)
     if probs.device != like.device:
         raise input_error(ValueError, name, f"expected device {like.device}, got {probs.device}")
     return probs if probs.dtype in (torch.float32, torch.float64) else probs.float()
@@ -305,8 +304,7 @@ def unpermute(permuted: torch.Tensor, row_id_map: RowIdMap, probs: Optional[torc
         raise ValueError(f"permuted: expected {row_id_map.num_out} rows (the permutation's output), "
                          f"got {permuted.shape[0]}")
     probs = _check_probs(probs, row_id_map.map) if probs is not None else None
-    if not permuted.is_floating_point():
-        raise TypeError(f"permuted: expected a floating-point tensor, got {permuted.dtype}")
+    check_floating_tensor("permuted", permuted)
     if not _library.serves(permuted):
         return reference.unpermute(permuted, row_id_map, probs, restore_shape)
     p = row_id_map

@@ -13,6 +13,8 @@ import dataclasses
 import math
 from typing import Optional
 
+import torch
+
 ROUTER_DTYPES = (None, "fp32", "fp64")
 DROPPED_TOKEN_ACTIONS = ("warn", "raise", "ignore")
 
@@ -24,6 +26,13 @@ def input_error(kind: type, argument: str, message: str) -> Exception:
     error = kind(f"{argument}: {message}")
     error.argument = argument
     return error
+
+
+def check_floating_tensor(name: str, value) -> None:
+    """TypeError naming the argument ``name`` unless ``value`` is a floating-point tensor."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise input_error(TypeError, name, f"expected a floating-point tensor, got {got}")
 
 
 def int_at_least(name: str, value, low: int) -> int:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from ..spec import MANAGER_NAMES, LayerSpec, expert_capacity, input_error, int_at_least
+from ..spec import MANAGER_NAMES, LayerSpec, check_floating_tensor, expert_capacity, input_error, int_at_least
 from ..reference import FP8_GROUP
 from ..rowmap import RowIdMap
 from . import agreement, groups
@@ -208,13 +208,6 @@ class _DispatchManager(abc.ABC):
     @abc.abstractmethod
     def get_restored_hidden_states_by_experts(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Get the restored hidden states by experts."""
-
-
-def check_floating_tensor(name: str, value) -> None:
-    """TypeError naming the argument ``name`` unless ``value`` is a floating-point tensor."""
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
-        raise input_error(TypeError, name, f"expected a floating-point tensor, got {got}")
 
 
 def check_topk_routing(token_probs, token_indices, topk: int, num_local_tokens: Optional[int] = None) -> None:
