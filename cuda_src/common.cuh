@@ -72,16 +72,16 @@ inline int vector_bytes(int64_t row_bytes, const void* a, const void* b) {
   return 1;
 }
 
-// Expert of (row, slot), -1 for an unused slot. No range check here: route_plan validates.
+// Expert of (row, slot) of a top-k route, -1 for an unused slot. No range check here:
+// route_plan validates. (A multihot map is read by columns: route.cu's multihot_bits.)
 template <int Kind>
 __device__ __forceinline__ int64_t route_at(const Route& route, int64_t row, int32_t slot) {
+  static_assert(Kind == kRouteIndex32 || Kind == kRouteIndex64, "top-k routes only");
   const int64_t i = row * route.slots + slot;
   if constexpr (Kind == kRouteIndex32) {
     return static_cast<const int32_t*>(route.data)[i];
-  } else if constexpr (Kind == kRouteIndex64) {
-    return static_cast<const int64_t*>(route.data)[i];
   } else {
-    return static_cast<const uint8_t*>(route.data)[i] ? slot : -1;
+    return static_cast<const int64_t*>(route.data)[i];
   }
 }
 

@@ -30,12 +30,10 @@ __device__ __forceinline__ int64_t checked_expert(const Route& route, int64_t ro
     *bad |= kIndexOutOfRange;
     return -1;
   }
-  if constexpr (Kind != kRouteMultihot) {
-    for (int32_t j = 0; j < slot; ++j) {
-      if (route_at<Kind>(route, row, j) == e) {
-        *bad |= kDuplicateIndex;
-        return -1;
-      }
+  for (int32_t j = 0; j < slot; ++j) {
+    if (route_at<Kind>(route, row, j) == e) {
+      *bad |= kDuplicateIndex;
+      return -1;
     }
   }
   return e;
