@@ -84,8 +84,10 @@ __global__ void scatter_rows_warp_kernel(const char* __restrict__ src, int64_t r
 // vectors a thread, or 256 threads a block, gained nothing).
 // A row with more than kCompactSlots slots (a multihot map's row: E slots, K of them used) has
 // its destinations compacted into shared memory first by the whole block, so that a thread
-// stores K times instead of testing E slots for every vector (their order is free: each
-// destination receives the same vector).
+// stores K times instead of testing E slots for every vector. Their order is free (each
+// destination receives the same vector), so every thread takes a share of the slots; the
+// gather's compact_slots keeps slot order with one warp, and the scatter took 214 us with it
+// against 197 us this way (4096 x 7168, E = 512, one H100).
 constexpr int kRowSegment = 128;
 constexpr int32_t kCompactSlots = 16;
 
