@@ -45,7 +45,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from flexdispatch import ops, reference  # noqa: E402
-from timing import back_to_back_ms, median_ms  # noqa: E402
+from timing import back_to_back_ms, device_ops, median_ms, one_call_events  # noqa: E402
 
 SHAPES = [(16384, 7168, 64, 8), (32768, 2048, 32, 8), (1024, 1024, 8, 4), (4096, 7168, 256, 8),
           (4096, 7168, 512, 8), (1024, 1024, 32, 4)]
@@ -68,19 +68,6 @@ def routing(rows: int, experts: int, topk: int, seed: int = 0):
     return idx, probs
 
 
-def device_ops(fn) -> list[tuple[str, float]]:
-    """The device operations (kernels, copies, fills) one call of ``fn`` queues, after a
-    warm-up: (name, device microseconds) each, in queue order."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [(e.name, e.device_time_total) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
 def short_kernel_name(name: str) -> str:
     """A kernel's name without its namespaces and template arguments."""
     head = name.split("(")[0].split("<")[0]
@@ -99,7 +86,7 @@ def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps, only=N
         if only and name not in only:
             return
         ms = median_ms(fn, iters)
-        queued = device_ops(fn)
+        queued = device_ops(one_call_events(fn))
         entry = {"ms": ms, "ms_b2b": back_to_back_ms(fn, iters), "launches": len(queued),
                  "kernels": [(short_kernel_name(n), us) for n, us in queued]}
         if bytes_moved:

@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from flexdispatch import _library, ops  # noqa: E402
+from timing import device_ops, one_call_events  # noqa: E402
 
 
 def host_us(fn, device: str, calls: int) -> float:
@@ -98,18 +99,12 @@ def main() -> int:
         print(f"host us per call, {label}: {host_us(fn, dev, args.calls):.1f}")
 
     if dev == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
-        pair()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            pair()
-            torch.cuda.synchronize()
-        device_ops = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        print(f"device operations one pair queues: {len(device_ops)}")
-        for e in device_ops:
-            print(f"  {e.name[:90]}")
-        runtime = [e for e in prof.events() if e.name.startswith("cuda") and e.device_type != torch.autograd.DeviceType.CUDA]
+        events = one_call_events(pair)
+        queued = device_ops(events)
+        print(f"device operations one pair queues: {len(queued)}")
+        for name, _ in queued:
+            print(f"  {name[:90]}")
+        runtime = [e for e in events if e.name.startswith("cuda") and e.device_type != torch.autograd.DeviceType.CUDA]
         print("CUDA runtime calls of one pair, host us: " + ", ".join(f"{e.name} {e.cpu_time_total:.1f}" for e in runtime))
 
     profiler = cProfile.Profile()

@@ -48,6 +48,24 @@ def median_ms(fn: Callable[[], object], iters: int, warmup: int = 3,
     return statistics.median(times)
 
 
+def one_call_events(fn: Callable[[], object]) -> list:
+    """torch.profiler's events, host and device, of one call of ``fn`` after a warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return list(prof.events())
+
+
+def device_ops(events: list) -> list:
+    """The device operations (kernels, copies, fills) among profiler ``events``: (name, device
+    microseconds) each, in queue order."""
+    return [(e.name, e.device_time_total) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 def back_to_back_ms(fn: Callable[[], object], iters: int, repeats: int = 5, warmup: int = 3) -> float:
     """Milliseconds of one call of ``fn`` queued back to back with the others: CUDA events
     around ``iters`` calls, divided by ``iters``, the median of ``repeats`` such batches. The
