@@ -39,17 +39,35 @@ __device__ __forceinline__ int64_t checked_expert(const Route& route, int64_t ro
   return e;
 }
 
+// The chunk's (row, slot) entries are spread over the block in memory order, a thread per
+// entry (thread i takes entries i, i + blockDim, ...): a block of up to kPlanThreads threads
+// keeps K times more loads in flight than a thread per row walking its K slots, and reads the
+// route coalesced.
+constexpr int kPlanThreads = 1024;
+
+// Threads for a chunk of chunk_rows rows of `slots` slots: one per entry, whole warps, at most
+// kPlanThreads.
+int plan_threads(int chunk_rows, int32_t slots) {
+  const int64_t entries = std::max<int64_t>(int64_t(chunk_rows) * slots, 32);
+  return static_cast<int>(std::min<int64_t>(round_up(entries, 32), kPlanThreads));
+}
+
+// The (row, slot) entries of the chunk that starts at row0 (the last chunk may be short).
+__device__ __forceinline__ int64_t chunk_entries(const Route& route, int64_t row0, int chunk_rows) {
+  const int64_t rows = route.rows - row0 < chunk_rows ? route.rows - row0 : chunk_rows;
+  return rows * route.slots;
+}
+
 // Sets bit (e, c) of the chunk's masks for every valid slot of its rows.
 template <int Kind>
 __device__ void mark_chunk(const Route& route, int64_t row0, int chunk_rows, uint32_t* masks,
                            int words, int64_t* bad) {
-  for (int c = threadIdx.x; c < chunk_rows; c += blockDim.x) {
-    const int64_t row = row0 + c;
-    if (row >= route.rows) break;
-    for (int32_t s = 0; s < route.slots; ++s) {
-      const int64_t e = checked_expert<Kind>(route, row, s, bad);
-      if (e >= 0) atomicOr(&masks[e * words + c / 32], 1u << (c % 32));
-    }
+  const int64_t entries = chunk_entries(route, row0, chunk_rows);
+  for (int64_t i = threadIdx.x; i < entries; i += blockDim.x) {
+    const int c = static_cast<int>(i / route.slots);
+    const int32_t s = static_cast<int32_t>(i % route.slots);
+    const int64_t e = checked_expert<Kind>(route, row0 + c, s, bad);
+    if (e >= 0) atomicOr(&masks[e * words + c / 32], 1u << (c % 32));
   }
 }
 
@@ -166,20 +184,18 @@ __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chu
   const int32_t* chunk_base = chunk_offsets + int64_t(blockIdx.x) * (experts + 1);
   // The padded rows must fit too: real rows that fit while the padding does not are an overflow.
   int64_t overflow = blockIdx.x == 0 && threadIdx.x == 0 && offsets[experts] > num_out ? kOutputOverflow : 0;
-  for (int c = threadIdx.x; c < chunk_rows; c += blockDim.x) {
-    const int64_t row = row0 + c;
-    if (row >= route.rows) break;
-    for (int32_t s = 0; s < route.slots; ++s) {
-      const int64_t e = checked_expert<Kind>(route, row, s, &bad);
-      int64_t dest = -1;
-      if (e >= 0) {
-        const uint32_t* m = masks + e * words;
-        int rank = __popc(m[c / 32] & ((1u << (c % 32)) - 1u));
-        for (int w = 0; w < c / 32; ++w) rank += __popc(m[w]);
-        dest = offsets[e] + chunk_base[e] + rank;
-      }
-      place_slot(dest, row * route.slots + s, probs, num_out, row_id_map, probs_out, &overflow);
+  const int64_t entries = chunk_entries(route, row0, chunk_rows);
+  for (int64_t i = threadIdx.x; i < entries; i += blockDim.x) {  // (as mark_chunk: a thread per entry)
+    const int c = static_cast<int>(i / route.slots);
+    const int64_t e = checked_expert<Kind>(route, row0 + c, static_cast<int32_t>(i % route.slots), &bad);
+    int64_t dest = -1;
+    if (e >= 0) {
+      const uint32_t* m = masks + e * words;
+      int rank = __popc(m[c / 32] & ((1u << (c % 32)) - 1u));
+      for (int w = 0; w < c / 32; ++w) rank += __popc(m[w]);
+      dest = offsets[e] + chunk_base[e] + rank;
     }
+    place_slot(dest, row0 * route.slots + i, probs, num_out, row_id_map, probs_out, &overflow);
   }
   if (overflow) or_error(layout + layout_error(experts), overflow);
 }
@@ -268,7 +284,7 @@ cudaError_t count_chunks(const Route& route, int chunk_rows, int64_t chunks, int
     const size_t bytes = mask_bytes(route.num_experts, chunk_rows);
     const cudaError_t err = allow_dynamic_shared(route_count_kernel<Kind>, bytes);
     if (err != cudaSuccess) return err;
-    route_count_kernel<Kind><<<static_cast<unsigned>(chunks), chunk_rows, bytes, stream>>>(
+    route_count_kernel<Kind><<<static_cast<unsigned>(chunks), plan_threads(chunk_rows, route.slots), bytes, stream>>>(
         route, chunk_rows, chunk_offsets);
   }
   return cudaGetLastError();
@@ -303,7 +319,8 @@ cudaError_t map(const Route& route, const int32_t* chunk_offsets, int64_t* layou
     const size_t bytes = mask_bytes(route.num_experts, chunk_rows);
     const cudaError_t err = allow_dynamic_shared(route_map_kernel<Kind, ProbBits>, bytes);
     if (err != cudaSuccess) return err;
-    route_map_kernel<Kind, ProbBits><<<static_cast<unsigned>(chunks), chunk_rows, bytes, stream>>>(
+    route_map_kernel<Kind, ProbBits><<<static_cast<unsigned>(chunks), plan_threads(chunk_rows, route.slots), bytes,
+                                       stream>>>(
         route, chunk_rows, chunk_offsets, layout, static_cast<const ProbBits*>(probs), num_out,
         row_id_map, static_cast<ProbBits*>(probs_out));
   }
