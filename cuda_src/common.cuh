@@ -5,9 +5,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <type_traits>
+#include <utility>
 
 #include "flexdispatch.h"
 
@@ -147,6 +149,69 @@ template <typename Kernel>
 inline cudaError_t allow_dynamic_shared(Kernel* kernel, size_t bytes) {
   if (bytes + 1024 <= 48 * 1024) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+// Programmatic dependent launch (sm_90 and later): the permutation's kernels follow each
+// other on one stream, each reading what the previous one wrote. Launched with
+// launch_after_previous, a kernel may be scheduled while its predecessor's last blocks still
+// run; it calls wait_for_previous_grid before its first memory access, which returns once the
+// predecessor has finished and its writes are visible, so only the launch and block
+// scheduling overlap, never the work. allow_next_grid lets the next such kernel be scheduled
+// as soon as every block of this one has started. Both are no-ops without the launch
+// attribute and before sm_90.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Whether the current device takes programmatic dependent launches (sm_90 and later; asked
+// once per device).
+inline bool device_overlaps_launches() {
+  static std::atomic<int> major[64];  // per device, 0 until asked
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+    cudaGetLastError();
+    return false;
+  }
+  if (major[device].load() == 0) {
+    int cc = 0;
+    if (cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || cc <= 0) {
+      cudaGetLastError();  // (not left sticky: the plain launch serves)
+      return false;
+    }
+    major[device].store(cc);
+  }
+  return major[device].load() >= 9;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), allowed to be scheduled before the previous
+// kernel on the stream has finished (see wait_for_previous_grid, which the kernel must call
+// first). Returns the launch's error.
+template <typename... Params, typename... Args>
+inline cudaError_t launch_after_previous(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                         cudaStream_t stream, Args&&... args) {
+  if (!device_overlaps_launches()) {
+    kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute overlap[1];
+  overlap[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = overlap;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 }  // namespace cuda

@@ -80,6 +80,7 @@ __device__ void clear_masks(uint32_t* masks, int n) {
 // so that no buffer needs clearing before the launch.
 template <int Kind>
 __global__ void route_count_kernel(Route route, int chunk_rows, int32_t* chunk_counts) {
+  allow_next_grid();
   extern __shared__ uint32_t masks[];
   __shared__ int chunk_bad;
   const int words = chunk_rows / 32;
@@ -104,6 +105,8 @@ __global__ void route_count_kernel(Route route, int chunk_rows, int32_t* chunk_c
 // into the layout. Writes every entry of the layout.
 __global__ void route_scan_kernel(int32_t* chunk_offsets, int64_t num_chunks, int experts,
                                   int64_t pad_multiple, int64_t* layout) {
+  wait_for_previous_grid();
+  allow_next_grid();
   __shared__ int64_t scratch[32];
   __shared__ int errors;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
@@ -171,6 +174,8 @@ template <int Kind, typename ProbBits>
 __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chunk_offsets,
                                  int64_t* layout, const ProbBits* probs, int64_t num_out,
                                  int32_t* row_id_map, ProbBits* probs_out) {
+  wait_for_previous_grid();
+  allow_next_grid();
   extern __shared__ uint32_t masks[];
   const int words = chunk_rows / 32;
   const int experts = route.num_experts;
@@ -226,6 +231,7 @@ __device__ __forceinline__ int64_t multihot_warp_row0(int chunk_rows) {
 }
 
 __global__ void route_count_multihot_kernel(Route route, int chunk_rows, int32_t* chunk_counts) {
+  allow_next_grid();
   __shared__ int32_t warp_counts[8][32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, e = 32 * blockIdx.y + lane;
   warp_counts[warp][lane] = __popc(multihot_bits(route, multihot_warp_row0(chunk_rows), e));
@@ -243,6 +249,8 @@ template <typename ProbBits>
 __global__ void route_map_multihot_kernel(Route route, int chunk_rows, const int32_t* chunk_offsets,
                                           int64_t* layout, const ProbBits* probs, int64_t num_out,
                                           int32_t* row_id_map, ProbBits* probs_out) {
+  wait_for_previous_grid();
+  allow_next_grid();
   __shared__ int32_t warp_counts[8][32];
   const int experts = route.num_experts;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, e = 32 * blockIdx.y + lane;
@@ -299,9 +307,8 @@ cudaError_t plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offset
     const cudaError_t err = count_chunks<Kind>(route, chunk_rows, chunks, chunk_offsets, stream);
     if (err != cudaSuccess) return err;
   }
-  route_scan_kernel<<<1, kScanThreads, 0, stream>>>(chunk_offsets, chunks, route.num_experts,
-                                                    pad_multiple, layout);
-  return cudaGetLastError();
+  return launch_after_previous(route_scan_kernel, 1, kScanThreads, 0, stream, chunk_offsets, chunks,
+                               route.num_experts, pad_multiple, layout);
 }
 
 template <int Kind, typename ProbBits>
@@ -312,19 +319,19 @@ cudaError_t map(const Route& route, const int32_t* chunk_offsets, int64_t* layou
   const int64_t chunks = num_chunks_for(route.rows, route.num_experts);
   if (chunks == 0) return cudaSuccess;
   if constexpr (Kind == kRouteMultihot) {
-    route_map_multihot_kernel<ProbBits><<<multihot_grid(chunks, route.num_experts), chunk_rows, 0, stream>>>(
-        route, chunk_rows, chunk_offsets, layout, static_cast<const ProbBits*>(probs), num_out, row_id_map,
-        static_cast<ProbBits*>(probs_out));
+    return launch_after_previous(route_map_multihot_kernel<ProbBits>, multihot_grid(chunks, route.num_experts),
+                                 chunk_rows, 0, stream, route, chunk_rows, chunk_offsets, layout,
+                                 static_cast<const ProbBits*>(probs), num_out, row_id_map,
+                                 static_cast<ProbBits*>(probs_out));
   } else {
     const size_t bytes = mask_bytes(route.num_experts, chunk_rows);
     const cudaError_t err = allow_dynamic_shared(route_map_kernel<Kind, ProbBits>, bytes);
     if (err != cudaSuccess) return err;
-    route_map_kernel<Kind, ProbBits><<<static_cast<unsigned>(chunks), plan_threads(chunk_rows, route.slots), bytes,
-                                       stream>>>(
-        route, chunk_rows, chunk_offsets, layout, static_cast<const ProbBits*>(probs), num_out,
-        row_id_map, static_cast<ProbBits*>(probs_out));
+    return launch_after_previous(route_map_kernel<Kind, ProbBits>, static_cast<unsigned>(chunks),
+                                 plan_threads(chunk_rows, route.slots), bytes, stream, route, chunk_rows,
+                                 chunk_offsets, layout, static_cast<const ProbBits*>(probs), num_out, row_id_map,
+                                 static_cast<ProbBits*>(probs_out));
   }
-  return cudaGetLastError();
 }
 
 template <typename ProbBits>

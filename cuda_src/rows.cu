@@ -48,6 +48,8 @@ template <typename V>
 __global__ void scatter_rows_warp_kernel(const char* __restrict__ src, int64_t rows, int64_t row_bytes,
                                          const int32_t* __restrict__ row_id_map, int32_t slots,
                                          char* __restrict__ dst) {
+  wait_for_previous_grid();
+  allow_next_grid();
   const int64_t row = int64_t(blockIdx.x) * kWarpRowsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
@@ -95,6 +97,8 @@ template <typename V, bool Compact>
 __global__ void scatter_row_segments_kernel(const char* __restrict__ src, int64_t row_bytes, int64_t segments,
                                             const int32_t* __restrict__ row_id_map, int32_t slots,
                                             char* __restrict__ dst) {
+  wait_for_previous_grid();
+  allow_next_grid();
   extern __shared__ int32_t compacted[];
   const int64_t row = blockIdx.x / segments;
   const int64_t v = (blockIdx.x % segments) * kRowSegment + threadIdx.x;
@@ -125,6 +129,8 @@ template <typename V>
 __global__ void scatter_small_rows_kernel(const char* __restrict__ src, int64_t rows,
                                           int64_t row_bytes, const int32_t* __restrict__ row_id_map,
                                           int32_t slots, char* __restrict__ dst) {
+  wait_for_previous_grid();
+  allow_next_grid();
   const int64_t vecs = row_bytes / int64_t(sizeof(V));
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * vecs) return;
@@ -156,6 +162,8 @@ __device__ void zero_row(char* dst, int64_t row, int64_t row_bytes, char* probs_
 template <typename V>
 __global__ void zero_pad_rows_kernel(const int64_t* layout, int32_t experts, int64_t num_out, char* dst,
                                      int64_t row_bytes, char* probs_out, int prob_bytes) {
+  wait_for_previous_grid();
+  allow_next_grid();
   const int e = blockIdx.x;
   const int64_t start = layout[layout_offsets(experts) + e] + layout[layout_counts(experts) + e];
   const int64_t end = min(num_out, layout[layout_offsets(experts) + e] + layout[layout_padded(experts) + e]);
@@ -167,6 +175,8 @@ __global__ void zero_pad_rows_kernel(const int64_t* layout, int32_t experts, int
 template <typename V>
 __global__ void zero_tail_rows_kernel(const int64_t* layout, int32_t experts, int64_t num_out,
                                       char* dst, int64_t row_bytes, char* probs_out, int prob_bytes) {
+  wait_for_previous_grid();
+  allow_next_grid();
   for (int64_t row = layout[layout_offsets(experts) + experts] + blockIdx.x; row < num_out;
        row += gridDim.x) {
     zero_row<V>(dst, row, row_bytes, probs_out, prob_bytes);
@@ -269,21 +279,23 @@ cudaError_t scatter_as(const void* src, int64_t rows, int64_t row_bytes, const i
                        int32_t slots, void* dst, cudaStream_t stream) {
   const int64_t vecs = row_bytes / int64_t(sizeof(V));
   if (vecs < kSmallRowVecs) {
-    scatter_small_rows_kernel<V><<<grid_for(rows * vecs, 256), 256, 0, stream>>>(
-        static_cast<const char*>(src), rows, row_bytes, row_id_map, slots, static_cast<char*>(dst));
+    return launch_after_previous(scatter_small_rows_kernel<V>, grid_for(rows * vecs, 256), 256, 0, stream,
+                                 static_cast<const char*>(src), rows, row_bytes, row_id_map, slots,
+                                 static_cast<char*>(dst));
   } else if (const int64_t segments = (vecs + kRowSegment - 1) / kRowSegment; rows * segments <= INT32_MAX) {
     const bool compact = slots > kCompactSlots;
     const auto kernel = compact ? scatter_row_segments_kernel<V, true> : scatter_row_segments_kernel<V, false>;
     const size_t smem = compact ? sizeof(int32_t) * slots : 0;
     const cudaError_t err = allow_dynamic_shared(kernel, smem);
     if (err != cudaSuccess) return err;
-    kernel<<<static_cast<unsigned>(rows * segments), kRowSegment, smem, stream>>>(
-        static_cast<const char*>(src), row_bytes, segments, row_id_map, slots, static_cast<char*>(dst));
+    return launch_after_previous(kernel, static_cast<unsigned>(rows * segments), kRowSegment, smem, stream,
+                                 static_cast<const char*>(src), row_bytes, segments, row_id_map, slots,
+                                 static_cast<char*>(dst));
   } else {  // (more blocks than a grid holds)
-    scatter_rows_warp_kernel<V><<<grid_for(rows, kWarpRowsPerBlock), kWarpRowsPerBlock * 32, 0, stream>>>(
-        static_cast<const char*>(src), rows, row_bytes, row_id_map, slots, static_cast<char*>(dst));
+    return launch_after_previous(scatter_rows_warp_kernel<V>, grid_for(rows, kWarpRowsPerBlock),
+                                 kWarpRowsPerBlock * 32, 0, stream, static_cast<const char*>(src), rows, row_bytes,
+                                 row_id_map, slots, static_cast<char*>(dst));
   }
-  return cudaGetLastError();
 }
 
 template <typename V>
@@ -293,17 +305,16 @@ cudaError_t zero_as(const int64_t* layout, int32_t experts, bool padded, bool ta
   char* d = static_cast<char*>(dst);
   char* p = static_cast<char*>(probs_out);
   if (padded && experts > 0) {
-    zero_pad_rows_kernel<V><<<dim3(experts, 8), kRowThreads, 0, stream>>>(layout, experts, num_out, d,
-                                                                          row_bytes, p, prob_bytes);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err = launch_after_previous(zero_pad_rows_kernel<V>, dim3(experts, 8), kRowThreads, 0, stream,
+                                                  layout, experts, num_out, d, row_bytes, p, prob_bytes);
     if (err != cudaSuccess) return err;
   }
   if (tail && num_out > 0) {
     const unsigned blocks = static_cast<unsigned>(num_out < 1024 ? num_out : 1024);
-    zero_tail_rows_kernel<V><<<blocks, kRowThreads, 0, stream>>>(layout, experts, num_out, d,
-                                                                 row_bytes, p, prob_bytes);
+    return launch_after_previous(zero_tail_rows_kernel<V>, blocks, kRowThreads, 0, stream, layout, experts,
+                                 num_out, d, row_bytes, p, prob_bytes);
   }
-  return cudaGetLastError();
+  return cudaSuccess;
 }
 
 template <typename T, typename P>
