@@ -536,25 +536,37 @@ Tensor mask_unless_agreed(const Tensor& headers, const Tensor& indices, at::Scal
   return out;
 }
 
-// Queue a copy of src[index] (one word of a contiguous int32 or int64 device tensor) to
-// dst[dst_index] (pinned host memory of the same dtype) on the current stream: an error word
-// read later without a sync (flexdispatch/ops.py). CUDA only.
-void queue_word_copy(const Tensor& src, int64_t index, const Tensor& dst, int64_t dst_index) {
-  TORCH_CHECK_TYPE(src.scalar_type() == dst.scalar_type() &&
-                       (src.scalar_type() == at::kInt || src.scalar_type() == at::kLong),
-                   "src and dst must both be int32 or both int64, got ", src.scalar_type(), " and ",
-                   dst.scalar_type());
-  TORCH_CHECK_VALUE(index >= 0 && index < src.numel() && dst_index >= 0 && dst_index < dst.numel(),
-                    "word ", index, " of ", src.numel(), " to slot ", dst_index, " of ", dst.numel());
-  TORCH_CHECK_VALUE(dst.device().is_cpu() && dst.is_pinned(), "dst must be pinned host memory");
+// Queue a copy of src[index] (one word of a contiguous int32 or int64 device tensor) to the
+// pinned host word of the same dtype at dst_address, its device mapping (mapped_address plus
+// the word's offset), on the current stream: an error word read later without a sync
+// (flexdispatch/_library.py). CUDA only.
+void queue_word_copy(const Tensor& src, int64_t index, int64_t dst_address) {
+  TORCH_CHECK_TYPE(src.scalar_type() == at::kInt || src.scalar_type() == at::kLong,
+                   "src must be int32 or int64, got ", src.scalar_type());
+  TORCH_CHECK_VALUE(index >= 0 && index < src.numel(), "word ", index, " of ", src.numel());
+  TORCH_CHECK_VALUE(dst_address != 0 && dst_address % src.element_size() == 0,
+                    "dst_address must be an aligned mapped address (mapped_address), got ", dst_address);
   check_contiguous(src, "src");
-  check_contiguous(dst, "dst");
-  const int64_t bytes = src.element_size();
-  FD_ON_DEVICE(src, cudaMemcpyAsync(static_cast<char*>(dst.data_ptr()) + dst_index * bytes,
-                                    static_cast<const char*>(src.data_ptr()) + index * bytes, bytes,
-                                    cudaMemcpyDeviceToHost, stream), {
+  const int bytes = static_cast<int>(src.element_size());
+  FD_ON_DEVICE(src, fd::cuda::store_word(static_cast<const char*>(src.data_ptr()) + index * bytes, bytes,
+                                         reinterpret_cast<void*>(dst_address), stream), {
     TORCH_CHECK_VALUE(false, "queue_word_copy copies from CUDA devices only");
   });
+}
+
+// The device address of pinned host memory (queue_word_copy's destination): asked once per
+// buffer, since the runtime call costs about as much as the copy it replaces.
+int64_t mapped_address(const Tensor& pinned) {
+  TORCH_CHECK_VALUE(pinned.device().is_cpu() && pinned.is_pinned(), "pinned must be pinned host memory");
+#ifdef FLEXDISPATCH_WITH_CUDA
+  void* device_view = nullptr;
+  const cudaError_t err = cudaHostGetDevicePointer(&device_view, pinned.data_ptr(), 0);
+  TORCH_CHECK(err == cudaSuccess, "flexdispatch CUDA error: ", cudaGetErrorString(err));
+  return reinterpret_cast<int64_t>(device_view);
+#else
+  TORCH_CHECK_VALUE(false, "mapped_address needs a CUDA build");
+  return 0;
+#endif
 }
 
 // make_header and mask_unless_agreed in one kernel, the headers exchanged through symmetric
@@ -875,6 +887,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mask_unless_agreed", &mask_unless_agreed);
   m.def("exchange_headers", &exchange_headers);
   m.def("queue_word_copy", &queue_word_copy);
+  m.def("mapped_address", &mapped_address);
   m.def("copy_rows_from", &copy_rows_from);
   m.def("sum_rows_from", &sum_rows_from);
   m.def("permute_from", &permute_from);

@@ -41,6 +41,12 @@ cudaError_t received_routing(const double* meta, int64_t rows, int64_t stride, i
                              int64_t first, int64_t local, const bool* has_source, int64_t* indices, void* probs,
                              bool probs_are_64bit, cudaStream_t stream);
 
+// The word (int32 or int64: `bytes` 4 or 8) at src, on the device, to a pinned host word
+// addressed through its device mapping (cudaHostGetDevicePointer), by a one-thread kernel
+// queued on the stream: a launch costs the host less than a device-to-host copy. The word is
+// in host memory once the kernel has run.
+cudaError_t store_word(const void* src, int bytes, void* host_word, cudaStream_t stream);
+
 // Count and scan. chunk_offsets [num_chunks, E + 1] receives, for every chunk of rows and
 // expert, the rows of that expert in earlier chunks (column E: scratch); layout (3E + 2), all
 // of it, the counts, padded counts, offsets and error bits. Validates indices.

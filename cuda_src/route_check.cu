@@ -65,7 +65,22 @@ cudaError_t launch(const void* indices, const void* probs, int32_t prob_kind, in
   return cudaGetLastError();
 }
 
+// One word (4 or 8 bytes) from device memory to a pinned host word through its device mapping.
+__global__ void store_word_kernel(const void* src, int bytes, void* host_word) {
+  wait_for_previous_grid();
+  if (bytes == 8) {
+    *static_cast<volatile int64_t*>(host_word) = *static_cast<const int64_t*>(src);
+  } else {
+    *static_cast<volatile int32_t*>(host_word) = *static_cast<const int32_t*>(src);
+  }
+}
+
 }  // namespace
+
+cudaError_t store_word(const void* src, int bytes, void* host_word, cudaStream_t stream) {
+  if (bytes != 4 && bytes != 8) return cudaErrorInvalidValue;
+  return launch_after_previous(store_word_kernel, 1, 1, 0, stream, src, bytes, host_word);
+}
 
 cudaError_t check_route(const void* indices, bool indices_are_64bit, const void* probs, int32_t prob_kind,
                         int64_t rows, int32_t slots, int32_t num_experts, int32_t flag, int64_t* clean,

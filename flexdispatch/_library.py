@@ -116,28 +116,33 @@ _NOT_LANDED = -1  # (error words are bit sets: never negative)
 
 class _ErrorSlots:
     """Pinned words the error words are copied to, reused in turn: no pinned allocation, no
-    event and no torch op per call (the host marks a slot -1, a copy queued on the stream
-    overwrites it; the word has landed once the slot is not -1). A slot comes back after
-    2 * MAX_PENDING others, by when its entry has been read (at most MAX_PENDING + 1 are
-    pending at once)."""
+    event and no torch op per call (the host marks a slot -1; a one-thread kernel queued on the
+    stream writes the word through the slot's device mapping, which costs the host a launch
+    where a device-to-host copy cost two to three; the word has landed once the slot is not
+    -1). A slot comes back after 2 * MAX_PENDING others, by when its entry has been read (at
+    most MAX_PENDING + 1 are pending at once)."""
 
     def __init__(self):
-        self._words: dict = {}  # dtype -> (pinned tensor [2 * MAX_PENDING], a ctypes view of it)
+        # dtype -> (pinned tensor [2 * MAX_PENDING], a ctypes view of it, its device mapping's
+        # address or 0 where the kernels are not built for CUDA)
+        self._words: dict = {}
         self._next: dict = {}
 
     def take(self, dtype: torch.dtype):
-        """``(pinned tensor, ctypes view, slot)``: the next slot for a word of ``dtype``
-        (int32 or int64), marked not landed."""
+        """``(pinned tensor, ctypes view, slot, device address of the slot or 0)``: the next
+        slot for a word of ``dtype`` (int32 or int64), marked not landed."""
         entry = self._words.get(dtype)
         if entry is None:
             words = torch.zeros(2 * MAX_PENDING, dtype=dtype, pin_memory=True)
             word_type = ctypes.c_int64 if dtype == torch.int64 else ctypes.c_int32
             # (plain memory reads and writes from the host: no torch op per access)
-            entry = self._words[dtype] = (words, (word_type * words.numel()).from_address(words.data_ptr()))
+            view = (word_type * words.numel()).from_address(words.data_ptr())
+            mapped = _C.mapped_address(words) if _with_cuda else 0
+            entry = self._words[dtype] = (words, view, mapped)
         slot = self._next.get(dtype, 0)
         self._next[dtype] = (slot + 1) % entry[0].numel()
         entry[1][slot] = _NOT_LANDED
-        return entry[0], entry[1], slot
+        return entry[0], entry[1], slot, entry[2] and entry[2] + slot * entry[0].element_size()
 
 
 _slots = _ErrorSlots()
@@ -184,9 +189,9 @@ def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_ex
     if torch.cuda.is_current_stream_capturing():
         return  # a graph being captured may not sync; its sizes are the caller's (sync-free mode)
     _read_pending_errors(wait=False)
-    pinned, words, slot = _slots.take(flags.dtype)
-    if serves(flags):
-        _C.queue_word_copy(flags, index, pinned, slot)
+    pinned, words, slot, mapped = _slots.take(flags.dtype)
+    if mapped and serves(flags):
+        _C.queue_word_copy(flags, index, mapped)
     else:  # (kernels not built for CUDA: the plain ops made the flags)
         pinned[slot:slot + 1].copy_(flags[index:index + 1], non_blocking=True)
     _pending.append(_PendingError(words, slot, weakref.ref(route), num_experts, name, num_out,
