@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from . import _jit, envs
+from ._log import logger
 from .reference import FP8_GROUP
 from .rowmap import layout_error_index, routing_error
 
@@ -137,12 +138,24 @@ class _ErrorSlots:
             word_type = ctypes.c_int64 if dtype == torch.int64 else ctypes.c_int32
             # (plain memory reads and writes from the host: no torch op per access)
             view = (word_type * words.numel()).from_address(words.data_ptr())
-            mapped = _C.mapped_address(words) if _with_cuda else 0
+            mapped = _device_mapping(words)
             entry = self._words[dtype] = (words, view, mapped)
         slot = self._next.get(dtype, 0)
         self._next[dtype] = (slot + 1) % entry[0].numel()
         entry[1][slot] = _NOT_LANDED
         return entry[0], entry[1], slot, entry[2] and entry[2] + slot * entry[0].element_size()
+
+
+def _device_mapping(words: torch.Tensor) -> int:
+    """The device address of the pinned ``words`` for the store kernel; 0 where there is none
+    (kernels without CUDA, or pinned memory the runtime does not map: a torch copy serves)."""
+    if not _with_cuda:
+        return 0
+    try:
+        return _C.mapped_address(words)
+    except RuntimeError as exc:
+        logger.debug("error words copied, not stored by a kernel: %s", exc)
+        return 0
 
 
 _slots = _ErrorSlots()
