@@ -453,6 +453,22 @@ def test_cuda_error_words_reuse_their_pinned_slots():
     ops.check_pending_errors()
 
 
+def test_error_words_fall_back_to_a_copy_where_pinned_memory_is_not_mapped(monkeypatch, caplog):
+    """Where the runtime gives the pinned error slots no device address, the slots are written
+    by a torch copy (address 0) with a debug record, and no deferred check raises for it."""
+    import logging
+
+    class Unmapped:
+        def mapped_address(self, words):
+            raise RuntimeError("flexdispatch CUDA error: invalid argument")
+
+    monkeypatch.setattr(_library, "_with_cuda", True)
+    monkeypatch.setattr(_library, "_C", Unmapped())
+    with caplog.at_level(logging.DEBUG, logger="flexdispatch"):
+        assert _library._device_mapping(torch.zeros(4, dtype=torch.int64)) == 0
+    assert "copied, not stored by a kernel" in caplog.text
+
+
 def test_python_constants_match_the_kernel_header():
     """rowmap.py reads the error bits and the expert limit from cuda_src/flexdispatch.h and
     writes the layout positions as formulas; both must agree with the header (and the
