@@ -554,15 +554,23 @@ void queue_word_copy(const Tensor& src, int64_t index, int64_t dst_address) {
   });
 }
 
+#ifdef FLEXDISPATCH_WITH_CUDA
+// Pinned host memory as kernels address it (its device mapping): the one lookup of it.
+cudaError_t device_view(const Tensor& pinned, void** view) {
+  *view = nullptr;
+  return cudaHostGetDevicePointer(view, pinned.data_ptr(), 0);
+}
+#endif
+
 // The device address of pinned host memory (queue_word_copy's destination): asked once per
 // buffer, since the runtime call costs about as much as the copy it replaces.
 int64_t mapped_address(const Tensor& pinned) {
   TORCH_CHECK_VALUE(pinned.device().is_cpu() && pinned.is_pinned(), "pinned must be pinned host memory");
 #ifdef FLEXDISPATCH_WITH_CUDA
-  void* device_view = nullptr;
-  const cudaError_t err = cudaHostGetDevicePointer(&device_view, pinned.data_ptr(), 0);
+  void* view = nullptr;
+  const cudaError_t err = device_view(pinned, &view);
   TORCH_CHECK(err == cudaSuccess, "flexdispatch CUDA error: ", cudaGetErrorString(err));
-  return reinterpret_cast<int64_t>(device_view);
+  return reinterpret_cast<int64_t>(view);
 #else
   TORCH_CHECK_VALUE(false, "mapped_address needs a CUDA build");
   return 0;
@@ -595,13 +603,13 @@ Tensor exchange_headers(const Tensor& bases, int64_t rank, int64_t seq, const st
   const auto header = header_args(indices, values, status);  // (not a structured binding: the lambda captures it)
   auto out = torch::empty(indices.sizes(), indices.options().dtype(index_dtype));
   FD_ON_DEVICE(indices, [&] {
-    void* device_view = nullptr;  // the pinned buffer as the kernel addresses it
-    const cudaError_t mapped = cudaHostGetDevicePointer(&device_view, gathered.data_ptr(), 0);
+    void* gathered_view = nullptr;  // the pinned buffer as the kernel addresses it
+    const cudaError_t mapped = device_view(gathered, &gathered_view);
     if (mapped != cudaSuccess) return mapped;
     return fd::cuda::exchange_headers(header.first, header.second, bases.data_ptr<int64_t>(),
                                       static_cast<int32_t>(rank), static_cast<int32_t>(world), seq, timeout_ns,
                                       indices.data_ptr<int64_t>(), indices.numel(), out.data_ptr(),
-                                      index_dtype == at::kLong, static_cast<int64_t*>(device_view), stream);
+                                      index_dtype == at::kLong, static_cast<int64_t*>(gathered_view), stream);
   }(), {
     TORCH_CHECK_VALUE(false, "exchange_headers runs on CUDA devices only");
   });

@@ -281,7 +281,8 @@ dim3 multihot_grid(int64_t chunks, int experts) {
 
 size_t mask_bytes(int experts, int chunk_rows) { return size_t(experts) * (chunk_rows / 32) * 4; }
 
-// Count (rows in chunks; a multihot map over (chunk, 32 experts)) then scan.
+// The count pass: rows in chunks (a multihot map over (chunk, 32 experts)), launched plainly:
+// the first kernel of a plan waits for whatever came before it on the stream.
 template <int Kind>
 cudaError_t count_chunks(const Route& route, int chunk_rows, int64_t chunks, int32_t* chunk_offsets,
                          cudaStream_t stream) {

@@ -203,9 +203,9 @@ def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_ex
         return  # a graph being captured may not sync; its sizes are the caller's (sync-free mode)
     _read_pending_errors(wait=False)
     pinned, words, slot, mapped = _slots.take(flags.dtype)
-    if mapped and serves(flags):
+    if mapped:  # (a mapping exists only where the kernels are built for CUDA)
         _C.queue_word_copy(flags, index, mapped)
-    else:  # (kernels not built for CUDA: the plain ops made the flags)
+    else:  # (kernels not built for CUDA, or no mapping: a torch copy)
         pinned[slot:slot + 1].copy_(flags[index:index + 1], non_blocking=True)
     _pending.append(_PendingError(words, slot, weakref.ref(route), num_experts, name, num_out,
                                   None if probs is None else weakref.ref(probs), flags.device.index))
