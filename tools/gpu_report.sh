@@ -18,8 +18,7 @@ s=$(ms); python3 -c "import flexdispatch; flexdispatch.ops.load_kernels()" > /tm
 echo "kernel build rc=$? $(( $(ms) - s )) ms" | tee -a "$LOG"
 if wants tests; then
   step tests
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py \
-    tests/test_dispatcher_local.py tests/test_compile.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -3 | tee -a "$LOG"
+  one_gpu_tests | tail -3 | tee -a "$LOG"
 fi
 if wants ops; then
   step ops
