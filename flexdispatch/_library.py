@@ -281,7 +281,8 @@ def _op(fake, backward=None, setup=None):
             _LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")
         else:
             def forward(ctx, *args):  # (args end with the op's dispatch keys, None: called directly)
-                out = run(args[-1], args[:-1])
+                keys = args[-1]
+                out = impl(*args[:-1]) if keys is None else run(keys, args[:-1])
                 setup(ctx, args[:-1], out)
                 return out
 

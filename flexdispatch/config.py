@@ -203,7 +203,8 @@ class TokenDispatcherConfig:
                      capacity_factor=self.moe_expert_capacity_factor, router_dtype=self.moe_router_dtype,
                      pad_multiple=self.moe_router_expert_pad_multiple, sync_free=self.moe_sync_free,
                      max_tokens_per_expert=self.moe_max_tokens_per_expert, num_sms=self.moe_deepep_num_sms,
-                     fp8_dispatch=self.moe_fp8_dispatch, nvlink_max_blocks=self.moe_nvlink_max_blocks)
+                     fp8_dispatch=self.moe_fp8_dispatch, nvlink_max_blocks=self.moe_nvlink_max_blocks,
+                     validate_routing=self.moe_validate_routing)
         choices = backend_choices()
         if self.moe_flex_backend not in choices:
             raise ValueError(f"moe_flex_backend: expected one of {choices}, got {self.moe_flex_backend!r}")

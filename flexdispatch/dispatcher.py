@@ -433,7 +433,8 @@ class MoEFlexTokenDispatcher:
             if self.ep_size == 1:
                 raise
             error = exc
-        manager = self._manager_for(hidden, error)
+        # (a group of one has nothing to vet, and no group to guard)
+        manager = self._manager() if self.ep_size == 1 else self._manager_for(hidden, error)
         if self._fallback_reason is not None and hidden is not None and hidden.is_cuda:
             _warn_once(f"DeepEP is not usable here ({self._fallback_reason}); using the {self.backend} manager")
             self._fallback_reason = None
@@ -547,7 +548,8 @@ class MoEFlexTokenDispatcher:
     def _combine(self, manager, hidden_states: torch.Tensor, async_finish: bool, allocate_on_comm_stream: bool):
         """The body of :meth:`combine_all_to_all`: a combine left in flight is waited for by
         :meth:`_restore_shape`."""
-        self._combine_async = async_finish
+        # (a manager whose wait() is the base class's no-op never leaves a transfer to wait for)
+        self._combine_async = async_finish and getattr(type(manager), "wait", _ManagerBase.wait) is not _ManagerBase.wait
         return manager.combine(hidden_states, async_finish, allocate_on_comm_stream)
 
     @_in_dispatcher_terms

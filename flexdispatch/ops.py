@@ -58,7 +58,12 @@ def _check_probs(probs, like: torch.Tensor, name: str = "probs") -> Optional[tor
     check_floating_tensor(name, probs)
     if probs.device != like.device:
         raise input_error(ValueError, name, f"expected device {like.device}, got {probs.device}")
-    return probs if probs.dtype in (torch.float32, torch.float64) else probs.float()
+    return kernel_probs(probs)
+
+
+def kernel_probs(probs: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Probs as the kernels take them: float32 or float64 kept, other float dtypes as float32."""
+    return probs if probs is None or probs.dtype in (torch.float32, torch.float64) else probs.float()
 
 
 def _check_index_route(indices, num_experts, rows: Optional[int], name: str = "indices") -> None:
@@ -161,8 +166,16 @@ def _check_route(indices, num_experts, flag, probs, report_as: Optional[str]):
     _check_index_route(indices, num_experts, None)
     if isinstance(flag, bool) or not isinstance(flag, int) or not 0 <= flag < 2**31:
         raise ValueError(f"flag: expected an int in [0, 2**31), got {flag!r}")
-    probs = _check_probs(probs, indices)
-    p = None if probs is None else probs.detach()
+    return check_route_trusted(indices, num_experts, flag, _check_probs(probs, indices), report_as)
+
+
+def check_route_trusted(indices: torch.Tensor, num_experts: int, flag: int, probs: Optional[torch.Tensor],
+                        report_as: Optional[str]):
+    """:func:`check_route` (``report_as`` a name: :func:`check_route_reported`) of arguments its
+    caller has already checked: int32/int64 ``indices [R, K]``, float ``probs [R, K]`` or None
+    on their device, ``num_experts`` and ``flag`` in range. A manager's routing step, whose
+    arguments its own checks have passed, calls it without checking them again."""
+    p = None if probs is None else kernel_probs(probs.detach())
     if _library.serves(indices):
         return _library.check_route(indices, num_experts, flag, p, report_as)  # reports inside the op
     bits = index_route_error_bits(indices, num_experts, p).to(torch.int32)
@@ -225,6 +238,14 @@ def permute_by_indices(tokens: torch.Tensor, indices: torch.Tensor, probs: Optio
     """
     _check_rows(tokens)
     probs = checked_index_args(tokens.shape[0], indices, probs, num_experts, num_out_tokens, pad_multiple)
+    return permute_by_indices_trusted(tokens, indices, probs, num_experts, num_out_tokens, pad_multiple)
+
+
+def permute_by_indices_trusted(tokens: torch.Tensor, indices: torch.Tensor, probs: Optional[torch.Tensor],
+                               num_experts: int, num_out_tokens: Optional[int], pad_multiple: Optional[int]):
+    """:func:`permute_by_indices` of arguments its caller has already checked (``tokens [R, H]``,
+    ``indices [R, K]`` int32/int64 of R rows, ``probs [R, K]`` float32/float64 or None, sizes
+    in range): a manager's permutation of the routing its routing step checked."""
     if not _library.serves(tokens):
         return reference.permute_by_indices(tokens, indices, probs, num_experts, num_out_tokens, pad_multiple)
     return run_permutation(_library.permute, tokens, probs, indices, num_experts, num_out_tokens, pad_multiple,

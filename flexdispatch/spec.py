@@ -15,7 +15,10 @@ from typing import Optional
 
 import torch
 
+from . import _kernel_header
+
 ROUTER_DTYPES = (None, "fp32", "fp64")
+_MAX_EXPERTS = _kernel_header.constant("MaxExperts")
 DROPPED_TOKEN_ACTIONS = ("warn", "raise", "ignore")
 
 
@@ -105,7 +108,7 @@ MANAGER_NAMES = {"topk": "router_topk", "pad_multiple": "moe_router_expert_pad_m
 def check_fields(*, names: Optional[dict] = None, num_experts=None, topk=None, world_size: int = 1,
                  num_local_experts=None, capacity_factor=None, router_dtype="fp32", pad_multiple=None,
                  sync_free: bool = False, max_tokens_per_expert=None, num_sms: int = 20, fp8_dispatch: bool = False,
-                 nvlink_max_blocks: int = 0, **_ignored) -> None:
+                 nvlink_max_blocks: int = 0, validate_routing: bool = True, **_ignored) -> None:
     """Every check of a layer's settings, in one place. ``names`` maps field names to the
     caller's (config fields, the reference's manager arguments)."""
     names = names or {}
@@ -116,6 +119,9 @@ def check_fields(*, names: Optional[dict] = None, num_experts=None, topk=None, w
     if num_experts is None:
         raise ValueError(f"{name('num_experts')}: required")
     int_at_least(name("num_experts"), num_experts, 1)
+    if validate_routing and num_experts > _MAX_EXPERTS:  # (the kernels' limit on a checked route)
+        raise ValueError(f"{name('num_experts')}: routing validation serves at most {_MAX_EXPERTS} experts, got "
+                         f"{num_experts}")
     int_at_least(name("topk"), topk, 1)
     if topk > num_experts:
         raise ValueError(f"{name('topk')}: expected at most {name('num_experts')}={num_experts}, got {topk}")

@@ -183,6 +183,23 @@ def test_config_validation(field, value, match):
         fd.MoEConfig(**{field: value})
 
 
+def test_checked_routing_expert_limit_at_construction():
+    """Routing validation serves at most the kernels' MAX_EXPERTS experts: a layer with more is
+    refused when its config is built (naming num_moe_experts), not at its first call; without
+    validation the limit does not apply to the global count."""
+    from flexdispatch.rowmap import MAX_EXPERTS
+
+    with pytest.raises(ValueError, match=f"num_moe_experts: routing validation serves at most {MAX_EXPERTS}"):
+        fd.MoEConfig(num_moe_experts=MAX_EXPERTS + 1)
+    with pytest.raises(ValueError, match=f"num_experts: routing validation serves at most {MAX_EXPERTS}"):
+        fd.managers._LocalManager(None, router_topk=2, num_experts=MAX_EXPERTS + 1)
+    assert fd.MoEConfig(num_moe_experts=MAX_EXPERTS + 1, moe_validate_routing=False).num_moe_experts == MAX_EXPERTS + 1
+    d = fd.MoEFlexTokenDispatcher(MAX_EXPERTS, list(range(MAX_EXPERTS)), fd.MoEConfig(num_moe_experts=MAX_EXPERTS), None)
+    x, probs = torch.randn(6, 4), torch.randn(6, MAX_EXPERTS).softmax(-1)
+    rows, counts, _ = d.token_permutation(x, 6, probs)
+    assert int(counts.sum()) == 6 * d.config.moe_router_topk and rows.shape[0] == 6 * d.config.moe_router_topk
+
+
 @pytest.mark.parametrize("budget,deepep,hybridep,nvlink", [(None, 20, 24, 0), (33, 32, 33, 33), (2, 2, 2, 2)])
 def test_one_sm_budget_sets_every_backend(budget, deepep, hybridep, nvlink):
     """moe_comm_sms sets the SM (block) count of every backend at once, DeepEP's rounded down to

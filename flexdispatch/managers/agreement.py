@@ -49,10 +49,6 @@ def argument_code(exc: BaseException) -> int:
     return ARGUMENTS.index(name) if name in ARGUMENTS else 0
 
 
-def dtype_code(dtype: Optional[torch.dtype]) -> int:
-    return _DTYPE_CODES.get(dtype, len(DTYPES))
-
-
 @functools.lru_cache(maxsize=256)
 def config_code(backend: str, spec) -> int:
     """A 56-bit hash of a layer's backend and settings (stable across processes: ranks compare
@@ -69,7 +65,7 @@ def make_header(phase: int, step: int, hidden: Optional[torch.Tensor], topk: int
     header = [0] * WIDTH
     header[ROWS], header[PHASE], header[STEP], header[ERROR], header[ARG] = rows, phase, step, error, arg
     if hidden is not None:
-        header[HIDDEN], header[DTYPE] = hidden.shape[-1], dtype_code(hidden.dtype)
+        header[HIDDEN], header[DTYPE] = hidden.shape[-1], _DTYPE_CODES.get(hidden.dtype, len(DTYPES))
     header[TOPK], header[LAYER], header[CONFIG] = topk, layer, config
     return header
 
@@ -90,16 +86,17 @@ class Agreement:
     """The decision every rank takes from all headers ``[W, WIDTH]`` (the same on every rank)."""
 
     def __init__(self, headers):
-        """``headers``: ``[W, WIDTH]`` int64 (a CPU tensor, or nested sequences of ints)."""
-        rows = headers.tolist() if isinstance(headers, torch.Tensor) else [list(map(int, h)) for h in headers]
-        self.rows = [h[:WIDTH] for h in rows]
+        """``headers``: ``[W, WIDTH]`` int64 (a CPU tensor, or nested sequences of ints), or
+        wider rows whose columns past WIDTH (a dispatch's counts) are not read."""
+        # (rows may run past WIDTH, the counts of a dispatch's exchange: every rule reads fields < WIDTH)
+        self.rows = headers.tolist() if isinstance(headers, torch.Tensor) else [list(map(int, h)) for h in headers]
 
     def agreed(self) -> bool:
         """Whether every rank may go on: no error bits, and every field from PHASE on equal to
         rank 0's (the rule the kernels apply on the device: header_breaks_agreement)."""
-        first = self.rows[0][PHASE:]
+        first = self.rows[0][PHASE:WIDTH]
         for h in self.rows:  # (a loop, not all() of a generator: this runs at every exchange)
-            if h[ERROR] or h[PHASE:] != first:
+            if h[ERROR] or h[PHASE:WIDTH] != first:
                 return False
         return True
 

@@ -214,7 +214,7 @@ class _AllToAllManager(_ManagerBase):
 
         _exchange(received, message, None, None, self.group, what, missing=missing)
         host = torch.stack([message, received]).cpu()  # the one host sync of the call's first exchange
-        self._agree(host[1, :, :agreement.WIDTH], when)
+        self._agree(host[1], when)
         return host
 
     def _comm_device(self) -> torch.device:

@@ -509,9 +509,8 @@ class _ManagerBase(LayerStates, _DispatchManager):
         """``(indices with bad entries -1, status)``: one kernel, no host sync. Groups of one on
         the CPU raise here (naming ``name``); elsewhere the status travels in the first exchange
         (or, on one GPU, is read at the permutation's sizing sync)."""
-        if self.world_size == 1:
-            return ops.check_route_reported(indices, self.num_experts, probs, name)
-        return ops.check_route(indices, self.num_experts, 0, probs)  # converts other float dtypes
+        # (arguments checked by the routing step that calls this: not checked again)
+        return ops.check_route_trusted(indices, self.num_experts, 0, probs, name if self.world_size == 1 else None)
 
     def _apply_capacity(self, probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Drop (index -> -1) zero-probability assignments and, per expert, those past its

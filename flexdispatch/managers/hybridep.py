@@ -197,10 +197,8 @@ class _HybridEPManager(LayerStates, _DispatchManager):
         the arguments an error names (``("probs", "probs")`` for top-k taken of dense probs)."""
         check_topk_routing(token_probs, token_indices, self.router_topk, num_local_tokens)
         indices, status = token_indices.long(), None
-        if self.world_size > 1:
-            indices, status = ops.check_route(indices, self.num_experts, 0, token_probs.detach())
-        else:
-            indices, status = ops.check_route_reported(indices, self.num_experts, token_probs.detach(), names[0])
+        indices, status = ops.check_route_trusted(indices, self.num_experts, 0, token_probs,
+                                                  names[0] if self.world_size == 1 else None)
         # Invalid routing is reported by the status (in the dispatch's exchange on a group): route
         # nothing meanwhile, so the multihot conversion never meets a repeated expert.
         indices = torch.where(status[0] != 0, -1, indices)
