@@ -104,13 +104,25 @@ def _in_dispatcher_terms(method):
     return wrapper
 
 
+def graphs_hold_data_dependent_sizes() -> bool:
+    """Whether Dynamo is set to keep a data-dependent output size and the host reads of it in
+    its graphs (``torch._dynamo.config.capture_dynamic_output_shape_ops`` and
+    ``capture_scalar_outputs`` both on): then a one-rank layer that sizes its permutation on
+    the host compiles to one graph."""
+    config = torch._dynamo.config
+    return bool(config.capture_dynamic_output_shape_ops and config.capture_scalar_outputs)
+
+
 class _SizedOnHost:
     """A step that sizes the permutation on the host (in every mode but sync-free). Under
     torch.compile it runs whole as one eager call, so a layer's graph breaks once, where the
     layer calls it, and not again in each frame between the layer and the permutation (Dynamo
-    cannot resume a graph inside them); sync-free steps are traced like the rest. Eager code
-    gets the plain method. (torch._disable_dynamo is torch.compiler.disable without importing
-    Dynamo before it is used.)"""
+    cannot resume a graph inside them), unless the layer runs on one rank and Dynamo keeps
+    data-dependent sizes in its graphs (:func:`graphs_hold_data_dependent_sizes`): then it is
+    traced like the rest, as sync-free steps are, and the layer is one graph. Eager code gets
+    the plain method.
+    (torch._disable_dynamo is torch.compiler.disable without importing Dynamo before it is
+    used.)"""
 
     def __init__(self, method):
         self.method, self.eager = method, torch._disable_dynamo(method)
@@ -120,7 +132,11 @@ class _SizedOnHost:
         if dispatcher is None or not torch.compiler.is_compiling():
             return self.method.__get__(dispatcher, owner)
         spec = getattr(dispatcher, "spec", None)
-        return functools.partial(self.method if spec is not None and spec.sync_free else self.eager, dispatcher)
+        # (a group's host-sized steps read their exchanges' headers on the host and branch on
+        # them: only a one-rank layer's host-sized step is traced, where Dynamo can keep it)
+        traced = (spec is not None and spec.sync_free) or (dispatcher.ep_size == 1
+                                                           and graphs_hold_data_dependent_sizes())
+        return functools.partial(self.method if traced else self.eager, dispatcher)
 
 
 class MoEFlexTokenDispatcher:

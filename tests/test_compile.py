@@ -82,8 +82,11 @@ def test_compiled_layer_equals_eager_over_steps(case, device):
     """One dispatcher per way of running, called for several steps with changing token counts
     and routing: compiled (AOT eager) equals eager bit for bit, and eager equals the dense
     formula, in the output and every gradient."""
+    _assert_compiled_equals_eager_over_steps(CASES[case], device)
+
+
+def _assert_compiled_equals_eager_over_steps(case, device):
     torch._dynamo.reset()
-    case = CASES[case]
     hidden = case.get("hidden", H)
     weights = torch.randn(E, hidden, hidden, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     weights /= hidden ** 0.5
@@ -140,6 +143,45 @@ def test_a_host_sized_layer_breaks_at_most_once(case, device):
     assert all("flexdispatch.permute" not in str(g.graph) for g in explained.graphs)
 
 
+DATA_DEPENDENT_SIZES = dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", HOST_SIZED)
+def test_a_host_sized_layer_is_one_graph_where_dynamo_keeps_data_dependent_sizes(case, device):
+    """With Dynamo set to keep data-dependent sizes and their host reads in its graphs, the
+    step that sizes the permutation on the host is traced: the layer is one graph holding the
+    permutation, and over the steps (token counts changing, zero included) it equals eager bit
+    for bit, forward and backward. Either setting alone still runs the step eagerly (one break):
+    the permutation's size needs the one, its host-side counts the other."""
+    with torch._dynamo.config.patch(**DATA_DEPENDENT_SIZES):
+        explained = _breaks(CASES[case], device)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), \
+            [b.reason for b in explained.break_reasons]
+        assert "flexdispatch.permute" in str(explained.graphs[0].graph)
+        _assert_compiled_equals_eager_over_steps(CASES[case], device)
+    for alone in DATA_DEPENDENT_SIZES:
+        with torch._dynamo.config.patch(**{alone: True}):
+            explained = _breaks(CASES[case], device)
+            assert all("flexdispatch.permute" not in str(g.graph) for g in explained.graphs), alone
+
+
+def test_a_group_s_host_sized_step_stays_one_eager_call(monkeypatch):
+    """Dynamo's data-dependent-size settings trace a one-rank layer's host-sized step only: a
+    group's step reads its exchanges' headers on the host and branches on them, so under
+    torch.compile it stays one eager call whatever Dynamo keeps (sync-free steps are traced)."""
+    import types
+
+    step = fd.MoEFlexTokenDispatcher.__dict__["token_permutation"]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    sync_free = types.SimpleNamespace(sync_free=True)
+    with torch._dynamo.config.patch(**DATA_DEPENDENT_SIZES):
+        assert step.__get__(types.SimpleNamespace(ep_size=1, spec=None)).func is step.method
+        assert step.__get__(types.SimpleNamespace(ep_size=2, spec=None)).func is step.eager
+        assert step.__get__(types.SimpleNamespace(ep_size=2, spec=sync_free)).func is step.method
+    assert step.__get__(types.SimpleNamespace(ep_size=1, spec=None)).func is step.eager
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_sync_free_layer_compiles_to_one_graph(device):
     explained = _breaks(CASES["sync-free-bound"], device)
@@ -166,14 +208,17 @@ def test_sized_permutation_ops_keep_every_output_on_the_route_device():
         assert ops.plan(route, 4, 1, -1, "indices")[2].device.type == "cpu"
 
 
-@pytest.mark.parametrize("case", ["probs", "sync-free-bound"])
-def test_compiled_layer_graphs_are_made_once(case):
+@pytest.mark.parametrize("case,sizes_in_graph", [("probs", False), ("sync-free-bound", False), ("probs", True)])
+def test_compiled_layer_graphs_are_made_once(case, sizes_in_graph):
     """Counted by a backend that records every graph it is given: a layer compiles to 1 graph
-    sync-free, 2 at most otherwise, and called again with the same shapes it compiles nothing
-    more (but once, when the sync-free bound's dropped-token counter, made by the first call,
-    becomes an input), and its results stay the eager ones."""
+    sync-free or where Dynamo keeps data-dependent sizes (``sizes_in_graph``), 2 at most
+    otherwise, and called again with the same shapes (the routing, and so the permutation's
+    size, changing) it compiles nothing more (but once, when the sync-free bound's
+    dropped-token counter, made by the first call, becomes an input), and its results stay the
+    eager ones."""
     torch._dynamo.reset()
     case = CASES[case]
+    settings = DATA_DEPENDENT_SIZES if sizes_in_graph else {}
     graphs = []
 
     def counting(gm, example_inputs):
@@ -187,10 +232,11 @@ def test_compiled_layer_graphs_are_made_once(case):
     for step in range(4):
         x, router, grad = _inputs(20 + step, 12, case, "cpu")
         want = _run(_layer, eager, weights, x, router, grad, case, "cpu")
-        got = _run(layer, compiled, weights, x, router, grad, case, "cpu")
+        with torch._dynamo.config.patch(**settings):
+            got = _run(layer, compiled, weights, x, router, grad, case, "cpu")
         assert all(torch.equal(a, b) for a, b in zip(got, want))
         made.append(len(graphs))
-    limit = 1 if case.get("sync_free") else 2
+    limit = 1 if case.get("sync_free") or sizes_in_graph else 2
     assert made[0] <= limit and made[1] - made[0] <= (limit if case.get("bound") else 0), made
     assert made[-1] == made[1], made
 

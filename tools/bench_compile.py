@@ -1,13 +1,15 @@
 """Eager against torch.compile on the one-rank layer: time per call, measured in one run.
 
     python tools/bench_compile.py [--tokens 1024 --hidden 1024 --experts 32 --topk 4]
-        [--device cpu|cuda] [--modes default,sync-free] [--runs 50 --warmup 5]
+        [--device cpu|cuda] [--modes default,sizes-in-graph,sync-free] [--runs 50 --warmup 5]
         [--backend inductor] [--threads N] [--clock wall|process] [--dispatcher]
 
 The layer (as a model calls the dispatcher): softmax of router logits, ``token_permutation`` on
 one rank (the local manager), experts ``f_e(x) = silu(x * a_e)`` on the permuted rows (a row's
 expert found from the counts, with no host read), ``token_unpermutation``. Per mode (``default``:
-the permutation sized on the host; ``sync-free``: worst-case sized), it prints torch._dynamo's
+the permutation sized on the host; ``sizes-in-graph``: the same with Dynamo set to keep
+data-dependent sizes in its graphs, ``capture_dynamic_output_shape_ops`` and
+``capture_scalar_outputs``; ``sync-free``: worst-case sized), it prints torch._dynamo's
 graph and break counts for the layer, then the median time of one call after a warm-up, forward
 and forward + backward, eager and compiled (separate dispatchers, same inputs); on CUDA the
 sync-free layer also captured by hand in CUDA graphs and compiled with
@@ -161,7 +163,7 @@ def main() -> int:
     parser.add_argument("--topk", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--modes", default="default,sync-free")
+    parser.add_argument("--modes", default="default,sizes-in-graph,sync-free")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--backend", default="inductor")
@@ -177,7 +179,10 @@ def main() -> int:
           f"K={args.topk} on {args.device} ({args.dtype}), torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads; median {args.clock} time of {args.runs} calls after {args.warmup}")
     for mode in args.modes.split(","):
-        run_mode(mode, args)
+        sizes_in_graph = mode == "sizes-in-graph"
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=sizes_in_graph,
+                                        capture_scalar_outputs=sizes_in_graph):
+            run_mode(mode, args)
     return 0
 
 
