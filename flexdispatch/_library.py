@@ -456,9 +456,8 @@ def _permutation_backward(ctx, grad_out, grad_out_probs, *_):
     if ctx.needs_input_grad[0] and grad_out is not None:
         grad_rows = gather_rows(grad_out, row_map, None, layout, num_experts, padded, has_tail)
     if ctx.needs_input_grad[1] and grad_out_probs is not None:  # values[map[r, s]], 0 for unused slots
-        spare = grad_out_probs.shape[0]
-        padded_probs = torch.cat([grad_out_probs, grad_out_probs.new_zeros(1)])
-        grad_probs = padded_probs.take(torch.where(row_map < 0, spare, row_map).long())  # (take: no indexing machinery)
+        # (an unused slot's -1 takes the appended zero: take wraps negative indices; no indexing machinery)
+        grad_probs = torch.cat([grad_out_probs, grad_out_probs.new_zeros(1)]).take(row_map.long())
     return (grad_rows, grad_probs) + (None,) * (inputs - 2)
 
 

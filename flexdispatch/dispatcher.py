@@ -397,6 +397,8 @@ class MoEFlexTokenDispatcher:
                               f"expected shape [num_local_tokens, num_moe_experts] = [{num_local_tokens}, "
                               f"{experts}] (or [..., {experts}] with {num_local_tokens} tokens), got "
                               f"{tuple(probs.shape)}")
+        if self.tp_size == 1:  # (the layout is the probs' own)
+            return probs.reshape(num_local_tokens, world, self.num_local_experts)
         return (probs.reshape(num_local_tokens, self.ep_size, 1, self.num_local_experts)
                 .expand(-1, -1, self.tp_size, -1)
                 .reshape(num_local_tokens, world, self.num_local_experts)).contiguous()

@@ -175,7 +175,7 @@ def check_route_trusted(indices: torch.Tensor, num_experts: int, flag: int, prob
     caller has already checked: int32/int64 ``indices [R, K]``, float ``probs [R, K]`` or None
     on their device, ``num_experts`` and ``flag`` in range. A manager's routing step, whose
     arguments its own checks have passed, calls it without checking them again."""
-    p = None if probs is None else kernel_probs(probs.detach())
+    p = None if probs is None else kernel_probs(probs.detach() if probs.requires_grad else probs)
     if _library.serves(indices):
         return _library.check_route(indices, num_experts, flag, p, report_as)  # reports inside the op
     bits = index_route_error_bits(indices, num_experts, p).to(torch.int32)

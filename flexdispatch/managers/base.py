@@ -487,7 +487,8 @@ class _ManagerBase(LayerStates, _DispatchManager):
                      names: tuple = ("token_indices", "token_probs")) -> None:
         """``names``: the arguments a routing error names (the caller's: dense ``probs``, whose
         top-k indices cannot be wrong, or ``token_indices`` / ``token_probs``)."""
-        indices, status, given = token_indices.long(), None, None
+        indices = token_indices if token_indices.dtype == torch.int64 else token_indices.long()
+        status = given = None
         if self.validate_routing:
             # Before capacity, which could drop a repeated expert's copy or rank a NaN first.
             # (Sync-free groups agree on the status on the device, or count it as a fault.)
@@ -497,7 +498,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
             indices = self._apply_capacity(token_probs, indices)
         if self.router_dtype == "fp64":
             token_probs = token_probs.double()
-        elif self.router_dtype == "fp32" or token_probs.dtype not in (torch.float32, torch.float64):
+        elif token_probs.dtype != torch.float32 and (self.router_dtype == "fp32" or token_probs.dtype != torch.float64):
             token_probs = token_probs.float()
         self.tokens_per_expert = None  # the previous call's counts must never leak into this one
         self.token_probs = token_probs
