@@ -47,20 +47,24 @@ def _layer(fd, torch, group, rank, world, manager, args):
 
 
 def _measure(step, calls: int, package: str, barrier=lambda: None, top: int = 0) -> tuple[float, float]:
-    """(median wall ms of one profiled forward + backward, mean package-own ms of one); ``top``:
-    print the package's functions with the most own time."""
+    """(median wall ms of one forward + backward without the profiler, mean package-own ms of
+    one under it); ``top``: print the package's functions with the most own time."""
     import time
 
     for _ in range(5):
         step()
-    profile, walls = cProfile.Profile(), []
+    walls = []
     for _ in range(calls):
         barrier()
         start = time.perf_counter()
+        step()
+        walls.append(time.perf_counter() - start)
+    profile = cProfile.Profile()
+    for _ in range(calls):
+        barrier()
         profile.enable()
         step()
         profile.disable()
-        walls.append(time.perf_counter() - start)
     stats = pstats.Stats(profile).stats
     own = sum(tt for (path, _, _), (_, _, tt, _, _) in stats.items() if path.startswith(package))
     ranked = sorted(((tt, nc, f"{Path(path).name}:{line} {name}") for (path, line, name), (_, nc, tt, _, _)
@@ -93,11 +97,11 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
     dist.destroy_process_group()
 
 
-def comparison_lines(own: dict, repos: list, rounds: int) -> list:
-    """The table of ``--repos``: ``own`` maps (point, repo) to the own ms of every round; per
-    point, each tree's median (range) and its ratio to the first tree's median."""
-    lines = [f"own ms of flexdispatch's Python per forward + backward, median (range) of {rounds} rounds; "
-             f"ratio to {repos[0]}"]
+def comparison_lines(own: dict, repos: list, rounds: int,
+                     what: str = "own ms of flexdispatch's Python per forward + backward") -> list:
+    """The table of ``--repos``: ``own`` maps (point, repo) to the ms of every round (``what``
+    they are); per point, each tree's median (range) and its ratio to the first tree's median."""
+    lines = [f"{what}, median (range) of {rounds} rounds; ratio to {repos[0]}"]
     for point in dict.fromkeys(point for point, _ in own):
         base = own.get((point, repos[0]))
         cells = []
@@ -120,14 +124,19 @@ def _compare(args, passed: list) -> int:
 
     repos = args.repos.split(",")
     own: dict = {}
+    wall: dict = {}
     for _ in range(args.rounds):
         for repo in repos:
             out = subprocess.run([sys.executable, __file__, "--repo", repo, *passed], check=True,
                                  capture_output=True, text=True).stdout
             for line in out.splitlines():
                 if line.startswith("EP "):
-                    own.setdefault((" ".join(line.split()[:3]), repo), []).append(float(line.split()[-1]))
+                    point, fields = " ".join(line.split()[:3]), line.split()
+                    own.setdefault((point, repo), []).append(float(fields[-1]))
+                    wall.setdefault((point, repo), []).append(float(fields[3]))
     print("\n".join(comparison_lines(own, repos, args.rounds)), flush=True)
+    print("\n".join(comparison_lines(wall, repos, args.rounds, "wall ms per forward + backward, unprofiled "
+                                                              "(rank 0; on groups, peers' waits included)")), flush=True)
     return 0
 
 
@@ -159,7 +168,7 @@ def main() -> int:
     torch.set_num_threads(1)
     package = str(Path(fd.__file__).parent)
     print(f"flexdispatch at {package}; tokens {args.tokens}, hidden {args.hidden}, top-k {args.topk}, "
-          f"{args.calls} calls a point; ms per forward + backward: wall (profiled) / flexdispatch's own Python")
+          f"{args.calls} calls a point; ms per forward + backward: wall (unprofiled) / flexdispatch's own Python (profiled)")
     for size in (int(s) for s in args.sizes.split(",")):
         if size == 1:
             if "local" in args.managers:
