@@ -166,6 +166,41 @@ def test_a_host_sized_layer_is_one_graph_where_dynamo_keeps_data_dependent_sizes
             assert all("flexdispatch.permute" not in str(g.graph) for g in explained.graphs), alone
 
 
+def _stepwise_layer(d, x, probs):
+    """The layer through the dispatcher's step API (Automodel's newer path)."""
+    hidden, token_probs = d.dispatch_preprocess(x, x.shape[0], probs)
+    hidden, _ = d.dispatch_all_to_all(hidden, token_probs)
+    rows, _, permuted_probs = d.dispatch_postprocess(hidden)
+    y = d.combine_preprocess(torch.tanh(rows) * permuted_probs[:, None].to(rows.dtype))
+    return d.combine_postprocess(d.combine_all_to_all(y))
+
+
+def test_step_api_is_one_graph_where_dynamo_keeps_data_dependent_sizes():
+    """dispatch_postprocess, the step API's host-sized step, is traced as token_permutation is:
+    one graph, and over steps (token counts changing, zero included) the compiled steps equal
+    eager bit for bit, forward and backward."""
+    torch._dynamo.reset()
+
+    def dispatcher():
+        return fd.MoEFlexTokenDispatcher(E, list(range(E)), fd.MoEConfig(num_moe_experts=E, moe_router_topk=K), None)
+
+    with torch._dynamo.config.patch(**DATA_DEPENDENT_SIZES):
+        explained = torch._dynamo.explain(_stepwise_layer)(dispatcher(), torch.randn(10, H),
+                                                           torch.rand(10, E).softmax(-1))
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        compiled_layer, eager, compiled = torch.compile(_stepwise_layer, backend="aot_eager"), dispatcher(), dispatcher()
+        for step, tokens in enumerate(STEPS):
+            g = torch.Generator().manual_seed(200 + step)
+            x, probs = torch.randn(tokens, H, generator=g), torch.rand(tokens, E, generator=g).softmax(-1)
+            results = []
+            for fn, d in ((_stepwise_layer, eager), (compiled_layer, compiled)):
+                leaves = [x.clone().requires_grad_(), probs.clone().requires_grad_()]
+                out = fn(d, *leaves)
+                out.square().sum().backward()
+                results.append([out.detach(), *(leaf.grad for leaf in leaves)])
+            assert all(torch.equal(a, b) for a, b in zip(*results)), f"step {step} ({tokens} tokens)"
+
+
 def test_a_group_s_host_sized_step_stays_one_eager_call(monkeypatch):
     """Dynamo's data-dependent-size settings trace a one-rank layer's host-sized step only: a
     group's step reads its exchanges' headers on the host and branches on them, so under
