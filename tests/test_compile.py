@@ -201,20 +201,49 @@ def test_step_api_is_one_graph_where_dynamo_keeps_data_dependent_sizes():
             assert all(torch.equal(a, b) for a, b in zip(*results)), f"step {step} ({tokens} tokens)"
 
 
+def test_fp8_experts_get_fp8_rows_from_a_compiled_layer_whatever_dynamo_keeps():
+    """moe_fp8_experts hands the experts (FP8 rows, scales): a compiled layer does too, with or
+    without Dynamo's data-dependent-size settings (its host-sized step stays eager), and the
+    bytes equal eager's."""
+    def dispatcher():
+        cfg = fd.MoEConfig(num_moe_experts=E, moe_router_topk=K, moe_fp8_dispatch=True, moe_fp8_experts=True)
+        return fd.MoEFlexTokenDispatcher(E, list(range(E)), cfg, None)
+
+    def permuted(d, x, probs):
+        return d.token_permutation(x, x.shape[0], probs)[0]
+
+    g = torch.Generator().manual_seed(9)
+    x, probs = torch.randn(10, 128, generator=g), torch.rand(10, E, generator=g).softmax(-1)
+    with torch.no_grad():
+        want = permuted(dispatcher(), x, probs)
+        for settings in ({}, DATA_DEPENDENT_SIZES):
+            torch._dynamo.reset()
+            with torch._dynamo.config.patch(**settings):
+                got = torch.compile(permuted, backend="aot_eager")(dispatcher(), x, probs)
+            assert isinstance(got, tuple) and got[0].dtype == torch.float8_e4m3fn, settings
+            assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+
+
 def test_a_group_s_host_sized_step_stays_one_eager_call(monkeypatch):
     """Dynamo's data-dependent-size settings trace a one-rank layer's host-sized step only: a
-    group's step reads its exchanges' headers on the host and branches on them, so under
-    torch.compile it stays one eager call whatever Dynamo keeps (sync-free steps are traced)."""
+    group's step reads its exchanges' headers on the host and branches on them, and a traced
+    step runs without FP8 (moe_fp8_experts would get dequantized rows), so under torch.compile
+    those stay one eager call whatever Dynamo keeps (sync-free steps are traced)."""
     import types
 
     step = fd.MoEFlexTokenDispatcher.__dict__["token_permutation"]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    sync_free = types.SimpleNamespace(sync_free=True)
+
+    def layer(ep_size, sync_free=False, fp8_dispatch=False):
+        spec = types.SimpleNamespace(sync_free=sync_free, fp8_dispatch=fp8_dispatch)
+        return types.SimpleNamespace(ep_size=ep_size, spec=spec)
+
     with torch._dynamo.config.patch(**DATA_DEPENDENT_SIZES):
-        assert step.__get__(types.SimpleNamespace(ep_size=1, spec=None)).func is step.method
-        assert step.__get__(types.SimpleNamespace(ep_size=2, spec=None)).func is step.eager
-        assert step.__get__(types.SimpleNamespace(ep_size=2, spec=sync_free)).func is step.method
-    assert step.__get__(types.SimpleNamespace(ep_size=1, spec=None)).func is step.eager
+        assert step.__get__(layer(1)).func is step.method
+        assert step.__get__(layer(2)).func is step.eager
+        assert step.__get__(layer(1, fp8_dispatch=True)).func is step.eager
+        assert step.__get__(layer(2, sync_free=True)).func is step.method
+    assert step.__get__(layer(1)).func is step.eager
 
 
 @pytest.mark.parametrize("device", DEVICES)
