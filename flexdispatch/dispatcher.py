@@ -117,10 +117,10 @@ class _SizedOnHost:
     """A step that sizes the permutation on the host (in every mode but sync-free). Under
     torch.compile it runs whole as one eager call, so a layer's graph breaks once, where the
     layer calls it, and not again in each frame between the layer and the permutation (Dynamo
-    cannot resume a graph inside them), unless the layer runs on one rank without FP8 dispatch
-    and Dynamo keeps data-dependent sizes in its graphs (:func:`graphs_hold_data_dependent_sizes`):
-    then it is traced like the rest, as sync-free steps are, and the layer is one graph. Eager
-    code gets the plain method.
+    cannot resume a graph inside them). It is traced like the rest, and the layer is one graph,
+    in sync-free mode, and on one rank where Dynamo keeps data-dependent sizes in its graphs
+    (:func:`graphs_hold_data_dependent_sizes`); never with FP8 dispatch, which a traced step
+    would run without. Eager code gets the plain method.
     (torch._disable_dynamo is torch.compiler.disable without importing Dynamo before it is
     used.)"""
 
@@ -132,13 +132,12 @@ class _SizedOnHost:
         if dispatcher is None or not torch.compiler.is_compiling():
             return self.method.__get__(dispatcher, owner)
         spec = getattr(dispatcher, "spec", None)
-        if spec is not None and spec.sync_free:
-            return functools.partial(self.method, dispatcher)
-        # Traced where Dynamo keeps the size, on one rank only (a group's step reads its
-        # exchanges' headers on the host and branches on them), and without FP8 dispatch (traced,
-        # FP8 is off: moe_fp8_experts would hand the experts dequantized rows, not FP8 ones).
-        traced = (dispatcher.ep_size == 1 and not (spec is not None and spec.fp8_dispatch)
-                  and graphs_hold_data_dependent_sizes())
+        # Never with FP8 dispatch: traced, FP8 is off (rows would travel unquantized, and
+        # moe_fp8_experts would hand the experts dequantized rows, not FP8 ones). Else sync-free,
+        # or where Dynamo keeps the size, on one rank only (a group's step reads its exchanges'
+        # headers on the host and branches on them).
+        fp8, sync_free = (False, False) if spec is None else (spec.fp8_dispatch, spec.sync_free)
+        traced = not fp8 and (sync_free or dispatcher.ep_size == 1 and graphs_hold_data_dependent_sizes())
         return functools.partial(self.method if traced else self.eager, dispatcher)
 
 

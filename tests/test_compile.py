@@ -202,11 +202,12 @@ def test_step_api_is_one_graph_where_dynamo_keeps_data_dependent_sizes():
 
 
 def test_fp8_experts_get_fp8_rows_from_a_compiled_layer_whatever_dynamo_keeps():
-    """moe_fp8_experts hands the experts (FP8 rows, scales): a compiled layer does too, with or
-    without Dynamo's data-dependent-size settings (its host-sized step stays eager), and the
-    bytes equal eager's."""
-    def dispatcher():
-        cfg = fd.MoEConfig(num_moe_experts=E, moe_router_topk=K, moe_fp8_dispatch=True, moe_fp8_experts=True)
+    """moe_fp8_experts hands the experts (FP8 rows, scales): a compiled layer does too, sized on
+    the host or sync-free, with or without Dynamo's data-dependent-size settings (an FP8 layer's
+    permuting step stays eager), and the bytes equal eager's."""
+    def dispatcher(sync_free=False):
+        cfg = fd.MoEConfig(num_moe_experts=E, moe_router_topk=K, moe_fp8_dispatch=True, moe_fp8_experts=True,
+                           moe_sync_free=sync_free)
         return fd.MoEFlexTokenDispatcher(E, list(range(E)), cfg, None)
 
     def permuted(d, x, probs):
@@ -215,13 +216,15 @@ def test_fp8_experts_get_fp8_rows_from_a_compiled_layer_whatever_dynamo_keeps():
     g = torch.Generator().manual_seed(9)
     x, probs = torch.randn(10, 128, generator=g), torch.rand(10, E, generator=g).softmax(-1)
     with torch.no_grad():
-        want = permuted(dispatcher(), x, probs)
-        for settings in ({}, DATA_DEPENDENT_SIZES):
-            torch._dynamo.reset()
-            with torch._dynamo.config.patch(**settings):
-                got = torch.compile(permuted, backend="aot_eager")(dispatcher(), x, probs)
-            assert isinstance(got, tuple) and got[0].dtype == torch.float8_e4m3fn, settings
-            assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+        for sync_free in (False, True):
+            want = permuted(dispatcher(sync_free), x, probs)
+            for settings in ({}, DATA_DEPENDENT_SIZES):
+                torch._dynamo.reset()
+                with torch._dynamo.config.patch(**settings):
+                    got = torch.compile(permuted, backend="aot_eager")(dispatcher(sync_free), x, probs)
+                assert isinstance(got, tuple) and got[0].dtype == torch.float8_e4m3fn, (sync_free, settings)
+                assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+                assert torch.equal(got[1], want[1])
 
 
 def test_a_group_s_host_sized_step_stays_one_eager_call(monkeypatch):
@@ -243,7 +246,10 @@ def test_a_group_s_host_sized_step_stays_one_eager_call(monkeypatch):
         assert step.__get__(layer(2)).func is step.eager
         assert step.__get__(layer(1, fp8_dispatch=True)).func is step.eager
         assert step.__get__(layer(2, sync_free=True)).func is step.method
+        assert step.__get__(types.SimpleNamespace(ep_size=1, spec=None)).func is step.method
     assert step.__get__(layer(1)).func is step.eager
+    assert step.__get__(layer(1, sync_free=True, fp8_dispatch=True)).func is step.eager
+    assert step.__get__(types.SimpleNamespace(ep_size=1, spec=None)).func is step.eager
 
 
 @pytest.mark.parametrize("device", DEVICES)
