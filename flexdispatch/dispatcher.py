@@ -132,8 +132,8 @@ class _SizedOnHost:
         if dispatcher is None or not torch.compiler.is_compiling():
             return self.method.__get__(dispatcher, owner)
         spec = getattr(dispatcher, "spec", None)
-        # Never with FP8 dispatch: traced, FP8 is off (rows would travel unquantized, and
-        # moe_fp8_experts would hand the experts dequantized rows, not FP8 ones). Else sync-free,
+        # Never with FP8 dispatch: traced, the managers' FP8 paths are off (moe_fp8_experts would
+        # get dequantized rows, a group's rows would travel unquantized). Else sync-free,
         # or where Dynamo keeps the size, on one rank only (a group's step reads its exchanges'
         # headers on the host and branches on them).
         fp8, sync_free = (False, False) if spec is None else (spec.fp8_dispatch, spec.sync_free)
