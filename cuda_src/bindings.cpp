@@ -240,14 +240,25 @@ std::tuple<Tensor, Tensor> check_route(const Tensor& indices, int64_t num_expert
 
 // ---- the permutation plan and the row movers --------------------------------------------
 
-// Count and scan: (chunk_offsets [chunks, E + 1] int32, layout [3E + 2] int64), no sync.
-std::tuple<Tensor, Tensor> route_plan(const fd::Route& r, const Tensor& route, int64_t pad_multiple) {
+// Whether the map pass does the scan's work (CUDA, an output size known in advance, a small
+// count table: launch.h, map_scans); the CPU twins always scan.
+bool map_scans(const fd::Route& r, const Tensor& route, int64_t num_out) {
+#ifdef FLEXDISPATCH_WITH_CUDA
+  return num_out >= 0 && route.is_cuda() && fd::cuda::map_scans(r);
+#else
+  return false;
+#endif
+}
+
+// Count and scan (the scan left to route_map when map_scans): (chunk_offsets [chunks, E + 1]
+// int32, layout [3E + 2] int64), no sync.
+std::tuple<Tensor, Tensor> route_plan(const fd::Route& r, const Tensor& route, int64_t pad_multiple, bool map_scans) {
   TORCH_CHECK_VALUE(pad_multiple >= 1, "pad_multiple must be >= 1, got ", pad_multiple);
   const int64_t chunks = fd::num_chunks_for(r.rows, r.num_experts);
   auto chunk_offsets = torch::empty({chunks, int64_t(r.num_experts) + 1}, route.options().dtype(at::kInt));
   auto layout = torch::empty({fd::layout_size(r.num_experts)}, route.options().dtype(at::kLong));
   FD_ON_DEVICE(route, fd::cuda::route_plan(r, pad_multiple, chunk_offsets.data_ptr<int32_t>(),
-                                       layout.data_ptr<int64_t>(), stream), {
+                                       layout.data_ptr<int64_t>(), !map_scans, stream), {
     fd::cpu::route_plan(r, pad_multiple, chunk_offsets.data_ptr<int32_t>(), layout.data_ptr<int64_t>());
   });
   return {chunk_offsets, layout};
@@ -255,7 +266,8 @@ std::tuple<Tensor, Tensor> route_plan(const fd::Route& r, const Tensor& route, i
 
 // row_id_map [rows, slots] and the probs moved to [num_out] (when given).
 std::tuple<Tensor, std::optional<Tensor>> route_map(const fd::Route& r, const Tensor& route, const Tensor& chunk_offsets,
-                                                     Tensor& layout, const std::optional<Tensor>& probs, int64_t num_out) {
+                                                     Tensor& layout, const std::optional<Tensor>& probs, int64_t num_out,
+                                                     bool map_scans, int64_t pad_multiple) {
   auto row_id_map = torch::empty({r.rows, r.slots}, route.options().dtype(at::kInt));
   std::optional<Tensor> probs_out;
   const void* p = nullptr;
@@ -272,8 +284,8 @@ std::tuple<Tensor, std::optional<Tensor>> route_map(const fd::Route& r, const Te
   }
   void* po = probs_out.has_value() ? probs_out->data_ptr() : nullptr;
   FD_ON_DEVICE(route, fd::cuda::route_map(r, chunk_offsets.data_ptr<int32_t>(), layout.data_ptr<int64_t>(), p,
-                                      prob_bytes, num_out, row_id_map.data_ptr<int32_t>(), po,
-                                      stream), {
+                                      prob_bytes, num_out, row_id_map.data_ptr<int32_t>(), po, map_scans,
+                                      pad_multiple, stream), {
     fd::cpu::route_map(r, chunk_offsets.data_ptr<int32_t>(), layout.data_ptr<int64_t>(), p, prob_bytes,
                        num_out, row_id_map.data_ptr<int32_t>(), po);
   });
@@ -334,11 +346,12 @@ using Permuted = std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::
 template <typename Fill>
 Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multiple, int64_t num_out,
                       const std::optional<Tensor>& probs, const Tensor& empty, Fill fill) {
-  auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple);
+  const bool scans = map_scans(r, route, num_out);
+  auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple, scans);
   std::optional<Tensor> host;
   const bool tail = num_out >= 0;
   if (!size_output(r, layout, num_out, host)) return {empty, std::nullopt, route.new_empty({0}, at::kInt), layout, host};
-  auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out);
+  auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out, scans, pad_multiple);
   Tensor out = fill(row_id_map, num_out, layout, tail, probs_out);
   return {out, probs_out, row_id_map, layout, host};
 }
@@ -361,10 +374,11 @@ Permuted permute(const Tensor& route, int64_t num_experts, int64_t pad_multiple,
 std::tuple<Tensor, Tensor, std::optional<Tensor>> plan(const Tensor& route, int64_t num_experts,
                                                        int64_t pad_multiple, int64_t num_out) {
   const fd::Route r = route_of(route, num_experts);
-  auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple);
+  const bool scans = map_scans(r, route, num_out);
+  auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple, scans);
   std::optional<Tensor> host;
   if (!size_output(r, layout, num_out, host)) return {route.new_empty({0}, at::kInt), layout, host};
-  auto [row_id_map, unused] = route_map(r, route, chunk_offsets, layout, std::nullopt, num_out);
+  auto [row_id_map, unused] = route_map(r, route, chunk_offsets, layout, std::nullopt, num_out, scans, pad_multiple);
   return {row_id_map, layout, host};
 }
 

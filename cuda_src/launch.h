@@ -47,18 +47,25 @@ cudaError_t received_routing(const double* meta, int64_t rows, int64_t stride, i
 // in host memory once the kernel has run.
 cudaError_t store_word(const void* src, int bytes, void* host_word, cudaStream_t stream);
 
+// Whether route_map can do the scan's work itself (scan = false in route_plan, scans = true in
+// route_map): a top-k route whose count table is small (see route.cu). Only for an output size
+// known in advance: the host reads nothing between the passes then.
+bool map_scans(const Route& route);
+
 // Count and scan. chunk_offsets [num_chunks, E + 1] receives, for every chunk of rows and
 // expert, the rows of that expert in earlier chunks (column E: scratch); layout (3E + 2), all
-// of it, the counts, padded counts, offsets and error bits. Validates indices.
+// of it, the counts, padded counts, offsets and error bits. Validates indices. With scan false
+// (map_scans) chunk_offsets keeps each chunk's counts and only the layout's error word is
+// written (zeroed); route_map with scans true writes the rest.
 cudaError_t route_plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets,
-                       int64_t* layout, cudaStream_t stream);
+                       int64_t* layout, bool scan, cudaStream_t stream);
 
 // row_id_map [rows, slots]: the output row of each (row, slot), -1 for an unused slot. Also
 // moves probs [rows, slots] (nullable) to probs_out [num_out]. Slots past num_out set
 // kOutputOverflow in the layout's error word and map to -1.
 cudaError_t route_map(const Route& route, const int32_t* chunk_offsets, int64_t* layout,
                       const void* probs, int prob_bytes, int64_t num_out, int32_t* row_id_map,
-                      void* probs_out, cudaStream_t stream);
+                      void* probs_out, bool scans, int64_t pad_multiple, cudaStream_t stream);
 
 // dst[row_id_map[r, s]] = src[r] for every valid slot: each source row is read once.
 cudaError_t scatter_rows(const void* src, int64_t rows, int64_t row_bytes,

@@ -77,10 +77,12 @@ __device__ void clear_masks(uint32_t* masks, int n) {
 }
 
 // Row c of chunk_counts [chunks, E + 1]: the chunk's count per expert, then its error bits,
-// so that no buffer needs clearing before the launch.
+// so that no buffer needs clearing before the launch. layout_error (when the map scans, see
+// route_map_kernel) is zeroed here, before any map block ORs into it.
 template <int Kind>
-__global__ void route_count_kernel(Route route, int chunk_rows, int32_t* chunk_counts) {
+__global__ void route_count_kernel(Route route, int chunk_rows, int32_t* chunk_counts, int64_t* layout_error) {
   allow_next_grid();
+  if (layout_error != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *layout_error = 0;
   extern __shared__ uint32_t masks[];
   __shared__ int chunk_bad;
   const int words = chunk_rows / 32;
@@ -170,29 +172,108 @@ __device__ __forceinline__ void place_slot(int64_t dest, int64_t entry, const Pr
   row_id_map[entry] = static_cast<int32_t>(dest);
 }
 
-template <int Kind, typename ProbBits>
+// Small tables (chunks * E <= kMapScanEntries, E <= kMapScanExperts) of a route whose output
+// size is known: the map pass does the scan's work itself, and the scan's launch goes. Every
+// block reads the whole count table ([chunks, E + 1], coalesced, a few words a thread) into
+// shared sums: the expert totals, its own chunk's offsets within each expert (the sum over the
+// chunks before it), the error bits; then the padded totals' exclusive scan gives the expert
+// offsets. Block 0 writes the layout; the error word, zeroed by the count pass, is OR-ed by
+// every block (another block's overflow may land before or after block 0's store).
+constexpr int64_t kMapScanEntries = 8192;
+constexpr int kMapScanExperts = 512;
+
+// Bytes of shared memory the scanning map needs beside the masks.
+size_t map_scan_bytes(int experts) { return 32 * 8 + (size_t(experts) + 1) * 8 + size_t(experts) * 8 + 8; }
+
+// The scan's results for this block, in shared memory after the masks: offsets [E + 1] int64
+// (expert offsets and the total), before [E] int32 (this chunk's offset within each expert).
+__device__ void scan_in_block(const int32_t* chunk_counts, int64_t num_chunks, int experts, int64_t pad_multiple,
+                              char* shared, int64_t* layout, int64_t** offsets_out, int32_t** before_out,
+                              int* errors_out) {
+  int64_t* scratch = reinterpret_cast<int64_t*>(shared);  // 32 int64 for block_exclusive_scan
+  int64_t* offsets = scratch + 32;
+  int32_t* before = reinterpret_cast<int32_t*>(offsets + experts + 1);
+  int32_t* total = before + experts;
+  int32_t* errors = total + experts;
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) before[e] = total[e] = 0;
+  if (threadIdx.x == 0) *errors = 0;
+  __syncthreads();
+  const int stride = experts + 1;
+  for (int64_t i = threadIdx.x; i < num_chunks * stride; i += blockDim.x) {
+    const int32_t v = chunk_counts[i];
+    const int64_t c = i / stride;
+    const int e = static_cast<int>(i % stride);
+    if (v == 0) continue;
+    if (e == experts) {
+      atomicOr(errors, v);
+    } else {
+      atomicAdd(&total[e], v);
+      if (c < blockIdx.x) atomicAdd(&before[e], v);
+    }
+  }
+  __syncthreads();
+  const int seg = (experts + blockDim.x - 1) / blockDim.x;
+  const int begin = min(experts, int(threadIdx.x) * seg), end = min(experts, begin + seg);
+  int64_t mine = 0;
+  for (int e = begin; e < end; ++e) mine += round_up(total[e], pad_multiple);
+  int64_t sum = 0;
+  int64_t running = block_exclusive_scan(mine, scratch, &sum);
+  for (int e = begin; e < end; ++e) {
+    offsets[e] = running;
+    running += round_up(total[e], pad_multiple);
+  }
+  if (threadIdx.x == 0) offsets[experts] = sum;
+  __syncthreads();
+  if (blockIdx.x == 0) {
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+      layout[layout_counts(experts) + e] = total[e];
+      layout[layout_padded(experts) + e] = round_up(total[e], pad_multiple);
+      layout[layout_offsets(experts) + e] = offsets[e];
+    }
+    if (threadIdx.x == 0) layout[layout_offsets(experts) + experts] = sum;
+  }
+  *offsets_out = offsets;
+  *before_out = before;
+  *errors_out = *errors;
+}
+
+// chunk_offsets: the scan's per-chunk offsets, or with Scans the count pass's raw counts
+// (num_chunks and pad_multiple serve that case only).
+template <int Kind, typename ProbBits, bool Scans>
 __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chunk_offsets,
                                  int64_t* layout, const ProbBits* probs, int64_t num_out,
-                                 int32_t* row_id_map, ProbBits* probs_out) {
+                                 int32_t* row_id_map, ProbBits* probs_out, int64_t num_chunks,
+                                 int64_t pad_multiple) {
   wait_for_previous_grid();
   allow_next_grid();
   extern __shared__ uint32_t masks[];
   const int words = chunk_rows / 32;
   const int experts = route.num_experts;
-  clear_masks(masks, experts * words);
-  int64_t bad = 0;
-  const int64_t row0 = int64_t(blockIdx.x) * chunk_rows;
-  mark_chunk<Kind>(route, row0, chunk_rows, masks, words, &bad);
-  __syncthreads();
-
   const int64_t* offsets = layout + layout_offsets(experts);
   const int32_t* chunk_base = chunk_offsets + int64_t(blockIdx.x) * (experts + 1);
+  int64_t bad = 0;
+  if constexpr (Scans) {
+    int64_t* scanned = nullptr;
+    int32_t* before = nullptr;
+    int errors = 0;
+    scan_in_block(chunk_offsets, num_chunks, experts, pad_multiple, reinterpret_cast<char*>(masks + experts * words),
+                  layout, &scanned, &before, &errors);
+    offsets = scanned;
+    chunk_base = before;
+    bad = errors;
+  }
+  clear_masks(masks, experts * words);
+  const int64_t row0 = int64_t(blockIdx.x) * chunk_rows;
+  int64_t chunk_bad = 0;  // (the count pass reported these; the scan carries them)
+  mark_chunk<Kind>(route, row0, chunk_rows, masks, words, &chunk_bad);
+  __syncthreads();
+
   // The padded rows must fit too: real rows that fit while the padding does not are an overflow.
   int64_t overflow = blockIdx.x == 0 && threadIdx.x == 0 && offsets[experts] > num_out ? kOutputOverflow : 0;
   const int64_t entries = chunk_entries(route, row0, chunk_rows);
   for (int64_t i = threadIdx.x; i < entries; i += blockDim.x) {  // (as mark_chunk: a thread per entry)
     const int c = static_cast<int>(i / route.slots);
-    const int64_t e = checked_expert<Kind>(route, row0 + c, static_cast<int32_t>(i % route.slots), &bad);
+    const int64_t e = checked_expert<Kind>(route, row0 + c, static_cast<int32_t>(i % route.slots), &chunk_bad);
     int64_t dest = -1;
     if (e >= 0) {
       const uint32_t* m = masks + e * words;
@@ -201,6 +282,9 @@ __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chu
       dest = offsets[e] + chunk_base[e] + rank;
     }
     place_slot(dest, row0 * route.slots + i, probs, num_out, row_id_map, probs_out, &overflow);
+  }
+  if constexpr (Scans) {
+    if (threadIdx.x == 0 && bad) overflow |= bad;  // (one OR of the count errors per block: idempotent)
   }
   if (overflow) or_error(layout + layout_error(experts), overflow);
 }
@@ -285,7 +369,7 @@ size_t mask_bytes(int experts, int chunk_rows) { return size_t(experts) * (chunk
 // the first kernel of a plan waits for whatever came before it on the stream.
 template <int Kind>
 cudaError_t count_chunks(const Route& route, int chunk_rows, int64_t chunks, int32_t* chunk_offsets,
-                         cudaStream_t stream) {
+                         int64_t* layout_error, cudaStream_t stream) {
   if constexpr (Kind == kRouteMultihot) {
     route_count_multihot_kernel<<<multihot_grid(chunks, route.num_experts), chunk_rows, 0, stream>>>(
         route, chunk_rows, chunk_offsets);
@@ -294,20 +378,23 @@ cudaError_t count_chunks(const Route& route, int chunk_rows, int64_t chunks, int
     const cudaError_t err = allow_dynamic_shared(route_count_kernel<Kind>, bytes);
     if (err != cudaSuccess) return err;
     route_count_kernel<Kind><<<static_cast<unsigned>(chunks), plan_threads(chunk_rows, route.slots), bytes, stream>>>(
-        route, chunk_rows, chunk_offsets);
+        route, chunk_rows, chunk_offsets, layout_error);
   }
   return cudaGetLastError();
 }
 
+// Count, then scan unless the map will (scan false: see map_scans).
 template <int Kind>
 cudaError_t plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets,
-                 int64_t* layout, cudaStream_t stream) {
+                 int64_t* layout, bool scan, cudaStream_t stream) {
   const int chunk_rows = chunk_rows_for(route.num_experts);
   const int64_t chunks = num_chunks_for(route.rows, route.num_experts);
   if (chunks > 0) {
-    const cudaError_t err = count_chunks<Kind>(route, chunk_rows, chunks, chunk_offsets, stream);
+    int64_t* error_word = scan ? nullptr : layout + layout_error(route.num_experts);
+    const cudaError_t err = count_chunks<Kind>(route, chunk_rows, chunks, chunk_offsets, error_word, stream);
     if (err != cudaSuccess) return err;
   }
+  if (!scan) return cudaSuccess;
   return launch_after_previous(route_scan_kernel, 1, kScanThreads, 0, stream, chunk_offsets, chunks,
                                route.num_experts, pad_multiple, layout);
 }
@@ -315,7 +402,7 @@ cudaError_t plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offset
 template <int Kind, typename ProbBits>
 cudaError_t map(const Route& route, const int32_t* chunk_offsets, int64_t* layout,
                 const void* probs, int64_t num_out, int32_t* row_id_map, void* probs_out,
-                cudaStream_t stream) {
+                bool scans, int64_t pad_multiple, cudaStream_t stream) {
   const int chunk_rows = chunk_rows_for(route.num_experts);
   const int64_t chunks = num_chunks_for(route.rows, route.num_experts);
   if (chunks == 0) return cudaSuccess;
@@ -325,30 +412,31 @@ cudaError_t map(const Route& route, const int32_t* chunk_offsets, int64_t* layou
                                  static_cast<const ProbBits*>(probs), num_out, row_id_map,
                                  static_cast<ProbBits*>(probs_out));
   } else {
-    const size_t bytes = mask_bytes(route.num_experts, chunk_rows);
-    const cudaError_t err = allow_dynamic_shared(route_map_kernel<Kind, ProbBits>, bytes);
+    const auto kernel = scans ? route_map_kernel<Kind, ProbBits, true> : route_map_kernel<Kind, ProbBits, false>;
+    const size_t bytes = mask_bytes(route.num_experts, chunk_rows) + (scans ? map_scan_bytes(route.num_experts) : 0);
+    const cudaError_t err = allow_dynamic_shared(kernel, bytes);
     if (err != cudaSuccess) return err;
-    return launch_after_previous(route_map_kernel<Kind, ProbBits>, static_cast<unsigned>(chunks),
-                                 plan_threads(chunk_rows, route.slots), bytes, stream, route, chunk_rows,
-                                 chunk_offsets, layout, static_cast<const ProbBits*>(probs), num_out, row_id_map,
-                                 static_cast<ProbBits*>(probs_out));
+    return launch_after_previous(kernel, static_cast<unsigned>(chunks), plan_threads(chunk_rows, route.slots), bytes,
+                                 stream, route, chunk_rows, chunk_offsets, layout, static_cast<const ProbBits*>(probs),
+                                 num_out, row_id_map, static_cast<ProbBits*>(probs_out), chunks, pad_multiple);
   }
 }
 
 template <typename ProbBits>
 cudaError_t map_by_kind(const Route& route, const int32_t* chunk_offsets, int64_t* layout,
                         const void* probs, int64_t num_out, int32_t* row_id_map, void* probs_out,
-                        cudaStream_t stream) {
+                        bool scans, int64_t pad_multiple, cudaStream_t stream) {
   switch (route.kind) {
     case kRouteIndex32:
       return map<kRouteIndex32, ProbBits>(route, chunk_offsets, layout, probs, num_out,
-                                          row_id_map, probs_out, stream);
+                                          row_id_map, probs_out, scans, pad_multiple, stream);
     case kRouteIndex64:
       return map<kRouteIndex64, ProbBits>(route, chunk_offsets, layout, probs, num_out,
-                                          row_id_map, probs_out, stream);
+                                          row_id_map, probs_out, scans, pad_multiple, stream);
     case kRouteMultihot:
+      if (scans) return cudaErrorInvalidValue;  // (map_scans: top-k routes only)
       return map<kRouteMultihot, ProbBits>(route, chunk_offsets, layout, probs, num_out,
-                                           row_id_map, probs_out, stream);
+                                           row_id_map, probs_out, false, 1, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -450,30 +538,36 @@ cudaError_t received_routing(const double* meta, int64_t rows, int64_t stride, i
   return cudaGetLastError();
 }
 
+bool map_scans(const Route& route) {
+  const int64_t chunks = num_chunks_for(route.rows, route.num_experts);
+  return route.kind != kRouteMultihot && chunks > 0 && route.num_experts <= kMapScanExperts &&
+         chunks * (int64_t(route.num_experts) + 1) <= kMapScanEntries;
+}
+
 cudaError_t route_plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets,
-                       int64_t* layout, cudaStream_t stream) {
+                       int64_t* layout, bool scan, cudaStream_t stream) {
   if (chunk_rows_for(route.num_experts) == 0) return cudaErrorInvalidValue;
   switch (route.kind) {
     case kRouteIndex32:
-      return plan<kRouteIndex32>(route, pad_multiple, chunk_offsets, layout, stream);
+      return plan<kRouteIndex32>(route, pad_multiple, chunk_offsets, layout, scan, stream);
     case kRouteIndex64:
-      return plan<kRouteIndex64>(route, pad_multiple, chunk_offsets, layout, stream);
+      return plan<kRouteIndex64>(route, pad_multiple, chunk_offsets, layout, scan, stream);
     case kRouteMultihot:
-      return plan<kRouteMultihot>(route, pad_multiple, chunk_offsets, layout, stream);
+      return plan<kRouteMultihot>(route, pad_multiple, chunk_offsets, layout, scan, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t route_map(const Route& route, const int32_t* chunk_offsets, int64_t* layout,
                       const void* probs, int prob_bytes, int64_t num_out, int32_t* row_id_map,
-                      void* probs_out, cudaStream_t stream) {
+                      void* probs_out, bool scans, int64_t pad_multiple, cudaStream_t stream) {
   if (probs != nullptr && prob_bytes == 8) {
     return map_by_kind<uint64_t>(route, chunk_offsets, layout, probs, num_out, row_id_map,
-                                 probs_out, stream);
+                                 probs_out, scans, pad_multiple, stream);
   }
   if (probs != nullptr && prob_bytes != 4) return cudaErrorInvalidValue;
   return map_by_kind<uint32_t>(route, chunk_offsets, layout, probs, num_out, row_id_map,
-                               probs_out, stream);
+                               probs_out, scans, pad_multiple, stream);
 }
 
 }  // namespace cuda
