@@ -313,12 +313,19 @@ Tensor scatter_into(const Tensor& src, const Tensor& row_id_map, int64_t num_out
   auto dst = torch::empty({num_out, src.size(1)}, src.options());
   const int64_t row_bytes = src.size(1) * src.element_size();
   const int32_t slots = static_cast<int32_t>(row_id_map.size(1));
+  bool tail_done = false;  // (the CUDA scatter's launch zeroed the tail)
+#ifdef FLEXDISPATCH_WITH_CUDA
+  const fd::cuda::TailRows tail_rows{layout.data_ptr<int64_t>(), static_cast<int32_t>(num_experts), num_out,
+                                     probs_out.has_value() ? probs_out->data_ptr() : nullptr,
+                                     probs_out.has_value() ? static_cast<int>(probs_out->element_size()) : 4};
+  const fd::cuda::TailRows* tail_arg = tail && num_out > 0 ? &tail_rows : nullptr;
+#endif
   FD_ON_DEVICE(src, fd::cuda::scatter_rows(src.data_ptr(), src.size(0), row_bytes, row_id_map.data_ptr<int32_t>(),
-                                         slots, dst.data_ptr(), stream), {
+                                         slots, dst.data_ptr(), tail_arg, &tail_done, stream), {
     fd::cpu::scatter_rows(src.data_ptr(), src.size(0), row_bytes, row_id_map.data_ptr<int32_t>(), slots,
                           dst.data_ptr());
   });
-  zero_unused_rows(dst, probs_out, layout, num_experts, padded, tail);
+  zero_unused_rows(dst, probs_out, layout, num_experts, padded, tail && !tail_done);
   return dst;
 }
 

@@ -67,9 +67,22 @@ cudaError_t route_map(const Route& route, const int32_t* chunk_offsets, int64_t*
                       const void* probs, int prob_bytes, int64_t num_out, int32_t* row_id_map,
                       void* probs_out, bool scans, int64_t pad_multiple, cudaStream_t stream);
 
-// dst[row_id_map[r, s]] = src[r] for every valid slot: each source row is read once.
+// The unused tail of a permutation's output: rows from layout's offsets[E] (the rows used) up
+// to num_out, zeroed with their probs_out entries (nullable, prob_bytes 4 or 8).
+struct TailRows {
+  const int64_t* layout;
+  int32_t experts;
+  int64_t num_out;
+  void* probs_out;
+  int prob_bytes;
+};
+
+// dst[row_id_map[r, s]] = src[r] for every valid slot: each source row is read once. With
+// tail (nullable), the same launch zeroes the tail where the kernel serving these rows can
+// (*tail_done says whether it did; zero_unused_rows does it otherwise).
 cudaError_t scatter_rows(const void* src, int64_t rows, int64_t row_bytes,
-                         const int32_t* row_id_map, int32_t slots, void* dst, cudaStream_t stream);
+                         const int32_t* row_id_map, int32_t slots, void* dst, const TailRows* tail,
+                         bool* tail_done, cudaStream_t stream);
 
 // Zeroes the output rows no source row fills: pad rows of each expert (when padded) and the
 // rows past offsets[E] (when tail); probs_out (nullable) gets 0 there too.

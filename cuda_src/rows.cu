@@ -1,5 +1,7 @@
 // Row movers: scatter (permute), gather (unpermute, deterministic sum), the gather's
 // backward with probs, and zeroing of rows that no source fills (padding, unused tail).
+#include <algorithm>
+
 #include "common.cuh"
 #include "launch.h"
 
@@ -93,12 +95,25 @@ __global__ void scatter_rows_warp_kernel(const char* __restrict__ src, int64_t r
 constexpr int kRowSegment = 128;
 constexpr int32_t kCompactSlots = 16;
 
+template <typename V>
+__device__ void zero_row(char* dst, int64_t row, int64_t row_bytes, char* probs_out, int prob_bytes);
+
+// Blocks past scatter_blocks (when the launch has any) zero the output's unused tail instead,
+// after every row: a launch of its own cost the host a launch and the device its tail.
 template <typename V, bool Compact>
 __global__ void scatter_row_segments_kernel(const char* __restrict__ src, int64_t row_bytes, int64_t segments,
                                             const int32_t* __restrict__ row_id_map, int32_t slots,
-                                            char* __restrict__ dst) {
+                                            char* __restrict__ dst, int64_t scatter_blocks, TailRows tail) {
   wait_for_previous_grid();
   allow_next_grid();
+  if (blockIdx.x >= scatter_blocks) {
+    const int64_t blocks = gridDim.x - scatter_blocks;
+    for (int64_t row = tail.layout[layout_offsets(tail.experts) + tail.experts] + (blockIdx.x - scatter_blocks);
+         row < tail.num_out; row += blocks) {
+      zero_row<V>(dst, row, row_bytes, static_cast<char*>(tail.probs_out), tail.prob_bytes);
+    }
+    return;
+  }
   extern __shared__ int32_t compacted[];
   const int64_t row = blockIdx.x / segments;
   const int64_t v = (blockIdx.x % segments) * kRowSegment + threadIdx.x;
@@ -276,21 +291,25 @@ __global__ void gather_rows_backward_kernel(const T* __restrict__ grad_out, cons
 
 template <typename V>
 cudaError_t scatter_as(const void* src, int64_t rows, int64_t row_bytes, const int32_t* row_id_map,
-                       int32_t slots, void* dst, cudaStream_t stream) {
+                       int32_t slots, void* dst, const TailRows* tail, bool* tail_done, cudaStream_t stream) {
   const int64_t vecs = row_bytes / int64_t(sizeof(V));
   if (vecs < kSmallRowVecs) {
     return launch_after_previous(scatter_small_rows_kernel<V>, grid_for(rows * vecs, 256), 256, 0, stream,
                                  static_cast<const char*>(src), rows, row_bytes, row_id_map, slots,
                                  static_cast<char*>(dst));
-  } else if (const int64_t segments = (vecs + kRowSegment - 1) / kRowSegment; rows * segments <= INT32_MAX) {
+  } else if (const int64_t segments = (vecs + kRowSegment - 1) / kRowSegment,
+             tail_blocks = tail != nullptr ? std::min<int64_t>(tail->num_out, 1024) : 0;
+             rows * segments + tail_blocks <= INT32_MAX) {
     const bool compact = slots > kCompactSlots;
     const auto kernel = compact ? scatter_row_segments_kernel<V, true> : scatter_row_segments_kernel<V, false>;
     const size_t smem = compact ? sizeof(int32_t) * slots : 0;
     const cudaError_t err = allow_dynamic_shared(kernel, smem);
     if (err != cudaSuccess) return err;
-    return launch_after_previous(kernel, static_cast<unsigned>(rows * segments), kRowSegment, smem, stream,
-                                 static_cast<const char*>(src), row_bytes, segments, row_id_map, slots,
-                                 static_cast<char*>(dst));
+    *tail_done = tail_blocks > 0;
+    return launch_after_previous(kernel, static_cast<unsigned>(rows * segments + tail_blocks), kRowSegment, smem,
+                                 stream, static_cast<const char*>(src), row_bytes, segments, row_id_map, slots,
+                                 static_cast<char*>(dst), rows * segments,
+                                 tail != nullptr ? *tail : TailRows{nullptr, 0, 0, nullptr, 4});
   } else {  // (more blocks than a grid holds)
     return launch_after_previous(scatter_rows_warp_kernel<V>, grid_for(rows, kWarpRowsPerBlock),
                                  kWarpRowsPerBlock * 32, 0, stream, static_cast<const char*>(src), rows, row_bytes,
@@ -378,10 +397,11 @@ cudaError_t with_vector(int64_t row_bytes, const void* a, const void* b, F&& f) 
 }  // namespace
 
 cudaError_t scatter_rows(const void* src, int64_t rows, int64_t row_bytes, const int32_t* row_id_map,
-                         int32_t slots, void* dst, cudaStream_t stream) {
+                         int32_t slots, void* dst, const TailRows* tail, bool* tail_done, cudaStream_t stream) {
+  *tail_done = false;
   if (rows == 0 || row_bytes == 0) return cudaSuccess;
   return with_vector(row_bytes, src, dst, [&](auto v) {
-    return scatter_as<decltype(v)>(src, rows, row_bytes, row_id_map, slots, dst, stream);
+    return scatter_as<decltype(v)>(src, rows, row_bytes, row_id_map, slots, dst, tail, tail_done, stream);
   });
 }
 
