@@ -23,9 +23,9 @@ from typing import Optional, Sequence
 import torch
 
 from . import _library, reference
-from .spec import check_floating_tensor, input_error
+from .spec import MAX_EXPERTS, check_floating_tensor, input_error
 from ._library import check_pending_errors, cuda_kernels_loaded, defer_routing_error, kernels_loaded, load_kernels
-from .rowmap import MAX_EXPERTS, RowIdMap, index_route_error_bits, layout_total_index, plan_of
+from .rowmap import RowIdMap, index_route_error_bits, layout_total_index, plan_of
 
 __all__ = ["load_kernels", "kernels_loaded", "cuda_kernels_loaded", "check_pending_errors", "defer_routing_error",
            "indices_to_multihot", "check_route", "check_route_reported", "permute", "permute_by_indices", "make_plan",

@@ -16,7 +16,6 @@ INDEX_OUT_OF_RANGE = _ERROR_BITS["IndexOutOfRange"]  # an index < -1 or >= E
 DUPLICATE_INDEX = _ERROR_BITS["DuplicateIndex"]  # the same expert twice in one row
 OUTPUT_OVERFLOW = _ERROR_BITS["OutputOverflow"]  # more rows than num_out_tokens allowed
 NONFINITE_PROB = _ERROR_BITS["NonFiniteProb"]  # a NaN or infinite prob of a selected expert
-MAX_EXPERTS = _kernel_header.constant("MaxExperts")  # the most experts one permutation serves
 
 
 # Where things sit in a layout of 3E + 2 entries, as in cuda_src/flexdispatch.h.

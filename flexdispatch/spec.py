@@ -18,7 +18,7 @@ import torch
 from . import _kernel_header
 
 ROUTER_DTYPES = (None, "fp32", "fp64")
-_MAX_EXPERTS = _kernel_header.constant("MaxExperts")
+MAX_EXPERTS = _kernel_header.constant("MaxExperts")  # the most experts one permutation serves
 DROPPED_TOKEN_ACTIONS = ("warn", "raise", "ignore")
 
 
@@ -119,8 +119,8 @@ def check_fields(*, names: Optional[dict] = None, num_experts=None, topk=None, w
     if num_experts is None:
         raise ValueError(f"{name('num_experts')}: required")
     int_at_least(name("num_experts"), num_experts, 1)
-    if validate_routing and num_experts > _MAX_EXPERTS:  # (the kernels' limit on a checked route)
-        raise ValueError(f"{name('num_experts')}: routing validation serves at most {_MAX_EXPERTS} experts, got "
+    if validate_routing and num_experts > MAX_EXPERTS:  # (the kernels' limit on a checked route)
+        raise ValueError(f"{name('num_experts')}: routing validation serves at most {MAX_EXPERTS} experts, got "
                          f"{num_experts}")
     int_at_least(name("topk"), topk, 1)
     if topk > num_experts:

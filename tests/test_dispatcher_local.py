@@ -187,7 +187,7 @@ def test_checked_routing_expert_limit_at_construction():
     """Routing validation serves at most the kernels' MAX_EXPERTS experts: a layer with more is
     refused when its config is built (naming num_moe_experts), not at its first call; without
     validation the limit does not apply to the global count."""
-    from flexdispatch.rowmap import MAX_EXPERTS
+    from flexdispatch.spec import MAX_EXPERTS
 
     with pytest.raises(ValueError, match=f"num_moe_experts: routing validation serves at most {MAX_EXPERTS}"):
         fd.MoEConfig(num_moe_experts=MAX_EXPERTS + 1)

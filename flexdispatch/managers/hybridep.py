@@ -196,8 +196,7 @@ class _HybridEPManager(LayerStates, _DispatchManager):
         the device (bad entries dropped here, reported in the dispatch's exchange); ``names``:
         the arguments an error names (``("probs", "probs")`` for top-k taken of dense probs)."""
         check_topk_routing(token_probs, token_indices, self.router_topk, num_local_tokens)
-        indices, status = token_indices.long(), None
-        indices, status = ops.check_route_trusted(indices, self.num_experts, 0, token_probs,
+        indices, status = ops.check_route_trusted(token_indices.long(), self.num_experts, 0, token_probs,
                                                   names[0] if self.world_size == 1 else None)
         # Invalid routing is reported by the status (in the dispatch's exchange on a group): route
         # nothing meanwhile, so the multihot conversion never meets a repeated expert.
