@@ -6,7 +6,9 @@
 
 The layer (as a model calls the dispatcher): softmax of router logits, ``token_permutation`` on
 one rank (the local manager), experts ``f_e(x) = silu(x * a_e)`` on the permuted rows (a row's
-expert found from the counts, with no host read), ``token_unpermutation``. Per mode (``default``:
+expert found from the counts, with no host read), ``token_unpermutation``. First it prints one
+compiled graph's fixed cost on this host (the router softmax alone, eager and compiled). Per
+mode (``default``:
 the permutation sized on the host; ``sizes-in-graph``: the same with Dynamo set to keep
 data-dependent sizes in its graphs, ``capture_dynamic_output_shape_ops`` and
 ``capture_scalar_outputs``; ``sync-free``: worst-case sized), it prints torch._dynamo's
@@ -45,6 +47,26 @@ def layer(d, x, logits, scales):
     expert = torch.searchsorted(ends, position, right=True).clamp(max=scales.shape[0] - 1)
     y = torch.nn.functional.silu(rows * scales[expert]) * permuted_probs[:, None].to(rows.dtype)
     return d.token_unpermutation(y)
+
+
+def graph_floor(logits: torch.Tensor, args) -> None:
+    """What one compiled graph costs on this host, whatever it holds: the layer's router
+    softmax alone, eager and compiled, forward and forward + backward. A layer sized on the host
+    compiles to two graphs (the break at the sizing step), so at host-bound shapes its compiled
+    form pays about twice this against the eager ops the graphs replace."""
+    logits = logits.detach().clone().requires_grad_()
+    softmax_grad = torch.randn_like(logits)
+
+    def softmax(d, logits):
+        return torch.softmax(logits, dim=-1)
+
+    compiled = torch.compile(softmax, backend=args.backend)
+    compiled(None, logits).backward(softmax_grad)
+    cells = []
+    for name, fn in (("eager", softmax), ("compiled", compiled)):
+        measured = timings(fn, None, (logits,), softmax_grad, args)
+        cells.append(f"{name} {measured['forward']:.3f} / {measured['fwd+bwd']:.3f} ms")
+    print("one graph's floor (the router softmax alone, forward / fwd+bwd): " + " | ".join(cells))
 
 
 def dispatcher(args, sync_free: bool):
@@ -178,6 +200,9 @@ def main() -> int:
     print(f"flexdispatch {Path(fd.__file__).parent.parent}: T={args.tokens} H={args.hidden} E={args.experts} "
           f"K={args.topk} on {args.device} ({args.dtype}), torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads; median {args.clock} time of {args.runs} calls after {args.warmup}")
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(args.tokens, args.experts, generator=g).to(args.device)
+    graph_floor(logits, args)
     for mode in args.modes.split(","):
         sizes_in_graph = mode == "sizes-in-graph"
         with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=sizes_in_graph,
