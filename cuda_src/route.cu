@@ -102,6 +102,24 @@ __global__ void route_count_kernel(Route route, int chunk_rows, int32_t* chunk_c
   if (threadIdx.x == 0) row[experts] = chunk_bad;
 }
 
+// offsets[0, E): the exclusive scan over experts of padded(e), offsets[E] the total. Each thread
+// sums a contiguous segment of experts, then one block scan (scratch: 32 int64 of shared
+// memory); every thread of the block calls it.
+template <typename Padded>
+__device__ void scan_expert_offsets(int experts, Padded padded, int64_t* scratch, int64_t* offsets) {
+  const int seg = (experts + blockDim.x - 1) / blockDim.x;
+  const int begin = min(experts, int(threadIdx.x) * seg), end = min(experts, begin + seg);
+  int64_t mine = 0;
+  for (int e = begin; e < end; ++e) mine += padded(e);
+  int64_t total = 0;
+  int64_t running = block_exclusive_scan(mine, scratch, &total);
+  for (int e = begin; e < end; ++e) {
+    offsets[e] = running;
+    running += padded(e);
+  }
+  if (threadIdx.x == 0) offsets[experts] = total;
+}
+
 // One block: per expert, an exclusive scan over chunks (in place: counts in, offsets out);
 // then the padded counts, an exclusive scan over experts, and the chunks' error bits OR-ed
 // into the layout. Writes every entry of the layout.
@@ -139,23 +157,9 @@ __global__ void route_scan_kernel(int32_t* chunk_offsets, int64_t num_chunks, in
   }
   __syncthreads();
 
-  // Each thread sums a contiguous segment of experts, then one block scan.
-  const int seg = (experts + blockDim.x - 1) / blockDim.x;
-  const int begin = min(experts, int(threadIdx.x) * seg), end = min(experts, begin + seg);
   const int64_t* padded = layout + layout_padded(experts);
-  int64_t mine = 0;
-  for (int e = begin; e < end; ++e) mine += padded[e];
-  int64_t total = 0;
-  int64_t running = block_exclusive_scan(mine, scratch, &total);
-  int64_t* offsets = layout + layout_offsets(experts);
-  for (int e = begin; e < end; ++e) {
-    offsets[e] = running;
-    running += padded[e];
-  }
-  if (threadIdx.x == 0) {
-    offsets[experts] = total;
-    layout[layout_error(experts)] = errors;
-  }
+  scan_expert_offsets(experts, [padded](int e) { return padded[e]; }, scratch, layout + layout_offsets(experts));
+  if (threadIdx.x == 0) layout[layout_error(experts)] = errors;
 }
 
 // Writes slot `entry` (row * slots + slot) of the map, dest or -1, and moves its prob to dest. A
@@ -212,17 +216,8 @@ __device__ void scan_in_block(const int32_t* chunk_counts, int64_t num_chunks, i
     }
   }
   __syncthreads();
-  const int seg = (experts + blockDim.x - 1) / blockDim.x;
-  const int begin = min(experts, int(threadIdx.x) * seg), end = min(experts, begin + seg);
-  int64_t mine = 0;
-  for (int e = begin; e < end; ++e) mine += round_up(total[e], pad_multiple);
-  int64_t sum = 0;
-  int64_t running = block_exclusive_scan(mine, scratch, &sum);
-  for (int e = begin; e < end; ++e) {
-    offsets[e] = running;
-    running += round_up(total[e], pad_multiple);
-  }
-  if (threadIdx.x == 0) offsets[experts] = sum;
+  scan_expert_offsets(experts, [total, pad_multiple](int e) { return round_up(total[e], pad_multiple); }, scratch,
+                      offsets);
   __syncthreads();
   if (blockIdx.x == 0) {
     for (int e = threadIdx.x; e < experts; e += blockDim.x) {
@@ -230,7 +225,7 @@ __device__ void scan_in_block(const int32_t* chunk_counts, int64_t num_chunks, i
       layout[layout_padded(experts) + e] = round_up(total[e], pad_multiple);
       layout[layout_offsets(experts) + e] = offsets[e];
     }
-    if (threadIdx.x == 0) layout[layout_offsets(experts) + experts] = sum;
+    if (threadIdx.x == 0) layout[layout_offsets(experts) + experts] = offsets[experts];
   }
   *offsets_out = offsets;
   *before_out = before;

@@ -96,7 +96,8 @@ constexpr int kRowSegment = 128;
 constexpr int32_t kCompactSlots = 16;
 
 template <typename V>
-__device__ void zero_row(char* dst, int64_t row, int64_t row_bytes, char* probs_out, int prob_bytes);
+__device__ void zero_tail(int64_t block, int64_t blocks, const int64_t* layout, int32_t experts, int64_t num_out,
+                          char* dst, int64_t row_bytes, char* probs_out, int prob_bytes);
 
 // Blocks past scatter_blocks (when the launch has any) zero the output's unused tail instead,
 // after every row: a launch of its own cost the host a launch and the device its tail.
@@ -107,11 +108,8 @@ __global__ void scatter_row_segments_kernel(const char* __restrict__ src, int64_
   wait_for_previous_grid();
   allow_next_grid();
   if (blockIdx.x >= scatter_blocks) {
-    const int64_t blocks = gridDim.x - scatter_blocks;
-    for (int64_t row = tail.layout[layout_offsets(tail.experts) + tail.experts] + (blockIdx.x - scatter_blocks);
-         row < tail.num_out; row += blocks) {
-      zero_row<V>(dst, row, row_bytes, static_cast<char*>(tail.probs_out), tail.prob_bytes);
-    }
+    zero_tail<V>(blockIdx.x - scatter_blocks, gridDim.x - scatter_blocks, tail.layout, tail.experts, tail.num_out,
+                 dst, row_bytes, static_cast<char*>(tail.probs_out), tail.prob_bytes);
     return;
   }
   extern __shared__ int32_t compacted[];
@@ -171,6 +169,19 @@ __device__ void zero_row(char* dst, int64_t row, int64_t row_bytes, char* probs_
   }
 }
 
+// Block `block` of `blocks` zeroes rows block, block + blocks, ... of the unused tail (from
+// offsets[E], the rows used, to num_out) and their probs_out entries.
+template <typename V>
+__device__ void zero_tail(int64_t block, int64_t blocks, const int64_t* layout, int32_t experts, int64_t num_out,
+                          char* dst, int64_t row_bytes, char* probs_out, int prob_bytes) {
+  for (int64_t row = layout[layout_offsets(experts) + experts] + block; row < num_out; row += blocks) {
+    zero_row<V>(dst, row, row_bytes, probs_out, prob_bytes);
+  }
+}
+
+// Blocks that zero a tail of num_out rows at most: one a row, up to 1024.
+int64_t tail_blocks_for(int64_t num_out) { return std::min<int64_t>(num_out, 1024); }
+
 // Block (e, y) zeroes pad rows y, y + gridDim.y, ... of expert e that lie below num_out (an
 // output too small for the padding is flagged by the map; its pad rows past the end are not
 // written).
@@ -192,10 +203,7 @@ __global__ void zero_tail_rows_kernel(const int64_t* layout, int32_t experts, in
                                       char* dst, int64_t row_bytes, char* probs_out, int prob_bytes) {
   wait_for_previous_grid();
   allow_next_grid();
-  for (int64_t row = layout[layout_offsets(experts) + experts] + blockIdx.x; row < num_out;
-       row += gridDim.x) {
-    zero_row<V>(dst, row, row_bytes, probs_out, prob_bytes);
-  }
+  zero_tail<V>(blockIdx.x, gridDim.x, layout, experts, num_out, dst, row_bytes, probs_out, prob_bytes);
 }
 
 template <typename T, typename P, typename Acc, int VecN>
@@ -298,7 +306,7 @@ cudaError_t scatter_as(const void* src, int64_t rows, int64_t row_bytes, const i
                                  static_cast<const char*>(src), rows, row_bytes, row_id_map, slots,
                                  static_cast<char*>(dst));
   } else if (const int64_t segments = (vecs + kRowSegment - 1) / kRowSegment,
-             tail_blocks = tail != nullptr ? std::min<int64_t>(tail->num_out, 1024) : 0;
+             tail_blocks = tail != nullptr ? tail_blocks_for(tail->num_out) : 0;
              rows * segments + tail_blocks <= INT32_MAX) {
     const bool compact = slots > kCompactSlots;
     const auto kernel = compact ? scatter_row_segments_kernel<V, true> : scatter_row_segments_kernel<V, false>;
@@ -329,9 +337,8 @@ cudaError_t zero_as(const int64_t* layout, int32_t experts, bool padded, bool ta
     if (err != cudaSuccess) return err;
   }
   if (tail && num_out > 0) {
-    const unsigned blocks = static_cast<unsigned>(num_out < 1024 ? num_out : 1024);
-    return launch_after_previous(zero_tail_rows_kernel<V>, blocks, kRowThreads, 0, stream, layout, experts,
-                                 num_out, d, row_bytes, p, prob_bytes);
+    return launch_after_previous(zero_tail_rows_kernel<V>, static_cast<unsigned>(tail_blocks_for(num_out)),
+                                 kRowThreads, 0, stream, layout, experts, num_out, d, row_bytes, p, prob_bytes);
   }
   return cudaSuccess;
 }
