@@ -251,7 +251,8 @@ bool map_scans(const fd::Route& r, const Tensor& route, int64_t num_out) {
 }
 
 // Count and scan (the scan left to route_map when map_scans): (chunk_offsets [chunks, E + 1]
-// int32, layout [3E + 2] int64), no sync.
+// int32, layout [3E + 2] int64), no sync. (Two allocations: carving both from one costs more
+// host time in view calls than the allocation it saves.)
 std::tuple<Tensor, Tensor> route_plan(const fd::Route& r, const Tensor& route, int64_t pad_multiple, bool map_scans) {
   TORCH_CHECK_VALUE(pad_multiple >= 1, "pad_multiple must be >= 1, got ", pad_multiple);
   const int64_t chunks = fd::num_chunks_for(r.rows, r.num_experts);
@@ -348,16 +349,18 @@ using Permuted = std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::
 
 // What every single-call permutation shares: plan, (sync when num_out < 0), map, then
 // fill(row_id_map, num_out, layout, tail, out_probs) makes the rows. When the sync finds bad
-// routing (or no row is used), returns `empty` and an empty row_id_map; the caller reads the
-// error bits from host_layout.
+// routing (or no row is used), returns a [0, hidden] tensor like `like` and an empty
+// row_id_map; the caller reads the error bits from host_layout.
 template <typename Fill>
 Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multiple, int64_t num_out,
-                      const std::optional<Tensor>& probs, const Tensor& empty, Fill fill) {
+                      const std::optional<Tensor>& probs, const Tensor& like, int64_t hidden, Fill fill) {
   const bool scans = map_scans(r, route, num_out);
   auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple, scans);
   std::optional<Tensor> host;
   const bool tail = num_out >= 0;
-  if (!size_output(r, layout, num_out, host)) return {empty, std::nullopt, route.new_empty({0}, at::kInt), layout, host};
+  if (!size_output(r, layout, num_out, host)) {
+    return {like.new_empty({0, hidden}), std::nullopt, route.new_empty({0}, at::kInt), layout, host};
+  }
   auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out, scans, pad_multiple);
   Tensor out = fill(row_id_map, num_out, layout, tail, probs_out);
   return {out, probs_out, row_id_map, layout, host};
@@ -371,7 +374,7 @@ Permuted permute(const Tensor& route, int64_t num_experts, int64_t pad_multiple,
   as_rows(tokens, "tokens");
   check_same_device(route, tokens, "tokens");
   TORCH_CHECK_VALUE(tokens.size(0) == r.rows, "tokens has ", tokens.size(0), " rows, the route ", r.rows);
-  return permute_with(r, route, pad_multiple, num_out, probs, tokens.new_empty({0, tokens.size(1)}),
+  return permute_with(r, route, pad_multiple, num_out, probs, tokens, tokens.size(1),
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
                         return scatter_into(tokens, map, n, layout, num_experts, pad_multiple > 1, tail, probs_out);
                       });
@@ -665,7 +668,7 @@ Permuted permute_fp8(
   const int64_t hidden = q.size(1);
   const int64_t q_pitch = q.size(0) > 1 ? q.stride(0) : hidden;
   const int64_t scale_pitch = scales.size(0) > 1 ? scales.stride(0) : hidden / fd::kFp8Group;
-  return permute_with(r, route, pad_multiple, num_out, probs, like.new_empty({0, hidden}),
+  return permute_with(r, route, pad_multiple, num_out, probs, like, hidden,
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
     auto out = torch::empty({n, hidden}, q.options().dtype(like.scalar_type()));
     const int32_t slots = static_cast<int32_t>(map.size(1));
@@ -849,7 +852,7 @@ Permuted permute_from(
     const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& addrs,
     int64_t align, const Tensor& like, const std::optional<Tensor>& probs, int64_t max_blocks, int64_t first_row) {
   const fd::Route r = pulled_route(route, num_experts, addrs, like);
-  return permute_with(r, route, pad_multiple, num_out, probs, like.new_empty({0, like.size(1)}),
+  return permute_with(r, route, pad_multiple, num_out, probs, like, like.size(1),
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
     auto out = torch::empty({n, like.size(1)}, like.options());
     copy_rows_from(addrs, align, out, map, max_blocks, first_row);
@@ -873,7 +876,7 @@ Permuted permute_fp8_from(
   const int64_t unit = dtype == fd::kFloat32 ? 4 : 8;
   TORCH_CHECK_VALUE(checked_align(align) >= unit, "addresses must be aligned to ", unit, " bytes, got ", align);
   const int64_t hidden = like.size(1);
-  return permute_with(r, route, pad_multiple, num_out, probs, like.new_empty({0, hidden}),
+  return permute_with(r, route, pad_multiple, num_out, probs, like, hidden,
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
     auto out = torch::empty({n, hidden}, like.options());
     const int32_t slots = static_cast<int32_t>(map.size(1));
