@@ -48,7 +48,7 @@ cudaError_t received_routing(const double* meta, int64_t rows, int64_t stride, i
 cudaError_t store_word(const void* src, int bytes, void* host_word, cudaStream_t stream);
 
 // Whether route_map can do the scan's work itself (scan = false in route_plan, scans = true in
-// route_map): a top-k route whose count table is small (see route.cu). Only for an output size
+// route_map): a route whose count table is small (see route.cu). Only for an output size
 // known in advance: the host reads nothing between the passes then.
 bool map_scans(const Route& route);
 

@@ -182,7 +182,9 @@ __device__ __forceinline__ void place_slot(int64_t dest, int64_t entry, const Pr
 // shared sums: the expert totals, its own chunk's offsets within each expert (the sum over the
 // chunks before it), the error bits; then the padded totals' exclusive scan gives the expert
 // offsets. Block 0 writes the layout; the error word, zeroed by the count pass, is OR-ed by
-// every block (another block's overflow may land before or after block 0's store).
+// every block (another block's overflow may land before or after block 0's store). A multihot
+// route's map (a grid of chunks by 32 experts) does the same, its blocks of chunk c taking
+// chunk c's offsets.
 constexpr int64_t kMapScanEntries = 8192;
 constexpr int kMapScanExperts = 512;
 
@@ -219,7 +221,7 @@ __device__ void scan_in_block(const int32_t* chunk_counts, int64_t num_chunks, i
   scan_expert_offsets(experts, [total, pad_multiple](int e) { return round_up(total[e], pad_multiple); }, scratch,
                       offsets);
   __syncthreads();
-  if (blockIdx.x == 0) {
+  if (blockIdx.x == 0 && blockIdx.y == 0) {
     for (int e = threadIdx.x; e < experts; e += blockDim.x) {
       layout[layout_counts(experts) + e] = total[e];
       layout[layout_padded(experts) + e] = round_up(total[e], pad_multiple);
@@ -309,8 +311,11 @@ __device__ __forceinline__ int64_t multihot_warp_row0(int chunk_rows) {
   return int64_t(blockIdx.x) * chunk_rows + 32 * (threadIdx.x / 32);
 }
 
-__global__ void route_count_multihot_kernel(Route route, int chunk_rows, int32_t* chunk_counts) {
+__global__ void route_count_multihot_kernel(Route route, int chunk_rows, int32_t* chunk_counts,
+                                            int64_t* layout_error) {
   allow_next_grid();
+  // (zeroed before any map block ORs into it: as route_count_kernel)
+  if (layout_error != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *layout_error = 0;
   __shared__ int32_t warp_counts[8][32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, e = 32 * blockIdx.y + lane;
   warp_counts[warp][lane] = __popc(multihot_bits(route, multihot_warp_row0(chunk_rows), e));
@@ -324,24 +329,36 @@ __global__ void route_count_multihot_kernel(Route route, int chunk_rows, int32_t
   if (blockIdx.y == 0 && threadIdx.x == 0) row[route.num_experts] = 0;  // (a multihot map has no bad slot)
 }
 
-template <typename ProbBits>
+// chunk_offsets: as route_map_kernel's (the raw counts with Scans).
+template <typename ProbBits, bool Scans>
 __global__ void route_map_multihot_kernel(Route route, int chunk_rows, const int32_t* chunk_offsets,
                                           int64_t* layout, const ProbBits* probs, int64_t num_out,
-                                          int32_t* row_id_map, ProbBits* probs_out) {
+                                          int32_t* row_id_map, ProbBits* probs_out, int64_t num_chunks,
+                                          int64_t pad_multiple) {
   wait_for_previous_grid();
   allow_next_grid();
   __shared__ int32_t warp_counts[8][32];
+  extern __shared__ __align__(16) char scan_space[];
   const int experts = route.num_experts;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, e = 32 * blockIdx.y + lane;
+  const int64_t* offsets = layout + layout_offsets(experts);
+  const int32_t* chunk_base = chunk_offsets + int64_t(blockIdx.x) * (experts + 1);
+  if constexpr (Scans) {
+    int64_t* scanned = nullptr;
+    int32_t* before = nullptr;
+    int errors = 0;  // (a multihot map has no bad slot: the count pass writes 0)
+    scan_in_block(chunk_offsets, num_chunks, experts, pad_multiple, scan_space, layout, &scanned, &before, &errors);
+    offsets = scanned;
+    chunk_base = before;
+  }
   const int64_t row0 = multihot_warp_row0(chunk_rows);
   const uint32_t bits = multihot_bits(route, row0, e);
   warp_counts[warp][lane] = __popc(bits);
   __syncthreads();
-  const int64_t* offsets = layout + layout_offsets(experts);
   int64_t overflow = blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && offsets[experts] > num_out
                          ? kOutputOverflow : 0;
   if (e < experts) {
-    int64_t first = offsets[e] + chunk_offsets[int64_t(blockIdx.x) * (experts + 1) + e];
+    int64_t first = offsets[e] + chunk_base[e];
     for (int w = 0; w < warp; ++w) first += warp_counts[w][lane];
     for (int r = 0; r < 32; ++r) {
       const int64_t row = row0 + r;
@@ -367,7 +384,7 @@ cudaError_t count_chunks(const Route& route, int chunk_rows, int64_t chunks, int
                          int64_t* layout_error, cudaStream_t stream) {
   if constexpr (Kind == kRouteMultihot) {
     route_count_multihot_kernel<<<multihot_grid(chunks, route.num_experts), chunk_rows, 0, stream>>>(
-        route, chunk_rows, chunk_offsets);
+        route, chunk_rows, chunk_offsets, layout_error);
   } else {
     const size_t bytes = mask_bytes(route.num_experts, chunk_rows);
     const cudaError_t err = allow_dynamic_shared(route_count_kernel<Kind>, bytes);
@@ -402,10 +419,11 @@ cudaError_t map(const Route& route, const int32_t* chunk_offsets, int64_t* layou
   const int64_t chunks = num_chunks_for(route.rows, route.num_experts);
   if (chunks == 0) return cudaSuccess;
   if constexpr (Kind == kRouteMultihot) {
-    return launch_after_previous(route_map_multihot_kernel<ProbBits>, multihot_grid(chunks, route.num_experts),
-                                 chunk_rows, 0, stream, route, chunk_rows, chunk_offsets, layout,
-                                 static_cast<const ProbBits*>(probs), num_out, row_id_map,
-                                 static_cast<ProbBits*>(probs_out));
+    const auto kernel = scans ? route_map_multihot_kernel<ProbBits, true> : route_map_multihot_kernel<ProbBits, false>;
+    return launch_after_previous(kernel, multihot_grid(chunks, route.num_experts), chunk_rows,
+                                 scans ? map_scan_bytes(route.num_experts) : 0, stream, route, chunk_rows,
+                                 chunk_offsets, layout, static_cast<const ProbBits*>(probs), num_out, row_id_map,
+                                 static_cast<ProbBits*>(probs_out), chunks, pad_multiple);
   } else {
     const auto kernel = scans ? route_map_kernel<Kind, ProbBits, true> : route_map_kernel<Kind, ProbBits, false>;
     const size_t bytes = mask_bytes(route.num_experts, chunk_rows) + (scans ? map_scan_bytes(route.num_experts) : 0);
@@ -429,9 +447,8 @@ cudaError_t map_by_kind(const Route& route, const int32_t* chunk_offsets, int64_
       return map<kRouteIndex64, ProbBits>(route, chunk_offsets, layout, probs, num_out,
                                           row_id_map, probs_out, scans, pad_multiple, stream);
     case kRouteMultihot:
-      if (scans) return cudaErrorInvalidValue;  // (map_scans: top-k routes only)
       return map<kRouteMultihot, ProbBits>(route, chunk_offsets, layout, probs, num_out,
-                                           row_id_map, probs_out, false, 1, stream);
+                                           row_id_map, probs_out, scans, pad_multiple, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -535,7 +552,7 @@ cudaError_t received_routing(const double* meta, int64_t rows, int64_t stride, i
 
 bool map_scans(const Route& route) {
   const int64_t chunks = num_chunks_for(route.rows, route.num_experts);
-  return route.kind != kRouteMultihot && chunks > 0 && route.num_experts <= kMapScanExperts &&
+  return chunks > 0 && route.num_experts <= kMapScanExperts &&
          chunks * (int64_t(route.num_experts) + 1) <= kMapScanEntries;
 }
 
