@@ -5,7 +5,8 @@
 # All cold builds side by side, this tree's GPU op, one-rank layer and torch.compile tests, then
 # tools/bench_ops.py on every tree in turn, ROUNDS times, same card (OPS, SHAPES: bench_ops'
 # --ops and --shapes; ITERS), and where a small batch's host time goes
-# (tools/host_small_batch.py, this tree; HOST=0 skips it). Logs under $OUT: log.txt,
+# (tools/host_small_batch.py, every tree, two rounds, its six summary lines; HOST=0 skips
+# it). Logs under $OUT: log.txt,
 # gpu_tests.log, ops.md (every table, each headed by its tree and round), host_small_batch.txt;
 # build logs under /tmp.
 set -uo pipefail
@@ -40,6 +41,13 @@ for round in $(seq "${ROUNDS:-2}"); do
   done
 done
 [ "${HOST:-1}" = 0 ] && exit 0
-FLEXDISPATCH_CACHE_DIR=/tmp/fd-new timeout 90 python3 tools/host_small_batch.py 2>&1 | grep -v "^\[flexdispatch\]" \
-  > "$OUT/host_small_batch.txt"
-echo "host_small_batch rc=$? $(( $(ms) - s )) ms" | tee -a "$LOG"
+# The host's side alternates between the trees too (a machine's host pace drifts within a call).
+for round in 1 2; do
+  for tree in new base ${OTHERS:+$(for o in $OTHERS; do basename "$o"; done)}; do
+    echo "## $tree, round $round" >> "$OUT/host_small_batch.txt"
+    (cd "${DIR[$tree]}" && PYTHONPATH=$PWD FLEXDISPATCH_CACHE_DIR=/tmp/fd-$tree timeout 45 \
+       python3 tools/host_small_batch.py --calls 200) 2>&1 \
+      | grep -v "^\[flexdispatch\]" | sed -n '1,6p' >> "$OUT/host_small_batch.txt"
+    echo "host_small_batch $tree round $round rc=$? $(( $(ms) - s )) ms" | tee -a "$LOG"
+  done
+done
