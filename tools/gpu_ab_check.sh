@@ -4,11 +4,9 @@
 # further checkouts named in OTHERS (space-separated folders, e.g. variants of one kernel).
 # All cold builds side by side, this tree's GPU op, one-rank layer and torch.compile tests, then
 # tools/bench_ops.py on every tree in turn, ROUNDS times, same card (OPS, SHAPES: bench_ops'
-# --ops and --shapes; ITERS), and where a small batch's host time goes
-# (tools/host_small_batch.py, every tree, two rounds, its six summary lines; HOST=0 skips
-# it). Logs under $OUT: log.txt,
-# gpu_tests.log, ops.md (every table, each headed by its tree and round), host_small_batch.txt;
-# build logs under /tmp.
+# --ops and --shapes; ITERS), and where a small batch's host time goes (tools/host_small_batch.py,
+# every tree, two rounds; HOST=0 skips it). Logs under $OUT: log.txt, gpu_tests.log, ops.md and
+# host_small_batch.txt (each run headed by its tree and round); build logs under /tmp.
 set -uo pipefail
 . "$(dirname "$0")/gpu_env.sh"
 BASE=${BASE:-.base}
@@ -19,6 +17,21 @@ s=$(ms)
 # tree label -> folder: new is this tree, base is BASE, the others are named by their folder.
 declare -A DIR=([new]=. [base]=$BASE)
 for other in ${OTHERS:-}; do DIR[$(basename "$other")]=$other; done
+ORDER="new base $(for other in ${OTHERS:-}; do basename "$other"; done)"  # (the order of every round)
+# in_rounds ROUNDS FILE LABEL COMMAND...: COMMAND in every tree's folder (its package and kernel
+# cache), the trees alternating ROUNDS times; output appended to FILE under "## tree, round r".
+in_rounds() {
+  local rounds=$1 file=$2 label=$3 round tree
+  shift 3
+  for round in $(seq "$rounds"); do
+    for tree in $ORDER; do
+      echo "## $tree, round $round" >> "$file"
+      (cd "${DIR[$tree]}" && PYTHONPATH=$PWD FLEXDISPATCH_CACHE_DIR=/tmp/fd-$tree "$@") 2>&1 \
+        | grep -v "^\[flexdispatch\]\|Warning\|_warn_once" >> "$file"
+      echo "$label $tree round $round rc=${PIPESTATUS[0]} $(( $(ms) - s )) ms" | tee -a "$LOG"
+    done
+  done
+}
 build() {
   (cd "${DIR[$1]}" && PYTHONPATH=$PWD FLEXDISPATCH_CACHE_DIR=/tmp/fd-$1 python3 -c "import flexdispatch; flexdispatch.ops.load_kernels()") \
     > "/tmp/build_$1.log" 2>&1
@@ -31,23 +44,8 @@ echo "tests done $(( $(ms) - s )) ms" | tee -a "$LOG"
 # This tree's bench_ops.py times every tree (it imports the package of the checkout it sits in),
 # so the columns come from one tool.
 for tree in "${!DIR[@]}"; do [ "$tree" = new ] || cp tools/bench_ops.py tools/timing.py "${DIR[$tree]}/tools/"; done
-for round in $(seq "${ROUNDS:-2}"); do
-  for tree in new base ${OTHERS:+$(for o in $OTHERS; do basename "$o"; done)}; do
-    echo "## $tree, round $round" >> "$OUT/ops.md"
-    (cd "${DIR[$tree]}" && PYTHONPATH=$PWD FLEXDISPATCH_CACHE_DIR=/tmp/fd-$tree timeout 90 python3 tools/bench_ops.py \
-      --iters "${ITERS:-50}" --ref-iters 1 --kernels --ops "$OPS" --shapes "$SHAPES") 2>&1 \
-      | grep -v "^\[flexdispatch\]\|Warning\|_warn_once" >> "$OUT/ops.md"
-    echo "bench_ops $tree round $round rc=$? $(( $(ms) - s )) ms" | tee -a "$LOG"
-  done
-done
+in_rounds "${ROUNDS:-2}" "$OUT/ops.md" bench_ops timeout 90 python3 tools/bench_ops.py --iters "${ITERS:-50}" \
+  --ref-iters 1 --kernels --ops "$OPS" --shapes "$SHAPES"
 [ "${HOST:-1}" = 0 ] && exit 0
 # The host's side alternates between the trees too (a machine's host pace drifts within a call).
-for round in 1 2; do
-  for tree in new base ${OTHERS:+$(for o in $OTHERS; do basename "$o"; done)}; do
-    echo "## $tree, round $round" >> "$OUT/host_small_batch.txt"
-    (cd "${DIR[$tree]}" && PYTHONPATH=$PWD FLEXDISPATCH_CACHE_DIR=/tmp/fd-$tree timeout 45 \
-       python3 tools/host_small_batch.py --calls 200) 2>&1 \
-      | grep -v "^\[flexdispatch\]" | sed -n '1,6p' >> "$OUT/host_small_batch.txt"
-    echo "host_small_batch $tree round $round rc=$? $(( $(ms) - s )) ms" | tee -a "$LOG"
-  done
-done
+in_rounds 2 "$OUT/host_small_batch.txt" host_small_batch timeout 45 python3 tools/host_small_batch.py --calls 200
