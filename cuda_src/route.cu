@@ -191,11 +191,19 @@ constexpr int kMapScanExperts = 512;
 // Bytes of shared memory the scanning map needs beside the masks.
 size_t map_scan_bytes(int experts) { return 32 * 8 + (size_t(experts) + 1) * 8 + size_t(experts) * 8 + 8; }
 
-// The scan's results for this block, in shared memory after the masks: offsets [E + 1] int64
-// (expert offsets and the total), before [E] int32 (this chunk's offset within each expert).
-__device__ void scan_in_block(const int32_t* chunk_counts, int64_t num_chunks, int experts, int64_t pad_multiple,
-                              char* shared, int64_t* layout, int64_t** offsets_out, int32_t** before_out,
-                              int* errors_out) {
+// Where a map block places its chunk's rows: the expert offsets [E + 1] (with the total), this
+// chunk's offset within each expert [E], and the count pass's error bits still to report
+// (0 where the scan kernel has reported them).
+struct ChunkPlace {
+  const int64_t* offsets;
+  const int32_t* chunk_base;
+  int errors;
+};
+
+// The scan's results for this block, in `shared` (after the masks): offsets [E + 1] int64,
+// before [E] int32 (this chunk's offset within each expert).
+__device__ ChunkPlace scan_in_block(const int32_t* chunk_counts, int64_t num_chunks, int experts,
+                                    int64_t pad_multiple, char* shared, int64_t* layout) {
   int64_t* scratch = reinterpret_cast<int64_t*>(shared);  // 32 int64 for block_exclusive_scan
   int64_t* offsets = scratch + 32;
   int32_t* before = reinterpret_cast<int32_t*>(offsets + experts + 1);
@@ -229,9 +237,19 @@ __device__ void scan_in_block(const int32_t* chunk_counts, int64_t num_chunks, i
     }
     if (threadIdx.x == 0) layout[layout_offsets(experts) + experts] = offsets[experts];
   }
-  *offsets_out = offsets;
-  *before_out = before;
-  *errors_out = *errors;
+  return {offsets, before, *errors};
+}
+
+// A map block's ChunkPlace: from the scan kernel's layout and chunk offsets, or (Scans) from the
+// raw counts, summed by scan_in_block in `shared`.
+template <bool Scans>
+__device__ ChunkPlace chunk_place(const int32_t* chunk_offsets, int64_t num_chunks, int experts,
+                                  int64_t pad_multiple, char* shared, int64_t* layout) {
+  if constexpr (Scans) {
+    return scan_in_block(chunk_offsets, num_chunks, experts, pad_multiple, shared, layout);
+  } else {
+    return {layout + layout_offsets(experts), chunk_offsets + int64_t(blockIdx.x) * (experts + 1), 0};
+  }
 }
 
 // chunk_offsets: the scan's per-chunk offsets, or with Scans the count pass's raw counts
@@ -246,19 +264,9 @@ __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chu
   extern __shared__ uint32_t masks[];
   const int words = chunk_rows / 32;
   const int experts = route.num_experts;
-  const int64_t* offsets = layout + layout_offsets(experts);
-  const int32_t* chunk_base = chunk_offsets + int64_t(blockIdx.x) * (experts + 1);
-  int64_t bad = 0;
-  if constexpr (Scans) {
-    int64_t* scanned = nullptr;
-    int32_t* before = nullptr;
-    int errors = 0;
-    scan_in_block(chunk_offsets, num_chunks, experts, pad_multiple, reinterpret_cast<char*>(masks + experts * words),
-                  layout, &scanned, &before, &errors);
-    offsets = scanned;
-    chunk_base = before;
-    bad = errors;
-  }
+  const ChunkPlace place = chunk_place<Scans>(chunk_offsets, num_chunks, experts, pad_multiple,
+                                              reinterpret_cast<char*>(masks + experts * words), layout);
+  const int64_t* offsets = place.offsets;
   clear_masks(masks, experts * words);
   const int64_t row0 = int64_t(blockIdx.x) * chunk_rows;
   int64_t chunk_bad = 0;  // (the count pass reported these; the scan carries them)
@@ -276,13 +284,11 @@ __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chu
       const uint32_t* m = masks + e * words;
       int rank = __popc(m[c / 32] & ((1u << (c % 32)) - 1u));
       for (int w = 0; w < c / 32; ++w) rank += __popc(m[w]);
-      dest = offsets[e] + chunk_base[e] + rank;
+      dest = offsets[e] + place.chunk_base[e] + rank;
     }
     place_slot(dest, row0 * route.slots + i, probs, num_out, row_id_map, probs_out, &overflow);
   }
-  if constexpr (Scans) {
-    if (threadIdx.x == 0 && bad) overflow |= bad;  // (one OR of the count errors per block: idempotent)
-  }
+  if (threadIdx.x == 0 && place.errors) overflow |= place.errors;  // (one OR per block: idempotent)
   if (overflow) or_error(layout + layout_error(experts), overflow);
 }
 
@@ -341,16 +347,9 @@ __global__ void route_map_multihot_kernel(Route route, int chunk_rows, const int
   extern __shared__ __align__(16) char scan_space[];
   const int experts = route.num_experts;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, e = 32 * blockIdx.y + lane;
-  const int64_t* offsets = layout + layout_offsets(experts);
-  const int32_t* chunk_base = chunk_offsets + int64_t(blockIdx.x) * (experts + 1);
-  if constexpr (Scans) {
-    int64_t* scanned = nullptr;
-    int32_t* before = nullptr;
-    int errors = 0;  // (a multihot map has no bad slot: the count pass writes 0)
-    scan_in_block(chunk_offsets, num_chunks, experts, pad_multiple, scan_space, layout, &scanned, &before, &errors);
-    offsets = scanned;
-    chunk_base = before;
-  }
+  // (a multihot map has no bad slot: the count pass writes 0 errors)
+  const ChunkPlace place = chunk_place<Scans>(chunk_offsets, num_chunks, experts, pad_multiple, scan_space, layout);
+  const int64_t* offsets = place.offsets;
   const int64_t row0 = multihot_warp_row0(chunk_rows);
   const uint32_t bits = multihot_bits(route, row0, e);
   warp_counts[warp][lane] = __popc(bits);
@@ -358,7 +357,7 @@ __global__ void route_map_multihot_kernel(Route route, int chunk_rows, const int
   int64_t overflow = blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && offsets[experts] > num_out
                          ? kOutputOverflow : 0;
   if (e < experts) {
-    int64_t first = offsets[e] + chunk_base[e];
+    int64_t first = offsets[e] + place.chunk_base[e];
     for (int w = 0; w < warp; ++w) first += warp_counts[w][lane];
     for (int r = 0; r < 32; ++r) {
       const int64_t row = row0 + r;
