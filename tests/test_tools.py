@@ -114,3 +114,22 @@ def test_host_comparison_reports_medians_ranges_and_ratios_to_the_first_tree():
     assert "median (range) of 3 rounds; ratio to old" in lines[0]
     assert lines[1].startswith("EP 1 local") and "old: 0.200 (0.100-0.300) | new: 0.050 (0.040-0.080) 0.25x" in lines[1]
     assert "old: 2.000 (1.000-3.000) | new: -" in lines[2]
+
+
+def test_host_layer_lists_a_forwards_operations_with_the_frames_that_queued_them():
+    """tools/host_layer.py on the CPU (where its GPU figures are a smoke test): the host times,
+    and every operation of one forward and backward with the flexdispatch frame that queued it;
+    the permutation's and the restore's kernel calls are among them."""
+    import subprocess
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "host_layer.py"
+    out = subprocess.run([sys.executable, str(tool), "--device", "cpu", "--tokens", "16", "--hidden", "8",
+                          "--experts", "4", "--topk", "2", "--calls", "3", "--top", "3"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for label in ("forward", "forward + backward", "softmax and experts alone, forward", "launch floor"):
+        assert f"host us per call, {label}" in text
+    forward = text.split("device operations of one forward: ")[1].split("device operations of one backward")[0]
+    assert int(forward.split()[0]) > 0
+    assert "permute" in forward and "gather_rows" in forward  # (the ops' frames in _library.py)

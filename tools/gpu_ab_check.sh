@@ -4,9 +4,11 @@
 # further checkouts named in OTHERS (space-separated folders, e.g. variants of one kernel).
 # All cold builds side by side, this tree's GPU op, one-rank layer and torch.compile tests, then
 # tools/bench_ops.py on every tree in turn, ROUNDS times, same card (OPS, SHAPES: bench_ops'
-# --ops and --shapes; ITERS), and where a small batch's host time goes (tools/host_small_batch.py,
-# every tree, two rounds; HOST=0 skips it). Logs under $OUT: log.txt, gpu_tests.log, ops.md and
-# host_small_batch.txt (each run headed by its tree and round); build logs under /tmp.
+# --ops and --shapes; ITERS), and where a small batch's and the one-rank layer's host time goes
+# (tools/host_small_batch.py, tools/host_layer.py in HOST_LAYER_MODES; every tree, two rounds;
+# HOST=0 skips them).
+# Logs under $OUT: log.txt, gpu_tests.log, ops.md, host_small_batch.txt and host_layer.txt (each
+# run headed by its tree and round); build logs under /tmp.
 set -uo pipefail
 . "$(dirname "$0")/gpu_env.sh"
 BASE=${BASE:-.base}
@@ -43,9 +45,15 @@ FLEXDISPATCH_CACHE_DIR=/tmp/fd-new one_gpu_tests | tail -8 | tee -a "$LOG"
 echo "tests done $(( $(ms) - s )) ms" | tee -a "$LOG"
 # This tree's bench_ops.py times every tree (it imports the package of the checkout it sits in),
 # so the columns come from one tool.
-for tree in "${!DIR[@]}"; do [ "$tree" = new ] || cp tools/bench_ops.py tools/timing.py "${DIR[$tree]}/tools/"; done
+for tree in "${!DIR[@]}"; do
+  [ "$tree" = new ] || cp tools/bench_ops.py tools/timing.py tools/host_layer.py "${DIR[$tree]}/tools/"
+done
 in_rounds "${ROUNDS:-2}" "$OUT/ops.md" bench_ops timeout 90 python3 tools/bench_ops.py --iters "${ITERS:-50}" \
   --ref-iters 1 --kernels --ops "$OPS" --shapes "$SHAPES"
 [ "${HOST:-1}" = 0 ] && exit 0
 # The host's side alternates between the trees too (a machine's host pace drifts within a call).
 in_rounds 2 "$OUT/host_small_batch.txt" host_small_batch timeout 45 python3 tools/host_small_batch.py --calls 200
+# and the one-rank layer's (sync-free and sized on the host), with the device operations of a call
+for mode in ${HOST_LAYER_MODES:-sync-free host-sized}; do
+  in_rounds 2 "$OUT/host_layer.txt" "host_layer $mode" timeout 60 python3 tools/host_layer.py --mode $mode --calls 200
+done
