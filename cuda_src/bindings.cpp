@@ -265,24 +265,25 @@ std::tuple<Tensor, Tensor> route_plan(const fd::Route& r, const Tensor& route, i
   return {chunk_offsets, layout};
 }
 
+// The probs a permutation moves (when given): (their pointer or null, their bytes, probs_out
+// [num_out] or none).
+std::tuple<const void*, int, std::optional<Tensor>> moved_probs(const Tensor& route, const std::optional<Tensor>& probs,
+                                                                 int64_t num_out) {
+  if (!probs.has_value()) return {nullptr, 4, std::nullopt};
+  prob_dtype_of(*probs, "probs");
+  check_contiguous(*probs, "probs");
+  check_same_device(route, *probs, "probs");
+  TORCH_CHECK_VALUE(probs->sizes() == route.sizes(), "probs must have the route's shape ", route.sizes(),
+                    ", got ", probs->sizes());
+  return {probs->data_ptr(), static_cast<int>(probs->element_size()), torch::empty({num_out}, probs->options())};
+}
+
 // row_id_map [rows, slots] and the probs moved to [num_out] (when given).
 std::tuple<Tensor, std::optional<Tensor>> route_map(const fd::Route& r, const Tensor& route, const Tensor& chunk_offsets,
                                                      Tensor& layout, const std::optional<Tensor>& probs, int64_t num_out,
                                                      bool map_scans, int64_t pad_multiple) {
   auto row_id_map = torch::empty({r.rows, r.slots}, route.options().dtype(at::kInt));
-  std::optional<Tensor> probs_out;
-  const void* p = nullptr;
-  int prob_bytes = 4;
-  if (probs.has_value()) {
-    prob_dtype_of(*probs, "probs");
-    check_contiguous(*probs, "probs");
-    check_same_device(route, *probs, "probs");
-    TORCH_CHECK_VALUE(probs->sizes() == route.sizes(), "probs must have the route's shape ", route.sizes(),
-                      ", got ", probs->sizes());
-    probs_out = torch::empty({num_out}, probs->options());
-    p = probs->data_ptr();
-    prob_bytes = static_cast<int>(probs->element_size());
-  }
+  auto [p, prob_bytes, probs_out] = moved_probs(route, probs, num_out);
   void* po = probs_out.has_value() ? probs_out->data_ptr() : nullptr;
   FD_ON_DEVICE(route, fd::cuda::route_map(r, chunk_offsets.data_ptr<int32_t>(), layout.data_ptr<int64_t>(), p,
                                       prob_bytes, num_out, row_id_map.data_ptr<int32_t>(), po, map_scans,
@@ -366,6 +367,25 @@ Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multi
   return {out, probs_out, row_id_map, layout, host};
 }
 
+#ifdef FLEXDISPATCH_WITH_CUDA
+// The permutation of a small top-k route on a CUDA device, its size known: one launch
+// (route_small.cu) instead of the plan's passes and the scatter. Returns as permute_with.
+Permuted permute_small(const fd::Route& r, const Tensor& route, int64_t pad_multiple, int64_t num_out,
+                       const Tensor& tokens, const std::optional<Tensor>& probs) {
+  TORCH_CHECK_VALUE(pad_multiple >= 1, "pad_multiple must be >= 1, got ", pad_multiple);
+  TORCH_CHECK_VALUE(num_out < (int64_t(1) << 31), "at most 2^31 - 1 output rows are supported");
+  auto layout = torch::empty({fd::layout_size(r.num_experts)}, route.options().dtype(at::kLong));
+  auto row_id_map = torch::empty({r.rows, r.slots}, route.options().dtype(at::kInt));
+  auto [p, prob_bytes, probs_out] = moved_probs(route, probs, num_out);
+  auto out = torch::empty({num_out, tokens.size(1)}, tokens.options());
+  void* po = probs_out.has_value() ? probs_out->data_ptr() : nullptr;
+  FD_ON_DEVICE(route, fd::cuda::permute_small(r, pad_multiple, tokens.data_ptr(), tokens.size(1) * tokens.element_size(),
+                                            p, prob_bytes, num_out, out.data_ptr(), po,
+                                            row_id_map.data_ptr<int32_t>(), layout.data_ptr<int64_t>(), stream), {});
+  return {out, probs_out, row_id_map, layout, std::nullopt};
+}
+#endif
+
 // The whole permutation in one call: plan, (sync when num_out < 0), map, rows, zero fill.
 // Returns as permute_with.
 Permuted permute(const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out,
@@ -374,6 +394,11 @@ Permuted permute(const Tensor& route, int64_t num_experts, int64_t pad_multiple,
   as_rows(tokens, "tokens");
   check_same_device(route, tokens, "tokens");
   TORCH_CHECK_VALUE(tokens.size(0) == r.rows, "tokens has ", tokens.size(0), " rows, the route ", r.rows);
+#ifdef FLEXDISPATCH_WITH_CUDA
+  if (num_out >= 0 && route.is_cuda() && fd::cuda::permute_small_fits(r, tokens.size(1) * tokens.element_size())) {
+    return permute_small(r, route, pad_multiple, num_out, tokens, probs);
+  }
+#endif
   return permute_with(r, route, pad_multiple, num_out, probs, tokens, tokens.size(1),
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
                         return scatter_into(tokens, map, n, layout, num_experts, pad_multiple > 1, tail, probs_out);

@@ -67,6 +67,18 @@ cudaError_t route_map(const Route& route, const int32_t* chunk_offsets, int64_t*
                       const void* probs, int prob_bytes, int64_t num_out, int32_t* row_id_map,
                       void* probs_out, bool scans, int64_t pad_multiple, cudaStream_t stream);
 
+// Whether permute_small serves a top-k route (int32 or int64) of rows of row_bytes: a few
+// thousand (row, slot) entries, at most 1024 experts and 64 slots, a few MB of rows
+// (route_small.cu).
+bool permute_small_fits(const Route& route, int64_t row_bytes);
+
+// The whole permutation of such a route, its output size num_out known, in one launch:
+// layout, row_id_map, probs_out (nullable) and dst [num_out] rows of row_bytes as route_plan,
+// route_map, scatter_rows and zero_unused_rows leave them, bit for bit.
+cudaError_t permute_small(const Route& route, int64_t pad_multiple, const void* src, int64_t row_bytes,
+                          const void* probs, int prob_bytes, int64_t num_out, void* dst, void* probs_out,
+                          int32_t* row_id_map, int64_t* layout, cudaStream_t stream);
+
 // The unused tail of a permutation's output: rows from layout's offsets[E] (the rows used) up
 // to num_out, zeroed with their probs_out entries (nullable, prob_bytes 4 or 8).
 struct TailRows {

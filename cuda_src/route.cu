@@ -12,32 +12,13 @@
 
 #include "common.cuh"
 #include "launch.h"
+#include "plan.cuh"
 
 namespace flexdispatch {
 namespace cuda {
 namespace {
 
 constexpr int kScanThreads = 1024;
-
-// Expert of a slot after validation: -1 for an unused, out-of-range or repeated slot, so
-// that count and map agree and nothing is ever written out of bounds; *bad gets the reason.
-template <int Kind>
-__device__ __forceinline__ int64_t checked_expert(const Route& route, int64_t row, int32_t slot,
-                                                  int64_t* bad) {
-  const int64_t e = route_at<Kind>(route, row, slot);
-  if (e == -1) return -1;
-  if (e < -1 || e >= route.num_experts) {
-    *bad |= kIndexOutOfRange;
-    return -1;
-  }
-  for (int32_t j = 0; j < slot; ++j) {
-    if (route_at<Kind>(route, row, j) == e) {
-      *bad |= kDuplicateIndex;
-      return -1;
-    }
-  }
-  return e;
-}
 
 // The chunk's (row, slot) entries are spread over the block in memory order, a thread per
 // entry (thread i takes entries i, i + blockDim, ...): a block of up to kPlanThreads threads
@@ -102,24 +83,6 @@ __global__ void route_count_kernel(Route route, int chunk_rows, int32_t* chunk_c
   if (threadIdx.x == 0) row[experts] = chunk_bad;
 }
 
-// offsets[0, E): the exclusive scan over experts of padded(e), offsets[E] the total. Each thread
-// sums a contiguous segment of experts, then one block scan (scratch: 32 int64 of shared
-// memory); every thread of the block calls it.
-template <typename Padded>
-__device__ void scan_expert_offsets(int experts, Padded padded, int64_t* scratch, int64_t* offsets) {
-  const int seg = (experts + blockDim.x - 1) / blockDim.x;
-  const int begin = min(experts, int(threadIdx.x) * seg), end = min(experts, begin + seg);
-  int64_t mine = 0;
-  for (int e = begin; e < end; ++e) mine += padded(e);
-  int64_t total = 0;
-  int64_t running = block_exclusive_scan(mine, scratch, &total);
-  for (int e = begin; e < end; ++e) {
-    offsets[e] = running;
-    running += padded(e);
-  }
-  if (threadIdx.x == 0) offsets[experts] = total;
-}
-
 // One block: per expert, an exclusive scan over chunks (in place: counts in, offsets out);
 // then the padded counts, an exclusive scan over experts, and the chunks' error bits OR-ed
 // into the layout. Writes every entry of the layout.
@@ -160,20 +123,6 @@ __global__ void route_scan_kernel(int32_t* chunk_offsets, int64_t num_chunks, in
   const int64_t* padded = layout + layout_padded(experts);
   scan_expert_offsets(experts, [padded](int e) { return padded[e]; }, scratch, layout + layout_offsets(experts));
   if (threadIdx.x == 0) layout[layout_error(experts)] = errors;
-}
-
-// Writes slot `entry` (row * slots + slot) of the map, dest or -1, and moves its prob to dest. A
-// dest at or past num_out is an overflow: the slot is left unplaced (-1) and *overflow is set.
-template <typename ProbBits>
-__device__ __forceinline__ void place_slot(int64_t dest, int64_t entry, const ProbBits* probs, int64_t num_out,
-                                           int32_t* row_id_map, ProbBits* probs_out, int64_t* overflow) {
-  if (dest >= num_out) {
-    *overflow = kOutputOverflow;
-    dest = -1;
-  } else if (dest >= 0 && probs != nullptr) {
-    probs_out[dest] = probs[entry];
-  }
-  row_id_map[entry] = static_cast<int32_t>(dest);
 }
 
 // Small tables (chunks * E <= kMapScanEntries, E <= kMapScanExperts) of a route whose output

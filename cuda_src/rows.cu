@@ -4,6 +4,7 @@
 
 #include "common.cuh"
 #include "launch.h"
+#include "plan.cuh"
 
 namespace flexdispatch {
 namespace cuda {
@@ -152,20 +153,6 @@ __global__ void scatter_small_rows_kernel(const char* __restrict__ src, int64_t 
   for (int32_t s = 0; s < slots; ++s) {
     const int32_t d = row_id_map[row * slots + s];
     if (d >= 0) reinterpret_cast<V*>(dst + int64_t(d) * row_bytes)[v] = x;
-  }
-}
-
-template <typename V>
-__device__ void zero_row(char* dst, int64_t row, int64_t row_bytes, char* probs_out, int prob_bytes) {
-  V* out = reinterpret_cast<V*>(dst + row * row_bytes);
-  const int64_t vecs = row_bytes / int64_t(sizeof(V));
-  for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x) out[v] = V{};
-  if (probs_out != nullptr && threadIdx.x == 0) {
-    if (prob_bytes == 8) {
-      reinterpret_cast<uint64_t*>(probs_out)[row] = 0;
-    } else {
-      reinterpret_cast<uint32_t*>(probs_out)[row] = 0;
-    }
   }
 }
 

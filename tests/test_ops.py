@@ -121,6 +121,55 @@ def test_sized_permutation_matches_reference(device, rows, hidden, experts, topk
     assert torch.equal(ops.apply_permutation(x, alone), ref)
 
 
+# (rows, experts, topk) at the one-launch permutation's limits (cuda_src/route_small.cu: 8192 entries,
+# entries * blocks of 8 rows <= 2^20, 1024 experts, 64 slots) and just past them.
+ONE_LAUNCH_EDGES = [(1024, 32, 8), (1025, 32, 8), (64, 1024, 8), (64, 1025, 8), (100, 128, 64), (100, 128, 65),
+                    (1, 4, 2), (9, 5, 3)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,experts,topk", ONE_LAUNCH_EDGES)
+@pytest.mark.parametrize("fault", ["none", "range", "duplicate", "overflow"])
+@pytest.mark.parametrize("pad", [None, 3])
+def test_one_launch_permutation_is_the_planned_one(rows, experts, topk, fault, pad, poison):
+    """A small route whose output size is known is permuted in one launch on CUDA, a larger one by
+    the plan's passes and the scatter: on both sides of the limits the rows, probs, plan, zero
+    tail and pad rows are the reference's, and a bad route or a too small output raises the
+    error the host-sized permutation (always the passes) raises."""
+    idx = random_indices(rows, experts, topk, seed=rows + experts + topk).to("cuda")
+    if fault == "range":
+        idx[rows // 2, topk - 1] = experts
+    elif fault == "duplicate" and topk > 1:
+        idx[rows - 1, :2] = experts - 1
+    x = random_tokens(rows, 72, torch.bfloat16, device="cuda")
+    p = random_probs(rows, topk, device="cuda")
+    if fault in ("range", "duplicate"):
+        with pytest.raises(ValueError) as sized_on_host:
+            ops.permute_by_indices(x, idx, p, num_experts=experts, pad_multiple=pad)
+        with pytest.raises(ValueError) as known_size:
+            ops.permute_by_indices(x, idx, p, num_experts=experts, num_out_tokens=rows * topk + 5, pad_multiple=pad)
+            ops.check_pending_errors()
+        assert str(known_size.value) == str(sized_on_host.value)
+        return
+    ref, ref_p, ref_plan, ref_tpe = reference.permute_by_indices(x, idx, p, num_experts=experts, pad_multiple=pad)
+    used = ref.shape[0]
+    if fault == "overflow":
+        with pytest.raises(ValueError, match="num_out_tokens"):
+            ops.permute_by_indices(x, idx, p, num_experts=experts, num_out_tokens=used - 1, pad_multiple=pad)
+            ops.check_pending_errors()
+        return
+    poison("cuda")
+    out, out_p, plan, tpe = ops.permute_by_indices(x, idx, p, num_experts=experts, num_out_tokens=used + 7,
+                                                   pad_multiple=pad)
+    assert torch.equal(out[:used], ref) and torch.equal(out_p[:used], ref_p)
+    assert torch.count_nonzero(out[used:]) == 0 and torch.count_nonzero(out_p[used:]) == 0
+    assert torch.equal(plan.map.cpu(), ref_plan.map.cpu()) and torch.equal(tpe.cpu(), ref_tpe.cpu())
+    # (fixed-order sums: the same bits; weighted by the probs, the kernel's fused multiply-adds
+    # round once where the reference's multiply and add round twice: within bf16's rounding)
+    assert torch.equal(ops.unpermute(out, plan), reference.unpermute(ref, ref_plan))
+    torch.testing.assert_close(ops.unpermute(out, plan, p), reference.unpermute(ref, ref_plan, p), rtol=8e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_num_out_tokens_tail_is_zero_and_overflow_raises(device, poison):
     rows, experts, topk = 200, 6, 2

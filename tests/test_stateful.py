@@ -17,6 +17,7 @@ PROGRAMS = int(os.environ.get("FLEXDISPATCH_STATEFUL_PROGRAMS", "17"))  # 17 * 6
 # sync-free, at the worst-case sizes) cost about twice the all-to-all's: 9 * 60 = 540 steps an
 # EP size keep CI under 20 minutes on two cores (FLEXDISPATCH_STATEFUL_PROGRAMS raises both).
 NVLINK_PROGRAMS = max(9, PROGRAMS - 8)
+GPU_PROGRAMS = 6
 # Programs on the engine stand-ins (DeepEP's and UCCL-EP's API through the DeepEP manager's
 # hooks, HybridEP's buffer) and with two layers sharing one manager, per EP size.
 ENGINE_PROGRAMS = max(2, PROGRAMS - 15)
@@ -36,6 +37,17 @@ def test_stateful_local_manager():
         program = stateful.generate_program(seed, 1, STEPS, sync_free=True, shared=i % 3 == 2)
         total += stateful.Runner(program, 0, None).run()["steps"]
     assert total >= STEPS * len(seeds(1))
+
+
+@pytest.mark.gpu
+def test_stateful_local_manager_on_one_gpu():
+    """The local manager's programs on one GPU: its sync-free calls (a few thousand routed slots
+    each) take the one-launch permutation, and a bad route is raised at the next sync point."""
+    total = 0
+    for i, seed in enumerate(seeds(1)[:GPU_PROGRAMS]):
+        program = stateful.generate_program(seed, 1, STEPS, sync_free=True, shared=i % 3 == 2)
+        total += stateful.Runner(program, 0, None, device="cuda").run()["steps"]
+    assert total >= STEPS * len(seeds(1)[:GPU_PROGRAMS])
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda w: f"W{w}")

@@ -1,0 +1,80 @@
+// Device helpers of the permutation plan, shared by the multi-pass plan (route.cu) and the
+// one-launch permutation of small routes (route_small.cu): slot validation, the scan of the
+// padded expert counts, a slot's placement, and zeroing a row no source fills.
+#pragma once
+
+#include "common.cuh"
+
+namespace flexdispatch {
+namespace cuda {
+
+// Expert of a slot after validation: -1 for an unused, out-of-range or repeated slot, so
+// that count and map agree and nothing is ever written out of bounds; *bad gets the reason.
+template <int Kind>
+__device__ __forceinline__ int64_t checked_expert(const Route& route, int64_t row, int32_t slot,
+                                                  int64_t* bad) {
+  const int64_t e = route_at<Kind>(route, row, slot);
+  if (e == -1) return -1;
+  if (e < -1 || e >= route.num_experts) {
+    *bad |= kIndexOutOfRange;
+    return -1;
+  }
+  for (int32_t j = 0; j < slot; ++j) {
+    if (route_at<Kind>(route, row, j) == e) {
+      *bad |= kDuplicateIndex;
+      return -1;
+    }
+  }
+  return e;
+}
+
+// offsets[0, E): the exclusive scan over experts of padded(e), offsets[E] the total. Each thread
+// sums a contiguous segment of experts, then one block scan (scratch: 32 int64 of shared
+// memory); every thread of the block calls it.
+template <typename Padded>
+__device__ void scan_expert_offsets(int experts, Padded padded, int64_t* scratch, int64_t* offsets) {
+  const int seg = (experts + blockDim.x - 1) / blockDim.x;
+  const int begin = min(experts, int(threadIdx.x) * seg), end = min(experts, begin + seg);
+  int64_t mine = 0;
+  for (int e = begin; e < end; ++e) mine += padded(e);
+  int64_t total = 0;
+  int64_t running = block_exclusive_scan(mine, scratch, &total);
+  for (int e = begin; e < end; ++e) {
+    offsets[e] = running;
+    running += padded(e);
+  }
+  if (threadIdx.x == 0) offsets[experts] = total;
+}
+
+// Writes slot `entry` (row * slots + slot) of the map, dest or -1, and moves its prob to dest. A
+// dest at or past num_out is an overflow: the slot is left unplaced (-1) and *overflow is set.
+template <typename ProbBits>
+__device__ __forceinline__ void place_slot(int64_t dest, int64_t entry, const ProbBits* probs, int64_t num_out,
+                                           int32_t* row_id_map, ProbBits* probs_out, int64_t* overflow) {
+  if (dest >= num_out) {
+    *overflow = kOutputOverflow;
+    dest = -1;
+  } else if (dest >= 0 && probs != nullptr) {
+    probs_out[dest] = probs[entry];
+  }
+  row_id_map[entry] = static_cast<int32_t>(dest);
+}
+
+// Row `row` of dst (row_bytes, in V vectors) and its probs_out entry (nullable) set to zero by
+// the whole block.
+template <typename V>
+__device__ void zero_row(char* dst, int64_t row, int64_t row_bytes, char* probs_out, int prob_bytes) {
+  V* out = reinterpret_cast<V*>(dst + row * row_bytes);
+  const int64_t vecs = row_bytes / int64_t(sizeof(V));
+  for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x) out[v] = V{};
+  if (probs_out != nullptr && threadIdx.x == 0) {
+    if (prob_bytes == 8) {
+      reinterpret_cast<uint64_t*>(probs_out)[row] = 0;
+    } else {
+      reinterpret_cast<uint32_t*>(probs_out)[row] = 0;
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace flexdispatch

@@ -1,0 +1,195 @@
+// The permutation of a small top-k route in one launch. For a route of a few thousand
+// (row, slot) entries, the multi-pass plan's launches (count, map, scatter: route.cu, rows.cu)
+// cost the host and the device more than their work does. Here every block counts the whole
+// route itself (a few KB, read from L2), scans the padded expert totals, places the slots of
+// its own kSmallRows rows and moves those rows; block 0 writes the layout. The result equals
+// the multi-pass plan's bit for bit: a slot's output row is its expert's offset plus the
+// number of earlier rows routed to that expert.
+#include <algorithm>
+
+#include "common.cuh"
+#include "launch.h"
+#include "plan.cuh"
+
+namespace flexdispatch {
+namespace cuda {
+namespace {
+
+constexpr int kSmallThreads = 256;
+constexpr int kSmallRows = 8;             // rows a block places and moves (a bit each in `mine`)
+constexpr int32_t kSmallExperts = 1024;   // shared memory: about 20 bytes an expert
+constexpr int32_t kSmallSlots = 64;
+constexpr int64_t kSmallEntries = 8192;   // (row, slot) entries of the route
+constexpr int64_t kSmallReads = 1 << 20;  // entries read by all blocks together (entries * blocks)
+constexpr int64_t kSmallBytes = 4 << 20;  // bytes of input rows: beyond, the multi-pass scatter's wide grid wins
+
+int64_t small_blocks(int64_t rows) { return (rows + kSmallRows - 1) / kSmallRows; }
+
+// scratch [32] and offsets [E + 1] int64, then total, before and mine [E] and dests
+// [kSmallRows * slots] int32.
+size_t small_shared_bytes(int32_t experts, int32_t slots) {
+  return sizeof(int64_t) * (32 + size_t(experts) + 1) + sizeof(int32_t) * (3 * size_t(experts) + size_t(kSmallRows) * slots);
+}
+
+template <int Kind, typename V, typename ProbBits>
+__global__ void permute_small_kernel(Route route, int64_t pad_multiple, const char* __restrict__ src,
+                                     int64_t row_bytes, const ProbBits* probs, int64_t num_out,
+                                     char* __restrict__ dst, ProbBits* probs_out, int32_t* row_id_map,
+                                     int64_t* layout) {
+  allow_next_grid();
+  extern __shared__ int64_t shared[];
+  __shared__ int errors;
+  const int experts = route.num_experts;
+  const int32_t slots = route.slots;
+  int64_t* scratch = shared;
+  int64_t* offsets = scratch + 32;
+  int32_t* total = reinterpret_cast<int32_t*>(offsets + experts + 1);  // slots of each expert
+  int32_t* before = total + experts;  // ... in the rows before this block's
+  uint32_t* mine = reinterpret_cast<uint32_t*>(before + experts);  // bit c: row row0 + c has the expert
+  int32_t* dests = reinterpret_cast<int32_t*>(mine + experts);  // this block's slots' output rows
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    total[e] = 0;
+    before[e] = 0;
+    mine[e] = 0;
+  }
+  if (threadIdx.x == 0) errors = 0;
+  __syncthreads();
+
+  const int64_t row0 = int64_t(blockIdx.x) * kSmallRows;
+  int64_t bad = 0;
+  for (int64_t i = threadIdx.x; i < route.rows * slots; i += blockDim.x) {
+    const int64_t row = i / slots;
+    const int64_t e = checked_expert<Kind>(route, row, static_cast<int32_t>(i % slots), &bad);
+    if (e < 0) continue;
+    atomicAdd(&total[e], 1);
+    if (row < row0) {
+      atomicAdd(&before[e], 1);
+    } else if (row < row0 + kSmallRows) {
+      atomicOr(&mine[e], 1u << (row - row0));
+    }
+  }
+  if (bad) atomicOr(&errors, static_cast<int>(bad));
+  __syncthreads();
+  scan_expert_offsets(experts, [total, pad_multiple](int e) { return round_up(total[e], pad_multiple); }, scratch,
+                      offsets);
+  __syncthreads();
+  // Every block finds the same error word (the whole route's bits; a slot can only overflow an
+  // output too small for the padded total), so block 0 stores it: nothing needs zeroing first.
+  if (blockIdx.x == 0) {
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+      layout[layout_counts(experts) + e] = total[e];
+      layout[layout_padded(experts) + e] = round_up(total[e], pad_multiple);
+      layout[layout_offsets(experts) + e] = offsets[e];
+    }
+    if (threadIdx.x == 0) {
+      layout[layout_offsets(experts) + experts] = offsets[experts];
+      layout[layout_error(experts)] = errors | (offsets[experts] > num_out ? kOutputOverflow : 0);
+    }
+  }
+
+  const int rows = static_cast<int>(min(int64_t(kSmallRows), route.rows - row0));
+  int64_t overflow = 0;  // (already in the error word)
+  for (int i = threadIdx.x; i < rows * slots; i += blockDim.x) {
+    const int c = i / slots;
+    int64_t counted = 0;  // (already in the error word)
+    const int64_t e = checked_expert<Kind>(route, row0 + c, i % slots, &counted);
+    const int64_t dest = e < 0 ? -1 : offsets[e] + before[e] + __popc(mine[e] & ((1u << c) - 1u));
+    place_slot(dest, row0 * slots + i, probs, num_out, row_id_map, probs_out, &overflow);
+    dests[i] = dest < num_out ? static_cast<int32_t>(dest) : -1;
+  }
+  __syncthreads();
+
+  // The block's rows: each vector read once and stored at every destination of its row.
+  const int64_t vecs = row_bytes / int64_t(sizeof(V));
+  for (int64_t i = threadIdx.x; i < rows * vecs; i += blockDim.x) {
+    const int64_t c = i / vecs, v = i % vecs;
+    const V x = reinterpret_cast<const V*>(src + (row0 + c) * row_bytes)[v];
+    for (int32_t s = 0; s < slots; ++s) {
+      const int32_t d = dests[c * slots + s];
+      if (d >= 0) reinterpret_cast<V*>(dst + int64_t(d) * row_bytes)[v] = x;
+    }
+  }
+  // The rows no source fills, spread over the blocks: each expert's pad rows, then the tail.
+  char* zero_probs = reinterpret_cast<char*>(probs_out);
+  if (pad_multiple > 1) {
+    for (int e = blockIdx.x; e < experts; e += gridDim.x) {
+      const int64_t end = min(num_out, offsets[e] + round_up(total[e], pad_multiple));
+      for (int64_t row = offsets[e] + total[e]; row < end; ++row) {
+        zero_row<V>(dst, row, row_bytes, zero_probs, sizeof(ProbBits));
+      }
+    }
+  }
+  for (int64_t row = offsets[experts] + blockIdx.x; row < num_out; row += gridDim.x) {
+    zero_row<V>(dst, row, row_bytes, zero_probs, sizeof(ProbBits));
+  }
+}
+
+template <int Kind, typename V, typename ProbBits>
+cudaError_t launch_small(const Route& route, int64_t pad_multiple, const void* src, int64_t row_bytes,
+                         const void* probs, int64_t num_out, void* dst, void* probs_out, int32_t* row_id_map,
+                         int64_t* layout, cudaStream_t stream) {
+  const size_t bytes = small_shared_bytes(route.num_experts, route.slots);
+  const auto kernel = permute_small_kernel<Kind, V, ProbBits>;
+  const cudaError_t err = allow_dynamic_shared(kernel, bytes);
+  if (err != cudaSuccess) return err;
+  // (a plain launch: the first kernel of the op waits for whatever came before it)
+  kernel<<<static_cast<unsigned>(small_blocks(route.rows)), kSmallThreads, bytes, stream>>>(
+      route, pad_multiple, static_cast<const char*>(src), row_bytes, static_cast<const ProbBits*>(probs), num_out,
+      static_cast<char*>(dst), static_cast<ProbBits*>(probs_out), row_id_map, layout);
+  return cudaGetLastError();
+}
+
+// Rows moved 16, 4 or 1 bytes at a time (the widest that divides the row and both pointers).
+template <int Kind, typename ProbBits>
+cudaError_t launch_small_for_rows(const Route& route, int64_t pad_multiple, const void* src, int64_t row_bytes,
+                                  const void* probs, int64_t num_out, void* dst, void* probs_out,
+                                  int32_t* row_id_map, int64_t* layout, cudaStream_t stream) {
+  const int width = vector_bytes(row_bytes, src, dst);
+  if (width == 16) {
+    return launch_small<Kind, uint4, ProbBits>(route, pad_multiple, src, row_bytes, probs, num_out, dst, probs_out,
+                                               row_id_map, layout, stream);
+  }
+  if (width >= 4) {
+    return launch_small<Kind, uint32_t, ProbBits>(route, pad_multiple, src, row_bytes, probs, num_out, dst,
+                                                  probs_out, row_id_map, layout, stream);
+  }
+  return launch_small<Kind, uint8_t, ProbBits>(route, pad_multiple, src, row_bytes, probs, num_out, dst, probs_out,
+                                               row_id_map, layout, stream);
+}
+
+template <typename ProbBits>
+cudaError_t launch_small_for_route(const Route& route, int64_t pad_multiple, const void* src, int64_t row_bytes,
+                                   const void* probs, int64_t num_out, void* dst, void* probs_out,
+                                   int32_t* row_id_map, int64_t* layout, cudaStream_t stream) {
+  if (route.kind == kRouteIndex32) {
+    return launch_small_for_rows<kRouteIndex32, ProbBits>(route, pad_multiple, src, row_bytes, probs, num_out, dst,
+                                                          probs_out, row_id_map, layout, stream);
+  }
+  return launch_small_for_rows<kRouteIndex64, ProbBits>(route, pad_multiple, src, row_bytes, probs, num_out, dst,
+                                                        probs_out, row_id_map, layout, stream);
+}
+
+}  // namespace
+
+bool permute_small_fits(const Route& route, int64_t row_bytes) {
+  if (route.kind == kRouteMultihot || route.rows == 0) return false;
+  const int64_t entries = route.rows * route.slots;
+  return route.num_experts <= kSmallExperts && route.slots <= kSmallSlots && entries <= kSmallEntries &&
+         entries * small_blocks(route.rows) <= kSmallReads && route.rows * row_bytes <= kSmallBytes;
+}
+
+cudaError_t permute_small(const Route& route, int64_t pad_multiple, const void* src, int64_t row_bytes,
+                          const void* probs, int prob_bytes, int64_t num_out, void* dst, void* probs_out,
+                          int32_t* row_id_map, int64_t* layout, cudaStream_t stream) {
+  if (!permute_small_fits(route, row_bytes) || num_out < 0) return cudaErrorInvalidValue;
+  if (probs != nullptr && prob_bytes == 8) {
+    return launch_small_for_route<uint64_t>(route, pad_multiple, src, row_bytes, probs, num_out, dst, probs_out,
+                                            row_id_map, layout, stream);
+  }
+  if (probs != nullptr && prob_bytes != 4) return cudaErrorInvalidValue;
+  return launch_small_for_route<uint32_t>(route, pad_multiple, src, row_bytes, probs, num_out, dst, probs_out,
+                                          row_id_map, layout, stream);
+}
+
+}  // namespace cuda
+}  // namespace flexdispatch
