@@ -232,8 +232,9 @@ std::tuple<Tensor, Tensor> check_route(const Tensor& indices, int64_t num_expert
                                         stream), {
     const int32_t bits = fd::cpu::check_route(indices.data_ptr(), is64, prob_ptr, prob_kind, rows, slots,
                                               static_cast<int32_t>(num_experts), clean.data_ptr<int64_t>());
-    status[0] = bits;
-    status[1] = bits ? flag : 0;
+    int32_t* word = status.data_ptr<int32_t>();  // (a CPU tensor: written through its pointer,
+    word[0] = bits;                              // not by two tensor fills)
+    word[1] = bits ? static_cast<int32_t>(flag) : 0;
   });
   return {clean, status};
 }

@@ -18,7 +18,7 @@ cudaError_t indices_to_multihot(const void* indices, bool indices_are_64bit, con
 
 // Validation of indices [rows, slots] (int32 or int64) in one pass: clean [rows, slots] int64
 // gets them with out-of-range entries, and entries whose prob is not finite, set to -1;
-// status[0] (zeroed here) gets the ErrorBits found (range, duplicates, non-finite
+// status[0] (written whole, no zeroing needed) gets the ErrorBits found (range, duplicates, non-finite
 // probs) OR-ed in, and status[1] gets `flag` if any were found. probs [rows, slots] is
 // optional (prob_kind 0: none, 1: float32, 2: float64).
 cudaError_t check_route(const void* indices, bool indices_are_64bit, const void* probs, int32_t prob_kind,

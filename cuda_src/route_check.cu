@@ -12,14 +12,19 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// A route of at most this many entries is checked by one block, which stores the status words
+// itself: no zeroing before the kernel (a launch of its own), no atomics across blocks.
+constexpr int64_t kOneBlockEntries = 8192;
+constexpr int kOneBlockThreads = 1024;
 
 template <typename Prob>
 __device__ __forceinline__ bool finite_at(const void* probs, int64_t i) {
   return isfinite(static_cast<const Prob*>(probs)[i]);
 }
 
-// prob_kind: 0 no probs, 1 float32, 2 float64.
-template <typename Index>
+// prob_kind: 0 no probs, 1 float32, 2 float64. OneBlock: the launch is one block, which writes
+// both status words; else they are zeroed before the launch and ORed into.
+template <typename Index, bool OneBlock>
 __global__ void check_route_kernel(const Index* __restrict__ indices, const void* __restrict__ probs,
                                    int32_t prob_kind, int64_t rows, int32_t slots, int32_t num_experts,
                                    int32_t flag, int64_t* __restrict__ clean, int32_t* __restrict__ status) {
@@ -47,7 +52,17 @@ __global__ void check_route_kernel(const Index* __restrict__ indices, const void
     clean[i] = e;
   }
   for (int offset = 16; offset > 0; offset >>= 1) bad |= __shfl_xor_sync(kFullMask, bad, offset);
-  if (bad && threadIdx.x % 32 == 0) {
+  if constexpr (OneBlock) {
+    __shared__ int32_t block_bad;
+    if (threadIdx.x == 0) block_bad = 0;
+    __syncthreads();
+    if (bad && threadIdx.x % 32 == 0) atomicOr(&block_bad, bad);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      status[0] = block_bad;
+      status[1] = block_bad ? flag : 0;
+    }
+  } else if (bad && threadIdx.x % 32 == 0) {
     atomicOr(status, bad);
     status[1] = flag;  // every writer stores the same value
   }
@@ -57,11 +72,19 @@ template <typename Index>
 cudaError_t launch(const void* indices, const void* probs, int32_t prob_kind, int64_t rows, int32_t slots,
                    int32_t num_experts, int32_t flag, int64_t* clean, int32_t* status, cudaStream_t stream) {
   const int64_t total = rows * slots;
-  if (total == 0) return cudaSuccess;
+  if (total <= kOneBlockEntries) {  // (an empty route too: its status is written zero)
+    const int threads = static_cast<int>(std::clamp<int64_t>(round_up(total, 32), 32, kOneBlockThreads));
+    check_route_kernel<Index, true><<<1, threads, 0, stream>>>(static_cast<const Index*>(indices), probs,
+                                                               prob_kind, rows, slots, num_experts, flag,
+                                                               clean, status);
+    return cudaGetLastError();
+  }
+  const cudaError_t zeroed = cudaMemsetAsync(status, 0, 2 * sizeof(int32_t), stream);  // (no fill kernel)
+  if (zeroed != cudaSuccess) return zeroed;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(grid_for(total, kThreads), 4096));
-  check_route_kernel<Index><<<blocks, kThreads, 0, stream>>>(static_cast<const Index*>(indices), probs,
-                                                             prob_kind, rows, slots, num_experts, flag,
-                                                             clean, status);
+  check_route_kernel<Index, false><<<blocks, kThreads, 0, stream>>>(static_cast<const Index*>(indices), probs,
+                                                                    prob_kind, rows, slots, num_experts, flag,
+                                                                    clean, status);
   return cudaGetLastError();
 }
 
@@ -85,8 +108,6 @@ cudaError_t store_word(const void* src, int bytes, void* host_word, cudaStream_t
 cudaError_t check_route(const void* indices, bool indices_are_64bit, const void* probs, int32_t prob_kind,
                         int64_t rows, int32_t slots, int32_t num_experts, int32_t flag, int64_t* clean,
                         int32_t* status, cudaStream_t stream) {
-  const cudaError_t zeroed = cudaMemsetAsync(status, 0, 2 * sizeof(int32_t), stream);  // (no fill kernel)
-  if (zeroed != cudaSuccess) return zeroed;
   return indices_are_64bit
              ? launch<int64_t>(indices, probs, prob_kind, rows, slots, num_experts, flag, clean, status, stream)
              : launch<int32_t>(indices, probs, prob_kind, rows, slots, num_experts, flag, clean, status, stream);
