@@ -454,6 +454,23 @@ Tensor gather_rows(const Tensor& src, const Tensor& row_id_map, const std::optio
   return dst;
 }
 
+// [R, S] of values' dtype: values [N] (float32 or float64) read at each slot's output row, 0 at an
+// unused slot (the permuted probs' gradient back to the route's probs).
+Tensor gather_slots(const Tensor& values, const Tensor& row_id_map) {
+  prob_dtype_of(values, "values");
+  TORCH_CHECK_VALUE(values.dim() == 1, "values must be 1-D [num_out], got ", values.sizes());
+  check_contiguous(values, "values");
+  check_row_id_map(row_id_map, values);
+  auto out = torch::empty(row_id_map.sizes(), values.options());
+  const int bytes = static_cast<int>(values.element_size());
+  FD_ON_DEVICE(values, fd::cuda::gather_slots(values.data_ptr(), bytes, row_id_map.data_ptr<int32_t>(),
+                                            row_id_map.numel(), out.data_ptr(), stream), {
+    fd::cpu::gather_slots(values.data_ptr(), bytes, row_id_map.data_ptr<int32_t>(), row_id_map.numel(),
+                          out.data_ptr());
+  });
+  return out;
+}
+
 // Backward of gather_rows with probs: (grad_src [src rows, hidden], grad_probs [rows, slots]);
 // pad and tail rows of grad_src zeroed.
 std::tuple<Tensor, Tensor> gather_rows_backward(const Tensor& grad_out, const Tensor& src,
@@ -938,6 +955,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scatter_rows", &scatter_rows);
   m.def("gather_rows", &gather_rows);
   m.def("gather_rows_backward", &gather_rows_backward);
+  m.def("gather_slots", &gather_slots);
   m.def("quantize_fp8", &quantize_fp8);
   m.def("dequantize_fp8", &dequantize_fp8);
   m.def("permute_fp8", &permute_fp8);

@@ -108,6 +108,12 @@ cudaError_t gather_rows(DType dtype, const void* src, int64_t hidden, const int3
                         int32_t slots, const void* probs, int32_t prob_dtype, void* dst,
                         int64_t rows, cudaStream_t stream);
 
+// out [n] = values[row_id_map[i]] for every slot i with row_id_map[i] >= 0, else 0 (values of
+// value_bytes 4 or 8): the per-slot values of a permutation's output read back along its plan
+// (the permuted probs' gradient to the route's probs).
+cudaError_t gather_slots(const void* values, int value_bytes, const int32_t* row_id_map, int64_t n, void* out,
+                         cudaStream_t stream);
+
 // Backward of gather_rows with probs: grad_src[row_id_map[r, s]] = probs[r, s] * grad_out[r]
 // and grad_probs[r, s] = <grad_out[r], src[row_id_map[r, s]]> (0 for unused slots).
 cudaError_t gather_rows_backward(DType dtype, const void* grad_out, const void* src, int64_t hidden,

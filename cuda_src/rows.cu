@@ -282,6 +282,17 @@ __global__ void gather_rows_backward_kernel(const T* __restrict__ grad_out, cons
   }
 }
 
+// One thread per slot: out[i] = values[row_id_map[i]] for a placed slot, 0 for an unused one
+// (V: the values' 4- or 8-byte bits).
+template <typename V>
+__global__ void gather_slots_kernel(const V* __restrict__ values, const int32_t* __restrict__ row_id_map,
+                                    int64_t n, V* __restrict__ out) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int32_t d = row_id_map[i];
+    out[i] = d >= 0 ? values[d] : V(0);
+  }
+}
+
 // ---- launch helpers ---------------------------------------------------------------------
 
 template <typename V>
@@ -407,6 +418,23 @@ cudaError_t zero_unused_rows(const int64_t* layout, int32_t num_experts, bool pa
     return zero_as<decltype(v)>(layout, num_experts, padded, tail, dst, num_out, row_bytes, probs_out, prob_bytes,
                                 stream);
   });
+}
+
+cudaError_t gather_slots(const void* values, int value_bytes, const int32_t* row_id_map, int64_t n, void* out,
+                         cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(grid_for(n, kThreads), 1024));
+  if (value_bytes == 8) {
+    gather_slots_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const uint64_t*>(values), row_id_map, n,
+                                                       static_cast<uint64_t*>(out));
+  } else if (value_bytes == 4) {
+    gather_slots_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const uint32_t*>(values), row_id_map, n,
+                                                       static_cast<uint32_t*>(out));
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
 }
 
 cudaError_t gather_rows(DType dtype, const void* src, int64_t hidden, const int32_t* row_id_map,

@@ -455,9 +455,8 @@ def _permutation_backward(ctx, grad_out, grad_out_probs, *_):
     grad_rows = grad_probs = None
     if ctx.needs_input_grad[0] and grad_out is not None:
         grad_rows = gather_rows(grad_out, row_map, None, layout, num_experts, padded, has_tail)
-    if ctx.needs_input_grad[1] and grad_out_probs is not None:  # values[map[r, s]], 0 for unused slots
-        # (an unused slot's -1 takes the appended zero: take wraps negative indices; no indexing machinery)
-        grad_probs = torch.cat([grad_out_probs, grad_out_probs.new_zeros(1)]).take(row_map.long())
+    if ctx.needs_input_grad[1] and grad_out_probs is not None:
+        grad_probs = gather_slots(grad_out_probs, row_map)
     return (grad_rows, grad_probs) + (None,) * (inputs - 2)
 
 
@@ -550,6 +549,13 @@ def gather_rows(src: torch.Tensor, row_map: torch.Tensor, probs: Optional[torch.
                 num_experts: int, padded: bool, has_tail: bool) -> torch.Tensor:
     """``[R, H]``: row ``r`` sums ``src[map[r, s]]`` (times ``probs[r, s]``) in slot order."""
     return _C.gather_rows(src.contiguous(), row_map, _contiguous(probs))
+
+
+@_op(lambda values, row_map: values.new_empty(row_map.shape))
+def gather_slots(values: torch.Tensor, row_map: torch.Tensor) -> torch.Tensor:
+    """``[R, S]``: ``values [N]`` (float32 or float64) at each slot's output row, 0 at an unused
+    slot; the permuted probs' gradient to the route's probs, one kernel."""
+    return _C.gather_slots(values.contiguous(), row_map)
 
 
 @_op(lambda grad, src, row_map, probs, layout, num_experts, padded, has_tail: (src.new_empty(src.shape),

@@ -432,6 +432,7 @@ def _opcheck_cases():
         ("gather_rows_backward", ops.gather_rows_backward.default,
          (torch.randn(rows, hidden, generator=g), permuted.detach(), row_map, probs.detach(), layout, experts, False,
           False)),
+        ("gather_slots", ops.gather_slots.default, (torch.randn(n, generator=g), row_map)),
         ("quantize_fp8", ops.quantize_fp8.default, (x,)),
         ("dequantize_fp8", ops.dequantize_fp8.default, (q, scales, torch.bfloat16)),
         ("fp8_round_trip", ops.fp8_round_trip.default, (x,)),

@@ -171,6 +171,20 @@ def test_one_launch_permutation_is_the_planned_one(rows, experts, topk, fault, p
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,experts,topk", [(0, 4, 2), (300, 9, 3), (5000, 64, 8)])
+def test_gather_slots_reads_each_slots_output_row(device, dtype, rows, experts, topk):
+    """The permuted probs' gradient to the route's probs: each slot reads its output row's value,
+    an unused slot 0."""
+    idx = random_indices(rows, experts, topk, seed=5, device=device)
+    _, _, plan, _ = ops.permute_by_indices(random_tokens(rows, 8, torch.float32, device=device), idx,
+                                           num_experts=experts)
+    values = random_probs(1, plan.num_out, dtype, device=device).flatten() - 0.5
+    want = torch.where(plan.map >= 0, values[plan.map.clamp(min=0).long()] if plan.num_out else 0, 0).to(dtype)
+    assert torch.equal(_library.gather_slots(values, plan.map), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_num_out_tokens_tail_is_zero_and_overflow_raises(device, poison):
     rows, experts, topk = 200, 6, 2
     idx = random_indices(rows, experts, topk, seed=3, device=device)

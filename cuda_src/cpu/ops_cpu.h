@@ -33,6 +33,9 @@ void zero_unused_rows(const int64_t* layout, int32_t num_experts, bool padded, b
 void gather_rows(DType dtype, const void* src, int64_t hidden, const int32_t* row_id_map,
                  int32_t slots, const void* probs, int32_t prob_dtype, void* dst, int64_t rows);
 
+// (see ../launch.h: gather_slots)
+void gather_slots(const void* values, int value_bytes, const int32_t* row_id_map, int64_t n, void* out);
+
 void gather_rows_backward(DType dtype, const void* grad_out, const void* src, int64_t hidden,
                           const int32_t* row_id_map, int32_t slots, const void* probs,
                           DType prob_dtype, int64_t rows, void* grad_src, void* grad_probs);

@@ -121,6 +121,22 @@ void gather_rows(DType dtype, const void* src, int64_t hidden, const int32_t* ro
   });
 }
 
+namespace {
+template <typename V>
+void gather_slots_typed(const V* values, const int32_t* row_id_map, int64_t n, V* out) {
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) out[i] = row_id_map[i] >= 0 ? values[row_id_map[i]] : V(0);
+}
+}  // namespace
+
+void gather_slots(const void* values, int value_bytes, const int32_t* row_id_map, int64_t n, void* out) {
+  if (value_bytes == 8) {
+    gather_slots_typed(static_cast<const uint64_t*>(values), row_id_map, n, static_cast<uint64_t*>(out));
+  } else {
+    gather_slots_typed(static_cast<const uint32_t*>(values), row_id_map, n, static_cast<uint32_t*>(out));
+  }
+}
+
 void gather_rows_backward(DType dtype, const void* grad_out, const void* src, int64_t hidden,
                           const int32_t* row_id_map, int32_t slots, const void* probs,
                           DType prob_dtype, int64_t rows, void* grad_src, void* grad_probs) {
