@@ -10,8 +10,10 @@ the GPU waits for the host's launches. This prints, per call:
   host us         wall time of many calls queued with one sync at the end (median of 5 batches),
                   forward and forward + backward, and the same for the layer without the
                   dispatcher (softmax and experts alone) and for torch's cheapest device op
-  device ops      the kernels, copies and fills one forward and one backward queue (torch.profiler),
-                  each with the Python frame of flexdispatch that queued it
+  device ops      the kernels, copies and fills one forward and one backward queue (torch.profiler):
+                  on CUDA the runtime calls, each named with the aten op around it ("-" for the
+                  extension's own launches); on the CPU the outermost aten ops, each with the
+                  Python frame of flexdispatch that called it
   cProfile        the functions with the most own time over the forwards + backwards
 
 On ``--device cpu`` the same runs on the CPU kernels (a smoke test; there is no launch cost).
