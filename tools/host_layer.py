@@ -22,12 +22,7 @@ On ``--device cpu`` the same runs on the CPU kernels (a smoke test; there is no 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,21 +31,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import flexdispatch as fd  # noqa: E402
 from bench_compile import layer  # noqa: E402
-
-
-def host_us(fn, device: str, calls: int) -> float:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(10):
-        fn()
-    sync()
-    batches = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        batches.append((time.perf_counter() - start) / calls * 1e6)
-        sync()
-    return statistics.median(batches)
+from timing import host_us, own_time_top  # noqa: E402
 
 
 def experts_alone(d, x, logits, scales):
@@ -150,16 +131,7 @@ def main() -> int:
         for name, frame in queued:
             print(f"  {name[:70]:70s} {frame}")
 
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(args.calls):
-        forward_backward()
-    profiler.disable()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top)
-    print(f"cProfile of {args.calls} forwards + backwards, by own time:\n{text.getvalue()}")
+    print(f"cProfile of {args.calls} forwards + backwards, by own time:\n{own_time_top(forward_backward, dev, args.calls, args.top)}")
     return 0
 
 

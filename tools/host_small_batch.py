@@ -23,12 +23,7 @@ kernels (a smoke test of the tool; the numbers are not the question there).
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,22 +31,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from flexdispatch import _library, ops  # noqa: E402
-from timing import device_ops, one_call_events  # noqa: E402
-
-
-def host_us(fn, device: str, calls: int) -> float:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(20):
-        fn()
-    sync()
-    batches = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        batches.append((time.perf_counter() - start) / calls * 1e6)
-        sync()
-    return statistics.median(batches)
+from timing import device_ops, host_us, one_call_events, own_time_top  # noqa: E402
 
 
 def main() -> int:
@@ -107,16 +87,7 @@ def main() -> int:
         runtime = [e for e in events if e.name.startswith("cuda") and e.device_type != torch.autograd.DeviceType.CUDA]
         print("CUDA runtime calls of one pair, host us: " + ", ".join(f"{e.name} {e.cpu_time_total:.1f}" for e in runtime))
 
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(args.calls):
-        pair()
-    profiler.disable()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top)
-    print(f"cProfile of {args.calls} pairs, by own time:\n{text.getvalue()}")
+    print(f"cProfile of {args.calls} pairs, by own time:\n{own_time_top(pair, dev, args.calls, args.top)}")
     return 0
 
 

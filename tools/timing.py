@@ -1,9 +1,13 @@
-"""Shared by the GPU tools: CUDA-event timing (warm up, then the median of many runs) and
-one process per local GPU on an NCCL group."""
+"""Shared by the GPU tools: CUDA-event timing (warm up, then the median of many runs), host time
+per call and cProfile's top functions, and one process per local GPU on an NCCL group."""
 
+import cProfile
+import io
 import os
+import pstats
 import socket
 import statistics
+import time
 from typing import Callable, Optional
 
 import torch
@@ -64,6 +68,38 @@ def device_ops(events: list) -> list:
     """The device operations (kernels, copies, fills) among profiler ``events``: (name, device
     microseconds) each, in queue order."""
     return [(e.name, e.device_time_total) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def host_us(fn: Callable[[], object], device: str, calls: int, warmup: int = 20) -> float:
+    """Host microseconds a call of ``fn``: ``calls`` calls queued with one sync after them, the
+    median of 5 such batches (on a GPU, the host's pace whenever it is slower than the device's)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    batches = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        batches.append((time.perf_counter() - start) / calls * 1e6)
+        sync()
+    return statistics.median(batches)
+
+
+def own_time_top(fn: Callable[[], object], device: str, calls: int, top: int) -> str:
+    """cProfile's ``top`` functions by own time over ``calls`` calls of ``fn`` (the extension's
+    rows hold its C++ side), as text."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
 
 
 def back_to_back_ms(fn: Callable[[], object], iters: int, repeats: int = 5, warmup: int = 3) -> float:
