@@ -131,14 +131,20 @@ def captured_timings(d, inputs, grad, args) -> dict:
     return {phase: median_ms(graph.replay, args) for phase, graph in graphs.items()}
 
 
-def run_mode(mode: str, args) -> None:
+def layer_inputs(args, dtype: torch.dtype):
+    """The layer's inputs ``(x [T, H] needing a gradient, router logits [T, E], the experts'
+    scales [E, H])`` and the output's gradient ``[T, H]``, seeded, on ``args.device``."""
     g = torch.Generator().manual_seed(0)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    x = torch.randn(args.tokens, args.hidden, generator=g).to(device, dtype).requires_grad_()
-    logits = torch.randn(args.tokens, args.experts, generator=g).to(device)
-    scales = (1 + torch.rand(args.experts, args.hidden, generator=g)).to(device, dtype)
-    grad = torch.randn(args.tokens, args.hidden, generator=g).to(device, dtype)
-    inputs, sync_free = (x, logits, scales), mode == "sync-free"
+    x = torch.randn(args.tokens, args.hidden, generator=g).to(args.device, dtype).requires_grad_()
+    logits = torch.randn(args.tokens, args.experts, generator=g).to(args.device)
+    scales = (1 + torch.rand(args.experts, args.hidden, generator=g)).to(args.device, dtype)
+    grad = torch.randn(args.tokens, args.hidden, generator=g).to(args.device, dtype)
+    return (x, logits, scales), grad
+
+
+def run_mode(mode: str, args) -> None:
+    inputs, grad = layer_inputs(args, getattr(torch, args.dtype))
+    x, sync_free = inputs[0], mode == "sync-free"
 
     torch._dynamo.reset()
     explained = torch._dynamo.explain(layer)(dispatcher(args, sync_free), *inputs)

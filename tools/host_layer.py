@@ -30,7 +30,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import flexdispatch as fd  # noqa: E402
-from bench_compile import layer  # noqa: E402
+from bench_compile import dispatcher, layer, layer_inputs  # noqa: E402
 from timing import host_us, own_time_top  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def queued_ops(fn, device: str) -> list:
             torch.cuda.synchronize()
     events = prof.events()
     if device != "cuda":
-        return [(e.name, _frame(e)) for e in events if e.name.startswith("aten::") and not _under_aten(e)]
+        return [(e.name, _frame(e)) for e in events if e.name.startswith("aten::") and _aten_above(e) == "-"]
     queueing = ("Launch", "Memset", "Memcpy")
     return [(f"{e.name} ({_aten_above(e)})", _frame(e)) for e in events
             if e.device_type != torch.autograd.DeviceType.CUDA and e.name.startswith("cuda")
@@ -66,15 +66,6 @@ def _aten_above(event) -> str:
     while parent is not None and not parent.name.startswith("aten::"):
         parent = parent.cpu_parent
     return "-" if parent is None else parent.name
-
-
-def _under_aten(event) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return True
-        parent = parent.cpu_parent
-    return False
 
 
 def _frame(event) -> str:
@@ -99,15 +90,9 @@ def main() -> int:
     args = parser.parse_args()
     dev = args.device
     fd.ops.load_kernels()
-    cfg = fd.MoEConfig(num_moe_experts=args.experts, moe_router_topk=args.topk,
-                       moe_sync_free=args.mode == "sync-free", moe_share_token_dispatcher=False)
-    d = fd.MoEFlexTokenDispatcher(args.experts, list(range(args.experts)), cfg)
-    g = torch.Generator().manual_seed(0)
+    d = dispatcher(args, args.mode == "sync-free")
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    x = torch.randn(args.tokens, args.hidden, generator=g).to(dev, dtype).requires_grad_()
-    logits = torch.randn(args.tokens, args.experts, generator=g).to(dev)
-    scales = (1 + torch.rand(args.experts, args.hidden, generator=g)).to(dev, dtype)
-    grad = torch.randn(args.tokens, args.hidden, generator=g).to(dev, dtype)
+    (x, logits, scales), grad = layer_inputs(args, dtype)
 
     def forward():
         return layer(d, x, logits, scales)
@@ -131,7 +116,8 @@ def main() -> int:
         for name, frame in queued:
             print(f"  {name[:70]:70s} {frame}")
 
-    print(f"cProfile of {args.calls} forwards + backwards, by own time:\n{own_time_top(forward_backward, dev, args.calls, args.top)}")
+    top = own_time_top(forward_backward, dev, args.calls, args.top)
+    print(f"cProfile of {args.calls} forwards + backwards, by own time:\n{top}")
     return 0
 
 
