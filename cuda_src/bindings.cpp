@@ -251,11 +251,21 @@ bool map_scans(const fd::Route& r, const Tensor& route, int64_t num_out) {
 #endif
 }
 
+// The limits every permutation's plan shares: each expert's rows padded to a multiple >= 1, and
+// an output row count the int32 map can name.
+void check_pad_multiple(int64_t pad_multiple) {
+  TORCH_CHECK_VALUE(pad_multiple >= 1, "pad_multiple must be >= 1, got ", pad_multiple);
+}
+
+void check_out_rows(int64_t num_out) {
+  TORCH_CHECK_VALUE(num_out < (int64_t(1) << 31), "at most 2^31 - 1 output rows are supported");
+}
+
 // Count and scan (the scan left to route_map when map_scans): (chunk_offsets [chunks, E + 1]
 // int32, layout [3E + 2] int64), no sync. (Two allocations: carving both from one costs more
 // host time in view calls than the allocation it saves.)
 std::tuple<Tensor, Tensor> route_plan(const fd::Route& r, const Tensor& route, int64_t pad_multiple, bool map_scans) {
-  TORCH_CHECK_VALUE(pad_multiple >= 1, "pad_multiple must be >= 1, got ", pad_multiple);
+  check_pad_multiple(pad_multiple);
   const int64_t chunks = fd::num_chunks_for(r.rows, r.num_experts);
   auto chunk_offsets = torch::empty({chunks, int64_t(r.num_experts) + 1}, route.options().dtype(at::kInt));
   auto layout = torch::empty({fd::layout_size(r.num_experts)}, route.options().dtype(at::kLong));
@@ -342,7 +352,7 @@ bool size_output(const fd::Route& r, const Tensor& layout, int64_t& num_out, std
     if (h[fd::layout_error(r.num_experts)] != 0) return false;
     num_out = h[fd::layout_offsets(r.num_experts) + r.num_experts];
   }
-  TORCH_CHECK_VALUE(num_out < (int64_t(1) << 31), "at most 2^31 - 1 output rows are supported");
+  check_out_rows(num_out);
   return true;
 }
 
@@ -373,8 +383,8 @@ Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multi
 // (route_small.cu) instead of the plan's passes and the scatter. Returns as permute_with.
 Permuted permute_small(const fd::Route& r, const Tensor& route, int64_t pad_multiple, int64_t num_out,
                        const Tensor& tokens, const std::optional<Tensor>& probs) {
-  TORCH_CHECK_VALUE(pad_multiple >= 1, "pad_multiple must be >= 1, got ", pad_multiple);
-  TORCH_CHECK_VALUE(num_out < (int64_t(1) << 31), "at most 2^31 - 1 output rows are supported");
+  check_pad_multiple(pad_multiple);
+  check_out_rows(num_out);
   auto layout = torch::empty({fd::layout_size(r.num_experts)}, route.options().dtype(at::kLong));
   auto row_id_map = torch::empty({r.rows, r.slots}, route.options().dtype(at::kInt));
   auto [p, prob_bytes, probs_out] = moved_probs(route, probs, num_out);
