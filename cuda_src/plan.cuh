@@ -46,11 +46,30 @@ __device__ void scan_expert_offsets(int experts, Padded padded, int64_t* scratch
   if (threadIdx.x == 0) offsets[experts] = total;
 }
 
-// Writes slot `entry` (row * slots + slot) of the map, dest or -1, and moves its prob to dest. A
-// dest at or past num_out is an overflow: the slot is left unplaced (-1) and *overflow is set.
+// The expert offsets of per-expert slot counts `total` [E] padded to pad_multiple (offsets
+// [E + 1], the last the rows used; scratch: 32 int64 of shared memory), every thread of the
+// block calling; with `layout` (one block's call), also the layout's counts, padded counts and
+// offsets (not its error word).
+__device__ __forceinline__ void offsets_from_totals(const int32_t* total, int experts, int64_t pad_multiple,
+                                                    int64_t* scratch, int64_t* offsets, int64_t* layout) {
+  scan_expert_offsets(experts, [total, pad_multiple](int e) { return round_up(total[e], pad_multiple); }, scratch,
+                      offsets);
+  __syncthreads();
+  if (layout == nullptr) return;
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    layout[layout_counts(experts) + e] = total[e];
+    layout[layout_padded(experts) + e] = round_up(total[e], pad_multiple);
+    layout[layout_offsets(experts) + e] = offsets[e];
+  }
+  if (threadIdx.x == 0) layout[layout_offsets(experts) + experts] = offsets[experts];
+}
+
+// Writes slot `entry` (row * slots + slot) of the map, dest or -1, and moves its prob to dest;
+// returns what it wrote. A dest at or past num_out is an overflow: the slot is left unplaced
+// (-1) and *overflow is set.
 template <typename ProbBits>
-__device__ __forceinline__ void place_slot(int64_t dest, int64_t entry, const ProbBits* probs, int64_t num_out,
-                                           int32_t* row_id_map, ProbBits* probs_out, int64_t* overflow) {
+__device__ __forceinline__ int32_t place_slot(int64_t dest, int64_t entry, const ProbBits* probs, int64_t num_out,
+                                              int32_t* row_id_map, ProbBits* probs_out, int64_t* overflow) {
   if (dest >= num_out) {
     *overflow = kOutputOverflow;
     dest = -1;
@@ -58,6 +77,7 @@ __device__ __forceinline__ void place_slot(int64_t dest, int64_t entry, const Pr
     probs_out[dest] = probs[entry];
   }
   row_id_map[entry] = static_cast<int32_t>(dest);
+  return static_cast<int32_t>(dest);
 }
 
 // Row `row` of dst (row_bytes, in V vectors) and its probs_out entry (nullable) set to zero by
@@ -74,6 +94,14 @@ __device__ void zero_row(char* dst, int64_t row, int64_t row_bytes, char* probs_
       reinterpret_cast<uint32_t*>(probs_out)[row] = 0;
     }
   }
+}
+
+// Rows first + part, first + part + parts, ... below end (and their probs_out entries) set to
+// zero by the whole block: part `part` of `parts` blocks sharing the rows [first, end).
+template <typename V>
+__device__ void zero_rows(int64_t first, int64_t end, int64_t part, int64_t parts, char* dst, int64_t row_bytes,
+                          char* probs_out, int prob_bytes) {
+  for (int64_t row = first + part; row < end; row += parts) zero_row<V>(dst, row, row_bytes, probs_out, prob_bytes);
 }
 
 }  // namespace cuda

@@ -175,17 +175,8 @@ __device__ ChunkPlace scan_in_block(const int32_t* chunk_counts, int64_t num_chu
     }
   }
   __syncthreads();
-  scan_expert_offsets(experts, [total, pad_multiple](int e) { return round_up(total[e], pad_multiple); }, scratch,
-                      offsets);
-  __syncthreads();
-  if (blockIdx.x == 0 && blockIdx.y == 0) {
-    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
-      layout[layout_counts(experts) + e] = total[e];
-      layout[layout_padded(experts) + e] = round_up(total[e], pad_multiple);
-      layout[layout_offsets(experts) + e] = offsets[e];
-    }
-    if (threadIdx.x == 0) layout[layout_offsets(experts) + experts] = offsets[experts];
-  }
+  offsets_from_totals(total, experts, pad_multiple, scratch, offsets,
+                      blockIdx.x == 0 && blockIdx.y == 0 ? layout : nullptr);
   return {offsets, before, *errors};
 }
 

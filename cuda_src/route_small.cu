@@ -70,21 +70,11 @@ __global__ void permute_small_kernel(Route route, int64_t pad_multiple, const ch
   }
   if (bad) atomicOr(&errors, static_cast<int>(bad));
   __syncthreads();
-  scan_expert_offsets(experts, [total, pad_multiple](int e) { return round_up(total[e], pad_multiple); }, scratch,
-                      offsets);
-  __syncthreads();
+  offsets_from_totals(total, experts, pad_multiple, scratch, offsets, blockIdx.x == 0 ? layout : nullptr);
   // Every block finds the same error word (the whole route's bits; a slot can only overflow an
   // output too small for the padded total), so block 0 stores it: nothing needs zeroing first.
-  if (blockIdx.x == 0) {
-    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
-      layout[layout_counts(experts) + e] = total[e];
-      layout[layout_padded(experts) + e] = round_up(total[e], pad_multiple);
-      layout[layout_offsets(experts) + e] = offsets[e];
-    }
-    if (threadIdx.x == 0) {
-      layout[layout_offsets(experts) + experts] = offsets[experts];
-      layout[layout_error(experts)] = errors | (offsets[experts] > num_out ? kOutputOverflow : 0);
-    }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    layout[layout_error(experts)] = errors | (offsets[experts] > num_out ? kOutputOverflow : 0);
   }
 
   const int rows = static_cast<int>(min(int64_t(kSmallRows), route.rows - row0));
@@ -94,8 +84,7 @@ __global__ void permute_small_kernel(Route route, int64_t pad_multiple, const ch
     int64_t counted = 0;  // (already in the error word)
     const int64_t e = checked_expert<Kind>(route, row0 + c, i % slots, &counted);
     const int64_t dest = e < 0 ? -1 : offsets[e] + before[e] + __popc(mine[e] & ((1u << c) - 1u));
-    place_slot(dest, row0 * slots + i, probs, num_out, row_id_map, probs_out, &overflow);
-    dests[i] = dest < num_out ? static_cast<int32_t>(dest) : -1;
+    dests[i] = place_slot(dest, row0 * slots + i, probs, num_out, row_id_map, probs_out, &overflow);
   }
   __syncthreads();
 
@@ -113,15 +102,11 @@ __global__ void permute_small_kernel(Route route, int64_t pad_multiple, const ch
   char* zero_probs = reinterpret_cast<char*>(probs_out);
   if (pad_multiple > 1) {
     for (int e = blockIdx.x; e < experts; e += gridDim.x) {
-      const int64_t end = min(num_out, offsets[e] + round_up(total[e], pad_multiple));
-      for (int64_t row = offsets[e] + total[e]; row < end; ++row) {
-        zero_row<V>(dst, row, row_bytes, zero_probs, sizeof(ProbBits));
-      }
+      zero_rows<V>(offsets[e] + total[e], min(num_out, offsets[e] + round_up(total[e], pad_multiple)), 0, 1, dst,
+                   row_bytes, zero_probs, sizeof(ProbBits));
     }
   }
-  for (int64_t row = offsets[experts] + blockIdx.x; row < num_out; row += gridDim.x) {
-    zero_row<V>(dst, row, row_bytes, zero_probs, sizeof(ProbBits));
-  }
+  zero_rows<V>(offsets[experts], num_out, blockIdx.x, gridDim.x, dst, row_bytes, zero_probs, sizeof(ProbBits));
 }
 
 template <int Kind, typename V, typename ProbBits>

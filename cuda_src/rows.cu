@@ -96,10 +96,6 @@ __global__ void scatter_rows_warp_kernel(const char* __restrict__ src, int64_t r
 constexpr int kRowSegment = 128;
 constexpr int32_t kCompactSlots = 16;
 
-template <typename V>
-__device__ void zero_tail(int64_t block, int64_t blocks, const int64_t* layout, int32_t experts, int64_t num_out,
-                          char* dst, int64_t row_bytes, char* probs_out, int prob_bytes);
-
 // Blocks past scatter_blocks (when the launch has any) zero the output's unused tail instead,
 // after every row: a launch of its own cost the host a launch and the device its tail.
 template <typename V, bool Compact>
@@ -109,8 +105,8 @@ __global__ void scatter_row_segments_kernel(const char* __restrict__ src, int64_
   wait_for_previous_grid();
   allow_next_grid();
   if (blockIdx.x >= scatter_blocks) {
-    zero_tail<V>(blockIdx.x - scatter_blocks, gridDim.x - scatter_blocks, tail.layout, tail.experts, tail.num_out,
-                 dst, row_bytes, static_cast<char*>(tail.probs_out), tail.prob_bytes);
+    zero_rows<V>(tail.layout[layout_offsets(tail.experts) + tail.experts], tail.num_out, blockIdx.x - scatter_blocks,
+                 gridDim.x - scatter_blocks, dst, row_bytes, static_cast<char*>(tail.probs_out), tail.prob_bytes);
     return;
   }
   extern __shared__ int32_t compacted[];
@@ -156,16 +152,6 @@ __global__ void scatter_small_rows_kernel(const char* __restrict__ src, int64_t 
   }
 }
 
-// Block `block` of `blocks` zeroes rows block, block + blocks, ... of the unused tail (from
-// offsets[E], the rows used, to num_out) and their probs_out entries.
-template <typename V>
-__device__ void zero_tail(int64_t block, int64_t blocks, const int64_t* layout, int32_t experts, int64_t num_out,
-                          char* dst, int64_t row_bytes, char* probs_out, int prob_bytes) {
-  for (int64_t row = layout[layout_offsets(experts) + experts] + block; row < num_out; row += blocks) {
-    zero_row<V>(dst, row, row_bytes, probs_out, prob_bytes);
-  }
-}
-
 // Blocks that zero a tail of num_out rows at most: one a row, up to 1024.
 int64_t tail_blocks_for(int64_t num_out) { return std::min<int64_t>(num_out, 1024); }
 
@@ -180,9 +166,7 @@ __global__ void zero_pad_rows_kernel(const int64_t* layout, int32_t experts, int
   const int e = blockIdx.x;
   const int64_t start = layout[layout_offsets(experts) + e] + layout[layout_counts(experts) + e];
   const int64_t end = min(num_out, layout[layout_offsets(experts) + e] + layout[layout_padded(experts) + e]);
-  for (int64_t row = start + blockIdx.y; row < end; row += gridDim.y) {
-    zero_row<V>(dst, row, row_bytes, probs_out, prob_bytes);
-  }
+  zero_rows<V>(start, end, blockIdx.y, gridDim.y, dst, row_bytes, probs_out, prob_bytes);
 }
 
 template <typename V>
@@ -190,7 +174,8 @@ __global__ void zero_tail_rows_kernel(const int64_t* layout, int32_t experts, in
                                       char* dst, int64_t row_bytes, char* probs_out, int prob_bytes) {
   wait_for_previous_grid();
   allow_next_grid();
-  zero_tail<V>(blockIdx.x, gridDim.x, layout, experts, num_out, dst, row_bytes, probs_out, prob_bytes);
+  zero_rows<V>(layout[layout_offsets(experts) + experts], num_out, blockIdx.x, gridDim.x, dst, row_bytes, probs_out,
+               prob_bytes);
 }
 
 template <typename T, typename P, typename Acc, int VecN>
