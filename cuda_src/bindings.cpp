@@ -356,6 +356,24 @@ bool size_output(const fd::Route& r, const Tensor& layout, int64_t& num_out, std
   return true;
 }
 
+// Queue a copy of src[index] (one word of a contiguous int32 or int64 device tensor) to the
+// pinned host word of the same dtype at dst_address, its device mapping (mapped_address plus
+// the word's offset), on the current stream: an error word read later without a sync
+// (flexdispatch/_library.py). CUDA only.
+void queue_word_copy(const Tensor& src, int64_t index, int64_t dst_address) {
+  TORCH_CHECK_TYPE(src.scalar_type() == at::kInt || src.scalar_type() == at::kLong,
+                   "src must be int32 or int64, got ", src.scalar_type());
+  TORCH_CHECK_VALUE(index >= 0 && index < src.numel(), "word ", index, " of ", src.numel());
+  TORCH_CHECK_VALUE(dst_address != 0 && dst_address % src.element_size() == 0,
+                    "dst_address must be an aligned mapped address (mapped_address), got ", dst_address);
+  check_contiguous(src, "src");
+  const int bytes = static_cast<int>(src.element_size());
+  FD_ON_DEVICE(src, fd::cuda::store_word(static_cast<const char*>(src.data_ptr()) + index * bytes, bytes,
+                                         reinterpret_cast<void*>(dst_address), stream), {
+    TORCH_CHECK_VALUE(false, "queue_word_copy copies from CUDA devices only");
+  });
+}
+
 // (out [N, H], out_probs [N] or None, row_id_map [R, S], layout, host_layout or None).
 using Permuted = std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>>;
 
@@ -380,9 +398,10 @@ Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multi
 
 #ifdef FLEXDISPATCH_WITH_CUDA
 // The permutation of a small top-k route on a CUDA device, its size known: one launch
-// (route_small.cu) instead of the plan's passes and the scatter. Returns as permute_with.
+// (route_small.cu) instead of the plan's passes and the scatter, which also stores the error
+// word at error_address (0: none). Returns as permute_with.
 Permuted permute_small(const fd::Route& r, const Tensor& route, int64_t pad_multiple, int64_t num_out,
-                       const Tensor& tokens, const std::optional<Tensor>& probs) {
+                       const Tensor& tokens, const std::optional<Tensor>& probs, int64_t error_address) {
   check_pad_multiple(pad_multiple);
   check_out_rows(num_out);
   auto layout = torch::empty({fd::layout_size(r.num_experts)}, route.options().dtype(at::kLong));
@@ -392,28 +411,32 @@ Permuted permute_small(const fd::Route& r, const Tensor& route, int64_t pad_mult
   void* po = probs_out.has_value() ? probs_out->data_ptr() : nullptr;
   FD_ON_DEVICE(route, fd::cuda::permute_small(r, pad_multiple, tokens.data_ptr(), tokens.size(1) * tokens.element_size(),
                                             p, prob_bytes, num_out, out.data_ptr(), po,
-                                            row_id_map.data_ptr<int32_t>(), layout.data_ptr<int64_t>(), stream), {});
+                                            row_id_map.data_ptr<int32_t>(), layout.data_ptr<int64_t>(),
+                                            reinterpret_cast<void*>(error_address), stream), {});
   return {out, probs_out, row_id_map, layout, std::nullopt};
 }
 #endif
 
 // The whole permutation in one call: plan, (sync when num_out < 0), map, rows, zero fill.
-// Returns as permute_with.
+// With num_out given on a CUDA device, error_address (0: none; see queue_word_copy) gets the
+// layout's error word once the rows are placed. Returns as permute_with.
 Permuted permute(const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out,
-                 const Tensor& tokens, const std::optional<Tensor>& probs) {
+                 const Tensor& tokens, const std::optional<Tensor>& probs, int64_t error_address) {
   const fd::Route r = route_of(route, num_experts);
   as_rows(tokens, "tokens");
   check_same_device(route, tokens, "tokens");
   TORCH_CHECK_VALUE(tokens.size(0) == r.rows, "tokens has ", tokens.size(0), " rows, the route ", r.rows);
 #ifdef FLEXDISPATCH_WITH_CUDA
   if (num_out >= 0 && route.is_cuda() && fd::cuda::permute_small_fits(r, tokens.size(1) * tokens.element_size())) {
-    return permute_small(r, route, pad_multiple, num_out, tokens, probs);
+    return permute_small(r, route, pad_multiple, num_out, tokens, probs, error_address);
   }
 #endif
-  return permute_with(r, route, pad_multiple, num_out, probs, tokens, tokens.size(1),
+  Permuted result = permute_with(r, route, pad_multiple, num_out, probs, tokens, tokens.size(1),
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
                         return scatter_into(tokens, map, n, layout, num_experts, pad_multiple > 1, tail, probs_out);
                       });
+  if (error_address != 0 && num_out >= 0) queue_word_copy(std::get<3>(result), fd::layout_error(r.num_experts), error_address);
+  return result;
 }
 
 // The plan alone: (row_id_map, layout, host_layout or None); sizes itself when num_out < 0.
@@ -611,24 +634,6 @@ Tensor mask_unless_agreed(const Tensor& headers, const Tensor& indices, at::Scal
                                 out.data_ptr(), out64);
   });
   return out;
-}
-
-// Queue a copy of src[index] (one word of a contiguous int32 or int64 device tensor) to the
-// pinned host word of the same dtype at dst_address, its device mapping (mapped_address plus
-// the word's offset), on the current stream: an error word read later without a sync
-// (flexdispatch/_library.py). CUDA only.
-void queue_word_copy(const Tensor& src, int64_t index, int64_t dst_address) {
-  TORCH_CHECK_TYPE(src.scalar_type() == at::kInt || src.scalar_type() == at::kLong,
-                   "src must be int32 or int64, got ", src.scalar_type());
-  TORCH_CHECK_VALUE(index >= 0 && index < src.numel(), "word ", index, " of ", src.numel());
-  TORCH_CHECK_VALUE(dst_address != 0 && dst_address % src.element_size() == 0,
-                    "dst_address must be an aligned mapped address (mapped_address), got ", dst_address);
-  check_contiguous(src, "src");
-  const int bytes = static_cast<int>(src.element_size());
-  FD_ON_DEVICE(src, fd::cuda::store_word(static_cast<const char*>(src.data_ptr()) + index * bytes, bytes,
-                                         reinterpret_cast<void*>(dst_address), stream), {
-    TORCH_CHECK_VALUE(false, "queue_word_copy copies from CUDA devices only");
-  });
 }
 
 #ifdef FLEXDISPATCH_WITH_CUDA

@@ -74,10 +74,11 @@ bool permute_small_fits(const Route& route, int64_t row_bytes);
 
 // The whole permutation of such a route, its output size num_out known, in one launch:
 // layout, row_id_map, probs_out (nullable) and dst [num_out] rows of row_bytes as route_plan,
-// route_map, scatter_rows and zero_unused_rows leave them, bit for bit.
+// route_map, scatter_rows and zero_unused_rows leave them, bit for bit; the layout's error word
+// also goes to host_word (nullable: an int64 of pinned host memory, its device mapping).
 cudaError_t permute_small(const Route& route, int64_t pad_multiple, const void* src, int64_t row_bytes,
                           const void* probs, int prob_bytes, int64_t num_out, void* dst, void* probs_out,
-                          int32_t* row_id_map, int64_t* layout, cudaStream_t stream);
+                          int32_t* row_id_map, int64_t* layout, void* host_word, cudaStream_t stream);
 
 // The unused tail of a permutation's output: rows from layout's offsets[E] (the rows used) up
 // to num_out, zeroed with their probs_out entries (nullable, prob_bytes 4 or 8).

@@ -4,7 +4,8 @@
 // route itself (a few KB, read from L2), scans the padded expert totals, places the slots of
 // its own kSmallRows rows and moves those rows; block 0 writes the layout. The result equals
 // the multi-pass plan's bit for bit: a slot's output row is its expert's offset plus the
-// number of earlier rows routed to that expert.
+// number of earlier rows routed to that expert. The kernel also stores its error word to the
+// caller's pinned host word (when given), which spares the op a launch to copy it there.
 #include <algorithm>
 
 #include "common.cuh"
@@ -15,7 +16,7 @@ namespace flexdispatch {
 namespace cuda {
 namespace {
 
-constexpr int kSmallThreads = 256;
+constexpr int kSmallThreads = 1024;  // (the count reads the whole route: many loads in flight)
 constexpr int kSmallRows = 8;             // rows a block places and moves (a bit each in `mine`)
 constexpr int32_t kSmallExperts = 1024;   // shared memory: about 20 bytes an expert
 constexpr int32_t kSmallSlots = 64;
@@ -31,12 +32,32 @@ size_t small_shared_bytes(int32_t experts, int32_t slots) {
   return sizeof(int64_t) * (32 + size_t(experts) + 1) + sizeof(int32_t) * (3 * size_t(experts) + size_t(kSmallRows) * slots);
 }
 
+// permute_small's arguments, as its kernel takes them.
+struct Small {
+  Route route;
+  int64_t pad_multiple;
+  const char* src;
+  int32_t row_bytes;  // (rows * row_bytes <= kSmallBytes)
+  const void* probs;  // nullable, ProbBits
+  int64_t num_out;
+  char* dst;
+  void* probs_out;  // nullable, ProbBits
+  int32_t* row_id_map;
+  int64_t* layout;
+  int64_t* host_word;  // nullable: the pinned word (its device mapping) that gets the error word
+};
+
 template <int Kind, typename V, typename ProbBits>
-__global__ void permute_small_kernel(Route route, int64_t pad_multiple, const char* __restrict__ src,
-                                     int64_t row_bytes, const ProbBits* probs, int64_t num_out,
-                                     char* __restrict__ dst, ProbBits* probs_out, int32_t* row_id_map,
-                                     int64_t* layout) {
+__global__ void __launch_bounds__(kSmallThreads, 1) permute_small_kernel(const Small a) {
   allow_next_grid();
+  const Route route = a.route;
+  const int64_t pad_multiple = a.pad_multiple, num_out = a.num_out;
+  const int32_t row_bytes = a.row_bytes;
+  const char* __restrict__ src = a.src;
+  char* __restrict__ dst = a.dst;
+  const ProbBits* probs = static_cast<const ProbBits*>(a.probs);
+  ProbBits* probs_out = static_cast<ProbBits*>(a.probs_out);
+  int64_t* layout = a.layout;
   extern __shared__ int64_t shared[];
   __shared__ int errors;
   const int experts = route.num_experts;
@@ -55,17 +76,24 @@ __global__ void permute_small_kernel(Route route, int64_t pad_multiple, const ch
   if (threadIdx.x == 0) errors = 0;
   __syncthreads();
 
-  const int64_t row0 = int64_t(blockIdx.x) * kSmallRows;
+  // A thread counts whole rows (entries < 2^13: 32-bit indices, no division). The lanes of a
+  // warp that add to one counter add once (with few experts, many lanes share each counter),
+  // so the warps run the loop together: rows past the route count nothing.
+  const int32_t route_rows = static_cast<int32_t>(route.rows);
+  const int32_t row0 = static_cast<int32_t>(blockIdx.x) * kSmallRows;
+  const int lane = threadIdx.x % 32;
   int64_t bad = 0;
-  for (int64_t i = threadIdx.x; i < route.rows * slots; i += blockDim.x) {
-    const int64_t row = i / slots;
-    const int64_t e = checked_expert<Kind>(route, row, static_cast<int32_t>(i % slots), &bad);
-    if (e < 0) continue;
-    atomicAdd(&total[e], 1);
-    if (row < row0) {
-      atomicAdd(&before[e], 1);
-    } else if (row < row0 + kSmallRows) {
-      atomicOr(&mine[e], 1u << (row - row0));
+  for (int32_t row = threadIdx.x; row < round_up(route_rows, 32); row += blockDim.x) {
+    const int where = row < row0 ? 0 : (row < row0 + kSmallRows ? 1 : 2);  // before, mine, after
+    for (int32_t s = 0; s < slots; ++s) {
+      const int64_t e = row < route_rows ? checked_expert<Kind>(route, row, s, &bad) : -1;
+      const unsigned peers = __match_any_sync(0xffffffffu, e < 0 ? -1 : static_cast<int>(e) * 4 + where);
+      if (e < 0) continue;
+      if (where == 1) atomicOr(&mine[e], 1u << (row - row0));
+      if (__ffs(peers) - 1 == lane) {
+        atomicAdd(&total[e], __popc(peers));
+        if (where == 0) atomicAdd(&before[e], __popc(peers));
+      }
     }
   }
   if (bad) atomicOr(&errors, static_cast<int>(bad));
@@ -74,25 +102,27 @@ __global__ void permute_small_kernel(Route route, int64_t pad_multiple, const ch
   // Every block finds the same error word (the whole route's bits; a slot can only overflow an
   // output too small for the padded total), so block 0 stores it: nothing needs zeroing first.
   if (blockIdx.x == 0 && threadIdx.x == 0) {
-    layout[layout_error(experts)] = errors | (offsets[experts] > num_out ? kOutputOverflow : 0);
+    const int64_t word = errors | (offsets[experts] > num_out ? kOutputOverflow : 0);
+    layout[layout_error(experts)] = word;
+    if (a.host_word != nullptr) *reinterpret_cast<volatile int64_t*>(a.host_word) = word;
   }
 
-  const int rows = static_cast<int>(min(int64_t(kSmallRows), route.rows - row0));
+  const int rows = min(kSmallRows, route_rows - row0);
   int64_t overflow = 0;  // (already in the error word)
   for (int i = threadIdx.x; i < rows * slots; i += blockDim.x) {
     const int c = i / slots;
     int64_t counted = 0;  // (already in the error word)
     const int64_t e = checked_expert<Kind>(route, row0 + c, i % slots, &counted);
     const int64_t dest = e < 0 ? -1 : offsets[e] + before[e] + __popc(mine[e] & ((1u << c) - 1u));
-    dests[i] = place_slot(dest, row0 * slots + i, probs, num_out, row_id_map, probs_out, &overflow);
+    dests[i] = place_slot(dest, int64_t(row0) * slots + i, probs, num_out, a.row_id_map, probs_out, &overflow);
   }
   __syncthreads();
 
   // The block's rows: each vector read once and stored at every destination of its row.
-  const int64_t vecs = row_bytes / int64_t(sizeof(V));
-  for (int64_t i = threadIdx.x; i < rows * vecs; i += blockDim.x) {
-    const int64_t c = i / vecs, v = i % vecs;
-    const V x = reinterpret_cast<const V*>(src + (row0 + c) * row_bytes)[v];
+  const int32_t vecs = row_bytes / static_cast<int32_t>(sizeof(V));  // (rows * row_bytes < 2^22)
+  for (int32_t i = threadIdx.x; i < rows * vecs; i += blockDim.x) {
+    const int32_t c = i / vecs, v = i % vecs;
+    const V x = reinterpret_cast<const V*>(src + int64_t(row0 + c) * row_bytes)[v];
     for (int32_t s = 0; s < slots; ++s) {
       const int32_t d = dests[c * slots + s];
       if (d >= 0) reinterpret_cast<V*>(dst + int64_t(d) * row_bytes)[v] = x;
@@ -110,48 +140,29 @@ __global__ void permute_small_kernel(Route route, int64_t pad_multiple, const ch
 }
 
 template <int Kind, typename V, typename ProbBits>
-cudaError_t launch_small(const Route& route, int64_t pad_multiple, const void* src, int64_t row_bytes,
-                         const void* probs, int64_t num_out, void* dst, void* probs_out, int32_t* row_id_map,
-                         int64_t* layout, cudaStream_t stream) {
-  const size_t bytes = small_shared_bytes(route.num_experts, route.slots);
+cudaError_t launch_small(const Small& a, cudaStream_t stream) {
+  const size_t bytes = small_shared_bytes(a.route.num_experts, a.route.slots);
   const auto kernel = permute_small_kernel<Kind, V, ProbBits>;
   const cudaError_t err = allow_dynamic_shared(kernel, bytes);
   if (err != cudaSuccess) return err;
   // (a plain launch: the first kernel of the op waits for whatever came before it)
-  kernel<<<static_cast<unsigned>(small_blocks(route.rows)), kSmallThreads, bytes, stream>>>(
-      route, pad_multiple, static_cast<const char*>(src), row_bytes, static_cast<const ProbBits*>(probs), num_out,
-      static_cast<char*>(dst), static_cast<ProbBits*>(probs_out), row_id_map, layout);
+  kernel<<<static_cast<unsigned>(small_blocks(a.route.rows)), kSmallThreads, bytes, stream>>>(a);
   return cudaGetLastError();
 }
 
 // Rows moved 16, 4 or 1 bytes at a time (the widest that divides the row and both pointers).
 template <int Kind, typename ProbBits>
-cudaError_t launch_small_for_rows(const Route& route, int64_t pad_multiple, const void* src, int64_t row_bytes,
-                                  const void* probs, int64_t num_out, void* dst, void* probs_out,
-                                  int32_t* row_id_map, int64_t* layout, cudaStream_t stream) {
-  const int width = vector_bytes(row_bytes, src, dst);
-  if (width == 16) {
-    return launch_small<Kind, uint4, ProbBits>(route, pad_multiple, src, row_bytes, probs, num_out, dst, probs_out,
-                                               row_id_map, layout, stream);
-  }
-  if (width >= 4) {
-    return launch_small<Kind, uint32_t, ProbBits>(route, pad_multiple, src, row_bytes, probs, num_out, dst,
-                                                  probs_out, row_id_map, layout, stream);
-  }
-  return launch_small<Kind, uint8_t, ProbBits>(route, pad_multiple, src, row_bytes, probs, num_out, dst, probs_out,
-                                               row_id_map, layout, stream);
+cudaError_t launch_small_for_rows(const Small& a, cudaStream_t stream) {
+  const int width = vector_bytes(a.row_bytes, a.src, a.dst);
+  if (width == 16) return launch_small<Kind, uint4, ProbBits>(a, stream);
+  if (width >= 4) return launch_small<Kind, uint32_t, ProbBits>(a, stream);
+  return launch_small<Kind, uint8_t, ProbBits>(a, stream);
 }
 
 template <typename ProbBits>
-cudaError_t launch_small_for_route(const Route& route, int64_t pad_multiple, const void* src, int64_t row_bytes,
-                                   const void* probs, int64_t num_out, void* dst, void* probs_out,
-                                   int32_t* row_id_map, int64_t* layout, cudaStream_t stream) {
-  if (route.kind == kRouteIndex32) {
-    return launch_small_for_rows<kRouteIndex32, ProbBits>(route, pad_multiple, src, row_bytes, probs, num_out, dst,
-                                                          probs_out, row_id_map, layout, stream);
-  }
-  return launch_small_for_rows<kRouteIndex64, ProbBits>(route, pad_multiple, src, row_bytes, probs, num_out, dst,
-                                                        probs_out, row_id_map, layout, stream);
+cudaError_t launch_small_for_route(const Small& a, cudaStream_t stream) {
+  if (a.route.kind == kRouteIndex32) return launch_small_for_rows<kRouteIndex32, ProbBits>(a, stream);
+  return launch_small_for_rows<kRouteIndex64, ProbBits>(a, stream);
 }
 
 }  // namespace
@@ -165,15 +176,14 @@ bool permute_small_fits(const Route& route, int64_t row_bytes) {
 
 cudaError_t permute_small(const Route& route, int64_t pad_multiple, const void* src, int64_t row_bytes,
                           const void* probs, int prob_bytes, int64_t num_out, void* dst, void* probs_out,
-                          int32_t* row_id_map, int64_t* layout, cudaStream_t stream) {
+                          int32_t* row_id_map, int64_t* layout, void* host_word, cudaStream_t stream) {
   if (!permute_small_fits(route, row_bytes) || num_out < 0) return cudaErrorInvalidValue;
-  if (probs != nullptr && prob_bytes == 8) {
-    return launch_small_for_route<uint64_t>(route, pad_multiple, src, row_bytes, probs, num_out, dst, probs_out,
-                                            row_id_map, layout, stream);
-  }
-  if (probs != nullptr && prob_bytes != 4) return cudaErrorInvalidValue;
-  return launch_small_for_route<uint32_t>(route, pad_multiple, src, row_bytes, probs, num_out, dst, probs_out,
-                                          row_id_map, layout, stream);
+  if (probs != nullptr && prob_bytes != 4 && prob_bytes != 8) return cudaErrorInvalidValue;
+  const Small a{route,      pad_multiple, static_cast<const char*>(src), static_cast<int32_t>(row_bytes),
+                probs,      num_out,      static_cast<char*>(dst),       probs_out,
+                row_id_map, layout,       static_cast<int64_t*>(host_word)};
+  return probs != nullptr && prob_bytes == 8 ? launch_small_for_route<uint64_t>(a, stream)
+                                             : launch_small_for_route<uint32_t>(a, stream);
 }
 
 }  // namespace cuda

@@ -199,13 +199,30 @@ def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_ex
         if bits:
             raise routing_error(bits, route, num_experts, name, num_out, probs)
         return
-    if torch.cuda.is_current_stream_capturing():
-        return  # a graph being captured may not sync; its sizes are the caller's (sync-free mode)
+    word = error_word(flags, flags.dtype)
+    if word is not None:
+        _defer(word, False, flags, index, route, num_experts, name, num_out, probs)
+
+
+def error_word(like: torch.Tensor, dtype: torch.dtype):
+    """The pinned slot that a CUDA op's error word of ``dtype`` goes to (``(pinned, ctypes view,
+    slot, device address or 0)``, see :class:`_ErrorSlots`), for an op that stores it itself
+    (given the address) before :func:`_defer`; None where nothing is queued: a CPU op raises at
+    once, and a graph being captured may not sync (its sizes are the caller's, sync-free)."""
+    if like.is_cpu or torch.cuda.is_current_stream_capturing():
+        return None
     _read_pending_errors(wait=False)
-    pinned, words, slot, mapped = _slots.take(flags.dtype)
-    if mapped:  # (a mapping exists only where the kernels are built for CUDA)
+    return _slots.take(dtype)
+
+
+def _defer(word, stored: bool, flags: torch.Tensor, index: int, route: torch.Tensor, num_experts: int, name: str,
+           num_out: Optional[int] = None, probs: Optional[torch.Tensor] = None) -> None:
+    """Queue ``flags[index]``, the error word of a CUDA op, for reading once it has landed in
+    ``word`` (from :func:`error_word`): copied there now unless the op ``stored`` it itself."""
+    pinned, words, slot, mapped = word
+    if not stored and mapped:  # (a mapping exists only where the kernels are built for CUDA)
         _C.queue_word_copy(flags, index, mapped)
-    else:  # (kernels not built for CUDA, or no mapping: a torch copy)
+    elif not stored:  # (kernels not built for CUDA, or no mapping: a torch copy)
         pinned[slot:slot + 1].copy_(flags[index:index + 1], non_blocking=True)
     _pending.append(_PendingError(words, slot, weakref.ref(route), num_experts, name, num_out,
                                   None if probs is None else weakref.ref(probs), flags.device.index))
@@ -213,13 +230,18 @@ def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_ex
         check_pending_errors()
 
 
-def _check_layout(layout, host, route, num_experts, num_out, name) -> None:
+def _check_layout(layout, host, route, num_experts, num_out, name, word=None) -> None:
     """Raise a plan's error bits from its host copy (made when the kernel sized its output),
-    else defer them; nothing for ``name`` None (a route this package built)."""
+    else defer them (``word``: the :func:`error_word` slot the op stored them to itself, if
+    any); nothing for ``name`` None (a route this package built)."""
     if name is None:
         return
     if host is None:
-        _defer_or_raise(layout, layout_error_index(num_experts), route, num_experts, name, num_out)
+        index = layout_error_index(num_experts)
+        if word is not None:
+            _defer(word, bool(word[3]), layout, index, route, num_experts, name, num_out)
+        else:
+            _defer_or_raise(layout, index, route, num_experts, name, num_out)
         return
     check_pending_errors()  # a sync just happened: read the earlier flags too
     bits = int(host[layout_error_index(num_experts)])
@@ -432,11 +454,11 @@ def _permuted_fake(rows, probs, route, num_experts, num_out, hidden=None, dtype=
             out_probs, *_plan_fake(route, num_experts, num_out))
 
 
-def _permuted(result, route, num_experts, num_out, name):
+def _permuted(result, route, num_experts, num_out, name, word=None):
     """A permutation kernel's ``(out, out_probs, map, layout, host)`` as op outputs, its
-    routing errors raised or deferred."""
+    routing errors raised or deferred (``word``: as :func:`_check_layout` takes it)."""
     out, out_probs, row_map, layout, host = result
-    _check_layout(layout, host, route, num_experts, out.shape[0], name)
+    _check_layout(layout, host, route, num_experts, out.shape[0], name, word)
     return (out, out.new_empty(0, dtype=torch.float32) if out_probs is None else out_probs, row_map, layout,
             _host_output(host, layout))
 
@@ -472,8 +494,11 @@ def permute(rows: torch.Tensor, probs: Optional[torch.Tensor], route: torch.Tens
             pad_multiple: int, num_out: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                  torch.Tensor, torch.Tensor]:
     """The expert-major permutation of ``rows [R, H]`` by ``route`` (indices or multihot map)."""
-    return _permuted(_C.permute(route.contiguous(), num_experts, pad_multiple, num_out, rows.contiguous(), _contiguous(probs)),
-                     route, num_experts, num_out, name)
+    # (with its size known, the op stores its error word itself: no launch to copy it)
+    word = error_word(route, torch.int64) if num_out >= 0 and name is not None else None  # (the layout's word)
+    result = _C.permute(route.contiguous(), num_experts, pad_multiple, num_out, rows.contiguous(), _contiguous(probs),
+                        0 if word is None else word[3])
+    return _permuted(result, route, num_experts, num_out, name, word)
 
 
 @_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name, q, scales, dtype: _permuted_fake(

@@ -46,7 +46,7 @@ echo "tests done $(( $(ms) - s )) ms" | tee -a "$LOG"
 # This tree's bench_ops.py times every tree (it imports the package of the checkout it sits in),
 # so the columns come from one tool.
 for tree in "${!DIR[@]}"; do
-  [ "$tree" = new ] || cp tools/bench_ops.py tools/timing.py tools/host_layer.py "${DIR[$tree]}/tools/"
+  [ "$tree" = new ] || cp tools/bench_ops.py tools/timing.py tools/host_layer.py tools/host_small_batch.py "${DIR[$tree]}/tools/"
 done
 in_rounds "${ROUNDS:-2}" "$OUT/ops.md" bench_ops timeout 90 python3 tools/bench_ops.py --iters "${ITERS:-50}" \
   --ref-iters 1 --kernels --ops "$OPS" --shapes "$SHAPES"
