@@ -552,9 +552,10 @@ class _ManagerBase(LayerStates, _DispatchManager):
 
     @staticmethod
     def _masked_probs(indices: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """``probs`` with 0 where ``indices`` is -1 (the reference's dispatched probs): a compare
-        and a select, one operation in backward (out-of-place ``masked_fill`` copies the probs
-        first: three device operations, two in backward)."""
+        """``probs`` with 0 where ``indices`` is -1 (the reference's dispatched probs): a compare,
+        the zero's fill and a select on CUDA, one operation in backward (out-of-place
+        ``masked_fill`` copies the probs first: three device operations, two in backward). A
+        0-dim CPU zero would be copied to the device instead, which graph capture refuses."""
         return torch.where(indices >= 0, probs, 0.0)
 
     # ---- the steps --------------------------------------------------------------------------
