@@ -129,7 +129,7 @@ ONE_LAUNCH_EDGES = [(1024, 32, 8), (1025, 32, 8), (64, 1024, 8), (64, 1025, 8), 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows,experts,topk", ONE_LAUNCH_EDGES)
-@pytest.mark.parametrize("fault", ["none", "range", "duplicate", "overflow"])
+@pytest.mark.parametrize("fault", ["none", "range", "duplicate", "far duplicate", "overflow"])
 @pytest.mark.parametrize("pad", [None, 3])
 def test_one_launch_permutation_is_the_planned_one(rows, experts, topk, fault, pad, poison):
     """A small route whose output size is known is permuted in one launch on CUDA, a larger one by
@@ -141,9 +141,11 @@ def test_one_launch_permutation_is_the_planned_one(rows, experts, topk, fault, p
         idx[rows // 2, topk - 1] = experts
     elif fault == "duplicate" and topk > 1:
         idx[rows - 1, :2] = experts - 1
+    elif fault == "far duplicate" and topk > 1:  # (a row's first and last slots: K - 1 slots apart)
+        idx[rows // 3, 0] = idx[rows // 3, topk - 1] = experts // 2
     x = random_tokens(rows, 72, torch.bfloat16, device="cuda")
     p = random_probs(rows, topk, device="cuda")
-    if fault in ("range", "duplicate"):
+    if fault in ("range", "duplicate", "far duplicate"):
         with pytest.raises(ValueError) as sized_on_host:
             ops.permute_by_indices(x, idx, p, num_experts=experts, pad_multiple=pad)
         with pytest.raises(ValueError) as known_size:
