@@ -378,12 +378,14 @@ void queue_word_copy(const Tensor& src, int64_t index, int64_t dst_address) {
 using Permuted = std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>>;
 
 // What every single-call permutation shares: plan, (sync when num_out < 0), map, then
-// fill(row_id_map, num_out, layout, tail, out_probs) makes the rows. When the sync finds bad
-// routing (or no row is used), returns a [0, hidden] tensor like `like` and an empty
-// row_id_map; the caller reads the error bits from host_layout.
+// fill(row_id_map, num_out, layout, tail, out_probs) makes the rows, and with num_out given,
+// the layout's error word is queued to error_address (0: none; see queue_word_copy). When the
+// sync finds bad routing (or no row is used), returns a [0, hidden] tensor like `like` and an
+// empty row_id_map; the caller reads the error bits from host_layout.
 template <typename Fill>
 Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multiple, int64_t num_out,
-                      const std::optional<Tensor>& probs, const Tensor& like, int64_t hidden, Fill fill) {
+                      const std::optional<Tensor>& probs, const Tensor& like, int64_t hidden, int64_t error_address,
+                      Fill fill) {
   const bool scans = map_scans(r, route, num_out);
   auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple, scans);
   std::optional<Tensor> host;
@@ -393,6 +395,7 @@ Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multi
   }
   auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out, scans, pad_multiple);
   Tensor out = fill(row_id_map, num_out, layout, tail, probs_out);
+  if (error_address != 0 && tail) queue_word_copy(layout, fd::layout_error(r.num_experts), error_address);
   return {out, probs_out, row_id_map, layout, host};
 }
 
@@ -418,8 +421,7 @@ Permuted permute_small(const fd::Route& r, const Tensor& route, int64_t pad_mult
 #endif
 
 // The whole permutation in one call: plan, (sync when num_out < 0), map, rows, zero fill.
-// With num_out given on a CUDA device, error_address (0: none; see queue_word_copy) gets the
-// layout's error word once the rows are placed. Returns as permute_with.
+// error_address as permute_with's. Returns as permute_with.
 Permuted permute(const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out,
                  const Tensor& tokens, const std::optional<Tensor>& probs, int64_t error_address) {
   const fd::Route r = route_of(route, num_experts);
@@ -431,12 +433,10 @@ Permuted permute(const Tensor& route, int64_t num_experts, int64_t pad_multiple,
     return permute_small(r, route, pad_multiple, num_out, tokens, probs, error_address);
   }
 #endif
-  Permuted result = permute_with(r, route, pad_multiple, num_out, probs, tokens, tokens.size(1),
+  return permute_with(r, route, pad_multiple, num_out, probs, tokens, tokens.size(1), error_address,
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
                         return scatter_into(tokens, map, n, layout, num_experts, pad_multiple > 1, tail, probs_out);
                       });
-  if (error_address != 0 && num_out >= 0) queue_word_copy(std::get<3>(result), fd::layout_error(r.num_experts), error_address);
-  return result;
 }
 
 // The plan alone: (row_id_map, layout, host_layout or None); sizes itself when num_out < 0.
@@ -704,7 +704,7 @@ Tensor exchange_headers(const Tensor& bases, int64_t rank, int64_t seq, const st
 // planned rows, pad and tail rows zeroed. Returns as permute.
 Permuted permute_fp8(
     const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& q_in,
-    const Tensor& scales_in, const std::optional<Tensor>& probs, const Tensor& like) {
+    const Tensor& scales_in, const std::optional<Tensor>& probs, const Tensor& like, int64_t error_address) {
   const fd::Route r = route_of(route, num_experts);
   TORCH_CHECK_VALUE(q_in.dim() == 2, "q must be 2-D [rows, hidden], got ", q_in.sizes());
   TORCH_CHECK_TYPE(q_in.scalar_type() == at::kByte, "q must hold e4m3fn bits as uint8, got ", q_in.scalar_type());
@@ -726,7 +726,7 @@ Permuted permute_fp8(
   const int64_t hidden = q.size(1);
   const int64_t q_pitch = q.size(0) > 1 ? q.stride(0) : hidden;
   const int64_t scale_pitch = scales.size(0) > 1 ? scales.stride(0) : hidden / fd::kFp8Group;
-  return permute_with(r, route, pad_multiple, num_out, probs, like, hidden,
+  return permute_with(r, route, pad_multiple, num_out, probs, like, hidden, error_address,
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
     auto out = torch::empty({n, hidden}, q.options().dtype(like.scalar_type()));
     const int32_t slots = static_cast<int32_t>(map.size(1));
@@ -908,9 +908,10 @@ fd::Route pulled_route(const Tensor& route, int64_t num_experts, const Tensor& a
 // once and written to its planned rows; pad and tail rows zeroed. Returns as permute.
 Permuted permute_from(
     const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& addrs,
-    int64_t align, const Tensor& like, const std::optional<Tensor>& probs, int64_t max_blocks, int64_t first_row) {
+    int64_t align, const Tensor& like, const std::optional<Tensor>& probs, int64_t max_blocks, int64_t first_row,
+    int64_t error_address) {
   const fd::Route r = pulled_route(route, num_experts, addrs, like);
-  return permute_with(r, route, pad_multiple, num_out, probs, like, like.size(1),
+  return permute_with(r, route, pad_multiple, num_out, probs, like, like.size(1), error_address,
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
     auto out = torch::empty({n, like.size(1)}, like.options());
     copy_rows_from(addrs, align, out, map, max_blocks, first_row);
@@ -925,7 +926,8 @@ Permuted permute_from(
 // aligned to `align` bytes, at least 8, or 4 for float32 output). Returns as permute.
 Permuted permute_fp8_from(
     const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out, const Tensor& addrs,
-    int64_t align, const Tensor& like, const std::optional<Tensor>& probs, int64_t max_blocks, int64_t first_row) {
+    int64_t align, const Tensor& like, const std::optional<Tensor>& probs, int64_t max_blocks, int64_t first_row,
+    int64_t error_address) {
   const fd::Route r = pulled_route(route, num_experts, addrs, like);
   check_first_row(first_row, r.rows);
   TORCH_CHECK_VALUE(like.size(1) % fd::kFp8Group == 0, "the hidden size must be a multiple of ", fd::kFp8Group);
@@ -934,7 +936,7 @@ Permuted permute_fp8_from(
   const int64_t unit = dtype == fd::kFloat32 ? 4 : 8;
   TORCH_CHECK_VALUE(checked_align(align) >= unit, "addresses must be aligned to ", unit, " bytes, got ", align);
   const int64_t hidden = like.size(1);
-  return permute_with(r, route, pad_multiple, num_out, probs, like, hidden,
+  return permute_with(r, route, pad_multiple, num_out, probs, like, hidden, error_address,
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
     auto out = torch::empty({n, hidden}, like.options());
     const int32_t slots = static_cast<int32_t>(map.size(1));

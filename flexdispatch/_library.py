@@ -460,10 +460,13 @@ def _permuted_fake(rows, probs, route, num_experts, num_out, hidden=None, dtype=
             out_probs, *_plan_fake(route, num_experts, num_out))
 
 
-def _permuted(result, route, num_experts, num_out, name, word=None):
-    """A permutation kernel's ``(out, out_probs, map, layout, host)`` as op outputs, its
-    routing errors raised or deferred (``word``: as :func:`_check_layout` takes it)."""
-    out, out_probs, row_map, layout, host = result
+def _permuted(kernel, args, route, num_experts, num_out, name):
+    """Run a permutation binding, ``kernel(*args, error_address) -> (out, out_probs, map, layout,
+    host)``, and return its op outputs, its routing errors raised or deferred. With the output
+    size known, the kernel stores its error word to the pinned slot taken for it here
+    (``error_address``; 0: none), so no further call queues the copy."""
+    word = error_word(route, torch.int64) if num_out >= 0 and name is not None else None  # (the layout's word)
+    out, out_probs, row_map, layout, host = kernel(*args, 0 if word is None else word[3])
     _check_layout(layout, host, route, num_experts, out.shape[0], name, word)
     return (out, out.new_empty(0, dtype=torch.float32) if out_probs is None else out_probs, row_map, layout,
             _host_output(host, layout))
@@ -500,11 +503,8 @@ def permute(rows: torch.Tensor, probs: Optional[torch.Tensor], route: torch.Tens
             pad_multiple: int, num_out: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                  torch.Tensor, torch.Tensor]:
     """The expert-major permutation of ``rows [R, H]`` by ``route`` (indices or multihot map)."""
-    # (with its size known, the op stores its error word itself: no launch to copy it)
-    word = error_word(route, torch.int64) if num_out >= 0 and name is not None else None  # (the layout's word)
-    result = _C.permute(route.contiguous(), num_experts, pad_multiple, num_out, rows.contiguous(), _contiguous(probs),
-                        0 if word is None else word[3])
-    return _permuted(result, route, num_experts, num_out, name, word)
+    return _permuted(_C.permute, (route.contiguous(), num_experts, pad_multiple, num_out, rows.contiguous(),
+                                  _contiguous(probs)), route, num_experts, num_out, name)
 
 
 @_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name, q, scales, dtype: _permuted_fake(
@@ -514,8 +514,8 @@ def permute_fp8(rows: Optional[torch.Tensor], probs: Optional[torch.Tensor], rou
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The permutation of FP8 rows ``q [R, H]`` (uint8 bits) and ``scales``, dequantized to
     ``dtype`` as they are moved."""
-    return _permuted(_C.permute_fp8(route.contiguous(), num_experts, pad_multiple, num_out, q, scales, _contiguous(probs),
-                                    torch.empty(0, dtype=dtype)), route, num_experts, num_out, name)
+    return _permuted(_C.permute_fp8, (route.contiguous(), num_experts, pad_multiple, num_out, q, scales,
+                                      _contiguous(probs), torch.empty(0, dtype=dtype)), route, num_experts, num_out, name)
 
 
 @_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name, addrs, align, max_blocks, first_row:
@@ -524,8 +524,9 @@ def permute_from(rows: torch.Tensor, probs: Optional[torch.Tensor], route: torch
                  pad_multiple: int, num_out: int, name: str, addrs: torch.Tensor, align: int, max_blocks: int,
                  first_row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The permutation of the rows at ``addrs [R]`` (see :mod:`flexdispatch.peer_ops`)."""
-    return _permuted(_C.permute_from(route.contiguous(), num_experts, pad_multiple, num_out, addrs.contiguous(), align, rows,
-                                     _contiguous(probs), max_blocks, first_row), route, num_experts, num_out, name)
+    return _permuted(_C.permute_from, (route.contiguous(), num_experts, pad_multiple, num_out, addrs.contiguous(),
+                                       align, rows, _contiguous(probs), max_blocks, first_row),
+                     route, num_experts, num_out, name)
 
 
 @_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name, addrs, align, max_blocks, first_row:
@@ -534,8 +535,9 @@ def permute_fp8_from(rows: torch.Tensor, probs: Optional[torch.Tensor], route: t
                      pad_multiple: int, num_out: int, name: str, addrs: torch.Tensor, align: int, max_blocks: int,
                      first_row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The dequantizing permutation of the FP8 rows at ``addrs [R]`` (see :mod:`flexdispatch.peer_ops`)."""
-    return _permuted(_C.permute_fp8_from(route.contiguous(), num_experts, pad_multiple, num_out, addrs.contiguous(), align, rows,
-                                         _contiguous(probs), max_blocks, first_row), route, num_experts, num_out, name)
+    return _permuted(_C.permute_fp8_from, (route.contiguous(), num_experts, pad_multiple, num_out, addrs.contiguous(),
+                                           align, rows, _contiguous(probs), max_blocks, first_row),
+                     route, num_experts, num_out, name)
 
 
 # ---- row movers along a plan (map, layout, experts, padded, has tail) -----------------------------
