@@ -74,6 +74,19 @@ inline int vector_bytes(int64_t row_bytes, const void* a, const void* b) {
   return 1;
 }
 
+// Calls f(V{}) with V the unsigned type of the widest access (16, 8, 4, 2 or 1 bytes) that
+// divides the row and both base pointers.
+template <typename F>
+cudaError_t with_vector(int64_t row_bytes, const void* a, const void* b, F&& f) {
+  switch (vector_bytes(row_bytes, a, b)) {
+    case 16: return f(uint4{});
+    case 8: return f(uint2{});
+    case 4: return f(uint32_t{});
+    case 2: return f(uint16_t{});
+    default: return f(uint8_t{});
+  }
+}
+
 // Expert of (row, slot) of a top-k route, -1 for an unused slot. No range check here:
 // route_plan validates. (A multihot map is read by columns: route.cu's multihot_bits.)
 template <int Kind>

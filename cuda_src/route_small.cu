@@ -150,19 +150,13 @@ cudaError_t launch_small(const Small& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Rows moved 16, 4 or 1 bytes at a time (the widest that divides the row and both pointers).
-template <int Kind, typename ProbBits>
-cudaError_t launch_small_for_rows(const Small& a, cudaStream_t stream) {
-  const int width = vector_bytes(a.row_bytes, a.src, a.dst);
-  if (width == 16) return launch_small<Kind, uint4, ProbBits>(a, stream);
-  if (width >= 4) return launch_small<Kind, uint32_t, ProbBits>(a, stream);
-  return launch_small<Kind, uint8_t, ProbBits>(a, stream);
-}
-
+// Rows moved in the widest access that divides the row and both pointers (with_vector).
 template <typename ProbBits>
 cudaError_t launch_small_for_route(const Small& a, cudaStream_t stream) {
-  if (a.route.kind == kRouteIndex32) return launch_small_for_rows<kRouteIndex32, ProbBits>(a, stream);
-  return launch_small_for_rows<kRouteIndex64, ProbBits>(a, stream);
+  return with_vector(a.row_bytes, a.src, a.dst, [&](auto v) {
+    return a.route.kind == kRouteIndex32 ? launch_small<kRouteIndex32, decltype(v), ProbBits>(a, stream)
+                                         : launch_small<kRouteIndex64, decltype(v), ProbBits>(a, stream);
+  });
 }
 
 }  // namespace

@@ -371,19 +371,6 @@ cudaError_t with_dtype(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-// Calls f(V{}) with V the unsigned type of the widest access (16, 8, 4, 2 or 1 bytes) that
-// divides the row and both base pointers.
-template <typename F>
-cudaError_t with_vector(int64_t row_bytes, const void* a, const void* b, F&& f) {
-  switch (vector_bytes(row_bytes, a, b)) {
-    case 16: return f(uint4{});
-    case 8: return f(uint2{});
-    case 4: return f(uint32_t{});
-    case 2: return f(uint16_t{});
-    default: return f(uint8_t{});
-  }
-}
-
 }  // namespace
 
 cudaError_t scatter_rows(const void* src, int64_t rows, int64_t row_bytes, const int32_t* row_id_map,
