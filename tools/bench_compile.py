@@ -33,10 +33,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import flexdispatch as fd  # noqa: E402
 from flexdispatch import envs  # noqa: E402
+from timing import capture  # noqa: E402
 
 
 def layer(d, x, logits, scales):
@@ -115,20 +116,8 @@ def captured_timings(d, inputs, grad, args) -> dict:
     def forward_backward():
         return torch.autograd.grad(layer(d, leaf, logits, scales), leaf, grad)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # (warm-up off the capturing stream, as torch.cuda.graph asks)
-        for _ in range(3):
-            forward()
-            forward_backward()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graphs = {"forward": torch.cuda.CUDAGraph(), "fwd+bwd": torch.cuda.CUDAGraph()}
-    with torch.cuda.graph(graphs["forward"]):
-        forward()
-    with torch.cuda.graph(graphs["fwd+bwd"]):
-        forward_backward()
-    return {phase: median_ms(graph.replay, args) for phase, graph in graphs.items()}
+    graphs = zip(("forward", "fwd+bwd"), capture(forward, forward_backward))
+    return {phase: median_ms(graph.replay, args) for phase, graph in graphs}
 
 
 def layer_inputs(args, dtype: torch.dtype):

@@ -34,22 +34,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from flexdispatch import _library, ops  # noqa: E402
-from timing import back_to_back_ms, device_ops, host_us, one_call_events, own_time_top  # noqa: E402
-
-
-def captured_us(fn) -> float:
-    """Microseconds a replay of ``fn`` captured in a CUDA graph, replays back to back (the
-    device's time for the call, with no host in it)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # (warm-up outside the graph, as torch.cuda.graph asks)
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return back_to_back_ms(graph.replay, 200) * 1000
+from timing import back_to_back_ms, capture, device_ops, host_us, one_call_events, own_time_top  # noqa: E402
 
 
 def main() -> int:
@@ -103,7 +88,8 @@ def main() -> int:
         print(f"host us per call, {label}: {host_us(fn, dev, args.calls):.1f}")
 
     if dev == "cuda":
-        print(f"device us per pair, captured in a CUDA graph: {captured_us(pair):.1f}")
+        (graph,) = capture(pair)
+        print(f"device us per pair, captured in a CUDA graph: {back_to_back_ms(graph.replay, 200) * 1000:.1f}")
         events = one_call_events(pair)
         queued = device_ops(events)
         print(f"device operations one pair queues: {len(queued)}")

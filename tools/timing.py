@@ -102,6 +102,26 @@ def own_time_top(fn: Callable[[], object], device: str, calls: int, top: int) ->
     return text.getvalue()
 
 
+def capture(*fns: Callable[[], object], warmup: int = 3) -> list:
+    """One CUDA graph per function of ``fns``, captured in order after ``warmup`` calls of each
+    on a side stream (as ``torch.cuda.graph`` asks)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            for fn in fns:
+                fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graphs = []
+    for fn in fns:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graphs.append(graph)
+    return graphs
+
+
 def back_to_back_ms(fn: Callable[[], object], iters: int, repeats: int = 5, warmup: int = 3) -> float:
     """Milliseconds of one call of ``fn`` queued back to back with the others: CUDA events
     around ``iters`` calls, divided by ``iters``, the median of ``repeats`` such batches. The
