@@ -201,14 +201,18 @@ std::tuple<Tensor, Tensor> received_routing(const Tensor& meta, int64_t id_col, 
   return {indices, probs};
 }
 
+// error_address (CUDA; 0: none): the device mapping of a pinned int32 that gets status[0] once
+// the check is done (queue_word_copy's destination), stored by the check itself where it is one
+// block, so a reported check is one launch.
 std::tuple<Tensor, Tensor> check_route(const Tensor& indices, int64_t num_experts, int64_t flag,
-                                       const std::optional<Tensor>& probs) {
+                                       const std::optional<Tensor>& probs, int64_t error_address) {
   TORCH_CHECK_VALUE(indices.dim() == 2, "indices must be 2-D [rows, topk], got ", indices.sizes());
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
                    "indices must be int32 or int64, got ", indices.scalar_type());
   check_contiguous(indices, "indices");
   TORCH_CHECK_VALUE(num_experts > 0 && num_experts < (int64_t(1) << 31), "num_experts out of range: ", num_experts);
   TORCH_CHECK_VALUE(flag >= 0 && flag < (int64_t(1) << 31), "flag must fit in int32, got ", flag);
+  TORCH_CHECK_VALUE(error_address % sizeof(int32_t) == 0, "error_address must be int32-aligned, got ", error_address);
   const int64_t rows = indices.size(0);
   const int32_t slots = static_cast<int32_t>(indices.size(1));
   const bool is64 = indices.scalar_type() == at::kLong;
@@ -229,7 +233,7 @@ std::tuple<Tensor, Tensor> check_route(const Tensor& indices, int64_t num_expert
   FD_ON_DEVICE(indices, fd::cuda::check_route(indices.data_ptr(), is64, prob_ptr, prob_kind, rows, slots,
                                         static_cast<int32_t>(num_experts), static_cast<int32_t>(flag),
                                         clean.data_ptr<int64_t>(), status.data_ptr<int32_t>(),
-                                        stream), {
+                                        reinterpret_cast<void*>(error_address), stream), {
     const int32_t bits = fd::cpu::check_route(indices.data_ptr(), is64, prob_ptr, prob_kind, rows, slots,
                                               static_cast<int32_t>(num_experts), clean.data_ptr<int64_t>());
     int32_t* word = status.data_ptr<int32_t>();  // (a CPU tensor: written through its pointer,

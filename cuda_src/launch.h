@@ -20,10 +20,11 @@ cudaError_t indices_to_multihot(const void* indices, bool indices_are_64bit, con
 // gets them with out-of-range entries, and entries whose prob is not finite, set to -1;
 // status[0] (written whole, no zeroing needed) gets the ErrorBits found (range, duplicates, non-finite
 // probs) OR-ed in, and status[1] gets `flag` if any were found. probs [rows, slots] is
-// optional (prob_kind 0: none, 1: float32, 2: float64).
+// optional (prob_kind 0: none, 1: float32, 2: float64). host_word (nullable): a pinned int32's
+// device mapping that gets status[0] once the check is done (see store_word).
 cudaError_t check_route(const void* indices, bool indices_are_64bit, const void* probs, int32_t prob_kind,
                         int64_t rows, int32_t slots, int32_t num_experts, int32_t flag, int64_t* clean,
-                        int32_t* status, cudaStream_t stream);
+                        int32_t* status, void* host_word, cudaStream_t stream);
 
 // Where top-k indices [rows, slots] (int32 or int64; entries outside [0, world * local) are
 // ignored) go by rank: in_rank [rows, world] (0/1: token r has an expert on rank w) and

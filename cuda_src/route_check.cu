@@ -23,11 +23,13 @@ __device__ __forceinline__ bool finite_at(const void* probs, int64_t i) {
 }
 
 // prob_kind: 0 no probs, 1 float32, 2 float64. OneBlock: the launch is one block, which writes
-// both status words; else they are zeroed before the launch and ORed into.
+// both status words, and status[0] to host_word too (a pinned word's device mapping; null:
+// none); else they are zeroed before the launch and ORed into.
 template <typename Index, bool OneBlock>
 __global__ void check_route_kernel(const Index* __restrict__ indices, const void* __restrict__ probs,
                                    int32_t prob_kind, int64_t rows, int32_t slots, int32_t num_experts,
-                                   int32_t flag, int64_t* __restrict__ clean, int32_t* __restrict__ status) {
+                                   int32_t flag, int64_t* __restrict__ clean, int32_t* __restrict__ status,
+                                   int32_t* host_word) {
   // One element per thread, grid-stride: coalesced reads and writes; the duplicate scan reads
   // the earlier slots of the same row, which sit in the same or a neighbouring cache line.
   int32_t bad = 0;
@@ -61,6 +63,7 @@ __global__ void check_route_kernel(const Index* __restrict__ indices, const void
     if (threadIdx.x == 0) {
       status[0] = block_bad;
       status[1] = block_bad ? flag : 0;
+      if (host_word != nullptr) *reinterpret_cast<volatile int32_t*>(host_word) = block_bad;
     }
   } else if (bad && threadIdx.x % 32 == 0) {
     atomicOr(status, bad);
@@ -70,13 +73,14 @@ __global__ void check_route_kernel(const Index* __restrict__ indices, const void
 
 template <typename Index>
 cudaError_t launch(const void* indices, const void* probs, int32_t prob_kind, int64_t rows, int32_t slots,
-                   int32_t num_experts, int32_t flag, int64_t* clean, int32_t* status, cudaStream_t stream) {
+                   int32_t num_experts, int32_t flag, int64_t* clean, int32_t* status, void* host_word,
+                   cudaStream_t stream) {
   const int64_t total = rows * slots;
   if (total <= kOneBlockEntries) {  // (an empty route too: its status is written zero)
     const int threads = static_cast<int>(std::clamp<int64_t>(round_up(total, 32), 32, kOneBlockThreads));
     check_route_kernel<Index, true><<<1, threads, 0, stream>>>(static_cast<const Index*>(indices), probs,
                                                                prob_kind, rows, slots, num_experts, flag,
-                                                               clean, status);
+                                                               clean, status, static_cast<int32_t*>(host_word));
     return cudaGetLastError();
   }
   const cudaError_t zeroed = cudaMemsetAsync(status, 0, 2 * sizeof(int32_t), stream);  // (no fill kernel)
@@ -84,8 +88,10 @@ cudaError_t launch(const void* indices, const void* probs, int32_t prob_kind, in
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(grid_for(total, kThreads), 4096));
   check_route_kernel<Index, false><<<blocks, kThreads, 0, stream>>>(static_cast<const Index*>(indices), probs,
                                                                     prob_kind, rows, slots, num_experts, flag,
-                                                                    clean, status);
-  return cudaGetLastError();
+                                                                    clean, status, nullptr);
+  const cudaError_t launched = cudaGetLastError();
+  if (launched != cudaSuccess || host_word == nullptr) return launched;
+  return store_word(status, sizeof(int32_t), host_word, stream);  // (after every block has ORed in)
 }
 
 // One word (4 or 8 bytes) from device memory to a pinned host word through its device mapping.
@@ -107,10 +113,12 @@ cudaError_t store_word(const void* src, int bytes, void* host_word, cudaStream_t
 
 cudaError_t check_route(const void* indices, bool indices_are_64bit, const void* probs, int32_t prob_kind,
                         int64_t rows, int32_t slots, int32_t num_experts, int32_t flag, int64_t* clean,
-                        int32_t* status, cudaStream_t stream) {
+                        int32_t* status, void* host_word, cudaStream_t stream) {
   return indices_are_64bit
-             ? launch<int64_t>(indices, probs, prob_kind, rows, slots, num_experts, flag, clean, status, stream)
-             : launch<int32_t>(indices, probs, prob_kind, rows, slots, num_experts, flag, clean, status, stream);
+             ? launch<int64_t>(indices, probs, prob_kind, rows, slots, num_experts, flag, clean, status, host_word,
+                               stream)
+             : launch<int32_t>(indices, probs, prob_kind, rows, slots, num_experts, flag, clean, status, host_word,
+                               stream);
 }
 
 }  // namespace cuda

@@ -362,10 +362,15 @@ def _no_grads_made(ctx):
 def check_route(indices: torch.Tensor, num_experts: int, flag: int, probs: Optional[torch.Tensor],
                 report_as: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(clean [R, K] int64, status [2] int32)``; the error bits raised or deferred under the
-    name ``report_as`` (None: left to the caller)."""
-    clean, status = _C.check_route(indices.contiguous(), num_experts, flag, _contiguous(probs))
-    if report_as is not None:
-        _defer_or_raise(status, 0, indices, num_experts, report_as, probs=probs)  # (defer_routing_error)
+    name ``report_as`` (None: left to the caller). Deferred, the kernel stores the word to the
+    pinned slot taken for it here, so no further launch queues the copy."""
+    word = None if report_as is None else error_word(indices, torch.int32)
+    clean, status = _C.check_route(indices.contiguous(), num_experts, flag, _contiguous(probs),
+                                   0 if word is None else word[3])
+    if word is not None:
+        _defer(word, bool(word[3]), status, 0, indices, num_experts, report_as, probs=probs)
+    elif report_as is not None:
+        _defer_or_raise(status, 0, indices, num_experts, report_as, probs=probs)  # (CPU: raised now)
     return clean, status
 
 

@@ -448,6 +448,24 @@ def test_cuda_routing_error_raised_at_next_sync():
         ops.check_pending_errors()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [64, 3000])  # one block (the kernel stores the word), several (a store after)
+def test_cuda_reported_route_check_raises_at_next_sync(rows):
+    """A reported check's error word reaches its pinned slot without a sync, from one block or
+    from the store queued after a grid: a clean route raises nothing, and a bad one raises
+    its own row at the next sync, over several calls in turn."""
+    for call in range(3):
+        idx = random_indices(rows, 64, 8, drop=0.1, seed=call, device="cuda")
+        probs = random_probs(rows, 8, seed=call, device="cuda")
+        ops.check_route_reported(idx, 64, probs, "token_indices")
+        ops.check_pending_errors()
+        at = rows - 1 - call
+        idx[at, 2] = 64 + call
+        ops.check_route_reported(idx, 64, probs, "token_indices")
+        with pytest.raises(ValueError, match=f"token_indices: .*value {64 + call} at row {at}, slot 2"):
+            ops.check_pending_errors()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("rows,experts,topk", [(0, 4, 2), (1, 3, 1), (517, 12, 4), (3000, 64, 8)])
