@@ -101,6 +101,37 @@ def test_dispatched_probs_are_zero_where_capacity_left_no_expert():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_one_call_permutation_ignores_the_probs_of_unassigned_slots(device, sync_free):
+    """The one-call entry point hands the routing's probs to the permutation unmasked: over
+    three calls it must give what the step-by-step path (which masks them) gives, bit for bit,
+    values and gradients, even where an unassigned slot's prob is NaN or infinite."""
+    config = dict(moe_sync_free=sync_free, moe_max_tokens_per_expert=12 if sync_free else None)
+    one_call, steps = make(6, 3, **config), make(6, 3, **config)
+    g = torch.Generator().manual_seed(11)
+    for _ in range(3):
+        x = torch.randn(20, 8, generator=g).to(device)
+        indices = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(20)])
+        indices[torch.rand(20, 3, generator=g) < 0.3] = -1
+        probs = torch.rand(20, 3, generator=g, dtype=torch.float64).float()
+        probs[indices < 0] = torch.tensor([float("nan"), float("inf"), -3.0]).repeat(20)[:int((indices < 0).sum())]
+        results = []
+        for d in (one_call, steps):
+            xi, pi = x.clone().requires_grad_(), probs.to(device).requires_grad_()
+            if d is one_call:
+                tokens, tpe, pprobs = d.token_permutation2(xi, 20, pi, indices.to(device))
+            else:
+                hidden, _ = d.dispatch_preprocess2(xi, 20, pi, indices.to(device))
+                tokens, tpe, pprobs = d.dispatch_postprocess(d.dispatch_all_to_all(hidden)[0])
+            out = d.token_unpermutation(tokens * pprobs[:, None])
+            (out * torch.arange(8, device=device)).sum().backward()
+            results.append((tokens.detach(), tpe, pprobs.detach(), out.detach(), xi.grad, pi.grad))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+        assert torch.isfinite(results[0][-1]).all() and not results[0][-1][indices < 0].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_sync_free_mode(device):
     xs, logits, weights = make_problem(4, [40], 16, 8)
     d = make(8, 3, moe_sync_free=True, moe_router_expert_pad_multiple=4)

@@ -103,7 +103,8 @@ class Dispatched:
         hidden: ``[R, H]`` the received rows (with ``async_finish``, possibly in flight until
             :meth:`_ManagerBase.wait`).
         indices: int64 ``[R, K]``: the local expert of each slot, -1 for none.
-        probs: ``[R, K]``: their probs, 0 where the index is -1.
+        probs: ``[R, K]``: their probs, 0 where the index is -1 (the local manager's, when the
+            permutation follows at once: the routing's probs, which it reads only where assigned).
         held: how the received rows are held (:mod:`.received`): :data:`~.received.LANDED`,
             the rows are ``hidden``; else ``hidden`` is a stand-in of their shape and dtype that
             carries autograd, and the permutation reads the rows where they are held (kept in
@@ -580,7 +581,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
                 dispatcher's one-call entry points): a manager may then leave the rows where
                 they landed and let the permutation read them (the NVLink manager's rows stay
                 in its peers' buffers). The same contract as ``keep_fp8`` for the returned
-                tensor.
+                tensor. On one rank ``dispatched_probs`` then keeps the probs of unassigned slots.
 
         Returns:
             ``[R, H]``, one row per (token, destination rank). Sets ``dispatched_indices [R, K]``

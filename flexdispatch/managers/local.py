@@ -23,17 +23,18 @@ class _LocalManager(_ManagerBase):
 
     def _dispatch(self, hidden_states: torch.Tensor, async_finish: bool, allocate_on_comm_stream: bool,
                   keep_fp8: bool, permute_next: bool = False, fp8_rows: bool = False) -> Dispatched:
+        # With the permutation next (the one-call entry points), the probs go to it unmasked: it
+        # reads only assigned slots and gives the others a zero gradient, as the mask would, so
+        # the mask's three device operations (one in backward) are spared.
+        probs = self.token_probs if permute_next else self._masked_probs(self.token_indices, self.token_probs)
+        num_out = self._worst_case_rows(hidden_states.shape[0]) if self.sync_free else None
         if fp8_rows:  # FP8 experts: the rows a transfer would carry, kept for the permutation
             q, scales = ops.quantize_fp8(hidden_states)
             stand_in, _, held = received_fp8_rows(q, scales, hidden_states.dtype, True, False)
-            return Dispatched(stand_in, self.token_indices, self._masked_probs(self.token_indices, self.token_probs),
-                              num_out=self._worst_case_rows(hidden_states.shape[0]) if self.sync_free else None,
-                              held=held)
+            return Dispatched(stand_in, self.token_indices, probs, num_out=num_out, held=held)
         if self.fp8_dispatch:  # the same rounding as a transfer, so results do not depend on the backend
             hidden_states = ops.fp8_round_trip(hidden_states)
-        return Dispatched(hidden_states, self.token_indices,
-                          self._masked_probs(self.token_indices, self.token_probs), held=LANDED,
-                          num_out=self._worst_case_rows(hidden_states.shape[0]) if self.sync_free else None)
+        return Dispatched(hidden_states, self.token_indices, probs, held=LANDED, num_out=num_out)
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
                  allocate_on_comm_stream: bool) -> torch.Tensor:
