@@ -15,7 +15,8 @@ data-dependent sizes in its graphs, ``capture_dynamic_output_shape_ops`` and
 graph and break counts for the layer, then the median time of one call after a warm-up, forward
 and forward + backward, eager and compiled (separate dispatchers, same inputs); on CUDA the
 sync-free layer also captured by hand in CUDA graphs and compiled with
-``mode="reduce-overhead"`` (torch.compile's CUDA graphs). ``--dispatcher``
+``mode="reduce-overhead"`` (torch.compile's CUDA graphs; inductor's CUDA-graph counters are
+printed with it, so a graph that ran without one shows). ``--dispatcher``
 also times eager calls with every kernel op through the torch op dispatcher (the path compiled
 graphs take) instead of the direct calls eager code makes. Elementwise experts keep the
 dispatcher's own cost in view; on CUDA every call is timed from a synchronized device to its
@@ -156,6 +157,9 @@ def run_mode(mode: str, args) -> None:
     results[f"compiled ({args.backend})"] = timings(compiled, dispatcher(args, sync_free), inputs, grad, args)
     if sync_free and args.device == "cuda":  # (graphs need static sizes: the sync-free layer's)
         results["captured by hand"] = captured_timings(dispatcher(args, True), inputs, grad, args)
+        from torch._dynamo.utils import counters
+
+        counters["inductor"].clear()
         overhead = torch.compile(layer, backend=args.backend, mode="reduce-overhead")
         d = dispatcher(args, True)
         for _ in range(3):  # (its first calls compile and record the graphs)
@@ -166,6 +170,8 @@ def run_mode(mode: str, args) -> None:
             return overhead(*call)
 
         results["compiled (reduce-overhead)"] = timings(stepped, d, inputs, grad, args)
+        graphs = {k: v for k, v in counters["inductor"].items() if k.startswith("cudagraph")}
+        print(f"  reduce-overhead's CUDA-graph counters (cudagraph_skips: graphs run without one): {graphs}")
     for phase in ("forward", "fwd+bwd"):
         eager = results["eager"][phase]
         cells = [f"{name} {r[phase]:8.3f} ms ({r[phase] / eager:.2f}x)" for name, r in results.items()]
