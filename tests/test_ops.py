@@ -886,6 +886,42 @@ def test_routing_by_rank_kernel_equals_the_torch_formula(monkeypatch, device, in
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("world,local", [(1, 3), (4, 2)])
+def test_all_to_all_header_message_is_the_header_then_the_counts(monkeypatch, device, kernels, world, local):
+    """The all-to-all manager's first exchange, built on the device: every row holds the header
+    with the route check's bits OR-ed into its error field, then rank w's counts, its ROWS field
+    rank w's row count; without counts, zeros after the header. Against a plain nested list,
+    with the kernels and without."""
+    from types import SimpleNamespace
+
+    from flexdispatch.managers import agreement, alltoall
+
+    if not kernels:
+        monkeypatch.setattr(_library, "serves", lambda t: False)
+    manager = SimpleNamespace(world_size=world, num_local_experts=local)
+    g = torch.Generator().manual_seed(world)
+    header = torch.randint(0, 1 << 40, (agreement.WIDTH,), generator=g).tolist()
+    header[agreement.ERROR] = 4
+    counts = torch.randint(0, 1000, (world, 1 + local), generator=g)
+    status = torch.tensor([3, 77], dtype=torch.int32)
+    like = torch.empty(0, dtype=torch.int64, device=device)
+    for c, st in ((None, None), (counts, None), (counts, status), (None, status)):
+        rows = []
+        for w in range(world):
+            row = list(header)
+            if st is not None:
+                row[agreement.ERROR] |= int(st[0])
+            if c is not None:
+                row[agreement.ROWS] = int(c[w, 0])
+            rows.append(row + (c[w, 1:].tolist() if c is not None else [0] * local))
+        got = alltoall._message(header, manager, like, None if c is None else c.to(device),
+                                None if st is None else st.to(device))
+        assert got.dtype == torch.int64 and got.device.type == device and got.is_contiguous()
+        assert got.tolist() == rows
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("prob_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("id_column,with_source", [(0, False), (1, True)])
 def test_received_routing_kernel_equals_the_formula(device, prob_dtype, id_column, with_source):

@@ -31,6 +31,7 @@ T = 0, in backward too, so an empty rank never leaves the others waiting.
 from __future__ import annotations
 
 import weakref
+from typing import Optional
 
 import torch
 
@@ -97,17 +98,27 @@ def routing_by_rank(indices: torch.Tensor, world: int, local: int) -> tuple[torc
     return in_rank, torch.cat([in_rank.sum(0, dtype=torch.int64)[:, None], expert_counts], dim=1)
 
 
-def _message(header: list, manager: "_AllToAllManager", device: torch.device) -> torch.Tensor:
-    """``[W, WIDTH + E_local]`` int64 on ``device``: ``header`` in every row, the counts zero."""
-    return torch.tensor([header + [0] * manager.num_local_experts] * manager.world_size, dtype=torch.int64,
-                        device=device)
+def _message(header: list, manager: "_AllToAllManager", like: torch.Tensor,
+             counts: Optional[torch.Tensor] = None, status: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[W, WIDTH + E_local]`` int64 on ``like``'s device: ``header`` in every row, with
+    ``status[0]`` (the route check's, optional) OR-ed into its error field; then per row ``w``
+    the counts of ``counts [W, 1 + E_local]`` (:func:`routing_by_rank`'s: column 0 as the row's
+    ROWS field, the rest after the header), or zeros. Made on the device (``ops.make_header``):
+    a tensor built from a Python list would be copied from pageable memory, which on CUDA
+    waits for the stream."""
+    row = ops.make_header(like, header, status).expand(manager.world_size, agreement.WIDTH)
+    if counts is None:
+        return torch.nn.functional.pad(row, (0, manager.num_local_experts))
+    message = torch.cat([row, counts[:, 1:]], dim=1)
+    message[:, agreement.ROWS] = counts[:, 0]
+    return message
 
 
 def _agree_in_backward(check, grad: torch.Tensor, group, what: str) -> None:
     """A backward's first exchange: every rank's header in the shape of a dispatch's first
     exchange (``[W, WIDTH + E_local]``), so a peer that went on to its next call meets it and
     every rank raises; realigns this call's layer on disagreement (see BackwardCheck)."""
-    message = _message(check.values, check.manager, grad.device)
+    message = _message(check.values, check.manager, grad)
     received = torch.empty_like(message)
     _exchange(received, message, None, None, group, what)
     headers = received.cpu()  # (the agreement reads each row's header words, not the counts after them)
@@ -217,16 +228,13 @@ class _AllToAllManager(_ManagerBase):
         self._agree(host[1], when)
         return host
 
-    def _comm_device(self) -> torch.device:
-        """Where this group's tensors live: NCCL needs CUDA, gloo takes the CPU."""
-        if self.token_indices is not None:
-            return self.token_indices.device
-        return gather.group_device(self.group)
-
     def _blank_message(self, phase: int, hidden) -> torch.Tensor:
-        """``[W, WIDTH + E_local]`` int64 on the group's device: this rank's header in every
-        row, the counts zero (the dispatch fills rows, error bits and counts in)."""
-        return _message(self._header(phase, hidden), self, self._comm_device())
+        """``[W, WIDTH + E_local]`` int64 where this group's tensors live (NCCL needs CUDA, gloo
+        takes the CPU): this rank's header in every row, the counts zero."""
+        like = self.token_indices
+        if like is None:  # (this rank's check failed before routing)
+            like = torch.empty(0, device=gather.group_device(self.group))
+        return _message(self._header(phase, hidden), self, like)
 
     def _dispatch(self, hidden_states, async_finish: bool, allocate_on_comm_stream: bool,
                   keep_fp8: bool, permute_next: bool = False, fp8_rows: bool = False) -> Dispatched:
@@ -238,11 +246,8 @@ class _AllToAllManager(_ManagerBase):
         indices = self.token_indices
         topk = indices.shape[1]
         in_rank, counts = routing_by_rank(indices, world, local)
-        message = self._blank_message(agreement.DISPATCH, hidden_states)
-        message[:, agreement.ROWS] = counts[:, 0]
-        if self._routed.status is not None:
-            message[:, agreement.ERROR] = self._routed.status[0]  # (int32, widened as it is copied in)
-        message[:, agreement.WIDTH:] = counts[:, 1:]
+        message = _message(self._header(agreement.DISPATCH, hidden_states), self, indices, counts,
+                           self._routed.status)
         host = self._exchange_headers(message, when)
         ops.check_pending_errors()  # earlier calls' flags are ready now, for free
 
