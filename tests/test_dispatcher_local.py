@@ -100,6 +100,43 @@ def test_dispatched_probs_are_zero_where_capacity_left_no_expert():
     d.reset()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("sync_free,config", [
+    (True, {}), (True, dict(moe_max_tokens_per_expert=16)), (True, dict(moe_fp8_dispatch=True)), (False, {}),
+    (False, dict(moe_expert_capacity_factor=1.0, moe_router_expert_pad_multiple=4)),
+    (False, dict(moe_fp8_dispatch=True)),
+])
+def test_one_gpu_layer_syncs_only_to_size_its_permutation(sync_free, config):
+    """CUDA's sync debug mode reports every call that waits for the device: over three steps of
+    a one-rank layer (routing and its deferred check, permutation, experts, restore, backward),
+    a sync-free layer makes none, and one sized on the host exactly one a forward (its
+    permutation's size)."""
+    import warnings
+
+    d = make(8, 2, moe_sync_free=sync_free, **config)
+    g = torch.Generator().manual_seed(23)
+    steps = [(torch.randn(48, 128, generator=g).cuda().requires_grad_(), torch.randn(48, 8, generator=g).cuda(),
+              torch.randn(48, 128, generator=g).cuda()) for _ in range(4)]
+
+    def step(x, logits, grad):
+        tokens, tpe, pprobs = d.token_permutation(x, 48, torch.softmax(logits, -1))
+        d.token_unpermutation(tokens * pprobs[:, None]).backward(grad)
+        return tokens
+
+    step(*steps[0])  # (first use: the error words' pinned slots are made here)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            outputs = [step(*s) for s in steps[1:]]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+    assert len(syncs) == (0 if sync_free else 3), syncs
+    assert all(bool(t.abs().sum() > 0) for t in outputs) and all(s[0].grad.abs().sum() > 0 for s in steps[1:])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_one_call_permutation_ignores_the_probs_of_unassigned_slots(device, sync_free):
