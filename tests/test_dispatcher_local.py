@@ -137,6 +137,54 @@ def test_one_gpu_layer_syncs_only_to_size_its_permutation(sync_free, config):
     assert all(bool(t.abs().sum() > 0) for t in outputs) and all(s[0].grad.abs().sum() > 0 for s in steps[1:])
 
 
+_A2A_SYNCS = """
+import socket, sys, warnings
+import torch, torch.distributed as dist
+import flexdispatch as fd
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                        device_id=torch.device("cuda:0"))
+cfg = fd.MoEConfig(num_moe_experts=8, moe_router_topk=2, moe_flex_backend="alltoall")
+d = fd.MoEFlexTokenDispatcher(8, list(range(8)), cfg, dist.group.WORLD)
+g = torch.Generator().manual_seed(5)
+steps = [(torch.randn(48, 128, generator=g).cuda().requires_grad_(), torch.randn(48, 8, generator=g).cuda(),
+          torch.randn(48, 128, generator=g).cuda()) for _ in range(4)]
+def step(x, logits, grad):
+    tokens, tpe, pprobs = d.token_permutation(x, 48, torch.softmax(logits, -1))
+    d.token_unpermutation(tokens * pprobs[:, None]).backward(grad)
+step(*steps[0]); torch.cuda.synchronize()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        for args in steps[1:]:
+            step(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+print("backend", d.backend)
+print("syncs", sum("called a synchronizing CUDA operation" in str(w.message) for w in caught))
+fd.shutdown()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.gpu
+def test_all_to_all_on_nccl_waits_only_to_read_its_headers():
+    """The all-to-all manager (asked for by name) on a one-rank NCCL group, under CUDA's sync
+    debug mode: three forward + backward steps wait for the device only at their header reads,
+    four a step (dispatch, combine, and the backward of each). A header message built from a
+    Python list waited before each exchange as well (eight a step). In a child process, whose
+    NCCL group is its own."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _A2A_SYNCS], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+    assert lines.get("backend") == "alltoall", done.stdout
+    assert lines.get("syncs") == str(3 * 4), done.stdout
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_one_call_permutation_ignores_the_probs_of_unassigned_slots(device, sync_free):
