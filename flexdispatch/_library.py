@@ -190,35 +190,21 @@ def defer_routing_error(status: torch.Tensor, route: torch.Tensor, num_experts: 
 
 
 def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_experts: int, name: str,
-                    num_out: Optional[int] = None, probs: Optional[torch.Tensor] = None) -> None:
-    """Raise now for CPU tensors (reading the flag costs nothing); on CUDA, queue a copy of the
-    error word to pinned memory and read it once it has landed (at a later call, or at
-    :func:`check_pending_errors`) instead of adding a host sync."""
+                    num_out: Optional[int] = None, probs: Optional[torch.Tensor] = None, word=None) -> None:
+    """Raise now for CPU tensors (reading the flag costs nothing); on CUDA, read the error word
+    ``flags[index]`` once it has landed in pinned memory (at a later call, or at
+    :func:`check_pending_errors`) instead of adding a host sync. ``word``: the
+    :func:`error_word` slot taken before the op, which its kernel stored the word to when the
+    slot has a device address; else the word is copied to a slot here."""
     if flags.is_cpu:
         bits = int(flags[index])
         if bits:
             raise routing_error(bits, route, num_experts, name, num_out, probs)
         return
-    word = error_word(flags, flags.dtype)
-    if word is not None:
-        _defer(word, False, flags, index, route, num_experts, name, num_out, probs)
-
-
-def error_word(like: torch.Tensor, dtype: torch.dtype):
-    """The pinned slot that a CUDA op's error word of ``dtype`` goes to (``(pinned, ctypes view,
-    slot, device address or 0)``, see :class:`_ErrorSlots`), for an op that stores it itself
-    (given the address) before :func:`_defer`; None where nothing is queued: a CPU op raises at
-    once, and a graph being captured may not sync (its sizes are the caller's, sync-free)."""
-    if like.is_cpu or torch.cuda.is_current_stream_capturing():
-        return None
-    _read_pending_errors(wait=False)
-    return _slots.take(dtype)
-
-
-def _defer(word, stored: bool, flags: torch.Tensor, index: int, route: torch.Tensor, num_experts: int, name: str,
-           num_out: Optional[int] = None, probs: Optional[torch.Tensor] = None) -> None:
-    """Queue ``flags[index]``, the error word of a CUDA op, for reading once it has landed in
-    ``word`` (from :func:`error_word`): copied there now unless the op ``stored`` it itself."""
+    stored = word is not None and bool(word[3])
+    word = word or error_word(flags, flags.dtype)
+    if word is None:  # (a graph being captured: nothing is queued)
+        return
     pinned, words, slot, mapped = word
     if not stored and mapped:  # (a mapping exists only where the kernels are built for CUDA)
         _C.queue_word_copy(flags, index, mapped)
@@ -230,6 +216,18 @@ def _defer(word, stored: bool, flags: torch.Tensor, index: int, route: torch.Ten
         check_pending_errors()
 
 
+def error_word(like: torch.Tensor, dtype: torch.dtype):
+    """The pinned slot that a CUDA op's error word of ``dtype`` goes to (``(pinned, ctypes view,
+    slot, device address or 0)``, see :class:`_ErrorSlots`), for an op that stores it itself
+    (given the address) before :func:`_defer_or_raise`; None where nothing is queued: a CPU op
+    raises at once, and a graph being captured may not sync (its sizes are the caller's,
+    sync-free)."""
+    if like.is_cpu or torch.cuda.is_current_stream_capturing():
+        return None
+    _read_pending_errors(wait=False)
+    return _slots.take(dtype)
+
+
 def _check_layout(layout, host, route, num_experts, num_out, name, word=None) -> None:
     """Raise a plan's error bits from its host copy (made when the kernel sized its output),
     else defer them (``word``: the :func:`error_word` slot the op stored them to itself, if
@@ -237,11 +235,7 @@ def _check_layout(layout, host, route, num_experts, num_out, name, word=None) ->
     if name is None:
         return
     if host is None:
-        index = layout_error_index(num_experts)
-        if word is not None:
-            _defer(word, bool(word[3]), layout, index, route, num_experts, name, num_out)
-        else:
-            _defer_or_raise(layout, index, route, num_experts, name, num_out)
+        _defer_or_raise(layout, layout_error_index(num_experts), route, num_experts, name, num_out, word=word)
         return
     check_pending_errors()  # a sync just happened: read the earlier flags too
     bits = int(host[layout_error_index(num_experts)])
@@ -367,10 +361,8 @@ def check_route(indices: torch.Tensor, num_experts: int, flag: int, probs: Optio
     word = None if report_as is None else error_word(indices, torch.int32)
     clean, status = _C.check_route(indices.contiguous(), num_experts, flag, _contiguous(probs),
                                    0 if word is None else word[3])
-    if word is not None:
-        _defer(word, bool(word[3]), status, 0, indices, num_experts, report_as, probs=probs)
-    elif report_as is not None:
-        _defer_or_raise(status, 0, indices, num_experts, report_as, probs=probs)  # (CPU: raised now)
+    if report_as is not None:
+        _defer_or_raise(status, 0, indices, num_experts, report_as, probs=probs, word=word)
     return clean, status
 
 
