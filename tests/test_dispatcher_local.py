@@ -9,6 +9,7 @@ import flexdispatch as fd
 from dist_scenarios import metadata_released, moe_matches_dense, out_of_order_steps, two_dispatchers_interleaved
 from moe_math import TOLERANCE, apply_experts, dense_layer, make_problem, rel_err
 from conftest import DEVICES
+from cuda_syncs import layer_syncs
 
 
 def assert_close_to_dense(res):
@@ -111,58 +112,24 @@ def test_one_gpu_layer_syncs_only_to_size_its_permutation(sync_free, config):
     a one-rank layer (routing and its deferred check, permutation, experts, restore, backward),
     a sync-free layer makes none, and one sized on the host exactly one a forward (its
     permutation's size)."""
-    import warnings
-
-    d = make(8, 2, moe_sync_free=sync_free, **config)
-    g = torch.Generator().manual_seed(23)
-    steps = [(torch.randn(48, 128, generator=g).cuda().requires_grad_(), torch.randn(48, 8, generator=g).cuda(),
-              torch.randn(48, 128, generator=g).cuda()) for _ in range(4)]
-
-    def step(x, logits, grad):
-        tokens, tpe, pprobs = d.token_permutation(x, 48, torch.softmax(logits, -1))
-        d.token_unpermutation(tokens * pprobs[:, None]).backward(grad)
-        return tokens
-
-    step(*steps[0])  # (first use: the error words' pinned slots are made here)
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            outputs = [step(*s) for s in steps[1:]]
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+    syncs, outputs, inputs = layer_syncs(make(8, 2, moe_sync_free=sync_free, **config), seed=23)
     assert len(syncs) == (0 if sync_free else 3), syncs
-    assert all(bool(t.abs().sum() > 0) for t in outputs) and all(s[0].grad.abs().sum() > 0 for s in steps[1:])
+    assert all(bool(t.abs().sum() > 0) for t in outputs) and all(s[0].grad.abs().sum() > 0 for s in inputs)
 
 
 _A2A_SYNCS = """
-import socket, sys, warnings
+import socket
 import torch, torch.distributed as dist
 import flexdispatch as fd
+from cuda_syncs import layer_syncs
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
 dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
                         device_id=torch.device("cuda:0"))
 cfg = fd.MoEConfig(num_moe_experts=8, moe_router_topk=2, moe_flex_backend="alltoall")
 d = fd.MoEFlexTokenDispatcher(8, list(range(8)), cfg, dist.group.WORLD)
-g = torch.Generator().manual_seed(5)
-steps = [(torch.randn(48, 128, generator=g).cuda().requires_grad_(), torch.randn(48, 8, generator=g).cuda(),
-          torch.randn(48, 128, generator=g).cuda()) for _ in range(4)]
-def step(x, logits, grad):
-    tokens, tpe, pprobs = d.token_permutation(x, 48, torch.softmax(logits, -1))
-    d.token_unpermutation(tokens * pprobs[:, None]).backward(grad)
-step(*steps[0]); torch.cuda.synchronize()
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        for args in steps[1:]:
-            step(*args)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+syncs, _, _ = layer_syncs(d, seed=5)
 print("backend", d.backend)
-print("syncs", sum("called a synchronizing CUDA operation" in str(w.message) for w in caught))
+print("syncs", len(syncs))
 fd.shutdown()
 dist.destroy_process_group()
 """
@@ -178,7 +145,10 @@ def test_all_to_all_on_nccl_waits_only_to_read_its_headers():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", _A2A_SYNCS], capture_output=True, text=True, timeout=300)
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", _A2A_SYNCS], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
     assert lines.get("backend") == "alltoall", done.stdout
