@@ -64,20 +64,30 @@ __device__ __forceinline__ void offsets_from_totals(const int32_t* total, int ex
   if (threadIdx.x == 0) layout[layout_offsets(experts) + experts] = offsets[experts];
 }
 
-// Writes slot `entry` (row * slots + slot) of the map, dest or -1, and moves its prob to dest;
-// returns what it wrote. A dest at or past num_out is an overflow: the slot is left unplaced
-// (-1) and *overflow is set.
+// Writes slot `entry` (row * slots + slot) of the map, dest or -1, and `prob` (when has_prob)
+// to probs_out[dest]; returns what it wrote. A dest at or past num_out is an overflow: the slot
+// is left unplaced (-1) and *overflow is set. For a caller that loaded the prob already.
 template <typename ProbBits>
-__device__ __forceinline__ int32_t place_slot(int64_t dest, int64_t entry, const ProbBits* probs, int64_t num_out,
-                                              int32_t* row_id_map, ProbBits* probs_out, int64_t* overflow) {
+__device__ __forceinline__ int32_t place_loaded_slot(int64_t dest, int64_t entry, bool has_prob, ProbBits prob,
+                                                     int64_t num_out, int32_t* row_id_map, ProbBits* probs_out,
+                                                     int64_t* overflow) {
   if (dest >= num_out) {
     *overflow = kOutputOverflow;
     dest = -1;
-  } else if (dest >= 0 && probs != nullptr) {
-    probs_out[dest] = probs[entry];
+  } else if (dest >= 0 && has_prob) {
+    probs_out[dest] = prob;
   }
   row_id_map[entry] = static_cast<int32_t>(dest);
   return static_cast<int32_t>(dest);
+}
+
+// place_loaded_slot with the prob read from probs[entry] (nullable), only where it is placed.
+template <typename ProbBits>
+__device__ __forceinline__ int32_t place_slot(int64_t dest, int64_t entry, const ProbBits* probs, int64_t num_out,
+                                              int32_t* row_id_map, ProbBits* probs_out, int64_t* overflow) {
+  const bool has_prob = probs != nullptr && dest >= 0 && dest < num_out;
+  return place_loaded_slot(dest, entry, probs != nullptr, has_prob ? probs[entry] : ProbBits{}, num_out, row_id_map,
+                           probs_out, overflow);
 }
 
 // Row `row` of dst (row_bytes, in V vectors) and its probs_out entry (nullable) set to zero by

@@ -299,11 +299,21 @@ __global__ void route_map_multihot_kernel(Route route, int chunk_rows, const int
   if (e < experts) {
     int64_t first = offsets[e] + place.chunk_base[e];
     for (int w = 0; w < warp; ++w) first += warp_counts[w][lane];
+    // The column's probs loaded together before any store (a bit is set only on a row of the
+    // route): loaded inside the store loop, each waited a memory latency behind the last
+    // store, which may alias it.
+    ProbBits prob[32];
+#pragma unroll
+    for (int r = 0; r < 32; ++r) {
+      prob[r] = probs != nullptr && (bits >> r) & 1u ? probs[(row0 + r) * route.slots + e] : ProbBits{};
+    }
+#pragma unroll
     for (int r = 0; r < 32; ++r) {
       const int64_t row = row0 + r;
       if (row >= route.rows) break;
       const int64_t dest = (bits >> r) & 1u ? first + __popc(bits & ((1u << r) - 1u)) : -1;
-      place_slot(dest, row * route.slots + e, probs, num_out, row_id_map, probs_out, &overflow);
+      place_loaded_slot(dest, row * route.slots + e, probs != nullptr, prob[r], num_out, row_id_map, probs_out,
+                        &overflow);
     }
   }
   if (overflow) or_error(layout + layout_error(experts), overflow);

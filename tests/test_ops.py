@@ -64,9 +64,10 @@ def test_dtypes(device, dtype, index_dtype, poison):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rows,hidden,experts,topk", [(0, 8, 4, 2), (129, 40, 9, 3), (777, 128, 32, 8)])
-def test_multihot_and_permute_by_map(device, rows, hidden, experts, topk, poison):
+@pytest.mark.parametrize("prob_dtype", [torch.float32, torch.float64])
+def test_multihot_and_permute_by_map(device, rows, hidden, experts, topk, prob_dtype, poison):
     idx = random_indices(rows, experts, topk, seed=7, device=device)
-    p = random_probs(rows, topk, device=device)
+    p = random_probs(rows, topk, prob_dtype, device=device)
     routing_map, multihot = ops.indices_to_multihot(idx, p, experts)
     ref_map, ref_multihot = reference.indices_to_multihot(idx, p, experts)
     assert torch.equal(routing_map, ref_map) and torch.equal(multihot, ref_multihot)
