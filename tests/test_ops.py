@@ -725,11 +725,12 @@ def test_fp8_round_trip_is_straight_through():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("pad,sized", [(None, False), (4, False), (3, True)])
-@pytest.mark.parametrize("hidden,packed", [(256, False), (256, True), (512, True)])
+@pytest.mark.parametrize("hidden,packed", [(256, False), (256, True), (512, True), (1408, False)])
 def test_fp8_permutation_equals_dequantize_then_permute(device, dtype, pad, sized, hidden, packed):
     """The dequantizing permutation against the reference and against the two passes it
     replaces, bit for bit; FP8 rows also read as slices of a packed payload (aligned rows at
-    hidden 512, rows copied first at 256)."""
+    hidden 512, rows copied first at 256), and rows of several blocks' segments, the last
+    part-used (1408)."""
     rows, experts, topk = 77, 6, 3
     q, scales = ops.quantize_fp8(_fp8_rows(dtype, device, rows=rows, hidden=hidden))
     if packed:  # the all-to-all manager's payload: FP8 bytes, then the scales' bytes
@@ -950,14 +951,20 @@ def test_received_routing_kernel_equals_the_formula(device, prob_dtype, id_colum
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,first_row", [(torch.bfloat16, 0), (torch.float32, 0), (torch.bfloat16, 77)])
-def test_permute_fp8_from_addresses_equals_the_dequantizing_permutation(device, dtype, first_row):
+@pytest.mark.parametrize("dtype,first_row,hidden,max_blocks", [
+    (torch.bfloat16, 0, 256, 0), (torch.float32, 0, 256, 0), (torch.bfloat16, 77, 256, 0),
+    (torch.bfloat16, 5, 1280, 3), (torch.float32, 77, 1280, 2), (torch.float32, 0, 1280, 1)])
+def test_permute_fp8_from_addresses_equals_the_dequantizing_permutation(device, dtype, first_row, hidden,
+                                                                        max_blocks):
     """FP8 rows read through addresses as the NVLink manager publishes them (each row's bytes,
     then its scales), some without a source (address 0): the dequantizing permutation's rows,
-    probs and plan, bit for bit, and the stand-in gets the permutation's gradient."""
+    probs and plan, bit for bit, and the stand-in gets the permutation's gradient. With a cap
+    on the kernel's blocks (the NVLink SM budget), each block walks many (row, segment) pairs
+    of rows several segments wide (1280: a payload row of 1320 bytes keeps the 8-byte
+    alignment the addresses promise)."""
     from flexdispatch import peer_ops
 
-    rows, hidden, experts, topk = 200, 256, 6, 3
+    rows, experts, topk = 200, 6, 3
     q, scales = ops.quantize_fp8(_fp8_rows(dtype, device, rows=rows, hidden=hidden))
     payload = torch.cat([q.view(torch.uint8), scales.view(torch.uint8)], dim=1)  # [R, H + H / 32]
     idx = random_indices(rows, experts, topk, seed=4, device=device)
@@ -966,7 +973,7 @@ def test_permute_fp8_from_addresses_equals_the_dequantizing_permutation(device, 
     p = random_probs(rows, topk, device=device)
     stand_in = torch.zeros((), dtype=dtype, device=device).expand(rows, hidden).requires_grad_()
     out, out_p, plan, tpe = peer_ops.permute_fp8_from(stand_in, addrs, 8, idx, p, experts, None, 2,
-                                                      first_row=first_row)
+                                                      max_blocks=max_blocks, first_row=first_row)
     want, want_p, want_plan, want_tpe = ops.permute_fp8_by_indices(q, scales, idx, p, num_experts=experts,
                                                                     pad_multiple=2, dtype=dtype)
     assert torch.equal(out, want) and torch.equal(out_p, want_p) and torch.equal(tpe, want_tpe)
