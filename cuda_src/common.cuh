@@ -167,10 +167,13 @@ inline cudaError_t allow_dynamic_shared(Kernel* kernel, size_t bytes) {
 // Programmatic dependent launch (sm_90 and later): the permutation's kernels follow each
 // other on one stream, each reading what the previous one wrote. Launched with
 // launch_after_previous, a kernel may be scheduled while its predecessor's last blocks still
-// run; it calls wait_for_previous_grid before its first memory access, which returns once the
-// predecessor has finished and its writes are visible, so only the launch and block
-// scheduling overlap, never the work. allow_next_grid lets the next such kernel be scheduled
-// as soon as every block of this one has started. Both are no-ops without the launch
+// run; it calls wait_for_previous_grid before it reads anything its predecessor may write, and
+// the wait returns once the predecessor has finished and its writes are visible.
+// allow_next_grid lets the next such kernel be scheduled as soon as every block of this one
+// has called it. A kernel that calls it only after its own wait guarantees its successor that
+// everything before itself on the stream is complete: the plan's count pass does, so the map
+// pass reads the op's inputs (the route, the probs) before its wait, while the count runs.
+// Every other kernel waits before its first memory access. Both are no-ops without the launch
 // attribute and before sm_90.
 __device__ __forceinline__ void wait_for_previous_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -62,7 +62,8 @@ __device__ void clear_masks(uint32_t* masks, int n) {
 // route_map_kernel) is zeroed here, before any map block ORs into it.
 template <int Kind>
 __global__ void route_count_kernel(Route route, int chunk_rows, int32_t* chunk_counts, int64_t* layout_error) {
-  allow_next_grid();
+  wait_for_previous_grid();
+  allow_next_grid();  // (after the wait: the map reads the route before its own, see route_map_kernel)
   if (layout_error != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *layout_error = 0;
   extern __shared__ uint32_t masks[];
   __shared__ int chunk_bad;
@@ -199,18 +200,20 @@ __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chu
                                  int64_t* layout, const ProbBits* probs, int64_t num_out,
                                  int32_t* row_id_map, ProbBits* probs_out, int64_t num_chunks,
                                  int64_t pad_multiple) {
-  wait_for_previous_grid();
   allow_next_grid();
   extern __shared__ uint32_t masks[];
   const int words = chunk_rows / 32;
   const int experts = route.num_experts;
-  const ChunkPlace place = chunk_place<Scans>(chunk_offsets, num_chunks, experts, pad_multiple,
-                                              reinterpret_cast<char*>(masks + experts * words), layout);
-  const int64_t* offsets = place.offsets;
+  // The chunk's bits come from the route alone, which was complete before the count pass let
+  // this grid start: marked while the count pass still runs.
   clear_masks(masks, experts * words);
   const int64_t row0 = int64_t(blockIdx.x) * chunk_rows;
   int64_t chunk_bad = 0;  // (the count pass reported these; the scan carries them)
   mark_chunk<Kind>(route, row0, chunk_rows, masks, words, &chunk_bad);
+  wait_for_previous_grid();
+  const ChunkPlace place = chunk_place<Scans>(chunk_offsets, num_chunks, experts, pad_multiple,
+                                              reinterpret_cast<char*>(masks + experts * words), layout);
+  const int64_t* offsets = place.offsets;
   __syncthreads();
 
   // The padded rows must fit too: real rows that fit while the padding does not are an overflow.
@@ -259,7 +262,8 @@ __device__ __forceinline__ int64_t multihot_warp_row0(int chunk_rows) {
 
 __global__ void route_count_multihot_kernel(Route route, int chunk_rows, int32_t* chunk_counts,
                                             int64_t* layout_error) {
-  allow_next_grid();
+  wait_for_previous_grid();
+  allow_next_grid();  // (after the wait, as route_count_kernel)
   // (zeroed before any map block ORs into it: as route_count_kernel)
   if (layout_error != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *layout_error = 0;
   __shared__ int32_t warp_counts[8][32];
@@ -281,17 +285,26 @@ __global__ void route_map_multihot_kernel(Route route, int chunk_rows, const int
                                           int64_t* layout, const ProbBits* probs, int64_t num_out,
                                           int32_t* row_id_map, ProbBits* probs_out, int64_t num_chunks,
                                           int64_t pad_multiple) {
-  wait_for_previous_grid();
   allow_next_grid();
   __shared__ int32_t warp_counts[8][32];
   extern __shared__ __align__(16) char scan_space[];
   const int experts = route.num_experts;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, e = 32 * blockIdx.y + lane;
+  // The column's bits and the probs of its set bits (a bit is set only on a row of the route)
+  // come from the op's inputs alone, complete before the count pass let this grid start: read
+  // while the count pass still runs, the probs together before any store (loaded inside the
+  // store loop, each waited a memory latency behind the last store, which may alias it).
+  const int64_t row0 = multihot_warp_row0(chunk_rows);
+  const uint32_t bits = multihot_bits(route, row0, e);
+  ProbBits prob[32];
+#pragma unroll
+  for (int r = 0; r < 32; ++r) {
+    prob[r] = probs != nullptr && (bits >> r) & 1u ? probs[(row0 + r) * route.slots + e] : ProbBits{};
+  }
+  wait_for_previous_grid();
   // (a multihot map has no bad slot: the count pass writes 0 errors)
   const ChunkPlace place = chunk_place<Scans>(chunk_offsets, num_chunks, experts, pad_multiple, scan_space, layout);
   const int64_t* offsets = place.offsets;
-  const int64_t row0 = multihot_warp_row0(chunk_rows);
-  const uint32_t bits = multihot_bits(route, row0, e);
   warp_counts[warp][lane] = __popc(bits);
   __syncthreads();
   int64_t overflow = blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && offsets[experts] > num_out
@@ -299,14 +312,6 @@ __global__ void route_map_multihot_kernel(Route route, int chunk_rows, const int
   if (e < experts) {
     int64_t first = offsets[e] + place.chunk_base[e];
     for (int w = 0; w < warp; ++w) first += warp_counts[w][lane];
-    // The column's probs loaded together before any store (a bit is set only on a row of the
-    // route): loaded inside the store loop, each waited a memory latency behind the last
-    // store, which may alias it.
-    ProbBits prob[32];
-#pragma unroll
-    for (int r = 0; r < 32; ++r) {
-      prob[r] = probs != nullptr && (bits >> r) & 1u ? probs[(row0 + r) * route.slots + e] : ProbBits{};
-    }
 #pragma unroll
     for (int r = 0; r < 32; ++r) {
       const int64_t row = row0 + r;
@@ -326,22 +331,21 @@ dim3 multihot_grid(int64_t chunks, int experts) {
 
 size_t mask_bytes(int experts, int chunk_rows) { return size_t(experts) * (chunk_rows / 32) * 4; }
 
-// The count pass: rows in chunks (a multihot map over (chunk, 32 experts)), launched plainly:
-// the first kernel of a plan waits for whatever came before it on the stream.
+// The count pass: rows in chunks (a multihot map over (chunk, 32 experts)).
 template <int Kind>
 cudaError_t count_chunks(const Route& route, int chunk_rows, int64_t chunks, int32_t* chunk_offsets,
                          int64_t* layout_error, cudaStream_t stream) {
   if constexpr (Kind == kRouteMultihot) {
-    route_count_multihot_kernel<<<multihot_grid(chunks, route.num_experts), chunk_rows, 0, stream>>>(
-        route, chunk_rows, chunk_offsets, layout_error);
+    return launch_after_previous(route_count_multihot_kernel, multihot_grid(chunks, route.num_experts), chunk_rows, 0,
+                                 stream, route, chunk_rows, chunk_offsets, layout_error);
   } else {
     const size_t bytes = mask_bytes(route.num_experts, chunk_rows);
     const cudaError_t err = allow_dynamic_shared(route_count_kernel<Kind>, bytes);
     if (err != cudaSuccess) return err;
-    route_count_kernel<Kind><<<static_cast<unsigned>(chunks), plan_threads(chunk_rows, route.slots), bytes, stream>>>(
-        route, chunk_rows, chunk_offsets, layout_error);
+    return launch_after_previous(route_count_kernel<Kind>, static_cast<unsigned>(chunks),
+                                 plan_threads(chunk_rows, route.slots), bytes, stream, route, chunk_rows, chunk_offsets,
+                                 layout_error);
   }
-  return cudaGetLastError();
 }
 
 // Count, then scan unless the map will (scan false: see map_scans).

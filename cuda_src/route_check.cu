@@ -97,6 +97,7 @@ cudaError_t launch(const void* indices, const void* probs, int32_t prob_kind, in
 // One word (4 or 8 bytes) from device memory to a pinned host word through its device mapping.
 __global__ void store_word_kernel(const void* src, int bytes, void* host_word) {
   wait_for_previous_grid();
+  allow_next_grid();  // (the next call's count pass may be scheduled while this waits)
   if (bytes == 8) {
     *static_cast<volatile int64_t*>(host_word) = *static_cast<const int64_t*>(src);
   } else {
