@@ -231,8 +231,8 @@ struct ScatterFp8 {
                   int64_t max_blocks, int64_t first_row, cudaStream_t stream) {
     const int64_t units = hidden / Unit<T>::kVals;
     int64_t grid = rows * ((units + kSegmentThreads - 1) / kSegmentThreads);
-    // (max_blocks counts blocks of kBlock threads, as in the other transfer kernels)
-    if (max_blocks > 0 && grid > max_blocks * (kBlock / kSegmentThreads)) grid = max_blocks * (kBlock / kSegmentThreads);
+    // (max_blocks: the NVLink SM budget, one block an SM, as for the other transfer kernels)
+    if (max_blocks > 0 && grid > max_blocks) grid = max_blocks;
     launch_after_previous(scatter_fp8_rows_kernel<T>, dim3(static_cast<unsigned>(std::min<int64_t>(grid, INT32_MAX))),
                           dim3(kSegmentThreads), 0, stream, q, q_pitch, scales, scale_pitch, addrs, rows, hidden,
                           row_id_map, slots, first_row, static_cast<T*>(dst));
