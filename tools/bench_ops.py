@@ -25,10 +25,11 @@ the host hidden behind them when it is the faster).
 "launches": the device operations one call queues (kernels, copies, fills; torch.profiler),
 counted once per op; with --kernels, each of them and its device time in microseconds.
 
-Floor: permute and unpermute move 2*H*(R + N) bytes (N = R*K); GB/s is that over the time,
-and "of copy" is the ratio to a measured device-to-device copy (bytes read + written). A
-permute reads a row once and writes it K times, so a fill's write-only bandwidth is printed
-too: write-heavy ops are bounded by it more than by the copy.
+Floor: permute and unpermute move 2*H*(R + N) bytes (N = R*K), the pair twice that; the
+multihot conversion reads the route and writes an R x E bool map and R x E float32 probs.
+GB/s is that over the time, and "of copy" is the ratio to a measured device-to-device copy
+(bytes read + written). A permute reads a row once and writes it K times, so a fill's
+write-only bandwidth is printed too: write-heavy ops are bounded by it more than by the copy.
 
     python tools/bench_ops.py --json out.json --png out.png
 """
@@ -100,8 +101,10 @@ def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps, only=N
         results[name] = entry
         torch.cuda.empty_cache()
 
+    # (the route read; the map's bool and float32 probs written, R x E each)
+    multihot_bytes = idx.numel() * (idx.element_size() + probs.element_size()) + rows * experts * 5
     record("multihot", lambda: ops.indices_to_multihot(idx, probs, experts),
-           lambda: reference.indices_to_multihot(idx, probs, experts))
+           lambda: reference.indices_to_multihot(idx, probs, experts), multihot_bytes)
     record("permute", lambda: ops.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=n),
            lambda: reference.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=n), floor_bytes)
     routing_map, dense_probs = ops.indices_to_multihot(idx, probs, experts)
@@ -111,7 +114,7 @@ def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps, only=N
         results["permute_map"]["vs_index"] = results["permute_map"]["ms_b2b"] / results["permute"]["ms_b2b"]
     record("permute+sync", lambda: ops.permute_by_indices(x, idx, probs, num_experts=experts), None, floor_bytes)
     record("perm+unperm", lambda: ops.unpermute(*ops.permute_by_indices(x, idx, probs, num_experts=experts,
-                                                                       num_out_tokens=n)[::2]))
+                                                                       num_out_tokens=n)[::2]), None, 2 * floor_bytes)
     ref_out, _, ref_plan, _ = reference.permute_by_indices(x, idx, probs, num_experts=experts)
     record("unpermute", lambda: ops.unpermute(out, plan), lambda: reference.unpermute(ref_out, ref_plan), floor_bytes)
     record("unpermute_w", lambda: ops.unpermute(out, plan, probs), lambda: reference.unpermute(ref_out, ref_plan, probs),
