@@ -87,16 +87,19 @@ cudaError_t with_vector(int64_t row_bytes, const void* a, const void* b, F&& f) 
   }
 }
 
-// Expert of (row, slot) of a top-k route, -1 for an unused slot. No range check here:
-// route_plan validates. (A multihot map is read by columns: route.cu's multihot_bits.)
+// Expert of (row, slot), -1 for an unused slot: a top-k route's index, or for a multihot map
+// the slot itself where its byte is set. No range check here: route_plan validates. (The
+// multi-pass plan reads a multihot map by columns: route.cu's multihot_bits.)
 template <int Kind>
 __device__ __forceinline__ int64_t route_at(const Route& route, int64_t row, int32_t slot) {
-  static_assert(Kind == kRouteIndex32 || Kind == kRouteIndex64, "top-k routes only");
   const int64_t i = row * route.slots + slot;
   if constexpr (Kind == kRouteIndex32) {
     return static_cast<const int32_t*>(route.data)[i];
-  } else {
+  } else if constexpr (Kind == kRouteIndex64) {
     return static_cast<const int64_t*>(route.data)[i];
+  } else {
+    static_assert(Kind == kRouteMultihot, "a RouteKind");
+    return static_cast<const uint8_t*>(route.data)[i] ? slot : -1;
   }
 }
 

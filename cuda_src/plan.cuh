@@ -10,11 +10,12 @@ namespace cuda {
 
 // Expert of a slot after validation: -1 for an unused, out-of-range or repeated slot, so
 // that count and map agree and nothing is ever written out of bounds; *bad gets the reason.
+// (A multihot map's slot s can only name expert s, once.)
 template <int Kind>
 __device__ __forceinline__ int64_t checked_expert(const Route& route, int64_t row, int32_t slot,
                                                   int64_t* bad) {
   const int64_t e = route_at<Kind>(route, row, slot);
-  if (e == -1) return -1;
+  if (Kind == kRouteMultihot || e == -1) return e;
   if (e < -1 || e >= route.num_experts) {
     *bad |= kIndexOutOfRange;
     return -1;

@@ -1,5 +1,5 @@
-// The permutation of a small top-k route in one launch. For a route of a few thousand
-// (row, slot) entries, the multi-pass plan's launches (count, map, scatter: route.cu, rows.cu)
+// The permutation of a small route (top-k indices, or a multihot map whose slots are its
+// experts) in one launch. For a route of a few thousand (row, slot) entries, the multi-pass plan's launches (count, map, scatter: route.cu, rows.cu)
 // cost the host and the device more than their work does. Here every block counts the whole
 // route itself (a few KB, read from L2), scans the padded expert totals, places the slots of
 // its own kSmallRows rows and moves those rows; block 0 writes the layout. The result equals
@@ -154,15 +154,18 @@ cudaError_t launch_small(const Small& a, cudaStream_t stream) {
 template <typename ProbBits>
 cudaError_t launch_small_for_route(const Small& a, cudaStream_t stream) {
   return with_vector(a.row_bytes, a.src, a.dst, [&](auto v) {
-    return a.route.kind == kRouteIndex32 ? launch_small<kRouteIndex32, decltype(v), ProbBits>(a, stream)
-                                         : launch_small<kRouteIndex64, decltype(v), ProbBits>(a, stream);
+    switch (a.route.kind) {
+      case kRouteIndex32: return launch_small<kRouteIndex32, decltype(v), ProbBits>(a, stream);
+      case kRouteIndex64: return launch_small<kRouteIndex64, decltype(v), ProbBits>(a, stream);
+      default: return launch_small<kRouteMultihot, decltype(v), ProbBits>(a, stream);
+    }
   });
 }
 
 }  // namespace
 
 bool permute_small_fits(const Route& route, int64_t row_bytes) {
-  if (route.kind == kRouteMultihot || route.rows == 0) return false;
+  if (route.rows == 0) return false;
   const int64_t entries = route.rows * route.slots;
   return route.num_experts <= kSmallExperts && route.slots <= kSmallSlots && entries <= kSmallEntries &&
          entries * small_blocks(route.rows) <= kSmallReads && route.rows * row_bytes <= kSmallBytes;

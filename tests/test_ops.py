@@ -173,6 +173,39 @@ def test_one_launch_permutation_is_the_planned_one(rows, experts, topk, fault, p
     torch.testing.assert_close(ops.unpermute(out, plan, p), reference.unpermute(ref, ref_plan, p), rtol=8e-3, atol=1e-5)
 
 
+# (rows, experts, topk) of multihot maps at the one-launch limits: R x E entries up to 8192,
+# E up to 64 slots, and just past them.
+ONE_LAUNCH_MULTIHOT_EDGES = [(1024, 8, 4), (1025, 8, 4), (128, 64, 8), (100, 65, 8), (1, 4, 2), (9, 5, 3)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,experts,topk", ONE_LAUNCH_MULTIHOT_EDGES)
+@pytest.mark.parametrize("prob_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pad", [None, 3])
+def test_one_launch_multihot_permutation_is_the_planned_one(rows, experts, topk, prob_dtype, pad, poison):
+    """A small multihot map (its slots are its experts) whose output size is known is permuted in
+    one launch, a larger one by the passes: on both sides of the limits the rows, probs, plan,
+    zero tail and pad rows are the reference's, the index route's rows are the same, and a too
+    small output raises."""
+    idx = random_indices(rows, experts, topk, seed=rows + experts).to("cuda")
+    routing_map, probs = reference.indices_to_multihot(idx, random_probs(rows, topk, prob_dtype, device="cuda"),
+                                                       experts)
+    x = random_tokens(rows, 72, torch.bfloat16, device="cuda")
+    ref, ref_p, ref_plan, ref_tpe = reference.permute(x, routing_map, probs, pad_multiple=pad)
+    used = ref.shape[0]
+    with pytest.raises(ValueError, match="num_out_tokens"):
+        ops.permute(x, routing_map, probs, num_out_tokens=used - 1, pad_multiple=pad)
+        ops.check_pending_errors()
+    poison("cuda")
+    out, out_p, plan, tpe = ops.permute(x, routing_map, probs, num_out_tokens=used + 7, pad_multiple=pad)
+    assert torch.equal(out[:used], ref) and torch.equal(out_p[:used], ref_p)
+    assert torch.count_nonzero(out[used:]) == 0 and torch.count_nonzero(out_p[used:]) == 0
+    assert torch.equal(plan.map.cpu(), ref_plan.map.cpu()) and torch.equal(tpe.cpu(), ref_tpe.cpu())
+    by_index = ops.permute_by_indices(x, idx, num_experts=experts, num_out_tokens=used + 7, pad_multiple=pad)[0]
+    assert torch.equal(out, by_index)
+    assert torch.equal(ops.unpermute(out, plan), reference.unpermute(ref, ref_plan))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rows,experts,topk", [(0, 4, 2), (300, 9, 3), (5000, 64, 8)])
