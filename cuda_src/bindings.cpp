@@ -325,6 +325,16 @@ void zero_unused_rows(Tensor& dst, const std::optional<Tensor>& probs_out, const
 }
 
 // dst [num_out, hidden] with dst[row_id_map[r, s]] = src[r]; pad and tail rows zeroed.
+#ifdef FLEXDISPATCH_WITH_CUDA
+// The unused tail of a permutation's output [num_out, ...] that a scatter's own launch may zero.
+fd::cuda::TailRows tail_rows_of(const Tensor& layout, int64_t num_experts, int64_t num_out,
+                                const std::optional<Tensor>& probs_out) {
+  return {layout.data_ptr<int64_t>(), static_cast<int32_t>(num_experts), num_out,
+          probs_out.has_value() ? probs_out->data_ptr() : nullptr,
+          probs_out.has_value() ? static_cast<int>(probs_out->element_size()) : 4};
+}
+#endif
+
 Tensor scatter_into(const Tensor& src, const Tensor& row_id_map, int64_t num_out, const Tensor& layout,
                     int64_t num_experts, bool padded, bool tail, const std::optional<Tensor>& probs_out) {
   auto dst = torch::empty({num_out, src.size(1)}, src.options());
@@ -332,9 +342,7 @@ Tensor scatter_into(const Tensor& src, const Tensor& row_id_map, int64_t num_out
   const int32_t slots = static_cast<int32_t>(row_id_map.size(1));
   bool tail_done = false;  // (the CUDA scatter's launch zeroed the tail)
 #ifdef FLEXDISPATCH_WITH_CUDA
-  const fd::cuda::TailRows tail_rows{layout.data_ptr<int64_t>(), static_cast<int32_t>(num_experts), num_out,
-                                     probs_out.has_value() ? probs_out->data_ptr() : nullptr,
-                                     probs_out.has_value() ? static_cast<int>(probs_out->element_size()) : 4};
+  const fd::cuda::TailRows tail_rows = tail_rows_of(layout, num_experts, num_out, probs_out);
   const fd::cuda::TailRows* tail_arg = tail && num_out > 0 ? &tail_rows : nullptr;
 #endif
   FD_ON_DEVICE(src, fd::cuda::scatter_rows(src.data_ptr(), src.size(0), row_bytes, row_id_map.data_ptr<int32_t>(),
@@ -734,13 +742,18 @@ Permuted permute_fp8(
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
     auto out = torch::empty({n, hidden}, q.options().dtype(like.scalar_type()));
     const int32_t slots = static_cast<int32_t>(map.size(1));
+    bool tail_done = false;  // (the CUDA scatter's launch zeroed the tail)
+#ifdef FLEXDISPATCH_WITH_CUDA
+    const fd::cuda::TailRows tail_rows = tail_rows_of(layout, num_experts, n, probs_out);
+#endif
     FD_ON_DEVICE(q, fd::cuda::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(),
                                                scale_pitch, nullptr, q.size(0), hidden, map.data_ptr<int32_t>(), slots,
-                                               out.data_ptr(), 0, 0, stream), {
+                                               out.data_ptr(), 0, 0, tail && n > 0 ? &tail_rows : nullptr,
+                                               &tail_done, stream), {
       fd::cpu::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(), scale_pitch,
                                 nullptr, q.size(0), hidden, map.data_ptr<int32_t>(), slots, out.data_ptr());
     });
-    zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail);
+    zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail && !tail_done);
     return out;
   });
 }
@@ -944,13 +957,18 @@ Permuted permute_fp8_from(
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
     auto out = torch::empty({n, hidden}, like.options());
     const int32_t slots = static_cast<int32_t>(map.size(1));
+    bool tail_done = false;  // (an uncapped CUDA scatter's launch zeroed the tail)
+#ifdef FLEXDISPATCH_WITH_CUDA
+    const fd::cuda::TailRows tail_rows = tail_rows_of(layout, num_experts, n, probs_out);
+#endif
     FD_ON_DEVICE(like, fd::cuda::scatter_fp8_rows(dtype, nullptr, 0, nullptr, 0, addrs.data_ptr<int64_t>(), r.rows,
                                                   hidden, map.data_ptr<int32_t>(), slots, out.data_ptr(), max_blocks,
-                                                  first_row, stream), {
+                                                  first_row, tail && n > 0 ? &tail_rows : nullptr, &tail_done,
+                                                  stream), {
       fd::cpu::scatter_fp8_rows(dtype, nullptr, 0, nullptr, 0, addrs.data_ptr<int64_t>(), r.rows, hidden,
                                 map.data_ptr<int32_t>(), slots, out.data_ptr());
     });
-    zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail);
+    zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail && !tail_done);
     return out;
   });
 }

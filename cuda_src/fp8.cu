@@ -8,6 +8,7 @@
 
 #include "common.cuh"
 #include "launch.h"
+#include "plan.cuh"
 
 namespace flexdispatch {
 namespace cuda {
@@ -156,21 +157,28 @@ __global__ void __launch_bounds__(kBlock) dequantize_kernel(const uint8_t* __res
 // whole row, as in the bf16 scatter (rows.cu). With addrs, row r is read at addrs[r] (its
 // `hidden` FP8 bytes, then its scales; 0: no row), in a peer's buffer for the NVLink manager;
 // rows are taken from first_row on, round to the start (see copy_rows_from). Streaming stores,
-// as in the bf16 scatter.
+// as in the bf16 scatter. Blocks past scatter_blocks (when the launch has any) zero the
+// output's unused tail instead, as the bf16 scatter's do.
 constexpr int kSegmentThreads = 128;
 
 template <typename T>
 __global__ void __launch_bounds__(kSegmentThreads) scatter_fp8_rows_kernel(
     const uint8_t* __restrict__ q, int64_t q_pitch, const float* __restrict__ scales, int64_t scale_pitch,
     const int64_t* __restrict__ addrs, int64_t rows, int64_t hidden, const int32_t* __restrict__ row_id_map,
-    int32_t slots, int64_t first_row, T* __restrict__ dst) {
+    int32_t slots, int64_t first_row, T* __restrict__ dst, int64_t scatter_blocks, TailRows tail) {
   wait_for_previous_grid();
   allow_next_grid();
+  if (blockIdx.x >= scatter_blocks) {
+    zero_rows<uint4>(tail.layout[layout_offsets(tail.experts) + tail.experts], tail.num_out,
+                     blockIdx.x - scatter_blocks, gridDim.x - scatter_blocks, reinterpret_cast<char*>(dst),
+                     hidden * static_cast<int64_t>(sizeof(T)), static_cast<char*>(tail.probs_out), tail.prob_bytes);
+    return;
+  }
   using U = Unit<T>;
   const int64_t units = hidden / U::kVals;
   const int64_t segments = (units + kSegmentThreads - 1) / kSegmentThreads;
-  // Block b takes (row, segment) pairs b, b + grid, ...; the pair advances without a division.
-  const int64_t step_rows = gridDim.x / segments, step_segments = gridDim.x % segments;
+  // Block b takes (row, segment) pairs b, b + blocks, ...; the pair advances without a division.
+  const int64_t step_rows = scatter_blocks / segments, step_segments = scatter_blocks % segments;
   int64_t k = blockIdx.x / segments, segment = blockIdx.x % segments;
   for (; k < rows; k += step_rows + (segment + step_segments >= segments),
                    segment += step_segments - (segment + step_segments >= segments ? segments : 0)) {
@@ -228,14 +236,18 @@ template <typename T>
 struct ScatterFp8 {
   static void run(const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch, const int64_t* addrs,
                   int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots, void* dst,
-                  int64_t max_blocks, int64_t first_row, cudaStream_t stream) {
+                  int64_t max_blocks, int64_t first_row, const TailRows* tail, bool* tail_done, cudaStream_t stream) {
     const int64_t units = hidden / Unit<T>::kVals;
-    int64_t grid = rows * ((units + kSegmentThreads - 1) / kSegmentThreads);
-    // (max_blocks: the NVLink SM budget, one block an SM, as for the other transfer kernels)
-    if (max_blocks > 0 && grid > max_blocks) grid = max_blocks;
-    launch_after_previous(scatter_fp8_rows_kernel<T>, dim3(static_cast<unsigned>(std::min<int64_t>(grid, INT32_MAX))),
+    int64_t blocks = std::min<int64_t>(rows * ((units + kSegmentThreads - 1) / kSegmentThreads), INT32_MAX);
+    // (max_blocks: the NVLink SM budget, one block an SM, as for the other transfer kernels;
+    // a capped launch leaves the tail to a launch of its own)
+    if (max_blocks > 0 && blocks > max_blocks) blocks = max_blocks;
+    const int64_t tail_blocks = tail != nullptr && max_blocks <= 0 ? tail_blocks_for(tail->num_out) : 0;
+    *tail_done = tail_blocks > 0 && blocks + tail_blocks <= INT32_MAX;
+    launch_after_previous(scatter_fp8_rows_kernel<T>, dim3(static_cast<unsigned>(blocks + (*tail_done ? tail_blocks : 0))),
                           dim3(kSegmentThreads), 0, stream, q, q_pitch, scales, scale_pitch, addrs, rows, hidden,
-                          row_id_map, slots, first_row, static_cast<T*>(dst));
+                          row_id_map, slots, first_row, static_cast<T*>(dst), blocks,
+                          *tail_done ? *tail : TailRows{nullptr, 0, 0, nullptr, 4});
   }
 };
 
@@ -255,11 +267,13 @@ cudaError_t dequantize_fp8(DType dtype, const uint8_t* q, const float* scales, i
 
 cudaError_t scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
                              const int64_t* addrs, int64_t rows, int64_t hidden, const int32_t* row_id_map,
-                             int32_t slots, void* dst, int64_t max_blocks, int64_t first_row, cudaStream_t stream) {
+                             int32_t slots, void* dst, int64_t max_blocks, int64_t first_row, const TailRows* tail,
+                             bool* tail_done, cudaStream_t stream) {
+  *tail_done = false;
   if (rows == 0 || hidden == 0) return cudaSuccess;
   if (first_row < 0 || first_row >= rows) first_row = 0;
   return by_dtype<ScatterFp8>(dtype, q, q_pitch, scales, scale_pitch, addrs, rows, hidden, row_id_map, slots, dst,
-                              max_blocks, first_row, stream);
+                              max_blocks, first_row, tail, tail_done, stream);
 }
 
 }  // namespace cuda

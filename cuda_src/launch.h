@@ -135,10 +135,12 @@ cudaError_t dequantize_fp8(DType dtype, const uint8_t* q, const float* scales, i
 // once; the values equal dequantize_fp8's. With addrs [rows] (nullable), row r is instead read
 // at addrs[r]: hidden bytes, then its hidden / 128 scales (0: no row; every address aligned to
 // 8 bytes, 4 for a float32 dst). At most max_blocks blocks (0: no cap); rows taken from
-// first_row on, as copy_rows_from.
+// first_row on, as copy_rows_from. With tail (nullable), an uncapped launch also zeroes the
+// tail (*tail_done says whether it did), as scatter_rows.
 cudaError_t scatter_fp8_rows(DType dtype, const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
                              const int64_t* addrs, int64_t rows, int64_t hidden, const int32_t* row_id_map,
-                             int32_t slots, void* dst, int64_t max_blocks, int64_t first_row, cudaStream_t stream);
+                             int32_t slots, void* dst, int64_t max_blocks, int64_t first_row, const TailRows* tail,
+                             bool* tail_done, cudaStream_t stream);
 
 // Rows read through addresses (the NVLink manager's transfers; peers' buffers mapped by
 // symmetric memory): row r (row_bytes) at addrs[r] goes to dst rows map[r, 0..slots) (-1:

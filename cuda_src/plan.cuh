@@ -107,6 +107,9 @@ __device__ void zero_row(char* dst, int64_t row, int64_t row_bytes, char* probs_
   }
 }
 
+// Blocks that zero a tail of num_out rows at most: one a row, up to 1024.
+inline int64_t tail_blocks_for(int64_t num_out) { return num_out < 1024 ? num_out : 1024; }
+
 // Rows first + part, first + part + parts, ... below end (and their probs_out entries) set to
 // zero by the whole block: part `part` of `parts` blocks sharing the rows [first, end).
 template <typename V>

@@ -152,9 +152,6 @@ __global__ void scatter_small_rows_kernel(const char* __restrict__ src, int64_t 
   }
 }
 
-// Blocks that zero a tail of num_out rows at most: one a row, up to 1024.
-int64_t tail_blocks_for(int64_t num_out) { return std::min<int64_t>(num_out, 1024); }
-
 // Block (e, y) zeroes pad rows y, y + gridDim.y, ... of expert e that lie below num_out (an
 // output too small for the padding is flagged by the map; its pad rows past the end are not
 // written).

@@ -759,7 +759,7 @@ def test_fp8_round_trip_is_straight_through():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("pad,sized", [(None, False), (4, False), (3, True)])
 @pytest.mark.parametrize("hidden,packed", [(256, False), (256, True), (512, True), (1408, False)])
-def test_fp8_permutation_equals_dequantize_then_permute(device, dtype, pad, sized, hidden, packed):
+def test_fp8_permutation_equals_dequantize_then_permute(device, dtype, pad, sized, hidden, packed, poison):
     """The dequantizing permutation against the reference and against the two passes it
     replaces, bit for bit; FP8 rows also read as slices of a packed payload (aligned rows at
     hidden 512, rows copied first at 256), and rows of several blocks' segments, the last
@@ -772,6 +772,7 @@ def test_fp8_permutation_equals_dequantize_then_permute(device, dtype, pad, size
     idx = random_indices(rows, experts, topk, seed=hidden + rows).to(device)
     probs = random_probs(rows, topk, device=device)
     num_out = rows * topk + experts * 4 if sized else None
+    poison(device)  # (the tail and pad rows must be written, not found zero)
     got = ops.permute_fp8_by_indices(q, scales, idx, probs, num_experts=experts, num_out_tokens=num_out,
                                      pad_multiple=pad, dtype=dtype)
     want = reference.permute_fp8_by_indices(q, scales, idx, probs, experts, num_out, pad, dtype)
@@ -987,14 +988,16 @@ def test_received_routing_kernel_equals_the_formula(device, prob_dtype, id_colum
 @pytest.mark.parametrize("dtype,first_row,hidden,max_blocks", [
     (torch.bfloat16, 0, 256, 0), (torch.float32, 0, 256, 0), (torch.bfloat16, 77, 256, 0),
     (torch.bfloat16, 5, 1280, 3), (torch.float32, 77, 1280, 2), (torch.float32, 0, 1280, 1)])
+@pytest.mark.parametrize("sized", [False, True])
 def test_permute_fp8_from_addresses_equals_the_dequantizing_permutation(device, dtype, first_row, hidden,
-                                                                        max_blocks):
+                                                                        max_blocks, sized, poison):
     """FP8 rows read through addresses as the NVLink manager publishes them (each row's bytes,
     then its scales), some without a source (address 0): the dequantizing permutation's rows,
     probs and plan, bit for bit, and the stand-in gets the permutation's gradient. With a cap
     on the kernel's blocks (the NVLink SM budget), each block walks many (row, segment) pairs
     of rows several segments wide (1280: a payload row of 1320 bytes keeps the 8-byte
-    alignment the addresses promise)."""
+    alignment the addresses promise). Sized, the output has a tail to zero: by the scatter's
+    own launch when uncapped, by a launch of its own when capped."""
     from flexdispatch import peer_ops
 
     rows, experts, topk = 200, 6, 3
@@ -1005,11 +1008,15 @@ def test_permute_fp8_from_addresses_equals_the_dequantizing_permutation(device, 
     addrs = _row_addrs(payload, torch.where((idx >= 0).any(1), torch.arange(rows, device=device), -1))
     p = random_probs(rows, topk, device=device)
     stand_in = torch.zeros((), dtype=dtype, device=device).expand(rows, hidden).requires_grad_()
-    out, out_p, plan, tpe = peer_ops.permute_fp8_from(stand_in, addrs, 8, idx, p, experts, None, 2,
+    num_out = rows * topk + 11 if sized else None
+    poison(device)
+    out, out_p, plan, tpe = peer_ops.permute_fp8_from(stand_in, addrs, 8, idx, p, experts, num_out, 2,
                                                       max_blocks=max_blocks, first_row=first_row)
     want, want_p, want_plan, want_tpe = ops.permute_fp8_by_indices(q, scales, idx, p, num_experts=experts,
-                                                                    pad_multiple=2, dtype=dtype)
+                                                                    num_out_tokens=num_out, pad_multiple=2,
+                                                                    dtype=dtype)
     assert torch.equal(out, want) and torch.equal(out_p, want_p) and torch.equal(tpe, want_tpe)
+    assert torch.equal(out, reference.permute_fp8_by_indices(q, scales, idx, p, experts, num_out, 2, dtype)[0])
     assert_plans_equal(plan, want_plan)
     grad = random_tokens(out.shape[0], hidden, dtype, device=device)
     out.backward(grad)
