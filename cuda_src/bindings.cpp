@@ -710,6 +710,31 @@ Tensor exchange_headers(const Tensor& bases, int64_t rank, int64_t seq, const st
   return out;
 }
 
+// FP8 rows read from q / scales (rows q_pitch bytes and scale_pitch floats apart) or at addrs
+// (nullable; see permute_fp8_from), written dequantized to out [n, hidden] of `options` at their
+// rows of `map`; pad rows and the tail zeroed, the tail by the scatter's own launch where it can
+// (an uncapped CUDA launch). The one body of permute_fp8 and permute_fp8_from.
+Tensor dequantized_into(fd::DType dtype, const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
+                        const int64_t* addrs, int64_t rows, int64_t hidden, const Tensor& map, int64_t n,
+                        const Tensor& layout, int64_t num_experts, bool padded, bool tail,
+                        const std::optional<Tensor>& probs_out, const at::TensorOptions& options, int64_t max_blocks,
+                        int64_t first_row) {
+  auto out = torch::empty({n, hidden}, options);
+  const int32_t slots = static_cast<int32_t>(map.size(1));
+  bool tail_done = false;  // (the CUDA scatter's launch zeroed the tail)
+#ifdef FLEXDISPATCH_WITH_CUDA
+  const fd::cuda::TailRows tail_rows = tail_rows_of(layout, num_experts, n, probs_out);
+#endif
+  FD_ON_DEVICE(map, fd::cuda::scatter_fp8_rows(dtype, q, q_pitch, scales, scale_pitch, addrs, rows, hidden,
+                                               map.data_ptr<int32_t>(), slots, out.data_ptr(), max_blocks, first_row,
+                                               tail && n > 0 ? &tail_rows : nullptr, &tail_done, stream), {
+    fd::cpu::scatter_fp8_rows(dtype, q, q_pitch, scales, scale_pitch, addrs, rows, hidden, map.data_ptr<int32_t>(),
+                              slots, out.data_ptr());
+  });
+  zero_unused_rows(out, probs_out, layout, num_experts, padded, tail && !tail_done);
+  return out;
+}
+
 // The dequantizing permutation in one call, as permute: plan, (sync when num_out < 0), map, then
 // FP8 rows q [R, H] (uint8 e4m3 bits; rows may be a strided view, e.g. a slice of a packed
 // payload) and scales [R, H / 128] float32 written dequantized to `like`'s dtype at their
@@ -740,21 +765,9 @@ Permuted permute_fp8(
   const int64_t scale_pitch = scales.size(0) > 1 ? scales.stride(0) : hidden / fd::kFp8Group;
   return permute_with(r, route, pad_multiple, num_out, probs, like, hidden, error_address,
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
-    auto out = torch::empty({n, hidden}, q.options().dtype(like.scalar_type()));
-    const int32_t slots = static_cast<int32_t>(map.size(1));
-    bool tail_done = false;  // (the CUDA scatter's launch zeroed the tail)
-#ifdef FLEXDISPATCH_WITH_CUDA
-    const fd::cuda::TailRows tail_rows = tail_rows_of(layout, num_experts, n, probs_out);
-#endif
-    FD_ON_DEVICE(q, fd::cuda::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(),
-                                               scale_pitch, nullptr, q.size(0), hidden, map.data_ptr<int32_t>(), slots,
-                                               out.data_ptr(), 0, 0, tail && n > 0 ? &tail_rows : nullptr,
-                                               &tail_done, stream), {
-      fd::cpu::scatter_fp8_rows(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(), scale_pitch,
-                                nullptr, q.size(0), hidden, map.data_ptr<int32_t>(), slots, out.data_ptr());
-    });
-    zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail && !tail_done);
-    return out;
+    return dequantized_into(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(), scale_pitch, nullptr,
+                            q.size(0), hidden, map, n, layout, num_experts, pad_multiple > 1, tail, probs_out,
+                            q.options().dtype(like.scalar_type()), 0, 0);
   });
 }
 
@@ -955,21 +968,8 @@ Permuted permute_fp8_from(
   const int64_t hidden = like.size(1);
   return permute_with(r, route, pad_multiple, num_out, probs, like, hidden, error_address,
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
-    auto out = torch::empty({n, hidden}, like.options());
-    const int32_t slots = static_cast<int32_t>(map.size(1));
-    bool tail_done = false;  // (an uncapped CUDA scatter's launch zeroed the tail)
-#ifdef FLEXDISPATCH_WITH_CUDA
-    const fd::cuda::TailRows tail_rows = tail_rows_of(layout, num_experts, n, probs_out);
-#endif
-    FD_ON_DEVICE(like, fd::cuda::scatter_fp8_rows(dtype, nullptr, 0, nullptr, 0, addrs.data_ptr<int64_t>(), r.rows,
-                                                  hidden, map.data_ptr<int32_t>(), slots, out.data_ptr(), max_blocks,
-                                                  first_row, tail && n > 0 ? &tail_rows : nullptr, &tail_done,
-                                                  stream), {
-      fd::cpu::scatter_fp8_rows(dtype, nullptr, 0, nullptr, 0, addrs.data_ptr<int64_t>(), r.rows, hidden,
-                                map.data_ptr<int32_t>(), slots, out.data_ptr());
-    });
-    zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail && !tail_done);
-    return out;
+    return dequantized_into(dtype, nullptr, 0, nullptr, 0, addrs.data_ptr<int64_t>(), r.rows, hidden, map, n, layout,
+                            num_experts, pad_multiple > 1, tail, probs_out, like.options(), max_blocks, first_row);
   });
 }
 
