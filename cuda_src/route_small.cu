@@ -1,11 +1,12 @@
 // The permutation of a small route (top-k indices, or a multihot map whose slots are its
-// experts) in one launch. For a route of a few thousand (row, slot) entries, the multi-pass plan's launches (count, map, scatter: route.cu, rows.cu)
-// cost the host and the device more than their work does. Here every block counts the whole
-// route itself (a few KB, read from L2), scans the padded expert totals, places the slots of
-// its own kSmallRows rows and moves those rows; block 0 writes the layout. The result equals
-// the multi-pass plan's bit for bit: a slot's output row is its expert's offset plus the
-// number of earlier rows routed to that expert. The kernel also stores its error word to the
-// caller's pinned host word (when given), which spares the op a launch to copy it there.
+// experts) in one launch. For a route of a few thousand (row, slot) entries, the multi-pass
+// plan's launches (count, map, scatter: route.cu, rows.cu) cost the host and the device more
+// than their work does. Here every block counts the whole route itself (a few KB, read from
+// L2), scans the padded expert totals, places the slots of its own kSmallRows rows and moves
+// those rows; block 0 writes the layout. The result equals the multi-pass plan's bit for bit: a
+// slot's output row is its expert's offset plus the number of earlier rows routed to that
+// expert. The kernel also stores its error word to the caller's pinned host word (when given),
+// which spares the op a launch to copy it there.
 #include <algorithm>
 
 #include "common.cuh"
