@@ -118,12 +118,11 @@ def test_one_gpu_layer_syncs_only_to_size_its_permutation(sync_free, config):
 
 
 _A2A_SYNCS = """
-import socket
 import torch, torch.distributed as dist
 import flexdispatch as fd
 from cuda_syncs import layer_syncs
-s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
-dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+from dist_pool import _free_port
+dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
                         device_id=torch.device("cuda:0"))
 cfg = fd.MoEConfig(num_moe_experts=8, moe_router_topk=2, moe_flex_backend="alltoall")
 d = fd.MoEFlexTokenDispatcher(8, list(range(8)), cfg, dist.group.WORLD)
