@@ -189,6 +189,15 @@ def defer_routing_error(status: torch.Tensor, route: torch.Tensor, num_experts: 
     _defer_or_raise(status, 0, route, num_experts, name, probs=probs)
 
 
+_WORD_TYPES = {torch.int32: ctypes.c_int32, torch.int64: ctypes.c_int64}
+
+
+def _host_word(words: torch.Tensor, index: int) -> int:
+    """``int(words[index])`` of a contiguous CPU int32 or int64 tensor (an error word or a
+    layout), read from its memory: indexing and ``int`` would cost two torch ops a read."""
+    return _WORD_TYPES[words.dtype].from_address(words.data_ptr() + index * words.element_size()).value
+
+
 def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_experts: int, name: str,
                     num_out: Optional[int] = None, probs: Optional[torch.Tensor] = None, word=None) -> None:
     """Raise now for CPU tensors (reading the flag costs nothing); on CUDA, read the error word
@@ -197,7 +206,7 @@ def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_ex
     :func:`error_word` slot taken before the op, which its kernel stored the word to when the
     slot has a device address; else the word is copied to a slot here."""
     if flags.is_cpu:
-        bits = int(flags[index])
+        bits = _host_word(flags, index)
         if bits:
             raise routing_error(bits, route, num_experts, name, num_out, probs)
         return
@@ -238,7 +247,7 @@ def _check_layout(layout, host, route, num_experts, num_out, name, word=None) ->
         _defer_or_raise(layout, layout_error_index(num_experts), route, num_experts, name, num_out, word=word)
         return
     check_pending_errors()  # a sync just happened: read the earlier flags too
-    bits = int(host[layout_error_index(num_experts)])
+    bits = _host_word(host, layout_error_index(num_experts))
     if bits:
         raise routing_error(bits, route, num_experts, name)
 

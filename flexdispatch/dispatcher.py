@@ -389,7 +389,16 @@ class MoEFlexTokenDispatcher:
     def _initialize_metadata(self, num_local_tokens: int, probs: torch.Tensor) -> torch.Tensor:
         """Routing probs in the unified ``[T, TP * EP, E_local]`` layout (each expert block
         repeated for every TP rank), so the communication is agnostic of TP and EP sizes."""
+        self._check_router_probs(num_local_tokens, probs)
         world = self.tp_size * self.ep_size
+        if self.tp_size == 1:  # (the layout is the probs' own)
+            return probs.reshape(num_local_tokens, world, self.num_local_experts)
+        return (probs.reshape(num_local_tokens, self.ep_size, 1, self.num_local_experts)
+                .expand(-1, -1, self.tp_size, -1)
+                .reshape(num_local_tokens, world, self.num_local_experts)).contiguous()
+
+    def _check_router_probs(self, num_local_tokens: int, probs: torch.Tensor) -> None:
+        """Raise unless ``probs`` holds the router's ``[num_local_tokens, num_moe_experts]`` values."""
         experts = self.config.num_moe_experts
         check_floating_tensor("probs", probs)
         # [T, E], or [..., E] with leading dims of T tokens; a transposed [E, T] or flat
@@ -399,11 +408,6 @@ class MoEFlexTokenDispatcher:
                               f"expected shape [num_local_tokens, num_moe_experts] = [{num_local_tokens}, "
                               f"{experts}] (or [..., {experts}] with {num_local_tokens} tokens), got "
                               f"{tuple(probs.shape)}")
-        if self.tp_size == 1:  # (the layout is the probs' own)
-            return probs.reshape(num_local_tokens, world, self.num_local_experts)
-        return (probs.reshape(num_local_tokens, self.ep_size, 1, self.num_local_experts)
-                .expand(-1, -1, self.tp_size, -1)
-                .reshape(num_local_tokens, world, self.num_local_experts)).contiguous()
 
     def _flatten_hidden(self, hidden_states: torch.Tensor, num_local_tokens: int) -> torch.Tensor:
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim < 2:
@@ -420,7 +424,8 @@ class MoEFlexTokenDispatcher:
                               f"{num_local_tokens} does not match hidden_states "
                               f"{tuple(hidden_states.shape)} ({rows} tokens)")
         self.hidden_shape = hidden_states.shape
-        return hidden_states.reshape(-1, hidden_states.shape[-1])
+        # (a [T, H] input is its own flat form: a reshape would cost a view op a call)
+        return hidden_states if hidden_states.ndim == 2 else hidden_states.reshape(-1, hidden_states.shape[-1])
 
     @_in_dispatcher_terms
     def dispatch_preprocess(self, hidden_states: torch.Tensor, num_local_tokens: int, probs: torch.Tensor):
@@ -477,6 +482,12 @@ class MoEFlexTokenDispatcher:
                 manager.set_routing(probs, token_indices, num_local_tokens)
             else:  # a manager of the reference's kind: its attributes, as the reference sets them
                 manager.token_probs, manager.token_indices = probs, token_indices
+            return
+        if self.tp_size == 1 and isinstance(manager, _ManagerBase):
+            # (the unified layout of one TP rank is the [T, E] probs' own, which the manager takes
+            # as they are: no reshape there and back)
+            self._check_router_probs(num_local_tokens, probs)
+            manager.setup_metadata(num_local_tokens=num_local_tokens, probs=probs)
             return
         dense = self._initialize_metadata(num_local_tokens, probs)
         if isinstance(manager, _ManagerBase) or not hasattr(manager, "set_routing"):
@@ -583,7 +594,10 @@ class MoEFlexTokenDispatcher:
         if self._combine_async:
             self._combine_async = False
             self.wait()
-        return hidden_states.view(tuple(self.hidden_shape[:-1]) + (hidden_states.shape[-1],))
+        shape = self.hidden_shape
+        if len(shape) == 2 and hidden_states.shape[0] == shape[0]:  # (the input was flat: nothing to restore)
+            return hidden_states
+        return hidden_states.view(tuple(shape[:-1]) + (hidden_states.shape[-1],))
 
     @_in_dispatcher_terms
     def token_unpermutation(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -473,7 +473,8 @@ class _ManagerBase(LayerStates, _DispatchManager):
             raise input_error(ValueError, "probs",
                               f"expected num_local_tokens * num_experts = {tokens} * {self.num_experts} "
                               f"elements, got shape {tuple(probs.shape)}")
-        dense = probs.reshape(tokens, self.num_experts)
+        experts = self.num_experts
+        dense = probs if probs.ndim == 2 and probs.shape[1] == experts else probs.reshape(tokens, experts)
         token_probs, token_indices = torch.topk(dense, self.router_topk, dim=-1)
         self._set_routing(token_probs, token_indices, names=("probs", "probs"))
 
@@ -493,7 +494,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         if self.validate_routing:
             # Before capacity, which could drop a repeated expert's copy or rank a NaN first.
             # (Sync-free groups agree on the status on the device, or count it as a fault.)
-            given = (indices, token_probs.detach())
+            given = (indices, token_probs)
             indices, status = self._check_route(indices, given[1], names[0])
         if self.capacity_factor is not None:
             indices = self._apply_capacity(token_probs, indices)
