@@ -84,6 +84,35 @@ def test_leading_dims_restored_and_step_by_step_api():
     assert rel_err(out.reshape(24, 16), expected) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("sync_free", [True, False])
+def test_one_rank_call_runs_no_tensor_op_that_changes_nothing(sync_free):
+    """Host time of a one-rank call: flat [T, H] rows and [T, E] probs go through as they are
+    (no reshape to the same shape, no view back), and the kernels' error words are read
+    without indexing ops. Every aten op of a forward is recorded; none of those kinds may
+    appear (each one costs a torch dispatch on the host, every call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorded(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    d = make(8, 2, moe_sync_free=sync_free)
+    x = torch.randn(48, 16)
+    probs = torch.softmax(torch.randn(48, 8), -1)
+    expected = d.token_unpermutation(d.token_permutation(x, 48, probs)[0])
+    with Recorded() as recorded:
+        out = d.token_unpermutation(d.token_permutation(x, 48, probs)[0])
+    assert torch.equal(out, expected) and out.shape == x.shape
+    assert "topk" in recorded.ops  # (the mode saw the call)
+    needless = {"view", "reshape", "_unsafe_view", "select", "_local_scalar_dense", "detach"}
+    assert not needless.intersection(recorded.ops), recorded.ops
+
+
 def test_dispatched_probs_are_zero_where_capacity_left_no_expert():
     """The reference's dispatched metadata: a slot the capacity dropped (index -1) has prob 0,
     the kept slots their router prob, bit for bit."""
