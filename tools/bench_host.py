@@ -3,7 +3,7 @@ frame in the package (what the dispatcher's Python costs, kernels and torch ops 
 manager and expert-parallel size, on rank 0.
 
     python tools/bench_host.py [--repo DIR] [--sizes 1,2,4] [--managers local,alltoall,nvlink]
-        [--calls 40] [--tokens 64 --hidden 32 --topk 2]
+        [--calls 40] [--tokens 64 --hidden 32 --topk 2] [--clock wall|thread]
 
 EP 1 runs in this process (the local manager); larger sizes spawn a gloo group on this machine.
 ``--repo`` measures another checkout of flexdispatch (e.g. an older commit in a git worktree);
@@ -46,9 +46,11 @@ def _layer(fd, torch, group, rank, world, manager, args):
     return step
 
 
-def _measure(step, calls: int, package: str, barrier=lambda: None, top: int = 0) -> tuple[float, float]:
+def _measure(step, calls: int, package: str, barrier=lambda: None, top: int = 0,
+             clock: str = "wall") -> tuple[float, float]:
     """(median wall ms of one forward + backward without the profiler, mean package-own ms of
-    one under it); ``top``: print the package's functions with the most own time."""
+    one under it, on ``clock``: "wall" or "thread", this thread's CPU time); ``top``: print the
+    package's functions with the most own time."""
     import time
 
     for _ in range(5):
@@ -59,7 +61,9 @@ def _measure(step, calls: int, package: str, barrier=lambda: None, top: int = 0)
         start = time.perf_counter()
         step()
         walls.append(time.perf_counter() - start)
-    profile = cProfile.Profile()
+    # (the thread's CPU time leaves out the time a rank spends descheduled, which the wall clock
+    # charges to whatever frame it was in: on a machine with fewer cores than ranks, most of it)
+    profile = cProfile.Profile(time.thread_time) if clock == "thread" else cProfile.Profile()
     for _ in range(calls):
         barrier()
         profile.enable()
@@ -90,7 +94,7 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
         if manager == "local":
             continue
         step = _layer(fd, torch, dist.group.WORLD, rank, world, manager, args)
-        results[manager] = _measure(step, args.calls, package, dist.barrier, args.top if rank == 0 else 0)
+        results[manager] = _measure(step, args.calls, package, dist.barrier, args.top if rank == 0 else 0, args.clock)
     if rank == 0:
         queue.put(results)
     fd.shutdown()
@@ -151,12 +155,14 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--topk", type=int, default=2)
     parser.add_argument("--top", type=int, default=0, help="print the package's functions with the most own time")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="the profiler's clock: wall time, or each rank's own CPU time (thread)")
     parser.add_argument("--repos", help="several checkouts, comma-separated, measured in turn (see --rounds)")
     parser.add_argument("--rounds", type=int, default=5, help="with --repos: rounds over the trees")
     args = parser.parse_args()
     if args.repos:
         return _compare(args, [f"--{name}={getattr(args, name)}"
-                               for name in ("sizes", "managers", "calls", "tokens", "hidden", "topk")])
+                               for name in ("sizes", "managers", "calls", "tokens", "hidden", "topk", "clock")])
     args.managers = args.managers.split(",")
     _setup(args.repo)
     import torch
@@ -172,7 +178,8 @@ def main() -> int:
     for size in (int(s) for s in args.sizes.split(",")):
         if size == 1:
             if "local" in args.managers:
-                wall, own = _measure(_layer(fd, torch, None, 0, 1, "local", args), args.calls, package, top=args.top)
+                wall, own = _measure(_layer(fd, torch, None, 0, 1, "local", args), args.calls, package, top=args.top,
+                                     clock=args.clock)
                 print(f"EP 1 local     {wall:8.3f} / {own:8.3f}", flush=True)
             continue
         queue = mp.get_context("spawn").Queue()
