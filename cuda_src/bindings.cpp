@@ -243,6 +243,41 @@ std::tuple<Tensor, Tensor> check_route(const Tensor& indices, int64_t num_expert
   return {clean, status};
 }
 
+// The router's top-k of dense probs [rows, experts] with the route check in the same pass:
+// (values [rows, k] in the probs' dtype, indices [rows, k] int64, clean [rows, k] int64 (-1
+// where the value is not finite), status [2] int32), as launch.h's route_topk says; flag and
+// error_address as check_route's.
+std::tuple<Tensor, Tensor, Tensor, Tensor> route_topk(const Tensor& probs, int64_t k, int64_t flag,
+                                                      int64_t error_address) {
+  TORCH_CHECK_VALUE(probs.dim() == 2, "probs must be 2-D [rows, experts], got ", probs.sizes());
+  check_contiguous(probs, "probs");
+  const fd::DType dtype = dtype_of(probs, "probs");
+  const int64_t rows = probs.size(0), experts = probs.size(1);
+  TORCH_CHECK_VALUE(experts >= 1 && experts <= fd::kRouteTopkMaxExperts, "route_topk takes 1 to ",
+                    fd::kRouteTopkMaxExperts, " experts, got ", experts);
+  TORCH_CHECK_VALUE(k >= 1 && k <= std::min<int64_t>(experts, fd::kRouteTopkMax), "k must be in [1, ",
+                    std::min<int64_t>(experts, fd::kRouteTopkMax), "], got ", k);
+  TORCH_CHECK_VALUE(flag >= 0 && flag < (int64_t(1) << 31), "flag must fit in int32, got ", flag);
+  TORCH_CHECK_VALUE(error_address % sizeof(int32_t) == 0, "error_address must be int32-aligned, got ", error_address);
+  auto values = torch::empty({rows, k}, probs.options());
+  auto indices = torch::empty({rows, k}, probs.options().dtype(at::kLong));
+  auto clean = torch::empty({rows, k}, probs.options().dtype(at::kLong));
+  auto status = torch::empty({2}, probs.options().dtype(at::kInt));  // (written whole by the launcher)
+  FD_ON_DEVICE(probs, fd::cuda::route_topk(probs.data_ptr(), dtype, rows, static_cast<int32_t>(experts),
+                                          static_cast<int32_t>(k), static_cast<int32_t>(flag), values.data_ptr(),
+                                          indices.data_ptr<int64_t>(), clean.data_ptr<int64_t>(),
+                                          status.data_ptr<int32_t>(), reinterpret_cast<void*>(error_address),
+                                          stream), {
+    const int32_t bits = fd::cpu::route_topk(probs.data_ptr(), dtype, rows, static_cast<int32_t>(experts),
+                                             static_cast<int32_t>(k), values.data_ptr(), indices.data_ptr<int64_t>(),
+                                             clean.data_ptr<int64_t>());
+    int32_t* word = status.data_ptr<int32_t>();
+    word[0] = bits;
+    word[1] = bits ? static_cast<int32_t>(flag) : 0;
+  });
+  return {values, indices, clean, status};
+}
+
 // ---- the permutation plan and the row movers --------------------------------------------
 
 // Whether the map pass does the scan's work (CUDA, an output size known in advance, a small
@@ -987,6 +1022,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flexdispatch kernels (see flexdispatch/ops.py for the Python-facing wrappers)";
   m.def("indices_to_multihot", &indices_to_multihot);
   m.def("check_route", &check_route);
+  m.def("route_topk", &route_topk);
   m.def("route_by_rank", &route_by_rank);
   m.def("received_routing", &received_routing);
   m.def("permute", &permute);

@@ -59,6 +59,18 @@ __device__ __forceinline__ Acc to_acc(T x) {
   }
 }
 
+// Calls f(T{}) for the element type T named by dtype.
+template <typename F>
+cudaError_t with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: return f(float{});
+    case kFloat16: return f(__half{});
+    case kBFloat16: return f(__nv_bfloat16{});
+    case kFloat64: return f(double{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 // N elements of T moved as one aligned access (16 bytes when sizeof(T) * N == 16).
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {

@@ -98,6 +98,62 @@ FD_HOST_DEVICE inline int64_t layout_error(int32_t e) { return 3 * int64_t(e) + 
 // The most experts one permutation serves (flexdispatch/rowmap.py reads this line).
 constexpr int32_t kMaxExperts = 12288;
 
+// The router top-k that route_topk selects with its check in one pass (a thread a row, its k
+// best in registers): k up to kRouteTopkMax of up to kRouteTopkMaxExperts experts
+// (flexdispatch/ops.py reads these lines; larger routings take torch.topk and check_route).
+constexpr int32_t kRouteTopkMax = 32;
+constexpr int32_t kRouteTopkMaxExperts = 1024;
+
+// "v at expert e ranks above w at expert f" in route_topk: the larger value, NaN above every
+// number (as torch.topk), and between equal values (or two NaNs) the lower expert, so that the
+// selection and its order are the same on every run and device. (x != x: NaN, on either side.)
+template <typename Acc>
+FD_HOST_DEVICE inline bool ranks_above(Acc v, int32_t e, Acc w, int32_t f) {
+  const bool v_nan = v != v, w_nan = w != w;
+  if (v_nan != w_nan) return v_nan;
+  if (!v_nan && v != w) return v > w;
+  return e < f;
+}
+
+#ifdef __CUDA_ARCH__
+#define FD_UNROLL _Pragma("unroll")
+#else
+#define FD_UNROLL
+#endif
+
+// A row's k best entries so far (k <= KMax), in order, in best[KMax - k, KMax) with their
+// experts in at[]: the KMax - k slots above them hold entries that rank above any (NaN at
+// expert -1), so that the k-th best is always best[KMax - 1] and every index is a constant
+// (the arrays stay in registers). start_top fills them; keep_top takes one more entry (v, e),
+// inserted from the bottom, each entry ranking below it moving down one.
+template <int KMax, typename Acc>
+FD_HOST_DEVICE inline void start_top(int32_t k, Acc* best, int32_t* at) {
+  FD_UNROLL
+  for (int i = 0; i < KMax; ++i) {
+    const bool held = i < KMax - k;
+    best[i] = held ? Acc(NAN) : Acc(-INFINITY);
+    at[i] = held ? -1 : INT32_MAX;  // (-inf at INT32_MAX: below any entry, -inf ones by their lower expert)
+  }
+}
+
+template <int KMax, typename Acc>
+FD_HOST_DEVICE inline void keep_top(Acc v, int32_t e, Acc* best, int32_t* at) {
+  if (!ranks_above(v, e, best[KMax - 1], at[KMax - 1])) return;
+  bool placed = false;
+  FD_UNROLL
+  for (int i = KMax - 1; i >= 0; --i) {
+    if (placed) continue;
+    if (i > 0 && ranks_above(v, e, best[i - 1], at[i - 1])) {
+      best[i] = best[i - 1];
+      at[i] = at[i - 1];
+    } else {
+      best[i] = v;
+      at[i] = e;
+      placed = true;
+    }
+  }
+}
+
 // Rows per chunk of the counting passes: a chunk keeps one bit per (expert, row) in shared
 // memory (E * rows / 8 bytes), so many experts get smaller chunks. Returns 0 when E is too
 // large for the kernels (the bindings turn that into a ValueError).

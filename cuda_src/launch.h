@@ -26,6 +26,16 @@ cudaError_t check_route(const void* indices, bool indices_are_64bit, const void*
                         int64_t rows, int32_t slots, int32_t num_experts, int32_t flag, int64_t* clean,
                         int32_t* status, void* host_word, cudaStream_t stream);
 
+// The router's top-k of dense probs [rows, experts] (dtype), checked in the same pass: per row
+// the k largest values in descending order (NaN above every number, ties to the lower expert;
+// 1 <= k <= kRouteTopkMax, k <= experts <= kRouteTopkMaxExperts), as values [rows, k] (dtype,
+// the input's bits), indices [rows, k] int64 (their experts) and clean [rows, k] int64 (the
+// same with -1 where the value is not finite); status and host_word as check_route's (the
+// error bit: kNonFiniteProb).
+cudaError_t route_topk(const void* probs, DType dtype, int64_t rows, int32_t experts, int32_t k, int32_t flag,
+                       void* values, int64_t* indices, int64_t* clean, int32_t* status, void* host_word,
+                       cudaStream_t stream);
+
 // Where top-k indices [rows, slots] (int32 or int64; entries outside [0, world * local) are
 // ignored) go by rank: in_rank [rows, world] (0/1: token r has an expert on rank w) and
 // counts [world, 1 + local] (zeroed here): column 0 the tokens rank w receives (once per

@@ -2,6 +2,7 @@
 // [R, K]) -> a copy with out-of-range entries and entries with a non-finite prob replaced by -1,
 // and a status word pair: OR of the ErrorBits found, and a caller's flag value written when
 // anything was found (so a later kernel can add it somewhere without a branch on the host).
+// The router's top-k of dense probs [R, E] is checked in the pass that selects it (route_topk).
 #include <algorithm>
 
 #include "common.cuh"
@@ -20,6 +21,28 @@ constexpr int kOneBlockThreads = 1024;
 template <typename Prob>
 __device__ __forceinline__ bool finite_at(const void* probs, int64_t i) {
   return isfinite(static_cast<const Prob*>(probs)[i]);
+}
+
+// Every thread's error bits `bad` into the status words (see check_route_kernel): written
+// by the one block, or OR-ed in by the blocks of a larger launch (status zeroed before it).
+template <bool OneBlock>
+__device__ __forceinline__ void report_status(int32_t bad, int32_t flag, int32_t* status, int32_t* host_word) {
+  for (int offset = 16; offset > 0; offset >>= 1) bad |= __shfl_xor_sync(kFullMask, bad, offset);
+  if constexpr (OneBlock) {
+    __shared__ int32_t block_bad;
+    if (threadIdx.x == 0) block_bad = 0;
+    __syncthreads();
+    if (bad && threadIdx.x % 32 == 0) atomicOr(&block_bad, bad);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      status[0] = block_bad;
+      status[1] = block_bad ? flag : 0;
+      if (host_word != nullptr) *reinterpret_cast<volatile int32_t*>(host_word) = block_bad;
+    }
+  } else if (bad && threadIdx.x % 32 == 0) {
+    atomicOr(status, bad);
+    status[1] = flag;  // every writer stores the same value
+  }
 }
 
 // prob_kind: 0 no probs, 1 float32, 2 float64. OneBlock: the launch is one block, which writes
@@ -53,45 +76,179 @@ __global__ void check_route_kernel(const Index* __restrict__ indices, const void
     }
     clean[i] = e;
   }
-  for (int offset = 16; offset > 0; offset >>= 1) bad |= __shfl_xor_sync(kFullMask, bad, offset);
-  if constexpr (OneBlock) {
-    __shared__ int32_t block_bad;
-    if (threadIdx.x == 0) block_bad = 0;
-    __syncthreads();
-    if (bad && threadIdx.x % 32 == 0) atomicOr(&block_bad, bad);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      status[0] = block_bad;
-      status[1] = block_bad ? flag : 0;
-      if (host_word != nullptr) *reinterpret_cast<volatile int32_t*>(host_word) = block_bad;
+  report_status<OneBlock>(bad, flag, status, host_word);
+}
+
+// A thread per row of probs [rows, experts]: it walks the row once, kUnroll loads in flight,
+// keeping its k best entries (k <= KMax) sorted in registers (start_top, keep_top), then writes
+// them (values read again from the row, so their bits are the input's), their experts, the same
+// with -1 where the value is not finite (clean), and reports the non-finite ones, as
+// check_route_kernel does for given indices.
+template <typename T, int KMax, bool OneBlock>
+__global__ void route_topk_kernel(const T* __restrict__ probs, int64_t rows, int32_t experts, int32_t k,
+                                  int32_t flag, T* __restrict__ values, int64_t* __restrict__ indices,
+                                  int64_t* __restrict__ clean, int32_t* __restrict__ status, int32_t* host_word) {
+  using Acc = std::conditional_t<sizeof(T) == 8, double, float>;
+  constexpr int kUnroll = 8;
+  int32_t bad = 0;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += int64_t(gridDim.x) * blockDim.x) {
+    const T* row = probs + r * experts;
+    Acc best[KMax];
+    int32_t at[KMax];
+    start_top<KMax>(k, best, at);
+    for (int32_t e0 = 0; e0 < experts; e0 += kUnroll) {
+      Acc v[kUnroll];
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) v[j] = e0 + j < experts ? to_acc<Acc>(row[e0 + j]) : Acc(0);
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        if (e0 + j < experts) keep_top<KMax>(v[j], e0 + j, best, at);
+      }
     }
-  } else if (bad && threadIdx.x % 32 == 0) {
-    atomicOr(status, bad);
-    status[1] = flag;  // every writer stores the same value
+#pragma unroll
+    for (int i = 0; i < KMax; ++i) {
+      if (i < KMax - k) continue;  // (the k best sit at the end of the arrays)
+      const int64_t out = r * k + (i - (KMax - k));
+      const bool finite = isfinite(best[i]);
+      values[out] = row[at[i]];
+      indices[out] = at[i];
+      clean[out] = finite ? at[i] : -1;
+      if (!finite) bad |= kNonFiniteProb;
+    }
   }
+  report_status<OneBlock>(bad, flag, status, host_word);
+}
+
+// Rows of more experts: a warp a row. Lane l walks experts l, l + 32, ... (the warp's loads
+// coalesced), keeping its own k best; then the warp merges the 32 lists in k rounds: every lane
+// offers the best it has not given yet, the warp takes the one ranking highest (shuffles; the
+// order is total, so every lane agrees) and its lane moves on. Lane 0 writes. The status is
+// OR-ed in (launched with the status zeroed first).
+template <typename T, int KMax>
+__global__ void route_topk_warp_kernel(const T* __restrict__ probs, int64_t rows, int32_t experts, int32_t k,
+                                       int32_t flag, T* __restrict__ values, int64_t* __restrict__ indices,
+                                       int64_t* __restrict__ clean, int32_t* __restrict__ status) {
+  using Acc = std::conditional_t<sizeof(T) == 8, double, float>;
+  constexpr int kUnroll = 4;
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  int32_t bad = 0;
+  for (int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    const T* row = probs + r * experts;
+    Acc best[KMax];
+    int32_t at[KMax];
+    start_top<KMax>(k, best, at);
+    for (int32_t e0 = lane; e0 < experts; e0 += 32 * kUnroll) {
+      Acc v[kUnroll];
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) v[j] = e0 + 32 * j < experts ? to_acc<Acc>(row[e0 + 32 * j]) : Acc(0);
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        if (e0 + 32 * j < experts) keep_top<KMax>(v[j], e0 + 32 * j, best, at);
+      }
+    }
+    int next = KMax - k;  // (this lane's best not given yet; KMax: none left)
+    for (int i = 0; i < k; ++i) {
+      Acc mine = -INFINITY;
+      int32_t mine_at = INT32_MAX;  // (nothing to offer: below any entry)
+#pragma unroll
+      for (int s = 0; s < KMax; ++s) {
+        if (s == next) {
+          mine = best[s];
+          mine_at = at[s];
+        }
+      }
+      Acc top = mine;
+      int32_t top_at = mine_at;
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        const Acc other = __shfl_xor_sync(kFullMask, top, offset);
+        const int32_t other_at = __shfl_xor_sync(kFullMask, top_at, offset);
+        if (ranks_above(other, other_at, top, top_at)) {
+          top = other;
+          top_at = other_at;
+        }
+      }
+      if (mine_at == top_at) ++next;  // (experts are distinct: only the winner's lane matches)
+      if (lane == 0) {
+        const int64_t out = r * k + i;
+        const bool finite = isfinite(top);
+        values[out] = row[top_at];
+        indices[out] = top_at;
+        clean[out] = finite ? top_at : -1;
+        if (!finite) bad |= kNonFiniteProb;
+      }
+    }
+  }
+  report_status<false>(bad, flag, status, nullptr);
+}
+
+// How a route check of `items` threads is launched: as one block when one_block (at most
+// kOneBlockThreads), which writes the status itself (and host_word, if any): one launch; else
+// blocks of per_block threads, the status zeroed first, the blocks OR into it, and a one-thread
+// kernel stores it to host_word. launch(one_block, blocks, threads) launches the kernel.
+template <typename Launch>
+cudaError_t launch_check(int64_t items, bool one_block, int per_block, int32_t* status, void* host_word,
+                         cudaStream_t stream, Launch&& launch) {
+  if (one_block) {  // (an empty route too: its status is written zero)
+    launch(true, 1u, static_cast<int>(std::clamp<int64_t>(round_up(items, 32), 32, kOneBlockThreads)));
+    return cudaGetLastError();
+  }
+  const cudaError_t zeroed = cudaMemsetAsync(status, 0, 2 * sizeof(int32_t), stream);  // (no fill kernel)
+  if (zeroed != cudaSuccess) return zeroed;
+  launch(false, static_cast<unsigned>(std::min<int64_t>(grid_for(items, per_block), 4096)), per_block);
+  const cudaError_t launched = cudaGetLastError();
+  if (launched != cudaSuccess || host_word == nullptr) return launched;
+  return store_word(status, sizeof(int32_t), host_word, stream);  // (after every block has ORed in)
 }
 
 template <typename Index>
 cudaError_t launch(const void* indices, const void* probs, int32_t prob_kind, int64_t rows, int32_t slots,
                    int32_t num_experts, int32_t flag, int64_t* clean, int32_t* status, void* host_word,
                    cudaStream_t stream) {
-  const int64_t total = rows * slots;
-  if (total <= kOneBlockEntries) {  // (an empty route too: its status is written zero)
-    const int threads = static_cast<int>(std::clamp<int64_t>(round_up(total, 32), 32, kOneBlockThreads));
-    check_route_kernel<Index, true><<<1, threads, 0, stream>>>(static_cast<const Index*>(indices), probs,
-                                                               prob_kind, rows, slots, num_experts, flag,
-                                                               clean, status, static_cast<int32_t*>(host_word));
-    return cudaGetLastError();
+  const auto* route = static_cast<const Index*>(indices);
+  return launch_check(rows * slots, rows * slots <= kOneBlockEntries, kThreads, status, host_word, stream,
+                      [&](bool one_block, unsigned blocks, int threads) {
+                        if (one_block) {
+                          check_route_kernel<Index, true><<<blocks, threads, 0, stream>>>(
+                              route, probs, prob_kind, rows, slots, num_experts, flag, clean, status,
+                              static_cast<int32_t*>(host_word));
+                        } else {
+                          check_route_kernel<Index, false><<<blocks, threads, 0, stream>>>(
+                              route, probs, prob_kind, rows, slots, num_experts, flag, clean, status, nullptr);
+                        }
+                      });
+}
+
+// route_topk's kernels: a thread a row up to kTopkThreadExperts experts (one block for up to
+// kOneBlockThreads rows: a few microseconds of loads, where three more launches would cost
+// more; else blocks of a warp, spread over the SMs); a warp a row past that.
+constexpr int32_t kTopkThreadExperts = 64;
+constexpr int kTopkRowsPerWarpBlock = 4;
+
+template <typename T, int KMax>
+cudaError_t launch_topk(const void* probs, int64_t rows, int32_t experts, int32_t k, int32_t flag, void* values,
+                        int64_t* indices, int64_t* clean, int32_t* status, void* host_word, cudaStream_t stream) {
+  const auto* p = static_cast<const T*>(probs);
+  auto* v = static_cast<T*>(values);
+  auto* word = static_cast<int32_t*>(host_word);
+  if (experts > kTopkThreadExperts) {
+    return launch_check(rows * 32, false, 32 * kTopkRowsPerWarpBlock, status, host_word, stream,
+                        [&](bool, unsigned blocks, int threads) {
+                          route_topk_warp_kernel<T, KMax><<<blocks, threads, 0, stream>>>(
+                              p, rows, experts, k, flag, v, indices, clean, status);
+                        });
   }
-  const cudaError_t zeroed = cudaMemsetAsync(status, 0, 2 * sizeof(int32_t), stream);  // (no fill kernel)
-  if (zeroed != cudaSuccess) return zeroed;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(grid_for(total, kThreads), 4096));
-  check_route_kernel<Index, false><<<blocks, kThreads, 0, stream>>>(static_cast<const Index*>(indices), probs,
-                                                                    prob_kind, rows, slots, num_experts, flag,
-                                                                    clean, status, nullptr);
-  const cudaError_t launched = cudaGetLastError();
-  if (launched != cudaSuccess || host_word == nullptr) return launched;
-  return store_word(status, sizeof(int32_t), host_word, stream);  // (after every block has ORed in)
+  return launch_check(rows, rows <= kOneBlockThreads, 32, status, host_word, stream,
+                      [&](bool one_block, unsigned blocks, int threads) {
+                        if (one_block) {
+                          route_topk_kernel<T, KMax, true><<<blocks, threads, 0, stream>>>(
+                              p, rows, experts, k, flag, v, indices, clean, status, word);
+                        } else {
+                          route_topk_kernel<T, KMax, false><<<blocks, threads, 0, stream>>>(
+                              p, rows, experts, k, flag, v, indices, clean, status, nullptr);
+                        }
+                      });
 }
 
 // One word (4 or 8 bytes) from device memory to a pinned host word through its device mapping.
@@ -120,6 +277,18 @@ cudaError_t check_route(const void* indices, bool indices_are_64bit, const void*
                                stream)
              : launch<int32_t>(indices, probs, prob_kind, rows, slots, num_experts, flag, clean, status, host_word,
                                stream);
+}
+
+cudaError_t route_topk(const void* probs, DType dtype, int64_t rows, int32_t experts, int32_t k, int32_t flag,
+                       void* values, int64_t* indices, int64_t* clean, int32_t* status, void* host_word,
+                       cudaStream_t stream) {
+  if (k < 1 || k > kRouteTopkMax || k > experts || experts > kRouteTopkMaxExperts) return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return k <= 8 ? launch_topk<T, 8>(probs, rows, experts, k, flag, values, indices, clean, status, host_word, stream)
+                  : launch_topk<T, kRouteTopkMax>(probs, rows, experts, k, flag, values, indices, clean, status,
+                                                  host_word, stream);
+  });
 }
 
 }  // namespace cuda

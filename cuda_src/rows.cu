@@ -356,18 +356,6 @@ cudaError_t gather_backward_typed(const void* grad_out, const void* src, int64_t
   return cudaGetLastError();
 }
 
-// Calls f.template operator()<T>() for the element type named by dtype.
-template <typename F>
-cudaError_t with_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: return f(float{});
-    case kFloat16: return f(__half{});
-    case kBFloat16: return f(__nv_bfloat16{});
-    case kFloat64: return f(double{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 cudaError_t scatter_rows(const void* src, int64_t rows, int64_t row_bytes, const int32_t* row_id_map,

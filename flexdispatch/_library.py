@@ -375,6 +375,38 @@ def check_route(indices: torch.Tensor, num_experts: int, flag: int, probs: Optio
     return clean, status
 
 
+def _topk_setup(ctx, inputs, output):
+    _no_grads_made(ctx)
+    ctx.save_for_backward(output[1])
+    ctx.shape = inputs[0].shape
+
+
+def _topk_backward(ctx, grad_values, *_):
+    """The dense probs' gradient: ``grad_values`` at the chosen experts, 0 elsewhere."""
+    if grad_values is None:
+        return None, None, None, None
+    (indices,) = ctx.saved_tensors
+    return grad_values.new_zeros(ctx.shape).scatter_(1, indices, grad_values), None, None, None
+
+
+@_op(lambda probs, topk, flag, report_as: (probs.new_empty(probs.shape[0], topk),
+                                           probs.new_empty(probs.shape[0], topk, dtype=torch.int64),
+                                           probs.new_empty(probs.shape[0], topk, dtype=torch.int64),
+                                           probs.new_empty(2, dtype=torch.int32)),
+     _topk_backward, _topk_setup)
+def route_topk(probs: torch.Tensor, topk: int, flag: int,
+               report_as: Optional[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(values [R, K], indices [R, K] int64, clean [R, K] int64, status [2] int32)``: the
+    router's top-k of ``probs [R, E]`` checked in the same pass (as :func:`check_route` checks
+    given indices), the error bits raised or deferred under the name ``report_as`` (None: left
+    to the caller)."""
+    word = None if report_as is None else error_word(probs, torch.int32)
+    values, indices, clean, status = _C.route_topk(probs.contiguous(), topk, flag, 0 if word is None else word[3])
+    if report_as is not None:
+        _defer_or_raise(status, 0, indices, probs.shape[1], report_as, probs=values, word=word)
+    return values, indices, clean, status
+
+
 def _multihot_setup(ctx, inputs, output):
     _no_grads_made(ctx)
     ctx.save_for_backward(inputs[0])

@@ -492,9 +492,9 @@ class MoEFlexTokenDispatcher:
         dense = self._initialize_metadata(num_local_tokens, probs)
         if isinstance(manager, _ManagerBase) or not hasattr(manager, "set_routing"):
             manager.setup_metadata(num_local_tokens=num_local_tokens, probs=dense)
-        else:  # HybridEP: the top-K of the dense probs, as the indices entry takes it
-            token_probs, token_indices = torch.topk(dense.reshape(num_local_tokens, self.spec.num_experts),
-                                                   self.spec.topk, dim=-1)
+        else:  # HybridEP: the top-K of the dense probs (selected as by the other managers) to its indices entry
+            token_probs, token_indices, _, _ = ops.route_topk_trusted(
+                dense.reshape(num_local_tokens, self.spec.num_experts), self.spec.topk, 0, None)
             manager.set_routing(token_probs, token_indices, num_local_tokens, names=("probs", "probs"))
 
     @_in_dispatcher_terms

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _library, reference
+from . import _kernel_header, _library, reference
 from .spec import MAX_EXPERTS, check_floating_tensor, input_error
 from ._library import check_pending_errors, cuda_kernels_loaded, defer_routing_error, kernels_loaded, load_kernels
 from .rowmap import RowIdMap, index_route_error_bits, layout_total_index, plan_of
@@ -186,6 +186,26 @@ def check_route_trusted(indices: torch.Tensor, num_experts: int, flag: int, prob
     if report_as is not None:
         defer_routing_error(status, indices, num_experts, report_as, p)
     return clean, status
+
+
+# The routings route_topk's kernels take (cuda_src/flexdispatch.h); larger ones sort.
+TOPK_MAX = _kernel_header.constant("RouteTopkMax")
+TOPK_MAX_EXPERTS = _kernel_header.constant("RouteTopkMaxExperts")
+
+
+def route_topk_trusted(probs: torch.Tensor, topk: int, flag: int, report_as: Optional[str]):
+    """The router's top-k of dense ``probs [T, E]`` (a float dtype, ``1 <= topk <= E``, checked by
+    the caller), and its check (:func:`check_route`) in the same pass: ``(token_probs [T, K] in
+    the probs' dtype, indices [T, K] int64 as selected, clean [T, K] int64 (-1 where the prob is
+    not finite), status [2] int32)``, differentiable in ``token_probs``. The K largest per row in
+    descending order, NaN above every number, ties to the lower expert
+    (:func:`flexdispatch.reference.route_topk`), so that every device and run selects the same.
+    One kernel where the kernels serve and ``E <= TOPK_MAX_EXPERTS``, ``K <= TOPK_MAX``; else a
+    stable sort and the check. ``report_as`` as in :func:`check_route_trusted`."""
+    if _library.serves(probs) and topk <= TOPK_MAX and probs.shape[1] <= TOPK_MAX_EXPERTS:
+        return _library.route_topk(probs, topk, flag, report_as)
+    values, indices = reference.route_topk(probs, topk)
+    return (values, indices, *check_route_trusted(indices, probs.shape[1], flag, values, report_as))
 
 
 def permute(tokens: torch.Tensor, routing_map: torch.Tensor, probs: Optional[torch.Tensor] = None,

@@ -28,6 +28,14 @@ def _acc_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def route_topk(probs: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values [R, K], indices [R, K] int64)``: the ``topk`` largest of ``probs [R, E]`` per row
+    in descending order, NaN above every number (as ``torch.topk``), and between equal values
+    the lower expert first (a stable sort), which ``torch.topk`` leaves unspecified."""
+    values, indices = torch.sort(probs, dim=-1, descending=True, stable=True)
+    return values[:, :topk].contiguous(), indices[:, :topk].contiguous()
+
+
 def indices_to_multihot(indices: torch.Tensor, probs: torch.Tensor, num_experts: int):
     """``[R, K]`` indices and probs -> bool ``[R, E]`` map and ``[R, E]`` probs (-1 skipped)."""
     check_index_route(indices, num_experts)

@@ -524,6 +524,71 @@ def test_check_route_matches_dense_rules(device, index_dtype, rows, experts, top
     assert int(status[0]) == int(index_route_error_bits(idx, experts))
 
 
+# (rows, experts, topk): a thread a row (up to 64 experts) in one block (up to 1024 rows) and
+# past it, a warp a row (lanes holding fewer than k experts at 72), both register sizes of the
+# top-k (up to 8, up to 32), k = E, the expert limit and k limit and past them (a sort serves).
+TOPK_SHAPES = [(0, 4, 2), (1, 3, 3), (257, 8, 2), (1024, 64, 8), (1025, 32, 4), (3000, 256, 8), (300, 40, 9),
+               (500, 72, 8), (70, 1024, 32), (40, ops.TOPK_MAX_EXPERTS + 1, 4), (50, 48, ops.TOPK_MAX + 1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", TOKEN_DTYPES)
+@pytest.mark.parametrize("rows,experts,topk", TOPK_SHAPES)
+@pytest.mark.parametrize("values", ["distinct", "ties", "non-finite"])
+def test_route_topk_selects_as_the_stable_sort_and_checks(device, dtype, rows, experts, topk, values):
+    """The router's top-k and its check in one op: the values (bit for bit) and experts of a
+    stable descending sort (NaN first, ties to the lower expert), the check's clean indices and
+    status; torch.topk's values."""
+    g = torch.Generator().manual_seed(rows + experts + topk)
+    probs = torch.softmax(torch.randn(rows, experts, generator=g), -1)
+    if values == "ties":  # (a few levels: most rows hold equal values among their top-k)
+        probs = (probs * 4 * experts).floor() / (4 * experts)
+    bits = 0
+    if values == "non-finite" and rows:
+        rows_hit = torch.randint(0, rows, (3,), generator=g)
+        probs[rows_hit, torch.randint(0, experts, (3,), generator=g)] = torch.tensor([float("nan"), float("inf"),
+                                                                                     float("-inf")])
+        bits = 8  # (NaN and +inf are selected first; -inf is selected only where k reaches it)
+    probs = probs.to(dtype)
+    token_probs, indices, clean, status = ops.route_topk_trusted(probs.to(device), topk, 7, None)
+    ref_probs, ref_indices = reference.route_topk(probs, topk)
+    assert token_probs.dtype == dtype and indices.dtype == clean.dtype == torch.int64
+    got = token_probs.cpu()
+    assert torch.equal(got.isnan(), ref_probs.isnan())  # (a NaN's bits may change in a sort on the GPU)
+    assert torch.equal(got[~got.isnan()].view(torch.uint8), ref_probs[~ref_probs.isnan()].view(torch.uint8))
+    assert torch.equal(indices.cpu(), ref_indices)
+    finite = torch.isfinite(ref_probs)
+    assert torch.equal(clean.cpu(), torch.where(finite, ref_indices, -1))
+    expected_bits = bits if not bool(finite.all()) else 0
+    assert status.cpu().tolist() == [expected_bits, 7 if expected_bits else 0]
+    if values != "non-finite":  # (whatever the order of equal values, torch.topk's values are these)
+        assert torch.equal(token_probs.cpu(), torch.topk(probs, topk, dim=-1).values)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_topk_gradient_reaches_the_chosen_probs(device, dtype):
+    """token_probs' gradient lands on the dense probs where they were chosen, zero elsewhere
+    (torch.topk's), through the op's one backward."""
+    g = torch.Generator().manual_seed(3)
+    dense = torch.softmax(torch.randn(300, 16, generator=g), -1).to(dtype).to(device).requires_grad_()
+    upstream = torch.randn(300, 4, generator=g).to(dtype).to(device)
+    token_probs, indices, _, _ = ops.route_topk_trusted(dense, 4, 0, None)
+    (token_probs * upstream).sum().backward()
+    expected = torch.zeros(300, 16, dtype=dtype, device=device).scatter_(1, indices, upstream)
+    assert torch.equal(dense.grad, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_topk_reports_a_non_finite_prob_under_its_name(device):
+    probs = torch.softmax(torch.randn(64, 8), -1)
+    probs[5, 3] = float("nan")
+    routing = []  # (the message names the entry while the routing lives)
+    with pytest.raises(ValueError, match=r"^probs: non-finite routing probability: .*expert 3 at row 5, slot 0"):
+        routing.append(ops.route_topk_trusted(probs.to(device), 2, 0, "probs"))  # (raises on the CPU)
+        ops.check_pending_errors()  # (CUDA: at the next sync)
+
+
 def test_check_route_rejects_bad_arguments():
     idx = random_indices(8, 4, 2)
     with pytest.raises(TypeError, match="indices"):

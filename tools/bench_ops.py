@@ -3,6 +3,8 @@
 For each shape (R rows, H hidden, E experts, K top-k; bf16 tokens, fp32 probs, every slot
 used) it times, with CUDA events after warm-up (median of --iters runs):
 
+  route_topk    the router's top-k of dense float32 probs [R, E] with its check, one pass (its
+                "reference" column: torch.topk, then check_route, the steps it replaces)
   multihot      indices_to_multihot
   permute       permute_by_indices with the output size known (as in the managers)
   permute_map   permute by the multihot map (the public entry TransformerEngine's and Megatron's
@@ -101,6 +103,15 @@ def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps, only=N
         results[name] = entry
         torch.cuda.empty_cache()
 
+    # (the dense probs read; values, indices and clean indices written, R x K each)
+    router = torch.softmax(torch.randn(rows, experts, device="cuda"), -1)
+
+    def topk_then_check():
+        values, indices = torch.topk(router, topk, dim=-1)
+        return ops.check_route_trusted(indices, experts, 0, values, None)
+
+    record("route_topk", lambda: ops.route_topk_trusted(router, topk, 0, None), topk_then_check,
+           rows * experts * 4 + rows * topk * 20)
     # (the route read; the map's bool and float32 probs written, R x E each)
     multihot_bytes = idx.numel() * (idx.element_size() + probs.element_size()) + rows * experts * 5
     record("multihot", lambda: ops.indices_to_multihot(idx, probs, experts),

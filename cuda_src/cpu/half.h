@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../flexdispatch.h"
+
 namespace flexdispatch {
 namespace cpu {
 
@@ -73,6 +75,17 @@ inline Float16 from_float<Float16>(double xd) {
   }
   const uint32_t r = u - 0x38000000u + 0xfffu + ((u >> 13) & 1u);
   return Float16{uint16_t(sign | (r >> 13))};
+}
+
+// Calls f(T{}) for the element type T named by dtype (the CPU twin of common.cuh's).
+template <typename F>
+void with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(float{}); break;
+    case kFloat16: f(Float16{}); break;
+    case kBFloat16: f(BFloat16{}); break;
+    case kFloat64: f(double{}); break;
+  }
 }
 
 }  // namespace cpu

@@ -19,6 +19,10 @@ int64_t indices_to_multihot(const void* indices, bool indices_are_64bit, const v
 int32_t check_route(const void* indices, bool indices_are_64bit, const void* probs, int32_t prob_kind,
                     int64_t rows, int32_t slots, int32_t num_experts, int64_t* clean);
 
+// Returns the error bits (kNonFiniteProb); writes values, indices and clean as route_topk on the GPU.
+int32_t route_topk(const void* probs, DType dtype, int64_t rows, int32_t experts, int32_t k, void* values,
+                   int64_t* indices, int64_t* clean);
+
 void route_plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets, int64_t* layout);
 
 void route_map(const Route& route, const int32_t* chunk_offsets, int64_t* layout, const void* probs,

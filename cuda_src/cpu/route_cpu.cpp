@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "half.h"
 #include "ops_cpu.h"
 
 namespace flexdispatch {
@@ -118,6 +119,35 @@ int32_t check_route(const void* indices, bool indices_are_64bit, const void* pro
       clean[i] = e;
     }
   }
+  return static_cast<int32_t>(bad);
+}
+
+int32_t route_topk(const void* probs, DType dtype, int64_t rows, int32_t experts, int32_t k, void* values,
+                   int64_t* indices, int64_t* clean) {
+  int64_t bad = 0;
+  with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    using Acc = decltype(to_float(T{}));
+    const T* p = static_cast<const T*>(probs);
+    T* v = static_cast<T*>(values);
+#pragma omp parallel for schedule(static) reduction(| : bad)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = p + r * experts;
+      Acc best[kRouteTopkMax];
+      int32_t at[kRouteTopkMax];
+      start_top<kRouteTopkMax>(k, best, at);
+      for (int32_t e = 0; e < experts; ++e) keep_top<kRouteTopkMax>(to_float(row[e]), e, best, at);
+      for (int32_t i = 0; i < k; ++i) {  // (the k best sit at the end of the arrays)
+        const int32_t slot = kRouteTopkMax - k + i;
+        const int64_t out = r * k + i;
+        const bool finite = std::isfinite(best[slot]);
+        v[out] = row[at[slot]];
+        indices[out] = at[slot];
+        clean[out] = finite ? at[slot] : -1;
+        if (!finite) bad |= kNonFiniteProb;
+      }
+    }
+  });
   return static_cast<int32_t>(bad);
 }
 

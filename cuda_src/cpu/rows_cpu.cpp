@@ -12,16 +12,6 @@ namespace flexdispatch {
 namespace cpu {
 namespace {
 
-template <typename F>
-void with_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: f(float{}); break;
-    case kFloat16: f(Float16{}); break;
-    case kBFloat16: f(BFloat16{}); break;
-    case kFloat64: f(double{}); break;
-  }
-}
-
 template <typename T, typename P>
 void gather_typed(const T* src, int64_t hidden, const int32_t* row_id_map, int32_t slots,
                   const P* probs, T* dst, int64_t rows) {

@@ -475,8 +475,10 @@ class _ManagerBase(LayerStates, _DispatchManager):
                               f"elements, got shape {tuple(probs.shape)}")
         experts = self.num_experts
         dense = probs if probs.ndim == 2 and probs.shape[1] == experts else probs.reshape(tokens, experts)
-        token_probs, token_indices = torch.topk(dense, self.router_topk, dim=-1)
-        self._set_routing(token_probs, token_indices, names=("probs", "probs"))
+        # The selection and its check in one pass (ties to the lower expert: ops.route_topk_trusted).
+        token_probs, token_indices, clean, status = ops.route_topk_trusted(
+            dense, self.router_topk, 0, self._reported_as("probs") if self.validate_routing else None)
+        self._set_routing(token_probs, token_indices, names=("probs", "probs"), checked=(clean, status))
 
     def set_routing(self, token_probs: torch.Tensor, token_indices: torch.Tensor,
                     num_local_tokens: Optional[int] = None) -> None:
@@ -486,16 +488,17 @@ class _ManagerBase(LayerStates, _DispatchManager):
         self._set_routing(token_probs, token_indices)
 
     def _set_routing(self, token_probs: torch.Tensor, token_indices: torch.Tensor,
-                     names: tuple = ("token_indices", "token_probs")) -> None:
+                     names: tuple = ("token_indices", "token_probs"), checked: Optional[tuple] = None) -> None:
         """``names``: the arguments a routing error names (the caller's: dense ``probs``, whose
-        top-k indices cannot be wrong, or ``token_indices`` / ``token_probs``)."""
+        top-k indices cannot be wrong, or ``token_indices`` / ``token_probs``); ``checked``: the
+        route check's ``(clean, status)`` when the top-k selection made it (see setup_metadata)."""
         indices = token_indices if token_indices.dtype == torch.int64 else token_indices.long()
         status = given = None
         if self.validate_routing:
             # Before capacity, which could drop a repeated expert's copy or rank a NaN first.
             # (Sync-free groups agree on the status on the device, or count it as a fault.)
             given = (indices, token_probs)
-            indices, status = self._check_route(indices, given[1], names[0])
+            indices, status = checked or self._check_route(indices, token_probs, names[0])
         if self.capacity_factor is not None:
             indices = self._apply_capacity(token_probs, indices)
         if self.router_dtype == "fp64":
@@ -513,7 +516,12 @@ class _ManagerBase(LayerStates, _DispatchManager):
         the CPU raise here (naming ``name``); elsewhere the status travels in the first exchange
         (or, on one GPU, is read at the permutation's sizing sync)."""
         # (arguments checked by the routing step that calls this: not checked again)
-        return ops.check_route_trusted(indices, self.num_experts, 0, probs, name if self.world_size == 1 else None)
+        return ops.check_route_trusted(indices, self.num_experts, 0, probs, self._reported_as(name))
+
+    def _reported_as(self, name: str) -> Optional[str]:
+        """The name a route check reports its errors under at once (raised on the CPU, at the
+        next sync on CUDA): a group of one's; a group's status travels in its first exchange."""
+        return name if self.world_size == 1 else None
 
     def _apply_capacity(self, probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Drop (index -> -1) zero-probability assignments and, per expert, those past its
