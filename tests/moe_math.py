@@ -18,15 +18,17 @@ def make_problem(seed: int, tokens_per_rank, hidden: int, experts: int):
 
 def capacity_drop(probs: torch.Tensor, indices: torch.Tensor, experts: int, factor: float) -> torch.Tensor:
     """The documented capacity rule, written out plainly: per expert keep the
-    ``ceil(T * K / E * factor)`` highest-probability assignments (ties: earlier token)."""
+    ``ceil(T * K / E * factor)`` highest-probability assignments (ties: earlier token); an
+    assignment of probability 0 is dropped too."""
     tokens, topk = indices.shape
     probs = probs.detach()
     capacity = math.ceil(tokens * topk / experts * factor)
     out = indices.clone()
     for e in range(experts):
         cands = [(-float(probs[t, k]), t, k) for t in range(tokens) for k in range(topk)
-                 if int(indices[t, k]) == e and float(probs[t, k]) != 0]
-        for _, t, k in sorted(cands)[capacity:]:
+                 if int(indices[t, k]) == e]
+        dropped = [c for c in cands if c[0] == 0] + sorted(c for c in cands if c[0] != 0)[capacity:]
+        for _, t, k in dropped:
             out[t, k] = -1
     return out
 

@@ -11,8 +11,8 @@ computed from every rank's inputs, which every rank can rebuild from the seed:
 * injected bad inputs: every rank raises, nobody hangs, and after ``reset()`` the next step
   is right again.
 
-Steps vary the token count (0 included), the routing, the entry point (dense probs or top-k
-indices with -1 slots), the one-shot or step-by-step methods, the async flags, forward only
+Steps vary the token count (0 included), the routing (every third call's dense probs with
+ties), the entry point (dense probs or top-k indices with -1 slots), the one-shot or step-by-step methods, the async flags, forward only
 or forward and backward, and two layers in flight in either order. Layers differ in experts,
 top-k, hidden size, padding, capacity, router precision, hidden dtype, sync-free mode and
 FP8 dispatch (hidden 128, the dense formula rounding the tokens through FP8).
@@ -161,6 +161,8 @@ def step_inputs(seed: int, tokens: list, layer: Layer, entry: str):
     for t in tokens:
         x = torch.randn(t, layer.hidden, generator=g, dtype=torch.float64)
         probs = torch.softmax(torch.randn(t, layer.experts, generator=g, dtype=torch.float64) * 2, -1)
+        if seed % 3 == 0:  # (every third call's router holds ties: quarters, zeros among them)
+            probs = (probs * 4).round() / 4
         grad = torch.randn(t, layer.hidden, generator=g, dtype=torch.float64)
         if entry == "indices":
             tp, ti = torch.topk(probs, layer.topk, dim=-1)
@@ -198,8 +200,8 @@ def bounded(layer: Layer, routes: list, world: int) -> list:
 
 def _routing(layer: Layer, router, entry: str):
     """Top-k routing of one rank, as the dispatcher sees it (router precision, capacity)."""
-    if entry == "probs":
-        tp, ti = torch.topk(router.to(_router_dtype(layer)), layer.topk, dim=-1)
+    if entry == "probs":  # (the documented selection: ties to the lower expert, which torch.topk leaves open)
+        tp, ti = fd.reference.route_topk(router.to(_router_dtype(layer)), layer.topk)
     else:
         tp, ti = router[0].to(_router_dtype(layer)), router[1]
     if layer.capacity is not None:
