@@ -196,7 +196,8 @@ cudaError_t launch_check(int64_t items, bool one_block, int per_block, int32_t* 
   }
   const cudaError_t zeroed = cudaMemsetAsync(status, 0, 2 * sizeof(int32_t), stream);  // (no fill kernel)
   if (zeroed != cudaSuccess) return zeroed;
-  launch(false, static_cast<unsigned>(std::min<int64_t>(grid_for(items, per_block), 4096)), per_block);
+  // (at least one block: a grid of none is a launch error; a block with nothing to do reports 0)
+  launch(false, static_cast<unsigned>(std::clamp<int64_t>(grid_for(items, per_block), 1, 4096)), per_block);
   const cudaError_t launched = cudaGetLastError();
   if (launched != cudaSuccess || host_word == nullptr) return launched;
   return store_word(status, sizeof(int32_t), host_word, stream);  // (after every block has ORed in)

@@ -525,10 +525,11 @@ def test_check_route_matches_dense_rules(device, index_dtype, rows, experts, top
 
 
 # (rows, experts, topk): a thread a row (up to 64 experts) in one block (up to 1024 rows) and
-# past it, a warp a row (lanes holding fewer than k experts at 72), both register sizes of the
-# top-k (up to 8, up to 32), k = E, the expert limit and k limit and past them (a sort serves).
+# past it, a warp a row (lanes holding fewer than k experts at 72; no row at all), both
+# register sizes of the top-k (up to 8, up to 32), k = E, the expert and k limits and past
+# them (a sort serves).
 TOPK_SHAPES = [(0, 4, 2), (1, 3, 3), (257, 8, 2), (1024, 64, 8), (1025, 32, 4), (3000, 256, 8), (300, 40, 9),
-               (500, 72, 8), (70, 1024, 32), (40, ops.TOPK_MAX_EXPERTS + 1, 4), (50, 48, ops.TOPK_MAX + 1)]
+               (500, 72, 8), (0, 100, 4), (70, 1024, 32), (40, ops.TOPK_MAX_EXPERTS + 1, 4), (50, 48, ops.TOPK_MAX + 1)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
