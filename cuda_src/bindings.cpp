@@ -201,6 +201,14 @@ std::tuple<Tensor, Tensor> received_routing(const Tensor& meta, int64_t id_col, 
   return {indices, probs};
 }
 
+// A route check's CPU status pair [2] int32: the error bits, and `flag` if there are any
+// (written through its pointer, not by two tensor fills).
+void set_status(Tensor& status, int32_t bits, int64_t flag) {
+  int32_t* word = status.data_ptr<int32_t>();
+  word[0] = bits;
+  word[1] = bits ? static_cast<int32_t>(flag) : 0;
+}
+
 // error_address (CUDA; 0: none): the device mapping of a pinned int32 that gets status[0] once
 // the check is done (queue_word_copy's destination), stored by the check itself where it is one
 // block, so a reported check is one launch.
@@ -234,11 +242,8 @@ std::tuple<Tensor, Tensor> check_route(const Tensor& indices, int64_t num_expert
                                         static_cast<int32_t>(num_experts), static_cast<int32_t>(flag),
                                         clean.data_ptr<int64_t>(), status.data_ptr<int32_t>(),
                                         reinterpret_cast<void*>(error_address), stream), {
-    const int32_t bits = fd::cpu::check_route(indices.data_ptr(), is64, prob_ptr, prob_kind, rows, slots,
-                                              static_cast<int32_t>(num_experts), clean.data_ptr<int64_t>());
-    int32_t* word = status.data_ptr<int32_t>();  // (a CPU tensor: written through its pointer,
-    word[0] = bits;                              // not by two tensor fills)
-    word[1] = bits ? static_cast<int32_t>(flag) : 0;
+    set_status(status, fd::cpu::check_route(indices.data_ptr(), is64, prob_ptr, prob_kind, rows, slots,
+                                            static_cast<int32_t>(num_experts), clean.data_ptr<int64_t>()), flag);
   });
   return {clean, status};
 }
@@ -268,12 +273,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> route_topk(const Tensor& probs, int64
                                           indices.data_ptr<int64_t>(), clean.data_ptr<int64_t>(),
                                           status.data_ptr<int32_t>(), reinterpret_cast<void*>(error_address),
                                           stream), {
-    const int32_t bits = fd::cpu::route_topk(probs.data_ptr(), dtype, rows, static_cast<int32_t>(experts),
-                                             static_cast<int32_t>(k), values.data_ptr(), indices.data_ptr<int64_t>(),
-                                             clean.data_ptr<int64_t>());
-    int32_t* word = status.data_ptr<int32_t>();
-    word[0] = bits;
-    word[1] = bits ? static_cast<int32_t>(flag) : 0;
+    set_status(status, fd::cpu::route_topk(probs.data_ptr(), dtype, rows, static_cast<int32_t>(experts),
+                                           static_cast<int32_t>(k), values.data_ptr(), indices.data_ptr<int64_t>(),
+                                           clean.data_ptr<int64_t>()), flag);
   });
   return {values, indices, clean, status};
 }

@@ -98,9 +98,9 @@ FD_HOST_DEVICE inline int64_t layout_error(int32_t e) { return 3 * int64_t(e) + 
 // The most experts one permutation serves (flexdispatch/rowmap.py reads this line).
 constexpr int32_t kMaxExperts = 12288;
 
-// The router top-k that route_topk selects with its check in one pass (a thread a row, its k
-// best in registers): k up to kRouteTopkMax of up to kRouteTopkMaxExperts experts
-// (flexdispatch/ops.py reads these lines; larger routings take torch.topk and check_route).
+// The router top-k that route_topk selects with its check in one pass: k up to kRouteTopkMax of
+// up to kRouteTopkMaxExperts experts (flexdispatch/ops.py reads these lines; larger routings
+// are selected by a stable sort and checked by check_route).
 constexpr int32_t kRouteTopkMax = 32;
 constexpr int32_t kRouteTopkMaxExperts = 1024;
 
@@ -152,6 +152,23 @@ FD_HOST_DEVICE inline void keep_top(Acc v, int32_t e, Acc* best, int32_t* at) {
       placed = true;
     }
   }
+}
+
+// Writes choice `out` of a row's top-k: the value (read again from the row, so its bits are the
+// input's), its expert, and the same or -1 where the value is not finite (clean). Returns the
+// error bit it found (kNonFiniteProb or 0).
+template <typename T, typename Acc>
+FD_HOST_DEVICE inline int32_t write_choice(const T* row, Acc value, int32_t expert, int64_t out, T* values,
+                                           int64_t* indices, int64_t* clean) {
+#ifdef __CUDA_ARCH__
+  const bool finite = isfinite(value);
+#else
+  const bool finite = std::isfinite(value);
+#endif
+  values[out] = row[expert];
+  indices[out] = expert;
+  clean[out] = finite ? expert : -1;
+  return finite ? 0 : kNonFiniteProb;
 }
 
 // Rows per chunk of the counting passes: a chunk keeps one bit per (expert, row) in shared

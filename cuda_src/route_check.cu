@@ -108,12 +108,7 @@ __global__ void route_topk_kernel(const T* __restrict__ probs, int64_t rows, int
 #pragma unroll
     for (int i = 0; i < KMax; ++i) {
       if (i < KMax - k) continue;  // (the k best sit at the end of the arrays)
-      const int64_t out = r * k + (i - (KMax - k));
-      const bool finite = isfinite(best[i]);
-      values[out] = row[at[i]];
-      indices[out] = at[i];
-      clean[out] = finite ? at[i] : -1;
-      if (!finite) bad |= kNonFiniteProb;
+      bad |= write_choice(row, best[i], at[i], r * k + (i - (KMax - k)), values, indices, clean);
     }
   }
   report_status<OneBlock>(bad, flag, status, host_word);
@@ -170,14 +165,7 @@ __global__ void route_topk_warp_kernel(const T* __restrict__ probs, int64_t rows
         }
       }
       if (mine_at == top_at) ++next;  // (experts are distinct: only the winner's lane matches)
-      if (lane == 0) {
-        const int64_t out = r * k + i;
-        const bool finite = isfinite(top);
-        values[out] = row[top_at];
-        indices[out] = top_at;
-        clean[out] = finite ? top_at : -1;
-        if (!finite) bad |= kNonFiniteProb;
-      }
+      if (lane == 0) bad |= write_choice(row, top, top_at, r * k + i, values, indices, clean);
     }
   }
   report_status<false>(bad, flag, status, nullptr);

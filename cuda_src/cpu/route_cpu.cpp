@@ -139,12 +139,7 @@ int32_t route_topk(const void* probs, DType dtype, int64_t rows, int32_t experts
       for (int32_t e = 0; e < experts; ++e) keep_top<kRouteTopkMax>(to_float(row[e]), e, best, at);
       for (int32_t i = 0; i < k; ++i) {  // (the k best sit at the end of the arrays)
         const int32_t slot = kRouteTopkMax - k + i;
-        const int64_t out = r * k + i;
-        const bool finite = std::isfinite(best[slot]);
-        v[out] = row[at[slot]];
-        indices[out] = at[slot];
-        clean[out] = finite ? at[slot] : -1;
-        if (!finite) bad |= kNonFiniteProb;
+        bad |= write_choice(row, best[slot], at[slot], r * k + i, v, indices, clean);
       }
     }
   });
