@@ -21,7 +21,7 @@ from ._log import logger
 from .config import MoEConfig, TokenDispatcherConfig, requested_backend, sm_setting
 from . import managers
 from .managers import groups, registry
-from .managers.base import OutOfOrderError, group_size_rank, _ManagerBase
+from .managers.base import OutOfOrderError, group_size_rank, reported_as, _ManagerBase
 from .managers.gather import all_gather_objects
 from .managers.hybridep import HybridEPPipelineRuntimeInitializer, _HybridEPManager, _HybridEPMetadataProcessor
 from .managers.sharing import LayerStates
@@ -492,10 +492,12 @@ class MoEFlexTokenDispatcher:
         dense = self._initialize_metadata(num_local_tokens, probs)
         if isinstance(manager, _ManagerBase) or not hasattr(manager, "set_routing"):
             manager.setup_metadata(num_local_tokens=num_local_tokens, probs=dense)
-        else:  # HybridEP: the top-K of the dense probs (selected as by the other managers) to its indices entry
-            token_probs, token_indices, _, _ = ops.route_topk_trusted(
-                dense.reshape(num_local_tokens, self.spec.num_experts), self.spec.topk, 0, None)
-            manager.set_routing(token_probs, token_indices, num_local_tokens, names=("probs", "probs"))
+        else:  # HybridEP: the top-K of the dense probs, selected and checked as by the other managers
+            token_probs, token_indices, clean, status = ops.route_topk_trusted(
+                dense.reshape(num_local_tokens, self.spec.num_experts), self.spec.topk, 0,
+                reported_as(self.ep_size, "probs"))
+            manager.set_routing(token_probs, token_indices, num_local_tokens, names=("probs", "probs"),
+                                checked=(clean, status))
 
     @_in_dispatcher_terms
     def dispatch_all_to_all(self, hidden_states: torch.Tensor, probs: torch.Tensor = None, async_finish: bool = True,

@@ -235,6 +235,13 @@ def check_topk_routing(token_probs, token_indices, topk: int, num_local_tokens: 
                           f"rows of token_indices")
 
 
+def reported_as(world_size: int, name: str) -> Optional[str]:
+    """The name a route check of a group of ``world_size`` ranks reports its errors under at
+    once (raised on the CPU, at the next sync on CUDA): a group of one's; a larger group's
+    status travels in its first exchange instead (None)."""
+    return name if world_size == 1 else None
+
+
 def group_size_rank(group) -> tuple[int, Optional[int]]:
     """``(size, rank)`` of an expert-parallel group: ``(1, 0)`` for None. A group object that is
     not a live process group (a stand-in with ``size()``, or any group before
@@ -477,7 +484,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         dense = probs if probs.ndim == 2 and probs.shape[1] == experts else probs.reshape(tokens, experts)
         # The selection and its check in one pass (ties to the lower expert: ops.route_topk_trusted).
         token_probs, token_indices, clean, status = ops.route_topk_trusted(
-            dense, self.router_topk, 0, self._reported_as("probs") if self.validate_routing else None)
+            dense, self.router_topk, 0, reported_as(self.world_size, "probs") if self.validate_routing else None)
         self._set_routing(token_probs, token_indices, names=("probs", "probs"), checked=(clean, status))
 
     def set_routing(self, token_probs: torch.Tensor, token_indices: torch.Tensor,
@@ -516,12 +523,8 @@ class _ManagerBase(LayerStates, _DispatchManager):
         the CPU raise here (naming ``name``); elsewhere the status travels in the first exchange
         (or, on one GPU, is read at the permutation's sizing sync)."""
         # (arguments checked by the routing step that calls this: not checked again)
-        return ops.check_route_trusted(indices, self.num_experts, 0, probs, self._reported_as(name))
+        return ops.check_route_trusted(indices, self.num_experts, 0, probs, reported_as(self.world_size, name))
 
-    def _reported_as(self, name: str) -> Optional[str]:
-        """The name a route check reports its errors under at once (raised on the CPU, at the
-        next sync on CUDA): a group of one's; a group's status travels in its first exchange."""
-        return name if self.world_size == 1 else None
 
     def _apply_capacity(self, probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Drop (index -> -1) zero-probability assignments and, per expert, those past its

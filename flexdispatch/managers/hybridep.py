@@ -30,7 +30,7 @@ from torch import nn
 from .. import envs, ops
 from ..spec import input_error
 from . import agreement, gather, groups
-from .base import NOT_ROUTED, Routed, _DispatchManager, group_size_rank, check_topk_routing
+from .base import NOT_ROUTED, Routed, _DispatchManager, group_size_rank, check_topk_routing, reported_as
 from .deepep import EngineUnavailableError
 from .sharing import LayerStates
 
@@ -191,13 +191,16 @@ class _HybridEPManager(LayerStates, _DispatchManager):
         self.routing_map, self.token_probs = self._indices_to_multihot(token_indices, token_probs)
 
     def set_routing(self, token_probs: torch.Tensor, token_indices: torch.Tensor,
-                    num_local_tokens: Optional[int] = None, names: tuple = ("token_indices", "token_probs")) -> None:
+                    num_local_tokens: Optional[int] = None, names: tuple = ("token_indices", "token_probs"),
+                    checked: Optional[tuple] = None) -> None:
         """flexdispatch's routing entry (the dispatcher's): checked top-k routing, validated on
         the device (bad entries dropped here, reported in the dispatch's exchange); ``names``:
-        the arguments an error names (``("probs", "probs")`` for top-k taken of dense probs)."""
+        the arguments an error names (``("probs", "probs")`` for top-k taken of dense probs);
+        ``checked``: the route check's ``(clean, status)`` when the top-k selection made it
+        (:func:`flexdispatch.ops.route_topk_trusted`, reported under ``names[0]``)."""
         check_topk_routing(token_probs, token_indices, self.router_topk, num_local_tokens)
-        indices, status = ops.check_route_trusted(token_indices.long(), self.num_experts, 0, token_probs,
-                                                  names[0] if self.world_size == 1 else None)
+        indices, status = checked or ops.check_route_trusted(token_indices.long(), self.num_experts, 0, token_probs,
+                                                             reported_as(self.world_size, names[0]))
         # Invalid routing is reported by the status (in the dispatch's exchange on a group): route
         # nothing meanwhile, so the multihot conversion never meets a repeated expert.
         indices = torch.where(status[0] != 0, -1, indices)
