@@ -79,67 +79,40 @@ __global__ void check_route_kernel(const Index* __restrict__ indices, const void
   report_status<OneBlock>(bad, flag, status, host_word);
 }
 
-// A thread per row of probs [rows, experts]: it walks the row once, kUnroll loads in flight,
-// keeping its k best entries (k <= KMax) sorted in registers (start_top, keep_top), then writes
-// them (values read again from the row, so their bits are the input's), their experts, the same
-// with -1 where the value is not finite (clean), and reports the non-finite ones, as
-// check_route_kernel does for given indices.
+// The router's top-k of probs [rows, experts], a group of `lanes` lanes a row (a power of two
+// up to 32, lanes within one warp). Lane l of a group walks experts l, l + lanes, ... (kUnroll
+// loads in flight; a warp's loads cover whole stretches of its rows), keeping its own k best
+// sorted in registers (start_top, keep_top); then the group merges its lists in k rounds: every
+// lane offers the best it has not given yet, the group takes the one ranking highest
+// (shuffles; the order is total, so every lane agrees), and the lane that gave it writes it
+// (write_choice) and moves on. One lane a row needs no shuffle; 32 spread a wide row's loads.
+// Non-finite choices are reported as check_route_kernel reports given indices.
 template <typename T, int KMax, bool OneBlock>
-__global__ void route_topk_kernel(const T* __restrict__ probs, int64_t rows, int32_t experts, int32_t k,
+__global__ void route_topk_kernel(const T* __restrict__ probs, int64_t rows, int32_t experts, int32_t k, int lanes,
                                   int32_t flag, T* __restrict__ values, int64_t* __restrict__ indices,
                                   int64_t* __restrict__ clean, int32_t* __restrict__ status, int32_t* host_word) {
   using Acc = std::conditional_t<sizeof(T) == 8, double, float>;
-  constexpr int kUnroll = 8;
-  int32_t bad = 0;
-  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += int64_t(gridDim.x) * blockDim.x) {
-    const T* row = probs + r * experts;
-    Acc best[KMax];
-    int32_t at[KMax];
-    start_top<KMax>(k, best, at);
-    for (int32_t e0 = 0; e0 < experts; e0 += kUnroll) {
-      Acc v[kUnroll];
-#pragma unroll
-      for (int j = 0; j < kUnroll; ++j) v[j] = e0 + j < experts ? to_acc<Acc>(row[e0 + j]) : Acc(0);
-#pragma unroll
-      for (int j = 0; j < kUnroll; ++j) {
-        if (e0 + j < experts) keep_top<KMax>(v[j], e0 + j, best, at);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < KMax; ++i) {
-      if (i < KMax - k) continue;  // (the k best sit at the end of the arrays)
-      bad |= write_choice(row, best[i], at[i], r * k + (i - (KMax - k)), values, indices, clean);
-    }
-  }
-  report_status<OneBlock>(bad, flag, status, host_word);
-}
-
-// Rows of more experts: a warp a row. Lane l walks experts l, l + 32, ... (the warp's loads
-// coalesced), keeping its own k best; then the warp merges the 32 lists in k rounds: every lane
-// offers the best it has not given yet, the warp takes the one ranking highest (shuffles; the
-// order is total, so every lane agrees) and its lane moves on. Lane 0 writes. The status is
-// OR-ed in (launched with the status zeroed first).
-template <typename T, int KMax>
-__global__ void route_topk_warp_kernel(const T* __restrict__ probs, int64_t rows, int32_t experts, int32_t k,
-                                       int32_t flag, T* __restrict__ values, int64_t* __restrict__ indices,
-                                       int64_t* __restrict__ clean, int32_t* __restrict__ status) {
-  using Acc = std::conditional_t<sizeof(T) == 8, double, float>;
   constexpr int kUnroll = 4;
-  const int lane = threadIdx.x % 32;
-  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  const int sub = threadIdx.x % lanes;
+  const int group_in_warp = threadIdx.x % 32 / lanes;
+  const int64_t groups = int64_t(gridDim.x) * (blockDim.x / lanes);
   int32_t bad = 0;
-  for (int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
-    const T* row = probs + r * experts;
+  // (the loop runs while the warp's first row is in range, so that a warp's lanes take the
+  // same turns and every shuffle has the whole warp; a group past the last row offers nothing)
+  for (int64_t r = int64_t(blockIdx.x) * (blockDim.x / lanes) + threadIdx.x / lanes; r - group_in_warp < rows;
+       r += groups) {
+    const bool active = r < rows;
+    const T* row = probs + (active ? r : 0) * experts;
     Acc best[KMax];
     int32_t at[KMax];
     start_top<KMax>(k, best, at);
-    for (int32_t e0 = lane; e0 < experts; e0 += 32 * kUnroll) {
+    for (int32_t e0 = active ? sub : experts; e0 < experts; e0 += lanes * kUnroll) {
       Acc v[kUnroll];
 #pragma unroll
-      for (int j = 0; j < kUnroll; ++j) v[j] = e0 + 32 * j < experts ? to_acc<Acc>(row[e0 + 32 * j]) : Acc(0);
+      for (int j = 0; j < kUnroll; ++j) v[j] = e0 + lanes * j < experts ? to_acc<Acc>(row[e0 + lanes * j]) : Acc(0);
 #pragma unroll
       for (int j = 0; j < kUnroll; ++j) {
-        if (e0 + 32 * j < experts) keep_top<KMax>(v[j], e0 + 32 * j, best, at);
+        if (e0 + lanes * j < experts) keep_top<KMax>(v[j], e0 + lanes * j, best, at);
       }
     }
     int next = KMax - k;  // (this lane's best not given yet; KMax: none left)
@@ -155,8 +128,7 @@ __global__ void route_topk_warp_kernel(const T* __restrict__ probs, int64_t rows
       }
       Acc top = mine;
       int32_t top_at = mine_at;
-#pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) {
+      for (int offset = lanes / 2; offset > 0; offset >>= 1) {
         const Acc other = __shfl_xor_sync(kFullMask, top, offset);
         const int32_t other_at = __shfl_xor_sync(kFullMask, top_at, offset);
         if (ranks_above(other, other_at, top, top_at)) {
@@ -164,11 +136,13 @@ __global__ void route_topk_warp_kernel(const T* __restrict__ probs, int64_t rows
           top_at = other_at;
         }
       }
-      if (mine_at == top_at) ++next;  // (experts are distinct: only the winner's lane matches)
-      if (lane == 0) bad |= write_choice(row, top, top_at, r * k + i, values, indices, clean);
+      if (mine_at == top_at) {  // (experts are distinct: only the giver's lane matches)
+        ++next;
+        if (active) bad |= write_choice(row, top, top_at, r * k + i, values, indices, clean);
+      }
     }
   }
-  report_status<false>(bad, flag, status, nullptr);
+  report_status<OneBlock>(bad, flag, status, host_word);
 }
 
 // How a route check of `items` threads is launched: as one block when one_block (at most
@@ -209,33 +183,54 @@ cudaError_t launch(const void* indices, const void* probs, int32_t prob_kind, in
                       });
 }
 
-// route_topk's kernels: a thread a row up to kTopkThreadExperts experts (one block for up to
-// kOneBlockThreads rows: a few microseconds of loads, where three more launches would cost
-// more; else blocks of a warp, spread over the SMs); a warp a row past that.
-constexpr int32_t kTopkThreadExperts = 64;
-constexpr int kTopkRowsPerWarpBlock = 4;
+// Lanes a row of route_topk (a power of two up to 32): the fewest that leave each lane at most
+// 4 experts to walk, where the routing is small; a larger one, past kTopkBusyThreads threads,
+// gets fewer lanes, down to 16 experts a lane: with the SMs busy, each merge round costs more
+// than the loads it spreads. (The constants are an H100 sweep's best: 8 to 1024 experts, 128 to
+// 16384 rows.)
+constexpr int64_t kTopkBusyThreads = 3 << 15;
+// The one-block launch serves up to this many threads: more on one SM run slower than a grid,
+// even with the status zeroed before and stored after.
+constexpr int64_t kTopkOneBlockThreads = 512;
+
+inline int topk_lanes(int64_t rows, int32_t experts) {
+  const auto lanes_for = [&](int32_t per_lane) {
+    int lanes = 1;
+    while (lanes < 32 && int64_t(lanes) * per_lane < experts) lanes *= 2;
+    return lanes;
+  };
+  int lanes = lanes_for(4);
+  const int fewest = lanes_for(16);
+  while (lanes > fewest && rows * lanes > kTopkBusyThreads) lanes /= 2;
+  return lanes;
+}
 
 template <typename T, int KMax>
 cudaError_t launch_topk(const void* probs, int64_t rows, int32_t experts, int32_t k, int32_t flag, void* values,
                         int64_t* indices, int64_t* clean, int32_t* status, void* host_word, cudaStream_t stream) {
+  const int lanes = topk_lanes(rows, experts);
+  const int64_t threads = round_up(rows * lanes, 32);
   const auto* p = static_cast<const T*>(probs);
   auto* v = static_cast<T*>(values);
-  auto* word = static_cast<int32_t*>(host_word);
-  if (experts > kTopkThreadExperts) {
-    return launch_check(rows * 32, false, 32 * kTopkRowsPerWarpBlock, status, host_word, stream,
-                        [&](bool, unsigned blocks, int threads) {
-                          route_topk_warp_kernel<T, KMax><<<blocks, threads, 0, stream>>>(
-                              p, rows, experts, k, flag, v, indices, clean, status);
-                        });
-  }
-  return launch_check(rows, rows <= kOneBlockThreads, 32, status, host_word, stream,
-                      [&](bool one_block, unsigned blocks, int threads) {
+  // One block where the launch is small (a few microseconds of loads, where the status's zeroing
+  // and store would cost two launches more); else blocks of kThreads spread over the SMs. A
+  // thread holds 2 * KMax words of top-k in registers, so the one block is also bounded by the
+  // largest the compiled kernel can run (no launch bounds: those made the compiler spill).
+  static const int one_block_limit = [] {
+    cudaFuncAttributes attributes{};
+    return cudaFuncGetAttributes(&attributes, route_topk_kernel<T, KMax, true>) == cudaSuccess
+               ? std::min<int>(kTopkOneBlockThreads, attributes.maxThreadsPerBlock / 32 * 32)
+               : 0;
+  }();
+  return launch_check(threads, threads <= one_block_limit, kThreads, status, host_word, stream,
+                      [&](bool one_block, unsigned blocks, int block_threads) {
                         if (one_block) {
-                          route_topk_kernel<T, KMax, true><<<blocks, threads, 0, stream>>>(
-                              p, rows, experts, k, flag, v, indices, clean, status, word);
+                          route_topk_kernel<T, KMax, true><<<blocks, block_threads, 0, stream>>>(
+                              p, rows, experts, k, lanes, flag, v, indices, clean, status,
+                              static_cast<int32_t*>(host_word));
                         } else {
-                          route_topk_kernel<T, KMax, false><<<blocks, threads, 0, stream>>>(
-                              p, rows, experts, k, flag, v, indices, clean, status, nullptr);
+                          route_topk_kernel<T, KMax, false><<<blocks, block_threads, 0, stream>>>(
+                              p, rows, experts, k, lanes, flag, v, indices, clean, status, nullptr);
                         }
                       });
 }

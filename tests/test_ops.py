@@ -524,12 +524,16 @@ def test_check_route_matches_dense_rules(device, index_dtype, rows, experts, top
     assert int(status[0]) == int(index_route_error_bits(idx, experts))
 
 
-# (rows, experts, topk): a thread a row (up to 64 experts) in one block (up to 1024 rows) and
-# past it, a warp a row (lanes holding fewer than k experts at 72; no row at all), both
-# register sizes of the top-k (up to 8, up to 32), k = E, the expert and k limits and past
-# them (a sort serves).
-TOPK_SHAPES = [(0, 4, 2), (1, 3, 3), (257, 8, 2), (1024, 64, 8), (1025, 32, 4), (3000, 256, 8), (300, 40, 9),
-               (500, 72, 8), (0, 100, 4), (70, 1024, 32), (40, ops.TOPK_MAX_EXPERTS + 1, 4), (50, 48, ops.TOPK_MAX + 1)]
+# (rows, experts, topk): group widths of the kernel from 1 lane a row (up to 4 experts) to 32,
+# and fewer lanes for a large routing (8192 x 64); one block up to its 512 threads (256 rows of
+# 2 lanes) and a grid past it, with groups past the last row in a warp (1001 rows of 4 lanes,
+# 1025 of 8); both register sizes of the top-k (up to 8, up to 32) in one block and in a grid;
+# lanes holding fewer than k experts (72); no row at all; k = E; the expert and k limits and
+# past them (a sort serves).
+TOPK_SHAPES = [(0, 4, 2), (1, 3, 3), (100, 4, 2), (256, 8, 2), (257, 8, 2), (1024, 8, 8), (1001, 16, 2),
+               (1025, 32, 4), (1024, 64, 8), (8192, 64, 8), (3000, 256, 8), (24, 40, 12), (300, 40, 9),
+               (500, 72, 8), (0, 100, 4), (70, 1024, 32), (40, ops.TOPK_MAX_EXPERTS + 1, 4),
+               (50, 48, ops.TOPK_MAX + 1)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -564,6 +568,18 @@ def test_route_topk_selects_as_the_stable_sort_and_checks(device, dtype, rows, e
     assert status.cpu().tolist() == [expected_bits, 7 if expected_bits else 0]
     if values != "non-finite":  # (whatever the order of equal values, torch.topk's values are these)
         assert torch.equal(token_probs.cpu(), torch.topk(probs, topk, dim=-1).values)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", TOKEN_DTYPES)
+def test_reference_route_topk_ranks_nan_then_infinity_then_numbers(device, dtype):
+    """The rule every route_topk follows, on the reference itself: NaN first (lower expert
+    first), +inf above the largest finite value, equal values by expert, -inf last."""
+    big = torch.finfo(dtype).max
+    probs = torch.tensor([[1.0, float("inf"), big, float("nan"), float("-inf"), float("nan"), 1.0, big]], dtype=dtype)
+    values, indices = reference.route_topk(probs.to(device), 8)
+    assert indices.tolist() == [[3, 5, 1, 2, 7, 0, 6, 4]]
+    assert torch.equal(values.cpu().nan_to_num(0.5), probs[:, [3, 5, 1, 2, 7, 0, 6, 4]].nan_to_num(0.5))
 
 
 @pytest.mark.parametrize("device", DEVICES)
