@@ -32,8 +32,12 @@ def route_topk(probs: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tens
     """``(values [R, K], indices [R, K] int64)``: the ``topk`` largest of ``probs [R, E]`` per row
     in descending order, NaN above every number (as ``torch.topk``), and between equal values
     the lower expert first (a stable sort), which ``torch.topk`` leaves unspecified."""
-    values, indices = torch.sort(probs, dim=-1, descending=True, stable=True)
-    return values[:, :topk].contiguous(), indices[:, :topk].contiguous()
+    # (NaN placed first by a second stable sort rather than by the sort of the values: CUDA's
+    # sort does not place a NaN read from bfloat16 as the CPU's does)
+    by_value = torch.sort(probs.masked_fill(probs.isnan(), float("inf")), dim=-1, descending=True, stable=True).indices
+    nan_first = torch.sort(probs.isnan().gather(1, by_value).byte(), dim=-1, descending=True, stable=True).indices
+    indices = by_value.gather(1, nan_first[:, :topk]).contiguous()
+    return probs.gather(1, indices), indices
 
 
 def indices_to_multihot(indices: torch.Tensor, probs: torch.Tensor, num_experts: int):
