@@ -527,12 +527,13 @@ def test_check_route_matches_dense_rules(device, index_dtype, rows, experts, top
 # (rows, experts, topk): group widths of the kernel from 1 lane a row (up to 4 experts) to 32,
 # and fewer lanes for a large routing (8192 x 64); one block up to its 512 threads (256 rows of
 # 2 lanes) and a grid past it, with groups past the last row in a warp (1001 rows of 4 lanes,
-# 1025 of 8); both register sizes of the top-k (up to 8, up to 32) in one block and in a grid;
-# lanes holding fewer than k experts (72); no row at all; k = E; the expert and k limits and
-# past them (a sort serves).
+# 1025 of 8); k in every register size of the top-k (the kernel's 8 and 32, the CPU's 8, 16 and
+# 32) with entries held above it and without (k = 32), in one block and in a grid; lanes
+# holding fewer than k experts (72); no row at all; k = E; the expert and k limits and past
+# them (a sort serves).
 TOPK_SHAPES = [(0, 4, 2), (1, 3, 3), (100, 4, 2), (256, 8, 2), (257, 8, 2), (1024, 8, 8), (1001, 16, 2),
                (1025, 32, 4), (1024, 64, 8), (8192, 64, 8), (3000, 256, 8), (24, 40, 12), (300, 40, 9),
-               (500, 72, 8), (0, 100, 4), (70, 1024, 32), (40, ops.TOPK_MAX_EXPERTS + 1, 4),
+               (20, 64, 20), (500, 72, 8), (0, 100, 4), (70, 1024, 32), (40, ops.TOPK_MAX_EXPERTS + 1, 4),
                (50, 48, ops.TOPK_MAX + 1)]
 
 

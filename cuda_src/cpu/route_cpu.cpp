@@ -122,25 +122,45 @@ int32_t check_route(const void* indices, bool indices_are_64bit, const void* pro
   return static_cast<int32_t>(bad);
 }
 
+namespace {
+
+// route_topk's rows for k <= KMax: every insertion walks KMax entries, so the smallest size
+// that holds k is taken, as the CUDA kernel does.
+template <int KMax, typename T>
+int64_t select_rows(const T* probs, int64_t rows, int32_t experts, int32_t k, T* values, int64_t* indices,
+                    int64_t* clean) {
+  using Acc = decltype(to_float(T{}));
+  int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(| : bad)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = probs + r * experts;
+    Acc best[KMax];
+    int32_t at[KMax];
+    start_top<KMax>(k, best, at);
+    for (int32_t e = 0; e < experts; ++e) keep_top<KMax>(to_float(row[e]), e, best, at);
+    for (int32_t i = 0; i < k; ++i) {  // (the k best sit at the end of the arrays)
+      const int32_t slot = KMax - k + i;
+      bad |= write_choice(row, best[slot], at[slot], r * k + i, values, indices, clean);
+    }
+  }
+  return bad;
+}
+
+}  // namespace
+
 int32_t route_topk(const void* probs, DType dtype, int64_t rows, int32_t experts, int32_t k, void* values,
                    int64_t* indices, int64_t* clean) {
   int64_t bad = 0;
   with_dtype(dtype, [&](auto t) {
     using T = decltype(t);
-    using Acc = decltype(to_float(T{}));
     const T* p = static_cast<const T*>(probs);
     T* v = static_cast<T*>(values);
-#pragma omp parallel for schedule(static) reduction(| : bad)
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* row = p + r * experts;
-      Acc best[kRouteTopkMax];
-      int32_t at[kRouteTopkMax];
-      start_top<kRouteTopkMax>(k, best, at);
-      for (int32_t e = 0; e < experts; ++e) keep_top<kRouteTopkMax>(to_float(row[e]), e, best, at);
-      for (int32_t i = 0; i < k; ++i) {  // (the k best sit at the end of the arrays)
-        const int32_t slot = kRouteTopkMax - k + i;
-        bad |= write_choice(row, best[slot], at[slot], r * k + i, v, indices, clean);
-      }
+    if (k <= 8) {
+      bad = select_rows<8>(p, rows, experts, k, v, indices, clean);
+    } else if (k <= 16) {
+      bad = select_rows<16>(p, rows, experts, k, v, indices, clean);
+    } else {
+      bad = select_rows<kRouteTopkMax>(p, rows, experts, k, v, indices, clean);
     }
   });
   return static_cast<int32_t>(bad);
