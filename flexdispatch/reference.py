@@ -34,8 +34,9 @@ def route_topk(probs: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tens
     the lower expert first (a stable sort), which ``torch.topk`` leaves unspecified."""
     # (NaN placed first by a second stable sort rather than by the sort of the values: CUDA's
     # sort does not place a NaN read from bfloat16 as the CPU's does)
-    by_value = torch.sort(probs.masked_fill(probs.isnan(), float("inf")), dim=-1, descending=True, stable=True).indices
-    nan_first = torch.sort(probs.isnan().gather(1, by_value).byte(), dim=-1, descending=True, stable=True).indices
+    nan = probs.isnan()
+    by_value = torch.sort(probs.masked_fill(nan, float("inf")), dim=-1, descending=True, stable=True).indices
+    nan_first = torch.sort(nan.gather(1, by_value).byte(), dim=-1, descending=True, stable=True).indices
     indices = by_value.gather(1, nan_first[:, :topk]).contiguous()
     return probs.gather(1, indices), indices
 

@@ -14,9 +14,9 @@ computed from every rank's inputs, which every rank can rebuild from the seed:
 Steps vary the token count (0 included), the routing (every third call's dense probs with
 ties), the entry point (dense probs or top-k indices with -1 slots), the one-shot or
 step-by-step methods, the async flags, forward only or forward and backward, and two layers
-in flight in either order. Layers differ in experts,
-top-k, hidden size, padding, capacity, router precision, hidden dtype, sync-free mode and
-FP8 dispatch (hidden 128, the dense formula rounding the tokens through FP8).
+in flight in either order. Layers differ in experts, top-k, hidden size, padding, capacity,
+router precision, hidden dtype, sync-free mode and FP8 dispatch (hidden 128, the dense formula
+rounding the tokens through FP8).
 
 Replay a failure with the seed its message prints (``FLEXDISPATCH_STATEFUL_SEED``).
 """

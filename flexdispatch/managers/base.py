@@ -525,7 +525,6 @@ class _ManagerBase(LayerStates, _DispatchManager):
         # (arguments checked by the routing step that calls this: not checked again)
         return ops.check_route_trusted(indices, self.num_experts, 0, probs, reported_as(self.world_size, name))
 
-
     def _apply_capacity(self, probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Drop (index -> -1) zero-probability assignments and, per expert, those past its
         capacity, lowest probability first (ties: the later token). No host sync."""
