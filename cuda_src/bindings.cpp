@@ -363,23 +363,27 @@ void zero_unused_rows(Tensor& dst, const std::optional<Tensor>& probs_out, const
 
 // dst [num_out, hidden] with dst[row_id_map[r, s]] = src[r]; pad and tail rows zeroed.
 #ifdef FLEXDISPATCH_WITH_CUDA
-// The unused tail of a permutation's output [num_out, ...] that a scatter's own launch may zero.
+// The unused tail of a permutation's output [num_out, ...] that a scatter's own launch may zero,
+// storing the layout's error word to error_address (0: none) as it does.
 fd::cuda::TailRows tail_rows_of(const Tensor& layout, int64_t num_experts, int64_t num_out,
-                                const std::optional<Tensor>& probs_out) {
+                                const std::optional<Tensor>& probs_out, int64_t error_address) {
   return {layout.data_ptr<int64_t>(), static_cast<int32_t>(num_experts), num_out,
           probs_out.has_value() ? probs_out->data_ptr() : nullptr,
-          probs_out.has_value() ? static_cast<int>(probs_out->element_size()) : 4};
+          probs_out.has_value() ? static_cast<int>(probs_out->element_size()) : 4,
+          reinterpret_cast<int64_t*>(error_address)};
 }
 #endif
 
+// error_address: as permute_with's fill takes it.
 Tensor scatter_into(const Tensor& src, const Tensor& row_id_map, int64_t num_out, const Tensor& layout,
-                    int64_t num_experts, bool padded, bool tail, const std::optional<Tensor>& probs_out) {
+                    int64_t num_experts, bool padded, bool tail, const std::optional<Tensor>& probs_out,
+                    int64_t& error_address) {
   auto dst = torch::empty({num_out, src.size(1)}, src.options());
   const int64_t row_bytes = src.size(1) * src.element_size();
   const int32_t slots = static_cast<int32_t>(row_id_map.size(1));
-  bool tail_done = false;  // (the CUDA scatter's launch zeroed the tail)
+  bool tail_done = false;  // (the CUDA scatter's launch zeroed the tail and stored the error word)
 #ifdef FLEXDISPATCH_WITH_CUDA
-  const fd::cuda::TailRows tail_rows = tail_rows_of(layout, num_experts, num_out, probs_out);
+  const fd::cuda::TailRows tail_rows = tail_rows_of(layout, num_experts, num_out, probs_out, error_address);
   const fd::cuda::TailRows* tail_arg = tail && num_out > 0 ? &tail_rows : nullptr;
 #endif
   FD_ON_DEVICE(src, fd::cuda::scatter_rows(src.data_ptr(), src.size(0), row_bytes, row_id_map.data_ptr<int32_t>(),
@@ -388,6 +392,7 @@ Tensor scatter_into(const Tensor& src, const Tensor& row_id_map, int64_t num_out
                           dst.data_ptr());
   });
   zero_unused_rows(dst, probs_out, layout, num_experts, padded, tail && !tail_done);
+  if (tail_done) error_address = 0;
   return dst;
 }
 
@@ -427,8 +432,10 @@ void queue_word_copy(const Tensor& src, int64_t index, int64_t dst_address) {
 using Permuted = std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>>;
 
 // What every single-call permutation shares: plan, (sync when num_out < 0), map, then
-// fill(row_id_map, num_out, layout, tail, out_probs) makes the rows, and with num_out given,
-// the layout's error word is queued to error_address (0: none; see queue_word_copy). When the
+// fill(row_id_map, num_out, layout, tail, out_probs, word) makes the rows, and with num_out
+// given, the layout's error word goes to error_address (0: none): fill may store it with its
+// own launch (then it sets `word`, error_address or 0, to 0), else it is queued after (see
+// queue_word_copy). When the
 // sync finds bad routing (or no row is used), returns a [0, hidden] tensor like `like` and an
 // empty row_id_map; the caller reads the error bits from host_layout.
 template <typename Fill>
@@ -443,8 +450,9 @@ Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multi
     return {like.new_empty({0, hidden}), std::nullopt, route.new_empty({0}, at::kInt), layout, host};
   }
   auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out, scans, pad_multiple);
-  Tensor out = fill(row_id_map, num_out, layout, tail, probs_out);
-  if (error_address != 0 && tail) queue_word_copy(layout, fd::layout_error(r.num_experts), error_address);
+  int64_t word = tail ? error_address : 0;
+  Tensor out = fill(row_id_map, num_out, layout, tail, probs_out, word);
+  if (word != 0) queue_word_copy(layout, fd::layout_error(r.num_experts), word);
   return {out, probs_out, row_id_map, layout, host};
 }
 
@@ -483,8 +491,10 @@ Permuted permute(const Tensor& route, int64_t num_experts, int64_t pad_multiple,
   }
 #endif
   return permute_with(r, route, pad_multiple, num_out, probs, tokens, tokens.size(1), error_address,
-                      [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
-                        return scatter_into(tokens, map, n, layout, num_experts, pad_multiple > 1, tail, probs_out);
+                      [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out,
+                          int64_t& word) {
+                        return scatter_into(tokens, map, n, layout, num_experts, pad_multiple > 1, tail, probs_out,
+                                            word);
                       });
 }
 
@@ -507,7 +517,8 @@ Tensor scatter_rows(const Tensor& src, const Tensor& row_id_map, int64_t num_out
   check_row_id_map(row_id_map, src);
   TORCH_CHECK_VALUE(row_id_map.size(0) == src.size(0), "row_id_map has ", row_id_map.size(0),
                     " rows but src has ", src.size(0));
-  return scatter_into(src, row_id_map, num_out, layout, num_experts, padded, tail, std::nullopt);
+  int64_t no_word = 0;
+  return scatter_into(src, row_id_map, num_out, layout, num_experts, padded, tail, std::nullopt, no_word);
 }
 
 // dst [rows, hidden]: dst[r] = sum over valid slots (in order) of probs[r, s] * src[map[r, s]].
@@ -755,12 +766,12 @@ Tensor dequantized_into(fd::DType dtype, const uint8_t* q, int64_t q_pitch, cons
                         const int64_t* addrs, int64_t rows, int64_t hidden, const Tensor& map, int64_t n,
                         const Tensor& layout, int64_t num_experts, bool padded, bool tail,
                         const std::optional<Tensor>& probs_out, const at::TensorOptions& options, int64_t max_blocks,
-                        int64_t first_row) {
+                        int64_t first_row, int64_t& error_address) {
   auto out = torch::empty({n, hidden}, options);
   const int32_t slots = static_cast<int32_t>(map.size(1));
-  bool tail_done = false;  // (the CUDA scatter's launch zeroed the tail)
+  bool tail_done = false;  // (the CUDA scatter's launch zeroed the tail and stored the error word)
 #ifdef FLEXDISPATCH_WITH_CUDA
-  const fd::cuda::TailRows tail_rows = tail_rows_of(layout, num_experts, n, probs_out);
+  const fd::cuda::TailRows tail_rows = tail_rows_of(layout, num_experts, n, probs_out, error_address);
 #endif
   FD_ON_DEVICE(map, fd::cuda::scatter_fp8_rows(dtype, q, q_pitch, scales, scale_pitch, addrs, rows, hidden,
                                                map.data_ptr<int32_t>(), slots, out.data_ptr(), max_blocks, first_row,
@@ -769,6 +780,7 @@ Tensor dequantized_into(fd::DType dtype, const uint8_t* q, int64_t q_pitch, cons
                               slots, out.data_ptr());
   });
   zero_unused_rows(out, probs_out, layout, num_experts, padded, tail && !tail_done);
+  if (tail_done) error_address = 0;
   return out;
 }
 
@@ -801,10 +813,11 @@ Permuted permute_fp8(
   const int64_t q_pitch = q.size(0) > 1 ? q.stride(0) : hidden;
   const int64_t scale_pitch = scales.size(0) > 1 ? scales.stride(0) : hidden / fd::kFp8Group;
   return permute_with(r, route, pad_multiple, num_out, probs, like, hidden, error_address,
-                      [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
+                      [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out,
+                          int64_t& word) {
     return dequantized_into(dtype, q.data_ptr<uint8_t>(), q_pitch, scales.data_ptr<float>(), scale_pitch, nullptr,
                             q.size(0), hidden, map, n, layout, num_experts, pad_multiple > 1, tail, probs_out,
-                            q.options().dtype(like.scalar_type()), 0, 0);
+                            q.options().dtype(like.scalar_type()), 0, 0, word);
   });
 }
 
@@ -979,7 +992,8 @@ Permuted permute_from(
     int64_t error_address) {
   const fd::Route r = pulled_route(route, num_experts, addrs, like);
   return permute_with(r, route, pad_multiple, num_out, probs, like, like.size(1), error_address,
-                      [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
+                      [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out,
+                          int64_t& /*word: queued after*/) {
     auto out = torch::empty({n, like.size(1)}, like.options());
     copy_rows_from(addrs, align, out, map, max_blocks, first_row);
     zero_unused_rows(out, probs_out, layout, num_experts, pad_multiple > 1, tail);
@@ -1004,9 +1018,11 @@ Permuted permute_fp8_from(
   TORCH_CHECK_VALUE(checked_align(align) >= unit, "addresses must be aligned to ", unit, " bytes, got ", align);
   const int64_t hidden = like.size(1);
   return permute_with(r, route, pad_multiple, num_out, probs, like, hidden, error_address,
-                      [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out) {
+                      [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out,
+                          int64_t& word) {
     return dequantized_into(dtype, nullptr, 0, nullptr, 0, addrs.data_ptr<int64_t>(), r.rows, hidden, map, n, layout,
-                            num_experts, pad_multiple > 1, tail, probs_out, like.options(), max_blocks, first_row);
+                            num_experts, pad_multiple > 1, tail, probs_out, like.options(), max_blocks, first_row,
+                            word);
   });
 }
 

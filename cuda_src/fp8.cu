@@ -169,9 +169,8 @@ __global__ void __launch_bounds__(kSegmentThreads) scatter_fp8_rows_kernel(
   wait_for_previous_grid();
   allow_next_grid();
   if (blockIdx.x >= scatter_blocks) {
-    zero_rows<uint4>(tail.layout[layout_offsets(tail.experts) + tail.experts], tail.num_out,
-                     blockIdx.x - scatter_blocks, gridDim.x - scatter_blocks, reinterpret_cast<char*>(dst),
-                     hidden * static_cast<int64_t>(sizeof(T)), static_cast<char*>(tail.probs_out), tail.prob_bytes);
+    finish_tail<uint4>(tail, blockIdx.x - scatter_blocks, gridDim.x - scatter_blocks, reinterpret_cast<char*>(dst),
+                       hidden * static_cast<int64_t>(sizeof(T)));
     return;
   }
   using U = Unit<T>;
@@ -247,7 +246,7 @@ struct ScatterFp8 {
     launch_after_previous(scatter_fp8_rows_kernel<T>, dim3(static_cast<unsigned>(blocks + (*tail_done ? tail_blocks : 0))),
                           dim3(kSegmentThreads), 0, stream, q, q_pitch, scales, scale_pitch, addrs, rows, hidden,
                           row_id_map, slots, first_row, static_cast<T*>(dst), blocks,
-                          *tail_done ? *tail : TailRows{nullptr, 0, 0, nullptr, 4});
+                          *tail_done ? *tail : TailRows{nullptr, 0, 0, nullptr, 4, nullptr});
   }
 };
 

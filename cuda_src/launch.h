@@ -92,18 +92,22 @@ cudaError_t permute_small(const Route& route, int64_t pad_multiple, const void* 
                           int32_t* row_id_map, int64_t* layout, void* host_word, cudaStream_t stream);
 
 // The unused tail of a permutation's output: rows from layout's offsets[E] (the rows used) up
-// to num_out, zeroed with their probs_out entries (nullable, prob_bytes 4 or 8).
+// to num_out, zeroed with their probs_out entries (nullable, prob_bytes 4 or 8). The launch that
+// zeroes it runs after the plan, so it also stores the layout's error word to host_word
+// (nullable: an int64 of pinned host memory, its device mapping), sparing a launch for the copy.
 struct TailRows {
   const int64_t* layout;
   int32_t experts;
   int64_t num_out;
   void* probs_out;
   int prob_bytes;
+  int64_t* host_word;
 };
 
 // dst[row_id_map[r, s]] = src[r] for every valid slot: each source row is read once. With
-// tail (nullable), the same launch zeroes the tail where the kernel serving these rows can
-// (*tail_done says whether it did; zero_unused_rows does it otherwise).
+// tail (nullable), the same launch zeroes the tail (and stores tail->host_word) where the kernel
+// serving these rows can (*tail_done says whether it did; zero_unused_rows and store_word do it
+// otherwise).
 cudaError_t scatter_rows(const void* src, int64_t rows, int64_t row_bytes,
                          const int32_t* row_id_map, int32_t slots, void* dst, const TailRows* tail,
                          bool* tail_done, cudaStream_t stream);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "launch.h"
 
 namespace flexdispatch {
 namespace cuda {
@@ -116,6 +117,17 @@ template <typename V>
 __device__ void zero_rows(int64_t first, int64_t end, int64_t part, int64_t parts, char* dst, int64_t row_bytes,
                           char* probs_out, int prob_bytes) {
   for (int64_t row = first + part; row < end; row += parts) zero_row<V>(dst, row, row_bytes, probs_out, prob_bytes);
+}
+
+// Part `part` of the `parts` blocks that zero a permutation's unused tail (rows of row_bytes in
+// dst); part 0 also stores the layout's error word, complete once the plan has run.
+template <typename V>
+__device__ void finish_tail(const TailRows& tail, int64_t part, int64_t parts, char* dst, int64_t row_bytes) {
+  if (part == 0 && threadIdx.x == 0 && tail.host_word != nullptr) {
+    *reinterpret_cast<volatile int64_t*>(tail.host_word) = tail.layout[layout_error(tail.experts)];
+  }
+  zero_rows<V>(tail.layout[layout_offsets(tail.experts) + tail.experts], tail.num_out, part, parts, dst, row_bytes,
+               static_cast<char*>(tail.probs_out), tail.prob_bytes);
 }
 
 }  // namespace cuda

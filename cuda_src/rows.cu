@@ -97,7 +97,8 @@ constexpr int kRowSegment = 128;
 constexpr int32_t kCompactSlots = 16;
 
 // Blocks past scatter_blocks (when the launch has any) zero the output's unused tail instead,
-// after every row: a launch of its own cost the host a launch and the device its tail.
+// after every row, and store the error word: launches of their own cost the host two launches
+// and the device their latency after the rows.
 template <typename V, bool Compact>
 __global__ void scatter_row_segments_kernel(const char* __restrict__ src, int64_t row_bytes, int64_t segments,
                                             const int32_t* __restrict__ row_id_map, int32_t slots,
@@ -105,8 +106,7 @@ __global__ void scatter_row_segments_kernel(const char* __restrict__ src, int64_
   wait_for_previous_grid();
   allow_next_grid();
   if (blockIdx.x >= scatter_blocks) {
-    zero_rows<V>(tail.layout[layout_offsets(tail.experts) + tail.experts], tail.num_out, blockIdx.x - scatter_blocks,
-                 gridDim.x - scatter_blocks, dst, row_bytes, static_cast<char*>(tail.probs_out), tail.prob_bytes);
+    finish_tail<V>(tail, blockIdx.x - scatter_blocks, gridDim.x - scatter_blocks, dst, row_bytes);
     return;
   }
   extern __shared__ int32_t compacted[];
@@ -297,7 +297,7 @@ cudaError_t scatter_as(const void* src, int64_t rows, int64_t row_bytes, const i
     return launch_after_previous(kernel, static_cast<unsigned>(rows * segments + tail_blocks), kRowSegment, smem,
                                  stream, static_cast<const char*>(src), row_bytes, segments, row_id_map, slots,
                                  static_cast<char*>(dst), rows * segments,
-                                 tail != nullptr ? *tail : TailRows{nullptr, 0, 0, nullptr, 4});
+                                 tail != nullptr ? *tail : TailRows{nullptr, 0, 0, nullptr, 4, nullptr});
   } else {  // (more blocks than a grid holds)
     return launch_after_previous(scatter_rows_warp_kernel<V>, grid_for(rows, kWarpRowsPerBlock),
                                  kWarpRowsPerBlock * 32, 0, stream, static_cast<const char*>(src), rows, row_bytes,

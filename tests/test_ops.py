@@ -206,6 +206,59 @@ def test_one_launch_multihot_permutation_is_the_planned_one(rows, experts, topk,
     assert torch.equal(ops.unpermute(out, plan), reference.unpermute(ref, ref_plan))
 
 
+def _device_ops(fn) -> list:
+    """The names of the device operations (kernels, copies, fills) one call of ``fn`` queues,
+    after a warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["indices", "map", "fp8"])
+def test_a_sized_permutation_past_one_launch_stores_its_error_word_from_the_scatter(form, poison):
+    """Past the one-launch limits a permutation whose size is known runs three kernels: the count
+    pass, the map (which scans the counts itself at this size) and the scatter, whose last blocks
+    zero the tail and store the error word to its pinned slot. No fourth launch copies the word,
+    and the word still reports: a clean call raises nothing at the next check, a too small
+    output raises there."""
+    rows, experts, topk, hidden = 4096, 32, 8, 1024  # (32768 entries; 2 KiB rows: the segment scatter)
+    idx = random_indices(rows, experts, topk, seed=17, device="cuda")
+    p = random_probs(rows, topk, device="cuda")
+    x = random_tokens(rows, hidden, torch.bfloat16, device="cuda")
+    ref, ref_p = reference.permute_by_indices(x, idx, p, num_experts=experts)[:2]
+    used = ref.shape[0]
+    q, scales = ops.quantize_fp8(x)
+    routing_map, map_probs = (t.contiguous() for t in reference.indices_to_multihot(idx, p, experts))
+
+    def permute(num_out):
+        if form == "indices":
+            return ops.permute_by_indices(x, idx, p, num_experts=experts, num_out_tokens=num_out)
+        if form == "map":
+            return ops.permute(x, routing_map, map_probs, num_out_tokens=num_out)
+        return ops.permute_fp8_by_indices(q, scales, idx, p, num_experts=experts, num_out_tokens=num_out,
+                                          dtype=torch.bfloat16)
+
+    launched = _device_ops(lambda: permute(used + 5))
+    assert len(launched) == 3, launched
+    ops.check_pending_errors()
+    poison("cuda")
+    out, out_p = permute(used + 5)[:2]
+    want = reference.permute_fp8_by_indices(q, scales, idx, p, experts, None, None, torch.bfloat16)[0] \
+        if form == "fp8" else ref
+    assert torch.equal(out[:used], want) and torch.equal(out_p[:used], ref_p)
+    assert torch.count_nonzero(out[used:]) == 0 and torch.count_nonzero(out_p[used:]) == 0
+    ops.check_pending_errors()
+    with pytest.raises(ValueError, match="num_out_tokens"):
+        permute(used - 1)
+        ops.check_pending_errors()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rows,experts,topk", [(0, 4, 2), (300, 9, 3), (5000, 64, 8)])
