@@ -1,9 +1,9 @@
 // The permutation of a small route (top-k indices, or a multihot map whose slots are its
-// experts) in one launch. For a route of a few thousand (row, slot) entries, the multi-pass
-// plan's launches (count, map, scatter: route.cu, rows.cu) cost the host and the device more
-// than their work does. Here every block counts the whole route itself (a few KB, read from
-// L2), scans the padded expert totals, places the slots of its own kSmallRows rows and moves
-// those rows; block 0 writes the layout. The result equals the multi-pass plan's bit for bit: a
+// experts) in one launch. For a route of a few thousand (row, slot) entries (a multihot map of
+// up to 64K), the multi-pass plan's launches (count, map, scatter: route.cu, rows.cu) cost the
+// host and the device more than their work does. Here every block counts the whole route itself
+// (at most 64 KB, read from L2), scans the padded expert totals, places the slots of its own
+// kSmallRows rows and moves those rows; block 0 writes the layout. The result equals the multi-pass plan's bit for bit: a
 // slot's output row is its expert's offset plus the number of earlier rows routed to that
 // expert. The kernel also stores its error word to the caller's pinned host word (when given),
 // which spares the op a launch to copy it there.
@@ -21,8 +21,12 @@ constexpr int kSmallThreads = 1024;  // (the count reads the whole route: many l
 constexpr int kSmallRows = 8;             // rows a block places and moves (a bit each in `mine`)
 constexpr int32_t kSmallExperts = 1024;   // shared memory: about 20 bytes an expert
 constexpr int32_t kSmallSlots = 64;
-constexpr int64_t kSmallEntries = 8192;   // (row, slot) entries of the route
+constexpr int64_t kSmallEntries = 8192;   // (row, slot) entries of a top-k route
 constexpr int64_t kSmallReads = 1 << 20;  // entries read by all blocks together (entries * blocks)
+// A multihot map is counted a warp's 32 rows and an expert at a time (count_multihot), a few
+// times faster an entry than a top-k route's slots, so its limits are 8 times larger.
+constexpr int64_t kSmallMapEntries = 8 * kSmallEntries;
+constexpr int64_t kSmallMapReads = 8 * kSmallReads;
 constexpr int64_t kSmallBytes = 4 << 20;  // bytes of input rows: beyond, the multi-pass scatter's wide grid wins
 
 int64_t small_blocks(int64_t rows) { return (rows + kSmallRows - 1) / kSmallRows; }
@@ -47,6 +51,30 @@ struct Small {
   int64_t* layout;
   int64_t* host_word;  // nullable: the pinned word (its device mapping) that gets the error word
 };
+
+// A multihot map's counts (its slot s names expert s where set; it has no bad slot): a warp
+// takes 32 rows at a time, and the rows among them that have expert e are one ballot, added
+// once to total[e] and to before[e] (for the rows ahead of row0); the block's own rows set their
+// bits of mine[e]. Every thread of the block calls it.
+__device__ void count_multihot(const Route& route, int32_t row0, int32_t* total, int32_t* before, uint32_t* mine) {
+  const int32_t rows = static_cast<int32_t>(route.rows);
+  const int lane = threadIdx.x % 32;
+  for (int32_t first = threadIdx.x - lane; first < rows; first += blockDim.x) {  // (warp-uniform)
+    const int32_t row = first + lane;
+    const int32_t ahead = min(max(row0 - first, 0), 32);  // lanes whose rows come before row0
+    const unsigned ahead_lanes = ahead == 32 ? kFullMask : (1u << ahead) - 1u;
+    const bool moved = row >= row0 && row < row0 + kSmallRows;
+    for (int32_t e = 0; e < route.slots; ++e) {
+      const bool has = row < rows && route_at<kRouteMultihot>(route, row, e) >= 0;
+      const unsigned lanes = __ballot_sync(kFullMask, has);
+      if (lane == 0 && lanes != 0) {
+        atomicAdd(&total[e], __popc(lanes));
+        if (lanes & ahead_lanes) atomicAdd(&before[e], __popc(lanes & ahead_lanes));
+      }
+      if (has && moved) atomicOr(&mine[e], 1u << (row - row0));
+    }
+  }
+}
 
 template <int Kind, typename V, typename ProbBits>
 __global__ void __launch_bounds__(kSmallThreads, 1) permute_small_kernel(const Small a) {
@@ -77,23 +105,27 @@ __global__ void __launch_bounds__(kSmallThreads, 1) permute_small_kernel(const S
   if (threadIdx.x == 0) errors = 0;
   __syncthreads();
 
-  // A thread counts whole rows (entries < 2^13: 32-bit indices, no division). The lanes of a
-  // warp that add to one counter add once (with few experts, many lanes share each counter),
-  // so the warps run the loop together: rows past the route count nothing.
   const int32_t route_rows = static_cast<int32_t>(route.rows);
   const int32_t row0 = static_cast<int32_t>(blockIdx.x) * kSmallRows;
-  const int lane = threadIdx.x % 32;
   int64_t bad = 0;
-  for (int32_t row = threadIdx.x; row < round_up(route_rows, 32); row += blockDim.x) {
-    const int where = row < row0 ? 0 : (row < row0 + kSmallRows ? 1 : 2);  // before, mine, after
-    for (int32_t s = 0; s < slots; ++s) {
-      const int64_t e = row < route_rows ? checked_expert<Kind>(route, row, s, &bad) : -1;
-      const unsigned peers = __match_any_sync(0xffffffffu, e < 0 ? -1 : static_cast<int>(e) * 4 + where);
-      if (e < 0) continue;
-      if (where == 1) atomicOr(&mine[e], 1u << (row - row0));
-      if (__ffs(peers) - 1 == lane) {
-        atomicAdd(&total[e], __popc(peers));
-        if (where == 0) atomicAdd(&before[e], __popc(peers));
+  if constexpr (Kind == kRouteMultihot) {
+    count_multihot(route, row0, total, before, mine);
+  } else {
+    // A thread counts whole rows (entries < 2^13: 32-bit indices, no division). The lanes of a
+    // warp that add to one counter add once (with few experts, many lanes share each counter),
+    // so the warps run the loop together: rows past the route count nothing.
+    const int lane = threadIdx.x % 32;
+    for (int32_t row = threadIdx.x; row < round_up(route_rows, 32); row += blockDim.x) {
+      const int where = row < row0 ? 0 : (row < row0 + kSmallRows ? 1 : 2);  // before, mine, after
+      for (int32_t s = 0; s < slots; ++s) {
+        const int64_t e = row < route_rows ? checked_expert<Kind>(route, row, s, &bad) : -1;
+        const unsigned peers = __match_any_sync(0xffffffffu, e < 0 ? -1 : static_cast<int>(e) * 4 + where);
+        if (e < 0) continue;
+        if (where == 1) atomicOr(&mine[e], 1u << (row - row0));
+        if (__ffs(peers) - 1 == lane) {
+          atomicAdd(&total[e], __popc(peers));
+          if (where == 0) atomicAdd(&before[e], __popc(peers));
+        }
       }
     }
   }
@@ -167,9 +199,12 @@ cudaError_t launch_small_for_route(const Small& a, cudaStream_t stream) {
 
 bool permute_small_fits(const Route& route, int64_t row_bytes) {
   if (route.rows == 0) return false;
+  const bool map = route.kind == kRouteMultihot;
   const int64_t entries = route.rows * route.slots;
-  return route.num_experts <= kSmallExperts && route.slots <= kSmallSlots && entries <= kSmallEntries &&
-         entries * small_blocks(route.rows) <= kSmallReads && route.rows * row_bytes <= kSmallBytes;
+  return route.num_experts <= kSmallExperts && route.slots <= kSmallSlots &&
+         entries <= (map ? kSmallMapEntries : kSmallEntries) &&
+         entries * small_blocks(route.rows) <= (map ? kSmallMapReads : kSmallReads) &&
+         route.rows * row_bytes <= kSmallBytes;
 }
 
 cudaError_t permute_small(const Route& route, int64_t pad_multiple, const void* src, int64_t row_bytes,

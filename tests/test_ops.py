@@ -122,6 +122,19 @@ def test_sized_permutation_matches_reference(device, rows, hidden, experts, topk
     assert torch.equal(ops.apply_permutation(x, alone), ref)
 
 
+def _device_ops(fn) -> list:
+    """The names of the device operations (kernels, copies, fills) one call of ``fn`` queues,
+    after a warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 # (rows, experts, topk) at the one-launch permutation's limits (cuda_src/route_small.cu: 8192 entries,
 # entries * blocks of 8 rows <= 2^20, 1024 experts, 64 slots) and just past them.
 ONE_LAUNCH_EDGES = [(1024, 32, 8), (1025, 32, 8), (64, 1024, 8), (64, 1025, 8), (100, 128, 64), (100, 128, 65),
@@ -173,9 +186,10 @@ def test_one_launch_permutation_is_the_planned_one(rows, experts, topk, fault, p
     torch.testing.assert_close(ops.unpermute(out, plan, p), reference.unpermute(ref, ref_plan, p), rtol=8e-3, atol=1e-5)
 
 
-# (rows, experts, topk) of multihot maps at the one-launch limits: R x E entries up to 8192,
-# E up to 64 slots, and just past them.
-ONE_LAUNCH_MULTIHOT_EDGES = [(1024, 8, 4), (1025, 8, 4), (128, 64, 8), (100, 65, 8), (1, 4, 2), (9, 5, 3)]
+# (rows, experts, topk) of multihot maps at the one-launch limits (cuda_src/route_small.cu: R x E
+# entries up to 65536, entries * blocks of 8 rows <= 2^23, E up to 64 slots) and just past them.
+ONE_LAUNCH_MULTIHOT_EDGES = [(1024, 64, 8), (1025, 64, 8), (1448, 32, 4), (1449, 32, 4), (2896, 8, 4), (2897, 8, 4),
+                             (100, 65, 8), (1, 4, 2), (9, 5, 3)]
 
 
 @pytest.mark.gpu
@@ -193,6 +207,10 @@ def test_one_launch_multihot_permutation_is_the_planned_one(rows, experts, topk,
     x = random_tokens(rows, 72, torch.bfloat16, device="cuda")
     ref, ref_p, ref_plan, ref_tpe = reference.permute(x, routing_map, probs, pad_multiple=pad)
     used = ref.shape[0]
+    fits = experts <= 64 and rows * experts <= 65536 and rows * experts * -(-rows // 8) <= 1 << 23
+    dense = [t.contiguous() for t in (routing_map, probs)]  # (no copy kernel before the permutation)
+    launched = _device_ops(lambda: ops.permute(x, *dense, num_out_tokens=used + 7, pad_multiple=pad))
+    assert (len(launched) == 1) == fits, launched
     with pytest.raises(ValueError, match="num_out_tokens"):
         ops.permute(x, routing_map, probs, num_out_tokens=used - 1, pad_multiple=pad)
         ops.check_pending_errors()
@@ -204,19 +222,6 @@ def test_one_launch_multihot_permutation_is_the_planned_one(rows, experts, topk,
     by_index = ops.permute_by_indices(x, idx, num_experts=experts, num_out_tokens=used + 7, pad_multiple=pad)[0]
     assert torch.equal(out, by_index)
     assert torch.equal(ops.unpermute(out, plan), reference.unpermute(ref, ref_plan))
-
-
-def _device_ops(fn) -> list:
-    """The names of the device operations (kernels, copies, fills) one call of ``fn`` queues,
-    after a warm-up call."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 @pytest.mark.gpu
