@@ -53,25 +53,49 @@ struct Small {
 };
 
 // A multihot map's counts (its slot s names expert s where set; it has no bad slot): a warp
-// takes 32 rows at a time, and the rows among them that have expert e are one ballot, added
-// once to total[e] and to before[e] (for the rows ahead of row0); the block's own rows set their
-// bits of mine[e]. Every thread of the block calls it.
+// takes 32 rows at a time, a lane a row, whose bytes it loads first as 4-byte words (the loads
+// issued together); the rows among the 32 that have expert e are one ballot, added once to
+// total[e] and to before[e] (for the rows ahead of row0); the block's own rows set their bits of
+// mine[e]. Every thread of the block calls it.
+constexpr int kMapWords = kSmallSlots / 4;  // a map row of at most kSmallSlots bytes, in words
+
 __device__ void count_multihot(const Route& route, int32_t row0, int32_t* total, int32_t* before, uint32_t* mine) {
-  const int32_t rows = static_cast<int32_t>(route.rows);
+  const int32_t rows = static_cast<int32_t>(route.rows), slots = route.slots;
+  const uint8_t* map = static_cast<const uint8_t*>(route.data);
+  const bool whole_words = slots % 4 == 0 && reinterpret_cast<uintptr_t>(map) % 4 == 0;
   const int lane = threadIdx.x % 32;
   for (int32_t first = threadIdx.x - lane; first < rows; first += blockDim.x) {  // (warp-uniform)
     const int32_t row = first + lane;
     const int32_t ahead = min(max(row0 - first, 0), 32);  // lanes whose rows come before row0
     const unsigned ahead_lanes = ahead == 32 ? kFullMask : (1u << ahead) - 1u;
     const bool moved = row >= row0 && row < row0 + kSmallRows;
-    for (int32_t e = 0; e < route.slots; ++e) {
-      const bool has = row < rows && route_at<kRouteMultihot>(route, row, e) >= 0;
-      const unsigned lanes = __ballot_sync(kFullMask, has);
-      if (lane == 0 && lanes != 0) {
-        atomicAdd(&total[e], __popc(lanes));
-        if (lanes & ahead_lanes) atomicAdd(&before[e], __popc(lanes & ahead_lanes));
+    const uint8_t* bytes = map + int64_t(row < rows ? row : first) * slots;  // (a lane past the end counts 0)
+    uint32_t words[kMapWords];
+#pragma unroll
+    for (int i = 0; i < kMapWords; ++i) {
+      words[i] = 0;
+      if (row >= rows || 4 * i >= slots) continue;
+      if (whole_words) {
+        words[i] = reinterpret_cast<const uint32_t*>(bytes)[i];
+      } else {
+        for (int j = 0; j < 4 && 4 * i + j < slots; ++j) words[i] |= uint32_t(bytes[4 * i + j]) << (8 * j);
       }
-      if (has && moved) atomicOr(&mine[e], 1u << (row - row0));
+    }
+#pragma unroll
+    for (int i = 0; i < kMapWords; ++i) {
+      if (4 * i >= slots) break;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int32_t e = 4 * i + j;
+        if (e >= slots) break;
+        const bool has = (words[i] >> (8 * j)) & 0xffu;
+        const unsigned lanes = __ballot_sync(kFullMask, has);
+        if (lane == 0 && lanes != 0) {
+          atomicAdd(&total[e], __popc(lanes));
+          if (lanes & ahead_lanes) atomicAdd(&before[e], __popc(lanes & ahead_lanes));
+        }
+        if (has && moved) atomicOr(&mine[e], 1u << (row - row0));
+      }
     }
   }
 }

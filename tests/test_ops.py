@@ -225,6 +225,31 @@ def test_one_launch_multihot_permutation_is_the_planned_one(rows, experts, topk,
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("experts", [32, 30])
+def test_one_launch_multihot_permutation_reads_a_map_at_any_byte_offset(experts, poison):
+    """The one-launch permutation reads a multihot map's rows as 4-byte words where its width and
+    address allow, byte by byte otherwise: a map that starts one byte into its storage (a
+    contiguous view) permutes as the same map aligned does, and as the reference."""
+    rows, topk = 1000, 4
+    idx = random_indices(rows, experts, topk, seed=experts).to("cuda")
+    aligned, probs = (t.contiguous() for t in reference.indices_to_multihot(
+        idx, random_probs(rows, topk, device="cuda"), experts))
+    storage = torch.zeros(rows * experts + 1, dtype=torch.bool, device="cuda")
+    shifted = storage[1:].view(rows, experts)
+    shifted.copy_(aligned)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 4 == 1
+    x = random_tokens(rows, 256, torch.bfloat16, device="cuda")
+    ref = reference.permute(x, aligned, probs)
+    used = ref[0].shape[0]
+    poison("cuda")
+    for routing_map in (aligned, shifted):
+        out, out_p, plan, tpe = ops.permute(x, routing_map, probs, num_out_tokens=used + 3)
+        assert torch.equal(out[:used], ref[0]) and torch.equal(out_p[:used], ref[1])
+        assert torch.count_nonzero(out[used:]) == 0
+        assert torch.equal(plan.map.cpu(), ref[2].map.cpu()) and torch.equal(tpe.cpu(), ref[3].cpu())
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("form", ["indices", "map", "fp8"])
 def test_a_sized_permutation_past_one_launch_stores_its_error_word_from_the_scatter(form, poison):
     """Past the one-launch limits a permutation whose size is known runs three kernels: the count
