@@ -457,23 +457,36 @@ Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multi
 }
 
 #ifdef FLEXDISPATCH_WITH_CUDA
-// The permutation of a small top-k route on a CUDA device, its size known: one launch
-// (route_small.cu) instead of the plan's passes and the scatter, which also stores the error
-// word at error_address (0: none). Returns as permute_with.
-Permuted permute_small(const fd::Route& r, const Tensor& route, int64_t pad_multiple, int64_t num_out,
-                       const Tensor& tokens, const std::optional<Tensor>& probs, int64_t error_address) {
+// The permutation of a small route on a CUDA device, its size known, in one launch
+// (route_small.cu) instead of the plan's passes and the scatter, whose kernel also stores the
+// error word at error_address (0: none). Output rows [num_out, hidden] of out_options;
+// launch(out, probs, prob_bytes, probs_out, row_id_map, layout, error_word, stream) queues the
+// kernel (permute_small or permute_fp8_small). Returns as permute_with.
+template <typename Launch>
+Permuted permute_small_with(const fd::Route& r, const Tensor& route, int64_t pad_multiple, int64_t num_out,
+                            const std::optional<Tensor>& probs, const at::TensorOptions& out_options, int64_t hidden,
+                            int64_t error_address, Launch launch) {
   check_pad_multiple(pad_multiple);
   check_out_rows(num_out);
   auto layout = torch::empty({fd::layout_size(r.num_experts)}, route.options().dtype(at::kLong));
   auto row_id_map = torch::empty({r.rows, r.slots}, route.options().dtype(at::kInt));
   auto [p, prob_bytes, probs_out] = moved_probs(route, probs, num_out);
-  auto out = torch::empty({num_out, tokens.size(1)}, tokens.options());
+  auto out = torch::empty({num_out, hidden}, out_options);
   void* po = probs_out.has_value() ? probs_out->data_ptr() : nullptr;
-  FD_ON_DEVICE(route, fd::cuda::permute_small(r, pad_multiple, tokens.data_ptr(), tokens.size(1) * tokens.element_size(),
-                                            p, prob_bytes, num_out, out.data_ptr(), po,
-                                            row_id_map.data_ptr<int32_t>(), layout.data_ptr<int64_t>(),
-                                            reinterpret_cast<void*>(error_address), stream), {});
+  FD_ON_DEVICE(route, launch(out.data_ptr(), p, prob_bytes, po, row_id_map.data_ptr<int32_t>(),
+                             layout.data_ptr<int64_t>(), reinterpret_cast<void*>(error_address), stream), {});
   return {out, probs_out, row_id_map, layout, std::nullopt};
+}
+
+// permute_small_with for rows as they are: tokens [R, H].
+Permuted permute_small(const fd::Route& r, const Tensor& route, int64_t pad_multiple, int64_t num_out,
+                       const Tensor& tokens, const std::optional<Tensor>& probs, int64_t error_address) {
+  return permute_small_with(r, route, pad_multiple, num_out, probs, tokens.options(), tokens.size(1), error_address,
+                            [&](void* out, const void* p, int prob_bytes, void* po, int32_t* map, int64_t* layout,
+                                void* word, cudaStream_t stream) {
+    return fd::cuda::permute_small(r, pad_multiple, tokens.data_ptr(), tokens.size(1) * tokens.element_size(), p,
+                                   prob_bytes, num_out, out, po, map, layout, word, stream);
+  });
 }
 #endif
 
@@ -812,6 +825,18 @@ Permuted permute_fp8(
   const int64_t hidden = q.size(1);
   const int64_t q_pitch = q.size(0) > 1 ? q.stride(0) : hidden;
   const int64_t scale_pitch = scales.size(0) > 1 ? scales.stride(0) : hidden / fd::kFp8Group;
+#ifdef FLEXDISPATCH_WITH_CUDA
+  if (num_out >= 0 && route.is_cuda() && r.kind != fd::kRouteMultihot &&
+      fd::cuda::permute_small_fits(r, hidden * like.element_size())) {
+    return permute_small_with(r, route, pad_multiple, num_out, probs, q.options().dtype(like.scalar_type()), hidden,
+                              error_address, [&](void* out, const void* p, int prob_bytes, void* po, int32_t* map,
+                                                 int64_t* layout, void* word, cudaStream_t stream) {
+      return fd::cuda::permute_fp8_small(r, pad_multiple, dtype, q.data_ptr<uint8_t>(), q_pitch,
+                                         scales.data_ptr<float>(), scale_pitch, hidden, p, prob_bytes, num_out, out,
+                                         po, map, layout, word, stream);
+    });
+  }
+#endif
   return permute_with(r, route, pad_multiple, num_out, probs, like, hidden, error_address,
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out,
                           int64_t& word) {

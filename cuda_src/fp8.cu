@@ -4,9 +4,8 @@
 // and later the e4m3 conversions are the hardware's (two values an instruction); earlier
 // architectures, and groups whose scale is not finite (NaN or inf inputs), take the bit-exact
 // software conversion of flexdispatch.h. Both give the bits of cpu/fp8_cpu.cpp.
-#include <cuda_fp8.h>
-
 #include "common.cuh"
+#include "fp8.cuh"
 #include "launch.h"
 #include "plan.cuh"
 
@@ -20,12 +19,6 @@ constexpr int kQuantLanes = kFp8Group / kQuantVals;  // lanes sharing one group 
 constexpr int kQuantUnroll = 2;                      // chunks whose loads a thread issues first
 constexpr int kDequantUnroll = 8;                    // units whose loads a thread issues first
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-#define FD_FP8_HARDWARE 1
-#else
-#define FD_FP8_HARDWARE 0
-#endif
-
 __device__ __forceinline__ float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
 
 // e4m3 bits of two values of at most 448 (1 + 2^-23) in magnitude, round to nearest even,
@@ -36,37 +29,6 @@ __device__ __forceinline__ uint32_t encode_pair(float a, float b) {
 #else
   return fp8_e4m3_from_float(a) | (static_cast<uint32_t>(fp8_e4m3_from_float(b)) << 8);
 #endif
-}
-
-// Two e4m3 values (low byte first) as floats: exact (every e4m3 value is a half).
-__device__ __forceinline__ float2 decode_pair(uint16_t pair) {
-#if FD_FP8_HARDWARE
-  return __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
-#else
-  return make_float2(fp8_e4m3_to_float(pair & 0xffu), fp8_e4m3_to_float(pair >> 8));
-#endif
-}
-
-// The values of one 16-byte output store, and their FP8 bytes as one load.
-template <typename T>
-struct Unit {
-  static constexpr int kVals = 16 / sizeof(T);  // 8 (bf16, half) or 4 (float)
-  using Bytes = typename std::conditional<kVals == 8, uint2, uint32_t>::type;
-  using Out = Vec<T, kVals>;
-};
-
-template <typename T>
-__device__ __forceinline__ typename Unit<T>::Out decode_unit(typename Unit<T>::Bytes raw, float scale) {
-  constexpr int kVals = Unit<T>::kVals;
-  const uint16_t* pairs = reinterpret_cast<const uint16_t*>(&raw);
-  typename Unit<T>::Out out;
-#pragma unroll
-  for (int i = 0; i < kVals / 2; ++i) {
-    const float2 f = decode_pair(pairs[i]);
-    out.v[2 * i] = Num<T>::from(f.x * scale);
-    out.v[2 * i + 1] = Num<T>::from(f.y * scale);
-  }
-  return out;
 }
 
 // Thread t owns chunks t, t + stride, ... of kQuantVals values (the grid's stride is a

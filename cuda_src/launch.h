@@ -78,9 +78,9 @@ cudaError_t route_map(const Route& route, const int32_t* chunk_offsets, int64_t*
                       const void* probs, int prob_bytes, int64_t num_out, int32_t* row_id_map,
                       void* probs_out, bool scans, int64_t pad_multiple, cudaStream_t stream);
 
-// Whether permute_small serves a top-k route (int32 or int64) of rows of row_bytes: a few
-// thousand (row, slot) entries, at most 1024 experts and 64 slots, a few MB of rows
-// (route_small.cu).
+// Whether permute_small serves a route (top-k int32 or int64 indices, or a multihot map) whose
+// output rows are row_bytes each: a few thousand (row, slot) entries (a map of up to 64K), at
+// most 1024 experts and 64 slots, a few MB of rows (route_small.cu).
 bool permute_small_fits(const Route& route, int64_t row_bytes);
 
 // The whole permutation of such a route, its output size num_out known, in one launch:
@@ -90,6 +90,16 @@ bool permute_small_fits(const Route& route, int64_t row_bytes);
 cudaError_t permute_small(const Route& route, int64_t pad_multiple, const void* src, int64_t row_bytes,
                           const void* probs, int prob_bytes, int64_t num_out, void* dst, void* probs_out,
                           int32_t* row_id_map, int64_t* layout, void* host_word, cudaStream_t stream);
+
+// The dequantizing permutation of such a top-k route in one launch (its fit asked with the
+// output's row bytes): FP8 rows q [rows, hidden] (e4m3 bytes, q_pitch apart, 16-byte aligned)
+// and their float32 scales (scale_pitch apart) written as dtype (float32, float16 or bfloat16)
+// to dst [num_out, hidden], everything else as permute_small; the same bits as
+// scatter_fp8_rows along the passes' plan.
+cudaError_t permute_fp8_small(const Route& route, int64_t pad_multiple, DType dtype, const uint8_t* q,
+                              int64_t q_pitch, const float* scales, int64_t scale_pitch, int64_t hidden,
+                              const void* probs, int prob_bytes, int64_t num_out, void* dst, void* probs_out,
+                              int32_t* row_id_map, int64_t* layout, void* host_word, cudaStream_t stream);
 
 // The unused tail of a permutation's output: rows from layout's offsets[E] (the rows used) up
 // to num_out, zeroed with their probs_out entries (nullable, prob_bytes 4 or 8). The launch that

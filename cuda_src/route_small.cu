@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "common.cuh"
+#include "fp8.cuh"
 #include "launch.h"
 #include "plan.cuh"
 
@@ -37,12 +38,11 @@ size_t small_shared_bytes(int32_t experts, int32_t slots) {
   return sizeof(int64_t) * (32 + size_t(experts) + 1) + sizeof(int32_t) * (3 * size_t(experts) + size_t(kSmallRows) * slots);
 }
 
-// permute_small's arguments, as its kernel takes them.
+// A one-launch permutation's arguments but its input rows, as its kernel takes them.
 struct Small {
   Route route;
   int64_t pad_multiple;
-  const char* src;
-  int32_t row_bytes;  // (rows * row_bytes <= kSmallBytes)
+  int32_t row_bytes;  // of an output row (rows * row_bytes <= kSmallBytes)
   const void* probs;  // nullable, ProbBits
   int64_t num_out;
   char* dst;
@@ -50,6 +50,35 @@ struct Small {
   int32_t* row_id_map;
   int64_t* layout;
   int64_t* host_word;  // nullable: the pinned word (its device mapping) that gets the error word
+};
+
+// The input rows of a one-launch permutation, read as the output's vectors (Vec): row r's
+// vector u is load(r, u), units() vectors a row. PlainRows are moved as they are.
+template <typename V>
+struct PlainRows {
+  using Vec = V;
+  const char* src;
+  int32_t row_bytes;
+  __device__ int32_t units() const { return row_bytes / static_cast<int32_t>(sizeof(V)); }
+  __device__ V load(int64_t row, int32_t u) const { return reinterpret_cast<const V*>(src + row * row_bytes)[u]; }
+};
+
+// FP8 rows (e4m3 bytes q_pitch apart, their float32 scales scale_pitch apart) dequantized to T
+// as they are read, a 16-byte output vector at a time: dequantize_fp8's arithmetic (fp8.cuh).
+template <typename T>
+struct Fp8Rows {
+  using Vec = uint4;
+  const uint8_t* q;
+  int64_t q_pitch;
+  const float* scales;
+  int64_t scale_pitch;
+  int32_t hidden;
+  __device__ int32_t units() const { return hidden / Unit<T>::kVals; }
+  __device__ uint4 load(int64_t row, int32_t u) const {
+    const auto bytes = reinterpret_cast<const typename Unit<T>::Bytes*>(q + row * q_pitch)[u];
+    const auto values = decode_unit<T>(bytes, scales[row * scale_pitch + u / (kFp8Group / Unit<T>::kVals)]);
+    return *reinterpret_cast<const uint4*>(&values);
+  }
 };
 
 // A multihot map's counts (its slot s names expert s where set; it has no bad slot): a warp
@@ -100,13 +129,13 @@ __device__ void count_multihot(const Route& route, int32_t row0, int32_t* total,
   }
 }
 
-template <int Kind, typename V, typename ProbBits>
-__global__ void __launch_bounds__(kSmallThreads, 1) permute_small_kernel(const Small a) {
+template <int Kind, typename Rows, typename ProbBits>
+__global__ void __launch_bounds__(kSmallThreads, 1) permute_small_kernel(const Small a, const Rows in) {
+  using V = typename Rows::Vec;
   allow_next_grid();
   const Route route = a.route;
   const int64_t pad_multiple = a.pad_multiple, num_out = a.num_out;
   const int32_t row_bytes = a.row_bytes;
-  const char* __restrict__ src = a.src;
   char* __restrict__ dst = a.dst;
   const ProbBits* probs = static_cast<const ProbBits*>(a.probs);
   ProbBits* probs_out = static_cast<ProbBits*>(a.probs_out);
@@ -176,10 +205,10 @@ __global__ void __launch_bounds__(kSmallThreads, 1) permute_small_kernel(const S
   __syncthreads();
 
   // The block's rows: each vector read once and stored at every destination of its row.
-  const int32_t vecs = row_bytes / static_cast<int32_t>(sizeof(V));  // (rows * row_bytes < 2^22)
+  const int32_t vecs = in.units();  // (rows * row_bytes < 2^22)
   for (int32_t i = threadIdx.x; i < rows * vecs; i += blockDim.x) {
     const int32_t c = i / vecs, v = i % vecs;
-    const V x = reinterpret_cast<const V*>(src + int64_t(row0 + c) * row_bytes)[v];
+    const V x = in.load(row0 + c, v);
     for (int32_t s = 0; s < slots; ++s) {
       const int32_t d = dests[c * slots + s];
       if (d >= 0) reinterpret_cast<V*>(dst + int64_t(d) * row_bytes)[v] = x;
@@ -196,27 +225,31 @@ __global__ void __launch_bounds__(kSmallThreads, 1) permute_small_kernel(const S
   zero_rows<V>(offsets[experts], num_out, blockIdx.x, gridDim.x, dst, row_bytes, zero_probs, sizeof(ProbBits));
 }
 
-template <int Kind, typename V, typename ProbBits>
-cudaError_t launch_small(const Small& a, cudaStream_t stream) {
+template <int Kind, typename Rows, typename ProbBits>
+cudaError_t launch_small(const Small& a, const Rows& in, cudaStream_t stream) {
   const size_t bytes = small_shared_bytes(a.route.num_experts, a.route.slots);
-  const auto kernel = permute_small_kernel<Kind, V, ProbBits>;
+  const auto kernel = permute_small_kernel<Kind, Rows, ProbBits>;
   const cudaError_t err = allow_dynamic_shared(kernel, bytes);
   if (err != cudaSuccess) return err;
   // (a plain launch: the first kernel of the op waits for whatever came before it)
-  kernel<<<static_cast<unsigned>(small_blocks(a.route.rows)), kSmallThreads, bytes, stream>>>(a);
+  kernel<<<static_cast<unsigned>(small_blocks(a.route.rows)), kSmallThreads, bytes, stream>>>(a, in);
   return cudaGetLastError();
 }
 
-// Rows moved in the widest access that divides the row and both pointers (with_vector).
-template <typename ProbBits>
-cudaError_t launch_small_for_route(const Small& a, cudaStream_t stream) {
-  return with_vector(a.row_bytes, a.src, a.dst, [&](auto v) {
+// The kernel for the route's kind (Kinds: whether a multihot map is served) and the probs' width.
+template <bool Maps, typename Rows>
+cudaError_t launch_small_for(const Small& a, int prob_bytes, const Rows& in, cudaStream_t stream) {
+  const auto for_probs = [&](auto prob) {
+    using ProbBits = decltype(prob);
     switch (a.route.kind) {
-      case kRouteIndex32: return launch_small<kRouteIndex32, decltype(v), ProbBits>(a, stream);
-      case kRouteIndex64: return launch_small<kRouteIndex64, decltype(v), ProbBits>(a, stream);
-      default: return launch_small<kRouteMultihot, decltype(v), ProbBits>(a, stream);
+      case kRouteIndex32: return launch_small<kRouteIndex32, Rows, ProbBits>(a, in, stream);
+      case kRouteIndex64: return launch_small<kRouteIndex64, Rows, ProbBits>(a, in, stream);
+      default:
+        if constexpr (Maps) return launch_small<kRouteMultihot, Rows, ProbBits>(a, in, stream);
+        return cudaErrorInvalidValue;
     }
-  });
+  };
+  return a.probs != nullptr && prob_bytes == 8 ? for_probs(uint64_t{}) : for_probs(uint32_t{});
 }
 
 }  // namespace
@@ -236,11 +269,37 @@ cudaError_t permute_small(const Route& route, int64_t pad_multiple, const void* 
                           int32_t* row_id_map, int64_t* layout, void* host_word, cudaStream_t stream) {
   if (!permute_small_fits(route, row_bytes) || num_out < 0) return cudaErrorInvalidValue;
   if (probs != nullptr && prob_bytes != 4 && prob_bytes != 8) return cudaErrorInvalidValue;
-  const Small a{route,      pad_multiple, static_cast<const char*>(src), static_cast<int32_t>(row_bytes),
-                probs,      num_out,      static_cast<char*>(dst),       probs_out,
-                row_id_map, layout,       static_cast<int64_t*>(host_word)};
-  return probs != nullptr && prob_bytes == 8 ? launch_small_for_route<uint64_t>(a, stream)
-                                             : launch_small_for_route<uint32_t>(a, stream);
+  const Small a{route,    pad_multiple, static_cast<int32_t>(row_bytes), probs,  num_out, static_cast<char*>(dst),
+                probs_out, row_id_map,   layout,                          static_cast<int64_t*>(host_word)};
+  // (rows moved in the widest access that divides the row and both pointers)
+  return with_vector(row_bytes, src, dst, [&](auto v) {
+    return launch_small_for<true>(a, prob_bytes, PlainRows<decltype(v)>{static_cast<const char*>(src),
+                                                                         static_cast<int32_t>(row_bytes)}, stream);
+  });
+}
+
+cudaError_t permute_fp8_small(const Route& route, int64_t pad_multiple, DType dtype, const uint8_t* q,
+                              int64_t q_pitch, const float* scales, int64_t scale_pitch, int64_t hidden,
+                              const void* probs, int prob_bytes, int64_t num_out, void* dst, void* probs_out,
+                              int32_t* row_id_map, int64_t* layout, void* host_word, cudaStream_t stream) {
+  const int64_t row_bytes = hidden * (dtype == kFloat32 ? 4 : 2);  // (of an output row)
+  if (route.kind == kRouteMultihot || !permute_small_fits(route, row_bytes) || num_out < 0 ||
+      hidden % kFp8Group != 0 || dtype == kFloat64) {
+    return cudaErrorInvalidValue;
+  }
+  if (probs != nullptr && prob_bytes != 4 && prob_bytes != 8) return cudaErrorInvalidValue;
+  const Small a{route,    pad_multiple, static_cast<int32_t>(row_bytes), probs,  num_out, static_cast<char*>(dst),
+                probs_out, row_id_map,   layout,                          static_cast<int64_t*>(host_word)};
+  const auto launch = [&](auto t) {
+    using T = decltype(t);
+    return launch_small_for<false>(a, prob_bytes, Fp8Rows<T>{q, q_pitch, scales, scale_pitch,
+                                                              static_cast<int32_t>(hidden)}, stream);
+  };
+  switch (dtype) {
+    case kFloat32: return launch(float{});
+    case kFloat16: return launch(__half{});
+    default: return launch(__nv_bfloat16{});
+  }
 }
 
 }  // namespace cuda

@@ -951,6 +951,44 @@ def test_fp8_permutation_equals_dequantize_then_permute(device, dtype, pad, size
     assert got[0].abs().sum() > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,experts,topk", ONE_LAUNCH_EDGES[:4] + [(9, 5, 3)])
+@pytest.mark.parametrize("fault", ["none", "range", "overflow"])
+def test_one_launch_fp8_permutation_is_the_planned_one(rows, experts, topk, fault, poison):
+    """A small top-k route's dequantizing permutation, its size known, is one launch on CUDA
+    (the one-launch permutation reading FP8 rows of a packed payload and dequantizing them), a
+    larger one the passes: on both sides of the limits the rows, probs, plan and zero tail are
+    the reference's bit for bit, and a bad index or a too small output raises."""
+    hidden = 512
+    q, scales = ops.quantize_fp8(_fp8_rows(torch.bfloat16, "cuda", rows=rows, hidden=hidden))
+    payload = torch.cat([q.view(torch.uint8), scales.view(torch.uint8)], dim=1)  # (rows 528 bytes apart: read in place)
+    q, scales = payload[:, :hidden], payload[:, hidden:].view(torch.float32)
+    idx = random_indices(rows, experts, topk, seed=rows + experts).to("cuda")
+    p = random_probs(rows, topk, device="cuda")
+    fits = experts <= 1024 and rows * topk <= 8192 and rows * topk * -(-rows // 8) <= 1 << 20
+    if fault == "range":
+        idx[rows // 2, 0] = experts
+        with pytest.raises(ValueError, match="out of range"):
+            ops.permute_fp8_by_indices(q, scales, idx, p, num_experts=experts, num_out_tokens=rows * topk)
+            ops.check_pending_errors()
+        return
+    want = reference.permute_fp8_by_indices(q, scales, idx, p, experts, None, None, torch.bfloat16)
+    used = want[0].shape[0]
+    if fault == "overflow":
+        with pytest.raises(ValueError, match="num_out_tokens"):
+            ops.permute_fp8_by_indices(q, scales, idx, p, num_experts=experts, num_out_tokens=used - 1)
+            ops.check_pending_errors()
+        return
+    launched = _device_ops(lambda: ops.permute_fp8_by_indices(q, scales, idx, p, num_experts=experts,
+                                                              num_out_tokens=used + 5))
+    assert (len(launched) == 1) == fits, launched
+    poison("cuda")
+    out, out_p, plan, tpe = ops.permute_fp8_by_indices(q, scales, idx, p, num_experts=experts, num_out_tokens=used + 5)
+    assert torch.equal(out[:used], want[0]) and torch.equal(out_p[:used], want[1])
+    assert torch.count_nonzero(out[used:]) == 0 and torch.count_nonzero(out_p[used:]) == 0
+    assert torch.equal(plan.map.cpu(), want[2].map.cpu()) and torch.equal(tpe.cpu(), want[3].cpu())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp8_permutation_gradients_go_to_the_stand_in_rows(device):
     """The gradient of the output reaches ``rows`` (a stand-in for the dequantized rows, as a
