@@ -1,12 +1,13 @@
 // The permutation of a small route (top-k indices, or a multihot map whose slots are its
-// experts) in one launch. For a route of a few thousand (row, slot) entries (a multihot map of
-// up to 64K), the multi-pass plan's launches (count, map, scatter: route.cu, rows.cu) cost the
-// host and the device more than their work does. Here every block counts the whole route itself
-// (at most 64 KB, read from L2), scans the padded expert totals, places the slots of its own
-// kSmallRows rows and moves those rows; block 0 writes the layout. The result equals the multi-pass plan's bit for bit: a
-// slot's output row is its expert's offset plus the number of earlier rows routed to that
-// expert. The kernel also stores its error word to the caller's pinned host word (when given),
-// which spares the op a launch to copy it there.
+// experts) in one launch, its rows moved as they are or dequantized from FP8. For a route of a
+// few thousand (row, slot) entries (a multihot map of up to 64K), the multi-pass plan's launches
+// (count, map, scatter: route.cu, rows.cu) cost the host and the device more than their work
+// does. Here every block counts the whole route itself (at most 64 KB, read from L2), scans the
+// padded expert totals, places the slots of its own kSmallRows rows and moves those rows; block
+// 0 writes the layout. The result equals the multi-pass plan's bit for bit: a slot's output row
+// is its expert's offset plus the number of earlier rows routed to that expert. The kernel also
+// stores its error word to the caller's pinned host word (when given), which spares the op a
+// launch to copy it there.
 #include <algorithm>
 
 #include "common.cuh"
@@ -28,7 +29,7 @@ constexpr int64_t kSmallReads = 1 << 20;  // entries read by all blocks together
 // times faster an entry than a top-k route's slots, so its limits are 8 times larger.
 constexpr int64_t kSmallMapEntries = 8 * kSmallEntries;
 constexpr int64_t kSmallMapReads = 8 * kSmallReads;
-constexpr int64_t kSmallBytes = 4 << 20;  // bytes of input rows: beyond, the multi-pass scatter's wide grid wins
+constexpr int64_t kSmallBytes = 4 << 20;  // bytes of output rows: beyond, the multi-pass scatter's wide grid wins
 
 int64_t small_blocks(int64_t rows) { return (rows + kSmallRows - 1) / kSmallRows; }
 
@@ -236,7 +237,7 @@ cudaError_t launch_small(const Small& a, const Rows& in, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The kernel for the route's kind (Kinds: whether a multihot map is served) and the probs' width.
+// The kernel for the route's kind (Maps: whether a multihot map is served) and the probs' width.
 template <bool Maps, typename Rows>
 cudaError_t launch_small_for(const Small& a, int prob_bytes, const Rows& in, cudaStream_t stream) {
   const auto for_probs = [&](auto prob) {
