@@ -435,9 +435,8 @@ using Permuted = std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::
 // fill(row_id_map, num_out, layout, tail, out_probs, word) makes the rows, and with num_out
 // given, the layout's error word goes to error_address (0: none): fill may store it with its
 // own launch (then it sets `word`, error_address or 0, to 0), else it is queued after (see
-// queue_word_copy). When the
-// sync finds bad routing (or no row is used), returns a [0, hidden] tensor like `like` and an
-// empty row_id_map; the caller reads the error bits from host_layout.
+// queue_word_copy). When the sync finds bad routing (or no row is used), returns a [0, hidden]
+// tensor like `like` and an empty row_id_map; the caller reads the error bits from host_layout.
 template <typename Fill>
 Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multiple, int64_t num_out,
                       const std::optional<Tensor>& probs, const Tensor& like, int64_t hidden, int64_t error_address,
