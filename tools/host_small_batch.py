@@ -1,17 +1,19 @@
 """Where a small batch's permute + unpermute spends its time: the host, layer by layer.
 
     python tools/host_small_batch.py [--rows 1024 --hidden 1024 --experts 8 --topk 4]
-        [--device cuda|cpu] [--calls 300] [--top 20]
+        [--route index|map|fp8] [--device cuda|cpu] [--calls 300] [--top 20]
 
 A 1024 x 1024 permutation moves 8 MB, microseconds of bandwidth, yet takes about 0.1 ms back to
 back: the host's time per call, not the GPU's. This prints, per call (wall time of many calls
 queued with one sync at the end, median of 5 batches):
 
-  pair            ops.permute_by_indices (output size known) + ops.unpermute, as the managers call them
+  pair            the permutation (output size known) + ops.unpermute, as the managers call them:
+                  ops.permute_by_indices (--route index), ops.permute of the same routing as a
+                  multihot map (map), or ops.permute_fp8_by_indices of the rows quantized (fp8)
   permute         the permutation alone
   unpermute       the restore alone
-  kernels only    the two extension calls the ops end in (flexdispatch_C.permute, .gather_rows):
-                  the C++ side, allocations and launches, without the Python around them
+  kernels only    (index) the two extension calls the ops end in (flexdispatch_C.permute,
+                  .gather_rows): the C++ side, allocations and launches, without the Python around
   launch floor    one ``add_`` on a one-element tensor (torch's cheapest device op)
 
 and, on CUDA, the pair's device time without the host: one pair captured in a CUDA graph,
@@ -33,7 +35,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from flexdispatch import _library, ops  # noqa: E402
+from flexdispatch import _library, ops, reference  # noqa: E402
 from timing import back_to_back_ms, capture, device_ops, host_us, one_call_events, own_time_top  # noqa: E402
 
 
@@ -43,6 +45,7 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--topk", type=int, default=4)
+    parser.add_argument("--route", choices=("index", "map", "fp8"), default="index")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--top", type=int, default=20)
@@ -57,12 +60,23 @@ def main() -> int:
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     x = torch.randn(rows, args.hidden, generator=g).to(dev, dtype)
     n = rows * topk
-    out, _, plan, _ = ops.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=n)
+    routing_map, map_probs = (t.contiguous() for t in reference.indices_to_multihot(idx, probs, experts))
+    q, scales = ops.quantize_fp8(x)
+
+    def permute():
+        if args.route == "map":
+            return ops.permute(x, routing_map, map_probs, num_out_tokens=n)
+        if args.route == "fp8":
+            return ops.permute_fp8_by_indices(q, scales, idx, probs, num_experts=experts, num_out_tokens=n, dtype=dtype)
+        return ops.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=n)
+
+    route_probs = map_probs if args.route == "map" else probs
+    out, _, plan, _ = permute()
     C = _library.kernels()
 
     def pair():
-        permuted, _, p, _ = ops.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=n)
-        return ops.unpermute(permuted, p, probs)
+        permuted, _, p, _ = permute()
+        return ops.unpermute(permuted, p, route_probs)
 
     try:  # (the binding's last argument, the error word's address, is new: A/B runs time older trees too)
         C.permute(idx, experts, 1, n, x, probs, 0)
@@ -74,18 +88,17 @@ def main() -> int:
         permuted, _, row_map, _, _ = C.permute(idx, experts, 1, n, x, probs, *no_word)
         return C.gather_rows(permuted, row_map, probs)
 
-    if not torch.equal(pair(), kernels_only()):  # (the two must time the same work)
+    if args.route == "index" and not torch.equal(pair(), kernels_only()):  # (the two must time the same work)
         print("the extension calls alone do not give the ops' result", file=sys.stderr)
         return 1
     one = torch.ones(1, device=dev)
-    print(f"R x H = {rows} x {args.hidden}, E = {experts}, K = {topk}, {dtype}, on {dev} "
+    print(f"R x H = {rows} x {args.hidden}, E = {experts}, K = {topk}, {args.route} route, {dtype}, on {dev} "
           f"({torch.cuda.get_device_name() if dev == 'cuda' else 'CPU'}), torch {torch.__version__}")
-    for label, fn in [("pair", pair),
-                      ("permute", lambda: ops.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=n)),
-                      ("unpermute", lambda: ops.unpermute(out, plan, probs)),
-                      ("kernels only", kernels_only),
+    for label, fn in [("pair", pair), ("permute", permute), ("unpermute", lambda: ops.unpermute(out, plan, route_probs)),
+                      ("kernels only", kernels_only if args.route == "index" else None),
                       ("launch floor", lambda: one.add_(1))]:
-        print(f"host us per call, {label}: {host_us(fn, dev, args.calls):.1f}")
+        if fn is not None:
+            print(f"host us per call, {label}: {host_us(fn, dev, args.calls):.1f}")
 
     if dev == "cuda":
         (graph,) = capture(pair)
