@@ -67,7 +67,8 @@ def main() -> int:
         if args.route == "map":
             return ops.permute(x, routing_map, map_probs, num_out_tokens=n)
         if args.route == "fp8":
-            return ops.permute_fp8_by_indices(q, scales, idx, probs, num_experts=experts, num_out_tokens=n, dtype=dtype)
+            return ops.permute_fp8_by_indices(q, scales, idx, probs, num_experts=experts, num_out_tokens=n,
+                                              dtype=dtype)
         return ops.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=n)
 
     route_probs = map_probs if args.route == "map" else probs
@@ -94,7 +95,8 @@ def main() -> int:
     one = torch.ones(1, device=dev)
     print(f"R x H = {rows} x {args.hidden}, E = {experts}, K = {topk}, {args.route} route, {dtype}, on {dev} "
           f"({torch.cuda.get_device_name() if dev == 'cuda' else 'CPU'}), torch {torch.__version__}")
-    for label, fn in [("pair", pair), ("permute", permute), ("unpermute", lambda: ops.unpermute(out, plan, route_probs)),
+    restore = lambda: ops.unpermute(out, plan, route_probs)  # noqa: E731
+    for label, fn in [("pair", pair), ("permute", permute), ("unpermute", restore),
                       ("kernels only", kernels_only if args.route == "index" else None),
                       ("launch floor", lambda: one.add_(1))]:
         if fn is not None:
