@@ -48,6 +48,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from flexdispatch import ops, reference  # noqa: E402
+from bench_route_topk import topk_then_check  # noqa: E402
 from timing import back_to_back_ms, device_ops, median_ms, one_call_events  # noqa: E402
 
 SHAPES = [(16384, 7168, 64, 8), (32768, 2048, 32, 8), (1024, 1024, 8, 4), (4096, 7168, 256, 8),
@@ -105,12 +106,7 @@ def bench_shape(rows, hidden, experts, topk, iters, ref_iters, copy_gbps, only=N
 
     # (the dense probs read; values, indices and clean indices written, R x K each)
     router = torch.softmax(torch.randn(rows, experts, device="cuda"), -1)
-
-    def topk_then_check():
-        values, indices = torch.topk(router, topk, dim=-1)
-        return ops.check_route_trusted(indices, experts, 0, values, None)
-
-    record("route_topk", lambda: ops.route_topk_trusted(router, topk, 0, None), topk_then_check,
+    record("route_topk", lambda: ops.route_topk_trusted(router, topk, 0, None), lambda: topk_then_check(router, topk),
            rows * experts * 4 + rows * topk * 20)
     # (the route read; the map's bool and float32 probs written, R x E each)
     multihot_bytes = idx.numel() * (idx.element_size() + probs.element_size()) + rows * experts * 5

@@ -18,7 +18,6 @@ and counted; the exit status is 1 if any).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,22 +26,19 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from flexdispatch import ops, reference  # noqa: E402
-from timing import capture, host_us  # noqa: E402
+from timing import capture, host_us, median_ms  # noqa: E402
 
 
 def graph_us(fn, calls: int, replays: int) -> float:
     """Device microseconds of one call of ``fn``, from replays of a graph of ``calls`` calls."""
     (graph,) = capture(lambda: [fn() for _ in range(calls)])
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
+    return median_ms(graph.replay, replays, warmup=1) * 1e3 / calls
+
+
+def topk_then_check(probs: torch.Tensor, topk: int):
+    """What route_topk replaces: ``torch.topk`` of ``probs [R, E]``, then the route check."""
+    values, indices = torch.topk(probs, topk, dim=-1)
+    return ops.check_route_trusted(indices, probs.shape[1], 0, values, None)
 
 
 def selects_as_the_reference(rows: int, experts: int, topk: int, device: str) -> bool:
@@ -84,14 +80,9 @@ def main() -> int:
                     mismatches += 1
                     print(f"MISMATCH at {rows} x {experts}, k {topk}")
                 probs = torch.softmax(torch.randn(rows, experts, device=args.device), -1)
-
-                def topk_then_check():
-                    values, indices = torch.topk(probs, topk, dim=-1)
-                    return ops.check_route_trusted(indices, experts, 0, values, None)
-
                 fused = time_us(lambda: ops.route_topk_trusted(probs, topk, 0, None))
                 alone = time_us(lambda: torch.topk(probs, topk, dim=-1))
-                both = time_us(topk_then_check)
+                both = time_us(lambda: topk_then_check(probs, topk))
                 print(f"| {rows} | {experts} | {topk} | {fused:.1f} | {alone:.1f} | {both:.1f} | {fused / both:.2f} |",
                       flush=True)
     print(f"mismatches: {mismatches}")
