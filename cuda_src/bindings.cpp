@@ -825,8 +825,7 @@ Permuted permute_fp8(
   const int64_t q_pitch = q.size(0) > 1 ? q.stride(0) : hidden;
   const int64_t scale_pitch = scales.size(0) > 1 ? scales.stride(0) : hidden / fd::kFp8Group;
 #ifdef FLEXDISPATCH_WITH_CUDA
-  if (num_out >= 0 && route.is_cuda() && r.kind != fd::kRouteMultihot &&
-      fd::cuda::permute_small_fits(r, hidden * like.element_size())) {
+  if (num_out >= 0 && route.is_cuda() && fd::cuda::permute_fp8_small_fits(r, hidden, dtype)) {
     return permute_small_with(r, route, pad_multiple, num_out, probs, q.options().dtype(like.scalar_type()), hidden,
                               error_address, [&](void* out, const void* p, int prob_bytes, void* po, int32_t* map,
                                                  int64_t* layout, void* word, cudaStream_t stream) {

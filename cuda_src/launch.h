@@ -91,10 +91,14 @@ cudaError_t permute_small(const Route& route, int64_t pad_multiple, const void* 
                           const void* probs, int prob_bytes, int64_t num_out, void* dst, void* probs_out,
                           int32_t* row_id_map, int64_t* layout, void* host_word, cudaStream_t stream);
 
-// The dequantizing permutation of such a top-k route in one launch (its fit asked with the
-// output's row bytes): FP8 rows q [rows, hidden] (e4m3 bytes, q_pitch apart, 16-byte aligned)
-// and their float32 scales (scale_pitch apart) written as dtype (float32, float16 or bfloat16)
-// to dst [num_out, hidden], everything else as permute_small; the same bits as
+// Whether permute_fp8_small serves a route and FP8 rows of `hidden` values dequantized to dtype:
+// a top-k route that permute_small serves with the output's row bytes, float32, float16 or
+// bfloat16 output, whole groups of kFp8Group values.
+bool permute_fp8_small_fits(const Route& route, int64_t hidden, DType dtype);
+
+// The dequantizing permutation of such a route in one launch: FP8 rows q [rows, hidden] (e4m3
+// bytes, q_pitch apart, 16-byte aligned) and their float32 scales (scale_pitch apart) written as
+// dtype to dst [num_out, hidden], everything else as permute_small; the same bits as
 // scatter_fp8_rows along the passes' plan.
 cudaError_t permute_fp8_small(const Route& route, int64_t pad_multiple, DType dtype, const uint8_t* q,
                               int64_t q_pitch, const float* scales, int64_t scale_pitch, int64_t hidden,

@@ -253,6 +253,9 @@ cudaError_t launch_small_for(const Small& a, int prob_bytes, const Rows& in, cud
   return a.probs != nullptr && prob_bytes == 8 ? for_probs(uint64_t{}) : for_probs(uint32_t{});
 }
 
+// Bytes of a dequantized row of `hidden` values (float32, float16 or bfloat16).
+int64_t fp8_output_row_bytes(int64_t hidden, DType dtype) { return hidden * (dtype == kFloat32 ? 4 : 2); }
+
 }  // namespace
 
 bool permute_small_fits(const Route& route, int64_t row_bytes) {
@@ -279,18 +282,21 @@ cudaError_t permute_small(const Route& route, int64_t pad_multiple, const void* 
   });
 }
 
+bool permute_fp8_small_fits(const Route& route, int64_t hidden, DType dtype) {
+  return route.kind != kRouteMultihot && dtype != kFloat64 && hidden % kFp8Group == 0 &&
+         permute_small_fits(route, fp8_output_row_bytes(hidden, dtype));
+}
+
 cudaError_t permute_fp8_small(const Route& route, int64_t pad_multiple, DType dtype, const uint8_t* q,
                               int64_t q_pitch, const float* scales, int64_t scale_pitch, int64_t hidden,
                               const void* probs, int prob_bytes, int64_t num_out, void* dst, void* probs_out,
                               int32_t* row_id_map, int64_t* layout, void* host_word, cudaStream_t stream) {
-  const int64_t row_bytes = hidden * (dtype == kFloat32 ? 4 : 2);  // (of an output row)
-  if (route.kind == kRouteMultihot || !permute_small_fits(route, row_bytes) || num_out < 0 ||
-      hidden % kFp8Group != 0 || dtype == kFloat64) {
-    return cudaErrorInvalidValue;
-  }
+  if (!permute_fp8_small_fits(route, hidden, dtype) || num_out < 0) return cudaErrorInvalidValue;
   if (probs != nullptr && prob_bytes != 4 && prob_bytes != 8) return cudaErrorInvalidValue;
-  const Small a{route,    pad_multiple, static_cast<int32_t>(row_bytes), probs,  num_out, static_cast<char*>(dst),
-                probs_out, row_id_map,   layout,                          static_cast<int64_t*>(host_word)};
+  const Small a{route,     pad_multiple, static_cast<int32_t>(fp8_output_row_bytes(hidden, dtype)),
+                probs,     num_out,      static_cast<char*>(dst),
+                probs_out, row_id_map,   layout,
+                static_cast<int64_t*>(host_word)};
   const auto launch = [&](auto t) {
     using T = decltype(t);
     return launch_small_for<false>(a, prob_bytes, Fp8Rows<T>{q, q_pitch, scales, scale_pitch,
