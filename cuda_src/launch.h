@@ -79,8 +79,8 @@ cudaError_t route_map(const Route& route, const int32_t* chunk_offsets, int64_t*
                       void* probs_out, bool scans, int64_t pad_multiple, cudaStream_t stream);
 
 // Whether permute_small serves a route (top-k int32 or int64 indices, or a multihot map) whose
-// output rows are row_bytes each: a few thousand (row, slot) entries (a map of up to 64K), at
-// most 1024 experts and 64 slots, a few MB of rows (route_small.cu).
+// output rows are row_bytes each: a few thousand (row, slot) entries (a map of up to 256K), at
+// most 1024 experts (and 64 slots of a top-k route), a few MB of rows (route_small.cu).
 bool permute_small_fits(const Route& route, int64_t row_bytes);
 
 // The whole permutation of such a route, its output size num_out known, in one launch:

@@ -1,13 +1,13 @@
 // The permutation of a small route (top-k indices, or a multihot map whose slots are its
 // experts) in one launch, its rows moved as they are or dequantized from FP8. For a route of a
-// few thousand (row, slot) entries (a multihot map of up to 64K), the multi-pass plan's launches
+// few thousand (row, slot) entries (a multihot map of up to 256K), the multi-pass plan's launches
 // (count, map, scatter: route.cu, rows.cu) cost the host and the device more than their work
-// does. Here every block counts the whole route itself (at most 64 KB, read from L2), scans the
-// padded expert totals, places the slots of its own kSmallRows rows and moves those rows; block
-// 0 writes the layout. The result equals the multi-pass plan's bit for bit: a slot's output row
-// is its expert's offset plus the number of earlier rows routed to that expert. The kernel also
-// stores its error word to the caller's pinned host word (when given), which spares the op a
-// launch to copy it there.
+// does. Here every block counts the whole route itself (read from L2), scans the padded expert
+// totals, places the slots of its own 8 to 32 rows and moves those rows; block 0 writes the
+// layout. The result equals the multi-pass plan's bit for bit: a slot's output row is its
+// expert's offset plus the number of earlier rows routed to that expert. The kernel also stores
+// its error word to the caller's pinned host word (when given), which spares the op a launch to
+// copy it there.
 #include <algorithm>
 
 #include "common.cuh"
@@ -20,23 +20,47 @@ namespace cuda {
 namespace {
 
 constexpr int kSmallThreads = 1024;  // (the count reads the whole route: many loads in flight)
-constexpr int kSmallRows = 8;             // rows a block places and moves (a bit each in `mine`)
-constexpr int32_t kSmallExperts = 1024;   // shared memory: about 20 bytes an expert
-constexpr int32_t kSmallSlots = 64;
+constexpr int32_t kSmallExperts = 1024;
+constexpr int32_t kSmallSlots = 64;       // of a top-k route (a multihot map's are its experts)
 constexpr int64_t kSmallEntries = 8192;   // (row, slot) entries of a top-k route
 constexpr int64_t kSmallReads = 1 << 20;  // entries read by all blocks together (entries * blocks)
-// A multihot map is counted a warp's 32 rows and an expert at a time (count_multihot), a few
-// times faster an entry than a top-k route's slots, so its limits are 8 times larger.
-constexpr int64_t kSmallMapEntries = 8 * kSmallEntries;
+// A multihot map is counted a 4-byte word (4 experts) a load (count_multihot), many times faster
+// an entry than a top-k route's slots, so its limits are larger.
+constexpr int64_t kSmallMapEntries = 1 << 18;
 constexpr int64_t kSmallMapReads = 8 * kSmallReads;
 constexpr int64_t kSmallBytes = 4 << 20;  // bytes of output rows: beyond, the multi-pass scatter's wide grid wins
+// Shared memory a block may take: what every CUDA device gives without opting in.
+constexpr size_t kSmallSharedBytes = 46 * 1024;
+// Rows a block places and moves: 8, or 16 or 32 (bits of `mine`) where fewer blocks keep the
+// reads of the whole route within the limit.
+constexpr int32_t kSmallRowsFirst = 8, kSmallRowsMost = 32;
 
-int64_t small_blocks(int64_t rows) { return (rows + kSmallRows - 1) / kSmallRows; }
+int64_t small_blocks(int64_t rows, int32_t block_rows) { return (rows + block_rows - 1) / block_rows; }
 
-// scratch [32] and offsets [E + 1] int64, then total, before and mine [E] and dests
-// [kSmallRows * slots] int32.
-size_t small_shared_bytes(int32_t experts, int32_t slots) {
-  return sizeof(int64_t) * (32 + size_t(experts) + 1) + sizeof(int32_t) * (3 * size_t(experts) + size_t(kSmallRows) * slots);
+// Words of a multihot map row that count_multihot reads (4 experts each).
+FD_HOST_DEVICE inline int32_t map_word_count(int32_t slots) { return (slots + 3) / 4; }
+
+// scratch [32] and offsets [E + 1] int64, then total, before and mine [E], the rows' placed
+// counts [kSmallRowsMost] and dests [block_rows * slots] int32, where a multihot map's count keeps
+// its partial counts first (count_multihot: kSmallThreads / words groups of 4 * words).
+size_t small_shared_bytes(const Route& route, int32_t block_rows) {
+  const bool map = route.kind == kRouteMultihot;
+  const size_t dests = size_t(block_rows) * route.slots;
+  const size_t partial = map ? size_t(kSmallThreads / map_word_count(route.slots)) * 4 * map_word_count(route.slots) : 0;
+  return sizeof(int64_t) * (32 + size_t(route.num_experts) + 1) +
+         sizeof(int32_t) * (3 * size_t(route.num_experts) + kSmallRowsMost + std::max(dests, partial));
+}
+
+// The rows a block of permute_small takes for `route` (the fewest that keep the reads within the
+// limit and the shared memory within kSmallSharedBytes), or 0 where no launch of it fits.
+int32_t small_block_rows(const Route& route) {
+  const bool map = route.kind == kRouteMultihot;
+  const int64_t entries = route.rows * route.slots;
+  for (int32_t block_rows = kSmallRowsFirst; block_rows <= kSmallRowsMost; block_rows *= 2) {
+    if (entries * small_blocks(route.rows, block_rows) > (map ? kSmallMapReads : kSmallReads)) continue;
+    return small_shared_bytes(route, block_rows) <= kSmallSharedBytes ? block_rows : 0;
+  }
+  return 0;
 }
 
 // A one-launch permutation's arguments but its input rows, as its kernel takes them.
@@ -51,6 +75,7 @@ struct Small {
   int32_t* row_id_map;
   int64_t* layout;
   int64_t* host_word;  // nullable: the pinned word (its device mapping) that gets the error word
+  int32_t block_rows;  // rows a block places and moves (small_block_rows)
 };
 
 // The input rows of a one-launch permutation, read as the output's vectors (Vec): row r's
@@ -82,51 +107,71 @@ struct Fp8Rows {
   }
 };
 
-// A multihot map's counts (its slot s names expert s where set; it has no bad slot): a warp
-// takes 32 rows at a time, a lane a row, whose bytes it loads first as 4-byte words (the loads
-// issued together); the rows among the 32 that have expert e are one ballot, added once to
-// total[e] and to before[e] (for the rows ahead of row0); the block's own rows set their bits of
-// mine[e]. Every thread of the block calls it.
-constexpr int kMapWords = kSmallSlots / 4;  // a map row of at most kSmallSlots bytes, in words
+// Word w (bytes 4w .. 4w + 3, zero past the row's slots) of a multihot map's row.
+__device__ __forceinline__ uint32_t map_word(const uint8_t* map, int32_t slots, bool whole_words, int32_t row,
+                                             int32_t w) {
+  const uint8_t* bytes = map + int64_t(row) * slots;
+  if (whole_words) return reinterpret_cast<const uint32_t*>(bytes)[w];
+  uint32_t word = 0;
+  for (int j = 0; j < 4 && 4 * w + j < slots; ++j) word |= uint32_t(bytes[4 * w + j]) << (8 * j);
+  return word;
+}
 
-__device__ void count_multihot(const Route& route, int32_t row0, int32_t* total, int32_t* before, uint32_t* mine) {
+// A multihot map's counts (its slot s names expert s where set; it has no bad slot). Thread t
+// reads word w = t % words of rows g, g + groups, ... (g = t / words): a warp's loads cover
+// consecutive stretches of whole rows, a word (4 experts) a load, as 4-byte words where the width
+// and address allow. It counts, per byte of its word, the rows that have that expert, all and
+// those ahead of row0, in registers, and sets the bits of mine[e] for the block's own rows. The
+// groups' counts (two 16-bit halves of one word: a thread walks fewer than 2^16 rows) meet in
+// `partial` and are summed an expert a thread into total[e] and before[e] (zeroed by the
+// caller). Every thread of the block calls it.
+__device__ void count_multihot(const Route& route, int32_t row0, int32_t block_rows, int32_t* total,
+                               int32_t* before, uint32_t* mine, uint32_t* partial) {
+  constexpr int kUnroll = 4;
   const int32_t rows = static_cast<int32_t>(route.rows), slots = route.slots;
   const uint8_t* map = static_cast<const uint8_t*>(route.data);
   const bool whole_words = slots % 4 == 0 && reinterpret_cast<uintptr_t>(map) % 4 == 0;
-  const int lane = threadIdx.x % 32;
-  for (int32_t first = threadIdx.x - lane; first < rows; first += blockDim.x) {  // (warp-uniform)
-    const int32_t row = first + lane;
-    const int32_t ahead = min(max(row0 - first, 0), 32);  // lanes whose rows come before row0
-    const unsigned ahead_lanes = ahead == 32 ? kFullMask : (1u << ahead) - 1u;
-    const bool moved = row >= row0 && row < row0 + kSmallRows;
-    const uint8_t* bytes = map + int64_t(row < rows ? row : first) * slots;  // (a lane past the end counts 0)
-    uint32_t words[kMapWords];
+  const int words = map_word_count(slots), columns = 4 * words;
+  const int groups = static_cast<int>(blockDim.x) / words;
+  const int w = threadIdx.x % words, g = threadIdx.x / words;
+  if (g < groups) {
+    uint32_t counts[4] = {0, 0, 0, 0};  // (rows with the expert) | (those ahead of row0) << 16
+    for (int32_t first = g; first < rows; first += kUnroll * groups) {
+      uint32_t word[kUnroll];
 #pragma unroll
-    for (int i = 0; i < kMapWords; ++i) {
-      words[i] = 0;
-      if (row >= rows || 4 * i >= slots) continue;
-      if (whole_words) {
-        words[i] = reinterpret_cast<const uint32_t*>(bytes)[i];
-      } else {
-        for (int j = 0; j < 4 && 4 * i + j < slots; ++j) words[i] |= uint32_t(bytes[4 * i + j]) << (8 * j);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int32_t row = first + u * groups;
+        word[u] = row < rows ? map_word(map, slots, whole_words, row, w) : 0;
       }
-    }
 #pragma unroll
-    for (int i = 0; i < kMapWords; ++i) {
-      if (4 * i >= slots) break;
+      for (int u = 0; u < kUnroll; ++u) {
+        const int32_t row = first + u * groups;
+        const uint32_t one = row < row0 ? 0x10001u : 1u;
+        const bool moved = row >= row0 && row < row0 + block_rows;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int32_t e = 4 * i + j;
-        if (e >= slots) break;
-        const bool has = (words[i] >> (8 * j)) & 0xffu;
-        const unsigned lanes = __ballot_sync(kFullMask, has);
-        if (lane == 0 && lanes != 0) {
-          atomicAdd(&total[e], __popc(lanes));
-          if (lanes & ahead_lanes) atomicAdd(&before[e], __popc(lanes & ahead_lanes));
+        for (int j = 0; j < 4; ++j) {
+          if ((word[u] >> (8 * j)) & 0xffu) {
+            counts[j] += one;
+            if (moved) atomicOr(&mine[4 * w + j], 1u << (row - row0));
+          }
         }
-        if (has && moved) atomicOr(&mine[e], 1u << (row - row0));
       }
     }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) partial[g * columns + 4 * w + j] = counts[j];
+  }
+  __syncthreads();
+  const int parts = static_cast<int>(blockDim.x) / columns;  // (>= 1: columns <= 4 * 256)
+  const int c = threadIdx.x % columns, part = threadIdx.x / columns;
+  if (part < parts && c < slots) {
+    int32_t all = 0, ahead = 0;
+    for (int h = part; h < groups; h += parts) {
+      const uint32_t v = partial[h * columns + c];
+      all += static_cast<int32_t>(v & 0xffffu);
+      ahead += static_cast<int32_t>(v >> 16);
+    }
+    if (all) atomicAdd(&total[c], all);
+    if (ahead) atomicAdd(&before[c], ahead);
   }
 }
 
@@ -150,27 +195,30 @@ __global__ void __launch_bounds__(kSmallThreads, 1) permute_small_kernel(const S
   int32_t* total = reinterpret_cast<int32_t*>(offsets + experts + 1);  // slots of each expert
   int32_t* before = total + experts;  // ... in the rows before this block's
   uint32_t* mine = reinterpret_cast<uint32_t*>(before + experts);  // bit c: row row0 + c has the expert
-  int32_t* dests = reinterpret_cast<int32_t*>(mine + experts);  // this block's slots' output rows
+  int32_t* placed = reinterpret_cast<int32_t*>(mine + experts);  // [kSmallRowsMost]: row c's destinations
+  int32_t* dests = placed + kSmallRowsMost;  // row c's output rows, from dests[c * slots] (after the count)
   for (int e = threadIdx.x; e < experts; e += blockDim.x) {
     total[e] = 0;
     before[e] = 0;
     mine[e] = 0;
   }
+  if (threadIdx.x < kSmallRowsMost) placed[threadIdx.x] = 0;
   if (threadIdx.x == 0) errors = 0;
   __syncthreads();
 
-  const int32_t route_rows = static_cast<int32_t>(route.rows);
-  const int32_t row0 = static_cast<int32_t>(blockIdx.x) * kSmallRows;
+  const int32_t route_rows = static_cast<int32_t>(route.rows), block_rows = a.block_rows;
+  const int32_t row0 = static_cast<int32_t>(blockIdx.x) * block_rows;
   int64_t bad = 0;
   if constexpr (Kind == kRouteMultihot) {
-    count_multihot(route, row0, total, before, mine);
+    count_multihot(route, row0, block_rows, total, before, mine, reinterpret_cast<uint32_t*>(dests));
+    __syncthreads();  // (the partial counts are read before dests overwrites them)
   } else {
     // A thread counts whole rows (entries < 2^13: 32-bit indices, no division). The lanes of a
     // warp that add to one counter add once (with few experts, many lanes share each counter),
     // so the warps run the loop together: rows past the route count nothing.
     const int lane = threadIdx.x % 32;
     for (int32_t row = threadIdx.x; row < round_up(route_rows, 32); row += blockDim.x) {
-      const int where = row < row0 ? 0 : (row < row0 + kSmallRows ? 1 : 2);  // before, mine, after
+      const int where = row < row0 ? 0 : (row < row0 + block_rows ? 1 : 2);  // before, mine, after
       for (int32_t s = 0; s < slots; ++s) {
         const int64_t e = row < route_rows ? checked_expert<Kind>(route, row, s, &bad) : -1;
         const unsigned peers = __match_any_sync(0xffffffffu, e < 0 ? -1 : static_cast<int>(e) * 4 + where);
@@ -194,14 +242,18 @@ __global__ void __launch_bounds__(kSmallThreads, 1) permute_small_kernel(const S
     if (a.host_word != nullptr) *reinterpret_cast<volatile int64_t*>(a.host_word) = word;
   }
 
-  const int rows = min(kSmallRows, route_rows - row0);
+  const int rows = min(block_rows, route_rows - row0);
   int64_t overflow = 0;  // (already in the error word)
   for (int i = threadIdx.x; i < rows * slots; i += blockDim.x) {
     const int c = i / slots;
     int64_t counted = 0;  // (already in the error word)
     const int64_t e = checked_expert<Kind>(route, row0 + c, i % slots, &counted);
-    const int64_t dest = e < 0 ? -1 : offsets[e] + before[e] + __popc(mine[e] & ((1u << c) - 1u));
-    dests[i] = place_slot(dest, int64_t(row0) * slots + i, probs, num_out, a.row_id_map, probs_out, &overflow);
+    const int64_t want = e < 0 ? -1 : offsets[e] + before[e] + __popc(mine[e] & ((1u << c) - 1u));
+    const int32_t dest = place_slot(want, int64_t(row0) * slots + i, probs, num_out, a.row_id_map, probs_out,
+                                    &overflow);
+    // (a row's destinations kept in any order: each gets the same row; a map row's few among
+    // its E slots)
+    if (dest >= 0) dests[c * slots + atomicAdd(&placed[c], 1)] = dest;
   }
   __syncthreads();
 
@@ -210,9 +262,8 @@ __global__ void __launch_bounds__(kSmallThreads, 1) permute_small_kernel(const S
   for (int32_t i = threadIdx.x; i < rows * vecs; i += blockDim.x) {
     const int32_t c = i / vecs, v = i % vecs;
     const V x = in.load(row0 + c, v);
-    for (int32_t s = 0; s < slots; ++s) {
-      const int32_t d = dests[c * slots + s];
-      if (d >= 0) reinterpret_cast<V*>(dst + int64_t(d) * row_bytes)[v] = x;
+    for (int32_t k = 0; k < placed[c]; ++k) {
+      reinterpret_cast<V*>(dst + int64_t(dests[c * slots + k]) * row_bytes)[v] = x;
     }
   }
   // The rows no source fills, spread over the blocks: each expert's pad rows, then the tail.
@@ -228,12 +279,12 @@ __global__ void __launch_bounds__(kSmallThreads, 1) permute_small_kernel(const S
 
 template <int Kind, typename Rows, typename ProbBits>
 cudaError_t launch_small(const Small& a, const Rows& in, cudaStream_t stream) {
-  const size_t bytes = small_shared_bytes(a.route.num_experts, a.route.slots);
+  const size_t bytes = small_shared_bytes(a.route, a.block_rows);
   const auto kernel = permute_small_kernel<Kind, Rows, ProbBits>;
   const cudaError_t err = allow_dynamic_shared(kernel, bytes);
   if (err != cudaSuccess) return err;
   // (a plain launch: the first kernel of the op waits for whatever came before it)
-  kernel<<<static_cast<unsigned>(small_blocks(a.route.rows)), kSmallThreads, bytes, stream>>>(a, in);
+  kernel<<<static_cast<unsigned>(small_blocks(a.route.rows, a.block_rows)), kSmallThreads, bytes, stream>>>(a, in);
   return cudaGetLastError();
 }
 
@@ -262,9 +313,8 @@ bool permute_small_fits(const Route& route, int64_t row_bytes) {
   if (route.rows == 0) return false;
   const bool map = route.kind == kRouteMultihot;
   const int64_t entries = route.rows * route.slots;
-  return route.num_experts <= kSmallExperts && route.slots <= kSmallSlots &&
-         entries <= (map ? kSmallMapEntries : kSmallEntries) &&
-         entries * small_blocks(route.rows) <= (map ? kSmallMapReads : kSmallReads) &&
+  return route.num_experts <= kSmallExperts && (map || route.slots <= kSmallSlots) &&
+         entries <= (map ? kSmallMapEntries : kSmallEntries) && small_block_rows(route) != 0 &&
          route.rows * row_bytes <= kSmallBytes;
 }
 
@@ -273,8 +323,9 @@ cudaError_t permute_small(const Route& route, int64_t pad_multiple, const void* 
                           int32_t* row_id_map, int64_t* layout, void* host_word, cudaStream_t stream) {
   if (!permute_small_fits(route, row_bytes) || num_out < 0) return cudaErrorInvalidValue;
   if (probs != nullptr && prob_bytes != 4 && prob_bytes != 8) return cudaErrorInvalidValue;
-  const Small a{route,    pad_multiple, static_cast<int32_t>(row_bytes), probs,  num_out, static_cast<char*>(dst),
-                probs_out, row_id_map,   layout,                          static_cast<int64_t*>(host_word)};
+  const Small a{route,     pad_multiple, static_cast<int32_t>(row_bytes), probs,
+                num_out,   static_cast<char*>(dst), probs_out, row_id_map,
+                layout,    static_cast<int64_t*>(host_word), small_block_rows(route)};
   // (rows moved in the widest access that divides the row and both pointers)
   return with_vector(row_bytes, src, dst, [&](auto v) {
     return launch_small_for<true>(a, prob_bytes, PlainRows<decltype(v)>{static_cast<const char*>(src),
@@ -296,7 +347,7 @@ cudaError_t permute_fp8_small(const Route& route, int64_t pad_multiple, DType dt
   const Small a{route,     pad_multiple, static_cast<int32_t>(fp8_output_row_bytes(hidden, dtype)),
                 probs,     num_out,      static_cast<char*>(dst),
                 probs_out, row_id_map,   layout,
-                static_cast<int64_t*>(host_word)};
+                static_cast<int64_t*>(host_word), small_block_rows(route)};
   const auto launch = [&](auto t) {
     using T = decltype(t);
     return launch_small_for<false>(a, prob_bytes, Fp8Rows<T>{q, q_pitch, scales, scale_pitch,

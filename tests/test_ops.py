@@ -135,10 +135,29 @@ def _device_ops(fn) -> list:
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-# (rows, experts, topk) at the one-launch permutation's limits (cuda_src/route_small.cu: 8192 entries,
-# entries * blocks of 8 rows <= 2^20, 1024 experts, 64 slots) and just past them.
+def _one_launch_fits(rows: int, experts: int, slots: int, multihot: bool) -> bool:
+    """Whether a route of small rows is permuted in one launch (the limits of
+    cuda_src/route_small.cu): at most 1024 experts, 64 slots of a top-k route, 8192 entries of a
+    top-k route or 2^18 of a multihot map (whose slots are its experts), blocks of 8, 16 or 32
+    rows (the fewest for which the entries times the blocks stay within 2^20, 2^23 for a map),
+    whose shared memory stays within 46 KiB."""
+    entries = rows * slots
+    if rows == 0 or experts > 1024 or (not multihot and slots > 64) or entries > (1 << 18 if multihot else 8192):
+        return False
+    words = -(-slots // 4)
+    for block_rows in (8, 16, 32):
+        if entries * -(-rows // block_rows) > (1 << 23 if multihot else 1 << 20):
+            continue
+        partial = 1024 // words * 4 * words if multihot else 0  # (a map's partial counts share the dests' room)
+        shared = 8 * (32 + experts + 1) + 4 * (3 * experts + 32 + max(block_rows * slots, partial))
+        return shared <= 46 * 1024
+    return False
+
+
+# (rows, experts, topk) at the one-launch permutation's limits (_one_launch_fits: 8192 entries; the
+# reads with blocks of 8, 16 and 32 rows; 1024 experts, 64 slots) and just past them.
 ONE_LAUNCH_EDGES = [(1024, 32, 8), (1025, 32, 8), (64, 1024, 8), (64, 1025, 8), (100, 128, 64), (100, 128, 65),
-                    (1, 4, 2), (9, 5, 3)]
+                    (1, 4, 2), (9, 5, 3), (2048, 4, 4), (4096, 4, 2), (4097, 4, 2)]
 
 
 @pytest.mark.gpu
@@ -169,6 +188,9 @@ def test_one_launch_permutation_is_the_planned_one(rows, experts, topk, fault, p
         return
     ref, ref_p, ref_plan, ref_tpe = reference.permute_by_indices(x, idx, p, num_experts=experts, pad_multiple=pad)
     used = ref.shape[0]
+    launched = _device_ops(lambda: ops.permute_by_indices(x, idx, p, num_experts=experts, num_out_tokens=used + 7,
+                                                          pad_multiple=pad))
+    assert (len(launched) == 1) == _one_launch_fits(rows, experts, topk, multihot=False), launched
     if fault == "overflow":
         with pytest.raises(ValueError, match="num_out_tokens"):
             ops.permute_by_indices(x, idx, p, num_experts=experts, num_out_tokens=used - 1, pad_multiple=pad)
@@ -186,10 +208,13 @@ def test_one_launch_permutation_is_the_planned_one(rows, experts, topk, fault, p
     torch.testing.assert_close(ops.unpermute(out, plan, p), reference.unpermute(ref, ref_plan, p), rtol=8e-3, atol=1e-5)
 
 
-# (rows, experts, topk) of multihot maps at the one-launch limits (cuda_src/route_small.cu: R x E
-# entries up to 65536, entries * blocks of 8 rows <= 2^23, E up to 64 slots) and just past them.
-ONE_LAUNCH_MULTIHOT_EDGES = [(1024, 64, 8), (1025, 64, 8), (1448, 32, 4), (1449, 32, 4), (2896, 8, 4), (2897, 8, 4),
-                             (100, 65, 8), (1, 4, 2), (9, 5, 3)]
+# (rows, experts, topk) of multihot maps at the one-launch limits (_one_launch_fits) and just past
+# them: 2^18 entries (1024 x 256), the reads of blocks of 32 rows (1440 x 128), the shared memory
+# (64 x 898), blocks of 16 rows (1025 x 64, 1449 x 32, 2897 x 8, 512 x 512), maps read byte by
+# byte (widths not a multiple of 4).
+ONE_LAUNCH_MULTIHOT_EDGES = [(1024, 64, 8), (1025, 64, 8), (1449, 32, 4), (2897, 8, 4), (1024, 256, 8),
+                             (1025, 256, 8), (1440, 128, 8), (1441, 128, 8), (512, 512, 8), (64, 898, 8),
+                             (64, 899, 8), (100, 65, 8), (1, 4, 2), (9, 5, 3)]
 
 
 @pytest.mark.gpu
@@ -207,7 +232,7 @@ def test_one_launch_multihot_permutation_is_the_planned_one(rows, experts, topk,
     x = random_tokens(rows, 72, torch.bfloat16, device="cuda")
     ref, ref_p, ref_plan, ref_tpe = reference.permute(x, routing_map, probs, pad_multiple=pad)
     used = ref.shape[0]
-    fits = experts <= 64 and rows * experts <= 65536 and rows * experts * -(-rows // 8) <= 1 << 23
+    fits = _one_launch_fits(rows, experts, experts, multihot=True)
     dense = [t.contiguous() for t in (routing_map, probs)]  # (no copy kernel before the permutation)
     launched = _device_ops(lambda: ops.permute(x, *dense, num_out_tokens=used + 7, pad_multiple=pad))
     assert (len(launched) == 1) == fits, launched
@@ -965,7 +990,7 @@ def test_one_launch_fp8_permutation_is_the_planned_one(rows, experts, topk, faul
     q, scales = payload[:, :hidden], payload[:, hidden:].view(torch.float32)
     idx = random_indices(rows, experts, topk, seed=rows + experts).to("cuda")
     p = random_probs(rows, topk, device="cuda")
-    fits = experts <= 1024 and rows * topk <= 8192 and rows * topk * -(-rows // 8) <= 1 << 20
+    fits = _one_launch_fits(rows, experts, topk, multihot=False)
     if fault == "range":
         idx[rows // 2, 0] = experts
         with pytest.raises(ValueError, match="out of range"):

@@ -52,7 +52,8 @@ from bench_route_topk import topk_then_check  # noqa: E402
 from timing import back_to_back_ms, device_ops, median_ms, one_call_events  # noqa: E402
 
 SHAPES = [(16384, 7168, 64, 8), (32768, 2048, 32, 8), (1024, 1024, 8, 4), (4096, 7168, 256, 8),
-          (4096, 7168, 512, 8), (1024, 1024, 32, 4)]
+          (4096, 7168, 512, 8), (1024, 1024, 32, 4), (1024, 1024, 128, 8), (1024, 1024, 256, 8),
+          (1024, 1024, 512, 8)]
 
 
 def copy_bandwidth(iters: int) -> tuple[float, float]:
