@@ -138,26 +138,26 @@ def _device_ops(fn) -> list:
 def _one_launch_fits(rows: int, experts: int, slots: int, multihot: bool) -> bool:
     """Whether a route of small rows is permuted in one launch (the limits of
     cuda_src/route_small.cu): at most 1024 experts, 64 slots of a top-k route, 8192 entries of a
-    top-k route or 2^18 of a multihot map (whose slots are its experts), blocks of 8, 16 or 32
-    rows (the fewest for which the entries times the blocks stay within 2^20, 2^23 for a map),
-    whose shared memory stays within 46 KiB."""
+    top-k route or 2^18 of a multihot map (whose slots are its experts), blocks of 8 or 16 rows
+    (the fewest for which the entries times the blocks stay within 2^20, 2^23 for a map), whose
+    shared memory stays within 46 KiB."""
     entries = rows * slots
     if rows == 0 or experts > 1024 or (not multihot and slots > 64) or entries > (1 << 18 if multihot else 8192):
         return False
     words = -(-slots // 4)
-    for block_rows in (8, 16, 32):
+    for block_rows in (8, 16):
         if entries * -(-rows // block_rows) > (1 << 23 if multihot else 1 << 20):
             continue
         partial = 1024 // words * 4 * words if multihot else 0  # (a map's partial counts share the dests' room)
-        shared = 8 * (32 + experts + 1) + 4 * (3 * experts + 32 + max(block_rows * slots, partial))
+        shared = 8 * (32 + experts + 1) + 4 * (3 * experts + 16 + max(block_rows * slots, partial))
         return shared <= 46 * 1024
     return False
 
 
 # (rows, experts, topk) at the one-launch permutation's limits (_one_launch_fits: 8192 entries; the
-# reads with blocks of 8, 16 and 32 rows; 1024 experts, 64 slots) and just past them.
+# reads with blocks of 8 and 16 rows; 1024 experts, 64 slots) and just past them.
 ONE_LAUNCH_EDGES = [(1024, 32, 8), (1025, 32, 8), (64, 1024, 8), (64, 1025, 8), (100, 128, 64), (100, 128, 65),
-                    (1, 4, 2), (9, 5, 3), (2048, 4, 4), (4096, 4, 2), (4097, 4, 2)]
+                    (1, 4, 2), (9, 5, 3), (2048, 4, 4), (2049, 4, 4), (4096, 4, 2)]
 
 
 @pytest.mark.gpu
@@ -209,12 +209,12 @@ def test_one_launch_permutation_is_the_planned_one(rows, experts, topk, fault, p
 
 
 # (rows, experts, topk) of multihot maps at the one-launch limits (_one_launch_fits) and just past
-# them: 2^18 entries (1024 x 256), the reads of blocks of 32 rows (1440 x 128), the shared memory
-# (64 x 898), blocks of 16 rows (1025 x 64, 1449 x 32, 2897 x 8, 512 x 512), maps read byte by
-# byte (widths not a multiple of 4).
-ONE_LAUNCH_MULTIHOT_EDGES = [(1024, 64, 8), (1025, 64, 8), (1449, 32, 4), (2897, 8, 4), (1024, 256, 8),
-                             (1025, 256, 8), (1440, 128, 8), (1441, 128, 8), (512, 512, 8), (64, 898, 8),
-                             (64, 899, 8), (100, 65, 8), (1, 4, 2), (9, 5, 3)]
+# them: the reads of blocks of 8 rows (1024 x 64, 2896 x 8) and of 16 (1025 x 64, 1024 x 128,
+# 2048 x 32), 2^18 entries (512 x 512), the shared memory (64 x 899), maps read byte by byte
+# (widths not a multiple of 4).
+ONE_LAUNCH_MULTIHOT_EDGES = [(1024, 64, 8), (1025, 64, 8), (2896, 8, 4), (2897, 8, 4), (1024, 128, 8),
+                             (1025, 128, 8), (2048, 32, 4), (2049, 32, 4), (512, 512, 8), (513, 512, 8),
+                             (64, 899, 8), (64, 900, 8), (100, 65, 8), (1, 4, 2), (9, 5, 3)]
 
 
 @pytest.mark.gpu
