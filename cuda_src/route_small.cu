@@ -46,9 +46,8 @@ FD_HOST_DEVICE inline int32_t map_word_count(int32_t slots) { return (slots + 3)
 // counts [kSmallRowsMost] and dests [block_rows * slots] int32, where a multihot map's count keeps
 // its partial counts first (count_multihot: kSmallThreads / words groups of 4 * words).
 size_t small_shared_bytes(const Route& route, int32_t block_rows) {
-  const bool map = route.kind == kRouteMultihot;
-  const size_t dests = size_t(block_rows) * route.slots;
-  const size_t partial = map ? size_t(kSmallThreads / map_word_count(route.slots)) * 4 * map_word_count(route.slots) : 0;
+  const size_t words = map_word_count(route.slots), dests = size_t(block_rows) * route.slots;
+  const size_t partial = route.kind == kRouteMultihot ? kSmallThreads / words * 4 * words : 0;
   return sizeof(int64_t) * (32 + size_t(route.num_experts) + 1) +
          sizeof(int32_t) * (3 * size_t(route.num_experts) + kSmallRowsMost + std::max(dests, partial));
 }
@@ -309,25 +308,43 @@ cudaError_t launch_small_for(const Small& a, int prob_bytes, const Rows& in, cud
 // Bytes of a dequantized row of `hidden` values (float32, float16 or bfloat16).
 int64_t fp8_output_row_bytes(int64_t hidden, DType dtype) { return hidden * (dtype == kFloat32 ? 4 : 2); }
 
-}  // namespace
-
-bool permute_small_fits(const Route& route, int64_t row_bytes) {
-  if (route.rows == 0) return false;
+// The rows a block takes for `route` with output rows of row_bytes (small_block_rows), or 0
+// where the one-launch permutation does not serve it: at most kSmallExperts experts (and
+// kSmallSlots slots of a top-k route), kSmallEntries entries (kSmallMapEntries of a map),
+// kSmallBytes of output rows.
+int32_t small_rows_for(const Route& route, int64_t row_bytes) {
   const bool map = route.kind == kRouteMultihot;
   const int64_t entries = route.rows * route.slots;
-  return route.num_experts <= kSmallExperts && (map || route.slots <= kSmallSlots) &&
-         entries <= (map ? kSmallMapEntries : kSmallEntries) && small_block_rows(route) != 0 &&
-         route.rows * row_bytes <= kSmallBytes;
+  const bool served = route.rows > 0 && route.num_experts <= kSmallExperts && (map || route.slots <= kSmallSlots) &&
+                      entries <= (map ? kSmallMapEntries : kSmallEntries) && route.rows * row_bytes <= kSmallBytes;
+  return served ? small_block_rows(route) : 0;
 }
+
+// small_rows_for a top-k route's FP8 rows of `hidden` values dequantized to dtype (float32,
+// float16 or bfloat16; whole groups of kFp8Group values).
+int32_t fp8_small_rows_for(const Route& route, int64_t hidden, DType dtype) {
+  const bool served = route.kind != kRouteMultihot && dtype != kFloat64 && hidden % kFp8Group == 0;
+  return served ? small_rows_for(route, fp8_output_row_bytes(hidden, dtype)) : 0;
+}
+
+// A launch's arguments the fit does not cover: a served route (block_rows), a known output
+// size, probs of 4 or 8 bytes.
+bool small_call_valid(int32_t block_rows, int64_t num_out, const void* probs, int prob_bytes) {
+  return block_rows != 0 && num_out >= 0 && (probs == nullptr || prob_bytes == 4 || prob_bytes == 8);
+}
+
+}  // namespace
+
+bool permute_small_fits(const Route& route, int64_t row_bytes) { return small_rows_for(route, row_bytes) != 0; }
 
 cudaError_t permute_small(const Route& route, int64_t pad_multiple, const void* src, int64_t row_bytes,
                           const void* probs, int prob_bytes, int64_t num_out, void* dst, void* probs_out,
                           int32_t* row_id_map, int64_t* layout, void* host_word, cudaStream_t stream) {
-  if (!permute_small_fits(route, row_bytes) || num_out < 0) return cudaErrorInvalidValue;
-  if (probs != nullptr && prob_bytes != 4 && prob_bytes != 8) return cudaErrorInvalidValue;
+  const int32_t block_rows = small_rows_for(route, row_bytes);
+  if (!small_call_valid(block_rows, num_out, probs, prob_bytes)) return cudaErrorInvalidValue;
   const Small a{route,     pad_multiple, static_cast<int32_t>(row_bytes), probs,
                 num_out,   static_cast<char*>(dst), probs_out, row_id_map,
-                layout,    static_cast<int64_t*>(host_word), small_block_rows(route)};
+                layout,    static_cast<int64_t*>(host_word), block_rows};
   // (rows moved in the widest access that divides the row and both pointers)
   return with_vector(row_bytes, src, dst, [&](auto v) {
     return launch_small_for<true>(a, prob_bytes, PlainRows<decltype(v)>{static_cast<const char*>(src),
@@ -336,20 +353,19 @@ cudaError_t permute_small(const Route& route, int64_t pad_multiple, const void* 
 }
 
 bool permute_fp8_small_fits(const Route& route, int64_t hidden, DType dtype) {
-  return route.kind != kRouteMultihot && dtype != kFloat64 && hidden % kFp8Group == 0 &&
-         permute_small_fits(route, fp8_output_row_bytes(hidden, dtype));
+  return fp8_small_rows_for(route, hidden, dtype) != 0;
 }
 
 cudaError_t permute_fp8_small(const Route& route, int64_t pad_multiple, DType dtype, const uint8_t* q,
                               int64_t q_pitch, const float* scales, int64_t scale_pitch, int64_t hidden,
                               const void* probs, int prob_bytes, int64_t num_out, void* dst, void* probs_out,
                               int32_t* row_id_map, int64_t* layout, void* host_word, cudaStream_t stream) {
-  if (!permute_fp8_small_fits(route, hidden, dtype) || num_out < 0) return cudaErrorInvalidValue;
-  if (probs != nullptr && prob_bytes != 4 && prob_bytes != 8) return cudaErrorInvalidValue;
+  const int32_t block_rows = fp8_small_rows_for(route, hidden, dtype);
+  if (!small_call_valid(block_rows, num_out, probs, prob_bytes)) return cudaErrorInvalidValue;
   const Small a{route,     pad_multiple, static_cast<int32_t>(fp8_output_row_bytes(hidden, dtype)),
                 probs,     num_out,      static_cast<char*>(dst),
                 probs_out, row_id_map,   layout,
-                static_cast<int64_t*>(host_word), small_block_rows(route)};
+                static_cast<int64_t*>(host_word), block_rows};
   const auto launch = [&](auto t) {
     using T = decltype(t);
     return launch_small_for<false>(a, prob_bytes, Fp8Rows<T>{q, q_pitch, scales, scale_pitch,
