@@ -105,8 +105,10 @@ class _PendingError:
 
     def error(self) -> Optional[ValueError]:
         bits = int(self.words[self.slot])
+        if not bits:
+            return None
         probs = self.probs and self.probs()
-        return routing_error(bits, self.route(), self.num_experts, self.name, self.num_out, probs) if bits else None
+        return routing_error(bits, self.route(), self.num_experts, self.name, self.num_out, probs)
 
 
 # CUDA error words not yet read, oldest first (process-wide: a later op of any layer reads them).
@@ -172,10 +174,13 @@ def check_pending_errors() -> None:
 def _read_pending_errors(wait: bool) -> None:
     """Read the queued error words in order (all of them, or without waiting only those that
     have landed); raise the first error and forget the rest."""
-    while _pending and (wait or _pending[0].landed()):
-        entry = _pending.pop(0)
-        if not entry.landed():  # (rare: the callers wait after a host sync, when it has landed)
-            torch.cuda.synchronize(entry.device)
+    while _pending:
+        entry = _pending[0]
+        if not entry.landed():
+            if not wait:
+                return
+            torch.cuda.synchronize(entry.device)  # (rare: the callers wait after a host sync, when it has landed)
+        del _pending[0]
         error = entry.error()
         if error is not None:
             _pending.clear()
@@ -220,7 +225,7 @@ def _defer_or_raise(flags: torch.Tensor, index: int, route: torch.Tensor, num_ex
     elif not stored:  # (kernels not built for CUDA, or no mapping: a torch copy)
         pinned[slot:slot + 1].copy_(flags[index:index + 1], non_blocking=True)
     _pending.append(_PendingError(words, slot, weakref.ref(route), num_experts, name, num_out,
-                                  None if probs is None else weakref.ref(probs), flags.device.index))
+                                  None if probs is None else weakref.ref(probs), flags.get_device()))
     if len(_pending) > MAX_PENDING:
         check_pending_errors()
 
@@ -265,7 +270,7 @@ def _set_eager_direct(value: str) -> None:
 envs.watch_switch("eager_ops", _set_eager_direct)
 
 
-_NOT_TENSORS = frozenset((int, float, bool, str, type(None), torch.dtype))  # the ops' other argument types
+_MAYBE_TENSOR = torch._C.OptionalType.ofTensor()  # (a Tensor argument's type is a subtype of it)
 
 
 _LIB = torch.library.Library("flexdispatch", "DEF")  # (lives with the module: the ops' registrations)
@@ -289,6 +294,8 @@ def _op(fake, backward=None, setup=None):
         name = impl.__name__
         _LIB.define(name + torch.library.infer_schema(impl, mutates_args=()), tags=(torch.Tag.pt2_compliant_tag,))
         op = getattr(torch.ops.flexdispatch, name).default
+        # (the positions of the tensor arguments, from the schema: a direct call inspects only these)
+        tensor_at = tuple(i for i, arg in enumerate(op._schema.arguments) if arg.type.isSubtypeOf(_MAYBE_TENSOR))
         _LIB.impl(name, impl, "CompositeExplicitAutograd")
         torch.library.register_fake(f"flexdispatch::{name}", fake, lib=_LIB)
 
@@ -306,9 +313,9 @@ def _op(fake, backward=None, setup=None):
             _LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")
         else:
             def forward(ctx, *args):  # (args end with the op's dispatch keys, None: called directly)
-                keys = args[-1]
-                out = impl(*args[:-1]) if keys is None else run(keys, args[:-1])
-                setup(ctx, args[:-1], out)
+                keys, inputs = args[-1], args[:-1]
+                out = impl(*inputs) if keys is None else run(keys, inputs)
+                setup(ctx, inputs, out)
                 return out
 
             def backward_of_all(ctx, *grads):
@@ -331,11 +338,11 @@ def _op(fake, backward=None, setup=None):
         def call(*args):
             if eager_direct and not torch.compiler.is_compiling():
                 needs_grad = False
-                for a in args:
-                    kind = type(a)  # (the argument types ops take are looked up, not isinstance-called)
-                    if kind is torch.Tensor:
+                for i in tensor_at:
+                    a = args[i]
+                    if type(a) is torch.Tensor:
                         needs_grad = needs_grad or a.requires_grad
-                    elif kind not in _NOT_TENSORS and isinstance(a, torch.Tensor):
+                    elif a is not None:  # a tensor subclass (fake, functional, a Parameter): the op
                         return op(*args)
                 if function is not None and needs_grad and torch.is_grad_enabled():
                     if torch._C._are_functorch_transforms_active():
