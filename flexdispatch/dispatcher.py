@@ -485,9 +485,9 @@ class MoEFlexTokenDispatcher:
             return
         if self.tp_size == 1 and isinstance(manager, _ManagerBase):
             # (the unified layout of one TP rank is the [T, E] probs' own, which the manager takes
-            # as they are: no reshape there and back)
+            # as they are, checked here once: no reshape there and back)
             self._check_router_probs(num_local_tokens, probs)
-            manager.setup_metadata(num_local_tokens=num_local_tokens, probs=probs)
+            manager.route_dense(probs if probs.ndim == 2 else probs.reshape(num_local_tokens, probs.shape[-1]))
             return
         dense = self._initialize_metadata(num_local_tokens, probs)
         if isinstance(manager, _ManagerBase) or not hasattr(manager, "set_routing"):
