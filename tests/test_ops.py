@@ -1,5 +1,7 @@
 """The fused ops against flexdispatch.reference, on random inputs of many shapes and dtypes."""
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -705,14 +707,56 @@ def test_route_topk_gradient_reaches_the_chosen_probs(device, dtype):
     assert torch.equal(dense.grad, expected)
 
 
+# (rows, experts): one block of route_topk (64 rows of 2 lanes) and a grid (1024 rows of 8 lanes)
 @pytest.mark.parametrize("device", DEVICES)
-def test_route_topk_reports_a_non_finite_prob_under_its_name(device):
-    probs = torch.softmax(torch.randn(64, 8), -1)
-    probs[5, 3] = float("nan")
+@pytest.mark.parametrize("rows,experts", [(64, 8), (1024, 32)])
+def test_route_topk_reports_a_non_finite_prob_under_its_name(device, rows, experts):
+    probs = torch.softmax(torch.randn(rows, experts), -1)
+    probs[rows - 59, 3] = float("nan")
     routing = []  # (the message names the entry while the routing lives)
-    with pytest.raises(ValueError, match=r"^probs: non-finite routing probability: .*expert 3 at row 5, slot 0"):
+    with pytest.raises(ValueError, match=rf"^probs: non-finite routing probability: .*expert 3 at row {rows - 59}, slot 0"):
         routing.append(ops.route_topk_trusted(probs.to(device), 2, 0, "probs"))  # (raises on the CPU)
         ops.check_pending_errors()  # (CUDA: at the next sync)
+
+
+# (what, rows, experts, topk, launches): route_topk in one block (64 rows of 2 lanes) and as a
+# grid (1024 rows of 8 lanes, 32 blocks); check_route in one block (8192 entries) and as a
+# grid (8196 entries, 33 blocks)
+@pytest.mark.gpu
+@pytest.mark.parametrize("what,rows,experts,topk,launches", [
+    ("route_topk", 64, 8, 2, 1), ("route_topk", 1024, 32, 4, 3),
+    ("check_route", 2048, 64, 4, 1), ("check_route", 2049, 64, 4, 3)])
+@pytest.mark.parametrize("bad", [False, True])
+def test_a_reported_route_check_stores_its_own_error_word(what, rows, experts, topk, launches, bad):
+    """A route check reported under a name (route_topk's or check_route's) stores its error word
+    to its pinned slot from its own launches, with no copy queued from Python: one launch where
+    one block serves (it writes the status and the word), three for a grid (the status zeroed,
+    the check, whose blocks OR into it, and a one-thread kernel storing the word). The status
+    and the raised error name the bad entry, here in the grid's last block."""
+    g = torch.Generator().manual_seed(rows)
+    probs = torch.softmax(torch.randn(rows, experts, generator=g), -1)
+    if what == "route_topk":
+        if bad:
+            probs[rows - 1, 5] = float("inf")
+        dense = probs.cuda()
+        run = lambda: ops.route_topk_trusted(dense, topk, 3, "probs")  # noqa: E731
+        expected, match = (8 if bad else 0), rf"expert 5 at row {rows - 1}"
+    else:
+        idx = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(rows)])
+        if bad:
+            idx[rows - 1, topk - 1] = experts + 4
+        idx = idx.cuda()
+        run = lambda: ops.check_route_reported(idx, experts, None, "indices")  # noqa: E731
+        expected, match = (1 if bad else 0), rf"value {experts + 4} at row {rows - 1}"
+    ops.check_pending_errors()
+    if not bad:
+        launched = _device_ops(run)
+        assert len(launched) == launches, launched
+    routing = run()
+    with pytest.raises(ValueError, match=match) if bad else contextlib.nullcontext():
+        ops.check_pending_errors()
+    status = routing[-1].cpu().tolist()
+    assert status == [expected, 3 if expected and what == "route_topk" else 0]
 
 
 def test_check_route_rejects_bad_arguments():
