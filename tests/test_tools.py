@@ -133,3 +133,25 @@ def test_host_layer_lists_a_forwards_operations_with_the_frames_that_queued_them
     forward = text.split("device operations of one forward: ")[1].split("device operations of one backward")[0]
     assert int(forward.split()[0]) > 0
     assert "permute" in forward and "gather_rows" in forward  # (the ops' frames in _library.py)
+
+
+def test_host_stack_times_the_same_kernels_at_every_layer():
+    """tools/host_stack.py on the CPU (a smoke test of its GPU figures): every row in every round,
+    each a positive host time; the three kernels through the dispatcher cost at least what they
+    cost called raw (the same kernels plus the layers above them)."""
+    import re
+    import subprocess
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "host_stack.py"
+    out = subprocess.run([sys.executable, str(tool), "--device", "cpu", "--tokens", "16", "--hidden", "8",
+                          "--experts", "8", "--topk", "2", "--calls", "20", "--rounds", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    times = {}
+    for line in out.stdout.splitlines()[1:]:
+        m = re.match(r"round (\d)  (.*?)\s+([\d.]+)$", line)
+        assert m, line
+        times[(int(m.group(1)), m.group(2))] = float(m.group(3))
+    labels = {label for _, label in times}
+    assert len(times) == 2 * len(labels) == 22 and all(t > 0 for t in times.values())
+    assert all(times[(r, "three kernels: dispatcher")] > times[(r, "three kernels: raw")] for r in (1, 2))
