@@ -346,11 +346,18 @@ def unpermute(permuted: torch.Tensor, row_id_map: RowIdMap, probs: Optional[torc
                          f"got {permuted.shape[0]}")
     probs = _check_probs(probs, row_id_map.map) if probs is not None else None
     check_floating_tensor("permuted", permuted)
-    if not _library.serves(permuted):
-        return reference.unpermute(permuted, row_id_map, probs, restore_shape)
-    p = row_id_map
-    out = _library.gather_rows(permuted, p.map, probs, p.layout, p.num_experts, p.pad_multiple > 1, p.has_tail)
+    out = unpermute_trusted(permuted, row_id_map, probs)
     return out.view(tuple(restore_shape)) if restore_shape is not None else out
+
+
+def unpermute_trusted(permuted: torch.Tensor, row_id_map: RowIdMap, probs: Optional[torch.Tensor] = None):
+    """:func:`unpermute` of arguments its caller has already checked (float ``permuted [N, H]``
+    with the plan's ``N``, ``probs`` None or float32/float64 of the map's shape): a manager's
+    restore of the rows its own permutation made, ``[R, H]``."""
+    if not _library.serves(permuted):
+        return reference.unpermute(permuted, row_id_map, probs)
+    p = row_id_map
+    return _library.gather_rows(permuted, p.map, probs, p.layout, p.num_experts, p.pad_multiple > 1, p.has_tail)
 
 
 # ---- FP8 rows ------------------------------------------------------------------------------

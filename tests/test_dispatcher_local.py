@@ -250,6 +250,10 @@ def test_sync_free_mode(device):
     (lambda d, x, p: d.token_permutation2(x, 10, p[:, :2], torch.full((10, 2), 9)), ValueError, "value 9 .* out of range"),
     (lambda d, x, p: d.token_permutation2(x, 10, p[:, :2], torch.zeros(10, 2, dtype=torch.long)), ValueError, "names an expert twice"),
     (lambda d, x, p: d.token_permutation(x[0], 10, p), ValueError, "hidden_states: expected a tensor"),
+    (lambda d, x, p: d.token_unpermutation(d.token_permutation(x, 10, p)[0].long()), TypeError,
+     "^hidden_states: expected a floating-point"),
+    (lambda d, x, p: d.token_unpermutation(d.token_permutation(x, 10, p)[0][1:]), ValueError,
+     r"^hidden_states: expected \d+ rows \(the permuted rows\)"),
 ])
 def test_bad_input(call, error, match):
     d = make(8, 2)

@@ -708,7 +708,8 @@ class _ManagerBase(LayerStates, _DispatchManager):
         (unweighted: the experts applied the probs); pad rows dropped."""
         self._expect("get_restored_hidden_states_by_experts", "permuted")
         self._check_rows(hidden_states, self._plan.num_out, "the permuted rows")
-        out = ops.unpermute(hidden_states, self._plan)
+        check_floating_tensor("hidden_states", hidden_states)
+        out = ops.unpermute_trusted(hidden_states, self._plan)
         self._plan = None
         self._stage = "restored"
         return out
