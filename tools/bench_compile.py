@@ -71,6 +71,15 @@ def graph_floor(logits: torch.Tensor, args) -> None:
     print("one graph's floor (the router softmax alone, forward / fwd+bwd): " + " | ".join(cells))
 
 
+def add_layer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The layer's shape and device, as every tool that runs this layer takes them."""
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--topk", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def dispatcher(args, sync_free: bool):
     cfg = fd.MoEConfig(num_moe_experts=args.experts, moe_router_topk=args.topk, moe_sync_free=sync_free,
                        moe_share_token_dispatcher=False)
@@ -180,11 +189,7 @@ def run_mode(mode: str, args) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--experts", type=int, default=32)
-    parser.add_argument("--topk", type=int, default=4)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_layer_arguments(parser)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--modes", default="default,sizes-in-graph,sync-free")
     parser.add_argument("--runs", type=int, default=50)

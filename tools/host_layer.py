@@ -30,7 +30,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import flexdispatch as fd  # noqa: E402
-from bench_compile import dispatcher, layer, layer_inputs  # noqa: E402
+from bench_compile import add_layer_arguments, dispatcher, layer, layer_inputs  # noqa: E402
 from timing import host_us, own_time_top  # noqa: E402
 
 
@@ -79,12 +79,8 @@ def _frame(event) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--experts", type=int, default=32)
-    parser.add_argument("--topk", type=int, default=4)
+    add_layer_arguments(parser)
     parser.add_argument("--mode", choices=("sync-free", "host-sized"), default="sync-free")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
