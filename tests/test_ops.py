@@ -742,7 +742,7 @@ def test_a_reported_route_check_stores_its_own_error_word(what, rows, experts, t
         run = lambda: ops.route_topk_trusted(dense, topk, 3, "probs")  # noqa: E731
         expected, match = (8 if bad else 0), rf"expert 5 at row {rows - 1}"
     else:
-        idx = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(rows)])
+        idx = random_indices(rows, experts, topk, drop=0.0, seed=rows)
         if bad:
             idx[rows - 1, topk - 1] = experts + 4
         idx = idx.cuda()

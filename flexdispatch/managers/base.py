@@ -481,16 +481,13 @@ class _ManagerBase(LayerStates, _DispatchManager):
                               f"expected num_local_tokens * num_experts = {tokens} * {self.num_experts} "
                               f"elements, got shape {tuple(probs.shape)}")
         experts = self.num_experts
-        self._route_dense(probs if probs.ndim == 2 and probs.shape[1] == experts else probs.reshape(tokens, experts))
+        self.route_dense(probs if probs.ndim == 2 and probs.shape[1] == experts else probs.reshape(tokens, experts))
 
-    def route_dense(self, probs: torch.Tensor) -> None:
+    def route_dense(self, dense: torch.Tensor) -> None:
         """:meth:`setup_metadata` of the router's ``probs [T, E]`` (float, 2-D, this layer's E)
         as checked by the caller: the dispatcher's routing step, which has checked them against
         its own arguments."""
         self._expect("setup_metadata", "idle", "routed")
-        self._route_dense(probs)
-
-    def _route_dense(self, dense: torch.Tensor) -> None:
         # The selection and its check in one pass (ties to the lower expert: ops.route_topk_trusted).
         token_probs, token_indices, clean, status = ops.route_topk_trusted(
             dense, self.router_topk, 0, reported_as(self.world_size, "probs") if self.validate_routing else None)
