@@ -396,13 +396,13 @@ Tensor scatter_into(const Tensor& src, const Tensor& row_id_map, int64_t num_out
   return dst;
 }
 
-// Sizes the output: num_out when given (>= 0); otherwise the one sync, which copies the layout
-// to the host and reads the rows used. Returns false, with host set, when the layout's error
-// bits are set (the caller returns early and Python raises from host).
+// Sizes the output: num_out when given (>= 0); otherwise the one sync, which copies a device
+// layout to the host (host; a CPU layout is read in place) and reads the rows used. Returns
+// false when the layout's error bits are set (the caller returns early and Python raises from
+// the host copy, or the CPU layout).
 bool size_output(const fd::Route& r, const Tensor& layout, int64_t& num_out, std::optional<Tensor>& host) {
   if (num_out < 0) {
-    host = layout.to(at::kCPU);
-    const int64_t* h = host->data_ptr<int64_t>();
+    const int64_t* h = (layout.is_cpu() ? layout : host.emplace(layout.to(at::kCPU))).data_ptr<int64_t>();
     if (h[fd::layout_error(r.num_experts)] != 0) return false;
     num_out = h[fd::layout_offsets(r.num_experts) + r.num_experts];
   }
@@ -428,8 +428,22 @@ void queue_word_copy(const Tensor& src, int64_t index, int64_t dst_address) {
   });
 }
 
-// (out [N, H], out_probs [N] or None, row_id_map [R, S], layout, host_layout or None).
-using Permuted = std::tuple<Tensor, std::optional<Tensor>, Tensor, Tensor, std::optional<Tensor>>;
+// (out [N, H], out_probs [N] or [0] float32, row_id_map [R, S], layout, host layout or [0]): the
+// op outputs as flexdispatch/_library.py returns them. An op returns tensors only, and none that
+// aliases another, so "none" is an empty tensor on the route's device: out_probs without
+// probs, and the host layout unless a device layout was copied to the host to size the output.
+using Permuted = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+Tensor host_or_empty(const std::optional<Tensor>& host, const Tensor& layout) {
+  return host.has_value() ? *host : layout.new_empty({0});
+}
+
+Permuted permuted(Tensor out, const std::optional<Tensor>& probs_out, Tensor row_id_map, Tensor layout,
+                  const std::optional<Tensor>& host) {
+  Tensor p = probs_out.has_value() ? *probs_out : layout.new_empty({0}, at::kFloat);
+  Tensor h = host_or_empty(host, layout);
+  return {std::move(out), std::move(p), std::move(row_id_map), std::move(layout), std::move(h)};
+}
 
 // What every single-call permutation shares: plan, (sync when num_out < 0), map, then
 // fill(row_id_map, num_out, layout, tail, out_probs, word) makes the rows, and with num_out
@@ -446,13 +460,13 @@ Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multi
   std::optional<Tensor> host;
   const bool tail = num_out >= 0;
   if (!size_output(r, layout, num_out, host)) {
-    return {like.new_empty({0, hidden}), std::nullopt, route.new_empty({0}, at::kInt), layout, host};
+    return permuted(like.new_empty({0, hidden}), std::nullopt, route.new_empty({0}, at::kInt), layout, host);
   }
   auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out, scans, pad_multiple);
   int64_t word = tail ? error_address : 0;
   Tensor out = fill(row_id_map, num_out, layout, tail, probs_out, word);
   if (word != 0) queue_word_copy(layout, fd::layout_error(r.num_experts), word);
-  return {out, probs_out, row_id_map, layout, host};
+  return permuted(out, probs_out, row_id_map, layout, host);
 }
 
 #ifdef FLEXDISPATCH_WITH_CUDA
@@ -474,7 +488,7 @@ Permuted permute_small_with(const fd::Route& r, const Tensor& route, int64_t pad
   void* po = probs_out.has_value() ? probs_out->data_ptr() : nullptr;
   FD_ON_DEVICE(route, launch(out.data_ptr(), p, prob_bytes, po, row_id_map.data_ptr<int32_t>(),
                              layout.data_ptr<int64_t>(), reinterpret_cast<void*>(error_address), stream), {});
-  return {out, probs_out, row_id_map, layout, std::nullopt};
+  return permuted(out, probs_out, row_id_map, layout, std::nullopt);
 }
 
 // permute_small_with for rows as they are: tokens [R, H].
@@ -510,16 +524,19 @@ Permuted permute(const Tensor& route, int64_t num_experts, int64_t pad_multiple,
                       });
 }
 
-// The plan alone: (row_id_map, layout, host_layout or None); sizes itself when num_out < 0.
-std::tuple<Tensor, Tensor, std::optional<Tensor>> plan(const Tensor& route, int64_t num_experts,
-                                                       int64_t pad_multiple, int64_t num_out) {
+// The plan alone: (row_id_map, layout, host layout or [0], as Permuted's); sizes itself when
+// num_out < 0.
+std::tuple<Tensor, Tensor, Tensor> plan(const Tensor& route, int64_t num_experts, int64_t pad_multiple,
+                                        int64_t num_out) {
   const fd::Route r = route_of(route, num_experts);
   const bool scans = map_scans(r, route, num_out);
   auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple, scans);
   std::optional<Tensor> host;
-  if (!size_output(r, layout, num_out, host)) return {route.new_empty({0}, at::kInt), layout, host};
+  if (!size_output(r, layout, num_out, host)) {
+    return {route.new_empty({0}, at::kInt), layout, host_or_empty(host, layout)};
+  }
   auto [row_id_map, unused] = route_map(r, route, chunk_offsets, layout, std::nullopt, num_out, scans, pad_multiple);
-  return {row_id_map, layout, host};
+  return {row_id_map, layout, host_or_empty(host, layout)};
 }
 
 // Rows moved along an existing plan (backward of unpermute, apply_permutation).

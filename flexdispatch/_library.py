@@ -243,12 +243,13 @@ def error_word(like: torch.Tensor, dtype: torch.dtype):
 
 
 def _check_layout(layout, host, route, num_experts, num_out, name, word=None) -> None:
-    """Raise a plan's error bits from its host copy (made when the kernel sized its output),
-    else defer them (``word``: the :func:`error_word` slot the op stored them to itself, if
-    any); nothing for ``name`` None (a route this package built)."""
+    """Raise a plan's error bits from its host copy (made when the kernel sized a device
+    layout's output), else raise them from a CPU layout or defer them (``word``: the
+    :func:`error_word` slot the op stored them to itself, if any); nothing for ``name`` None
+    (a route this package built)."""
     if name is None:
         return
-    if host is None:
+    if not host.numel():
         _defer_or_raise(layout, layout_error_index(num_experts), route, num_experts, name, num_out, word=word)
         return
     check_pending_errors()  # a sync just happened: read the earlier flags too
@@ -471,30 +472,24 @@ def received_routing(meta: torch.Tensor, id_column: int, topk: int, first_expert
 
 def _plan_fake(route, num_experts, num_out):
     layout = 3 * num_experts + 2
-    # The host layout exists only when the op sizes its output (num_out < 0, a sync: never in a
-    # graph); its [0] stand-in stays on the route's device, since a CPU tensor in a CUDA graph
-    # splits it (inductor partitions CUDA graphs around CPU nodes).
-    host = torch.empty(layout, dtype=torch.int64) if num_out < 0 else route.new_empty(0, dtype=torch.int64)
+    # The host layout exists only when the op sizes a device layout's output (num_out < 0, a
+    # sync: never in a graph; a CPU layout is read in place); its [0] stand-in stays on the
+    # route's device, since a CPU tensor in a CUDA graph splits it (inductor partitions CUDA
+    # graphs around CPU nodes).
+    host = (torch.empty(layout, dtype=torch.int64) if num_out < 0 and route.device.type != "cpu"
+            else route.new_empty(0, dtype=torch.int64))
     return route.new_empty(route.shape, dtype=torch.int32), route.new_empty(layout, dtype=torch.int64), host
-
-
-def _host_output(host: Optional[torch.Tensor], layout: torch.Tensor) -> torch.Tensor:
-    """The host layout as an op output: [0] on the layout's device when none was made (see
-    _plan_fake), and a copy when it is the layout itself (CPU tensors), since an op's outputs
-    may not alias each other."""
-    if host is None:
-        return layout.new_empty(0)
-    return host.clone() if host.data_ptr() == layout.data_ptr() else host
 
 
 @_op(lambda route, num_experts, pad_multiple, num_out, name: _plan_fake(route, num_experts, num_out))
 def plan(route: torch.Tensor, num_experts: int, pad_multiple: int, num_out: int,
          name: Optional[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(map [R, S] int32, layout [3E + 2], host layout or [0])``, sized on the host when
-    ``num_out`` < 0 (one sync); ``name`` None: a route this package built (nothing to check)."""
+    ``num_out`` < 0 (one sync; the host layout is a copy of a device layout, [0] for a CPU one,
+    which is read in place); ``name`` None: a route this package built (nothing to check)."""
     row_map, layout, host = _C.plan(route.contiguous(), num_experts, pad_multiple, num_out)
     _check_layout(layout, host, route, num_experts, None if num_out < 0 else num_out, name)
-    return row_map, layout, _host_output(host, layout)
+    return row_map, layout, host
 
 
 def _permuted_fake(rows, probs, route, num_experts, num_out, hidden=None, dtype=None):
@@ -506,15 +501,14 @@ def _permuted_fake(rows, probs, route, num_experts, num_out, hidden=None, dtype=
 
 
 def _permuted(kernel, args, route, num_experts, num_out, name):
-    """Run a permutation binding, ``kernel(*args, error_address) -> (out, out_probs, map, layout,
-    host)``, and return its op outputs, its routing errors raised or deferred. With the output
-    size known, the kernel stores its error word to the pinned slot taken for it here
+    """Run a permutation binding, ``kernel(*args, error_address)``, which returns the op outputs
+    (see below), and return them, its routing errors raised or deferred. With the output size
+    known, the kernel stores its error word to the pinned slot taken for it here
     (``error_address``; 0: none), so no further call queues the copy."""
     word = error_word(route, torch.int64) if num_out >= 0 and name is not None else None  # (the layout's word)
-    out, out_probs, row_map, layout, host = kernel(*args, 0 if word is None else word[3])
-    _check_layout(layout, host, route, num_experts, out.shape[0], name, word)
-    return (out, out.new_empty(0, dtype=torch.float32) if out_probs is None else out_probs, row_map, layout,
-            _host_output(host, layout))
+    outputs = kernel(*args, 0 if word is None else word[3])
+    _check_layout(outputs[3], outputs[4], route, num_experts, outputs[0].shape[0], name, word)
+    return outputs
 
 
 def _permutation_setup(ctx, inputs, output):
@@ -538,7 +532,7 @@ def _permutation_backward(ctx, grad_out, grad_out_probs, *_):
 
 # Every permutation op takes (rows, probs, route, num_experts, pad_multiple, num_out, name, ...)
 # and returns (out [N, H], out_probs [N] or [0], map [R, S] int32, layout [3E + 2], host layout or
-# [0]); one host sync sizes it when num_out < 0. ``rows`` is differentiable, and is read by permute
+# [0], as plan's); one host sync sizes it when num_out < 0. ``rows`` is differentiable, and is read by permute
 # only: the others read their rows elsewhere and take ``rows`` for their shape, dtype and autograd.
 
 

@@ -295,8 +295,8 @@ def make_plan(route: torch.Tensor, num_experts: int, num_out_tokens: Optional[in
 def _plan(route, num_experts, num_out_tokens, pad_multiple, name) -> RowIdMap:
     row_map, layout, host = _library.plan(route, num_experts, pad_multiple or 1, _size(num_out_tokens), name)
     num_out = num_out_tokens
-    if num_out is None:  # the rows used, read from the host copy the op's one sync made
-        num_out = host[layout_total_index(num_experts)].item()
+    if num_out is None:  # the rows used, read from the host copy the op's one sync made (a CPU layout's own)
+        num_out = (host if host.numel() else layout)[layout_total_index(num_experts)].item()
     return plan_of(row_map, layout, host, num_experts, num_out, num_out_tokens, pad_multiple)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import flexdispatch as fd
+from flexdispatch import reference
 from moe_math import capacity_drop, dense_layer, rel_err
 
 E, K, H = 4, 2, 8
@@ -278,6 +279,29 @@ def test_sized_permutation_ops_keep_every_output_on_the_route_device():
         assert ops.plan(route, 4, 1, -1, "indices")[2].device.type == "cpu"
 
 
+def test_a_cpu_layout_sized_on_the_host_is_read_in_place():
+    """A permutation op that sizes a CPU route's output reads the layout where it is: its host
+    layout output is [0] (no copy, and no output that aliases another), as its fake says, and
+    the plan made from the outputs reads its counts and rows from the layout itself."""
+    from flexdispatch import _library, ops as public
+
+    if not _library.load_kernels():
+        pytest.skip("the compiled kernels are not built here")
+    g = torch.Generator().manual_seed(3)
+    route = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(10)])
+    rows = torch.randn(10, 16, generator=g)
+    outputs = torch.ops.flexdispatch.permute(rows, None, route, 6, 4, -1, "indices")
+    host, layout = outputs[4], outputs[3]
+    assert host.numel() == 0 and host.dtype == torch.int64
+    storages = [o.untyped_storage().data_ptr() for o in outputs if o.numel()]
+    assert len(set(storages)) == len(storages)
+    out, _, plan, counts = public.permute_by_indices(rows, route, None, 6, pad_multiple=4)
+    ref_out, _, _, ref_counts = reference.permute_by_indices(rows, route, None, 6, pad_multiple=4)
+    assert torch.equal(out, ref_out) and torch.equal(counts, ref_counts)
+    assert torch.equal(plan.host_tokens_per_expert(), ref_counts) and plan.num_out == out.shape[0] == layout[18]
+    assert torch.equal(public.make_plan(route, 6, pad_multiple=4).map, plan.map)
+
+
 @pytest.mark.parametrize("case,sizes_in_graph", [("probs", False), ("sync-free-bound", False), ("probs", True)])
 def test_compiled_layer_graphs_are_made_once(case, sizes_in_graph):
     """Counted by a backend that records every graph it is given: a layer compiles to 1 graph
@@ -425,6 +449,7 @@ def _opcheck_cases():
         ("indices_to_multihot", ops.indices_to_multihot.default, (idx, probs, experts), _NO_AOT),
         ("plan", ops.plan.default, (idx, experts, 4, n + 3 * experts, "indices")),
         ("permute", ops.permute.default, (x, probs, idx, experts, 1, n + 5, "indices")),
+        ("permute sized on the host", ops.permute.default, (x, probs, idx, experts, 2, -1, "indices"), _NO_AOT),
         ("permute by map", ops.permute.default, (x, multihot.requires_grad_(), routing_map, experts, 1, n, "map")),
         ("permute_fp8", ops.permute_fp8.default, (x, probs, idx, experts, 1, n, "indices", q, scales, torch.float32)),
         ("scatter_rows", ops.scatter_rows.default, (x, row_map, n, layout, experts, False, False)),
