@@ -103,11 +103,18 @@ def run_permutation(op, rows, probs, route, num_experts: int, num_out_tokens: Op
                     pad_multiple: Optional[int], name: str, *extra):
     """Run a permutation op of :mod:`flexdispatch._library` (arguments ``rows, probs, route,
     num_experts, pad_multiple, num_out, name, *extra``): ``(out [N, H], permuted_probs [N] or
-    None, plan, tokens_per_expert)``."""
+    None, plan)``. The public ops add the plan's device counts (:func:`with_counts`); a manager
+    reads them only when it keeps them (sync-free), so its calls make no view of them."""
     out, out_probs, row_map, layout, host = op(rows, probs, route, num_experts, pad_multiple or 1,
                                                _size(num_out_tokens), name, *extra)
     plan = plan_of(row_map, layout, host, num_experts, out.shape[0], num_out_tokens, pad_multiple)
-    return out, (None if probs is None else out_probs), plan, plan.tokens_per_expert
+    return out, (None if probs is None else out_probs), plan
+
+
+def with_counts(permuted: tuple) -> tuple:
+    """A permutation's ``(out, permuted_probs, plan)`` with the plan's ``tokens_per_expert [E]``
+    (padded counts, on the tokens' device) appended: what the public permutation ops return."""
+    return (*permuted, permuted[2].tokens_per_expert)
 
 
 # ---- public ops ----------------------------------------------------------------------------
@@ -237,8 +244,8 @@ def permute(tokens: torch.Tensor, routing_map: torch.Tensor, probs: Optional[tor
     _check_sizes(num_out_tokens, pad_multiple)
     if not _library.serves(tokens):
         return reference.permute(tokens, routing_map, probs, num_out_tokens, pad_multiple)
-    return run_permutation(_library.permute, tokens, probs, routing_map, routing_map.shape[1], num_out_tokens,
-                           pad_multiple, "routing_map")
+    return with_counts(run_permutation(_library.permute, tokens, probs, routing_map, routing_map.shape[1],
+                                       num_out_tokens, pad_multiple, "routing_map"))
 
 
 def permute_by_indices(tokens: torch.Tensor, indices: torch.Tensor, probs: Optional[torch.Tensor] = None,
@@ -258,16 +265,17 @@ def permute_by_indices(tokens: torch.Tensor, indices: torch.Tensor, probs: Optio
     """
     _check_rows(tokens)
     probs = checked_index_args(tokens.shape[0], indices, probs, num_experts, num_out_tokens, pad_multiple)
-    return permute_by_indices_trusted(tokens, indices, probs, num_experts, num_out_tokens, pad_multiple)
+    return with_counts(permute_by_indices_trusted(tokens, indices, probs, num_experts, num_out_tokens, pad_multiple))
 
 
 def permute_by_indices_trusted(tokens: torch.Tensor, indices: torch.Tensor, probs: Optional[torch.Tensor],
                                num_experts: int, num_out_tokens: Optional[int], pad_multiple: Optional[int]):
     """:func:`permute_by_indices` of arguments its caller has already checked (``tokens [R, H]``,
     ``indices [R, K]`` int32/int64 of R rows, ``probs [R, K]`` float32/float64 or None, sizes
-    in range): a manager's permutation of the routing its routing step checked."""
+    in range), without the counts: ``(out, permuted_probs, plan)``, a manager's permutation of
+    the routing its routing step checked."""
     if not _library.serves(tokens):
-        return reference.permute_by_indices(tokens, indices, probs, num_experts, num_out_tokens, pad_multiple)
+        return reference.permute_by_indices(tokens, indices, probs, num_experts, num_out_tokens, pad_multiple)[:3]
     return run_permutation(_library.permute, tokens, probs, indices, num_experts, num_out_tokens, pad_multiple,
                            "indices")
 
@@ -469,8 +477,8 @@ def permute_fp8_by_indices(q: torch.Tensor, scales: torch.Tensor, indices: torch
         if rows is not None:  # the dequantized values, with the stand-in's gradient path
             dense = _StandIn.apply(rows, dense)
         return permute_by_indices(dense, indices, probs, num_experts, num_out_tokens, pad_multiple)
-    return run_permutation(_library.permute_fp8, rows, probs, indices, num_experts, num_out_tokens, pad_multiple,
-                           "indices", q.view(torch.uint8), scales, dtype)
+    return with_counts(run_permutation(_library.permute_fp8, rows, probs, indices, num_experts, num_out_tokens,
+                                       pad_multiple, "indices", q.view(torch.uint8), scales, dtype))
 
 
 def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:

@@ -102,5 +102,5 @@ def _permute_through(op, rows, addrs, align, indices, probs, num_experts, num_ou
     """A permutation whose op (of :mod:`flexdispatch._library`) reads row ``r`` at ``addrs[r]``."""
     probs = ops.checked_index_args(rows.shape[0], indices, probs, num_experts, num_out_tokens, pad_multiple)
     _kernels()
-    return ops.run_permutation(op, rows, probs, indices, num_experts, num_out_tokens, pad_multiple, "indices", addrs,
-                               align, max_blocks, first_row)
+    return ops.with_counts(ops.run_permutation(op, rows, probs, indices, num_experts, num_out_tokens, pad_multiple,
+                                               "indices", addrs, align, max_blocks, first_row))

@@ -66,7 +66,7 @@ def main() -> int:
 
     def public():
         v, _, c, _ = ops.route_topk_trusted(probs, topk, 0, "probs")
-        out, _, plan, _ = ops.permute_by_indices_trusted(x, c, v.float(), experts, num_out, None)
+        out, _, plan = ops.permute_by_indices_trusted(x, c, v.float(), experts, num_out, None)
         return ops.unpermute(out, plan)
 
     def through_dispatcher():

@@ -681,7 +681,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
                 raise input_error(ValueError, "hidden_states",
                                   "expected the tensor this call's dispatch returned (with "
                                   "keep_fp8 or permute_next its rows stay where they landed until the permutation)")
-            out, probs, plan, device_counts = received.held.permute(
+            out, probs, plan = received.held.permute(
                 hidden_states, indices, self.dispatched_probs, num_experts=self.num_local_experts,
                 num_out_tokens=num_out, pad_multiple=self.moe_router_expert_pad_multiple,
                 max_blocks=self.spec.nvlink_max_blocks, fp8_out=fp8_rows and received.fp8_rows)
@@ -689,7 +689,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
             self._release()  # bad routing found by the kernels: the dispatcher stays usable
             raise
         if self.sync_free:
-            self.tokens_per_expert = device_counts
+            self.tokens_per_expert = plan.tokens_per_expert
         elif host_counts is not None:
             self.tokens_per_expert = host_counts
         else:

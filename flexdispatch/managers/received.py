@@ -10,8 +10,9 @@ permutation step makes one call whatever the backend delivered.
 ``permute(hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks,
 fp8_out)`` takes the dispatch's returned tensor ``hidden [R, H]`` (rows or stand-in), the
 received routing ``indices [R, K]`` (local experts, -1 for none) and ``probs [R, K]``, and
-returns as :func:`flexdispatch.ops.permute_by_indices`: ``(out [N, H], permuted_probs [N],
-plan, tokens_per_expert)``; ``out`` is the pair ``(rows [N, H] float8_e4m3fn, scales
+returns as :func:`flexdispatch.ops.permute_by_indices` without the counts (the manager reads
+them from the plan when it keeps them): ``(out [N, H], permuted_probs [N], plan)``; ``out`` is
+the pair ``(rows [N, H] float8_e4m3fn, scales
 [N, H / 128] float32)`` when ``fp8_out`` and the rows were kept in FP8 (FP8 experts).
 """
 
@@ -49,14 +50,13 @@ class KeptFp8:
 
     def permute(self, hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks, fp8_out):
         if fp8_out:  # FP8 rows for FP8 experts: bytes and scales moved without conversion
-            out_q, out_probs, plan, counts = ops.permute_by_indices(
-                self.q.contiguous().view(torch.uint8), indices, probs, num_experts=num_experts,
-                num_out_tokens=num_out_tokens, pad_multiple=pad_multiple)
+            out_q, out_probs, plan = ops.permute_by_indices_trusted(
+                self.q.contiguous().view(torch.uint8), indices, probs, num_experts, num_out_tokens, pad_multiple)
             return ((out_q.view(torch.float8_e4m3fn), ops.apply_permutation(self.scales.contiguous(), plan)),
-                    out_probs, plan, counts)
+                    out_probs, plan)
         return ops.permute_fp8_by_indices(self.q, self.scales, indices, probs, num_experts=num_experts,
                                           num_out_tokens=num_out_tokens, pad_multiple=pad_multiple,
-                                          dtype=hidden.dtype, rows=hidden)
+                                          dtype=hidden.dtype, rows=hidden)[:3]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +76,7 @@ class LeftAtPeers:
         permute = peer_ops.permute_fp8_from if self.fp8 else peer_ops.permute_from
         return permute(hidden, self.addrs, self.align, indices, probs, num_experts=num_experts,
                        num_out_tokens=num_out_tokens, pad_multiple=pad_multiple, max_blocks=max_blocks,
-                       first_row=self.first_row)
+                       first_row=self.first_row)[:3]
 
 
 def stand_in(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
