@@ -22,9 +22,8 @@ the NVLink manager's transfers and barrier) are called through :func:`kernels`.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -84,12 +83,11 @@ def kernels():
 # ---- CUDA error words read at a later sync point ------------------------------------------------
 
 
-@dataclasses.dataclass
-class _PendingError:
-    """A CUDA error word on its way to pinned memory, with what its message needs. The routing
-    tensors are held weakly: an entry must not keep a call's tensors alive (a CUDA-graph pool
-    must find every tensor a call made either returned or freed); a message whose routing is
-    gone names the argument without the entry."""
+class _PendingError(NamedTuple):
+    """A CUDA error word on its way to pinned memory, with what its message needs (a tuple: one
+    is made per reported CUDA op). The routing tensors are held weakly: an entry must not keep a
+    call's tensors alive (a CUDA-graph pool must find every tensor a call made either returned
+    or freed); a message whose routing is gone names the argument without the entry."""
 
     words: "ctypes.Array"  # the pinned slots of _ErrorSlots; the word's slot holds -1 until it lands
     slot: int
@@ -100,13 +98,8 @@ class _PendingError:
     probs: Optional[weakref.ref]
     device: int  # the CUDA device whose stream copies the word
 
-    def landed(self) -> bool:
-        return int(self.words[self.slot]) != _NOT_LANDED
-
-    def error(self) -> Optional[ValueError]:
-        bits = int(self.words[self.slot])
-        if not bits:
-            return None
+    def error(self, bits: int) -> ValueError:
+        """The error of the word's (nonzero) ``bits``."""
         probs = self.probs and self.probs()
         return routing_error(bits, self.route(), self.num_experts, self.name, self.num_out, probs)
 
@@ -176,15 +169,16 @@ def _read_pending_errors(wait: bool) -> None:
     have landed); raise the first error and forget the rest."""
     while _pending:
         entry = _pending[0]
-        if not entry.landed():
+        bits = entry.words[entry.slot]  # (a ctypes read: a plain int)
+        if bits == _NOT_LANDED:
             if not wait:
                 return
             torch.cuda.synchronize(entry.device)  # (rare: the callers wait after a host sync, when it has landed)
+            bits = entry.words[entry.slot]
         del _pending[0]
-        error = entry.error()
-        if error is not None:
+        if bits:
             _pending.clear()
-            raise error
+            raise entry.error(bits)
 
 
 def defer_routing_error(status: torch.Tensor, route: torch.Tensor, num_experts: int, name: str,
