@@ -64,9 +64,12 @@ class RowIdMap:
         return self.layout[e:2 * e]
 
     def host_tokens_per_expert(self) -> torch.Tensor:
-        """int64 ``[E]`` on the CPU (one device sync unless a host copy exists)."""
+        """int64 ``[E]`` on the CPU (one device sync unless a host copy exists): a view of the
+        host copy of a device layout, which nothing writes; a copy of a CPU layout, which the
+        plan's kernels read."""
         e = self.num_experts
-        return self._host()[e:2 * e].clone()
+        host = self._host()
+        return host[e:2 * e] if host is not self.layout else host[e:2 * e].clone()
 
     def _host(self) -> torch.Tensor:
         if self.host_layout is None or self.host_layout is self.layout:

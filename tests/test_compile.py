@@ -299,6 +299,8 @@ def test_a_cpu_layout_sized_on_the_host_is_read_in_place():
     ref_out, _, _, ref_counts = reference.permute_by_indices(rows, route, None, 6, pad_multiple=4)
     assert torch.equal(out, ref_out) and torch.equal(counts, ref_counts)
     assert torch.equal(plan.host_tokens_per_expert(), ref_counts) and plan.num_out == out.shape[0] == layout[18]
+    plan.host_tokens_per_expert().add_(1)  # (the user's copy: the layout the kernels read stays)
+    assert torch.equal(plan.layout[6:12], ref_counts)
     assert torch.equal(public.make_plan(route, 6, pad_multiple=4).map, plan.map)
 
 
