@@ -526,8 +526,9 @@ def _permutation_backward(ctx, grad_out, grad_out_probs, *_):
 
 # Every permutation op takes (rows, probs, route, num_experts, pad_multiple, num_out, name, ...)
 # and returns (out [N, H], out_probs [N] or [0], map [R, S] int32, layout [3E + 2], host layout or
-# [0], as plan's); one host sync sizes it when num_out < 0. ``rows`` is differentiable, and is read by permute
-# only: the others read their rows elsewhere and take ``rows`` for their shape, dtype and autograd.
+# [0], as plan's); one host sync sizes it when num_out < 0. ``rows`` is differentiable, and is
+# read by permute only: the others read their rows elsewhere and take ``rows`` for their shape,
+# dtype and autograd.
 
 
 @_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name: _permuted_fake(

@@ -12,8 +12,8 @@ fp8_out)`` takes the dispatch's returned tensor ``hidden [R, H]`` (rows or stand
 received routing ``indices [R, K]`` (local experts, -1 for none) and ``probs [R, K]``, and
 returns as :func:`flexdispatch.ops.permute_by_indices` without the counts (the manager reads
 them from the plan when it keeps them): ``(out [N, H], permuted_probs [N], plan)``; ``out`` is
-the pair ``(rows [N, H] float8_e4m3fn, scales
-[N, H / 128] float32)`` when ``fp8_out`` and the rows were kept in FP8 (FP8 experts).
+the pair ``(rows [N, H] float8_e4m3fn, scales [N, H / 128] float32)`` when ``fp8_out`` and the
+rows were kept in FP8 (FP8 experts).
 """
 
 from __future__ import annotations
