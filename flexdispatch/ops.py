@@ -25,7 +25,7 @@ import torch
 from . import _kernel_header, _library, reference
 from .spec import MAX_EXPERTS, check_floating_tensor, input_error
 from ._library import check_pending_errors, cuda_kernels_loaded, defer_routing_error, kernels_loaded, load_kernels
-from .rowmap import RowIdMap, index_route_error_bits, layout_total_index, plan_of
+from .rowmap import RowIdMap, host_readable_layout, index_route_error_bits, layout_total_index, plan_of
 
 __all__ = ["load_kernels", "kernels_loaded", "cuda_kernels_loaded", "check_pending_errors", "defer_routing_error",
            "indices_to_multihot", "check_route", "check_route_reported", "permute", "permute_by_indices", "make_plan",
@@ -303,8 +303,8 @@ def make_plan(route: torch.Tensor, num_experts: int, num_out_tokens: Optional[in
 def _plan(route, num_experts, num_out_tokens, pad_multiple, name) -> RowIdMap:
     row_map, layout, host = _library.plan(route, num_experts, pad_multiple or 1, _size(num_out_tokens), name)
     num_out = num_out_tokens
-    if num_out is None:  # the rows used, read from the host copy the op's one sync made (a CPU layout's own)
-        num_out = (host if host.numel() else layout)[layout_total_index(num_experts)].item()
+    if num_out is None:  # the rows used, read from the host copy the op's one sync made (a CPU layout itself)
+        num_out = host_readable_layout(layout, host)[layout_total_index(num_experts)].item()
     return plan_of(row_map, layout, host, num_experts, num_out, num_out_tokens, pad_multiple)
 
 

@@ -42,7 +42,9 @@ class RowIdMap:
         num_out: ``N``, the rows of the permuted tensor (rows used, or the caller's
             ``num_out_tokens``; rows past those used are zero).
         pad_multiple: every expert's rows were padded to a multiple of this (1: no padding).
-        host_layout: a CPU copy of ``layout`` when one was made (it costs a sync on GPUs).
+        host_layout: ``layout`` as the host reads it, when it can without a sync: a CPU
+            layout itself, or the CPU copy the op made to size its output (see
+            :func:`host_readable_layout`).
     """
 
     map: torch.Tensor
@@ -72,7 +74,7 @@ class RowIdMap:
         return host[e:2 * e] if host is not self.layout else host[e:2 * e].clone()
 
     def _host(self) -> torch.Tensor:
-        if self.host_layout is None or self.host_layout is self.layout:
+        if self.host_layout is None:  # (a device layout no op copied: one sync)
             self.host_layout = self.layout.cpu()
         return self.host_layout
 
@@ -86,12 +88,22 @@ class RowIdMap:
             raise routing_error(bits, route, self.num_experts, name, self.num_out)
 
 
+def host_readable_layout(layout: torch.Tensor, host: torch.Tensor) -> Optional[torch.Tensor]:
+    """A kernel op's ``layout`` as the host reads it without a sync, from the op's host layout
+    output ``host`` (:mod:`flexdispatch._library`): the CPU copy the op made to size a device
+    layout's output, a CPU layout itself (read in place: ``host`` is then ``[0]``), or None (a
+    device layout the op did not copy: its caller sized the output)."""
+    if host.numel():
+        return host
+    return layout if layout.is_cpu else None
+
+
 def plan_of(row_map, layout, host, num_experts, num_out, num_out_tokens, pad_multiple) -> RowIdMap:
     """The plan of a kernel op's outputs (:mod:`flexdispatch._library`); ``host`` is the op's
-    host layout, ``[0]`` when it made none (the caller sized the output)."""
+    host layout output (see :func:`host_readable_layout`)."""
     return RowIdMap(map=row_map, layout=layout, num_experts=num_experts, num_out=num_out,
                     pad_multiple=pad_multiple or 1, has_tail=num_out_tokens is not None,
-                    host_layout=host if host.numel() else None)
+                    host_layout=host_readable_layout(layout, host))
 
 
 def first_bad_slot(route: torch.Tensor, num_experts: int, probs: Optional[torch.Tensor] = None) -> str:
