@@ -472,13 +472,22 @@ def permute_fp8_by_indices(q: torch.Tensor, scales: torch.Tensor, indices: torch
     if rows is not None and (tuple(rows.shape) != tuple(q.shape) or rows.dtype != dtype):
         raise ValueError(f"rows: expected {dtype} {tuple(q.shape)}, got {rows.dtype} {tuple(rows.shape)}")
     probs = checked_index_args(q.shape[0], indices, probs, num_experts, num_out_tokens, pad_multiple)
+    return with_counts(permute_fp8_by_indices_trusted(q, scales, indices, probs, num_experts, num_out_tokens,
+                                                      pad_multiple, dtype, rows))
+
+
+def permute_fp8_by_indices_trusted(q: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor,
+                                   probs: Optional[torch.Tensor], num_experts: int, num_out_tokens: Optional[int],
+                                   pad_multiple: Optional[int], dtype: torch.dtype, rows: Optional[torch.Tensor]):
+    """:func:`permute_fp8_by_indices` of arguments its caller has already checked, without the
+    counts: ``(out, permuted_probs, plan)``, a manager's permutation of the FP8 rows it kept."""
     if not _library.serves(q):
         dense = dequantize_fp8(q, scales, dtype)
         if rows is not None:  # the dequantized values, with the stand-in's gradient path
             dense = _StandIn.apply(rows, dense)
-        return permute_by_indices(dense, indices, probs, num_experts, num_out_tokens, pad_multiple)
-    return with_counts(run_permutation(_library.permute_fp8, rows, probs, indices, num_experts, num_out_tokens,
-                                       pad_multiple, "indices", q.view(torch.uint8), scales, dtype))
+        return permute_by_indices_trusted(dense, indices, probs, num_experts, num_out_tokens, pad_multiple)
+    return run_permutation(_library.permute_fp8, rows, probs, indices, num_experts, num_out_tokens, pad_multiple,
+                           "indices", q.view(torch.uint8), scales, dtype)
 
 
 def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,8 @@ def permute_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indices: t
     peer's row) and written to its experts' rows. ``rows`` ``[R, H]`` stands for them in shape,
     dtype and autograd (its values are not read).
 
-    Returns ``(out [N, H], permuted_probs [N], plan, tokens_per_expert)``."""
+    Returns ``(out [N, H], permuted_probs [N], plan)``: the manager reads the counts from the
+    plan when it keeps them."""
     return _permute_through(_library.permute_from, rows, addrs, align, indices, probs, num_experts, num_out_tokens,
                             pad_multiple, max_blocks, first_row)
 
@@ -92,7 +93,7 @@ def permute_fp8_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indice
     read once and written dequantized to its experts' rows. ``rows`` ``[R, H]`` of the output
     dtype stands for them in shape, dtype and autograd (its values are not read).
 
-    Returns ``(out [N, H], permuted_probs [N], plan, tokens_per_expert)``."""
+    Returns as :func:`permute_from`."""
     return _permute_through(_library.permute_fp8_from, rows, addrs, align, indices, probs, num_experts,
                             num_out_tokens, pad_multiple, max_blocks, first_row)
 
@@ -102,5 +103,5 @@ def _permute_through(op, rows, addrs, align, indices, probs, num_experts, num_ou
     """A permutation whose op (of :mod:`flexdispatch._library`) reads row ``r`` at ``addrs[r]``."""
     probs = ops.checked_index_args(rows.shape[0], indices, probs, num_experts, num_out_tokens, pad_multiple)
     _kernels()
-    return ops.with_counts(ops.run_permutation(op, rows, probs, indices, num_experts, num_out_tokens, pad_multiple,
-                                               "indices", addrs, align, max_blocks, first_row))
+    return ops.run_permutation(op, rows, probs, indices, num_experts, num_out_tokens, pad_multiple, "indices", addrs,
+                               align, max_blocks, first_row)

@@ -1283,8 +1283,9 @@ def test_permute_fp8_from_addresses_equals_the_dequantizing_permutation(device, 
     stand_in = torch.zeros((), dtype=dtype, device=device).expand(rows, hidden).requires_grad_()
     num_out = rows * topk + 11 if sized else None
     poison(device)
-    out, out_p, plan, tpe = peer_ops.permute_fp8_from(stand_in, addrs, 8, idx, p, experts, num_out, 2,
-                                                      max_blocks=max_blocks, first_row=first_row)
+    out, out_p, plan = peer_ops.permute_fp8_from(stand_in, addrs, 8, idx, p, experts, num_out, 2,
+                                                 max_blocks=max_blocks, first_row=first_row)
+    tpe = plan.tokens_per_expert
     want, want_p, want_plan, want_tpe = ops.permute_fp8_by_indices(q, scales, idx, p, num_experts=experts,
                                                                     num_out_tokens=num_out, pad_multiple=2,
                                                                     dtype=dtype)
@@ -1381,8 +1382,8 @@ def test_permute_from_addresses_equals_permute_by_indices(device, pad, sized, fi
     num_out = rows * topk + experts * 3 if sized else None
     stand_in = torch.zeros((), dtype=x.dtype, device=device).expand(rows, hidden).requires_grad_()
     addrs = _row_addrs(x, torch.arange(rows, device=device))
-    out, out_p, plan, tpe = peer_ops.permute_from(stand_in, addrs, 16, idx, p, experts, num_out, pad,
-                                                  first_row=first_row)
+    out, out_p, plan = peer_ops.permute_from(stand_in, addrs, 16, idx, p, experts, num_out, pad,
+                                             first_row=first_row)
     ref, ref_p, ref_plan, ref_tpe = reference.permute_by_indices(x, idx, p, num_experts=experts,
                                                                  num_out_tokens=num_out, pad_multiple=pad)
     assert torch.equal(out, ref) and torch.equal(out_p, ref_p)

@@ -54,9 +54,8 @@ class KeptFp8:
                 self.q.contiguous().view(torch.uint8), indices, probs, num_experts, num_out_tokens, pad_multiple)
             return ((out_q.view(torch.float8_e4m3fn), ops.apply_permutation(self.scales.contiguous(), plan)),
                     out_probs, plan)
-        return ops.permute_fp8_by_indices(self.q, self.scales, indices, probs, num_experts=num_experts,
-                                          num_out_tokens=num_out_tokens, pad_multiple=pad_multiple,
-                                          dtype=hidden.dtype, rows=hidden)[:3]
+        return ops.permute_fp8_by_indices_trusted(self.q, self.scales, indices, probs, num_experts, num_out_tokens,
+                                                  pad_multiple, hidden.dtype, hidden)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +75,7 @@ class LeftAtPeers:
         permute = peer_ops.permute_fp8_from if self.fp8 else peer_ops.permute_from
         return permute(hidden, self.addrs, self.align, indices, probs, num_experts=num_experts,
                        num_out_tokens=num_out_tokens, pad_multiple=pad_multiple, max_blocks=max_blocks,
-                       first_row=self.first_row)[:3]
+                       first_row=self.first_row)
 
 
 def stand_in(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
