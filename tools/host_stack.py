@@ -30,7 +30,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from flexdispatch import _library, ops  # noqa: E402
-from bench_compile import add_layer_arguments, dispatcher  # noqa: E402
+from bench_compile import add_layer_arguments, dispatcher, layer_inputs  # noqa: E402
 from timing import host_us  # noqa: E402
 
 
@@ -44,11 +44,9 @@ def main() -> int:
     ops.load_kernels()
     kernels = _library.kernels()
     d = dispatcher(args, True)
-    g = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    x = torch.randn(tokens, args.hidden, generator=g).to(dev, dtype).requires_grad_()
-    logits = torch.randn(tokens, experts, generator=g).to(dev).requires_grad_()
-    probs = torch.softmax(logits, -1)
+    (x, logits, _), _ = layer_inputs(args, dtype)
+    probs = torch.softmax(logits.requires_grad_(), -1)
     x_plain, probs_plain = x.detach(), probs.detach()
     values, _, clean, _ = kernels.route_topk(probs_plain, topk, 0, 0)
     values = values.float()
