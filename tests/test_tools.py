@@ -155,3 +155,24 @@ def test_host_stack_times_the_same_kernels_at_every_layer():
     labels = {label for _, label in times}
     assert len(times) == 2 * len(labels) == 22 and all(t > 0 for t in times.values())
     assert all(times[(r, "three kernels: dispatcher")] > times[(r, "three kernels: raw")] for r in (1, 2))
+
+
+def test_bench_binding_times_the_same_gather_through_every_binding():
+    """tools/bench_binding.py on the CPU: its stand-in kernel's four bindings give the same rows
+    and gradient (the tool checks before it times, and exits non-zero when they differ), and every
+    row of every round is a positive host time."""
+    import re
+    import subprocess
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_binding.py"
+    out = subprocess.run([sys.executable, str(tool), "--device", "cpu", "--rows", "16", "--hidden", "8",
+                          "--calls", "20", "--rounds", "2"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    times = {}
+    for line in out.stdout.splitlines()[1:]:
+        m = re.match(r"round (\d)  (.*?)\s+([\d.]+)$", line)
+        assert m, line
+        times[(int(m.group(1)), m.group(2))] = float(m.group(3))
+    labels = {label for _, label in times}
+    assert {"raw, no grad", "python function, grad", "C++ op, grad", "C++ autograd, grad"} <= labels
+    assert len(times) == 2 * len(labels) == 20 and all(t > 0 for t in times.values())
