@@ -512,7 +512,9 @@ Permuted permute(const Tensor& route, int64_t num_experts, int64_t pad_multiple,
   check_same_device(route, tokens, "tokens");
   TORCH_CHECK_VALUE(tokens.size(0) == r.rows, "tokens has ", tokens.size(0), " rows, the route ", r.rows);
 #ifdef FLEXDISPATCH_WITH_CUDA
-  if (num_out >= 0 && route.is_cuda() && fd::cuda::permute_small_fits(r, tokens.size(1) * tokens.element_size())) {
+  if (num_out >= 0 && route.is_cuda() &&
+      fd::cuda::permute_small_fits(r, tokens.size(1) * tokens.element_size(),
+                                   c10::cuda::getCurrentCUDAStream(route.get_device()))) {
     return permute_small(r, route, pad_multiple, num_out, tokens, probs, error_address);
   }
 #endif

@@ -79,9 +79,11 @@ cudaError_t route_map(const Route& route, const int32_t* chunk_offsets, int64_t*
                       void* probs_out, bool scans, int64_t pad_multiple, cudaStream_t stream);
 
 // Whether permute_small serves a route (top-k int32 or int64 indices, or a multihot map) whose
-// output rows are row_bytes each: a few thousand (row, slot) entries (a map of up to 256K), at
-// most 1024 experts (and 64 slots of a top-k route), a few MB of rows (route_small.cu).
-bool permute_small_fits(const Route& route, int64_t row_bytes);
+// output rows are row_bytes each, queued on `stream`: a few thousand (row, slot) entries (a map
+// of up to 256K, read by all blocks together within a larger limit where the stream is not
+// being captured into a CUDA graph), at most 1024 experts (and 64 slots of a top-k route), a few
+// MB of rows (route_small.cu).
+bool permute_small_fits(const Route& route, int64_t row_bytes, cudaStream_t stream);
 
 // The whole permutation of such a route, its output size num_out known, in one launch:
 // layout, row_id_map, probs_out (nullable) and dst [num_out] rows of row_bytes as route_plan,

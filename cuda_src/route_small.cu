@@ -28,6 +28,13 @@ constexpr int64_t kSmallReads = 1 << 20;  // entries read by all blocks together
 // an entry than a top-k route's slots, so its limits are larger.
 constexpr int64_t kSmallMapEntries = 1 << 18;
 constexpr int64_t kSmallMapReads = 8 * kSmallReads;
+// Past kSmallMapReads the passes take less device time than one launch, yet queued one by one
+// their three launches cost the host more than the launch's extra device time: at 1024 x 1024,
+// E = 256, K = 8 (one H100) the passes took 19.4 us of kernels against 26.5 for one launch in
+// blocks of 8 rows, but the permute + unpermute pair 42 us of host time a call against 32.5. So
+// a stream that is not being captured into a CUDA graph takes the one launch up to
+// kSmallMapReadsEager; a captured one, where no launch costs the host, the passes.
+constexpr int64_t kSmallMapReadsEager = 4 * kSmallMapReads;
 constexpr int64_t kSmallBytes = 4 << 20;  // bytes of output rows: beyond, the multi-pass scatter's wide grid wins
 // Shared memory a block may take: what every CUDA device gives without opting in.
 constexpr size_t kSmallSharedBytes = 46 * 1024;
@@ -53,12 +60,13 @@ size_t small_shared_bytes(const Route& route, int32_t block_rows) {
 }
 
 // The rows a block of permute_small takes for `route` (the fewest that keep the reads within the
-// limit and the shared memory within kSmallSharedBytes), or 0 where no launch of it fits.
-int32_t small_block_rows(const Route& route) {
+// limit, map_reads for a multihot map, and the shared memory within kSmallSharedBytes), or 0
+// where no launch of it fits.
+int32_t small_block_rows(const Route& route, int64_t map_reads) {
   const bool map = route.kind == kRouteMultihot;
   const int64_t entries = route.rows * route.slots;
   for (int32_t block_rows = kSmallRowsFirst; block_rows <= kSmallRowsMost; block_rows *= 2) {
-    if (entries * small_blocks(route.rows, block_rows) > (map ? kSmallMapReads : kSmallReads)) continue;
+    if (entries * small_blocks(route.rows, block_rows) > (map ? map_reads : kSmallReads)) continue;
     return small_shared_bytes(route, block_rows) <= kSmallSharedBytes ? block_rows : 0;
   }
   return 0;
@@ -308,23 +316,44 @@ cudaError_t launch_small_for(const Small& a, int prob_bytes, const Rows& in, cud
 // Bytes of a dequantized row of `hidden` values (float32, float16 or bfloat16).
 int64_t fp8_output_row_bytes(int64_t hidden, DType dtype) { return hidden * (dtype == kFloat32 ? 4 : 2); }
 
-// The rows a block takes for `route` with output rows of row_bytes (small_block_rows), or 0
-// where the one-launch permutation does not serve it: at most kSmallExperts experts (and
-// kSmallSlots slots of a top-k route), kSmallEntries entries (kSmallMapEntries of a map),
-// kSmallBytes of output rows.
-int32_t small_rows_for(const Route& route, int64_t row_bytes) {
+// Whether the one-launch permutation may serve `route` with output rows of row_bytes, its reads
+// aside: at most kSmallExperts experts (and kSmallSlots slots of a top-k route), kSmallEntries
+// entries (kSmallMapEntries of a map), kSmallBytes of output rows.
+bool small_served(const Route& route, int64_t row_bytes) {
   const bool map = route.kind == kRouteMultihot;
   const int64_t entries = route.rows * route.slots;
-  const bool served = route.rows > 0 && route.num_experts <= kSmallExperts && (map || route.slots <= kSmallSlots) &&
-                      entries <= (map ? kSmallMapEntries : kSmallEntries) && route.rows * row_bytes <= kSmallBytes;
-  return served ? small_block_rows(route) : 0;
+  return route.rows > 0 && route.num_experts <= kSmallExperts && (map || route.slots <= kSmallSlots) &&
+         entries <= (map ? kSmallMapEntries : kSmallEntries) && route.rows * row_bytes <= kSmallBytes;
 }
 
-// small_rows_for a top-k route's FP8 rows of `hidden` values dequantized to dtype (float32,
-// float16 or bfloat16; whole groups of kFp8Group values).
+// Whether work queued on `stream` is being captured into a CUDA graph. A failed query counts as
+// captured (the passes serve either way), its error cleared unless an earlier one was pending.
+bool captured(cudaStream_t stream) {
+  const cudaError_t pending = cudaPeekAtLastError();
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    if (pending == cudaSuccess) (void)cudaGetLastError();
+    return true;
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// The rows a block takes for `route` with output rows of row_bytes queued on `stream`
+// (small_block_rows; a multihot map within kSmallMapReadsEager where the stream is not
+// captured), or 0 where the one-launch permutation does not serve it.
+int32_t small_rows_for(const Route& route, int64_t row_bytes, cudaStream_t stream) {
+  if (!small_served(route, row_bytes)) return 0;
+  const int32_t block_rows = small_block_rows(route, kSmallMapReads);
+  if (block_rows != 0 || route.kind != kRouteMultihot || captured(stream)) return block_rows;
+  return small_block_rows(route, kSmallMapReadsEager);
+}
+
+// The rows a block takes for a top-k route's FP8 rows of `hidden` values dequantized to dtype
+// (float32, float16 or bfloat16; whole groups of kFp8Group values), or 0 (see small_rows_for).
 int32_t fp8_small_rows_for(const Route& route, int64_t hidden, DType dtype) {
-  const bool served = route.kind != kRouteMultihot && dtype != kFloat64 && hidden % kFp8Group == 0;
-  return served ? small_rows_for(route, fp8_output_row_bytes(hidden, dtype)) : 0;
+  const bool served = route.kind != kRouteMultihot && dtype != kFloat64 && hidden % kFp8Group == 0 &&
+                      small_served(route, fp8_output_row_bytes(hidden, dtype));
+  return served ? small_block_rows(route, kSmallMapReads) : 0;
 }
 
 // A launch's arguments the fit does not cover: a served route (block_rows), a known output
@@ -335,12 +364,14 @@ bool small_call_valid(int32_t block_rows, int64_t num_out, const void* probs, in
 
 }  // namespace
 
-bool permute_small_fits(const Route& route, int64_t row_bytes) { return small_rows_for(route, row_bytes) != 0; }
+bool permute_small_fits(const Route& route, int64_t row_bytes, cudaStream_t stream) {
+  return small_rows_for(route, row_bytes, stream) != 0;
+}
 
 cudaError_t permute_small(const Route& route, int64_t pad_multiple, const void* src, int64_t row_bytes,
                           const void* probs, int prob_bytes, int64_t num_out, void* dst, void* probs_out,
                           int32_t* row_id_map, int64_t* layout, void* host_word, cudaStream_t stream) {
-  const int32_t block_rows = small_rows_for(route, row_bytes);
+  const int32_t block_rows = small_rows_for(route, row_bytes, stream);
   if (!small_call_valid(block_rows, num_out, probs, prob_bytes)) return cudaErrorInvalidValue;
   const Small a{route,     pad_multiple, static_cast<int32_t>(row_bytes), probs,
                 num_out,   static_cast<char*>(dst), probs_out, row_id_map,

@@ -137,23 +137,30 @@ def _device_ops(fn) -> list:
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def _one_launch_fits(rows: int, experts: int, slots: int, multihot: bool) -> bool:
+def _one_launch_fits(rows: int, experts: int, slots: int, multihot: bool, captured: bool = False) -> bool:
     """Whether a route of small rows is permuted in one launch (the limits of
     cuda_src/route_small.cu): at most 1024 experts, 64 slots of a top-k route, 8192 entries of a
     top-k route or 2^18 of a multihot map (whose slots are its experts), blocks of 8 or 16 rows
-    (the fewest for which the entries times the blocks stay within 2^20, 2^23 for a map), whose
+    (the fewest for which the entries times the blocks stay within 2^20, 2^23 for a map, or for a
+    map queued eagerly, not ``captured`` into a CUDA graph, 2^25 where 2^23 finds none), whose
     shared memory stays within 46 KiB."""
     entries = rows * slots
     if rows == 0 or experts > 1024 or (not multihot and slots > 64) or entries > (1 << 18 if multihot else 8192):
         return False
     words = -(-slots // 4)
-    for block_rows in (8, 16):
-        if entries * -(-rows // block_rows) > (1 << 23 if multihot else 1 << 20):
-            continue
-        partial = 1024 // words * 4 * words if multihot else 0  # (a map's partial counts share the dests' room)
-        shared = 8 * (32 + experts + 1) + 4 * (3 * experts + 16 + max(block_rows * slots, partial))
-        return shared <= 46 * 1024
-    return False
+
+    def within(reads: int) -> bool:
+        for block_rows in (8, 16):
+            if entries * -(-rows // block_rows) > reads:
+                continue
+            partial = 1024 // words * 4 * words if multihot else 0  # (a map's partial counts share the dests' room)
+            shared = 8 * (32 + experts + 1) + 4 * (3 * experts + 16 + max(block_rows * slots, partial))
+            return shared <= 46 * 1024
+        return False
+
+    if not multihot:
+        return within(1 << 20)
+    return within(1 << 23) or (not captured and within(1 << 25))
 
 
 # (rows, experts, topk) at the one-launch permutation's limits (_one_launch_fits: 8192 entries; the
@@ -213,10 +220,12 @@ def test_one_launch_permutation_is_the_planned_one(rows, experts, topk, fault, p
 # (rows, experts, topk) of multihot maps at the one-launch limits (_one_launch_fits) and just past
 # them: the reads of blocks of 8 rows (1024 x 64, 2896 x 8) and of 16 (1025 x 64, 1024 x 128,
 # 2048 x 32), 2^18 entries (512 x 512), the shared memory (64 x 899), maps read byte by byte
-# (widths not a multiple of 4).
+# (widths not a multiple of 4); queued eagerly, the larger reads (2896 x 64) and 2^18 entries
+# under them (1024 x 256, 2048 x 128).
 ONE_LAUNCH_MULTIHOT_EDGES = [(1024, 64, 8), (1025, 64, 8), (2896, 8, 4), (2897, 8, 4), (1024, 128, 8),
                              (1025, 128, 8), (2048, 32, 4), (2049, 32, 4), (512, 512, 8), (513, 512, 8),
-                             (64, 899, 8), (64, 900, 8), (100, 65, 8), (1, 4, 2), (9, 5, 3)]
+                             (64, 899, 8), (64, 900, 8), (100, 65, 8), (1, 4, 2), (9, 5, 3), (1024, 256, 8),
+                             (1025, 256, 8), (2048, 128, 8), (2049, 128, 8), (2896, 64, 8), (2897, 64, 8)]
 
 
 @pytest.mark.gpu
@@ -249,6 +258,49 @@ def test_one_launch_multihot_permutation_is_the_planned_one(rows, experts, topk,
     by_index = ops.permute_by_indices(x, idx, num_experts=experts, num_out_tokens=used + 7, pad_multiple=pad)[0]
     assert torch.equal(out, by_index)
     assert torch.equal(ops.unpermute(out, plan), reference.unpermute(ref, ref_plan))
+
+
+@pytest.mark.gpu
+def test_a_map_past_the_captured_limit_is_one_launch_eagerly_and_the_passes_in_a_graph(poison):
+    """A multihot map whose one launch reads more than the passes cost the device (1024 x 256,
+    K = 8) is permuted in one launch when queued eagerly, where the passes' three launches cost
+    the host more, and by the passes when captured into a CUDA graph: the reference's rows,
+    probs, plan and zero tail both ways."""
+    rows, experts, topk = 1024, 256, 8
+    assert _one_launch_fits(rows, experts, experts, multihot=True)
+    assert not _one_launch_fits(rows, experts, experts, multihot=True, captured=True)
+    idx = random_indices(rows, experts, topk, seed=256).to("cuda")
+    routing_map, probs = (t.contiguous() for t in reference.indices_to_multihot(
+        idx, random_probs(rows, topk, device="cuda"), experts))
+    x = random_tokens(rows, 64, torch.bfloat16, device="cuda")
+    ref, ref_p, ref_plan, ref_tpe = reference.permute(x, routing_map, probs)
+    used = ref.shape[0]
+
+    def permute():
+        return ops.permute(x, routing_map, probs, num_out_tokens=used + 5)
+
+    assert len(_device_ops(permute)) == 1
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        permute()  # (warm-up off the capturing stream, as torch.cuda.graph asks)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = permute()
+    eager = permute()
+    poison("cuda")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    replayed = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(replayed) == 3, replayed  # (count, map, scatter)
+    for out, out_p, plan, tpe in (captured, eager):
+        assert torch.equal(out[:used], ref) and torch.equal(out_p[:used], ref_p)
+        assert torch.count_nonzero(out[used:]) == 0 and torch.count_nonzero(out_p[used:]) == 0
+        assert torch.equal(plan.map.cpu(), ref_plan.map.cpu()) and torch.equal(tpe.cpu(), ref_tpe.cpu())
+    ops.check_pending_errors()
 
 
 @pytest.mark.gpu
