@@ -135,23 +135,30 @@ def test_host_layer_lists_a_forwards_operations_with_the_frames_that_queued_them
     assert "permute" in forward and "gather_rows" in forward  # (the ops' frames in _library.py)
 
 
-def test_host_stack_times_the_same_kernels_at_every_layer():
-    """tools/host_stack.py on the CPU (a smoke test of its GPU figures): every row in every round,
-    each a positive host time; the three kernels through the dispatcher cost at least what they
-    cost called raw (the same kernels plus the layers above them)."""
+def _host_rounds(tool: str, *args: str) -> dict:
+    """``{(round, label): host us}`` that ``tools/<tool>`` prints on the CPU (20 calls a row, two
+    rounds; timing.print_host_rounds' lines); fails unless the tool exits 0 and every line after
+    its title is a row."""
     import re
     import subprocess
 
-    tool = Path(__file__).resolve().parents[1] / "tools" / "host_stack.py"
-    out = subprocess.run([sys.executable, str(tool), "--device", "cpu", "--tokens", "16", "--hidden", "8",
-                          "--experts", "8", "--topk", "2", "--calls", "20", "--rounds", "2"],
-                         capture_output=True, text=True, timeout=300)
+    path = Path(__file__).resolve().parents[1] / "tools" / tool
+    out = subprocess.run([sys.executable, str(path), "--device", "cpu", "--calls", "20", "--rounds", "2", *args],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     times = {}
     for line in out.stdout.splitlines()[1:]:
         m = re.match(r"round (\d)  (.*?)\s+([\d.]+)$", line)
         assert m, line
         times[(int(m.group(1)), m.group(2))] = float(m.group(3))
+    return times
+
+
+def test_host_stack_times_the_same_kernels_at_every_layer():
+    """tools/host_stack.py on the CPU (a smoke test of its GPU figures): every row in every round,
+    each a positive host time; the three kernels through the dispatcher cost at least what they
+    cost called raw (the same kernels plus the layers above them)."""
+    times = _host_rounds("host_stack.py", "--tokens", "16", "--hidden", "8", "--experts", "8", "--topk", "2")
     labels = {label for _, label in times}
     assert len(times) == 2 * len(labels) == 22 and all(t > 0 for t in times.values())
     assert all(times[(r, "three kernels: dispatcher")] > times[(r, "three kernels: raw")] for r in (1, 2))
@@ -161,18 +168,7 @@ def test_bench_binding_times_the_same_gather_through_every_binding():
     """tools/bench_binding.py on the CPU: its stand-in kernel's four bindings give the same rows
     and gradient (the tool checks before it times, and exits non-zero when they differ), and every
     row of every round is a positive host time."""
-    import re
-    import subprocess
-
-    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_binding.py"
-    out = subprocess.run([sys.executable, str(tool), "--device", "cpu", "--rows", "16", "--hidden", "8",
-                          "--calls", "20", "--rounds", "2"], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    times = {}
-    for line in out.stdout.splitlines()[1:]:
-        m = re.match(r"round (\d)  (.*?)\s+([\d.]+)$", line)
-        assert m, line
-        times[(int(m.group(1)), m.group(2))] = float(m.group(3))
+    times = _host_rounds("bench_binding.py", "--rows", "16", "--hidden", "8")
     labels = {label for _, label in times}
     assert {"raw, no grad", "python function, grad", "C++ op, grad", "C++ autograd, grad"} <= labels
     assert len(times) == 2 * len(labels) == 20 and all(t > 0 for t in times.values())

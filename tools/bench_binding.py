@@ -32,7 +32,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from timing import host_us  # noqa: E402
+from timing import print_host_rounds  # noqa: E402
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -183,12 +183,8 @@ def main() -> int:
             rows.append((f"{name}, grad", lambda fn=fn: fn(src, index)))
     rows += [("flexdispatch gather_rows, no grad", lambda: ours(plain)),
              ("flexdispatch gather_rows, grad", lambda: ours(src))]
-    name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
-    print(f"bindings of a row gather, {args.rows} x {args.hidden} {dtype} on {dev} ({name}), "
-          f"torch {torch.__version__}; host us a call")
-    for r in range(args.rounds):
-        for label, fn in rows:
-            print(f"round {r + 1}  {label:36s} {host_us(fn, dev, args.calls):7.1f}")
+    print_host_rounds(f"bindings of a row gather, {args.rows} x {args.hidden} {dtype}", rows, dev, args.calls,
+                      args.rounds)
     return 0
 
 

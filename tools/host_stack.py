@@ -31,7 +31,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from flexdispatch import _library, ops  # noqa: E402
 from bench_compile import add_layer_arguments, dispatcher, layer_inputs  # noqa: E402
-from timing import host_us  # noqa: E402
+from timing import print_host_rounds  # noqa: E402
 
 
 def main() -> int:
@@ -81,12 +81,8 @@ def main() -> int:
             ("permute op, grad", lambda: _library.permute(x, values, clean, experts, 1, num_out, "indices")),
             ("three kernels: raw", raw), ("three kernels: ops", registered), ("three kernels: public", public),
             ("three kernels: dispatcher", through_dispatcher)]
-    name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
-    print(f"one-rank stack, T={tokens} H={args.hidden} E={experts} K={topk} {dtype} on {dev} ({name}), "
-          f"torch {torch.__version__}; host us a call")
-    for r in range(args.rounds):
-        for label, fn in rows:
-            print(f"round {r + 1}  {label:36s} {host_us(fn, dev, args.calls):7.1f}")
+    print_host_rounds(f"one-rank stack, T={tokens} H={args.hidden} E={experts} K={topk} {dtype}", rows, dev,
+                      args.calls, args.rounds)
     return 0
 
 

@@ -87,6 +87,16 @@ def host_us(fn: Callable[[], object], device: str, calls: int, warmup: int = 20)
     return statistics.median(batches)
 
 
+def print_host_rounds(title: str, rows: list, device: str, calls: int, rounds: int) -> None:
+    """``title``, then ``rounds`` rounds of ``round R  LABEL  US`` lines: :func:`host_us` of every
+    ``(label, fn)`` of ``rows`` in turn (the format the host tools print and their tests read)."""
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"{title} on {device} ({name}), torch {torch.__version__}; host us a call")
+    for r in range(rounds):
+        for label, fn in rows:
+            print(f"round {r + 1}  {label:36s} {host_us(fn, device, calls):7.1f}")
+
+
 def own_time_top(fn: Callable[[], object], device: str, calls: int, top: int) -> str:
     """cProfile's ``top`` functions by own time over ``calls`` calls of ``fn`` (the extension's
     rows hold its C++ side), as text."""
