@@ -491,14 +491,17 @@ Permuted permute_small_with(const fd::Route& r, const Tensor& route, int64_t pad
   return permuted(out, probs_out, row_id_map, layout, std::nullopt);
 }
 
-// permute_small_with for rows as they are: tokens [R, H].
-Permuted permute_small(const fd::Route& r, const Tensor& route, int64_t pad_multiple, int64_t num_out,
-                       const Tensor& tokens, const std::optional<Tensor>& probs, int64_t error_address) {
+// permute_small_with for rows as they are: tokens [R, H], in blocks of block_rows
+// (fd::cuda::permute_small_rows).
+Permuted permute_small(const fd::Route& r, int32_t block_rows, const Tensor& route, int64_t pad_multiple,
+                       int64_t num_out, const Tensor& tokens, const std::optional<Tensor>& probs,
+                       int64_t error_address) {
   return permute_small_with(r, route, pad_multiple, num_out, probs, tokens.options(), tokens.size(1), error_address,
                             [&](void* out, const void* p, int prob_bytes, void* po, int32_t* map, int64_t* layout,
                                 void* word, cudaStream_t stream) {
-    return fd::cuda::permute_small(r, pad_multiple, tokens.data_ptr(), tokens.size(1) * tokens.element_size(), p,
-                                   prob_bytes, num_out, out, po, map, layout, word, stream);
+    return fd::cuda::permute_small(r, block_rows, pad_multiple, tokens.data_ptr(),
+                                   tokens.size(1) * tokens.element_size(), p, prob_bytes, num_out, out, po, map,
+                                   layout, word, stream);
   });
 }
 #endif
@@ -512,11 +515,11 @@ Permuted permute(const Tensor& route, int64_t num_experts, int64_t pad_multiple,
   check_same_device(route, tokens, "tokens");
   TORCH_CHECK_VALUE(tokens.size(0) == r.rows, "tokens has ", tokens.size(0), " rows, the route ", r.rows);
 #ifdef FLEXDISPATCH_WITH_CUDA
-  if (num_out >= 0 && route.is_cuda() &&
-      fd::cuda::permute_small_fits(r, tokens.size(1) * tokens.element_size(),
-                                   c10::cuda::getCurrentCUDAStream(route.get_device()))) {
-    return permute_small(r, route, pad_multiple, num_out, tokens, probs, error_address);
-  }
+  const int32_t block_rows = num_out >= 0 && route.is_cuda()
+                                 ? fd::cuda::permute_small_rows(r, tokens.size(1) * tokens.element_size(),
+                                                                c10::cuda::getCurrentCUDAStream(route.get_device()))
+                                 : 0;
+  if (block_rows != 0) return permute_small(r, block_rows, route, pad_multiple, num_out, tokens, probs, error_address);
 #endif
   return permute_with(r, route, pad_multiple, num_out, probs, tokens, tokens.size(1), error_address,
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out,
@@ -844,11 +847,12 @@ Permuted permute_fp8(
   const int64_t q_pitch = q.size(0) > 1 ? q.stride(0) : hidden;
   const int64_t scale_pitch = scales.size(0) > 1 ? scales.stride(0) : hidden / fd::kFp8Group;
 #ifdef FLEXDISPATCH_WITH_CUDA
-  if (num_out >= 0 && route.is_cuda() && fd::cuda::permute_fp8_small_fits(r, hidden, dtype)) {
+  const int32_t block_rows = num_out >= 0 && route.is_cuda() ? fd::cuda::permute_fp8_small_rows(r, hidden, dtype) : 0;
+  if (block_rows != 0) {
     return permute_small_with(r, route, pad_multiple, num_out, probs, q.options().dtype(like.scalar_type()), hidden,
                               error_address, [&](void* out, const void* p, int prob_bytes, void* po, int32_t* map,
                                                  int64_t* layout, void* word, cudaStream_t stream) {
-      return fd::cuda::permute_fp8_small(r, pad_multiple, dtype, q.data_ptr<uint8_t>(), q_pitch,
+      return fd::cuda::permute_fp8_small(r, block_rows, pad_multiple, dtype, q.data_ptr<uint8_t>(), q_pitch,
                                          scales.data_ptr<float>(), scale_pitch, hidden, p, prob_bytes, num_out, out,
                                          po, map, layout, word, stream);
     });

@@ -356,22 +356,23 @@ int32_t fp8_small_rows_for(const Route& route, int64_t hidden, DType dtype) {
   return served ? small_block_rows(route, kSmallMapReads) : 0;
 }
 
-// A launch's arguments the fit does not cover: a served route (block_rows), a known output
-// size, probs of 4 or 8 bytes.
+// A launch's arguments the fit does not cover: the rows a block takes (as the fit gave them), a
+// known output size, probs of 4 or 8 bytes.
 bool small_call_valid(int32_t block_rows, int64_t num_out, const void* probs, int prob_bytes) {
-  return block_rows != 0 && num_out >= 0 && (probs == nullptr || prob_bytes == 4 || prob_bytes == 8);
+  return (block_rows == kSmallRowsFirst || block_rows == kSmallRowsMost) && num_out >= 0 &&
+         (probs == nullptr || prob_bytes == 4 || prob_bytes == 8);
 }
 
 }  // namespace
 
-bool permute_small_fits(const Route& route, int64_t row_bytes, cudaStream_t stream) {
-  return small_rows_for(route, row_bytes, stream) != 0;
+int32_t permute_small_rows(const Route& route, int64_t row_bytes, cudaStream_t stream) {
+  return small_rows_for(route, row_bytes, stream);
 }
 
-cudaError_t permute_small(const Route& route, int64_t pad_multiple, const void* src, int64_t row_bytes,
-                          const void* probs, int prob_bytes, int64_t num_out, void* dst, void* probs_out,
-                          int32_t* row_id_map, int64_t* layout, void* host_word, cudaStream_t stream) {
-  const int32_t block_rows = small_rows_for(route, row_bytes, stream);
+cudaError_t permute_small(const Route& route, int32_t block_rows, int64_t pad_multiple, const void* src,
+                          int64_t row_bytes, const void* probs, int prob_bytes, int64_t num_out, void* dst,
+                          void* probs_out, int32_t* row_id_map, int64_t* layout, void* host_word,
+                          cudaStream_t stream) {
   if (!small_call_valid(block_rows, num_out, probs, prob_bytes)) return cudaErrorInvalidValue;
   const Small a{route,     pad_multiple, static_cast<int32_t>(row_bytes), probs,
                 num_out,   static_cast<char*>(dst), probs_out, row_id_map,
@@ -383,15 +384,15 @@ cudaError_t permute_small(const Route& route, int64_t pad_multiple, const void* 
   });
 }
 
-bool permute_fp8_small_fits(const Route& route, int64_t hidden, DType dtype) {
-  return fp8_small_rows_for(route, hidden, dtype) != 0;
+int32_t permute_fp8_small_rows(const Route& route, int64_t hidden, DType dtype) {
+  return fp8_small_rows_for(route, hidden, dtype);
 }
 
-cudaError_t permute_fp8_small(const Route& route, int64_t pad_multiple, DType dtype, const uint8_t* q,
-                              int64_t q_pitch, const float* scales, int64_t scale_pitch, int64_t hidden,
-                              const void* probs, int prob_bytes, int64_t num_out, void* dst, void* probs_out,
-                              int32_t* row_id_map, int64_t* layout, void* host_word, cudaStream_t stream) {
-  const int32_t block_rows = fp8_small_rows_for(route, hidden, dtype);
+cudaError_t permute_fp8_small(const Route& route, int32_t block_rows, int64_t pad_multiple, DType dtype,
+                              const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
+                              int64_t hidden, const void* probs, int prob_bytes, int64_t num_out, void* dst,
+                              void* probs_out, int32_t* row_id_map, int64_t* layout, void* host_word,
+                              cudaStream_t stream) {
   if (!small_call_valid(block_rows, num_out, probs, prob_bytes)) return cudaErrorInvalidValue;
   const Small a{route,     pad_multiple, static_cast<int32_t>(fp8_output_row_bytes(hidden, dtype)),
                 probs,     num_out,      static_cast<char*>(dst),
