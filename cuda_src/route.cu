@@ -26,6 +26,9 @@ constexpr int kScanThreads = 1024;
 // route coalesced.
 constexpr int kPlanThreads = 1024;
 
+// Entries a map thread holds in registers between marking and placing (see route_map_kernel).
+constexpr int kHeldEntries = 2;
+
 // Threads for a chunk of chunk_rows rows of `slots` slots: one per entry, whole warps, at most
 // kPlanThreads.
 int plan_threads(int chunk_rows, int32_t slots) {
@@ -39,17 +42,23 @@ __device__ __forceinline__ int64_t chunk_entries(const Route& route, int64_t row
   return rows * route.slots;
 }
 
+// Sets bit (e, c) of the chunk's masks for entry i (row c = i / slots of the chunk) if its slot
+// is valid; returns its expert (-1: none).
+template <int Kind>
+__device__ __forceinline__ int64_t mark_entry(const Route& route, int64_t row0, int64_t i, uint32_t* masks,
+                                              int words, int64_t* bad) {
+  const int c = static_cast<int>(i / route.slots);
+  const int64_t e = checked_expert<Kind>(route, row0 + c, static_cast<int32_t>(i % route.slots), bad);
+  if (e >= 0) atomicOr(&masks[e * words + c / 32], 1u << (c % 32));
+  return e;
+}
+
 // Sets bit (e, c) of the chunk's masks for every valid slot of its rows.
 template <int Kind>
 __device__ void mark_chunk(const Route& route, int64_t row0, int chunk_rows, uint32_t* masks,
                            int words, int64_t* bad) {
   const int64_t entries = chunk_entries(route, row0, chunk_rows);
-  for (int64_t i = threadIdx.x; i < entries; i += blockDim.x) {
-    const int c = static_cast<int>(i / route.slots);
-    const int32_t s = static_cast<int32_t>(i % route.slots);
-    const int64_t e = checked_expert<Kind>(route, row0 + c, s, bad);
-    if (e >= 0) atomicOr(&masks[e * words + c / 32], 1u << (c % 32));
-  }
+  for (int64_t i = threadIdx.x; i < entries; i += blockDim.x) mark_entry<Kind>(route, row0, i, masks, words, bad);
 }
 
 __device__ void clear_masks(uint32_t* masks, int n) {
@@ -209,7 +218,21 @@ __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chu
   clear_masks(masks, experts * words);
   const int64_t row0 = int64_t(blockIdx.x) * chunk_rows;
   int64_t chunk_bad = 0;  // (the count pass reported these; the scan carries them)
-  mark_chunk<Kind>(route, row0, chunk_rows, masks, words, &chunk_bad);
+  const int64_t entries = chunk_entries(route, row0, chunk_rows);
+  // A thread's first kHeldEntries entries keep their expert and prob in registers from marking
+  // to placing, so that after the wait nothing of the route or the probs is read again (a chunk
+  // of 256 rows of up to 8 slots is held whole by 1024 threads); the rest are read again.
+  int32_t held[kHeldEntries];
+  ProbBits held_prob[kHeldEntries];
+#pragma unroll
+  for (int j = 0; j < kHeldEntries; ++j) {
+    const int64_t i = threadIdx.x + int64_t(j) * blockDim.x;
+    held[j] = i < entries ? static_cast<int32_t>(mark_entry<Kind>(route, row0, i, masks, words, &chunk_bad)) : -1;
+    held_prob[j] = probs != nullptr && held[j] >= 0 ? probs[row0 * route.slots + i] : ProbBits{};
+  }
+  for (int64_t i = threadIdx.x + int64_t(kHeldEntries) * blockDim.x; i < entries; i += blockDim.x) {
+    mark_entry<Kind>(route, row0, i, masks, words, &chunk_bad);
+  }
   wait_for_previous_grid();
   const ChunkPlace place = chunk_place<Scans>(chunk_offsets, num_chunks, experts, pad_multiple,
                                               reinterpret_cast<char*>(masks + experts * words), layout);
@@ -218,18 +241,28 @@ __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chu
 
   // The padded rows must fit too: real rows that fit while the padding does not are an overflow.
   int64_t overflow = blockIdx.x == 0 && threadIdx.x == 0 && offsets[experts] > num_out ? kOutputOverflow : 0;
-  const int64_t entries = chunk_entries(route, row0, chunk_rows);
-  for (int64_t i = threadIdx.x; i < entries; i += blockDim.x) {  // (as mark_chunk: a thread per entry)
+  // Output row of entry i of expert e (-1: none): the expert's offset, the chunk's within it, and
+  // the rank of row c among the chunk's earlier rows of e.
+  const auto dest_of = [&](int64_t i, int64_t e) -> int64_t {
+    if (e < 0) return -1;
+    const int c = static_cast<int>(i / route.slots);
+    const uint32_t* m = masks + e * words;
+    int rank = __popc(m[c / 32] & ((1u << (c % 32)) - 1u));
+    for (int w = 0; w < c / 32; ++w) rank += __popc(m[w]);
+    return offsets[e] + place.chunk_base[e] + rank;
+  };
+#pragma unroll
+  for (int j = 0; j < kHeldEntries; ++j) {
+    const int64_t i = threadIdx.x + int64_t(j) * blockDim.x;
+    if (i < entries) {
+      place_loaded_slot(dest_of(i, held[j]), row0 * route.slots + i, probs != nullptr, held_prob[j], num_out,
+                        row_id_map, probs_out, &overflow);
+    }
+  }
+  for (int64_t i = threadIdx.x + int64_t(kHeldEntries) * blockDim.x; i < entries; i += blockDim.x) {
     const int c = static_cast<int>(i / route.slots);
     const int64_t e = checked_expert<Kind>(route, row0 + c, static_cast<int32_t>(i % route.slots), &chunk_bad);
-    int64_t dest = -1;
-    if (e >= 0) {
-      const uint32_t* m = masks + e * words;
-      int rank = __popc(m[c / 32] & ((1u << (c % 32)) - 1u));
-      for (int w = 0; w < c / 32; ++w) rank += __popc(m[w]);
-      dest = offsets[e] + place.chunk_base[e] + rank;
-    }
-    place_slot(dest, row0 * route.slots + i, probs, num_out, row_id_map, probs_out, &overflow);
+    place_slot(dest_of(i, e), row0 * route.slots + i, probs, num_out, row_id_map, probs_out, &overflow);
   }
   if (threadIdx.x == 0 && place.errors) overflow |= place.errors;  // (one OR per block: idempotent)
   if (overflow) or_error(layout + layout_error(experts), overflow);
