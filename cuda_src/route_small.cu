@@ -338,24 +338,6 @@ bool captured(cudaStream_t stream) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-// The rows a block takes for `route` with output rows of row_bytes queued on `stream`
-// (small_block_rows; a multihot map within kSmallMapReadsEager where the stream is not
-// captured), or 0 where the one-launch permutation does not serve it.
-int32_t small_rows_for(const Route& route, int64_t row_bytes, cudaStream_t stream) {
-  if (!small_served(route, row_bytes)) return 0;
-  const int32_t block_rows = small_block_rows(route, kSmallMapReads);
-  if (block_rows != 0 || route.kind != kRouteMultihot || captured(stream)) return block_rows;
-  return small_block_rows(route, kSmallMapReadsEager);
-}
-
-// The rows a block takes for a top-k route's FP8 rows of `hidden` values dequantized to dtype
-// (float32, float16 or bfloat16; whole groups of kFp8Group values), or 0 (see small_rows_for).
-int32_t fp8_small_rows_for(const Route& route, int64_t hidden, DType dtype) {
-  const bool served = route.kind != kRouteMultihot && dtype != kFloat64 && hidden % kFp8Group == 0 &&
-                      small_served(route, fp8_output_row_bytes(hidden, dtype));
-  return served ? small_block_rows(route, kSmallMapReads) : 0;
-}
-
 // A launch's arguments the fit does not cover: the rows a block takes (as the fit gave them), a
 // known output size, probs of 4 or 8 bytes.
 bool small_call_valid(int32_t block_rows, int64_t num_out, const void* probs, int prob_bytes) {
@@ -365,8 +347,12 @@ bool small_call_valid(int32_t block_rows, int64_t num_out, const void* probs, in
 
 }  // namespace
 
+// (small_block_rows; a multihot map within kSmallMapReadsEager where the stream is not captured)
 int32_t permute_small_rows(const Route& route, int64_t row_bytes, cudaStream_t stream) {
-  return small_rows_for(route, row_bytes, stream);
+  if (!small_served(route, row_bytes)) return 0;
+  const int32_t block_rows = small_block_rows(route, kSmallMapReads);
+  if (block_rows != 0 || route.kind != kRouteMultihot || captured(stream)) return block_rows;
+  return small_block_rows(route, kSmallMapReadsEager);
 }
 
 cudaError_t permute_small(const Route& route, int32_t block_rows, int64_t pad_multiple, const void* src,
@@ -385,7 +371,9 @@ cudaError_t permute_small(const Route& route, int32_t block_rows, int64_t pad_mu
 }
 
 int32_t permute_fp8_small_rows(const Route& route, int64_t hidden, DType dtype) {
-  return fp8_small_rows_for(route, hidden, dtype);
+  const bool served = route.kind != kRouteMultihot && dtype != kFloat64 && hidden % kFp8Group == 0 &&
+                      small_served(route, fp8_output_row_bytes(hidden, dtype));
+  return served ? small_block_rows(route, kSmallMapReads) : 0;
 }
 
 cudaError_t permute_fp8_small(const Route& route, int32_t block_rows, int64_t pad_multiple, DType dtype,
