@@ -42,13 +42,20 @@ __device__ __forceinline__ int64_t chunk_entries(const Route& route, int64_t row
   return rows * route.slots;
 }
 
+// Expert of entry i (row i / slots of the chunk at row0, slot i % slots) after validation, as
+// checked_expert.
+template <int Kind>
+__device__ __forceinline__ int64_t entry_expert(const Route& route, int64_t row0, int64_t i, int64_t* bad) {
+  return checked_expert<Kind>(route, row0 + i / route.slots, static_cast<int32_t>(i % route.slots), bad);
+}
+
 // Sets bit (e, c) of the chunk's masks for entry i (row c = i / slots of the chunk) if its slot
 // is valid; returns its expert (-1: none).
 template <int Kind>
 __device__ __forceinline__ int64_t mark_entry(const Route& route, int64_t row0, int64_t i, uint32_t* masks,
                                               int words, int64_t* bad) {
+  const int64_t e = entry_expert<Kind>(route, row0, i, bad);
   const int c = static_cast<int>(i / route.slots);
-  const int64_t e = checked_expert<Kind>(route, row0 + c, static_cast<int32_t>(i % route.slots), bad);
   if (e >= 0) atomicOr(&masks[e * words + c / 32], 1u << (c % 32));
   return e;
 }
@@ -260,9 +267,8 @@ __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chu
     }
   }
   for (int64_t i = threadIdx.x + int64_t(kHeldEntries) * blockDim.x; i < entries; i += blockDim.x) {
-    const int c = static_cast<int>(i / route.slots);
-    const int64_t e = checked_expert<Kind>(route, row0 + c, static_cast<int32_t>(i % route.slots), &chunk_bad);
-    place_slot(dest_of(i, e), row0 * route.slots + i, probs, num_out, row_id_map, probs_out, &overflow);
+    place_slot(dest_of(i, entry_expert<Kind>(route, row0, i, &chunk_bad)), row0 * route.slots + i, probs, num_out,
+               row_id_map, probs_out, &overflow);
   }
   if (threadIdx.x == 0 && place.errors) overflow |= place.errors;  // (one OR per block: idempotent)
   if (overflow) or_error(layout + layout_error(experts), overflow);
