@@ -275,44 +275,55 @@ __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chu
 }
 
 // A multihot map's passes, over a grid of (chunk, 32 experts): lane l of warp w reads column
-// e = 32 * blockIdx.y + l of the chunk's rows 32w .. 32w + 31, one coalesced 32-byte row segment
-// per warp step, and keeps their bits for e in a register. The map is read across the whole GPU
-// (a thread per row walking its E bytes would leave a few chunk blocks to read E-byte strides
-// and write the map a row of E words per thread), and no shared-memory atomics are needed.
-__device__ __forceinline__ uint32_t multihot_bits(const Route& route, int64_t row0, int e) {
-  uint32_t bits = 0;
+// e = 32 * blockIdx.y + l of the chunk's kMultihotWarpRows rows from kMultihotWarpRows * w, one
+// coalesced 32-byte row segment per warp step, and keeps their bits for e in a register. The map
+// is read across the whole GPU (a thread per row walking its E bytes would leave a few chunk
+// blocks to read E-byte strides and write the map a row of E words per thread), and no
+// shared-memory atomics are needed. Eight rows a lane make a chunk of 256 rows a block of 1024
+// threads: the map pass's stores and the scan's table reads spread over four times the threads
+// that 32 rows a lane gave, which left a GPU-wide map (32768 x 32) at one block of 8 warps an SM.
+constexpr int kMultihotWarpRows = 8;
+constexpr int kMultihotMaxWarps = 256 / kMultihotWarpRows;  // (chunk_rows_for's largest chunk)
+using MultihotBits = uint32_t;  // (kMultihotWarpRows bits used)
+
+__device__ __forceinline__ MultihotBits multihot_bits(const Route& route, int64_t row0, int e) {
+  MultihotBits bits = 0;
   if (e >= route.num_experts) return 0;
   const uint8_t* column = static_cast<const uint8_t*>(route.data) + e;
-  // Unrolled and predicated rather than left at the last row: the 32 loads are issued together
+  // Unrolled and predicated rather than left at the last row: the loads are issued together
   // instead of one memory latency after another (a 4096-row count pass at E = 256 took 13 us
   // with the early exit, 5 us without, one H100).
 #pragma unroll
-  for (int r = 0; r < 32; ++r) {
+  for (int r = 0; r < kMultihotWarpRows; ++r) {
     const int64_t row = row0 + r;
     if (row < route.rows && column[row * route.slots]) bits |= 1u << r;
   }
   return bits;
 }
 
-// Rows of 32 per warp: a chunk has chunk_rows / 32 warps, at most 8.
+// A chunk has chunk_rows / kMultihotWarpRows warps (at most kMultihotMaxWarps).
+inline int multihot_threads(int chunk_rows) { return chunk_rows / kMultihotWarpRows * 32; }
+
 __device__ __forceinline__ int64_t multihot_warp_row0(int chunk_rows) {
-  return int64_t(blockIdx.x) * chunk_rows + 32 * (threadIdx.x / 32);
+  return int64_t(blockIdx.x) * chunk_rows + kMultihotWarpRows * (threadIdx.x / 32);
 }
 
-__global__ void route_count_multihot_kernel(Route route, int chunk_rows, int32_t* chunk_counts,
-                                            int64_t* layout_error) {
+__global__ void __launch_bounds__(kMultihotMaxWarps * 32)
+    route_count_multihot_kernel(Route route, int chunk_rows, int32_t* chunk_counts, int64_t* layout_error) {
   wait_for_previous_grid();
   allow_next_grid();  // (after the wait, as route_count_kernel)
   // (zeroed before any map block ORs into it: as route_count_kernel)
   if (layout_error != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *layout_error = 0;
-  __shared__ int32_t warp_counts[8][32];
+  __shared__ int32_t warp_counts[kMultihotMaxWarps][32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, e = 32 * blockIdx.y + lane;
+  const int warps = blockDim.x / 32;
   warp_counts[warp][lane] = __popc(multihot_bits(route, multihot_warp_row0(chunk_rows), e));
   __syncthreads();
   int32_t* row = chunk_counts + int64_t(blockIdx.x) * (route.num_experts + 1);
   if (warp == 0 && e < route.num_experts) {
     int32_t n = 0;
-    for (int w = 0; w < chunk_rows / 32; ++w) n += warp_counts[w][lane];
+#pragma unroll
+    for (int w = 0; w < kMultihotMaxWarps; ++w) n += w < warps ? warp_counts[w][lane] : 0;
     row[e] = n;
   }
   if (blockIdx.y == 0 && threadIdx.x == 0) row[route.num_experts] = 0;  // (a multihot map has no bad slot)
@@ -320,12 +331,12 @@ __global__ void route_count_multihot_kernel(Route route, int chunk_rows, int32_t
 
 // chunk_offsets: as route_map_kernel's (the raw counts with Scans).
 template <typename ProbBits, bool Scans>
-__global__ void route_map_multihot_kernel(Route route, int chunk_rows, const int32_t* chunk_offsets,
-                                          int64_t* layout, const ProbBits* probs, int64_t num_out,
-                                          int32_t* row_id_map, ProbBits* probs_out, int64_t num_chunks,
-                                          int64_t pad_multiple) {
+__global__ void __launch_bounds__(kMultihotMaxWarps * 32)
+    route_map_multihot_kernel(Route route, int chunk_rows, const int32_t* chunk_offsets, int64_t* layout,
+                              const ProbBits* probs, int64_t num_out, int32_t* row_id_map, ProbBits* probs_out,
+                              int64_t num_chunks, int64_t pad_multiple) {
   allow_next_grid();
-  __shared__ int32_t warp_counts[8][32];
+  __shared__ int32_t warp_counts[kMultihotMaxWarps][32];
   extern __shared__ __align__(16) char scan_space[];
   const int experts = route.num_experts;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, e = 32 * blockIdx.y + lane;
@@ -334,25 +345,28 @@ __global__ void route_map_multihot_kernel(Route route, int chunk_rows, const int
   // while the count pass still runs, the probs together before any store (loaded inside the
   // store loop, each waited a memory latency behind the last store, which may alias it).
   const int64_t row0 = multihot_warp_row0(chunk_rows);
-  const uint32_t bits = multihot_bits(route, row0, e);
-  ProbBits prob[32];
+  const MultihotBits bits = multihot_bits(route, row0, e);
+  ProbBits prob[kMultihotWarpRows];
 #pragma unroll
-  for (int r = 0; r < 32; ++r) {
+  for (int r = 0; r < kMultihotWarpRows; ++r) {
     prob[r] = probs != nullptr && (bits >> r) & 1u ? probs[(row0 + r) * route.slots + e] : ProbBits{};
   }
+  warp_counts[warp][lane] = __popc(bits);
   wait_for_previous_grid();
   // (a multihot map has no bad slot: the count pass writes 0 errors)
   const ChunkPlace place = chunk_place<Scans>(chunk_offsets, num_chunks, experts, pad_multiple, scan_space, layout);
   const int64_t* offsets = place.offsets;
-  warp_counts[warp][lane] = __popc(bits);
-  __syncthreads();
+  __syncthreads();  // (also orders warp_counts, when the place came from the scan's layout)
   int64_t overflow = blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && offsets[experts] > num_out
                          ? kOutputOverflow : 0;
   if (e < experts) {
-    int64_t first = offsets[e] + place.chunk_base[e];
-    for (int w = 0; w < warp; ++w) first += warp_counts[w][lane];
+    // The column's rows before this warp's in the chunk: independent loads, issued together.
+    int32_t earlier = 0;
 #pragma unroll
-    for (int r = 0; r < 32; ++r) {
+    for (int w = 0; w < kMultihotMaxWarps; ++w) earlier += w < warp ? warp_counts[w][lane] : 0;
+    const int64_t first = offsets[e] + place.chunk_base[e] + earlier;
+#pragma unroll
+    for (int r = 0; r < kMultihotWarpRows; ++r) {
       const int64_t row = row0 + r;
       if (row >= route.rows) break;
       const int64_t dest = (bits >> r) & 1u ? first + __popc(bits & ((1u << r) - 1u)) : -1;
@@ -375,7 +389,8 @@ template <int Kind>
 cudaError_t count_chunks(const Route& route, int chunk_rows, int64_t chunks, int32_t* chunk_offsets,
                          int64_t* layout_error, cudaStream_t stream) {
   if constexpr (Kind == kRouteMultihot) {
-    return launch_after_previous(route_count_multihot_kernel, multihot_grid(chunks, route.num_experts), chunk_rows, 0,
+    return launch_after_previous(route_count_multihot_kernel, multihot_grid(chunks, route.num_experts),
+                                 multihot_threads(chunk_rows), 0,
                                  stream, route, chunk_rows, chunk_offsets, layout_error);
   } else {
     const size_t bytes = mask_bytes(route.num_experts, chunk_rows);
@@ -412,7 +427,7 @@ cudaError_t map(const Route& route, const int32_t* chunk_offsets, int64_t* layou
   if (chunks == 0) return cudaSuccess;
   if constexpr (Kind == kRouteMultihot) {
     const auto kernel = scans ? route_map_multihot_kernel<ProbBits, true> : route_map_multihot_kernel<ProbBits, false>;
-    return launch_after_previous(kernel, multihot_grid(chunks, route.num_experts), chunk_rows,
+    return launch_after_previous(kernel, multihot_grid(chunks, route.num_experts), multihot_threads(chunk_rows),
                                  scans ? map_scan_bytes(route.num_experts) : 0, stream, route, chunk_rows,
                                  chunk_offsets, layout, static_cast<const ProbBits*>(probs), num_out, row_id_map,
                                  static_cast<ProbBits*>(probs_out), chunks, pad_multiple);
