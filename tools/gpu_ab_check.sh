@@ -2,7 +2,7 @@
 # One call on a lent one-GPU machine: this tree's kernels against another checkout's (BASE,
 # default .base: made with `git worktree add .base <commit>` and carried), and against any
 # further checkouts named in OTHERS (space-separated folders, e.g. variants of one kernel).
-# All cold builds side by side, this tree's GPU op, one-rank layer and torch.compile tests, then
+# All cold builds side by side, this tree's one-GPU tests (`one_gpu_tests`), then
 # tools/bench_ops.py on every tree in turn, ROUNDS times, same card (OPS, SHAPES: bench_ops'
 # --ops and --shapes; ITERS), and where a small batch's and the one-rank layer's host time goes
 # (tools/host_small_batch.py, tools/host_layer.py in HOST_LAYER_MODES; every tree, two rounds;

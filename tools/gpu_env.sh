@@ -20,9 +20,10 @@ build_deepep() {
   (cd "$dir" && TORCH_CUDA_ARCH_LIST=9.0 timeout "${DEEPEP_BUILD_TIMEOUT:-300}" python3 setup.py build_ext --inplace > "$out" 2>&1)
   rc=$?; echo "deepep build rc=$rc ($dir)" | tee -a "$LOG"; tail -3 "$out" >> "$LOG"; return $rc
 }
-# The one-GPU tests (ops, the one-rank layer, torch.compile) on this tree, within TEST_TIMEOUT
-# seconds (240), their log in $OUT/gpu_tests.log and on stdout.
+# The one-GPU tests (ops, the one-rank layer, torch.compile, the local manager's stateful
+# programs: the gpu-marked tests of those files) on this tree, within TEST_TIMEOUT seconds
+# (240), their log in $OUT/gpu_tests.log and on stdout.
 one_gpu_tests() {
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py \
-    tests/test_dispatcher_local.py tests/test_compile.py 2>&1 | tee "$OUT/gpu_tests.log"
+    tests/test_dispatcher_local.py tests/test_compile.py tests/test_stateful.py 2>&1 | tee "$OUT/gpu_tests.log"
 }
