@@ -174,9 +174,10 @@ FD_HOST_DEVICE inline int32_t write_choice(const T* row, Acc value, int32_t expe
 // Rows per chunk of the counting passes: a chunk keeps one bit per (expert, row) in shared
 // memory (E * rows / 8 bytes), so many experts get smaller chunks. Returns 0 when E is too
 // large for the kernels (the bindings turn that into a ValueError).
+constexpr int32_t kChunkRowsMost = 256;  // (the multihot passes size their blocks by it)
 inline int32_t chunk_rows_for(int32_t num_experts) {
-  if (num_experts <= 1536) return 256;        // <= 48 KiB of masks
-  if (num_experts <= kMaxExperts) return 32;  // <= 48 KiB of masks
+  if (num_experts <= 1536) return kChunkRowsMost;  // <= 48 KiB of masks
+  if (num_experts <= kMaxExperts) return 32;       // <= 48 KiB of masks
   return 0;
 }
 

@@ -282,12 +282,11 @@ __global__ void route_map_kernel(Route route, int chunk_rows, const int32_t* chu
 // shared-memory atomics are needed. Eight rows a lane make a chunk of 256 rows a block of 1024
 // threads: the map pass's stores and the scan's table reads spread over four times the threads
 // that 32 rows a lane gave, which left a GPU-wide map (32768 x 32) at one block of 8 warps an SM.
-constexpr int kMultihotWarpRows = 8;
-constexpr int kMultihotMaxWarps = 256 / kMultihotWarpRows;  // (chunk_rows_for's largest chunk)
-using MultihotBits = uint32_t;  // (kMultihotWarpRows bits used)
+constexpr int kMultihotWarpRows = 8;  // (bits of a uint32_t)
+constexpr int kMultihotMaxWarps = kChunkRowsMost / kMultihotWarpRows;
 
-__device__ __forceinline__ MultihotBits multihot_bits(const Route& route, int64_t row0, int e) {
-  MultihotBits bits = 0;
+__device__ __forceinline__ uint32_t multihot_bits(const Route& route, int64_t row0, int e) {
+  uint32_t bits = 0;
   if (e >= route.num_experts) return 0;
   const uint8_t* column = static_cast<const uint8_t*>(route.data) + e;
   // Unrolled and predicated rather than left at the last row: the loads are issued together
@@ -308,6 +307,15 @@ __device__ __forceinline__ int64_t multihot_warp_row0(int chunk_rows) {
   return int64_t(blockIdx.x) * chunk_rows + kMultihotWarpRows * (threadIdx.x / 32);
 }
 
+// Column `lane`'s set bits in the chunk's warps below `warp` (warp_counts: a warp's popcounts per
+// lane): independent shared loads, issued together.
+__device__ __forceinline__ int32_t warps_below(const int32_t (*warp_counts)[32], int lane, int warp) {
+  int32_t n = 0;
+#pragma unroll
+  for (int w = 0; w < kMultihotMaxWarps; ++w) n += w < warp ? warp_counts[w][lane] : 0;
+  return n;
+}
+
 __global__ void __launch_bounds__(kMultihotMaxWarps * 32)
     route_count_multihot_kernel(Route route, int chunk_rows, int32_t* chunk_counts, int64_t* layout_error) {
   wait_for_previous_grid();
@@ -316,16 +324,10 @@ __global__ void __launch_bounds__(kMultihotMaxWarps * 32)
   if (layout_error != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *layout_error = 0;
   __shared__ int32_t warp_counts[kMultihotMaxWarps][32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, e = 32 * blockIdx.y + lane;
-  const int warps = blockDim.x / 32;
   warp_counts[warp][lane] = __popc(multihot_bits(route, multihot_warp_row0(chunk_rows), e));
   __syncthreads();
   int32_t* row = chunk_counts + int64_t(blockIdx.x) * (route.num_experts + 1);
-  if (warp == 0 && e < route.num_experts) {
-    int32_t n = 0;
-#pragma unroll
-    for (int w = 0; w < kMultihotMaxWarps; ++w) n += w < warps ? warp_counts[w][lane] : 0;
-    row[e] = n;
-  }
+  if (warp == 0 && e < route.num_experts) row[e] = warps_below(warp_counts, lane, blockDim.x / 32);
   if (blockIdx.y == 0 && threadIdx.x == 0) row[route.num_experts] = 0;  // (a multihot map has no bad slot)
 }
 
@@ -345,7 +347,7 @@ __global__ void __launch_bounds__(kMultihotMaxWarps * 32)
   // while the count pass still runs, the probs together before any store (loaded inside the
   // store loop, each waited a memory latency behind the last store, which may alias it).
   const int64_t row0 = multihot_warp_row0(chunk_rows);
-  const MultihotBits bits = multihot_bits(route, row0, e);
+  const uint32_t bits = multihot_bits(route, row0, e);
   ProbBits prob[kMultihotWarpRows];
 #pragma unroll
   for (int r = 0; r < kMultihotWarpRows; ++r) {
@@ -360,11 +362,7 @@ __global__ void __launch_bounds__(kMultihotMaxWarps * 32)
   int64_t overflow = blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && offsets[experts] > num_out
                          ? kOutputOverflow : 0;
   if (e < experts) {
-    // The column's rows before this warp's in the chunk: independent loads, issued together.
-    int32_t earlier = 0;
-#pragma unroll
-    for (int w = 0; w < kMultihotMaxWarps; ++w) earlier += w < warp ? warp_counts[w][lane] : 0;
-    const int64_t first = offsets[e] + place.chunk_base[e] + earlier;
+    const int64_t first = offsets[e] + place.chunk_base[e] + warps_below(warp_counts, lane, warp);
 #pragma unroll
     for (int r = 0; r < kMultihotWarpRows; ++r) {
       const int64_t row = row0 + r;
