@@ -35,6 +35,10 @@ constexpr int64_t kSmallMapReads = 8 * kSmallReads;
 // a stream that is not being captured into a CUDA graph takes the one launch up to
 // kSmallMapReadsEager; a captured one, where no launch costs the host, the passes.
 constexpr int64_t kSmallMapReadsEager = 4 * kSmallMapReads;
+// Captured, a route takes one launch only while its blocks read at most 1/kCapturedShare of the
+// limit of its kind; past that the passes take less device time there too (at 1024 x 1024, K = 8
+// the one launch reads 2^20 entries of a top-k route, 2^23 of a 128-expert map).
+constexpr int64_t kCapturedShare = 2;
 constexpr int64_t kSmallBytes = 4 << 20;  // bytes of output rows: beyond, the multi-pass scatter's wide grid wins
 // Shared memory a block may take: what every CUDA device gives without opting in.
 constexpr size_t kSmallSharedBytes = 46 * 1024;
@@ -347,12 +351,16 @@ bool small_call_valid(int32_t block_rows, int64_t num_out, const void* probs, in
 
 }  // namespace
 
-// (small_block_rows; a multihot map within kSmallMapReadsEager where the stream is not captured)
+// (small_block_rows; a multihot map within kSmallMapReadsEager where the stream is not captured,
+// any route within 1/kCapturedShare of its reads where it is: the stream is asked past that only)
 int32_t permute_small_rows(const Route& route, int64_t row_bytes, cudaStream_t stream) {
   if (!small_served(route, row_bytes)) return 0;
-  const int32_t block_rows = small_block_rows(route, kSmallMapReads);
-  if (block_rows != 0 || route.kind != kRouteMultihot || captured(stream)) return block_rows;
-  return small_block_rows(route, kSmallMapReadsEager);
+  const bool map = route.kind == kRouteMultihot;
+  int32_t block_rows = small_block_rows(route, kSmallMapReads);
+  if (block_rows == 0 && map) block_rows = small_block_rows(route, kSmallMapReadsEager);
+  if (block_rows == 0) return 0;
+  const int64_t reads = route.rows * route.slots * small_blocks(route.rows, block_rows);
+  return reads <= (map ? kSmallMapReads : kSmallReads) / kCapturedShare || !captured(stream) ? block_rows : 0;
 }
 
 cudaError_t permute_small(const Route& route, int32_t block_rows, int64_t pad_multiple, const void* src,

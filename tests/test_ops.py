@@ -142,25 +142,25 @@ def _one_launch_fits(rows: int, experts: int, slots: int, multihot: bool, captur
     cuda_src/route_small.cu): at most 1024 experts, 64 slots of a top-k route, 8192 entries of a
     top-k route or 2^18 of a multihot map (whose slots are its experts), blocks of 8 or 16 rows
     (the fewest for which the entries times the blocks stay within 2^20, 2^23 for a map, or for a
-    map queued eagerly, not ``captured`` into a CUDA graph, 2^25 where 2^23 finds none), whose
-    shared memory stays within 46 KiB."""
+    map 2^25 where 2^23 finds none), whose shared memory stays within 46 KiB; ``captured`` into
+    a CUDA graph, only where those blocks read at most half of 2^20 (2^23 for a map)."""
     entries = rows * slots
     if rows == 0 or experts > 1024 or (not multihot and slots > 64) or entries > (1 << 18 if multihot else 8192):
         return False
     words = -(-slots // 4)
 
-    def within(reads: int) -> bool:
+    def block_rows_within(reads: int) -> int:
         for block_rows in (8, 16):
             if entries * -(-rows // block_rows) > reads:
                 continue
             partial = 1024 // words * 4 * words if multihot else 0  # (a map's partial counts share the dests' room)
             shared = 8 * (32 + experts + 1) + 4 * (3 * experts + 16 + max(block_rows * slots, partial))
-            return shared <= 46 * 1024
-        return False
+            return block_rows if shared <= 46 * 1024 else 0
+        return 0
 
-    if not multihot:
-        return within(1 << 20)
-    return within(1 << 23) or (not captured and within(1 << 25))
+    limit = 1 << 23 if multihot else 1 << 20
+    block_rows = block_rows_within(limit) or (block_rows_within(1 << 25) if multihot else 0)
+    return block_rows != 0 and (not captured or entries * -(-rows // block_rows) <= limit // 2)
 
 
 # (rows, experts, topk) at the one-launch permutation's limits (_one_launch_fits: 8192 entries; the
@@ -261,23 +261,28 @@ def test_one_launch_multihot_permutation_is_the_planned_one(rows, experts, topk,
 
 
 @pytest.mark.gpu
-def test_a_map_past_the_captured_limit_is_one_launch_eagerly_and_the_passes_in_a_graph(poison):
-    """A multihot map whose one launch reads more than the passes cost the device (1024 x 256,
-    K = 8) is permuted in one launch when queued eagerly, where the passes' three launches cost
-    the host more, and by the passes when captured into a CUDA graph: the reference's rows,
-    probs, plan and zero tail both ways."""
-    rows, experts, topk = 1024, 256, 8
-    assert _one_launch_fits(rows, experts, experts, multihot=True)
-    assert not _one_launch_fits(rows, experts, experts, multihot=True, captured=True)
-    idx = random_indices(rows, experts, topk, seed=256).to("cuda")
-    routing_map, probs = (t.contiguous() for t in reference.indices_to_multihot(
-        idx, random_probs(rows, topk, device="cuda"), experts))
+@pytest.mark.parametrize("experts,multihot", [(256, True), (128, True), (32, False)])
+def test_a_route_past_the_captured_limit_is_one_launch_eagerly_and_the_passes_in_a_graph(experts, multihot, poison):
+    """A 1024 x 1024, K = 8 route whose one launch reads more than the passes cost the device
+    (a map of 256 or 128 experts, top-k indices) is permuted in one launch when queued eagerly,
+    where the passes' three launches cost the host more, and by the passes when captured into a
+    CUDA graph: the reference's rows, probs, plan and zero tail both ways."""
+    rows, topk = 1024, 8
+    slots = experts if multihot else topk
+    assert _one_launch_fits(rows, experts, slots, multihot=multihot)
+    assert not _one_launch_fits(rows, experts, slots, multihot=multihot, captured=True)
+    idx = random_indices(rows, experts, topk, seed=experts).to("cuda")
+    topk_probs = random_probs(rows, topk, device="cuda")
+    routing_map, probs = (t.contiguous() for t in reference.indices_to_multihot(idx, topk_probs, experts))
     x = random_tokens(rows, 64, torch.bfloat16, device="cuda")
-    ref, ref_p, ref_plan, ref_tpe = reference.permute(x, routing_map, probs)
+    ref, ref_p, ref_plan, ref_tpe = (reference.permute(x, routing_map, probs) if multihot else
+                                     reference.permute_by_indices(x, idx, topk_probs, num_experts=experts))
     used = ref.shape[0]
 
     def permute():
-        return ops.permute(x, routing_map, probs, num_out_tokens=used + 5)
+        if multihot:
+            return ops.permute(x, routing_map, probs, num_out_tokens=used + 5)
+        return ops.permute_by_indices(x, idx, topk_probs, num_experts=experts, num_out_tokens=used + 5)
 
     assert len(_device_ops(permute)) == 1
     side = torch.cuda.Stream()
@@ -296,7 +301,8 @@ def test_a_map_past_the_captured_limit_is_one_launch_eagerly_and_the_passes_in_a
         torch.cuda.synchronize()
     replayed = " ".join(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     # (the passes: count, map, scatter, and for rows this narrow a launch that zeroes the tail)
-    assert "route_count_multihot" in replayed and "route_map_multihot" in replayed, replayed
+    kind = "_multihot" if multihot else "_kernel"
+    assert f"route_count{kind}" in replayed and f"route_map{kind}" in replayed, replayed
     assert "permute_small" not in replayed, replayed
     for out, out_p, plan, tpe in (captured, eager):
         assert torch.equal(out[:used], ref) and torch.equal(out_p[:used], ref_p)
