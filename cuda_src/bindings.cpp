@@ -847,7 +847,10 @@ Permuted permute_fp8(
   const int64_t q_pitch = q.size(0) > 1 ? q.stride(0) : hidden;
   const int64_t scale_pitch = scales.size(0) > 1 ? scales.stride(0) : hidden / fd::kFp8Group;
 #ifdef FLEXDISPATCH_WITH_CUDA
-  const int32_t block_rows = num_out >= 0 && route.is_cuda() ? fd::cuda::permute_fp8_small_rows(r, hidden, dtype) : 0;
+  const int32_t block_rows =
+      num_out >= 0 && route.is_cuda()
+          ? fd::cuda::permute_fp8_small_rows(r, hidden, dtype, c10::cuda::getCurrentCUDAStream(route.get_device()))
+          : 0;
   if (block_rows != 0) {
     return permute_small_with(r, route, pad_multiple, num_out, probs, q.options().dtype(like.scalar_type()), hidden,
                               error_address, [&](void* out, const void* p, int prob_bytes, void* po, int32_t* map,

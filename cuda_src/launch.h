@@ -81,9 +81,10 @@ cudaError_t route_map(const Route& route, const int32_t* chunk_offsets, int64_t*
 // The rows a block of permute_small takes for a route (top-k int32 or int64 indices, or a
 // multihot map) whose output rows are row_bytes each, queued on `stream`, or 0 where it does not
 // serve it: a few thousand (row, slot) entries (a map of up to 256K, read by all blocks together
-// within a larger limit where the stream is not being captured into a CUDA graph), at most 1024
-// experts (and 64 slots of a top-k route), a few MB of rows (route_small.cu). Asked once a call:
-// the launch takes the answer.
+// within a larger limit where the stream is not being captured into a CUDA graph; captured, only
+// routes whose blocks read at most half the limit of their kind), at most 1024 experts (and 64
+// slots of a top-k route), a few MB of rows (route_small.cu). Asked once a call: the launch
+// takes the answer.
 int32_t permute_small_rows(const Route& route, int64_t row_bytes, cudaStream_t stream);
 
 // The whole permutation of such a route, block_rows from permute_small_rows, its output size
@@ -97,10 +98,10 @@ cudaError_t permute_small(const Route& route, int32_t block_rows, int64_t pad_mu
                           cudaStream_t stream);
 
 // The rows a block of permute_fp8_small takes for a route and FP8 rows of `hidden` values
-// dequantized to dtype, or 0 where it does not serve them: a top-k route that permute_small
-// serves with the output's row bytes, float32, float16 or bfloat16 output, whole groups of
-// kFp8Group values.
-int32_t permute_fp8_small_rows(const Route& route, int64_t hidden, DType dtype);
+// dequantized to dtype, queued on `stream`, or 0 where it does not serve them: a top-k route
+// that permute_small_rows serves with the output's row bytes, float32, float16 or bfloat16
+// output, whole groups of kFp8Group values.
+int32_t permute_fp8_small_rows(const Route& route, int64_t hidden, DType dtype, cudaStream_t stream);
 
 // The dequantizing permutation of such a route in one launch, block_rows from
 // permute_fp8_small_rows: FP8 rows q [rows, hidden] (e4m3 bytes, q_pitch apart, 16-byte aligned)

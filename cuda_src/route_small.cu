@@ -378,10 +378,9 @@ cudaError_t permute_small(const Route& route, int32_t block_rows, int64_t pad_mu
   });
 }
 
-int32_t permute_fp8_small_rows(const Route& route, int64_t hidden, DType dtype) {
-  const bool served = route.kind != kRouteMultihot && dtype != kFloat64 && hidden % kFp8Group == 0 &&
-                      small_served(route, fp8_output_row_bytes(hidden, dtype));
-  return served ? small_block_rows(route, kSmallMapReads) : 0;
+int32_t permute_fp8_small_rows(const Route& route, int64_t hidden, DType dtype, cudaStream_t stream) {
+  const bool served = route.kind != kRouteMultihot && dtype != kFloat64 && hidden % kFp8Group == 0;
+  return served ? permute_small_rows(route, fp8_output_row_bytes(hidden, dtype), stream) : 0;
 }
 
 cudaError_t permute_fp8_small(const Route& route, int32_t block_rows, int64_t pad_multiple, DType dtype,

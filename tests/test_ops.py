@@ -261,28 +261,33 @@ def test_one_launch_multihot_permutation_is_the_planned_one(rows, experts, topk,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("experts,multihot", [(256, True), (128, True), (32, False)])
-def test_a_route_past_the_captured_limit_is_one_launch_eagerly_and_the_passes_in_a_graph(experts, multihot, poison):
+@pytest.mark.parametrize("route,experts", [("map", 256), ("map", 128), ("indices", 32), ("fp8", 32)])
+def test_a_route_past_the_captured_limit_is_one_launch_eagerly_and_the_passes_in_a_graph(route, experts, poison):
     """A 1024 x 1024, K = 8 route whose one launch reads more than the passes cost the device
-    (a map of 256 or 128 experts, top-k indices) is permuted in one launch when queued eagerly,
-    where the passes' three launches cost the host more, and by the passes when captured into a
-    CUDA graph: the reference's rows, probs, plan and zero tail both ways."""
-    rows, topk = 1024, 8
+    (a map of 256 or 128 experts, top-k indices, also of FP8 rows) is permuted in one launch when
+    queued eagerly, where the passes' three launches cost the host more, and by the passes when
+    captured into a CUDA graph: the reference's rows, probs, plan and zero tail both ways."""
+    rows, topk, multihot = 1024, 8, route == "map"
     slots = experts if multihot else topk
     assert _one_launch_fits(rows, experts, slots, multihot=multihot)
     assert not _one_launch_fits(rows, experts, slots, multihot=multihot, captured=True)
     idx = random_indices(rows, experts, topk, seed=experts).to("cuda")
     topk_probs = random_probs(rows, topk, device="cuda")
     routing_map, probs = (t.contiguous() for t in reference.indices_to_multihot(idx, topk_probs, experts))
-    x = random_tokens(rows, 64, torch.bfloat16, device="cuda")
-    ref, ref_p, ref_plan, ref_tpe = (reference.permute(x, routing_map, probs) if multihot else
-                                     reference.permute_by_indices(x, idx, topk_probs, num_experts=experts))
+    x = random_tokens(rows, 128 if route == "fp8" else 64, torch.bfloat16, device="cuda")
+    q, scales = ops.quantize_fp8(x) if route == "fp8" else (None, None)
+    ref, ref_p, ref_plan, ref_tpe = (
+        reference.permute(x, routing_map, probs) if multihot else
+        reference.permute_by_indices(x, idx, topk_probs, num_experts=experts) if route == "indices" else
+        reference.permute_fp8_by_indices(q, scales, idx, topk_probs, num_experts=experts))
     used = ref.shape[0]
 
     def permute():
         if multihot:
             return ops.permute(x, routing_map, probs, num_out_tokens=used + 5)
-        return ops.permute_by_indices(x, idx, topk_probs, num_experts=experts, num_out_tokens=used + 5)
+        if route == "indices":
+            return ops.permute_by_indices(x, idx, topk_probs, num_experts=experts, num_out_tokens=used + 5)
+        return ops.permute_fp8_by_indices(q, scales, idx, topk_probs, num_experts=experts, num_out_tokens=used + 5)
 
     assert len(_device_ops(permute)) == 1
     side = torch.cuda.Stream()
