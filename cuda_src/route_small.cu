@@ -63,14 +63,16 @@ size_t small_shared_bytes(const Route& route, int32_t block_rows) {
          sizeof(int32_t) * (3 * size_t(route.num_experts) + kSmallRowsMost + std::max(dests, partial));
 }
 
-// The rows a block of permute_small takes for `route` (the fewest that keep the reads within the
-// limit, map_reads for a multihot map, and the shared memory within kSmallSharedBytes), or 0
-// where no launch of it fits.
-int32_t small_block_rows(const Route& route, int64_t map_reads) {
-  const bool map = route.kind == kRouteMultihot;
-  const int64_t entries = route.rows * route.slots;
+// Entries a launch in blocks of block_rows reads, all blocks together (each reads the whole route).
+int64_t small_reads(const Route& route, int32_t block_rows) {
+  return route.rows * route.slots * small_blocks(route.rows, block_rows);
+}
+
+// The rows a block of permute_small takes for `route` (the fewest that keep small_reads within
+// `reads`, and the shared memory within kSmallSharedBytes), or 0 where no launch of it fits.
+int32_t small_block_rows(const Route& route, int64_t reads) {
   for (int32_t block_rows = kSmallRowsFirst; block_rows <= kSmallRowsMost; block_rows *= 2) {
-    if (entries * small_blocks(route.rows, block_rows) > (map ? map_reads : kSmallReads)) continue;
+    if (small_reads(route, block_rows) > reads) continue;
     return small_shared_bytes(route, block_rows) <= kSmallSharedBytes ? block_rows : 0;
   }
   return 0;
@@ -356,11 +358,11 @@ bool small_call_valid(int32_t block_rows, int64_t num_out, const void* probs, in
 int32_t permute_small_rows(const Route& route, int64_t row_bytes, cudaStream_t stream) {
   if (!small_served(route, row_bytes)) return 0;
   const bool map = route.kind == kRouteMultihot;
-  int32_t block_rows = small_block_rows(route, kSmallMapReads);
+  const int64_t limit = map ? kSmallMapReads : kSmallReads;
+  int32_t block_rows = small_block_rows(route, limit);
   if (block_rows == 0 && map) block_rows = small_block_rows(route, kSmallMapReadsEager);
   if (block_rows == 0) return 0;
-  const int64_t reads = route.rows * route.slots * small_blocks(route.rows, block_rows);
-  return reads <= (map ? kSmallMapReads : kSmallReads) / kCapturedShare || !captured(stream) ? block_rows : 0;
+  return small_reads(route, block_rows) <= limit / kCapturedShare || !captured(stream) ? block_rows : 0;
 }
 
 cudaError_t permute_small(const Route& route, int32_t block_rows, int64_t pad_multiple, const void* src,

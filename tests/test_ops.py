@@ -149,9 +149,12 @@ def _one_launch_fits(rows: int, experts: int, slots: int, multihot: bool, captur
         return False
     words = -(-slots // 4)
 
-    def block_rows_within(reads: int) -> int:
+    def reads(block_rows: int) -> int:  # (every block reads the whole route)
+        return entries * -(-rows // block_rows)
+
+    def block_rows_within(limit: int) -> int:
         for block_rows in (8, 16):
-            if entries * -(-rows // block_rows) > reads:
+            if reads(block_rows) > limit:
                 continue
             partial = 1024 // words * 4 * words if multihot else 0  # (a map's partial counts share the dests' room)
             shared = 8 * (32 + experts + 1) + 4 * (3 * experts + 16 + max(block_rows * slots, partial))
@@ -160,7 +163,7 @@ def _one_launch_fits(rows: int, experts: int, slots: int, multihot: bool, captur
 
     limit = 1 << 23 if multihot else 1 << 20
     block_rows = block_rows_within(limit) or (block_rows_within(1 << 25) if multihot else 0)
-    return block_rows != 0 and (not captured or entries * -(-rows // block_rows) <= limit // 2)
+    return block_rows != 0 and (not captured or reads(block_rows) <= limit // 2)
 
 
 # (rows, experts, topk) at the one-launch permutation's limits (_one_launch_fits: 8192 entries; the
