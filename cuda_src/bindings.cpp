@@ -13,6 +13,8 @@
 #include "flexdispatch.h"
 
 #ifdef FLEXDISPATCH_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -445,16 +447,55 @@ Permuted permuted(Tensor out, const std::optional<Tensor>& probs_out, Tensor row
   return {std::move(out), std::move(p), std::move(row_id_map), std::move(layout), std::move(h)};
 }
 
+// A device layout's copy on the host, queued on the current stream once the kernels queued so
+// far have written it: pinned, so that the host waits for the copy alone (wait()), not for the
+// kernels queued after it. None for a CPU layout (read in place).
+struct LayoutCopy {
+  std::optional<Tensor> host;
+#ifdef FLEXDISPATCH_WITH_CUDA
+  cudaEvent_t landed = nullptr;
+#endif
+  void wait() {
+#ifdef FLEXDISPATCH_WITH_CUDA
+    if (landed == nullptr) return;
+    // (a wait for the device as torch's own syncs report it to torch.cuda.set_sync_debug_mode)
+    if (C10_UNLIKELY(c10::cuda::warning_state().get_sync_debug_mode() != c10::cuda::SyncDebugMode::L_DISABLED)) {
+      c10::cuda::warn_or_error_on_sync();
+    }
+    const cudaError_t waited = cudaEventSynchronize(landed);
+    C10_CUDA_CHECK(cudaEventDestroy(landed));
+    landed = nullptr;
+    C10_CUDA_CHECK(waited);
+#endif
+  }
+};
+
+LayoutCopy copy_to_host(const Tensor& layout) {
+  LayoutCopy copy;
+#ifdef FLEXDISPATCH_WITH_CUDA
+  if (layout.is_cuda()) {
+    copy.host.emplace(torch::empty(layout.sizes(), layout.options().device(at::kCPU).pinned_memory(true)));
+    copy.host->copy_(layout, /*non_blocking=*/true);
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&copy.landed, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(copy.landed, c10::cuda::getCurrentCUDAStream(layout.get_device())));
+  }
+#endif
+  return copy;
+}
+
 // What every single-call permutation shares: plan, (sync when num_out < 0), map, then
 // fill(row_id_map, num_out, layout, tail, out_probs, word) makes the rows, and with num_out
 // given, the layout's error word goes to error_address (0: none): fill may store it with its
 // own launch (then it sets `word`, error_address or 0, to 0), else it is queued after (see
 // queue_word_copy). When the sync finds bad routing (or no row is used), returns a [0, hidden]
 // tensor like `like` and an empty row_id_map; the caller reads the error bits from host_layout.
+// copy_layout (num_out given): the host layout is a copy of the final layout (the map pass
+// completes it, error bits included), queued before the rows move and waited for after their
+// launch, so the host reads the counts while the rows move; no error word then.
 template <typename Fill>
 Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multiple, int64_t num_out,
                       const std::optional<Tensor>& probs, const Tensor& like, int64_t hidden, int64_t error_address,
-                      Fill fill) {
+                      Fill fill, bool copy_layout = false) {
   const bool scans = map_scans(r, route, num_out);
   auto [chunk_offsets, layout] = route_plan(r, route, pad_multiple, scans);
   std::optional<Tensor> host;
@@ -463,10 +504,12 @@ Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multi
     return permuted(like.new_empty({0, hidden}), std::nullopt, route.new_empty({0}, at::kInt), layout, host);
   }
   auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out, scans, pad_multiple);
-  int64_t word = tail ? error_address : 0;
+  LayoutCopy copied = tail && copy_layout ? copy_to_host(layout) : LayoutCopy{};
+  int64_t word = tail && !copied.host.has_value() ? error_address : 0;
   Tensor out = fill(row_id_map, num_out, layout, tail, probs_out, word);
   if (word != 0) queue_word_copy(layout, fd::layout_error(r.num_experts), word);
-  return permuted(out, probs_out, row_id_map, layout, host);
+  copied.wait();
+  return permuted(out, probs_out, row_id_map, layout, copied.host.has_value() ? copied.host : host);
 }
 
 #ifdef FLEXDISPATCH_WITH_CUDA
@@ -478,7 +521,7 @@ Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multi
 template <typename Launch>
 Permuted permute_small_with(const fd::Route& r, const Tensor& route, int64_t pad_multiple, int64_t num_out,
                             const std::optional<Tensor>& probs, const at::TensorOptions& out_options, int64_t hidden,
-                            int64_t error_address, Launch launch) {
+                            int64_t error_address, Launch launch, bool copy_layout = false) {
   check_pad_multiple(pad_multiple);
   check_out_rows(num_out);
   auto layout = torch::empty({fd::layout_size(r.num_experts)}, route.options().dtype(at::kLong));
@@ -487,29 +530,32 @@ Permuted permute_small_with(const fd::Route& r, const Tensor& route, int64_t pad
   auto out = torch::empty({num_out, hidden}, out_options);
   void* po = probs_out.has_value() ? probs_out->data_ptr() : nullptr;
   FD_ON_DEVICE(route, launch(out.data_ptr(), p, prob_bytes, po, row_id_map.data_ptr<int32_t>(),
-                             layout.data_ptr<int64_t>(), reinterpret_cast<void*>(error_address), stream), {});
-  return permuted(out, probs_out, row_id_map, layout, std::nullopt);
+                             layout.data_ptr<int64_t>(),
+                             reinterpret_cast<void*>(copy_layout ? 0 : error_address), stream), {});
+  LayoutCopy copied = copy_layout ? copy_to_host(layout) : LayoutCopy{};  // (the kernel writes the layout last)
+  copied.wait();
+  return permuted(out, probs_out, row_id_map, layout, copied.host);
 }
 
 // permute_small_with for rows as they are: tokens [R, H], in blocks of block_rows
 // (fd::cuda::permute_small_rows).
 Permuted permute_small(const fd::Route& r, int32_t block_rows, const Tensor& route, int64_t pad_multiple,
                        int64_t num_out, const Tensor& tokens, const std::optional<Tensor>& probs,
-                       int64_t error_address) {
+                       int64_t error_address, bool copy_layout) {
   return permute_small_with(r, route, pad_multiple, num_out, probs, tokens.options(), tokens.size(1), error_address,
                             [&](void* out, const void* p, int prob_bytes, void* po, int32_t* map, int64_t* layout,
                                 void* word, cudaStream_t stream) {
     return fd::cuda::permute_small(r, block_rows, pad_multiple, tokens.data_ptr(),
                                    tokens.size(1) * tokens.element_size(), p, prob_bytes, num_out, out, po, map,
                                    layout, word, stream);
-  });
+  }, copy_layout);
 }
 #endif
 
 // The whole permutation in one call: plan, (sync when num_out < 0), map, rows, zero fill.
-// error_address as permute_with's. Returns as permute_with.
+// error_address and copy_layout as permute_with's. Returns as permute_with.
 Permuted permute(const Tensor& route, int64_t num_experts, int64_t pad_multiple, int64_t num_out,
-                 const Tensor& tokens, const std::optional<Tensor>& probs, int64_t error_address) {
+                 const Tensor& tokens, const std::optional<Tensor>& probs, int64_t error_address, bool copy_layout) {
   const fd::Route r = route_of(route, num_experts);
   as_rows(tokens, "tokens");
   check_same_device(route, tokens, "tokens");
@@ -519,14 +565,16 @@ Permuted permute(const Tensor& route, int64_t num_experts, int64_t pad_multiple,
                                  ? fd::cuda::permute_small_rows(r, tokens.size(1) * tokens.element_size(),
                                                                 c10::cuda::getCurrentCUDAStream(route.get_device()))
                                  : 0;
-  if (block_rows != 0) return permute_small(r, block_rows, route, pad_multiple, num_out, tokens, probs, error_address);
+  if (block_rows != 0) {
+    return permute_small(r, block_rows, route, pad_multiple, num_out, tokens, probs, error_address, copy_layout);
+  }
 #endif
   return permute_with(r, route, pad_multiple, num_out, probs, tokens, tokens.size(1), error_address,
                       [&](const Tensor& map, int64_t n, const Tensor& layout, bool tail, const auto& probs_out,
                           int64_t& word) {
                         return scatter_into(tokens, map, n, layout, num_experts, pad_multiple > 1, tail, probs_out,
                                             word);
-                      });
+                      }, copy_layout);
 }
 
 // The plan alone: (row_id_map, layout, host layout or [0], as Permuted's); sizes itself when
@@ -1092,7 +1140,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("route_topk", &route_topk);
   m.def("route_by_rank", &route_by_rank);
   m.def("received_routing", &received_routing);
-  m.def("permute", &permute);
+  m.def("permute", &permute, py::arg("route"), py::arg("num_experts"), py::arg("pad_multiple"), py::arg("num_out"),
+        py::arg("tokens"), py::arg("probs"), py::arg("error_address"), py::arg("copy_layout") = false);
   m.def("plan", &plan);
   m.def("scatter_rows", &scatter_rows);
   m.def("gather_rows", &gather_rows);

@@ -249,7 +249,7 @@ def _check_layout(layout, host, route, num_experts, num_out, name, word=None) ->
     check_pending_errors()  # a sync just happened: read the earlier flags too
     bits = _host_word(host, layout_error_index(num_experts))
     if bits:
-        raise routing_error(bits, route, num_experts, name)
+        raise routing_error(bits, route, num_experts, name, num_out)
 
 
 # ---- the binding ------------------------------------------------------------------------------
@@ -464,13 +464,13 @@ def received_routing(meta: torch.Tensor, id_column: int, topk: int, first_expert
 # ---- the permutation ----------------------------------------------------------------------------
 
 
-def _plan_fake(route, num_experts, num_out):
+def _plan_fake(route, num_experts, num_out, copy_layout=False):
     layout = 3 * num_experts + 2
-    # The host layout exists only when the op sizes a device layout's output (num_out < 0, a
-    # sync: never in a graph; a CPU layout is read in place); its [0] stand-in stays on the
-    # route's device, since a CPU tensor in a CUDA graph splits it (inductor partitions CUDA
-    # graphs around CPU nodes).
-    host = (torch.empty(layout, dtype=torch.int64) if num_out < 0 and route.device.type != "cpu"
+    # The host layout exists only when the op copies a device layout to the host (num_out < 0,
+    # a sync to size the output; or copy_layout: never in a CUDA graph; a CPU layout is read in
+    # place); its [0] stand-in stays on the route's device, since a CPU tensor in a CUDA graph
+    # splits it (inductor partitions CUDA graphs around CPU nodes).
+    host = (torch.empty(layout, dtype=torch.int64) if (num_out < 0 or copy_layout) and route.device.type != "cpu"
             else route.new_empty(0, dtype=torch.int64))
     return route.new_empty(route.shape, dtype=torch.int32), route.new_empty(layout, dtype=torch.int64), host
 
@@ -486,21 +486,23 @@ def plan(route: torch.Tensor, num_experts: int, pad_multiple: int, num_out: int,
     return row_map, layout, host
 
 
-def _permuted_fake(rows, probs, route, num_experts, num_out, hidden=None, dtype=None):
+def _permuted_fake(rows, probs, route, num_experts, num_out, hidden=None, dtype=None, copy_layout=False):
     """The fake of a permutation (its size unbacked unless ``num_out`` >= 0)."""
     n = num_out if num_out >= 0 else torch.library.get_ctx().new_dynamic_size()
     out_probs = route.new_empty(0, dtype=torch.float32) if probs is None else probs.new_empty(n)
     return (route.new_empty(n, rows.shape[1] if hidden is None else hidden, dtype=rows.dtype if dtype is None else dtype),
-            out_probs, *_plan_fake(route, num_experts, num_out))
+            out_probs, *_plan_fake(route, num_experts, num_out, copy_layout))
 
 
-def _permuted(kernel, args, route, num_experts, num_out, name):
-    """Run a permutation binding, ``kernel(*args, error_address)``, which returns the op outputs
-    (see below), and return them, its routing errors raised or deferred. With the output size
-    known, the kernel stores its error word to the pinned slot taken for it here
-    (``error_address``; 0: none), so no further call queues the copy."""
-    word = error_word(route, torch.int64) if num_out >= 0 and name is not None else None  # (the layout's word)
-    outputs = kernel(*args, 0 if word is None else word[3])
+def _permuted(kernel, args, route, num_experts, num_out, name, copy_layout=None):
+    """Run a permutation binding, ``kernel(*args, error_address[, copy_layout])``, which returns
+    the op outputs (see below), and return them, its routing errors raised or deferred. With the
+    output size known, the kernel stores its error word to the pinned slot taken for it here
+    (``error_address``; 0: none), so no further call queues the copy; with ``copy_layout`` (the
+    binding's flag, ``permute`` only) the host layout it returns serves instead."""
+    word = (error_word(route, torch.int64) if num_out >= 0 and name is not None and not copy_layout
+            else None)  # (the layout's word)
+    outputs = kernel(*args, 0 if word is None else word[3], *(() if copy_layout is None else (copy_layout,)))
     _check_layout(outputs[3], outputs[4], route, num_experts, outputs[0].shape[0], name, word)
     return outputs
 
@@ -531,14 +533,16 @@ def _permutation_backward(ctx, grad_out, grad_out_probs, *_):
 # dtype and autograd.
 
 
-@_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name: _permuted_fake(
-    rows, probs, route, num_experts, num_out), _permutation_backward, _permutation_setup)
+@_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name, copy_layout=False: _permuted_fake(
+    rows, probs, route, num_experts, num_out, copy_layout=copy_layout), _permutation_backward, _permutation_setup)
 def permute(rows: torch.Tensor, probs: Optional[torch.Tensor], route: torch.Tensor, num_experts: int,
-            pad_multiple: int, num_out: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor, torch.Tensor]:
-    """The expert-major permutation of ``rows [R, H]`` by ``route`` (indices or multihot map)."""
+            pad_multiple: int, num_out: int, name: str,
+            copy_layout: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The expert-major permutation of ``rows [R, H]`` by ``route`` (indices or multihot map);
+    ``copy_layout`` (``num_out`` given): the host layout output is a copy of the final layout,
+    queued before the rows move and waited for alone, from which the routing errors are raised."""
     return _permuted(_C.permute, (route.contiguous(), num_experts, pad_multiple, num_out, rows.contiguous(),
-                                  _contiguous(probs)), route, num_experts, num_out, name)
+                                  _contiguous(probs)), route, num_experts, num_out, name, copy_layout)
 
 
 @_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name, q, scales, dtype: _permuted_fake(

@@ -118,14 +118,17 @@ class _SizedOnHost:
     torch.compile it runs whole as one eager call, so a layer's graph breaks once, where the
     layer calls it, and not again in each frame between the layer and the permutation (Dynamo
     cannot resume a graph inside them). It is traced like the rest, and the layer is one graph,
-    in sync-free mode, and on one rank where Dynamo keeps data-dependent sizes in its graphs
-    (:func:`graphs_hold_data_dependent_sizes`); never with FP8 dispatch, which a traced step
-    would run without. Eager code gets the plain method.
+    in sync-free mode; on one rank where the route is full (the top-K of dense probs: T * K
+    rows, known without a sync; ``route``: ``"dense"`` for a step that routes the dense probs
+    itself, ``"set"`` for one that permutes the routing set before it, None for one given
+    indices, which may leave slots unused); and on one rank where Dynamo keeps data-dependent
+    sizes in its graphs (:func:`graphs_hold_data_dependent_sizes`). Never with FP8 dispatch,
+    which a traced step would run without. Eager code gets the plain method.
     (torch._disable_dynamo is torch.compiler.disable without importing Dynamo before it is
     used.)"""
 
-    def __init__(self, method):
-        self.method, self.eager = method, torch._disable_dynamo(method)
+    def __init__(self, method, route: Optional[str] = None):
+        self.method, self.eager, self.route = method, torch._disable_dynamo(method), route
         functools.update_wrapper(self, method)
 
     def __get__(self, dispatcher, owner=None):
@@ -133,12 +136,25 @@ class _SizedOnHost:
             return self.method.__get__(dispatcher, owner)
         spec = getattr(dispatcher, "spec", None)
         # Never with FP8 dispatch: traced, the managers' FP8 paths are off (moe_fp8_experts would
-        # get dequantized rows, a group's rows would travel unquantized). Else sync-free,
-        # or where Dynamo keeps the size, on one rank only (a group's step reads its exchanges'
-        # headers on the host and branches on them).
+        # get dequantized rows, a group's rows would travel unquantized). Else sync-free, or on
+        # one rank where the size is the route's or Dynamo keeps it (a group's step reads its
+        # exchanges' headers on the host and branches on them).
         fp8, sync_free = (False, False) if spec is None else (spec.fp8_dispatch, spec.sync_free)
-        traced = not fp8 and (sync_free or dispatcher.ep_size == 1 and graphs_hold_data_dependent_sizes())
-        return functools.partial(self.method if traced else self.eager, dispatcher)
+        one_rank = dispatcher.ep_size == 1 and (graphs_hold_data_dependent_sizes() or self._sized_by_route(dispatcher))
+        return functools.partial(self.method if not fp8 and (sync_free or one_rank) else self.eager, dispatcher)
+
+    def _sized_by_route(self, dispatcher) -> bool:
+        """Whether the step's permutation is sized by its route (:meth:`_ManagerBase.sized_by_route`)."""
+        manager = getattr(dispatcher, "_comm_manager", None)
+        if self.route is None or not isinstance(manager, _ManagerBase):
+            return False
+        full = manager.capacity_factor is None if self.route == "dense" else manager._routed.full
+        return manager.sized_by_route(full)
+
+
+def _sized_on_host(route: Optional[str] = None):
+    """:class:`_SizedOnHost` of a step whose route is ``route``."""
+    return lambda method: _SizedOnHost(method, route)
 
 
 class MoEFlexTokenDispatcher:
@@ -511,7 +527,7 @@ class MoEFlexTokenDispatcher:
         out = manager.dispatch(hidden_states, async_finish, allocate_on_comm_stream)
         return out, manager.dispatched_probs
 
-    @_SizedOnHost
+    @_sized_on_host("set")
     @_in_dispatcher_terms
     def dispatch_postprocess(self, hidden_states: torch.Tensor):
         """Expert-major permutation: ``(tokens [N, H], tokens_per_expert [E_local] int64 (CPU;
@@ -527,7 +543,7 @@ class MoEFlexTokenDispatcher:
             tokens, permuted_probs = manager.get_permuted_hidden_states_by_experts(hidden_states)
         return tokens, manager.get_number_of_tokens_per_expert(), permuted_probs
 
-    @_SizedOnHost
+    @_sized_on_host("dense")
     @_in_dispatcher_terms
     def token_permutation(self, hidden_states: torch.Tensor, num_local_tokens: int,
                           probs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -535,7 +551,7 @@ class MoEFlexTokenDispatcher:
         Dispatch is asynchronous when ``config.moe_deepep_async_dispatch`` says so."""
         return self._permute_dispatched(*self._preprocess(hidden_states, num_local_tokens, probs))
 
-    @_SizedOnHost
+    @_sized_on_host()
     @_in_dispatcher_terms
     def token_permutation2(self, hidden_states: torch.Tensor, num_local_tokens: int, token_probs: torch.Tensor,
                            token_indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

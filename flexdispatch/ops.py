@@ -117,6 +117,18 @@ def with_counts(permuted: tuple) -> tuple:
     return (*permuted, permuted[2].tokens_per_expert)
 
 
+def host_tokens_per_expert(plan: RowIdMap) -> torch.Tensor:
+    """``tokens_per_expert [E]`` int64 on the CPU of a permutation's ``plan``: from its host
+    layout (the copy that sized the output or that ``copy_layout`` made, or a CPU layout read in
+    place), else by one sync, after which the routing errors that the call's ops deferred are
+    raised, as a sizing sync would have."""
+    synced = plan.host_layout is None
+    counts = plan.host_tokens_per_expert()
+    if synced:
+        check_pending_errors()
+    return counts
+
+
 # ---- public ops ----------------------------------------------------------------------------
 
 
@@ -269,15 +281,18 @@ def permute_by_indices(tokens: torch.Tensor, indices: torch.Tensor, probs: Optio
 
 
 def permute_by_indices_trusted(tokens: torch.Tensor, indices: torch.Tensor, probs: Optional[torch.Tensor],
-                               num_experts: int, num_out_tokens: Optional[int], pad_multiple: Optional[int]):
+                               num_experts: int, num_out_tokens: Optional[int], pad_multiple: Optional[int],
+                               copy_layout: bool = False):
     """:func:`permute_by_indices` of arguments its caller has already checked (``tokens [R, H]``,
     ``indices [R, K]`` int32/int64 of R rows, ``probs [R, K]`` float32/float64 or None, sizes
     in range), without the counts: ``(out, permuted_probs, plan)``, a manager's permutation of
-    the routing its routing step checked."""
+    the routing its routing step checked. ``copy_layout`` (``num_out_tokens`` given, CUDA): the
+    plan's ``host_layout`` is a copy of its layout made before the rows move, the call waiting
+    for that copy alone, and the routing errors are raised from it (no error word deferred)."""
     if not _library.serves(tokens):
         return reference.permute_by_indices(tokens, indices, probs, num_experts, num_out_tokens, pad_multiple)[:3]
     return run_permutation(_library.permute, tokens, probs, indices, num_experts, num_out_tokens, pad_multiple,
-                           "indices")
+                           "indices", *((True,) if copy_layout else ()))
 
 
 def make_plan(route: torch.Tensor, num_experts: int, num_out_tokens: Optional[int] = None,

@@ -3,7 +3,8 @@
 The kernels are registered as torch.library ops (flexdispatch/_library.py): a compiled
 layer must give the eager results bit for bit (AOT-eager backend: the same kernels run), over
 several steps whose token count and routing change, forward and backward, and compile to one
-graph in sync-free mode, to at most two around one break otherwise (the step that sizes the
+graph in sync-free mode and on one rank where the route sizes the permutation (the top-K of
+dense probs: T * K rows), to at most two around one break otherwise (the step that sizes the
 permutation on the host runs eagerly), with no recompilation while shapes stay the same.
 """
 
@@ -18,6 +19,9 @@ E, K, H = 4, 2, 8
 STEPS = [12, 12, 7, 0, 19, 3]
 CASES = {
     "probs": dict(entry="probs"),
+    "indices": dict(entry="indices"),
+    "probs-pad": dict(entry="probs", pad=3),
+    "probs-capacity": dict(entry="probs", capacity=1.5),
     "indices-pad-capacity": dict(entry="indices", pad=2, capacity=1.5),
     "fp64-routing": dict(entry="probs", router_dtype="fp64", dtype=torch.float64),
     "sync-free-bound": dict(entry="indices", sync_free=True, bound=64),
@@ -128,7 +132,8 @@ def _breaks(case, device="cpu"):
     return torch._dynamo.explain(_layer)(d, weights, x, router, case["entry"])
 
 
-HOST_SIZED = ["probs", "indices-pad-capacity", "fp64-routing"]
+HOST_SIZED = ["indices", "probs-pad", "probs-capacity", "indices-pad-capacity"]
+ROUTE_SIZED = ["probs", "fp64-routing"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -142,6 +147,22 @@ def test_a_host_sized_layer_breaks_at_most_once(case, device):
     assert explained.graph_count <= 2 and explained.graph_break_count <= 1, \
         [b.reason for b in explained.break_reasons]
     assert all("flexdispatch.permute" not in str(g.graph) for g in explained.graphs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ROUTE_SIZED)
+def test_a_one_rank_layer_of_dense_probs_is_one_graph(case, device):
+    """On one rank the top-K of dense probs names an expert in every slot, so the permutation
+    has T * K rows, known without a sync, and its host-side counts come from the permutation op
+    itself (on CUDA a copy of its layout, the call's one sync): the layer compiles to one graph
+    holding the permutation, whatever Dynamo keeps."""
+    for settings in ({}, DATA_DEPENDENT_SIZES):
+        with torch._dynamo.config.patch(**settings):
+            explained = _breaks(CASES[case], device)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), \
+            [b.reason for b in explained.break_reasons]
+        graph = str(explained.graphs[0].graph)
+        assert "flexdispatch.permute" in graph
 
 
 DATA_DEPENDENT_SIZES = dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
@@ -176,16 +197,18 @@ def _stepwise_layer(d, x, probs):
     return d.combine_postprocess(d.combine_all_to_all(y))
 
 
-def test_step_api_is_one_graph_where_dynamo_keeps_data_dependent_sizes():
-    """dispatch_postprocess, the step API's host-sized step, is traced as token_permutation is:
-    one graph, and over steps (token counts changing, zero included) the compiled steps equal
-    eager bit for bit, forward and backward."""
+@pytest.mark.parametrize("settings", [{}, DATA_DEPENDENT_SIZES], ids=["default", "data-dependent-sizes"])
+def test_step_api_of_dense_probs_is_one_graph(settings):
+    """dispatch_postprocess, the step API's permuting step, is traced as token_permutation is
+    after routing dense probs (the route sizes the permutation), whatever Dynamo keeps: one
+    graph, and over steps (token counts changing, zero included) the compiled steps equal eager
+    bit for bit, forward and backward."""
     torch._dynamo.reset()
 
     def dispatcher():
         return fd.MoEFlexTokenDispatcher(E, list(range(E)), fd.MoEConfig(num_moe_experts=E, moe_router_topk=K), None)
 
-    with torch._dynamo.config.patch(**DATA_DEPENDENT_SIZES):
+    with torch._dynamo.config.patch(**settings):
         explained = torch._dynamo.explain(_stepwise_layer)(dispatcher(), torch.randn(10, H),
                                                            torch.rand(10, E).softmax(-1))
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
@@ -251,6 +274,15 @@ def test_a_group_s_host_sized_step_stays_one_eager_call(monkeypatch):
     assert step.__get__(layer(1)).func is step.eager
     assert step.__get__(layer(1, sync_free=True, fp8_dispatch=True)).func is step.eager
     assert step.__get__(types.SimpleNamespace(ep_size=1, spec=None)).func is step.eager
+    # (a one-rank layer whose manager sizes a full route by its shape: traced without the settings;
+    # not with FP8 dispatch, nor for given indices, which may leave slots unused)
+    one_rank = fd.MoEFlexTokenDispatcher(E, list(range(E)), fd.MoEConfig(num_moe_experts=E, moe_router_topk=K))
+    assert step.__get__(one_rank).func is step.method
+    given = fd.MoEFlexTokenDispatcher.__dict__["token_permutation2"]
+    assert given.__get__(one_rank).func is given.eager
+    fp8 = fd.MoEFlexTokenDispatcher(E, list(range(E)), fd.MoEConfig(num_moe_experts=E, moe_router_topk=K,
+                                                                    moe_fp8_dispatch=True))
+    assert step.__get__(fp8).func is step.eager
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -220,6 +220,46 @@ def test_one_launch_permutation_is_the_planned_one(rows, experts, topk, fault, p
     torch.testing.assert_close(ops.unpermute(out, plan, p), reference.unpermute(ref, ref_plan, p), rtol=8e-3, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,experts,topk", [(1024, 32, 4), (4096, 64, 8)])  # (one launch; the passes)
+@pytest.mark.parametrize("fault", ["none", "range", "duplicate", "overflow"])
+def test_a_sized_permutation_that_copies_its_layout_reads_counts_and_errors_on_the_host(rows, experts, topk, fault,
+                                                                                       poison):
+    """``copy_layout`` (what a one-rank manager asks of a full route's permutation, sized by its
+    shape): the call returns with its plan's layout on the host, copied before the rows moved,
+    and raises a bad route or a too small output itself, as the host-sized call does, deferring
+    no error word; its rows, probs and plan are the reference's."""
+    idx = random_indices(rows, experts, topk, seed=rows + topk).to("cuda")
+    if fault == "range":
+        idx[rows // 2, 0] = experts
+    elif fault == "duplicate":
+        idx[rows - 1, :2] = 1
+    x = random_tokens(rows, 128, torch.bfloat16, device="cuda")
+    p = random_probs(rows, topk, device="cuda")
+    ops.check_pending_errors()
+    used = int((idx >= 0).sum()) if fault in ("none", "overflow") else rows * topk  # (random routes leave slots unused)
+    size = used - (1 if fault == "overflow" else 0)
+    if fault != "none":
+        with pytest.raises(ValueError) as sized_on_host:
+            ops.permute_by_indices(x, idx, p, num_experts=experts)
+            if fault == "overflow":
+                ops.permute_by_indices(x, idx, p, num_experts=experts, num_out_tokens=size)
+                ops.check_pending_errors()
+        with pytest.raises(ValueError) as copied:
+            ops.permute_by_indices_trusted(x, idx, p, experts, size, None, copy_layout=True)
+        assert str(copied.value) == str(sized_on_host.value)
+        assert not _library._pending
+        return
+    ref, ref_p, ref_plan, ref_tpe = reference.permute_by_indices(x, idx, p, num_experts=experts)
+    poison("cuda")
+    out, out_p, plan = ops.permute_by_indices_trusted(x, idx, p, experts, size, None, copy_layout=True)
+    assert not _library._pending
+    assert plan.host_layout is not None and plan.host_layout.device.type == "cpu"
+    assert torch.equal(plan.host_layout, plan.layout.cpu())
+    assert torch.equal(ops.host_tokens_per_expert(plan), ref_tpe.cpu())
+    assert torch.equal(out, ref) and torch.equal(out_p, ref_p) and torch.equal(plan.map.cpu(), ref_plan.map.cpu())
+
+
 # (rows, experts, topk) of multihot maps at the one-launch limits (_one_launch_fits) and just past
 # them: the reads of blocks of 8 rows (1024 x 64, 2896 x 8) and of 16 (1025 x 64, 1024 x 128,
 # 2048 x 32), 2^18 entries (512 x 512), the shared memory (64 x 899), maps read byte by byte

@@ -172,3 +172,20 @@ def test_bench_binding_times_the_same_gather_through_every_binding():
     labels = {label for _, label in times}
     assert {"raw, no grad", "python function, grad", "C++ op, grad", "C++ autograd, grad"} <= labels
     assert len(times) == 2 * len(labels) == 20 and all(t > 0 for t in times.values())
+
+
+def test_bench_sizing_times_four_variants_of_the_same_layer():
+    """tools/bench_sizing.py on the CPU (a smoke test of its GPU figures): it checks that the
+    route-sized and sync-sized layers move the same rows before timing (exiting 1 otherwise),
+    and prints a positive median for each of the four variants in both phases."""
+    import re
+    import subprocess
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_sizing.py"
+    out = subprocess.run([sys.executable, str(tool), "--device", "cpu", "--dtype", "float32", "--calls", "3",
+                          "--shapes", "16,8,4,2"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    for phase in ("forward", "fwd+bwd"):
+        line = next(x for x in out.stdout.splitlines() if x.strip().startswith(f"{phase}: route eager"))
+        medians = re.findall(r"(route|sync) (eager|compiled) ([\d.]+) \(", line)
+        assert len(medians) == 4 and all(float(m[2]) > 0 for m in medians), line

@@ -83,12 +83,15 @@ class Routed:
         given: ``(indices, probs)`` as the caller gave them, to describe a routing error.
         names: the arguments a routing error names (the caller's: dense ``probs``, or
             ``token_indices`` / ``token_probs``).
+        full: every slot names an expert (the top-K of dense probs, no capacity): T * K
+            (row, slot) pairs to permute, or a routing error that the call raises.
     """
 
     num_tokens: int = 0
     status: Optional[torch.Tensor] = None
     given: Optional[tuple] = None
     names: tuple = ("token_indices", "token_probs")
+    full: bool = False
 
 
 NOT_ROUTED = Routed()
@@ -112,7 +115,10 @@ class Dispatched:
         received_counts: rows per local expert before padding (``E_local`` ints, or an int64
             CPU tensor), when the call's exchange told them (no sync needed to size the
             permutation).
-        num_out: rows of the permuted tensor when fixed in advance (sync-free worst case).
+        num_out: rows of the permuted tensor when fixed in advance (sync-free worst case; a
+            full route's T * K).
+        route_sized: ``num_out`` is exactly the rows the route fills (a full route on one
+            rank): the permutation has no tail, and copies its counts to the host as it runs.
         for_combine: what the backend's combine needs of this dispatch (its own record: the
             all-to-all manager's rank plan and splits, the NVLink manager's route, DeepEP's
             buffer).
@@ -125,6 +131,7 @@ class Dispatched:
     held: object  # (no default: a default object would be one torch.compile cannot trace)
     received_counts: Optional[Union[torch.Tensor, list]] = None
     num_out: Optional[int] = None
+    route_sized: bool = False
     for_combine: object = None
     fp8_rows: bool = False
 
@@ -491,7 +498,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         # The selection and its check in one pass (ties to the lower expert: ops.route_topk_trusted).
         token_probs, token_indices, clean, status = ops.route_topk_trusted(
             dense, self.router_topk, 0, reported_as(self.world_size, "probs") if self.validate_routing else None)
-        self._set_routing(token_probs, token_indices, names=("probs", "probs"), checked=(clean, status))
+        self._set_routing(token_probs, token_indices, names=("probs", "probs"), checked=(clean, status), full=True)
 
     def set_routing(self, token_probs: torch.Tensor, token_indices: torch.Tensor,
                     num_local_tokens: Optional[int] = None) -> None:
@@ -501,10 +508,13 @@ class _ManagerBase(LayerStates, _DispatchManager):
         self._set_routing(token_probs, token_indices)
 
     def _set_routing(self, token_probs: torch.Tensor, token_indices: torch.Tensor,
-                     names: tuple = ("token_indices", "token_probs"), checked: Optional[tuple] = None) -> None:
+                     names: tuple = ("token_indices", "token_probs"), checked: Optional[tuple] = None,
+                     full: bool = False) -> None:
         """``names``: the arguments a routing error names (the caller's: dense ``probs``, whose
         top-k indices cannot be wrong, or ``token_indices`` / ``token_probs``); ``checked``: the
-        route check's ``(clean, status)`` when the top-k selection made it (see setup_metadata)."""
+        route check's ``(clean, status)`` when the top-k selection made it (see setup_metadata);
+        ``full``: the top-k selection made the indices, so every slot names an expert until
+        capacity drops some (:attr:`Routed.full`)."""
         indices = token_indices if token_indices.dtype == torch.int64 else token_indices.long()
         status = given = None
         if self.validate_routing:
@@ -521,7 +531,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         self.tokens_per_expert = None  # the previous call's counts must never leak into this one
         self.token_probs = token_probs
         self.token_indices = indices.contiguous()
-        self._routed = Routed(indices.shape[0], status, given, names)
+        self._routed = Routed(indices.shape[0], status, given, names, full and self.capacity_factor is None)
         self._stage = "routed"
 
     def _check_route(self, indices: torch.Tensor, probs: torch.Tensor, name: str):
@@ -684,16 +694,20 @@ class _ManagerBase(LayerStates, _DispatchManager):
             out, probs, plan = received.held.permute(
                 hidden_states, indices, self.dispatched_probs, num_experts=self.num_local_experts,
                 num_out_tokens=num_out, pad_multiple=self.moe_router_expert_pad_multiple,
-                max_blocks=self.spec.nvlink_max_blocks, fp8_out=fp8_rows and received.fp8_rows)
+                max_blocks=self.spec.nvlink_max_blocks, fp8_out=fp8_rows and received.fp8_rows,
+                counts_to_host=received.route_sized)
+            if received.route_sized:  # (every row used: no tail for the restore to skip)
+                plan.has_tail = False
+            if self.sync_free:
+                tokens_per_expert = plan.tokens_per_expert
+            elif host_counts is not None:
+                tokens_per_expert = host_counts
+            else:  # (the host copy that sized the permutation, or that a route-sized one made)
+                tokens_per_expert = ops.host_tokens_per_expert(plan)
         except ValueError:
             self._release()  # bad routing found by the kernels: the dispatcher stays usable
             raise
-        if self.sync_free:
-            self.tokens_per_expert = plan.tokens_per_expert
-        elif host_counts is not None:
-            self.tokens_per_expert = host_counts
-        else:
-            self.tokens_per_expert = plan.host_tokens_per_expert()
+        self.tokens_per_expert = tokens_per_expert
         if self.router_dtype == "fp64":
             probs = probs.double()
         self._plan = plan
@@ -792,6 +806,20 @@ class _ManagerBase(LayerStates, _DispatchManager):
         dropped = drop.sum()
         self.dropped_tokens = add_to_counter(self.dropped_tokens, dropped)
         return torch.where(drop.view_as(indices), -1, indices)
+
+    sizes_full_routes = False
+    """Whether a full route's permuted rows are known without a sync (T * K: the local manager,
+    which receives every routed row)."""
+
+    def sized_by_route(self, full: bool) -> bool:
+        """Whether this call's permutation is sized by the route's shape rather than a sync: a
+        full route (:attr:`Routed.full`) on a manager that :attr:`sizes_full_routes`, without a
+        pad multiple (whose padded counts are data), and not sync-free (sized for the worst
+        case). The counts the call returns on the host then cost one wait, for a copy of the
+        plan's layout queued before the rows move (``counts_to_host``), and torch.compile
+        traces the step."""
+        return (full and self.sizes_full_routes and not self.sync_free
+                and (self.moe_router_expert_pad_multiple or 1) == 1)
 
     def _worst_case_rows(self, received_rows: int) -> int:
         """Rows of the permuted tensor that no routing can exceed (sync-free sizing)."""

@@ -8,12 +8,15 @@ there by the permutation). Each kind permutes itself, with one signature, so the
 permutation step makes one call whatever the backend delivered.
 
 ``permute(hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks,
-fp8_out)`` takes the dispatch's returned tensor ``hidden [R, H]`` (rows or stand-in), the
-received routing ``indices [R, K]`` (local experts, -1 for none) and ``probs [R, K]``, and
-returns as :func:`flexdispatch.ops.permute_by_indices` without the counts (the manager reads
-them from the plan when it keeps them): ``(out [N, H], permuted_probs [N], plan)``; ``out`` is
-the pair ``(rows [N, H] float8_e4m3fn, scales [N, H / 128] float32)`` when ``fp8_out`` and the
-rows were kept in FP8 (FP8 experts).
+fp8_out, counts_to_host)`` takes the dispatch's returned tensor ``hidden [R, H]`` (rows or
+stand-in), the received routing ``indices [R, K]`` (local experts, -1 for none) and ``probs
+[R, K]``, and returns as :func:`flexdispatch.ops.permute_by_indices` without the counts (the
+manager reads them from the plan when it keeps them): ``(out [N, H], permuted_probs [N],
+plan)``; ``out`` is the pair ``(rows [N, H] float8_e4m3fn, scales [N, H / 128] float32)`` when
+``fp8_out`` and the rows were kept in FP8 (FP8 experts). ``counts_to_host`` (a size given):
+the plan should bring its layout to the host as it runs (``copy_layout`` of
+:func:`flexdispatch.ops.permute_by_indices_trusted`); the rows a one-rank manager keeps do,
+the others' plans leave it to :func:`flexdispatch.ops.host_tokens_per_expert`.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ class Landed:
     returns_stand_in = False
 
     @staticmethod
-    def permute(hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks, fp8_out):
+    def permute(hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks, fp8_out,
+                counts_to_host=False):
         # (the manager checked the rows and its routing: not checked again)
-        return ops.permute_by_indices_trusted(hidden, indices, probs, num_experts, num_out_tokens, pad_multiple)
+        return ops.permute_by_indices_trusted(hidden, indices, probs, num_experts, num_out_tokens, pad_multiple,
+                                              copy_layout=counts_to_host)
 
 
 LANDED = Landed()
@@ -48,10 +53,12 @@ class KeptFp8:
     scales: torch.Tensor
     returns_stand_in = True  # (a class attribute, not a field)
 
-    def permute(self, hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks, fp8_out):
+    def permute(self, hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks, fp8_out,
+                counts_to_host=False):
         if fp8_out:  # FP8 rows for FP8 experts: bytes and scales moved without conversion
             out_q, out_probs, plan = ops.permute_by_indices_trusted(
-                self.q.contiguous().view(torch.uint8), indices, probs, num_experts, num_out_tokens, pad_multiple)
+                self.q.contiguous().view(torch.uint8), indices, probs, num_experts, num_out_tokens, pad_multiple,
+                copy_layout=counts_to_host)
             return ((out_q.view(torch.float8_e4m3fn), ops.apply_permutation(self.scales.contiguous(), plan)),
                     out_probs, plan)
         return ops.permute_fp8_by_indices_trusted(self.q, self.scales, indices, probs, num_experts, num_out_tokens,
@@ -71,7 +78,8 @@ class LeftAtPeers:
     first_row: int
     returns_stand_in = True
 
-    def permute(self, hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks, fp8_out):
+    def permute(self, hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks, fp8_out,
+                counts_to_host=False):
         permute = peer_ops.permute_fp8_from if self.fp8 else peer_ops.permute_from
         return permute(hidden, self.addrs, self.align, indices, probs, num_experts=num_experts,
                        num_out_tokens=num_out_tokens, pad_multiple=pad_multiple, max_blocks=max_blocks,
