@@ -9,7 +9,8 @@ one rank (the local manager), experts ``f_e(x) = silu(x * a_e)`` on the permuted
 expert found from the counts, with no host read), ``token_unpermutation``. First it prints one
 compiled graph's fixed cost on this host (the router softmax alone, eager and compiled). Per
 mode (``default``:
-the permutation sized on the host; ``sizes-in-graph``: the same with Dynamo set to keep
+sized on the host, which for this layer's full route (the top-K of dense probs, one rank) is by
+its T * K rows, one graph; ``sizes-in-graph``: the same with Dynamo set to keep
 data-dependent sizes in its graphs, ``capture_dynamic_output_shape_ops`` and
 ``capture_scalar_outputs``; ``sync-free``: worst-case sized), it prints torch._dynamo's
 graph and break counts for the layer, then the median time of one call after a warm-up, forward
@@ -53,9 +54,10 @@ def layer(d, x, logits, scales):
 
 def graph_floor(logits: torch.Tensor, args) -> None:
     """What one compiled graph costs on this host, whatever it holds: the layer's router
-    softmax alone, eager and compiled, forward and forward + backward. A layer sized on the host
-    compiles to two graphs (the break at the sizing step), so at host-bound shapes its compiled
-    form pays about twice this against the eager ops the graphs replace."""
+    softmax alone, eager and compiled, forward and forward + backward. A layer that sizes its
+    permutation at a sync (given indices, a pad multiple or capacity) compiles to two graphs
+    (the break at the sizing step), so at host-bound shapes its compiled form pays about twice
+    this against the eager ops the graphs replace."""
     logits = logits.detach().clone().requires_grad_()
     softmax_grad = torch.randn_like(logits)
 
