@@ -5,6 +5,7 @@
 #include <cstring>
 #include <torch/extension.h>
 
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -450,22 +451,26 @@ Permuted permuted(Tensor out, const std::optional<Tensor>& probs_out, Tensor row
 // A device layout's copy on the host, queued on the current stream once the kernels queued so
 // far have written it: pinned, so that the host waits for the copy alone (wait()), not for the
 // kernels queued after it. None for a CPU layout (read in place).
+#ifdef FLEXDISPATCH_WITH_CUDA
+struct DestroyEvent {
+  void operator()(cudaEvent_t event) const { (void)cudaEventDestroy(event); }
+};
+#endif
+
 struct LayoutCopy {
   std::optional<Tensor> host;
 #ifdef FLEXDISPATCH_WITH_CUDA
-  cudaEvent_t landed = nullptr;
+  std::unique_ptr<std::remove_pointer_t<cudaEvent_t>, DestroyEvent> landed;  // (recorded after the copy)
 #endif
   void wait() {
 #ifdef FLEXDISPATCH_WITH_CUDA
-    if (landed == nullptr) return;
+    if (!landed) return;
     // (a wait for the device as torch's own syncs report it to torch.cuda.set_sync_debug_mode)
     if (C10_UNLIKELY(c10::cuda::warning_state().get_sync_debug_mode() != c10::cuda::SyncDebugMode::L_DISABLED)) {
       c10::cuda::warn_or_error_on_sync();
     }
-    const cudaError_t waited = cudaEventSynchronize(landed);
-    C10_CUDA_CHECK(cudaEventDestroy(landed));
-    landed = nullptr;
-    C10_CUDA_CHECK(waited);
+    C10_CUDA_CHECK(cudaEventSynchronize(landed.get()));
+    landed.reset();
 #endif
   }
 };
@@ -476,8 +481,10 @@ LayoutCopy copy_to_host(const Tensor& layout) {
   if (layout.is_cuda()) {
     copy.host.emplace(torch::empty(layout.sizes(), layout.options().device(at::kCPU).pinned_memory(true)));
     copy.host->copy_(layout, /*non_blocking=*/true);
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&copy.landed, cudaEventDisableTiming));
-    C10_CUDA_CHECK(cudaEventRecord(copy.landed, c10::cuda::getCurrentCUDAStream(layout.get_device())));
+    cudaEvent_t event = nullptr;
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    copy.landed.reset(event);
+    C10_CUDA_CHECK(cudaEventRecord(event, c10::cuda::getCurrentCUDAStream(layout.get_device())));
   }
 #endif
   return copy;
@@ -491,7 +498,8 @@ LayoutCopy copy_to_host(const Tensor& layout) {
 // tensor like `like` and an empty row_id_map; the caller reads the error bits from host_layout.
 // copy_layout (num_out given): the host layout is a copy of the final layout (the map pass
 // completes it, error bits included), queued before the rows move and waited for after their
-// launch, so the host reads the counts while the rows move; no error word then.
+// launch, so the host reads the counts while the rows move; its caller reads the error bits
+// there and passes no error address.
 template <typename Fill>
 Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multiple, int64_t num_out,
                       const std::optional<Tensor>& probs, const Tensor& like, int64_t hidden, int64_t error_address,
@@ -505,7 +513,7 @@ Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multi
   }
   auto [row_id_map, probs_out] = route_map(r, route, chunk_offsets, layout, probs, num_out, scans, pad_multiple);
   LayoutCopy copied = tail && copy_layout ? copy_to_host(layout) : LayoutCopy{};
-  int64_t word = tail && !copied.host.has_value() ? error_address : 0;
+  int64_t word = tail ? error_address : 0;
   Tensor out = fill(row_id_map, num_out, layout, tail, probs_out, word);
   if (word != 0) queue_word_copy(layout, fd::layout_error(r.num_experts), word);
   copied.wait();
@@ -530,8 +538,7 @@ Permuted permute_small_with(const fd::Route& r, const Tensor& route, int64_t pad
   auto out = torch::empty({num_out, hidden}, out_options);
   void* po = probs_out.has_value() ? probs_out->data_ptr() : nullptr;
   FD_ON_DEVICE(route, launch(out.data_ptr(), p, prob_bytes, po, row_id_map.data_ptr<int32_t>(),
-                             layout.data_ptr<int64_t>(),
-                             reinterpret_cast<void*>(copy_layout ? 0 : error_address), stream), {});
+                             layout.data_ptr<int64_t>(), reinterpret_cast<void*>(error_address), stream), {});
   LayoutCopy copied = copy_layout ? copy_to_host(layout) : LayoutCopy{};  // (the kernel writes the layout last)
   copied.wait();
   return permuted(out, probs_out, row_id_map, layout, copied.host);

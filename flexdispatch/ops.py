@@ -117,18 +117,6 @@ def with_counts(permuted: tuple) -> tuple:
     return (*permuted, permuted[2].tokens_per_expert)
 
 
-def host_tokens_per_expert(plan: RowIdMap) -> torch.Tensor:
-    """``tokens_per_expert [E]`` int64 on the CPU of a permutation's ``plan``: from its host
-    layout (the copy that sized the output or that ``copy_layout`` made, or a CPU layout read in
-    place), else by one sync, after which the routing errors that the call's ops deferred are
-    raised, as a sizing sync would have."""
-    synced = plan.host_layout is None
-    counts = plan.host_tokens_per_expert()
-    if synced:
-        check_pending_errors()
-    return counts
-
-
 # ---- public ops ----------------------------------------------------------------------------
 
 
@@ -292,7 +280,7 @@ def permute_by_indices_trusted(tokens: torch.Tensor, indices: torch.Tensor, prob
     if not _library.serves(tokens):
         return reference.permute_by_indices(tokens, indices, probs, num_experts, num_out_tokens, pad_multiple)[:3]
     return run_permutation(_library.permute, tokens, probs, indices, num_experts, num_out_tokens, pad_multiple,
-                           "indices", *((True,) if copy_layout else ()))
+                           "indices", copy_layout)
 
 
 def make_plan(route: torch.Tensor, num_experts: int, num_out_tokens: Optional[int] = None,

@@ -256,7 +256,7 @@ def test_a_sized_permutation_that_copies_its_layout_reads_counts_and_errors_on_t
     assert not _library._pending
     assert plan.host_layout is not None and plan.host_layout.device.type == "cpu"
     assert torch.equal(plan.host_layout, plan.layout.cpu())
-    assert torch.equal(ops.host_tokens_per_expert(plan), ref_tpe.cpu())
+    assert torch.equal(plan.host_tokens_per_expert(), ref_tpe.cpu())
     assert torch.equal(out, ref) and torch.equal(out_p, ref_p) and torch.equal(plan.map.cpu(), ref_plan.map.cpu())
 
 

@@ -531,7 +531,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         self.tokens_per_expert = None  # the previous call's counts must never leak into this one
         self.token_probs = token_probs
         self.token_indices = indices.contiguous()
-        self._routed = Routed(indices.shape[0], status, given, names, full and self.capacity_factor is None)
+        self._routed = Routed(indices.shape[0], status, given, names, full and self.dense_routes_stay_full)
         self._stage = "routed"
 
     def _check_route(self, indices: torch.Tensor, probs: torch.Tensor, name: str):
@@ -703,7 +703,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
             elif host_counts is not None:
                 tokens_per_expert = host_counts
             else:  # (the host copy that sized the permutation, or that a route-sized one made)
-                tokens_per_expert = ops.host_tokens_per_expert(plan)
+                tokens_per_expert = plan.host_tokens_per_expert()
         except ValueError:
             self._release()  # bad routing found by the kernels: the dispatcher stays usable
             raise
@@ -806,6 +806,12 @@ class _ManagerBase(LayerStates, _DispatchManager):
         dropped = drop.sum()
         self.dropped_tokens = add_to_counter(self.dropped_tokens, dropped)
         return torch.where(drop.view_as(indices), -1, indices)
+
+    @property
+    def dense_routes_stay_full(self) -> bool:
+        """Whether the top-K of dense probs stays a full route (:attr:`Routed.full`): no
+        capacity drops a slot."""
+        return self.capacity_factor is None
 
     sizes_full_routes = False
     """Whether a full route's permuted rows are known without a sync (T * K: the local manager,

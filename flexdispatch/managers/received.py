@@ -16,7 +16,7 @@ plan)``; ``out`` is the pair ``(rows [N, H] float8_e4m3fn, scales [N, H / 128] f
 ``fp8_out`` and the rows were kept in FP8 (FP8 experts). ``counts_to_host`` (a size given):
 the plan should bring its layout to the host as it runs (``copy_layout`` of
 :func:`flexdispatch.ops.permute_by_indices_trusted`); the rows a one-rank manager keeps do,
-the others' plans leave it to :func:`flexdispatch.ops.host_tokens_per_expert`.
+the others' plans read it with a sync when asked (``RowIdMap.host_tokens_per_expert``).
 """
 
 from __future__ import annotations
