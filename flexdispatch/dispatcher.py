@@ -148,7 +148,7 @@ class _SizedOnHost:
         manager = getattr(dispatcher, "_comm_manager", None)
         if self.route is None or not isinstance(manager, _ManagerBase):
             return False
-        full = manager.dense_routes_stay_full if self.route == "dense" else manager._routed.full
+        full = manager.dense_routes_stay_full if self.route == "dense" else manager.route_is_full
         return manager.sized_by_route(full)
 
 

@@ -225,7 +225,7 @@ class _AllToAllManager(_ManagerBase):
 
         _exchange(received, message, None, None, self.group, what, missing=missing)
         host = torch.stack([message, received]).cpu()  # the one host sync of the call's first exchange
-        self._agree(host[1], when)
+        self.agree(host[1], when)
         return host
 
     def _blank_message(self, phase: int, hidden) -> torch.Tensor:

@@ -437,7 +437,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         return agreement.make_header(phase, self._step, hidden if self._deferred is None else None,
                                      self.router_topk, error, arg, rows, self.layer_id, self._config_code)
 
-    def _agree(self, headers, when: str) -> None:
+    def agree(self, headers, when: str) -> None:
         """Go on if every rank's header agrees; else every rank releases the call, realigns its
         step and raises the same error."""
         decision = agreement.Agreement(headers)
@@ -452,7 +452,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
                 groups.announce(self)
             raise
 
-    def _count_fault(self, ok: torch.Tensor, key: Optional[int] = None) -> None:
+    def count_fault(self, ok: torch.Tensor, key: Optional[int] = None) -> None:
         """Add a failed sync-free call (``ok``: 0-d bool on the device, False when it failed) to
         the layer of dispatcher ``key`` (None: the layer served now; a backward may run while
         a shared manager serves another layer)."""
@@ -812,6 +812,11 @@ class _ManagerBase(LayerStates, _DispatchManager):
         """Whether the top-K of dense probs stays a full route (:attr:`Routed.full`): no
         capacity drops a slot."""
         return self.capacity_factor is None
+
+    @property
+    def route_is_full(self) -> bool:
+        """Whether the call's routing names an expert in every slot (:attr:`Routed.full`)."""
+        return self._routed.full
 
     sizes_full_routes = False
     """Whether a full route's permuted rows are known without a sync (T * K: the local manager,

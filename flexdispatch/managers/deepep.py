@@ -491,7 +491,7 @@ class _DeepepManager(_ManagerBase):
         if self.sync_free and self._routed.status is not None:
             # No exchange to agree at: invalid routing (already dropped by the check, so DeepEP
             # never sees it) is counted on this rank and raised by report_dropped_tokens.
-            self._count_fault(self._routed.status[0] == 0)
+            self.count_fault(self._routed.status[0] == 0)
         if self.sync_free and hidden_states is None:
             # No host wait to agree at: a rank's failed check cannot reach its peers here.
             error, self._deferred = self._deferred, None
@@ -514,7 +514,7 @@ class _DeepepManager(_ManagerBase):
             self._finish.append(finish)
         if agree:
             ops.check_pending_errors()  # earlier calls' flags have landed too: DeepEP just waited
-            self._agree(self._headers, "(DeepEP moved no token)")  # read at once (Agreement copies it)
+            self.agree(self._headers, "(DeepEP moved no token)")  # read at once (Agreement copies it)
         self.handle = handle
         # No op may read the received tensors before wait(): an async transfer is still in
         # flight. DeepEP already zeroes the probs of slots whose expert lives elsewhere; only the
@@ -534,7 +534,7 @@ class _DeepepManager(_ManagerBase):
         if like is None:  # (this rank's check failed before routing)
             like = torch.empty(0, 1, dtype=torch.int64, device=gather.group_device(self.group))
         header = ops.make_header(like, self._header(agreement.DISPATCH, hidden_states), self._routed.status)
-        self._agree(agreement.gather_headers(header, self.world_size, self.group,
+        self.agree(agreement.gather_headers(header, self.world_size, self.group,
                                              f"step {self._step} of this layer, dispatch (the header exchange)"),
                     "(no token moved)")
         recv_x, recv_idx, recv_probs, tokens_per_expert, handle = self._fused_dispatch(

@@ -131,7 +131,7 @@ def _backward_exchange(ctx, grad: torch.Tensor, parts: list):
     headers, tables = ctx.transport.exchange(ops.make_header(grad, check.values), parts)
     if manager.sync_free:
         ok = manager._agreed_on_device(headers.to(grad.device))
-        manager._count_fault(ok, check.key)
+        manager.count_fault(ok, check.key)
         return tables, ok
     host = headers.cpu()  # ([W, WIDTH]: the header is its fixed words alone)
     if not check.agreed(host) or tables is None:  # (the gather transport stops at disagreeing headers)
@@ -213,7 +213,7 @@ class _NvlinkCombine(torch.autograd.Function):
             transport.ensure(_region(1, agreement.WIDTH * 8) + _region(route.received_cap, row_bytes))
             header = manager._header_tensor(agreement.COMBINE, hidden, hidden.device)
             headers, tables = transport.exchange(header, [(hidden, route.received_cap)])
-            manager._count_fault(manager._agreed_on_device(headers.to(hidden.device)))
+            manager.count_fault(manager._agreed_on_device(headers.to(hidden.device)))
             if tables is None:  # (the gather transport stops at disagreeing headers: nothing to read)
                 return hidden.new_zeros(route.tokens, hidden.shape[1])
         else:
@@ -228,9 +228,9 @@ class _NvlinkCombine(torch.autograd.Function):
                 # buffer has the same size) and every rank raises before ``out`` is returned.
                 landed = manager._on_host(headers)
                 out = _sum_home_rows(route, tables[0], hidden, max_blocks)
-                manager._agree(landed(), "before any row moved back")
+                manager.agree(landed(), "before any row moved back")
             else:  # the same on every rank once the headers agree: grow, then send the rows
-                manager._agree(headers.cpu(), "before any row moved back")  # (raises on disagreement)
+                manager.agree(headers.cpu(), "before any row moved back")  # (raises on disagreement)
                 transport.ensure(need)
                 _, tables = transport.exchange(None, [(hidden, route.received_cap)])
                 out = _sum_home_rows(route, tables[0], hidden, max_blocks)
@@ -311,7 +311,7 @@ class _NvlinkManager(_ManagerBase):
                 return self._sync_free_failed_dispatch(transport, device)
             extra = torch.zeros(world, local + 1, dtype=torch.int64, device=device)
             headers, _ = transport.exchange(self._header_tensor(agreement.DISPATCH, None, device, extra), [])
-            self._agree(headers[:, :agreement.WIDTH].cpu(), when)
+            self.agree(headers[:, :agreement.WIDTH].cpu(), when)
             raise AssertionError("unreachable: the agreement raises on every rank")  # pragma: no cover
         tokens, topk = indices.shape
         in_rank, extra = routing_by_rank(indices, world, local)  # extra: [W, 1 + E_local]
@@ -329,7 +329,7 @@ class _NvlinkManager(_ManagerBase):
             rows = None  # (known on the device only)
         else:
             host = headers.cpu()  # the call's one host sync
-            self._agree(host, when)  # (the agreement reads each row's header words, not the counts after them)
+            self.agree(host, when)  # (the agreement reads each row's header words, not the counts after them)
             ops.check_pending_errors()  # earlier calls' flags are ready now, for free
             every = headers[:, agreement.WIDTH:].view(world, world, local + 1).to(device)  # [source, dest, ...]
             host_counts = host[:, agreement.WIDTH:].view(world, world, local + 1)
@@ -371,7 +371,7 @@ class _NvlinkManager(_ManagerBase):
         routing is emptied (no token moves) and the call counted in ``sync_free_faults``.
         Returns ``(counts, sizes, None)`` with worst-case sizes (every rank passes the same T)."""
         ok = self._agreed_on_device(headers.to(every.device), tokens)
-        self._count_fault(ok)
+        self.count_fault(ok)
         counts = every[:, :, 0] * ok
         in_rank.mul_(ok)
         per_token = min(topk, self.world_size)
@@ -442,7 +442,7 @@ class _NvlinkManager(_ManagerBase):
                 error, self._deferred = self._deferred, None
                 self.reset()
                 raise error
-            self._agree(headers.cpu(), "before any row moved back")
+            self.agree(headers.cpu(), "before any row moved back")
             raise AssertionError("unreachable: the agreement raises on every rank")  # pragma: no cover
         transport = self._transport(hidden_states.device)
         return _NvlinkCombine.apply(hidden_states, self._dispatched.for_combine, transport, self, self.max_blocks,
