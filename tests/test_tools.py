@@ -183,7 +183,7 @@ def test_bench_sizing_times_four_variants_of_the_same_layer():
 
     tool = Path(__file__).resolve().parents[1] / "tools" / "bench_sizing.py"
     out = subprocess.run([sys.executable, str(tool), "--device", "cpu", "--dtype", "float32", "--calls", "3",
-                          "--shapes", "16,8,4,2"], capture_output=True, text=True, timeout=600)
+                          "--shapes", "16,8,4,2", "--kernels", "3"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     for phase in ("forward", "fwd+bwd"):
         line = next(x for x in out.stdout.splitlines() if x.strip().startswith(f"{phase}: route eager"))

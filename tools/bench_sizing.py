@@ -1,7 +1,7 @@
 """A one-rank layer's full route sized by its shape against sized at a sync, eager and compiled.
 
     python tools/bench_sizing.py [--shapes 1024,1024,32,4 8192,2048,128,8 ...] [--calls 100]
-        [--device cuda|cpu] [--dtype bfloat16]
+        [--device cuda|cpu] [--dtype bfloat16] [--kernels N]
 
 The layer is ``bench_compile.py``'s (router softmax, ``token_permutation`` on the local manager,
 elementwise experts, ``token_unpermutation``), sized on the host (not sync-free). Routed from
@@ -14,7 +14,10 @@ variants (route or sync sizing, eager or compiled, each compiled one from its ow
 are called in turn, the order reversed every round, each call timed from a synchronized device
 to its end: the host's drift within the run falls on all four alike. Prints per shape and
 phase (forward; forward + backward) the median ms with the quartiles, and the ratios. Exits 1
-when the two eager sizings' outputs differ (they must move the same rows).
+when the two eager sizings' outputs differ (they must move the same rows). ``--kernels N`` (CUDA)
+then lists each compiled variant's N longest device operations of one forward (torch.profiler),
+which shows where the two compiled forwards differ; ``TORCH_LOGS=output_code`` before the command
+prints inductor's generated code for both.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import flexdispatch as fd  # noqa: E402
 from bench_compile import dispatcher, layer, layer_inputs  # noqa: E402
+from timing import device_ops, one_call_events  # noqa: E402
 
 
 def _own_code(fn, name: str):
@@ -60,6 +64,8 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=100, help="timed calls of each variant a phase")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--kernels", type=int, default=0,
+                        help="CUDA: list each compiled variant's N longest device operations of one forward")
     args = parser.parse_args()
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     fd.ops.load_kernels()
@@ -104,6 +110,12 @@ def main() -> int:
                   f"compiled {med[('route', 'compiled')] / med[('sync', 'compiled')]:.2f}x; compiled / eager "
                   f"route {med[('route', 'compiled')] / med[('route', 'eager')]:.2f}x, "
                   f"sync {med[('sync', 'compiled')] / med[('sync', 'eager')]:.2f}x")
+        if args.kernels and args.device == "cuda":
+            for (sizing, kind), (fn, d) in variants.items():
+                if kind == "compiled":
+                    ops = sorted(device_ops(one_call_events(lambda: fn(d, x, logits, scales))), key=lambda o: -o[1])
+                    print(f"  compiled forward, {sizing}: the {args.kernels} longest device operations, us: " +
+                          "; ".join(f"{name[:60]} {us:.1f}" for name, us in ops[:args.kernels]))
     return 0
 
 
