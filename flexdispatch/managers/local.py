@@ -31,7 +31,7 @@ class _LocalManager(_ManagerBase):
         probs = self.token_probs if permute_next else self._masked_probs(self.token_indices, self.token_probs)
         # Sized for the worst case (sync-free), by a full route (T * K rows), or at the
         # permutation's sync.
-        route_sized = self.sized_by_route(self._routed.full)
+        route_sized = self.sized_by_route(self.route_is_full)
         num_out = (self._worst_case_rows(hidden_states.shape[0]) if self.sync_free else
                    hidden_states.shape[0] * self.router_topk if route_sized else None)
         if fp8_rows:  # FP8 experts: the rows a transfer would carry, kept for the permutation
