@@ -1,6 +1,8 @@
 """The fused ops against flexdispatch.reference, on random inputs of many shapes and dtypes."""
 
 import contextlib
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -1499,3 +1501,66 @@ def test_permute_from_addresses_equals_permute_by_indices(device, pad, sized, fi
     grad = random_tokens(out.shape[0], hidden, torch.bfloat16, device=device)
     out.backward(grad)  # the stand-in gets the permutation's gather of the gradient
     assert torch.equal(stand_in.grad, reference.unpermute(grad, ref_plan))
+
+
+_TEAM_PROBE = r"""
+import os
+import sys
+
+import torch
+
+import flexdispatch as fd
+from flexdispatch import _library, ops
+
+_library.kernels()
+
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+def small_steps(tokens=64, hidden=128, experts=8, topk=2):
+    # The local layer's forward and backward, then the FP8 ops, on a small batch. (No
+    # torch.softmax: torch's own kernel starts a team for any size.)
+    g = torch.Generator().manual_seed(0)
+    cfg = fd.MoEConfig(num_moe_experts=experts, moe_router_topk=topk)
+    d = fd.MoEFlexTokenDispatcher(experts, list(range(experts)), cfg, None)
+    for _ in range(3):
+        x = torch.randn(tokens, hidden, generator=g, requires_grad=True)
+        weights = torch.rand(tokens, experts, generator=g) + 0.1
+        probs = weights / weights.sum(-1, keepdim=True)
+        rows, _, permuted_probs = d.token_permutation(x, tokens, probs)
+        d.token_unpermutation(rows * permuted_probs[:, None]).sum().backward()
+        q, scales = ops.quantize_fp8(x.detach())
+        ops.dequantize_fp8(q, scales, torch.float32)
+
+
+before = threads()
+small_steps()
+after_small = threads()
+rows, experts = 4096, 8  # 4096 x 2 rows of 128 values: past the grain
+tokens = torch.empty(rows, 128)
+indices = (torch.arange(rows * 2) % experts).view(rows, 2)
+ops.permute_by_indices(tokens, indices, num_experts=experts, num_out_tokens=rows * 2)
+print(before, after_small, threads())
+"""
+
+
+def test_cpu_kernels_run_a_small_batch_on_the_calling_thread():
+    """A small batch's CPU kernels start no OpenMP team: a team's workers spin after each region,
+    and where ranks share a machine's cores (a CPU group) those spins starve the other ranks
+    (docs/PERFORMANCE.md, "CPU groups"). A large batch
+    still gets its team, which shows that the probe (the process's thread count) sees one."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("counts threads through /proc")
+    # (two threads, on any machine; set before the process starts: torch.set_num_threads makes
+    # the team at once, and OpenMP makes one lazily, at the first region that asks for it)
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", _TEAM_PROBE], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, after_small, after_large = map(int, out.stdout.split()[-3:])
+    assert after_small == before, f"a small batch started {after_small - before} OpenMP worker(s)"
+    assert after_large > after_small, "a large permutation ran without a team: the probe sees none"

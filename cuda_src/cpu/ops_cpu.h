@@ -10,6 +10,14 @@
 namespace flexdispatch {
 namespace cpu {
 
+// Whether a loop over `work` values (elements, or 4-byte words of a byte copy) is worth an
+// OpenMP team. Below this it runs on the calling thread: a team's workers spin after each region
+// (libgomp's active wait), and on a machine whose cores are shared, say the ranks of a CPU
+// group, those spins take the cores the other processes need; a small batch gains nothing
+// from threads. The grain is torch's own for its CPU kernels (at::internal::GRAIN_SIZE).
+constexpr int64_t kParallelGrain = 32768;
+inline bool worth_threads(int64_t work) { return work >= kParallelGrain; }
+
 int64_t indices_to_multihot(const void* indices, bool indices_are_64bit, const void* probs,
                             int prob_bytes, int64_t rows, int32_t slots, int32_t num_experts,
                             uint8_t* map, void* probs_out);
