@@ -3,7 +3,7 @@ frame in the package (what the dispatcher's Python costs, kernels and torch ops 
 manager and expert-parallel size, on rank 0.
 
     python tools/bench_host.py [--repo DIR] [--sizes 1,2,4] [--managers local,alltoall,nvlink]
-        [--calls 40] [--tokens 64 --hidden 32 --topk 2] [--clock wall|thread]
+        [--calls 40] [--tokens 64 --hidden 32 --topk 2] [--clock wall|thread] [--threads 1]
 
 EP 1 runs in this process (the local manager); larger sizes spawn a gloo group on this machine.
 ``--repo`` measures another checkout of flexdispatch (e.g. an older commit in a git worktree);
@@ -11,6 +11,9 @@ EP 1 runs in this process (the local manager); larger sizes spawn a gloo group o
 process of its own), and prints per point the median (range) of each tree and its ratio to the
 first, so that trees are compared in one sitting on the same machine. Small shapes keep the
 host's share in view: the time that scales with the tokens is the kernels', not the Python's.
+Each rank runs torch (and the CPU kernels) on ``--threads`` threads, 1 by default, as
+``torchrun`` sets for several ranks a machine; 0 keeps torch's default (a thread a core in
+every rank, so ranks that share the cores compete for them).
 """
 
 from __future__ import annotations
@@ -79,14 +82,14 @@ def _measure(step, calls: int, package: str, barrier=lambda: None, top: int = 0,
 
 
 def _rank(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     _setup(args.repo)
     import torch
     import torch.distributed as dist
 
     import flexdispatch as fd
 
-    torch.set_num_threads(1)
+    _set_threads(torch, args.threads)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     package = str(Path(fd.__file__).parent)
     results = {}
@@ -99,6 +102,11 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
         queue.put(results)
     fd.shutdown()
     dist.destroy_process_group()
+
+
+def _set_threads(torch, threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def comparison_lines(own: dict, repos: list, rounds: int,
@@ -157,12 +165,15 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=0, help="print the package's functions with the most own time")
     parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
                         help="the profiler's clock: wall time, or each rank's own CPU time (thread)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch's threads in each rank (0: torch's default, a thread a core)")
     parser.add_argument("--repos", help="several checkouts, comma-separated, measured in turn (see --rounds)")
     parser.add_argument("--rounds", type=int, default=5, help="with --repos: rounds over the trees")
     args = parser.parse_args()
     if args.repos:
         return _compare(args, [f"--{name}={getattr(args, name)}"
-                               for name in ("sizes", "managers", "calls", "tokens", "hidden", "topk", "clock")])
+                               for name in ("sizes", "managers", "calls", "tokens", "hidden", "topk", "clock",
+                                            "threads")])
     args.managers = args.managers.split(",")
     _setup(args.repo)
     import torch
@@ -171,10 +182,10 @@ def main() -> int:
 
     import flexdispatch as fd
 
-    torch.set_num_threads(1)
+    _set_threads(torch, args.threads)
     package = str(Path(fd.__file__).parent)
     print(f"flexdispatch at {package}; tokens {args.tokens}, hidden {args.hidden}, top-k {args.topk}, "
-          f"{args.calls} calls a point; ms per forward + backward: wall (unprofiled) / flexdispatch's own Python (profiled)")
+          f"{args.calls} calls a point, {torch.get_num_threads()} thread(s) a rank; ms per forward + backward: wall (unprofiled) / flexdispatch's own Python (profiled)")
     for size in (int(s) for s in args.sizes.split(",")):
         if size == 1:
             if "local" in args.managers:
