@@ -11,7 +11,7 @@ namespace {
 
 template <typename T>
 void quantize_groups(const T* x, int64_t groups, uint8_t* q, float* scales) {
-#pragma omp parallel for schedule(static) if (worth_threads(groups * kFp8Group))
+#pragma omp parallel for schedule(static) if (worth_threads(groups * kFp8Group, kPsFp8Value))
   for (int64_t g = 0; g < groups; ++g) {
     const T* in = x + g * kFp8Group;
     float amax = 0.0f;
@@ -28,7 +28,7 @@ void quantize_groups(const T* x, int64_t groups, uint8_t* q, float* scales) {
 
 template <typename T>
 void dequantize_groups(const uint8_t* q, const float* scales, int64_t groups, T* out) {
-#pragma omp parallel for schedule(static) if (worth_threads(groups * kFp8Group))
+#pragma omp parallel for schedule(static) if (worth_threads(groups * kFp8Group, kPsFp8Value))
   for (int64_t g = 0; g < groups; ++g) {
     const float scale = scales[g];
     for (int i = 0; i < kFp8Group; ++i) {
@@ -40,7 +40,7 @@ void dequantize_groups(const uint8_t* q, const float* scales, int64_t groups, T*
 template <typename T>
 void scatter_fp8(const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch, const int64_t* addrs,
                  int64_t rows, int64_t hidden, const int32_t* row_id_map, int32_t slots, T* dst) {
-#pragma omp parallel for schedule(static) if (worth_threads(rows * slots * hidden))
+#pragma omp parallel for schedule(static) if (worth_threads(rows * slots * hidden, kPsFp8Value))
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* in = q + r * q_pitch;
     const float* row_scales = scales + r * scale_pitch;

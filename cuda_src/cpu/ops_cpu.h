@@ -10,13 +10,18 @@
 namespace flexdispatch {
 namespace cpu {
 
-// Whether a loop over `work` values (elements, or 4-byte words of a byte copy) is worth an
-// OpenMP team. Below this it runs on the calling thread: a team's workers spin after each region
-// (libgomp's active wait), and on a machine whose cores are shared, say the ranks of a CPU
-// group, those spins take the cores the other processes need; a small batch gains nothing
-// from threads. The grain is torch's own for its CPU kernels (at::internal::GRAIN_SIZE).
-constexpr int64_t kParallelGrain = 32768;
-inline bool worth_threads(int64_t work) { return work >= kParallelGrain; }
+// Whether a loop of `count` items, each about `ps_each` picoseconds of one core's time, is worth
+// an OpenMP team: at least kParallelWorkPs of work. Smaller loops run on the calling thread: a
+// team's workers spin after each region (libgomp's active wait), and where the ranks of a CPU
+// group share the cores those spins take the time the other ranks need, while a small batch
+// gains little from threads. The costs per item, measured on one x86-64 core (2026-12-07):
+constexpr int64_t kParallelWorkPs = 20000000;  // 20 us
+constexpr int64_t kPsTopkValue = 11000;        // a prob the router's top-k reads
+constexpr int64_t kPsRouteSlot = 4000;         // a routing slot checked, counted or mapped
+constexpr int64_t kPsFp8Value = 3500;          // a value quantized or dequantized
+constexpr int64_t kPsRowValue = 300;           // a value summed or scaled, or a count added
+constexpr int64_t kPsByte = 50;                // a byte copied or zeroed
+inline bool worth_threads(int64_t count, int64_t ps_each) { return count * ps_each >= kParallelWorkPs; }
 
 int64_t indices_to_multihot(const void* indices, bool indices_are_64bit, const void* probs,
                             int prob_bytes, int64_t rows, int32_t slots, int32_t num_experts,

@@ -14,7 +14,7 @@ namespace {
 template <typename T>
 void sum_typed(const int64_t* addrs, int64_t rows, int32_t slots, int64_t hidden, T* dst) {
   using Acc = typename std::conditional<sizeof(T) == 8, double, float>::type;
-#pragma omp parallel if (worth_threads(rows * slots * hidden))
+#pragma omp parallel if (worth_threads(rows * slots * hidden, kPsRowValue))
   {
     std::vector<Acc> acc(hidden);
 #pragma omp for schedule(static)
@@ -37,7 +37,7 @@ void sum_typed(const int64_t* addrs, int64_t rows, int32_t slots, int64_t hidden
 void copy_rows_from(const int64_t* addrs, int64_t rows, int64_t row_bytes, const int32_t* map, int32_t slots,
                     void* dst) {
   char* out = static_cast<char*>(dst);
-#pragma omp parallel for schedule(static) if (worth_threads(rows * slots * row_bytes / 4))
+#pragma omp parallel for schedule(static) if (worth_threads(rows * slots * row_bytes, kPsByte))
   for (int64_t r = 0; r < rows; ++r) {
     const char* in = reinterpret_cast<const char*>(addrs[r]);
     if (in == nullptr) {  // no source row: a zero row (identity), nothing (map)

@@ -83,7 +83,7 @@ int64_t indices_to_multihot(const void* indices, bool indices_are_64bit, const v
   const char* p = static_cast<const char*>(probs);
   char* out = static_cast<char*>(probs_out);
   int64_t bad = 0;
-#pragma omp parallel for schedule(static) reduction(| : bad) if (worth_threads(rows * num_experts))
+#pragma omp parallel for schedule(static) reduction(| : bad) if (worth_threads(rows * num_experts * (1 + prob_bytes), kPsByte))
   for (int64_t r = 0; r < rows; ++r) {
     std::fill(map + r * num_experts, map + (r + 1) * num_experts, uint8_t(0));
     std::fill(out + r * num_experts * prob_bytes, out + (r + 1) * num_experts * prob_bytes, char(0));
@@ -101,7 +101,7 @@ int32_t check_route(const void* indices, bool indices_are_64bit, const void* pro
                     int64_t rows, int32_t slots, int32_t num_experts, int64_t* clean) {
   const Route route{indices, indices_are_64bit ? kRouteIndex64 : kRouteIndex32, rows, slots, num_experts};
   int64_t bad = 0;
-#pragma omp parallel for schedule(static) reduction(| : bad) if (worth_threads(rows * slots))
+#pragma omp parallel for schedule(static) reduction(| : bad) if (worth_threads(rows * slots, kPsRouteSlot))
   for (int64_t r = 0; r < rows; ++r) {
     for (int32_t s = 0; s < slots; ++s) {
       const int64_t i = r * slots + s;
@@ -131,7 +131,7 @@ int64_t select_rows(const T* probs, int64_t rows, int32_t experts, int32_t k, T*
                     int64_t* clean) {
   using Acc = decltype(to_float(T{}));
   int64_t bad = 0;
-#pragma omp parallel for schedule(static) reduction(| : bad) if (worth_threads(rows * experts))
+#pragma omp parallel for schedule(static) reduction(| : bad) if (worth_threads(rows * experts, kPsTopkValue))
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = probs + r * experts;
     Acc best[KMax];
@@ -172,7 +172,7 @@ void route_plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets
   const int64_t chunks = num_chunks_for(route.rows, experts);
   const int64_t stride = experts + 1;  // column E is scratch, as on the GPU
   int64_t bad = 0;
-#pragma omp parallel for schedule(static) reduction(| : bad) if (worth_threads(route.rows * route.slots))
+#pragma omp parallel for schedule(static) reduction(| : bad) if (worth_threads(route.rows * route.slots, kPsRouteSlot))
   for (int64_t c = 0; c < chunks; ++c) {
     int32_t* counts = chunk_offsets + c * stride;
     std::fill(counts, counts + experts, 0);
@@ -187,7 +187,7 @@ void route_plan(const Route& route, int64_t pad_multiple, int32_t* chunk_offsets
   int64_t* counts = layout + layout_counts(experts);
   int64_t* padded = layout + layout_padded(experts);
   int64_t* offsets = layout + layout_offsets(experts);
-#pragma omp parallel for schedule(static) if (worth_threads(experts * chunks))
+#pragma omp parallel for schedule(static) if (worth_threads(experts * chunks, kPsRowValue))
   for (int32_t e = 0; e < experts; ++e) {
     int64_t running = 0;
     for (int64_t c = 0; c < chunks; ++c) {
@@ -217,7 +217,7 @@ void route_map(const Route& route, const int32_t* chunk_offsets, int64_t* layout
   char* out = static_cast<char*>(probs_out);
   // The padded rows must fit too: real rows that fit while the padding does not are an overflow.
   int64_t bad = offsets[experts] > num_out ? kOutputOverflow : 0;
-#pragma omp parallel reduction(| : bad) if (worth_threads(route.rows * route.slots))
+#pragma omp parallel reduction(| : bad) if (worth_threads(route.rows * route.slots, kPsRouteSlot))
   {
     std::vector<int64_t> next(experts);
 #pragma omp for schedule(static)

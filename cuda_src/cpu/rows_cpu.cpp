@@ -16,7 +16,7 @@ template <typename T, typename P>
 void gather_typed(const T* src, int64_t hidden, const int32_t* row_id_map, int32_t slots,
                   const P* probs, T* dst, int64_t rows) {
   using Acc = typename std::conditional<sizeof(T) == 8 || sizeof(P) == 8, double, float>::type;
-#pragma omp parallel if (worth_threads(rows * slots * hidden))
+#pragma omp parallel if (worth_threads(rows * slots * hidden, kPsRowValue))
   {
     std::vector<Acc> acc(hidden);
 #pragma omp for schedule(static)
@@ -39,7 +39,7 @@ template <typename T, typename P>
 void gather_backward_typed(const T* grad_out, const T* src, int64_t hidden, const int32_t* row_id_map,
                            int32_t slots, const P* probs, int64_t rows, T* grad_src, P* grad_probs) {
   using Acc = typename std::conditional<sizeof(T) == 8 || sizeof(P) == 8, double, float>::type;
-#pragma omp parallel for schedule(static) if (worth_threads(rows * slots * hidden))
+#pragma omp parallel for schedule(static) if (worth_threads(rows * slots * hidden, kPsRowValue))
   for (int64_t r = 0; r < rows; ++r) {
     const T* g = grad_out + r * hidden;
     for (int32_t s = 0; s < slots; ++s) {
@@ -71,7 +71,7 @@ void scatter_rows(const void* src, int64_t rows, int64_t row_bytes, const int32_
                   int32_t slots, void* dst) {
   const char* in = static_cast<const char*>(src);
   char* out = static_cast<char*>(dst);
-#pragma omp parallel for schedule(static) if (worth_threads(rows * slots * row_bytes / 4))
+#pragma omp parallel for schedule(static) if (worth_threads(rows * slots * row_bytes, kPsByte))
   for (int64_t r = 0; r < rows; ++r) {
     for (int32_t s = 0; s < slots; ++s) {
       const int32_t d = row_id_map[r * slots + s];
@@ -88,7 +88,7 @@ void zero_unused_rows(const int64_t* layout, int32_t num_experts, bool padded, b
   const int64_t* pad = layout + layout_padded(num_experts);
   const int64_t* offsets = layout + layout_offsets(num_experts);
   if (padded) {
-#pragma omp parallel for schedule(static) if (worth_threads(num_out * row_bytes / 4))
+#pragma omp parallel for schedule(static) if (worth_threads(num_out * row_bytes, kPsByte))
     for (int32_t e = 0; e < num_experts; ++e) {
       // (pad rows at or past num_out: an output too small, flagged by the map, not written)
       zero_rows(out, offsets[e] + counts[e], std::min(num_out, offsets[e] + pad[e]), row_bytes, p, prob_bytes);
@@ -114,7 +114,7 @@ void gather_rows(DType dtype, const void* src, int64_t hidden, const int32_t* ro
 namespace {
 template <typename V>
 void gather_slots_typed(const V* values, const int32_t* row_id_map, int64_t n, V* out) {
-#pragma omp parallel for schedule(static) if (worth_threads(n))
+#pragma omp parallel for schedule(static) if (worth_threads(n, kPsRowValue))
   for (int64_t i = 0; i < n; ++i) out[i] = row_id_map[i] >= 0 ? values[row_id_map[i]] : V(0);
 }
 }  // namespace
