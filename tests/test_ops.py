@@ -1512,7 +1512,9 @@ import torch
 import flexdispatch as fd
 from flexdispatch import _library, ops
 
-_library.kernels()
+if _library.kernels() is None:  # (the plain PyTorch ops serve: FLEXDISPATCH_JIT=0)
+    print("no kernels")
+    sys.exit(0)
 
 
 def threads():
@@ -1561,6 +1563,8 @@ def test_cpu_kernels_run_a_small_batch_on_the_calling_thread():
     env = dict(os.environ, OMP_NUM_THREADS="2")
     out = subprocess.run([sys.executable, "-c", _TEAM_PROBE], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
+    if out.stdout.strip().endswith("no kernels"):
+        pytest.skip("the compiled kernels are off (FLEXDISPATCH_JIT=0)")
     before, after_small, after_large = map(int, out.stdout.split()[-3:])
     assert after_small == before, f"a small batch started {after_small - before} OpenMP worker(s)"
     assert after_large > after_small, "a large permutation ran without a team: the probe sees none"
