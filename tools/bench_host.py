@@ -56,6 +56,8 @@ def _measure(step, calls: int, package: str, barrier=lambda: None, top: int = 0,
     package's functions with the most own time."""
     import time
 
+    from timing import own_us  # (here: timing imports torch, which _setup must not precede)
+
     for _ in range(5):
         step()
     walls = []
@@ -73,12 +75,11 @@ def _measure(step, calls: int, package: str, barrier=lambda: None, top: int = 0,
         step()
         profile.disable()
     stats = pstats.Stats(profile).stats
-    own = sum(tt for (path, _, _), (_, _, tt, _, _) in stats.items() if path.startswith(package))
     ranked = sorted(((tt, nc, f"{Path(path).name}:{line} {name}") for (path, line, name), (_, nc, tt, _, _)
                      in stats.items() if path.startswith(package)), reverse=True)
     for tt, nc, where in ranked[:top]:
         print(f"    {1e3 * tt / calls:7.3f} ms {nc / calls:6.1f} calls  {where}", flush=True)
-    return 1e3 * statistics.median(walls), 1e3 * own / calls
+    return 1e3 * statistics.median(walls), own_us(stats, calls, package) / 1e3
 
 
 def _rank(rank: int, world: int, port: int, args, queue) -> None:

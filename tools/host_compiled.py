@@ -11,8 +11,8 @@ Prints, per forward and per forward + backward: the wall ms from a synchronized 
 of ``--calls``) and, with ``reduce-overhead``, the same layer captured by hand beside it; the
 host us a call with the calls queued (``timing.host_us``); then cProfile's own time over
 ``--calls`` forwards + backwards, all of it and flexdispatch's frames' share, with the
-``--top`` frames; on CUDA, the runtime calls one forward + backward makes (what runs outside
-the graphs: input copies, graph launches).
+``--top`` frames; on CUDA, the runtime calls that queue work in one forward + backward
+(``host_layer.queued_ops``: outside the graphs, input copies and graph launches).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import flexdispatch as fd  # noqa: E402
 from bench_compile import add_layer_arguments, captured_timings, dispatcher, layer, layer_inputs, median_ms  # noqa: E402
-from timing import host_us, one_call_events  # noqa: E402
+from host_layer import queued_ops  # noqa: E402
+from timing import host_us, own_us  # noqa: E402
 
 
 def own_time(fn, calls: int) -> tuple[float, float, list]:
@@ -41,11 +42,10 @@ def own_time(fn, calls: int) -> tuple[float, float, list]:
     for _ in range(calls):
         fn()
     profiler.disable()
-    package, stats = str(Path(fd.__file__).parent), pstats.Stats(profiler).stats
+    stats = pstats.Stats(profiler).stats
     rows = sorted(((1e6 * tt / calls, nc / calls, f"{path.split('site-packages/')[-1]}:{line} {name}")
                    for (path, line, name), (_, nc, tt, _, _) in stats.items()), reverse=True)
-    ours = sum(1e6 * tt / calls for (path, _, _), (_, _, tt, _, _) in stats.items() if path.startswith(package))
-    return sum(us for us, _, _ in rows), ours, rows
+    return own_us(stats, calls), own_us(stats, calls, str(Path(fd.__file__).parent)), rows
 
 
 def main() -> int:
@@ -94,10 +94,8 @@ def main() -> int:
     for us, calls, where in rows[:args.top]:
         print(f"  {us:8.2f} us {calls:5.1f}x  {where}")
     if args.device == "cuda":
-        runtime = [e.name for e in one_call_events(forward_backward)
-                   if e.device_type != torch.autograd.DeviceType.CUDA and e.name.startswith("cuda")
-                   and e.name not in ("cudaDeviceSynchronize", "cudaStreamSynchronize")]
-        print(f"CUDA runtime calls of one forward + backward ({len(runtime)}): {', '.join(runtime)}")
+        queued = [name for name, _ in queued_ops(forward_backward, "cuda")]
+        print(f"CUDA runtime calls that queue work, one forward + backward ({len(queued)}): {', '.join(queued)}")
     return 0
 
 

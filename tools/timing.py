@@ -97,6 +97,12 @@ def print_host_rounds(title: str, rows: list, device: str, calls: int, rounds: i
             print(f"round {r + 1}  {label:36s} {host_us(fn, device, calls):7.1f}")
 
 
+def own_us(stats: dict, calls: int, under: str = "") -> float:
+    """Own microseconds a call of the frames in cProfile's ``stats`` (``pstats.Stats(...).stats``
+    of ``calls`` calls) whose file lies under the folder ``under`` (every frame: "")."""
+    return 1e6 * sum(tt for (path, _, _), (_, _, tt, _, _) in stats.items() if path.startswith(under)) / calls
+
+
 def own_time_top(fn: Callable[[], object], device: str, calls: int, top: int) -> str:
     """cProfile's ``top`` functions by own time over ``calls`` calls of ``fn`` (the extension's
     rows hold its C++ side), as text."""
