@@ -524,12 +524,14 @@ Permuted permute_with(const fd::Route& r, const Tensor& route, int64_t pad_multi
 // The permutation of a small route on a CUDA device, its size known, in one launch
 // (route_small.cu) instead of the plan's passes and the scatter, whose kernel also stores the
 // error word at error_address (0: none). Output rows [num_out, hidden] of out_options;
-// launch(out, probs, prob_bytes, probs_out, row_id_map, layout, error_word, stream) queues the
-// kernel (permute_small or permute_fp8_small). Returns as permute_with.
+// launch(block_counts, out, probs, prob_bytes, probs_out, row_id_map, layout, error_word, stream)
+// queues the kernel (permute_small or permute_fp8_small) as `fit` says, block_counts the grid
+// launch's scratch (null for the other). Returns as permute_with.
 template <typename Launch>
-Permuted permute_small_with(const fd::Route& r, const Tensor& route, int64_t pad_multiple, int64_t num_out,
-                            const std::optional<Tensor>& probs, const at::TensorOptions& out_options, int64_t hidden,
-                            int64_t error_address, Launch launch, bool copy_layout = false) {
+Permuted permute_small_with(const fd::Route& r, const fd::cuda::SmallLaunch& fit, const Tensor& route,
+                            int64_t pad_multiple, int64_t num_out, const std::optional<Tensor>& probs,
+                            const at::TensorOptions& out_options, int64_t hidden, int64_t error_address, Launch launch,
+                            bool copy_layout = false) {
   check_pad_multiple(pad_multiple);
   check_out_rows(num_out);
   auto layout = torch::empty({fd::layout_size(r.num_experts)}, route.options().dtype(at::kLong));
@@ -537,22 +539,33 @@ Permuted permute_small_with(const fd::Route& r, const Tensor& route, int64_t pad
   auto [p, prob_bytes, probs_out] = moved_probs(route, probs, num_out);
   auto out = torch::empty({num_out, hidden}, out_options);
   void* po = probs_out.has_value() ? probs_out->data_ptr() : nullptr;
-  FD_ON_DEVICE(route, launch(out.data_ptr(), p, prob_bytes, po, row_id_map.data_ptr<int32_t>(),
+  std::optional<Tensor> block_counts;
+  if (fit.grid) block_counts.emplace(torch::empty({fd::cuda::small_grid_words(r, fit)}, row_id_map.options()));
+  int32_t* counts = block_counts.has_value() ? block_counts->data_ptr<int32_t>() : nullptr;
+  FD_ON_DEVICE(route, launch(counts, out.data_ptr(), p, prob_bytes, po, row_id_map.data_ptr<int32_t>(),
                              layout.data_ptr<int64_t>(), reinterpret_cast<void*>(error_address), stream), {});
   LayoutCopy copied = copy_layout ? copy_to_host(layout) : LayoutCopy{};  // (the kernel writes the layout last)
   copied.wait();
   return permuted(out, probs_out, row_id_map, layout, copied.host);
 }
 
-// permute_small_with for rows as they are: tokens [R, H], in blocks of block_rows
-// (fd::cuda::permute_small_rows).
-Permuted permute_small(const fd::Route& r, int32_t block_rows, const Tensor& route, int64_t pad_multiple,
-                       int64_t num_out, const Tensor& tokens, const std::optional<Tensor>& probs,
+// How the one-launch permutation serves a route of num_out rows (none where num_out < 0 or off
+// CUDA): fit(stream) asked on the route's device, whose multiprocessors bound the grid launch.
+template <typename Fit>
+fd::cuda::SmallLaunch small_fit(const Tensor& route, int64_t num_out, Fit fit) {
+  if (num_out < 0 || !route.is_cuda()) return {};
+  const c10::cuda::CUDAGuard guard(route.device());
+  return fit(c10::cuda::getCurrentCUDAStream());
+}
+
+// permute_small_with for rows as they are: tokens [R, H], as `fit` says (fd::cuda::permute_small_fit).
+Permuted permute_small(const fd::Route& r, const fd::cuda::SmallLaunch& fit, const Tensor& route,
+                       int64_t pad_multiple, int64_t num_out, const Tensor& tokens, const std::optional<Tensor>& probs,
                        int64_t error_address, bool copy_layout) {
-  return permute_small_with(r, route, pad_multiple, num_out, probs, tokens.options(), tokens.size(1), error_address,
-                            [&](void* out, const void* p, int prob_bytes, void* po, int32_t* map, int64_t* layout,
-                                void* word, cudaStream_t stream) {
-    return fd::cuda::permute_small(r, block_rows, pad_multiple, tokens.data_ptr(),
+  return permute_small_with(r, fit, route, pad_multiple, num_out, probs, tokens.options(), tokens.size(1),
+                            error_address, [&](int32_t* counts, void* out, const void* p, int prob_bytes, void* po,
+                                               int32_t* map, int64_t* layout, void* word, cudaStream_t stream) {
+    return fd::cuda::permute_small(r, fit, counts, pad_multiple, tokens.data_ptr(),
                                    tokens.size(1) * tokens.element_size(), p, prob_bytes, num_out, out, po, map,
                                    layout, word, stream);
   }, copy_layout);
@@ -568,12 +581,11 @@ Permuted permute(const Tensor& route, int64_t num_experts, int64_t pad_multiple,
   check_same_device(route, tokens, "tokens");
   TORCH_CHECK_VALUE(tokens.size(0) == r.rows, "tokens has ", tokens.size(0), " rows, the route ", r.rows);
 #ifdef FLEXDISPATCH_WITH_CUDA
-  const int32_t block_rows = num_out >= 0 && route.is_cuda()
-                                 ? fd::cuda::permute_small_rows(r, tokens.size(1) * tokens.element_size(),
-                                                                c10::cuda::getCurrentCUDAStream(route.get_device()))
-                                 : 0;
-  if (block_rows != 0) {
-    return permute_small(r, block_rows, route, pad_multiple, num_out, tokens, probs, error_address, copy_layout);
+  const fd::cuda::SmallLaunch fit = small_fit(route, num_out, [&](cudaStream_t stream) {
+    return fd::cuda::permute_small_fit(r, tokens.size(1) * tokens.element_size(), stream);
+  });
+  if (fit.block_rows != 0) {
+    return permute_small(r, fit, route, pad_multiple, num_out, tokens, probs, error_address, copy_layout);
   }
 #endif
   return permute_with(r, route, pad_multiple, num_out, probs, tokens, tokens.size(1), error_address,
@@ -902,15 +914,15 @@ Permuted permute_fp8(
   const int64_t q_pitch = q.size(0) > 1 ? q.stride(0) : hidden;
   const int64_t scale_pitch = scales.size(0) > 1 ? scales.stride(0) : hidden / fd::kFp8Group;
 #ifdef FLEXDISPATCH_WITH_CUDA
-  const int32_t block_rows =
-      num_out >= 0 && route.is_cuda()
-          ? fd::cuda::permute_fp8_small_rows(r, hidden, dtype, c10::cuda::getCurrentCUDAStream(route.get_device()))
-          : 0;
-  if (block_rows != 0) {
-    return permute_small_with(r, route, pad_multiple, num_out, probs, q.options().dtype(like.scalar_type()), hidden,
-                              error_address, [&](void* out, const void* p, int prob_bytes, void* po, int32_t* map,
-                                                 int64_t* layout, void* word, cudaStream_t stream) {
-      return fd::cuda::permute_fp8_small(r, block_rows, pad_multiple, dtype, q.data_ptr<uint8_t>(), q_pitch,
+  const fd::cuda::SmallLaunch fit = small_fit(route, num_out, [&](cudaStream_t stream) {
+    return fd::cuda::permute_fp8_small_fit(r, hidden, dtype, stream);
+  });
+  if (fit.block_rows != 0) {
+    return permute_small_with(r, fit, route, pad_multiple, num_out, probs, q.options().dtype(like.scalar_type()),
+                              hidden, error_address, [&](int32_t* counts, void* out, const void* p, int prob_bytes,
+                                                         void* po, int32_t* map, int64_t* layout, void* word,
+                                                         cudaStream_t stream) {
+      return fd::cuda::permute_fp8_small(r, fit, counts, pad_multiple, dtype, q.data_ptr<uint8_t>(), q_pitch,
                                          scales.data_ptr<float>(), scale_pitch, hidden, p, prob_bytes, num_out, out,
                                          po, map, layout, word, stream);
     });

@@ -222,6 +222,21 @@ inline bool device_overlaps_launches() {
   return major[device].load() >= 9;
 }
 
+// kernel<<<grid, block, smem, stream>>>(args...) with one launch attribute. Returns the launch's
+// error.
+template <typename... Params, typename... Args>
+inline cudaError_t launch_with(cudaLaunchAttribute attribute, void (*kernel)(Params...), dim3 grid, dim3 block,
+                               size_t smem, cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), allowed to be scheduled before the previous
 // kernel on the stream has finished (see wait_for_previous_grid, which the kernel must call
 // first). Returns the launch's error.
@@ -232,17 +247,10 @@ inline cudaError_t launch_after_previous(void (*kernel)(Params...), dim3 grid, d
     kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
     return cudaGetLastError();
   }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute overlap[1];
-  overlap[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  overlap[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = overlap;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  cudaLaunchAttribute overlap = {};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  return launch_with(overlap, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace cuda

@@ -78,40 +78,52 @@ cudaError_t route_map(const Route& route, const int32_t* chunk_offsets, int64_t*
                       const void* probs, int prob_bytes, int64_t num_out, int32_t* row_id_map,
                       void* probs_out, bool scans, int64_t pad_multiple, cudaStream_t stream);
 
-// The rows a block of permute_small takes for a route (top-k int32 or int64 indices, or a
-// multihot map) whose output rows are row_bytes each, queued on `stream`, or 0 where it does not
-// serve it: a few thousand (row, slot) entries (a map of up to 256K, read by all blocks together
-// within a larger limit where the stream is not being captured into a CUDA graph; captured, only
-// routes whose blocks read at most half the limit of their kind), at most 1024 experts (and 64
-// slots of a top-k route), a few MB of rows (route_small.cu). Asked once a call: the launch
-// takes the answer.
-int32_t permute_small_rows(const Route& route, int64_t row_bytes, cudaStream_t stream);
+// How the one-launch permutation (route_small.cu) runs a route: `block_rows` rows a block (0: it
+// does not serve the route); `grid`: its blocks count only their own rows of the route and meet
+// at a grid-wide barrier (a cooperative launch, every block resident at once), given scratch of
+// small_grid_words int32 words; else every block counts the whole route (read from L2).
+struct SmallLaunch {
+  int32_t block_rows = 0;
+  bool grid = false;
+};
 
-// The whole permutation of such a route, block_rows from permute_small_rows, its output size
-// num_out known, in one launch: layout, row_id_map, probs_out (nullable) and dst [num_out] rows
-// of row_bytes as route_plan, route_map, scatter_rows and zero_unused_rows leave them, bit for
-// bit; the layout's error word also goes to host_word (nullable: an int64 of pinned host memory,
-// its device mapping).
-cudaError_t permute_small(const Route& route, int32_t block_rows, int64_t pad_multiple, const void* src,
-                          int64_t row_bytes, const void* probs, int prob_bytes, int64_t num_out, void* dst,
-                          void* probs_out, int32_t* row_id_map, int64_t* layout, void* host_word,
+// How the one-launch permutation serves a route (top-k int32 or int64 indices, or a multihot map)
+// whose output rows are row_bytes each, queued on `stream`: the grid launch wherever its blocks
+// fit on the device at once (at most 1024 experts, 64 slots of a top-k route, a few MB of rows)
+// and their count table (experts x blocks) is small (smaller where the stream is being captured
+// into a CUDA graph); else, for a few thousand (row, slot) entries (a map of up to 256K, read by all blocks together
+// within a larger limit where the stream is not being captured into a CUDA graph; captured,
+// only routes whose blocks read at most half the limit of their kind), whole-route counts; else
+// none. Asked once a call: the launch takes the answer.
+SmallLaunch permute_small_fit(const Route& route, int64_t row_bytes, cudaStream_t stream);
+
+// The int32 words of scratch a launch of `fit` needs (0 unless fit.grid).
+int64_t small_grid_words(const Route& route, const SmallLaunch& fit);
+
+// The whole permutation of such a route, `fit` from permute_small_fit (block_counts: its scratch,
+// null unless fit.grid), its output size num_out known, in one launch: layout, row_id_map,
+// probs_out (nullable) and dst [num_out] rows of row_bytes as route_plan, route_map, scatter_rows
+// and zero_unused_rows leave them, bit for bit; the layout's error word also goes to host_word
+// (nullable: an int64 of pinned host memory, its device mapping).
+cudaError_t permute_small(const Route& route, const SmallLaunch& fit, int32_t* block_counts, int64_t pad_multiple,
+                          const void* src, int64_t row_bytes, const void* probs, int prob_bytes, int64_t num_out,
+                          void* dst, void* probs_out, int32_t* row_id_map, int64_t* layout, void* host_word,
                           cudaStream_t stream);
 
-// The rows a block of permute_fp8_small takes for a route and FP8 rows of `hidden` values
-// dequantized to dtype, queued on `stream`, or 0 where it does not serve them: a top-k route
-// that permute_small_rows serves with the output's row bytes, float32, float16 or bfloat16
-// output, whole groups of kFp8Group values.
-int32_t permute_fp8_small_rows(const Route& route, int64_t hidden, DType dtype, cudaStream_t stream);
+// How the one-launch permutation serves a route and FP8 rows of `hidden` values dequantized to
+// dtype, queued on `stream`: a top-k route that permute_small_fit serves with the output's row
+// bytes, float32, float16 or bfloat16 output, whole groups of kFp8Group values; else none.
+SmallLaunch permute_fp8_small_fit(const Route& route, int64_t hidden, DType dtype, cudaStream_t stream);
 
-// The dequantizing permutation of such a route in one launch, block_rows from
-// permute_fp8_small_rows: FP8 rows q [rows, hidden] (e4m3 bytes, q_pitch apart, 16-byte aligned)
-// and their float32 scales (scale_pitch apart) written as dtype to dst [num_out, hidden],
-// everything else as permute_small; the same bits as scatter_fp8_rows along the passes' plan.
-cudaError_t permute_fp8_small(const Route& route, int32_t block_rows, int64_t pad_multiple, DType dtype,
-                              const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
-                              int64_t hidden, const void* probs, int prob_bytes, int64_t num_out, void* dst,
-                              void* probs_out, int32_t* row_id_map, int64_t* layout, void* host_word,
-                              cudaStream_t stream);
+// The dequantizing permutation of such a route in one launch, `fit` from permute_fp8_small_fit:
+// FP8 rows q [rows, hidden] (e4m3 bytes, q_pitch apart, 16-byte aligned) and their float32
+// scales (scale_pitch apart) written as dtype to dst [num_out, hidden], everything else as
+// permute_small; the same bits as scatter_fp8_rows along the passes' plan.
+cudaError_t permute_fp8_small(const Route& route, const SmallLaunch& fit, int32_t* block_counts,
+                              int64_t pad_multiple, DType dtype, const uint8_t* q, int64_t q_pitch,
+                              const float* scales, int64_t scale_pitch, int64_t hidden, const void* probs,
+                              int prob_bytes, int64_t num_out, void* dst, void* probs_out, int32_t* row_id_map,
+                              int64_t* layout, void* host_word, cudaStream_t stream);
 
 // The unused tail of a permutation's output: rows from layout's offsets[E] (the rows used) up
 // to num_out, zeroed with their probs_out entries (nullable, prob_bytes 4 or 8). The launch that

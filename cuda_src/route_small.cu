@@ -8,6 +8,8 @@
 // expert's offset plus the number of earlier rows routed to that expert. The kernel also stores
 // its error word to the caller's pinned host word (when given), which spares the op a launch to
 // copy it there.
+#include <cooperative_groups.h>
+
 #include <algorithm>
 
 #include "common.cuh"
@@ -91,6 +93,7 @@ struct Small {
   int64_t* layout;
   int64_t* host_word;  // nullable: the pinned word (its device mapping) that gets the error word
   int32_t block_rows;  // rows a block places and moves (small_block_rows)
+  int32_t* block_counts;  // the grid launch's [blocks, E + 1] (count_by_blocks); null for the other
 };
 
 // The input rows of a one-launch permutation, read as the output's vectors (Vec): row r's
@@ -190,7 +193,50 @@ __device__ void count_multihot(const Route& route, int32_t row0, int32_t block_r
   }
 }
 
-template <int Kind, typename Rows, typename ProbBits>
+// The grid launch's count: each block reads only its own rows (the bits of mine[e]), publishes
+// per expert their number, and its error bits, in its row of block_counts [blocks, E + 1], and
+// after a grid-wide barrier sums the column of every expert: total[e] over all blocks, before[e]
+// over the blocks ahead of it (zeroed by the caller), and the error bits of all into *errors. A
+// thread per (expert, share of the blocks): consecutive threads read consecutive words of a row.
+// Every thread of the block calls it; the launch is cooperative (all blocks resident at once).
+template <int Kind>
+__device__ void count_by_blocks(const Route& route, int32_t row0, int32_t rows, int32_t* block_counts,
+                                int32_t* total, int32_t* before, uint32_t* mine, int* errors) {
+  const int experts = route.num_experts, blocks = static_cast<int>(gridDim.x);
+  const int64_t stride = int64_t(experts) + 1;
+  const int32_t slots = route.slots;
+  int64_t bad = 0;
+  for (int32_t i = threadIdx.x; i < rows * slots; i += blockDim.x) {
+    const int32_t c = i / slots;
+    const int64_t e = checked_expert<Kind>(route, row0 + c, i % slots, &bad);
+    if (e >= 0) atomicOr(&mine[e], 1u << c);
+  }
+  if (bad) atomicOr(errors, static_cast<int>(bad));
+  __syncthreads();
+  int32_t* own = block_counts + blockIdx.x * stride;
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) own[e] = __popc(mine[e]);
+  if (threadIdx.x == 0) own[experts] = *errors;
+  cooperative_groups::this_grid().sync();  // (also makes every block's row visible)
+  const int shares = max(1, static_cast<int>(blockDim.x) / experts);
+  const int e = threadIdx.x % experts, share = threadIdx.x / experts;
+  if (share < shares) {
+    int32_t all = 0, ahead = 0;
+    for (int b = share; b < blocks; b += shares) {
+      const int32_t n = block_counts[b * stride + e];
+      all += n;
+      if (b < static_cast<int>(blockIdx.x)) ahead += n;
+    }
+    if (all) atomicAdd(&total[e], all);
+    if (ahead) atomicAdd(&before[e], ahead);
+  }
+  int found = 0;
+  for (int b = threadIdx.x; b < blocks; b += blockDim.x) found |= block_counts[b * stride + experts];
+  if (found) atomicOr(errors, found);
+}
+
+// Grid: the blocks count only their own rows and meet at a grid-wide barrier (count_by_blocks;
+// a cooperative launch); else every block counts the whole route.
+template <int Kind, bool Grid, typename Rows, typename ProbBits>
 __global__ void __launch_bounds__(kSmallThreads, 1) permute_small_kernel(const Small a, const Rows in) {
   using V = typename Rows::Vec;
   allow_next_grid();
@@ -224,7 +270,10 @@ __global__ void __launch_bounds__(kSmallThreads, 1) permute_small_kernel(const S
   const int32_t route_rows = static_cast<int32_t>(route.rows), block_rows = a.block_rows;
   const int32_t row0 = static_cast<int32_t>(blockIdx.x) * block_rows;
   int64_t bad = 0;
-  if constexpr (Kind == kRouteMultihot) {
+  if constexpr (Grid) {
+    count_by_blocks<Kind>(route, row0, min(block_rows, route_rows - row0), a.block_counts, total, before, mine,
+                          &errors);
+  } else if constexpr (Kind == kRouteMultihot) {
     count_multihot(route, row0, block_rows, total, before, mine, reinterpret_cast<uint32_t*>(dests));
     __syncthreads();  // (the partial counts are read before dests overwrites them)
   } else {
@@ -292,15 +341,28 @@ __global__ void __launch_bounds__(kSmallThreads, 1) permute_small_kernel(const S
   zero_rows<V>(offsets[experts], num_out, blockIdx.x, gridDim.x, dst, row_bytes, zero_probs, sizeof(ProbBits));
 }
 
-template <int Kind, typename Rows, typename ProbBits>
-cudaError_t launch_small(const Small& a, const Rows& in, cudaStream_t stream) {
+template <int Kind, bool Grid, typename Rows, typename ProbBits>
+cudaError_t launch_small_kernel(const Small& a, const Rows& in, cudaStream_t stream) {
   const size_t bytes = small_shared_bytes(a.route, a.block_rows);
-  const auto kernel = permute_small_kernel<Kind, Rows, ProbBits>;
+  const auto kernel = permute_small_kernel<Kind, Grid, Rows, ProbBits>;
   const cudaError_t err = allow_dynamic_shared(kernel, bytes);
   if (err != cudaSuccess) return err;
+  const auto blocks = static_cast<unsigned>(small_blocks(a.route.rows, a.block_rows));
   // (a plain launch: the first kernel of the op waits for whatever came before it)
-  kernel<<<static_cast<unsigned>(small_blocks(a.route.rows, a.block_rows)), kSmallThreads, bytes, stream>>>(a, in);
-  return cudaGetLastError();
+  if constexpr (!Grid) {
+    kernel<<<blocks, kSmallThreads, bytes, stream>>>(a, in);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute cooperative = {};
+  cooperative.id = cudaLaunchAttributeCooperative;
+  cooperative.val.cooperative = 1;
+  return launch_with(cooperative, kernel, dim3(blocks), dim3(kSmallThreads), bytes, stream, a, in);
+}
+
+template <int Kind, typename Rows, typename ProbBits>
+cudaError_t launch_small(const Small& a, const Rows& in, cudaStream_t stream) {
+  return a.block_counts != nullptr ? launch_small_kernel<Kind, true, Rows, ProbBits>(a, in, stream)
+                                   : launch_small_kernel<Kind, false, Rows, ProbBits>(a, in, stream);
 }
 
 // The kernel for the route's kind (Maps: whether a multihot map is served) and the probs' width.
@@ -344,35 +406,97 @@ bool captured(cudaStream_t stream) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-// A launch's arguments the fit does not cover: the rows a block takes (as the fit gave them), a
-// known output size, probs of 4 or 8 bytes.
-bool small_call_valid(int32_t block_rows, int64_t num_out, const void* probs, int prob_bytes) {
-  return (block_rows == kSmallRowsFirst || block_rows == kSmallRowsMost) && num_out >= 0 &&
+// Blocks a cooperative launch of permute_small_kernel may have on the current device: one a
+// multiprocessor (its launch bounds leave room for one block whatever its shared memory), or 0
+// where the device takes no cooperative launch. Asked once per device.
+int32_t grid_capacity() {
+  static std::atomic<int> known[64];  // per device: SMs + 1 once asked (1: no cooperative launch)
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+    cudaGetLastError();
+    return 0;
+  }
+  if (known[device].load() == 0) {
+    int cooperative = 0, sms = 0;
+    if (cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      cudaGetLastError();  // (not left sticky: the launch of whole-route counts serves)
+      return 0;
+    }
+    known[device].store(cooperative ? sms + 1 : 1);
+  }
+  return known[device].load() - 1;
+}
+
+// The rows a block of the grid launch takes: 8 or 16, the fewest for which every block fits on
+// the device at once, within shared memory; 0 where none does. Its limits of kind are the
+// one launch's (experts, slots of a top-k route, bytes of rows), but not those on entries: its
+// blocks read only their own rows of the route.
+int32_t grid_block_rows(const Route& route, int64_t row_bytes) {
+  const bool map = route.kind == kRouteMultihot;
+  if (route.rows <= 0 || route.num_experts > kSmallExperts || (!map && route.slots > kSmallSlots) ||
+      route.rows * row_bytes > kSmallBytes) {
+    return 0;
+  }
+  const int32_t capacity = grid_capacity();
+  for (int32_t block_rows = kSmallRowsFirst; block_rows <= kSmallRowsMost; block_rows *= 2) {
+    if (small_blocks(route.rows, block_rows) > capacity) continue;
+    return small_shared_bytes(route, block_rows) <= kSmallSharedBytes ? block_rows : 0;
+  }
+  return 0;
+}
+
+// Every block of the grid launch reads the whole count table (experts x blocks words), which
+// past 2^15 words costs more device time than the passes' scan where their launches cost the
+// host nothing (a CUDA graph): at 1024 x 1024, K = 8 in 128 blocks on one H100, the kernel took
+// 12.8, 13.7 and 15.9 us at E = 128, 256 and 512 by indices, a map of 512 experts 17.5 us
+// against 16.6 for the passes' three kernels (one launch eagerly, the passes captured). Past
+// 2^16 words the whole-route counts or the passes serve either way.
+constexpr int64_t kGridWords = 1 << 16;
+
+// A launch's arguments the fit does not cover: the rows a block takes (as the fit gave them), the
+// grid launch's scratch, a known output size, probs of 4 or 8 bytes.
+bool small_call_valid(const SmallLaunch& fit, const int32_t* block_counts, int64_t num_out, const void* probs,
+                      int prob_bytes) {
+  return (fit.block_rows == kSmallRowsFirst || fit.block_rows == kSmallRowsMost) &&
+         (fit.grid == (block_counts != nullptr)) && num_out >= 0 &&
          (probs == nullptr || prob_bytes == 4 || prob_bytes == 8);
 }
 
 }  // namespace
 
-// (small_block_rows; a multihot map within kSmallMapReadsEager where the stream is not captured,
-// any route within 1/kCapturedShare of its reads where it is: the stream is asked past that only)
-int32_t permute_small_rows(const Route& route, int64_t row_bytes, cudaStream_t stream) {
-  if (!small_served(route, row_bytes)) return 0;
+// (the grid launch wherever it fits with a count table of at most kGridWords / 2 words, or
+// kGridWords where the stream is not captured; else small_block_rows: a multihot map within
+// kSmallMapReadsEager where the stream is not captured, any route within 1/kCapturedShare of its
+// reads where it is: the stream is asked past the smaller limits only)
+SmallLaunch permute_small_fit(const Route& route, int64_t row_bytes, cudaStream_t stream) {
+  const int32_t grid_rows = grid_block_rows(route, row_bytes);
+  const int64_t words = grid_rows ? int64_t(route.num_experts) * small_blocks(route.rows, grid_rows) : 0;
+  if (grid_rows != 0 && (words <= kGridWords / 2 || (words <= kGridWords && !captured(stream)))) {
+    return SmallLaunch{grid_rows, true};
+  }
+  if (!small_served(route, row_bytes)) return SmallLaunch{};
   const bool map = route.kind == kRouteMultihot;
   const int64_t limit = map ? kSmallMapReads : kSmallReads;
   int32_t block_rows = small_block_rows(route, limit);
   if (block_rows == 0 && map) block_rows = small_block_rows(route, kSmallMapReadsEager);
-  if (block_rows == 0) return 0;
-  return small_reads(route, block_rows) <= limit / kCapturedShare || !captured(stream) ? block_rows : 0;
+  if (block_rows == 0) return SmallLaunch{};
+  const bool fits = small_reads(route, block_rows) <= limit / kCapturedShare || !captured(stream);
+  return fits ? SmallLaunch{block_rows, false} : SmallLaunch{};
 }
 
-cudaError_t permute_small(const Route& route, int32_t block_rows, int64_t pad_multiple, const void* src,
-                          int64_t row_bytes, const void* probs, int prob_bytes, int64_t num_out, void* dst,
-                          void* probs_out, int32_t* row_id_map, int64_t* layout, void* host_word,
+int64_t small_grid_words(const Route& route, const SmallLaunch& fit) {
+  return fit.grid ? small_blocks(route.rows, fit.block_rows) * (int64_t(route.num_experts) + 1) : 0;
+}
+
+cudaError_t permute_small(const Route& route, const SmallLaunch& fit, int32_t* block_counts, int64_t pad_multiple,
+                          const void* src, int64_t row_bytes, const void* probs, int prob_bytes, int64_t num_out,
+                          void* dst, void* probs_out, int32_t* row_id_map, int64_t* layout, void* host_word,
                           cudaStream_t stream) {
-  if (!small_call_valid(block_rows, num_out, probs, prob_bytes)) return cudaErrorInvalidValue;
+  if (!small_call_valid(fit, block_counts, num_out, probs, prob_bytes)) return cudaErrorInvalidValue;
   const Small a{route,     pad_multiple, static_cast<int32_t>(row_bytes), probs,
                 num_out,   static_cast<char*>(dst), probs_out, row_id_map,
-                layout,    static_cast<int64_t*>(host_word), block_rows};
+                layout,    static_cast<int64_t*>(host_word), fit.block_rows, block_counts};
   // (rows moved in the widest access that divides the row and both pointers)
   return with_vector(row_bytes, src, dst, [&](auto v) {
     return launch_small_for<true>(a, prob_bytes, PlainRows<decltype(v)>{static_cast<const char*>(src),
@@ -380,21 +504,21 @@ cudaError_t permute_small(const Route& route, int32_t block_rows, int64_t pad_mu
   });
 }
 
-int32_t permute_fp8_small_rows(const Route& route, int64_t hidden, DType dtype, cudaStream_t stream) {
+SmallLaunch permute_fp8_small_fit(const Route& route, int64_t hidden, DType dtype, cudaStream_t stream) {
   const bool served = route.kind != kRouteMultihot && dtype != kFloat64 && hidden % kFp8Group == 0;
-  return served ? permute_small_rows(route, fp8_output_row_bytes(hidden, dtype), stream) : 0;
+  return served ? permute_small_fit(route, fp8_output_row_bytes(hidden, dtype), stream) : SmallLaunch{};
 }
 
-cudaError_t permute_fp8_small(const Route& route, int32_t block_rows, int64_t pad_multiple, DType dtype,
-                              const uint8_t* q, int64_t q_pitch, const float* scales, int64_t scale_pitch,
-                              int64_t hidden, const void* probs, int prob_bytes, int64_t num_out, void* dst,
-                              void* probs_out, int32_t* row_id_map, int64_t* layout, void* host_word,
-                              cudaStream_t stream) {
-  if (!small_call_valid(block_rows, num_out, probs, prob_bytes)) return cudaErrorInvalidValue;
+cudaError_t permute_fp8_small(const Route& route, const SmallLaunch& fit, int32_t* block_counts,
+                              int64_t pad_multiple, DType dtype, const uint8_t* q, int64_t q_pitch,
+                              const float* scales, int64_t scale_pitch, int64_t hidden, const void* probs,
+                              int prob_bytes, int64_t num_out, void* dst, void* probs_out, int32_t* row_id_map,
+                              int64_t* layout, void* host_word, cudaStream_t stream) {
+  if (!small_call_valid(fit, block_counts, num_out, probs, prob_bytes)) return cudaErrorInvalidValue;
   const Small a{route,     pad_multiple, static_cast<int32_t>(fp8_output_row_bytes(hidden, dtype)),
                 probs,     num_out,      static_cast<char*>(dst),
                 probs_out, row_id_map,   layout,
-                static_cast<int64_t*>(host_word), block_rows};
+                static_cast<int64_t*>(host_word), fit.block_rows, block_counts};
   const auto launch = [&](auto t) {
     using T = decltype(t);
     return launch_small_for<false>(a, prob_bytes, Fp8Rows<T>{q, q_pitch, scales, scale_pitch,

@@ -141,15 +141,29 @@ def _device_ops(fn) -> list:
 
 def _one_launch_fits(rows: int, experts: int, slots: int, multihot: bool, captured: bool = False) -> bool:
     """Whether a route of small rows is permuted in one launch (the limits of
-    cuda_src/route_small.cu): at most 1024 experts, 64 slots of a top-k route, 8192 entries of a
+    cuda_src/route_small.cu): at most 1024 experts and 64 slots of a top-k route, blocks of 8 or
+    16 rows whose shared memory stays within 46 KiB; the grid launch where the fewer rows' blocks
+    are at most one a multiprocessor and experts x blocks at most 2^16 (``captured`` into a CUDA
+    graph, 2^15); else whole-route counts: 8192 entries of a
     top-k route or 2^18 of a multihot map (whose slots are its experts), blocks of 8 or 16 rows
     (the fewest for which the entries times the blocks stay within 2^20, 2^23 for a map, or for a
-    map 2^25 where 2^23 finds none), whose shared memory stays within 46 KiB; ``captured`` into
-    a CUDA graph, only where those blocks read at most half of 2^20 (2^23 for a map)."""
+    map 2^25 where 2^23 finds none); ``captured`` into a CUDA graph, only where those blocks read
+    at most half of 2^20 (2^23 for a map)."""
     entries = rows * slots
-    if rows == 0 or experts > 1024 or (not multihot and slots > 64) or entries > (1 << 18 if multihot else 8192):
+    if rows == 0 or experts > 1024 or (not multihot and slots > 64):
         return False
     words = -(-slots // 4)
+
+    def shared_fits(block_rows: int) -> bool:
+        partial = 1024 // words * 4 * words if multihot else 0  # (a map's partial counts share the dests' room)
+        return 8 * (32 + experts + 1) + 4 * (3 * experts + 16 + max(block_rows * slots, partial)) <= 46 * 1024
+
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    grid_rows = next((block_rows for block_rows in (8, 16) if -(-rows // block_rows) <= sms), 0)
+    if grid_rows and shared_fits(grid_rows) and experts * -(-rows // grid_rows) <= (1 << 15 if captured else 1 << 16):
+        return True
+    if entries > (1 << 18 if multihot else 8192):
+        return False
 
     def reads(block_rows: int) -> int:  # (every block reads the whole route)
         return entries * -(-rows // block_rows)
@@ -158,9 +172,7 @@ def _one_launch_fits(rows: int, experts: int, slots: int, multihot: bool, captur
         for block_rows in (8, 16):
             if reads(block_rows) > limit:
                 continue
-            partial = 1024 // words * 4 * words if multihot else 0  # (a map's partial counts share the dests' room)
-            shared = 8 * (32 + experts + 1) + 4 * (3 * experts + 16 + max(block_rows * slots, partial))
-            return block_rows if shared <= 46 * 1024 else 0
+            return block_rows if shared_fits(block_rows) else 0
         return 0
 
     limit = 1 << 23 if multihot else 1 << 20
@@ -168,10 +180,12 @@ def _one_launch_fits(rows: int, experts: int, slots: int, multihot: bool, captur
     return block_rows != 0 and (not captured or reads(block_rows) <= limit // 2)
 
 
-# (rows, experts, topk) at the one-launch permutation's limits (_one_launch_fits: 8192 entries; the
-# reads with blocks of 8 and 16 rows; 1024 experts, 64 slots) and just past them.
+# (rows, experts, topk) at the one-launch permutation's limits (_one_launch_fits: the grid launch's
+# blocks of 8 and 16 rows, one a multiprocessor (1056 and 2112 rows on 132 of them); past it 8192
+# entries and the reads of blocks of 8 and 16 rows; 1024 experts, 64 slots) and just past them.
 ONE_LAUNCH_EDGES = [(1024, 32, 8), (1025, 32, 8), (64, 1024, 8), (64, 1025, 8), (100, 128, 64), (100, 128, 65),
-                    (1, 4, 2), (9, 5, 3), (2048, 4, 4), (2049, 4, 4), (4096, 4, 2)]
+                    (1, 4, 2), (9, 5, 3), (2048, 4, 4), (2049, 4, 4), (4096, 4, 2), (1056, 16, 8), (1057, 16, 8),
+                    (2112, 8, 4), (2113, 8, 4)]
 
 
 @pytest.mark.gpu
@@ -306,13 +320,20 @@ def test_one_launch_multihot_permutation_is_the_planned_one(rows, experts, topk,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("route,experts", [("map", 256), ("map", 128), ("indices", 32), ("fp8", 32)])
-def test_a_route_past_the_captured_limit_is_one_launch_eagerly_and_the_passes_in_a_graph(route, experts, poison):
-    """A 1024 x 1024, K = 8 route whose one launch reads more than the passes cost the device
-    (a map of 256 or 128 experts, top-k indices, also of FP8 rows) is permuted in one launch when
-    queued eagerly, where the passes' three launches cost the host more, and by the passes when
-    captured into a CUDA graph: the reference's rows, probs, plan and zero tail both ways."""
-    rows, topk, multihot = 1024, 8, route == "map"
+@pytest.mark.parametrize("route,experts,topk,rows", [("map", 16, 4, None), ("map", 32, 4, None),
+                                                     ("indices", 32, 3, None), ("fp8", 32, 3, None),
+                                                     ("map", 512, 8, 1024), ("indices", 512, 8, 1024)])
+def test_a_route_past_the_captured_limit_is_one_launch_eagerly_and_the_passes_in_a_graph(route, experts, topk, rows,
+                                                                                       poison):
+    """A route whose one launch costs the device more than the passes, which only a CUDA graph
+    makes worth their launches, is permuted in one launch when queued eagerly and by the passes
+    when captured: one too long for the grid launch (None rows: more than 16 a multiprocessor)
+    whose whole-route counts read more than half their limit (a multihot map, top-k indices,
+    also of FP8 rows), and one whose grid launch sums a count table of more than 2^15 words (512
+    experts in blocks of 8 of 1024 rows). The reference's rows, probs, plan and zero tail both
+    ways."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    rows, multihot = rows or 16 * sms + 88, route == "map"
     slots = experts if multihot else topk
     assert _one_launch_fits(rows, experts, slots, multihot=multihot)
     assert not _one_launch_fits(rows, experts, slots, multihot=multihot, captured=True)
@@ -359,6 +380,77 @@ def test_a_route_past_the_captured_limit_is_one_launch_eagerly_and_the_passes_in
         assert torch.count_nonzero(out[used:]) == 0 and torch.count_nonzero(out_p[used:]) == 0
         assert torch.equal(plan.map.cpu(), ref_plan.map.cpu()) and torch.equal(tpe.cpu(), ref_tpe.cpu())
     ops.check_pending_errors()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("route,experts", [("map", 256), ("indices", 32), ("fp8", 128)])
+@pytest.mark.parametrize("pad", [None, 3])
+def test_a_grid_launch_replays_the_reference_for_every_route_copied_in(route, experts, pad, poison):
+    """A 1024 x 1024, K = 8 route (its blocks one a multiprocessor or fewer) is permuted by the
+    grid launch, captured into a CUDA graph as one kernel too; replayed after new routes, probs
+    and rows are copied into the graph's inputs, each replay gives the reference's rows, probs,
+    plan, pad rows and zero tail for what was copied in, and a bad route copied in raises."""
+    rows, topk, multihot = 1024, 8, route == "map"
+    hidden = 128 if route == "fp8" else 64
+    num_out = rows * topk + 11
+
+    def inputs(seed: int):
+        idx = random_indices(rows, experts, topk, seed=seed).to("cuda")
+        topk_probs = random_probs(rows, topk, seed=seed + 1, device="cuda")
+        routing_map, probs = (t.contiguous() for t in reference.indices_to_multihot(idx, topk_probs, experts))
+        x = random_tokens(rows, hidden, torch.bfloat16, seed=seed + 2, device="cuda")
+        q, scales = ops.quantize_fp8(x) if route == "fp8" else (x, None)
+        return [idx, topk_probs, routing_map, probs, q] + ([] if scales is None else [scales])
+
+    static = inputs(0)
+
+    def permute(args):
+        idx, topk_probs, routing_map, probs, rows_in = args[:5]
+        if multihot:
+            return ops.permute(rows_in, routing_map, probs, num_out_tokens=num_out, pad_multiple=pad)
+        if route == "indices":
+            return ops.permute_by_indices(rows_in, idx, topk_probs, num_experts=experts, num_out_tokens=num_out,
+                                          pad_multiple=pad)
+        return ops.permute_fp8_by_indices(rows_in, args[5], idx, topk_probs, num_experts=experts,
+                                          num_out_tokens=num_out, pad_multiple=pad)
+
+    def expected(args):
+        idx, topk_probs, routing_map, probs, rows_in = args[:5]
+        if multihot:
+            return reference.permute(rows_in, routing_map, probs, num_out_tokens=num_out, pad_multiple=pad)
+        if route == "indices":
+            return reference.permute_by_indices(rows_in, idx, topk_probs, num_experts=experts,
+                                                num_out_tokens=num_out, pad_multiple=pad)
+        return reference.permute_fp8_by_indices(rows_in, args[5], idx, topk_probs, num_experts=experts,
+                                                num_out_tokens=num_out, pad_multiple=pad)
+
+    slots = experts if multihot else topk
+    assert _one_launch_fits(rows, experts, slots, multihot=multihot, captured=True)
+    assert len(_device_ops(lambda: permute(static))) == 1
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        permute(static)  # (warm-up off the capturing stream, as torch.cuda.graph asks)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, out_p, plan, tpe = permute(static)
+    for seed in (10, 20, 30):
+        fresh = inputs(seed)
+        for dst, src in zip(static, fresh):
+            dst.copy_(src)
+        poison("cuda")
+        graph.replay()
+        ref, ref_p, ref_plan, ref_tpe = expected(fresh)
+        assert torch.equal(out, ref) and torch.equal(out_p, ref_p)
+        assert torch.equal(plan.map.cpu(), ref_plan.map.cpu()) and torch.equal(tpe.cpu(), ref_tpe.cpu())
+        assert torch.equal(plan.layout.cpu(), ref_plan.layout.cpu())
+    if route == "map":
+        return
+    static[0][rows // 2, 1] = experts  # (out of range: the replayed kernel flags it in the layout's error word)
+    graph.replay()
+    with pytest.raises(ValueError, match="invalid routing"):
+        plan.check(static[0])
 
 
 @pytest.mark.gpu
@@ -1131,7 +1223,7 @@ def test_fp8_permutation_equals_dequantize_then_permute(device, dtype, pad, size
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows,experts,topk", ONE_LAUNCH_EDGES[:4] + [(9, 5, 3)])
+@pytest.mark.parametrize("rows,experts,topk", ONE_LAUNCH_EDGES[:4] + [(9, 5, 3), (2112, 8, 4), (2113, 8, 4)])
 @pytest.mark.parametrize("fault", ["none", "range", "overflow"])
 def test_one_launch_fp8_permutation_is_the_planned_one(rows, experts, topk, fault, poison):
     """A small top-k route's dequantizing permutation, its size known, is one launch on CUDA
