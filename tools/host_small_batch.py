@@ -17,7 +17,10 @@ queued with one sync at the end, median of 5 batches):
   launch floor    one ``add_`` on a one-element tensor (torch's cheapest device op)
 
 and, on CUDA, the pair's device time without the host: one pair captured in a CUDA graph,
-replayed back to back (microseconds a replay),
+replayed back to back (microseconds a replay); the host time of one permutation (and of the
+launch floor) queued behind about a millisecond of device work (``torch.cuda._sleep``): a
+launch that waits for the device to drain, as a cooperative one might, takes that long here,
+while its time among calls queued back to back hides it;
 
 then the device operations one pair queues (kernels, copies, fills: torch.profiler) with the
 host time of each CUDA runtime call, and cProfile's top functions of the pair by own time
@@ -37,6 +40,23 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from flexdispatch import _library, ops, reference  # noqa: E402
 from timing import back_to_back_ms, capture, device_ops, host_us, one_call_events, own_time_top  # noqa: E402
+
+
+def host_us_behind_work(fn, cycles: int = 2_000_000, repeats: int = 7) -> float:
+    """Median host microseconds of one call of ``fn`` queued behind ``torch.cuda._sleep(cycles)``
+    (about a millisecond of device work on an H100), from a synchronized device each time."""
+    import statistics
+    import time
+
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(cycles)
+        start = time.perf_counter()
+        fn()
+        times.append(1e6 * (time.perf_counter() - start))
+    torch.cuda.synchronize()
+    return statistics.median(times)
 
 
 def main() -> int:
@@ -105,6 +125,8 @@ def main() -> int:
     if dev == "cuda":
         (graph,) = capture(pair)
         print(f"device us per pair, captured in a CUDA graph: {back_to_back_ms(graph.replay, 200) * 1000:.1f}")
+        print(f"host us of one call queued behind ~1 ms of device work: permute {host_us_behind_work(permute):.1f}, "
+              f"launch floor {host_us_behind_work(lambda: one.add_(1)):.1f}")
         events = one_call_events(pair)
         queued = device_ops(events)
         print(f"device operations one pair queues: {len(queued)}")
