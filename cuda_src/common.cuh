@@ -202,24 +202,31 @@ __device__ __forceinline__ void allow_next_grid() {
 #endif
 }
 
-// Whether the current device takes programmatic dependent launches (sm_90 and later; asked
-// once per device).
-inline bool device_overlaps_launches() {
-  static std::atomic<int> major[64];  // per device, 0 until asked
+// The current device's `attribute`, asked once per device and kept in `known` (per device: 0
+// until asked, then the value + 1); -1 where it cannot be asked (the error cleared, not left
+// sticky: the caller takes its plain path).
+inline int cached_device_attribute(cudaDeviceAttr attribute, std::atomic<int> (&known)[64]) {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
     cudaGetLastError();
-    return false;
+    return -1;
   }
-  if (major[device].load() == 0) {
-    int cc = 0;
-    if (cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || cc <= 0) {
-      cudaGetLastError();  // (not left sticky: the plain launch serves)
-      return false;
+  if (known[device].load() == 0) {
+    int value = 0;
+    if (cudaDeviceGetAttribute(&value, attribute, device) != cudaSuccess || value < 0) {
+      cudaGetLastError();
+      return -1;
     }
-    major[device].store(cc);
+    known[device].store(value + 1);
   }
-  return major[device].load() >= 9;
+  return known[device].load() - 1;
+}
+
+// Whether the current device takes programmatic dependent launches (sm_90 and later; asked
+// once per device).
+inline bool device_overlaps_launches() {
+  static std::atomic<int> major[64];
+  return cached_device_attribute(cudaDevAttrComputeCapabilityMajor, major) >= 9;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...) with one launch attribute. Returns the launch's

@@ -410,22 +410,9 @@ bool captured(cudaStream_t stream) {
 // multiprocessor (its launch bounds leave room for one block whatever its shared memory), or 0
 // where the device takes no cooperative launch. Asked once per device.
 int32_t grid_capacity() {
-  static std::atomic<int> known[64];  // per device: SMs + 1 once asked (1: no cooperative launch)
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
-    cudaGetLastError();
-    return 0;
-  }
-  if (known[device].load() == 0) {
-    int cooperative = 0, sms = 0;
-    if (cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      cudaGetLastError();  // (not left sticky: the launch of whole-route counts serves)
-      return 0;
-    }
-    known[device].store(cooperative ? sms + 1 : 1);
-  }
-  return known[device].load() - 1;
+  static std::atomic<int> cooperative[64], sms[64];
+  if (cached_device_attribute(cudaDevAttrCooperativeLaunch, cooperative) <= 0) return 0;
+  return std::max(0, cached_device_attribute(cudaDevAttrMultiProcessorCount, sms));
 }
 
 // The rows a block of the grid launch takes: 8 or 16, the fewest for which every block fits on
