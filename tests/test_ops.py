@@ -139,6 +139,33 @@ def _device_ops(fn) -> list:
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+def _captured(fn):
+    """``(graph, fn's outputs)``: ``fn`` captured into a CUDA graph, after a warm-up call off the
+    capturing stream (as torch.cuda.graph asks)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
+def _permuted_by(lib, route: str, rows, idx, topk_probs, routing_map, map_probs, experts: int, scales=None,
+                 **sizes):
+    """The permutation of ``rows`` by ``lib`` (:mod:`flexdispatch.ops`, or its twin
+    :mod:`flexdispatch.reference` of the same signatures) along a route of kind ``route``: "map"
+    (``routing_map`` and ``map_probs``), "indices" (``idx`` and ``topk_probs``) or "fp8" (the
+    same, ``rows`` FP8 with their ``scales``); ``sizes``: num_out_tokens, pad_multiple."""
+    if route == "map":
+        return lib.permute(rows, routing_map, map_probs, **sizes)
+    if route == "indices":
+        return lib.permute_by_indices(rows, idx, topk_probs, num_experts=experts, **sizes)
+    return lib.permute_fp8_by_indices(rows, scales, idx, topk_probs, num_experts=experts, **sizes)
+
+
 def _one_launch_fits(rows: int, experts: int, slots: int, multihot: bool, captured: bool = False) -> bool:
     """Whether a route of small rows is permuted in one launch (the limits of
     cuda_src/route_small.cu): at most 1024 experts and 64 slots of a top-k route, blocks of 8 or
@@ -341,29 +368,19 @@ def test_a_route_past_the_captured_limit_is_one_launch_eagerly_and_the_passes_in
     topk_probs = random_probs(rows, topk, device="cuda")
     routing_map, probs = (t.contiguous() for t in reference.indices_to_multihot(idx, topk_probs, experts))
     x = random_tokens(rows, 128 if route == "fp8" else 64, torch.bfloat16, device="cuda")
-    q, scales = ops.quantize_fp8(x) if route == "fp8" else (None, None)
-    ref, ref_p, ref_plan, ref_tpe = (
-        reference.permute(x, routing_map, probs) if multihot else
-        reference.permute_by_indices(x, idx, topk_probs, num_experts=experts) if route == "indices" else
-        reference.permute_fp8_by_indices(q, scales, idx, topk_probs, num_experts=experts))
+    x, scales = ops.quantize_fp8(x) if route == "fp8" else (x, None)
+
+    def by(lib, **sizes):
+        return _permuted_by(lib, route, x, idx, topk_probs, routing_map, probs, experts, scales, **sizes)
+
+    ref, ref_p, ref_plan, ref_tpe = by(reference)
     used = ref.shape[0]
 
     def permute():
-        if multihot:
-            return ops.permute(x, routing_map, probs, num_out_tokens=used + 5)
-        if route == "indices":
-            return ops.permute_by_indices(x, idx, topk_probs, num_experts=experts, num_out_tokens=used + 5)
-        return ops.permute_fp8_by_indices(q, scales, idx, topk_probs, num_experts=experts, num_out_tokens=used + 5)
+        return by(ops, num_out_tokens=used + 5)
 
     assert len(_device_ops(permute)) == 1
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        permute()  # (warm-up off the capturing stream, as torch.cuda.graph asks)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = permute()
+    graph, captured = _captured(permute)
     eager = permute()
     poison("cuda")
     from torch.profiler import ProfilerActivity, profile
@@ -404,44 +421,22 @@ def test_a_grid_launch_replays_the_reference_for_every_route_copied_in(route, ex
 
     static = inputs(0)
 
-    def permute(args):
+    def by(lib, args):  # (args: inputs()'s list)
         idx, topk_probs, routing_map, probs, rows_in = args[:5]
-        if multihot:
-            return ops.permute(rows_in, routing_map, probs, num_out_tokens=num_out, pad_multiple=pad)
-        if route == "indices":
-            return ops.permute_by_indices(rows_in, idx, topk_probs, num_experts=experts, num_out_tokens=num_out,
-                                          pad_multiple=pad)
-        return ops.permute_fp8_by_indices(rows_in, args[5], idx, topk_probs, num_experts=experts,
-                                          num_out_tokens=num_out, pad_multiple=pad)
-
-    def expected(args):
-        idx, topk_probs, routing_map, probs, rows_in = args[:5]
-        if multihot:
-            return reference.permute(rows_in, routing_map, probs, num_out_tokens=num_out, pad_multiple=pad)
-        if route == "indices":
-            return reference.permute_by_indices(rows_in, idx, topk_probs, num_experts=experts,
-                                                num_out_tokens=num_out, pad_multiple=pad)
-        return reference.permute_fp8_by_indices(rows_in, args[5], idx, topk_probs, num_experts=experts,
-                                                num_out_tokens=num_out, pad_multiple=pad)
+        return _permuted_by(lib, route, rows_in, idx, topk_probs, routing_map, probs, experts, *args[5:],
+                            num_out_tokens=num_out, pad_multiple=pad)
 
     slots = experts if multihot else topk
     assert _one_launch_fits(rows, experts, slots, multihot=multihot, captured=True)
-    assert len(_device_ops(lambda: permute(static))) == 1
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        permute(static)  # (warm-up off the capturing stream, as torch.cuda.graph asks)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, out_p, plan, tpe = permute(static)
+    assert len(_device_ops(lambda: by(ops, static))) == 1
+    graph, (out, out_p, plan, tpe) = _captured(lambda: by(ops, static))
     for seed in (10, 20, 30):
         fresh = inputs(seed)
         for dst, src in zip(static, fresh):
             dst.copy_(src)
         poison("cuda")
         graph.replay()
-        ref, ref_p, ref_plan, ref_tpe = expected(fresh)
+        ref, ref_p, ref_plan, ref_tpe = by(reference, fresh)
         assert torch.equal(out, ref) and torch.equal(out_p, ref_p)
         assert torch.equal(plan.map.cpu(), ref_plan.map.cpu()) and torch.equal(tpe.cpu(), ref_tpe.cpu())
         assert torch.equal(plan.layout.cpu(), ref_plan.layout.cpu())
