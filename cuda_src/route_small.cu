@@ -359,10 +359,18 @@ cudaError_t launch_small_kernel(const Small& a, const Rows& in, cudaStream_t str
   return launch_with(cooperative, kernel, dim3(blocks), dim3(kSmallThreads), bytes, stream, a, in);
 }
 
+// The grid launch where fit chose it, else (or where the driver refuses its grid) every block
+// counting the whole route: the same result, more reads. A context may hold fewer blocks at once
+// than the device has multiprocessors, which is all the fit asks (a green context of a few SMs,
+// MPS's thread limit); its cooperative launch fails before anything runs, the error cleared.
 template <int Kind, typename Rows, typename ProbBits>
 cudaError_t launch_small(const Small& a, const Rows& in, cudaStream_t stream) {
-  return a.block_counts != nullptr ? launch_small_kernel<Kind, true, Rows, ProbBits>(a, in, stream)
-                                   : launch_small_kernel<Kind, false, Rows, ProbBits>(a, in, stream);
+  if (a.block_counts != nullptr) {
+    const cudaError_t err = launch_small_kernel<Kind, true, Rows, ProbBits>(a, in, stream);
+    if (err != cudaErrorCooperativeLaunchTooLarge) return err;
+    (void)cudaGetLastError();
+  }
+  return launch_small_kernel<Kind, false, Rows, ProbBits>(a, in, stream);
 }
 
 // The kernel for the route's kind (Maps: whether a multihot map is served) and the probs' width.

@@ -1,5 +1,6 @@
 """Shared test setup: strict kernel builds, device parameters, GPU/DeepEP skips."""
 
+import contextlib
 import os
 
 # A failed kernel build must fail the tests, not fall back quietly.
@@ -37,3 +38,31 @@ def poison():
             junk = torch.full((64 << 20,), float("nan"), device="cuda")
             del junk
     return _poison
+
+
+@pytest.fixture
+def green_context():
+    """``green_context(num_sms)``: a context manager whose block runs in a CUDA green context of
+    ``num_sms`` multiprocessors of the current device (torch's ``torch.cuda.green_contexts``;
+    the block's work synchronized before it is left), or a skip where this torch, driver or
+    card makes none."""
+    @contextlib.contextmanager
+    def _within(num_sms: int):
+        green = getattr(torch.cuda, "green_contexts", None)
+        if green is None or not getattr(green, "SUPPORTED", False):
+            pytest.skip("this torch has no CUDA green contexts")
+        device = torch.cuda.current_device()
+        try:
+            try:
+                context = green.GreenContext.create(num_sms=num_sms, device_id=device)
+            except TypeError:  # (torch before 2.10 takes them by position)
+                context = green.GreenContext.create(num_sms, device)
+        except RuntimeError as exc:
+            pytest.skip(f"no green context on this driver or card: {exc}")
+        context.set_context()
+        try:
+            yield
+            torch.cuda.current_stream().synchronize()
+        finally:
+            context.pop_context()
+    return _within

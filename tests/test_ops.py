@@ -449,6 +449,40 @@ def test_a_grid_launch_replays_the_reference_for_every_route_copied_in(route, ex
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("route,experts", [("indices", 32), ("map", 128), ("fp8", 32)])
+@pytest.mark.parametrize("pad", [None, 3])
+def test_a_grid_route_in_a_green_context_of_few_multiprocessors_is_permuted_as_the_reference(route, experts, pad,
+                                                                                          poison, green_context):
+    """The grid launch's fit counts the device's multiprocessors; a green context of 16 of them
+    cannot hold its 128 blocks at once, so the driver refuses the cooperative launch there. The
+    permutation then counts the whole route in every block: the reference's rows, probs, plan
+    and zero tail, inside the context and after it, and the restore on top."""
+    rows, topk, multihot = 1024, 8, route == "map"
+    hidden = 128 if route == "fp8" else 64
+    idx = random_indices(rows, experts, topk, seed=7).to("cuda")
+    topk_probs = random_probs(rows, topk, seed=8, device="cuda")
+    routing_map, map_probs = (t.contiguous() for t in reference.indices_to_multihot(idx, topk_probs, experts))
+    x = random_tokens(rows, hidden, torch.bfloat16, seed=9, device="cuda")
+    rows_in, scales = ops.quantize_fp8(x) if route == "fp8" else (x, None)
+    assert _one_launch_fits(rows, experts, experts if multihot else topk, multihot=multihot)
+
+    def by(lib):
+        return _permuted_by(lib, route, rows_in, idx, topk_probs, routing_map, map_probs, experts, scales,
+                            num_out_tokens=rows * topk + 5, pad_multiple=pad)
+
+    ref, ref_p, ref_plan, ref_tpe = by(reference)
+    with green_context(16):
+        poison("cuda")
+        out, out_p, plan, tpe = by(ops)
+        restored = ops.unpermute(out, plan)
+    again = by(ops)
+    for got in ((out, out_p, plan, tpe), again):
+        assert torch.equal(got[0], ref) and torch.equal(got[1], ref_p)
+        assert torch.equal(got[2].map.cpu(), ref_plan.map.cpu()) and torch.equal(got[3].cpu(), ref_tpe.cpu())
+    assert torch.equal(restored, reference.unpermute(ref, ref_plan))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("experts", [32, 30])
 def test_one_launch_multihot_permutation_reads_a_map_at_any_byte_offset(experts, poison):
     """The one-launch permutation reads a multihot map's rows as 4-byte words where its width and

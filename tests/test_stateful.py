@@ -53,6 +53,19 @@ def test_stateful_local_manager_on_one_gpu():
     assert total >= STEPS * len(seeds(1)[:GPU_PROGRAMS])
 
 
+@pytest.mark.gpu
+def test_stateful_local_manager_in_a_green_context(green_context):
+    """Two of those programs in a green context of 16 multiprocessors, where the driver refuses
+    the grid launch that the device's 132 (or however many) would hold: every call whose route
+    the grid would serve counts the whole route in each block instead, with the same results."""
+    total = 0
+    with green_context(16):
+        for seed in seeds(1)[:2]:
+            program = stateful.generate_program(seed, 1, STEPS, sync_free=True)
+            total += stateful.Runner(program, 0, None, device="cuda").run()["steps"]
+    assert total >= STEPS * len(seeds(1)[:2])
+
+
 @pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda w: f"W{w}")
 def pool(request):
     p = DistPool(request.param)
