@@ -24,7 +24,9 @@
 
 // The one CUDA/CPU switch: for a CUDA `tensor`, CUDA_CALL (a launcher returning cudaError_t,
 // which may name the current `stream`) under a guard of the tensor's device, its error
-// raised; otherwise CPU_BLOCK. In CPU-only builds the CUDA call is not compiled at all.
+// raised (and cleared, as torch's checks do: an error that leaves the context usable, a
+// refused launch say, is this op's, not the next CUDA call's); otherwise CPU_BLOCK. In CPU-only
+// builds the CUDA call is not compiled at all.
 #ifdef FLEXDISPATCH_WITH_CUDA
 #define FD_ON_DEVICE(tensor, CUDA_CALL, CPU_BLOCK)                                                \
   do {                                                                                          \
@@ -32,6 +34,7 @@
       const c10::cuda::CUDAGuard fd_guard((tensor).device());                                   \
       const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();                            \
       const cudaError_t fd_err = (CUDA_CALL);                                                   \
+      if (fd_err != cudaSuccess) (void)cudaGetLastError();                                      \
       TORCH_CHECK(fd_err == cudaSuccess, "flexdispatch CUDA error: ", cudaGetErrorString(fd_err)); \
     } else {                                                                                    \
       CPU_BLOCK                                                                                 \
