@@ -361,8 +361,9 @@ cudaError_t launch_small_kernel(const Small& a, const Rows& in, cudaStream_t str
 
 // The grid launch where fit chose it, else (or where the driver refuses its grid) every block
 // counting the whole route: the same result, more reads. A context may hold fewer blocks at once
-// than the device has multiprocessors, which is all the fit asks (a green context of a few SMs,
-// MPS's thread limit); its cooperative launch fails before anything runs, the error cleared.
+// than the device has multiprocessors, which is all the fit asks (a green context of a few SMs;
+// MPS's thread limit may be another); its cooperative launch fails before anything runs, the
+// error cleared.
 template <int Kind, typename Rows, typename ProbBits>
 cudaError_t launch_small(const Small& a, const Rows& in, cudaStream_t stream) {
   if (a.block_counts != nullptr) {
