@@ -70,14 +70,21 @@ int64_t small_reads(const Route& route, int32_t block_rows) {
   return route.rows * route.slots * small_blocks(route.rows, block_rows);
 }
 
-// The rows a block of permute_small takes for `route` (the fewest that keep small_reads within
-// `reads`, and the shared memory within kSmallSharedBytes), or 0 where no launch of it fits.
-int32_t small_block_rows(const Route& route, int64_t reads) {
+// The fewest rows a block (8, then 16) for which too_many(block_rows) is false, where that
+// block's shared memory stays within kSmallSharedBytes; else 0.
+template <typename TooMany>
+int32_t fewest_block_rows(const Route& route, TooMany too_many) {
   for (int32_t block_rows = kSmallRowsFirst; block_rows <= kSmallRowsMost; block_rows *= 2) {
-    if (small_reads(route, block_rows) > reads) continue;
+    if (too_many(block_rows)) continue;
     return small_shared_bytes(route, block_rows) <= kSmallSharedBytes ? block_rows : 0;
   }
   return 0;
+}
+
+// The rows a block of permute_small takes for `route` with whole-route counts (the fewest that
+// keep small_reads within `reads`), or 0 where no launch of it fits.
+int32_t small_block_rows(const Route& route, int64_t reads) {
+  return fewest_block_rows(route, [&](int32_t block_rows) { return small_reads(route, block_rows) > reads; });
 }
 
 // A one-launch permutation's arguments but its input rows, as its kernel takes them.
@@ -393,14 +400,21 @@ cudaError_t launch_small_for(const Small& a, int prob_bytes, const Rows& in, cud
 // Bytes of a dequantized row of `hidden` values (float32, float16 or bfloat16).
 int64_t fp8_output_row_bytes(int64_t hidden, DType dtype) { return hidden * (dtype == kFloat32 ? 4 : 2); }
 
-// Whether the one-launch permutation may serve `route` with output rows of row_bytes, its reads
-// aside: at most kSmallExperts experts (and kSmallSlots slots of a top-k route), kSmallEntries
-// entries (kSmallMapEntries of a map), kSmallBytes of output rows.
-bool small_served(const Route& route, int64_t row_bytes) {
+// Whether the one launch, either way of counting, may serve `route` with output rows of
+// row_bytes: at most kSmallExperts experts (and kSmallSlots slots of a top-k route), kSmallBytes
+// of output rows.
+bool small_kind_served(const Route& route, int64_t row_bytes) {
   const bool map = route.kind == kRouteMultihot;
-  const int64_t entries = route.rows * route.slots;
   return route.rows > 0 && route.num_experts <= kSmallExperts && (map || route.slots <= kSmallSlots) &&
-         entries <= (map ? kSmallMapEntries : kSmallEntries) && route.rows * row_bytes <= kSmallBytes;
+         route.rows * row_bytes <= kSmallBytes;
+}
+
+// Whether whole-route counts may serve `route`, their reads aside: small_kind_served, and at most
+// kSmallEntries entries (kSmallMapEntries of a map).
+bool small_served(const Route& route, int64_t row_bytes) {
+  const int64_t entries = route.rows * route.slots;
+  return small_kind_served(route, row_bytes) &&
+         entries <= (route.kind == kRouteMultihot ? kSmallMapEntries : kSmallEntries);
 }
 
 // Whether work queued on `stream` is being captured into a CUDA graph. A failed query counts as
@@ -424,22 +438,13 @@ int32_t grid_capacity() {
   return std::max(0, cached_device_attribute(cudaDevAttrMultiProcessorCount, sms));
 }
 
-// The rows a block of the grid launch takes: 8 or 16, the fewest for which every block fits on
-// the device at once, within shared memory; 0 where none does. Its limits of kind are the
-// one launch's (experts, slots of a top-k route, bytes of rows), but not those on entries: its
-// blocks read only their own rows of the route.
+// The rows a block of the grid launch takes: the fewest for which every block fits on the
+// device at once; 0 where none does. small_kind_served, but no limit on entries: its blocks read
+// only their own rows of the route.
 int32_t grid_block_rows(const Route& route, int64_t row_bytes) {
-  const bool map = route.kind == kRouteMultihot;
-  if (route.rows <= 0 || route.num_experts > kSmallExperts || (!map && route.slots > kSmallSlots) ||
-      route.rows * row_bytes > kSmallBytes) {
-    return 0;
-  }
+  if (!small_kind_served(route, row_bytes)) return 0;
   const int32_t capacity = grid_capacity();
-  for (int32_t block_rows = kSmallRowsFirst; block_rows <= kSmallRowsMost; block_rows *= 2) {
-    if (small_blocks(route.rows, block_rows) > capacity) continue;
-    return small_shared_bytes(route, block_rows) <= kSmallSharedBytes ? block_rows : 0;
-  }
-  return 0;
+  return fewest_block_rows(route, [&](int32_t block_rows) { return small_blocks(route.rows, block_rows) > capacity; });
 }
 
 // Every block of the grid launch reads the whole count table (experts x blocks words), which
