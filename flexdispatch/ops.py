@@ -48,22 +48,27 @@ def _check_rows(tokens: torch.Tensor, name: str = "tokens") -> None:
         raise input_error(ValueError, name, f"expected a 2-D tensor [rows, hidden], got shape {tuple(tokens.shape)}")
 
 
+_KERNEL_PROBS = (torch.float32, torch.float64)
+
+
 def _check_probs(probs, like: torch.Tensor, name: str = "probs") -> Optional[torch.Tensor]:
     if probs is None:
         return None
     if type(probs) is not torch.Tensor:
         _check_tensor(probs, name)
-    if tuple(probs.shape) != tuple(like.shape):
+    if probs.shape != like.shape:
         raise input_error(ValueError, name, f"expected shape {tuple(like.shape)}, got {tuple(probs.shape)}")
-    check_floating_tensor(name, probs)
+    if probs.dtype not in _KERNEL_PROBS:  # (the kernels' dtypes pass at once: this runs at every op)
+        check_floating_tensor(name, probs)
+        probs = probs.float()
     if probs.device != like.device:
         raise input_error(ValueError, name, f"expected device {like.device}, got {probs.device}")
-    return kernel_probs(probs)
+    return probs
 
 
 def kernel_probs(probs: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Probs as the kernels take them: float32 or float64 kept, other float dtypes as float32."""
-    return probs if probs is None or probs.dtype in (torch.float32, torch.float64) else probs.float()
+    return probs if probs is None or probs.dtype in _KERNEL_PROBS else probs.float()
 
 
 def _check_index_route(indices, num_experts, rows: Optional[int], name: str = "indices") -> None:
