@@ -67,6 +67,26 @@ def test_dtypes(device, dtype, index_dtype, poison):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prob_dtype", [torch.float16, torch.bfloat16])
+def test_narrow_float_probs_are_moved_and_merged_as_float32(device, prob_dtype, poison):
+    """Probs of a float dtype the kernels do not take travel as float32, in the permutation and
+    in unpermute's merge, as the reference does with the same probs made float32."""
+    rows, hidden, experts, topk = 257, 64, 12, 3
+    idx = random_indices(rows, experts, topk, seed=11, device=device)
+    x = random_tokens(rows, hidden, torch.float32, device=device)
+    p = random_probs(rows, topk, device=device).to(prob_dtype)
+    poison(device)
+    out, out_p, plan, _ = ops.permute_by_indices(x, idx, p, num_experts=experts)
+    ref, ref_p, ref_plan, _ = reference.permute_by_indices(x, idx, p.float(), num_experts=experts)
+    assert out_p.dtype == torch.float32
+    assert torch.equal(out, ref) and torch.equal(out_p, ref_p)
+    assert torch.equal(ops.unpermute(out, plan, p), reference.unpermute(ref, ref_plan, p.float()))
+    routing_map, map_probs = reference.indices_to_multihot(idx, p.float(), experts)
+    out_m, out_mp, _, _ = ops.permute(x, routing_map, map_probs.to(prob_dtype))
+    assert out_mp.dtype == torch.float32 and torch.equal(out_m, ref) and torch.equal(out_mp, ref_p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rows,hidden,experts,topk", [(0, 8, 4, 2), (129, 40, 9, 3), (777, 128, 32, 8)])
 @pytest.mark.parametrize("prob_dtype", [torch.float32, torch.float64])
 def test_multihot_and_permute_by_map(device, rows, hidden, experts, topk, prob_dtype, poison):
@@ -794,6 +814,10 @@ def test_invalid_routing_raises_value_error():
     (lambda x, i, p: ops.permute_by_indices(x[0], i, num_experts=5), ValueError, "tokens: expected a 2-D"),
     (lambda x, i, p: ops.permute_by_indices(x, i[:5], num_experts=5), ValueError, "indices: expected 10 rows"),
     (lambda x, i, p: ops.permute_by_indices(x, i, p[:, :1], num_experts=5), ValueError, "probs: expected shape"),
+    (lambda x, i, p: ops.permute_by_indices(x, i, p.long(), num_experts=5), TypeError,
+     "^probs: expected a floating-point tensor, got torch.int64"),
+    (lambda x, i, p: ops.unpermute(*ops.permute_by_indices(x, i, num_experts=5)[::2], p.bool()), TypeError,
+     "^probs: expected a floating-point tensor, got torch.bool"),
     (lambda x, i, p: ops.permute_by_indices(x, i, num_experts=0), ValueError, "num_experts"),
     (lambda x, i, p: ops.permute_by_indices(x, i, num_experts=5, pad_multiple=0), ValueError, "pad_multiple"),
     (lambda x, i, p: ops.permute(x, i, None), TypeError, "routing_map: expected torch.bool"),
