@@ -9,6 +9,7 @@
 // its error word to the caller's pinned host word (when given), which spares the op a launch to
 // copy it there.
 #include <cooperative_groups.h>
+#include <cuda.h>  // (the driver's context types; its functions are found at run time, not linked)
 
 #include <algorithm>
 
@@ -367,10 +368,10 @@ cudaError_t launch_small_kernel(const Small& a, const Rows& in, cudaStream_t str
 }
 
 // The grid launch where fit chose it, else (or where the driver refuses its grid) every block
-// counting the whole route: the same result, more reads. A context may hold fewer blocks at once
-// than the device has multiprocessors, which is all the fit asks (a green context of a few SMs;
-// MPS's thread limit may be another); its cooperative launch fails before anything runs, the
-// error cleared.
+// counting the whole route: the same result, more reads. The fit counts the context's
+// multiprocessors where the driver tells them (grid_capacity); a context that holds fewer blocks
+// at once than the fit counted (MPS's thread limit may be one) has its eager cooperative launch
+// refused before anything runs, the error cleared.
 template <int Kind, typename Rows, typename ProbBits>
 cudaError_t launch_small(const Small& a, const Rows& in, cudaStream_t stream) {
   if (a.block_counts != nullptr) {
@@ -429,13 +430,51 @@ bool captured(cudaStream_t stream) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-// Blocks a cooperative launch of permute_small_kernel may have on the current device: one a
-// multiprocessor (its launch bounds leave room for one block whatever its shared memory), or 0
-// where the device takes no cooperative launch. Asked once per device.
+// The multiprocessors the calling thread's current context may use: a green context's share of
+// the device, which the device's attribute does not tell, or -1 where the driver cannot say (the
+// device's count then serves). Asked at every call, through the driver's entry points (CUDA
+// 12.5 runtime or later): a context's address may be reused by another of another size.
+int context_sms() {
+#if CUDART_VERSION >= 12050
+  using GetCurrent = CUresult (*)(CUcontext*);
+  using GetResource = CUresult (*)(CUcontext, CUdevResource*, CUdevResourceType);
+  static const auto entry = [](const char* name) -> void* {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion(name, &fn, 12040, cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return nullptr;
+    }
+    return fn;
+  };
+  static const auto get_current = reinterpret_cast<GetCurrent>(entry("cuCtxGetCurrent"));
+  static const auto get_resource = reinterpret_cast<GetResource>(entry("cuCtxGetDevResource"));
+  CUcontext context = nullptr;
+  CUdevResource sms = {};
+  if (get_current == nullptr || get_resource == nullptr || get_current(&context) != CUDA_SUCCESS ||
+      context == nullptr || get_resource(context, &sms, CU_DEV_RESOURCE_TYPE_SM) != CUDA_SUCCESS) {
+    return -1;
+  }
+  return static_cast<int>(sms.sm.smCount);
+#else
+  return -1;
+#endif
+}
+
+// Blocks a cooperative launch of permute_small_kernel may have in the current context: one a
+// multiprocessor (its launch bounds leave room for one block whatever its shared memory) of the
+// device, or of the context's share where that is smaller (a green context), or 0 where the
+// device takes no cooperative launch. The context's share must be known before the launch: a
+// graph captured in such a context keeps a grid it cannot hold, and its replay waits forever at
+// the grid's barrier (an eager launch is refused instead). The device's attributes are asked
+// once per device.
 int32_t grid_capacity() {
   static std::atomic<int> cooperative[64], sms[64];
   if (cached_device_attribute(cudaDevAttrCooperativeLaunch, cooperative) <= 0) return 0;
-  return std::max(0, cached_device_attribute(cudaDevAttrMultiProcessorCount, sms));
+  const int device = std::max(0, cached_device_attribute(cudaDevAttrMultiProcessorCount, sms));
+  const int context = context_sms();
+  return context > 0 ? std::min(device, context) : device;
 }
 
 // The rows a block of the grid launch takes: the fewest for which every block fits on the

@@ -504,6 +504,95 @@ def test_a_grid_route_in_a_green_context_of_few_multiprocessors_is_permuted_as_t
     assert torch.equal(restored, reference.unpermute(ref, ref_plan))
 
 
+_GREEN_CAPTURE = r"""
+import sys
+
+import torch
+
+from flexdispatch import ops, reference
+
+green = torch.cuda.green_contexts
+try:
+    try:
+        context = green.GreenContext.create(num_sms=16, device_id=0)
+    except TypeError:  # (torch before 2.10 takes them by position)
+        context = green.GreenContext.create(16, 0)
+except RuntimeError as exc:
+    print("no green context:", exc)
+    sys.exit(3)
+rows, experts, topk, hidden = 1024, 32, 8, 256
+num_out = rows * topk + 5
+
+
+def inputs(seed, route):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.rand(rows, experts, generator=g).argsort(1)[:, :topk].contiguous()
+    probs = torch.rand(rows, topk, generator=g)
+    if route == "map":
+        idx, probs = (t.contiguous() for t in reference.indices_to_multihot(idx, probs, experts))
+    x = torch.randn(rows, hidden, generator=g).to(torch.bfloat16)
+    return [t.cuda() for t in (x, idx, probs)]
+
+
+def permute(lib, route, x, idx, probs):
+    if route == "map":
+        return lib.permute(x, idx, probs, num_out_tokens=num_out)
+    return lib.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=num_out)
+
+
+context.set_context()
+try:
+    for route in ("indices", "map"):
+        static = inputs(0, route)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            permute(ops, route, *static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, out_probs, plan, counts = permute(ops, route, *static)
+        for seed in (1, 2, 3):
+            fresh = inputs(seed, route)
+            for held, new in zip(static, fresh):
+                held.copy_(new)
+            graph.replay()
+            torch.cuda.current_stream().synchronize()
+            ref, ref_probs, ref_plan, ref_counts = permute(reference, route, *fresh)
+            same = (torch.equal(out, ref) and torch.equal(out_probs, ref_probs) and torch.equal(plan.map, ref_plan.map)
+                    and torch.equal(counts, ref_counts))
+            print(route, seed, "equal" if same else "DIFFERENT", flush=True)
+finally:
+    context.pop_context()
+"""
+
+
+@pytest.mark.gpu
+def test_a_grid_route_captured_in_a_green_context_replays_as_the_reference():
+    """A CUDA graph captured in a green context of 16 SMs keeps the launch the fit chose: were it
+    the grid of 128 blocks (the device's 132 SMs counted), its replay would wait at the grid's
+    barrier for blocks that never become resident, and never end. The fit counts the context's
+    SMs, so the graph holds whole-route counts, and every replay of a new route (by indices and
+    by a multihot map) equals the reference. Run in its own process, whose end frees a hung GPU."""
+    import subprocess
+    import sys
+
+    green = getattr(torch.cuda, "green_contexts", None)
+    if green is None or not getattr(green, "SUPPORTED", False):
+        pytest.skip("this torch has no CUDA green contexts")
+    try:
+        out = subprocess.run([sys.executable, "-c", _GREEN_CAPTURE], capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a replay of the graph captured in the green context did not end within 180 s: a grid "
+                    "waiting at its barrier for blocks the context cannot hold")
+    if out.returncode == 3:
+        pytest.skip(out.stdout.strip())
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.split("\n")
+    assert [line for line in lines if line.endswith("equal")] == [
+        f"{route} {seed} equal" for route in ("indices", "map") for seed in (1, 2, 3)], out.stdout
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("experts", [32, 30])
 def test_one_launch_multihot_permutation_reads_a_map_at_any_byte_offset(experts, poison):
