@@ -562,6 +562,13 @@ try:
             same = (torch.equal(out, ref) and torch.equal(out_probs, ref_probs) and torch.equal(plan.map, ref_plan.map)
                     and torch.equal(counts, ref_counts))
             print(route, seed, "equal" if same else "DIFFERENT", flush=True)
+    # The one-rank sync-free layer, forward and backward captured in one graph and replayed on new
+    # inputs, against its eager calls (tests/dist_scenarios.py): its permutation is a grid route.
+    sys.path.insert(0, sys.argv[1])
+    from dist_scenarios import cuda_graph_fwd_bwd
+
+    result = cuda_graph_fwd_bwd(0, 1, tokens=1024, hidden=256, topk=4)
+    print("layer", "equal" if all(all(step.values()) for step in result["same"]) else result, flush=True)
 finally:
     context.pop_context()
 """
@@ -573,7 +580,9 @@ def test_a_grid_route_captured_in_a_green_context_replays_as_the_reference():
     the grid of 128 blocks (the device's 132 SMs counted), its replay would wait at the grid's
     barrier for blocks that never become resident, and never end. The fit counts the context's
     SMs, so the graph holds whole-route counts, and every replay of a new route (by indices and
-    by a multihot map) equals the reference. Run in its own process, whose end frees a hung GPU."""
+    by a multihot map) equals the reference; so does the one-rank sync-free layer's forward and
+    backward, captured and replayed three times on new inputs, its eager calls. Run in its own
+    process, whose end frees a hung GPU."""
     import subprocess
     import sys
 
@@ -581,7 +590,8 @@ def test_a_grid_route_captured_in_a_green_context_replays_as_the_reference():
     if green is None or not getattr(green, "SUPPORTED", False):
         pytest.skip("this torch has no CUDA green contexts")
     try:
-        out = subprocess.run([sys.executable, "-c", _GREEN_CAPTURE], capture_output=True, text=True, timeout=180)
+        out = subprocess.run([sys.executable, "-c", _GREEN_CAPTURE, str(Path(__file__).parent)], capture_output=True,
+                             text=True, timeout=180)
     except subprocess.TimeoutExpired:
         pytest.fail("a replay of the graph captured in the green context did not end within 180 s: a grid "
                     "waiting at its barrier for blocks the context cannot hold")
@@ -590,7 +600,7 @@ def test_a_grid_route_captured_in_a_green_context_replays_as_the_reference():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.split("\n")
     assert [line for line in lines if line.endswith("equal")] == [
-        f"{route} {seed} equal" for route in ("indices", "map") for seed in (1, 2, 3)], out.stdout
+        f"{route} {seed} equal" for route in ("indices", "map") for seed in (1, 2, 3)] + ["layer equal"], out.stdout
 
 
 @pytest.mark.gpu
