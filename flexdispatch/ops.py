@@ -60,10 +60,9 @@ def _check_probs(probs, like: torch.Tensor, name: str = "probs") -> Optional[tor
         raise input_error(ValueError, name, f"expected shape {tuple(like.shape)}, got {tuple(probs.shape)}")
     if probs.dtype not in _KERNEL_PROBS:  # (the kernels' dtypes pass at once: this runs at every op)
         check_floating_tensor(name, probs)
-        probs = probs.float()
     if probs.device != like.device:
         raise input_error(ValueError, name, f"expected device {like.device}, got {probs.device}")
-    return probs
+    return kernel_probs(probs)
 
 
 def kernel_probs(probs: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
