@@ -40,25 +40,33 @@ def poison():
     return _poison
 
 
+def new_green_context(num_sms: int):
+    """``(context, None)``: a CUDA green context of ``num_sms`` multiprocessors of the current
+    device (torch's ``torch.cuda.green_contexts``), not yet entered; or ``(None, why)`` where
+    this torch, driver or card makes none."""
+    green = getattr(torch.cuda, "green_contexts", None)
+    if green is None or not getattr(green, "SUPPORTED", False):
+        return None, "this torch has no CUDA green contexts"
+    device = torch.cuda.current_device()
+    try:
+        try:
+            return green.GreenContext.create(num_sms=num_sms, device_id=device), None
+        except TypeError:  # (torch before 2.10 takes them by position)
+            return green.GreenContext.create(num_sms, device), None
+    except RuntimeError as exc:
+        return None, f"no green context on this driver or card: {exc}"
+
+
 @pytest.fixture
 def green_context():
-    """``green_context(num_sms)``: a context manager whose block runs in a CUDA green context of
-    ``num_sms`` multiprocessors of the current device (torch's ``torch.cuda.green_contexts``;
-    the block's work synchronized before it is left), or a skip where this torch, driver or
-    card makes none."""
+    """``green_context(num_sms)``: a context manager whose block runs in a green context of
+    ``num_sms`` multiprocessors (:func:`new_green_context`; the block's work synchronized before
+    it is left), or a skip where none can be made."""
     @contextlib.contextmanager
     def _within(num_sms: int):
-        green = getattr(torch.cuda, "green_contexts", None)
-        if green is None or not getattr(green, "SUPPORTED", False):
-            pytest.skip("this torch has no CUDA green contexts")
-        device = torch.cuda.current_device()
-        try:
-            try:
-                context = green.GreenContext.create(num_sms=num_sms, device_id=device)
-            except TypeError:  # (torch before 2.10 takes them by position)
-                context = green.GreenContext.create(num_sms, device)
-        except RuntimeError as exc:
-            pytest.skip(f"no green context on this driver or card: {exc}")
+        context, why = new_green_context(num_sms)
+        if context is None:
+            pytest.skip(why)
         context.set_context()
         try:
             yield

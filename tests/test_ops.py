@@ -504,74 +504,53 @@ def test_a_grid_route_in_a_green_context_of_few_multiprocessors_is_permuted_as_t
     assert torch.equal(restored, reference.unpermute(ref, ref_plan))
 
 
-_GREEN_CAPTURE = r"""
-import sys
+def _replay_in_a_green_context() -> None:
+    """The program of :func:`test_a_grid_route_captured_in_a_green_context_replays_as_the_reference`,
+    run in a child process: a line a replay (``ROUTE SEED equal``, then ``layer equal``), or exit
+    status 3 where no green context can be made."""
+    import sys
 
-import torch
-
-from flexdispatch import ops, reference
-
-green = torch.cuda.green_contexts
-try:
-    try:
-        context = green.GreenContext.create(num_sms=16, device_id=0)
-    except TypeError:  # (torch before 2.10 takes them by position)
-        context = green.GreenContext.create(16, 0)
-except RuntimeError as exc:
-    print("no green context:", exc)
-    sys.exit(3)
-rows, experts, topk, hidden = 1024, 32, 8, 256
-num_out = rows * topk + 5
-
-
-def inputs(seed, route):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.rand(rows, experts, generator=g).argsort(1)[:, :topk].contiguous()
-    probs = torch.rand(rows, topk, generator=g)
-    if route == "map":
-        idx, probs = (t.contiguous() for t in reference.indices_to_multihot(idx, probs, experts))
-    x = torch.randn(rows, hidden, generator=g).to(torch.bfloat16)
-    return [t.cuda() for t in (x, idx, probs)]
-
-
-def permute(lib, route, x, idx, probs):
-    if route == "map":
-        return lib.permute(x, idx, probs, num_out_tokens=num_out)
-    return lib.permute_by_indices(x, idx, probs, num_experts=experts, num_out_tokens=num_out)
-
-
-context.set_context()
-try:
-    for route in ("indices", "map"):
-        static = inputs(0, route)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            permute(ops, route, *static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out, out_probs, plan, counts = permute(ops, route, *static)
-        for seed in (1, 2, 3):
-            fresh = inputs(seed, route)
-            for held, new in zip(static, fresh):
-                held.copy_(new)
-            graph.replay()
-            torch.cuda.current_stream().synchronize()
-            ref, ref_probs, ref_plan, ref_counts = permute(reference, route, *fresh)
-            same = (torch.equal(out, ref) and torch.equal(out_probs, ref_probs) and torch.equal(plan.map, ref_plan.map)
-                    and torch.equal(counts, ref_counts))
-            print(route, seed, "equal" if same else "DIFFERENT", flush=True)
-    # The one-rank sync-free layer, forward and backward captured in one graph and replayed on new
-    # inputs, against its eager calls (tests/dist_scenarios.py): its permutation is a grid route.
-    sys.path.insert(0, sys.argv[1])
+    from conftest import new_green_context
     from dist_scenarios import cuda_graph_fwd_bwd
 
-    result = cuda_graph_fwd_bwd(0, 1, tokens=1024, hidden=256, topk=4)
-    print("layer", "equal" if all(all(step.values()) for step in result["same"]) else result, flush=True)
-finally:
-    context.pop_context()
-"""
+    context, why = new_green_context(16)
+    if context is None:
+        print(why)
+        sys.exit(3)
+    rows, experts, topk, hidden = 1024, 32, 8, 256
+    num_out = rows * topk + 5
+
+    def inputs(seed: int):
+        idx = random_indices(rows, experts, topk, drop=0.0, seed=seed, device="cuda")
+        topk_probs = random_probs(rows, topk, seed=seed + 1, device="cuda")
+        routing_map, map_probs = (t.contiguous() for t in reference.indices_to_multihot(idx, topk_probs, experts))
+        x = random_tokens(rows, hidden, torch.bfloat16, seed=seed + 2, device="cuda")
+        return [x, idx, topk_probs, routing_map, map_probs]
+
+    context.set_context()
+    try:
+        for route in ("indices", "map"):
+            def by(lib, args):
+                return _permuted_by(lib, route, *args, experts, num_out_tokens=num_out)
+
+            static = inputs(0)
+            graph, (out, out_p, plan, tpe) = _captured(lambda: by(ops, static))
+            for seed in (1, 2, 3):
+                fresh = inputs(10 * seed)
+                for held, new in zip(static, fresh):
+                    held.copy_(new)
+                graph.replay()
+                torch.cuda.current_stream().synchronize()
+                ref, ref_p, ref_plan, ref_tpe = by(reference, fresh)
+                same = (torch.equal(out, ref) and torch.equal(out_p, ref_p) and torch.equal(plan.map, ref_plan.map)
+                        and torch.equal(tpe, ref_tpe))
+                print(route, seed, "equal" if same else "DIFFERENT", flush=True)
+        # The one-rank sync-free layer, forward and backward captured in one graph and replayed on
+        # new inputs, against its eager calls: its permutation is a grid route.
+        result = cuda_graph_fwd_bwd(0, 1, tokens=1024, hidden=256, topk=4)
+        print("layer", "equal" if all(all(step.values()) for step in result["same"]) else result, flush=True)
+    finally:
+        context.pop_context()
 
 
 @pytest.mark.gpu
@@ -582,16 +561,15 @@ def test_a_grid_route_captured_in_a_green_context_replays_as_the_reference():
     SMs, so the graph holds whole-route counts, and every replay of a new route (by indices and
     by a multihot map) equals the reference; so does the one-rank sync-free layer's forward and
     backward, captured and replayed three times on new inputs, its eager calls. Run in its own
-    process, whose end frees a hung GPU."""
+    process (:func:`_replay_in_a_green_context`), whose end frees a hung GPU."""
     import subprocess
     import sys
 
-    green = getattr(torch.cuda, "green_contexts", None)
-    if green is None or not getattr(green, "SUPPORTED", False):
-        pytest.skip("this torch has no CUDA green contexts")
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
     try:
-        out = subprocess.run([sys.executable, "-c", _GREEN_CAPTURE, str(Path(__file__).parent)], capture_output=True,
-                             text=True, timeout=180)
+        out = subprocess.run([sys.executable, "-c", "import test_ops; test_ops._replay_in_a_green_context()"],
+                             capture_output=True, text=True, timeout=180, env=env)
     except subprocess.TimeoutExpired:
         pytest.fail("a replay of the graph captured in the green context did not end within 180 s: a grid "
                     "waiting at its barrier for blocks the context cannot hold")
