@@ -598,8 +598,8 @@ class MoEFlexTokenDispatcher:
         """The body of :meth:`combine_all_to_all`: a combine left in flight is waited for by
         :meth:`_restore_shape`."""
         # (a manager whose wait() is the base class's no-op never leaves a transfer to wait for)
-        waits = getattr(type(manager), "wait", _ManagerBase.wait) is not _ManagerBase.wait
-        self._combine_async = async_finish and waits
+        self._combine_async = async_finish and (getattr(type(manager), "wait", _ManagerBase.wait)
+                                                is not _ManagerBase.wait)
         return manager.combine(hidden_states, async_finish, allocate_on_comm_stream)
 
     @_in_dispatcher_terms
