@@ -527,6 +527,7 @@ def _permutation_backward(ctx, grad_out, grad_out_probs, *_):
 
 
 # Every permutation op takes (rows, probs, route, num_experts, pad_multiple, num_out, name, ...)
+# (name None, with num_out given: a route checked already, its errors neither stored nor read)
 # and returns (out [N, H], out_probs [N] or [0], map [R, S] int32, layout [3E + 2], host layout or
 # [0], as plan's); one host sync sizes it when num_out < 0. ``rows`` is differentiable, and is
 # read by permute only: the others read their rows elsewhere and take ``rows`` for their shape,
@@ -536,7 +537,7 @@ def _permutation_backward(ctx, grad_out, grad_out_probs, *_):
 @_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name, copy_layout=False: _permuted_fake(
     rows, probs, route, num_experts, num_out, copy_layout=copy_layout), _permutation_backward, _permutation_setup)
 def permute(rows: torch.Tensor, probs: Optional[torch.Tensor], route: torch.Tensor, num_experts: int,
-            pad_multiple: int, num_out: int, name: str,
+            pad_multiple: int, num_out: int, name: Optional[str],
             copy_layout: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The expert-major permutation of ``rows [R, H]`` by ``route`` (indices or multihot map);
     ``copy_layout`` (``num_out`` given): the host layout output is a copy of the final layout,
@@ -548,7 +549,7 @@ def permute(rows: torch.Tensor, probs: Optional[torch.Tensor], route: torch.Tens
 @_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name, q, scales, dtype: _permuted_fake(
     q, probs, route, num_experts, num_out, dtype=dtype), _permutation_backward, _permutation_setup)
 def permute_fp8(rows: Optional[torch.Tensor], probs: Optional[torch.Tensor], route: torch.Tensor, num_experts: int,
-                pad_multiple: int, num_out: int, name: str, q: torch.Tensor, scales: torch.Tensor,
+                pad_multiple: int, num_out: int, name: Optional[str], q: torch.Tensor, scales: torch.Tensor,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The permutation of FP8 rows ``q [R, H]`` (uint8 bits) and ``scales``, dequantized to
     ``dtype`` as they are moved."""
@@ -559,7 +560,8 @@ def permute_fp8(rows: Optional[torch.Tensor], probs: Optional[torch.Tensor], rou
 @_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name, addrs, align, max_blocks, first_row:
      _permuted_fake(rows, probs, route, num_experts, num_out), _permutation_backward, _permutation_setup)
 def permute_from(rows: torch.Tensor, probs: Optional[torch.Tensor], route: torch.Tensor, num_experts: int,
-                 pad_multiple: int, num_out: int, name: str, addrs: torch.Tensor, align: int, max_blocks: int,
+                 pad_multiple: int, num_out: int, name: Optional[str],
+                 addrs: torch.Tensor, align: int, max_blocks: int,
                  first_row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The permutation of the rows at ``addrs [R]`` (see :mod:`flexdispatch.peer_ops`)."""
     return _permuted(_C.permute_from, (route.contiguous(), num_experts, pad_multiple, num_out, addrs.contiguous(),
@@ -570,7 +572,8 @@ def permute_from(rows: torch.Tensor, probs: Optional[torch.Tensor], route: torch
 @_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name, addrs, align, max_blocks, first_row:
      _permuted_fake(rows, probs, route, num_experts, num_out), _permutation_backward, _permutation_setup)
 def permute_fp8_from(rows: torch.Tensor, probs: Optional[torch.Tensor], route: torch.Tensor, num_experts: int,
-                     pad_multiple: int, num_out: int, name: str, addrs: torch.Tensor, align: int, max_blocks: int,
+                     pad_multiple: int, num_out: int, name: Optional[str],
+                     addrs: torch.Tensor, align: int, max_blocks: int,
                      first_row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The dequantizing permutation of the FP8 rows at ``addrs [R]`` (see :mod:`flexdispatch.peer_ops`)."""
     return _permuted(_C.permute_fp8_from, (route.contiguous(), num_experts, pad_multiple, num_out, addrs.contiguous(),

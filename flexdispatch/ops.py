@@ -274,17 +274,20 @@ def permute_by_indices(tokens: torch.Tensor, indices: torch.Tensor, probs: Optio
 
 def permute_by_indices_trusted(tokens: torch.Tensor, indices: torch.Tensor, probs: Optional[torch.Tensor],
                                num_experts: int, num_out_tokens: Optional[int], pad_multiple: Optional[int],
-                               copy_layout: bool = False):
+                               copy_layout: bool = False, report_as: Optional[str] = "indices"):
     """:func:`permute_by_indices` of arguments its caller has already checked (``tokens [R, H]``,
     ``indices [R, K]`` int32/int64 of R rows, ``probs [R, K]`` float32/float64 or None, sizes
     in range), without the counts: ``(out, permuted_probs, plan)``, a manager's permutation of
     the routing its routing step checked. ``copy_layout`` (``num_out_tokens`` given, CUDA): the
     plan's ``host_layout`` is a copy of its layout made before the rows move, the call waiting
-    for that copy alone, and the routing errors are raised from it (no error word deferred)."""
+    for that copy alone, and the routing errors are raised from it (no error word deferred).
+    ``report_as``: the argument the routing errors name; None for a route checked already and
+    ``num_out_tokens`` given without ``copy_layout``: the permutation then neither stores nor
+    reads an error word."""
     if not _library.serves(tokens):
         return reference.permute_by_indices(tokens, indices, probs, num_experts, num_out_tokens, pad_multiple)[:3]
     return run_permutation(_library.permute, tokens, probs, indices, num_experts, num_out_tokens, pad_multiple,
-                           "indices", copy_layout)
+                           report_as, copy_layout)
 
 
 def make_plan(route: torch.Tensor, num_experts: int, num_out_tokens: Optional[int] = None,
@@ -485,16 +488,18 @@ def permute_fp8_by_indices(q: torch.Tensor, scales: torch.Tensor, indices: torch
 
 def permute_fp8_by_indices_trusted(q: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor,
                                    probs: Optional[torch.Tensor], num_experts: int, num_out_tokens: Optional[int],
-                                   pad_multiple: Optional[int], dtype: torch.dtype, rows: Optional[torch.Tensor]):
+                                   pad_multiple: Optional[int], dtype: torch.dtype, rows: Optional[torch.Tensor],
+                                   report_as: Optional[str] = "indices"):
     """:func:`permute_fp8_by_indices` of arguments its caller has already checked, without the
-    counts: ``(out, permuted_probs, plan)``, a manager's permutation of the FP8 rows it kept."""
+    counts: ``(out, permuted_probs, plan)``, a manager's permutation of the FP8 rows it kept;
+    ``report_as`` as :func:`permute_by_indices_trusted` takes it."""
     if not _library.serves(q):
         dense = dequantize_fp8(q, scales, dtype)
         if rows is not None:  # the dequantized values, with the stand-in's gradient path
             dense = _StandIn.apply(rows, dense)
         return permute_by_indices_trusted(dense, indices, probs, num_experts, num_out_tokens, pad_multiple)
     return run_permutation(_library.permute_fp8, rows, probs, indices, num_experts, num_out_tokens, pad_multiple,
-                           "indices", q.view(torch.uint8), scales, dtype)
+                           report_as, q.view(torch.uint8), scales, dtype)
 
 
 def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:

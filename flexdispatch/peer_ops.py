@@ -72,21 +72,24 @@ def peer_addresses(kind: int, counts: torch.Tensor, rank: int, table: torch.Tens
 
 def permute_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indices: torch.Tensor,
                  probs: Optional[torch.Tensor], num_experts: int, num_out_tokens: Optional[int] = None,
-                 pad_multiple: Optional[int] = None, max_blocks: int = 0, first_row: int = 0):
+                 pad_multiple: Optional[int] = None, max_blocks: int = 0, first_row: int = 0,
+                 report_as: Optional[str] = "indices"):
     """The expert-major permutation (as :func:`flexdispatch.ops.permute_by_indices`) of rows
     that are read at ``addrs [R]`` as they are moved: each row is read once (over NVLink for a
     peer's row) and written to its experts' rows. ``rows`` ``[R, H]`` stands for them in shape,
     dtype and autograd (its values are not read).
 
     Returns ``(out [N, H], permuted_probs [N], plan)``: the manager reads the counts from the
-    plan when it keeps them."""
+    plan when it keeps them. ``report_as`` as :func:`flexdispatch.ops.permute_by_indices_trusted`
+    takes it."""
     return _permute_through(_library.permute_from, rows, addrs, align, indices, probs, num_experts, num_out_tokens,
-                            pad_multiple, max_blocks, first_row)
+                            pad_multiple, max_blocks, first_row, report_as)
 
 
 def permute_fp8_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indices: torch.Tensor,
                      probs: Optional[torch.Tensor], num_experts: int, num_out_tokens: Optional[int] = None,
-                     pad_multiple: Optional[int] = None, max_blocks: int = 0, first_row: int = 0):
+                     pad_multiple: Optional[int] = None, max_blocks: int = 0, first_row: int = 0,
+                     report_as: Optional[str] = "indices"):
     """The dequantizing permutation (as :func:`flexdispatch.ops.permute_fp8_by_indices`) of FP8
     rows read at ``addrs [R]``: each row is ``H`` e4m3 bytes followed by its ``H / 128`` float32
     scales (0: no row; addresses aligned to ``align`` bytes, at least 8, or 4 for float32 output),
@@ -95,13 +98,13 @@ def permute_fp8_from(rows: torch.Tensor, addrs: torch.Tensor, align: int, indice
 
     Returns as :func:`permute_from`."""
     return _permute_through(_library.permute_fp8_from, rows, addrs, align, indices, probs, num_experts,
-                            num_out_tokens, pad_multiple, max_blocks, first_row)
+                            num_out_tokens, pad_multiple, max_blocks, first_row, report_as)
 
 
 def _permute_through(op, rows, addrs, align, indices, probs, num_experts, num_out_tokens, pad_multiple, max_blocks,
-                     first_row):
+                     first_row, report_as):
     """A permutation whose op (of :mod:`flexdispatch._library`) reads row ``r`` at ``addrs[r]``."""
     probs = ops.checked_index_args(rows.shape[0], indices, probs, num_experts, num_out_tokens, pad_multiple)
     _kernels()
-    return ops.run_permutation(op, rows, probs, indices, num_experts, num_out_tokens, pad_multiple, "indices", addrs,
+    return ops.run_permutation(op, rows, probs, indices, num_experts, num_out_tokens, pad_multiple, report_as, addrs,
                                align, max_blocks, first_row)

@@ -1,6 +1,8 @@
 """The dispatcher on one process with no torch.distributed at all (ep_group=None): the
 reference's API, semantics against the dense formula, validation, state, sync-free mode."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -214,6 +216,39 @@ def test_one_call_permutation_ignores_the_probs_of_unassigned_slots(device, sync
         for a, b in zip(*results):
             assert torch.equal(a, b)
         assert torch.isfinite(results[0][-1]).all() and not results[0][-1][indices < 0].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("route", ["dense", "given"])
+@pytest.mark.parametrize("bad", [False, True])
+def test_a_sync_free_one_gpu_call_leaves_only_its_route_checks_error_word(route, bad):
+    """One rank, sync-free: the route is checked where it is selected or given (its bad entries
+    are -1 from there on), so its permutation, sized for the worst case, takes no error word of
+    its own. Each call leaves exactly one word pending, and a bad route still raises under the
+    caller's argument at the next sync."""
+    from flexdispatch import _library
+
+    d = make(8, 2, moe_sync_free=True)
+    g = torch.Generator().manual_seed(5)
+    for call in range(3):
+        x = torch.randn(64, 16, generator=g).cuda()
+        probs = torch.softmax(torch.randn(64, 8, generator=g), -1)
+        token_probs, token_indices = torch.topk(probs, 2)
+        if bad and call == 2:
+            probs[7, token_indices[7, 0]] = float("nan")
+            token_indices[9, 1] = 8
+        fd.ops.check_pending_errors()
+        before = len(_library._pending)
+        given = token_probs.cuda(), token_indices.cuda()  # (alive: the error names their entry)
+        if route == "dense":
+            rows, _, _ = d.token_permutation(x, 64, probs.cuda())
+        else:
+            rows, _, _ = d.token_permutation2(x, 64, *given)
+        assert len(_library._pending) == before + 1
+        d.token_unpermutation(rows)
+        match = "^probs: non-finite" if route == "dense" else r"^token_indices: .*value 8 at row 9"
+        with pytest.raises(ValueError, match=match) if bad and call == 2 else contextlib.nullcontext():
+            fd.ops.check_pending_errors()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -691,11 +691,16 @@ class _ManagerBase(LayerStates, _DispatchManager):
                 raise input_error(ValueError, "hidden_states",
                                   "expected the tensor this call's dispatch returned (with "
                                   "keep_fp8 or permute_next its rows stay where they landed until the permutation)")
+            # One rank's route was checked at this call's routing (bad entries -1 since): sized
+            # for the worst case or the bound, its permutation has nothing left to find and takes
+            # no error word. (A sync's sizing or a route-sized host copy reads the pending ones.)
+            checked = (self.world_size == 1 and self.validate_routing and num_out is not None
+                       and not received.route_sized)
             out, probs, plan = received.held.permute(
                 hidden_states, indices, self.dispatched_probs, num_experts=self.num_local_experts,
                 num_out_tokens=num_out, pad_multiple=self.moe_router_expert_pad_multiple,
                 max_blocks=self.spec.nvlink_max_blocks, fp8_out=fp8_rows and received.fp8_rows,
-                counts_to_host=received.route_sized)
+                counts_to_host=received.route_sized, report_as=None if checked else "indices")
             if received.route_sized:  # (every row used: no tail for the restore to skip)
                 plan.has_tail = False
             if self.sync_free:

@@ -17,6 +17,8 @@ plan)``; ``out`` is the pair ``(rows [N, H] float8_e4m3fn, scales [N, H / 128] f
 the plan should bring its layout to the host as it runs (``copy_layout`` of
 :func:`flexdispatch.ops.permute_by_indices_trusted`); the rows a one-rank manager keeps do,
 the others' plans read it with a sync when asked (``RowIdMap.host_tokens_per_expert``).
+``report_as``: the argument the permutation's routing errors name, None for a route the manager
+checked already (:func:`flexdispatch.ops.permute_by_indices_trusted`).
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ class Landed:
 
     @staticmethod
     def permute(hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks, fp8_out,
-                counts_to_host=False):
+                counts_to_host=False, report_as="indices"):
         # (the manager checked the rows and its routing: not checked again)
         return ops.permute_by_indices_trusted(hidden, indices, probs, num_experts, num_out_tokens, pad_multiple,
-                                              copy_layout=counts_to_host)
+                                              copy_layout=counts_to_host, report_as=report_as)
 
 
 LANDED = Landed()
@@ -54,15 +56,15 @@ class KeptFp8:
     returns_stand_in = True  # (a class attribute, not a field)
 
     def permute(self, hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks, fp8_out,
-                counts_to_host=False):
+                counts_to_host=False, report_as="indices"):
         if fp8_out:  # FP8 rows for FP8 experts: bytes and scales moved without conversion
             out_q, out_probs, plan = ops.permute_by_indices_trusted(
                 self.q.contiguous().view(torch.uint8), indices, probs, num_experts, num_out_tokens, pad_multiple,
-                copy_layout=counts_to_host)
+                copy_layout=counts_to_host, report_as=report_as)
             return ((out_q.view(torch.float8_e4m3fn), ops.apply_permutation(self.scales.contiguous(), plan)),
                     out_probs, plan)
         return ops.permute_fp8_by_indices_trusted(self.q, self.scales, indices, probs, num_experts, num_out_tokens,
-                                                  pad_multiple, hidden.dtype, hidden)
+                                                  pad_multiple, hidden.dtype, hidden, report_as)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +81,11 @@ class LeftAtPeers:
     returns_stand_in = True
 
     def permute(self, hidden, indices, probs, *, num_experts, num_out_tokens, pad_multiple, max_blocks, fp8_out,
-                counts_to_host=False):
+                counts_to_host=False, report_as="indices"):
         permute = peer_ops.permute_fp8_from if self.fp8 else peer_ops.permute_from
         return permute(hidden, self.addrs, self.align, indices, probs, num_experts=num_experts,
                        num_out_tokens=num_out_tokens, pad_multiple=pad_multiple, max_blocks=max_blocks,
-                       first_row=self.first_row)
+                       first_row=self.first_row, report_as=report_as)
 
 
 def stand_in(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
