@@ -538,13 +538,16 @@ Permuted permute_small_with(const fd::Route& r, const fd::cuda::SmallLaunch& fit
   check_pad_multiple(pad_multiple);
   check_out_rows(num_out);
   auto layout = torch::empty({fd::layout_size(r.num_experts)}, route.options().dtype(at::kLong));
-  auto row_id_map = torch::empty({r.rows, r.slots}, route.options().dtype(at::kInt));
+  // The grid launch's scratch takes whole rows past the map's in the map's allocation (one
+  // allocation less a call): each block writes its words before any block reads them, and the
+  // map returned is a view of the first r.rows rows.
+  const int64_t scratch = fd::cuda::small_grid_words(r, fit), scratch_rows = (scratch + r.slots - 1) / r.slots;
+  auto map_rows = torch::empty({r.rows + scratch_rows, r.slots}, route.options().dtype(at::kInt));
+  auto row_id_map = scratch_rows ? map_rows.narrow(0, 0, r.rows) : map_rows;
+  int32_t* counts = scratch_rows ? map_rows.data_ptr<int32_t>() + int64_t(r.rows) * r.slots : nullptr;
   auto [p, prob_bytes, probs_out] = moved_probs(route, probs, num_out);
   auto out = torch::empty({num_out, hidden}, out_options);
   void* po = probs_out.has_value() ? probs_out->data_ptr() : nullptr;
-  std::optional<Tensor> block_counts;
-  if (fit.grid) block_counts.emplace(torch::empty({fd::cuda::small_grid_words(r, fit)}, row_id_map.options()));
-  int32_t* counts = block_counts.has_value() ? block_counts->data_ptr<int32_t>() : nullptr;
   FD_ON_DEVICE(route, launch(counts, out.data_ptr(), p, prob_bytes, po, row_id_map.data_ptr<int32_t>(),
                              layout.data_ptr<int64_t>(), reinterpret_cast<void*>(error_address), stream), {});
   LayoutCopy copied = copy_layout ? copy_to_host(layout) : LayoutCopy{};  // (the kernel writes the layout last)
