@@ -17,8 +17,7 @@ graph and break counts for the layer, then the median time of one call after a w
 and forward + backward, eager and compiled (separate dispatchers, same inputs); on CUDA the
 sync-free layer also captured by hand in CUDA graphs and compiled with
 ``mode="reduce-overhead"`` (torch.compile's CUDA graphs; inductor's CUDA-graph counters are
-printed with it, so a graph that ran without one shows), twice: with the inputs copied into the
-graphs at every call, and with them marked static, as the hand-captured graphs read theirs. ``--dispatcher``
+printed with it, so a graph that ran without one shows). ``--dispatcher``
 also times eager calls with every kernel op through the torch op dispatcher (the path compiled
 graphs take) instead of the direct calls eager code makes. Elementwise experts keep the
 dispatcher's own cost in view; on CUDA every call is timed from a synchronized device to its
@@ -133,37 +132,6 @@ def captured_timings(d, inputs, grad, args) -> dict:
     return {phase: median_ms(graph.replay, args) for phase, graph in graphs}
 
 
-def reduce_overhead_timings(inputs, grad, args, static: bool) -> dict:
-    """The sync-free layer compiled with ``mode="reduce-overhead"`` (torch.compile's CUDA
-    graphs), timed as :func:`timings` does. Its inputs are copied into the graphs' own buffers at
-    every call unless ``static``: then they are marked as staying at one address
-    (``torch._dynamo.mark_static_address``), as inside a model compiled whole, where a layer's
-    inputs are parameters or an earlier graph's outputs, and as the hand-captured graphs read
-    theirs. Prints inductor's CUDA-graph counters (``cudagraph_skips``: graphs run without one)."""
-    from torch._dynamo.utils import counters
-
-    if static:
-        inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
-        for t in inputs:
-            torch._dynamo.mark_static_address(t)
-    x = inputs[0]
-    counters["inductor"].clear()
-    overhead = torch.compile(layer, backend=args.backend, mode="reduce-overhead")
-    d = dispatcher(args, True)
-    for _ in range(3):  # (its first calls compile and record the graphs)
-        x.grad = None
-        overhead(d, *inputs).backward(grad)
-
-    def stepped(*call):  # (a new step per call: a forward alone leaves its backward pending)
-        torch.compiler.cudagraph_mark_step_begin()
-        return overhead(*call)
-
-    result = timings(stepped, d, inputs, grad, args)
-    graphs = {k: v for k, v in counters["inductor"].items() if k.startswith("cudagraph")}
-    print(f"  reduce-overhead{', static inputs' if static else ''}: CUDA-graph counters {graphs}")
-    return result
-
-
 def layer_inputs(args, dtype: torch.dtype):
     """The layer's inputs ``(x [T, H] needing a gradient, router logits [T, E], the experts'
     scales [E, H])`` and the output's gradient ``[T, H]``, seeded, on ``args.device``."""
@@ -200,8 +168,21 @@ def run_mode(mode: str, args) -> None:
     results[f"compiled ({args.backend})"] = timings(compiled, dispatcher(args, sync_free), inputs, grad, args)
     if sync_free and args.device == "cuda":  # (graphs need static sizes: the sync-free layer's)
         results["captured by hand"] = captured_timings(dispatcher(args, True), inputs, grad, args)
-        results["compiled (reduce-overhead)"] = reduce_overhead_timings(inputs, grad, args, static=False)
-        results["reduce-overhead, static inputs"] = reduce_overhead_timings(inputs, grad, args, static=True)
+        from torch._dynamo.utils import counters
+
+        counters["inductor"].clear()
+        overhead = torch.compile(layer, backend=args.backend, mode="reduce-overhead")
+        d = dispatcher(args, True)
+        for _ in range(3):  # (its first calls compile and record the graphs)
+            x.grad = None
+            overhead(d, *inputs).backward(grad)
+        def stepped(*call):  # (a new step per call: a forward alone leaves its backward pending)
+            torch.compiler.cudagraph_mark_step_begin()
+            return overhead(*call)
+
+        results["compiled (reduce-overhead)"] = timings(stepped, d, inputs, grad, args)
+        graphs = {k: v for k, v in counters["inductor"].items() if k.startswith("cudagraph")}
+        print(f"  reduce-overhead's CUDA-graph counters (cudagraph_skips: graphs run without one): {graphs}")
     for phase in ("forward", "fwd+bwd"):
         eager = results["eager"][phase]
         cells = [f"{name} {r[phase]:8.3f} ms ({r[phase] / eager:.2f}x)" for name, r in results.items()]
