@@ -174,6 +174,38 @@ def test_bench_binding_times_the_same_gather_through_every_binding():
     assert len(times) == 2 * len(labels) == 20 and all(t > 0 for t in times.values())
 
 
+def test_bench_fused_node_checks_its_ways_against_the_registered_ops_and_times_each():
+    """tools/bench_fused_node.py on the CPU: its four ways of running route_topk + permute give the
+    registered ops' rows and permuted probs, and the three with gradients their gradients (checked
+    before timing; a way whose gradient differs makes the check raise), and every row of every
+    round is a positive host time."""
+    import bench_fused_node
+
+    times = _host_rounds("bench_fused_node.py", "--tokens", "16", "--hidden", "8", "--experts", "8", "--topk", "2")
+    labels = {label for _, label in times}
+    assert labels == {"registered ops", "two raw nodes", "one raw node", "raw, no gradient"}
+    assert len(times) == 8 and all(t > 0 for t in times.values())
+
+    from flexdispatch import _library, ops
+
+    ops.load_kernels()
+    g = torch.Generator().manual_seed(1)
+    x, probs = torch.randn(16, 8, generator=g), torch.softmax(torch.randn(16, 8, generator=g), -1)
+    ways = bench_fused_node.variants(_library.kernels(), 16, 8, 2)
+    bench_fused_node.check(ways, x, probs)
+    one_node = ways["one raw node"]
+
+    class DoubledGradient(torch.autograd.Function):  # (the identity, its gradient doubled)
+        forward = staticmethod(lambda ctx, t: t.clone())
+        backward = staticmethod(lambda ctx, grad: 2 * grad)
+
+    for wrong, what in ((lambda xi, pi: one_node(xi * 2, pi), "rows"),
+                        (lambda xi, pi: one_node(DoubledGradient.apply(xi), pi), "gradients")):
+        ways["one raw node"] = wrong
+        with pytest.raises(AssertionError, match=f"one raw node: {what}"):
+            bench_fused_node.check(ways, x, probs)
+
+
 def test_bench_sizing_times_four_variants_of_the_same_layer():
     """tools/bench_sizing.py on the CPU (a smoke test of its GPU figures): it checks that the
     route-sized and sync-sized layers move the same rows before timing (exiting 1 otherwise),
