@@ -692,10 +692,10 @@ class _ManagerBase(LayerStates, _DispatchManager):
                                   "expected the tensor this call's dispatch returned (with "
                                   "keep_fp8 or permute_next its rows stay where they landed until the permutation)")
             # One rank's route was checked at this call's routing (bad entries -1 since): sized
-            # for the worst case or the bound, its permutation has nothing left to find and takes
-            # no error word. (A sync's sizing or a route-sized host copy reads the pending ones.)
-            checked = (self.world_size == 1 and self.validate_routing and num_out is not None
-                       and not received.route_sized)
+            # sync-free (the worst case or the bound), its permutation has nothing left to find
+            # and takes no error word. (A sync's sizing or a route-sized host copy reads the
+            # pending ones.)
+            checked = self.world_size == 1 and self.validate_routing and self.sync_free
             out, probs, plan = received.held.permute(
                 hidden_states, indices, self.dispatched_probs, num_experts=self.num_local_experts,
                 num_out_tokens=num_out, pad_multiple=self.moe_router_expert_pad_multiple,
