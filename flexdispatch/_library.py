@@ -383,12 +383,24 @@ def _topk_setup(ctx, inputs, output):
     ctx.shape = inputs[0].shape
 
 
+def _dense_grad(grad_values: Optional[torch.Tensor], indices: torch.Tensor, shape) -> Optional[torch.Tensor]:
+    """The dense probs' gradient of the top-k's ``grad_values [T, K]``: each at its chosen
+    expert (``indices [T, K]``), 0 elsewhere (None for no gradient)."""
+    return None if grad_values is None else grad_values.new_zeros(shape).scatter_(1, indices, grad_values)
+
+
 def _topk_backward(ctx, grad_values, *_):
-    """The dense probs' gradient: ``grad_values`` at the chosen experts, 0 elsewhere."""
-    if grad_values is None:
-        return None, None, None, None
     (indices,) = ctx.saved_tensors
-    return grad_values.new_zeros(ctx.shape).scatter_(1, indices, grad_values), None, None, None
+    return _dense_grad(grad_values, indices, ctx.shape), None, None, None
+
+
+def _selected(probs: torch.Tensor, topk: int, flag: int, report_as: Optional[str]):
+    """The body of :func:`route_topk` (and of :func:`route_and_permute`'s routing)."""
+    word = None if report_as is None else error_word(probs, torch.int32)
+    values, indices, clean, status = _C.route_topk(probs.contiguous(), topk, flag, 0 if word is None else word[3])
+    if report_as is not None:
+        _defer_or_raise(status, 0, indices, probs.shape[1], report_as, probs=values, word=word)
+    return values, indices, clean, status
 
 
 @_op(lambda probs, topk, flag, report_as: (probs.new_empty(probs.shape[0], topk),
@@ -402,11 +414,7 @@ def route_topk(probs: torch.Tensor, topk: int, flag: int,
     router's top-k of ``probs [R, E]`` checked in the same pass (as :func:`check_route` checks
     given indices), the error bits raised or deferred under the name ``report_as`` (None: left
     to the caller)."""
-    word = None if report_as is None else error_word(probs, torch.int32)
-    values, indices, clean, status = _C.route_topk(probs.contiguous(), topk, flag, 0 if word is None else word[3])
-    if report_as is not None:
-        _defer_or_raise(status, 0, indices, probs.shape[1], report_as, probs=values, word=word)
-    return values, indices, clean, status
+    return _selected(probs, topk, flag, report_as)
 
 
 def _multihot_setup(ctx, inputs, output):
@@ -513,17 +521,24 @@ def _permutation_setup(ctx, inputs, output):
     ctx.plan = (inputs[3], inputs[4] > 1, inputs[5] >= 0, len(inputs))  # experts, padded, has tail, inputs
 
 
-def _permutation_backward(ctx, grad_out, grad_out_probs, *_):
-    """The one backward of every permutation op (inputs ``rows, probs, route, ...``): a gather
-    of the output's gradient along the plan to the rows, and to the probs."""
-    row_map, layout = ctx.saved_tensors
-    num_experts, padded, has_tail, inputs = ctx.plan
+def _permutation_grads(grad_out, grad_out_probs, row_map, layout, plan, rows_need: bool, probs_need: bool):
+    """``(grad_rows [R, H], grad_probs [R, S])`` of a permutation's output gradients (None where
+    not needed or not given): a gather of each along the plan (``plan``: experts, padded, has
+    tail)."""
     grad_rows = grad_probs = None
-    if ctx.needs_input_grad[0] and grad_out is not None:
-        grad_rows = gather_rows(grad_out, row_map, None, layout, num_experts, padded, has_tail)
-    if ctx.needs_input_grad[1] and grad_out_probs is not None:
+    if rows_need and grad_out is not None:
+        grad_rows = gather_rows(grad_out, row_map, None, layout, *plan)
+    if probs_need and grad_out_probs is not None:
         grad_probs = gather_slots(grad_out_probs, row_map)
-    return (grad_rows, grad_probs) + (None,) * (inputs - 2)
+    return grad_rows, grad_probs
+
+
+def _permutation_backward(ctx, grad_out, grad_out_probs, *_):
+    """The one backward of every permutation op (inputs ``rows, probs, route, ...``)."""
+    row_map, layout = ctx.saved_tensors
+    *plan, inputs = ctx.plan
+    grads = _permutation_grads(grad_out, grad_out_probs, row_map, layout, plan, *ctx.needs_input_grad[:2])
+    return grads + (None,) * (inputs - 2)
 
 
 # Every permutation op takes (rows, probs, route, num_experts, pad_multiple, num_out, name, ...)
@@ -544,6 +559,48 @@ def permute(rows: torch.Tensor, probs: Optional[torch.Tensor], route: torch.Tens
     queued before the rows move and waited for alone, from which the routing errors are raised."""
     return _permuted(_C.permute, (route.contiguous(), num_experts, pad_multiple, num_out, rows.contiguous(),
                                   _contiguous(probs)), route, num_experts, num_out, name, copy_layout)
+
+
+def _routed_permutation_setup(ctx, inputs, output):
+    _no_grads_made(ctx)
+    ctx.save_for_backward(output[1], output[6], output[7])  # indices, map, layout
+    ctx.shape = inputs[0].shape
+    ctx.plan = (inputs[0].shape[1], inputs[4] > 1, inputs[5] >= 0)  # experts, padded, has tail
+
+
+def _routed_permutation_backward(ctx, grad_values, _indices, _clean, _status, grad_out, grad_out_probs, *_):
+    """Both ops' backwards in one: the permuted probs' gradient joins the top-k's own, then
+    goes to the dense probs."""
+    indices, row_map, layout = ctx.saved_tensors
+    probs_need, rows_need = ctx.needs_input_grad[:2]
+    grad_rows, grad_slots = _permutation_grads(grad_out, grad_out_probs, row_map, layout, ctx.plan, rows_need,
+                                               probs_need)
+    if grad_slots is not None:
+        grad_values = grad_slots if grad_values is None else grad_values + grad_slots
+    grad_probs = _dense_grad(grad_values, indices, ctx.shape) if probs_need else None
+    return (grad_probs, grad_rows) + (None,) * 6
+
+
+@_op(lambda probs, rows, topk, report_as, pad_multiple, num_out, name, copy_layout: (
+    probs.new_empty(probs.shape[0], topk), probs.new_empty(probs.shape[0], topk, dtype=torch.int64),
+    probs.new_empty(probs.shape[0], topk, dtype=torch.int64), probs.new_empty(2, dtype=torch.int32),
+    *_permuted_fake(rows, probs, probs.new_empty(probs.shape[0], topk, dtype=torch.int64), probs.shape[1], num_out,
+                    copy_layout=copy_layout)),
+    _routed_permutation_backward, _routed_permutation_setup)
+def route_and_permute(probs: torch.Tensor, rows: torch.Tensor, topk: int, report_as: Optional[str], pad_multiple: int,
+                      num_out: int, name: Optional[str], copy_layout: bool) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+        torch.Tensor]:
+    """:func:`route_topk` of ``probs [T, E]`` (float32 or float64) and :func:`permute` of ``rows
+    [T, H]`` by its clean route, moving its values as the probs, in one autograd node (one
+    rank's routing and permutation, with nothing between them): ``route_topk``'s four outputs,
+    then ``permute``'s five, under the same arguments (``name`` and ``copy_layout`` the
+    permutation's)."""
+    values, indices, clean, status = _selected(probs, topk, 0, report_as)
+    num_experts = probs.shape[1]
+    return (values, indices, clean, status,
+            *_permuted(_C.permute, (clean, num_experts, pad_multiple, num_out, rows.contiguous(), values),
+                       clean, num_experts, num_out, name, copy_layout))
 
 
 @_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name, q, scales, dtype: _permuted_fake(

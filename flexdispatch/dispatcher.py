@@ -21,7 +21,8 @@ from ._log import logger
 from .config import MoEConfig, TokenDispatcherConfig, requested_backend, sm_setting
 from . import managers
 from .managers import groups, registry
-from .managers.base import OutOfOrderError, group_size_rank, reported_as, _ManagerBase
+from .managers.base import (RESTORING_STEPS, OutOfOrderError, group_size_rank, reported_as, runs_own_steps,
+                            _ManagerBase)
 from .managers.gather import all_gather_objects
 from .managers.hybridep import HybridEPPipelineRuntimeInitializer, _HybridEPManager, _HybridEPMetadataProcessor
 from .managers.sharing import LayerStates
@@ -476,9 +477,7 @@ class MoEFlexTokenDispatcher:
             error = exc
         # (a group of one has nothing to vet, and no group to guard)
         manager = self._manager() if self.ep_size == 1 else self._manager_for(hidden, error)
-        if self._fallback_reason is not None and hidden is not None and hidden.is_cuda:
-            _warn_once(f"DeepEP is not usable here ({self._fallback_reason}); using the {self.backend} manager")
-            self._fallback_reason = None
+        self._warn_of_fallback(hidden)
         if error is None:
             try:
                 self._route(manager, num_local_tokens, probs, token_indices)
@@ -491,6 +490,19 @@ class MoEFlexTokenDispatcher:
             return hidden_states, manager
         return hidden, manager
 
+    def _warn_of_fallback(self, hidden: Optional[torch.Tensor]) -> None:
+        """Say once, at the first CUDA call, why auto passed DeepEP over."""
+        if self._fallback_reason is not None and hidden is not None and hidden.is_cuda:
+            _warn_once(f"DeepEP is not usable here ({self._fallback_reason}); using the {self.backend} manager")
+            self._fallback_reason = None
+
+    def _dense_probs(self, num_local_tokens: int, probs: torch.Tensor) -> torch.Tensor:
+        """The router's ``probs`` checked and as ``[T, E]`` (for one TP rank the unified layout
+        is the probs' own, which a flexdispatch manager takes as they are: no reshape there and
+        back)."""
+        self._check_router_probs(num_local_tokens, probs)
+        return probs if probs.ndim == 2 else probs.reshape(num_local_tokens, probs.shape[-1])
+
     def _route(self, manager, num_local_tokens: int, probs: torch.Tensor, token_indices) -> None:
         """Give ``manager`` this call's routing (see :meth:`_preprocess`)."""
         if token_indices is not None:
@@ -500,10 +512,7 @@ class MoEFlexTokenDispatcher:
                 manager.token_probs, manager.token_indices = probs, token_indices
             return
         if self.tp_size == 1 and isinstance(manager, _ManagerBase):
-            # (the unified layout of one TP rank is the [T, E] probs' own, which the manager takes
-            # as they are, checked here once: no reshape there and back)
-            self._check_router_probs(num_local_tokens, probs)
-            manager.route_dense(probs if probs.ndim == 2 else probs.reshape(num_local_tokens, probs.shape[-1]))
+            manager.route_dense(self._dense_probs(num_local_tokens, probs))
             return
         dense = self._initialize_metadata(num_local_tokens, probs)
         if isinstance(manager, _ManagerBase) or not hasattr(manager, "set_routing"):
@@ -549,7 +558,24 @@ class MoEFlexTokenDispatcher:
                           probs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Preprocess, dispatch and permute: ``(tokens [N, H], tokens_per_expert [E_local], permuted_probs [N])``.
         Dispatch is asynchronous when ``config.moe_deepep_async_dispatch`` says so."""
-        return self._permute_dispatched(*self._preprocess(hidden_states, num_local_tokens, probs))
+        manager = self._one_step_manager()
+        if manager is None:
+            return self._permute_dispatched(*self._preprocess(hidden_states, num_local_tokens, probs))
+        # One rank, whose checks raise at once: the manager routes and permutes in one step.
+        hidden = self._flatten_hidden(hidden_states, num_local_tokens)
+        self._warn_of_fallback(hidden)
+        dense = self._dense_probs(num_local_tokens, probs)
+        return manager.route_and_permute(dense, hidden, bool(self.config.moe_deepep_async_dispatch),
+                                         fp8_rows=self._fp8_rows(manager, hidden))
+
+    def _one_step_manager(self):
+        """The manager, when it routes, dispatches and permutes a call in one step
+        (:meth:`_ManagerBase.route_and_permute`): one rank and one TP rank, a flexdispatch
+        manager running its own steps (see :func:`~.managers.base.runs_own_steps`); else None."""
+        if self.ep_size != 1 or self.tp_size != 1:
+            return None
+        manager = self._manager()
+        return manager if isinstance(manager, _ManagerBase) and runs_own_steps(manager) else None
 
     @_sized_on_host()
     @_in_dispatcher_terms
@@ -571,6 +597,15 @@ class MoEFlexTokenDispatcher:
         if not isinstance(manager, _ManagerBase):  # the reference's steps, as the reference runs them
             dispatched, _ = self.dispatch_all_to_all(hidden, async_finish=async_, allocate_on_comm_stream=async_)
             return self.dispatch_postprocess(dispatched)
+        if not runs_own_steps(manager):  # (a step replaced: the steps one by one, as given)
+            dispatched = manager.dispatch(hidden, async_, async_, keep_fp8=True, permute_next=True,
+                                          fp8_rows=self._fp8_rows(manager, hidden))
+            return self._postprocess(manager, dispatched, bool(self.config.moe_fp8_experts))
+        return manager.dispatch_and_permute(hidden, async_, fp8_rows=self._fp8_rows(manager, hidden))
+
+    def _fp8_rows(self, manager, hidden) -> bool:
+        """Whether the experts take FP8 rows (``moe_fp8_experts``); differentiable rows are a
+        failed check (held until a group's first exchange, raised at once on one rank)."""
         fp8_rows = bool(self.config.moe_fp8_experts)
         if fp8_rows and isinstance(hidden, torch.Tensor) and hidden.requires_grad and torch.is_grad_enabled():
             manager.defer_first(input_error(
@@ -578,8 +613,7 @@ class MoEFlexTokenDispatcher:
                 "moe_fp8_experts hands the experts FP8 rows, which carry no gradient; call the layer "
                 "under torch.no_grad() (inference), or set moe_fp8_experts=False to train (the experts then get "
                 "the rows dequantized)"))
-        dispatched = manager.dispatch(hidden, async_, async_, keep_fp8=True, permute_next=True, fp8_rows=fp8_rows)
-        return self._postprocess(manager, dispatched, fp8_rows)
+        return fp8_rows
 
     @_in_dispatcher_terms
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -597,9 +631,7 @@ class MoEFlexTokenDispatcher:
     def _combine(self, manager, hidden_states: torch.Tensor, async_finish: bool, allocate_on_comm_stream: bool):
         """The body of :meth:`combine_all_to_all`: a combine left in flight is waited for by
         :meth:`_restore_shape`."""
-        # (a manager whose wait() is the base class's no-op never leaves a transfer to wait for)
-        self._combine_async = async_finish and (getattr(type(manager), "wait", _ManagerBase.wait)
-                                                is not _ManagerBase.wait)
+        self._combine_async = async_finish and manager_waits(manager)
         return manager.combine(hidden_states, async_finish, allocate_on_comm_stream)
 
     @_in_dispatcher_terms
@@ -623,6 +655,10 @@ class MoEFlexTokenDispatcher:
         ``config.moe_deepep_async_dispatch`` says so."""
         async_ = bool(self.config.moe_deepep_async_dispatch)
         manager = self._require_manager("token_unpermutation")
+        if isinstance(manager, _ManagerBase) and runs_own_steps(manager, RESTORING_STEPS):
+            combined = manager.restore_and_combine(hidden_states, async_)
+            self._combine_async = async_ and manager_waits(manager)
+            return self._restore_shape(combined)
         hidden = manager.get_restored_hidden_states_by_experts(hidden_states)
         return self._restore_shape(self._combine(manager, hidden, async_, async_))
 
@@ -677,6 +713,12 @@ class MoEFlexTokenDispatcher:
         if self._comm_manager is None:
             raise OutOfOrderError(f"{step} called out of order", "idle")
         return self._manager()
+
+
+def manager_waits(manager) -> bool:
+    """Whether ``manager`` may leave a transfer in flight (a manager whose ``wait()`` is the base
+    class's no-op never does)."""
+    return getattr(type(manager), "wait", _ManagerBase.wait) is not _ManagerBase.wait
 
 
 def _at_exit() -> None:

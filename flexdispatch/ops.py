@@ -290,6 +290,28 @@ def permute_by_indices_trusted(tokens: torch.Tensor, indices: torch.Tensor, prob
                            report_as, copy_layout)
 
 
+def route_and_permute_trusted(probs: torch.Tensor, tokens: torch.Tensor, topk: int, report_as: Optional[str],
+                              num_out_tokens: Optional[int], pad_multiple: Optional[int],
+                              permutation_reports_as: Optional[str], copy_layout: bool = False):
+    """:func:`route_topk_trusted` of the router's ``probs [T, E]`` (float32 or float64), then
+    :func:`permute_by_indices_trusted` of ``tokens [T, H]`` by its clean route and its token
+    probs over ``E`` experts, as one op with one autograd node where the kernels serve: one
+    rank's routing and permutation, with nothing between them (arguments checked by the
+    caller; ``permutation_reports_as`` is the permutation's ``report_as``). Returns
+    ``(token_probs, indices, clean, status, out, permuted_probs, plan)``, each as the two ops
+    return it."""
+    num_experts = probs.shape[1]
+    if _library.serves(probs) and topk <= TOPK_MAX and num_experts <= TOPK_MAX_EXPERTS:
+        *routed, out, out_probs, row_map, layout, host = _library.route_and_permute(
+            probs, tokens, topk, report_as, pad_multiple or 1, _size(num_out_tokens), permutation_reports_as,
+            copy_layout)
+        return (*routed, out, out_probs,
+                plan_of(row_map, layout, host, num_experts, out.shape[0], num_out_tokens, pad_multiple))
+    routed = route_topk_trusted(probs, topk, 0, report_as)
+    return (*routed, *permute_by_indices_trusted(tokens, routed[2], routed[0], num_experts, num_out_tokens,
+                                                 pad_multiple, copy_layout, permutation_reports_as))
+
+
 def make_plan(route: torch.Tensor, num_experts: int, num_out_tokens: Optional[int] = None,
               pad_multiple: Optional[int] = None) -> RowIdMap:
     """The permutation plan of a route without moving any rows (for :func:`apply_permutation`).

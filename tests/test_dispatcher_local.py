@@ -218,6 +218,68 @@ def test_one_call_permutation_ignores_the_probs_of_unassigned_slots(device, sync
         assert torch.isfinite(results[0][-1]).all() and not results[0][-1][indices < 0].any()
 
 
+# (config, probs dtype, one node): the configurations whose routing and permutation are one
+# operation, and those with something between them (capacity, a bound, a dtype conversion)
+ONE_STEP_CASES = [
+    (dict(), torch.float32, True), (dict(moe_sync_free=True), torch.float32, True),
+    (dict(moe_router_expert_pad_multiple=4, moe_router_dtype=None), torch.float64, True),
+    (dict(moe_sync_free=True, moe_router_expert_pad_multiple=4), torch.float32, True),
+    (dict(moe_router_dtype="fp64"), torch.float64, True), (dict(), torch.bfloat16, False),
+    (dict(), torch.float64, False), (dict(moe_expert_capacity_factor=1.0), torch.float32, False),
+    (dict(moe_sync_free=True, moe_max_tokens_per_expert=10), torch.float32, False),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config,prob_dtype,one_node", ONE_STEP_CASES)
+def test_one_rank_token_permutation_routes_and_permutes_in_one_step(device, config, prob_dtype, one_node):
+    """On one rank ``token_permutation`` routes, dispatches and permutes as one step, the top-k
+    and the permutation in one autograd node where nothing runs between them: over three
+    calls it gives what the step-by-step API gives, bit for bit (tokens, counts, probs, the
+    restored output, both gradients), and leaves the same records (token probs and indices,
+    the dispatched probs of assigned slots) for the steps that follow."""
+    one_step, steps = make(6, 3, **config), make(6, 3, **config)
+    g = torch.Generator().manual_seed(29)
+    for call in range(3):
+        x = torch.randn(20, 8, generator=g).to(device)
+        probs = torch.softmax(torch.randn(20, 6, generator=g, dtype=torch.float64), -1).to(prob_dtype).to(device)
+        results = []
+        for d in (one_step, steps):
+            xi, pi = x.clone().requires_grad_(), probs.clone().requires_grad_()
+            if d is one_step:
+                tokens, tpe, pprobs = d.token_permutation(xi, 20, pi)
+            else:
+                hidden, _ = d.dispatch_preprocess(xi, 20, pi)
+                tokens, tpe, pprobs = d.dispatch_postprocess(d.dispatch_all_to_all(hidden)[0])
+            manager = d._comm_manager
+            assigned = manager.dispatched_indices >= 0  # (the one-call path leaves other slots' probs unmasked)
+            records = (manager.token_probs.detach(), manager.token_indices, manager.dispatched_indices,
+                       torch.where(assigned, manager.dispatched_probs.detach(), 0))
+            if d is one_step:
+                assert (manager.token_probs.grad_fn is tokens.grad_fn) == one_node
+            out = d.token_unpermutation(tokens * pprobs[:, None].to(tokens.dtype))
+            (out * torch.arange(8, device=device)).sum().backward()
+            results.append((tokens.detach(), tpe, pprobs.detach(), out.detach(), xi.grad, pi.grad) + records)
+        for a, b in zip(*results):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        assert results[0][5].abs().sum() > 0
+
+
+def test_a_step_replaced_on_the_manager_runs_in_the_one_call_entry_points():
+    """A test or subclass that replaces one of a manager's steps sees it called by
+    ``token_permutation`` or ``token_unpermutation`` (their one-step paths are the base
+    class's steps only)."""
+    for step in ("route_dense", "dispatch", "get_permuted_hidden_states_by_experts",
+                 "get_restored_hidden_states_by_experts", "combine"):
+        d = make(6, 3)
+        manager, seen = d._comm_manager, []
+        original = getattr(manager, step)
+        setattr(manager, step, lambda *a, _original=original, **k: (seen.append(step), _original(*a, **k))[1])
+        tokens, _, _ = d.token_permutation(torch.randn(10, 8), 10, torch.softmax(torch.randn(10, 6), -1))
+        d.token_unpermutation(tokens)
+        assert seen == [step]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("route", ["dense", "given"])
 @pytest.mark.parametrize("bad", [False, True])

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexdispatch import _library, ops, reference
+from flexdispatch import _library, envs, ops, reference
 from flexdispatch.rowmap import index_route_error_bits
 from flexdispatch.spec import MAX_EXPERTS
 from routing import random_indices, random_probs, random_tokens
@@ -815,8 +815,6 @@ def test_eager_ops_switch_goes_through_the_op_dispatcher_with_the_same_results()
     """The testing switch eager_ops=dispatcher sends eager calls through torch.ops (the path
     compiled code takes; the profiler sees the op), the direct path does not: the same
     outputs and gradients either way, and the switch is back to direct after the block."""
-    from flexdispatch import envs
-
     if not _library.load_kernels():
         pytest.skip("the compiled kernels are not built here")
 
@@ -843,8 +841,6 @@ def test_ops_without_a_backward_give_no_gradient_on_either_path():
     gradient whether called directly or through the op dispatcher, and says nothing: autograd
     passes it by instead of attaching a node that warns or fails on backward."""
     import warnings
-
-    from flexdispatch import envs
 
     if not _library.load_kernels():
         pytest.skip("the compiled kernels are not built here")
@@ -1039,6 +1035,69 @@ def test_route_topk_gradient_reaches_the_chosen_probs(device, dtype):
     (token_probs * upstream).sum().backward()
     expected = torch.zeros(300, 16, dtype=dtype, device=device).scatter_(1, indices, upstream)
     assert torch.equal(dense.grad, expected)
+
+
+# (sizing, pad): the sync-free worst case (a tail), a full route's T * K with its layout copied to
+# the host, a size found at a sync
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sizing,pad", [("worst case", None), ("worst case", 4), ("route", None), ("sync", 4)])
+@pytest.mark.parametrize("prob_dtype,experts,topk", [(torch.float32, 12, 4), (torch.float64, 12, 4),
+                                                     (torch.float32, 40, 33)])  # (top-k past route_topk's kernel)
+def test_route_and_permute_is_the_two_ops_in_one_node(device, sizing, pad, prob_dtype, experts, topk):
+    """One rank's routing and permutation as one op: route_topk_trusted then
+    permute_by_indices_trusted of its clean route and token probs, bit for bit, outputs and
+    the gradients of the dense probs and the rows, over three calls, every output of both ops
+    feeding the loss (the token probs' own gradient joins the permuted probs')."""
+    g = torch.Generator().manual_seed(23)
+    rows, hidden = 300, 24
+    num_out = {"worst case": rows * topk + experts * ((pad or 1) - 1), "route": rows * topk, "sync": None}[sizing]
+    copy_layout = sizing == "route" and device == "cuda"
+    nodes = []
+    for call in range(3):
+        dense = torch.softmax(torch.randn(rows, experts, generator=g, dtype=torch.float64), -1).to(prob_dtype)
+        x = torch.randn(rows, hidden, generator=g)
+        w_rows, w_probs, w_token = (torch.randn(n, generator=g, dtype=prob_dtype) for n in ((hidden,), 1, 1))
+        results = []
+        for way in ("one op", "one op through torch.ops", "two ops"):
+            p, xi = dense.to(device).requires_grad_(), x.to(device).requires_grad_()
+            if way != "two ops":
+                with envs.testing_switches(eager_ops="dispatcher" if way.endswith("torch.ops") else "direct"):
+                    token_probs, indices, clean, status, out, out_probs, plan = ops.route_and_permute_trusted(
+                        p, xi, topk, "probs", num_out, pad, "indices", copy_layout)
+                nodes.append(out.grad_fn is out_probs.grad_fn is token_probs.grad_fn)
+            else:
+                token_probs, indices, clean, status = ops.route_topk_trusted(p, topk, 0, "probs")
+                out, out_probs, plan = ops.permute_by_indices_trusted(xi, clean, token_probs, experts, num_out, pad,
+                                                                      copy_layout)
+            loss = ((out * w_rows.to(device)).sum() + (out_probs * w_probs.to(device)).sum() * out.sum()
+                    + (token_probs.square() * w_token.to(device)).sum())
+            loss.backward()
+            results.append((token_probs.detach(), indices, clean, status, out.detach(), out_probs.detach(), plan.map,
+                            plan.tokens_per_expert, p.grad, xi.grad))
+        for other in results[1:]:
+            for a, b in zip(results[0], other):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+        assert results[0][-2].abs().sum() > 0 and results[0][-1].abs().sum() > 0
+    # (one node where route_topk's kernel serves; the two ops, as they are, where it does not)
+    assert nodes == [topk <= ops.TOPK_MAX] * 6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_and_permute_reports_each_error_under_its_name(device):
+    """The routing's non-finite prob names ``probs``; a permutation too small for its route
+    says so (raised at once on the CPU, at the next sync on CUDA)."""
+    probs = torch.softmax(torch.randn(64, 8), -1)
+    x = torch.randn(64, 16)
+    bad = probs.clone()
+    bad[5, 2] = float("nan")
+    routing = []  # (the message names the entry while the routing lives)
+    with pytest.raises(ValueError, match=r"^probs: non-finite routing probability: .*expert 2 at row 5"):
+        routing.append(ops.route_and_permute_trusted(bad.to(device), x.to(device), 2, "probs", 128, None, "indices"))
+        ops.check_pending_errors()
+    with pytest.raises(ValueError, match=r"^num_out_tokens=100 is smaller than the rows the routing needs"):
+        routing.append(ops.route_and_permute_trusted(probs.to(device), x.to(device), 2, "probs", 100, None,
+                                                     "indices"))
+        ops.check_pending_errors()
 
 
 # (rows, experts): one block of route_topk (64 rows of 2 lanes) and a grid (1024 rows of 8 lanes)

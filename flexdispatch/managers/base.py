@@ -249,6 +249,26 @@ def reported_as(world_size: int, name: str) -> Optional[str]:
     return name if world_size == 1 else None
 
 
+PERMUTING_STEPS = ("route_dense", "dispatch", "get_permuted_hidden_states_by_experts")
+RESTORING_STEPS = ("get_restored_hidden_states_by_experts", "combine")
+
+
+def runs_own_steps(manager: "_ManagerBase", steps: tuple = PERMUTING_STEPS) -> bool:
+    """Whether ``manager`` runs the base class's ``steps``: none overridden by its class or
+    replaced on the instance (as tests that spy on a step do). Only then may the dispatcher's
+    one-call entry points run them as one step (:meth:`_ManagerBase.route_and_permute`,
+    :meth:`_ManagerBase.dispatch_and_permute` for :data:`PERMUTING_STEPS`,
+    :meth:`_ManagerBase.restore_and_combine` for :data:`RESTORING_STEPS`); a compiled call
+    always does (torch.compile traces the step it is given)."""
+    if torch.compiler.is_compiling():
+        return True
+    cls, own = type(manager), manager.__dict__
+    for name in steps:
+        if name in own or getattr(cls, name) is not getattr(_ManagerBase, name):
+            return False
+    return True
+
+
 def group_size_rank(group) -> tuple[int, Optional[int]]:
     """``(size, rank)`` of an expert-parallel group: ``(1, 0)`` for None. A group object that is
     not a live process group (a stand-in with ``size()``, or any group before
@@ -524,15 +544,22 @@ class _ManagerBase(LayerStates, _DispatchManager):
             indices, status = checked or self._check_route(indices, token_probs, names[0])
         if self.capacity_factor is not None:
             indices = self._apply_capacity(token_probs, indices)
-        if self.router_dtype == "fp64":
-            token_probs = token_probs.double()
-        elif token_probs.dtype != torch.float32 and (self.router_dtype == "fp32" or token_probs.dtype != torch.float64):
-            token_probs = token_probs.float()
+        dtype = self.token_probs_dtype(token_probs.dtype)
+        if token_probs.dtype != dtype:
+            token_probs = token_probs.to(dtype)
         self.tokens_per_expert = None  # the previous call's counts must never leak into this one
         self.token_probs = token_probs
         self.token_indices = indices.contiguous()
         self._routed = Routed(indices.shape[0], status, given, names, full and self.dense_routes_stay_full)
         self._stage = "routed"
+
+    def token_probs_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the call keeps routing probs of ``dtype`` in (``token_probs``, and the
+        permuted probs): float64 for ``router_dtype="fp64"``, else float32, or float64 probs
+        kept as they are unless ``router_dtype="fp32"``."""
+        if self.router_dtype == "fp64":
+            return torch.float64
+        return torch.float64 if dtype == torch.float64 and self.router_dtype != "fp32" else torch.float32
 
     def _check_route(self, indices: torch.Tensor, probs: torch.Tensor, name: str):
         """``(indices with bad entries -1, status)``: one kernel, no host sync. Groups of one on
@@ -588,6 +615,15 @@ class _ManagerBase(LayerStates, _DispatchManager):
 
     # ---- the steps --------------------------------------------------------------------------
 
+    def route_and_permute(self, dense: torch.Tensor, hidden_states: torch.Tensor, async_finish: bool = False, *,
+                          fp8_rows: bool = False):
+        """:meth:`route_dense` of ``dense [T, E]`` then :meth:`dispatch_and_permute` of
+        ``hidden_states [T, H]``: a one-rank dispatcher's ``token_permutation``, its arguments
+        checked (a group's ranks hold a failed check until the call's first exchange: they run
+        the steps). A manager may run the routing and the permutation as one operation."""
+        self.route_dense(dense)
+        return self.dispatch_and_permute(hidden_states, async_finish, fp8_rows=fp8_rows)
+
     @groups.one_thread_at_a_time(before=_carry_pending("routed"))
     def dispatch(self, hidden_states: torch.Tensor, async_finish: bool = False,
                  allocate_on_comm_stream: bool = False, *, keep_fp8: bool = False,
@@ -616,9 +652,35 @@ class _ManagerBase(LayerStates, _DispatchManager):
             sync-free, ``tokens_per_expert [E_local]`` int64 on the CPU.
         """
         self._expect("dispatch", "routed")
-        if self._deferred is None:
+        return self._dispatch_step(hidden_states, async_finish, allocate_on_comm_stream, keep_fp8, permute_next,
+                                   fp8_rows).hidden
+
+    @groups.one_thread_at_a_time("dispatch", before=_carry_pending("routed"))
+    def dispatch_and_permute(self, hidden_states: torch.Tensor, async_finish: bool = False, *,
+                             fp8_rows: bool = False):
+        """:meth:`dispatch` with ``keep_fp8`` and ``permute_next`` (allocating on the
+        communication stream when ``async_finish``), then
+        :meth:`get_permuted_hidden_states_by_experts` of the tensor it returned, as one step:
+        the dispatcher's one-call entry points (``token_permutation``), which hand the one to
+        the other unread. Each check runs once.
+
+        Returns:
+            ``(tokens [N, H], tokens_per_expert [E_local] int64, permuted_probs [N])`` as the
+            two steps return them.
+        """
+        self._expect("dispatch", "routed")
+        received = self._dispatch_step(hidden_states, async_finish, async_finish, True, True, fp8_rows)
+        self.wait()
+        out, probs = self._permute_received(received.hidden, fp8_rows)
+        return out, self.tokens_per_expert, probs
+
+    def _dispatch_step(self, hidden_states, async_finish: bool, allocate_on_comm_stream: bool, keep_fp8: bool,
+                       permute_next: bool, fp8_rows: bool, checked: bool = False) -> Dispatched:
+        """The body of :meth:`dispatch` (stage checked by the caller; ``checked``: and the rows
+        by :meth:`_check_dispatch_input`): the call's :class:`Dispatched` record."""
+        if self._deferred is None and not checked:
             try:
-                self._check_dispatch_input(hidden_states)
+                self._check_dispatch_input(hidden_states, self._routed.num_tokens, self.token_indices.device)
             except (ValueError, TypeError) as exc:
                 self.defer(exc)  # groups of one raise here
         # fp8_rows: the permutation hands FP8 rows to the experts (the dispatcher's
@@ -636,22 +698,22 @@ class _ManagerBase(LayerStates, _DispatchManager):
         self._dispatched = result
         self.dispatched_indices, self.dispatched_probs = result.indices, result.probs
         self._stage = "dispatched"
-        return result.hidden
+        return result
 
-    def _check_dispatch_input(self, hidden_states) -> None:
+    def _check_dispatch_input(self, hidden_states, num_tokens: int, device: torch.device) -> None:
+        """Raise unless ``hidden_states`` are the rows of the ``num_tokens`` routed tokens on the
+        routing's ``device`` (and rows FP8 dispatch can carry)."""
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 2:
             raise input_error(ValueError, "hidden_states",
                               f"expected a 2-D tensor [num_tokens, hidden], got "
                               f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__}")
         check_floating_tensor("hidden_states", hidden_states)
-        if hidden_states.shape[0] != self._routed.num_tokens:
+        if hidden_states.shape[0] != num_tokens:
             raise input_error(ValueError, "hidden_states",
-                              f"expected {self._routed.num_tokens} rows (the routed tokens), "
-                              f"got {hidden_states.shape[0]}")
-        if hidden_states.device != self.token_indices.device:
+                              f"expected {num_tokens} rows (the routed tokens), got {hidden_states.shape[0]}")
+        if hidden_states.device != device:
             raise input_error(ValueError, "hidden_states",
-                              f"expected the routing's device {self.token_indices.device}, "
-                              f"got {hidden_states.device}")
+                              f"expected the routing's device {device}, got {hidden_states.device}")
         if self.fp8_dispatch:
             if hidden_states.dtype not in ops.FP8_DTYPES:
                 raise input_error(TypeError, "hidden_states",
@@ -677,6 +739,18 @@ class _ManagerBase(LayerStates, _DispatchManager):
         self.wait()
         received = self._dispatched
         self._check_rows(hidden_states, received.indices.shape[0], "the dispatched rows")
+        stand_in = received.stand_in
+        if stand_in is not None and hidden_states is not stand_in:
+            self._release()
+            raise input_error(ValueError, "hidden_states",
+                              "expected the tensor this call's dispatch returned (with "
+                              "keep_fp8 or permute_next its rows stay where they landed until the permutation)")
+        return self._permute_received(hidden_states, fp8_rows)
+
+    def _permute_received(self, hidden_states: torch.Tensor, fp8_rows: bool):
+        """The body of :meth:`get_permuted_hidden_states_by_experts`, ``hidden_states`` being
+        what this call's dispatch returned: ``(tokens, permuted_probs)``."""
+        received = self._dispatched
         indices, num_out, host_counts = self.dispatched_indices, received.num_out, None
         if received.received_counts is not None:  # known from this call's exchange: no sync
             host_counts, padded_rows = self._padded_counts(received.received_counts, indices.device)
@@ -686,32 +760,35 @@ class _ManagerBase(LayerStates, _DispatchManager):
             pad = self.moe_router_expert_pad_multiple or 1
             num_out = self.num_local_experts * (-(-self.max_tokens_per_expert // pad) * pad)
         try:
-            stand_in = received.stand_in
-            if stand_in is not None and hidden_states is not stand_in:
-                raise input_error(ValueError, "hidden_states",
-                                  "expected the tensor this call's dispatch returned (with "
-                                  "keep_fp8 or permute_next its rows stay where they landed until the permutation)")
-            # One rank's route was checked at this call's routing (bad entries -1 since): sized
-            # sync-free (the worst case or the bound), its permutation has nothing left to find
-            # and takes no error word. (A sync's sizing or a route-sized host copy reads the
-            # pending ones.)
-            checked = self.world_size == 1 and self.validate_routing and self.sync_free
             out, probs, plan = received.held.permute(
                 hidden_states, indices, self.dispatched_probs, num_experts=self.num_local_experts,
                 num_out_tokens=num_out, pad_multiple=self.moe_router_expert_pad_multiple,
                 max_blocks=self.spec.nvlink_max_blocks, fp8_out=fp8_rows and received.fp8_rows,
-                counts_to_host=received.route_sized, report_as=None if checked else "indices")
-            if received.route_sized:  # (every row used: no tail for the restore to skip)
-                plan.has_tail = False
-            if self.sync_free:
-                tokens_per_expert = plan.tokens_per_expert
-            elif host_counts is not None:
-                tokens_per_expert = host_counts
-            else:  # (the host copy that sized the permutation, or that a route-sized one made)
-                tokens_per_expert = plan.host_tokens_per_expert()
+                counts_to_host=received.route_sized, report_as=self._permutation_reports_as())
+            return self._take_permutation(out, probs, plan, received.route_sized, host_counts)
         except ValueError:
             self._release()  # bad routing found by the kernels: the dispatcher stays usable
             raise
+
+    def _permutation_reports_as(self) -> Optional[str]:
+        """The argument the permutation's routing errors name; None where there is nothing left
+        to find: one rank's route was checked at the call's routing (bad entries -1 since) and,
+        sized sync-free (the worst case or the bound), the permutation takes no error word. (A
+        sync's sizing or a route-sized host copy reads the pending ones.)"""
+        return None if self.world_size == 1 and self.validate_routing and self.sync_free else "indices"
+
+    def _take_permutation(self, out, probs: torch.Tensor, plan: RowIdMap, route_sized: bool, host_counts):
+        """Keep a permutation's plan and counts for the call, and return ``(tokens,
+        permuted_probs)`` as :meth:`get_permuted_hidden_states_by_experts` does; ``host_counts``:
+        padded counts the call's exchange told (None: read from the plan)."""
+        if route_sized:  # (every row used: no tail for the restore to skip)
+            plan.has_tail = False
+        if self.sync_free:
+            tokens_per_expert = plan.tokens_per_expert
+        elif host_counts is not None:
+            tokens_per_expert = host_counts
+        else:  # (the host copy that sized the permutation, or that a route-sized one made)
+            tokens_per_expert = plan.host_tokens_per_expert()
         self.tokens_per_expert = tokens_per_expert
         if self.router_dtype == "fp64":
             probs = probs.double()
@@ -740,6 +817,19 @@ class _ManagerBase(LayerStates, _DispatchManager):
             self._check_rows(hidden_states, self._dispatched.indices.shape[0], "the dispatched rows")
         except ValueError as exc:
             self.defer_combine(exc)
+        return self._combine_step(hidden_states, async_finish, allocate_on_comm_stream)
+
+    @groups.one_thread_at_a_time("combine", before=_carry_pending("permuted"))
+    def restore_and_combine(self, hidden_states: torch.Tensor, async_finish: bool = False) -> torch.Tensor:
+        """:meth:`get_restored_hidden_states_by_experts` of the experts' rows ``[N, H]``, then
+        :meth:`combine` of what it returned (allocating on the communication stream when
+        ``async_finish``), as one step: the dispatcher's ``token_unpermutation``. ``[T, H]``."""
+        return self._combine_step(self.get_restored_hidden_states_by_experts(hidden_states), async_finish,
+                                  async_finish)
+
+    def _combine_step(self, hidden_states: torch.Tensor, async_finish: bool,
+                      allocate_on_comm_stream: bool) -> torch.Tensor:
+        """The body of :meth:`combine`, its input checked."""
         out = self._combine(hidden_states, async_finish, allocate_on_comm_stream)
         tokens_per_expert = self.tokens_per_expert
         self._release()
