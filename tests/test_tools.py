@@ -206,6 +206,36 @@ def test_bench_fused_node_checks_its_ways_against_the_registered_ops_and_times_e
             bench_fused_node.check(ways, x, probs)
 
 
+@pytest.mark.parametrize("mode", ["sync-free", "default"])
+def test_bench_one_step_checks_both_paths_agree_and_times_each(mode):
+    """tools/bench_one_step.py on the CPU: the dispatcher whose manager's steps are replaced by
+    themselves runs them one by one (the one-call path never runs there) and gives the one-step
+    dispatcher's results and gradients, which the tool checks before timing (a dispatcher that
+    differs makes the check raise); every row of every round is a positive host time."""
+    import argparse
+
+    import bench_compile
+    import bench_one_step
+
+    times = _host_rounds("bench_one_step.py", "--tokens", "16", "--hidden", "8", "--experts", "8", "--topk", "2",
+                         "--mode", mode)
+    assert {label for _, label in times} == {"one step, forward", "steps, forward", "one step, fwd+bwd",
+                                             "steps, fwd+bwd"}
+    assert len(times) == 8 and all(t > 0 for t in times.values())
+
+    args = argparse.Namespace(tokens=16, hidden=8, experts=8, topk=2, device="cpu")
+    (x, logits, _), _ = bench_compile.layer_inputs(args, torch.float32)
+    one_step = bench_compile.dispatcher(args, mode == "sync-free")
+    steps = bench_one_step.step_by_step(bench_compile.dispatcher(args, mode == "sync-free"))
+    routed = []
+    steps._comm_manager.route_and_permute = lambda *a, **k: routed.append(1)  # (never called on that path)
+    bench_one_step.check(one_step, steps, x, logits)
+    assert not routed
+    args.topk = 3  # (another layer: its results differ)
+    with pytest.raises(AssertionError, match="one step and steps differ"):
+        bench_one_step.check(one_step, bench_one_step.step_by_step(bench_compile.dispatcher(args, False)), x, logits)
+
+
 def test_bench_sizing_times_four_variants_of_the_same_layer():
     """tools/bench_sizing.py on the CPU (a smoke test of its GPU figures): it checks that the
     route-sized and sync-sized layers move the same rows before timing (exiting 1 otherwise),
