@@ -264,7 +264,7 @@ def runs_own_steps(manager: "_ManagerBase", steps: tuple = PERMUTING_STEPS) -> b
         return True
     cls, own = type(manager), manager.__dict__
     for name in steps:
-        if name in own or getattr(cls, name) is not getattr(_ManagerBase, name):
+        if name in own or getattr(cls, name) is not _BASE_STEPS[name]:
             return False
     return True
 
@@ -932,3 +932,7 @@ class _ManagerBase(LayerStates, _DispatchManager):
         pad = self.moe_router_expert_pad_multiple or 1
         per_row = min(self.router_topk, self.num_local_experts)
         return received_rows * per_row + self.num_local_experts * (pad - 1)
+
+
+_BASE_STEPS = {name: getattr(_ManagerBase, name) for name in PERMUTING_STEPS + RESTORING_STEPS}
+"""The base class's steps, as :func:`runs_own_steps` compares a manager's with them."""
