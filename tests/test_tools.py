@@ -206,8 +206,8 @@ def test_bench_fused_node_checks_its_ways_against_the_registered_ops_and_times_e
             bench_fused_node.check(ways, x, probs)
 
 
-@pytest.mark.parametrize("mode", ["sync-free", "default"])
-def test_bench_one_step_checks_both_paths_agree_and_times_each(mode):
+@pytest.mark.parametrize("mode,route", [("sync-free", "dense"), ("default", "given")])
+def test_bench_one_step_checks_both_paths_agree_and_times_each(mode, route):
     """tools/bench_one_step.py on the CPU: the dispatcher whose manager's steps are replaced by
     themselves runs them one by one (the one-call path never runs there) and gives the one-step
     dispatcher's results and gradients, which the tool checks before timing (a dispatcher that
@@ -218,7 +218,7 @@ def test_bench_one_step_checks_both_paths_agree_and_times_each(mode):
     import bench_one_step
 
     times = _host_rounds("bench_one_step.py", "--tokens", "16", "--hidden", "8", "--experts", "8", "--topk", "2",
-                         "--mode", mode)
+                         "--mode", mode, "--route", route)
     assert {label for _, label in times} == {"one step, forward", "steps, forward", "one step, fwd+bwd",
                                              "steps, fwd+bwd"}
     assert len(times) == 8 and all(t > 0 for t in times.values())
@@ -228,12 +228,14 @@ def test_bench_one_step_checks_both_paths_agree_and_times_each(mode):
     one_step = bench_compile.dispatcher(args, mode == "sync-free")
     steps = bench_one_step.step_by_step(bench_compile.dispatcher(args, mode == "sync-free"))
     routed = []
-    steps._comm_manager.route_and_permute = lambda *a, **k: routed.append(1)  # (never called on that path)
-    bench_one_step.check(one_step, steps, x, logits)
+    for one_call in ("route_and_permute", "dispatch_and_permute", "restore_and_combine"):  # (never on that path)
+        setattr(steps._comm_manager, one_call, lambda *a, _name=one_call, **k: routed.append(_name))
+    bench_one_step.check(one_step, steps, x, logits, route == "given")
     assert not routed
     args.topk = 3  # (another layer: its results differ)
     with pytest.raises(AssertionError, match="one step and steps differ"):
-        bench_one_step.check(one_step, bench_one_step.step_by_step(bench_compile.dispatcher(args, False)), x, logits)
+        bench_one_step.check(one_step, bench_one_step.step_by_step(bench_compile.dispatcher(args, False)), x, logits,
+                             route == "given")
 
 
 def test_bench_sizing_times_four_variants_of_the_same_layer():

@@ -4,12 +4,14 @@ path those entry points take for a manager whose steps are replaced on the insta
 one process, alternating.
 
     python tools/bench_one_step.py [--device cpu|cuda] [--tokens 1024 --hidden 1024 --experts 32
-        --topk 4] [--mode sync-free|default] [--calls 200] [--rounds 3]
+        --topk 4] [--mode sync-free|default] [--route dense|given] [--calls 200] [--rounds 3]
 
 Rows (the layer of ``bench_compile.py``: local manager, routing probs differentiable; host
 microseconds a call, ``timing.host_us``):
 
-  one step, forward       ``token_permutation`` + ``token_unpermutation``
+  one step, forward       ``token_permutation`` (``--route given``: ``token_permutation2`` of
+                          the top-k of the probs, as Automodel's layers call it) +
+                          ``token_unpermutation``
   steps, forward          the same with the manager's steps replaced by themselves on the
                           instance, so the entry points call them one by one
   one step, fwd+bwd       the forward, then the backward of its output's sum
@@ -44,21 +46,26 @@ def step_by_step(d):
     return d
 
 
-def call(d, x, probs, backward: bool):
-    """One layer call (``x * permuted probs`` as the experts); its results, gradients taken."""
-    tokens, counts, permuted_probs = d.token_permutation(x, x.shape[0], probs)
+def call(d, x, probs, backward: bool, given: bool = False):
+    """One layer call (``x * permuted probs`` as the experts; ``given``: the routing given as the
+    top-k of ``probs``); its results, gradients taken."""
+    if given:
+        token_probs, token_indices = torch.topk(probs, d.config.moe_router_topk)
+        tokens, counts, permuted_probs = d.token_permutation2(x, x.shape[0], token_probs, token_indices)
+    else:
+        tokens, counts, permuted_probs = d.token_permutation(x, x.shape[0], probs)
     out = d.token_unpermutation(tokens * permuted_probs[:, None].to(tokens.dtype))
     if backward:
         out.sum().backward()
     return tokens, counts, permuted_probs, out
 
 
-def check(one_step, steps, x, logits) -> None:
+def check(one_step, steps, x, logits, given: bool = False) -> None:
     """Both dispatchers give the same results and gradients, bit for bit (else AssertionError)."""
     results = []
     for d in (one_step, steps):
         xi, li = x.detach().clone().requires_grad_(), logits.detach().clone().requires_grad_()
-        results.append((*call(d, xi, torch.softmax(li, -1), True), xi.grad, li.grad))
+        results.append((*call(d, xi, torch.softmax(li, -1), True, given), xi.grad, li.grad))
     for what, a, b in zip(("tokens", "counts", "probs", "output", "x's gradient", "logits' gradient"), *results):
         if not torch.equal(a, b):
             raise AssertionError(f"one step and steps differ: {what}")
@@ -68,6 +75,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_layer_arguments(parser)
     parser.add_argument("--mode", choices=["sync-free", "default"], default="sync-free")
+    parser.add_argument("--route", choices=["dense", "given"], default="dense")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
@@ -75,17 +83,18 @@ def main() -> int:
     sync_free = args.mode == "sync-free"
     one_step, steps = dispatcher(args, sync_free), step_by_step(dispatcher(args, sync_free))
     (x, logits, _), _ = layer_inputs(args, dtype)
-    check(one_step, steps, x, logits)
+    given = args.route == "given"
+    check(one_step, steps, x, logits, given)
     probs = torch.softmax(logits.requires_grad_(), -1)
     rows = []
     for backward in (False, True):
         for label, d in (("one step", one_step), ("steps", steps)):
             if backward:  # (a graph of its own each call: the router's softmax is part of it)
-                fn = (lambda d=d: call(d, x, torch.softmax(logits, -1), True))
+                fn = (lambda d=d: call(d, x, torch.softmax(logits, -1), True, given))
             else:
-                fn = (lambda d=d: call(d, x, probs, False))
+                fn = (lambda d=d: call(d, x, probs, False, given))
             rows.append((f"{label}, {'fwd+bwd' if backward else 'forward'}", fn))
-    print_host_rounds(f"one-rank layer ({args.mode}), T={args.tokens} H={args.hidden} E={args.experts} K={args.topk} "
+    print_host_rounds(f"one-rank layer ({args.mode}, {args.route} routing), T={args.tokens} H={args.hidden} E={args.experts} K={args.topk} "
                       f"{dtype}", rows, args.device, args.calls, args.rounds)
     return 0
 
