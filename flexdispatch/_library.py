@@ -369,6 +369,12 @@ def check_route(indices: torch.Tensor, num_experts: int, flag: int, probs: Optio
     """``(clean [R, K] int64, status [2] int32)``; the error bits raised or deferred under the
     name ``report_as`` (None: left to the caller). Deferred, the kernel stores the word to the
     pinned slot taken for it here, so no further launch queues the copy."""
+    return _checked(indices, num_experts, flag, probs, report_as)
+
+
+def _checked(indices: torch.Tensor, num_experts: int, flag: int, probs: Optional[torch.Tensor],
+             report_as: Optional[str]):
+    """The body of :func:`check_route` (and of :func:`check_and_permute`'s check)."""
     word = None if report_as is None else error_word(indices, torch.int32)
     clean, status = _C.check_route(indices.contiguous(), num_experts, flag, _contiguous(probs),
                                    0 if word is None else word[3])
@@ -559,6 +565,24 @@ def permute(rows: torch.Tensor, probs: Optional[torch.Tensor], route: torch.Tens
     queued before the rows move and waited for alone, from which the routing errors are raised."""
     return _permuted(_C.permute, (route.contiguous(), num_experts, pad_multiple, num_out, rows.contiguous(),
                                   _contiguous(probs)), route, num_experts, num_out, name, copy_layout)
+
+
+@_op(lambda rows, probs, route, num_experts, pad_multiple, num_out, name, copy_layout, check_as: (
+    *_permuted_fake(rows, probs, route, num_experts, num_out, copy_layout=copy_layout),
+    route.new_empty(route.shape, dtype=torch.int64), route.new_empty(2, dtype=torch.int32)),
+    _permutation_backward, _permutation_setup)
+def check_and_permute(rows: torch.Tensor, probs: torch.Tensor, route: torch.Tensor, num_experts: int,
+                      pad_multiple: int, num_out: int, name: Optional[str], copy_layout: bool,
+                      check_as: Optional[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`check_route` of the given ``route [R, K]`` (int64) and ``probs [R, K]`` (float32
+    or float64; its errors under ``check_as``), then :func:`permute` of ``rows`` by the clean
+    route, moving ``probs``, as one op (one rank's given routing and permutation, with nothing
+    between them): ``permute``'s five outputs, then ``check_route``'s two. A permutation op:
+    the permutations' one backward."""
+    clean, status = _checked(route, num_experts, 0, probs, check_as)
+    return (*_permuted(_C.permute, (clean, num_experts, pad_multiple, num_out, rows.contiguous(), probs.contiguous()),
+                       clean, num_experts, num_out, name, copy_layout), clean, status)
 
 
 def _routed_permutation_setup(ctx, inputs, output):

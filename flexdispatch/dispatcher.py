@@ -562,15 +562,21 @@ class MoEFlexTokenDispatcher:
         if manager is None:
             return self._permute_dispatched(*self._preprocess(hidden_states, num_local_tokens, probs))
         # One rank, whose checks raise at once: the manager routes and permutes in one step.
-        hidden = self._flatten_hidden(hidden_states, num_local_tokens)
-        self._warn_of_fallback(hidden)
+        hidden = self._one_step_rows(hidden_states, num_local_tokens)
         dense = self._dense_probs(num_local_tokens, probs)
         return manager.route_and_permute(dense, hidden, bool(self.config.moe_deepep_async_dispatch),
                                          fp8_rows=self._fp8_rows(manager, hidden))
 
+    def _one_step_rows(self, hidden_states: torch.Tensor, num_local_tokens: int) -> torch.Tensor:
+        """The flat ``[T, H]`` rows of a one-step call (:meth:`_one_step_manager`), checked."""
+        hidden = self._flatten_hidden(hidden_states, num_local_tokens)
+        self._warn_of_fallback(hidden)
+        return hidden
+
     def _one_step_manager(self):
         """The manager, when it routes, dispatches and permutes a call in one step
-        (:meth:`_ManagerBase.route_and_permute`): one rank and one TP rank, a flexdispatch
+        (:meth:`_ManagerBase.route_and_permute`, :meth:`_ManagerBase.set_routing_and_permute`):
+        one rank and one TP rank, a flexdispatch
         manager running its own steps (see :func:`~.managers.base.runs_own_steps`); else None."""
         if self.ep_size != 1 or self.tp_size != 1:
             return None
@@ -582,8 +588,14 @@ class MoEFlexTokenDispatcher:
     def token_permutation2(self, hidden_states: torch.Tensor, num_local_tokens: int, token_probs: torch.Tensor,
                            token_indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As :meth:`token_permutation`, with top-K ``token_probs`` and ``token_indices``."""
-        return self._permute_dispatched(*self._preprocess(hidden_states, num_local_tokens, token_probs,
-                                                          token_indices))
+        manager = self._one_step_manager()
+        if manager is None:
+            return self._permute_dispatched(*self._preprocess(hidden_states, num_local_tokens, token_probs,
+                                                              token_indices))
+        hidden = self._one_step_rows(hidden_states, num_local_tokens)
+        return manager.set_routing_and_permute(token_probs, token_indices, num_local_tokens, hidden,
+                                               bool(self.config.moe_deepep_async_dispatch),
+                                               fp8_rows=self._fp8_rows(manager, hidden))
 
     def _permute_dispatched(self, hidden: torch.Tensor, manager):
         """Dispatch and permute for the one-call entry points: with ``moe_fp8_experts`` the

@@ -312,6 +312,26 @@ def route_and_permute_trusted(probs: torch.Tensor, tokens: torch.Tensor, topk: i
                                                  pad_multiple, copy_layout, permutation_reports_as))
 
 
+def check_and_permute_trusted(tokens: torch.Tensor, indices: torch.Tensor, probs: torch.Tensor, num_experts: int,
+                              num_out_tokens: Optional[int], pad_multiple: Optional[int], check_as: Optional[str],
+                              permutation_reports_as: Optional[str], copy_layout: bool = False):
+    """:func:`check_route_trusted` of the given ``indices [T, K]`` (int64) and ``probs [T, K]``
+    (float32 or float64), then :func:`permute_by_indices_trusted` of ``tokens [T, H]`` by the
+    clean route, moving ``probs``, as one op where the kernels serve: one rank's given routing
+    and permutation, with nothing between them (arguments checked by the caller; ``check_as``
+    is the check's ``report_as``, ``permutation_reports_as`` the permutation's). Returns
+    ``(clean, status, out, permuted_probs, plan)``, each as the two ops return it."""
+    if _library.serves(tokens):
+        out, out_probs, row_map, layout, host, clean, status = _library.check_and_permute(
+            tokens, probs, indices, num_experts, pad_multiple or 1, _size(num_out_tokens), permutation_reports_as,
+            copy_layout, check_as)
+        return (clean, status, out, out_probs,
+                plan_of(row_map, layout, host, num_experts, out.shape[0], num_out_tokens, pad_multiple))
+    clean, status = check_route_trusted(indices, num_experts, 0, probs, check_as)
+    return (clean, status, *permute_by_indices_trusted(tokens, clean, probs, num_experts, num_out_tokens, pad_multiple,
+                                                       copy_layout, permutation_reports_as))
+
+
 def make_plan(route: torch.Tensor, num_experts: int, num_out_tokens: Optional[int] = None,
               pad_multiple: Optional[int] = None) -> RowIdMap:
     """The permutation plan of a route without moving any rows (for :func:`apply_permutation`).

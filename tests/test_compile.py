@@ -140,7 +140,7 @@ HOST_SIZED = ["indices", "probs-pad", "probs-capacity", "indices-pad-capacity"]
 def permutes(graph) -> bool:
     """Whether a Dynamo graph holds a permutation op (alone, or one rank's routing and
     permutation in one)."""
-    return re.search(r"flexdispatch\.(route_and_)?permute\b", str(graph.graph)) is not None
+    return re.search(r"flexdispatch\.((route|check)_and_)?permute\b", str(graph.graph)) is not None
 ROUTE_SIZED = ["probs", "fp64-routing"]
 
 

@@ -232,30 +232,43 @@ ONE_STEP_CASES = [
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config,prob_dtype,one_node", ONE_STEP_CASES)
-def test_one_rank_token_permutation_routes_and_permutes_in_one_step(device, config, prob_dtype, one_node):
-    """On one rank ``token_permutation`` routes, dispatches and permutes as one step, the top-k
-    and the permutation in one autograd node where nothing runs between them: over three
-    calls it gives what the step-by-step API gives, bit for bit (tokens, counts, probs, the
-    restored output, both gradients), and leaves the same records (token probs and indices,
-    the dispatched probs of assigned slots) for the steps that follow."""
+@pytest.mark.parametrize("route", ["dense", "given"])
+def test_one_rank_token_permutation_routes_and_permutes_in_one_step(device, config, prob_dtype, one_node, route,
+                                                                    monkeypatch):
+    """On one rank ``token_permutation`` (``token_permutation2``: routing given) routes,
+    dispatches and permutes as one step, the routing (the top-k, or the check of the given
+    route) and the permutation in one operation where nothing runs between them (for dense
+    probs one autograd node): over three calls it gives what the step-by-step API gives, bit
+    for bit (tokens, counts, probs, the restored output, both gradients), and leaves the same
+    records (token probs and indices, the dispatched probs of assigned slots) for the steps
+    that follow. Given routes have unused slots."""
     one_step, steps = make(6, 3, **config), make(6, 3, **config)
+    fused = []
+    for name in ("route_and_permute_trusted", "check_and_permute_trusted"):
+        op = getattr(fd.ops, name)
+        monkeypatch.setattr(fd.ops, name, lambda *a, _op=op, **k: (fused.append(1), _op(*a, **k))[1])
     g = torch.Generator().manual_seed(29)
     for call in range(3):
         x = torch.randn(20, 8, generator=g).to(device)
         probs = torch.softmax(torch.randn(20, 6, generator=g, dtype=torch.float64), -1).to(prob_dtype).to(device)
+        given = torch.topk(probs, 3)
+        given[1][torch.rand(20, 3, generator=g).to(device) < 0.2] = -1
         results = []
         for d in (one_step, steps):
-            xi, pi = x.clone().requires_grad_(), probs.clone().requires_grad_()
-            if d is one_step:
+            xi, pi = x.clone().requires_grad_(), (probs if route == "dense" else given[0]).clone().requires_grad_()
+            if d is one_step and route == "dense":
                 tokens, tpe, pprobs = d.token_permutation(xi, 20, pi)
+            elif d is one_step:
+                tokens, tpe, pprobs = d.token_permutation2(xi, 20, pi, given[1])
             else:
-                hidden, _ = d.dispatch_preprocess(xi, 20, pi)
+                hidden, _ = (d.dispatch_preprocess(xi, 20, pi) if route == "dense" else
+                             d.dispatch_preprocess2(xi, 20, pi, given[1]))
                 tokens, tpe, pprobs = d.dispatch_postprocess(d.dispatch_all_to_all(hidden)[0])
             manager = d._comm_manager
             assigned = manager.dispatched_indices >= 0  # (the one-call path leaves other slots' probs unmasked)
             records = (manager.token_probs.detach(), manager.token_indices, manager.dispatched_indices,
                        torch.where(assigned, manager.dispatched_probs.detach(), 0))
-            if d is one_step:
+            if d is one_step and route == "dense":
                 assert (manager.token_probs.grad_fn is tokens.grad_fn) == one_node
             out = d.token_unpermutation(tokens * pprobs[:, None].to(tokens.dtype))
             (out * torch.arange(8, device=device)).sum().backward()
@@ -263,21 +276,25 @@ def test_one_rank_token_permutation_routes_and_permutes_in_one_step(device, conf
         for a, b in zip(*results):
             assert a.dtype == b.dtype and torch.equal(a, b)
         assert results[0][5].abs().sum() > 0
+    assert len(fused) == (3 if one_node else 0)
 
 
 def test_a_step_replaced_on_the_manager_runs_in_the_one_call_entry_points():
     """A test or subclass that replaces one of a manager's steps sees it called by
     ``token_permutation`` or ``token_unpermutation`` (their one-step paths are the base
     class's steps only)."""
-    for step in ("route_dense", "dispatch", "get_permuted_hidden_states_by_experts",
+    for step in ("route_dense", "set_routing", "dispatch", "get_permuted_hidden_states_by_experts",
                  "get_restored_hidden_states_by_experts", "combine"):
         d = make(6, 3)
         manager, seen = d._comm_manager, []
         original = getattr(manager, step)
         setattr(manager, step, lambda *a, _original=original, **k: (seen.append(step), _original(*a, **k))[1])
-        tokens, _, _ = d.token_permutation(torch.randn(10, 8), 10, torch.softmax(torch.randn(10, 6), -1))
+        probs = torch.softmax(torch.randn(10, 6), -1)
+        tokens, _, _ = d.token_permutation(torch.randn(10, 8), 10, probs)
         d.token_unpermutation(tokens)
-        assert seen == [step]
+        tokens, _, _ = d.token_permutation2(torch.randn(10, 8), 10, *torch.topk(probs, 3))
+        d.token_unpermutation(tokens)
+        assert seen == {"route_dense": [step], "set_routing": [step]}.get(step, [step, step])
 
 
 @pytest.mark.gpu

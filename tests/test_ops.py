@@ -1083,6 +1083,43 @@ def test_route_and_permute_is_the_two_ops_in_one_node(device, sizing, pad, prob_
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sizing,pad", [("worst case", None), ("worst case", 4), ("sync", None), ("sync", 4)])
+@pytest.mark.parametrize("prob_dtype", [torch.float32, torch.float64])
+def test_check_and_permute_is_the_two_ops_in_one(device, sizing, pad, prob_dtype):
+    """One rank's given routing and permutation as one op: check_route_trusted then
+    permute_by_indices_trusted of its clean route and the probs, bit for bit, outputs and the
+    gradients of the probs and the rows, over three calls whose routes have unused slots and
+    non-finite probs there (the check leaves those slots out: -1 in the clean route)."""
+    rows, hidden, experts, topk = 300, 24, 12, 4
+    num_out = rows * topk + experts * ((pad or 1) - 1) if sizing == "worst case" else None
+    for call in range(3):
+        indices = random_indices(rows, experts, topk, seed=40 + call, device=device)
+        probs = random_probs(rows, topk, seed=50 + call, device=device).to(prob_dtype)
+        unused = (indices < 0).nonzero()[:2]
+        probs[unused[:, 0], unused[:, 1]] = float("nan")  # (only at unused slots: nothing to report)
+        x = random_tokens(rows, hidden, torch.float32, seed=60 + call, device=device)
+        w_rows = random_tokens(1, hidden, torch.float32, seed=70 + call, device=device)
+        results = []
+        for way in ("one op", "one op through torch.ops", "two ops"):
+            p, xi = probs.clone().requires_grad_(), x.clone().requires_grad_()
+            if way != "two ops":
+                with envs.testing_switches(eager_ops="dispatcher" if way.endswith("torch.ops") else "direct"):
+                    clean, status, out, out_probs, plan = ops.check_and_permute_trusted(
+                        xi, indices, p, experts, num_out, pad, "token_indices", "indices")
+            else:
+                clean, status = ops.check_route_trusted(indices, experts, 0, p, "token_indices")
+                out, out_probs, plan = ops.permute_by_indices_trusted(xi, clean, p, experts, num_out, pad)
+            ((out * w_rows).sum() + (out_probs * out_probs).sum()).backward()
+            results.append((clean, status, out.detach(), out_probs.detach(), plan.map, plan.tokens_per_expert,
+                            p.grad, xi.grad))
+        for other in results[1:]:
+            for a, b in zip(results[0], other):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+        assert (results[0][0] < 0).any() and results[0][-1].abs().sum() > 0
+        assert torch.isfinite(results[0][-2]).all() and results[0][-2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_route_and_permute_reports_each_error_under_its_name(device):
     """The routing's non-finite prob names ``probs``; a permutation too small for its route
     says so (raised at once on the CPU, at the next sync on CUDA)."""

@@ -249,7 +249,7 @@ def reported_as(world_size: int, name: str) -> Optional[str]:
     return name if world_size == 1 else None
 
 
-PERMUTING_STEPS = ("route_dense", "dispatch", "get_permuted_hidden_states_by_experts")
+PERMUTING_STEPS = ("route_dense", "set_routing", "dispatch", "get_permuted_hidden_states_by_experts")
 RESTORING_STEPS = ("get_restored_hidden_states_by_experts", "combine")
 
 
@@ -257,7 +257,8 @@ def runs_own_steps(manager: "_ManagerBase", steps: tuple = PERMUTING_STEPS) -> b
     """Whether ``manager`` runs the base class's ``steps``: none overridden by its class or
     replaced on the instance (as tests that spy on a step do). Only then may the dispatcher's
     one-call entry points run them as one step (:meth:`_ManagerBase.route_and_permute`,
-    :meth:`_ManagerBase.dispatch_and_permute` for :data:`PERMUTING_STEPS`,
+    :meth:`_ManagerBase.set_routing_and_permute`, :meth:`_ManagerBase.dispatch_and_permute` for
+    :data:`PERMUTING_STEPS`,
     :meth:`_ManagerBase.restore_and_combine` for :data:`RESTORING_STEPS`); a compiled call
     always does (torch.compile traces the step it is given)."""
     if torch.compiler.is_compiling():
@@ -622,6 +623,14 @@ class _ManagerBase(LayerStates, _DispatchManager):
         checked (a group's ranks hold a failed check until the call's first exchange: they run
         the steps). A manager may run the routing and the permutation as one operation."""
         self.route_dense(dense)
+        return self.dispatch_and_permute(hidden_states, async_finish, fp8_rows=fp8_rows)
+
+    def set_routing_and_permute(self, token_probs: torch.Tensor, token_indices: torch.Tensor, num_local_tokens: int,
+                                hidden_states: torch.Tensor, async_finish: bool = False, *, fp8_rows: bool = False):
+        """:meth:`set_routing` then :meth:`dispatch_and_permute`, as :meth:`route_and_permute`
+        for routing given as top-K ``token_probs`` and ``token_indices`` (a one-rank
+        dispatcher's ``token_permutation2``)."""
+        self.set_routing(token_probs, token_indices, num_local_tokens)
         return self.dispatch_and_permute(hidden_states, async_finish, fp8_rows=fp8_rows)
 
     @groups.one_thread_at_a_time(before=_carry_pending("routed"))

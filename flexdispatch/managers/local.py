@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .base import Dispatched, _ManagerBase, reported_as
+from .base import Dispatched, _ManagerBase, check_topk_routing, reported_as
 from .received import LANDED, received_fp8_rows
 
 
@@ -52,15 +52,11 @@ class _LocalManager(_ManagerBase):
                           fp8_rows: bool = False):
         """As the base class's, with the top-k selection and the permutation in one operation
         (one autograd node: :func:`flexdispatch.ops.route_and_permute_trusted`) where nothing
-        runs between them: routing validated, no capacity, no bound, no FP8, and probs already
-        of the dtype the call keeps them in. The call's records are the steps' own."""
-        if (not self.validate_routing or self.capacity_factor is not None or self.max_tokens_per_expert is not None
-                or self.fp8_dispatch or self.token_probs_dtype(dense.dtype) != dense.dtype):
+        runs between them (:meth:`_permutes_as_routed`). The call's records are the steps' own."""
+        if not self._permutes_as_routed(dense.dtype):
             return super().route_and_permute(dense, hidden_states, async_finish, fp8_rows=fp8_rows)
         self._expect("setup_metadata", "idle", "routed")
-        num_tokens = dense.shape[0]
-        self._check_dispatch_input(hidden_states, num_tokens, dense.device)
-        num_out, route_sized = self._permuted_rows(num_tokens, True)
+        num_out, route_sized = self._checked_rows(hidden_states, dense, True)
         try:
             token_probs, indices, clean, status, out, probs, plan = ops.route_and_permute_trusted(
                 dense, hidden_states, self.router_topk, reported_as(1, "probs"), num_out,
@@ -69,6 +65,46 @@ class _LocalManager(_ManagerBase):
             self._release()  # bad routing found by the kernels: the dispatcher stays usable
             raise
         self._set_routing(token_probs, indices, names=("probs", "probs"), checked=(clean, status), full=True)
+        return self._permuted_in_one_step(hidden_states, out, probs, plan, async_finish)
+
+    def set_routing_and_permute(self, token_probs: torch.Tensor, token_indices: torch.Tensor, num_local_tokens: int,
+                                hidden_states: torch.Tensor, async_finish: bool = False, *, fp8_rows: bool = False):
+        """As the base class's, with the route check and the permutation in one operation
+        (:func:`flexdispatch.ops.check_and_permute_trusted`) where nothing runs between them
+        (:meth:`_permutes_as_routed`). The call's records are the steps' own."""
+        if not (isinstance(token_probs, torch.Tensor) and self._permutes_as_routed(token_probs.dtype)):
+            return super().set_routing_and_permute(token_probs, token_indices, num_local_tokens, hidden_states,
+                                                   async_finish, fp8_rows=fp8_rows)
+        self._expect("set_routing", "idle", "routed")
+        check_topk_routing(token_probs, token_indices, self.router_topk, num_local_tokens)
+        indices = token_indices if token_indices.dtype == torch.int64 else token_indices.long()
+        num_out, route_sized = self._checked_rows(hidden_states, indices, False)
+        try:
+            clean, status, out, probs, plan = ops.check_and_permute_trusted(
+                hidden_states, indices, token_probs, self.num_experts, num_out, self.moe_router_expert_pad_multiple,
+                reported_as(1, "token_indices"), self._permutation_reports_as(), route_sized)
+        except ValueError:
+            self._release()
+            raise
+        self._set_routing(token_probs, indices, checked=(clean, status))
+        return self._permuted_in_one_step(hidden_states, out, probs, plan, async_finish)
+
+    def _permutes_as_routed(self, prob_dtype: torch.dtype) -> bool:
+        """Whether nothing runs between the routing and the permutation: routing validated (its
+        clean route is what is permuted), no capacity, no bound, no FP8, and probs of
+        ``prob_dtype`` already in the dtype the call keeps them in."""
+        return (self.validate_routing and self.capacity_factor is None and self.max_tokens_per_expert is None
+                and not self.fp8_dispatch and self.token_probs_dtype(prob_dtype) == prob_dtype)
+
+    def _checked_rows(self, hidden_states, route: torch.Tensor, full: bool) -> tuple:
+        """Check ``hidden_states`` as dispatch would for ``route``'s tokens, and return the
+        permutation's ``(rows or None, sized by the route)`` (:meth:`_permuted_rows`)."""
+        self._check_dispatch_input(hidden_states, route.shape[0], route.device)
+        return self._permuted_rows(route.shape[0], full)
+
+    def _permuted_in_one_step(self, hidden_states, out, probs, plan, async_finish: bool):
+        """The dispatch and permutation records of a call routed and permuted in one operation,
+        and its ``(tokens, tokens_per_expert, permuted_probs)``."""
         received = self._dispatch_step(hidden_states, async_finish, async_finish, True, True, False, checked=True)
         out, probs = self._take_permutation(out, probs, plan, received.route_sized, None)
         return out, self.tokens_per_expert, probs
