@@ -218,30 +218,33 @@ def test_one_call_permutation_ignores_the_probs_of_unassigned_slots(device, sync
         assert torch.isfinite(results[0][-1]).all() and not results[0][-1][indices < 0].any()
 
 
-# (config, probs dtype, one node): the configurations whose routing and permutation are one
-# operation, and those with something between them (capacity, a bound, a dtype conversion)
+# (config, probs dtype, one op for dense probs, one op for given routing): the configurations
+# whose routing and permutation are one operation, and those with something between them
+# (capacity, a bound; for dense probs a dtype conversion of the top-k's values, while given probs
+# are converted before the one op, as the routing step converts them)
 ONE_STEP_CASES = [
-    (dict(), torch.float32, True), (dict(moe_sync_free=True), torch.float32, True),
-    (dict(moe_router_expert_pad_multiple=4, moe_router_dtype=None), torch.float64, True),
-    (dict(moe_sync_free=True, moe_router_expert_pad_multiple=4), torch.float32, True),
-    (dict(moe_router_dtype="fp64"), torch.float64, True), (dict(), torch.bfloat16, False),
-    (dict(), torch.float64, False), (dict(moe_expert_capacity_factor=1.0), torch.float32, False),
-    (dict(moe_sync_free=True, moe_max_tokens_per_expert=10), torch.float32, False),
+    (dict(), torch.float32, True, True), (dict(moe_sync_free=True), torch.float32, True, True),
+    (dict(moe_router_expert_pad_multiple=4, moe_router_dtype=None), torch.float64, True, True),
+    (dict(moe_sync_free=True, moe_router_expert_pad_multiple=4), torch.float32, True, True),
+    (dict(moe_router_dtype="fp64"), torch.float64, True, True), (dict(), torch.bfloat16, False, True),
+    (dict(moe_router_dtype="fp64"), torch.float32, False, True), (dict(), torch.float64, False, True),
+    (dict(moe_expert_capacity_factor=1.0), torch.float32, False, False),
+    (dict(moe_sync_free=True, moe_max_tokens_per_expert=10), torch.float32, False, False),
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("config,prob_dtype,one_node", ONE_STEP_CASES)
+@pytest.mark.parametrize("config,prob_dtype,one_node,given_in_one", ONE_STEP_CASES)
 @pytest.mark.parametrize("route", ["dense", "given"])
-def test_one_rank_token_permutation_routes_and_permutes_in_one_step(device, config, prob_dtype, one_node, route,
-                                                                    monkeypatch):
+def test_one_rank_token_permutation_routes_and_permutes_in_one_step(device, config, prob_dtype, one_node,
+                                                                    given_in_one, route, monkeypatch):
     """On one rank ``token_permutation`` (``token_permutation2``: routing given) routes,
     dispatches and permutes as one step, the routing (the top-k, or the check of the given
     route) and the permutation in one operation where nothing runs between them (for dense
     probs one autograd node): over three calls it gives what the step-by-step API gives, bit
     for bit (tokens, counts, probs, the restored output, both gradients), and leaves the same
     records (token probs and indices, the dispatched probs of assigned slots) for the steps
-    that follow. Given routes have unused slots."""
+    that follow. Given routes have unused slots, and int32 indices in one call."""
     one_step, steps = make(6, 3, **config), make(6, 3, **config)
     fused = []
     for name in ("route_and_permute_trusted", "check_and_permute_trusted"):
@@ -253,6 +256,8 @@ def test_one_rank_token_permutation_routes_and_permutes_in_one_step(device, conf
         probs = torch.softmax(torch.randn(20, 6, generator=g, dtype=torch.float64), -1).to(prob_dtype).to(device)
         given = torch.topk(probs, 3)
         given[1][torch.rand(20, 3, generator=g).to(device) < 0.2] = -1
+        if call == 1:  # (int32 indices, as a router may give them)
+            given = (given[0], given[1].int())
         results = []
         for d in (one_step, steps):
             xi, pi = x.clone().requires_grad_(), (probs if route == "dense" else given[0]).clone().requires_grad_()
@@ -276,7 +281,7 @@ def test_one_rank_token_permutation_routes_and_permutes_in_one_step(device, conf
         for a, b in zip(*results):
             assert a.dtype == b.dtype and torch.equal(a, b)
         assert results[0][5].abs().sum() > 0
-    assert len(fused) == (3 if one_node else 0)
+    assert len(fused) == (3 if (one_node if route == "dense" else given_in_one) else 0)
 
 
 def test_a_step_replaced_on_the_manager_runs_in_the_one_call_entry_points():

@@ -52,8 +52,9 @@ class _LocalManager(_ManagerBase):
                           fp8_rows: bool = False):
         """As the base class's, with the top-k selection and the permutation in one operation
         (one autograd node: :func:`flexdispatch.ops.route_and_permute_trusted`) where nothing
-        runs between them (:meth:`_permutes_as_routed`). The call's records are the steps' own."""
-        if not self._permutes_as_routed(dense.dtype):
+        runs between them (:meth:`_permutes_as_routed`, and dense probs already of the dtype the
+        call keeps its token probs in). The call's records are the steps' own."""
+        if not (self._permutes_as_routed() and self.token_probs_dtype(dense.dtype) == dense.dtype):
             return super().route_and_permute(dense, hidden_states, async_finish, fp8_rows=fp8_rows)
         self._expect("setup_metadata", "idle", "routed")
         num_out, route_sized = self._checked_rows(hidden_states, dense, True)
@@ -71,12 +72,15 @@ class _LocalManager(_ManagerBase):
                                 hidden_states: torch.Tensor, async_finish: bool = False, *, fp8_rows: bool = False):
         """As the base class's, with the route check and the permutation in one operation
         (:func:`flexdispatch.ops.check_and_permute_trusted`) where nothing runs between them
-        (:meth:`_permutes_as_routed`). The call's records are the steps' own."""
-        if not (isinstance(token_probs, torch.Tensor) and self._permutes_as_routed(token_probs.dtype)):
+        (:meth:`_permutes_as_routed`; probs of another dtype than the call keeps are converted
+        first, as the routing step converts them). The call's records are the steps' own."""
+        if not self._permutes_as_routed():
             return super().set_routing_and_permute(token_probs, token_indices, num_local_tokens, hidden_states,
                                                    async_finish, fp8_rows=fp8_rows)
         self._expect("set_routing", "idle", "routed")
         check_topk_routing(token_probs, token_indices, self.router_topk, num_local_tokens)
+        dtype = self.token_probs_dtype(token_probs.dtype)
+        token_probs = token_probs if token_probs.dtype == dtype else token_probs.to(dtype)
         indices = token_indices if token_indices.dtype == torch.int64 else token_indices.long()
         num_out, route_sized = self._checked_rows(hidden_states, indices, False)
         try:
@@ -89,12 +93,11 @@ class _LocalManager(_ManagerBase):
         self._set_routing(token_probs, indices, checked=(clean, status))
         return self._permuted_in_one_step(hidden_states, out, probs, plan, async_finish)
 
-    def _permutes_as_routed(self, prob_dtype: torch.dtype) -> bool:
+    def _permutes_as_routed(self) -> bool:
         """Whether nothing runs between the routing and the permutation: routing validated (its
-        clean route is what is permuted), no capacity, no bound, no FP8, and probs of
-        ``prob_dtype`` already in the dtype the call keeps them in."""
+        clean route is what is permuted), no capacity, no bound, no FP8."""
         return (self.validate_routing and self.capacity_factor is None and self.max_tokens_per_expert is None
-                and not self.fp8_dispatch and self.token_probs_dtype(prob_dtype) == prob_dtype)
+                and not self.fp8_dispatch)
 
     def _checked_rows(self, hidden_states, route: torch.Tensor, full: bool) -> tuple:
         """Check ``hidden_states`` as dispatch would for ``route``'s tokens, and return the
