@@ -109,10 +109,16 @@ def run_permutation(op, rows, probs, route, num_experts: int, num_out_tokens: Op
     num_experts, pad_multiple, num_out, name, *extra``): ``(out [N, H], permuted_probs [N] or
     None, plan)``. The public ops add the plan's device counts (:func:`with_counts`); a manager
     reads them only when it keeps them (sync-free), so its calls make no view of them."""
-    out, out_probs, row_map, layout, host = op(rows, probs, route, num_experts, pad_multiple or 1,
-                                               _size(num_out_tokens), name, *extra)
-    plan = plan_of(row_map, layout, host, num_experts, out.shape[0], num_out_tokens, pad_multiple)
+    out, out_probs, plan = _planned(op(rows, probs, route, num_experts, pad_multiple or 1, _size(num_out_tokens),
+                                       name, *extra), num_experts, num_out_tokens, pad_multiple)
     return out, (None if probs is None else out_probs), plan
+
+
+def _planned(outputs, num_experts: int, num_out_tokens: Optional[int], pad_multiple: Optional[int]):
+    """``(out, permuted_probs, plan)`` of a permutation op's five outputs (``out, out_probs,
+    map, layout, host layout``)."""
+    out, out_probs, row_map, layout, host = outputs
+    return out, out_probs, plan_of(row_map, layout, host, num_experts, out.shape[0], num_out_tokens, pad_multiple)
 
 
 def with_counts(permuted: tuple) -> tuple:
@@ -302,11 +308,9 @@ def route_and_permute_trusted(probs: torch.Tensor, tokens: torch.Tensor, topk: i
     return it."""
     num_experts = probs.shape[1]
     if _library.serves(probs) and topk <= TOPK_MAX and num_experts <= TOPK_MAX_EXPERTS:
-        *routed, out, out_probs, row_map, layout, host = _library.route_and_permute(
-            probs, tokens, topk, report_as, pad_multiple or 1, _size(num_out_tokens), permutation_reports_as,
-            copy_layout)
-        return (*routed, out, out_probs,
-                plan_of(row_map, layout, host, num_experts, out.shape[0], num_out_tokens, pad_multiple))
+        outputs = _library.route_and_permute(probs, tokens, topk, report_as, pad_multiple or 1, _size(num_out_tokens),
+                                             permutation_reports_as, copy_layout)
+        return (*outputs[:4], *_planned(outputs[4:], num_experts, num_out_tokens, pad_multiple))
     routed = route_topk_trusted(probs, topk, 0, report_as)
     return (*routed, *permute_by_indices_trusted(tokens, routed[2], routed[0], num_experts, num_out_tokens,
                                                  pad_multiple, copy_layout, permutation_reports_as))
@@ -322,11 +326,9 @@ def check_and_permute_trusted(tokens: torch.Tensor, indices: torch.Tensor, probs
     is the check's ``report_as``, ``permutation_reports_as`` the permutation's). Returns
     ``(clean, status, out, permuted_probs, plan)``, each as the two ops return it."""
     if _library.serves(tokens):
-        out, out_probs, row_map, layout, host, clean, status = _library.check_and_permute(
-            tokens, probs, indices, num_experts, pad_multiple or 1, _size(num_out_tokens), permutation_reports_as,
-            copy_layout, check_as)
-        return (clean, status, out, out_probs,
-                plan_of(row_map, layout, host, num_experts, out.shape[0], num_out_tokens, pad_multiple))
+        outputs = _library.check_and_permute(tokens, probs, indices, num_experts, pad_multiple or 1,
+                                             _size(num_out_tokens), permutation_reports_as, copy_layout, check_as)
+        return (*outputs[5:], *_planned(outputs[:5], num_experts, num_out_tokens, pad_multiple))
     clean, status = check_route_trusted(indices, num_experts, 0, probs, check_as)
     return (clean, status, *permute_by_indices_trusted(tokens, clean, probs, num_experts, num_out_tokens, pad_multiple,
                                                        copy_layout, permutation_reports_as))
