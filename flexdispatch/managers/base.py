@@ -684,10 +684,10 @@ class _ManagerBase(LayerStates, _DispatchManager):
         return out, self.tokens_per_expert, probs
 
     def _dispatch_step(self, hidden_states, async_finish: bool, allocate_on_comm_stream: bool, keep_fp8: bool,
-                       permute_next: bool, fp8_rows: bool, checked: bool = False) -> Dispatched:
-        """The body of :meth:`dispatch` (stage checked by the caller; ``checked``: and the rows
-        by :meth:`_check_dispatch_input`): the call's :class:`Dispatched` record."""
-        if self._deferred is None and not checked:
+                       permute_next: bool, fp8_rows: bool) -> Dispatched:
+        """The body of :meth:`dispatch` (stage checked by the caller): the call's
+        :class:`Dispatched` record."""
+        if self._deferred is None:
             try:
                 self._check_dispatch_input(hidden_states, self._routed.num_tokens, self.token_indices.device)
             except (ValueError, TypeError) as exc:
@@ -703,6 +703,10 @@ class _ManagerBase(LayerStates, _DispatchManager):
                                     allocate_on_comm_stream, keep_fp8, permute_next, fp8_rows)
         finally:
             self._offered = None
+        return self._record_dispatch(result, fp8_rows)
+
+    def _record_dispatch(self, result: Dispatched, fp8_rows: bool) -> Dispatched:
+        """Keep a dispatch's record for the call (``fp8_rows``: the experts take FP8 rows)."""
         result.fp8_rows = fp8_rows
         self._dispatched = result
         self.dispatched_indices, self.dispatched_probs = result.indices, result.probs

@@ -3,6 +3,8 @@ one GPU or a laptop runs the same code as a cluster."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import ops
@@ -66,7 +68,7 @@ class _LocalManager(_ManagerBase):
             self._release()  # bad routing found by the kernels: the dispatcher stays usable
             raise
         self._set_routing(token_probs, indices, names=("probs", "probs"), checked=(clean, status), full=True)
-        return self._permuted_in_one_step(hidden_states, out, probs, plan, async_finish)
+        return self._permuted_in_one_step(hidden_states, out, probs, plan, num_out, route_sized)
 
     def set_routing_and_permute(self, token_probs: torch.Tensor, token_indices: torch.Tensor, num_local_tokens: int,
                                 hidden_states: torch.Tensor, async_finish: bool = False, *, fp8_rows: bool = False):
@@ -91,7 +93,7 @@ class _LocalManager(_ManagerBase):
             self._release()
             raise
         self._set_routing(token_probs, indices, checked=(clean, status))
-        return self._permuted_in_one_step(hidden_states, out, probs, plan, async_finish)
+        return self._permuted_in_one_step(hidden_states, out, probs, plan, num_out, route_sized)
 
     def _permutes_as_routed(self) -> bool:
         """Whether nothing runs between the routing and the permutation: routing validated (its
@@ -105,11 +107,13 @@ class _LocalManager(_ManagerBase):
         self._check_dispatch_input(hidden_states, route.shape[0], route.device)
         return self._permuted_rows(route.shape[0], full)
 
-    def _permuted_in_one_step(self, hidden_states, out, probs, plan, async_finish: bool):
-        """The dispatch and permutation records of a call routed and permuted in one operation,
-        and its ``(tokens, tokens_per_expert, permuted_probs)``."""
-        received = self._dispatch_step(hidden_states, async_finish, async_finish, True, True, False, checked=True)
-        out, probs = self._take_permutation(out, probs, plan, received.route_sized, None)
+    def _permuted_in_one_step(self, hidden_states, out, probs, plan, num_out: Optional[int], route_sized: bool):
+        """The dispatch and permutation records of a call routed and permuted in one operation
+        (its rows landed as given, as :meth:`_dispatch` hands them to a permutation that
+        follows at once), and its ``(tokens, tokens_per_expert, permuted_probs)``."""
+        self._record_dispatch(Dispatched(hidden_states, self.token_indices, self.token_probs, held=LANDED,
+                                         num_out=num_out, route_sized=route_sized), fp8_rows=False)
+        out, probs = self._take_permutation(out, probs, plan, route_sized, None)
         return out, self.tokens_per_expert, probs
 
     def _combine(self, hidden_states: torch.Tensor, async_finish: bool,
