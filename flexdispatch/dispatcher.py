@@ -609,11 +609,11 @@ class MoEFlexTokenDispatcher:
         if not isinstance(manager, _ManagerBase):  # the reference's steps, as the reference runs them
             dispatched, _ = self.dispatch_all_to_all(hidden, async_finish=async_, allocate_on_comm_stream=async_)
             return self.dispatch_postprocess(dispatched)
+        fp8_rows = self._fp8_rows(manager, hidden)
         if not runs_own_steps(manager):  # (a step replaced: the steps one by one, as given)
-            dispatched = manager.dispatch(hidden, async_, async_, keep_fp8=True, permute_next=True,
-                                          fp8_rows=self._fp8_rows(manager, hidden))
-            return self._postprocess(manager, dispatched, bool(self.config.moe_fp8_experts))
-        return manager.dispatch_and_permute(hidden, async_, fp8_rows=self._fp8_rows(manager, hidden))
+            dispatched = manager.dispatch(hidden, async_, async_, keep_fp8=True, permute_next=True, fp8_rows=fp8_rows)
+            return self._postprocess(manager, dispatched, fp8_rows)
+        return manager.dispatch_and_permute(hidden, async_, fp8_rows=fp8_rows)
 
     def _fp8_rows(self, manager, hidden) -> bool:
         """Whether the experts take FP8 rows (``moe_fp8_experts``); differentiable rows are a
